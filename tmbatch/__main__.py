@@ -1,0 +1,7 @@
+"""Allow `python -m tmbatch`, the same as the `tmbatch` console script."""
+
+import sys
+
+from tmbatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,362 @@
+"""The `tmbatch` command line: parse, resolve, hand over, map the outcome to an exit code.
+
+Logs go to stderr, data to files. Every error a user can cause ends in one clear
+line and exit code 2; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tmbatch import __version__
+from tmbatch.config import ConfigError, Settings, check_model, resolve
+from tmbatch.journal import JournalError
+from tmbatch.reader import InputError, normalize_endpoint
+from tmbatch.runner import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    Runner,
+    RunOptions,
+)
+
+log = logging.getLogger("tmbatch")
+
+EXIT_CODES = """exit codes:
+  0    every line succeeded
+  1    the run finished and some lines failed (see failures.jsonl)
+  2    usage, configuration or input error: nothing was sent
+  3    stopped by a fatal error (401/403, unknown model on every request)
+  4    an output file could not be written (disk full, I/O error); resume when fixed
+  130  interrupted by SIGINT (Ctrl-C); run the same command again to resume
+  143  stopped by SIGTERM (e.g. Kubernetes eviction); run it again to resume
+"""
+
+RUN_EXAMPLES = """examples:
+  # try it with no credentials, against the built-in simulator
+  tmbatch run samples/chat.jsonl -o out/ --sim
+
+  # a real run: key from the environment, 64 in flight, 3000 requests/min
+  export TENSORMESH_INFERENCE_API_KEY=...
+  tmbatch run input.jsonl -o out/ --concurrency 64 --rpm 3000 --tpm 2000000
+
+  # bare request bodies, one per line, model filled in when missing
+  tmbatch run prompts.jsonl -o out/ --endpoint chat --model my-model
+
+  # on-demand gateway (needs a base URL and your user id)
+  tmbatch run input.jsonl -o out/ --surface on-demand \\
+      --base-url https://external.nebius.tensormesh.ai --user-id $USER_UUID
+
+  # resume after a crash, kill or eviction: the same command again
+  tmbatch run input.jsonl -o out/
+"""
+
+
+class RedactFilter(logging.Filter):
+    """Belt and braces: no log record may carry the key, whatever formatted it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            for s in self.secrets:
+                msg = msg.replace(s, "[redacted]")
+            record.msg, record.args = msg, None
+        return True
+
+
+REDACT = RedactFilter()
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tmbatch: %(levelname)s: %(message)s"))
+    handler.addFilter(REDACT)
+    root = logging.getLogger("tmbatch")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
+    root.setLevel(level)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return v
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "connection (flag > environment > default; ~/.config/tensormesh is read only with "
+        "--tm-config)"
+    )
+    g.add_argument("--surface", choices=["serverless", "on-demand"],
+                   help="inference surface (default: serverless)")
+    g.add_argument("--base-url", help="API base URL without /v1 (env "
+                   "TENSORMESH_SERVERLESS_BASE_URL or TENSORMESH_ON_DEMAND_BASE_URL; serverless "
+                   "default https://serverless.tensormesh.ai)")
+    g.add_argument("--api-key-file", metavar="FILE", help="read the inference API key from FILE "
+                   "(else env TENSORMESH_INFERENCE_API_KEY). There is deliberately no --api-key: "
+                   "a key on the command line shows in `ps`")
+    g.add_argument("--user-id", help="on-demand user UUID sent as X-User-Id "
+                   "(env TENSORMESH_ON_DEMAND_USER_ID)")
+    g.add_argument("--timeout", help="seconds per request (env TENSORMESH_TIMEOUT_SECONDS; "
+                   "default 600)")
+    g.add_argument("--max-retries", help="retries of not_sent/rejected attempts per line "
+                   "(env TENSORMESH_MAX_RETRIES; default 5)")
+    g.add_argument("--ca-bundle", help="PEM file of CAs to trust (env TENSORMESH_CA_BUNDLE)")
+    g.add_argument("--tm-config", nargs="?", const="", metavar="PATH",
+                   help="also read api key, user id and model from the tm CLI's config.toml "
+                   "[managed] table (default $TM_CONFIG_HOME or ~/.config/tensormesh)")
+    g.add_argument("--allow-insecure-http", action="store_true",
+                   help="allow sending the key over plain http:// to a non-loopback host")
+
+
+def connection_flags(ns: argparse.Namespace) -> dict[str, str | None]:
+    return {
+        "surface": ns.surface, "base_url": ns.base_url, "api_key_file": ns.api_key_file,
+        "user_id": ns.user_id, "timeout": ns.timeout, "max_retries": ns.max_retries,
+        "ca_bundle": ns.ca_bundle, "tm_config": ns.tm_config,
+        "allow_insecure_http": "1" if ns.allow_insecure_http else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tmbatch.sim import add_sim_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="tmbatch",
+        description="Run large batches of inference requests against Tensormesh, as fast as "
+        "the account's limits allow, without paying twice for a request by accident.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
+    )
+    parser.add_argument("--version", action="version", version=f"tmbatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="send every line of a JSONL file (resumes when -o holds a run)",
+        description="Send every request of INPUT and write results.jsonl, failures.jsonl, "
+        "journal.jsonl and summary.json to the output directory. Running the same command "
+        "on the same output directory resumes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
+    )
+    run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
+                     "--endpoint; - reads stdin (not resumable)")
+    run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
+    g = run.add_argument_group("input")
+    g.add_argument("--endpoint", help="bare bodies: route for every line (chat, completions, "
+                   "responses, tokenize, detokenize or the path); custom_id becomes line-N")
+    g.add_argument("--model", help="fill body.model where a line has none")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream every line that does not say (SSE, aggregated into the same body)")
+    g.add_argument("--max-line-bytes", type=_positive_int, default=32 * 1024 * 1024,
+                   help="longer lines are failures (default 32 MiB)")
+    g.add_argument("--shard", type=_shard, help="take lines I, I+N, ... (0-based I/N)")
+    g = run.add_argument_group("limits")
+    g.add_argument("-c", "--concurrency", type=_positive_int, default=64,
+                   help="requests in flight at once (default 64)")
+    g.add_argument("--rpm", type=_positive_float, help="requests per minute (leaky bucket)")
+    g.add_argument("--tpm", type=_positive_float, help="tokens per minute, estimated before "
+                   "sending (prompt chars/4 + max_tokens) and corrected from usage")
+    g = run.add_argument_group("checkpoint")
+    g.add_argument("--fsync", choices=["always", "interval", "never"], default="interval",
+                   help="always: fsync before every send (slowest, survives power loss "
+                   "exactly); interval: flush every write, fsync once a second (default; kill -9 "
+                   "loses nothing, power loss at most ~1 s); never: leave it to the OS")
+    g.add_argument("--restart", action="store_true",
+                   help="start over: move the old files to OUTPUT/previous-TIME/ (never deleted)")
+    g.add_argument("--drain-timeout", type=_positive_float, default=25.0,
+                   help="on SIGINT/SIGTERM wait this long for requests in flight (default 25, "
+                   "inside Kubernetes' 30 s grace period)")
+    g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
+    g = run.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
+    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("--progress-interval", type=_positive_float, default=10.0,
+                   help="seconds between progress lines when stderr is not a TTY (default 10)")
+    add_connection_args(run)
+    g = run.add_argument_group("demo: the built-in simulator (no credentials)")
+    g.add_argument("--sim", action="store_true",
+                   help="start the simulator on 127.0.0.1 in-process and send there")
+    add_sim_arguments(g)
+
+    val = sub.add_parser(
+        "validate", help="check an input file without sending anything",
+        description="Read INPUT as `run` would and report every bad line. Exit 0 when every "
+        "line is good, 1 when some are bad, 2 when the file cannot be read.",
+    )
+    val.add_argument("input")
+    val.add_argument("--endpoint")
+    val.add_argument("--model")
+    val.add_argument("--json", action="store_true", help="one JSON object per bad line, then "
+                     "a summary object, on stdout")
+
+    sim = sub.add_parser(
+        "sim", help="serve the local Tensormesh API simulator",
+        description="Serve every inference route on 127.0.0.1 with OpenAI-shaped bodies, "
+        "optional latency, rate limits, 500s and dropped connections; GET /_sim/stats shows "
+        "what it received. Example: tmbatch sim --port 8787 --sim-latency 0.1",
+    )
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8787)
+    add_sim_arguments(sim)
+    return parser
+
+
+def _settings_for_run(ns: argparse.Namespace) -> Settings:
+    return resolve(connection_flags(ns), os.environ, require_key=not ns.sim)
+
+
+async def _run_with_sim(ns: argparse.Namespace, opts: RunOptions, settings: Settings) -> int:
+    from tmbatch.sim import sim_config_from_args, start_sim
+
+    server = await start_sim(sim_config_from_args(ns))
+    try:
+        settings = Settings(
+            surface=settings.surface, base_url=server.url, api_key=settings.api_key,
+            user_id=settings.user_id, timeout=settings.timeout,
+            max_retries=settings.max_retries, ca_bundle=None,
+            sources={**settings.sources, "base_url": "--sim"}, warnings=settings.warnings,
+        )
+        log.info("simulator on %s (no credentials needed)", server.url)
+        return await Runner(opts, settings).run()
+    finally:
+        await server.stop()
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    settings = _settings_for_run(ns)
+    if settings.api_key:
+        REDACT.secrets.append(settings.api_key)
+    for w in settings.warnings:
+        log.warning("%s", w)
+    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
+    if ns.model:
+        problem = check_model(ns.model, "--model")
+        if problem:
+            raise ConfigError(problem)
+    out = Path(ns.output) if ns.output else Path(
+        (Path(ns.input).stem if ns.input != "-" else "stdin") + ".out"
+    )
+    opts = RunOptions(
+        input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
+        concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
+        restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
+        quiet=ns.quiet, progress_interval=ns.progress_interval,
+        max_line_bytes=ns.max_line_bytes,
+    )
+    if ns.sim:
+        return asyncio.run(_run_with_sim(ns, opts, settings))
+    return asyncio.run(Runner(opts, settings).run())
+
+
+def cmd_validate(ns: argparse.Namespace) -> int:
+    from tmbatch.reader import BadLine, ReadStats, open_input, read_requests
+
+    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
+    stats = ReadStats()
+    good = bad = 0
+    by_url: dict[str, int] = {}
+    f = open_input(ns.input)
+    try:
+        for item in read_requests(f, endpoint=endpoint, model=ns.model, stats=stats):
+            if isinstance(item, BadLine):
+                bad += 1
+                if ns.json:
+                    sys.stdout.buffer.write(orjson.dumps({
+                        "line": item.line, "custom_id": item.custom_id, "code": item.code,
+                        "message": item.message}) + b"\n")
+                else:
+                    print(f"{ns.input}:{item.line}: {item.code}: {item.message}")
+            else:
+                good += 1
+                by_url[item.url] = by_url.get(item.url, 0) + 1
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    summary: dict[str, Any] = {"lines": stats.lines, "valid": good, "invalid": bad,
+                               "blank": stats.blank, "by_route": by_url}
+    if ns.json:
+        sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
+    else:
+        routes = ", ".join(f"{k} {v}" for k, v in by_url.items()) or "none"
+        print(f"{ns.input}: {stats.lines} lines, {good} valid ({routes}), {bad} invalid, "
+              f"{stats.blank} blank skipped")
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def cmd_sim(ns: argparse.Namespace) -> int:
+    from tmbatch.sim import run_sim_forever, sim_config_from_args
+
+    run_sim_forever(sim_config_from_args(ns), ns.host, ns.port)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "sim": cmd_sim}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    setup_logging(getattr(ns, "verbose", 0), getattr(ns, "quiet", False))
+    try:
+        return COMMANDS[ns.command](ns)
+    except (ConfigError, InputError, JournalError, ValueError) as exc:
+        print(f"tmbatch: error: {_redacted(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tmbatch: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as exc:  # a bug: say so without a wall of traceback or a key
+        if os.environ.get("TMBATCH_DEBUG"):
+            raise
+        print(f"tmbatch: internal error: {type(exc).__name__}: {_redacted(str(exc))} "
+              "(this is a bug; TMBATCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 70
+
+
+def _redacted(text: str) -> str:
+    for s in REDACT.secrets:
+        text = text.replace(s, "[redacted]")
+    return text

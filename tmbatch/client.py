@@ -1,0 +1,143 @@
+"""One HTTP attempt against the inference API, classified by the safety contract.
+
+`send` either returns a parsed 2xx answer or raises `AttemptFailed` carrying its
+class; it never retries (the runner decides that from the class).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tmbatch.config import Settings
+from tmbatch.safety import AMBIGUOUS, PERMANENT, AttemptFailed, classify_exception, classify_status
+from tmbatch.sse import Aggregator, StreamError
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    request_id: str | None
+    body: dict[str, Any]
+    latency: float
+    ttft: float | None
+    headers: Any
+
+
+def idempotency_key(job_id: str, custom_id: str) -> str:
+    """Stable for a line across attempts, resumes and resends of the same job."""
+    digest = hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"tmbatch-{job_id}-{digest.hexdigest()}"
+
+
+def make_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
+    """One pooled session for the whole run: one connection per worker, TLS verified."""
+    ssl_ctx: ssl.SSLContext | bool = True
+    if settings.ca_bundle:
+        ssl_ctx = ssl.create_default_context(cafile=settings.ca_bundle)
+    connector = aiohttp.TCPConnector(
+        limit=concurrency + 8, limit_per_host=concurrency + 8, ssl=ssl_ctx,
+        keepalive_timeout=30, enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=settings.timeout, sock_connect=min(30.0, settings.timeout)
+    )
+    return aiohttp.ClientSession(
+        base_url=settings.base_url.rstrip("/") + "/",
+        connector=connector,
+        timeout=timeout,
+        headers=settings.headers(),
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+        auto_decompress=True,
+        trust_env=False,
+    )
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    route: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """POST one request; raise AttemptFailed with the class the contract gives it."""
+    data = orjson.dumps(body)
+    stream = body.get("stream") is True
+    hdrs = {"Content-Type": "application/json"}
+    if stream:
+        hdrs["Accept"] = "text/event-stream"
+    if headers:
+        hdrs.update(headers)
+    start = time.monotonic()
+    try:
+        async with session.post(
+            route.lstrip("/"), data=data, headers=hdrs, allow_redirects=False
+        ) as resp:
+            status = resp.status
+            request_id = resp.headers.get("x-request-id")
+            if 300 <= status < 400:
+                raise AttemptFailed(
+                    PERMANENT, "redirect",
+                    f"HTTP {status} redirect to {resp.headers.get('Location', '?')!r} not "
+                    "followed (it would carry the API key); point --base-url at the final host",
+                    status, None, request_id,
+                )
+            is_sse = resp.content_type == "text/event-stream"
+            if status >= 300 or not (stream and is_sse):
+                raw = await resp.content.read(MAX_BODY_BYTES + 1)
+                if len(raw) > MAX_BODY_BYTES:
+                    raise AttemptFailed(
+                        AMBIGUOUS if status < 300 else PERMANENT, "response_too_large",
+                        f"response body over {MAX_BODY_BYTES} bytes", status, None, request_id,
+                    )
+                parsed = _loads(raw)
+                if status >= 300:
+                    if parsed is None:
+                        parsed = raw[:2000].decode("utf-8", "replace")
+                    raise classify_status(status, resp.headers, parsed, request_id)
+                if not isinstance(parsed, dict):
+                    raise AttemptFailed(
+                        AMBIGUOUS, "invalid_response_body",
+                        f"HTTP {status} but the body is not a JSON object: "
+                        f"{raw[:200].decode('utf-8', 'replace')!r}",
+                        status, None, request_id,
+                    )
+                return Answer(status, request_id, parsed, time.monotonic() - start, None,
+                              resp.headers)
+            agg = Aggregator(route)
+            try:
+                async for chunk in resp.content.iter_any():
+                    agg.feed(chunk, time.monotonic())
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                cut = classify_exception(exc)
+                raise AttemptFailed(
+                    AMBIGUOUS, "stream_cut", f"stream cut before data: [DONE]: {cut.message}",
+                    status, agg.partial(), request_id,
+                ) from None
+            try:
+                final = agg.finish()
+            except StreamError as exc:
+                raise AttemptFailed(AMBIGUOUS, exc.code, exc.message, status, exc.partial,
+                                    request_id) from None
+            ttft = None if agg.first_token_at is None else agg.first_token_at - start
+            return Answer(status, request_id, final, time.monotonic() - start, ttft, resp.headers)
+    except AttemptFailed:
+        raise
+    except StreamError as exc:
+        raise AttemptFailed(AMBIGUOUS, exc.code, exc.message, None, exc.partial) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise classify_exception(exc) from None

@@ -1,0 +1,341 @@
+"""Where credentials and endpoints come from: flag > environment > default.
+
+The rules are the Tensormesh SDK's (reference/sdk-configuration.txt), so a user
+who knows the SDK knows tmbatch. The "common mistakes" of that document each
+get a specific error here, before a single request is sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SERVERLESS_DEFAULT = "https://serverless.tensormesh.ai"
+SERVERLESS_HOST = "serverless.tensormesh.ai"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_MAX_RETRIES = 5
+
+ENV_API_KEY = "TENSORMESH_INFERENCE_API_KEY"
+ENV_SERVERLESS_URL = "TENSORMESH_SERVERLESS_BASE_URL"
+ENV_ON_DEMAND_URL = "TENSORMESH_ON_DEMAND_BASE_URL"
+ENV_USER_ID = "TENSORMESH_ON_DEMAND_USER_ID"
+ENV_TIMEOUT = "TENSORMESH_TIMEOUT_SECONDS"
+ENV_MAX_RETRIES = "TENSORMESH_MAX_RETRIES"
+ENV_CA_BUNDLE = "TENSORMESH_CA_BUNDLE"
+ENV_CONTROL_PLANE_TOKEN = "TENSORMESH_CONTROL_PLANE_TOKEN"
+
+UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+JWT_RE = re.compile(r"^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem found before anything is sent; the message says the fix."""
+
+
+def redact(secret: str | None) -> str:
+    """Enough of a key to tell two apart, never enough to use one."""
+    if not secret:
+        return "(none)"
+    if len(secret) >= 24:
+        return f"…{secret[-4:]} ({len(secret)} chars)"
+    return f"*** ({len(secret)} chars)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved connection settings, with where each value came from."""
+
+    surface: str
+    base_url: str
+    api_key: str | None = field(repr=False)
+    user_id: str | None
+    timeout: float
+    max_retries: int
+    ca_bundle: str | None
+    allow_insecure_http: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(surface={self.surface!r}, base_url={self.base_url!r}, "
+            f"api_key={redact(self.api_key)!r}, user_id={self.user_id!r})"
+        )
+
+    def headers(self) -> dict[str, str]:
+        """Headers every request carries on this surface."""
+        out = {"User-Agent": "tmbatch/0.1"}
+        if self.api_key:
+            out["Authorization"] = f"Bearer {self.api_key}"
+        if self.surface == "on-demand" and self.user_id:
+            out["X-User-Id"] = self.user_id
+        return out
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None  # blank counts as unset, as the SDK does
+    return value.strip()
+
+
+def _pick(
+    flag_name: str, flag: str | None, env: Mapping[str, str], env_name: str | None
+) -> tuple[str | None, str]:
+    if flag is not None:
+        if not flag.strip():
+            raise ConfigError(
+                f"{flag_name} was given an empty value; pass a value or leave the flag out"
+            )
+        return flag.strip(), f"flag {flag_name}"
+    if env_name:
+        value = _env(env, env_name)
+        if value is not None:
+            return value, f"env {env_name}"
+    return None, "default"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {url!r} is not an http(s) URL; expected e.g. https://host")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        raise ConfigError(
+            f"{what} {url!r} ends in /v1; give the base URL without it "
+            f"({parts.scheme}://{parts.netloc}{path[:-3]}), tmbatch adds the route"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{what} {url!r} has a query or fragment; give only scheme://host[:port]")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def read_tm_config(env: Mapping[str, str], path: str | None = None) -> dict[str, str]:
+    """The CLI's [managed] values: only ever called when the user asks for it."""
+    if path is None:
+        root = Path(env.get("TM_CONFIG_HOME") or "~/.config/tensormesh").expanduser()
+        cfg = root / "config.toml"
+    else:
+        cfg = Path(path).expanduser()
+    try:
+        data = tomllib.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--tm-config: {cfg} does not exist; run `tm init --sync` first"
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--tm-config: cannot read {cfg}: {exc}") from None
+    managed = data.get("managed")
+    if not isinstance(managed, dict):
+        raise ConfigError(f"--tm-config: {cfg} has no [managed] table; run `tm init --sync`")
+    out: dict[str, str] = {}
+    for key, ours in (
+        ("gateway_api_key", "api_key"),
+        ("gateway_user_id", "user_id"),
+        ("gateway_model_id", "model"),
+        ("gateway_base", "base_url"),
+    ):
+        if isinstance(managed.get(key), str) and managed[key].strip():
+            out[ours] = managed[key].strip()
+    out["_path"] = str(cfg)
+    return out
+
+
+def read_key_file(path: str) -> str:
+    """A key from a file keeps it out of `ps` and shell history."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file {path}: not a text file") from None
+    if not text or "\n" in text:
+        raise ConfigError(f"--api-key-file {path}: expected exactly one non-empty line (the key)")
+    return text
+
+
+def resolve(
+    flags: Mapping[str, str | None],
+    env: Mapping[str, str] | None = None,
+    *,
+    require_key: bool = True,
+) -> Settings:
+    """Resolve settings. `flags` holds None for flags that were not given.
+
+    Keys: surface, base_url, api_key, api_key_file, user_id, timeout,
+    max_retries, ca_bundle, tm_config (path or "" for the default location),
+    allow_insecure_http ("1" when set).
+    """
+    env = os.environ if env is None else env
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+    tm = None
+    if flags.get("tm_config") is not None:
+        tm = read_tm_config(env, flags.get("tm_config") or None)
+
+    surface = (flags.get("surface") or "serverless").strip()
+    if surface not in ("serverless", "on-demand"):
+        raise ConfigError(f"--surface {surface!r}: expected serverless or on-demand")
+    sources["surface"] = "flag --surface" if flags.get("surface") else "default"
+
+    # API key: flag, key file, env, then (only when asked) the CLI's config.
+    if flags.get("api_key") is not None and flags.get("api_key_file") is not None:
+        raise ConfigError("give either --api-key or --api-key-file, not both")
+    if flags.get("api_key_file") is not None:
+        if not flags["api_key_file"].strip():
+            raise ConfigError("--api-key-file was given an empty value; pass a path")
+        api_key: str | None = read_key_file(flags["api_key_file"])
+        sources["api_key"] = "flag --api-key-file"
+    else:
+        api_key, sources["api_key"] = _pick("--api-key", flags.get("api_key"), env, ENV_API_KEY)
+    if api_key is None and tm and "api_key" in tm:
+        api_key, sources["api_key"] = tm["api_key"], f"tm config {tm['_path']}"
+
+    user_id, sources["user_id"] = _pick("--user-id", flags.get("user_id"), env, ENV_USER_ID)
+    if user_id is None and tm and "user_id" in tm:
+        user_id, sources["user_id"] = tm["user_id"], f"tm config {tm['_path']}"
+
+    env_url_name = ENV_SERVERLESS_URL if surface == "serverless" else ENV_ON_DEMAND_URL
+    base_url, sources["base_url"] = _pick("--base-url", flags.get("base_url"), env, env_url_name)
+    if base_url is None and surface == "on-demand" and tm and "base_url" in tm:
+        base_url, sources["base_url"] = tm["base_url"], f"tm config {tm['_path']}"
+
+    if surface == "serverless":
+        if base_url is None:
+            base_url = SERVERLESS_DEFAULT
+        on_demand_env = _env(env, ENV_ON_DEMAND_URL)
+        if on_demand_env and base_url.rstrip("/") == on_demand_env.rstrip("/"):
+            raise ConfigError(
+                f"the serverless base URL is the same as {ENV_ON_DEMAND_URL} ({base_url}): "
+                "serverless and on-demand base URLs are mixed up; pass --surface on-demand "
+                "to use the on-demand gateway"
+            )
+        if user_id and flags.get("user_id") is not None:
+            warnings.append(
+                "--user-id is ignored on the serverless surface (X-User-Id is on-demand only)"
+            )
+    else:
+        if base_url is None:
+            hint = ""
+            if _env(env, ENV_SERVERLESS_URL):
+                hint = f" ({ENV_SERVERLESS_URL} is set, but that is the serverless host)"
+            raise ConfigError(
+                "on-demand needs a base URL: pass --base-url or set "
+                f"{ENV_ON_DEMAND_URL} to your provider-specific gateway host{hint}"
+            )
+        if urlsplit(base_url).hostname == SERVERLESS_HOST:
+            raise ConfigError(
+                f"on-demand base URL {base_url} is the serverless host: serverless and "
+                "on-demand base URLs are mixed up; use --surface serverless, or your "
+                "provider-specific on-demand gateway host"
+            )
+        if user_id is None:
+            raise ConfigError(
+                "on-demand needs both a base URL and a user id: pass --user-id or set "
+                f"{ENV_USER_ID} (the UUID sent as X-User-Id)"
+            )
+        if not UUID_RE.match(user_id):
+            raise ConfigError(
+                f"user id {user_id!r} is not a UUID; on-demand sends it as X-User-Id and "
+                "expects your Tensormesh user UUID"
+            )
+    base_url = _check_base_url(base_url, "base URL")
+
+    if api_key is not None:
+        if JWT_RE.match(api_key):
+            raise ConfigError(
+                "the API key looks like a Control Plane bearer token (a JWT); inference needs "
+                f"an inference API key: set {ENV_API_KEY} (see `tm users api-keys create`)"
+            )
+        if any(c.isspace() for c in api_key) or not api_key.isprintable():
+            raise ConfigError("the API key contains spaces or control characters; check its source")
+    elif require_key:
+        hint = ""
+        if _env(env, ENV_CONTROL_PLANE_TOKEN):
+            hint = (
+                f" ({ENV_CONTROL_PLANE_TOKEN} is set, but a Control Plane token cannot be "
+                "used for inference)"
+            )
+        raise ConfigError(
+            f"no inference API key: set {ENV_API_KEY}, or pass --api-key-file FILE; "
+            f"to try tmbatch without credentials, add --sim{hint}"
+        )
+
+    host = urlsplit(base_url).hostname or ""
+    insecure_ok = bool(flags.get("allow_insecure_http"))
+    if base_url.startswith("http://") and api_key and not is_loopback(host) and not insecure_ok:
+        raise ConfigError(
+            f"refusing to send the API key over plain http:// to {host}; use https, or pass "
+            "--allow-insecure-http if this network is trusted"
+        )
+
+    timeout_raw, sources["timeout"] = _pick("--timeout", flags.get("timeout"), env, ENV_TIMEOUT)
+    timeout = DEFAULT_TIMEOUT
+    if timeout_raw is not None:
+        try:
+            timeout = float(timeout_raw)
+        except ValueError:
+            timeout = -1.0
+        if not (0 < timeout < 1e6):
+            raise ConfigError(
+                f"timeout {timeout_raw!r} ({sources['timeout']}): expected seconds > 0"
+            )
+
+    retries_raw, sources["max_retries"] = _pick(
+        "--max-retries", flags.get("max_retries"), env, ENV_MAX_RETRIES
+    )
+    max_retries = DEFAULT_MAX_RETRIES
+    if retries_raw is not None:
+        if not retries_raw.isdigit() or int(retries_raw) > 1000:
+            raise ConfigError(
+                f"max retries {retries_raw!r} ({sources['max_retries']}): "
+                "expected an integer 0-1000"
+            )
+        max_retries = int(retries_raw)
+
+    ca_bundle, sources["ca_bundle"] = _pick(
+        "--ca-bundle", flags.get("ca_bundle"), env, ENV_CA_BUNDLE
+    )
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        raise ConfigError(f"CA bundle {ca_bundle} ({sources['ca_bundle']}) is not a readable file")
+
+    return Settings(
+        surface=surface,
+        base_url=base_url,
+        api_key=api_key,
+        user_id=user_id if surface == "on-demand" else None,
+        timeout=timeout,
+        max_retries=max_retries,
+        ca_bundle=ca_bundle,
+        allow_insecure_http=insecure_ok,
+        sources=sources,
+        warnings=tuple(warnings),
+    )
+
+
+def check_model(model: str, where: str) -> str | None:
+    """A Control Plane modelId UUID is the most common wrong model; say so."""
+    if UUID_RE.match(model.strip()):
+        return (
+            f"{where}: model {model!r} is a UUID (a Control Plane modelId); send the served "
+            "model name instead (serverless model name, or the served gateway model name "
+            "stored under gateway_model_id)"
+        )
+    return None

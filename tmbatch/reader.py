@@ -1,0 +1,318 @@
+"""Streams the input file into requests, one line at a time.
+
+Memory does not grow with the file: one line is held at a time, plus a compact
+set of custom_id hashes for the duplicate check. A bad line never stops the
+run: it becomes a `permanent` failure that names its line number and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from tmbatch.compact import IdSet, LineStates
+from tmbatch.config import check_model
+
+# route -> idempotent?  Generation routes are billed once accepted.
+ROUTES: dict[str, bool] = {
+    "/v1/chat/completions": False,
+    "/v1/completions": False,
+    "/v1/responses": False,
+    "/tokenize": True,
+    "/detokenize": True,
+}
+ALIASES = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "tokenize": "/tokenize",
+    "detokenize": "/detokenize",
+}
+STREAMABLE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
+BATCH_FIELDS = {"custom_id", "method", "url", "body"}
+MAX_LINE_BYTES = 32 * 1024 * 1024
+MAX_CUSTOM_ID = 512
+
+
+@dataclass(slots=True)
+class Request:
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+    @property
+    def idempotent(self) -> bool:
+        return ROUTES[self.url]
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+
+@dataclass(slots=True)
+class BadLine:
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+class InputError(Exception):
+    """The input as a whole cannot be read (missing, a directory, unreadable)."""
+
+
+def normalize_endpoint(value: str) -> str:
+    """`chat`, `/v1/chat/completions` and `v1/chat/completions` all name one route."""
+    v = value.strip()
+    if v in ALIASES:
+        return ALIASES[v]
+    if not v.startswith("/"):
+        v = "/" + v
+    if v in ROUTES:
+        return v
+    raise ValueError(
+        f"unknown endpoint {value!r}; expected one of "
+        + ", ".join(list(ALIASES) + list(ROUTES))
+    )
+
+
+def open_input(path: str) -> IO[bytes]:
+    if path == "-":
+        return sys.stdin.buffer
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory; give a JSONL file (one request per line)")
+    try:
+        return open(path, "rb", buffering=1024 * 1024)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; check the file's mode") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+
+
+def fingerprint(path: str) -> str:
+    """Identify an input without reading all of it: size plus sampled blocks.
+
+    Sampling (head, tail and 256 evenly spaced 4 KiB blocks) keeps resume fast on
+    multi-GB inputs and still tells any two different files apart in practice.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            for i in range(256):
+                f.seek((size * i) // 256)
+                h.update(f.read(4096))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read())
+        else:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _iter_raw_lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
+    """Yield (line, length) with the newline stripped; None for a line over max_bytes."""
+    readline = f.readline
+    while True:
+        raw = readline(max_bytes + 1)
+        if not raw:
+            return
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            total = len(raw)
+            while True:  # skip the rest of the oversized line without keeping it
+                more = readline(1 << 20)
+                total += len(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            yield None, total
+            continue
+        yield raw, len(raw)
+
+
+def _describe(value: Any) -> str:
+    return type(value).__name__ if value is not None else "null"
+
+
+def parse_line(
+    raw: bytes, line: int, endpoint: str | None, model: str | None, stream: bool | None
+) -> Request | BadLine:
+    """Turn one raw line into a Request, or a BadLine saying what is wrong and how to fix it."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadLine(line, None, "invalid_utf8", f"line {line}: not valid UTF-8 text")
+        return BadLine(line, None, "invalid_json", f"line {line}: not valid JSON ({exc})")
+    if not isinstance(obj, dict):
+        return BadLine(
+            line, None, "not_an_object",
+            f"line {line}: expected a JSON object, got a JSON {_describe(obj)}",
+        )
+    if endpoint is not None:
+        if "body" in obj and "custom_id" in obj:
+            return BadLine(
+                line, str(obj.get("custom_id"))[:MAX_CUSTOM_ID], "batch_line_with_endpoint",
+                f"line {line}: looks like an OpenAI Batch line (custom_id, body) but --endpoint "
+                "was given; drop --endpoint to read Batch lines",
+            )
+        custom_id, url, body = f"line-{line}", endpoint, obj
+    else:
+        unknown = set(obj) - BATCH_FIELDS
+        missing = [k for k in ("custom_id", "url", "body") if k not in obj]
+        if missing and not unknown & {"custom_id"} and ("messages" in obj or "prompt" in obj
+                                                        or "input" in obj):
+            return BadLine(
+                line, None, "bare_body_without_endpoint",
+                f"line {line}: looks like a bare request body; pass --endpoint (e.g. --endpoint "
+                "chat) or wrap it as {\"custom_id\", \"method\", \"url\", \"body\"}",
+            )
+        custom_id = obj.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id.strip():
+            what = "missing" if custom_id is None else f"a {_describe(custom_id)}, not a string"
+            return BadLine(
+                line, None, "invalid_custom_id",
+                f"line {line}: field custom_id is {what}; give each line a unique non-empty "
+                "string custom_id",
+            )
+        if len(custom_id) > MAX_CUSTOM_ID:
+            return BadLine(
+                line, custom_id[:64], "invalid_custom_id",
+                f"line {line}: custom_id is {len(custom_id)} characters; at most {MAX_CUSTOM_ID}",
+            )
+        if unknown:
+            return BadLine(
+                line, custom_id, "unknown_field",
+                f"line {line}: unknown field(s) {', '.join(sorted(unknown))}; a Batch line has "
+                "only custom_id, method, url, body",
+            )
+        if missing:
+            return BadLine(
+                line, custom_id, "missing_field",
+                f"line {line}: missing field(s) {', '.join(missing)}",
+            )
+        method = obj.get("method", "POST")
+        if method != "POST":
+            return BadLine(
+                line, custom_id, "invalid_method",
+                f"line {line}: method {method!r} is not allowed; every batch route takes POST",
+            )
+        url = obj["url"]
+        if not isinstance(url, str):
+            return BadLine(line, custom_id, "invalid_url",
+                           f"line {line}: url is a {_describe(url)}; expected a path string")
+        parts = urlsplit(url)
+        if parts.scheme or parts.netloc:
+            return BadLine(
+                line, custom_id, "invalid_url",
+                f"line {line}: url {url[:100]!r} has a host; give only the path, e.g. "
+                "/v1/chat/completions (the host comes from the configuration)",
+            )
+        if url not in ROUTES:
+            return BadLine(
+                line, custom_id, "unsupported_url",
+                f"line {line}: url {url[:100]!r} is not a supported route; expected one of "
+                + ", ".join(ROUTES),
+            )
+        body = obj["body"]
+        if not isinstance(body, dict):
+            return BadLine(
+                line, custom_id, "invalid_body",
+                f"line {line}: body is a {_describe(body)}; expected a JSON object",
+            )
+    if model is not None and "model" not in body:
+        body["model"] = model
+    m = body.get("model")
+    if not isinstance(m, str) or not m.strip():
+        return BadLine(
+            line, custom_id, "missing_model",
+            f"line {line}: body.model is missing or not a string; add it or pass --model",
+        )
+    uuid_hint = check_model(m, f"line {line}")
+    if uuid_hint:
+        return BadLine(line, custom_id, "model_is_uuid", uuid_hint)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return BadLine(
+            line, custom_id, "invalid_stream",
+            f"line {line}: body.stream is a {_describe(body['stream'])}; expected true or false",
+        )
+    if stream is not None and url in STREAMABLE and "stream" not in body:
+        body["stream"] = stream
+    if body.get("stream") is True and url not in STREAMABLE:
+        return BadLine(line, custom_id, "invalid_stream",
+                       f"line {line}: {url} cannot stream; remove body.stream")
+    return Request(line, custom_id, url, body)
+
+
+@dataclass
+class ReadStats:
+    lines: int = 0
+    blank: int = 0
+    skipped_done: int = 0
+    other_shards: int = 0
+
+
+def read_requests(
+    f: IO[bytes],
+    *,
+    endpoint: str | None = None,
+    model: str | None = None,
+    stream: bool | None = None,
+    done: LineStates | None = None,
+    seen: IdSet | None = None,
+    shard: tuple[int, int] | None = None,
+    stats: ReadStats | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> Iterator[Request | BadLine]:
+    """Yield a Request or BadLine per non-blank line not in `done`.
+
+    Blank lines are skipped (counted in stats, never failures) so a trailing
+    newline or a blank separator line is harmless. Line numbers are physical
+    line numbers, 1-based, so users can `sed -n Np` them.
+    """
+    seen = IdSet() if seen is None else seen
+    stats = ReadStats() if stats is None else stats
+    line = 0
+    for raw, length in _iter_raw_lines(f, max_line_bytes):
+        line += 1
+        stats.lines = line
+        if shard is not None and (line - 1) % shard[1] != shard[0]:
+            stats.other_shards += 1
+            continue
+        if done is not None and line in done:
+            stats.skipped_done += 1
+            continue
+        if raw is None:
+            yield BadLine(
+                line, None, "line_too_long",
+                f"line {line}: {length} bytes, over the {max_line_bytes}-byte limit "
+                "(--max-line-bytes)",
+            )
+            continue
+        if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            stats.blank += 1
+            continue
+        item = parse_line(raw, line, endpoint, model, stream)
+        if isinstance(item, Request) and not seen.add(item.custom_id):
+            yield BadLine(
+                line, item.custom_id, "duplicate_custom_id",
+                f"line {line}: custom_id {item.custom_id[:100]!r} was already used by an "
+                "earlier line; custom_ids must be unique",
+            )
+            continue
+        yield item

@@ -1,0 +1,140 @@
+"""What a run achieved: counts by outcome and class, tokens, rates, latency percentiles."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmbatch.compact import FAILED_BASE, IN_FLIGHT, OK, LineStates
+from tmbatch.safety import CLASSES
+
+
+def percentile(sorted_values: list[float] | array, q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    rank = max(1, min(n, int(q / 100.0 * n + 0.999999)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class RunStats:
+    """Accumulated while the run goes; floats in arrays so a million requests cost 8 MB each."""
+
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    latencies: array = field(default_factory=lambda: array("d"))
+    ttfts: array = field(default_factory=lambda: array("d"))
+    sent: int = 0  # attempts that left this run
+    ok: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    rejected_429: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    in_flight: int = 0
+
+    def add_usage(self, body: dict[str, Any]) -> int:
+        """Count tokens from `usage` (chat/completions or responses naming); return the total."""
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return 0
+        p = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+        c = usage.get("completion_tokens", usage.get("output_tokens", 0))
+        p = p if isinstance(p, int) else 0
+        c = c if isinstance(c, int) else 0
+        self.prompt_tokens += p
+        self.completion_tokens += c
+        total = usage.get("total_tokens")
+        return total if isinstance(total, int) else p + c
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+
+def build_summary(
+    stats: RunStats,
+    states: LineStates,
+    *,
+    input_lines: int,
+    blank_lines: int,
+    header: dict[str, Any],
+    stopped: str | None,
+    admission: Any,
+) -> dict[str, Any]:
+    counts = states.counts()
+    by_class = {cls: counts[FAILED_BASE + i] for i, cls in enumerate(CLASSES)}
+    failed_total = sum(by_class.values())
+    done = counts[OK] + failed_total
+    lat = sorted(stats.latencies)
+    ttft = sorted(stats.ttfts)
+    elapsed = stats.elapsed
+    answered = stats.ok + sum(stats.failed.values())
+    tokens = stats.prompt_tokens + stats.completion_tokens
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000.0, 2)
+
+    return {
+        "input": header.get("input"),
+        "fingerprint": header.get("fingerprint"),
+        "job_id": header.get("job"),
+        "input_lines": input_lines,
+        "blank_lines_skipped": blank_lines,
+        "counts": {
+            "succeeded": counts[OK],
+            "failed": failed_total,
+            "failed_by_class": by_class,
+            "unknown_outcome_in_flight": counts[IN_FLIGHT],
+            "with_outcome": done,
+        },
+        "this_run": {
+            "attempts_sent": stats.sent,
+            "succeeded": stats.ok,
+            "failed_by_class": dict(stats.failed),
+            "failed_by_code": dict(stats.codes),
+            "retries": stats.retries,
+            "rate_limited_429": stats.rejected_429,
+            "pauses": getattr(admission, "pauses", 0),
+            "paused_seconds": round(getattr(admission, "paused_seconds", 0.0), 3),
+            "wall_seconds": round(elapsed, 3),
+            "requests_per_second": round(answered / elapsed, 2),
+            "tokens": {
+                "prompt": stats.prompt_tokens,
+                "completion": stats.completion_tokens,
+                "total": tokens,
+                "per_second": round(tokens / elapsed, 1),
+            },
+            "latency_ms": {
+                "p50": ms(percentile(lat, 50)),
+                "p90": ms(percentile(lat, 90)),
+                "p99": ms(percentile(lat, 99)),
+                "max": ms(lat[-1] if lat else None),
+            },
+            "ttft_ms": {
+                "count": len(ttft),
+                "p50": ms(percentile(ttft, 50)),
+                "p90": ms(percentile(ttft, 90)),
+                "p99": ms(percentile(ttft, 99)),
+            },
+        },
+        "stopped": stopped,
+        "finished": stopped is None,
+    }
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    c, r = summary["counts"], summary["this_run"]
+    failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v) or "none"
+    lat = r["latency_ms"]
+    return (
+        f"done: {c['succeeded']} succeeded, {c['failed']} failed ({failed}); this run "
+        f"{r['requests_per_second']} req/s, {r['tokens']['per_second']} tok/s, latency p50 "
+        f"{lat['p50']} ms p90 {lat['p90']} ms p99 {lat['p99']} ms, wall {r['wall_seconds']} s"
+    )
