@@ -1,0 +1,721 @@
+"""Tests of the local simulator over real sockets: the rest of the suite trusts its accounting,
+so the accounting itself has to be proven here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tmbatch.sim import (
+    SimConfig,
+    SimServer,
+    add_sim_arguments,
+    build_app,
+    sim_config_from_args,
+    start_sim,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+
+Scenario = Callable[[SimServer, aiohttp.ClientSession], Awaitable[None]]
+
+
+def run_with_sim(config: SimConfig, scenario: Scenario) -> None:
+    """pytest-asyncio is not a dependency: each test runs its own loop and server."""
+
+    async def main() -> None:
+        server = await start_sim(config)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await scenario(server, session)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def chat_body(text: str = "Hello there, simulator!", **extra: Any) -> dict[str, Any]:
+    return {"model": "tm-small", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def body_for(route: str, text: str, **extra: Any) -> dict[str, Any]:
+    if route == CHAT:
+        return chat_body(text, **extra)
+    if route == COMPLETIONS:
+        return {"model": "tm-small", "prompt": text, **extra}
+    return {"model": "tm-small", "input": text, **extra}
+
+
+def text_of(route: str, body: dict[str, Any]) -> str:
+    if route == CHAT:
+        return body["choices"][0]["message"]["content"]
+    if route == COMPLETIONS:
+        return body["choices"][0]["text"]
+    return body["output"][0]["content"][0]["text"]
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    server: SimServer,
+    route: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
+    async with session.post(server.url + route, json=body, headers=headers) as resp:
+        raw = await resp.read()
+        try:
+            parsed = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            parsed = raw
+        return resp.status, parsed, resp.headers
+
+
+def sse_data(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+
+def test_every_route_has_the_openai_shape() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        request_ids = set()
+        status, body, headers = await post(session, server, CHAT, chat_body("Say hello."))
+        assert status == 200
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        assert body["model"] == "tm-small" and isinstance(body["created"], int)
+        choice = body["choices"][0]
+        assert choice["index"] == 0 and choice["finish_reason"] == "stop"
+        assert choice["message"] == {
+            "role": "assistant",
+            "content": "Simulated answer to: Say hello.",
+        }
+        usage = body["usage"]
+        assert usage["completion_tokens"] == 5
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        request_ids.add(headers["x-request-id"])
+
+        status, body, headers = await post(
+            session, server, COMPLETIONS, {"model": "tm-large", "prompt": "Once upon a time"}
+        )
+        assert status == 200 and body["object"] == "text_completion"
+        assert body["choices"][0] == {
+            "index": 0,
+            "text": "Simulated answer to: Once upon a time",
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+        assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        request_ids.add(headers["x-request-id"])
+
+        status, body, headers = await post(
+            session, server, RESPONSES, {"model": "tm-small", "input": "Tell me."}
+        )
+        assert status == 200
+        assert body["object"] == "response" and body["id"].startswith("resp_")
+        assert body["status"] == "completed" and isinstance(body["created_at"], int)
+        item = body["output"][0]
+        assert item["type"] == "message" and item["id"].startswith("msg_")
+        assert item["status"] == "completed" and item["role"] == "assistant"
+        assert item["content"] == [
+            {"type": "output_text", "text": "Simulated answer to: Tell me.", "annotations": []}
+        ]
+        assert set(body["usage"]) == {"input_tokens", "output_tokens", "total_tokens"}
+        request_ids.add(headers["x-request-id"])
+
+        status, body, headers = await post(
+            session, server, "/tokenize", {"model": "tm-small", "prompt": "one two three"}
+        )
+        assert status == 200 and body["count"] == 3 and body["max_model_len"] == 8192
+        assert len(body["tokens"]) == 3 and all(isinstance(t, int) for t in body["tokens"])
+        request_ids.add(headers["x-request-id"])
+        status, again, _ = await post(
+            session, server, "/tokenize", {"model": "tm-small", "prompt": "one two three"}
+        )
+        assert again["tokens"] == body["tokens"]
+        status, chat_tokens, _ = await post(session, server, "/tokenize", chat_body("a b"))
+        assert status == 200 and chat_tokens["count"] == 2
+
+        status, body, headers = await post(
+            session, server, "/detokenize", {"model": "tm-small", "tokens": [12, 345]}
+        )
+        assert status == 200 and body == {"prompt": "tok12 tok345"}
+        request_ids.add(headers["x-request-id"])
+
+        async with session.get(server.url + "/v1/models") as resp:
+            assert resp.status == 200
+            models = await resp.json()
+            request_ids.add(resp.headers["x-request-id"])
+        assert models == {
+            "object": "list",
+            "data": [
+                {"id": "tm-small", "object": "model", "created": 0, "owned_by": "tensormesh"},
+                {"id": "tm-large", "object": "model", "created": 0, "owned_by": "tensormesh"},
+            ],
+        }
+        async with session.get(server.url + "/health") as resp:
+            assert resp.status == 200 and await resp.read() == b""
+            request_ids.add(resp.headers["x-request-id"])
+        async with session.get(server.url + "/version") as resp:
+            assert await resp.json() == {"version": "tmbatch-sim 1"}
+            request_ids.add(resp.headers["x-request-id"])
+        assert len(request_ids) == 8
+
+        async with session.get(server.url + "/nowhere") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == 404
+
+        stats = server.stats()
+        assert stats["completion_calls"] == 3 and stats["tokenize_calls"] == 3
+        assert stats["received"] == 7
+        assert stats["by_route"]["/v1/models"]["received"] == 1
+        assert stats["processed_total"] == 3 and stats["duplicates"] == 0
+        async with session.get(server.url + "/_sim/stats") as resp:
+            served = await resp.json()
+        assert served["processed"] == stats["processed"]
+        assert served["time_now"] >= stats["time_now"]
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_bad_requests_are_openai_errors_and_not_processed() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, _ = await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        assert status == 404
+        assert body == {
+            "error": {
+                "message": "The model `nope` does not exist.",
+                "type": "NotFoundError",
+                "code": 404,
+            }
+        }
+        status, body, _ = await post(session, server, CHAT, {"messages": []})
+        assert status == 400 and set(body["error"]) == {"message", "type", "code"}
+        async with session.post(server.url + CHAT, data=b"[1, 2]") as resp:
+            assert resp.status == 400
+        async with session.post(server.url + CHAT, data=b"{not json") as resp:
+            assert resp.status == 400
+        status, _, _ = await post(session, server, CHAT, {"model": "tm-small", "messages": []})
+        assert status == 400
+        stats = server.stats()
+        assert stats["processed_total"] == 0
+        assert stats["status_counts"] == {"404": 1, "400": 4}
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_max_tokens_truncates_with_length() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        _, body, _ = await post(session, server, CHAT, chat_body("a b c d", max_tokens=2))
+        assert body["choices"][0]["message"]["content"] == "Simulated answer"
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 2
+        _, body, _ = await post(
+            session, server, RESPONSES, {"model": "tm-small", "input": "x", "max_output_tokens": 1}
+        )
+        assert text_of(RESPONSES, body) == "Simulated"
+
+    run_with_sim(SimConfig(), scenario)
+
+
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS, RESPONSES])
+def test_streams_reassemble_to_the_plain_answer(route: str) -> None:
+    prompt = "Stream   me\na fairly long answer with many words in it please"
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        _, plain, _ = await post(session, server, route, body_for(route, prompt))
+        expected = text_of(route, plain)
+        stream_body = body_for(route, prompt, stream=True, stream_options={"include_usage": True})
+        async with session.post(server.url + route, json=stream_body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            data = sse_data(await resp.read())
+        assert data[-1] == "[DONE]"
+        events = [orjson.loads(d) for d in data[:-1]]
+        if route == CHAT:
+            assert all(e["object"] == "chat.completion.chunk" for e in events)
+            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+            text = "".join(
+                e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]
+            )
+            assert events[-2]["choices"][0]["finish_reason"] == "stop"
+            assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+            deltas = sum(
+                1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content")
+            )
+        elif route == COMPLETIONS:
+            assert all(e["object"] == "text_completion" for e in events)
+            text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+            assert events[-1]["usage"] == plain["usage"]
+            deltas = sum(1 for e in events if e["choices"] and e["choices"][0]["text"])
+        else:
+            types = [e["type"] for e in events]
+            assert types[:3] == [
+                "response.created",
+                "response.output_item.added",
+                "response.content_part.added",
+            ]
+            assert types[-4:] == [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+            assert events[0]["response"]["status"] == "in_progress"
+            text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+            done = next(e for e in events if e["type"] == "response.output_text.done")
+            assert done["text"] == expected
+            completed = events[-1]["response"]
+            assert completed["usage"] == plain["usage"]
+            assert text_of(RESPONSES, completed) == expected
+            deltas = types.count("response.output_text.delta")
+        assert text == expected
+        assert deltas == 8  # default stream_chunks, and the answer has more words than that
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_stream_without_include_usage_has_no_usage_chunk() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        async with session.post(server.url + CHAT, json=chat_body("hi", stream=True)) as resp:
+            data = sse_data(await resp.read())
+        events = [orjson.loads(d) for d in data[:-1]]
+        assert all(e["choices"] for e in events)
+        # "Simulated answer to: hi" is 4 words, fewer than stream_chunks: one delta per word
+        assert sum(1 for e in events if e["choices"][0]["delta"].get("content")) == 4
+
+    run_with_sim(SimConfig(stream_chunks=8), scenario)
+
+
+def test_label_mode_answers_one_allowed_label_deterministically() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        labels = {"positive", "negative", "neutral"}
+        seen = set()
+        for i in range(12):
+            messages = [
+                {
+                    "role": "system",
+                    "content": "Classify.\nALLOWED LABELS: positive, negative, neutral\n",
+                },
+                {"role": "user", "content": f"review number {i}"},
+            ]
+            body = {"model": "tm-small", "messages": messages}
+            _, first, _ = await post(session, server, CHAT, body)
+            _, second, _ = await post(session, server, CHAT, body)
+            answer = text_of(CHAT, first)
+            assert answer in labels and text_of(CHAT, second) == answer
+            seen.add(answer)
+        assert len(seen) > 1
+        _, body, _ = await post(
+            session,
+            server,
+            COMPLETIONS,
+            {"model": "tm-small", "prompt": "Text: meh\nAllowed labels: spam, ham.\nLabel:"},
+        )
+        assert text_of(COMPLETIONS, body) in {"spam", "ham"}
+
+    run_with_sim(SimConfig(), scenario)
+
+
+# ----------------------------------------------------------------------------------------------
+# Auth and routing
+
+
+def test_serverless_auth_needs_bearer_on_post_only() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, _ = await post(session, server, CHAT, chat_body())
+        assert status == 401 and body["error"]["type"] == "AuthenticationError"
+        status, _, _ = await post(
+            session, server, CHAT, chat_body(), {"Authorization": "Bearer wrong"}
+        )
+        assert status == 401
+        status, _, _ = await post(
+            session, server, "/tokenize", {"model": "tm-small", "prompt": "x"}
+        )
+        assert status == 401
+        status, _, _ = await post(
+            session, server, CHAT, chat_body(), {"Authorization": "Bearer sk-test"}
+        )
+        assert status == 200
+        async with session.get(server.url + "/v1/models") as resp:
+            assert resp.status == 200
+        stats = server.stats()
+        assert stats["auth"] == {
+            "bearer_ok": 1,
+            "bearer_wrong": 1,
+            "bearer_missing": 3,
+            "user_ids": [],
+        }
+        assert stats["processed_total"] == 1
+
+    run_with_sim(SimConfig(api_key="sk-test"), scenario)
+
+
+def test_on_demand_needs_user_id_and_key_on_every_route() -> None:
+    user = "00000000-0000-0000-0000-000000000001"
+    good = {"Authorization": "Bearer sk-test", "X-User-Id": user}
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, _ = await post(
+            session, server, CHAT, chat_body(), {"Authorization": "Bearer sk-test"}
+        )
+        assert status == 404
+        assert body["error"]["message"] == "no route: missing or unknown X-User-Id"
+        status, _, _ = await post(
+            session, server, CHAT, chat_body(), {**good, "X-User-Id": "someone-else"}
+        )
+        assert status == 404
+        async with session.get(server.url + "/health") as resp:
+            assert resp.status == 404
+        async with session.get(server.url + "/health", headers={"X-User-Id": user}) as resp:
+            assert resp.status == 401
+        async with session.get(server.url + "/v1/models", headers=good) as resp:
+            assert resp.status == 200
+        status, _, _ = await post(session, server, CHAT, chat_body(), good)
+        assert status == 200
+        assert sorted(server.stats()["auth"]["user_ids"]) == sorted([user, "someone-else"])
+
+    run_with_sim(SimConfig(api_key="sk-test", user_id=user), scenario)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rate limiting and Retry-After
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "none"])
+def test_rate_limit_answers_429_in_each_retry_after_format(fmt: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        statuses = []
+        headers = None
+        for i in range(3):
+            status, body, hdrs = await post(session, server, CHAT, chat_body(f"q{i}"))
+            statuses.append(status)
+            if status == 429:
+                headers = hdrs
+                assert body["error"]["type"] == "RateLimitError"
+        assert statuses == [200, 200, 429]
+        assert headers is not None
+        if fmt == "seconds":
+            assert headers["Retry-After"] == "1"
+        elif fmt == "http-date":
+            when = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()
+            assert 0 < when - time.time() <= 2.01
+        elif fmt == "ms":
+            assert "Retry-After" not in headers and headers["retry-after-ms"] == "1000"
+        else:
+            assert "Retry-After" not in headers and "retry-after-ms" not in headers
+        stats = server.stats()
+        assert stats["rejected_429"] == 1 and stats["processed_total"] == 2
+
+    run_with_sim(SimConfig(rate_limit=2, retry_after_format=fmt), scenario)
+
+
+def test_computed_retry_after_and_ratelimit_headers() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        _, _, headers = await post(session, server, CHAT, chat_body("a"))
+        assert headers["x-ratelimit-limit-requests"] == "1"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["x-ratelimit-reset-requests"] in {"4s", "3.999s", "4.0s"}
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429
+        assert headers["Retry-After"] == "4"  # ceil of the time until the bucket has a token
+        assert "x-ratelimit-remaining-requests" in headers
+
+    run_with_sim(SimConfig(rate_limit=0.25, ratelimit_headers=True), scenario)
+
+
+def test_ignoring_retry_after_is_counted_as_a_violation() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and headers["Retry-After"] == "0.6"
+        await asyncio.sleep(0.2)  # past the grace period, well inside the announced pause
+        await post(session, server, CHAT, chat_body("b"))
+        await post(session, server, "/tokenize", {"model": "tm-small", "prompt": "x"})
+        assert server.stats()["retry_after_violations"] == 2
+
+    run_with_sim(SimConfig(rate_limit=1, retry_after=0.6, grace=0.1), scenario)
+
+
+def test_honouring_retry_after_is_not_a_violation() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("a2")))[0] == 200
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429
+        # a request already in flight when the 429 was sent arrives inside the grace period
+        await post(session, server, CHAT, chat_body("c"))
+        await asyncio.sleep(int(headers["retry-after-ms"]) / 1000)
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 200
+        stats = server.stats()
+        assert stats["retry_after_violations"] == 0
+        assert stats["rejected_429"] == 2
+
+    run_with_sim(
+        SimConfig(rate_limit=2, retry_after=0.5, retry_after_format="ms", grace=0.2), scenario
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Processing accounting
+
+
+def test_processed_and_duplicates_follow_idempotency_keys() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        for key in ("k1", "k1", "k2", "k3", "k3", "k3"):
+            status, _, _ = await post(session, server, CHAT, chat_body(), {"Idempotency-Key": key})
+            assert status == 200
+        # the same body without a key is one request, identified by its hash
+        await post(session, server, COMPLETIONS, {"model": "tm-small", "prompt": "p"})
+        await post(session, server, COMPLETIONS, {"model": "tm-small", "prompt": "p"})
+        # rejections are not processings
+        hook = {"sim": {"status": 429, "retry_after": 0}}
+        await post(session, server, CHAT, chat_body(**hook), {"Idempotency-Key": "k4"})
+        stats = server.stats()
+        assert stats["processed"]["k1"] == 2 and stats["processed"]["k3"] == 3
+        assert "k4" not in stats["processed"]
+        assert stats["duplicates"] == 3
+        assert stats["duplicate_keys"][:2] == ["k1", "k3"]
+        assert stats["duplicate_keys"][2].startswith("body-")
+        assert stats["processed_total"] == 8 and stats["processed_keys"] == 4
+        assert stats["rejected_429"] == 1
+        assert [entry[2] for entry in stats["log"][:3]] == ["k1", "k1", "k2"]
+        assert all(entry[0] <= stats["time_now"] for entry in stats["log"])
+        assert stats["log"][-1][1:] == [CHAT, "k4", 429]
+
+        async with session.post(server.url + "/_sim/reset") as resp:
+            assert resp.status == 200
+        stats = server.stats()
+        assert stats["processed"] == {} and stats["received"] == 0 and stats["log"] == []
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_log_is_capped() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        for i in range(5):
+            await post(session, server, CHAT, chat_body(f"m{i}"))
+        stats = server.stats()
+        assert len(stats["log"]) == 3 and stats["log_overflow"] == 2
+
+    run_with_sim(SimConfig(log_limit=3), scenario)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test hooks
+
+
+def test_hook_status_with_times_then_normal_answers() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        body = chat_body(sim={"status": 500, "times": 1})
+        key = {"Idempotency-Key": "h500"}
+        status, err, _ = await post(session, server, CHAT, body, key)
+        assert status == 500 and err["error"]["code"] == 500
+        status, _, _ = await post(session, server, CHAT, body, key)
+        assert status == 200
+        assert server.stats()["processed"]["h500"] == 2
+
+        body = chat_body(sim={"status": 429, "times": 2, "retry_after": 3})
+        key = {"Idempotency-Key": "h429"}
+        for _ in range(2):
+            status, _, headers = await post(session, server, CHAT, body, key)
+            assert status == 429 and headers["Retry-After"] == "3"
+        assert "h429" not in server.stats()["processed"]
+        status, _, _ = await post(session, server, CHAT, body, key)
+        assert status == 200
+
+        body = chat_body(sim={"status": 503, "times": 1})
+        status, _, headers = await post(session, server, CHAT, body, {"Idempotency-Key": "h503"})
+        assert status == 503 and headers["Retry-After"] == "7"
+        stats = server.stats()
+        assert "h503" not in stats["processed"] and stats["rejected_503"] == 1
+        assert stats["processed"]["h429"] == 1
+
+    run_with_sim(SimConfig(retry_after=7), scenario)
+
+
+def test_hook_drop_looks_like_a_disconnect_but_is_processed() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await post(
+                session, server, CHAT, chat_body(sim={"drop": True}), {"Idempotency-Key": "d"}
+            )
+        stats = server.stats()
+        assert stats["processed"] == {"d": 1} and stats["dropped"] == 1
+        assert stats["status_counts"] == {"0": 1}
+        # the session keeps working after the server closed a pooled connection
+        assert (await post(session, server, CHAT, chat_body()))[0] == 200
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_hook_cut_after_ends_the_stream_without_done() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        received: list[bytes] = []
+        body = chat_body("cut me off please now", stream=True, sim={"cut_after": 2})
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with session.post(server.url + CHAT, json=body) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    received.append(line)
+        data = [line for line in received if line.startswith(b"data: ")]
+        assert len(data) == 2 and b"[DONE]" not in b"".join(received)
+        assert server.stats()["processed_total"] == 1
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_hook_sse_error_and_bad_json_and_sleep() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        body = body_for(RESPONSES, "x", stream=True, sim={"sse_error": True})
+        async with session.post(server.url + RESPONSES, json=body) as resp:
+            raw = (await resp.read()).decode()
+        assert "event: error\n" in raw and "[DONE]" not in raw
+        error_data = [d for d in sse_data(raw.encode()) if '"error"' in d]
+        assert orjson.loads(error_data[-1])["error"]["code"] == 500
+
+        status, parsed, _ = await post(session, server, CHAT, chat_body(sim={"bad_json": True}))
+        assert status == 200 and isinstance(parsed, bytes)
+
+        started = time.monotonic()
+        status, _, _ = await post(session, server, CHAT, chat_body(sim={"sleep": 0.3}))
+        assert status == 200 and time.monotonic() - started >= 0.3
+
+    run_with_sim(SimConfig(), scenario)
+
+
+def test_random_faults_are_deterministic_per_seed() -> None:
+    outcomes: list[dict[str, int]] = []
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        seen = {}
+        for i in range(40):
+            key = f"r{i}"
+            try:
+                status, _, _ = await post(
+                    session, server, CHAT, chat_body(), {"Idempotency-Key": key}
+                )
+            except aiohttp.ServerDisconnectedError:
+                status = 0
+            seen[key] = status
+        outcomes.append(seen)
+        stats = server.stats()
+        assert stats["processed_total"] == 40
+        assert stats["injected_500"] == sum(1 for s in seen.values() if s == 500)
+
+    config = SimConfig(error_500=0.3, drop_after_read=0.2, seed=7)
+    run_with_sim(config, scenario)
+    run_with_sim(config, scenario)
+    assert outcomes[0] == outcomes[1]
+    assert {0, 200, 500} <= set(outcomes[0].values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction and command line
+
+
+def test_cli_flags_build_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_sim_arguments(parser)
+    ns = parser.parse_args(
+        [
+            "--sim-latency",
+            "0.5",
+            "--sim-jitter",
+            "0.1",
+            "--sim-rate-limit",
+            "20",
+            "--sim-retry-after",
+            "2",
+            "--sim-retry-after-format",
+            "http-date",
+            "--sim-ratelimit-headers",
+            "--sim-error-500",
+            "0.1",
+            "--sim-drop-after-read",
+            "0.05",
+            "--sim-slow",
+            "0.01",
+            "--sim-slow-seconds",
+            "3",
+            "--sim-api-key",
+            "k",
+            "--sim-user-id",
+            "u",
+            "--sim-models",
+            "a, b",
+            "--sim-stream-chunks",
+            "3",
+            "--sim-seed",
+            "9",
+        ]
+    )
+    config = sim_config_from_args(ns)
+    assert config == SimConfig(
+        latency=0.5,
+        latency_jitter=0.1,
+        rate_limit=20,
+        retry_after=2,
+        retry_after_format="http-date",
+        ratelimit_headers=True,
+        error_500=0.1,
+        drop_after_read=0.05,
+        slow=0.01,
+        slow_seconds=3,
+        api_key="k",
+        user_id="u",
+        models=("a", "b"),
+        stream_chunks=3,
+        seed=9,
+    )
+    assert sim_config_from_args(parser.parse_args([])) == SimConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sim-error-500", "2"])
+    with pytest.raises(ValueError):
+        SimConfig(retry_after_format="minutes")
+    assert build_app(SimConfig()) is not None
+
+
+def test_run_sim_forever_serves_and_stops_on_sigterm() -> None:
+    code = (
+        "from tmbatch.sim import SimConfig, run_sim_forever; "
+        "run_sim_forever(SimConfig(), '127.0.0.1', 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().strip()
+        assert line.startswith("tmbatch sim listening on http://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1]
+
+        async def probe() -> None:
+            async with aiohttp.ClientSession() as session, session.get(url + "/health") as resp:
+                assert resp.status == 200
+
+        asyncio.run(probe())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
