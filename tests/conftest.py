@@ -1,0 +1,135 @@
+"""Shared test helpers: a simulator on a real 127.0.0.1 socket in its own thread, and the
+real `tmbatch` command run as a subprocess with a clean environment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tmbatch.sim import SimConfig, start_sim
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "tm-test-key-0123456789abcdef-SECRET"
+
+
+class SimThread:
+    """The simulator in a thread with its own loop, so tests can drive the CLI in-process
+    or as a subprocess while the server keeps serving."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.server: Any = None
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("simulator did not start")
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def boot() -> None:
+            self.server = await start_sim(self.config)
+            self._ready.set()
+
+        self.loop.run_until_complete(boot())
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=10) as r:
+            return orjson.loads(r.read())
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.url + "/_sim/reset", method="POST", data=b"")
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop)
+        fut.result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Any]:
+    started: list[SimThread] = []
+
+    def make(**kwargs: Any) -> SimThread:
+        s = SimThread(SimConfig(**kwargs))
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def sim(sim_factory: Any) -> SimThread:
+    return sim_factory()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The parent's environment minus anything that configures Tensormesh."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TENSORMESH_", "TM_CONFIG"))}
+    env["HOME"] = env.get("TMBATCH_TEST_HOME", env.get("HOME", "/tmp"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
+    input: bytes | None = None, cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m tmbatch ARGS` for real and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "tmbatch", *args],
+        env=clean_env() if env is None else env,
+        capture_output=True, timeout=timeout, input=input, cwd=cwd or ROOT,
+        text=input is None,
+    )
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else orjson.dumps(r))
+            f.write(b"\n")
+    return path
+
+
+def chat_line(i: int, model: str = "tm-small", **body: Any) -> dict[str, Any]:
+    b = {"model": model, "messages": [{"role": "user", "content": f"question {i}"}],
+         "max_tokens": 16}
+    b.update(body)
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+def outcomes(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """custom_id -> record, for results and failures."""
+    res = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    fail = {r["custom_id"]: r for r in read_jsonl(out / "failures.jsonl")}
+    return res, fail
