@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="tmbatch",
+        allow_abbrev=False,
         description="Run large batches of inference requests against Tensormesh, as fast as "
         "the account's limits allow, without paying twice for a request by accident.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="send every line of a JSONL file (resumes when -o holds a run)",
+        "run", allow_abbrev=False,
+        help="send every line of a JSONL file (resumes when -o holds a run)",
         description="Send every request of INPUT and write results.jsonl, failures.jsonl, "
         "journal.jsonl and summary.json to the output directory. Running the same command "
         "on the same output directory resumes.",
@@ -334,8 +336,15 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "sim": cmd_sim}
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+        # Say it without echoing the value: a key on a command line is already in `ps`.
+        print("tmbatch: error: there is no --api-key flag (a key on the command line shows in "
+              "`ps` and shell history); set TENSORMESH_INFERENCE_API_KEY or pass "
+              "--api-key-file FILE", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(args)
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
