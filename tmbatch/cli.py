@@ -19,6 +19,15 @@ import orjson
 from tmbatch import __version__
 from tmbatch.config import ConfigError, Settings, check_model, resolve
 from tmbatch.journal import JournalError
+from tmbatch.logs import (  # noqa: F401  (RedactFilter: moved, still importable from here)
+    REDACT,
+    RedactFilter,
+    add_log_format_arg,
+    event,
+    json_mode,
+    say,
+    setup_logging,
+)
 from tmbatch.reader import InputError, normalize_endpoint
 from tmbatch.runner import (
     EXIT_FAILED,
@@ -59,36 +68,6 @@ RUN_EXAMPLES = """examples:
   # resume after a crash, kill or eviction: the same command again
   tmbatch run input.jsonl -o out/
 """
-
-
-class RedactFilter(logging.Filter):
-    """Belt and braces: no log record may carry the key, whatever formatted it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            for s in self.secrets:
-                msg = msg.replace(s, "[redacted]")
-            record.msg, record.args = msg, None
-        return True
-
-
-REDACT = RedactFilter()
-
-
-def setup_logging(verbose: int, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("tmbatch: %(levelname)s: %(message)s"))
-    handler.addFilter(REDACT)
-    root = logging.getLogger("tmbatch")
-    root.handlers[:] = [handler]
-    root.propagate = False
-    level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
-    root.setLevel(level)
 
 
 def _positive_int(text: str) -> int:
@@ -214,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="count", default=0)
     g.add_argument("--progress-interval", type=_positive_float, default=10.0,
                    help="seconds between progress lines when stderr is not a TTY (default 10)")
+    add_log_format_arg(g)
     add_connection_args(run)
     g = run.add_argument_group("demo: the built-in simulator (no credentials)")
     g.add_argument("--sim", action="store_true",
@@ -230,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--model")
     val.add_argument("--json", action="store_true", help="one JSON object per bad line, then "
                      "a summary object, on stdout")
+    add_log_format_arg(val)
 
     sim = sub.add_parser(
         "sim", help="serve the local Tensormesh API simulator",
@@ -348,20 +329,27 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    setup_logging(getattr(ns, "verbose", 0), getattr(ns, "quiet", False))
+    setup_logging(getattr(ns, "verbose", 0), getattr(ns, "quiet", False),
+                  getattr(ns, "log_format", "text"))
     try:
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        if json_mode():
+            event("exit", f"exit code {code}", exit_code=code)
+        return code
     except (ConfigError, InputError, JournalError, ValueError) as exc:
-        print(f"tmbatch: error: {_redacted(str(exc))}", file=sys.stderr)
+        say("error", _redacted(str(exc)), text=f"tmbatch: error: {_redacted(str(exc))}",
+            level=logging.ERROR, exit_code=EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tmbatch: interrupted", file=sys.stderr)
+        say("interrupted", "interrupted", text="tmbatch: interrupted", level=logging.ERROR,
+            exit_code=EXIT_SIGINT)
         return EXIT_SIGINT
     except Exception as exc:  # a bug: say so without a wall of traceback or a key
         if os.environ.get("TMBATCH_DEBUG"):
             raise
-        print(f"tmbatch: internal error: {type(exc).__name__}: {_redacted(str(exc))} "
-              "(this is a bug; TMBATCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        msg = (f"internal error: {type(exc).__name__}: {_redacted(str(exc))} "
+               "(this is a bug; TMBATCH_DEBUG=1 shows the traceback)")
+        say("internal_error", msg, text=f"tmbatch: {msg}", level=logging.ERROR, exit_code=70)
         return 70
 
 

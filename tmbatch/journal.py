@@ -111,7 +111,8 @@ def repair_torn(path: Path) -> str | None:
         f.flush()
         os.fsync(f.fileno())
     msg = f"{path.name}: a torn last line ({len(torn)} bytes) was moved to {side.name}"
-    log.warning(msg)
+    log.warning("%s", msg, extra={"event": "torn_line_repaired", "file": path.name,
+                                  "bytes": len(torn), "moved_to": side.name})
     return msg
 
 

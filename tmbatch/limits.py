@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiolimiter import AsyncLimiter
@@ -71,6 +72,7 @@ class Admission:
         self.paused_seconds = 0.0
         self._credit = 0.0  # tokens estimated too high: taken off the next acquire
         self._debt = 0.0  # tokens estimated too low: added to the next acquire
+        self.on_pause: Callable[[float], None] | None = None
 
     async def wait_pause(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,5 +119,8 @@ class Admission:
         self.paused_seconds += until - max(self.pause_until, now)
         self.pause_until = until
         self.pauses += 1
-        log.info("rate limited: every worker pauses %.1fs (Retry-After)", seconds)
+        log.info("rate limited: every worker pauses %.1fs (Retry-After)", seconds,
+                 extra={"event": "rate_limit_pause", "retry_after": seconds})
+        if self.on_pause is not None:
+            self.on_pause(seconds)  # the runner journals it for `tmbatch report`
         return True

@@ -44,6 +44,7 @@ from tmbatch.journal import (
     load,
 )
 from tmbatch.limits import Admission, estimate_tokens
+from tmbatch.logs import event, progress_kwargs, public_url, say
 from tmbatch.progress import Progress
 from tmbatch.reader import (
     MAX_LINE_BYTES,
@@ -186,10 +187,12 @@ class Runner:
         if self._signals == 1:
             self._signal_name = name
             self.stop(name)
-            print(
+            say(
+                "signal",
                 f"\n{name}: no new requests; waiting up to {self.opts.drain_timeout:g}s for "
                 f"{self.stats.in_flight} in flight (send {name} again to stop at once)",
-                file=sys.stderr, flush=True,
+                level=logging.WARNING, signal=name, in_flight=self.stats.in_flight,
+                drain_timeout=self.opts.drain_timeout,
             )
         else:
             for t in self._workers:
@@ -283,7 +286,7 @@ class Runner:
                 "total_ms": round(answer.latency * 1000, 2),
                 "tokens_per_s": round(out_tokens / gen, 1) if out_tokens and gen > 0 else None,
             }
-        self.writer.result(req.line, record)
+        self.writer.result(req.line, record, answer.latency, answer.ttft)
 
     def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:
         cls = exc.cls
@@ -315,7 +318,8 @@ class Runner:
     def _fatal(self, message: str) -> None:
         if self.fatal is None:
             self.fatal = message
-            log.error("fatal: %s; stopping, nothing more is sent", message)
+            log.error("fatal: %s; stopping, nothing more is sent", message,
+                      extra={"event": "fatal"})
         self.stop("fatal")
 
     def bad_line(self, bad: BadLine) -> None:
@@ -404,7 +408,8 @@ class Runner:
         if resume.in_flight:
             log.warning("%d request(s) had no outcome when the previous run stopped: recorded "
                         "as ambiguous (unknown_outcome_after_crash), not re-sent",
-                        len(resume.in_flight))
+                        len(resume.in_flight),
+                        extra={"event": "unknown_outcome", "count": len(resume.in_flight)})
         self.writer.superseded = self.writer.superseded or resume.superseded
 
     async def _run(self, header: dict[str, Any], resume: ResumeState | None) -> int:
@@ -415,14 +420,22 @@ class Runner:
                      sum(states.counts()[2:]))
         try:
             self.writer = Writer(opts.out_dir, states, opts.fsync)
+            self.admission.on_pause = self.writer.pause  # 429 pauses on the report's timeline
             if resume is None:
                 self.writer.header(header)
             else:
                 self.writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
                 self._recover(resume)
         except (OSError, WriterError) as exc:
-            print(f"tmbatch: cannot write to {opts.out_dir}: {exc}", file=sys.stderr)
+            say("io_error", f"cannot write to {opts.out_dir}: {exc}",
+                text=f"tmbatch: cannot write to {opts.out_dir}: {exc}", level=logging.ERROR,
+                exit_code=EXIT_IO)
             return EXIT_IO
+        event("start", f"job {header['job']}: {opts.input} -> {opts.out_dir} "
+              f"({self.settings.surface} at {public_url(self.settings.base_url)})",
+              input=opts.input, output=str(opts.out_dir), job_id=header["job"],
+              surface=self.settings.surface, base_url=public_url(self.settings.base_url),
+              resumed=resume is not None)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -431,7 +444,8 @@ class Runner:
         f = open_input(opts.input)
         self.session = make_session(self.settings, opts.concurrency)
         self.writer.start()
-        progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval)
+        progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval,
+                            **progress_kwargs())
         progress.start()
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=opts.concurrency * 2)
         self._workers = [loop.create_task(self._work(queue)) for _ in range(opts.concurrency)]
@@ -463,7 +477,8 @@ class Runner:
                 done, pending = await asyncio.wait(pending, timeout=self.opts.drain_timeout)
                 if pending:
                     log.warning("drain timeout: %d request(s) still in flight are left without "
-                                "an outcome (ambiguous on resume)", self.stats.in_flight)
+                                "an outcome (ambiguous on resume)", self.stats.in_flight,
+                                extra={"event": "drain", "left_in_flight": self.stats.in_flight})
                     for t in pending:
                         t.cancel()
                     await asyncio.gather(*pending, return_exceptions=True)
@@ -499,17 +514,23 @@ class Runner:
         except OSError as exc:
             self.io_error = self.io_error or f"cannot write {SUMMARY}: {exc.strerror}"
         if not opts.quiet:
-            print(final_line(summary), file=sys.stderr, flush=True)
+            say("summary", final_line(summary), **summary)
         if self.io_error:
-            print(f"tmbatch: stopped: {self.io_error}", file=sys.stderr, flush=True)
+            say("stopped", f"stopped: {self.io_error}", text=f"tmbatch: stopped: {self.io_error}",
+                level=logging.ERROR, reason="io_error", exit_code=EXIT_IO)
             return EXIT_IO
         if self.fatal:
-            print(f"tmbatch: stopped by a fatal error: {self.fatal}", file=sys.stderr, flush=True)
+            say("stopped", f"stopped by a fatal error: {self.fatal}",
+                text=f"tmbatch: stopped by a fatal error: {self.fatal}", level=logging.ERROR,
+                reason="fatal", exit_code=EXIT_FATAL)
             return EXIT_FATAL
         if self._signal_name:
-            print(f"tmbatch: interrupted ({self._signal_name}); run the same command again to "
-                  "resume where it stopped", file=sys.stderr, flush=True)
-            return EXIT_SIGTERM if self._signal_name == "SIGTERM" else EXIT_SIGINT
+            code = EXIT_SIGTERM if self._signal_name == "SIGTERM" else EXIT_SIGINT
+            msg = (f"interrupted ({self._signal_name}); run the same command again to resume "
+                   "where it stopped")
+            say("interrupted", msg, text=f"tmbatch: {msg}", level=logging.WARNING,
+                signal=self._signal_name, exit_code=code)
+            return code
         failed = summary["counts"]["failed"]
         return EXIT_FAILED if failed else EXIT_OK
 

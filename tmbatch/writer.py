@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,14 @@ class Writer:
         if self.fsync_mode == "always":
             self._fsync_all()
 
-    def result(self, line: int, record: dict[str, Any]) -> None:
+    def result(self, line: int, record: dict[str, Any], latency: float | None = None,
+               ttft: float | None = None) -> None:
+        """Journaled as ["o", line, "ok", "", t, latency_ms, ttft_ms]: the time fields, appended
+        after the ones resume reads, are what `tmbatch report` draws."""
         self._note_supersede(line)
         self._res.append(orjson.dumps(record) + b"\n")
-        self._jour.append(orjson.dumps(["o", line, "ok"]) + b"\n")
+        self._jour.append(orjson.dumps(
+            ["o", line, "ok", "", round(time.time(), 3), _ms(latency), _ms(ttft)]) + b"\n")
         self.states.set(line, OK)
         self._schedule()
 
@@ -86,8 +91,14 @@ class Writer:
         err = record["error"]
         self._note_supersede(line)
         self._fail.append(orjson.dumps(record) + b"\n")
-        self._jour.append(orjson.dumps(["o", line, err["class"], err["code"]]) + b"\n")
+        self._jour.append(
+            orjson.dumps(["o", line, err["class"], err["code"], round(time.time(), 3)]) + b"\n")
         self.states.set(line, state_for(err["class"]))
+        self._schedule()
+
+    def pause(self, seconds: float) -> None:
+        """["p", t, seconds]: a Retry-After pause of every worker; resume ignores it."""
+        self._jour.append(orjson.dumps(["p", round(time.time(), 3), seconds]) + b"\n")
         self._schedule()
 
     def pending(self, line: int) -> None:
@@ -202,6 +213,10 @@ class Writer:
     @property
     def sizes(self) -> dict[str, int]:
         return dict(self._sizes)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 2)
 
 
 def compact_failures(out_dir: Path, states: LineStates) -> int:
