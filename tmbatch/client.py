@@ -75,8 +75,10 @@ async def send(
     headers: dict[str, str] | None = None,
 ) -> Answer:
     """POST one request; raise AttemptFailed with the class the contract gives it."""
-    data = orjson.dumps(body)
     stream = body.get("stream") is True
+    if stream:
+        body = with_stream_usage(route, body)
+    data = orjson.dumps(body)
     hdrs = {"Content-Type": "application/json"}
     if stream:
         hdrs["Accept"] = "text/event-stream"
@@ -108,7 +110,9 @@ async def send(
                 if status >= 300:
                     if parsed is None:
                         parsed = raw[:2000].decode("utf-8", "replace")
-                    raise classify_status(status, resp.headers, parsed, request_id)
+                    failed = classify_status(status, resp.headers, parsed, request_id)
+                    failed.headers = resp.headers  # type: ignore[attr-defined]  # for admission
+                    raise failed
                 if not isinstance(parsed, dict):
                     raise AttemptFailed(
                         AMBIGUOUS, "invalid_response_body",
@@ -122,22 +126,58 @@ async def send(
             try:
                 async for chunk in resp.content.iter_any():
                     agg.feed(chunk, time.monotonic())
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                cut = classify_exception(exc)
-                raise AttemptFailed(
-                    AMBIGUOUS, "stream_cut", f"stream cut before data: [DONE]: {cut.message}",
-                    status, agg.partial(), request_id,
-                ) from None
-            try:
                 final = agg.finish()
             except StreamError as exc:
                 raise AttemptFailed(AMBIGUOUS, exc.code, exc.message, status, exc.partial,
                                     request_id) from None
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                cut = classify_exception(exc)
+                raise AttemptFailed(
+                    AMBIGUOUS, "stream_cut",
+                    f"stream cut before data: [DONE] after {agg.events} event(s): "
+                    f"{cut.message}; what arrived is in response.body",
+                    status, agg.partial(), request_id,
+                ) from None
             ttft = None if agg.first_token_at is None else agg.first_token_at - start
             return Answer(status, request_id, final, time.monotonic() - start, ttft, resp.headers)
     except AttemptFailed:
         raise
-    except StreamError as exc:
-        raise AttemptFailed(AMBIGUOUS, exc.code, exc.message, None, exc.partial) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise classify_exception(exc) from None
+
+
+USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+def with_stream_usage(route: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Ask a streamed chat/completions call for its usage, unless the line says otherwise.
+
+    Without `stream_options.include_usage` an OpenAI-compatible server sends no
+    usage in a stream, so token counts, --tpm settling and results.jsonl would
+    differ from the same line not streamed. An explicit `include_usage: false`
+    is kept; /v1/responses always reports usage in response.completed.
+    """
+    if route not in USAGE_ROUTES:
+        return body
+    options = body.get("stream_options")
+    if options is None:
+        return {**body, "stream_options": {"include_usage": True}}
+    if isinstance(options, dict) and "include_usage" not in options:
+        return {**body, "stream_options": {**options, "include_usage": True}}
+    return body
+
+
+async def get_json(session: aiohttp.ClientSession, route: str) -> tuple[int, Any, str | None]:
+    """GET a diagnostic route: (status, parsed body or text, request id); never retried here.
+
+    Transport failures raise AttemptFailed like `send` does, so callers word them the same.
+    """
+    try:
+        async with session.get(route.lstrip("/"), allow_redirects=False) as resp:
+            raw = await resp.content.read(MAX_BODY_BYTES)
+            parsed = _loads(raw)
+            if parsed is None:
+                parsed = raw[:2000].decode("utf-8", "replace")
+            return resp.status, parsed, resp.headers.get("x-request-id")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise classify_exception(exc) from None

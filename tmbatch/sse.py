@@ -3,14 +3,23 @@
 So `results.jsonl` looks the same whether a line streamed or not. A stream that
 ends without `data: [DONE]`, or carries an error event, is `ambiguous`: tokens
 were generated and billed, the answer is incomplete.
+
+Each `data:` line is one event (what OpenAI-compatible servers send); a server
+that splits one JSON event over several `data:` lines is not supported. Lines
+end in LF or CRLF. The network may cut the bytes anywhere, mid-line or inside
+a UTF-8 sequence: bytes are kept until their line is complete and only whole
+lines are decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one event this large is a broken server, not an answer
 
 
 class StreamError(Exception):
@@ -29,6 +38,25 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # other string deltas (reasoning_content, refusal, ...): concatenated like content
+    more: dict[str, list[str]] = field(default_factory=dict)
+    # other choice fields (stop_reason, ...): the last value seen wins
+    extra: dict[str, Any] = field(default_factory=dict)
+    logprobs: dict[str, list[Any]] | None = None
+
+
+_CHOICE_KEYS = {"index", "delta", "text", "finish_reason", "logprobs"}
+
+
+def _merge_logprobs(c: _Choice, lp: Any) -> None:
+    """Streamed logprobs arrive as lists per chunk; the final body has them concatenated."""
+    if not isinstance(lp, dict):
+        return
+    if c.logprobs is None:
+        c.logprobs = {}
+    for key, value in lp.items():
+        if isinstance(value, list):
+            c.logprobs.setdefault(key, []).extend(value)
 
 
 @dataclass
@@ -36,10 +64,11 @@ class Aggregator:
     """Feed it raw bytes in any chunking; it splits lines itself (mid-UTF-8 safe)."""
 
     route: str
-    buf: bytes = b""
+    buf: bytearray = field(default_factory=bytearray)
     done: bool = False
     event: str | None = None
     first_token_at: float | None = None
+    last_at: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
     choices: dict[int, _Choice] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
@@ -47,15 +76,29 @@ class Aggregator:
     resp_text: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     events: int = 0
+    bytes_in: int = 0
 
     def feed(self, data: bytes, now: float) -> None:
+        self.last_at = now
+        self.bytes_in += len(data)
+        if b"\n" not in data:
+            self.buf += data
+            self._check_line_length()
+            return
         self.buf += data
-        while True:
-            i = self.buf.find(b"\n")
-            if i < 0:
-                return
-            line, self.buf = self.buf[:i].rstrip(b"\r"), self.buf[i + 1 :]
-            self._line(line, now)
+        lines = bytes(self.buf).split(b"\n")
+        self.buf = bytearray(lines.pop())
+        for line in lines:
+            self._line(line.rstrip(b"\r"), now)
+        self._check_line_length()
+
+    def _check_line_length(self) -> None:
+        if len(self.buf) > MAX_LINE_BYTES:
+            self.buf.clear()
+            raise StreamError(
+                "stream_bad_event", f"a stream line is over {MAX_LINE_BYTES} bytes",
+                self.partial(),
+            )
 
     def _line(self, line: bytes, now: float) -> None:
         if not line:
@@ -76,14 +119,17 @@ class Aggregator:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             raise StreamError(
-                "stream_bad_event", "a stream event is not JSON", self.partial()
+                "stream_bad_event",
+                f"stream event {self.events + 1} is not JSON: "
+                f"{payload[:200].decode('utf-8', 'replace')!r}",
+                self.partial(),
             ) from None
         self.events += 1
-        if self.event == "error" or (isinstance(obj, dict) and "error" in obj and
-                                     obj.get("type") in (None, "error")):
-            self.error = obj.get("error", obj) if isinstance(obj, dict) else {"message": str(obj)}
-            return
         if not isinstance(obj, dict):
+            return
+        if self.event == "error" or (obj.get("error") and obj.get("type") in (None, "error")):
+            err = obj.get("error") or obj
+            self.error = err if isinstance(err, dict) else {"message": str(err)}
             return
         if self.route == "/v1/responses":
             self._responses_event(obj, now)
@@ -97,33 +143,57 @@ class Aggregator:
         if obj.get("usage"):
             self.usage = obj["usage"]
         for ch in obj.get("choices") or ():
+            if not isinstance(ch, dict):
+                continue
             idx = ch.get("index", 0)
             c = self.choices.get(idx)
             if c is None:
                 c = self.choices[idx] = _Choice(idx)
             delta = ch.get("delta")
             if isinstance(delta, dict):
-                if delta.get("role"):
-                    c.role = delta["role"]
-                if delta.get("content"):
-                    c.content.append(delta["content"])
-                    self._first(now)
-                for tc in delta.get("tool_calls") or ():
-                    slot = c.tool_calls.setdefault(
-                        tc.get("index", 0),
-                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                    )
-                    if tc.get("id"):
-                        slot["id"] = tc["id"]
-                    fn = tc.get("function") or {}
-                    slot["function"]["name"] += fn.get("name") or ""
-                    slot["function"]["arguments"] += fn.get("arguments") or ""
-                    self._first(now)
+                self._delta(c, delta, now)
             if isinstance(ch.get("text"), str) and ch["text"]:
                 c.text.append(ch["text"])
                 self._first(now)
             if ch.get("finish_reason"):
                 c.finish_reason = ch["finish_reason"]
+            if "logprobs" in ch:
+                _merge_logprobs(c, ch["logprobs"])
+            for key, value in ch.items():
+                if key not in _CHOICE_KEYS and (value is not None or key not in c.extra):
+                    c.extra[key] = value
+
+    def _delta(self, c: _Choice, delta: dict[str, Any], now: float) -> None:
+        for key, value in delta.items():
+            if key == "role":
+                if value:
+                    c.role = value
+            elif key == "content":
+                if value:
+                    c.content.append(value)
+                    self._first(now)
+            elif key == "tool_calls":
+                for tc in value or ():
+                    self._tool_call(c, tc)
+                    self._first(now)
+            elif isinstance(value, str):
+                c.more.setdefault(key, []).append(value)
+                if value:
+                    self._first(now)
+
+    @staticmethod
+    def _tool_call(c: _Choice, tc: dict[str, Any]) -> None:
+        slot = c.tool_calls.setdefault(
+            tc.get("index", 0),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if tc.get("id"):
+            slot["id"] = tc["id"]
+        if tc.get("type"):
+            slot["type"] = tc["type"]
+        fn = tc.get("function") or {}
+        slot["function"]["name"] += fn.get("name") or ""
+        slot["function"]["arguments"] += fn.get("arguments") or ""
 
     def _responses_event(self, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type", "")
@@ -169,18 +239,21 @@ class Aggregator:
             out["system_fingerprint"] = self.meta["system_fingerprint"]
         for idx in sorted(self.choices):
             c = self.choices[idx]
+            choice: dict[str, Any]
             if chat:
                 msg: dict[str, Any] = {"role": c.role or "assistant", "content": "".join(c.content)}
+                for key, parts in c.more.items():
+                    msg[key] = "".join(parts)
                 if c.tool_calls:
                     msg["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
-                out["choices"].append(
-                    {"index": idx, "message": msg, "finish_reason": c.finish_reason}
-                )
+                choice = {"index": idx, "message": msg, "finish_reason": c.finish_reason}
+                if c.logprobs is not None:
+                    choice["logprobs"] = c.logprobs
             else:
-                out["choices"].append({
-                    "index": idx, "text": "".join(c.text), "finish_reason": c.finish_reason,
-                    "logprobs": None,
-                })
+                choice = {"index": idx, "text": "".join(c.text), "finish_reason": c.finish_reason,
+                          "logprobs": c.logprobs}
+            choice.update(c.extra)
+            out["choices"].append(choice)
         if self.usage is not None:
             out["usage"] = self.usage
         return out
@@ -188,8 +261,11 @@ class Aggregator:
     def finish(self) -> dict[str, Any]:
         """The final body, or StreamError when the stream did not end cleanly."""
         if self.buf.strip():
-            self._line(self.buf.rstrip(b"\r"), 0.0)
-            self.buf = b""
+            rest = bytes(self.buf).rstrip(b"\r")
+            self.buf.clear()
+            # a last line without its newline that does not parse was cut: not an error
+            with contextlib.suppress(StreamError):
+                self._line(rest, self.last_at)
         if self.error is not None:
             msg = self.error.get("message") if isinstance(self.error, dict) else None
             raise StreamError("stream_error", f"error event in stream: {msg or self.error}",
