@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from tmbatch import __version__
+from tmbatch.compact import OK as OK_STATE
 from tmbatch.config import ConfigError, Settings, check_model, resolve
 from tmbatch.journal import JournalError
 from tmbatch.logs import (  # noqa: F401  (RedactFilter: moved, still importable from here)
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="count", default=0)
     g.add_argument("--progress-interval", type=_positive_float, default=10.0,
                    help="seconds between progress lines when stderr is not a TTY (default 10)")
+    g.add_argument("--ordered", action="store_true",
+                   help="when the run finishes, also write results.ordered.jsonl and "
+                   "failures.ordered.jsonl in input order (as `tmbatch export`)")
     add_log_format_arg(g)
     add_connection_args(run)
     g = run.add_argument_group("demo: the built-in simulator (no credentials)")
@@ -211,6 +215,89 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--json", action="store_true", help="one JSON object per bad line, then "
                      "a summary object, on stdout")
     add_log_format_arg(val)
+
+    st = sub.add_parser(
+        "status", help="where a run stands: done, failed by class, not sent, unknown outcome",
+        description="Read-only; safe while the run is going. Exit 0 when the run is finished, "
+        "1 when it is not (or still running), 2 when OUTPUT is not a tmbatch directory.",
+    )
+    st.add_argument("output", help="the run's output directory")
+    st.add_argument("--json", action="store_true", help="one JSON object on stdout, for scripts")
+
+    rs = sub.add_parser(
+        "resend", allow_abbrev=False,
+        help="send failed lines again, explicitly (the only way an ambiguous one is re-sent)",
+        description="List the selected failed lines, ask for confirmation (or --yes), and send "
+        "them again with the same Idempotency-Key. A later success supersedes the failure: "
+        "failures.jsonl keeps one outcome per line. Example: tmbatch resend out/ --class "
+        "ambiguous --yes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES,
+    )
+    rs.add_argument("output", help="the run's output directory")
+    rs.add_argument("--class", dest="classes", action="append",
+                    choices=["ambiguous", "rejected", "not_sent", "permanent"],
+                    help="resend the lines whose current outcome is this failure class "
+                    "(repeatable; ambiguous = possibly processed; rejected/not_sent = retries "
+                    "exhausted)")
+    rs.add_argument("--ids", metavar="FILE", help="resend exactly these custom_ids (one a line)")
+    rs.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rs.add_argument("--dry-run", action="store_true", help="only list what would be sent")
+    rs.add_argument("-c", "--concurrency", type=_positive_int, default=16)
+    rs.add_argument("--rpm", type=_positive_float)
+    rs.add_argument("--tpm", type=_positive_float)
+    rs.add_argument("-q", "--quiet", action="store_true")
+    rs.add_argument("-v", "--verbose", action="count", default=0)
+    add_connection_args(rs)
+    g = rs.add_argument_group("demo")
+    g.add_argument("--sim", action="store_true", help="send to the in-process simulator")
+    add_sim_arguments(g)
+
+    ex = sub.add_parser(
+        "export", help="write results and failures in input order (bounded memory)",
+        description="Writes results.ordered.jsonl and failures.ordered.jsonl (and with "
+        "--combined outcomes.ordered.jsonl, one line per input line) sorted by input line, "
+        "with an external merge sort: memory stays flat for any size.",
+    )
+    ex.add_argument("output", help="the run's output directory")
+    ex.add_argument("--ordered", action="store_true", default=True,
+                    help="sort by input line (the default and only order)")
+    ex.add_argument("--combined", action="store_true",
+                    help="also write outcomes.ordered.jsonl with results and failures together")
+    ex.add_argument("--to", metavar="DIR", help="write there instead of the output directory")
+
+    mg = sub.add_parser(
+        "merge", help="join the output directories of a sharded run, checking coverage",
+        description="Join the results.jsonl, failures.jsonl (and labels.jsonl) of shard output "
+        "directories into OUT, with a merged summary.json, and check that every line of the "
+        "input has exactly one outcome. Example: tmbatch merge out/shard-0 out/shard-1 -o out/all",
+        epilog="exit codes: 0 every line succeeded; 1 every line has one outcome, some failed; "
+        "2 the directories cannot be merged (different inputs or options, no journal, input "
+        "unreadable); 5 incomplete: lines missing or duplicated (listed, and in summary.json)",
+    )
+    mg.add_argument("dirs", nargs="+", metavar="DIR", help="shard output directories")
+    mg.add_argument("-o", "--output", required=True, help="directory for the merged files")
+    mg.add_argument("--input", help="the input the shards ran, when the path in their journals "
+                    "is not readable here (checked by fingerprint)")
+
+    doc = sub.add_parser(
+        "doctor", help="check credentials, base URL and models without billing anything",
+        description="Show which settings were resolved from where (key redacted), then GET "
+        "/health, /version, /v1/models (and whether INPUT's and --model's models are served) "
+        "and POST /tokenize with the key. Exit 0 all good, 1 warnings, 3 a problem that "
+        "would stop `tmbatch run`.",
+    )
+    doc.add_argument("input", nargs="?", help="JSONL input whose models to check (its first "
+                     "10,000 lines)")
+    doc.add_argument("--model", help="also check this model")
+    doc.add_argument("--endpoint", help="as for run, when INPUT holds bare bodies")
+    doc.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_connection_args(doc)
+
+    mod = sub.add_parser("models", help="list the models served at the base URL",
+                         description="GET /v1/models and print one served model name a line.")
+    mod.add_argument("--json", action="store_true", help="the server's list as JSON")
+    add_connection_args(mod)
 
     sim = sub.add_parser(
         "sim", help="serve the local Tensormesh API simulator",
@@ -267,8 +354,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
         max_line_bytes=ns.max_line_bytes,
     )
     if ns.sim:
-        return asyncio.run(_run_with_sim(ns, opts, settings))
-    return asyncio.run(Runner(opts, settings).run())
+        code = asyncio.run(_run_with_sim(ns, opts, settings))
+    else:
+        code = asyncio.run(Runner(opts, settings).run())
+    if ns.ordered and code in (EXIT_OK, EXIT_FAILED):
+        from tmbatch.export import export_ordered
+
+        export_ordered(out)
+    return code
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
@@ -313,7 +406,83 @@ def cmd_sim(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "sim": cmd_sim}
+def cmd_status(ns: argparse.Namespace) -> int:
+    from tmbatch.status import has_journal, render, status
+
+    out = Path(ns.output)
+    if not has_journal(out):
+        raise JournalError(f"{out} has no journal.jsonl: not a tmbatch output directory")
+    st = status(out)
+    if ns.json:
+        sys.stdout.buffer.write(orjson.dumps(st) + b"\n")
+    else:
+        print(render(st))
+    return EXIT_OK if st["finished"] else EXIT_FAILED
+
+
+def cmd_resend(ns: argparse.Namespace) -> int:
+    from tmbatch.journal import read_header
+    from tmbatch.resend import confirm, describe, select
+
+    out = Path(ns.output)
+    if not ns.classes and not ns.ids:
+        raise ConfigError("say what to resend: --class ambiguous (or rejected, ...) or --ids FILE")
+    if ns.classes and ns.ids:
+        raise ConfigError("give either --class or --ids, not both")
+    header = read_header(out)
+    chosen = select(out, ns.classes or [], ns.ids)
+    if not chosen:
+        print(f"nothing to resend in {out}", file=sys.stderr)
+        return EXIT_OK
+    print(describe(chosen), file=sys.stderr)
+    if ns.dry_run:
+        return EXIT_OK
+    if not ns.yes and not confirm(f"Send these {len(chosen)} request(s) again? [y/N]"):
+        print("not sent", file=sys.stderr)
+        return EXIT_FAILED
+    settings = resolve(connection_flags(ns), os.environ, require_key=not ns.sim)
+    if settings.api_key:
+        REDACT.secrets.append(settings.api_key)
+    options = header.get("options") or {}
+    opts = RunOptions(
+        input=header["input"], out_dir=out, endpoint=options.get("endpoint"),
+        model=options.get("model"), stream=options.get("stream"),
+        shard=tuple(options["shard"]) if options.get("shard") else None,
+        concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, quiet=ns.quiet,
+        only_lines={r.line for r in chosen},
+        extra_header={"resend": len(chosen)},
+        prior_attempts={r.line: r.attempts for r in chosen},
+    )
+    if ns.sim:
+        code = asyncio.run(_run_with_sim(ns, opts, settings))
+    else:
+        code = asyncio.run(Runner(opts, settings).run())
+    if code in (EXIT_OK, EXIT_FAILED):
+        from tmbatch.journal import load
+
+        states = load(out).states
+        still = [r for r in chosen if states.get(r.line) != OK_STATE]
+        print(f"resend: {len(chosen) - len(still)} of {len(chosen)} now succeeded",
+              file=sys.stderr)
+        return EXIT_FAILED if still else EXIT_OK
+    return code
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from tmbatch.export import export_ordered
+    from tmbatch.journal import read_header
+
+    out = Path(ns.output)
+    read_header(out)
+    counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
+    dest = ns.to or ns.output
+    for name, n in counts.items():
+        print(f"{Path(dest) / name}: {n} line(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {"status": cmd_status, "resend": cmd_resend, "export": cmd_export,
+            "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,9 +135,16 @@ def read_header(out_dir: Path) -> dict[str, Any]:
     return header
 
 
-def load(out_dir: Path) -> ResumeState:
-    """Rebuild per-line state from the journal: done, failed by class, in flight."""
-    repaired = [m for m in (repair_torn(out_dir / n) for n in (JOURNAL, RESULTS, FAILURES)) if m]
+def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
+    """Rebuild per-line state from the journal: done, failed by class, in flight.
+
+    `repair=False` reads without touching anything (for `status` while a run may be
+    writing): a last line without its newline is then skipped, not cut.
+    """
+    repaired = []
+    if repair:
+        names = (JOURNAL, RESULTS, FAILURES)
+        repaired = [m for m in (repair_torn(out_dir / n) for n in names) if m]
     state = ResumeState(header=read_header(out_dir), repaired=repaired)
     states, seen, in_flight = state.states, state.seen, state.in_flight
     loads = orjson.loads
@@ -145,6 +152,8 @@ def load(out_dir: Path) -> ResumeState:
     with open(out_dir / JOURNAL, "rb") as f:
         f.readline()
         for n, raw in enumerate(f, start=2):
+            if not raw.endswith(b"\n"):
+                break  # torn (only possible with repair=False): never parsed as data
             try:
                 rec = loads(raw)
             except orjson.JSONDecodeError:

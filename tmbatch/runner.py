@@ -85,6 +85,7 @@ class RunOptions:
     max_line_bytes: int = MAX_LINE_BYTES
     fatal_404_after: int = 8
     only_lines: set[int] | None = None  # resend: exactly these lines, even if done
+    prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
     extra_header: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,7 +173,7 @@ class Runner:
         self._workers: list[asyncio.Task[None]] = []
         self._backoff = wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0)
         self._404_streak = 0
-        self.prior_attempts: dict[int, int] = {}
+        self.prior_attempts: dict[int, int] = dict(opts.prior_attempts)
         self.writer: Writer
         self.header: dict[str, Any] = {}
 
@@ -342,7 +343,8 @@ class Runner:
         only = self.opts.only_lines
         items = read_requests(
             f, endpoint=self.opts.endpoint, model=self.opts.model, stream=self.opts.stream,
-            done=None if only is not None else done, seen=seen, shard=self.opts.shard,
+            done=None if only is not None else done,
+            seen=None if only is not None else seen, shard=self.opts.shard,
             stats=self.read_stats, max_line_bytes=self.opts.max_line_bytes,
         )
         n = 0

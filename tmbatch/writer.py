@@ -71,6 +71,7 @@ class Writer:
     def dispatch(self, line: int, attempt: int, custom_id: str) -> None:
         """Record that this line's bytes are about to leave; durable before it returns."""
         self._jour.append(orjson.dumps(["d", line, attempt, custom_id]) + b"\n")
+        self._note_supersede(line)  # a resend: its old failure line goes at close
         self.states.set(line, IN_FLIGHT)
         self.flush()
         if self.fsync_mode == "always":

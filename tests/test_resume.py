@@ -1,0 +1,268 @@
+"""Crash safety: kill -9 at random moments, SIGTERM drains, torn lines, explicit resend.
+
+Every check is on real processes killed with real signals, against the simulator, whose
+accounting says what the server actually processed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tmbatch.client import idempotency_key
+
+JOB = "resumejob01"
+
+
+def env() -> dict[str, str]:
+    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
+
+
+def cmd(sim: Any, inp: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "-q",
+            "--base-url", sim.url, "--job-id", JOB, *extra]
+
+
+def start(sim: Any, inp: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd(sim, inp, out, *extra), env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def all_lines_parse(out: Path) -> None:
+    for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
+        data = (out / name).read_bytes()
+        assert data == b"" or data.endswith(b"\n"), name
+        for raw in data.splitlines():
+            orjson.loads(raw)
+
+
+def one_outcome_each(out: Path, ids: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    res = read_jsonl(out / "results.jsonl")
+    fail = read_jsonl(out / "failures.jsonl")
+    count = Counter([r["custom_id"] for r in res] + [f["custom_id"] for f in fail])
+    assert set(count) == set(ids)
+    assert [c for c, n in count.items() if n != 1] == []
+    return {r["custom_id"]: r for r in res}, {f["custom_id"]: f for f in fail}
+
+
+def wait_received(sim: Any, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sim.stats()["completion_calls"] < n:
+        assert time.monotonic() < deadline, "the run never sent enough requests"
+        time.sleep(0.02)
+
+
+def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path) -> None:
+    sim = sim_factory(latency=0.05, latency_jitter=0.04)
+    n = 2000  # ~12 s of work at 8 x 50 ms: more than 12 kills can finish
+    ids = [f"req-{i}" for i in range(n)]
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
+    out = tmp_path / "out"
+    rng = random.Random(20261123)
+    kills = 0
+    for _ in range(40):
+        proc = start(sim, inp, out, "--concurrency", "8")
+        time.sleep(rng.uniform(0.4, 1.4))
+        if proc.poll() is not None:
+            break  # it finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+        if kills >= 12:
+            break
+    assert kills >= 10
+    final = run_cli(cmd(sim, inp, out, "--concurrency", "32")[3:], env=env(), timeout=120)
+    assert final.returncode in (0, 1), final.stderr
+    all_lines_parse(out)
+    res, fail = one_outcome_each(out, ids)
+    stats = sim.stats()
+    assert stats["duplicates"] == 0, stats["duplicate_keys"][:5]
+    for f in fail.values():  # the only failures a crash may leave
+        assert f["error"]["code"] == "unknown_outcome_after_crash"
+        assert f["error"]["class"] == "ambiguous"
+    dispatched = {r[3] for r in read_jsonl(out / "journal.jsonl")
+                  if isinstance(r, list) and r[0] == "d"}
+    assert set(fail) <= dispatched  # every unknown outcome was indeed dispatched
+    for cid in res:
+        assert stats["processed"][idempotency_key(JOB, cid)] == 1
+    status = run_cli(["status", str(out), "--json"], env=env())
+    st = orjson.loads(status.stdout)
+    assert st["finished"] and st["succeeded"] == len(res) and st["not_yet_sent"] == 0
+
+
+def test_sigterm_drains_in_flight_and_resume_sends_only_the_rest(
+    sim_factory: Any, tmp_path: Path
+) -> None:
+    sim = sim_factory(latency=2.0)
+    ids = [f"req-{i}" for i in range(20)]
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(20)])
+    out = tmp_path / "out"
+    proc = start(sim, inp, out, "--concurrency", "4")
+    wait_received(sim, 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert b"run the same command again" in err
+    res = read_jsonl(out / "results.jsonl")
+    assert len(res) == 4  # the four in flight finished during the drain
+    assert sim.stats()["completion_calls"] == 4
+    again = run_cli(cmd(sim, inp, out, "--concurrency", "8")[3:], env=env(), timeout=60)
+    assert again.returncode == 0, again.stderr
+    res, fail = one_outcome_each(out, ids)
+    assert not fail
+    stats = sim.stats()
+    assert stats["completion_calls"] == 20 and stats["duplicates"] == 0
+
+
+def test_second_signal_stops_at_once_and_leaves_unknown_outcomes(
+    sim_factory: Any, tmp_path: Path
+) -> None:
+    sim = sim_factory(latency=30.0)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(6)])
+    out = tmp_path / "out"
+    proc = start(sim, inp, out, "--concurrency", "3")
+    wait_received(sim, 3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    sim.server.config.latency = 0.0  # the server is healthy again for the resume
+    again = run_cli(cmd(sim, inp, out)[3:], env=env(), timeout=60)
+    assert again.returncode == 1, again.stderr
+    res, fail = one_outcome_each(out, [f"req-{i}" for i in range(6)])
+    assert len(fail) == 3 and len(res) == 3
+    assert {f["error"]["code"] for f in fail.values()} == {"unknown_outcome_after_crash"}
+    assert "ambiguous" in again.stderr
+    assert sim.stats()["duplicates"] == 0
+
+
+def test_torn_last_lines_are_repaired_on_resume(sim: Any, tmp_path: Path) -> None:
+    rows = [chat_line(i) for i in range(8)]
+    rows[3]["body"]["sim"] = {"status": 400}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    first = run_cli(cmd(sim, inp, out)[3:], env=env())
+    assert first.returncode == 1
+    for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
+        with open(out / name, "ab") as f:
+            f.write(b'{"id": "torn-by-a-crash", "cust')
+    again = run_cli(cmd(sim, inp, out)[3:] + ["-v"], env=env())
+    assert again.returncode == 1, again.stderr
+    assert again.stderr.count("torn last line") == 3
+    for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
+        side = list(out.glob(name + ".torn-*"))
+        assert len(side) == 1 and side[0].read_bytes() == b'{"id": "torn-by-a-crash", "cust'
+    all_lines_parse(out)
+    one_outcome_each(out, [f"req-{i}" for i in range(8)])
+    assert sim.stats()["completion_calls"] == 8  # nothing was sent twice
+
+
+def test_a_different_input_is_refused_and_restart_keeps_old_files(
+    sim: Any, tmp_path: Path
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    other = write_jsonl(tmp_path / "other.jsonl", [chat_line(i) for i in range(4)])
+    out = tmp_path / "out"
+    assert run_cli(cmd(sim, inp, out)[3:], env=env()).returncode == 0
+    refused = run_cli(cmd(sim, other, out)[3:], env=env())
+    assert refused.returncode == 2
+    assert "different input" in refused.stderr and "--restart" in refused.stderr
+    restarted = run_cli(cmd(sim, other, out)[3:] + ["--restart"], env=env())
+    assert restarted.returncode == 0, restarted.stderr
+    previous = list(out.glob("previous-*"))
+    assert len(previous) == 1 and len(read_jsonl(previous[0] / "results.jsonl")) == 3
+    assert len(read_jsonl(out / "results.jsonl")) == 4
+
+
+def test_resend_sends_exactly_the_selected_lines_once(sim: Any, tmp_path: Path) -> None:
+    rows = [chat_line(i) for i in range(10)]
+    for i in (2, 5):
+        rows[i]["body"]["sim"] = {"status": 500, "times": 1}
+    rows[7]["body"]["sim"] = {"status": 400}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run_cli(cmd(sim, inp, out)[3:], env=env()).returncode == 1
+    before = sim.stats()["processed"]
+    base = ["resend", str(out), "--base-url", sim.url, "-q"]
+    refused = run_cli([*base, "--class", "ambiguous"], env=env())
+    assert refused.returncode == 2 and "--yes" in refused.stderr  # no terminal, no --yes
+    dry = run_cli([*base, "--class", "ambiguous", "--dry-run"], env=env())
+    assert "2 request(s) will be sent again" in dry.stderr
+    assert "req-2" in dry.stderr and "req-5" in dry.stderr and "req-7" not in dry.stderr
+    assert sim.stats()["processed"] == before
+    p = run_cli([*base, "--class", "ambiguous", "--yes"], env=env())
+    assert p.returncode == 0, p.stderr
+    after = sim.stats()["processed"]
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {idempotency_key(JOB, "req-2"), idempotency_key(JOB, "req-5")}
+    assert all(after[k] == 2 for k in changed)
+    res, fail = one_outcome_each(out, [f"req-{i}" for i in range(10)])
+    assert set(fail) == {"req-7"} and "req-2" in res and "req-5" in res
+    st = orjson.loads(run_cli(["status", str(out), "--json"], env=env()).stdout)
+    assert st["succeeded"] == 9 and st["failed"] == 1 and st["finished"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("req-7\n")
+    p = run_cli([*base, "--ids", str(ids), "--yes"], env=env())
+    assert p.returncode == 1  # it fails again (400), still one outcome
+    one_outcome_each(out, [f"req-{i}" for i in range(10)])
+    assert sim.stats()["processed"][idempotency_key(JOB, "req-7")] == 2
+
+
+def test_lines_refused_by_401_are_sent_on_resume(sim_factory: Any, tmp_path: Path) -> None:
+    sim = sim_factory(api_key="tm-the-right-key-0000000000000000")
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    out = tmp_path / "out"
+    p = run_cli(cmd(sim, inp, out, "--concurrency", "2")[3:], env=env())
+    assert p.returncode == 3
+    fixed = clean_env(TENSORMESH_INFERENCE_API_KEY="tm-the-right-key-0000000000000000")
+    p = run_cli(cmd(sim, inp, out)[3:], env=fixed)
+    assert p.returncode == 0, p.stderr
+    res, fail = one_outcome_each(out, [f"req-{i}" for i in range(5)])
+    assert len(res) == 5 and not fail  # the 401 failures were superseded
+
+
+def test_status_and_ordered_export(sim: Any, tmp_path: Path) -> None:
+    rows = [chat_line(i) for i in range(40)]
+    rows[10]["body"]["sim"] = {"status": 422}
+    rows[30]["body"]["sim"] = {"sleep": 0.3}  # finishes last: completion order != input order
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run_cli(cmd(sim, inp, out, "--ordered")[3:], env=env()).returncode == 1
+    res_lines = [r["line"] for r in read_jsonl(out / "results.jsonl")]
+    assert res_lines != sorted(res_lines)
+    ordered = [r["line"] for r in read_jsonl(out / "results.ordered.jsonl")]
+    assert ordered == sorted(res_lines) and len(ordered) == 39
+    p = run_cli(["export", str(out), "--combined", "--to", str(tmp_path / "exp")], env=env())
+    assert p.returncode == 0, p.stderr
+    combined = read_jsonl(tmp_path / "exp" / "outcomes.ordered.jsonl")
+    assert [r["line"] for r in combined] == list(range(1, 41))
+    assert combined[10]["error"]["code"] == "http_422"
+    text = run_cli(["status", str(out)], env=env())
+    assert text.returncode == 0
+    assert "succeeded:    39" in text.stdout and "permanent 1" in text.stdout
+
+
+def test_export_external_sort_with_tiny_chunks(tmp_path: Path) -> None:
+    from tmbatch.export import export_ordered
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = list(range(1, 501))
+    random.Random(3).shuffle(lines)
+    write_jsonl(out / "results.jsonl", [{"custom_id": str(i), "line": i} for i in lines])
+    (out / "failures.jsonl").write_bytes(b"")
+    export_ordered(out, chunk=7)  # 72 spilled runs merged
+    got = [r["line"] for r in read_jsonl(out / "results.ordered.jsonl")]
+    assert got == list(range(1, 501))
+    assert os.stat(out / "results.ordered.jsonl").st_mode & 0o077 == 0
