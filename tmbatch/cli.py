@@ -216,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "a summary object, on stdout")
     add_log_format_arg(val)
 
+    rep = sub.add_parser(
+        "report", help="an HTML page of a run: throughput, latency, TTFT, 429 pauses, failures",
+        description="Read OUTPUT's journal (and summary.json) and write a self-contained "
+        "OUTPUT/report/index.html with its charts as PNGs beside it. Needs the optional "
+        "extra: pip install 'tmbatch[report]'.",
+    )
+    rep.add_argument("out_dir", metavar="OUTPUT", help="a run's output directory")
+    rep.add_argument("-o", "--output", help="directory to write to (default OUTPUT/report)")
+    add_log_format_arg(rep)
+
     st = sub.add_parser(
         "status", help="where a run stands: done, failed by class, not sent, unknown outcome",
         description="Read-only; safe while the run is going. Exit 0 when the run is finished, "
@@ -399,6 +409,14 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return EXIT_FAILED if bad else EXIT_OK
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from tmbatch.report import write_report
+
+    page = write_report(Path(ns.out_dir), Path(ns.output) if ns.output else None)
+    print(page)
+    return EXIT_OK
+
+
 def cmd_sim(ns: argparse.Namespace) -> int:
     from tmbatch.sim import run_sim_forever, sim_config_from_args
 
@@ -482,7 +500,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": cmd_status, "resend": cmd_resend, "export": cmd_export,
-            "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim}
+            "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

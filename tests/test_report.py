@@ -1,0 +1,166 @@
+"""`tmbatch report`: a real run against the simulator, a real report, rendered by a real
+headless Chromium; and the paths where it cannot be made (no extra installed, not a run)."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tmbatch.compact import IN_FLIGHT, OK
+from tmbatch.journal import load
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHARTS = ("throughput.png", "latency.png", "ttft.png", "failures.png")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip only on a developer machine without it; in CI (CI set) a missing tool fails."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is not installed")
+    pytest.skip(f"{what} is not installed (CI would fail here)")
+
+
+def has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run with every kind of thing a report shows: streams, a 429 pause, failures."""
+    tmp = tmp_path_factory.mktemp("run")
+    rows: list[Any] = [chat_line(i, stream=i % 2 == 0) for i in range(40)]
+    rows[5]["body"]["sim"] = {"status": 429, "times": 1, "retry_after": 0.2}
+    rows[9]["body"]["sim"] = {"status": 400}
+    rows[13]["body"]["sim"] = {"status": 500}
+    rows.append(b"{not json")
+    inp = write_jsonl(tmp / "in.jsonl", rows)
+    out = tmp / "out"
+    p = run_cli(["run", str(inp), "-o", str(out), "--sim", "--sim-latency", "0.01",
+                 "--concurrency", "4", "-q"])
+    assert p.returncode == 1, p.stderr  # some lines failed, on purpose
+    return out
+
+
+def test_journal_carries_times_and_pauses_and_resume_still_reads_it(finished_run: Path) -> None:
+    journal = read_jsonl(finished_run / "journal.jsonl")
+    oks = [r for r in journal if isinstance(r, list) and r[0] == "o" and r[2] == "ok"]
+    assert len(oks) == 38
+    assert all(isinstance(r[4], float) and r[5] > 0 for r in oks)
+    assert sum(1 for r in oks if r[6] is not None) == 20  # TTFT only for the streamed half
+    assert [r[2] for r in journal if isinstance(r, list) and r[0] == "p"] == [0.2]
+    state = load(finished_run)  # new trailing fields and "p" records: resume is unaffected
+    counts = state.states.counts()
+    assert counts[OK] == 38 and counts[IN_FLIGHT] == 0 and not state.in_flight
+
+
+def test_report_is_self_contained_and_renders_in_headless_chromium(
+        finished_run: Path, tmp_path: Path) -> None:
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    p = run_cli(["report", str(finished_run)])
+    assert p.returncode == 0, p.stderr
+    page = finished_run / "report" / "index.html"
+    assert p.stdout.strip() == str(page)
+    text = page.read_text()
+    # self-contained: nothing fetched from anywhere, every chart embedded
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)
+    assert "<script" not in text and "<link" not in text
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)" [^>]*data-file="([^"]+)"', text)
+    assert sorted(name for _, name in embedded) == sorted(CHARTS)
+    for b64, name in embedded:  # the page shows exactly the PNGs written beside it
+        png = (page.parent / name).read_bytes()
+        assert png.startswith(PNG_MAGIC) and base64.b64decode(b64) == png
+    assert "http_400" in text and "http_500" in text and "invalid_json" in text
+    assert "429 pauses (0.2 s)" in text
+
+    browser = chromium()
+    require(browser is not None, "chromium (apt-get install -y chromium)")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [str(browser), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1200,2000", page.as_uri()],
+        capture_output=True, timeout=120, check=False, cwd=tmp_path,
+    )
+    assert shot.exists() and shot.read_bytes().startswith(PNG_MAGIC), "no screenshot"
+    from matplotlib.image import imread
+
+    img = (imread(shot)[:, :, :3] * 255).round()
+    assert img.shape[1] == 1200
+
+    def pixels_near(rgb: tuple[int, int, int]) -> int:
+        return int((abs(img - rgb).max(axis=2) <= 12).sum())
+
+    # The charts' own colours on screen prove the embedded images decoded and were drawn;
+    # text alone is black and grey.
+    assert pixels_near((0x2B, 0x7B, 0xB9)) > 5000, "no throughput/latency bars on screen"
+    assert pixels_near((0x00, 0x9E, 0x73)) > 1000, "no TTFT histogram on screen"
+    assert pixels_near((0xD5, 0x5E, 0x00)) > 200, "no failure bars on screen"
+
+
+def test_without_the_extra_report_says_how_to_install_it(finished_run: Path,
+                                                        tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('not installed (test)')\n")
+    env = clean_env()
+    env["PYTHONPATH"] = f"{blocker.parent}{os.pathsep}{env['PYTHONPATH']}"
+    p = run_cli(["report", str(finished_run), "-o", str(tmp_path / "r")], env=env)
+    assert p.returncode == 2
+    assert "pip install 'tmbatch[report]'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "r").exists()
+
+    p = run_cli(["report", str(finished_run), "-o", str(tmp_path / "r"), "--log-format", "json"],
+                env=env)
+    assert p.returncode == 2
+    (err,) = [orjson.loads(x) for x in p.stderr.splitlines()]
+    assert err["event"] == "error" and "tmbatch[report]" in err["msg"]
+
+
+def test_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path: Path) -> None:
+    p = run_cli(["report", str(tmp_path)])
+    assert p.returncode == 2
+    assert "not a tmbatch output directory" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_an_old_journal_without_times_still_reports_failures(tmp_path: Path) -> None:
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    out = tmp_path / "old"
+    out.mkdir()
+    write_jsonl(out / "journal.jsonl", [
+        {"e": "start", "v": 1, "input": "/x/in.jsonl", "fingerprint": "f", "job": "oldjob",
+         "t": 1.7e9},
+        ["d", 1, 1, "a"], ["o", 1, "ok"],
+        ["d", 2, 1, "b"], ["o", 2, "permanent", "http_400"],
+        ["d", 3, 1, "c"],  # in flight when it stopped: no outcome, not drawn
+    ])
+    stale = out / "report" / "throughput.png"
+    stale.parent.mkdir()
+    stale.write_bytes(PNG_MAGIC)
+    p = run_cli(["report", str(out)])
+    assert p.returncode == 0, p.stderr
+    text = (out / "report" / "index.html").read_text()
+    assert "has no timestamps" in text and "oldjob" in text
+    assert (out / "report" / "failures.png").exists()
+    assert not stale.exists(), "a chart from an older report must not linger"
+    assert "http_400" in text
