@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
     )
     run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
-                     "--endpoint; - reads stdin (not resumable)")
+                     "--endpoint; - reads stdin (not resumable); or a job file NAME.toml "
+                     "(flags override it)")
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     g = run.add_argument_group("input")
     g.add_argument("--endpoint", help="bare bodies: route for every line (chat, completions, "
@@ -169,23 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="fill body.model where a line has none")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream every line that does not say (SSE, aggregated into the same body)")
-    g.add_argument("--max-line-bytes", type=_positive_int, default=32 * 1024 * 1024,
+    g.add_argument("--max-line-bytes", type=_positive_int, default=None,
                    help="longer lines are failures (default 32 MiB)")
     g.add_argument("--shard", type=_shard, help="take lines I, I+N, ... (0-based I/N)")
     g = run.add_argument_group("limits")
-    g.add_argument("-c", "--concurrency", type=_positive_int, default=64,
+    g.add_argument("-c", "--concurrency", type=_positive_int, default=None,
                    help="requests in flight at once (default 64)")
     g.add_argument("--rpm", type=_positive_float, help="requests per minute (leaky bucket)")
     g.add_argument("--tpm", type=_positive_float, help="tokens per minute, estimated before "
                    "sending (prompt chars/4 + max_tokens) and corrected from usage")
     g = run.add_argument_group("checkpoint")
-    g.add_argument("--fsync", choices=["always", "interval", "never"], default="interval",
+    g.add_argument("--fsync", choices=["always", "interval", "never"], default=None,
                    help="always: fsync before every send (slowest, survives power loss "
                    "exactly); interval: flush every write, fsync once a second (default; kill -9 "
                    "loses nothing, power loss at most ~1 s); never: leave it to the OS")
     g.add_argument("--restart", action="store_true",
                    help="start over: move the old files to OUTPUT/previous-TIME/ (never deleted)")
-    g.add_argument("--drain-timeout", type=_positive_float, default=25.0,
+    g.add_argument("--drain-timeout", type=_positive_float, default=None,
                    help="on SIGINT/SIGTERM wait this long for requests in flight (default 25, "
                    "inside Kubernetes' 30 s grace period)")
     g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
@@ -343,6 +344,10 @@ async def _run_with_sim(ns: argparse.Namespace, opts: RunOptions, settings: Sett
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from tmbatch import labels
+    from tmbatch.jobfile import prepare_run
+
+    job = prepare_run(ns, os.environ)  # job.toml values, shard from env, defaults
     settings = _settings_for_run(ns)
     if settings.api_key:
         REDACT.secrets.append(settings.api_key)
@@ -356,6 +361,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     out = Path(ns.output) if ns.output else Path(
         (Path(ns.input).stem if ns.input != "-" else "stdin") + ".out"
     )
+    label_run = labels.setup(job, ns, out)  # a [label] job: ns.input -> OUT/requests.jsonl
     opts = RunOptions(
         input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
         concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
@@ -367,6 +373,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         code = asyncio.run(_run_with_sim(ns, opts, settings))
     else:
         code = asyncio.run(Runner(opts, settings).run())
+    if label_run is not None:
+        code = label_run.finish(code)
     if ns.ordered and code in (EXIT_OK, EXIT_FAILED):
         from tmbatch.export import export_ordered
 
