@@ -425,6 +425,12 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from tmbatch.merge import merge
+
+    return merge(ns.dirs, ns.output, ns.input)
+
+
 def cmd_sim(ns: argparse.Namespace) -> int:
     from tmbatch.sim import run_sim_forever, sim_config_from_args
 
@@ -508,7 +514,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": cmd_status, "resend": cmd_resend, "export": cmd_export,
-            "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim, "report": cmd_report}
+            "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim, "report": cmd_report,
+            "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,153 @@
+"""Sharded runs: N real `tmbatch run --shard i/N` processes against one simulator, then
+`tmbatch merge`, which must prove that every input line has exactly one outcome."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+
+N_LINES = 61
+
+
+def make_input(tmp_path: Path) -> Path:
+    rows: list[Any] = [chat_line(i) for i in range(1, N_LINES + 1)]
+    rows.insert(11, b"")  # line 12 is blank: it needs no outcome
+    return write_jsonl(tmp_path / "in.jsonl", rows)
+
+
+def run_shards(inp: Path, url: str, outs: list[Path], shards: list[str],
+               extra_env: list[dict[str, str]] | None = None) -> list[tuple[int, str]]:
+    """Start every shard at once, like the pods of an Indexed Job, and wait for all."""
+    procs = []
+    for k, (out, shard) in enumerate(zip(outs, shards, strict=True)):
+        args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out),
+                "--base-url", url, "-c", "4", "--rpm", "60000"]
+        if shard:
+            args += ["--shard", shard]
+        env = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY,
+                        **(extra_env[k] if extra_env else {}))
+        procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        done.append((p.returncode, err))
+    return done
+
+
+def ids_of(path: Path) -> list[str]:
+    return [r["custom_id"] for r in read_jsonl(path)]
+
+
+def test_four_shards_then_merge_cover_every_line_exactly_once(tmp_path: Path,
+                                                             sim_factory: Any) -> None:
+    sim = sim_factory(latency=0.005)
+    inp = make_input(tmp_path)
+    outs = [tmp_path / f"shard-{i}" for i in range(4)]
+    for code, err in run_shards(inp, sim.url, outs, [f"{i}/4" for i in range(4)]):
+        assert code == 0, err
+    for i, out in enumerate(outs):  # each shard took exactly its lines
+        lines = sorted(r["line"] for r in read_jsonl(out / "results.jsonl"))
+        assert lines and all((n - 1) % 4 == i for n in lines)
+    r = run_cli(["merge", *map(str, outs), "-o", str(tmp_path / "merged")])
+    assert r.returncode == 0, r.stderr
+    assert "every line has exactly one outcome" in r.stderr
+    merged = ids_of(tmp_path / "merged" / "results.jsonl")
+    assert sorted(merged) == sorted(f"req-{i}" for i in range(1, N_LINES + 1))
+    assert read_jsonl(tmp_path / "merged" / "failures.jsonl") == []
+    summary = orjson.loads((tmp_path / "merged" / "summary.json").read_bytes())
+    assert summary["complete"] is True and summary["counts"]["succeeded"] == N_LINES
+    assert summary["input_lines"] == N_LINES + 1 and summary["blank_lines_skipped"] == 1
+    assert [s["shard"] for s in summary["shards"]] == [[i, 4] for i in range(4)]
+    stats = sim.stats()
+    assert stats["processed_keys"] == N_LINES and stats["duplicates"] == 0
+    assert set(stats["processed"].values()) == {1}  # the simulator did each request once
+
+
+def test_merge_with_failures_keeps_one_outcome_per_line_and_exits_1(tmp_path: Path,
+                                                                    sim_factory: Any) -> None:
+    sim = sim_factory(error_500=0.2, seed=7)
+    inp = make_input(tmp_path)
+    outs = [tmp_path / f"s{i}" for i in range(2)]
+    for code, err in run_shards(inp, sim.url, outs, ["0/2", "1/2"]):
+        assert code == 1, err  # some 500s: ambiguous, never re-sent
+    r = run_cli(["merge", str(outs[1]), str(outs[0]), "-o", str(tmp_path / "m")])
+    assert r.returncode == 1, r.stderr
+    ok = ids_of(tmp_path / "m" / "results.jsonl")
+    failed = read_jsonl(tmp_path / "m" / "failures.jsonl")
+    assert failed and all(f["error"]["class"] == "ambiguous" for f in failed)
+    every = ok + [f["custom_id"] for f in failed]
+    assert sorted(every) == sorted(f"req-{i}" for i in range(1, N_LINES + 1))
+    summary = orjson.loads((tmp_path / "m" / "summary.json").read_bytes())
+    assert summary["counts"]["failed_by_class"] == {"ambiguous": len(failed)}
+    assert sim.stats()["duplicates"] == 0
+
+
+def test_missing_and_duplicated_shards_are_reported_with_exit_5(tmp_path: Path,
+                                                                sim: Any) -> None:
+    inp = make_input(tmp_path)
+    outs = [tmp_path / "a0", tmp_path / "a1", tmp_path / "b1", tmp_path / "c2"]
+    results = run_shards(inp, sim.url, outs, ["0/3", "1/3", "1/3", "2/3"])
+    assert [code for code, _ in results] == [0, 0, 0, 0]
+    r = run_cli(["merge", str(outs[0]), str(outs[1]), "-o", str(tmp_path / "missing")])
+    assert r.returncode == 5
+    assert "shard(s) 2/3 not given" in r.stderr
+    assert "line(s) have no outcome in any shard: 3, 6, 9, 15," in r.stderr  # 12 is blank
+    summary = orjson.loads((tmp_path / "missing" / "summary.json").read_bytes())
+    assert summary["complete"] is False
+    assert summary["missing_lines"]["count"] == len(range(3, N_LINES + 2, 3)) - 1  # not 12
+    r = run_cli(["merge", *map(str, outs), "-o", str(tmp_path / "dup")])
+    assert r.returncode == 5
+    assert "shard(s) 1/3 given more than once" in r.stderr
+    assert "have an outcome in more than one shard (the first was kept): 2, 5, 8," in r.stderr
+    merged = ids_of(tmp_path / "dup" / "results.jsonl")
+    assert len(merged) == len(set(merged)) == N_LINES  # still one outcome per line written
+
+
+def test_merge_refuses_shards_of_different_inputs(tmp_path: Path, sim: Any) -> None:
+    inp = make_input(tmp_path)
+    other = write_jsonl(tmp_path / "other.jsonl", [chat_line(i) for i in range(5)])
+    assert run_shards(inp, sim.url, [tmp_path / "x0"], ["0/2"])[0][0] == 0
+    assert run_shards(other, sim.url, [tmp_path / "y1"], ["1/2"])[0][0] == 0
+    r = run_cli(["merge", str(tmp_path / "x0"), str(tmp_path / "y1"), "-o", str(tmp_path / "m")])
+    assert r.returncode == 2 and "ran a different input" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli(["merge", str(tmp_path), "-o", str(tmp_path / "m")])
+    assert r.returncode == 2 and "not a tmbatch output directory" in r.stderr
+
+
+def test_indexed_job_env_shards_a_label_job_and_merge_joins_labels(tmp_path: Path,
+                                                                   sim: Any) -> None:
+    job = tmp_path / "sentiment.toml"
+    job.write_text(
+        (ROOT / "jobs" / "label-sentiment.toml").read_text()
+        .replace('input = "../samples/reviews.jsonl"',
+                 f'input = "{ROOT / "samples" / "reviews.jsonl"}"\noutput = "out"'),
+        encoding="utf-8")
+    envs = [{"JOB_COMPLETION_INDEX": str(i), "JOB_COMPLETIONS": "2"} for i in range(2)]
+    procs = []
+    for env in envs:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tmbatch", "run", str(job), "--base-url", sim.url],
+            env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY, **env), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "takes 1/2 of the account's limits: rpm 300, tpm 100000" in err
+    shards = [tmp_path / "out" / f"shard-{i}" for i in range(2)]  # output from the file + index
+    r = run_cli(["merge", *map(str, shards), "-o", str(tmp_path / "all")])
+    assert r.returncode == 0, r.stderr
+    labels = read_jsonl(tmp_path / "all" / "labels.jsonl")
+    records = read_jsonl(ROOT / "samples" / "reviews.jsonl")
+    assert [row["id"] for row in labels] == [rec["id"] for rec in records]  # input order
+    assert all(row["status"] == "ok" for row in labels)
+    summary = orjson.loads((tmp_path / "all" / "summary.json").read_bytes())
+    assert summary["labels"]["ok"] == len(records)
+    assert sim.stats()["processed_keys"] == len(records)
