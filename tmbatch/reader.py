@@ -7,11 +7,16 @@ run: it becomes a `permanent` failure that names its line number and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -39,6 +44,16 @@ STREAMABLE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 BATCH_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_CUSTOM_ID = 512
+# orjson refuses to serialize deeper than this; a line it cannot send is bad input, not a crash.
+MAX_DEPTH = 255
+# orjson turns integers outside 64 bits into floats: the request would be sent altered.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DELTA = [0] * 256
+_DELTA[ord("[")] = _DELTA[ord("{")] = 1
+_DELTA[ord("]")] = _DELTA[ord("}")] = -1
 
 
 @dataclass(slots=True)
@@ -106,9 +121,18 @@ def fingerprint(path: str) -> str:
     multi-GB inputs and still tells any two different files apart in practice.
     """
     h = hashlib.blake2b(digest_size=16)
-    size = os.path.getsize(path)
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
+    with contextlib.suppress(OSError):  # missing or unreadable: open_input says so clearly
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # Fingerprinting a pipe would consume (or block on) the data the run must read.
+            raise InputError(
+                f"{path} is not a regular file (a pipe or device); pipe it to `tmbatch run -` "
+                "(stdin, not resumable) or save it to a file first"
+            )
+    f = open_input(path)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
         h.update(f.read(1 << 20))
         if size > 2 << 20:
             for i in range(256):
@@ -144,18 +168,84 @@ def _describe(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"
 
 
+def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError) -> BadLine:
+    """Say where the line breaks and, for the usual suspects, why."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as uexc:
+        return BadLine(
+            line, None, "invalid_utf8",
+            f"line {line}: not valid UTF-8 text (bad byte at offset {uexc.start}); save the "
+            "file as UTF-8",
+        )
+    at = exc.doc[exc.pos:exc.pos + 9] if isinstance(exc.doc, str) else ""
+    hint = ""
+    if at.lstrip("-").startswith(("NaN", "Infinity")):
+        hint = "; NaN and Infinity are not JSON: write null or a finite number"
+    elif "end of data" in exc.msg:
+        hint = "; the line ends before the JSON value does (was the file cut off?)"
+    elif "infinity" in exc.msg:
+        hint = "; a number too large for a 64-bit float"
+    return BadLine(
+        line, None, "invalid_json",
+        f"line {line}: not valid JSON at column {exc.colno}: {exc.msg}{hint}",
+    )
+
+
+def _peek_id(obj: Any) -> str | None:
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid[:MAX_CUSTOM_ID] if isinstance(cid, str) else None
+
+
+def _depth(raw: bytes) -> int:
+    """Nesting depth outside strings, without recursion.
+
+    orjson recurses on the C stack and a line of a million brackets kills the
+    process (SIGSEGV), so a suspicious line is measured before it is parsed.
+    """
+    skeleton = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DELTA.__getitem__, skeleton)), default=0)
+
+
+def _check_int(text: str) -> int:
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise OverflowError(text)
+    return value
+
+
+def _big_int(raw: bytes) -> str | None:
+    """The first integer literal orjson would have turned into a float, if any."""
+    try:
+        json.loads(raw, parse_int=_check_int)
+    except OverflowError as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 def parse_line(
     raw: bytes, line: int, endpoint: str | None, model: str | None, stream: bool | None
 ) -> Request | BadLine:
     """Turn one raw line into a Request, or a BadLine saying what is wrong and how to fix it."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
+        return BadLine(
+            line, None, "too_deep",
+            f"line {line}: JSON nested more than {MAX_DEPTH} levels deep; flatten the request",
+        )
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return BadLine(line, None, "invalid_utf8", f"line {line}: not valid UTF-8 text")
-        return BadLine(line, None, "invalid_json", f"line {line}: not valid JSON ({exc})")
+        return _json_error(raw, line, exc)
+    big = _big_int(raw) if _LONG_DIGITS.search(raw) else None
+    if big is not None:
+        shown = big if len(big) <= 40 else big[:20] + "..." + big[-8:]
+        return BadLine(
+            line, _peek_id(obj), "number_out_of_range",
+            f"line {line}: integer {shown} does not fit in 64 bits and would be sent altered "
+            "(as a float); quote it as a string or use a smaller number",
+        )
     if not isinstance(obj, dict):
         return BadLine(
             line, None, "not_an_object",
@@ -181,7 +271,9 @@ def parse_line(
             )
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id.strip():
-            what = "missing" if custom_id is None else f"a {_describe(custom_id)}, not a string"
+            what = "missing" if "custom_id" not in obj else (
+                "empty" if isinstance(custom_id, str) else f"a {_describe(custom_id)}, not a string"
+            )
             return BadLine(
                 line, None, "invalid_custom_id",
                 f"line {line}: field custom_id is {what}; give each line a unique non-empty "
