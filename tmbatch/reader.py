@@ -104,6 +104,14 @@ def open_input(path: str) -> IO[bytes]:
         return sys.stdin.buffer
     if os.path.isdir(path):
         raise InputError(f"{path} is a directory; give a JSONL file (one request per line)")
+    with contextlib.suppress(OSError):  # missing or unreadable: open() below says which
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # A named pipe blocks open() until a writer comes, and every pass over it
+            # (preflight, fingerprint, the run) would consume data the next one needs.
+            raise InputError(
+                f"{path} is not a regular file (a pipe or device); pipe the data to `-` "
+                "(stdin, not resumable) or save it to a file first"
+            )
     try:
         return open(path, "rb", buffering=1024 * 1024)
     except FileNotFoundError:
@@ -121,14 +129,6 @@ def fingerprint(path: str) -> str:
     multi-GB inputs and still tells any two different files apart in practice.
     """
     h = hashlib.blake2b(digest_size=16)
-    with contextlib.suppress(OSError):  # missing or unreadable: open_input says so clearly
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-            # Fingerprinting a pipe would consume (or block on) the data the run must read.
-            raise InputError(
-                f"{path} is not a regular file (a pipe or device); pipe it to `tmbatch run -` "
-                "(stdin, not resumable) or save it to a file first"
-            )
     f = open_input(path)
     with f:
         size = os.fstat(f.fileno()).st_size
