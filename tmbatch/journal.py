@@ -15,9 +15,11 @@ no outcome is `ambiguous` on resume: the server may have done the work.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,50 +148,85 @@ def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
         names = (JOURNAL, RESULTS, FAILURES)
         repaired = [m for m in (repair_torn(out_dir / n) for n in names) if m]
     state = ResumeState(header=read_header(out_dir), repaired=repaired)
-    states, seen, in_flight = state.states, state.seen, state.in_flight
-    loads = orjson.loads
-    undone: dict[int, str] = {}  # refused when stopping: the reader must see them as new
-    with open(out_dir / JOURNAL, "rb") as f:
-        f.readline()
-        for n, raw in enumerate(f, start=2):
-            if not raw.endswith(b"\n"):
-                break  # torn (only possible with repair=False): never parsed as data
-            try:
-                rec = loads(raw)
-            except orjson.JSONDecodeError:
-                raise JournalError(
-                    f"{out_dir / JOURNAL} line {n} is corrupt (not a torn last line); "
-                    "inspect it, or start over with --restart (old files are kept aside)"
-                ) from None
-            kind = rec[0] if isinstance(rec, list) else rec.get("e")
-            if kind == "d":
-                line = rec[1]
-                prev = states.get(line)
-                if prev > OK:
-                    state.superseded = True
-                states.set(line, IN_FLIGHT)
-                seen.add_hash(id_hash(rec[3]))
-                in_flight[line] = (rec[3], rec[2])
-                undone.pop(line, None)
-                state.attempts_done += 1
-            elif kind == "o":
-                line = rec[1]
-                prev = states.get(line)
-                if prev > OK:
-                    state.superseded = True
-                new = state_for(rec[2])
-                states.set(line, new)
-                entry = in_flight.pop(line, None)
-                if entry is not None and new in (UNSEEN, FATAL_STATE):
-                    undone[line] = entry[0]
-            elif kind == "m":
-                state.last_mark = (rec[1], rec[2])
-            elif kind == "resume":
-                state.runs += 1
-    for cid in undone.values():
-        seen.discard(cid)
+    _replay(out_dir / JOURNAL, state)
     _adopt_tail(out_dir, state)
     return state
+
+
+def _replay(path: Path, state: ResumeState) -> None:
+    """Replay the journal into per-line states; the hot loop is kept flat on purpose."""
+    b = bytearray(1024)
+    hashes = array("q")
+    in_flight = state.in_flight
+    undone: dict[int, str] = {}  # refused while stopping: the reader must see them as new
+    superseded = False
+    attempts = runs = 0
+    mark = state.last_mark
+    ok_, unseen_, fatal_, inflight_ = OK, UNSEEN, FATAL_STATE, IN_FLIGHT
+    codes = {"ok": OK, "pending": UNSEEN}
+    for i, cls in enumerate(CLASSES):
+        codes[cls] = FAILED_BASE + i
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived lists: the cyclic GC would rescan them all
+    try:
+        with open(path, "rb", buffering=1 << 20) as f:
+            f.readline()  # the header
+            for raw in f:
+                try:
+                    rec = loads(raw)
+                except decode_error:
+                    if raw.endswith(b"\n"):
+                        raise JournalError(
+                            f"{path}: a corrupt line (not a torn last line): {raw[:80]!r}; "
+                            "inspect it, or start over with --restart (old files are kept aside)"
+                        ) from None
+                    break  # torn last line (only possible with repair=False): never data
+                if type(rec) is not list:
+                    if rec.get("e") == "resume":
+                        runs += 1
+                    continue
+                kind = rec[0]
+                if kind == "d":
+                    line = rec[1]
+                    if line >= len(b):
+                        b.extend(bytes(max(line + 1, 2 * len(b)) - len(b)))
+                    prev = b[line]
+                    if prev == unseen_:
+                        hashes.append(id_hash(rec[3]))
+                    elif prev > ok_:
+                        superseded = True
+                    b[line] = inflight_
+                    in_flight[line] = (rec[3], rec[2])
+                    if undone:
+                        undone.pop(line, None)
+                    attempts += 1
+                elif kind == "o":
+                    line = rec[1]
+                    if line >= len(b):
+                        b.extend(bytes(max(line + 1, 2 * len(b)) - len(b)))
+                    if b[line] > ok_:
+                        superseded = True
+                    new = codes[rec[2]]
+                    b[line] = new
+                    entry = in_flight.pop(line, None)
+                    if entry is not None and new in (unseen_, fatal_):
+                        undone[line] = entry[0]
+                elif kind == "m":
+                    mark = (rec[1], rec[2])
+    finally:
+        if gc_was_on:
+            gc.enable()
+    if undone:
+        gone = {id_hash(cid) for cid in undone.values()}
+        hashes = array("q", (h for h in hashes if h not in gone))
+    state.states = LineStates(b)
+    state.seen = IdSet()
+    state.seen.freeze(hashes)
+    state.superseded = superseded
+    state.attempts_done = attempts
+    state.runs += runs
+    state.last_mark = mark
 
 
 def _adopt_tail(out_dir: Path, state: ResumeState) -> None:
