@@ -103,6 +103,7 @@ def build_summary(
             "rate_limited_429": stats.rejected_429,
             "pauses": getattr(admission, "pauses", 0),
             "paused_seconds": round(getattr(admission, "paused_seconds", 0.0), 3),
+            "admission": admission.report() if hasattr(admission, "report") else None,
             "wall_seconds": round(elapsed, 3),
             "requests_per_second": round(answered / elapsed, 2),
             "tokens": {
@@ -133,8 +134,17 @@ def final_line(summary: dict[str, Any]) -> str:
     c, r = summary["counts"], summary["this_run"]
     failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v) or "none"
     lat = r["latency_ms"]
+    extra = ""
+    ttft = r.get("ttft_ms") or {}
+    if ttft.get("count"):
+        extra += f", ttft p50 {ttft['p50']} ms p90 {ttft['p90']} ms"
+    adm = r.get("admission") or {}
+    if adm.get("mode") == "adaptive" and adm.get("decreases"):
+        extra += (f", adaptive: settled at {adm['concurrency_final']} in flight, "
+                  f"{adm['settled_requests_per_second']} req/s")
     return (
         f"done: {c['succeeded']} succeeded, {c['failed']} failed ({failed}); this run "
         f"{r['requests_per_second']} req/s, {r['tokens']['per_second']} tok/s, latency p50 "
-        f"{lat['p50']} ms p90 {lat['p90']} ms p99 {lat['p99']} ms, wall {r['wall_seconds']} s"
+        f"{lat['p50']} ms p90 {lat['p90']} ms p99 {lat['p99']} ms{extra}, "
+        f"wall {r['wall_seconds']} s"
     )

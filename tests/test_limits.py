@@ -1,0 +1,226 @@
+"""Admission: token budgets that learn from usage, rate-limit headers, and the AIMD gate.
+
+Rates are checked in virtual time (the bucket is pure arithmetic given `now`) or by counting
+events, never with a wall clock: real-time figures are in bench/limits_bench.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
+from tmbatch.limits import (
+    _ATTEMPT,
+    AIMD_BETA,
+    MAX_HOLD,
+    Admission,
+    TokenBucket,
+    estimate_tokens,
+    parse_duration,
+)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("1s", 1.0), ("6m0s", 360.0), ("250ms", 0.25), ("1h2m3.5s", 3723.5), ("0.5", 0.5),
+    ("20ms", 0.02), ("1.5s", 1.5), ("3", 3.0), (" 2s ", 2.0), ("500us", 0.0005),
+])
+def test_parse_duration(text: str, want: float) -> None:
+    assert parse_duration(text) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text", [None, "", "soon", "1x", "-1s", "s", "1s2", "nan", "inf"])
+def test_parse_duration_garbage_is_absent(text: str | None) -> None:
+    assert parse_duration(text) is None
+
+
+def test_estimate_counts_prompt_and_output_cap() -> None:
+    body = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
+    assert estimate_tokens(body) == (400 + 4) // 4 + 1 + 50
+    assert estimate_tokens({"prompt": "abcd"}) == 1 + 1 + 256  # no cap: the default
+
+
+# -- the token bucket in virtual time --------------------------------------------------------
+
+def simulate(tpm: float, estimate: int, actual: int, n: int, in_flight: int) -> float:
+    """Send n requests back to back through a TokenBucket as the runner does, settling each
+    `in_flight` requests later; return achieved tokens per minute (virtual time)."""
+    b = TokenBucket(tpm)
+    now = 0.0
+    pending: list[float] = []
+    sent_at = []
+    for _ in range(n):
+        now += b.reserve(estimate, now)
+        sent_at.append(now)
+        pending.append(estimate)
+        if len(pending) > in_flight:
+            b.adjust(actual - pending.pop(0))
+    span = sent_at[-1] - sent_at[0]
+    return actual * (n - 1) / span * 60.0
+
+
+@pytest.mark.parametrize("estimate,actual", [(20, 100), (100, 20), (50, 50)])
+def test_settling_reaches_the_target_whatever_the_estimate(estimate: int, actual: int) -> None:
+    achieved = simulate(60_000, estimate, actual, n=5000, in_flight=16)
+    assert achieved == pytest.approx(60_000, rel=0.02)
+
+
+def test_without_settling_a_low_estimate_overshoots() -> None:
+    """The check above can fail: the same run with no correction sends 5x the target."""
+    b = TokenBucket(60_000)
+    now = 0.0
+    for _ in range(1000):
+        now += b.reserve(20, now)
+    achieved_if_actual_100 = 100 * 999 / now * 60.0
+    assert achieved_if_actual_100 > 4 * 60_000
+
+
+def test_bucket_booking_bigger_than_burst_waits_longer_not_forever() -> None:
+    b = TokenBucket(60.0)  # 1 token/s, burst 1
+    assert b.reserve(1, 0.0) == 0.0
+    assert b.reserve(10, 0.0) == pytest.approx(10.0)
+    b.adjust(5)  # debt
+    assert b.reserve(1, 0.0) == pytest.approx(16.0)
+    b.adjust(-100)  # credit beyond an empty bucket is dropped, not banked
+    assert b.reserve(1, 1000.0) == 0.0
+
+
+# -- Admission: learning, refunds, headers, AIMD ---------------------------------------------
+
+def test_admission_learns_the_usage_ratio_and_charges_it() -> None:
+    async def go() -> tuple[float, float]:
+        adm = Admission(tpm=1e9, concurrency=4)
+        for _ in range(300):
+            await adm.admit(100)
+            adm.settle(100, 300)
+            adm.release()
+        await adm.admit(100)
+        att = _ATTEMPT.get()
+        assert att is not None
+        return adm.ratio, att.charged
+
+    ratio, charged = asyncio.run(go())
+    assert ratio == pytest.approx(3.0, rel=0.01)
+    assert charged == pytest.approx(300, rel=0.01)
+
+
+def test_a_rejected_attempt_is_refunded() -> None:
+    async def go() -> float:
+        adm = Admission(tpm=60.0, concurrency=4)  # 1 token/s: a booking moves tat by 1 s
+        assert adm.tpm is not None
+        await adm.admit(1)  # same task as observe(), as in the runner
+        booked = adm.tpm.tat
+        adm.observe(429, {})
+        return booked - adm.tpm.tat
+
+    assert asyncio.run(go()) == pytest.approx(1.0)  # the one token came back
+
+
+def test_remaining_zero_holds_every_worker_until_reset() -> None:
+    async def go() -> tuple[float, int, float]:
+        adm = Admission(concurrency=4)
+        loop = asyncio.get_running_loop()
+        adm.observe(200, {"x-ratelimit-remaining-requests": "3",
+                          "x-ratelimit-reset-requests": "20s"})
+        assert adm.holds == 0
+        adm.observe(200, {"x-ratelimit-remaining-tokens": "0",
+                          "x-ratelimit-reset-tokens": "6m0s"})
+        return adm.pause_until - loop.time(), adm.holds, adm.paused_seconds
+
+    left, holds, paused = asyncio.run(go())
+    assert holds == 1 and paused == 0.0  # a header hold is not a 429 pause
+    assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
+
+
+def test_aimd_cuts_once_per_event_and_grows_back() -> None:
+    async def go() -> None:
+        adm = Admission(concurrency=10, adaptive=True)
+        for _ in range(10):
+            await adm.admit(1)
+        # three 429s from requests sent before the first cut: one event, one cut
+        for _ in range(3):
+            adm.observe(429, {})
+        assert adm.decreases == 1 and int(adm.limit) == int(10 * AIMD_BETA)
+        for _ in range(10):
+            adm.release()
+        cap = int(adm.limit)
+        for _ in range(cap):
+            await adm.admit(1)
+        blocked = asyncio.ensure_future(adm.admit(1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not blocked.done()  # at the limit: the next one waits for a slot
+        adm.release()
+        await blocked  # a release lets exactly it through
+        # a 429 from a request sent after the cut is a new event
+        adm.observe(429, {})
+        assert adm.decreases == 2
+        second = int(adm.limit)
+        for _ in range(second):  # one round trip of successes: +1
+            adm.observe(200, {})
+        assert int(adm.limit) == second + 1
+
+    asyncio.run(go())
+
+
+def test_fixed_mode_keeps_concurrency_on_429() -> None:
+    async def go() -> int:
+        adm = Admission(rpm=6000, concurrency=4, adaptive=False)
+        await adm.admit(1)
+        adm.observe(429, {})
+        return adm.decreases
+
+    assert asyncio.run(go()) == 0
+
+
+def test_a_cancelled_waiter_passes_its_slot_on() -> None:
+    async def go() -> None:
+        adm = Admission(concurrency=1, adaptive=True)
+        await adm.admit(1)
+        a = asyncio.ensure_future(adm.admit(1))
+        b = asyncio.ensure_future(adm.admit(1))
+        await asyncio.sleep(0)
+        adm.release()  # wakes a ...
+        a.cancel()  # ... which leaves before taking the slot
+        await asyncio.gather(a, return_exceptions=True)
+        await b  # so b gets it
+        assert adm.in_flight == 1
+
+    asyncio.run(go())
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+def _run(sim: Any, inp: Path, out: Path, *args: str) -> Any:
+    return run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q",
+                    "--no-preflight", *args],
+                   env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+
+
+def test_adaptive_run_against_a_rate_limited_server(sim_factory: Any, tmp_path: Path) -> None:
+    sim = sim_factory(api_key=API_KEY, rate_limit=20, latency=0.05, ratelimit_headers=True)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(60)])
+    p = _run(sim, inp, tmp_path / "out", "--concurrency", "32")
+    assert p.returncode == 0, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert len(res) == 60 and not fail
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    adm = summary["this_run"]["admission"]
+    assert adm["mode"] == "adaptive" and adm["concurrency_ceiling"] == 32
+    stats = sim.stats()
+    assert stats["duplicates"] == 0 and stats["retry_after_violations"] == 0
+    assert stats["rejected_429"] > 0  # 32 at once against a burst of 20
+    assert adm["decreases"] >= 1 and adm["concurrency_min"] < 32
+
+
+def test_fixed_rpm_run_reports_fixed_mode(sim: Any, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    p = _run(sim, inp, tmp_path / "out", "--rpm", "60000", "--tpm", "1000000")
+    assert p.returncode == 0, p.stderr
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    adm = summary["this_run"]["admission"]
+    assert adm["mode"] == "fixed" and adm["tpm_target"] == 1_000_000
+    assert 0 < adm["usage_to_estimate_ratio"] < 1  # max_tokens 16 > the short answers
