@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "failures.ordered.jsonl in input order (as `tmbatch export`)")
     add_log_format_arg(g)
     add_connection_args(run)
+    run.add_argument("--no-preflight", action="store_true",
+                     help="skip the checks before the first request (GET /health, /version, "
+                     "/v1/models with the input's models, POST /tokenize with the key)")
     g = run.add_argument_group("demo: the built-in simulator (no credentials)")
     g.add_argument("--sim", action="store_true",
                    help="start the simulator on 127.0.0.1 in-process and send there")
@@ -338,9 +341,40 @@ async def _run_with_sim(ns: argparse.Namespace, opts: RunOptions, settings: Sett
             sources={**settings.sources, "base_url": "--sim"}, warnings=settings.warnings,
         )
         log.info("simulator on %s (no credentials needed)", server.url)
-        return await Runner(opts, settings).run()
+        return await _preflight_then_run(ns, opts, settings)
     finally:
         await server.stop()
+
+
+async def _preflight_then_run(ns: argparse.Namespace, opts: RunOptions,
+                              settings: Settings) -> int:
+    """Preflight (unless --no-preflight; resend has none) stops a doomed run before billing."""
+    if not getattr(ns, "no_preflight", True):
+        from tmbatch.preflight import preflight_for_run
+
+        code = await preflight_for_run(settings, opts.input, opts.model, opts.endpoint)
+        if code is not None:
+            return code
+    return await Runner(opts, settings).run()
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from tmbatch.preflight import doctor
+
+    settings = resolve(connection_flags(ns), os.environ, require_key=False)
+    if settings.api_key:
+        REDACT.secrets.append(settings.api_key)
+    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
+    return asyncio.run(doctor(settings, ns.input, ns.model, endpoint, as_json=ns.json))
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from tmbatch.preflight import list_models
+
+    settings = resolve(connection_flags(ns), os.environ, require_key=False)
+    if settings.api_key:
+        REDACT.secrets.append(settings.api_key)
+    return asyncio.run(list_models(settings, as_json=ns.json))
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -372,7 +406,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.sim:
         code = asyncio.run(_run_with_sim(ns, opts, settings))
     else:
-        code = asyncio.run(Runner(opts, settings).run())
+        code = asyncio.run(_preflight_then_run(ns, opts, settings))
     if label_run is not None:
         code = label_run.finish(code)
     if ns.ordered and code in (EXIT_OK, EXIT_FAILED):
@@ -515,7 +549,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 COMMANDS = {"status": cmd_status, "resend": cmd_resend, "export": cmd_export,
             "run": cmd_run, "validate": cmd_validate, "sim": cmd_sim, "report": cmd_report,
-            "merge": cmd_merge}
+            "merge": cmd_merge,
+            "doctor": cmd_doctor, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

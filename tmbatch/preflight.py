@@ -1,0 +1,398 @@
+"""Preflight: catch a wrong key, host or model before a single completion is billed.
+
+Checks, in order: GET /health and /version (reachability; no key on serverless),
+GET /v1/models and whether every model the input names is served, then one
+cheap idempotent authenticated call (POST /tokenize) that a wrong key fails.
+`tmbatch run` runs them before its first request (`--no-preflight` skips them);
+`tmbatch doctor` runs them alone and shows where each setting came from.
+
+"Every model the input names" means the models of a bounded prefix of the
+input (SCAN_LINES lines or SCAN_SECONDS, whichever ends first) plus --model:
+reading a million-line file before the first request would delay every run,
+and the runner still stops early when a model turns out unknown later on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmbatch.client import get_json, make_session, send
+from tmbatch.config import UUID_RE, Settings, check_model, redact
+from tmbatch.logs import say
+from tmbatch.reader import BadLine, InputError, open_input, read_requests
+from tmbatch.runner import EXIT_FATAL
+from tmbatch.safety import FATAL, NOT_SENT, AttemptFailed, error_message
+
+log = logging.getLogger("tmbatch")
+
+SCAN_LINES = 10_000
+SCAN_SECONDS = 2.0
+PREFLIGHT_TIMEOUT = 30.0
+# The key check must not hold a run back for long: a slow /tokenize is a warning, not a stop.
+AUTH_TIMEOUT = 10.0
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+
+
+@dataclass
+class Check:
+    """One check's outcome; `code` is stable for scripts, `detail` is for people."""
+
+    name: str
+    status: str  # ok, warning, error
+    detail: str
+    code: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    served: list[str] | None = None
+    version: str | None = None
+    models_checked: list[str] = field(default_factory=list)
+    scan_complete: bool = True
+
+    def add(self, name: str, status: str, detail: str, code: str | None = None) -> Check:
+        c = Check(name, status, detail, code)
+        self.checks.append(c)
+        return c
+
+    @property
+    def errors(self) -> list[Check]:
+        return [c for c in self.checks if c.status == ERROR]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.status == WARNING]
+
+
+def models_in_input(
+    path: str | None,
+    *,
+    model: str | None = None,
+    endpoint: str | None = None,
+    max_lines: int = SCAN_LINES,
+    max_seconds: float = SCAN_SECONDS,
+) -> tuple[list[str], bool]:
+    """Models named by the first lines of `path` plus --model; (models, whole file read).
+
+    stdin, FIFOs and devices are never scanned (they cannot be read twice). Bad lines are skipped:
+    the run reports them itself, naming the line.
+    """
+    found: dict[str, None] = {}
+    if model:
+        found[model] = None
+    if not path or path == "-":
+        return list(found), path is None
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return list(found), False  # the run itself reports the missing file clearly
+    if not regular:
+        return list(found), False  # a FIFO or device cannot be read twice
+    try:
+        f = open_input(path)
+    except InputError:
+        return list(found), False
+    deadline = time.monotonic() + max_seconds
+    complete = True
+    with f:
+        for n, item in enumerate(read_requests(f, endpoint=endpoint, model=model), 1):
+            if not isinstance(item, BadLine):
+                m = item.body.get("model")
+                if isinstance(m, str) and m not in found:
+                    found[m] = None
+            if n >= max_lines or (n % 256 == 0 and time.monotonic() > deadline):
+                complete = f.read(1) == b""
+                break
+    return list(found), complete
+
+
+def unknown_model_message(name: str, served: list[str]) -> str:
+    """Say what is wrong and what would be right: a UUID, a near miss, or the served list."""
+    hint = check_model(name, "model")
+    if hint:
+        return hint
+    close = difflib.get_close_matches(name, served, n=3, cutoff=0.6)
+    if not close:
+        lowered = {s.lower(): s for s in served}
+        if name.lower() in lowered:
+            close = [lowered[name.lower()]]
+    listed = ", ".join(served[:10]) + (" ..." if len(served) > 10 else "")
+    if close:
+        return (f"model {name!r} is not served here; did you mean {close[0]!r}? "
+                f"(served: {listed}; `tmbatch models` lists them)")
+    return (f"model {name!r} is not served here (served: {listed or 'none'}; "
+            "`tmbatch models` lists them)")
+
+
+def _served_names(body: Any) -> list[str] | None:
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return None
+    return [m["id"] for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _get_settings(settings: Settings) -> Settings:
+    """Serverless GET routes need no key, so preflight sends none there: the key goes
+    only where it is needed. On-demand needs the key and X-User-Id everywhere."""
+    timeout = min(settings.timeout, PREFLIGHT_TIMEOUT)
+    if settings.surface == "serverless":
+        return dataclasses.replace(settings, api_key=None, timeout=timeout)
+    return dataclasses.replace(settings, timeout=timeout)
+
+
+async def run_checks(
+    settings: Settings, models: list[str], *, check_auth: bool = True
+) -> Report:
+    """Every check against `settings.base_url`; never raises for a server's answer."""
+    report = Report(models_checked=list(models))
+    gets = make_session(_get_settings(settings), 2)
+    try:
+        if not await _reachability(gets, settings, report):
+            return report
+        await _models(gets, settings, models, report)
+    finally:
+        await gets.close()
+    if check_auth:
+        await _auth(settings, models, report)
+    return report
+
+
+async def _reachability(session: Any, settings: Settings, report: Report) -> bool:
+    try:
+        status, body, _ = await get_json(session, "/health")
+    except AttemptFailed as exc:
+        what = "cannot connect to" if exc.cls == NOT_SENT else "no answer from"
+        report.add("health", WARNING, f"{what} {settings.base_url}: {exc.message}",
+                   "unreachable")
+        return False
+    if status == 200:
+        report.add("health", OK, "GET /health 200")
+    else:
+        report.add("health", WARNING, f"GET /health answered HTTP {status}: "
+                   f"{error_message(body, '')}".rstrip(": "), f"health_{status}")
+    try:
+        status, body, _ = await get_json(session, "/version")
+    except AttemptFailed as exc:
+        report.add("version", WARNING, f"GET /version failed: {exc.message}", exc.code)
+        return True
+    if status == 200:
+        version = body.get("version") if isinstance(body, dict) else None
+        report.version = str(version if version is not None else body)[:200]
+        report.add("version", OK, report.version)
+    else:
+        report.add("version", WARNING, f"GET /version answered HTTP {status}", f"version_{status}")
+    return True
+
+
+async def _models(session: Any, settings: Settings, models: list[str], report: Report) -> None:
+    try:
+        status, body, _ = await get_json(session, "/v1/models")
+    except AttemptFailed as exc:
+        report.add("models", WARNING, f"GET /v1/models failed: {exc.message}; models not "
+                   "checked", exc.code)
+        return
+    if status in (401, 403):
+        report.add("models", ERROR, f"GET /v1/models refused the key (HTTP {status}: "
+                   f"{error_message(body, 'unauthorized')}); check "
+                   f"TENSORMESH_INFERENCE_API_KEY ({settings.sources.get('api_key', '?')})",
+                   "unauthorized")
+        return
+    if status == 404 and settings.surface == "on-demand":
+        report.add("models", ERROR, f"GET /v1/models answered 404 ({error_message(body, '')}): "
+                   "the gateway has no route for this user; check X-User-Id (--user-id / "
+                   "TENSORMESH_ON_DEMAND_USER_ID) and the on-demand base URL", "no_route")
+        return
+    served = _served_names(body) if status == 200 else None
+    if served is None:
+        report.add("models", WARNING, f"GET /v1/models answered HTTP {status} without a model "
+                   "list; models not checked", f"models_{status}")
+        return
+    report.served = served
+    report.add("models", OK, f"{len(served)} served: {', '.join(served[:10])}"
+               + (" ..." if len(served) > 10 else ""))
+    for name in models:
+        if name in served:
+            report.add("model", OK, f"{name!r} is served")
+        else:
+            report.add("model", ERROR, unknown_model_message(name, served),
+                       "model_is_uuid" if UUID_RE.match(name) else "unknown_model")
+
+
+def _probe_model(models: list[str], served: list[str] | None) -> str | None:
+    for m in models:
+        if served is None or m in served:
+            return m
+    if served:
+        return served[0]
+    return models[0] if models else None
+
+
+async def _auth(settings: Settings, models: list[str], report: Report) -> None:
+    model = _probe_model(models, report.served)
+    body: dict[str, Any] = {"prompt": "tmbatch preflight"}
+    if model:
+        body["model"] = model
+    session = make_session(dataclasses.replace(
+        settings, timeout=min(settings.timeout, AUTH_TIMEOUT)), 1)
+    key = f"key {redact(settings.api_key)} ({settings.sources.get('api_key', '?')})"
+    if not settings.api_key:
+        key = "request without a key"
+    try:
+        await send(session, "/tokenize", body)
+    except AttemptFailed as exc:
+        if exc.cls == FATAL and not settings.api_key:
+            report.add("auth", ERROR, f"no inference API key, and the server requires one "
+                       f"(HTTP {exc.status}): set TENSORMESH_INFERENCE_API_KEY or pass "
+                       "--api-key-file FILE", "no_api_key")
+        elif exc.cls == FATAL:
+            report.add("auth", ERROR, f"POST /tokenize refused the {key}: HTTP {exc.status} "
+                       f"{exc.message.rstrip('.')}. Use an inference API key (not a Control "
+                       "Plane token)"
+                       + (" and check the user id" if settings.surface == "on-demand" else ""),
+                       exc.code)
+        else:
+            report.add("auth", WARNING, f"could not verify the {key}: POST /tokenize "
+                       f"{'HTTP ' + str(exc.status) if exc.status else exc.code}: {exc.message}",
+                       exc.code)
+        return
+    finally:
+        await session.close()
+    report.add("auth", OK, f"POST /tokenize accepted the {key}")
+
+
+def format_checks(report: Report) -> list[str]:
+    mark = {OK: "ok  ", WARNING: "WARN", ERROR: "FAIL"}
+    return [f"  {mark[c.status]}  {c.name:<8} {c.detail}" for c in report.checks]
+
+
+async def preflight_for_run(
+    settings: Settings, input_path: str, model: str | None, endpoint: str | None
+) -> int | None:
+    """Run the checks before `tmbatch run`; an exit code when the run must not start.
+
+    Only what would fail every request stops the run (exit 3: key refused, model
+    not served, no route). An unreachable host or a missing /health is a warning:
+    connection failures are `not_sent` and the run retries them safely anyway.
+    """
+    models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
+    report = await run_checks(settings, models)
+    for c in report.warnings:
+        log.warning("preflight: %s: %s", c.name, c.detail)
+    if report.errors:
+        for c in report.errors:
+            say("preflight_failed", f"preflight: {c.name}: {c.detail}",
+                text=f"tmbatch: preflight: {c.name}: {c.detail}", level=logging.ERROR,
+                check=c.name, code=c.code)
+        msg = ("preflight failed: nothing was sent to a billed route (--no-preflight skips "
+               "these checks)")
+        say("stopped", msg, text=f"tmbatch: {msg}", level=logging.ERROR, reason="preflight",
+            exit_code=EXIT_FATAL)
+        return EXIT_FATAL
+    scanned = "" if complete else f" (models of the first {SCAN_LINES} lines)"
+    log.info("preflight ok: %s; %d model(s) checked%s", settings.base_url,
+             len(report.models_checked), scanned)
+    return None
+
+
+def describe_settings(settings: Settings) -> list[tuple[str, str, str, str]]:
+    """(key, label, value, where it came from); the API key is redacted, never printed."""
+    src = settings.sources
+    rows = [
+        ("surface", "surface", settings.surface),
+        ("base_url", "base URL", settings.base_url),
+        ("api_key", "API key", redact(settings.api_key)),
+        ("user_id", "user id", settings.user_id or "(none)"),
+        ("timeout", "timeout", f"{settings.timeout:g} s"),
+        ("max_retries", "max retries", str(settings.max_retries)),
+        ("ca_bundle", "CA bundle", settings.ca_bundle or "(system)"),
+    ]
+    return [(key, label, value, src.get(key, "default")) for key, label, value in rows]
+
+
+async def doctor(
+    settings: Settings, input_path: str | None, model: str | None, endpoint: str | None,
+    *, as_json: bool = False,
+) -> int:
+    """`tmbatch doctor`: what was resolved from where, then every check; non-zero on a problem.
+
+    Exit 0 all good, 1 warnings only, 3 a problem that would stop `tmbatch run`.
+    """
+    models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
+    report = await run_checks(settings, models)
+    code = EXIT_FATAL if report.errors else 1 if report.warnings else 0
+    rows = describe_settings(settings)
+    if as_json:
+        import orjson
+
+        out = {
+            "settings": {key: {"value": value, "source": source}
+                         for key, _, value, source in rows},
+            "warnings": list(settings.warnings),
+            "checks": [c.as_dict() for c in report.checks],
+            "served_models": report.served,
+            "version": report.version,
+            "models_checked": report.models_checked,
+            "input_scanned_completely": complete,
+            "ok": code == 0,
+        }
+        sys.stdout.buffer.write(orjson.dumps(out) + b"\n")
+        return code
+    print("settings (flag > environment > default):")
+    for _, label, value, source in rows:
+        print(f"  {label:<12} {value:<44} {source}")
+    for w in settings.warnings:
+        print(f"  note: {w}")
+    print("checks:")
+    if not models:
+        print("  (no model to check: give an INPUT file or --model)")
+    elif not complete:
+        print(f"  (models of the first {SCAN_LINES} lines / {SCAN_SECONDS:g} s of the input)")
+    for line in format_checks(report):
+        print(line)
+    verdict = {0: "all good", 1: "usable, with warnings", EXIT_FATAL: "problems found"}[code]
+    print(f"doctor: {verdict}")
+    return code
+
+
+async def list_models(settings: Settings, *, as_json: bool = False) -> int:
+    """`tmbatch models`: the served model names, one a line (or the raw list as JSON)."""
+    session = make_session(_get_settings(settings), 1)
+    try:
+        status, body, _ = await get_json(session, "/v1/models")
+    except AttemptFailed as exc:
+        print(f"tmbatch: models: cannot reach {settings.base_url}: {exc.message}",
+              file=sys.stderr)
+        return 1
+    finally:
+        await session.close()
+    served = _served_names(body) if status == 200 else None
+    if served is None:
+        detail = error_message(body, f"HTTP {status}")
+        hint = ""
+        if status in (401, 403):
+            hint = "; check TENSORMESH_INFERENCE_API_KEY"
+        elif status == 404 and settings.surface == "on-demand":
+            hint = "; check X-User-Id (--user-id / TENSORMESH_ON_DEMAND_USER_ID)"
+        print(f"tmbatch: models: GET /v1/models answered HTTP {status}: {detail}{hint}",
+              file=sys.stderr)
+        return EXIT_FATAL if status in (401, 403, 404) else 1
+    if as_json:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(body) + b"\n")
+    else:
+        for name in served:
+            print(name)
+    return 0
