@@ -5,8 +5,8 @@ the input has exactly one outcome across the shards. The shards' journals name
 the input (path and fingerprint) and the shard option, so merge checks that
 they belong together, reads the input once to learn its lines, and reports
 missing and duplicated lines by number with a non-zero exit instead of writing
-a plausible-looking partial result. Memory is a few bytes per input line; no
-answer is held.
+a plausible-looking partial result. Memory is a few bytes per input line plus
+a small entry per failed line of the shard being read; no answer is held.
 """
 
 from __future__ import annotations
