@@ -79,10 +79,12 @@ def test_429_pauses_start_progress_summary_are_json_events(sim_factory: Any,
 
 def test_fatal_401_is_a_json_event_with_the_exit_code_and_no_key(sim_factory: Any,
                                                                 tmp_path: Path) -> None:
-    sim = sim_factory(api_key="tm-the-right-key-0000000000000000")
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
+    sim = sim_factory(api_key=API_KEY)
+    rows = [chat_line(i) for i in range(50)]
+    rows[0]["body"]["sim"] = {"status": 401}  # the first request is refused: stop everything
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--concurrency", "2",
+    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--concurrency", "1",
                  "--log-format", "json"], env=env_with_key())
     assert p.returncode == 3, p.stderr
     events = parse_events(p.stderr)
