@@ -54,6 +54,13 @@ class Progress:
             "total": self.total,
         }
 
+    def set_total(self, total: int) -> None:
+        """Known once a background thread has counted the input's lines."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def start(self) -> None:
         if self.quiet and self.emit is None:
             return

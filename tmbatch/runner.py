@@ -469,6 +469,9 @@ class Runner:
         progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval,
                             **progress_kwargs())
         progress.start()
+        counter = None
+        if opts.input != "-" and opts.only_lines is None:
+            counter = loop.create_task(self._count_total(progress, states))
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=opts.concurrency * 2)
         self._workers = [loop.create_task(self._work(queue)) for _ in range(opts.concurrency)]
         producer = loop.create_task(self._produce(queue, f, resume))
@@ -478,6 +481,8 @@ class Runner:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
+            if counter is not None:
+                counter.cancel()
             await progress.stop()
             await self.session.close()
             if f is not sys.stdin.buffer:
@@ -490,6 +495,16 @@ class Runner:
             except WriterError as exc:
                 self.io_error = self.io_error or str(exc)
         return self._finish(states)
+
+    async def _count_total(self, progress: Progress, states: LineStates) -> None:
+        """Lines left to answer, for the ETA: counted in a thread so sending starts at once."""
+        with contextlib.suppress(OSError):
+            lines = await asyncio.to_thread(count_lines, self.opts.input)
+            if self.opts.shard:
+                i, n = self.opts.shard
+                lines = len(range(i, lines, n))
+            done_before = sum(states.counts()[2:]) - self.stats.ok - sum(self.stats.failed.values())
+            progress.set_total(max(0, lines - done_before))
 
     async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
         workers = self._workers
@@ -555,6 +570,16 @@ class Runner:
             return code
         failed = summary["counts"]["failed"]
         return EXIT_FAILED if failed else EXIT_OK
+
+
+def count_lines(path: str) -> int:
+    """Newline count plus a last line without one; blank lines included (an estimate)."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
 
 
 def failed_lines(states: LineStates, classes: set[str]) -> list[int]:
