@@ -61,6 +61,22 @@ def make_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
     )
 
 
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it is over `limit` bytes.
+
+    StreamReader.read(n) returns what has arrived so far (at most n), not n bytes:
+    one call would cut any answer that spans several TCP reads and lose a paid result.
+    """
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    buf = bytearray()
+    while chunk := await resp.content.read(1 << 20):
+        buf += chunk
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
 def _loads(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
@@ -100,8 +116,8 @@ async def send(
                 )
             is_sse = resp.content_type == "text/event-stream"
             if status >= 300 or not (stream and is_sse):
-                raw = await resp.content.read(MAX_BODY_BYTES + 1)
-                if len(raw) > MAX_BODY_BYTES:
+                raw = await _read_body(resp, MAX_BODY_BYTES)
+                if raw is None:
                     raise AttemptFailed(
                         AMBIGUOUS if status < 300 else PERMANENT, "response_too_large",
                         f"response body over {MAX_BODY_BYTES} bytes", status, None, request_id,
@@ -174,7 +190,9 @@ async def get_json(session: aiohttp.ClientSession, route: str) -> tuple[int, Any
     """
     try:
         async with session.get(route.lstrip("/"), allow_redirects=False) as resp:
-            raw = await resp.content.read(MAX_BODY_BYTES)
+            raw = await _read_body(resp, MAX_BODY_BYTES)
+            if raw is None:
+                raw = f"response body over {MAX_BODY_BYTES} bytes".encode()
             parsed = _loads(raw)
             if parsed is None:
                 parsed = raw[:2000].decode("utf-8", "replace")

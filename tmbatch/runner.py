@@ -213,7 +213,11 @@ class Runner:
 
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        counter: list[int]) -> Answer:
-        await self.admission.admit(tokens)
+        try:
+            await self.admission.admit(tokens)
+        except asyncio.CancelledError:
+            self._pending_if_retrying(req, counter)
+            raise
         try:  # admit() took a concurrency slot: release it whatever happens
             if self.stopping is not None:
                 raise Stopped
@@ -241,6 +245,19 @@ class Runner:
         finally:
             self.admission.release()
 
+    def _pending_if_retrying(self, req: Request, counter: list[int]) -> None:
+        """Cancelled (drain timeout) between attempts: the last one was refused or never sent,
+        so on resume the line is sent again, not mistaken for an unknown (ambiguous) outcome."""
+        if counter[0]:
+            self.writer.pending(req.line)
+
+    async def _sleep_between(self, req: Request, counter: list[int], seconds: float) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self._pending_if_retrying(req, counter)
+            raise
+
     async def process(self, req: Request) -> None:
         tokens = estimate_tokens(req.body)
         headers = None
@@ -262,6 +279,7 @@ class Runner:
             retry=retry_if_exception(partial(retryable, idempotent=req.idempotent)),
             stop=stop_any(stop_after_attempt(self.settings.max_retries + 1), self._stop_now),
             wait=self._wait,
+            sleep=partial(self._sleep_between, req, counter),
             reraise=True,
         )
         try:
