@@ -127,9 +127,15 @@ class Writer:
         if not self._scheduled:
             self._scheduled = True
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_soon(self._flush_soon)
             except RuntimeError:
                 self.flush()
+
+    def _flush_soon(self) -> None:
+        """A loop callback: raising there only prints a traceback. The error stays in
+        self.error; the next dispatch and close() raise it where the runner can stop."""
+        with contextlib.suppress(WriterError):
+            self.flush()
 
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
@@ -204,11 +210,15 @@ class Writer:
                 self.flush()
                 if self.fsync_mode != "never":
                     self._fsync_all()
+        except OSError as exc:
+            self.error = WriterError(f"cannot sync {self.out_dir}: {exc.strerror or exc}")
         finally:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-        if self.superseded and self.error is None:
+        if self.error is not None:
+            raise self.error  # also when the failed flush ran as a loop callback
+        if self.superseded:
             compact_failures(self.out_dir, self.states)
 
     @property

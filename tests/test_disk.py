@@ -1,0 +1,123 @@
+"""A disk that fills up mid-run: stop admitting work, keep what is written consistent,
+exit 4 with the reason, and resume correctly once there is space again.
+
+Two ways to make write() fail, both real: a 200 KiB tmpfs (ENOSPC; needs root and
+mount, else skipped), and RLIMIT_FSIZE in the child (EFBIG; works anywhere, with
+SIGXFSZ ignored so the write fails instead of killing the process).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, write_jsonl
+
+LINES = 400
+PROMPT = "tell me about disks " * 20  # ~400 chars: ~1 KiB a result line
+
+
+def run(args: list[str],
+        preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tmbatch", *args], capture_output=True, text=True, timeout=120,
+        env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY), preexec_fn=preexec,
+    )
+
+
+def limit_file_size(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def make_input(tmp_path: Path) -> Path:
+    rows = [chat_line(i, messages=[{"role": "user", "content": f"{i} {PROMPT}"}])
+            for i in range(LINES)]
+    return write_jsonl(tmp_path / "in.jsonl", rows)
+
+
+def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: Path) -> None:
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert reason in proc.stderr, proc.stderr
+    assert "resume" in proc.stderr or "run the same command again" in proc.stderr, proc.stderr
+    done = read_jsonl_tolerant(out / "results.jsonl")
+    assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
+    """The file as a crash left it: a torn last line is not a record."""
+    out = []
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            out.append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            continue
+    return out
+
+
+def check_resumed(proc: subprocess.CompletedProcess[str], out: Path, sim: Any) -> None:
+    """Every line ends with exactly one outcome; no key was processed twice."""
+    assert proc.returncode in (0, 1), proc.stderr
+    results = read_jsonl(out / "results.jsonl")
+    failures = read_jsonl(out / "failures.jsonl")
+    lines = sorted([r["line"] for r in results] + [f["line"] for f in failures])
+    assert lines == list(range(1, LINES + 1))
+    # only a request whose answer was lost with the disk may end ambiguous, never re-sent
+    assert {f["error"]["code"] for f in failures} <= {"unknown_outcome_after_crash"}
+    stats = sim.stats()
+    assert stats["duplicates"] == 0, stats["duplicate_keys"]
+    assert stats["processed_keys"] == stats["processed_total"]
+    assert len(results) + len(failures) == LINES
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["counts"]["with_outcome"] == LINES
+
+
+def test_disk_full_enospc_then_resume(small_tmpfs: Path, tmp_path: Path,
+                                      sim_factory: Any) -> None:
+    sim = sim_factory()
+    out = small_tmpfs / "out"
+    args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
+            "--no-preflight", "-c", "8", "-q"]
+    check_failed_run(run(args), "No space left on device", out)
+    remount = subprocess.run(["mount", "-o", "remount,size=20m", str(small_tmpfs)],
+                             capture_output=True, text=True)
+    assert remount.returncode == 0, remount.stderr
+    check_resumed(run(args), out, sim)
+
+
+def test_file_size_limit_efbig_then_resume(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory()
+    out = tmp_path / "out"
+    args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
+            "--no-preflight", "-c", "8", "-q"]
+    check_failed_run(run(args, limit_file_size(120_000)), "File too large", out)
+    check_resumed(run(args), out, sim)
