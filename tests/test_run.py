@@ -38,7 +38,9 @@ def env_with_key(**extra: str) -> dict[str, str]:
 def run(sim: Any, inp: Path, out: Path, *args: str, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run_cli(
-        ["run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", JOB, "-q", *args],
+        # Preflight has its own tests: here the server must see only the batch itself.
+        ["run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", JOB, "-q",
+         "--no-preflight", *args],
         env=env or env_with_key(), timeout=timeout,
     )
 
@@ -92,7 +94,7 @@ def test_on_demand_sends_user_id_on_every_request(sim_factory: Any, tmp_path: Pa
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(6)])
     out = tmp_path / "out"
     p = run_cli(
-        ["run", str(inp), "-o", str(out), "--surface", "on-demand", "-q"],
+        ["run", str(inp), "-o", str(out), "--surface", "on-demand", "-q", "--no-preflight"],
         env=env_with_key(TENSORMESH_ON_DEMAND_BASE_URL=sim.url,
                          TENSORMESH_ON_DEMAND_USER_ID=USER),
     )
