@@ -159,7 +159,7 @@ def test_torn_last_lines_are_repaired_on_resume(sim: Any, tmp_path: Path) -> Non
     for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
         with open(out / name, "ab") as f:
             f.write(b'{"id": "torn-by-a-crash", "cust')
-    again = run_cli(cmd(sim, inp, out)[3:] + ["-v"], env=env())
+    again = run_cli([*cmd(sim, inp, out)[3:], "-v"], env=env())
     assert again.returncode == 1, again.stderr
     assert again.stderr.count("torn last line") == 3
     for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
@@ -180,7 +180,7 @@ def test_a_different_input_is_refused_and_restart_keeps_old_files(
     refused = run_cli(cmd(sim, other, out)[3:], env=env())
     assert refused.returncode == 2
     assert "different input" in refused.stderr and "--restart" in refused.stderr
-    restarted = run_cli(cmd(sim, other, out)[3:] + ["--restart"], env=env())
+    restarted = run_cli([*cmd(sim, other, out)[3:], "--restart"], env=env())
     assert restarted.returncode == 0, restarted.stderr
     previous = list(out.glob("previous-*"))
     assert len(previous) == 1 and len(read_jsonl(previous[0] / "results.jsonl")) == 3
