@@ -224,3 +224,11 @@ def test_fixed_rpm_run_reports_fixed_mode(sim: Any, tmp_path: Path) -> None:
     adm = summary["this_run"]["admission"]
     assert adm["mode"] == "fixed" and adm["tpm_target"] == 1_000_000
     assert 0 < adm["usage_to_estimate_ratio"] < 1  # max_tokens 16 > the short answers
+
+
+def test_tokenize_lines_are_not_charged_output_tokens() -> None:
+    from tmbatch.limits import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
+
+    body = {"model": "m", "prompt": "x" * 400}
+    assert estimate_tokens(body) == 101 + DEFAULT_MAX_OUTPUT_TOKENS
+    assert estimate_tokens(body, generates=False) == 101

@@ -62,8 +62,11 @@ def _text_len(value: Any) -> int:
     return 0
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """A pre-send estimate: ~4 characters a token for the prompt, plus the output cap."""
+def estimate_tokens(body: dict[str, Any], generates: bool = True) -> int:
+    """A pre-send estimate: ~4 characters a token for the prompt, plus the output cap.
+
+    `generates=False` for /tokenize and /detokenize: they produce no output tokens.
+    """
     chars = (
         _text_len(body.get("messages"))
         + _text_len(body.get("prompt"))
@@ -74,7 +77,9 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get(
         "max_output_tokens"
     )
-    if not isinstance(out, int) or out < 0:
+    if not generates:
+        out = 0
+    elif not isinstance(out, int) or out < 0:
         out = DEFAULT_MAX_OUTPUT_TOKENS
     return chars // 4 + 1 + out
 

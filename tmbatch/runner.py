@@ -259,7 +259,7 @@ class Runner:
             raise
 
     async def process(self, req: Request) -> None:
-        tokens = estimate_tokens(req.body)
+        tokens = estimate_tokens(req.body, generates=not req.idempotent)
         headers = None
         if not req.idempotent:
             headers = {"Idempotency-Key": idempotency_key(self.header["job"], req.custom_id)}
