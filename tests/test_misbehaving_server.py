@@ -67,11 +67,20 @@ class AppThread:
     def url(self, scheme: str = "http") -> str:
         return f"{scheme}://{self._host}:{self.port}"
 
-    def stop(self) -> None:
+    async def _shutdown(self) -> None:
+        """Handlers still waiting (the one that never answers) are cancelled, not abandoned."""
         assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        await self._runner.cleanup()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture
