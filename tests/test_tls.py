@@ -66,6 +66,7 @@ def test_untrusted_certificate_is_not_sent(serve: Callable[..., AppThread],
     for f in fails:
         assert (f["error"]["class"], f["error"]["code"]) == ("not_sent", "tls_certificate")
         assert "certificate verify failed" in f["error"]["message"]
+        assert "--ca-bundle" in f["error"]["message"]
     assert stats_of(state)["received"] == 0  # the handshake failed: no request, no key sent
 
 

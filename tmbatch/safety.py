@@ -132,7 +132,11 @@ def classify_exception(exc: BaseException) -> AttemptFailed:
         return exc
     text = str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return AttemptFailed(NOT_SENT, "tls_certificate", text)
+        return AttemptFailed(
+            NOT_SENT, "tls_certificate",
+            f"{text}; the server's certificate is not trusted: if it uses a private CA, pass "
+            "--ca-bundle FILE or set TENSORMESH_CA_BUNDLE (verification is never turned off)",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return AttemptFailed(NOT_SENT, "connect_failed", text)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
