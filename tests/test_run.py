@@ -343,3 +343,11 @@ def test_help_documents_exit_codes_and_examples() -> None:
     assert p.returncode == 0
     for needle in ("exit codes:", "130", "143", "examples:", "--sim", "--rpm", "--tpm"):
         assert needle in p.stdout
+
+
+def test_missing_input_is_one_clear_line_and_creates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = run_cli(["run", str(tmp_path / "nope.jsonl"), "-o", str(out), "--sim"])
+    assert p.returncode == 2
+    assert "no such file" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()

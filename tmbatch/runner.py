@@ -114,6 +114,8 @@ def lock_output(out_dir: Path) -> int:
 def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None]:
     """Start a new journal, or check that this is the same job and load it to resume."""
     out = opts.out_dir
+    stdin = opts.input == "-"
+    fp = "stdin" if stdin else fingerprint(opts.input)  # a bad input leaves no empty out/
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     journal = out / JOURNAL
     if journal.exists() and opts.restart:
@@ -123,8 +125,6 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
             if (out / name).exists():
                 os.replace(out / name, aside / name)
         log.warning("--restart: the previous run's files were moved to %s", aside)
-    stdin = opts.input == "-"
-    fp = "stdin" if stdin else fingerprint(opts.input)
     if journal.exists() and journal.stat().st_size > 0:
         if stdin:
             raise JournalError(
