@@ -557,9 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
         # Say it without echoing the value: a key on a command line is already in `ps`.
-        print("tmbatch: error: there is no --api-key flag (a key on the command line shows in "
-              "`ps` and shell history); set TENSORMESH_INFERENCE_API_KEY or pass "
-              "--api-key-file FILE", file=sys.stderr)
+        json_asked = ("json" in args and "--log-format" in args) or "--log-format=json" in args
+        setup_logging(0, False, "json" if json_asked else "text")
+        msg = ("there is no --api-key flag (a key on the command line shows in `ps` and shell "
+               "history); set TENSORMESH_INFERENCE_API_KEY or pass --api-key-file FILE")
+        say("error", msg, text=f"tmbatch: error: {msg}", level=logging.ERROR,
+            exit_code=EXIT_USAGE)
         return EXIT_USAGE
     parser = build_parser()
     ns = parser.parse_args(args)
