@@ -1,0 +1,76 @@
+"""What a simulated endpoint is told to do, and the routes it serves.
+
+Everything else in the simulator reads these names, so they live apart from the server: a test
+or the command line can build a SimConfig without importing aiohttp handlers. Validation runs at
+construction so that a typo never silently disables the fault a test meant to inject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROUTE_CHAT = "/v1/chat/completions"
+ROUTE_COMPLETIONS = "/v1/completions"
+ROUTE_RESPONSES = "/v1/responses"
+ROUTE_TOKENIZE = "/tokenize"
+ROUTE_DETOKENIZE = "/detokenize"
+ROUTE_MODELS = "/v1/models"
+ROUTE_HEALTH = "/health"
+ROUTE_VERSION = "/version"
+ROUTE_STATS = "/_sim/stats"
+ROUTE_RESET = "/_sim/reset"
+
+BILLABLE_ROUTES = (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_RESPONSES)
+POST_ROUTES = (*BILLABLE_ROUTES, ROUTE_TOKENIZE, ROUTE_DETOKENIZE)
+GET_ROUTES = (ROUTE_MODELS, ROUTE_HEALTH, ROUTE_VERSION)
+RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms")
+
+MAX_MODEL_LEN = 8192
+ANSWER_PREFIX = "Simulated answer to: "
+DUPLICATE_KEYS_CAP = 1000
+USER_IDS_CAP = 1000
+NO_RESPONSE = 0  # status recorded when the connection is closed without an answer
+
+
+@dataclass
+class SimConfig:
+    """Behaviour of one simulated endpoint; every knob maps to a failure tmbatch must survive."""
+
+    latency: float = 0.0
+    latency_jitter: float = 0.0
+    rate_limit: float | None = None
+    retry_after: float | None = None
+    retry_after_format: str = "seconds"
+    ratelimit_headers: bool = False
+    error_500: float = 0.0
+    drop_after_read: float = 0.0
+    slow: float = 0.0
+    slow_seconds: float = 30.0
+    api_key: str | None = None
+    user_id: str | None = None
+    models: tuple[str, ...] = ("tm-small", "tm-large")
+    stream_chunks: int = 8
+    seed: int = 0
+    grace: float = 0.25
+    log_limit: int = 100_000
+
+    def __post_init__(self) -> None:
+        """Fail at construction so a typo in a test or flag never silently disables a fault."""
+        if self.retry_after_format not in RETRY_AFTER_FORMATS:
+            raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}")
+        for name in ("error_500", "drop_after_read", "slow"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a fraction between 0 and 1, got {value}")
+        for name in ("latency", "latency_jitter", "slow_seconds", "grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ValueError("rate_limit must be positive (or None for no limit)")
+        if self.retry_after is not None and self.retry_after < 0:
+            raise ValueError("retry_after must not be negative")
+        if self.stream_chunks < 1:
+            raise ValueError("stream_chunks must be at least 1")
+        self.models = tuple(self.models)
+        if not self.models:
+            raise ValueError("at least one model is needed")

@@ -1,0 +1,250 @@
+"""The common path of every POST route: account, refuse, then process.
+
+A request's body may carry a "sim" object (hooks) that forces one specific failure on it, so a
+test can stage an exact sequence of 429s, drops and broken streams for one request; the random
+faults of SimConfig are drawn per (seed, key, attempt) so a seed reproduces the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tmbatch.sim.bodies import (
+    _DONE,
+    _SSE,
+    _Answer,
+    _answer,
+    _detokenize,
+    _full_body,
+    _prompt_text,
+    _stream_events,
+    _tokenize,
+)
+from tmbatch.sim.config import BILLABLE_ROUTES, DUPLICATE_KEYS_CAP, NO_RESPONSE, ROUTE_TOKENIZE
+from tmbatch.sim.gate import _access_refusal, _note_post_arrival, _rejection, _take_token
+from tmbatch.sim.replies import _error, _json
+from tmbatch.sim.state import _body_key, _draws, _next_id, _note_auth, _record, _State
+
+
+@dataclass
+class _Hook:
+    """The body's "sim" object, already reduced to what applies to this arrival."""
+
+    status: int | None = None
+    retry_after: Any = None
+    drop: bool = False
+    sleep: float = 0.0
+    cut_after: int | None = None
+    sse_error: bool = False
+    bad_json: bool = False
+
+
+_NO_HOOK = _Hook()
+
+
+def _read_hook(state: _State, key: str, body: dict[str, Any]) -> _Hook:
+    """Apply "times": only the first K arrivals of a key that reach this point get the hook."""
+    raw = body.get("sim")
+    if not isinstance(raw, dict):
+        return _NO_HOOK
+    times = raw.get("times")
+    if isinstance(times, int) and not isinstance(times, bool):
+        seen = state.hook_arrivals.get(key, 0) + 1
+        state.hook_arrivals[key] = seen
+        if seen > times:
+            return _NO_HOOK
+    status = raw.get("status")
+    sleep = raw.get("sleep")
+    cut_after = raw.get("cut_after")
+    return _Hook(
+        status=status if isinstance(status, int) and status != 200 else None,
+        retry_after=raw.get("retry_after"),
+        drop=raw.get("drop") is True,
+        sleep=float(sleep) if isinstance(sleep, (int, float)) and sleep > 0 else 0.0,
+        cut_after=cut_after if isinstance(cut_after, int) and cut_after >= 0 else None,
+        sse_error=raw.get("sse_error") is True,
+        bad_json=raw.get("bad_json") is True,
+    )
+
+
+def _parse_body(state: _State, raw: bytes) -> dict[str, Any] | web.Response:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _error(state, 400, "The request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(state, 400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        return _error(state, 400, "'model' is required.")
+    if not isinstance(model, str):
+        return _error(state, 400, "'model' must be a string.")
+    if model not in state.config.models:
+        return _error(state, 404, f"The model `{model}` does not exist.")
+    return body
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close without answering: the client sees a disconnect after sending everything."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=204)
+
+
+async def _delay(state: _State, key: str, hook: _Hook, billable: bool) -> tuple[bool, bool]:
+    """Apply latency, jitter, slowness and hook sleep; return the random (drop, error) fates."""
+    config = state.config
+    delay = config.latency + hook.sleep
+    drop = error = False
+    if billable and (
+        config.latency_jitter or config.error_500 or config.drop_after_read or config.slow
+    ):
+        attempt = state.processed.get(key, 1) - 1
+        u_drop, u_error, u_slow, u_jitter = _draws(config.seed, key, attempt)
+        drop = u_drop < config.drop_after_read
+        error = u_error < config.error_500
+        if u_slow < config.slow:
+            delay += config.slow_seconds
+        delay += (2.0 * u_jitter - 1.0) * config.latency_jitter
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return drop, error
+
+
+def _count_processed(state: _State, key: str) -> None:
+    count = state.processed.get(key, 0) + 1
+    state.processed[key] = count
+    state.processed_total += 1
+    if count == 2:
+        state.duplicates += 1
+        if len(state.duplicate_keys) < DUPLICATE_KEYS_CAP:
+            state.duplicate_keys.append(key)
+
+
+async def _stream(
+    request: web.Request,
+    state: _State,
+    answer: _Answer,
+    body: dict[str, Any],
+    hook: _Hook,
+    extra: dict[str, str] | None,
+) -> web.StreamResponse:
+    headers = {"Content-Type": _SSE, "Cache-Control": "no-cache", "x-request-id": answer.rid}
+    if extra:
+        headers.update(extra)
+    response = web.StreamResponse(status=200, headers=headers)
+    await response.prepare(request)
+    if hook.bad_json:
+        await response.write(b'data: {"id": "broken", "choices": [\n\n')
+        await response.write(_DONE)
+        await response.write_eof()
+        return response
+    events = _stream_events(answer, body, state.config.stream_chunks)
+    if hook.sse_error:
+        events = events[: hook.cut_after if hook.cut_after is not None else 1]
+    elif hook.cut_after is not None:
+        events = events[: hook.cut_after]
+    for event in events:
+        await response.write(event)
+    if hook.sse_error:
+        error = {
+            "error": {
+                "message": "simulated error in the middle of the stream",
+                "type": "InternalServerError",
+                "code": 500,
+            }
+        }
+        await response.write(b"event: error\ndata: " + orjson.dumps(error) + b"\n\n")
+    elif hook.cut_after is not None:
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    else:
+        await response.write(_DONE)
+    await response.write_eof()
+    return response
+
+
+async def _handle_post(request: web.Request, state: _State, route: str) -> web.StreamResponse:
+    """The common path of every POST route: account, refuse, then process."""
+    raw = await request.read()
+    now = time.monotonic()
+    headers = request.headers
+    key = headers.get("Idempotency-Key") or _body_key(raw)
+    billable = route in BILLABLE_ROUTES
+    state.received += 1
+    state.by_route[route]["received"] += 1
+    if billable:
+        state.completion_calls += 1
+    elif route == ROUTE_TOKENIZE:
+        state.tokenize_calls += 1
+    _note_auth(state, headers)
+    _note_post_arrival(state, now)
+
+    refusal = _access_refusal(state, headers, needs_key=True)
+    if refusal is not None:
+        _record(state, route, key, now, refusal.status)
+        return refusal
+    allowed, wait, extra = _take_token(state, now)
+    if not allowed:
+        response = _rejection(state, 429, wait, None, extra)
+        _record(state, route, key, now, 429)
+        return response
+    parsed = _parse_body(state, raw)
+    if isinstance(parsed, web.Response):
+        if extra:
+            parsed.headers.update(extra)
+        _record(state, route, key, now, parsed.status)
+        return parsed
+    body = parsed
+    hook = _read_hook(state, key, body)
+    if hook.status in (429, 503):
+        response = _rejection(state, hook.status, 1.0, hook.retry_after, extra)
+        _record(state, route, key, now, hook.status)
+        return response
+    if billable:
+        prompt = _prompt_text(route, body)
+        if isinstance(prompt, str):
+            response = _error(state, 400, prompt, extra)
+            _record(state, route, key, now, 400)
+            return response
+        _count_processed(state, key)
+        answer_or_body: _Answer | bytes = _answer(state, route, body, body["model"], *prompt)
+    else:
+        result = _tokenize(body) if route == ROUTE_TOKENIZE else _detokenize(body)
+        if isinstance(result, str):
+            response = _error(state, 400, result, extra)
+            _record(state, route, key, now, 400)
+            return response
+        answer_or_body = orjson.dumps(result)
+
+    drop, error = await _delay(state, key, hook, billable)
+    if hook.drop or drop:
+        state.dropped += 1
+        _record(state, route, key, now, NO_RESPONSE)
+        return _drop(request)
+    if hook.status is not None or error:
+        status = hook.status if hook.status is not None else 500
+        if status == 500:
+            state.injected_500 += 1
+        _record(state, route, key, now, status)
+        return _error(state, status, f"simulated error {status}", extra)
+    if isinstance(answer_or_body, bytes):
+        _record(state, route, key, now, 200)
+        if hook.bad_json:
+            return _json(200, b'{"count": ', _next_id(state), extra)
+        return _json(200, answer_or_body, _next_id(state), extra)
+    answer = answer_or_body
+    _record(state, route, key, now, 200)
+    if body.get("stream") is True:
+        return await _stream(request, state, answer, body, hook, extra)
+    if hook.bad_json:
+        return _json(200, b'{"id": "' + answer.rid.encode() + b'", "choices": [', answer.rid, extra)
+    return _json(200, orjson.dumps(_full_body(answer)), answer.rid, extra)

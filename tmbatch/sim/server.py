@@ -1,0 +1,169 @@
+"""The aiohttp application and the ways to run it: in-process for tests, or as a process.
+
+In-process servers bind port 0 so parallel tests never collide, and expose their live counters
+without an HTTP round trip; the standalone server stops cleanly on SIGINT/SIGTERM so benchmarks
+can start and stop it as a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tmbatch.sim.config import (
+    GET_ROUTES,
+    POST_ROUTES,
+    ROUTE_HEALTH,
+    ROUTE_MODELS,
+    ROUTE_RESET,
+    ROUTE_STATS,
+    ROUTE_VERSION,
+    SimConfig,
+)
+from tmbatch.sim.gate import _access_refusal
+from tmbatch.sim.handlers import _handle_post
+from tmbatch.sim.replies import _error, _json
+from tmbatch.sim.state import (
+    STATE_KEY,
+    _new_state,
+    _next_id,
+    _note_auth,
+    _record,
+    _reset_state,
+    _State,
+    stats_of,
+)
+
+
+def build_app(config: SimConfig) -> web.Application:
+    """Handlers are closures over one state object: cheaper than app-key lookups per request."""
+    state = _new_state(config)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE_KEY] = state
+    models_body = orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "tensormesh"}
+                for m in config.models
+            ],
+        }
+    )
+    version_body = orjson.dumps({"version": "tmbatch-sim 1"})
+
+    def post_handler(route: str) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await _handle_post(request, state, route)
+
+        return handler
+
+    def get_handler(route: str, body: bytes | None) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            now = time.monotonic()
+            state.by_route[route]["received"] += 1
+            _note_auth(state, request.headers)
+            refusal = _access_refusal(state, request.headers, needs_key=False)
+            if refusal is not None:
+                _record(state, route, "", now, refusal.status)
+                return refusal
+            _record(state, route, "", now, 200)
+            if body is None:
+                return web.Response(status=200, headers={"x-request-id": _next_id(state)})
+            return _json(200, body, _next_id(state))
+
+        return handler
+
+    async def stats_handler(request: web.Request) -> web.Response:
+        return _json(200, orjson.dumps(stats_of(state)), _next_id(state))
+
+    async def reset_handler(request: web.Request) -> web.Response:
+        _reset_state(state)
+        return _json(200, b'{"reset": true}', _next_id(state))
+
+    async def fallback(request: web.Request) -> web.Response:
+        path = request.path
+        if path in POST_ROUTES or path in GET_ROUTES or path in (ROUTE_STATS, ROUTE_RESET):
+            return _error(state, 405, f"Method {request.method} is not allowed on {path}.")
+        refusal = _access_refusal(state, request.headers, needs_key=False)
+        if refusal is not None:
+            return refusal
+        return _error(state, 404, f"Unknown route {path}.")
+
+    for route in POST_ROUTES:
+        app.router.add_post(route, post_handler(route))
+    app.router.add_get(ROUTE_MODELS, get_handler(ROUTE_MODELS, models_body))
+    app.router.add_get(ROUTE_HEALTH, get_handler(ROUTE_HEALTH, None))
+    app.router.add_get(ROUTE_VERSION, get_handler(ROUTE_VERSION, version_body))
+    app.router.add_get(ROUTE_STATS, stats_handler)
+    app.router.add_post(ROUTE_RESET, reset_handler)
+    app.router.add_route("*", "/{tail:.*}", fallback)
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class SimServer:
+    """A running simulator; `stats()` reads the live counters without an HTTP round trip."""
+
+    url: str
+    config: SimConfig
+    _state: _State = field(repr=False)
+    _runner: web.AppRunner = field(repr=False)
+
+    def stats(self) -> dict[str, Any]:
+        return stats_of(self._state)
+
+    def reset(self) -> None:
+        _reset_state(self._state)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def start_sim(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> SimServer:
+    """Start on the running loop; port 0 lets the OS pick, so parallel tests never collide.
+    A short shutdown timeout keeps stop() quick even when slow requests are still pending."""
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    url_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    return SimServer(
+        url=f"http://{url_host}:{bound[1]}", config=config, _state=app[STATE_KEY], _runner=runner
+    )
+
+
+def run_sim_forever(config: SimConfig, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then close listeners and connections cleanly."""
+
+    async def main() -> None:
+        server = await start_sim(config, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"tmbatch sim listening on {server.url}", file=sys.stderr, flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,172 @@
+"""The counters one simulator keeps, and the accounting that fills them.
+
+These counters are the simulator's reason to exist: they are what tests and benchmarks read to
+prove that no billable request was generated twice, that Retry-After was honoured and that keys
+went only where needed. Every exit path of a handler goes through `_record`, so nothing escapes
+the count. A single event loop owns a state, so no locking is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from aiohttp import web
+
+from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
+
+
+@dataclass
+class _State:
+    """Mutable counters of one server; a single event loop owns it, so no locking is needed."""
+
+    config: SimConfig
+    id_prefix: str
+    seq: int = 0
+    received: int = 0
+    completion_calls: int = 0
+    tokenize_calls: int = 0
+    by_route: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status_counts: dict[int, int] = field(default_factory=dict)
+    processed: dict[str, int] = field(default_factory=dict)
+    processed_total: int = 0
+    duplicates: int = 0
+    duplicate_keys: list[str] = field(default_factory=list)
+    rejected_429: int = 0
+    rejected_503: int = 0
+    injected_500: int = 0
+    dropped: int = 0
+    violations: int = 0
+    pending_windows: deque[tuple[float, float]] = field(default_factory=deque)
+    matured_window_end: float = -math.inf
+    tokens: float = 0.0
+    bucket_time: float = 0.0
+    bearer_ok: int = 0
+    bearer_wrong: int = 0
+    bearer_missing: int = 0
+    user_ids: dict[str, None] = field(default_factory=dict)
+    hook_arrivals: dict[str, int] = field(default_factory=dict)
+    log: list[list[Any]] = field(default_factory=list)
+    log_overflow: int = 0
+
+
+STATE_KEY: web.AppKey[_State] = web.AppKey("tmbatch_sim_state", _State)
+
+
+def _new_state(config: SimConfig) -> _State:
+    """Give each server its own id prefix so request ids never repeat across restarts."""
+    state = _State(config=config, id_prefix=secrets.token_hex(4))
+    _reset_state(state)
+    return state
+
+
+def _reset_state(state: _State) -> None:
+    """Start counting afresh (tests reuse one server); the bucket refills so tests are isolated."""
+    fresh = _State(config=state.config, id_prefix=state.id_prefix)
+    for f in fields(fresh):
+        if f.name not in ("config", "id_prefix", "seq"):
+            setattr(state, f.name, getattr(fresh, f.name))
+    for route in (*POST_ROUTES, *GET_ROUTES):
+        state.by_route[route] = {"received": 0, "status_counts": {}}
+    if state.config.rate_limit is not None:
+        state.tokens = _bucket_capacity(state.config.rate_limit)
+    state.bucket_time = time.monotonic()
+
+
+def _bucket_capacity(rate: float) -> float:
+    """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
+    return max(1.0, rate)
+
+
+def stats_of(state: _State) -> dict[str, Any]:
+    """Snapshot as plain JSON-able data (string status keys) for the route and in-process use."""
+    return {
+        "received": state.received,
+        "completion_calls": state.completion_calls,
+        "tokenize_calls": state.tokenize_calls,
+        "by_route": {
+            route: {
+                "received": info["received"],
+                "status_counts": {str(k): v for k, v in info["status_counts"].items()},
+            }
+            for route, info in state.by_route.items()
+        },
+        "status_counts": {str(k): v for k, v in state.status_counts.items()},
+        "processed": dict(state.processed),
+        "processed_total": state.processed_total,
+        "processed_keys": len(state.processed),
+        "duplicates": state.duplicates,
+        "duplicate_keys": list(state.duplicate_keys),
+        "rejected_429": state.rejected_429,
+        "rejected_503": state.rejected_503,
+        "injected_500": state.injected_500,
+        "dropped": state.dropped,
+        "retry_after_violations": state.violations,
+        "auth": {
+            "bearer_ok": state.bearer_ok,
+            "bearer_wrong": state.bearer_wrong,
+            "bearer_missing": state.bearer_missing,
+            "user_ids": list(state.user_ids),
+        },
+        "log": [list(entry) for entry in state.log],
+        "log_overflow": state.log_overflow,
+        "time_now": time.monotonic(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers on the hot path
+
+
+def _next_id(state: _State) -> str:
+    """Ids only need to be unique per server; a counter is cheaper than uuid4."""
+    state.seq += 1
+    return f"{state.id_prefix}{state.seq:08x}"
+
+
+def _body_key(body: bytes) -> str:
+    """Identify a request without an Idempotency-Key: identical bodies are the same request."""
+    return "body-" + hashlib.blake2b(body, digest_size=12).hexdigest()
+
+
+def _draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, float]:
+    """Four uniforms from (seed, key, attempt): the same seed gives the same faults whatever the
+    arrival order, while a re-send of a key gets a fresh draw (so `resend` can succeed)."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{attempt}".encode(), digest_size=16).digest()
+    a, b, c, d = struct.unpack("<4I", digest)
+    scale = 1.0 / 4294967296.0
+    return a * scale, b * scale, c * scale, d * scale
+
+
+def _record(state: _State, route: str, key: str, arrived: float, status: int) -> None:
+    """One place that counts outcomes, so every exit path of a handler is accounted for."""
+    state.status_counts[status] = state.status_counts.get(status, 0) + 1
+    info = state.by_route.get(route)
+    if info is not None:
+        counts = info["status_counts"]
+        counts[status] = counts.get(status, 0) + 1
+    if len(state.log) < state.config.log_limit:
+        state.log.append([arrived, route, key, status])
+    else:
+        state.log_overflow += 1
+
+
+def _note_auth(state: _State, headers: Any) -> None:
+    """Record what credentials arrived, so tests can prove keys are sent where (and only where)
+    they are needed."""
+    auth = headers.get("Authorization")
+    if auth is None:
+        state.bearer_missing += 1
+    elif state.config.api_key is None or auth == "Bearer " + state.config.api_key:
+        state.bearer_ok += 1
+    else:
+        state.bearer_wrong += 1
+    user = headers.get("X-User-Id")
+    if user is not None and user not in state.user_ids and len(state.user_ids) < USER_IDS_CAP:
+        state.user_ids[user] = None
