@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -30,32 +28,26 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from tmbatch import __version__
 from tmbatch.client import Answer, idempotency_key, make_session, send
-from tmbatch.compact import FAILED_BASE, LineStates
+from tmbatch.compact import LineStates
 from tmbatch.config import Settings
 from tmbatch.journal import (
-    FAILURES,
-    JOURNAL,
-    RESULTS,
     SUMMARY,
-    JournalError,
     ResumeState,
-    load,
 )
 from tmbatch.limits import Admission, estimate_tokens
 from tmbatch.logs import event, progress_kwargs, public_url, say
+from tmbatch.outdir import lock_output, prepare_output
 from tmbatch.progress import Progress
 from tmbatch.reader import (
     MAX_LINE_BYTES,
     BadLine,
     ReadStats,
     Request,
-    fingerprint,
     open_input,
     read_requests,
 )
-from tmbatch.safety import CLASSES, FATAL, NOT_SENT, REJECTED, AttemptFailed, retryable
+from tmbatch.safety import FATAL, NOT_SENT, REJECTED, AttemptFailed, retryable
 from tmbatch.summary import RunStats, build_summary, final_line
 from tmbatch.writer import Writer, WriterError, record_id
 
@@ -91,71 +83,6 @@ class RunOptions:
 
 class Stopped(Exception):
     """Raised inside an attempt when the run is stopping: nothing was sent for it."""
-
-
-def _options_record(opts: RunOptions) -> dict[str, Any]:
-    return {"endpoint": opts.endpoint, "model": opts.model, "stream": opts.stream,
-            "shard": list(opts.shard) if opts.shard else None}
-
-
-def lock_output(out_dir: Path) -> int:
-    """One run per output directory: two writers would interleave the journal."""
-    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise JournalError(
-            f"another tmbatch process is using {out_dir}; wait for it or stop it first"
-        ) from None
-    return fd
-
-
-def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None]:
-    """Start a new journal, or check that this is the same job and load it to resume."""
-    out = opts.out_dir
-    stdin = opts.input == "-"
-    fp = "stdin" if stdin else fingerprint(opts.input)  # a bad input leaves no empty out/
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    journal = out / JOURNAL
-    if journal.exists() and opts.restart:
-        aside = out / f"previous-{time.strftime('%Y%m%dT%H%M%S')}"
-        aside.mkdir(mode=0o700)
-        for name in (JOURNAL, RESULTS, FAILURES, SUMMARY):
-            if (out / name).exists():
-                os.replace(out / name, aside / name)
-        log.warning("--restart: the previous run's files were moved to %s", aside)
-    if journal.exists() and journal.stat().st_size > 0:
-        if stdin:
-            raise JournalError(
-                f"{out} holds a run already and stdin cannot be resumed; give the input as a "
-                "file, use another --output, or --restart"
-            )
-        state = load(out)
-        header = state.header
-        if header.get("fingerprint") != fp:
-            raise JournalError(
-                f"{out} belongs to a different input ({header.get('input')}, fingerprint "
-                f"{str(header.get('fingerprint'))[:12]}), not {opts.input} ({fp[:12]}); use "
-                "another --output, or --restart to start over (old files are kept aside)"
-            )
-        recorded = header.get("options") or {}
-        current = _options_record(opts)
-        diff = [k for k in current if recorded.get(k) != current[k]]
-        if diff:
-            parts = ", ".join(f"{k} was {recorded.get(k)!r}, now {current[k]!r}" for k in diff)
-            raise JournalError(
-                f"{out} was started with other options ({parts}); resume with the same "
-                "options, or --restart"
-            )
-        return header, state
-    header = {
-        "e": "start", "v": 1, "tmbatch": __version__,
-        "input": "-" if stdin else os.path.abspath(opts.input),
-        "fingerprint": fp, "options": _options_record(opts),
-        "job": opts.job_id or secrets.token_hex(8), "t": time.time(),
-    }
-    return header, None
 
 
 class Runner:
@@ -598,10 +525,3 @@ def count_lines(path: str) -> int:
             n += chunk.count(b"\n")
             last = chunk[-1:]
     return n + (last != b"\n")
-
-
-def failed_lines(states: LineStates, classes: set[str]) -> list[int]:
-    out: list[int] = []
-    for cls in classes:
-        out.extend(states.lines_in(FAILED_BASE + CLASSES.index(cls)))
-    return sorted(out)
