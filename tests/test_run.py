@@ -351,3 +351,17 @@ def test_missing_input_is_one_clear_line_and_creates_nothing(tmp_path: Path) -> 
     assert p.returncode == 2
     assert "no such file" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
+
+
+def test_event_loop_choice(tmp_path: Path) -> None:
+    """uvloop when installed (the test extra has it), the standard loop on request."""
+    sample = str(ROOT / "samples" / "chat.jsonl")
+    for loop in ("asyncio", "uvloop"):
+        out = tmp_path / loop
+        p = run_cli(["run", sample, "-o", str(out), "--sim", "-q"],
+                    env=clean_env(TMBATCH_LOOP=loop))
+        assert p.returncode == 0, p.stderr
+        assert len(read_jsonl(out / "results.jsonl")) == 10
+    p = run_cli(["run", sample, "-o", str(tmp_path / "x"), "--sim"],
+                env=clean_env(TMBATCH_LOOP="tokio"))
+    assert p.returncode == 2 and "TMBATCH_LOOP" in p.stderr
