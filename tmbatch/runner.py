@@ -233,7 +233,7 @@ class Runner:
         total = self.stats.add_usage(answer.body)
         self.admission.settle(estimated, total)
         self.stats.ok += 1
-        self.stats.latencies.append(answer.latency)
+        self.stats.latencies.add(answer.latency)
         record: dict[str, Any] = {
             "id": record_id(self.header["job"], req.custom_id),
             "custom_id": req.custom_id,
@@ -243,7 +243,7 @@ class Runner:
             "line": req.line,
         }
         if answer.ttft is not None:
-            self.stats.ttfts.append(answer.ttft)
+            self.stats.ttfts.add(answer.ttft)
             usage = answer.body.get("usage") or {}
             out_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
             gen = answer.latency - answer.ttft
