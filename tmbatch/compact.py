@@ -85,7 +85,9 @@ class IdSet:
         self._frozen = array("q")
 
     def freeze(self, hashes: array) -> None:
-        """Take a bulk of hashes (may repeat) as the frozen tier."""
+        """Take a bulk of raw `hash(custom_id)` values (may repeat) as the frozen tier."""
+        if 0 in hashes or 1 in hashes:  # the id_hash() mapping of the two sentinel values
+            hashes = array("q", (h if h > _TOMB or h < 0 else h + 2 for h in hashes))
         self._frozen = array("q", sorted(hashes))
         self.count += len(self._frozen)
 

@@ -34,7 +34,6 @@ from tmbatch.compact import (
     UNSEEN,
     IdSet,
     LineStates,
-    id_hash,
 )
 from tmbatch.safety import CLASSES
 
@@ -156,7 +155,9 @@ def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
 def _replay(path: Path, state: ResumeState) -> None:
     """Replay the journal into per-line states; the hot loop is kept flat on purpose."""
     b = bytearray(1024)
+    size = len(b)
     hashes = array("q")
+    hashes_append = hashes.append
     in_flight = state.in_flight
     undone: dict[int, str] = {}  # refused while stopping: the reader must see them as new
     superseded = False
@@ -189,36 +190,40 @@ def _replay(path: Path, state: ResumeState) -> None:
                 kind = rec[0]
                 if kind == "d":
                     line = rec[1]
-                    if line >= len(b):
-                        b.extend(bytes(max(line + 1, 2 * len(b)) - len(b)))
+                    if line >= size:
+                        b.extend(bytes(max(line + 1, 2 * size) - size))
+                        size = len(b)
                     prev = b[line]
                     if prev == unseen_:
-                        hashes.append(id_hash(rec[3]))
+                        hashes_append(hash(rec[3]))
                     elif prev > ok_:
                         superseded = True
                     b[line] = inflight_
-                    in_flight[line] = (rec[3], rec[2])
+                    in_flight[line] = rec  # [d, line, attempt, custom_id]: no tuple per record
                     if undone:
                         undone.pop(line, None)
                     attempts += 1
                 elif kind == "o":
                     line = rec[1]
-                    if line >= len(b):
-                        b.extend(bytes(max(line + 1, 2 * len(b)) - len(b)))
+                    if line >= size:
+                        b.extend(bytes(max(line + 1, 2 * size) - size))
+                        size = len(b)
                     if b[line] > ok_:
                         superseded = True
                     new = codes[rec[2]]
                     b[line] = new
                     entry = in_flight.pop(line, None)
                     if entry is not None and new in (unseen_, fatal_):
-                        undone[line] = entry[0]
+                        undone[line] = entry[3]
                 elif kind == "m":
                     mark = (rec[1], rec[2])
     finally:
         if gc_was_on:
             gc.enable()
+    for line, rec in list(in_flight.items()):
+        in_flight[line] = (rec[3], rec[2])
     if undone:
-        gone = {id_hash(cid) for cid in undone.values()}
+        gone = {hash(cid) for cid in undone.values()}
         hashes = array("q", (h for h in hashes if h not in gone))
     state.states = LineStates(b)
     state.seen = IdSet()
