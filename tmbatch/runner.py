@@ -186,7 +186,9 @@ class Runner:
             raise
 
     async def process(self, req: Request) -> None:
-        tokens = estimate_tokens(req.body, generates=not req.idempotent)
+        tokens = 0  # only a --tpm budget needs the estimate: skip the prompt walk otherwise
+        if self.admission.tpm is not None:
+            tokens = estimate_tokens(req.body, generates=not req.idempotent)
         headers = None
         if not req.idempotent:
             headers = {"Idempotency-Key": idempotency_key(self.header["job"], req.custom_id)}
