@@ -47,6 +47,8 @@ sys.path.insert(0, str(HERE))
 from gen import fabricate_resume, write_input  # noqa: E402
 
 CLIENTS = ("tmbatch", "bare", "openai")
+# Event loop for tmbatch and the bare loop alike (TMBATCH_LOOP): "auto" = uvloop when installed.
+LOOP = ["auto"]
 ROUTE = "/v1/chat/completions"
 PY = sys.executable
 
@@ -218,7 +220,7 @@ def run_client(client: str, sc: Scenario, inp: Path, work: Path, sim: Sim,
     # Bytecode cached as an installed package would have it, outside the source tree.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(TENSORMESH_INFERENCE_API_KEY="tm-bench-key", OPENAI_API_KEY="sk-bench",
-               PYTHONPYCACHEPREFIX=str(work / "pycache"))
+               PYTHONPYCACHEPREFIX=str(work / "pycache"), TMBATCH_LOOP=LOOP[0])
     cmd = client_cmd(client, sc, inp, out, sim.url, has_no_preflight)
     box: dict[str, float] = {}
     trace: list[tuple[float, float, int]] = []
@@ -451,7 +453,11 @@ def main() -> int:
     p.add_argument("--full-1m", action="store_true",
                    help="(d): send all 1,000,000 requests with tmbatch alone (~7 min) instead "
                         "of stopping each client after 20 s")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop of tmbatch and the bare loop (TMBATCH_LOOP); auto = uvloop "
+                   "when installed")
     a = p.parse_args()
+    LOOP[0] = a.loop
     repeats = a.repeats or (1 if a.quick else 3)
     scs = scenarios(a.quick, a.full_1m)
     chosen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
