@@ -332,3 +332,40 @@ def test_cut_or_errored_stream_is_ambiguous_and_sent_once(
     stats = sim.stats()
     assert stats["processed"][idempotency_key(JOB, "req-1")] == 1  # received exactly once
     assert stats["duplicates"] == 0
+
+
+def test_fast_path_chunks_aggregate_like_the_general_path() -> None:
+    """Content-only chunks take a shortcut; mixing them with every other kind of chunk
+    (role, tool calls, finish, usage, an extra field, a second choice) must give the same
+    body as feeding the same events where no chunk can take the shortcut."""
+    from tmbatch.sse import Aggregator
+
+    def sse(obj: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": "lo"}, "logprobs": None}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": " wo"}, "stop_reason": None}]},
+        {**base, "choices": [{"index": 1, "delta": {"role": "assistant", "content": "x"}}]},
+        {**base, "choices": [{"index": 1, "delta": {"content": "y"}}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": "rld"}}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**base, "choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+        {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5,
+                                          "total_tokens": 8}},
+    ]
+    fast = Aggregator("/v1/chat/completions")
+    fast.feed(b"".join(sse(e) for e in events) + b"data: [DONE]\n\n", 0.0)
+    slow = Aggregator("/v1/chat/completions")
+    for e in events:  # a second, empty choice list entry defeats the shortcut everywhere
+        e2 = {**e, "choices": [*e["choices"], {"index": 9, "delta": {}}]} if e["choices"] else e
+        slow.feed(sse(e2), 0.0)
+    slow.feed(b"data: [DONE]\n\n", 0.0)
+    got, want = fast.finish(), slow.finish()
+    want["choices"] = [c for c in want["choices"] if c["index"] != 9]
+    assert got == want
+    assert got["choices"][0]["message"]["content"] == "Hello world"
+    assert got["choices"][1]["message"]["content"] == "xy"

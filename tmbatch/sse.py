@@ -46,6 +46,7 @@ class _Choice:
 
 
 _CHOICE_KEYS = {"index", "delta", "text", "finish_reason", "logprobs"}
+_META_KEYS = ("id", "created", "model", "system_fingerprint")
 
 
 def _merge_logprobs(c: _Choice, lp: Any) -> None:
@@ -101,16 +102,12 @@ class Aggregator:
             )
 
     def _line(self, line: bytes, now: float) -> None:
-        if not line:
-            self.event = None
-            return
-        if line.startswith(b":"):
-            return  # comment / keep-alive
-        if line.startswith(b"event:"):
-            self.event = line[6:].strip().decode("utf-8", "replace")
-            return
-        if not line.startswith(b"data:"):
-            return
+        if not line.startswith(b"data:"):  # data lines first: they are nearly all of them
+            if not line:
+                self.event = None
+            elif line.startswith(b"event:"):
+                self.event = line[6:].strip().decode("utf-8", "replace")
+            return  # otherwise a comment / keep-alive or a field we do not use
         payload = line[5:].strip()
         if payload == b"[DONE]":
             self.done = True
@@ -137,12 +134,34 @@ class Aggregator:
             self._chunk(obj, now)
 
     def _chunk(self, obj: dict[str, Any], now: float) -> None:
-        for key in ("id", "created", "model", "system_fingerprint"):
+        choices = obj.get("choices")
+        if self.meta and len(choices or ()) == 1 and not obj.get("usage"):
+            ch = choices[0]  # type: ignore[index]
+            delta = ch.get("delta") if type(ch) is dict else None
+            # The common chunk: one choice whose delta is only more content. Appending it is
+            # all the general path below would do, at a fraction of the interpreter work
+            # (64 events a stream; bench scenario f).
+            if (
+                type(delta) is dict and len(delta) == 1 and type(delta.get("content")) is str
+                and ch.get("finish_reason") is None and ch.get("logprobs") is None
+                and "text" not in ch and ch.keys() <= _CHOICE_KEYS
+            ):
+                c = self.choices.get(ch.get("index", 0))
+                if c is not None:
+                    if delta["content"]:
+                        c.content.append(delta["content"])
+                        if self.first_token_at is None:
+                            self.first_token_at = now
+                    for key in _META_KEYS:
+                        if key in obj and key not in self.meta:
+                            self.meta[key] = obj[key]
+                    return
+        for key in _META_KEYS:
             if key in obj and key not in self.meta:
                 self.meta[key] = obj[key]
         if obj.get("usage"):
             self.usage = obj["usage"]
-        for ch in obj.get("choices") or ():
+        for ch in choices or ():
             if not isinstance(ch, dict):
                 continue
             idx = ch.get("index", 0)
