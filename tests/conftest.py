@@ -96,15 +96,28 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(
     args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
-    input: bytes | None = None, cwd: Path | None = None,
+    input: bytes | None = None, cwd: Path | None = None, as_plain_user: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m tmbatch ARGS` for real and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "tmbatch", *args],
         env=clean_env() if env is None else env,
         capture_output=True, timeout=timeout, input=input, cwd=cwd or ROOT,
-        text=input is None,
+        text=input is None, preexec_fn=drop_file_override if as_plain_user else None,
     )
+
+
+def drop_file_override() -> None:
+    """In the child: give up root's power to read any file (CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH leave the bounding set), so file modes apply to it as to any user.
+    Tests run as root in CI; this is how they can still see a permission error."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0 and os.geteuid() == 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -86,8 +86,8 @@ def materialize(name: str, exp: dict[str, Any], where: Path) -> Path:
     elif gen == "fifo":
         os.mkfifo(target)
     elif gen == "unreadable":
-        if os.geteuid() == 0:
-            pytest.skip("running as root: chmod 000 does not stop root from reading the file")
+        # As root the CLI runs without the capability to override file modes (see
+        # conftest.drop_file_override), so chmod 000 stops it as it stops any user.
         src = data_file(name)
         assert src is not None
         shutil.copyfile(src, target)
@@ -169,8 +169,9 @@ def test_validate(name: str, generated: dict[str, Path], tmp_path: Path,
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(path.read_bytes())))
         arg = "-"
     argv = ["validate", "--json", *exp.get("args", []), arg]
-    if exp.get("isolate"):  # a parser crash here would take pytest down with it
-        proc = run_cli(argv)
+    plain = exp.get("generate") == "unreadable" and os.geteuid() == 0
+    if exp.get("isolate") or plain:  # a parser crash here would take pytest down with it
+        proc = run_cli(argv, as_plain_user=plain)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         code = cli.main(argv)
@@ -195,7 +196,8 @@ def test_run(name: str, generated: dict[str, Path], tmp_path: Path) -> None:
     stdin = exp.get("stdin")
     arg = "-" if stdin else str(path)
     proc = run_cli(["run", arg, "-o", str(out), "--sim", "-q", *exp.get("args", [])],
-                   input=path.read_bytes() if stdin else None, timeout=60)
+                   input=path.read_bytes() if stdin else None, timeout=60,
+                   as_plain_user=exp.get("generate") == "unreadable")
     stderr = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
     check_clean_error(stderr, exp)
     assert proc.returncode == exp["exit"], stderr
