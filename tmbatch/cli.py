@@ -47,8 +47,19 @@ EXIT_CODES = """exit codes:
   2    usage, configuration or input error: nothing was sent
   3    stopped by a fatal error (401/403, unknown model on every request)
   4    an output file could not be written (disk full, I/O error); resume when fixed
+  5    merge only: some input lines have no outcome, or more than one
   130  interrupted by SIGINT (Ctrl-C); run the same command again to resume
   143  stopped by SIGTERM (e.g. Kubernetes eviction); run it again to resume
+"""
+
+MORE_EXAMPLES = """more:
+  tmbatch status out/                         # done / failed by class / not sent / unknown
+  tmbatch resend out/ --class ambiguous       # the only way a possibly-billed line goes again
+  tmbatch export out/ --ordered --combined    # outputs in input order
+  tmbatch run jobs/label-sentiment.toml --sim # a declared job: labelling on the simulator
+  tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
+  tmbatch doctor                              # which key/URL came from where; checks
+  tmbatch report out/                         # HTML report (pip install 'tmbatch[report]')
 """
 
 RUN_EXAMPLES = """examples:
@@ -164,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run large batches of inference requests against Tensormesh, as fast as "
         "the account's limits allow, without paying twice for a request by accident.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
+        epilog=RUN_EXAMPLES + "\n" + MORE_EXAMPLES + "\n" + EXIT_CODES,
     )
     parser.add_argument("--version", action="version", version=f"tmbatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
