@@ -18,82 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import ssl
 import subprocess
 import sys
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    AppThread,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    run_cli,
+    write_jsonl,
+)
 from tmbatch.safety import MAX_RETRY_AFTER, parse_retry_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class AppThread:
-    """An aiohttp app on a real 127.0.0.1 socket, served from its own thread and loop."""
-
-    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None,
-                 host: str = "127.0.0.1") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._app, self._ssl, self._host = app, ssl_context, host
-        self._ready = threading.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("test server did not start")
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._boot())
-        self.loop.run_forever()
-
-    async def _boot(self) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, 0, ssl_context=self._ssl)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self._ready.set()
-
-    def url(self, scheme: str = "http") -> str:
-        return f"{scheme}://{self._host}:{self.port}"
-
-    async def _shutdown(self) -> None:
-        """Handlers still waiting (the one that never answers) are cancelled, not abandoned."""
-        assert self._runner is not None
-        await self._runner.cleanup()
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in rest:
-            t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., AppThread]]:
-    started: list[AppThread] = []
-
-    def start(app: web.Application, **kwargs: Any) -> AppThread:
-        started.append(AppThread(app, **kwargs))
-        return started[-1]
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 # -- the misbehaving server ------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +17,17 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tests.test_misbehaving_server import AppThread, chat_body
+from tests.conftest import (
+    API_KEY,
+    AppThread,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    run_cli,
+    write_jsonl,
+)
+from tests.test_misbehaving_server import chat_body
 from tmbatch.sim import STATE_KEY, SimConfig, build_app, stats_of
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., AppThread]]:
-    started: list[AppThread] = []
-
-    def start(app: web.Application, **kwargs: Any) -> AppThread:
-        started.append(AppThread(app, **kwargs))
-        return started[-1]
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
