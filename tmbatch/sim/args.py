@@ -53,6 +53,48 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+# (flag, SimConfig field, type, metavar, help): one table drives both the parser and
+# sim_config_from_args, so a knob cannot be added to one and forgotten in the other.
+_FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
+    ("--sim-latency", "latency", _non_negative, "SECONDS",
+     "delay added before answering each POST request (default: 0)"),
+    ("--sim-jitter", "latency_jitter", _non_negative, "SECONDS",
+     "uniform +- jitter on the latency (default: 0)"),
+    ("--sim-rate-limit", "rate_limit", _positive, "RPS",
+     "server-side limit in requests/second over all POST routes; excess requests get 429 "
+     "(default: no limit)"),
+    ("--sim-retry-after", "retry_after", _non_negative, "SECONDS",
+     "fixed Retry-After on every 429 (default: time until the rate limiter has room, at "
+     "least 1 s)"),
+    ("--sim-retry-after-format", "retry_after_format", RETRY_AFTER_FORMATS, None,
+     "how 429s announce the pause: Retry-After in seconds or as an HTTP date, only "
+     "retry-after-ms, or no header (default: seconds)"),
+    ("--sim-ratelimit-headers", "ratelimit_headers", bool, None,
+     "send x-ratelimit-limit/remaining/reset-requests headers"),
+    ("--sim-error-500", "error_500", _fraction, "FRACTION",
+     "fraction of billable requests processed and then answered 500"),
+    ("--sim-drop-after-read", "drop_after_read", _fraction, "FRACTION",
+     "fraction of billable requests processed and then disconnected without an answer"),
+    ("--sim-slow", "slow", _fraction, "FRACTION",
+     "fraction of billable requests answered only after --sim-slow-seconds"),
+    ("--sim-slow-seconds", "slow_seconds", _non_negative, "SECONDS",
+     "extra delay of slow requests (default: 30)"),
+    ("--sim-api-key", "api_key", _non_empty, "KEY",
+     "require 'Authorization: Bearer KEY' (default: accept anything)"),
+    ("--sim-user-id", "user_id", _non_empty, "UUID",
+     "on-demand mode: require 'X-User-Id: UUID' on every route"),
+    ("--sim-models", "models", _models, "A,B",
+     "served model names (default: tm-small,tm-large)"),
+    ("--sim-stream-chunks", "stream_chunks", _at_least_one, "N",
+     "content deltas per streamed answer (default: 8)"),
+    ("--sim-seed", "seed", int, "N", "seed of the simulated faults and jitter (default: 0)"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Shared by `tmbatch sim` and `tmbatch run --sim` so both describe the simulator the same.
     Given a group, the flags join it: nesting argument groups is deprecated in argparse."""
@@ -62,130 +104,19 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         if isinstance(parser, argparse.ArgumentParser)
         else parser
     )
-    group.add_argument(
-        "--sim-latency",
-        type=_non_negative,
-        default=d.latency,
-        metavar="SECONDS",
-        help="delay added before answering each POST request (default: 0)",
-    )
-    group.add_argument(
-        "--sim-jitter",
-        type=_non_negative,
-        default=d.latency_jitter,
-        metavar="SECONDS",
-        help="uniform +- jitter on the latency (default: 0)",
-    )
-    group.add_argument(
-        "--sim-rate-limit",
-        type=_positive,
-        default=None,
-        metavar="RPS",
-        help="server-side limit in requests/second over all POST routes; excess "
-        "requests get 429 (default: no limit)",
-    )
-    group.add_argument(
-        "--sim-retry-after",
-        type=_non_negative,
-        default=None,
-        metavar="SECONDS",
-        help="fixed Retry-After on every 429 (default: time until the rate "
-        "limiter has room, at least 1 s)",
-    )
-    group.add_argument(
-        "--sim-retry-after-format",
-        choices=RETRY_AFTER_FORMATS,
-        default=d.retry_after_format,
-        help="how 429s announce the pause: Retry-After in seconds or as an HTTP "
-        "date, only retry-after-ms, or no header (default: seconds)",
-    )
-    group.add_argument(
-        "--sim-ratelimit-headers",
-        action="store_true",
-        help="send x-ratelimit-limit/remaining/reset-requests headers",
-    )
-    group.add_argument(
-        "--sim-error-500",
-        type=_fraction,
-        default=d.error_500,
-        metavar="FRACTION",
-        help="fraction of billable requests processed and then answered 500",
-    )
-    group.add_argument(
-        "--sim-drop-after-read",
-        type=_fraction,
-        default=d.drop_after_read,
-        metavar="FRACTION",
-        help="fraction of billable requests processed and then disconnected without an answer",
-    )
-    group.add_argument(
-        "--sim-slow",
-        type=_fraction,
-        default=d.slow,
-        metavar="FRACTION",
-        help="fraction of billable requests answered only after --sim-slow-seconds",
-    )
-    group.add_argument(
-        "--sim-slow-seconds",
-        type=_non_negative,
-        default=d.slow_seconds,
-        metavar="SECONDS",
-        help="extra delay of slow requests (default: 30)",
-    )
-    group.add_argument(
-        "--sim-api-key",
-        type=_non_empty,
-        default=None,
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (default: accept anything)",
-    )
-    group.add_argument(
-        "--sim-user-id",
-        type=_non_empty,
-        default=None,
-        metavar="UUID",
-        help="on-demand mode: require 'X-User-Id: UUID' on every route",
-    )
-    group.add_argument(
-        "--sim-models",
-        type=_models,
-        default=d.models,
-        metavar="A,B",
-        help=f"served model names (default: {','.join(d.models)})",
-    )
-    group.add_argument(
-        "--sim-stream-chunks",
-        type=_at_least_one,
-        default=d.stream_chunks,
-        metavar="N",
-        help="content deltas per streamed answer (default: 8)",
-    )
-    group.add_argument(
-        "--sim-seed",
-        type=int,
-        default=d.seed,
-        metavar="N",
-        help="seed of the simulated faults and jitter (default: 0)",
-    )
+    for flag, attr, kind, metavar, text in _FLAGS:
+        if kind is bool:
+            group.add_argument(flag, action="store_true", help=text)
+        elif isinstance(kind, tuple):
+            group.add_argument(flag, choices=kind, default=getattr(d, attr), help=text)
+        else:
+            group.add_argument(flag, type=kind, default=getattr(d, attr), metavar=metavar,
+                               help=text)
 
 
 def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
     """Missing attributes fall back to defaults, so callers may add only some of the flags."""
     d = SimConfig()
-    return SimConfig(
-        latency=getattr(ns, "sim_latency", d.latency),
-        latency_jitter=getattr(ns, "sim_jitter", d.latency_jitter),
-        rate_limit=getattr(ns, "sim_rate_limit", d.rate_limit),
-        retry_after=getattr(ns, "sim_retry_after", d.retry_after),
-        retry_after_format=getattr(ns, "sim_retry_after_format", d.retry_after_format),
-        ratelimit_headers=getattr(ns, "sim_ratelimit_headers", d.ratelimit_headers),
-        error_500=getattr(ns, "sim_error_500", d.error_500),
-        drop_after_read=getattr(ns, "sim_drop_after_read", d.drop_after_read),
-        slow=getattr(ns, "sim_slow", d.slow),
-        slow_seconds=getattr(ns, "sim_slow_seconds", d.slow_seconds),
-        api_key=getattr(ns, "sim_api_key", d.api_key),
-        user_id=getattr(ns, "sim_user_id", d.user_id),
-        models=tuple(getattr(ns, "sim_models", d.models)),
-        stream_chunks=getattr(ns, "sim_stream_chunks", d.stream_chunks),
-        seed=getattr(ns, "sim_seed", d.seed),
-    )
+    values = {attr: getattr(ns, _dest(flag), getattr(d, attr)) for flag, attr, *_ in _FLAGS}
+    values["models"] = tuple(values["models"])
+    return SimConfig(**values)
