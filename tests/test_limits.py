@@ -232,3 +232,14 @@ def test_tokenize_lines_are_not_charged_output_tokens() -> None:
     body = {"model": "m", "prompt": "x" * 400}
     assert estimate_tokens(body) == 101 + DEFAULT_MAX_OUTPUT_TOKENS
     assert estimate_tokens(body, generates=False) == 101
+
+
+def test_no_adaptive_keeps_concurrency_fixed_under_429s(sim_factory: Any, tmp_path: Path) -> None:
+    sim = sim_factory(api_key=API_KEY, rate_limit=20, latency=0.05)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
+    p = _run(sim, inp, tmp_path / "out", "--concurrency", "32", "--no-adaptive",
+             "--max-retries", "20")
+    assert p.returncode == 0, p.stderr
+    adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
+    assert adm["mode"] == "fixed" and "decreases" not in adm
+    assert sim.stats()["rejected_429"] > 0 and sim.stats()["duplicates"] == 0

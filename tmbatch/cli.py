@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rpm", type=_positive_float, help="requests per minute (leaky bucket)")
     g.add_argument("--tpm", type=_positive_float, help="tokens per minute, estimated before "
                    "sending (prompt chars/4 + max_tokens) and corrected from usage")
+    g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapt concurrency to 429s (AIMD, --concurrency is the ceiling); on by "
+                   "default when --rpm is not given")
     g = run.add_argument_group("checkpoint")
     g.add_argument("--fsync", choices=["always", "interval", "never"], default=None,
                    help="always: fsync before every send (slowest, survives power loss "
@@ -430,7 +433,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
         restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
         quiet=ns.quiet, progress_interval=ns.progress_interval,
-        max_line_bytes=ns.max_line_bytes,
+        max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive,
     )
     if ns.sim:
         code = run_async(_run_with_sim(ns, opts, settings))

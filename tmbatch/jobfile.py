@@ -148,6 +148,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "concurrency": ("concurrency", lambda c, k, v: c.pos_int(k, v)),
     "rpm": ("rpm", lambda c, k, v: c.pos_number(k, v)),
     "tpm": ("tpm", lambda c, k, v: c.pos_number(k, v)),
+    "adaptive": ("adaptive", lambda c, k, v: c.boolean(k, v)),
     "fsync": ("fsync", lambda c, k, v: c.choice(k, v, ("always", "interval", "never"))),
     "drain_timeout": ("drain_timeout", lambda c, k, v: c.pos_number(k, v)),
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),

@@ -78,6 +78,7 @@ class RunOptions:
     fatal_404_after: int = 8
     only_lines: set[int] | None = None  # resend: exactly these lines, even if done
     prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
+    adaptive: bool | None = None  # None: adaptive concurrency exactly when no --rpm
     extra_header: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,9 +91,11 @@ class Runner:
         self.opts = opts
         self.settings = settings
         self.stats = RunStats()
-        # No --rpm: the concurrency limit adapts to 429s (AIMD), --concurrency is its ceiling.
+        # No --rpm: the concurrency limit adapts to 429s (AIMD), --concurrency is its ceiling,
+        # unless --adaptive / --no-adaptive says otherwise.
+        adaptive = opts.rpm is None if opts.adaptive is None else opts.adaptive
         self.admission = Admission(opts.rpm, opts.tpm, concurrency=opts.concurrency,
-                                   adaptive=opts.rpm is None)
+                                   adaptive=adaptive)
         self.stopping: str | None = None
         self.fatal: str | None = None
         self.io_error: str | None = None
