@@ -67,8 +67,10 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     StreamReader.read(n) returns what has arrived so far (at most n), not n bytes:
     one call would cut any answer that spans several TCP reads and lose a paid result.
     """
-    if resp.content_length is not None and resp.content_length > limit:
-        return None
+    if resp.content_length is not None:
+        if resp.content_length > limit:
+            return None
+        return await resp.read()  # bounded by Content-Length: aiohttp's one-call path
     buf = bytearray()
     while chunk := await resp.content.read(1 << 20):
         buf += chunk
