@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -17,7 +18,6 @@ from typing import Any
 import orjson
 
 from tmbatch import __version__
-from tmbatch.compact import OK as OK_STATE
 from tmbatch.config import ConfigError, Settings, check_model, resolve
 from tmbatch.journal import JournalError
 from tmbatch.logs import (  # noqa: F401  (RedactFilter: moved, still importable from here)
@@ -366,11 +366,9 @@ async def _run_with_sim(ns: argparse.Namespace, opts: RunOptions, settings: Sett
 
     server = await start_sim(sim_config_from_args(ns))
     try:
-        settings = Settings(
-            surface=settings.surface, base_url=server.url, api_key=settings.api_key,
-            user_id=settings.user_id, timeout=settings.timeout,
-            max_retries=settings.max_retries, ca_bundle=None,
-            sources={**settings.sources, "base_url": "--sim"}, warnings=settings.warnings,
+        settings = dataclasses.replace(
+            settings, base_url=server.url, ca_bundle=None,
+            sources={**settings.sources, "base_url": "--sim"},
         )
         log.info("simulator on %s (no credentials needed)", server.url)
         return await _preflight_then_run(ns, opts, settings)
@@ -556,13 +554,11 @@ def cmd_resend(ns: argparse.Namespace) -> int:
     else:
         code = run_async(Runner(opts, settings).run())
     if code in (EXIT_OK, EXIT_FAILED):
-        from tmbatch.journal import load
-
-        states = load(out).states
-        still = [r for r in chosen if states.get(r.line) != OK_STATE]
-        print(f"resend: {len(chosen) - len(still)} of {len(chosen)} now succeeded",
-              file=sys.stderr)
-        return EXIT_FAILED if still else EXIT_OK
+        # Only the chosen lines were sent, each once: this run's successes are theirs.
+        summary = orjson.loads((out / "summary.json").read_bytes())
+        ok = summary["this_run"]["succeeded"]
+        print(f"resend: {ok} of {len(chosen)} now succeeded", file=sys.stderr)
+        return EXIT_OK if ok == len(chosen) else EXIT_FAILED
     return code
 
 

@@ -42,16 +42,6 @@ class LineStates:
         """How many lines are in each state, indexed by state."""
         return [self._b.count(bytes([i])) for i in range(16)]
 
-    def lines_in(self, state: int) -> list[int]:
-        out, b, start = [], self._b, 0
-        needle = bytes([state])
-        while True:
-            i = b.find(needle, start)
-            if i < 0:
-                return out
-            out.append(i)
-            start = i + 1
-
     @property
     def nbytes(self) -> int:
         return len(self._b)

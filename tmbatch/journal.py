@@ -57,13 +57,6 @@ def state_for(cls: str) -> int:
     return OK if cls == "ok" else FAILED_BASE + CLASSES.index(cls)
 
 
-def class_of(state: int) -> str:
-    if state == OK:
-        return "ok"
-    if state == IN_FLIGHT:
-        return "in_flight"
-    return CLASSES[state - FAILED_BASE]
-
 
 @dataclass
 class ResumeState:

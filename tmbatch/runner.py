@@ -277,13 +277,20 @@ class Runner:
         response = None
         if exc.status is not None or exc.body is not None:
             response = {"status_code": exc.status, "request_id": exc.request_id, "body": exc.body}
-        self.writer.failure(req.line, {
-            "id": record_id(self.header["job"], req.custom_id),
-            "custom_id": req.custom_id,
+        self._write_failure(req.line, req.custom_id, cls, exc.code, exc.message,
+                            self.prior_attempts.get(req.line, 0) + attempts, response)
+
+    def _write_failure(self, line: int, custom_id: str | None, cls: str, code: str,
+                       message: str, attempts: int, response: dict[str, Any] | None = None,
+                       ) -> None:
+        """The one shape of a failures.jsonl line: OpenAI Batch's error file plus ours."""
+        self.writer.failure(line, {
+            "id": record_id(self.header["job"], custom_id or f"line-{line}"),
+            "custom_id": custom_id,
             "response": response,
-            "error": {"code": exc.code, "message": exc.message, "class": cls},
-            "attempts": self.prior_attempts.get(req.line, 0) + attempts,
-            "line": req.line,
+            "error": {"code": code, "message": message, "class": cls},
+            "attempts": attempts,
+            "line": line,
         })
 
     def _fatal(self, message: str) -> None:
@@ -296,15 +303,7 @@ class Runner:
     def bad_line(self, bad: BadLine) -> None:
         self.stats.failed["permanent"] += 1
         self.stats.codes[bad.code] += 1
-        cid = bad.custom_id if bad.custom_id is not None else f"line-{bad.line}"
-        self.writer.failure(bad.line, {
-            "id": record_id(self.header["job"], cid),
-            "custom_id": bad.custom_id,
-            "response": None,
-            "error": {"code": bad.code, "message": bad.message, "class": "permanent"},
-            "attempts": 0,
-            "line": bad.line,
-        })
+        self._write_failure(bad.line, bad.custom_id, "permanent", bad.code, bad.message, 0)
 
     # -- the pipeline ---------------------------------------------------
     async def _produce(self, queue: asyncio.Queue[Request | None], f: Any, resume: Any) -> None:
@@ -363,20 +362,12 @@ class Runner:
         for line, cls, code in resume.adopted:
             self.writer.adopt(line, cls, code)
         for line, (cid, attempts) in sorted(resume.in_flight.items()):
-            self.writer.failure(line, {
-                "id": record_id(self.header["job"], cid),
-                "custom_id": cid,
-                "response": None,
-                "error": {
-                    "code": "unknown_outcome_after_crash",
-                    "message": "dispatched before the previous run stopped, with no outcome "
-                               "recorded: the server may have processed (and billed) it; not "
-                               "re-sent. `tmbatch resend --class ambiguous` sends it again",
-                    "class": "ambiguous",
-                },
-                "attempts": attempts,
-                "line": line,
-            })
+            self._write_failure(
+                line, cid, "ambiguous", "unknown_outcome_after_crash",
+                "dispatched before the previous run stopped, with no outcome recorded: the "
+                "server may have processed (and billed) it; not re-sent. `tmbatch resend "
+                "--class ambiguous` sends it again", attempts,
+            )
         if resume.in_flight:
             log.warning("%d request(s) had no outcome when the previous run stopped: recorded "
                         "as ambiguous (unknown_outcome_after_crash), not re-sent",

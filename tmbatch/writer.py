@@ -173,8 +173,7 @@ class Writer:
             self._dirty = True
 
     def _fsync_all(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
+        self._fsync_fds()
         self._dirty = False
 
     async def fsync_loop(self, interval: float = 1.0) -> None:
