@@ -151,3 +151,26 @@ def test_indexed_job_env_shards_a_label_job_and_merge_joins_labels(tmp_path: Pat
     summary = orjson.loads((tmp_path / "all" / "summary.json").read_bytes())
     assert summary["labels"]["ok"] == len(records)
     assert sim.stats()["processed_keys"] == len(records)
+
+
+def test_merged_outputs_are_owner_only_whatever_the_umask(tmp_path: Path,
+                                                          sim_factory: Any) -> None:
+    """Merged files hold the same prompts and answers as the shards: 0600 in a 0700 directory,
+    as the README promises for every output, even when merge runs under umask 0."""
+    import os
+    import stat
+
+    sim = sim_factory()
+    inp = make_input(tmp_path)
+    outs = [tmp_path / f"shard-{i}" for i in range(2)]
+    for code, err in run_shards(inp, sim.url, outs, ["0/2", "1/2"]):
+        assert code == 0, err
+    merged = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-m", "tmbatch", "merge", *map(str, outs), "-o",
+                        str(merged)], env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: os.umask(0))
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in merged.iterdir()}
+    assert {"results.jsonl", "failures.jsonl", "summary.json"} <= set(modes)
+    assert {n: oct(m) for n, m in modes.items() if m != 0o600} == {}
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o700

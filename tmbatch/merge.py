@@ -164,7 +164,7 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
     written = bytearray(size)
     tally = Tally(failed=Counter(), missing=[], duplicated=[])
     tmp_r, tmp_f = out / (RESULTS + ".tmp"), out / (FAILURES + ".tmp")
-    with open(tmp_r, "wb") as res_out, open(tmp_f, "wb") as fail_out:
+    with _create(tmp_r) as res_out, _create(tmp_f) as fail_out:
         for part in parts:
             has_result = bytearray(size)
             last_failure = {}  # line -> index of its last failure record in this directory
@@ -227,7 +227,7 @@ def merge_labels(parts: list[Part], out: Path) -> Counter[str] | None:
     tmp = out / (LABELS + ".tmp")
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(p.path / LABELS, "rb")) for p in have]
-        dst = stack.enter_context(open(tmp, "wb"))
+        dst = stack.enter_context(_create(tmp))
         for _, raw in heapq.merge(*(rows(f) for f in files), key=lambda t: t[0]):
             counts[str(orjson.loads(raw).get("status"))] += 1
             dst.write(raw)
@@ -303,7 +303,8 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     if labels is not None:
         summary["labels"] = {"file": LABELS, **labels}
     tmp = out / (SUMMARY + ".tmp")
-    tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    with _create(tmp) as f:
+        f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     os.replace(tmp, out / SUMMARY)
     print(f"merged {len(parts)} director{'y' if len(parts) == 1 else 'ies'} of {source}: "
           f"{len(wanted) - 1 - blank} line(s), {tally.succeeded} succeeded, {failed_total} failed"
@@ -316,6 +317,11 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
         return EXIT_INCOMPLETE
     print("every line has exactly one outcome", file=sys.stderr, flush=True)
     return EXIT_FAILED if failed_total else EXIT_OK
+
+
+def _create(path: Path) -> IO[bytes]:
+    """Merged outputs hold prompts and answers: owner-only, whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
 
 def _lines(lines: list[int], count: int) -> str:
