@@ -113,10 +113,58 @@ def test_a_rejected_attempt_is_refunded() -> None:
         assert adm.tpm is not None
         await adm.admit(1)  # same task as observe(), as in the runner
         booked = adm.tpm.tat
-        adm.observe(429, {})
+        adm.observe(429, {}, rejected=True)
         return booked - adm.tpm.tat
 
     assert asyncio.run(go()) == pytest.approx(1.0)  # the one token came back
+
+
+@pytest.mark.parametrize("status,headers,refunded", [
+    (408, {}, True),  # rejected: nothing generated, the token comes back
+    (503, {"Retry-After": "1"}, True),  # rejected
+    (503, {}, False),  # ambiguous: the server may have generated it, so it stays charged
+    (500, {}, False),
+])
+def test_refund_follows_the_class_of_the_answer(status: int, headers: dict[str, str],
+                                                refunded: bool) -> None:
+    """Admission and the safety table must agree on what a status means: a 503 without
+    Retry-After is ambiguous there, so it is not "nothing was generated" here either."""
+    from tmbatch.safety import classify_status
+
+    async def go() -> float:
+        adm = Admission(tpm=60.0, concurrency=4)
+        assert adm.tpm is not None
+        await adm.admit(1)
+        booked = adm.tpm.tat
+        failed = classify_status(status, headers, None, None)
+        adm.observe(status, headers, rejected=failed.cls == "rejected")
+        return booked - adm.tpm.tat
+
+    assert asyncio.run(go()) == pytest.approx(1.0 if refunded else 0.0)
+
+
+def test_ambiguous_503s_do_not_cut_adaptive_concurrency(serve: Any, tmp_path: Path) -> None:
+    """A 503 without Retry-After is an ambiguous failure (the server may have done the work),
+    not a rate-limit signal: the run records the lines and leaves concurrency alone."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": {"message": "overloaded"}}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = serve(app)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(12)])
+    p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", server.url(),
+                 "-q", "--no-preflight", "-c", "4"],
+                env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+    assert p.returncode == 1, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert not res and len(fail) == 12
+    assert {f["error"]["class"] for f in fail.values()} == {"ambiguous"}
+    adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
+    assert adm["mode"] == "adaptive" and adm["decreases"] == 0 and adm["concurrency_min"] == 4
 
 
 def test_remaining_zero_holds_every_worker_until_reset() -> None:
@@ -142,7 +190,7 @@ def test_aimd_cuts_once_per_event_and_grows_back() -> None:
             await adm.admit(1)
         # three 429s from requests sent before the first cut: one event, one cut
         for _ in range(3):
-            adm.observe(429, {})
+            adm.observe(429, {}, rejected=True)
         assert adm.decreases == 1 and int(adm.limit) == int(10 * AIMD_BETA)
         for _ in range(10):
             adm.release()
@@ -156,7 +204,7 @@ def test_aimd_cuts_once_per_event_and_grows_back() -> None:
         adm.release()
         await blocked  # a release lets exactly it through
         # a 429 from a request sent after the cut is a new event
-        adm.observe(429, {})
+        adm.observe(429, {}, rejected=True)
         assert adm.decreases == 2
         second = int(adm.limit)
         for _ in range(second):  # one round trip of successes: +1
@@ -170,7 +218,7 @@ def test_fixed_mode_keeps_concurrency_on_429() -> None:
     async def go() -> int:
         adm = Admission(rpm=6000, concurrency=4, adaptive=False)
         await adm.admit(1)
-        adm.observe(429, {})
+        adm.observe(429, {}, rejected=True)
         return adm.decreases
 
     assert asyncio.run(go()) == 0

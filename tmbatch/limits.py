@@ -284,8 +284,13 @@ class Admission:
         lo, hi = RATIO_BOUNDS
         self.ratio = min(hi, max(lo, self._ema_actual / self._ema_raw))
 
-    def observe(self, status: int | None, headers: Mapping[str, str] | None) -> None:
-        """Learn from one answer or rejection: rate-limit headers, AIMD, refunds, the rate."""
+    def observe(self, status: int | None, headers: Mapping[str, str] | None,
+                rejected: bool = False) -> None:
+        """Learn from one answer or rejection: rate-limit headers, AIMD, refunds, the rate.
+
+        `rejected`: the safety table's class for a failure says the server refused it before
+        doing any work (429, 408, 503 with Retry-After). Only then is anything refunded or
+        the pace cut: a 503 without Retry-After is ambiguous, the work may have been done."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         att = _ATTEMPT.get()
@@ -305,7 +310,7 @@ class Admission:
                     self._acked = 0
                     self.limit = min(float(self.ceiling), self.limit + 1.0)
                     self._wake()
-        elif status in (429, 503):
+        elif rejected:
             if self.tpm is not None and att is not None and att.charged:
                 self.tpm.adjust(-att.charged)  # rejected: nothing was generated
                 att.charged = 0.0

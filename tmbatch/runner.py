@@ -161,7 +161,8 @@ class Runner:
             try:
                 answer = await send(self.session, req.url, req.body, headers)
             except AttemptFailed as exc:
-                self.admission.observe(exc.status, getattr(exc, "headers", None))
+                self.admission.observe(exc.status, getattr(exc, "headers", None),
+                                       rejected=exc.cls == REJECTED)
                 if exc.cls == REJECTED:
                     if exc.status == 429:
                         self.stats.rejected_429 += 1
