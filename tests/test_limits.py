@@ -14,7 +14,6 @@ import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.limits import (
-    _ATTEMPT,
     AIMD_BETA,
     MAX_HOLD,
     Admission,
@@ -22,6 +21,7 @@ from tmbatch.limits import (
     estimate_tokens,
     parse_duration,
 )
+from tmbatch.safety import classify_status
 
 
 @pytest.mark.parametrize("text,want", [
@@ -94,13 +94,11 @@ def test_admission_learns_the_usage_ratio_and_charges_it() -> None:
     async def go() -> tuple[float, float]:
         adm = Admission(tpm=1e9, concurrency=4)
         for _ in range(300):
-            await adm.admit(100)
-            adm.settle(100, 300)
-            adm.release()
-        await adm.admit(100)
-        att = _ATTEMPT.get()
-        assert att is not None
-        return adm.ratio, att.charged
+            ticket = await adm.admit(100)
+            ticket.succeeded(None, 300)
+            ticket.release()
+        ticket = await adm.admit(100)
+        return adm.ratio, ticket.charged
 
     ratio, charged = asyncio.run(go())
     assert ratio == pytest.approx(3.0, rel=0.01)
@@ -111,9 +109,9 @@ def test_a_rejected_attempt_is_refunded() -> None:
     async def go() -> float:
         adm = Admission(tpm=60.0, concurrency=4)  # 1 token/s: a booking moves tat by 1 s
         assert adm.tpm is not None
-        await adm.admit(1)  # same task as observe(), as in the runner
+        ticket = await adm.admit(1)
         booked = adm.tpm.tat
-        adm.observe(429, {}, rejected=True)
+        ticket.failed(classify_status(429, {}, None, None))
         return booked - adm.tpm.tat
 
     assert asyncio.run(go()) == pytest.approx(1.0)  # the one token came back
@@ -129,15 +127,12 @@ def test_refund_follows_the_class_of_the_answer(status: int, headers: dict[str, 
                                                 refunded: bool) -> None:
     """Admission and the safety table must agree on what a status means: a 503 without
     Retry-After is ambiguous there, so it is not "nothing was generated" here either."""
-    from tmbatch.safety import classify_status
-
     async def go() -> float:
         adm = Admission(tpm=60.0, concurrency=4)
         assert adm.tpm is not None
-        await adm.admit(1)
+        ticket = await adm.admit(1)
         booked = adm.tpm.tat
-        failed = classify_status(status, headers, None, None)
-        adm.observe(status, headers, rejected=failed.cls == "rejected")
+        ticket.failed(classify_status(status, headers, None, None))
         return booked - adm.tpm.tat
 
     assert asyncio.run(go()) == pytest.approx(1.0 if refunded else 0.0)
@@ -171,11 +166,11 @@ def test_remaining_zero_holds_every_worker_until_reset() -> None:
     async def go() -> tuple[float, int, float]:
         adm = Admission(concurrency=4)
         loop = asyncio.get_running_loop()
-        adm.observe(200, {"x-ratelimit-remaining-requests": "3",
-                          "x-ratelimit-reset-requests": "20s"})
+        (await adm.admit(1)).succeeded({"x-ratelimit-remaining-requests": "3",
+                                        "x-ratelimit-reset-requests": "20s"}, 0)
         assert adm.holds == 0
-        adm.observe(200, {"x-ratelimit-remaining-tokens": "0",
-                          "x-ratelimit-reset-tokens": "6m0s"})
+        (await adm.admit(1)).succeeded({"x-ratelimit-remaining-tokens": "0",
+                                        "x-ratelimit-reset-tokens": "6m0s"}, 0)
         return adm.pause_until - loop.time(), adm.holds, adm.paused_seconds
 
     left, holds, paused = asyncio.run(go())
@@ -186,29 +181,28 @@ def test_remaining_zero_holds_every_worker_until_reset() -> None:
 def test_aimd_cuts_once_per_event_and_grows_back() -> None:
     async def go() -> None:
         adm = Admission(concurrency=10, adaptive=True)
-        for _ in range(10):
-            await adm.admit(1)
+        rejected = classify_status(429, {}, None, None)
+        first = [await adm.admit(1) for _ in range(10)]
         # three 429s from requests sent before the first cut: one event, one cut
-        for _ in range(3):
-            adm.observe(429, {}, rejected=True)
+        for ticket in first[:3]:
+            ticket.failed(rejected)
         assert adm.decreases == 1 and int(adm.limit) == int(10 * AIMD_BETA)
-        for _ in range(10):
-            adm.release()
+        for ticket in first:
+            ticket.release()
         cap = int(adm.limit)
-        for _ in range(cap):
-            await adm.admit(1)
+        held = [await adm.admit(1) for _ in range(cap)]
         blocked = asyncio.ensure_future(adm.admit(1))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not blocked.done()  # at the limit: the next one waits for a slot
-        adm.release()
-        await blocked  # a release lets exactly it through
+        held[0].release()
+        late = await blocked  # a release lets exactly it through
         # a 429 from a request sent after the cut is a new event
-        adm.observe(429, {}, rejected=True)
+        late.failed(rejected)
         assert adm.decreases == 2
         second = int(adm.limit)
         for _ in range(second):  # one round trip of successes: +1
-            adm.observe(200, {})
+            held[1].succeeded({}, 0)
         assert int(adm.limit) == second + 1
 
     asyncio.run(go())
@@ -217,8 +211,8 @@ def test_aimd_cuts_once_per_event_and_grows_back() -> None:
 def test_fixed_mode_keeps_concurrency_on_429() -> None:
     async def go() -> int:
         adm = Admission(rpm=6000, concurrency=4, adaptive=False)
-        await adm.admit(1)
-        adm.observe(429, {}, rejected=True)
+        ticket = await adm.admit(1)
+        ticket.failed(classify_status(429, {}, None, None))
         return adm.decreases
 
     assert asyncio.run(go()) == 0
@@ -227,11 +221,11 @@ def test_fixed_mode_keeps_concurrency_on_429() -> None:
 def test_a_cancelled_waiter_passes_its_slot_on() -> None:
     async def go() -> None:
         adm = Admission(concurrency=1, adaptive=True)
-        await adm.admit(1)
+        first = await adm.admit(1)
         a = asyncio.ensure_future(adm.admit(1))
         b = asyncio.ensure_future(adm.admit(1))
         await asyncio.sleep(0)
-        adm.release()  # wakes a ...
+        first.release()  # wakes a ...
         a.cancel()  # ... which leaves before taking the slot
         await asyncio.gather(a, return_exceptions=True)
         await b  # so b gets it

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.client import idempotency_key, make_session, send, with_stream_usage
 from tmbatch.config import Settings
-from tmbatch.safety import AMBIGUOUS, AttemptFailed
+from tmbatch.safety import AttemptFailed, Outcome
 from tmbatch.sse import Aggregator, StreamError
 
 JOB = "streamjob01"
@@ -255,7 +255,7 @@ def test_client_classifies_a_socket_cut_as_ambiguous_with_the_partial(captured: 
             await runner.cleanup()
 
     exc = asyncio.run(go())
-    assert exc.cls == AMBIGUOUS and exc.code == "stream_cut"
+    assert exc.cls is Outcome.AMBIGUOUS and exc.code == "stream_cut"
     assert exc.status == 200 and exc.request_id == "rid-1"
     assert exc.body["choices"][0]["message"]["content"]
 

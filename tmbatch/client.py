@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from tmbatch.config import Settings
-from tmbatch.safety import AMBIGUOUS, PERMANENT, AttemptFailed, classify_exception, classify_status
+from tmbatch.safety import AttemptFailed, Outcome, classify_exception, classify_status
 from tmbatch.sse import Aggregator, StreamError
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -96,7 +96,6 @@ async def send(
     stream = body.get("stream") is True
     if stream:
         body = with_stream_usage(route, body)
-    data = orjson.dumps(body)
     hdrs = {"Content-Type": "application/json"}
     if stream:
         hdrs["Accept"] = "text/event-stream"
@@ -105,63 +104,77 @@ async def send(
     start = time.monotonic()
     try:
         async with session.post(
-            route.lstrip("/"), data=data, headers=hdrs, allow_redirects=False
+            route.lstrip("/"), data=orjson.dumps(body), headers=hdrs, allow_redirects=False
         ) as resp:
-            status = resp.status
-            request_id = resp.headers.get("x-request-id")
-            if 300 <= status < 400:
-                raise AttemptFailed(
-                    PERMANENT, "redirect",
-                    f"HTTP {status} redirect to {resp.headers.get('Location', '?')!r} not "
-                    "followed (it would carry the API key); point --base-url at the final host",
-                    status, None, request_id,
-                )
-            is_sse = resp.content_type == "text/event-stream"
-            if status >= 300 or not (stream and is_sse):
-                raw = await _read_body(resp, MAX_BODY_BYTES)
-                if raw is None:
-                    raise AttemptFailed(
-                        AMBIGUOUS if status < 300 else PERMANENT, "response_too_large",
-                        f"response body over {MAX_BODY_BYTES} bytes", status, None, request_id,
-                    )
-                parsed = _loads(raw)
-                if status >= 300:
-                    if parsed is None:
-                        parsed = raw[:2000].decode("utf-8", "replace")
-                    failed = classify_status(status, resp.headers, parsed, request_id)
-                    failed.headers = resp.headers  # type: ignore[attr-defined]  # for admission
-                    raise failed
-                if not isinstance(parsed, dict):
-                    raise AttemptFailed(
-                        AMBIGUOUS, "invalid_response_body",
-                        f"HTTP {status} but the body is not a JSON object: "
-                        f"{raw[:200].decode('utf-8', 'replace')!r}",
-                        status, None, request_id,
-                    )
-                return Answer(status, request_id, parsed, time.monotonic() - start, None,
-                              resp.headers)
-            agg = Aggregator(route)
-            try:
-                async for chunk in resp.content.iter_any():
-                    agg.feed(chunk, time.monotonic())
-                final = agg.finish()
-            except StreamError as exc:
-                raise AttemptFailed(AMBIGUOUS, exc.code, exc.message, status, exc.partial,
-                                    request_id) from None
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                cut = classify_exception(exc)
-                raise AttemptFailed(
-                    AMBIGUOUS, "stream_cut",
-                    f"stream cut before data: [DONE] after {agg.events} event(s): "
-                    f"{cut.message}; what arrived is in response.body",
-                    status, agg.partial(), request_id,
-                ) from None
-            ttft = None if agg.first_token_at is None else agg.first_token_at - start
-            return Answer(status, request_id, final, time.monotonic() - start, ttft, resp.headers)
+            if 300 <= resp.status < 400:
+                raise _redirect(resp)
+            if resp.status < 300 and stream and resp.content_type == "text/event-stream":
+                return await _read_stream(resp, route, start)
+            return await _read_plain(resp, start)
     except AttemptFailed:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise classify_exception(exc) from None
+
+
+def _request_id(resp: aiohttp.ClientResponse) -> str | None:
+    return resp.headers.get("x-request-id")
+
+
+def _redirect(resp: aiohttp.ClientResponse) -> AttemptFailed:
+    return AttemptFailed(
+        Outcome.PERMANENT, "redirect",
+        f"HTTP {resp.status} redirect to {resp.headers.get('Location', '?')!r} not "
+        "followed (it would carry the API key); point --base-url at the final host",
+        resp.status, None, _request_id(resp),
+    )
+
+
+async def _read_plain(resp: aiohttp.ClientResponse, start: float) -> Answer:
+    """A whole JSON answer, or the failure its status (or a broken body) makes it."""
+    status, request_id = resp.status, _request_id(resp)
+    raw = await _read_body(resp, MAX_BODY_BYTES)
+    if raw is None:
+        raise AttemptFailed(
+            Outcome.AMBIGUOUS if status < 300 else Outcome.PERMANENT, "response_too_large",
+            f"response body over {MAX_BODY_BYTES} bytes", status, None, request_id,
+        )
+    parsed = _loads(raw)
+    if status >= 300:
+        if parsed is None:
+            parsed = raw[:2000].decode("utf-8", "replace")
+        raise classify_status(status, resp.headers, parsed, request_id)
+    if not isinstance(parsed, dict):
+        raise AttemptFailed(
+            Outcome.AMBIGUOUS, "invalid_response_body",
+            f"HTTP {status} but the body is not a JSON object: "
+            f"{raw[:200].decode('utf-8', 'replace')!r}",
+            status, None, request_id,
+        )
+    return Answer(status, request_id, parsed, time.monotonic() - start, None, resp.headers)
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, route: str, start: float) -> Answer:
+    """An SSE answer rebuilt into the body the same request returns unstreamed."""
+    status, request_id = resp.status, _request_id(resp)
+    agg = Aggregator(route)
+    try:
+        async for chunk in resp.content.iter_any():
+            agg.feed(chunk, time.monotonic())
+        final = agg.finish()
+    except StreamError as exc:
+        raise AttemptFailed(Outcome.AMBIGUOUS, exc.code, exc.message, status, exc.partial,
+                            request_id) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        cut = classify_exception(exc)
+        raise AttemptFailed(
+            Outcome.AMBIGUOUS, "stream_cut",
+            f"stream cut before data: [DONE] after {agg.events} event(s): "
+            f"{cut.message}; what arrived is in response.body",
+            status, agg.partial(), request_id,
+        ) from None
+    ttft = None if agg.first_token_at is None else agg.first_token_at - start
+    return Answer(status, request_id, final, time.monotonic() - start, ttft, resp.headers)
 
 
 USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -198,6 +211,6 @@ async def get_json(session: aiohttp.ClientSession, route: str) -> tuple[int, Any
             parsed = _loads(raw)
             if parsed is None:
                 parsed = raw[:2000].decode("utf-8", "replace")
-            return resp.status, parsed, resp.headers.get("x-request-id")
+            return resp.status, parsed, _request_id(resp)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise classify_exception(exc) from None

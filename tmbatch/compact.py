@@ -9,10 +9,16 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 
-# Per-line states, one byte each. Order matters: >= OK means "has an outcome".
-UNSEEN, IN_FLIGHT, OK = 0, 1, 2
-FAILED_BASE = 3  # + index in safety.CLASSES
-FATAL_STATE = FAILED_BASE + 4  # refused before any work (401/403): sent again on resume
+from tmbatch.safety import Outcome
+
+# Per-line states, one byte each: these two, or the `state` of an Outcome's policy.
+UNSEEN, IN_FLIGHT = 0, 1
+OK = Outcome.OK.policy.state
+N_STATES = 16
+# state byte -> its outcome, and whether that outcome is final (the reader skips the line)
+OUTCOME_OF: dict[int, Outcome] = {o.policy.state: o for o in Outcome if o is not Outcome.PENDING}
+_FINAL = bytes(1 if s in OUTCOME_OF and OUTCOME_OF[s].policy.final else 0
+               for s in range(N_STATES))
 
 
 class LineStates:
@@ -26,6 +32,10 @@ class LineStates:
     def get(self, line: int) -> int:
         return self._b[line] if line < len(self._b) else UNSEEN
 
+    def outcome(self, line: int) -> Outcome | None:
+        """The line's current outcome (None: unseen or in flight)."""
+        return OUTCOME_OF.get(self.get(line))
+
     def set(self, line: int, state: int) -> None:
         if line >= len(self._b):
             self._b.extend(bytes(max(line + 1 - len(self._b), len(self._b), 1024)))
@@ -33,18 +43,16 @@ class LineStates:
 
     def __contains__(self, line: int) -> bool:
         """True when the line has a final outcome, so the reader skips it."""
-        if line >= len(self._b):
-            return False
-        s = self._b[line]
-        return s >= OK and s != FATAL_STATE
+        return line < len(self._b) and _FINAL[self._b[line]] == 1
 
     def counts(self) -> list[int]:
         """How many lines are in each state, indexed by state."""
-        return [self._b.count(bytes([i])) for i in range(16)]
+        return [self._b.count(bytes([i])) for i in range(N_STATES)]
 
-    @property
-    def nbytes(self) -> int:
-        return len(self._b)
+    def by_outcome(self) -> dict[Outcome, int]:
+        """How many lines have each outcome."""
+        counts = self.counts()
+        return {o: counts[s] for s, o in OUTCOME_OF.items()}
 
 
 def id_hash(custom_id: str) -> int:
@@ -52,17 +60,14 @@ def id_hash(custom_id: str) -> int:
     has odds of ~3e-8. Per process only, which is all an in-memory set needs; it is cached on
     the str and about ten times cheaper than a hashlib digest."""
     h = hash(custom_id)
-    return h if h > _TOMB or h < 0 else h + 2  # 0 marks an empty slot, 1 a removed one
-
-
-_TOMB = 1
+    return h if h != 0 else 1  # 0 marks an empty slot
 
 
 class IdSet:
     """custom_id hashes: a sorted frozen tier (the journal's, built in one C-speed sort on
     resume) plus an open-addressing table in one flat array for ids seen in this run."""
 
-    __slots__ = ("_frozen", "_mask", "_slots", "_tombs", "count")
+    __slots__ = ("_frozen", "_mask", "_slots", "count")
 
     def __init__(self, capacity: int = 1024) -> None:
         size = 1024
@@ -71,13 +76,12 @@ class IdSet:
         self._slots = array("q", bytes(8 * size))
         self._mask = size - 1
         self.count = 0
-        self._tombs = 0
         self._frozen = array("q")
 
     def freeze(self, hashes: array) -> None:
         """Take a bulk of raw `hash(custom_id)` values (may repeat) as the frozen tier."""
-        if 0 in hashes or 1 in hashes:  # the id_hash() mapping of the two sentinel values
-            hashes = array("q", (h if h > _TOMB or h < 0 else h + 2 for h in hashes))
+        if 0 in hashes:  # the id_hash() mapping of the empty-slot value
+            hashes = array("q", (h if h != 0 else 1 for h in hashes))
         self._frozen = array("q", sorted(hashes))
         self.count += len(self._frozen)
 
@@ -96,41 +100,18 @@ class IdSet:
         return self.add_hash(h)
 
     def add_hash(self, h: int) -> bool:
-        if (self.count - len(self._frozen) + self._tombs + 1) * 2 > len(self._slots):
+        if (self.count - len(self._frozen) + 1) * 2 > len(self._slots):
             self._grow()
         slots, mask = self._slots, self._mask
         i = h & mask
-        free = -1
         while True:
             cur = slots[i]
             if cur == 0:
-                if free >= 0:
-                    slots[free] = h
-                    self._tombs -= 1
-                else:
-                    slots[i] = h
+                slots[i] = h
                 self.count += 1
                 return True
             if cur == h:
                 return False
-            if cur == _TOMB and free < 0:
-                free = i
-            i = (i + 1) & mask
-
-    def discard(self, custom_id: str) -> None:
-        """Forget an id seen in this run (the frozen tier is filtered before freezing)."""
-        h = id_hash(custom_id)
-        slots, mask = self._slots, self._mask
-        i = h & mask
-        while True:
-            cur = slots[i]
-            if cur == 0:
-                return
-            if cur == h:
-                slots[i] = _TOMB
-                self.count -= 1
-                self._tombs += 1
-                return
             i = (i + 1) & mask
 
     def __contains__(self, custom_id: str) -> bool:
@@ -151,10 +132,9 @@ class IdSet:
         old = self._slots
         self._slots = array("q", bytes(16 * len(old)))
         self._mask = len(self._slots) - 1
-        self.count -= sum(1 for h in old if h != 0 and h != _TOMB)
-        self._tombs = 0
+        self.count -= sum(1 for h in old if h != 0)
         for h in old:
-            if h != 0 and h != _TOMB:
+            if h != 0:
                 self.add_hash(h)
 
     def __len__(self) -> int:

@@ -14,19 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import orjson
-
-from tmbatch.journal import FAILURES, RESULTS
+from tmbatch.files import FAILURES, RESULTS, atomic_writer, make_dir
+from tmbatch.records import line_of
 
 DEFAULT_CHUNK = 100_000
-
-
-def _line_of(raw: bytes) -> int | None:
-    try:
-        line = orjson.loads(raw).get("line")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return line if isinstance(line, int) else None
 
 
 def _spill(batch: list[tuple[int, bytes]], tmpdir: str) -> str:
@@ -56,7 +47,7 @@ def sorted_records(paths: list[Path], chunk: int = DEFAULT_CHUNK) -> Iterator[tu
                 for raw in f:
                     if not raw.endswith(b"\n"):
                         continue  # a torn last line is never data
-                    line = _line_of(raw)
+                    line = line_of(raw)
                     if line is None:
                         continue
                     batch.append((line, raw))
@@ -78,14 +69,11 @@ def sorted_records(paths: list[Path], chunk: int = DEFAULT_CHUNK) -> Iterator[tu
 
 
 def _write_sorted(sources: list[Path], dest: Path, chunk: int) -> int:
-    tmp = dest.with_name(dest.name + ".tmp")
     n = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+    with atomic_writer(dest) as out:
         for _, raw in sorted_records(sources, chunk):
             out.write(raw)
             n += 1
-    os.replace(tmp, dest)
     return n
 
 
@@ -93,7 +81,7 @@ def export_ordered(out_dir: Path, dest_dir: Path | None = None, *, combined: boo
                    chunk: int = DEFAULT_CHUNK) -> dict[str, int]:
     """Write results/failures (and optionally both together) sorted by input line."""
     dest = dest_dir or out_dir
-    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(dest)
     counts = {
         "results.ordered.jsonl": _write_sorted([out_dir / RESULTS],
                                                dest / "results.ordered.jsonl", chunk),

@@ -16,19 +16,16 @@ absolute paths on the volume (/data/...).
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
-import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from tmbatch.config import ConfigError, check_model
 from tmbatch.reader import MAX_LINE_BYTES, normalize_endpoint
+from tmbatch.tomlcheck import TableChecker, unknown_key
 
 log = logging.getLogger("tmbatch")
 
@@ -40,80 +37,7 @@ SECRET_PARTS = {"key", "token", "secret", "password", "passwd", "credential", "c
 LABEL_TABLE = "label"
 
 
-def _show(value: Any) -> str:
-    """A value as the user would recognise it from the file, cut short."""
-    try:
-        text = orjson.dumps(value).decode()
-    except TypeError:
-        text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Checker:
-    """Typed reads of one table with error messages that name the file and the key."""
-
-    def __init__(self, path: Path, prefix: str = "") -> None:
-        self.path = path
-        self.prefix = prefix
-
-    def fail(self, key: str, what: str, value: Any) -> ConfigError:
-        return ConfigError(f"{self.path}: key `{self.prefix}{key}` must be {what}, "
-                           f"got {_show(value)}")
-
-    def string(self, key: str, value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, "a non-empty string", value)
-        return value
-
-    def path_value(self, key: str, value: Any) -> str:
-        text = self.string(key, value)
-        p = Path(text).expanduser()
-        # normpath, not resolve(): a ConfigMap mount is a symlink farm, keep the mounted path
-        return os.path.normpath(p if p.is_absolute() else self.path.parent / p)
-
-    def pos_int(self, key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(key, "a positive integer", value)
-        return value
-
-    def nonneg_int(self, key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(key, "an integer of 0 or more", value)
-        return value
-
-    def pos_number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise self.fail(key, "a number greater than 0", value)
-        return float(value)
-
-    def number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, "a number", value)
-        return float(value)
-
-    def boolean(self, key: str, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, "true or false", value)
-        return value
-
-    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
-        if value not in choices:
-            raise self.fail(key, "one of " + ", ".join(f'"{c}"' for c in choices), value)
-        return str(value)
-
-    def string_list(self, key: str, value: Any) -> list[str]:
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(v, str) and v.strip() for v in value)):
-            raise self.fail(key, "a non-empty list of non-empty strings", value)
-        return [v.strip() for v in value]
-
-    def table(self, key: str, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, "a table", value)
-        return value
-
-
-def _endpoint(c: _Checker, key: str, value: Any) -> str:
+def _endpoint(c: TableChecker, key: str, value: Any) -> str:
     text = c.string(key, value)
     try:
         normalize_endpoint(text)
@@ -122,7 +46,7 @@ def _endpoint(c: _Checker, key: str, value: Any) -> str:
     return text
 
 
-def _model(c: _Checker, key: str, value: Any) -> str:
+def _model(c: TableChecker, key: str, value: Any) -> str:
     text = c.string(key, value)
     problem = check_model(text, f"{c.path}: key `{key}`")
     if problem:
@@ -132,7 +56,7 @@ def _model(c: _Checker, key: str, value: Any) -> str:
 
 # key -> (argparse dest, how to check it). Connection settings are strings in the
 # namespace because config.resolve parses them (and reports sources) itself.
-Spec = Callable[[_Checker, str, Any], Any]
+Spec = Callable[[TableChecker, str, Any], Any]
 TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "description": (None, lambda c, k, v: c.string(k, v)),
     "input": ("input", lambda c, k, v: c.path_value(k, v)),
@@ -182,13 +106,6 @@ def secret_problem(path: Path, key: str) -> str | None:
     return None
 
 
-def _unknown(path: Path, key: str, known: list[str], prefix: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
-    return ConfigError(f"{path}: unknown key `{prefix}{key}`{hint} (known keys: "
-                       + ", ".join(prefix + k for k in sorted(known)) + ")")
-
-
 def check_secret_keys(path: Path, table: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
     for key, value in table.items():
         problem = secret_problem(path, key)
@@ -219,7 +136,7 @@ def load_job(path_text: str) -> Job:
     check_secret_keys(path, {k: v for k, v in data.items() if k != LABEL_TABLE})
     if isinstance(data.get(LABEL_TABLE), dict):
         check_secret_keys(path, data[LABEL_TABLE], skip=("schema",))
-    checker = _Checker(path)
+    checker = TableChecker(path)
     values: dict[str, Any] = {}
     label: dict[str, Any] | None = None
     for key, value in data.items():
@@ -227,7 +144,7 @@ def load_job(path_text: str) -> Job:
             label = checker.table(key, value)
             continue
         if key not in TOP_KEYS:
-            raise _unknown(path, key, [*TOP_KEYS, LABEL_TABLE])
+            raise unknown_key(path, key, [*TOP_KEYS, LABEL_TABLE])
         dest, check = TOP_KEYS[key]
         checked = check(checker, key, value)
         if dest is not None:

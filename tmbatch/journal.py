@@ -4,7 +4,8 @@ Format (`journal.jsonl`, one JSON value per line):
     {"e": "start", ...}            header: input, fingerprint, options, job id
     {"e": "resume", "t": ...}      each later run on the same directory
     ["d", line, attempt, custom_id] written and flushed *before* the bytes leave
-    ["o", line, cls, code]          an outcome; cls is "ok" or a failure class
+    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"
+    ["p", t, seconds]               a Retry-After pause of every worker
     ["m", results_size, failures_size]  output sizes after an outcome batch
 
 Results and failures are flushed before the journal records that point at them,
@@ -26,23 +27,12 @@ from typing import Any
 
 import orjson
 
-from tmbatch.compact import (
-    FAILED_BASE,
-    FATAL_STATE,
-    IN_FLIGHT,
-    OK,
-    UNSEEN,
-    IdSet,
-    LineStates,
-)
-from tmbatch.safety import CLASSES
+from tmbatch.compact import IN_FLIGHT, UNSEEN, IdSet, LineStates
+from tmbatch.files import FAILURES, JOURNAL, RESULTS
+from tmbatch.safety import Outcome
 
 log = logging.getLogger("tmbatch")
 
-JOURNAL = "journal.jsonl"
-RESULTS = "results.jsonl"
-FAILURES = "failures.jsonl"
-SUMMARY = "summary.json"
 FORMAT_VERSION = 1
 
 
@@ -50,12 +40,74 @@ class JournalError(Exception):
     """The output directory cannot be resumed as it is; the message says why and what to do."""
 
 
-def state_for(cls: str) -> int:
-    """"pending" is an attempt the server refused when the run was stopping: read it again."""
-    if cls == "pending":
-        return UNSEEN
-    return OK if cls == "ok" else FAILED_BASE + CLASSES.index(cls)
+# -- the records ------------------------------------------------------------------------------
+@dataclass(slots=True)
+class DispatchRecord:
+    """["d", line, attempt, custom_id]: flushed before the request's bytes leave."""
 
+    line: int
+    attempt: int
+    custom_id: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(("d", self.line, self.attempt, self.custom_id)) + b"\n"
+
+
+@dataclass(slots=True)
+class OutcomeRecord:
+    """["o", line, outcome, code, t, latency_ms, ttft_ms]: resume reads the first three
+    fields; the time fields, present for outcomes this run saw happen, are what
+    `tmbatch report` draws."""
+
+    line: int
+    outcome: Outcome
+    code: str = ""
+    t: float | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+
+    def to_json(self) -> bytes:
+        rec: tuple[Any, ...] = ("o", self.line, self.outcome.value, self.code)
+        if self.t is not None:
+            rec += (self.t,)
+            if self.latency_ms is not None or self.ttft_ms is not None:
+                rec += (self.latency_ms, self.ttft_ms)
+        return orjson.dumps(rec) + b"\n"
+
+    @classmethod
+    def from_list(cls, rec: list[Any]) -> OutcomeRecord | None:
+        """Parse a journal list; None for a record that is not a well-formed outcome."""
+        try:
+            outcome = Outcome(rec[2])
+        except (IndexError, ValueError):
+            return None
+        fields = [*rec[3:7], None, None, None, None][:4]
+        code = fields[0] if isinstance(fields[0], str) else ""
+        nums = [v if isinstance(v, int | float) else None for v in fields[1:]]
+        return cls(rec[1], outcome, code, *nums)
+
+
+@dataclass(slots=True)
+class PauseRecord:
+    """["p", t, seconds]: every worker paused for a Retry-After (drawn by the report)."""
+
+    t: float
+    seconds: float
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(("p", self.t, self.seconds)) + b"\n"
+
+
+@dataclass(slots=True)
+class MarkRecord:
+    """["m", results_size, failures_size]: the output sizes after a batch of outcomes, so a
+    resume knows where outcomes without a journal record can start."""
+
+    results_size: int
+    failures_size: int
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(("m", self.results_size, self.failures_size)) + b"\n"
 
 
 @dataclass
@@ -69,7 +121,7 @@ class ResumeState:
     repaired: list[str] = field(default_factory=list)
     runs: int = 1
     superseded: bool = False  # some line got a newer outcome than a failure already written
-    adopted: list[tuple[int, str, str]] = field(default_factory=list)  # found past the last mark
+    adopted: list[OutcomeRecord] = field(default_factory=list)  # found past the last mark
 
 
 def repair_torn(path: Path) -> str | None:
@@ -146,85 +198,87 @@ def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
 
 
 def _replay(path: Path, state: ResumeState) -> None:
-    """Replay the journal into per-line states; the hot loop is kept flat on purpose."""
-    b = bytearray(1024)
-    size = len(b)
-    hashes = array("q")
-    hashes_append = hashes.append
-    in_flight = state.in_flight
-    undone: dict[int, str] = {}  # refused while stopping: the reader must see them as new
-    superseded = False
-    attempts = runs = 0
-    mark = state.last_mark
-    ok_, unseen_, fatal_, inflight_ = OK, UNSEEN, FATAL_STATE, IN_FLIGHT
-    codes = {"ok": OK, "pending": UNSEEN}
-    for i, cls in enumerate(CLASSES):
-        codes[cls] = FAILED_BASE + i
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    """Replay the journal into per-line states, with the cyclic GC off: millions of
+    short-lived lists would make it rescan them all."""
     gc_was_on = gc.isenabled()
-    gc.disable()  # millions of short-lived lists: the cyclic GC would rescan them all
+    gc.disable()
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             f.readline()  # the header
-            for raw in f:
-                try:
-                    rec = loads(raw)
-                except decode_error:
-                    if raw.endswith(b"\n"):
-                        raise JournalError(
-                            f"{path}: a corrupt line (not a torn last line): {raw[:80]!r}; "
-                            "inspect it, or start over with --restart (old files are kept aside)"
-                        ) from None
-                    break  # torn last line (only possible with repair=False): never data
-                if type(rec) is not list:
-                    if rec.get("e") == "resume":
-                        runs += 1
-                    continue
-                kind = rec[0]
-                if kind == "d":
-                    line = rec[1]
-                    if line >= size:
-                        b.extend(bytes(max(line + 1, 2 * size) - size))
-                        size = len(b)
-                    prev = b[line]
-                    if prev == unseen_:
-                        hashes_append(hash(rec[3]))
-                    elif prev > ok_:
-                        superseded = True
-                    b[line] = inflight_
-                    in_flight[line] = rec  # [d, line, attempt, custom_id]: no tuple per record
-                    if undone:
-                        undone.pop(line, None)
-                    attempts += 1
-                elif kind == "o":
-                    line = rec[1]
-                    if line >= size:
-                        b.extend(bytes(max(line + 1, 2 * size) - size))
-                        size = len(b)
-                    if b[line] > ok_:
-                        superseded = True
-                    new = codes[rec[2]]
-                    b[line] = new
-                    entry = in_flight.pop(line, None)
-                    if entry is not None and new in (unseen_, fatal_):
-                        undone[line] = entry[3]
-                elif kind == "m":
-                    mark = (rec[1], rec[2])
+            b, hashes, undone = _replay_records(f, path, state)
     finally:
         if gc_was_on:
             gc.enable()
+    in_flight = state.in_flight
     for line, rec in list(in_flight.items()):
         in_flight[line] = (rec[3], rec[2])
-    if undone:
+    if undone:  # sent again by this run: the reader must not call them duplicates
         gone = {hash(cid) for cid in undone.values()}
         hashes = array("q", (h for h in hashes if h not in gone))
     state.states = LineStates(b)
     state.seen = IdSet()
     state.seen.freeze(hashes)
-    state.superseded = superseded
-    state.attempts_done = attempts
-    state.runs += runs
-    state.last_mark = mark
+
+
+# Outcome spelling -> state byte, and the states a resume sends again (fatal, pending).
+_STATE_OF = {o.value: o.policy.state for o in Outcome}
+_SENT_AGAIN = frozenset(o.policy.state for o in Outcome if not o.policy.final)
+
+
+def _replay_records(f: Any, path: Path, state: ResumeState,
+                    ) -> tuple[bytearray, array, dict[int, str]]:
+    """The hot loop, kept flat on purpose: a million-line job replays two million records."""
+    b = bytearray(1024)
+    size = len(b)
+    hashes = array("q")
+    hashes_append = hashes.append
+    in_flight: dict[int, Any] = state.in_flight
+    undone: dict[int, str] = {}  # refused while stopping or fatal: the reader sees them anew
+    ok_, unseen_, inflight_ = _STATE_OF["ok"], UNSEEN, IN_FLIGHT
+    codes, sent_again = _STATE_OF, _SENT_AGAIN
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    attempts = 0
+    for raw in f:
+        try:
+            rec = loads(raw)
+        except decode_error:
+            if raw.endswith(b"\n"):
+                raise JournalError(
+                    f"{path}: a corrupt line (not a torn last line): {raw[:80]!r}; "
+                    "inspect it, or start over with --restart (old files are kept aside)"
+                ) from None
+            break  # torn last line (only possible with repair=False): never data
+        if type(rec) is not list:
+            if rec.get("e") == "resume":
+                state.runs += 1
+            continue
+        kind = rec[0]
+        if kind == "d" or kind == "o":
+            line = rec[1]
+            if line >= size:
+                b.extend(bytes(max(line + 1, 2 * size) - size))
+                size = len(b)
+            prev = b[line]
+            if prev > ok_:
+                state.superseded = True
+            if kind == "d":
+                if prev == unseen_:
+                    hashes_append(hash(rec[3]))
+                b[line] = inflight_
+                in_flight[line] = rec  # [d, line, attempt, custom_id]: no tuple per record
+                if undone:
+                    undone.pop(line, None)
+                attempts += 1
+            else:
+                new = codes[rec[2]]
+                b[line] = new
+                entry = in_flight.pop(line, None)
+                if entry is not None and new in sent_again:
+                    undone[line] = entry[3]
+        elif kind == "m":
+            state.last_mark = (rec[1], rec[2])
+    state.attempts_done += attempts
+    return b, hashes, undone
 
 
 def _adopt_tail(out_dir: Path, state: ResumeState) -> None:
@@ -244,14 +298,25 @@ def _adopt_tail(out_dir: Path, state: ResumeState) -> None:
             if offset > 0 and f.read(1) != b"\n":
                 f.readline()  # the mark points mid-line (file was rewritten): resync
             for raw in f:
-                try:
-                    rec = orjson.loads(raw)
-                    line = rec["line"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    continue
-                if line in state.in_flight:
-                    err = rec.get("error")
-                    cls = err.get("class", "ambiguous") if isinstance(err, dict) else "ok"
-                    state.states.set(line, state_for(cls))
-                    state.adopted.append((line, cls, (err or {}).get("code", "")))
-                    del state.in_flight[line]
+                found = _outcome_in_output(raw)
+                if found is not None and found.line in state.in_flight:
+                    state.states.set(found.line, found.outcome.policy.state)
+                    state.adopted.append(found)
+                    del state.in_flight[found.line]
+
+
+def _outcome_in_output(raw: bytes) -> OutcomeRecord | None:
+    """The outcome a results/failures line records (a record without an error succeeded)."""
+    try:
+        rec = orjson.loads(raw)
+        line = rec["line"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    err = rec.get("error")
+    if not isinstance(err, dict):
+        return OutcomeRecord(line, Outcome.OK)
+    try:
+        outcome = Outcome(err.get("class", Outcome.AMBIGUOUS))
+    except ValueError:
+        outcome = Outcome.AMBIGUOUS
+    return OutcomeRecord(line, outcome, str(err.get("code", "")))

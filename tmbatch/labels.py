@@ -28,14 +28,27 @@ from typing import IO, Any
 import orjson
 
 from tmbatch.config import ConfigError
-from tmbatch.jobfile import Job, _Checker, _unknown
-from tmbatch.journal import FAILURES, JOURNAL, RESULTS, SUMMARY
+from tmbatch.exitcodes import ExitCode
+from tmbatch.files import (
+    FAILURES,
+    FILE_MODE,
+    JOURNAL,
+    LABELS,
+    RESULTS,
+    SUMMARY,
+    atomic_writer,
+    make_dir,
+)
+from tmbatch.jobfile import Job
+from tmbatch.lines import Shard, in_shard, numbered_lines
 from tmbatch.reader import MAX_CUSTOM_ID, InputError, open_input
+from tmbatch.records import line_of
+from tmbatch.summary import write_summary
+from tmbatch.tomlcheck import TableChecker, unknown_key
 
 log = logging.getLogger("tmbatch")
 
 REQUESTS = "requests.jsonl"
-LABELS = "labels.jsonl"
 CHAT = "/v1/chat/completions"
 STATUSES = ("ok", "invalid_label", "unparsable", "failed")
 LABEL_KEYS = ("id_field", "template", "system", "labels", "schema", "schema_file",
@@ -69,7 +82,7 @@ class RecordError:
     message: str
 
 
-def parse_template(c: _Checker, key: str, value: Any) -> tuple[Piece, ...]:
+def parse_template(c: TableChecker, key: str, value: Any) -> tuple[Piece, ...]:
     """Only plain {field} placeholders: format-spec tricks would be surprises, not features."""
     text = c.string(key, value)
     try:
@@ -90,7 +103,7 @@ def parse_template(c: _Checker, key: str, value: Any) -> tuple[Piece, ...]:
     return tuple(pieces)
 
 
-def _check_schema_shape(c: _Checker, key: str, schema: Any) -> dict[str, Any]:
+def _check_schema_shape(c: TableChecker, key: str, schema: Any) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise c.fail(key, "a JSON schema object", schema)
     kinds = schema.get("type")
@@ -111,10 +124,10 @@ def _q(value: Any) -> str:
 
 def load_spec(job_path: Path, table: dict[str, Any]) -> LabelSpec:
     """Check the [label] table of a job file."""
-    c = _Checker(job_path, "label.")
+    c = TableChecker(job_path, "label.")
     for key in table:
         if key not in LABEL_KEYS:
-            raise _unknown(job_path, key, list(LABEL_KEYS), "label.")
+            raise unknown_key(job_path, key, list(LABEL_KEYS), "label.")
     if "template" not in table:
         raise ConfigError(f"{job_path}: key `label.template` is missing; give the prompt with "
                           "the record's fields as placeholders, e.g. "
@@ -155,10 +168,8 @@ def load_spec(job_path: Path, table: dict[str, Any]) -> LabelSpec:
 # -- records -> requests ---------------------------------------------------------------------
 def iter_records(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     """(physical line number, stripped line); blank lines included so numbering stays exact."""
-    for n, raw in enumerate(f, start=1):
-        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        yield n, raw.strip()
+    for n, raw, _ in numbered_lines(f):
+        yield n, (raw or b"").strip()
 
 
 def _fill(pieces: tuple[Piece, ...], record: dict[str, Any], line: int,
@@ -249,20 +260,20 @@ class Prepared:
 
 
 def prepare_requests(spec: LabelSpec, records: str, out_dir: Path, model: str | None,
-                     shard: tuple[int, int] | None, restart: bool) -> Prepared:
+                     shard: Shard | None, restart: bool) -> Prepared:
     """Write OUTPUT/requests.jsonl; the same records and job give the same bytes, so resume
     recognises its input, and changed ones are refused rather than mixed in."""
     if not model:
         raise ConfigError("a labelling job needs a model: set `model` in the job file or pass "
                           "--model")
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(out_dir)
     target = out_dir / REQUESTS
     tmp = out_dir / f".{REQUESTS}.{os.getpid()}.tmp"
     count = errors = 0
     shown: list[str] = []
     f = open_input(records)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "wb", buffering=1 << 20) as out:
             for line, raw in iter_records(f):
                 if not raw:
@@ -271,8 +282,7 @@ def prepare_requests(spec: LabelSpec, records: str, out_dir: Path, model: str | 
                 item = render(spec, raw, line, model)
                 if isinstance(item, RecordError):
                     out.write(b"\n")  # nothing to send; labels.jsonl lists it as failed
-                    mine = shard is None or (line - 1) % shard[1] == shard[0]
-                    if mine:
+                    if in_shard(line, shard):
                         errors += 1
                         if len(shown) < 5:
                             shown.append(item.message)
@@ -392,11 +402,8 @@ def _index_outcomes(out_dir: Path) -> array:
         with open(path, "rb") as f:
             pos = 0
             for raw in f:
-                try:
-                    line = orjson.loads(raw)["line"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    line = None
-                if isinstance(line, int) and line > 0:
+                line = line_of(raw)
+                if line is not None and line > 0:
                     current = where[line] if line < len(where) else 0
                     if sign > 0 or current <= 0:  # a result beats any failure of the line
                         put(line, sign * (pos + 1))
@@ -410,24 +417,21 @@ def _read_at(f: IO[bytes], offset: int) -> dict[str, Any]:
 
 
 def build_labels(spec: LabelSpec, records: str, out_dir: Path,
-                 shard: tuple[int, int] | None) -> Counter[str]:
+                 shard: Shard | None) -> Counter[str]:
     """Write OUTPUT/labels.jsonl in record order: one line per record of this shard."""
     where = _index_outcomes(out_dir)
     counts: Counter[str] = Counter({s: 0 for s in STATUSES})
-    tmp = out_dir / f".{LABELS}.tmp"
     with contextlib.ExitStack() as stack:
         files = {n: stack.enter_context(open(out_dir / n, "rb"))
                  for n in (RESULTS, FAILURES) if (out_dir / n).exists()}
         f = stack.enter_context(open_input(records))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        out = stack.enter_context(os.fdopen(fd, "wb", buffering=1 << 20))
+        out = stack.enter_context(atomic_writer(out_dir / LABELS))
         for line, raw in iter_records(f):
-            if not raw or (shard is not None and (line - 1) % shard[1] != shard[0]):
+            if not raw or not in_shard(line, shard):
                 continue
             row = _label_row(spec, raw, line, where, files)
             counts[row["status"]] += 1
             out.write(orjson.dumps(row) + b"\n")
-    os.replace(tmp, out_dir / LABELS)
     return counts
 
 
@@ -472,17 +476,13 @@ def add_to_summary(out_dir: Path, counts: Counter[str]) -> None:
     except (OSError, orjson.JSONDecodeError):
         return
     summary["labels"] = {"file": LABELS, **{s: counts[s] for s in STATUSES}}
-    tmp = out_dir / (SUMMARY + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(tmp, path)
+    write_summary(out_dir, summary)
 
 
-def finish(spec: LabelSpec, records: str, out_dir: Path, shard: tuple[int, int] | None,
+def finish(spec: LabelSpec, records: str, out_dir: Path, shard: Shard | None,
            code: int, quiet: bool = False) -> int:
     """After the run: labels.jsonl when the run finished; exit 1 when some label is not ok."""
-    if code not in (0, 1):
+    if code not in (ExitCode.OK, ExitCode.FAILED):
         log.info("%s is written when a run of this job finishes (run the same command again)",
                  LABELS)
         return code
@@ -495,7 +495,7 @@ def finish(spec: LabelSpec, records: str, out_dir: Path, shard: tuple[int, int] 
         parts = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
         print(f"labels: {parts} -> {out_dir / LABELS}", flush=True, file=sys.stderr)
     bad = sum(counts[s] for s in STATUSES if s != "ok")
-    return 1 if bad and code == 0 else code
+    return ExitCode.FAILED if bad and code == ExitCode.OK else code
 
 
 @dataclass
@@ -505,7 +505,7 @@ class LabelRun:
     spec: LabelSpec
     records: str
     out_dir: Path
-    shard: tuple[int, int] | None
+    shard: Shard | None
     quiet: bool
 
     def finish(self, code: int) -> int:

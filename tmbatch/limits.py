@@ -18,16 +18,17 @@ Gates shared by every worker, checked in this order before each attempt:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiolimiter import AsyncLimiter
+
+from tmbatch.safety import AttemptFailed
 
 log = logging.getLogger("tmbatch")
 
@@ -151,21 +152,55 @@ class TokenBucket:
             self.tat += amount / self.rate
 
 
-@dataclass
-class _Attempt:
-    """What admit() charged for the attempt running in this task, for settle()/observe()."""
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One admitted attempt: its concurrency slot and the tokens charged for it.
 
-    raw: int
+    The runner holds it for the attempt and reports the answer to it, so what is refunded
+    or settled is exactly what this attempt was charged, whatever other attempts do.
+    """
+
+    admission: Admission
+    estimated: int
     charged: float
     sent_at: float
+    released: bool = False
 
+    def release(self) -> None:
+        """End of the attempt, whatever its outcome: its slot is free again (once)."""
+        if not self.released:
+            self.released = True
+            self.admission._release()
 
-# Each worker is its own asyncio task, and admit(), observe() and settle() for one
-# attempt all run in that task, so a context variable ties them together without
-# changing the runner's call signatures.
-_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
-    "tmbatch_attempt", default=None
-)
+    def succeeded(self, headers: Mapping[str, str] | None, used_tokens: int) -> None:
+        """Learn from an answer: rate-limit headers, AIMD growth, the real token usage."""
+        adm = self.admission
+        now = asyncio.get_running_loop().time()
+        if headers:
+            adm._from_headers(headers, now)
+        adm._on_success(now)
+        if adm.tpm is not None and used_tokens > 0:
+            adm.tpm.adjust(used_tokens - self.charged)
+            self.charged = float(used_tokens)  # settled: a second report is a no-op
+            adm._learn_ratio(self.estimated, used_tokens)
+
+    def failed(self, failure: AttemptFailed) -> float | None:
+        """Learn from a failed attempt as its class says; the seconds of a Retry-After pause
+        this started for every worker (the runner journals it), else None."""
+        adm = self.admission
+        now = asyncio.get_running_loop().time()
+        if failure.headers:
+            adm._from_headers(failure.headers, now)
+        policy = failure.cls.policy
+        if policy.refund and adm.tpm is not None and self.charged:
+            adm.tpm.adjust(-self.charged)  # nothing was generated
+            self.charged = 0.0
+        if not policy.slows_admission:
+            return None
+        adm._slow_down(self.sent_at, now)
+        if failure.retry_after is not None and adm.pause(failure.retry_after):
+            return failure.retry_after
+        return None
 
 
 class Admission:
@@ -185,7 +220,6 @@ class Admission:
         self.paused_seconds = 0.0
         self.holds = 0
         self.held_seconds = 0.0
-        self.on_pause: Callable[[float], None] | None = None
         # adaptive concurrency (AIMD)
         self.adaptive = adaptive
         self.ceiling = max(1, concurrency)
@@ -240,13 +274,12 @@ class Admission:
                 fut.set_result(None)
                 free -= 1
 
-    def release(self) -> None:
-        """End of an attempt (whatever its outcome): its concurrency slot is free again."""
+    def _release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self._wake()
 
-    async def admit(self, tokens: int) -> None:
-        """Wait until this request may be sent; every return must be paired with release()."""
+    async def admit(self, tokens: int) -> Ticket:
+        """Wait until this attempt may be sent; the ticket must be released when it ends."""
         loop = asyncio.get_running_loop()
         await self.wait_pause()
         await self._take_slot()
@@ -263,20 +296,13 @@ class Admission:
         except BaseException:
             if self.tpm is not None and charged:
                 self.tpm.adjust(-charged)
-            self.release()
+            self._release()
             raise
-        _ATTEMPT.set(_Attempt(tokens, charged, loop.time()))
+        return Ticket(self, tokens, charged, loop.time())
 
     # -- learning from answers ------------------------------------------
-    def settle(self, estimated: int, actual: int) -> None:
-        """Correct the token bucket from a response's usage, and learn the estimate's bias."""
-        if self.tpm is None or actual <= 0:
-            return
-        att = _ATTEMPT.get()
-        charged = att.charged if att is not None and att.raw == estimated else estimated
-        self.tpm.adjust(actual - charged)
-        if att is not None:
-            att.charged = float(actual)  # a second settle of the same attempt is a no-op
+    def _learn_ratio(self, estimated: int, actual: int) -> None:
+        """The estimate's bias, so the next charges are closer to what usage will say."""
         self.settled += 1
         a = RATIO_ALPHA if self.settled > 1 else 1.0
         self._ema_raw += a * (max(1, estimated) - self._ema_raw)
@@ -284,47 +310,30 @@ class Admission:
         lo, hi = RATIO_BOUNDS
         self.ratio = min(hi, max(lo, self._ema_actual / self._ema_raw))
 
-    def observe(self, status: int | None, headers: Mapping[str, str] | None,
-                rejected: bool = False) -> None:
-        """Learn from one answer or rejection: rate-limit headers, AIMD, refunds, the rate.
-
-        `rejected`: the safety table's class for a failure says the server refused it before
-        doing any work (429, 408, 503 with Retry-After). Only then is anything refunded or
-        the pace cut: a 503 without Retry-After is ambiguous, the work may have been done."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        att = _ATTEMPT.get()
-        if headers:
-            self._from_headers(headers, now)
-        if status is None:
-            return
-        if 200 <= status < 300:
-            self._ok_times.append(now)
-            if self._first_ok is None:
-                self._first_ok = now
-            while self._ok_times and self._ok_times[0] < now - 2 * RATE_WINDOW:
-                self._ok_times.popleft()
-            if self.adaptive and self.limit < self.ceiling:
-                self._acked += 1
-                if self._acked >= int(self.limit):  # about one round trip of answers
-                    self._acked = 0
-                    self.limit = min(float(self.ceiling), self.limit + 1.0)
-                    self._wake()
-        elif rejected:
-            if self.tpm is not None and att is not None and att.charged:
-                self.tpm.adjust(-att.charged)  # rejected: nothing was generated
-                att.charged = 0.0
-            sent_at = att.sent_at if att is not None else now
-            # One cut per congestion event: answers to requests sent before the last
-            # cut were already reacted to.
-            if self.adaptive and sent_at >= self._last_decrease:
-                self._last_decrease = now
-                self.limit = max(1.0, math.floor(self.limit * AIMD_BETA))
-                self.limit_min = min(self.limit_min, int(self.limit))
+    def _on_success(self, now: float) -> None:
+        self._ok_times.append(now)
+        if self._first_ok is None:
+            self._first_ok = now
+        while self._ok_times and self._ok_times[0] < now - 2 * RATE_WINDOW:
+            self._ok_times.popleft()
+        if self.adaptive and self.limit < self.ceiling:
+            self._acked += 1
+            if self._acked >= int(self.limit):  # about one round trip of answers
                 self._acked = 0
-                self.decreases += 1
-                log.info("rate limited: at most %d in flight from now on (adaptive)",
-                         int(self.limit))
+                self.limit = min(float(self.ceiling), self.limit + 1.0)
+                self._wake()
+
+    def _slow_down(self, sent_at: float, now: float) -> None:
+        """One cut per congestion event: answers to requests sent before the last cut were
+        already reacted to."""
+        if not self.adaptive or sent_at < self._last_decrease:
+            return
+        self._last_decrease = now
+        self.limit = max(1.0, math.floor(self.limit * AIMD_BETA))
+        self.limit_min = min(self.limit_min, int(self.limit))
+        self._acked = 0
+        self.decreases += 1
+        log.info("rate limited: at most %d in flight from now on (adaptive)", int(self.limit))
 
     def _from_headers(self, headers: Mapping[str, str], now: float) -> None:
         for kind in ("requests", "tokens"):
@@ -364,8 +373,6 @@ class Admission:
         self.paused_seconds += grew
         log.info("rate limited: every worker pauses %.1fs (Retry-After)", seconds,
                  extra={"event": "rate_limit_pause", "retry_after": seconds})
-        if self.on_pause is not None:
-            self.on_pause(seconds)  # the runner journals it for `tmbatch report`
         return True
 
     # -- reporting ------------------------------------------------------

@@ -24,13 +24,22 @@ from typing import IO, Any
 
 import orjson
 
-from tmbatch.journal import FAILURES, JOURNAL, RESULTS, SUMMARY, JournalError, read_header
+from tmbatch.exitcodes import ExitCode
+from tmbatch.files import (
+    FAILURES,
+    JOURNAL,
+    LABELS,
+    RESULTS,
+    SUMMARY,
+    atomic_write,
+    atomic_writer,
+    make_dir,
+)
+from tmbatch.journal import JournalError, read_header
+from tmbatch.lines import is_blank, numbered_lines
 from tmbatch.reader import fingerprint, open_input
 
 log = logging.getLogger("tmbatch")
-
-LABELS = "labels.jsonl"
-EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 5
 SHOW = 20  # line numbers listed in messages; summary.json keeps up to LIST_MAX
 LIST_MAX = 1000
 
@@ -120,10 +129,8 @@ def scan_input(path: str) -> tuple[bytearray, int]:
     wanted = bytearray(1)  # index 0 unused: lines are 1-based
     blank = 0
     with open_input(path) as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            empty = not raw.strip()
+        for _, content, _ in numbered_lines(f, 1 << 20):
+            empty = is_blank(content)
             blank += empty
             wanted.append(0 if empty else 1)
     return wanted, blank
@@ -163,8 +170,7 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
     claims = bytearray(size)  # how many directories hold an outcome for the line (capped)
     written = bytearray(size)
     tally = Tally(failed=Counter(), missing=[], duplicated=[])
-    tmp_r, tmp_f = out / (RESULTS + ".tmp"), out / (FAILURES + ".tmp")
-    with _create(tmp_r) as res_out, _create(tmp_f) as fail_out:
+    with atomic_writer(out / RESULTS) as res_out, atomic_writer(out / FAILURES) as fail_out:
         for part in parts:
             has_result = bytearray(size)
             last_failure = {}  # line -> index of its last failure record in this directory
@@ -203,8 +209,6 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
             tally.duplicated_count += 1
             if len(tally.duplicated) < LIST_MAX:
                 tally.duplicated.append(line)
-    os.replace(tmp_r, out / RESULTS)
-    os.replace(tmp_f, out / FAILURES)
     return tally
 
 
@@ -224,14 +228,12 @@ def merge_labels(parts: list[Part], out: Path) -> Counter[str] | None:
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                 yield int(orjson.loads(raw).get("line") or 0), raw
 
-    tmp = out / (LABELS + ".tmp")
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(p.path / LABELS, "rb")) for p in have]
-        dst = stack.enter_context(_create(tmp))
+        dst = stack.enter_context(atomic_writer(out / LABELS))
         for _, raw in heapq.merge(*(rows(f) for f in files), key=lambda t: t[0]):
             counts[str(orjson.loads(raw).get("status"))] += 1
             dst.write(raw)
-    os.replace(tmp, out / LABELS)
     return counts
 
 
@@ -268,7 +270,7 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     problems = shard_problems(parts)
     source = find_input(parts, input_path)
     wanted, blank = scan_input(source)
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(out)
     tally = merge_outputs(parts, wanted, out)
     labels = merge_labels(parts, out)
     assert tally.failed is not None and tally.missing is not None and tally.duplicated is not None
@@ -302,10 +304,7 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     }
     if labels is not None:
         summary["labels"] = {"file": LABELS, **labels}
-    tmp = out / (SUMMARY + ".tmp")
-    with _create(tmp) as f:
-        f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(tmp, out / SUMMARY)
+    atomic_write(out / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     print(f"merged {len(parts)} director{'y' if len(parts) == 1 else 'ies'} of {source}: "
           f"{len(wanted) - 1 - blank} line(s), {tally.succeeded} succeeded, {failed_total} failed"
           f" -> {out}", file=sys.stderr, flush=True)
@@ -314,14 +313,9 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
             print(f"tmbatch: merge: {problem}", file=sys.stderr, flush=True)
         print("tmbatch: merge: INCOMPLETE: not every line has exactly one outcome (exit 5)",
               file=sys.stderr, flush=True)
-        return EXIT_INCOMPLETE
+        return ExitCode.INCOMPLETE
     print("every line has exactly one outcome", file=sys.stderr, flush=True)
-    return EXIT_FAILED if failed_total else EXIT_OK
-
-
-def _create(path: Path) -> IO[bytes]:
-    """Merged outputs hold prompts and answers: owner-only, whatever the umask."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+    return ExitCode.FAILED if failed_total else ExitCode.OK
 
 
 def _lines(lines: list[int], count: int) -> str:

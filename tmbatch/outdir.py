@@ -13,34 +13,20 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tmbatch import __version__
-from tmbatch.journal import (
-    FAILURES,
-    JOURNAL,
-    RESULTS,
-    SUMMARY,
-    JournalError,
-    ResumeState,
-    load,
-)
+from tmbatch.files import FAILURES, FILE_MODE, JOURNAL, LOCK, RESULTS, SUMMARY, make_dir
+from tmbatch.journal import JournalError, ResumeState, load
+from tmbatch.options import RunOptions
 from tmbatch.reader import fingerprint
-
-if TYPE_CHECKING:
-    from tmbatch.runner import RunOptions
 
 log = logging.getLogger("tmbatch")
 
 
-def options_record(opts: RunOptions) -> dict[str, Any]:
-    return {"endpoint": opts.endpoint, "model": opts.model, "stream": opts.stream,
-            "shard": list(opts.shard) if opts.shard else None}
-
-
 def lock_output(out_dir: Path) -> int:
     """One run per output directory: two writers would interleave the journal."""
-    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -56,11 +42,11 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
     out = opts.out_dir
     stdin = opts.input == "-"
     fp = "stdin" if stdin else fingerprint(opts.input)  # a bad input leaves no empty out/
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(out)
     journal = out / JOURNAL
     if journal.exists() and opts.restart:
         aside = out / f"previous-{time.strftime('%Y%m%dT%H%M%S')}"
-        aside.mkdir(mode=0o700)
+        make_dir(aside)
         for name in (JOURNAL, RESULTS, FAILURES, SUMMARY):
             if (out / name).exists():
                 os.replace(out / name, aside / name)
@@ -80,7 +66,7 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
                 "another --output, or --restart to start over (old files are kept aside)"
             )
         recorded = header.get("options") or {}
-        current = options_record(opts)
+        current = opts.request_shape()
         diff = [k for k in current if recorded.get(k) != current[k]]
         if diff:
             parts = ", ".join(f"{k} was {recorded.get(k)!r}, now {current[k]!r}" for k in diff)
@@ -92,7 +78,7 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
     header = {
         "e": "start", "v": 1, "tmbatch": __version__,
         "input": "-" if stdin else os.path.abspath(opts.input),
-        "fingerprint": fp, "options": options_record(opts),
+        "fingerprint": fp, "options": opts.request_shape(),
         "job": opts.job_id or secrets.token_hex(8), "t": time.time(),
     }
     return header, None

@@ -26,10 +26,10 @@ from typing import Any
 
 from tmbatch.client import get_json, make_session, send
 from tmbatch.config import UUID_RE, Settings, check_model, redact
+from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import say
 from tmbatch.reader import BadLine, InputError, open_input, read_requests
-from tmbatch.runner import EXIT_FATAL
-from tmbatch.safety import FATAL, NOT_SENT, AttemptFailed, error_message
+from tmbatch.safety import AttemptFailed, Outcome, error_message
 
 log = logging.getLogger("tmbatch")
 
@@ -173,7 +173,7 @@ async def _reachability(session: Any, settings: Settings, report: Report) -> boo
     try:
         status, body, _ = await get_json(session, "/health")
     except AttemptFailed as exc:
-        what = "cannot connect to" if exc.cls == NOT_SENT else "no answer from"
+        what = "cannot connect to" if exc.cls is Outcome.NOT_SENT else "no answer from"
         report.add("health", WARNING, f"{what} {settings.base_url}: {exc.message}",
                    "unreachable")
         return False
@@ -252,11 +252,11 @@ async def _auth(settings: Settings, models: list[str], report: Report) -> None:
     try:
         await send(session, "/tokenize", body)
     except AttemptFailed as exc:
-        if exc.cls == FATAL and not settings.api_key:
+        if exc.cls.policy.stops_run and not settings.api_key:
             report.add("auth", ERROR, f"no inference API key, and the server requires one "
                        f"(HTTP {exc.status}): set TENSORMESH_INFERENCE_API_KEY or pass "
                        "--api-key-file FILE", "no_api_key")
-        elif exc.cls == FATAL:
+        elif exc.cls.policy.stops_run:
             report.add("auth", ERROR, f"POST /tokenize refused the {key}: HTTP {exc.status} "
                        f"{exc.message.rstrip('.')}. Use an inference API key (not a Control "
                        "Plane token)"
@@ -298,8 +298,8 @@ async def preflight_for_run(
         msg = ("preflight failed: nothing was sent to a billed route (--no-preflight skips "
                "these checks)")
         say("stopped", msg, text=f"tmbatch: {msg}", level=logging.ERROR, reason="preflight",
-            exit_code=EXIT_FATAL)
-        return EXIT_FATAL
+            exit_code=ExitCode.FATAL)
+        return ExitCode.FATAL
     scanned = "" if complete else f" (models of the first {SCAN_LINES} lines)"
     log.info("preflight ok: %s; %d model(s) checked%s", settings.base_url,
              len(report.models_checked), scanned)
@@ -331,7 +331,8 @@ async def doctor(
     """
     models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
     report = await run_checks(settings, models)
-    code = EXIT_FATAL if report.errors else 1 if report.warnings else 0
+    code = ExitCode.FATAL if report.errors else ExitCode.FAILED if report.warnings else \
+        ExitCode.OK
     rows = describe_settings(settings)
     if as_json:
         import orjson
@@ -361,7 +362,8 @@ async def doctor(
         print(f"  (models of the first {SCAN_LINES} lines / {SCAN_SECONDS:g} s of the input)")
     for line in format_checks(report):
         print(line)
-    verdict = {0: "all good", 1: "usable, with warnings", EXIT_FATAL: "problems found"}[code]
+    verdict = {ExitCode.OK: "all good", ExitCode.FAILED: "usable, with warnings",
+               ExitCode.FATAL: "problems found"}[code]
     print(f"doctor: {verdict}")
     return code
 
@@ -374,7 +376,7 @@ async def list_models(settings: Settings, *, as_json: bool = False) -> int:
     except AttemptFailed as exc:
         print(f"tmbatch: models: cannot reach {settings.base_url}: {exc.message}",
               file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     finally:
         await session.close()
     served = _served_names(body) if status == 200 else None
@@ -387,7 +389,7 @@ async def list_models(settings: Settings, *, as_json: bool = False) -> int:
             hint = "; check X-User-Id (--user-id / TENSORMESH_ON_DEMAND_USER_ID)"
         print(f"tmbatch: models: GET /v1/models answered HTTP {status}: {detail}{hint}",
               file=sys.stderr)
-        return EXIT_FATAL if status in (401, 403, 404) else 1
+        return ExitCode.FATAL if status in (401, 403, 404) else ExitCode.FAILED
     if as_json:
         import orjson
 
@@ -395,4 +397,4 @@ async def list_models(settings: Settings, *, as_json: bool = False) -> int:
     else:
         for name in served:
             print(name)
-    return 0
+    return ExitCode.OK

@@ -24,6 +24,7 @@ import orjson
 
 from tmbatch.compact import IdSet, LineStates
 from tmbatch.config import check_model
+from tmbatch.lines import Shard, in_shard, numbered_lines
 
 # route -> idempotent?  Generation routes are billed once accepted.
 ROUTES: dict[str, bool] = {
@@ -145,35 +146,21 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def _iter_raw_lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
-    """Yield (line, length) with the newline stripped; None for a line over max_bytes."""
-    readline = f.readline
-    while True:
-        raw = readline(max_bytes + 1)
-        if not raw:
-            return
-        if len(raw) > max_bytes and not raw.endswith(b"\n"):
-            total = len(raw)
-            while True:  # skip the rest of the oversized line without keeping it
-                more = readline(1 << 20)
-                total += len(more)
-                if not more or more.endswith(b"\n"):
-                    break
-            yield None, total
-            continue
-        yield raw, len(raw)
-
-
 def _describe(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"
 
 
-def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError) -> BadLine:
+def _a(value: Any) -> str:
+    return f"a {_describe(value)}"
+
+
+def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError,
+                ) -> tuple[int, None, str, str]:
     """Say where the line breaks and, for the usual suspects, why."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as uexc:
-        return BadLine(
+        return (
             line, None, "invalid_utf8",
             f"line {line}: not valid UTF-8 text (bad byte at offset {uexc.start}); save the "
             "file as UTF-8",
@@ -186,7 +173,7 @@ def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError) -> BadLine:
         hint = "; the line ends before the JSON value does (was the file cut off?)"
     elif "infinity" in exc.msg:
         hint = "; a number too large for a 64-bit float"
-    return BadLine(
+    return (
         line, None, "invalid_json",
         f"line {line}: not valid JSON at column {exc.colno}: {exc.msg}{hint}",
     )
@@ -225,135 +212,171 @@ def _big_int(raw: bytes) -> str | None:
     return None
 
 
+class _Refused(Exception):
+    """A check found the line bad; raised only for bad lines, which are rare."""
+
+    def __init__(self, line: int, custom_id: str | None, code: str, message: str) -> None:
+        self.bad = BadLine(line, custom_id, code, message)
+
+
 def parse_line(
     raw: bytes, line: int, endpoint: str | None, model: str | None, stream: bool | None
 ) -> Request | BadLine:
     """Turn one raw line into a Request, or a BadLine saying what is wrong and how to fix it."""
+    try:
+        obj = check_json(raw, line)
+        if endpoint is not None:
+            custom_id, url, body = check_bare_body(obj, line, endpoint)
+        else:
+            custom_id, url, body = check_batch_line(obj, line)
+        check_body(body, line, custom_id, url, model, stream)
+    except _Refused as exc:
+        return exc.bad
+    return Request(line, custom_id, url, body)
+
+
+def check_json(raw: bytes, line: int) -> dict[str, Any]:
+    """A JSON object that can be sent unaltered: not too deep, no integer over 64 bits."""
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
-        return BadLine(
+        raise _Refused(
             line, None, "too_deep",
             f"line {line}: JSON nested more than {MAX_DEPTH} levels deep; flatten the request",
         )
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return _json_error(raw, line, exc)
+        raise _Refused(*_json_error(raw, line, exc)) from None
     big = _big_int(raw) if _LONG_DIGITS.search(raw) else None
     if big is not None:
         shown = big if len(big) <= 40 else big[:20] + "..." + big[-8:]
-        return BadLine(
+        raise _Refused(
             line, _peek_id(obj), "number_out_of_range",
             f"line {line}: integer {shown} does not fit in 64 bits and would be sent altered "
             "(as a float); quote it as a string or use a smaller number",
         )
     if not isinstance(obj, dict):
-        return BadLine(
-            line, None, "not_an_object",
-            f"line {line}: expected a JSON object, got a JSON {_describe(obj)}",
+        raise _Refused(line, None, "not_an_object",
+                       f"line {line}: expected a JSON object, got a JSON {_describe(obj)}")
+    return obj
+
+
+def check_bare_body(obj: dict[str, Any], line: int, endpoint: str,
+                    ) -> tuple[str, str, dict[str, Any]]:
+    """--endpoint: the whole line is the body, and its custom_id is line-N."""
+    if "body" in obj and "custom_id" in obj:
+        raise _Refused(
+            line, str(obj.get("custom_id"))[:MAX_CUSTOM_ID], "batch_line_with_endpoint",
+            f"line {line}: looks like an OpenAI Batch line (custom_id, body) but --endpoint "
+            "was given; drop --endpoint to read Batch lines",
         )
-    if endpoint is not None:
-        if "body" in obj and "custom_id" in obj:
-            return BadLine(
-                line, str(obj.get("custom_id"))[:MAX_CUSTOM_ID], "batch_line_with_endpoint",
-                f"line {line}: looks like an OpenAI Batch line (custom_id, body) but --endpoint "
-                "was given; drop --endpoint to read Batch lines",
-            )
-        custom_id, url, body = f"line-{line}", endpoint, obj
-    else:
-        unknown = set(obj) - BATCH_FIELDS
-        missing = [k for k in ("custom_id", "url", "body") if k not in obj]
-        if missing and not unknown & {"custom_id"} and ("messages" in obj or "prompt" in obj
-                                                        or "input" in obj):
-            return BadLine(
-                line, None, "bare_body_without_endpoint",
-                f"line {line}: looks like a bare request body; pass --endpoint (e.g. --endpoint "
-                "chat) or wrap it as {\"custom_id\", \"method\", \"url\", \"body\"}",
-            )
-        custom_id = obj.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id.strip():
-            what = "missing" if "custom_id" not in obj else (
-                "empty" if isinstance(custom_id, str) else f"a {_describe(custom_id)}, not a string"
-            )
-            return BadLine(
-                line, None, "invalid_custom_id",
-                f"line {line}: field custom_id is {what}; give each line a unique non-empty "
-                "string custom_id",
-            )
-        if len(custom_id) > MAX_CUSTOM_ID:
-            return BadLine(
-                line, custom_id[:64], "invalid_custom_id",
-                f"line {line}: custom_id is {len(custom_id)} characters; at most {MAX_CUSTOM_ID}",
-            )
-        if unknown:
-            return BadLine(
-                line, custom_id, "unknown_field",
-                f"line {line}: unknown field(s) {', '.join(sorted(unknown))}; a Batch line has "
-                "only custom_id, method, url, body",
-            )
-        if missing:
-            return BadLine(
-                line, custom_id, "missing_field",
-                f"line {line}: missing field(s) {', '.join(missing)}",
-            )
-        method = obj.get("method", "POST")
-        if method != "POST":
-            return BadLine(
-                line, custom_id, "invalid_method",
-                f"line {line}: method {method!r} is not allowed; every batch route takes POST",
-            )
-        url = obj["url"]
-        if not isinstance(url, str):
-            return BadLine(line, custom_id, "invalid_url",
-                           f"line {line}: url is a {_describe(url)}; expected a path string")
-        parts = urlsplit(url)
-        if parts.scheme or parts.netloc:
-            return BadLine(
-                line, custom_id, "invalid_url",
-                f"line {line}: url {url[:100]!r} has a host; give only the path, e.g. "
-                "/v1/chat/completions (the host comes from the configuration)",
-            )
-        if url not in ROUTES:
-            return BadLine(
-                line, custom_id, "unsupported_url",
-                f"line {line}: url {url[:100]!r} is not a supported route; expected one of "
-                + ", ".join(ROUTES),
-            )
-        body = obj["body"]
-        if not isinstance(body, dict):
-            return BadLine(
-                line, custom_id, "invalid_body",
-                f"line {line}: body is a {_describe(body)}; expected a JSON object",
-            )
+    return f"line-{line}", endpoint, obj
+
+
+def check_batch_line(obj: dict[str, Any], line: int) -> tuple[str, str, dict[str, Any]]:
+    """An OpenAI Batch line: {custom_id, method, url, body} and nothing else."""
+    unknown = set(obj) - BATCH_FIELDS
+    missing = [k for k in ("custom_id", "url", "body") if k not in obj]
+    if missing and "custom_id" not in unknown and (
+            "messages" in obj or "prompt" in obj or "input" in obj):
+        raise _Refused(
+            line, None, "bare_body_without_endpoint",
+            f"line {line}: looks like a bare request body; pass --endpoint (e.g. --endpoint "
+            "chat) or wrap it as {\"custom_id\", \"method\", \"url\", \"body\"}",
+        )
+    custom_id = check_custom_id(obj, line)
+    if unknown:
+        raise _Refused(
+            line, custom_id, "unknown_field",
+            f"line {line}: unknown field(s) {', '.join(sorted(unknown))}; a Batch line has "
+            "only custom_id, method, url, body",
+        )
+    if missing:
+        raise _Refused(line, custom_id, "missing_field",
+                       f"line {line}: missing field(s) {', '.join(missing)}")
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise _Refused(
+            line, custom_id, "invalid_method",
+            f"line {line}: method {method!r} is not allowed; every batch route takes POST",
+        )
+    url = check_url(obj["url"], line, custom_id)
+    body = obj["body"]
+    if not isinstance(body, dict):
+        raise _Refused(line, custom_id, "invalid_body",
+                       f"line {line}: body is {_a(body)}; expected a JSON object")
+    return custom_id, url, body
+
+
+def check_custom_id(obj: dict[str, Any], line: int) -> str:
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip():
+        what = "missing" if "custom_id" not in obj else (
+            "empty" if isinstance(custom_id, str) else f"{_a(custom_id)}, not a string"
+        )
+        raise _Refused(
+            line, None, "invalid_custom_id",
+            f"line {line}: field custom_id is {what}; give each line a unique non-empty "
+            "string custom_id",
+        )
+    if len(custom_id) > MAX_CUSTOM_ID:
+        raise _Refused(
+            line, custom_id[:64], "invalid_custom_id",
+            f"line {line}: custom_id is {len(custom_id)} characters; at most {MAX_CUSTOM_ID}",
+        )
+    return custom_id
+
+
+def check_url(url: Any, line: int, custom_id: str) -> str:
+    """A supported route's path; a host is refused (it comes from the configuration)."""
+    if not isinstance(url, str):
+        raise _Refused(line, custom_id, "invalid_url",
+                       f"line {line}: url is {_a(url)}; expected a path string")
+    parts = urlsplit(url)
+    if parts.scheme or parts.netloc:
+        raise _Refused(
+            line, custom_id, "invalid_url",
+            f"line {line}: url {url[:100]!r} has a host; give only the path, e.g. "
+            "/v1/chat/completions (the host comes from the configuration)",
+        )
+    if url not in ROUTES:
+        raise _Refused(
+            line, custom_id, "unsupported_url",
+            f"line {line}: url {url[:100]!r} is not a supported route; expected one of "
+            + ", ".join(ROUTES),
+        )
+    return url
+
+
+def check_body(body: dict[str, Any], line: int, custom_id: str, url: str, model: str | None,
+               stream: bool | None) -> None:
+    """A served model name and a boolean `stream` the route can honour; fills the defaults."""
     if model is not None and "model" not in body:
         body["model"] = model
     m = body.get("model")
     if not isinstance(m, str) or not m.strip():
-        return BadLine(
+        raise _Refused(
             line, custom_id, "missing_model",
             f"line {line}: body.model is missing or not a string; add it or pass --model",
         )
     uuid_hint = check_model(m, f"line {line}")
     if uuid_hint:
-        return BadLine(line, custom_id, "model_is_uuid", uuid_hint)
+        raise _Refused(line, custom_id, "model_is_uuid", uuid_hint)
     if "stream" in body and not isinstance(body["stream"], bool):
-        return BadLine(
+        raise _Refused(
             line, custom_id, "invalid_stream",
-            f"line {line}: body.stream is a {_describe(body['stream'])}; expected true or false",
+            f"line {line}: body.stream is {_a(body['stream'])}; expected true or false",
         )
     if stream is not None and url in STREAMABLE and "stream" not in body:
         body["stream"] = stream
     if body.get("stream") is True and url not in STREAMABLE:
-        return BadLine(line, custom_id, "invalid_stream",
+        raise _Refused(line, custom_id, "invalid_stream",
                        f"line {line}: {url} cannot stream; remove body.stream")
-    return Request(line, custom_id, url, body)
 
 
 @dataclass
 class ReadStats:
     lines: int = 0
     blank: int = 0
-    skipped_done: int = 0
-    other_shards: int = 0
 
 
 def read_requests(
@@ -364,7 +387,7 @@ def read_requests(
     stream: bool | None = None,
     done: LineStates | None = None,
     seen: IdSet | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
     stats: ReadStats | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Request | BadLine]:
@@ -376,15 +399,9 @@ def read_requests(
     """
     seen = IdSet() if seen is None else seen
     stats = ReadStats() if stats is None else stats
-    line = 0
-    for raw, length in _iter_raw_lines(f, max_line_bytes):
-        line += 1
+    for line, raw, length in numbered_lines(f, max_line_bytes):
         stats.lines = line
-        if shard is not None and (line - 1) % shard[1] != shard[0]:
-            stats.other_shards += 1
-            continue
-        if done is not None and line in done:
-            stats.skipped_done += 1
+        if not in_shard(line, shard) or (done is not None and line in done):
             continue
         if raw is None:
             yield BadLine(
@@ -393,9 +410,6 @@ def read_requests(
                 "(--max-line-bytes)",
             )
             continue
-        if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        raw = raw.rstrip(b"\r\n")
         if not raw.strip():
             stats.blank += 1
             continue

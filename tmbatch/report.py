@@ -25,14 +25,16 @@ from typing import Any
 
 import orjson
 
-from tmbatch.journal import JOURNAL, SUMMARY, read_header
+from tmbatch.files import JOURNAL, SUMMARY, atomic_write, make_dir
+from tmbatch.journal import OutcomeRecord, read_header
+from tmbatch.safety import Outcome
 from tmbatch.summary import percentile
 
 INSTALL_HINT = "pip install 'tmbatch[report]'"
 CHART_FILES = ("throughput.png", "latency.png", "ttft.png", "failures.png")
 CLASS_COLORS = {
-    "not_sent": "#8c8c8c", "rejected": "#e69f00", "ambiguous": "#d55e00",
-    "permanent": "#cc79a7", "fatal": "#7a0019",
+    Outcome.NOT_SENT: "#8c8c8c", Outcome.REJECTED: "#e69f00", Outcome.AMBIGUOUS: "#d55e00",
+    Outcome.PERMANENT: "#cc79a7", Outcome.FATAL: "#7a0019",
 }
 OK_COLOR, FAIL_COLOR, PAUSE_COLOR = "#2b7bb9", "#d55e00", "#e69f00"
 NICE_BINS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900,
@@ -54,13 +56,16 @@ class RunData:
     latency_ms: array = field(default_factory=lambda: array("d"))
     ttft_ms: array = field(default_factory=lambda: array("d"))
     pauses: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds)
-    final: dict[int, tuple[str, str]] = field(default_factory=dict)  # line -> (cls, code)
+    final: dict[int, tuple[Outcome, str]] = field(default_factory=dict)  # line -> (cls, code)
     untimed_outcomes: int = 0
     summary: dict[str, Any] | None = None
 
     @property
-    def failures(self) -> Counter[tuple[str, str]]:
-        return Counter(v for v in self.final.values() if v[0] != "ok")
+    def failures(self) -> Counter[tuple[Outcome, str]]:
+        return Counter(v for v in self.final.values() if v[0].policy.failure)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for v in self.final.values() if v[0] is outcome)
 
 
 def load_run(out_dir: Path) -> RunData:
@@ -82,7 +87,9 @@ def load_run(out_dir: Path) -> RunData:
             if not isinstance(rec, list) or not rec:
                 continue
             if rec[0] == "o":
-                _outcome(data, rec)
+                found = OutcomeRecord.from_list(rec)
+                if found is not None:
+                    _outcome(data, found)
             elif rec[0] == "p" and len(rec) >= 3:
                 data.pauses.append((float(rec[1]), float(rec[2])))
     try:
@@ -93,22 +100,18 @@ def load_run(out_dir: Path) -> RunData:
     return data
 
 
-def _outcome(data: RunData, rec: list[Any]) -> None:
-    """["o", line, cls, code, t, latency_ms, ttft_ms]: fields past cls may be missing."""
-    cls = rec[2]
-    if cls == "pending":  # refused while stopping: read again later, not an outcome
+def _outcome(data: RunData, rec: OutcomeRecord) -> None:
+    if rec.outcome is Outcome.PENDING:  # refused while stopping: read again later
         return
-    code = rec[3] if len(rec) > 3 and rec[3] else ""
-    data.final[rec[1]] = (cls, code)
-    t = rec[4] if len(rec) > 4 else None
-    if not isinstance(t, (int, float)) or code == "unknown_outcome_after_crash":
+    data.final[rec.line] = (rec.outcome, rec.code)
+    if rec.t is None or rec.code == "unknown_outcome_after_crash":
         data.untimed_outcomes += 1  # adopted or recovered on resume: when it ended is unknown
         return
-    (data.ok_t if cls == "ok" else data.fail_t).append(float(t))
-    if len(rec) > 5 and isinstance(rec[5], (int, float)):
-        data.latency_ms.append(float(rec[5]))
-    if len(rec) > 6 and isinstance(rec[6], (int, float)):
-        data.ttft_ms.append(float(rec[6]))
+    (data.ok_t if rec.outcome is Outcome.OK else data.fail_t).append(rec.t)
+    if rec.latency_ms is not None:
+        data.latency_ms.append(rec.latency_ms)
+    if rec.ttft_ms is not None:
+        data.ttft_ms.append(rec.ttft_ms)
 
 
 # -- charts ---------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def histogram(values: array, title: str, xlabel: str, color: str) -> bytes | Non
     return _png(fig)
 
 
-def failures_chart(failures: Counter[tuple[str, str]]) -> bytes | None:
+def failures_chart(failures: Counter[tuple[Outcome, str]]) -> bytes | None:
     if not failures:
         return None
     rows = failures.most_common(20)[::-1]  # largest on top
@@ -263,12 +266,12 @@ def _ms(v: float | None) -> str:
 
 
 def _cards(data: RunData) -> str:
-    ok = sum(1 for v in data.final.values() if v[0] == "ok")
+    ok = data.count(Outcome.OK)
     failed = len(data.final) - ok
     lat = sorted(data.latency_ms)
     cards = [_card(f"{ok:,}", "succeeded"),
              _card(f"{failed:,}", "failed", "bad" if failed else "")]
-    ambiguous = sum(1 for v in data.final.values() if v[0] == "ambiguous")
+    ambiguous = data.count(Outcome.AMBIGUOUS)
     if ambiguous:
         cards.append(_card(f"{ambiguous:,}", "ambiguous (never re-sent)", "bad"))
     times = [*data.ok_t, *data.fail_t]
@@ -299,7 +302,7 @@ def _chart(name: str, png: bytes | None, alt: str, missing: str) -> str:
             f'data-file="{name}"></figure>')
 
 
-def _failure_table(failures: Counter[tuple[str, str]]) -> str:
+def _failure_table(failures: Counter[tuple[Outcome, str]]) -> str:
     if not failures:
         return '<p class="note">No failures: every line with an outcome succeeded.</p>'
     rows = "".join(
@@ -368,15 +371,15 @@ def write_report(out_dir: Path, dest: Path | None = None) -> Path:
     }
     dest = dest or out_dir / "report"
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        make_dir(dest)
         for name in CHART_FILES:
             png = charts[name]
             if png is None:
                 (dest / name).unlink(missing_ok=True)  # no stale chart from an older report
             else:
-                (dest / name).write_bytes(png)
+                atomic_write(dest / name, png)
         page = dest / "index.html"
-        page.write_text(render_html(data, out_dir, charts), encoding="utf-8")
+        atomic_write(page, render_html(data, out_dir, charts).encode("utf-8"))
     except OSError as exc:
         raise ReportError(f"cannot write the report to {dest}: {exc.strerror or exc}") from None
     return page

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import orjson
 
-from tmbatch.compact import FAILED_BASE, OK, LineStates
-from tmbatch.journal import FAILURES, JournalError, load
-from tmbatch.safety import CLASSES
-
-RESENDABLE = ("ambiguous", "rejected", "not_sent", "permanent")
+from tmbatch.compact import LineStates
+from tmbatch.files import FAILURES
+from tmbatch.journal import JournalError, load
+from tmbatch.safety import Outcome
 
 
 @dataclass
 class Selected:
     line: int
     custom_id: str
-    cls: str
+    cls: Outcome
     code: str
     attempts: int
 
@@ -40,20 +39,19 @@ def _failure_records(out_dir: Path) -> dict[int, Selected]:
             try:
                 rec = orjson.loads(raw)
                 err = rec["error"]
-                out[rec["line"]] = Selected(rec["line"], rec["custom_id"], err["class"],
+                out[rec["line"]] = Selected(rec["line"], rec["custom_id"], Outcome(err["class"]),
                                             err["code"], int(rec.get("attempts") or 0))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
     return out
 
 
-def select(out_dir: Path, classes: list[str], ids_file: str | None) -> list[Selected]:
+def select(out_dir: Path, classes: list[Outcome], ids_file: str | None) -> list[Selected]:
     """Lines whose current outcome is a failure of one of `classes`, or named in ids_file."""
     state = load(out_dir)
     states: LineStates = state.states
     records = _failure_records(out_dir)
-    current = {line: r for line, r in records.items()
-               if states.get(line) == FAILED_BASE + CLASSES.index(r.cls)}
+    current = {line: r for line, r in records.items() if states.outcome(line) is r.cls}
     if ids_file is None:
         chosen = [r for r in current.values() if r.cls in classes]
     else:
@@ -66,14 +64,15 @@ def select(out_dir: Path, classes: list[str], ids_file: str | None) -> list[Sele
         missing = sorted(wanted - set(by_id))
         if missing:
             succeeded = [m for m in missing if any(
-                r.custom_id == m and states.get(r.line) == OK for r in records.values())]
+                r.custom_id == m and states.outcome(r.line) is Outcome.OK
+                for r in records.values())]
             hint = " (some already succeeded)" if succeeded else ""
             raise JournalError(
                 f"--ids: {len(missing)} custom_id(s) have no current failure in {out_dir}"
                 f"{hint}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
             )
         chosen = [by_id[i] for i in wanted]
-        bad = [r for r in chosen if r.cls not in RESENDABLE]
+        bad = [r for r in chosen if not r.cls.policy.user_resendable]
         if bad:
             raise JournalError(f"--ids: {bad[0].custom_id} failed as {bad[0].cls}; a fatal "
                                "refusal is sent again by resuming the run, not by resend")

@@ -1,9 +1,12 @@
-"""The safety contract: every failed attempt falls into exactly one class.
+"""The safety contract: every attempt ends in exactly one outcome, and the outcome decides.
 
-The class alone decides what happens next. Non-idempotent POSTs are generated
-and billed once accepted, so the only failures that may be sent again without
-the user asking are the ones where the server provably did not do the work:
+Non-idempotent POSTs are generated and billed once accepted, so the only failures that may
+be sent again without the user asking are the ones where the server provably did no work:
 the bytes never left (`not_sent`) or the server said "not now" (`rejected`).
+
+The table is data, in the manner of urllib3's `util/retry.py`: each `Outcome` carries a
+`Policy`, and every module asks the member what it permits (`failure.cls.policy.refund`)
+instead of comparing class names. Adding a rule means adding a field here, once.
 """
 
 from __future__ import annotations
@@ -12,19 +15,103 @@ import asyncio
 import email.utils
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import aiohttp
 
-NOT_SENT = "not_sent"
-REJECTED = "rejected"
-AMBIGUOUS = "ambiguous"
-PERMANENT = "permanent"
-FATAL = "fatal"
 
-FailureClass = Literal["not_sent", "rejected", "ambiguous", "permanent", "fatal"]
-CLASSES: tuple[str, ...] = (NOT_SENT, REJECTED, AMBIGUOUS, PERMANENT, FATAL)
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What one outcome permits. Read each field as a sentence about the outcome."""
+
+    # The line has its final outcome: a resume skips it (a `fatal` refusal or a `pending`
+    # line is sent again on resume: the server did no work for either).
+    final: bool
+    # It is a failure: written to failures.jsonl and counted by class.
+    failure: bool
+    # The server provably did no work and may accept it later: sending it again cannot make
+    # anyone pay twice, so it is retried automatically, and a stopping run leaves it pending.
+    retry: bool
+    # The server may have done the work, so only an idempotent route may retry it by itself.
+    retry_if_idempotent: bool
+    # Nothing was generated: the tokens reserved for the attempt go back to the --tpm bucket.
+    refund: bool
+    # The server says we are too fast: adaptive admission slows down.
+    slows_admission: bool
+    # Nothing more may be sent in this run (401/403: every request would fail the same way).
+    stops_run: bool
+    # `tmbatch resend --class X` may choose it (a `fatal` one is resent by resuming).
+    user_resendable: bool
+    # Its byte in compact.LineStates (0 and 1 are "unseen" and "in flight").
+    state: int
+    # How `tmbatch status` and `resend` describe it to a person.
+    meaning: str
+
+    def may_retry(self, idempotent: bool) -> bool:
+        """The tenacity predicate's whole logic: never 'retry on any exception'."""
+        return self.retry or (idempotent and self.retry_if_idempotent)
+
+
+class Outcome(StrEnum):
+    """Every outcome an attempt or a line can have; the journal spells them by value."""
+
+    OK = "ok"
+    NOT_SENT = "not_sent"
+    REJECTED = "rejected"
+    AMBIGUOUS = "ambiguous"
+    PERMANENT = "permanent"
+    FATAL = "fatal"
+    # Internal, never reported: an attempt the server refused (or that never left) while the
+    # run was stopping. The line has no outcome yet; the next run sends it.
+    PENDING = "pending"
+
+    @property
+    def policy(self) -> Policy:
+        return POLICIES[self]
+
+
+POLICIES: dict[Outcome, Policy] = {
+    Outcome.OK: Policy(
+        final=True, failure=False, retry=False, retry_if_idempotent=False, refund=False,
+        slows_admission=False, stops_run=False, user_resendable=False, state=2,
+        meaning="succeeded"),
+    # DNS failure, connection refused, TLS handshake, connect timeout: the bytes never left.
+    Outcome.NOT_SENT: Policy(
+        final=True, failure=True, retry=True, retry_if_idempotent=True, refund=True,
+        slows_admission=False, stops_run=False, user_resendable=True, state=3,
+        meaning="never reached the server (retries exhausted); safe to resend"),
+    # 429; 503 with Retry-After; 408: the server refused it before doing any work.
+    Outcome.REJECTED: Policy(
+        final=True, failure=True, retry=True, retry_if_idempotent=True, refund=True,
+        slows_admission=True, stops_run=False, user_resendable=True, state=4,
+        meaning="refused by the server's rate limit (retries exhausted); safe to resend"),
+    # Read timeout, reset after sending, 5xx, a cut stream: the server may have done the work.
+    Outcome.AMBIGUOUS: Policy(
+        final=True, failure=True, retry=False, retry_if_idempotent=True, refund=False,
+        slows_admission=False, stops_run=False, user_resendable=True, state=5,
+        meaning="may have been processed and billed; resending may bill it twice"),
+    # 400, 404, 422, a redirect, a bad input line: sending it again gives the same answer.
+    Outcome.PERMANENT: Policy(
+        final=True, failure=True, retry=False, retry_if_idempotent=False, refund=True,
+        slows_admission=False, stops_run=False, user_resendable=True, state=6,
+        meaning="refused as it is; fix the line before resending"),
+    # 401/403: the key is wrong for every request.
+    Outcome.FATAL: Policy(
+        final=False, failure=True, retry=False, retry_if_idempotent=False, refund=True,
+        slows_admission=False, stops_run=True, user_resendable=False, state=7,
+        meaning="refused before any work (401/403); sent again when the run resumes"),
+    Outcome.PENDING: Policy(
+        final=False, failure=False, retry=False, retry_if_idempotent=False, refund=True,
+        slows_admission=False, stops_run=False, user_resendable=False, state=0,
+        meaning="not yet sent"),
+}
+
+# The failure classes users see, in the order every report lists them.
+FAILURE_CLASSES: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.failure)
+RESENDABLE: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.user_resendable)
 
 # A Retry-After further away than this is capped: a server that asks for a
 # year is treated as asking for this long (documented in the README).
@@ -35,13 +122,14 @@ MAX_RETRY_AFTER = 600.0
 class AttemptFailed(Exception):
     """One attempt failed; `cls` decides whether it may be sent again."""
 
-    cls: str
+    cls: Outcome
     code: str
     message: str
     status: int | None = None
     body: Any = None
     request_id: str | None = None
     retry_after: float | None = None
+    headers: Mapping[str, str] | None = None  # the answer's, for admission to learn from
 
     def __str__(self) -> str:
         return f"{self.cls}/{self.code}: {self.message}"
@@ -51,9 +139,18 @@ def retryable(exc: BaseException, idempotent: bool) -> bool:
     """The tenacity predicate: built from the class table, never 'any exception'."""
     if not isinstance(exc, AttemptFailed):
         return False
-    if exc.cls in (NOT_SENT, REJECTED):
-        return True
-    return idempotent and exc.cls == AMBIGUOUS
+    return exc.cls.policy.may_retry(idempotent)
+
+
+def _seconds(raw: str | None) -> float | None:
+    """A non-negative finite number of seconds, or None for garbage."""
+    if not raw:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -61,32 +158,23 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
 
     Garbage and negative values count as absent; huge ones are capped.
     """
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            value = float(raw_ms) / 1000.0
-        except ValueError:
-            value = None
-        if value is not None and math.isfinite(value) and value >= 0:
-            return min(value, MAX_RETRY_AFTER)
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return min(ms / 1000.0, MAX_RETRY_AFTER)
     raw = headers.get("Retry-After")
     if not raw:
         return None
-    raw = raw.strip()
+    value = _seconds(raw)
+    if value is not None:
+        return min(value, MAX_RETRY_AFTER)
     try:
-        value = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        value = when.timestamp() - (time.time() if now is None else now)
-        return min(max(value, 0.0), MAX_RETRY_AFTER)
-    if not math.isfinite(value) or value < 0:
+        when = email.utils.parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError):
         return None
-    return min(value, MAX_RETRY_AFTER)
+    if when is None:
+        return None
+    value = when.timestamp() - (time.time() if now is None else now)
+    return min(max(value, 0.0), MAX_RETRY_AFTER)
 
 
 def error_message(body: Any, fallback: str) -> str:
@@ -102,28 +190,37 @@ def error_message(body: Any, fallback: str) -> str:
     return fallback
 
 
-def classify_status(status: int, headers: Any, body: Any, request_id: str | None) -> AttemptFailed:
-    """Map a non-2xx answer to its class. 503 is only a rejection when the server says when."""
-    retry_after = parse_retry_after(headers)
-    msg = error_message(body, f"HTTP {status}")
-    def fail(cls: str, code: str) -> AttemptFailed:
-        return AttemptFailed(cls, code, msg, status, body, request_id, retry_after)
-
+def _class_of_status(status: int, retry_after: float | None) -> tuple[Outcome, str]:
+    """The table for HTTP answers. 503 is only a rejection when the server says when."""
     if status == 429:
-        return fail(REJECTED, "rate_limited")
+        return Outcome.REJECTED, "rate_limited"
     if status == 503 and retry_after is not None:
-        return fail(REJECTED, "overloaded")
+        return Outcome.REJECTED, "overloaded"
     if status == 408:
-        return fail(REJECTED, "request_timeout")
+        return Outcome.REJECTED, "request_timeout"
     if status in (401, 403):
-        return fail(FATAL, "unauthorized" if status == 401 else "forbidden")
+        return Outcome.FATAL, "unauthorized" if status == 401 else "forbidden"
     if status == 404:
-        return fail(PERMANENT, "not_found")
+        return Outcome.PERMANENT, "not_found"
     if 400 <= status < 500 and status != 409:
-        return fail(PERMANENT, f"http_{status}")
+        return Outcome.PERMANENT, f"http_{status}"
     # 409 (an idempotency key still in use), 5xx, and anything stranger: the
     # server may have done the work, so nobody may send it again silently.
-    return fail(AMBIGUOUS, f"http_{status}")
+    return Outcome.AMBIGUOUS, f"http_{status}"
+
+
+def classify_status(status: int, headers: Any, body: Any, request_id: str | None) -> AttemptFailed:
+    """Map a non-2xx answer to its class, keeping what admission needs to learn from it."""
+    retry_after = parse_retry_after(headers)
+    cls, code = _class_of_status(status, retry_after)
+    return AttemptFailed(cls, code, error_message(body, f"HTTP {status}"), status, body,
+                         request_id, retry_after, headers)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Fairly sure that the server did not receive the request: the connection was never
+    made (DNS, refused, TLS handshake, connect timeout)."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
 def classify_exception(exc: BaseException) -> AttemptFailed:
@@ -133,20 +230,21 @@ def classify_exception(exc: BaseException) -> AttemptFailed:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return AttemptFailed(
-            NOT_SENT, "tls_certificate",
+            Outcome.NOT_SENT, "tls_certificate",
             f"{text}; the server's certificate is not trusted: if it uses a private CA, pass "
             "--ca-bundle FILE or set TENSORMESH_CA_BUNDLE (verification is never turned off)",
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return AttemptFailed(NOT_SENT, "connect_failed", text)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return AttemptFailed(NOT_SENT, "connect_timeout", text)
+    if _is_connection_error(exc):
+        code = "connect_timeout" if isinstance(exc, aiohttp.ConnectionTimeoutError) else \
+            "connect_failed"
+        return AttemptFailed(Outcome.NOT_SENT, code, text)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return AttemptFailed(AMBIGUOUS, "server_disconnected", text)
+        return AttemptFailed(Outcome.AMBIGUOUS, "server_disconnected", text)
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return AttemptFailed(AMBIGUOUS, "response_cut", text)
+        return AttemptFailed(Outcome.AMBIGUOUS, "response_cut", text)
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return AttemptFailed(AMBIGUOUS, "read_timeout", "no complete answer within the timeout")
+        return AttemptFailed(Outcome.AMBIGUOUS, "read_timeout",
+                             "no complete answer within the timeout")
     if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
-        return AttemptFailed(AMBIGUOUS, "connection_lost", text)
-    return AttemptFailed(AMBIGUOUS, "transport_error", f"{type(exc).__name__}: {text}")
+        return AttemptFailed(Outcome.AMBIGUOUS, "connection_lost", text)
+    return AttemptFailed(Outcome.AMBIGUOUS, "transport_error", f"{type(exc).__name__}: {text}")

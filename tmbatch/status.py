@@ -11,16 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tmbatch.compact import FAILED_BASE, IN_FLIGHT, OK
-from tmbatch.journal import JOURNAL, load
+from tmbatch.compact import IN_FLIGHT
+from tmbatch.files import JOURNAL, LOCK
+from tmbatch.journal import load
+from tmbatch.lines import count_lines
 from tmbatch.reader import fingerprint
-from tmbatch.safety import CLASSES
+from tmbatch.safety import FAILURE_CLASSES, Outcome
 
 
 def is_running(out_dir: Path) -> bool:
     """True when a tmbatch process holds the directory's lock right now."""
     try:
-        fd = os.open(out_dir / ".lock", os.O_RDONLY)
+        fd = os.open(out_dir / LOCK, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -32,37 +34,23 @@ def is_running(out_dir: Path) -> bool:
     return False
 
 
-def count_input_lines(path: str, shard: list[int] | None) -> int | None:
-    """Non-blank input lines this output directory is responsible for."""
-    if path == "-" or not os.path.isfile(path):
-        return None
-    n = line = 0
-    with open(path, "rb", buffering=1 << 20) as f:
-        for raw in f:
-            line += 1
-            if shard and (line - 1) % shard[1] != shard[0]:
-                continue
-            if raw.strip() and not (line == 1 and raw.strip() == b"\xef\xbb\xbf"):
-                n += 1
-    return n
-
-
 def status(out_dir: Path) -> dict[str, Any]:
     running = is_running(out_dir)
     state = load(out_dir, repair=False)
     header = state.header
-    counts = state.states.counts()
-    by_class = {cls: counts[FAILED_BASE + i] for i, cls in enumerate(CLASSES)}
-    # `fatal` lines were refused before any work: they are sent again on resume.
-    refused = by_class.pop("fatal")
+    lines = state.states.by_outcome()
+    # Failures that are not final (a `fatal` refusal) are sent again on resume.
+    by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES if cls.policy.final}
+    refused = sum(lines[cls] for cls in FAILURE_CLASSES if not cls.policy.final)
     input_path = header.get("input", "-")
     shard = (header.get("options") or {}).get("shard")
-    total = count_input_lines(input_path, shard)
+    total = count_lines(input_path, tuple(shard) if shard else None)
     matches = None
     if input_path != "-" and os.path.isfile(input_path):
         matches = fingerprint(input_path) == header.get("fingerprint")
-    with_outcome = counts[OK] + sum(by_class.values())
-    unknown = counts[IN_FLIGHT]
+    succeeded = lines[Outcome.OK]
+    with_outcome = succeeded + sum(by_class.values())
+    unknown = state.states.counts()[IN_FLIGHT]
     not_sent = None if total is None else max(0, total - with_outcome - unknown)
     finished = not running and not_sent == 0 and unknown == 0
     return {
@@ -75,7 +63,7 @@ def status(out_dir: Path) -> dict[str, Any]:
         "running": running,
         "finished": finished,
         "input_lines": total,
-        "succeeded": counts[OK],
+        "succeeded": succeeded,
         "failed": sum(by_class.values()),
         "failed_by_class": by_class,
         "refused_fatal_will_resend": refused,

@@ -7,10 +7,14 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tmbatch.compact import FAILED_BASE, IN_FLIGHT, OK, LineStates
-from tmbatch.safety import CLASSES
+import orjson
+
+from tmbatch.compact import IN_FLIGHT, LineStates
+from tmbatch.files import SUMMARY, atomic_write
+from tmbatch.safety import FAILURE_CLASSES, Outcome
 
 
 def percentile(sorted_values: list[float] | array, q: float) -> float | None:
@@ -71,7 +75,7 @@ class RunStats:
     ttfts: Histogram = field(default_factory=Histogram)
     sent: int = 0  # attempts that left this run
     ok: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
+    failed: Counter[Outcome] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     rejected_429: int = 0
@@ -108,10 +112,11 @@ def build_summary(
     stopped: str | None,
     admission: Any,
 ) -> dict[str, Any]:
-    counts = states.counts()
-    by_class = {cls: counts[FAILED_BASE + i] for i, cls in enumerate(CLASSES)}
+    lines = states.by_outcome()
+    by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES}
     failed_total = sum(by_class.values())
-    done = counts[OK] + failed_total
+    succeeded = lines[Outcome.OK]
+    done = succeeded + failed_total
     lat, ttft = stats.latencies, stats.ttfts
     elapsed = stats.elapsed
     answered = stats.ok + sum(stats.failed.values())
@@ -127,16 +132,16 @@ def build_summary(
         "input_lines": input_lines,
         "blank_lines_skipped": blank_lines,
         "counts": {
-            "succeeded": counts[OK],
+            "succeeded": succeeded,
             "failed": failed_total,
             "failed_by_class": by_class,
-            "unknown_outcome_in_flight": counts[IN_FLIGHT],
+            "unknown_outcome_in_flight": states.counts()[IN_FLIGHT],
             "with_outcome": done,
         },
         "this_run": {
             "attempts_sent": stats.sent,
             "succeeded": stats.ok,
-            "failed_by_class": dict(stats.failed),
+            "failed_by_class": {cls.value: n for cls, n in stats.failed.items()},
             "failed_by_code": dict(stats.codes),
             "retries": stats.retries,
             "rate_limited_429": stats.rejected_429,
@@ -167,6 +172,10 @@ def build_summary(
         "stopped": stopped,
         "finished": stopped is None,
     }
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write(out_dir / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 def final_line(summary: dict[str, Any]) -> str:

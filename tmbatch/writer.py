@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -20,8 +19,16 @@ from typing import Any
 
 import orjson
 
-from tmbatch.compact import FAILED_BASE, IN_FLIGHT, OK, UNSEEN, LineStates
-from tmbatch.journal import FAILURES, JOURNAL, RESULTS, state_for
+from tmbatch.compact import IN_FLIGHT, OK, LineStates
+from tmbatch.files import FAILURES, JOURNAL, RESULTS, atomic_writer, open_append
+from tmbatch.journal import (
+    DispatchRecord,
+    MarkRecord,
+    OutcomeRecord,
+    PauseRecord,
+)
+from tmbatch.records import FailureRecord, ResultRecord, line_of
+from tmbatch.safety import Outcome
 
 log = logging.getLogger("tmbatch")
 FSYNC_MODES = ("always", "interval", "never")
@@ -29,16 +36,6 @@ FSYNC_MODES = ("always", "interval", "never")
 
 class WriterError(Exception):
     """A write to the output directory failed (disk full, I/O error); the run must stop."""
-
-
-def record_id(job_id: str, custom_id: str) -> str:
-    digest = hashlib.blake2b(f"{job_id}\0{custom_id}".encode(), digest_size=12).hexdigest()
-    return f"batch_req_{digest}"
-
-
-def open_append(path: Path) -> int:
-    """Output files hold model answers and prompts: readable by the owner only."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
 
 class Writer:
@@ -70,52 +67,52 @@ class Writer:
 
     def dispatch(self, line: int, attempt: int, custom_id: str) -> None:
         """Record that this line's bytes are about to leave; durable before it returns."""
-        self._jour.append(orjson.dumps(["d", line, attempt, custom_id]) + b"\n")
+        self._jour.append(DispatchRecord(line, attempt, custom_id).to_json())
         self._note_supersede(line)  # a resend: its old failure line goes at close
         self.states.set(line, IN_FLIGHT)
         self.flush()
         if self.fsync_mode == "always":
             self._fsync_all()
 
-    def result(self, line: int, record: dict[str, Any], latency: float | None = None,
+    def result(self, record: ResultRecord, latency: float | None = None,
                ttft: float | None = None) -> None:
-        """Journaled as ["o", line, "ok", "", t, latency_ms, ttft_ms]: the time fields, appended
-        after the ones resume reads, are what `tmbatch report` draws."""
+        """A success, journaled with its time and latency for `tmbatch report`."""
+        line = record.line
         self._note_supersede(line)
-        self._res.append(orjson.dumps(record) + b"\n")
-        self._jour.append(orjson.dumps(
-            ["o", line, "ok", "", round(time.time(), 3), _ms(latency), _ms(ttft)]) + b"\n")
+        self._res.append(record.to_json())
+        self._jour.append(OutcomeRecord(line, Outcome.OK, "", round(time.time(), 3),
+                                        _ms(latency), _ms(ttft)).to_json())
         self.states.set(line, OK)
         self._schedule()
 
-    def failure(self, line: int, record: dict[str, Any]) -> None:
-        err = record["error"]
+    def failure(self, record: FailureRecord) -> None:
+        line = record.line
         self._note_supersede(line)
-        self._fail.append(orjson.dumps(record) + b"\n")
-        self._jour.append(
-            orjson.dumps(["o", line, err["class"], err["code"], round(time.time(), 3)]) + b"\n")
-        self.states.set(line, state_for(err["class"]))
+        self._fail.append(record.to_json())
+        self._jour.append(OutcomeRecord(line, record.outcome, record.code,
+                                        round(time.time(), 3)).to_json())
+        self.states.set(line, record.outcome.policy.state)
         self._schedule()
 
     def pause(self, seconds: float) -> None:
-        """["p", t, seconds]: a Retry-After pause of every worker; resume ignores it."""
-        self._jour.append(orjson.dumps(["p", round(time.time(), 3), seconds]) + b"\n")
+        """A Retry-After pause of every worker, for the report's timeline; resume ignores it."""
+        self._jour.append(PauseRecord(round(time.time(), 3), seconds).to_json())
         self._schedule()
 
     def pending(self, line: int) -> None:
-        """The server refused this line's last attempt as the run stopped: send it on resume."""
-        self._jour.append(orjson.dumps(["o", line, "pending"]) + b"\n")
-        self.states.set(line, UNSEEN)
-        self._schedule()
+        """The line's last attempt provably did no work and the run is stopping: the next
+        run sends it."""
+        self.adopt(OutcomeRecord(line, Outcome.PENDING))
 
-    def adopt(self, line: int, cls: str, code: str) -> None:
-        """Journal an outcome already present in results/failures (found after a crash)."""
-        self._jour.append(orjson.dumps(["o", line, cls, code]) + b"\n")
-        self.states.set(line, state_for(cls))
+    def adopt(self, record: OutcomeRecord) -> None:
+        """Journal an outcome without writing an output line (one found after a crash)."""
+        self._jour.append(record.to_json())
+        self.states.set(record.line, record.outcome.policy.state)
         self._schedule()
 
     def _note_supersede(self, line: int) -> None:
-        if self.states.get(line) >= FAILED_BASE:
+        outcome = self.states.outcome(line)
+        if outcome is not None and outcome.policy.failure:
             self.superseded = True
 
     # -- flushing -------------------------------------------------------
@@ -165,9 +162,7 @@ class Writer:
         if self._fail:
             self._write(FAILURES, self._fail)
         if had_outcomes:
-            self._jour.append(
-                orjson.dumps(["m", self._sizes[RESULTS], self._sizes[FAILURES]]) + b"\n"
-            )
+            self._jour.append(MarkRecord(self._sizes[RESULTS], self._sizes[FAILURES]).to_json())
         if self._jour:
             self._write(JOURNAL, self._jour)
             self._dirty = True
@@ -220,10 +215,6 @@ class Writer:
         if self.superseded:
             compact_failures(self.out_dir, self.states)
 
-    @property
-    def sizes(self) -> dict[str, int]:
-        return dict(self._sizes)
-
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 2)
@@ -239,32 +230,27 @@ def compact_failures(out_dir: Path, states: LineStates) -> int:
     last: dict[int, int] = {}
     with open(path, "rb") as f:
         for i, raw in enumerate(f):
-            try:
-                last[orjson.loads(raw)["line"]] = i
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue
-    tmp = path.with_name(FAILURES + ".tmp")
+            line = line_of(raw)
+            if line is not None:
+                last[line] = i
     dropped = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+    with open(path, "rb") as src, atomic_writer(path) as dst:
         for i, raw in enumerate(src):
-            try:
-                line = orjson.loads(raw)["line"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                dst.write(raw)
-                continue
-            if last.get(line) == i and states.get(line) >= FAILED_BASE:
+            line = line_of(raw)
+            outcome = None if line is None else states.outcome(line)
+            if line is None or (last.get(line) == i and outcome is not None
+                                and outcome.policy.failure):
                 dst.write(raw)
             else:
                 dropped += 1
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
     # A fresh mark so a later resume does not look for a tail past the new end.
     size_r = (out_dir / RESULTS).stat().st_size
-    with open(out_dir / JOURNAL, "ab") as j:
-        j.write(orjson.dumps(["m", size_r, path.stat().st_size]) + b"\n")
-        j.flush()
-        os.fsync(j.fileno())
+    fd = open_append(out_dir / JOURNAL)
+    try:
+        os.write(fd, MarkRecord(size_r, path.stat().st_size).to_json())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     log.info("failures.jsonl: %d superseded record(s) removed", dropped)
     return dropped
+

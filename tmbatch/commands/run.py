@@ -1,0 +1,179 @@
+"""`tmbatch run`: everything before the runner takes over, and the labels/export after it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from tmbatch.commands.common import (
+    add_connection_args,
+    add_sim_group,
+    positive_float,
+    positive_int,
+    run_async,
+    settings_from,
+    shard_arg,
+)
+from tmbatch.config import ConfigError, Settings, check_model
+from tmbatch.exitcodes import ExitCode, help_text
+from tmbatch.logs import add_log_format_arg
+from tmbatch.options import RunOptions
+from tmbatch.reader import normalize_endpoint
+from tmbatch.runner import Runner, out_dir_of
+
+log = logging.getLogger("tmbatch")
+
+RUN_EXAMPLES = """examples:
+  # try it with no credentials, against the built-in simulator
+  tmbatch run samples/chat.jsonl -o out/ --sim
+
+  # a real run: key from the environment, 64 in flight, 3000 requests/min
+  export TENSORMESH_INFERENCE_API_KEY=...
+  tmbatch run input.jsonl -o out/ --concurrency 64 --rpm 3000 --tpm 2000000
+
+  # bare request bodies, one per line, model filled in when missing
+  tmbatch run prompts.jsonl -o out/ --endpoint chat --model my-model
+
+  # on-demand gateway (needs a base URL and your user id)
+  tmbatch run input.jsonl -o out/ --surface on-demand \\
+      --base-url https://external.nebius.tensormesh.ai --user-id $USER_UUID
+
+  # resume after a crash, kill or eviction: the same command again
+  tmbatch run input.jsonl -o out/
+"""
+
+
+def add_run_parser(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", allow_abbrev=False,
+        help="send every line of a JSONL file (resumes when -o holds a run)",
+        description="Send every request of INPUT and write results.jsonl, failures.jsonl, "
+        "journal.jsonl and summary.json to the output directory. Running the same command "
+        "on the same output directory resumes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RUN_EXAMPLES + "\n" + help_text(),
+    )
+    run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
+                     "--endpoint; - reads stdin (not resumable); or a job file NAME.toml "
+                     "(flags override it)")
+    run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
+    _input_args(run.add_argument_group("input"))
+    _limit_args(run.add_argument_group("limits"))
+    _checkpoint_args(run.add_argument_group("checkpoint"))
+    _output_args(run.add_argument_group("output"))
+    add_connection_args(run)
+    run.add_argument("--no-preflight", action="store_true",
+                     help="skip the checks before the first request (GET /health, /version, "
+                     "/v1/models with the input's models, POST /tokenize with the key)")
+    add_sim_group(run, "start the simulator on 127.0.0.1 in-process and send there")
+
+
+def _input_args(g: Any) -> None:
+    g.add_argument("--endpoint", help="bare bodies: route for every line (chat, completions, "
+                   "responses, tokenize, detokenize or the path); custom_id becomes line-N")
+    g.add_argument("--model", help="fill body.model where a line has none")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream every line that does not say (SSE, aggregated into the same body)")
+    g.add_argument("--max-line-bytes", type=positive_int, default=None,
+                   help="longer lines are failures (default 32 MiB)")
+    g.add_argument("--shard", type=shard_arg, help="take lines I, I+N, ... (0-based I/N)")
+
+
+def _limit_args(g: Any) -> None:
+    g.add_argument("-c", "--concurrency", type=positive_int, default=None,
+                   help="requests in flight at once (default 64)")
+    g.add_argument("--rpm", type=positive_float, help="requests per minute (leaky bucket)")
+    g.add_argument("--tpm", type=positive_float, help="tokens per minute, estimated before "
+                   "sending (prompt chars/4 + max_tokens) and corrected from usage")
+    g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapt concurrency to 429s (AIMD, --concurrency is the ceiling); on by "
+                   "default when --rpm is not given")
+
+
+def _checkpoint_args(g: Any) -> None:
+    g.add_argument("--fsync", choices=["always", "interval", "never"], default=None,
+                   help="always: fsync before every send (slowest, survives power loss "
+                   "exactly); interval: flush every write, fsync once a second (default; kill -9 "
+                   "loses nothing, power loss at most ~1 s); never: leave it to the OS")
+    g.add_argument("--restart", action="store_true",
+                   help="start over: move the old files to OUTPUT/previous-TIME/ (never deleted)")
+    g.add_argument("--drain-timeout", type=positive_float, default=None,
+                   help="on SIGINT/SIGTERM wait this long for requests in flight (default 25, "
+                   "inside Kubernetes' 30 s grace period)")
+    g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
+
+
+def _output_args(g: Any) -> None:
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
+    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("--progress-interval", type=positive_float, default=10.0,
+                   help="seconds between progress lines when stderr is not a TTY (default 10)")
+    g.add_argument("--ordered", action="store_true",
+                   help="when the run finishes, also write results.ordered.jsonl and "
+                   "failures.ordered.jsonl in input order (as `tmbatch export`)")
+    add_log_format_arg(g)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from tmbatch import labels
+    from tmbatch.jobfile import prepare_run
+
+    job = prepare_run(ns, os.environ)  # job.toml values, shard from env, defaults
+    settings = settings_from(ns, require_key=not ns.sim)
+    for w in settings.warnings:
+        log.warning("%s", w)
+    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
+    if ns.model:
+        problem = check_model(ns.model, "--model")
+        if problem:
+            raise ConfigError(problem)
+    out = out_dir_of(ns.input, ns.output)
+    label_run = labels.setup(job, ns, out)  # a [label] job: ns.input -> OUT/requests.jsonl
+    opts = RunOptions(
+        input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
+        concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
+        restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
+        quiet=ns.quiet, progress_interval=ns.progress_interval,
+        max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive,
+    )
+    code = run_async(start_run(ns, opts, settings, preflight=not ns.no_preflight))
+    if label_run is not None:
+        code = label_run.finish(code)
+    if ns.ordered and code in (ExitCode.OK, ExitCode.FAILED):
+        from tmbatch.export import export_ordered
+
+        export_ordered(out)
+    return code
+
+
+async def start_run(ns: argparse.Namespace, opts: RunOptions, settings: Settings, *,
+                    preflight: bool) -> int:
+    """Run (after preflight, which stops a doomed run before billing), on the in-process
+    simulator with --sim."""
+    if not ns.sim:
+        return await _preflight_then_run(opts, settings, preflight)
+    from tmbatch.sim import sim_config_from_args, start_sim
+
+    server = await start_sim(sim_config_from_args(ns))
+    try:
+        settings = dataclasses.replace(
+            settings, base_url=server.url, ca_bundle=None,
+            sources={**settings.sources, "base_url": "--sim"},
+        )
+        log.info("simulator on %s (no credentials needed)", server.url)
+        return await _preflight_then_run(opts, settings, preflight)
+    finally:
+        await server.stop()
+
+
+async def _preflight_then_run(opts: RunOptions, settings: Settings, preflight: bool) -> int:
+    if preflight:
+        from tmbatch.preflight import preflight_for_run
+
+        code = await preflight_for_run(settings, opts.input, opts.model, opts.endpoint)
+        if code is not None:
+            return code
+    return await Runner(opts, settings).run()
