@@ -186,78 +186,121 @@ def resolve(
     env = os.environ if env is None else env
     sources: dict[str, str] = {}
     warnings: list[str] = []
-    tm = None
-    if flags.get("tm_config") is not None:
-        tm = read_tm_config(env, flags.get("tm_config") or None)
-
-    surface = (flags.get("surface") or "serverless").strip()
-    if surface not in ("serverless", "on-demand"):
-        raise ConfigError(f"--surface {surface!r}: expected serverless or on-demand")
-    sources["surface"] = "flag --surface" if flags.get("surface") else "default"
-
-    # API key: flag, key file, env, then (only when asked) the CLI's config.
-    if flags.get("api_key") is not None and flags.get("api_key_file") is not None:
-        raise ConfigError("give either --api-key or --api-key-file, not both")
-    if flags.get("api_key_file") is not None:
-        if not flags["api_key_file"].strip():
-            raise ConfigError("--api-key-file was given an empty value; pass a path")
-        api_key: str | None = read_key_file(flags["api_key_file"])
-        sources["api_key"] = "flag --api-key-file"
-    else:
-        api_key, sources["api_key"] = _pick("--api-key", flags.get("api_key"), env, ENV_API_KEY)
-    if api_key is None and tm and "api_key" in tm:
-        api_key, sources["api_key"] = tm["api_key"], f"tm config {tm['_path']}"
-
-    user_id, sources["user_id"] = _pick("--user-id", flags.get("user_id"), env, ENV_USER_ID)
-    if user_id is None and tm and "user_id" in tm:
-        user_id, sources["user_id"] = tm["user_id"], f"tm config {tm['_path']}"
-
-    env_url_name = ENV_SERVERLESS_URL if surface == "serverless" else ENV_ON_DEMAND_URL
-    base_url, sources["base_url"] = _pick("--base-url", flags.get("base_url"), env, env_url_name)
-    if base_url is None and surface == "on-demand" and tm and "base_url" in tm:
-        base_url, sources["base_url"] = tm["base_url"], f"tm config {tm['_path']}"
-
+    tm = read_tm_config(env, flags.get("tm_config") or None) \
+        if flags.get("tm_config") is not None else None
+    surface = _surface(flags, sources)
+    api_key = _api_key(flags, env, tm, sources)
+    user_id, sources["user_id"] = _from_tm(
+        _pick("--user-id", flags.get("user_id"), env, ENV_USER_ID), tm, "user_id")
+    env_url = ENV_SERVERLESS_URL if surface == "serverless" else ENV_ON_DEMAND_URL
+    picked = _pick("--base-url", flags.get("base_url"), env, env_url)
+    if surface == "on-demand":
+        picked = _from_tm(picked, tm, "base_url")
+    base_url, sources["base_url"] = picked
     if surface == "serverless":
-        if base_url is None:
-            base_url = SERVERLESS_DEFAULT
-        on_demand_env = _env(env, ENV_ON_DEMAND_URL)
-        if on_demand_env and base_url.rstrip("/") == on_demand_env.rstrip("/"):
-            raise ConfigError(
-                f"the serverless base URL is the same as {ENV_ON_DEMAND_URL} ({base_url}): "
-                "serverless and on-demand base URLs are mixed up; pass --surface on-demand "
-                "to use the on-demand gateway"
-            )
+        base_url = _serverless_url(base_url, env)
         if user_id and flags.get("user_id") is not None:
             warnings.append(
                 "--user-id is ignored on the serverless surface (X-User-Id is on-demand only)"
             )
     else:
-        if base_url is None:
-            hint = ""
-            if _env(env, ENV_SERVERLESS_URL):
-                hint = f" ({ENV_SERVERLESS_URL} is set, but that is the serverless host)"
-            raise ConfigError(
-                "on-demand needs a base URL: pass --base-url or set "
-                f"{ENV_ON_DEMAND_URL} to your provider-specific gateway host{hint}"
-            )
-        if urlsplit(base_url).hostname == SERVERLESS_HOST:
-            raise ConfigError(
-                f"on-demand base URL {base_url} is the serverless host: serverless and "
-                "on-demand base URLs are mixed up; use --surface serverless, or your "
-                "provider-specific on-demand gateway host"
-            )
-        if user_id is None:
-            raise ConfigError(
-                "on-demand needs both a base URL and a user id: pass --user-id or set "
-                f"{ENV_USER_ID} (the UUID sent as X-User-Id)"
-            )
-        if not UUID_RE.match(user_id):
-            raise ConfigError(
-                f"user id {user_id!r} is not a UUID; on-demand sends it as X-User-Id and "
-                "expects your Tensormesh user UUID"
-            )
+        base_url = _on_demand_url(base_url, env)
+        _check_user_id(user_id)
     base_url = _check_base_url(base_url, "base URL")
+    _check_key(api_key, env, require_key)
+    insecure_ok = bool(flags.get("allow_insecure_http"))
+    _check_transport(base_url, api_key, insecure_ok)
+    return Settings(
+        surface=surface,
+        base_url=base_url,
+        api_key=api_key,
+        user_id=user_id if surface == "on-demand" else None,
+        timeout=_timeout(flags, env, sources),
+        max_retries=_max_retries(flags, env, sources),
+        ca_bundle=_ca_bundle(flags, env, sources),
+        allow_insecure_http=insecure_ok,
+        sources=sources,
+        warnings=tuple(warnings),
+    )
 
+
+def _from_tm(picked: tuple[str | None, str], tm: dict[str, str] | None,
+             key: str) -> tuple[str | None, str]:
+    """The tm CLI's value, only when neither flag nor environment gave one (and only when the
+    user asked for that file with --tm-config)."""
+    if picked[0] is None and tm and key in tm:
+        return tm[key], f"tm config {tm['_path']}"
+    return picked
+
+
+def _surface(flags: Mapping[str, str | None], sources: dict[str, str]) -> str:
+    surface = (flags.get("surface") or "serverless").strip()
+    if surface not in ("serverless", "on-demand"):
+        raise ConfigError(f"--surface {surface!r}: expected serverless or on-demand")
+    sources["surface"] = "flag --surface" if flags.get("surface") else "default"
+    return surface
+
+
+def _api_key(flags: Mapping[str, str | None], env: Mapping[str, str],
+             tm: dict[str, str] | None, sources: dict[str, str]) -> str | None:
+    """Flag, key file, environment, then (only when asked) the tm CLI's config."""
+    if flags.get("api_key") is not None and flags.get("api_key_file") is not None:
+        raise ConfigError("give either --api-key or --api-key-file, not both")
+    key_file = flags.get("api_key_file")
+    if key_file is not None:
+        if not key_file.strip():
+            raise ConfigError("--api-key-file was given an empty value; pass a path")
+        sources["api_key"] = "flag --api-key-file"
+        return read_key_file(key_file)
+    api_key, sources["api_key"] = _from_tm(
+        _pick("--api-key", flags.get("api_key"), env, ENV_API_KEY), tm, "api_key")
+    return api_key
+
+
+def _serverless_url(base_url: str | None, env: Mapping[str, str]) -> str:
+    base_url = base_url or SERVERLESS_DEFAULT
+    on_demand_env = _env(env, ENV_ON_DEMAND_URL)
+    if on_demand_env and base_url.rstrip("/") == on_demand_env.rstrip("/"):
+        raise ConfigError(
+            f"the serverless base URL is the same as {ENV_ON_DEMAND_URL} ({base_url}): "
+            "serverless and on-demand base URLs are mixed up; pass --surface on-demand "
+            "to use the on-demand gateway"
+        )
+    return base_url
+
+
+def _on_demand_url(base_url: str | None, env: Mapping[str, str]) -> str:
+    if base_url is None:
+        hint = ""
+        if _env(env, ENV_SERVERLESS_URL):
+            hint = f" ({ENV_SERVERLESS_URL} is set, but that is the serverless host)"
+        raise ConfigError(
+            "on-demand needs a base URL: pass --base-url or set "
+            f"{ENV_ON_DEMAND_URL} to your provider-specific gateway host{hint}"
+        )
+    if urlsplit(base_url).hostname == SERVERLESS_HOST:
+        raise ConfigError(
+            f"on-demand base URL {base_url} is the serverless host: serverless and "
+            "on-demand base URLs are mixed up; use --surface serverless, or your "
+            "provider-specific on-demand gateway host"
+        )
+    return base_url
+
+
+def _check_user_id(user_id: str | None) -> None:
+    if user_id is None:
+        raise ConfigError(
+            "on-demand needs both a base URL and a user id: pass --user-id or set "
+            f"{ENV_USER_ID} (the UUID sent as X-User-Id)"
+        )
+    if not UUID_RE.match(user_id):
+        raise ConfigError(
+            f"user id {user_id!r} is not a UUID; on-demand sends it as X-User-Id and "
+            "expects your Tensormesh user UUID"
+        )
+
+
+def _check_key(api_key: str | None, env: Mapping[str, str], require_key: bool) -> None:
     if api_key is not None:
         if JWT_RE.match(api_key):
             raise ConfigError(
@@ -266,68 +309,66 @@ def resolve(
             )
         if any(c.isspace() for c in api_key) or not api_key.isprintable():
             raise ConfigError("the API key contains spaces or control characters; check its source")
-    elif require_key:
-        hint = ""
-        if _env(env, ENV_CONTROL_PLANE_TOKEN):
-            hint = (
-                f" ({ENV_CONTROL_PLANE_TOKEN} is set, but a Control Plane token cannot be "
-                "used for inference)"
-            )
-        raise ConfigError(
-            f"no inference API key: set {ENV_API_KEY}, or pass --api-key-file FILE; "
-            f"to try tmbatch without credentials, add --sim{hint}"
+        return
+    if not require_key:
+        return
+    hint = ""
+    if _env(env, ENV_CONTROL_PLANE_TOKEN):
+        hint = (
+            f" ({ENV_CONTROL_PLANE_TOKEN} is set, but a Control Plane token cannot be "
+            "used for inference)"
         )
+    raise ConfigError(
+        f"no inference API key: set {ENV_API_KEY}, or pass --api-key-file FILE; "
+        f"to try tmbatch without credentials, add --sim{hint}"
+    )
 
+
+def _check_transport(base_url: str, api_key: str | None, insecure_ok: bool) -> None:
     host = urlsplit(base_url).hostname or ""
-    insecure_ok = bool(flags.get("allow_insecure_http"))
     if base_url.startswith("http://") and api_key and not is_loopback(host) and not insecure_ok:
         raise ConfigError(
             f"refusing to send the API key over plain http:// to {host}; use https, or pass "
             "--allow-insecure-http if this network is trusted"
         )
 
-    timeout_raw, sources["timeout"] = _pick("--timeout", flags.get("timeout"), env, ENV_TIMEOUT)
-    timeout = DEFAULT_TIMEOUT
-    if timeout_raw is not None:
-        try:
-            timeout = float(timeout_raw)
-        except ValueError:
-            timeout = -1.0
-        if not (0 < timeout < 1e6):
-            raise ConfigError(
-                f"timeout {timeout_raw!r} ({sources['timeout']}): expected seconds > 0"
-            )
 
-    retries_raw, sources["max_retries"] = _pick(
+def _timeout(flags: Mapping[str, str | None], env: Mapping[str, str],
+             sources: dict[str, str]) -> float:
+    raw, sources["timeout"] = _pick("--timeout", flags.get("timeout"), env, ENV_TIMEOUT)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = -1.0
+    if not (0 < timeout < 1e6):
+        raise ConfigError(f"timeout {raw!r} ({sources['timeout']}): expected seconds > 0")
+    return timeout
+
+
+def _max_retries(flags: Mapping[str, str | None], env: Mapping[str, str],
+                 sources: dict[str, str]) -> int:
+    raw, sources["max_retries"] = _pick(
         "--max-retries", flags.get("max_retries"), env, ENV_MAX_RETRIES
     )
-    max_retries = DEFAULT_MAX_RETRIES
-    if retries_raw is not None:
-        if not retries_raw.isdigit() or int(retries_raw) > 1000:
-            raise ConfigError(
-                f"max retries {retries_raw!r} ({sources['max_retries']}): "
-                "expected an integer 0-1000"
-            )
-        max_retries = int(retries_raw)
+    if raw is None:
+        return DEFAULT_MAX_RETRIES
+    if not raw.isdigit() or int(raw) > 1000:
+        raise ConfigError(
+            f"max retries {raw!r} ({sources['max_retries']}): expected an integer 0-1000"
+        )
+    return int(raw)
 
+
+def _ca_bundle(flags: Mapping[str, str | None], env: Mapping[str, str],
+               sources: dict[str, str]) -> str | None:
     ca_bundle, sources["ca_bundle"] = _pick(
         "--ca-bundle", flags.get("ca_bundle"), env, ENV_CA_BUNDLE
     )
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         raise ConfigError(f"CA bundle {ca_bundle} ({sources['ca_bundle']}) is not a readable file")
-
-    return Settings(
-        surface=surface,
-        base_url=base_url,
-        api_key=api_key,
-        user_id=user_id if surface == "on-demand" else None,
-        timeout=timeout,
-        max_retries=max_retries,
-        ca_bundle=ca_bundle,
-        allow_insecure_http=insecure_ok,
-        sources=sources,
-        warnings=tuple(warnings),
-    )
+    return ca_bundle
 
 
 def check_model(model: str, where: str) -> str | None:

@@ -39,7 +39,6 @@ from tmbatch.files import (
     atomic_writer,
     make_dir,
 )
-from tmbatch.jobfile import Job
 from tmbatch.lines import Shard, in_shard, numbered_lines
 from tmbatch.reader import MAX_CUSTOM_ID, InputError, open_input
 from tmbatch.records import line_of
@@ -512,14 +511,13 @@ class LabelRun:
         return finish(self.spec, self.records, self.out_dir, self.shard, code, self.quiet)
 
 
-def setup(job: Job | None, ns: argparse.Namespace, out_dir: Path) -> LabelRun | None:
+def setup(job_path: Path, table: dict[str, Any], ns: argparse.Namespace,
+          out_dir: Path) -> LabelRun:
     """For a job with a [label] table: write the requests and point the run at them."""
-    if job is None or job.label is None:
-        return None
     if ns.endpoint:
-        raise ConfigError(f"{job.path}: a labelling job builds its chat requests itself; remove "
+        raise ConfigError(f"{job_path}: a labelling job builds its chat requests itself; remove "
                           "`endpoint` from the job file (and --endpoint)")
-    spec = load_spec(job.path, job.label)
+    spec = load_spec(job_path, table)
     records = ns.input
     prepared = prepare_requests(spec, records, out_dir, ns.model, ns.shard, ns.restart)
     log.info("%s: %d record(s) -> %s", records, prepared.records, prepared.path)

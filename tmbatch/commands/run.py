@@ -131,7 +131,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if problem:
             raise ConfigError(problem)
     out = out_dir_of(ns.input, ns.output)
-    label_run = labels.setup(job, ns, out)  # a [label] job: ns.input -> OUT/requests.jsonl
+    label_run = None
+    if job is not None and job.label is not None:  # ns.input becomes OUT/requests.jsonl
+        label_run = labels.setup(job.path, job.label, ns, out)
     opts = RunOptions(
         input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
         concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
