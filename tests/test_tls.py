@@ -17,15 +17,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import (
-    API_KEY,
-    AppThread,
-    chat_line,
-    clean_env,
-    read_jsonl,
-    run_cli,
-    write_jsonl,
-)
+from tests.conftest import API_KEY, AppThread, chat_line, clean_env, read_jsonl, run_cli
+from tests.conftest import write_jsonl as write_lines
 from tests.test_misbehaving_server import chat_body
 from tmbatch.sim import STATE_KEY, SimConfig, build_app, stats_of
 
@@ -46,7 +39,7 @@ def tls_sim(serve: Callable[..., AppThread], authority: trustme.CA) -> tuple[App
 
 
 def run_args(tmp_path: Path, url: str, n: int = 3) -> list[str]:
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
     return ["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", url, "--max-retries", "0"]
 
 
@@ -169,7 +162,7 @@ def test_redirect_does_not_carry_the_key(serve: Callable[..., AppThread],
     app1.router.add_post("/v1/chat/completions", first)
     server = serve(app1)
     statuses = [301, 302, 303, 307, 308]
-    inp = write_jsonl(tmp_path / "in.jsonl",
+    inp = write_lines(tmp_path / "in.jsonl",
                       [chat_line(i, metadata={"status": s}) for i, s in enumerate(statuses)])
     out = tmp_path / "out"
     proc = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url(),

@@ -27,6 +27,17 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
+def os_problem(exc: OSError) -> str:
+    """What went wrong with a path, worded for a person, with the fix where there is one."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        return "permission denied; check the file's mode and owner"
+    return f"cannot open ({exc.strerror or exc})"
+
+
 def make_dir(path: Path) -> None:
     """Create `path` (and parents) as 0700; an existing directory is left as it is."""
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)

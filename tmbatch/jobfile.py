@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tmbatch.config import ConfigError, check_model
+from tmbatch.files import os_problem
 from tmbatch.reader import MAX_LINE_BYTES, normalize_endpoint
 from tmbatch.tomlcheck import TableChecker, unknown_key
 
@@ -122,10 +123,8 @@ def load_job(path_text: str) -> Job:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such job file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a directory; give a job .toml file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{path}: {os_problem(exc)}; give a job .toml file") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

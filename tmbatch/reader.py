@@ -24,6 +24,7 @@ import orjson
 
 from tmbatch.compact import IdSet, LineStates
 from tmbatch.config import check_model
+from tmbatch.files import os_problem
 from tmbatch.lines import Shard, in_shard, numbered_lines
 
 # route -> idempotent?  Generation routes are billed once accepted.
@@ -115,12 +116,8 @@ def open_input(path: str) -> IO[bytes]:
             )
     try:
         return open(path, "rb", buffering=1024 * 1024)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied; check the file's mode") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+        raise InputError(f"{path}: {os_problem(exc)}") from None
 
 
 def fingerprint(path: str) -> str:

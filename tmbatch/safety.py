@@ -73,41 +73,38 @@ class Outcome(StrEnum):
         return POLICIES[self]
 
 
-POLICIES: dict[Outcome, Policy] = {
-    Outcome.OK: Policy(
-        final=True, failure=False, retry=False, retry_if_idempotent=False, refund=False,
-        slows_admission=False, stops_run=False, user_resendable=False, state=2,
-        meaning="succeeded"),
-    # DNS failure, connection refused, TLS handshake, connect timeout: the bytes never left.
-    Outcome.NOT_SENT: Policy(
-        final=True, failure=True, retry=True, retry_if_idempotent=True, refund=True,
-        slows_admission=False, stops_run=False, user_resendable=True, state=3,
-        meaning="never reached the server (retries exhausted); safe to resend"),
-    # 429; 503 with Retry-After; 408: the server refused it before doing any work.
-    Outcome.REJECTED: Policy(
-        final=True, failure=True, retry=True, retry_if_idempotent=True, refund=True,
-        slows_admission=True, stops_run=False, user_resendable=True, state=4,
-        meaning="refused by the server's rate limit (retries exhausted); safe to resend"),
-    # Read timeout, reset after sending, 5xx, a cut stream: the server may have done the work.
-    Outcome.AMBIGUOUS: Policy(
-        final=True, failure=True, retry=False, retry_if_idempotent=True, refund=False,
-        slows_admission=False, stops_run=False, user_resendable=True, state=5,
-        meaning="may have been processed and billed; resending may bill it twice"),
-    # 400, 404, 422, a redirect, a bad input line: sending it again gives the same answer.
-    Outcome.PERMANENT: Policy(
-        final=True, failure=True, retry=False, retry_if_idempotent=False, refund=True,
-        slows_admission=False, stops_run=False, user_resendable=True, state=6,
-        meaning="refused as it is; fix the line before resending"),
-    # 401/403: the key is wrong for every request.
-    Outcome.FATAL: Policy(
-        final=False, failure=True, retry=False, retry_if_idempotent=False, refund=True,
-        slows_admission=False, stops_run=True, user_resendable=False, state=7,
-        meaning="refused before any work (401/403); sent again when the run resumes"),
-    Outcome.PENDING: Policy(
-        final=False, failure=False, retry=False, retry_if_idempotent=False, refund=True,
-        slows_admission=False, stops_run=False, user_resendable=False, state=0,
-        meaning="not yet sent"),
+_ = False
+Y = True
+# One row per outcome, the columns in Policy's order (Y yes, _ no). Read down a column to see
+# who may do what: only the rows with `retry` are ever sent again without the user asking.
+#                     final fail retry idemp refund slows stops resend state
+_TABLE: dict[Outcome, tuple[bool, bool, bool, bool, bool, bool, bool, bool, int]] = {
+    Outcome.OK:        (Y,   _,   _,    _,    _,     _,    _,    _,     2),
+    # DNS failure, connection refused, TLS handshake, connect timeout: the bytes never left
+    Outcome.NOT_SENT:  (Y,   Y,   Y,    Y,    Y,     _,    _,    Y,     3),
+    # 429; 503 with Retry-After; 408: the server refused it before doing any work
+    Outcome.REJECTED:  (Y,   Y,   Y,    Y,    Y,     Y,    _,    Y,     4),
+    # read timeout, reset after sending, 5xx, a cut stream: the server may have done the work
+    Outcome.AMBIGUOUS: (Y,   Y,   _,    Y,    _,     _,    _,    Y,     5),
+    # 400, 404, 422, a redirect, a bad input line: sending it again gives the same answer
+    Outcome.PERMANENT: (Y,   Y,   _,    _,    Y,     _,    _,    Y,     6),
+    # 401/403: the key is wrong for every request; nothing was done, sent again on resume
+    Outcome.FATAL:     (_,   Y,   _,    _,    Y,     _,    Y,    _,     7),
+    Outcome.PENDING:   (_,   _,   _,    _,    Y,     _,    _,    _,     0),
 }
+_MEANING = {
+    Outcome.OK: "succeeded",
+    Outcome.NOT_SENT: "never reached the server (retries exhausted); safe to resend",
+    Outcome.REJECTED: "refused by the server's rate limit (retries exhausted); safe to resend",
+    Outcome.AMBIGUOUS: "may have been processed and billed; resending may bill it twice",
+    Outcome.PERMANENT: "refused as it is; fix the line before resending",
+    Outcome.FATAL: "refused before any work (401/403); sent again when the run resumes",
+    Outcome.PENDING: "not yet sent",
+}
+POLICIES: dict[Outcome, Policy] = {
+    o: Policy(*row, meaning=_MEANING[o]) for o, row in _TABLE.items()
+}
+del _, Y
 
 # The failure classes users see, in the order every report lists them.
 FAILURE_CLASSES: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.failure)

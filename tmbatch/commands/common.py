@@ -12,6 +12,13 @@ from tmbatch.lines import Shard
 from tmbatch.logs import REDACT
 
 
+def subcommand(sub: Any, name: str, summary: str, description: str,
+               **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand's parser: `summary` in the command list, `description` atop its --help."""
+    return sub.add_parser(name, help=summary, description=description, allow_abbrev=False,
+                          **kwargs)
+
+
 def run_async(coro: Any) -> Any:
     """Run on uvloop when it is installed (the `fast` extra): bench/ablate.py measured ~13 %
     less CPU per request. TMBATCH_LOOP=asyncio forces the standard loop."""

@@ -9,15 +9,16 @@ from typing import Any
 
 import orjson
 
+from tmbatch.commands.common import subcommand
 from tmbatch.exitcodes import ExitCode
 from tmbatch.journal import JournalError, read_header
 from tmbatch.logs import add_log_format_arg
 
 
 def add_status_parser(sub: Any) -> None:
-    st = sub.add_parser(
-        "status", help="where a run stands: done, failed by class, not sent, unknown outcome",
-        description="Read-only; safe while the run is going. Exit 0 when the run is finished, "
+    st = subcommand(
+        sub, "status", "where a run stands: done, failed by class, not sent, unknown outcome",
+        "Read-only; safe while the run is going. Exit 0 when the run is finished, "
         "1 when it is not (or still running), 2 when OUTPUT is not a tmbatch directory.",
     )
     st.add_argument("output", help="the run's output directory")
@@ -39,9 +40,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def add_export_parser(sub: Any) -> None:
-    ex = sub.add_parser(
-        "export", help="write results and failures in input order (bounded memory)",
-        description="Writes results.ordered.jsonl and failures.ordered.jsonl (and with "
+    ex = subcommand(
+        sub, "export", "write results and failures in input order (bounded memory)",
+        "Writes results.ordered.jsonl and failures.ordered.jsonl (and with "
         "--combined outcomes.ordered.jsonl, one line per input line) sorted by input line, "
         "with an external merge sort: memory stays flat for any size.",
     )
@@ -66,9 +67,9 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def add_report_parser(sub: Any) -> None:
-    rep = sub.add_parser(
-        "report", help="an HTML page of a run: throughput, latency, TTFT, 429 pauses, failures",
-        description="Read OUTPUT's journal (and summary.json) and write a self-contained "
+    rep = subcommand(
+        sub, "report", "an HTML page of a run: throughput, latency, TTFT, 429 pauses, failures",
+        "Read OUTPUT's journal (and summary.json) and write a self-contained "
         "OUTPUT/report/index.html with its charts as PNGs beside it. Needs the optional "
         "extra: pip install 'tmbatch[report]'.",
     )
@@ -86,9 +87,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def add_merge_parser(sub: Any) -> None:
-    mg = sub.add_parser(
-        "merge", help="join the output directories of a sharded run, checking coverage",
-        description="Join the results.jsonl, failures.jsonl (and labels.jsonl) of shard output "
+    mg = subcommand(
+        sub, "merge", "join the output directories of a sharded run, checking coverage",
+        "Join the results.jsonl, failures.jsonl (and labels.jsonl) of shard output "
         "directories into OUT, with a merged summary.json, and check that every line of the "
         "input has exactly one outcome. Example: tmbatch merge out/shard-0 out/shard-1 -o out/all",
         epilog="exit codes: 0 every line succeeded; 1 every line has one outcome, some failed; "

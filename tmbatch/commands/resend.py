@@ -9,14 +9,7 @@ from typing import Any
 
 import orjson
 
-from tmbatch.commands.common import (
-    add_connection_args,
-    add_sim_group,
-    positive_float,
-    positive_int,
-    run_async,
-    settings_from,
-)
+from tmbatch.commands import common
 from tmbatch.commands.run import start_run
 from tmbatch.config import ConfigError
 from tmbatch.exitcodes import ExitCode, help_text
@@ -27,10 +20,10 @@ from tmbatch.safety import RESENDABLE, Outcome
 
 
 def add_resend_parser(sub: Any) -> None:
-    rs = sub.add_parser(
-        "resend", allow_abbrev=False,
-        help="send failed lines again, explicitly (the only way an ambiguous one is re-sent)",
-        description="List the selected failed lines, ask for confirmation (or --yes), and send "
+    rs = common.subcommand(
+        sub, "resend",
+        "send failed lines again, explicitly (the only way an ambiguous one is re-sent)",
+        "List the selected failed lines, ask for confirmation (or --yes), and send "
         "them again with the same Idempotency-Key. A later success supersedes the failure: "
         "failures.jsonl keeps one outcome per line. Example: tmbatch resend out/ --class "
         "ambiguous --yes",
@@ -46,14 +39,14 @@ def add_resend_parser(sub: Any) -> None:
     rs.add_argument("--ids", metavar="FILE", help="resend exactly these custom_ids (one a line)")
     rs.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rs.add_argument("--dry-run", action="store_true", help="only list what would be sent")
-    rs.add_argument("-c", "--concurrency", type=positive_int, default=16,
+    rs.add_argument("-c", "--concurrency", type=common.positive_int, default=16,
                     help="requests in flight at once (default 16)")
-    rs.add_argument("--rpm", type=positive_float, help="requests per minute")
-    rs.add_argument("--tpm", type=positive_float, help="tokens per minute")
+    rs.add_argument("--rpm", type=common.positive_float, help="requests per minute")
+    rs.add_argument("--tpm", type=common.positive_float, help="tokens per minute")
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
     rs.add_argument("-v", "--verbose", action="count", default=0)
-    add_connection_args(rs)
-    add_sim_group(rs, "send to the in-process simulator")
+    common.add_connection_args(rs)
+    common.add_sim_group(rs, "send to the in-process simulator")
 
 
 def cmd_resend(ns: argparse.Namespace) -> int:
@@ -75,7 +68,7 @@ def cmd_resend(ns: argparse.Namespace) -> int:
     if not ns.yes and not confirm(f"Send these {len(chosen)} request(s) again? [y/N]"):
         print("not sent", file=sys.stderr)
         return ExitCode.FAILED
-    settings = settings_from(ns, require_key=not ns.sim)
+    settings = common.settings_from(ns, require_key=not ns.sim)
     options = header.get("options") or {}
     opts = RunOptions(
         input=header["input"], out_dir=out, endpoint=options.get("endpoint"),
@@ -86,7 +79,7 @@ def cmd_resend(ns: argparse.Namespace) -> int:
         extra_header={"resend": len(chosen)},
         prior_attempts={r.line: r.attempts for r in chosen},
     )
-    code = run_async(start_run(ns, opts, settings, preflight=False))
+    code = common.run_async(start_run(ns, opts, settings, preflight=False))
     if code in (ExitCode.OK, ExitCode.FAILED):
         # Only the chosen lines were sent, each once: this run's successes are theirs.
         summary = orjson.loads((out / SUMMARY).read_bytes())

@@ -16,6 +16,7 @@ from tmbatch.commands.common import (
     run_async,
     settings_from,
     shard_arg,
+    subcommand,
 )
 from tmbatch.config import ConfigError, Settings, check_model
 from tmbatch.exitcodes import ExitCode, help_text
@@ -47,10 +48,9 @@ RUN_EXAMPLES = """examples:
 
 
 def add_run_parser(sub: Any) -> None:
-    run = sub.add_parser(
-        "run", allow_abbrev=False,
-        help="send every line of a JSONL file (resumes when -o holds a run)",
-        description="Send every request of INPUT and write results.jsonl, failures.jsonl, "
+    run = subcommand(
+        sub, "run", "send every line of a JSONL file (resumes when -o holds a run)",
+        "Send every request of INPUT and write results.jsonl, failures.jsonl, "
         "journal.jsonl and summary.json to the output directory. Running the same command "
         "on the same output directory resumes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

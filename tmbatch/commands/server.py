@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tmbatch.commands.common import add_connection_args, run_async, settings_from
+from tmbatch.commands.common import add_connection_args, run_async, settings_from, subcommand
 from tmbatch.exitcodes import ExitCode
 from tmbatch.reader import normalize_endpoint
 
 
 def add_doctor_parser(sub: Any) -> None:
-    doc = sub.add_parser(
-        "doctor", help="check credentials, base URL and models without billing anything",
-        description="Show which settings were resolved from where (key redacted), then GET "
+    doc = subcommand(
+        sub, "doctor", "check credentials, base URL and models without billing anything",
+        "Show which settings were resolved from where (key redacted), then GET "
         "/health, /version, /v1/models (and whether INPUT's and --model's models are served) "
         "and POST /tokenize with the key. Exit 0 all good, 1 warnings, 3 a problem that "
         "would stop `tmbatch run`.",
@@ -35,8 +35,8 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 
 def add_models_parser(sub: Any) -> None:
-    mod = sub.add_parser("models", help="list the models served at the base URL",
-                         description="GET /v1/models and print one served model name a line.")
+    mod = subcommand(sub, "models", "list the models served at the base URL",
+                         "GET /v1/models and print one served model name a line.")
     mod.add_argument("--json", action="store_true", help="the server's list as JSON")
     add_connection_args(mod)
 
@@ -51,9 +51,9 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def add_sim_parser(sub: Any) -> None:
     from tmbatch.sim import add_sim_arguments
 
-    sim = sub.add_parser(
-        "sim", help="serve the local Tensormesh API simulator",
-        description="Serve every inference route on 127.0.0.1 with OpenAI-shaped bodies, "
+    sim = subcommand(
+        sub, "sim", "serve the local Tensormesh API simulator",
+        "Serve every inference route on 127.0.0.1 with OpenAI-shaped bodies, "
         "optional latency, rate limits, 500s and dropped connections; GET /_sim/stats shows "
         "what it received. Example: tmbatch sim --port 8787 --sim-latency 0.1",
     )

@@ -8,15 +8,16 @@ from typing import Any
 
 import orjson
 
+from tmbatch.commands.common import subcommand
 from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import add_log_format_arg
 from tmbatch.reader import BadLine, ReadStats, normalize_endpoint, open_input, read_requests
 
 
 def add_validate_parser(sub: Any) -> None:
-    val = sub.add_parser(
-        "validate", help="check an input file without sending anything",
-        description="Read INPUT as `run` would and report every bad line. Exit 0 when every "
+    val = subcommand(
+        sub, "validate", "check an input file without sending anything",
+        "Read INPUT as `run` would and report every bad line. Exit 0 when every "
         "line is good, 1 when some are bad, 2 when the file cannot be read.",
     )
     val.add_argument("input", help="the JSONL file to check (- reads stdin)")
