@@ -37,3 +37,17 @@ def test_dockerfile_is_non_root_with_tmbatch_entrypoint() -> None:
     # The last stage is the one that runs: USER must come after its FROM.
     last_from = max(i for i, ln in enumerate(lines) if ln.startswith("FROM "))
     assert any(ln.startswith("USER ") for ln in lines[last_from:])
+
+
+def test_readme_and_help_list_every_exit_code() -> None:
+    """Scripts branch on these numbers: the README table, --help and the code agree."""
+    from tmbatch.exitcodes import ExitCode
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.M)}
+    assert documented == {int(c) for c in ExitCode}
+    p = subprocess.run([sys.executable, "-m", "tmbatch", "--help"], capture_output=True,
+                       text=True, env=clean_env(), cwd=ROOT)
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", p.stdout.split("exit codes:")[1], re.M)}
+    assert listed == {int(c) for c in ExitCode}
