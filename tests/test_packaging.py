@@ -24,7 +24,7 @@ def test_console_script_declared() -> None:
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    blocks = re.findall(r"^    (python3 -m pip install -e .*pytest.*)$", readme, re.M)
+    blocks = re.findall(r"^    (python3 -m venv .*pip install -e .*pytest.*)$", readme, re.M)
     assert blocks, "README has no test command"
     assert blocks[0].split("#")[0].strip() in ci
 
