@@ -15,7 +15,7 @@ FROM ${BASE}
 # signal actions from the kernel.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
 # uid 10001 by default, but any uid works (`--user "$(id -u):$(id -g)"` on a host-owned
 # volume): nothing is written outside /work, and HOME and /work are writable by everyone
