@@ -21,6 +21,7 @@ if [[ $nproc == unlimited ]] || ((nproc > pid_max)); then nproc=$pid_max; fi
 limits=(--ulimit "nproc=$nproc:$nproc")
 if [[ $nofile != unlimited ]]; then limits+=(--ulimit "nofile=$nofile:$nofile"); fi
 
+# shellcheck disable=SC2016  # expanded in the container, not here
 script='set -u; cd /root/tmbatch
 . /etc/os-release; echo "== $PRETTY_NAME, $(python3 --version), as $(id -un)"
 for cmd in "$@"; do
@@ -29,6 +30,7 @@ for cmd in "$@"; do
     echo "== exit $rc"
     [ $rc = 0 ] || exit $rc
 done'
+# shellcheck disable=SC2016
 git archive --format=tar --prefix=tmbatch/ HEAD | "${podman[@]}" run --rm -i --network host \
     "${limits[@]}" "$base" bash -c 'tar -x -C /root && exec bash -c "$1" check "${@:2}"' \
     untar "$script" "${commands[@]}"
