@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -215,10 +216,14 @@ def test_sigterm_in_preflight_exits_143_and_bills_nothing(
                   "--base-url", thread.url(), "--log-format", "json"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        if not server.health_seen.wait(RUN_TIMEOUT):
-            proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f"tmbatch never reached preflight's GET /health:\n{err[-4000:]}")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not server.health_seen.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                subprocess.run(image.cmd("kill", "--signal", "KILL", name), capture_output=True,
+                               timeout=RUN_TIMEOUT)
+                _, err = proc.communicate()
+                pytest.fail(f"tmbatch never reached preflight's GET /health (exit "
+                            f"{proc.returncode}):\n{err[-4000:]}")
         top = subprocess.run(image.cmd("top", name, "pid", "args"), capture_output=True,
                              text=True, timeout=RUN_TIMEOUT)
         assert top.returncode == 0, top.stderr
