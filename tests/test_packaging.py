@@ -24,16 +24,17 @@ def test_console_script_declared() -> None:
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    blocks = re.findall(r"^    (python3 -m pip install -e .*pytest.*)$", readme, re.M)
+    blocks = re.findall(r"^    (python3 -m venv .*pip install -e .*pytest.*)$", readme, re.M)
     assert blocks, "README has no test command"
     assert blocks[0].split("#")[0].strip() in ci
 
 
-def test_dockerfile_is_non_root_with_tmbatch_entrypoint() -> None:
+def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and user[-1] not in ("USER root", "USER 0", "USER 0:0")
-    assert 'ENTRYPOINT ["tmbatch"]' in lines
+    # tini as PID 1 passes SIGTERM on and reaps zombies; tmbatch is what it runs.
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "tmbatch"]' in lines
     # The last stage is the one that runs: USER must come after its FROM.
     last_from = max(i for i, ln in enumerate(lines) if ln.startswith("FROM "))
     assert any(ln.startswith("USER ") for ln in lines[last_from:])
@@ -51,3 +52,31 @@ def test_readme_and_help_list_every_exit_code() -> None:
                        text=True, env=clean_env(), cwd=ROOT)
     listed = {int(m) for m in re.findall(r"^  (\d+) ", p.stdout.split("exit codes:")[1], re.M)}
     assert listed == {int(c) for c in ExitCode}
+
+
+def test_dockerfile_installs_dependencies_before_the_source() -> None:
+    """A code change must not reinstall every dependency: they come from pyproject.toml alone,
+    in a layer before the one that copies the package."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
+    deps = next(i for i, ln in enumerate(lines) if "pip install -r" in ln)
+    source = next(i for i, ln in enumerate(lines) if ln.startswith("COPY tmbatch"))
+    package = next(i for i, ln in enumerate(lines) if "pip install --no-deps" in ln)
+    assert deps < source < package
+    copied = [ln for ln in lines[:deps] if ln.startswith("COPY ")]
+    assert copied == ["COPY pyproject.toml docker/requirements.py /src/"]
+
+
+def test_image_dependency_list_is_pyprojects() -> None:
+    import tomllib
+
+    p = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
+                        str(ROOT / "pyproject.toml"), "fast"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    want = (project["build-system"]["requires"] + project["project"]["dependencies"]
+            + project["project"]["optional-dependencies"]["fast"])
+    assert p.stdout.splitlines() == want
+    bad = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
+                          str(ROOT / "pyproject.toml"), "no-such-extra"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "no-such-extra" in bad.stderr
