@@ -8,6 +8,36 @@ until it answers HTTP, and stopped by killing that group, so nothing outlives th
 
 What each server serves and how it behaves is written down in `SPECS` as data: the tests
 read it to decide what to assert, so a server's limitation is stated, never silently skipped.
+Observed against the pinned versions (README, "Tested against", has the table):
+
+llmock 0.2.2: chat and responses, no /v1/completions, /tokenize or /version (404); no key
+needed anywhere; no request-id header. A responses stream ends at `response.completed` with
+no `data: [DONE]`; chat streams end with it. Text is picked by crc32(model|prompt); tool calls
+pick the best-matching tool with schema-valid arguments, random `call_` ids, and a streamed
+tool call starts with `"content": null`. Responses usage lacks `cache_write_tokens`. --rpm sends
+429 + Retry-After + x-ratelimit-{limit,remaining,reset}-requests (reset: time until full).
+
+mock-ai-api 0.1.1: chat, completions and responses; no key; no request-id header; ignores n.
+The answer is chosen by a `:mock-*` model suffix (default: a fixed greeting; `:mock-tool-stream`
+a `Write` tool call, unstreamed and streamed; `:mock-429` a 429 without Retry-After). 40 ms
+sleep between stream events. Responses bodies lack parallel_tool_calls, tool_choice, tools,
+usage details and the output items' status/annotations; its responses stream has no
+sequence numbers and ends at `response.completed` with no `[DONE]`. It installs top-level
+modules named `app` and `server`.
+
+xpyd-sim 0.5.0: chat and completions, no /v1/responses, /tokenize or /version; with
+--require-api-key every /v1/* route wants the key, GET /v1/models included (/health does
+not). Output length is random unless --eos-min-ratio 1; tool_choice auto calls a tool on a
+coin flip (required is deterministic). Answers with its own model name, for any model asked.
+
+LiteLLM proxy 1.106.12 with mock_response models and a master_key: GET /v1/models and
+/health answer 401 without the key (500 unless prisma is installed). Sends x-litellm-call-id
+(a UUID) on every answer, its 429s and SSE 500s included. A streamed /v1/responses of a mock
+model is HTTP 500 with `data: {"error": {"message": "Error processing stream start", ...}}`
+then `data: [DONE]`;
+its unstreamed responses body is a canned fixture (usage details with nulls). A streamed n=2
+chat ends choice 0 only; mock_tool_calls reach unstreamed answers only (content ""). An
+upstream 429 comes back with only llm_provider-retry-after / llm_provider-retry-after-ms.
 """
 
 from __future__ import annotations
@@ -47,96 +77,53 @@ SERVER_KEY = "sk-conformance-0123456789abcdef-SECRET"
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What one server is and does, as observed against its pinned version."""
+    """What one server is and does, as observed against its pinned version. The defaults
+    are what a well-behaved server does; each entry of SPECS names only where it differs."""
 
     name: str
     package: str
     version: str
     model: str
     routes: frozenset[str]  # POST routes it serves; the others answer 404
-    key_on_gets: bool  # GET /v1/models (and /health for LiteLLM) answer 401 without the key
-    honours_n: bool  # n=2 gives two choices
-    streamed_n_finishes: bool  # a streamed n=2 answer gives every choice its finish_reason
-    request_id_header: str | None  # the header naming the request, when it sends one
-    tool_model: str  # the model whose answer is a tool call
-    tool_choice: str | None  # what makes its tool call deterministic (None: leave it unset)
-    tools_streamed: bool  # a streamed tool-call answer carries the tool calls
+    key_on_gets: bool = False  # GET /v1/models (LiteLLM: /health too) is 401 without the key
+    honours_n: bool = True  # n=2 gives two choices
+    streamed_n_finishes: bool = True  # a streamed n=2 answer ends every choice
+    request_id_header: str | None = None  # the header naming the request, when it sends one
+    tool_model: str | None = None  # the model whose answer is a tool call (None: `model`)
+    tool_choice: str | None = None  # what makes its tool call deterministic
+    tools_streamed: bool = True  # a streamed tool-call answer carries the tool calls
     # Where its /v1/responses body breaks the openai SDK's `Response` type (openai==3.57.0):
     # top-level fields, or `usage.*_details.*` paths. Empty: the body validates.
-    responses_sdk_errors: frozenset[str]
-    responses_stream_error: bool  # a streamed /v1/responses answers HTTP 500 with an SSE body
-    quirks: tuple[str, ...] = field(default=())
+    responses_sdk_errors: frozenset[str] = field(default=frozenset())
+    responses_stream_error: bool = False  # a streamed /v1/responses is HTTP 500 + SSE body
 
 
 SPECS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
         ServerSpec(
-            name="llmock", package="llmock", version="0.2.2", model="gpt-4o",
-            routes=frozenset({CHAT, RESPONSES}), key_on_gets=False, honours_n=True,
-            streamed_n_finishes=True,
-            request_id_header=None, tool_model="gpt-4o", tool_choice=None,
-            tools_streamed=True, responses_stream_error=False,
+            "llmock", "llmock", "0.2.2", "gpt-4o", frozenset({CHAT, RESPONSES}),
             responses_sdk_errors=frozenset({"usage.input_tokens_details.cache_write_tokens"}),
-            quirks=(
-                "no /v1/completions, /tokenize or /version (404)",
-                "a /v1/responses stream ends at `response.completed` with no `data: [DONE]`",
-                "tool-call ids are random; name and arguments are deterministic",
-                "a streamed tool call starts with delta content null",
-                "/v1/responses usage.input_tokens_details has no cache_write_tokens",
-            ),
         ),
         ServerSpec(
-            name="mock-ai-api", package="mock-ai-api", version="0.1.1", model="gpt-4.1",
-            routes=frozenset({CHAT, COMPLETIONS, RESPONSES}), key_on_gets=False,
-            honours_n=False, streamed_n_finishes=True, request_id_header=None,
-            tool_model="gpt-4.1:mock-tool-stream",
-            tool_choice=None, tools_streamed=True, responses_stream_error=False,
+            "mock-ai-api", "mock-ai-api", "0.1.1", "gpt-4.1",
+            frozenset({CHAT, COMPLETIONS, RESPONSES}),
+            honours_n=False, tool_model="gpt-4.1:mock-tool-stream",
             responses_sdk_errors=frozenset({
                 "output", "parallel_tool_calls", "tool_choice", "tools",
                 "usage.input_tokens_details", "usage.output_tokens_details"}),
-            quirks=(
-                "ignores n: always one choice",
-                "answers are chosen by a `:mock-*` model suffix; the tool call is `Write`",
-                "a /v1/responses body lacks parallel_tool_calls, tool_choice, tools, "
-                "usage.*_details, and status and annotations in its output items",
-                "a /v1/responses stream ends at `response.completed` with no `data: [DONE]`",
-                "40 ms between stream events (server-side sleep)",
-                "installs top-level modules named `app` and `server`",
-            ),
         ),
         ServerSpec(
-            name="xpyd-sim", package="xpyd-sim", version="0.5.0", model="tm-xpyd",
-            routes=frozenset({CHAT, COMPLETIONS}), key_on_gets=True, honours_n=True,
-            streamed_n_finishes=True,
-            request_id_header=None, tool_model="tm-xpyd", tool_choice="required",
-            tools_streamed=True, responses_stream_error=False, responses_sdk_errors=frozenset(),
-            quirks=(
-                "no /v1/responses, /tokenize or /version (404)",
-                "with --require-api-key every /v1/* route (GET /v1/models too) wants the key",
-                "tool_choice auto calls a tool on a coin flip; required is deterministic",
-                "answer length is random unless --eos-min-ratio 1 (then max_tokens words)",
-                "answers with its own model name whatever the request names",
-            ),
+            "xpyd-sim", "xpyd-sim", "0.5.0", "tm-xpyd", frozenset({CHAT, COMPLETIONS}),
+            key_on_gets=True, tool_choice="required",
         ),
         ServerSpec(
-            name="litellm", package="litellm[proxy]", version="1.106.12", model="tm-mock",
-            routes=frozenset({CHAT, COMPLETIONS, RESPONSES}), key_on_gets=True,
-            honours_n=True, streamed_n_finishes=False, request_id_header="x-litellm-call-id",
-            tool_model="tm-tools",
-            tool_choice=None, tools_streamed=False, responses_stream_error=True,
+            "litellm", "litellm[proxy]", "1.106.12", "tm-mock",
+            frozenset({CHAT, COMPLETIONS, RESPONSES}),
+            key_on_gets=True, streamed_n_finishes=False, request_id_header="x-litellm-call-id",
+            tool_model="tm-tools", tools_streamed=False, responses_stream_error=True,
             responses_sdk_errors=frozenset({"usage.input_tokens_details.cache_write_tokens",
                                             "usage.output_tokens_details.reasoning_tokens"}),
-            quirks=(
-                "master_key: GET /v1/models and /health answer 401 without the key",
-                "mock_response streams of /v1/responses answer HTTP 500 with an SSE body "
-                "`data: {\"error\": ...}` then `data: [DONE]`",
-                "a streamed n=2 answer sends finish_reason for choice 0 only",
-                "mock_tool_calls reach only unstreamed answers (content \"\"); a stream drops them",
-                "a 429 relayed from upstream carries only llm_provider-retry-after(-ms)",
-                "mock /v1/responses bodies are a canned fixture (fixed created_at and usage); "
-                "their usage details lack cache_write_tokens and have reasoning_tokens null",
-            ),
         ),
     )
 }

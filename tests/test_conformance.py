@@ -63,6 +63,12 @@ def server_pool(request: pytest.FixtureRequest,
     pool.stop()
 
 
+@pytest.fixture
+def server(server_name: str, server_pool: ServerPool) -> ServerProcess:
+    """The server a test is parametrized with (`server_name`), running."""
+    return server_pool.get(server_name)
+
+
 class Run:
     """One finished `tmbatch run`: exit code, logs, and each line's one outcome."""
 
@@ -183,9 +189,7 @@ def assert_missing_route(run: Run, ids: list[str], spec: ServerSpec, route: str)
 
 
 @pytest.mark.parametrize("server_name", ALL)
-def test_chat_streamed_equals_unstreamed(server_name: str, server_pool: ServerPool,
-                                         tmp_path: Path) -> None:
-    server = server_pool.get(server_name)
+def test_chat_streamed_equals_unstreamed(server: ServerProcess, tmp_path: Path) -> None:
     spec = server.spec
     rows = pairs(CHAT, chat_body, spec)
     rows += [row("n2", CHAT, chat_body(spec, "two answers", n=2)),
@@ -208,9 +212,7 @@ def test_chat_streamed_equals_unstreamed(server_name: str, server_pool: ServerPo
 
 
 @pytest.mark.parametrize("server_name", ALL)
-def test_completions_streamed_equals_unstreamed(server_name: str, server_pool: ServerPool,
-                                                tmp_path: Path) -> None:
-    server = server_pool.get(server_name)
+def test_completions_streamed_equals_unstreamed(server: ServerProcess, tmp_path: Path) -> None:
     spec = server.spec
     rows = pairs(COMPLETIONS, completion_body, spec)
     run = run_batch(server, rows, tmp_path)
@@ -227,11 +229,9 @@ def test_completions_streamed_equals_unstreamed(server_name: str, server_pool: S
 
 
 @pytest.mark.parametrize("server_name", ALL)
-def test_responses_streamed_equals_unstreamed(server_name: str, server_pool: ServerPool,
-                                              tmp_path: Path) -> None:
+def test_responses_streamed_equals_unstreamed(server: ServerProcess, tmp_path: Path) -> None:
     """A /v1/responses stream is complete at `response.completed`, with or without a
     `data: [DONE]` after it (llmock and mock-ai-api send none, as vLLM does not)."""
-    server = server_pool.get(server_name)
     spec = server.spec
     rows = pairs(RESPONSES, response_body, spec)
     run = run_batch(server, rows, tmp_path)
@@ -264,13 +264,11 @@ def test_responses_streamed_equals_unstreamed(server_name: str, server_pool: Ser
 
 
 @pytest.mark.parametrize("server_name", ALL)
-def test_tool_calls_streamed_equal_unstreamed(server_name: str, server_pool: ServerPool,
-                                              tmp_path: Path) -> None:
+def test_tool_calls_streamed_equal_unstreamed(server: ServerProcess, tmp_path: Path) -> None:
     """A streamed tool-call answer is rebuilt as the unstreamed one: same tool calls, and
     the content the server gives unstreamed (null when it sends none, not "")."""
-    server = server_pool.get(server_name)
     spec = server.spec
-    extra: dict[str, Any] = {"tools": TOOLS, "model": spec.tool_model}
+    extra: dict[str, Any] = {"tools": TOOLS, "model": spec.tool_model or spec.model}
     if spec.tool_choice is not None:
         extra["tool_choice"] = spec.tool_choice
     rows = [row("tool", CHAT, chat_body(spec, "What is the weather in Paris?", **extra)),
@@ -296,12 +294,10 @@ def test_tool_calls_streamed_equal_unstreamed(server_name: str, server_pool: Ser
 
 
 @pytest.mark.parametrize("server_name", ALL)
-def test_request_id_is_a_string(server_name: str, server_pool: ServerPool,
-                                tmp_path: Path) -> None:
+def test_request_id_is_a_string(server: ServerProcess, tmp_path: Path) -> None:
     """vLLM's BatchRequestOutput and OpenAI's batch output type request_id as a string: the
     server's id header where it sends one (LiteLLM: x-litellm-call-id, a UUID), else one
     tmbatch makes up."""
-    server = server_pool.get(server_name)
     spec = server.spec
     rows = [row("a", CHAT, chat_body(spec, "hello")),
             row("a-s", CHAT, chat_body(spec, "hello", stream=True))]
@@ -314,12 +310,11 @@ def test_request_id_is_a_string(server_name: str, server_pool: ServerPool,
             uuid.UUID(request_id)
 
 
-def test_sse_error_body_keeps_the_server_message(server_pool: ServerPool,
-                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_name", ["litellm"])
+def test_sse_error_body_keeps_the_server_message(server: ServerProcess, tmp_path: Path) -> None:
     """LiteLLM answers a mock /v1/responses stream with HTTP 500 and the body
     `data: {"error": {"message": "Error processing stream start", ...}}` + `data: [DONE]`.
     The failure keeps the server's message, and the error object as the body."""
-    server = server_pool.get("litellm")
     run = run_batch(server, [row("r-s", RESPONSES, response_body(server.spec, "hi",
                                                                  stream=True))], tmp_path)
     failure = run.failures["r-s"]
@@ -337,14 +332,13 @@ MISSING_ROUTE = {"llmock": COMPLETIONS, "xpyd-sim": RESPONSES}
 
 
 @pytest.mark.parametrize("server_name", list(MISSING_ROUTE))
-def test_a_missing_route_fails_its_lines_and_the_rest_runs(
-        server_name: str, server_pool: ServerPool, tmp_path: Path) -> None:
+def test_a_missing_route_fails_its_lines_and_the_rest_runs(server: ServerProcess,
+                                                           tmp_path: Path) -> None:
     """Eight lines on a route the server lacks come first (one at a time, so their 404s are
     the first outcomes), then chat lines: the 404s fail `permanent`, the chat lines succeed,
     and the run is not stopped as if the model were unknown."""
-    server = server_pool.get(server_name)
     spec = server.spec
-    route = MISSING_ROUTE[server_name]
+    route = MISSING_ROUTE[spec.name]
     make = completion_body if route == COMPLETIONS else response_body
     missing = [row(f"m-{i}", route, make(spec, f"question {i}")) for i in range(8)]
     chats = [row(f"c-{i}", CHAT, chat_body(spec, f"question {i}")) for i in range(4)]
@@ -356,12 +350,10 @@ def test_a_missing_route_fails_its_lines_and_the_rest_runs(
 
 
 @pytest.mark.parametrize("server_name", ["llmock", "xpyd-sim", "litellm"])
-def test_preflight_sends_the_key_on_get_routes(server_name: str, server_pool: ServerPool,
-                                               tmp_path: Path) -> None:
+def test_preflight_sends_the_key_on_get_routes(server: ServerProcess, tmp_path: Path) -> None:
     """xpyd-sim (--require-api-key) and LiteLLM (master_key) answer GET /v1/models with 401
     when no key comes with it; preflight sends the key on every route, so a correct key
     passes. llmock wants no key anywhere: the control."""
-    server = server_pool.get(server_name)
     spec = server.spec
     rows = [row(f"c-{i}", CHAT, chat_body(spec, f"question {i}")) for i in range(2)]
     run = run_batch(server, rows, tmp_path, preflight=True)
@@ -369,11 +361,10 @@ def test_preflight_sends_the_key_on_get_routes(server_name: str, server_pool: Se
     assert "refused the key" not in run.stderr
 
 
-def test_an_unserved_model_fails_only_its_lines(server_pool: ServerPool,
-                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_name", ["llmock"])
+def test_an_unserved_model_fails_only_its_lines(server: ServerProcess, tmp_path: Path) -> None:
     """llmock lists gpt-4o (not `not-served-model`) at /v1/models. The line naming the
     unserved model fails `permanent` / model_not_served, naming it; the others run."""
-    server = server_pool.get("llmock")
     spec = server.spec
     rows = [row(f"c-{i}", CHAT, chat_body(spec, f"question {i}")) for i in range(3)]
     rows.append(row("unserved", CHAT, chat_body(spec, "hi", model="not-served-model")))
@@ -390,11 +381,11 @@ def test_an_unserved_model_fails_only_its_lines(server_pool: ServerPool,
 # Rate limits and reporting
 
 
-def test_litellm_provider_retry_after_pauses_everyone(server_pool: ServerPool,
+@pytest.mark.parametrize("server_name", ["litellm"])
+def test_litellm_provider_retry_after_pauses_everyone(server: ServerProcess,
                                                       tmp_path: Path) -> None:
     """LiteLLM relays an upstream 429 with `llm_provider-retry-after: 1` and
     `llm_provider-retry-after-ms: 1000` and no Retry-After of its own: that is the pause."""
-    server = server_pool.get("litellm")
     rows = [row("limited", CHAT, chat_body(server.spec, "hi",
                                            model=LITELLM_RATE_LIMITED_MODEL))]
     run = run_batch(server, rows, tmp_path, "--max-retries", "1", "--log-format", "json")
@@ -407,12 +398,12 @@ def test_litellm_provider_retry_after_pauses_everyone(server_pool: ServerPool,
 MOCK_AI_API_STREAM_SECONDS = 0.12  # 4 events (role, text, finish, [DONE]), 40 ms sleep between
 
 
-def test_settled_rate_cannot_exceed_what_the_server_allows(server_pool: ServerPool,
+@pytest.mark.parametrize("server_name", ["mock-ai-api"])
+def test_settled_rate_cannot_exceed_what_the_server_allows(server: ServerProcess,
                                                            tmp_path: Path) -> None:
     """mock-ai-api sleeps 40 ms between stream events, so each streamed chat answer takes at
     least 0.12 s; with 8 in flight at most, no honest rate is over 8 / 0.12 s. (A slower
     machine only lowers the true rate: the bound cannot flake.)"""
-    server = server_pool.get("mock-ai-api")
     rows = [row(f"s-{i}", CHAT, chat_body(server.spec, f"question {i}", stream=True))
             for i in range(8)]
     run = run_batch(server, rows, tmp_path, "-c", "8")
