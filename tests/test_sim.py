@@ -137,7 +137,8 @@ def test_every_route_has_the_openai_shape() -> None:
         assert item["content"] == [
             {"type": "output_text", "text": "Simulated answer to: Tell me.", "annotations": []}
         ]
-        assert set(body["usage"]) == {"input_tokens", "output_tokens", "total_tokens"}
+        assert set(body["usage"]) == {"input_tokens", "output_tokens", "total_tokens",
+                                      "input_tokens_details", "output_tokens_details"}
         request_ids.add(headers["x-request-id"])
 
         status, body, headers = await post(

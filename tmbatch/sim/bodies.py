@@ -154,34 +154,22 @@ def _answer(
 # Rendering
 
 
+def _head(a: _Answer, route: str, obj: str) -> dict[str, Any]:
+    """The fields every chat / completion body and chunk starts with."""
+    prefix = "chatcmpl-" if route == ROUTE_CHAT else "cmpl-"
+    return {"id": prefix + a.rid, "object": obj, "created": a.created, "model": a.model}
+
+
 def _chat_body(a: _Answer) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-" + a.rid,
-        "object": "chat.completion",
-        "created": a.created,
-        "model": a.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": a.text},
-                "finish_reason": a.finish_reason,
-            }
-        ],
-        "usage": _usage(a),
-    }
+    message = {"role": "assistant", "content": a.text}
+    choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
+    return {**_head(a, ROUTE_CHAT, "chat.completion"), "choices": [choice], "usage": _usage(a)}
 
 
 def _completion_body(a: _Answer) -> dict[str, Any]:
-    return {
-        "id": "cmpl-" + a.rid,
-        "object": "text_completion",
-        "created": a.created,
-        "model": a.model,
-        "choices": [
-            {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
-        ],
-        "usage": _usage(a),
-    }
+    choice = {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
+    return {**_head(a, ROUTE_COMPLETIONS, "text_completion"), "choices": [choice],
+            "usage": _usage(a)}
 
 
 def _usage(a: _Answer) -> dict[str, int]:
@@ -204,6 +192,9 @@ def _message_item(a: _Answer, status: str, text: str | None) -> dict[str, Any]:
 
 
 def _response_body(a: _Answer, done: bool = True) -> dict[str, Any]:
+    """Every field the openai SDK's `Response` type requires is here (parallel_tool_calls,
+    tool_choice, tools, the usage details): a client that validates bodies accepts ours,
+    as it must accept a real server's. The simulator never calls tools."""
     incomplete = None if a.finish_reason == "stop" else {"reason": "max_output_tokens"}
     return {
         "id": "resp_" + a.rid,
@@ -213,9 +204,14 @@ def _response_body(a: _Answer, done: bool = True) -> dict[str, Any]:
         "model": a.model,
         "output": [_message_item(a, "completed", a.text)] if done else [],
         "incomplete_details": incomplete if done else None,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
         "usage": {
             "input_tokens": a.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": a.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": a.prompt_tokens + a.completion_tokens,
         }
         if done
@@ -264,12 +260,7 @@ def _stream_events(a: _Answer, body: dict[str, Any], chunks: int) -> list[bytes]
 
 
 def _chat_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
-    head = {
-        "id": "chatcmpl-" + a.rid,
-        "object": "chat.completion.chunk",
-        "created": a.created,
-        "model": a.model,
-    }
+    head = _head(a, ROUTE_CHAT, "chat.completion.chunk")
 
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
         return _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -283,12 +274,7 @@ def _chat_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[byt
 
 
 def _completion_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
-    head = {
-        "id": "cmpl-" + a.rid,
-        "object": "text_completion",
-        "created": a.created,
-        "model": a.model,
-    }
+    head = _head(a, ROUTE_COMPLETIONS, "text_completion")
 
     def chunk(text: str, finish: str | None) -> bytes:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -315,8 +301,9 @@ def _response_events(a: _Answer, pieces: list[str]) -> list[bytes]:
         },
         {"type": "response.content_part.added", **where, "part": empty_part},
     ]
-    objs.extend({"type": "response.output_text.delta", **where, "delta": p} for p in pieces)
-    objs.append({"type": "response.output_text.done", **where, "text": a.text})
+    text_event = {**where, "logprobs": []}
+    objs.extend({"type": "response.output_text.delta", **text_event, "delta": p} for p in pieces)
+    objs.append({"type": "response.output_text.done", **text_event, "text": a.text})
     objs.append({"type": "response.content_part.done", **where, "part": full_part})
     objs.append(
         {
