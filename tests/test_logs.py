@@ -182,7 +182,7 @@ def json_logging() -> Any:
 
 def test_secrets_are_scrubbed_from_fields_not_only_messages(json_logging: io.StringIO) -> None:
     key = 'tm-"quoted"\\key-0123456789'
-    logs.REDACT.secrets.append(key)
+    logs.REDACT.secrets.add(key)
     logs.event("pause", f"msg with {key}", url=f"https://x/?k={key}", nested={"k": [key]})
     logging.getLogger("tmbatch").warning("plain %s", key, extra={"event": "warn"})
     text = json_logging.getvalue()

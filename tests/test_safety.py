@@ -68,5 +68,7 @@ def test_what_each_class_permits() -> None:
     assert {c for c in Outcome if c.policy.stops_run} == {Outcome.FATAL}
     # a fatal refusal and a pending line are sent again when the run resumes
     assert {c for c in Outcome if not c.policy.final} == {Outcome.FATAL, Outcome.PENDING}
+    assert {c for c in Outcome if not c.policy.reached_server} == {Outcome.NOT_SENT,
+                                                                   Outcome.PENDING}
     states = [c.policy.state for c in Outcome if c is not Outcome.PENDING]
     assert len(set(states)) == len(states) and min(states) >= 2  # 0, 1: unseen, in flight

@@ -111,17 +111,17 @@ def test_bad_config(case: str, tmp_path: Path) -> None:
 
 
 def test_network_error_run(tmp_path: Path) -> None:
-    """Nothing listens: not_sent failures whose messages carry no key."""
+    """Nothing listens: the circuit breaker stops the run naming the host, and neither its
+    message nor anything on disk carries the key."""
     out = tmp_path / "out"
+    port = free_port()
     args = ["run", str(inputs(tmp_path, 2)), "-o", str(out), "--base-url",
-            f"http://127.0.0.1:{free_port()}", "--max-retries", "0", "-v"]
-    if "--no-preflight" in run_cli(["run", "--help"]).stdout:
-        args.append("--no-preflight")  # reach the workers, not only the preflight check
+            f"http://127.0.0.1:{port}", "--max-retries", "0", "-v", "--no-preflight"]
     proc = run_cli(args, env=key_env())
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
-    classes = {f["error"]["class"] for f in read_jsonl(out / "failures.jsonl")}
-    assert classes == {"not_sent"}
+    assert f"cannot reach http://127.0.0.1:{port}" in proc.stderr
+    assert read_jsonl(out / "failures.jsonl") == []  # pending: the next run sends them
     assert leaks(API_KEY, proc, out) == []
 
 
@@ -209,3 +209,66 @@ def test_output_modes_owner_only_whatever_the_umask(tmp_path: Path) -> None:
              if mode != (0o700 if (out / name).is_dir() else 0o600)}
     assert wrong == {}
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def echoing_app() -> Any:
+    """A server (or proxy) that echoes the request's headers back: in a successful answer, in
+    an error message (padded so a cut at 500 characters would split the key), and in a 401."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        auth = request.headers.get("Authorization", "")
+        mode = body["messages"][0]["content"]
+        if mode == "question 1":
+            return web.json_response({"error": {"message": "x" * 480 + f" got {auth}"}},
+                                     status=400)
+        if mode == "question 3":
+            return web.json_response({"error": {"message": f"bad key {auth}"}}, status=401)
+        return web.json_response({
+            "id": "c", "object": "chat.completion", "model": "tm-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"you sent {auth}"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": f"echo {request.headers.get('Authorization')}"})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "tm-small"}],
+                                  "note": request.headers.get("Authorization")})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/version", version)
+    app.router.add_get("/health", version)
+    app.router.add_get("/v1/models", models)
+    async def tokenize(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization")
+        return web.json_response({"error": {"message": f"upstream saw {auth}"}}, status=500)
+
+    app.router.add_post("/tokenize", tokenize)
+    return app
+
+
+def test_an_echoed_key_never_reaches_disk(serve: Any, tmp_path: Path) -> None:
+    """The answers are kept (they were paid for) with the key replaced; nothing written, not
+    results, failures, summary, exports nor the report's data, holds it."""
+    server = serve(echoing_app())
+    out = tmp_path / "out"
+    proc = run_cli(["run", str(inputs(tmp_path, 4)), "-o", str(out), "--base-url",
+                    server.url(), "-c", "1", "--no-preflight"], env=key_env())
+    assert proc.returncode == 3, proc.stderr  # the 401 on the last line stops the run
+    results = read_jsonl(out / "results.jsonl")
+    assert [r["response"]["body"]["choices"][0]["message"]["content"] for r in results] == \
+        ["you sent Bearer [redacted]", "you sent Bearer [redacted]"]
+    failed = {f["line"]: f for f in read_jsonl(out / "failures.jsonl")}
+    assert "[redacted]" in str(failed[2]["response"]["body"])
+    exported = run_cli(["export", str(out), "--combined"], env=key_env())
+    assert exported.returncode == 0, exported.stderr
+    assert (out / "outcomes.ordered.jsonl").stat().st_size > 0
+    assert leaks(API_KEY, proc, out) == []
+    for extra in ([], ["--json"]):
+        doctor = run_cli(["doctor", "--base-url", server.url(), *extra], env=key_env())
+        assert "[redacted]" in doctor.stdout, doctor.stdout
+        assert leaks(API_KEY, doctor, None) == []

@@ -48,14 +48,18 @@ def test_untrusted_certificate_is_not_sent(serve: Callable[..., AppThread],
     server, state = tls_sim(serve, ca[0])
     proc = run_cli([*run_args(tmp_path, server.url("https")), "--no-preflight"],
                    env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
-    assert proc.returncode == 1, proc.stderr
-    fails = read_jsonl(tmp_path / "out" / "failures.jsonl")
-    assert len(fails) == 3
-    for f in fails:
-        assert (f["error"]["class"], f["error"]["code"]) == ("not_sent", "tls_certificate")
-        assert "certificate verify failed" in f["error"]["message"]
-        assert "--ca-bundle" in f["error"]["message"]
+    # Nothing can reach the server: the circuit breaker stops the run (exit 3) with the reason
+    # and the fix, and every line stays pending for the same command once it is trusted.
+    assert proc.returncode == 3, proc.stderr
+    assert "tls_certificate" in proc.stderr and "certificate verify failed" in proc.stderr
+    assert "--ca-bundle" in proc.stderr
+    assert read_jsonl(tmp_path / "out" / "failures.jsonl") == []
     assert stats_of(state)["received"] == 0  # the handshake failed: no request, no key sent
+    again = run_cli([*run_args(tmp_path, server.url("https")), "--no-preflight",
+                     "--ca-bundle", str(ca[1])],
+                    env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+    assert again.returncode == 0, again.stderr
+    assert len(read_jsonl(tmp_path / "out" / "results.jsonl")) == 3
 
 
 def test_untrusted_certificate_stops_at_preflight(serve: Callable[..., AppThread],

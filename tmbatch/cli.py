@@ -17,6 +17,7 @@ from tmbatch import __version__
 from tmbatch.commands import outputs, resend, run, server, validate
 from tmbatch.config import ConfigError
 from tmbatch.exitcodes import ExitCode, help_text
+from tmbatch.files import OutputError
 from tmbatch.journal import JournalError
 from tmbatch.logs import REDACT, event, json_mode, say, setup_logging
 from tmbatch.reader import InputError
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         if json_mode():
             event("exit", f"exit code {code}", exit_code=code)
         return code
+    except OutputError as exc:  # an output path that cannot be used: 2, or 4 for a full disk
+        msg = REDACT.scrub(str(exc))
+        say("error", msg, text=f"tmbatch: error: {msg}", level=logging.ERROR,
+            exit_code=exc.exit_code)
+        return exc.exit_code
     except (ConfigError, InputError, JournalError, ValueError) as exc:
         msg = REDACT.scrub(str(exc))
         say("error", msg, text=f"tmbatch: error: {msg}", level=logging.ERROR,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -366,8 +367,17 @@ def _ca_bundle(flags: Mapping[str, str | None], env: Mapping[str, str],
     ca_bundle, sources["ca_bundle"] = _pick(
         "--ca-bundle", flags.get("ca_bundle"), env, ENV_CA_BUNDLE
     )
-    if ca_bundle is not None and not Path(ca_bundle).is_file():
+    if ca_bundle is None:
+        return None
+    if not Path(ca_bundle).is_file():
         raise ConfigError(f"CA bundle {ca_bundle} ({sources['ca_bundle']}) is not a readable file")
+    try:
+        ssl.create_default_context(cafile=ca_bundle)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"CA bundle {ca_bundle} ({sources['ca_bundle']}) is not a PEM file of CA "
+            f"certificates ({exc}); give the PEM (-----BEGIN CERTIFICATE-----) of the CA "
+            "that signed the server's certificate") from None
     return ca_bundle
 
 

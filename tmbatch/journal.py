@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from tmbatch.compact import IN_FLIGHT, UNSEEN, IdSet, LineStates
-from tmbatch.files import FAILURES, JOURNAL, RESULTS
+from tmbatch.files import FAILURES, JOURNAL, RESULTS, OutputError, open_append, open_private
 from tmbatch.safety import Outcome
 
 log = logging.getLogger("tmbatch")
@@ -122,17 +122,21 @@ class ResumeState:
     runs: int = 1
     superseded: bool = False  # some line got a newer outcome than a failure already written
     adopted: list[OutcomeRecord] = field(default_factory=list)  # found past the last mark
+    pause_until: float = 0.0  # wall time the last Retry-After pause of every worker ends
 
 
 def repair_torn(path: Path) -> str | None:
     """Cut a torn last line (no trailing newline) into a side file; never parse it as data."""
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return None
-    if size == 0:
-        return None
-    with open(path, "rb+") as f:
+        fd = open_private(path, os.O_RDWR)
+    except OutputError:
+        if not path.exists():
+            return None
+        raise
+    with os.fdopen(fd, "rb+") as f:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return None
@@ -151,8 +155,11 @@ def repair_torn(path: Path) -> str | None:
         f.seek(cut)
         torn = f.read()
         side = path.with_name(f"{path.name}.torn-{int(time.time())}")
-        with open(side, "ab") as s:
-            s.write(torn)
+        side_fd = open_append(side)
+        try:
+            os.write(side_fd, torn)
+        finally:
+            os.close(side_fd)
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
@@ -179,6 +186,17 @@ def read_header(out_dir: Path) -> dict[str, Any]:
             "use another --output directory or --restart"
         )
     return header
+
+
+def nothing_sent(out_dir: Path) -> bool:
+    """True when the journal holds no line's record at all: the last run stopped (or was
+    refused at preflight) before sending or recording anything, so there is nothing to resume."""
+    with open(out_dir / JOURNAL, "rb") as f:
+        f.readline()
+        for raw in f:
+            if raw.lstrip().startswith(b"["):
+                return False
+    return True
 
 
 def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
@@ -277,6 +295,8 @@ def _replay_records(f: Any, path: Path, state: ResumeState,
                     undone[line] = entry[3]
         elif kind == "m":
             state.last_mark = (rec[1], rec[2])
+        elif kind == "p":
+            state.pause_until = max(state.pause_until, rec[1] + rec[2])
     state.attempts_done += attempts
     return b, hashes, undone
 

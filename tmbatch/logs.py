@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from tmbatch.redact import SECRETS
+
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "tmbatch: %(levelname)s: %(message)s"
 
@@ -35,18 +37,11 @@ _format = "text"
 class RedactFilter(logging.Filter):
     """Belt and braces: no log record may carry the key, whatever formatted it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: list[str] = []
+    secrets = SECRETS  # the process's one registry (tmbatch.redact)
 
     def scrub(self, text: str) -> str:
         """Replace every secret, also in its JSON-escaped spelling (fields are serialized)."""
-        for s in self.secrets:
-            text = text.replace(s, "[redacted]")
-            escaped = orjson.dumps(s).decode()[1:-1]
-            if escaped != s:
-                text = text.replace(escaped, "[redacted]")
-        return text
+        return self.secrets.text(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:

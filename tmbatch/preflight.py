@@ -29,7 +29,8 @@ from tmbatch.config import UUID_RE, Settings, check_model, redact
 from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import say
 from tmbatch.reader import BadLine, InputError, open_input, read_requests
-from tmbatch.safety import AttemptFailed, Outcome, error_message
+from tmbatch.redact import SECRETS
+from tmbatch.safety import AttemptFailed, error_message
 
 log = logging.getLogger("tmbatch")
 
@@ -64,7 +65,7 @@ class Report:
     scan_complete: bool = True
 
     def add(self, name: str, status: str, detail: str, code: str | None = None) -> Check:
-        c = Check(name, status, detail, code)
+        c = Check(name, status, SECRETS.text(detail), code)  # a server may echo the key
         self.checks.append(c)
         return c
 
@@ -173,7 +174,7 @@ async def _reachability(session: Any, settings: Settings, report: Report) -> boo
     try:
         status, body, _ = await get_json(session, "/health")
     except AttemptFailed as exc:
-        what = "cannot connect to" if exc.cls is Outcome.NOT_SENT else "no answer from"
+        what = "no answer from" if exc.cls.policy.reached_server else "cannot connect to"
         report.add("health", WARNING, f"{what} {settings.base_url}: {exc.message}",
                    "unreachable")
         return False
@@ -189,7 +190,7 @@ async def _reachability(session: Any, settings: Settings, report: Report) -> boo
         return True
     if status == 200:
         version = body.get("version") if isinstance(body, dict) else None
-        report.version = str(version if version is not None else body)[:200]
+        report.version = SECRETS.text(str(version if version is not None else body))[:200]
         report.add("version", OK, report.version)
     else:
         report.add("version", WARNING, f"GET /version answered HTTP {status}", f"version_{status}")
@@ -348,7 +349,7 @@ async def doctor(
             "input_scanned_completely": complete,
             "ok": code == 0,
         }
-        sys.stdout.buffer.write(orjson.dumps(out) + b"\n")
+        sys.stdout.buffer.write(SECRETS.data(orjson.dumps(out)) + b"\n")
         return code
     print("settings (flag > environment > default):")
     for _, label, value, source in rows:

@@ -26,6 +26,7 @@ from tenacity import (
 from tmbatch.client import Answer, idempotency_key, send
 from tmbatch.config import Settings
 from tmbatch.limits import Admission, Ticket, estimate_tokens
+from tmbatch.logs import public_url
 from tmbatch.reader import BadLine, Request
 from tmbatch.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.records import Response as RecordedResponse
@@ -35,6 +36,10 @@ from tmbatch.summary import RunStats
 from tmbatch.writer import Writer
 
 log = logging.getLogger("tmbatch")
+
+# Attempts in a row that never reach the server, with no answer at all in this run, before the
+# run stops (exit 3) instead of walking every line of a big file through its retries.
+BREAKER_ATTEMPTS = 16
 
 
 class Stopped(Exception):
@@ -66,6 +71,11 @@ class LineSender:
     session: aiohttp.ClientSession
     prior_attempts: dict[int, int] = field(default_factory=dict)
     fatal_404_after: int = 8
+    # Workers whose request is on the wire: a stop lets these finish and cancels the others.
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+    # Circuit breaker: attempts in a row that never reached the server, while none ever has.
+    answered: bool = False
+    unreached_streak: int = 0
     _404_streak: int = 0
     _backoff: wait_exponential_jitter = field(
         default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
@@ -96,7 +106,7 @@ class LineSender:
             retry=retry_if_exception(partial(retryable, idempotent=req.idempotent)),
             stop=stop_any(stop_after_attempt(self.settings.max_retries + 1), self._stopping),
             wait=self._wait,
-            sleep=partial(self._sleep_between, req, tries),
+            sleep=asyncio.sleep,
             reraise=True,
         )
         try:
@@ -106,13 +116,10 @@ class LineSender:
                         raise pending.pop()
                     answer = await self._attempt(req, tokens, headers, tries)
         except Stopped:
-            if tries.now:
-                self.writer.pending(req.line)  # the last attempt was refused: not processed
-            return
+            return  # the line is pending: its last attempt, if any, did no work (journaled)
         except AttemptFailed as exc:
             if self.stop.stopping and exc.cls.policy.retry:
-                self.writer.pending(req.line)  # it would have been retried: the next run does
-                return
+                return  # it would have been retried: pending (journaled), the next run sends it
             self._fail(req, exc, tries.total)
             return
         self._succeed(req, answer)
@@ -126,26 +133,9 @@ class LineSender:
     def _stopping(self, rs: RetryCallState) -> bool:
         return self.stop.stopping
 
-    async def _sleep_between(self, req: Request, tries: Tries, seconds: float) -> None:
-        try:
-            await asyncio.sleep(seconds)
-        except asyncio.CancelledError:
-            self._pending_if_retrying(req, tries)
-            raise
-
-    def _pending_if_retrying(self, req: Request, tries: Tries) -> None:
-        """Cancelled (drain timeout) between attempts: the last one was refused or never sent,
-        so on resume the line is sent again, not mistaken for an unknown (ambiguous) outcome."""
-        if tries.now:
-            self.writer.pending(req.line)
-
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
-        try:
-            ticket = await self.admission.admit(tokens)
-        except asyncio.CancelledError:
-            self._pending_if_retrying(req, tries)
-            raise
+        ticket = await self.admission.admit(tokens)
         try:
             if self.stop.stopping:
                 raise Stopped
@@ -161,19 +151,46 @@ class LineSender:
         self.writer.dispatch(req.line, tries.total, req.custom_id)
         self.stats.sent += 1
         self.stats.in_flight += 1
+        task = asyncio.current_task()
+        self.in_flight.add(task)  # type: ignore[arg-type]
         try:
             answer = await send(self.session, req.url, req.body, headers)
         except AttemptFailed as exc:
-            if exc.status == 429:
-                self.stats.rejected_429 += 1
-            paused = ticket.failed(exc)
-            if paused is not None:
-                self.writer.pause(paused)  # on the report's timeline
+            self._failed_attempt(req, exc, ticket)
             raise
         finally:
             self.stats.in_flight -= 1
+            self.in_flight.discard(task)  # type: ignore[arg-type]
+        self.answered, self.unreached_streak = True, 0
         ticket.succeeded(answer.headers, self.stats.add_usage(answer.body))
         return answer
+
+    def _failed_attempt(self, req: Request, exc: AttemptFailed, ticket: Ticket) -> None:
+        if exc.status == 429:
+            self.stats.rejected_429 += 1
+        paused = ticket.failed(exc)
+        if paused is not None:
+            self.writer.pause(paused)  # on the report's timeline, and honoured by a resume
+        if exc.cls.policy.retry:
+            # Provably not processed: if the run dies before the next attempt, the line is
+            # sent again on resume, not mistaken for an unknown (ambiguous) outcome.
+            self.writer.pending(req.line)
+        if exc.cls.policy.reached_server:
+            self.answered, self.unreached_streak = True, 0
+            return
+        self.unreached_streak += 1
+        if not self.answered and self.unreached_streak >= self.breaker_after:
+            self.fatal(
+                f"cannot reach {public_url(self.settings.base_url)}: {self.unreached_streak} "
+                f"attempts in a row never reached it ({exc.code}: {exc.message}) and nothing "
+                "has answered; check --base-url (or TENSORMESH_*_BASE_URL) and the network. "
+                "The lines not sent yet stay pending: run the same command again to resume"
+            )
+
+    @property
+    def breaker_after(self) -> int:
+        """Before any line can exhaust its retries, so a dead host leaves every line pending."""
+        return max(1, min(BREAKER_ATTEMPTS, self.settings.max_retries + 1))
 
     # -- outcomes -------------------------------------------------------
     def _succeed(self, req: Request, answer: Answer) -> None:

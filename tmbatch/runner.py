@@ -4,6 +4,13 @@ The pipeline only: a producer reads lines into a bounded queue, workers send eac
 its outcome (`retry.LineSender`), one writer owns the files, and signals turn into a drain.
 What a failure means is `safety`'s, how fast to send is `limits`', what is written is
 `records`' and `journal`'s.
+
+A run has two halves. `prepare` is everything local (the input, the output directory, its
+lock, the journal, the first write), so a command that is refused has touched neither the
+network nor a live job's files. `send` is the network. Signal handlers are installed before
+either, so a SIGTERM is honoured at any point, preflight included, and every stop ends: the
+idle workers (waiting for a line, a slot, a pause or a retry) are cancelled at once, the ones
+with a request on the wire get --drain-timeout, and a second signal cancels those too.
 """
 
 from __future__ import annotations
@@ -15,20 +22,21 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from tmbatch.client import make_session
 from tmbatch.compact import LineStates
 from tmbatch.config import Settings
 from tmbatch.exitcodes import ExitCode
-from tmbatch.files import SUMMARY
+from tmbatch.files import FAILURES, JOURNAL, RESULTS, SUMMARY, OutputError
 from tmbatch.journal import ResumeState
 from tmbatch.limits import Admission
 from tmbatch.lines import count_lines
 from tmbatch.logs import event, progress_kwargs, public_url, say
 from tmbatch.options import RunOptions
-from tmbatch.outdir import lock_output, prepare_output
+from tmbatch.outdir import Lock, prepare_output
 from tmbatch.progress import Progress
 from tmbatch.reader import BadLine, ReadStats, Request, open_input, read_requests
 from tmbatch.records import FailureRecord
@@ -39,6 +47,8 @@ from tmbatch.summary import RunStats, build_summary, final_line, write_summary
 from tmbatch.writer import Writer, WriterError
 
 log = logging.getLogger("tmbatch")
+T = TypeVar("T")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Runner:
@@ -50,24 +60,43 @@ class Runner:
                                    adaptive=opts.is_adaptive)
         self.stop = Stop()
         self.read_stats = ReadStats()
-        self._workers: list[asyncio.Task[None]] = []
         self.header: dict[str, Any] = {}
-        self.sender: LineSender
+        self.states = LineStates()
+        self.resume: ResumeState | None = None
+        self.writer: Writer | None = None
+        self._lock: Lock | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._sender: LineSender | None = None
+        self._waiting: asyncio.Task[Any] | None = None  # preflight: cancelled by a signal
+        self._signal_at = 0.0
+        self._sent = False  # send() began: from here on the job's files are the record
+        self._made_dir = False
 
     async def run(self) -> int:
-        header, resume = prepare_output(self.opts)
-        self.header = header
-        lock_fd = lock_output(self.opts.out_dir)
+        """Both halves, for callers without a preflight (resend, tests)."""
+        self.install_signals()
         try:
-            return await self._run(header, resume)
+            self.prepare()
+            return await self.send()
         finally:
-            os.close(lock_fd)
+            await self.close()
+
+    # -- signals --------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, signum: int) -> None:
-        if self.stop.on_signal(signum) > 1:
+        count = self.stop.on_signal(signum)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if count > 1:
             for t in self._workers:
                 t.cancel()
             return
+        self._signal_at = time.monotonic()
         name = signal.Signals(signum).name
         say(
             "signal",
@@ -76,33 +105,99 @@ class Runner:
             level=logging.WARNING, signal=name, in_flight=self.stats.in_flight,
             drain_timeout=self.opts.drain_timeout,
         )
+        self._cancel_idle()
 
-    # -- the pipeline ---------------------------------------------------
-    async def _run(self, header: dict[str, Any], resume: ResumeState | None) -> int:
-        opts = self.opts
-        states = resume.states if resume else LineStates()
-        if resume is not None:
-            log.info("resuming %s: %d line(s) already have an outcome", opts.out_dir,
-                     sum(n for o, n in states.by_outcome().items() if o.policy.final))
+    async def interruptible(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Run a step before sending (preflight) so that a signal ends it at once: None then."""
+        if self.stop.stopping:
+            coro.close()
+            return None
+        self._waiting = asyncio.get_running_loop().create_task(coro)
         try:
-            writer = self._open_writer(states, header, resume)
+            return await self._waiting
+        except asyncio.CancelledError:
+            if not self.stop.stopping:
+                raise
+            return None
+        finally:
+            self._waiting = None
+
+    # -- the local half -------------------------------------------------
+    def prepare(self) -> None:
+        """Everything local, in an order that never touches a live job's files; raises a
+        clear error (JournalError, OutputError, InputError) when the run must not start."""
+        opts = self.opts
+        self._made_dir = not opts.out_dir.exists()
+        header, resume, self._lock = prepare_output(opts)
+        self.header, self.resume = header, resume
+        if resume is not None:
+            self.states = resume.states
+            log.info("resuming %s: %d line(s) already have an outcome", opts.out_dir,
+                     sum(n for o, n in self.states.by_outcome().items() if o.policy.final))
+        try:
+            writer = Writer(opts.out_dir, self.states, opts.fsync)
+            if resume is None:
+                writer.header(header)
+            else:
+                writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
+                _recover(writer, resume)
         except (OSError, WriterError) as exc:
-            say("io_error", f"cannot write to {opts.out_dir}: {exc}",
-                text=f"tmbatch: cannot write to {opts.out_dir}: {exc}", level=logging.ERROR,
-                exit_code=ExitCode.IO)
-            return ExitCode.IO
+            raise OutputError(f"cannot write to {opts.out_dir}: {exc}", ExitCode.IO) from None
+        self.writer = writer
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await self._close_writer()
+        if not self._sent and self.resume is None and self._lock is not None:
+            self._forget_new_job()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _forget_new_job(self) -> None:
+        """A new job that never reached send() (refused at preflight, stopped before its first
+        request) leaves nothing behind: the next command starts as if it had not run."""
+        out = self.opts.out_dir
+        for name in (JOURNAL, RESULTS, FAILURES):
+            with contextlib.suppress(OSError):
+                os.unlink(out / name)
+        if self._made_dir and self._lock is not None:
+            self._lock.release()  # its file is in the directory
+            self._lock = None
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+    async def _close_writer(self) -> None:
+        """Flush, sync and close the outputs (once): a failure here is the run's I/O error."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        try:
+            await writer.aclose()
+        except WriterError as exc:
+            self.stop.on_io_error(str(exc))
+
+    # -- the network half -----------------------------------------------
+    async def send(self) -> int:
+        assert self.writer is not None, "prepare() first"
+        if self.stop.stopping:  # a signal during preflight: nothing was sent
+            self.stop.announce()
+            return self.stop.exit_code(0)
+        self._sent = True
+        opts, header, writer = self.opts, self.header, self.writer
         event("start", f"job {header['job']}: {opts.input} -> {opts.out_dir} "
               f"({self.settings.surface} at {public_url(self.settings.base_url)})",
               input=opts.input, output=str(opts.out_dir), job_id=header["job"],
               surface=self.settings.surface, base_url=public_url(self.settings.base_url),
-              resumed=resume is not None)
+              resumed=self.resume is not None)
+        self._honour_open_pause()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
         f = open_input(opts.input)
         session = make_session(self.settings, opts.concurrency)
-        self.sender = LineSender(
+        sender = self._sender = LineSender(
             self.settings, header["job"], self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), opts.fatal_404_after)
         writer.start()
@@ -111,121 +206,128 @@ class Runner:
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
-            counter = loop.create_task(self._count_total(progress, states))
+            counter = loop.create_task(self._count_total(progress))
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=opts.concurrency * 2)
-        self._workers = [loop.create_task(self._work(queue)) for _ in range(opts.concurrency)]
-        producer = loop.create_task(self._produce(queue, f, resume))
+        self._workers = [loop.create_task(self._work(queue, sender))
+                         for _ in range(opts.concurrency)]
+        producer = loop.create_task(self._produce(queue, f, sender))
         try:
             await self._wait_workers(producer)
         finally:
-            producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await producer
-            if counter is not None:
-                counter.cancel()
+            for task in (producer, counter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             await progress.stop()
             await session.close()
             if f is not sys.stdin.buffer:
                 f.close()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
-            try:
-                await writer.aclose()
-            except WriterError as exc:
-                self.stop.on_io_error(str(exc))
-        return self._finish(states)
+            await self._close_writer()
+        return await self._finish()
 
-    def _open_writer(self, states: LineStates, header: dict[str, Any],
-                     resume: ResumeState | None) -> Writer:
-        writer = Writer(self.opts.out_dir, states, self.opts.fsync)
-        if resume is None:
-            writer.header(header)
-        else:
-            writer.header({"e": "resume", "t": time.time(), **self.opts.extra_header})
-            _recover(writer, resume)
-        return writer
+    def _honour_open_pause(self) -> None:
+        """A Retry-After window the previous run was told about is still a window."""
+        if self.resume is None:
+            return
+        left = self.resume.pause_until - time.time()
+        if left > 0:
+            log.info("the previous run was asked to wait until %s (Retry-After): waiting %.1fs "
+                     "more before the first request", time.strftime(
+                         "%H:%M:%S", time.localtime(self.resume.pause_until)), left)
+            self.admission.pause(left)
 
     async def _produce(self, queue: asyncio.Queue[Request | None], f: IO[bytes],
-                       resume: ResumeState | None) -> None:
+                       sender: LineSender) -> None:
+        """Lines into the queue. No `finally`: a stopped run cancels this task, and an await in
+        a `finally` would block on a full queue nobody reads any more."""
         only = self.opts.only_lines
+        resume = None if only is not None else self.resume
         items = read_requests(
             f, endpoint=self.opts.endpoint, model=self.opts.model, stream=self.opts.stream,
-            done=None if only is not None or resume is None else resume.states,
-            seen=None if only is not None or resume is None else resume.seen,
+            done=None if resume is None else resume.states,
+            seen=None if resume is None else resume.seen,
             shard=self.opts.shard, stats=self.read_stats,
             max_line_bytes=self.opts.max_line_bytes,
         )
         n = 0
-        try:
-            for item in items:
-                if self.stop.stopping:
-                    break
-                if only is not None and item.line not in only:
-                    continue
-                if isinstance(item, BadLine):
-                    if only is None:
-                        self.sender.bad_line(item)
-                    n += 1
-                    if n % 512 == 0:
-                        await asyncio.sleep(0)
-                    continue
-                await queue.put(item)
-        finally:
-            for _ in self._workers:
-                await queue.put(None)
+        for item in items:
+            if self.stop.stopping:
+                return
+            if only is not None and item.line not in only:
+                continue
+            if isinstance(item, BadLine):
+                if only is None:
+                    sender.bad_line(item)
+                n += 1
+                if n % 512 == 0:
+                    await asyncio.sleep(0)
+                continue
+            await queue.put(item)
+        for _ in self._workers:
+            await queue.put(None)
 
-    async def _work(self, queue: asyncio.Queue[Request | None]) -> None:
+    async def _work(self, queue: asyncio.Queue[Request | None], sender: LineSender) -> None:
         while True:
             req = await queue.get()
             if req is None or self.stop.stopping:
                 return
             try:
-                await self.sender.process(req)
-            except WriterError as exc:
+                await sender.process(req)
+            except (WriterError, OutputError) as exc:
                 self.stop.on_io_error(str(exc))
+                self._cancel_idle()
                 return
 
-    async def _count_total(self, progress: Progress, states: LineStates) -> None:
+    def _cancel_idle(self) -> None:
+        """Stopping: every worker without a request on the wire ends now (one waiting for a
+        line, a concurrency slot, a Retry-After pause, a rate bucket or a retry backoff)."""
+        busy = self._sender.in_flight if self._sender is not None else set()
+        for t in self._workers:
+            if not t.done() and t not in busy:
+                t.cancel()
+
+    async def _count_total(self, progress: Progress) -> None:
         """Lines left to answer, for the ETA: counted in a thread so sending starts at once."""
         lines = await asyncio.to_thread(count_lines, self.opts.input, self.opts.shard)
         if lines is None:
             return
-        final = sum(n for o, n in states.by_outcome().items() if o.policy.final)
+        final = sum(n for o, n in self.states.by_outcome().items() if o.policy.final)
         done_before = final - self.stats.ok - sum(self.stats.failed.values())
         progress.set_total(max(0, lines - done_before))
 
     async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
         pending = set(self._workers)
         while pending:
-            if self.stop.stopping and self.stop.signals:
-                await self._drain(pending)
-                return
             done, pending = await asyncio.wait(pending, timeout=0.2)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+            if self.stop.stopping:
+                self._cancel_idle()
+                if pending and self.stop.signals and (
+                        time.monotonic() >= self._signal_at + self.opts.drain_timeout):
+                    await self._cut(pending)
+                    return
         if producer.done() and not producer.cancelled() and producer.exception():
             exc = producer.exception()
-            if isinstance(exc, WriterError):
+            if isinstance(exc, WriterError | OutputError):
                 self.stop.on_io_error(str(exc))
             else:
                 raise exc  # type: ignore[misc]
 
-    async def _drain(self, pending: set[asyncio.Task[None]]) -> None:
-        """After a signal: in-flight requests get --drain-timeout to finish, then are cut."""
-        _, pending = await asyncio.wait(pending, timeout=self.opts.drain_timeout)
-        if pending:
-            log.warning("drain timeout: %d request(s) still in flight are left without "
-                        "an outcome (ambiguous on resume)", self.stats.in_flight,
-                        extra={"event": "drain", "left_in_flight": self.stats.in_flight})
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+    async def _cut(self, pending: set[asyncio.Task[None]]) -> None:
+        """The drain timeout is over: what is still on the wire is left without an outcome."""
+        log.warning("drain timeout: %d request(s) still in flight are left without "
+                    "an outcome (ambiguous on resume)", self.stats.in_flight,
+                    extra={"event": "drain", "left_in_flight": self.stats.in_flight})
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
-    def _finish(self, states: LineStates) -> int:
+    async def _finish(self) -> int:
         summary = build_summary(
-            self.stats, states, input_lines=self.read_stats.lines,
+            self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header,
             stopped=self.stop.reason.label if self.stop.reason else None,
             admission=self.admission,
@@ -236,8 +338,8 @@ class Runner:
             summary["io_error"] = self.stop.io_error
         try:
             write_summary(self.opts.out_dir, summary)
-        except OSError as exc:
-            self.stop.on_io_error(f"cannot write {SUMMARY}: {exc.strerror}")
+        except OutputError as exc:
+            self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
         if not self.opts.quiet:
             say("summary", final_line(summary), **summary)
         self.stop.announce()

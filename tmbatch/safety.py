@@ -22,6 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from tmbatch.redact import SECRETS
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -45,6 +47,9 @@ class Policy:
     stops_run: bool
     # `tmbatch resend --class X` may choose it (a `fatal` one is resent by resuming).
     user_resendable: bool
+    # The request reached the server (it answered, or may have read it): a run whose attempts
+    # never get this far is talking to the wrong host or no network at all.
+    reached_server: bool
     # Its byte in compact.LineStates (0 and 1 are "unseen" and "in flight").
     state: int
     # How `tmbatch status` and `resend` describe it to a person.
@@ -77,20 +82,20 @@ _ = False
 Y = True
 # One row per outcome, the columns in Policy's order (Y yes, _ no). Read down a column to see
 # who may do what: only the rows with `retry` are ever sent again without the user asking.
-#                     final fail retry idemp refund slows stops resend state
-_TABLE: dict[Outcome, tuple[bool, bool, bool, bool, bool, bool, bool, bool, int]] = {
-    Outcome.OK:        (Y,   _,   _,    _,    _,     _,    _,    _,     2),
+#                     final fail retry idemp refund slows stops resend reached state
+_TABLE: dict[Outcome, tuple[bool, bool, bool, bool, bool, bool, bool, bool, bool, int]] = {
+    Outcome.OK:        (Y,   _,   _,    _,    _,     _,    _,    _,     Y,      2),
     # DNS failure, connection refused, TLS handshake, connect timeout: the bytes never left
-    Outcome.NOT_SENT:  (Y,   Y,   Y,    Y,    Y,     _,    _,    Y,     3),
+    Outcome.NOT_SENT:  (Y,   Y,   Y,    Y,    Y,     _,    _,    Y,     _,      3),
     # 429; 503 with Retry-After; 408: the server refused it before doing any work
-    Outcome.REJECTED:  (Y,   Y,   Y,    Y,    Y,     Y,    _,    Y,     4),
+    Outcome.REJECTED:  (Y,   Y,   Y,    Y,    Y,     Y,    _,    Y,     Y,      4),
     # read timeout, reset after sending, 5xx, a cut stream: the server may have done the work
-    Outcome.AMBIGUOUS: (Y,   Y,   _,    Y,    _,     _,    _,    Y,     5),
+    Outcome.AMBIGUOUS: (Y,   Y,   _,    Y,    _,     _,    _,    Y,     Y,      5),
     # 400, 404, 422, a redirect, a bad input line: sending it again gives the same answer
-    Outcome.PERMANENT: (Y,   Y,   _,    _,    Y,     _,    _,    Y,     6),
+    Outcome.PERMANENT: (Y,   Y,   _,    _,    Y,     _,    _,    Y,     Y,      6),
     # 401/403: the key is wrong for every request; nothing was done, sent again on resume
-    Outcome.FATAL:     (_,   Y,   _,    _,    Y,     _,    Y,    _,     7),
-    Outcome.PENDING:   (_,   _,   _,    _,    Y,     _,    _,    _,     0),
+    Outcome.FATAL:     (_,   Y,   _,    _,    Y,     _,    Y,    _,     Y,      7),
+    Outcome.PENDING:   (_,   _,   _,    _,    Y,     _,    _,    _,     _,      0),
 }
 _MEANING = {
     Outcome.OK: "succeeded",
@@ -175,15 +180,16 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
 
 
 def error_message(body: Any, fallback: str) -> str:
-    """The server's own words when it sent an OpenAI-style error body."""
+    """The server's own words when it sent an OpenAI-style error body (a key it echoed is
+    removed before the message is cut short, so no part of it survives the cut)."""
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"][:500]
+            return SECRETS.text(err["message"])[:500]
         if isinstance(err, str):
-            return err[:500]
+            return SECRETS.text(err)[:500]
         if isinstance(body.get("message"), str):
-            return body["message"][:500]
+            return SECRETS.text(body["message"])[:500]
     return fallback
 
 

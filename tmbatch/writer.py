@@ -28,6 +28,7 @@ from tmbatch.journal import (
     PauseRecord,
 )
 from tmbatch.records import FailureRecord, ResultRecord, line_of
+from tmbatch.redact import SECRETS
 from tmbatch.safety import Outcome
 
 log = logging.getLogger("tmbatch")
@@ -137,6 +138,8 @@ class Writer:
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
         chunks.clear()
+        if SECRETS:
+            data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
         fd = self._fds[name]
         view = memoryview(data)
         try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from tmbatch.config import ConfigError, Settings, resolve
 from tmbatch.lines import Shard
-from tmbatch.logs import REDACT
+from tmbatch.redact import SECRETS
 
 
 def subcommand(sub: Any, name: str, summary: str, description: str,
@@ -107,7 +107,7 @@ def settings_from(ns: argparse.Namespace, *, require_key: bool) -> Settings:
     """Resolve the connection settings, and make sure the key is scrubbed from every log."""
     settings = resolve(connection_flags(ns), os.environ, require_key=require_key)
     if settings.api_key:
-        REDACT.secrets.append(settings.api_key)
+        SECRETS.add(settings.api_key)
     return settings
 
 

@@ -153,29 +153,39 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 async def start_run(ns: argparse.Namespace, opts: RunOptions, settings: Settings, *,
                     preflight: bool) -> int:
-    """Run (after preflight, which stops a doomed run before billing), on the in-process
-    simulator with --sim."""
-    if not ns.sim:
-        return await _preflight_then_run(opts, settings, preflight)
-    from tmbatch.sim import sim_config_from_args, start_sim
-
-    server = await start_sim(sim_config_from_args(ns))
+    """Local checks first, then the network: the output directory, its lock and the journal
+    are settled before the simulator starts or preflight sends a byte, and signals are
+    handled from the start (a SIGTERM during preflight ends the run, nothing billed)."""
+    runner = Runner(opts, settings)
+    runner.install_signals()
     try:
-        settings = dataclasses.replace(
-            settings, base_url=server.url, ca_bundle=None,
-            sources={**settings.sources, "base_url": "--sim"},
-        )
-        log.info("simulator on %s (no credentials needed)", server.url)
-        return await _preflight_then_run(opts, settings, preflight)
+        runner.prepare()
+        if not ns.sim:
+            return await _preflight_then_send(runner, preflight)
+        from tmbatch.sim import sim_config_from_args, start_sim
+
+        server = await start_sim(sim_config_from_args(ns))
+        try:
+            runner.settings = dataclasses.replace(
+                settings, base_url=server.url, ca_bundle=None,
+                sources={**settings.sources, "base_url": "--sim"},
+            )
+            log.info("simulator on %s (no credentials needed)", server.url)
+            return await _preflight_then_send(runner, preflight)
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
+        await runner.close()
 
 
-async def _preflight_then_run(opts: RunOptions, settings: Settings, preflight: bool) -> int:
+async def _preflight_then_send(runner: Runner, preflight: bool) -> int:
+    """Preflight stops a doomed run before anything is billed."""
     if preflight:
         from tmbatch.preflight import preflight_for_run
 
-        code = await preflight_for_run(settings, opts.input, opts.model, opts.endpoint)
+        opts = runner.opts
+        code = await runner.interruptible(
+            preflight_for_run(runner.settings, opts.input, opts.model, opts.endpoint))
         if code is not None:
             return code
-    return await Runner(opts, settings).run()
+    return await runner.send()
