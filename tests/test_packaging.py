@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT, clean_env
 
@@ -80,3 +81,26 @@ def test_image_dependency_list_is_pyprojects() -> None:
                           str(ROOT / "pyproject.toml"), "no-such-extra"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "no-such-extra" in bad.stderr
+
+
+def test_a_wheel_carries_every_subpackage(tmp_path: Path) -> None:
+    """`pip install .` (not -e) must install every package of the tree: an editable install
+    and the test suite would never notice a subpackage left out of the wheel."""
+    import shutil
+
+    src = tmp_path / "src"  # a copy: an in-tree build/ left from earlier would hide a miss
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "tmbatch", src / "tmbatch",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                            "-w", str(tmp_path), str(src)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("tmbatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "tmbatch").rglob("__init__.py")}
+    assert packages and {f"{pkg}/__init__.py" for pkg in packages} <= names
