@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from tmbatch import __version__
@@ -79,7 +81,27 @@ def _refuse_api_key_flag(args: list[str]) -> int | None:
     return ExitCode.USAGE
 
 
+class Terminated(BaseException):
+    """SIGTERM before a run's own handlers are in place (parsing, reading a job file)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until a run installs its own handlers, SIGTERM ends tmbatch cleanly (exit 143) even as
+    # PID 1 in a container, where the kernel would otherwise ignore it.
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     refused = _refuse_api_key_flag(args)
     if refused is not None:
@@ -110,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted", "interrupted", text="tmbatch: interrupted", level=logging.ERROR,
             exit_code=ExitCode.SIGINT)
         return ExitCode.SIGINT
+    except Terminated:
+        say("interrupted", "stopped by SIGTERM", text="tmbatch: stopped by SIGTERM",
+            level=logging.ERROR, exit_code=ExitCode.SIGTERM)
+        return ExitCode.SIGTERM
     except Exception as exc:  # a bug: say so without a wall of traceback or a key
         if os.environ.get("TMBATCH_DEBUG"):
             raise
