@@ -1,0 +1,229 @@
+"""What OpenAI-compatible servers that nobody here wrote do, reproduced small (issue 12).
+
+tests/test_conformance.py runs the real servers; these tests pin each fix where the real
+servers cannot show it cheaply or at all: a model past preflight's scan, a route judged
+missing after its 404s, rate-limit headers read as "one more fits", a settled rate that a
+burst of simultaneous answers cannot inflate. Real sockets throughout: the simulator, or
+an aiohttp app on 127.0.0.1 in a thread (the `serve` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import API_KEY, clean_env, run_cli, write_jsonl
+from tmbatch.client import make_session, send
+from tmbatch.config import Settings
+from tmbatch.safety import AttemptFailed, Outcome
+from tmbatch.sse import Aggregator, StreamError, error_payload
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+
+
+def sse(*events: dict[str, Any] | str) -> bytes:
+    return b"".join(b"data: " + (e.encode() if isinstance(e, str) else orjson.dumps(e))
+                    + b"\n\n" for e in events)
+
+
+def aggregate(route: str, raw: bytes) -> dict[str, Any]:
+    agg = Aggregator(route)
+    agg.feed(raw, 0.0)
+    return agg.finish()
+
+
+def env() -> dict[str, str]:
+    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
+
+
+def run(url: str, rows: list[Any], tmp_path: Path, *args: str, name: str = "out") -> Any:
+    inp = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    return run_cli(["run", str(inp), "-o", str(tmp_path / name), "--base-url", url,
+                    "--job-id", "interop", *args], env=env(), timeout=90)
+
+
+# -- 1. a Responses stream ends at its terminal event -----------------------------------------
+
+RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [
+    {"type": "message", "role": "assistant", "content": [
+        {"type": "output_text", "text": "Hi there", "annotations": []}]}]}
+RESPONSE_EVENTS = (
+    {"type": "response.created", "response": {**RESPONSE, "status": "in_progress"}},
+    {"type": "response.output_text.delta", "delta": "Hi "},
+    {"type": "response.output_text.delta", "delta": "there"},
+)
+
+
+@pytest.mark.parametrize("terminal,done", [("response.completed", False),
+                                           ("response.completed", True),
+                                           ("response.incomplete", False)])
+def test_a_responses_stream_is_whole_at_its_terminal_event(terminal: str, done: bool) -> None:
+    """llmock, mock-ai-api and vLLM end a Responses stream at response.completed with no
+    `data: [DONE]`; OpenAI and Tensormesh send one after it. Both are whole answers."""
+    body = {**RESPONSE, "status": terminal.split(".")[1]}
+    raw = sse(*RESPONSE_EVENTS, {"type": terminal, "response": body}, *(["[DONE]"] * done))
+    assert aggregate(RESPONSES, raw) == body
+
+
+def test_a_responses_stream_cut_before_its_terminal_event_is_cut() -> None:
+    with pytest.raises(StreamError) as info:
+        aggregate(RESPONSES, sse(*RESPONSE_EVENTS))
+    assert info.value.code == "stream_cut" and "response.completed" in info.value.message
+    failed = {"type": "response.failed",
+              "response": {**RESPONSE, "status": "failed", "error": {"message": "boom"}}}
+    with pytest.raises(StreamError) as info:
+        aggregate(RESPONSES, sse(*RESPONSE_EVENTS, failed))
+    assert info.value.code == "stream_error" and "boom" in info.value.message
+
+
+def test_chat_is_not_whole_without_done() -> None:
+    """Only /v1/responses has a terminal event: a chat stream still needs its [DONE]."""
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"},
+                                     "finish_reason": "stop"}]}
+    with pytest.raises(StreamError, match=r"before data: \[DONE\]"):
+        aggregate(CHAT, sse(chunk))
+
+
+def _stream_app(payload: bytes) -> web.Application:
+    """Sends `payload` as SSE, then closes the connection without ending the chunked body."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(payload)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_post(CHAT, handler)
+    return app
+
+
+def _settings(url: str) -> Settings:
+    return Settings(surface="serverless", base_url=url, api_key=API_KEY, user_id=None,
+                    timeout=30, max_retries=0, ca_bundle=None)
+
+
+async def _send(url: str, route: str, body: dict[str, Any]) -> Any:
+    session = make_session(_settings(url), 2)
+    try:
+        return await send(session, route, body)
+    except AttemptFailed as exc:
+        return exc
+    finally:
+        await session.close()
+
+
+def test_a_cut_after_done_keeps_the_whole_answer(serve: Any) -> None:
+    """The answer and its [DONE] arrived; only closing the connection failed: that is a
+    success, not a paid answer thrown away as `stream_cut`."""
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                           "content": "whole"},
+                                     "finish_reason": "stop"}]}
+    app = serve(_stream_app(sse(chunk, "[DONE]")))
+    answer = asyncio.run(_send(app.url(), CHAT, {"model": "m", "stream": True}))
+    assert not isinstance(answer, AttemptFailed), answer
+    assert answer.body["choices"][0]["message"]["content"] == "whole"
+    cut = serve(_stream_app(sse(chunk)))
+    failed = asyncio.run(_send(cut.url(), CHAT, {"model": "m", "stream": True}))
+    assert isinstance(failed, AttemptFailed) and failed.code == "stream_cut"
+
+
+# -- 2. a streamed tool call has content null, as unstreamed ----------------------------------
+
+TOOL_DELTA = {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                              "function": {"name": "get_weather",
+                                           "arguments": "{\"city\": \"Paris\"}"}}]}
+
+
+@pytest.mark.parametrize("first", [
+    {"role": "assistant", "content": None, **TOOL_DELTA},  # llmock, xpyd-sim
+    {"role": "assistant", **TOOL_DELTA},  # mock-ai-api: no content key at all
+])
+def test_a_streamed_tool_call_has_content_null(first: dict[str, Any]) -> None:
+    raw = sse({"id": "c", "choices": [{"index": 0, "delta": first}]},
+              {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+              "[DONE]")
+    msg = aggregate(CHAT, raw)["choices"][0]["message"]
+    assert msg["content"] is None
+    call = {k: v for k, v in TOOL_DELTA["tool_calls"][0].items() if k != "index"}
+    assert msg["tool_calls"] == [call]
+
+
+def test_streamed_text_keeps_a_string_even_when_empty() -> None:
+    """A server that says `content: ""` said there is content, and it is empty."""
+    for pieces, want in ((["", "Hel", "lo"], "Hello"), ([""], "")):
+        raw = sse(*({"id": "c", "choices": [{"index": 0, "delta": {"content": p}}]}
+                    for p in pieces), "[DONE]")
+        assert aggregate(CHAT, raw)["choices"][0]["message"]["content"] == want
+
+
+# -- 3. request_id: the server's id header, else ours ------------------------------------------
+
+def _id_app(seen: list[str]) -> web.Application:
+    """/v1/chat/completions answers with the id header its `model` names (or none)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(request.headers.get("X-Request-Id", ""))
+        header = body["model"]
+        headers = {} if header == "none" else {header: f"id-from-{header}"}
+        status = 404 if body.get("fail") else 200
+        return web.json_response({"id": "c", "object": "chat.completion", "choices": []},
+                                 status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post(CHAT, handler)
+    return app
+
+
+def test_request_id_is_the_servers_header_else_the_one_we_sent(serve: Any) -> None:
+    seen: list[str] = []
+    app = serve(_id_app(seen))
+    got = {}
+    for header in ("x-request-id", "request-id", "x-litellm-call-id", "none"):
+        answer = asyncio.run(_send(app.url(), CHAT, {"model": header}))
+        got[header] = answer.request_id
+    failed = asyncio.run(_send(app.url(), CHAT, {"model": "none", "fail": True}))
+    assert isinstance(failed, AttemptFailed) and failed.status == 404
+    assert got["x-request-id"] == "id-from-x-request-id"
+    assert got["request-id"] == "id-from-request-id"
+    assert got["x-litellm-call-id"] == "id-from-x-litellm-call-id"
+    # none: the X-Request-Id tmbatch sent, so the server's logs can be matched
+    assert re.fullmatch(r"tmbatch-[0-9a-f]{32}", got["none"]) and got["none"] == seen[3]
+    assert failed.request_id == seen[4] and len(set(seen)) == 5  # one per attempt
+
+
+# -- 4. an SSE error body keeps the server's message -------------------------------------------
+
+LITELLM_500 = (b'data: {"error": {"message": "Error processing stream start", '
+               b'"type": "None", "param": "None", "code": "500"}}\n\ndata: [DONE]\n\n')
+
+
+def test_an_sse_error_body_is_parsed(serve: Any) -> None:
+    assert error_payload(LITELLM_500) == {"error": {
+        "message": "Error processing stream start", "type": "None", "param": "None",
+        "code": "500"}}
+    assert error_payload(b"<html>502 Bad Gateway</html>") is None
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=LITELLM_500, status=500, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post(RESPONSES, handler)
+    failed = asyncio.run(_send(serve(app).url(), RESPONSES, {"model": "m", "stream": True}))
+    assert isinstance(failed, AttemptFailed) and failed.cls is Outcome.AMBIGUOUS
+    assert failed.message == "Error processing stream start"
+    assert failed.body["error"]["message"] == "Error processing stream start"
