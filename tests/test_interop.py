@@ -10,6 +10,7 @@ an aiohttp app on 127.0.0.1 in a thread (the `serve` fixture).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, clean_env, run_cli, write_jsonl
+from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
 from tmbatch.client import make_session, send
 from tmbatch.config import Settings
-from tmbatch.safety import AttemptFailed, Outcome
+from tmbatch.limits import Admission
+from tmbatch.safety import AttemptFailed, Outcome, parse_retry_after
 from tmbatch.sse import Aggregator, StreamError, error_payload
 
 CHAT = "/v1/chat/completions"
@@ -227,3 +229,76 @@ def test_an_sse_error_body_is_parsed(serve: Any) -> None:
     assert isinstance(failed, AttemptFailed) and failed.cls is Outcome.AMBIGUOUS
     assert failed.message == "Error processing stream start"
     assert failed.body["error"]["message"] == "Error processing stream start"
+
+
+# -- 8. LiteLLM's relayed Retry-After ----------------------------------------------------------
+
+def test_llm_provider_retry_after_is_a_retry_after() -> None:
+    assert parse_retry_after({"llm_provider-retry-after": "1"}) == 1.0
+    assert parse_retry_after({"llm_provider-retry-after-ms": "1500",
+                              "llm_provider-retry-after": "9"}) == 1.5
+    # the server's own header comes first; garbage counts as absent
+    assert parse_retry_after({"Retry-After": "2", "llm_provider-retry-after": "9"}) == 2.0
+    assert parse_retry_after({"llm_provider-retry-after": "soon"}) is None
+
+
+# -- 9. x-ratelimit reset: one more request fits long before the bucket is full ----------------
+
+def test_remaining_zero_holds_until_one_more_request_fits(caplog: Any) -> None:
+    """llmock at 120 requests/min: remaining 0, `reset-requests: 60s` (until FULL). One
+    more fits in 60/120 = 0.5 s; holding everyone 60 s stalled runs for a minute."""
+
+    async def go() -> tuple[float, float]:
+        adm = Admission(concurrency=4)
+        loop = asyncio.get_running_loop()
+        (await adm.admit(1)).succeeded({"x-ratelimit-limit-requests": "120",
+                                        "x-ratelimit-remaining-requests": "0",
+                                        "x-ratelimit-reset-requests": "60s"}, 0)
+        return adm.pause_until - loop.time(), adm.held_seconds
+
+    with caplog.at_level(logging.INFO, logger="tmbatch"):
+        left, held = asyncio.run(go())
+    assert 0 < left <= 0.5 and held == pytest.approx(0.5, abs=0.01)
+    hold = [r for r in caplog.records if getattr(r, "event", None) == "rate_limit_hold"]
+    assert hold and hold[0].levelno == logging.INFO
+    assert "one more fits in 0.5s" in hold[0].getMessage()
+
+
+def test_a_run_at_its_limit_holds_per_request_not_per_minute(serve: Any,
+                                                             tmp_path: Path) -> None:
+    """Every answer says remaining 0 of 600/min, full again in 60 s: each hold is 0.1 s.
+    (Read as 'until full', the 4 lines would take 3 minutes: past the CLI's timeout.)"""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"id": "c", "object": "chat.completion", "choices": [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "ok"}}]},
+            headers={"x-ratelimit-limit-requests": "600",
+                     "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": "60s"})
+
+    app = web.Application()
+    app.router.add_post(CHAT, handler)
+    p = run(serve(app).url(), [chat_line(i) for i in range(4)], tmp_path, "--no-preflight",
+            "-c", "1")
+    assert p.returncode == 0, p.stderr
+    adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
+    assert adm["header_holds"] >= 1
+    assert adm["held_seconds"] <= adm["header_holds"] * 0.1 + 1e-6, adm
+    assert "every worker holds" in p.stderr
+
+
+# -- 10. the settled rate is a rate the server allowed ------------------------------------------
+
+def test_settled_rate_counts_the_time_the_answers_took(sim_factory: Any, tmp_path: Path) -> None:
+    """8 answers of at least 0.2 s each, at most 8 in flight, finishing together: no honest
+    rate is above 8 / 0.2 s = 40/s. (Measured between the first and last success, it was
+    thousands.) A slower machine only lowers the true rate: the bound cannot flake."""
+    sim = sim_factory(latency=0.2)
+    p = run(sim.url, [chat_line(i) for i in range(8)], tmp_path, "--no-preflight", "-c", "8")
+    assert p.returncode == 0, p.stderr
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    settled = summary["this_run"]["admission"]["settled_requests_per_second"]
+    assert settled is not None and 0 < settled <= 8 / 0.2, settled
