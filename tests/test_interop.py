@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
+from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.client import make_session, send
 from tmbatch.config import Settings
 from tmbatch.limits import Admission
+from tmbatch.preflight import SCAN_LINES
 from tmbatch.safety import AttemptFailed, Outcome, parse_retry_after
 from tmbatch.sse import Aggregator, StreamError, error_payload
 
@@ -229,6 +231,168 @@ def test_an_sse_error_body_is_parsed(serve: Any) -> None:
     assert isinstance(failed, AttemptFailed) and failed.cls is Outcome.AMBIGUOUS
     assert failed.message == "Error processing stream start"
     assert failed.body["error"]["message"] == "Error processing stream start"
+
+
+# -- 5 and 7. a 404 fails its (route, model), never the run -----------------------------------
+
+def _no_completions_app(counts: Counter[str]) -> web.Application:
+    """Serves chat for model `m` only (vLLM's 404 for another, or for `user: "404"`); no
+    /v1/completions."""
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        counts[f"chat:{body['model']}"] += 1
+        if body["model"] != "m" or body.get("user") == "404":
+            return web.json_response({"error": {"message": f"The model `{body['model']}` "
+                                                "does not exist.", "code": 404}}, status=404)
+        return web.json_response({"id": "c", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop", "message":
+                                               {"role": "assistant", "content": "ok"}}]})
+
+    async def missing(request: web.Request) -> web.Response:
+        await request.read()
+        counts["completions"] += 1
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    app.router.add_post(COMPLETIONS, missing)
+    return app
+
+
+def completion_line(i: int, model: str = "m") -> dict[str, Any]:
+    return {"custom_id": f"cmp-{i}", "method": "POST", "url": COMPLETIONS,
+            "body": {"model": model, "prompt": "x", "max_tokens": 4}}
+
+
+def test_a_missing_route_is_judged_after_its_404s_and_the_rest_runs(
+        serve: Any, tmp_path: Path) -> None:
+    """One chat answer, then 12 lines on a route the server lacks, then chat again: the
+    first 8 get their 404 (`not_found`), the other 4 are not sent (`route_not_served`: the
+    model answered on chat), every chat line succeeds, and a resume sends nothing again."""
+    counts: Counter[str] = Counter()
+    app = serve(_no_completions_app(counts))
+    rows = [chat_line(0, model="m"), *(completion_line(i) for i in range(12)),
+            *(chat_line(i, model="m") for i in range(1, 4))]
+    p = run(app.url(), rows, tmp_path, "--no-preflight", "-c", "1")
+    assert p.returncode == 1, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert set(res) == {f"req-{i}" for i in range(4)}
+    codes = Counter(f["error"]["code"] for f in fail.values())
+    assert codes == {"not_found": 8, "route_not_served": 4}, codes
+    assert {f["error"]["class"] for f in fail.values()} == {"permanent"}
+    assert counts["completions"] == 8
+    refused = fail["cmp-11"]
+    assert refused["response"] is None and refused["attempts"] == 0
+    assert "has no /v1/completions" in refused["error"]["message"]
+    assert "got 404 (HTTP 404)" in refused["error"]["message"]  # what the server said
+    assert "the rest runs" in p.stderr and "fatal" not in p.stderr
+    again = run(app.url(), rows, tmp_path, "--no-preflight", "-c", "1")
+    assert again.returncode == 1, again.stderr
+    assert counts["completions"] == 8 and counts["chat:m"] == 4  # nothing sent again
+
+
+def test_an_unserved_model_is_told_from_a_missing_route(serve: Any, tmp_path: Path) -> None:
+    """Chat answered model m, then 11 lines name model `gone`: after 8 404s the other 3
+    fail unsent as `model_not_served` (the route works, the model does not)."""
+    counts: Counter[str] = Counter()
+    app = serve(_no_completions_app(counts))
+    rows = [chat_line(0, model="m"), *(chat_line(i, model="gone") for i in range(1, 12))]
+    p = run(app.url(), rows, tmp_path, "--no-preflight", "-c", "1")
+    assert p.returncode == 1, p.stderr
+    _, fail = outcomes(tmp_path / "out")
+    codes = Counter(f["error"]["code"] for f in fail.values())
+    assert codes == {"not_found": 8, "model_not_served": 3}, codes
+    assert counts["chat:gone"] == 8
+    assert "'gone'" in fail["req-11"]["error"]["message"]
+
+
+def test_a_pair_that_answered_once_is_never_judged(serve: Any, tmp_path: Path) -> None:
+    """404s after a success on the same route and model are each line's own answer: every
+    line is sent and gets it."""
+    counts: Counter[str] = Counter()
+    app = serve(_no_completions_app(counts))
+    rows = [chat_line(0, model="m"), *(chat_line(i, model="m", user="404")
+                                       for i in range(1, 12))]
+    p = run(app.url(), rows, tmp_path, "--no-preflight", "-c", "1")
+    assert p.returncode == 1, p.stderr
+    _, fail = outcomes(tmp_path / "out")
+    assert Counter(f["error"]["code"] for f in fail.values()) == {"not_found": 11}
+    assert counts["chat:m"] == 12
+
+
+def test_an_unserved_model_past_the_preflight_scan_fails_unsent(
+        sim: Any, tmp_path: Path) -> None:
+    """Preflight reads the models of the first SCAN_LINES lines only; the run gets the
+    served list, so a line after them naming an unserved model fails `model_not_served`
+    (naming it and the served ones) without being sent, and the rest runs."""
+    filler = [b"[1]"] * SCAN_LINES  # bad lines: read by the scan, never sent
+    rows = [*filler, chat_line(1), chat_line(2, model="tm-smal"), chat_line(3)]
+    p = run(sim.url, rows, tmp_path, "-q")
+    assert p.returncode == 1, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert set(res) == {"req-1", "req-3"}
+    error = fail["req-2"]["error"]
+    assert (error["class"], error["code"]) == ("permanent", "model_not_served")
+    assert "'tm-smal'" in error["message"] and "did you mean 'tm-small'" in error["message"]
+    assert "tm-large" in error["message"]  # the served ones
+    assert sim.stats()["completion_calls"] == 2
+    assert "line 10002" in p.stderr and "model_not_served" in p.stderr
+
+
+def test_preflight_warns_about_an_unserved_model_and_runs_the_rest(
+        sim: Any, tmp_path: Path) -> None:
+    rows = [chat_line(1), chat_line(2, model="nope"), chat_line(3, model="tm-large")]
+    p = run(sim.url, rows, tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "preflight: model: model 'nope' is not served here" in p.stderr
+    assert "1 not served: their lines fail, the rest runs" in p.stderr
+    _, fail = outcomes(tmp_path / "out")
+    assert list(fail) == ["req-2"] and fail["req-2"]["error"]["code"] == "model_not_served"
+    assert sim.stats()["completion_calls"] == 2
+
+
+# -- 6. preflight sends the key on GET routes --------------------------------------------------
+
+def _keyed_gets_app(models_status: int = 200) -> web.Application:
+    """GET /health and /v1/models want the key, as LiteLLM and vLLM --api-key do."""
+
+    def keyed(request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {API_KEY}"
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({}, status=200 if keyed(request) else 401)
+
+    async def models(request: web.Request) -> web.Response:
+        if not keyed(request):
+            return web.json_response({"error": {"message": "no key"}}, status=401)
+        if models_status != 200:
+            return web.json_response({"error": {"message": "boom"}}, status=models_status)
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app = _no_completions_app(Counter())
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def test_preflight_doctor_and_models_send_the_key_on_gets(serve: Any, tmp_path: Path) -> None:
+    app = serve(_keyed_gets_app())
+    p = run(app.url(), [chat_line(1, model="m")], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "refused the key" not in p.stderr and "1 model(s) checked" in p.stderr
+    doc = run_cli(["doctor", "--base-url", app.url(), "--model", "m"], env=env())
+    assert "ok    models   1 served: m" in doc.stdout, doc.stdout
+    models = run_cli(["models", "--base-url", app.url()], env=env())
+    assert (models.returncode, models.stdout) == (0, "m\n"), models.stderr
+
+
+def test_preflight_does_not_claim_models_it_did_not_check(serve: Any, tmp_path: Path) -> None:
+    app = serve(_keyed_gets_app(models_status=500))
+    p = run(app.url(), [chat_line(1, model="m")], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "models not checked" in p.stderr
+    assert "model(s) checked" not in p.stderr
 
 
 # -- 8. LiteLLM's relayed Retry-After ----------------------------------------------------------

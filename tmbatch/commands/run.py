@@ -175,7 +175,8 @@ async def _preflight_then_run(opts: RunOptions, settings: Settings, preflight: b
     if preflight:
         from tmbatch.preflight import preflight_for_run
 
-        code = await preflight_for_run(settings, opts.input, opts.model, opts.endpoint)
-        if code is not None:
-            return code
+        verdict = await preflight_for_run(settings, opts.input, opts.model, opts.endpoint)
+        if verdict.stop is not None:
+            return verdict.stop
+        opts.served_models = verdict.served  # a line naming another model fails unsent
     return await Runner(opts, settings).run()
