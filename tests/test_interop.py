@@ -466,3 +466,39 @@ def test_settled_rate_counts_the_time_the_answers_took(sim_factory: Any, tmp_pat
     summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
     settled = summary["this_run"]["admission"]["settled_requests_per_second"]
     assert settled is not None and 0 < settled <= 8 / 0.2, settled
+
+
+# -- issue 14: doctor and models ---------------------------------------------------------------
+
+def test_doctor_fails_without_a_key_even_where_the_server_needs_none(sim: Any) -> None:
+    """The simulator answers keyless requests; Tensormesh does not, and `run` refuses to
+    start without a key: doctor must not say "all good"."""
+    p = run_cli(["doctor", "--base-url", sim.url, "--model", "tm-small"], env=clean_env())
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "FAIL  key" in p.stdout and "doctor: problems found" in p.stdout
+    assert "TENSORMESH_INFERENCE_API_KEY" in p.stdout and "--api-key-file" in p.stdout
+    js = run_cli(["doctor", "--json", "--base-url", sim.url], env=clean_env())
+    key = orjson.loads(js.stdout)["checks"][0]
+    assert (key["name"], key["status"], key["code"]) == ("key", "error", "no_api_key")
+
+
+def test_doctor_and_models_with_sim_need_no_credentials(tmp_path: Path) -> None:
+    p = run_cli(["doctor", "--sim", "--model", "tm-small"], env=clean_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "--sim" in p.stdout and "doctor: all good" in p.stdout
+    assert "'tm-small' is served" in p.stdout
+    p = run_cli(["models", "--sim", "--sim-models", "alpha,beta"], env=clean_env())
+    assert (p.returncode, p.stdout) == (0, "alpha\nbeta\n"), p.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_on_demand_host_as_the_serverless_base_is_refused(how: str) -> None:
+    url = "https://external.nebius.tensormesh.ai"
+    args, extra = (["--base-url", url], {}) if how == "flag" else \
+        ([], {"TENSORMESH_SERVERLESS_BASE_URL": url})
+    p = run_cli(["doctor", *args], env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY,
+                                                 **extra))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "mixed up" in p.stderr and "--surface on-demand" in p.stderr
+

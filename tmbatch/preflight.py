@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmbatch.client import get_json, make_session, send
-from tmbatch.config import UUID_RE, Settings, check_model, redact
+from tmbatch.config import ENV_API_KEY, UUID_RE, Settings, check_model, redact
 from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import say
 from tmbatch.reader import BadLine, InputError, open_input, read_requests
@@ -354,9 +354,20 @@ def describe_settings(settings: Settings) -> list[tuple[str, str, str, str]]:
     return [(key, label, value, src.get(key, "default")) for key, label, value in rows]
 
 
+def _key_check(settings: Settings, sim: bool) -> Check:
+    """A missing key is a FAIL even where the server answers without one (the simulator
+    does; Tensormesh does not): `tmbatch run` would refuse to start. Not with --sim."""
+    if settings.api_key:
+        return Check("key", OK, f"inference API key set ({settings.sources.get('api_key')})")
+    if sim:
+        return Check("key", OK, "no inference API key: none needed with --sim")
+    return Check("key", ERROR, f"no inference API key: `tmbatch run` needs one; set "
+                 f"{ENV_API_KEY} or pass --api-key-file FILE (or try --sim)", "no_api_key")
+
+
 async def doctor(
     settings: Settings, input_path: str | None, model: str | None, endpoint: str | None,
-    *, as_json: bool = False,
+    *, as_json: bool = False, sim: bool = False,
 ) -> int:
     """`tmbatch doctor`: what was resolved from where, then every check; non-zero on a problem.
 
@@ -364,6 +375,7 @@ async def doctor(
     """
     models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
     report = await run_checks(settings, models)
+    report.checks.insert(0, _key_check(settings, sim))
     code = ExitCode.FATAL if report.errors else ExitCode.FAILED if report.warnings else \
         ExitCode.OK
     rows = describe_settings(settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from tmbatch.commands.common import (
     add_connection_args,
     add_sim_group,
+    on_sim_if_asked,
     positive_float,
     positive_int,
     run_async,
@@ -155,20 +155,8 @@ async def start_run(ns: argparse.Namespace, opts: RunOptions, settings: Settings
                     preflight: bool) -> int:
     """Run (after preflight, which stops a doomed run before billing), on the in-process
     simulator with --sim."""
-    if not ns.sim:
-        return await _preflight_then_run(opts, settings, preflight)
-    from tmbatch.sim import sim_config_from_args, start_sim
-
-    server = await start_sim(sim_config_from_args(ns))
-    try:
-        settings = dataclasses.replace(
-            settings, base_url=server.url, ca_bundle=None,
-            sources={**settings.sources, "base_url": "--sim"},
-        )
-        log.info("simulator on %s (no credentials needed)", server.url)
-        return await _preflight_then_run(opts, settings, preflight)
-    finally:
-        await server.stop()
+    return await on_sim_if_asked(ns, settings,
+                                 lambda s: _preflight_then_run(opts, s, preflight))
 
 
 async def _preflight_then_run(opts: RunOptions, settings: Settings, preflight: bool) -> int:
