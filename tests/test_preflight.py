@@ -42,12 +42,23 @@ def test_wrong_key_stops_before_any_completion(sim_factory: Any, tmp_path: Path)
     assert not out.exists()  # nothing started: no journal to resume
 
 
-def test_unknown_model_stops_before_any_completion_with_a_hint(
-    sim_factory: Any, tmp_path: Path
-) -> None:
+def test_an_unknown_model_fails_its_lines_with_a_hint(sim_factory: Any, tmp_path: Path) -> None:
+    """One line names a model that is not served: that line fails `model_not_served` with
+    the hint, unsent; the others run (vLLM writes an error line for that request only)."""
     sim = sim_factory(api_key=API_KEY)
     rows = [chat_line(i) for i in range(5)] + [chat_line(9, model="tm-smal")]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    p = run(sim, inp, tmp_path / "out")
+    assert p.returncode == 1, p.stderr
+    assert "'tm-smal' is not served here; did you mean 'tm-small'?" in p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert len(res) == 5 and fail["req-9"]["error"]["code"] == "model_not_served"
+    assert "did you mean 'tm-small'" in fail["req-9"]["error"]["message"]
+    assert sim.stats()["completion_calls"] == 5
+
+
+def test_no_served_model_at_all_stops_before_any_completion(sim: Any, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, model="tm-smal") for i in range(3)])
     p = run(sim, inp, tmp_path / "out")
     assert p.returncode == 3, p.stderr
     assert "'tm-smal' is not served here; did you mean 'tm-small'?" in p.stderr
@@ -82,8 +93,8 @@ def test_good_run_after_preflight_and_what_it_sent(sim_factory: Any, tmp_path: P
     assert stats["completion_calls"] == 3
     for route in ("/health", "/version", "/v1/models", "/tokenize"):
         assert stats["by_route"][route]["received"] == 1, route
-    # serverless GET routes need no key, so none was sent there
-    assert stats["auth"]["bearer_missing"] == 3 and stats["auth"]["bearer_wrong"] == 0
+    # the key goes on every route, the GETs included: a server may want it there
+    assert stats["auth"]["bearer_missing"] == 0 and stats["auth"]["bearer_wrong"] == 0
 
 
 def test_unreachable_host_is_a_warning_not_a_stop(tmp_path: Path) -> None:

@@ -249,12 +249,18 @@ def test_401_stops_the_run_early(sim_factory: Any, tmp_path: Path) -> None:
     assert summary["stopped"] == "fatal" and "401" in summary["fatal"]
 
 
-def test_unknown_model_everywhere_is_fatal(sim: Any, tmp_path: Path) -> None:
+def test_unknown_model_everywhere_fails_its_lines_unsent(sim: Any, tmp_path: Path) -> None:
+    """Without preflight: after 8 404s on (route, model) and no answer, the other lines of
+    that pair fail `permanent` without being sent (a final outcome: no resume sends them
+    again and stops again)."""
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, model="no-such") for i in range(100)])
     out = tmp_path / "out"
     p = run(sim, inp, out, "--concurrency", "2")
-    assert p.returncode == 3, p.stderr
-    assert "models" in p.stderr
+    assert p.returncode == 1, p.stderr
+    assert "`tmbatch models` lists served models" in p.stderr
+    _, fail = outcomes(out)
+    assert len(fail) == 100 and {f["error"]["class"] for f in fail.values()} == {"permanent"}
+    assert {f["error"]["code"] for f in fail.values()} == {"not_found", "not_served"}
     assert sim.stats()["completion_calls"] < 20
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +18,20 @@ import orjson
 
 from tmbatch.config import Settings
 from tmbatch.safety import AttemptFailed, Outcome, classify_exception, classify_status
-from tmbatch.sse import Aggregator, StreamError
+from tmbatch.sse import Aggregator, StreamError, error_payload
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+# Headers that name a request, in the order they are believed: OpenAI, vLLM and Tensormesh
+# send x-request-id, Anthropic request-id, the LiteLLM proxy x-litellm-call-id.
+REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-litellm-call-id", "x-correlation-id")
 
 
 @dataclass(slots=True)
 class Answer:
     status: int
-    request_id: str | None
+    request_id: str
     body: dict[str, Any]
     latency: float
     ttft: float | None
@@ -96,7 +102,10 @@ async def send(
     stream = body.get("stream") is True
     if stream:
         body = with_stream_usage(route, body)
-    hdrs = {"Content-Type": "application/json"}
+    # Ours, sent as X-Request-Id (vLLM takes it as its own request id, others log it), and
+    # recorded when the server names the request with no header of its own.
+    own_id = f"tmbatch-{uuid.uuid4().hex}"
+    hdrs = {"Content-Type": "application/json", "X-Request-Id": own_id}
     if stream:
         hdrs["Accept"] = "text/event-stream"
     if headers:
@@ -106,33 +115,40 @@ async def send(
         async with session.post(
             route.lstrip("/"), data=orjson.dumps(body), headers=hdrs, allow_redirects=False
         ) as resp:
+            request_id = _request_id(resp, own_id)
             if 300 <= resp.status < 400:
-                raise _redirect(resp)
+                raise _redirect(resp, request_id)
             if resp.status < 300 and stream and resp.content_type == "text/event-stream":
-                return await _read_stream(resp, route, start)
-            return await _read_plain(resp, start)
+                return await _read_stream(resp, route, start, request_id)
+            return await _read_plain(resp, start, request_id)
     except AttemptFailed:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise classify_exception(exc) from None
 
 
-def _request_id(resp: aiohttp.ClientResponse) -> str | None:
-    return resp.headers.get("x-request-id")
+def _request_id(resp: aiohttp.ClientResponse, own: str) -> str:
+    """The server's name for the request when it gives one, else the id we sent: output
+    readers (vLLM's BatchRequestOutput, OpenAI's batch output) type it as a string."""
+    for name in REQUEST_ID_HEADERS:
+        value = resp.headers.get(name)
+        if value and value.strip():
+            return value.strip()[:200]
+    return own
 
 
-def _redirect(resp: aiohttp.ClientResponse) -> AttemptFailed:
+def _redirect(resp: aiohttp.ClientResponse, request_id: str) -> AttemptFailed:
     return AttemptFailed(
         Outcome.PERMANENT, "redirect",
         f"HTTP {resp.status} redirect to {resp.headers.get('Location', '?')!r} not "
         "followed (it would carry the API key); point --base-url at the final host",
-        resp.status, None, _request_id(resp),
+        resp.status, None, request_id,
     )
 
 
-async def _read_plain(resp: aiohttp.ClientResponse, start: float) -> Answer:
+async def _read_plain(resp: aiohttp.ClientResponse, start: float, request_id: str) -> Answer:
     """A whole JSON answer, or the failure its status (or a broken body) makes it."""
-    status, request_id = resp.status, _request_id(resp)
+    status = resp.status
     raw = await _read_body(resp, MAX_BODY_BYTES)
     if raw is None:
         raise AttemptFailed(
@@ -142,7 +158,7 @@ async def _read_plain(resp: aiohttp.ClientResponse, start: float) -> Answer:
     parsed = _loads(raw)
     if status >= 300:
         if parsed is None:
-            parsed = raw[:2000].decode("utf-8", "replace")
+            parsed = error_payload(raw) or raw[:2000].decode("utf-8", "replace")
         raise classify_status(status, resp.headers, parsed, request_id)
     if not isinstance(parsed, dict):
         raise AttemptFailed(
@@ -154,9 +170,10 @@ async def _read_plain(resp: aiohttp.ClientResponse, start: float) -> Answer:
     return Answer(status, request_id, parsed, time.monotonic() - start, None, resp.headers)
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, route: str, start: float) -> Answer:
+async def _read_stream(resp: aiohttp.ClientResponse, route: str, start: float,
+                       request_id: str) -> Answer:
     """An SSE answer rebuilt into the body the same request returns unstreamed."""
-    status, request_id = resp.status, _request_id(resp)
+    status = resp.status
     agg = Aggregator(route)
     try:
         async for chunk in resp.content.iter_any():
@@ -166,15 +183,23 @@ async def _read_stream(resp: aiohttp.ClientResponse, route: str, start: float) -
         raise AttemptFailed(Outcome.AMBIGUOUS, exc.code, exc.message, status, exc.partial,
                             request_id) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if agg.done and agg.error is None:  # the whole answer was in: only the close failed
+            return _answer_of(agg, status, request_id, start, resp)
         cut = classify_exception(exc)
         raise AttemptFailed(
             Outcome.AMBIGUOUS, "stream_cut",
-            f"stream cut before data: [DONE] after {agg.events} event(s): "
+            f"stream cut before {agg.end_marker} after {agg.events} event(s): "
             f"{cut.message}; what arrived is in response.body",
             status, agg.partial(), request_id,
         ) from None
+    return _answer_of(agg, status, request_id, start, resp, final)
+
+
+def _answer_of(agg: Aggregator, status: int, request_id: str, start: float,
+               resp: aiohttp.ClientResponse, final: dict[str, Any] | None = None) -> Answer:
     ttft = None if agg.first_token_at is None else agg.first_token_at - start
-    return Answer(status, request_id, final, time.monotonic() - start, ttft, resp.headers)
+    body = agg.partial() if final is None else final
+    return Answer(status, request_id, body, time.monotonic() - start, ttft, resp.headers)
 
 
 USAGE_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -211,6 +236,6 @@ async def get_json(session: aiohttp.ClientSession, route: str) -> tuple[int, Any
             parsed = _loads(raw)
             if parsed is None:
                 parsed = raw[:2000].decode("utf-8", "replace")
-            return resp.status, parsed, _request_id(resp)
+            return resp.status, parsed, _request_id(resp, "") or None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise classify_exception(exc) from None

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 SERVERLESS_DEFAULT = "https://serverless.tensormesh.ai"
 SERVERLESS_HOST = "serverless.tensormesh.ai"
+# On-demand gateways are provider-specific hosts: the reference's example is
+# external.nebius.tensormesh.ai (reference/sdk-configuration.txt, raw-api-quickstart.txt).
+ON_DEMAND_HOST_RE = re.compile(r"^external\.[a-z0-9-]+\.tensormesh\.ai$", re.IGNORECASE)
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_RETRIES = 5
 
@@ -266,6 +269,14 @@ def _serverless_url(base_url: str | None, env: Mapping[str, str]) -> str:
             f"the serverless base URL is the same as {ENV_ON_DEMAND_URL} ({base_url}): "
             "serverless and on-demand base URLs are mixed up; pass --surface on-demand "
             "to use the on-demand gateway"
+        )
+    host = urlsplit(base_url).hostname or ""
+    if ON_DEMAND_HOST_RE.match(host):
+        raise ConfigError(
+            f"the serverless base URL {base_url} is an on-demand gateway host "
+            f"(external.<provider>.tensormesh.ai): serverless and on-demand base URLs are "
+            f"mixed up; pass --surface on-demand --user-id UUID to use it (or leave "
+            f"--base-url out for {SERVERLESS_DEFAULT})"
         )
     return base_url
 

@@ -25,7 +25,7 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "every line succeeded",
     ExitCode.FAILED: "the run finished and some lines failed (see failures.jsonl)",
     ExitCode.USAGE: "usage, configuration or input error: nothing was sent",
-    ExitCode.FATAL: "stopped by a fatal error (401/403, unknown model on every request)",
+    ExitCode.FATAL: "stopped by a fatal error (401/403, or no model of the input is served)",
     ExitCode.IO: "an output file could not be written (disk full, I/O error); resume when fixed",
     ExitCode.INCOMPLETE: "merge only: some input lines have no outcome, or more than one",
     ExitCode.INTERNAL: "a bug in tmbatch (TMBATCH_DEBUG=1 shows the traceback)",

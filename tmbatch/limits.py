@@ -37,6 +37,7 @@ DEFAULT_MAX_OUTPUT_TOKENS = 256  # assumed when a body names no max_tokens
 # network jitter: two requests sent 1/R apart can arrive closer and the second is a 429.
 BURST_SECONDS = 0.5
 MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-After
+HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
 AIMD_BETA = 0.7  # multiplicative decrease on a 429 event
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
@@ -237,7 +238,8 @@ class Admission:
         self.settled = 0
         # successes, for the rate the run settled at
         self._ok_times: deque[float] = deque()
-        self._first_ok: float | None = None
+        self._first_sent: float | None = None  # the first admission: where a rate can start
+        self._hold_logged_at = -math.inf
 
     # -- waiting --------------------------------------------------------
     async def wait_pause(self) -> None:
@@ -298,6 +300,8 @@ class Admission:
                 self.tpm.adjust(-charged)
             self._release()
             raise
+        if self._first_sent is None:
+            self._first_sent = loop.time()
         return Ticket(self, tokens, charged, loop.time())
 
     # -- learning from answers ------------------------------------------
@@ -312,8 +316,6 @@ class Admission:
 
     def _on_success(self, now: float) -> None:
         self._ok_times.append(now)
-        if self._first_ok is None:
-            self._first_ok = now
         while self._ok_times and self._ok_times[0] < now - 2 * RATE_WINDOW:
             self._ok_times.popleft()
         if self.adaptive and self.limit < self.ceiling:
@@ -336,13 +338,30 @@ class Admission:
         log.info("rate limited: at most %d in flight from now on (adaptive)", int(self.limit))
 
     def _from_headers(self, headers: Mapping[str, str], now: float) -> None:
+        """`x-ratelimit-remaining-*: 0` holds every worker until one more request fits.
+
+        OpenAI's `x-ratelimit-reset-*` is the time until the bucket is FULL again (llmock:
+        `60s` with a limit of 120/min, where its own 429 says `retry-after: 20`), and the
+        bucket refills evenly: with the limit known, the next request fits after
+        reset / (limit - remaining), not after all of it. Without a limit, reset is all we
+        know, so the hold is the whole of it (capped at MAX_HOLD).
+        """
         for kind in ("requests", "tokens"):
             remaining = _int_header(headers, f"x-ratelimit-remaining-{kind}")
             if remaining is None or remaining > 0:
                 continue
             reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-            if reset:
-                self.hold(reset, f"x-ratelimit-remaining-{kind}: 0")
+            if not reset:
+                continue
+            limit = _int_header(headers, f"x-ratelimit-limit-{kind}")
+            if limit is not None and limit > remaining:
+                seconds = reset / (limit - remaining)
+                why = (f"x-ratelimit-remaining-{kind}: 0 (limit {limit}, full again in "
+                       f"{reset:g}s: one more fits in {seconds:.3g}s)")
+            else:
+                seconds = reset
+                why = f"x-ratelimit-remaining-{kind}: 0 (reset in {reset:g}s, no limit header)"
+            self.hold(seconds, why)
 
     # -- pausing --------------------------------------------------------
     def _extend(self, seconds: float) -> float:
@@ -356,12 +375,23 @@ class Admission:
         return grew
 
     def hold(self, seconds: float, why: str) -> bool:
-        """A server header says the budget is spent: nobody sends until it resets."""
+        """A server header says the budget is spent: nobody sends until it has room again.
+
+        Logged at INFO the first time and then at most every HOLD_LOG_EVERY seconds (a run
+        at its limit meets such headers on most answers), with the count so far."""
         grew = self._extend(seconds)
         if grew:
             self.holds += 1
             self.held_seconds += grew
-            log.debug("%s: every worker holds %.3fs", why, seconds)
+            now = asyncio.get_running_loop().time()
+            quiet = now - self._hold_logged_at < HOLD_LOG_EVERY
+            log.log(logging.DEBUG if quiet else logging.INFO,
+                    "%s: every worker holds %.3gs (%d header hold(s), %.1fs in all)",
+                    why, min(seconds, MAX_HOLD), self.holds, self.held_seconds,
+                    extra={"event": "rate_limit_hold", "hold_seconds": min(seconds, MAX_HOLD),
+                           "holds": self.holds})
+            if not quiet:
+                self._hold_logged_at = now
         return bool(grew)
 
     def pause(self, seconds: float) -> bool:
@@ -377,11 +407,15 @@ class Admission:
 
     # -- reporting ------------------------------------------------------
     def settled_rate(self) -> float | None:
-        """Successes per second over the last RATE_WINDOW seconds of answers."""
-        if not self._ok_times or self._first_ok is None:
+        """Successes per second over the last RATE_WINDOW seconds of the run.
+
+        The window starts no earlier than the first admission: measured from the first
+        success instead, a few answers that all finish together (8 streams in flight, each
+        0.12 s long, done within a millisecond) made thousands of requests a second."""
+        if not self._ok_times or self._first_sent is None:
             return None
         last = self._ok_times[-1]
-        start = max(self._first_ok, last - RATE_WINDOW)
+        start = max(self._first_sent, last - RATE_WINDOW)
         n = sum(1 for t in self._ok_times if t > start)
         span = last - start
         return round(n / span, 2) if span > 0 else None

@@ -37,6 +37,9 @@ class RunOptions:
     prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
     adaptive: bool | None = None  # None: adaptive concurrency exactly when no --rpm
     extra_header: dict[str, Any] = field(default_factory=dict)
+    # GET /v1/models' list, when preflight read one: a line naming another model fails
+    # `permanent` (model_not_served) without being sent. None: no list, nothing checked.
+    served_models: tuple[str, ...] | None = None
 
     @property
     def is_adaptive(self) -> bool:

@@ -1,15 +1,21 @@
 """Preflight: catch a wrong key, host or model before a single completion is billed.
 
-Checks, in order: GET /health and /version (reachability; no key on serverless),
-GET /v1/models and whether every model the input names is served, then one
-cheap idempotent authenticated call (POST /tokenize) that a wrong key fails.
+Checks, in order: GET /health and /version (reachability), GET /v1/models and
+whether every model the input names is served, then one cheap idempotent
+authenticated call (POST /tokenize) that a wrong key fails. Every route gets the
+key: the public serverless host also answers the GETs without one, but a server
+that wants it there (LiteLLM, vLLM with --api-key) answers 401, and blaming the
+key for a 401 it never saw would send the user hunting for the wrong problem.
 `tmbatch run` runs them before its first request (`--no-preflight` skips them);
 `tmbatch doctor` runs them alone and shows where each setting came from.
 
 "Every model the input names" means the models of a bounded prefix of the
 input (SCAN_LINES lines or SCAN_SECONDS, whichever ends first) plus --model:
-reading a million-line file before the first request would delay every run,
-and the runner still stops early when a model turns out unknown later on.
+reading a million-line file before the first request would delay every run.
+A model that is not served stops the run only when no scanned model is served;
+otherwise its lines fail `permanent` (model_not_served) and the rest runs. The
+run gets the served list, so a line past the scan naming an unserved model
+fails the same way (retry.LineSender), without being sent.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmbatch.client import get_json, make_session, send
-from tmbatch.config import UUID_RE, Settings, check_model, redact
+from tmbatch.config import ENV_API_KEY, UUID_RE, Settings, check_model, redact
 from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import say
 from tmbatch.reader import BadLine, InputError, open_input, read_requests
@@ -145,12 +151,9 @@ def _served_names(body: Any) -> list[str] | None:
 
 
 def _get_settings(settings: Settings) -> Settings:
-    """Serverless GET routes need no key, so preflight sends none there: the key goes
-    only where it is needed. On-demand needs the key and X-User-Id everywhere."""
-    timeout = min(settings.timeout, PREFLIGHT_TIMEOUT)
-    if settings.surface == "serverless":
-        return dataclasses.replace(settings, api_key=None, timeout=timeout)
-    return dataclasses.replace(settings, timeout=timeout)
+    """The run's settings, key included (see the module docstring), with a shorter timeout:
+    a diagnostic GET that takes minutes is itself the answer."""
+    return dataclasses.replace(settings, timeout=min(settings.timeout, PREFLIGHT_TIMEOUT))
 
 
 async def run_checks(
@@ -223,12 +226,19 @@ async def _models(session: Any, settings: Settings, models: list[str], report: R
     report.served = served
     report.add("models", OK, f"{len(served)} served: {', '.join(served[:10])}"
                + (" ..." if len(served) > 10 else ""))
+    # One unserved model fails only its own lines (vLLM writes an error line for that request
+    # alone); only when nothing the input names is served is the whole run doomed.
+    doomed = not any(name in served for name in models)
     for name in models:
         if name in served:
             report.add("model", OK, f"{name!r} is served")
         else:
-            report.add("model", ERROR, unknown_model_message(name, served),
-                       "model_is_uuid" if UUID_RE.match(name) else "unknown_model")
+            code = "model_is_uuid" if UUID_RE.match(name) else "unknown_model"
+            detail = unknown_model_message(name, served)
+            if not doomed:
+                detail += ("; its lines fail `permanent` (model_not_served) without being "
+                           "sent, the rest runs")
+            report.add("model", ERROR if doomed else WARNING, detail, code)
 
 
 def _probe_model(models: list[str], served: list[str] | None) -> str | None:
@@ -264,8 +274,10 @@ async def _auth(settings: Settings, models: list[str], report: Report) -> None:
                        + (" and check the user id" if settings.surface == "on-demand" else ""),
                        exc.code)
         else:
-            report.add("auth", WARNING, f"could not verify the {key}: POST /tokenize "
-                       f"{'HTTP ' + str(exc.status) if exc.status else exc.code}: {exc.message}",
+            said = f"HTTP {exc.status}" if exc.status else exc.code
+            if exc.message != said:
+                said += f": {exc.message}"
+            report.add("auth", WARNING, f"could not verify the {key}: POST /tokenize {said}",
                        exc.code)
         return
     finally:
@@ -278,13 +290,22 @@ def format_checks(report: Report) -> list[str]:
     return [f"  {mark[c.status]}  {c.name:<8} {c.detail}" for c in report.checks]
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What preflight tells the run: stop (an exit code), or go with the served models."""
+
+    stop: int | None
+    served: tuple[str, ...] | None = None  # GET /v1/models' list; None: not checked
+
+
 async def preflight_for_run(
     settings: Settings, input_path: str, model: str | None, endpoint: str | None
-) -> int | None:
+) -> Verdict:
     """Run the checks before `tmbatch run`; an exit code when the run must not start.
 
-    Only what would fail every request stops the run (exit 3: key refused, model
-    not served, no route). An unreachable host or a missing /health is a warning:
+    Only what would fail every request stops the run (exit 3: key refused, no model of
+    the input served, no route). An unserved model among served ones is a warning: its
+    lines fail one by one. An unreachable host or a missing /health is a warning:
     connection failures are `not_sent` and the run retries them safely anyway.
     """
     models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
@@ -300,11 +321,23 @@ async def preflight_for_run(
                "these checks)")
         say("stopped", msg, text=f"tmbatch: {msg}", level=logging.ERROR, reason="preflight",
             exit_code=ExitCode.FATAL)
-        return ExitCode.FATAL
+        return Verdict(ExitCode.FATAL)
+    log.info("preflight ok: %s; %s", settings.base_url, _models_verdict(report, complete))
+    return Verdict(None, None if report.served is None else tuple(report.served))
+
+
+def _models_verdict(report: Report, complete: bool) -> str:
+    """What the model checks established, in the words the final preflight line uses."""
+    if report.served is None:
+        return "models not checked (no model list)"
+    if not report.models_checked:
+        return "no model to check"
+    unserved = [m for m in report.models_checked if m not in report.served]
     scanned = "" if complete else f" (models of the first {SCAN_LINES} lines)"
-    log.info("preflight ok: %s; %d model(s) checked%s", settings.base_url,
-             len(report.models_checked), scanned)
-    return None
+    text = f"{len(report.models_checked)} model(s) checked{scanned}"
+    if unserved:
+        text += f", {len(unserved)} not served: their lines fail, the rest runs"
+    return text
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str, str]]:
@@ -322,9 +355,20 @@ def describe_settings(settings: Settings) -> list[tuple[str, str, str, str]]:
     return [(key, label, value, src.get(key, "default")) for key, label, value in rows]
 
 
+def _key_check(settings: Settings, sim: bool) -> Check:
+    """A missing key is a FAIL even where the server answers without one (the simulator
+    does; Tensormesh does not): `tmbatch run` would refuse to start. Not with --sim."""
+    if settings.api_key:
+        return Check("key", OK, f"inference API key set ({settings.sources.get('api_key')})")
+    if sim:
+        return Check("key", OK, "no inference API key: none needed with --sim")
+    return Check("key", ERROR, f"no inference API key: `tmbatch run` needs one; set "
+                 f"{ENV_API_KEY} or pass --api-key-file FILE (or try --sim)", "no_api_key")
+
+
 async def doctor(
     settings: Settings, input_path: str | None, model: str | None, endpoint: str | None,
-    *, as_json: bool = False,
+    *, as_json: bool = False, sim: bool = False,
 ) -> int:
     """`tmbatch doctor`: what was resolved from where, then every check; non-zero on a problem.
 
@@ -332,6 +376,7 @@ async def doctor(
     """
     models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
     report = await run_checks(settings, models)
+    report.checks.insert(0, _key_check(settings, sim))
     code = ExitCode.FATAL if report.errors else ExitCode.FAILED if report.warnings else \
         ExitCode.OK
     rows = describe_settings(settings)

@@ -31,6 +31,7 @@ from tmbatch.reader import BadLine, Request
 from tmbatch.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.records import Response as RecordedResponse
 from tmbatch.safety import AttemptFailed, Outcome, retryable
+from tmbatch.served import ServedCheck
 from tmbatch.stop import Stop
 from tmbatch.summary import RunStats
 from tmbatch.writer import Writer
@@ -70,18 +71,28 @@ class LineSender:
     stop: Stop
     session: aiohttp.ClientSession
     prior_attempts: dict[int, int] = field(default_factory=dict)
-    fatal_404_after: int = 8
+    fatal_404_after: int = 8  # 404s on one (route, model), none answered: its lines fail
+    served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
+    served: ServedCheck = field(init=False)
     # Workers whose request is on the wire: a stop lets these finish and cancels the others.
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     # Circuit breaker: attempts in a row that never reached the server, while none ever has.
     answered: bool = False
     unreached_streak: int = 0
-    _404_streak: int = 0
     _backoff: wait_exponential_jitter = field(
         default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
 
+    def __post_init__(self) -> None:
+        self.served = ServedCheck(self.served_models, self.fatal_404_after)
+
     async def process(self, req: Request) -> None:
         """Send `req` until it has an outcome (or the run stops), and record it."""
+        refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
+        if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
+            self.record_failure(FailureRecord.of(
+                self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
+                refusal.message, self.prior_attempts.get(req.line, 0)))
+            return
         tokens = 0  # only a --tpm budget needs the estimate: skip the prompt walk otherwise
         if self.admission.tpm is not None:
             tokens = estimate_tokens(req.body, generates=not req.idempotent)
@@ -194,7 +205,7 @@ class LineSender:
 
     # -- outcomes -------------------------------------------------------
     def _succeed(self, req: Request, answer: Answer) -> None:
-        self._404_streak = 0
+        self.served.succeeded(req.url, req.body.get("model"))
         self.stats.ok += 1
         self.stats.latencies.add(answer.latency)
         timing = None
@@ -212,14 +223,8 @@ class LineSender:
         if exc.cls.policy.stops_run:
             self.fatal(f"HTTP {exc.status} {exc.code}: {exc.message}. Check the inference API "
                        "key (TENSORMESH_INFERENCE_API_KEY) and, on-demand, the user id")
-        elif exc.status == 404 and self.stats.ok == 0:
-            self._404_streak += 1
-            if self._404_streak >= self.fatal_404_after:
-                self.fatal(
-                    f"the first {self._404_streak} requests all got 404 ({exc.message}); the "
-                    "model is probably not served here: check --model / body.model (`tmbatch "
-                    "models` lists served ones) and, on-demand, X-User-Id"
-                )
+        elif exc.status == 404:  # judged per (route, model): the rest of the file runs
+            self.served.not_found(req.url, req.body.get("model"), exc.message)
         self.record_failure(FailureRecord.of_attempt(self.job_id, req.line, req.custom_id,
                                                      exc, attempts))
 

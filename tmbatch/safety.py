@@ -155,15 +155,32 @@ def _seconds(raw: str | None) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
+# Where a server says how long to wait, in the order believed: the standard header (and
+# OpenAI's milliseconds form), then what the LiteLLM proxy relays from its upstream provider
+# when it adds no Retry-After of its own.
+RETRY_AFTER_HEADERS = (
+    ("retry-after-ms", "Retry-After"),
+    ("llm_provider-retry-after-ms", "llm_provider-retry-after"),
+)
+
+
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date.
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date;
+    else the same pair prefixed `llm_provider-` (LiteLLM's relayed 429s carry only those).
 
     Garbage and negative values count as absent; huge ones are capped.
     """
-    ms = _seconds(headers.get("retry-after-ms"))
-    if ms is not None:
-        return min(ms / 1000.0, MAX_RETRY_AFTER)
-    raw = headers.get("Retry-After")
+    for ms_name, name in RETRY_AFTER_HEADERS:
+        ms = _seconds(headers.get(ms_name))
+        if ms is not None:
+            return min(ms / 1000.0, MAX_RETRY_AFTER)
+        value = _seconds_or_date(headers.get(name), now)
+        if value is not None:
+            return value
+    return None
+
+
+def _seconds_or_date(raw: str | None, now: float | None) -> float | None:
     if not raw:
         return None
     value = _seconds(raw)

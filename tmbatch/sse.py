@@ -1,8 +1,11 @@
 """Aggregate a data-only SSE stream into the body a non-streamed call returns.
 
-So `results.jsonl` looks the same whether a line streamed or not. A stream that
-ends without `data: [DONE]`, or carries an error event, is `ambiguous`: tokens
-were generated and billed, the answer is incomplete.
+So `results.jsonl` looks the same whether a line streamed or not. A stream is
+complete at `data: [DONE]`, or, on /v1/responses, at its terminal event
+(`response.completed` / `response.incomplete` / `response.failed`): vLLM and other
+servers end a Responses stream there, with or without a `[DONE]` after it. A stream
+that ends before that, or carries an error event, is `ambiguous`: tokens were
+generated and billed, the answer is incomplete.
 
 Each `data:` line is one event (what OpenAI-compatible servers send); a server
 that splits one JSON event over several `data:` lines is not supported. Lines
@@ -34,6 +37,8 @@ class StreamError(Exception):
 class _Choice:
     index: int
     role: str | None = None
+    # every string `delta.content`, "" included: none at all (a tool call whose deltas say
+    # `content: null` or nothing) rebuilds as `content: null`, as the unstreamed body has it
     content: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
@@ -45,6 +50,8 @@ class _Choice:
     logprobs: dict[str, list[Any]] | None = None
 
 
+RESPONSES = "/v1/responses"
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _CHOICE_KEYS = {"index", "delta", "text", "finish_reason", "logprobs"}
 _META_KEYS = ("id", "created", "model", "system_fingerprint")
 
@@ -128,7 +135,7 @@ class Aggregator:
             err = obj.get("error") or obj
             self.error = err if isinstance(err, dict) else {"message": str(err)}
             return
-        if self.route == "/v1/responses":
+        if self.route == RESPONSES:
             self._responses_event(obj, now)
         else:
             self._chunk(obj, now)
@@ -148,10 +155,9 @@ class Aggregator:
             ):
                 c = self.choices.get(ch.get("index", 0))
                 if c is not None:
-                    if delta["content"]:
-                        c.content.append(delta["content"])
-                        if self.first_token_at is None:
-                            self.first_token_at = now
+                    c.content.append(delta["content"])
+                    if self.first_token_at is None and delta["content"]:
+                        self.first_token_at = now
                     for key in _META_KEYS:
                         if key in obj and key not in self.meta:
                             self.meta[key] = obj[key]
@@ -188,9 +194,10 @@ class Aggregator:
                 if value:
                     c.role = value
             elif key == "content":
-                if value:
+                if isinstance(value, str):
                     c.content.append(value)
-                    self._first(now)
+                    if value:
+                        self._first(now)
             elif key == "tool_calls":
                 for tc in value or ():
                     self._tool_call(c, tc)
@@ -219,8 +226,9 @@ class Aggregator:
         if kind == "response.output_text.delta":
             self.resp_text.append(obj.get("delta", ""))
             self._first(now)
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+        elif kind in RESPONSES_TERMINAL:
             self.response = obj.get("response")
+            self.done = True  # the answer is whole: a `[DONE]` may follow, or not
             if kind == "response.failed":
                 err = (self.response or {}).get("error") or {"message": "response.failed"}
                 self.error = err
@@ -235,7 +243,7 @@ class Aggregator:
 
     def partial(self) -> dict[str, Any]:
         """What was received so far, in the final body's shape."""
-        if self.route == "/v1/responses":
+        if self.route == RESPONSES:
             if self.response is not None:
                 return self.response
             return {
@@ -260,7 +268,8 @@ class Aggregator:
             c = self.choices[idx]
             choice: dict[str, Any]
             if chat:
-                msg: dict[str, Any] = {"role": c.role or "assistant", "content": "".join(c.content)}
+                msg: dict[str, Any] = {"role": c.role or "assistant",
+                                       "content": "".join(c.content) if c.content else None}
                 for key, parts in c.more.items():
                     msg[key] = "".join(parts)
                 if c.tool_calls:
@@ -291,7 +300,31 @@ class Aggregator:
                               self.partial())
         if not self.done:
             raise StreamError(
-                "stream_cut", f"stream ended before data: [DONE] after {self.events} event(s)",
-                self.partial(),
+                "stream_cut", f"stream ended before {self.end_marker} after {self.events} "
+                "event(s)", self.partial(),
             )
         return self.partial()
+
+    @property
+    def end_marker(self) -> str:
+        """What ends this route's stream, for messages about one that did not end."""
+        if self.route == RESPONSES:
+            return "its terminal event (response.completed) or data: [DONE]"
+        return "data: [DONE]"
+
+
+def error_payload(raw: bytes) -> dict[str, Any] | None:
+    """The error object of a non-2xx answer whose body is SSE, not JSON (LiteLLM answers a
+    failed stream with HTTP 500 and `data: {"error": {...}}` then `data: [DONE]`), so the
+    failure keeps the server's own message and body."""
+    for line in raw.splitlines():
+        payload = line.strip()
+        if not payload.startswith(b"data:"):
+            continue
+        try:
+            obj = orjson.loads(payload[5:].strip())
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("error"):
+            return obj
+    return None

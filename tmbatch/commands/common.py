@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tmbatch.config import ConfigError, Settings, resolve
 from tmbatch.lines import Shard
 from tmbatch.redact import SECRETS
+
+log = logging.getLogger("tmbatch")
 
 
 def subcommand(sub: Any, name: str, summary: str, description: str,
@@ -117,3 +122,23 @@ def add_sim_group(p: argparse.ArgumentParser, help_text: str) -> None:
     g = p.add_argument_group("demo: the built-in simulator (no credentials)")
     g.add_argument("--sim", action="store_true", help=help_text)
     add_sim_arguments(g)
+
+
+async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
+                          then: Callable[[Settings], Awaitable[int]]) -> int:
+    """`then(settings)`; with --sim, against the simulator started in-process for it (every
+    --sim-* knob applies), so `run`, `doctor` and `models` try out the same way."""
+    if not getattr(ns, "sim", False):
+        return await then(settings)
+    from tmbatch.sim import sim_config_from_args, start_sim
+
+    server = await start_sim(sim_config_from_args(ns))
+    try:
+        settings = dataclasses.replace(
+            settings, base_url=server.url, ca_bundle=None,
+            sources={**settings.sources, "base_url": "--sim"},
+        )
+        log.info("simulator on %s (no credentials needed)", server.url)
+        return await then(settings)
+    finally:
+        await server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from tmbatch.commands.common import (
     add_connection_args,
     add_sim_group,
+    on_sim_if_asked,
     positive_float,
     positive_int,
     run_async,
@@ -154,38 +154,29 @@ def cmd_run(ns: argparse.Namespace) -> int:
 async def start_run(ns: argparse.Namespace, opts: RunOptions, settings: Settings, *,
                     preflight: bool) -> int:
     """Local checks first, then the network: the output directory, its lock and the journal
-    are settled before the simulator starts or preflight sends a byte, and signals are
-    handled from the start (a SIGTERM during preflight ends the run, nothing billed)."""
+    are settled before the simulator starts (--sim) or preflight sends a byte, and signals
+    are handled from the start (a SIGTERM during preflight ends the run, nothing billed)."""
     runner = Runner(opts, settings)
     runner.install_signals()
     try:
         runner.prepare()
-        if not ns.sim:
-            return await _preflight_then_send(runner, preflight)
-        from tmbatch.sim import sim_config_from_args, start_sim
-
-        server = await start_sim(sim_config_from_args(ns))
-        try:
-            runner.settings = dataclasses.replace(
-                settings, base_url=server.url, ca_bundle=None,
-                sources={**settings.sources, "base_url": "--sim"},
-            )
-            log.info("simulator on %s (no credentials needed)", server.url)
-            return await _preflight_then_send(runner, preflight)
-        finally:
-            await server.stop()
+        return await on_sim_if_asked(ns, settings,
+                                     lambda s: _preflight_then_send(runner, s, preflight))
     finally:
         await runner.close()
 
 
-async def _preflight_then_send(runner: Runner, preflight: bool) -> int:
+async def _preflight_then_send(runner: Runner, settings: Settings, preflight: bool) -> int:
     """Preflight stops a doomed run before anything is billed."""
+    runner.settings = settings
+    opts = runner.opts
     if preflight:
         from tmbatch.preflight import preflight_for_run
 
-        opts = runner.opts
-        code = await runner.interruptible(
-            preflight_for_run(runner.settings, opts.input, opts.model, opts.endpoint))
-        if code is not None:
-            return code
+        verdict = await runner.interruptible(
+            preflight_for_run(settings, opts.input, opts.model, opts.endpoint))
+        if verdict is not None:
+            if verdict.stop is not None:
+                return verdict.stop
+            opts.served_models = verdict.served  # a line naming another model fails unsent
     return await runner.send()

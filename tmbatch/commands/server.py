@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tmbatch.commands.common import add_connection_args, run_async, settings_from, subcommand
+from tmbatch.commands.common import (
+    add_connection_args,
+    add_sim_group,
+    on_sim_if_asked,
+    run_async,
+    settings_from,
+    subcommand,
+)
 from tmbatch.exitcodes import ExitCode
 from tmbatch.reader import normalize_endpoint
 
@@ -24,6 +31,7 @@ def add_doctor_parser(sub: Any) -> None:
     doc.add_argument("--endpoint", help="as for run, when INPUT holds bare bodies")
     doc.add_argument("--json", action="store_true", help="one JSON object on stdout")
     add_connection_args(doc)
+    add_sim_group(doc, "check against the simulator started on 127.0.0.1 in-process")
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:
@@ -31,7 +39,8 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
     settings = settings_from(ns, require_key=False)
     endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
-    return run_async(doctor(settings, ns.input, ns.model, endpoint, as_json=ns.json))
+    return run_async(on_sim_if_asked(ns, settings, lambda s: doctor(
+        s, ns.input, ns.model, endpoint, as_json=ns.json, sim=ns.sim)))
 
 
 def add_models_parser(sub: Any) -> None:
@@ -39,13 +48,15 @@ def add_models_parser(sub: Any) -> None:
                          "GET /v1/models and print one served model name a line.")
     mod.add_argument("--json", action="store_true", help="the server's list as JSON")
     add_connection_args(mod)
+    add_sim_group(mod, "list the models of the simulator started on 127.0.0.1 in-process")
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
     from tmbatch.preflight import list_models
 
     settings = settings_from(ns, require_key=False)
-    return run_async(list_models(settings, as_json=ns.json))
+    return run_async(on_sim_if_asked(ns, settings,
+                                     lambda s: list_models(s, as_json=ns.json)))
 
 
 def add_sim_parser(sub: Any) -> None:
