@@ -24,16 +24,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import (
-    API_KEY,
-    ROOT,
-    AppThread,
-    chat_line,
-    clean_env,
-    read_jsonl,
-    run_cli,
-    write_jsonl,
-)
+from tests.conftest import API_KEY, ROOT, AppThread, chat_line, clean_env, read_jsonl, run_cli
+from tests.conftest import write_jsonl as write_lines
 
 STUCK = 20  # seconds after which a stop that has not ended is a hang
 
@@ -93,7 +85,7 @@ def counting_app(health_delay: float = 0.0) -> tuple[web.Application, dict[str, 
 def test_a_stop_with_a_full_queue_ends(sim: Any, tmp_path: Path, how: str) -> None:
     """200 unread lines behind 2 requests that take 30 s: the queue is full when the signal
     comes, and the process must still end promptly, write its summary and say how to resume."""
-    inp = write_jsonl(tmp_path / "in.jsonl", sleepy_rows(200))
+    inp = write_lines(tmp_path / "in.jsonl", sleepy_rows(200))
     out = tmp_path / "out"
     proc = start(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q",
                   "--no-preflight", "-c", "2", "--drain-timeout", "1" if how == "drain_timeout"
@@ -121,7 +113,7 @@ def test_a_signal_ends_a_wait_with_nothing_in_flight(sim: Any, tmp_path: Path,
         extra = ["-c", "1"]
     else:  # one request a minute: the second waits ~60 s in the bucket
         extra = ["-c", "2", "--rpm", "1"]
-    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    inp = write_lines(tmp_path / "in.jsonl", rows)
     proc = start(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url, "-q",
                   "--no-preflight", *extra])
     wait_for(lambda: sim.stats()["received"] >= 1, "never sent")
@@ -141,7 +133,7 @@ def test_sigterm_during_preflight_ends_it_and_bills_nothing(
         serve: Callable[..., AppThread], tmp_path: Path) -> None:
     app, seen = counting_app(health_delay=60)
     server = serve(app)
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
     out = tmp_path / "out"
     proc = start(["run", str(inp), "-o", str(out), "--base-url", server.url()])
     wait_for(lambda: seen["any"] >= 1, "preflight never asked /health")
@@ -170,7 +162,7 @@ def test_a_locked_directory_is_refused_before_anything_changes(
         serve: Callable[..., AppThread], sim: Any, tmp_path: Path, extra: list[str]) -> None:
     """A second command on a live directory: refused at once, exit 2, nothing moved, no torn
     line repaired, and not one request (not even preflight's GETs) sent."""
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
     out = tmp_path / "out"
     first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=env())
     assert first.returncode == 0, first.stderr
@@ -193,7 +185,7 @@ def test_a_locked_directory_is_refused_before_anything_changes(
 
 
 def test_restart_against_a_live_run_moves_nothing(sim: Any, tmp_path: Path) -> None:
-    inp = write_jsonl(tmp_path / "in.jsonl", sleepy_rows(40, sleep=0.2))
+    inp = write_lines(tmp_path / "in.jsonl", sleepy_rows(40, sleep=0.2))
     out = tmp_path / "out"
     live = start(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q",
                   "--no-preflight", "-c", "2", "--job-id", "livejob"])
@@ -215,7 +207,7 @@ def test_an_unusable_output_path_is_one_clear_line_before_the_network(
         serve: Callable[..., AppThread], tmp_path: Path, problem: str) -> None:
     app, seen = counting_app()
     server = serve(app)
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     parent = tmp_path / "data"
     parent.mkdir()
     out = parent / "out"
@@ -244,7 +236,7 @@ def test_an_unusable_output_path_is_one_clear_line_before_the_network(
 @pytest.mark.parametrize("name", ["results.jsonl", "journal.jsonl", "summary.json"])
 def test_a_planted_link_is_refused_and_its_target_untouched(sim: Any, tmp_path: Path,
                                                             name: str) -> None:
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     out = tmp_path / "out"
     first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=env())
     assert first.returncode == 0, first.stderr
@@ -264,7 +256,7 @@ def test_a_ca_bundle_that_is_not_pem_is_refused_before_the_network(
     server = serve(app)
     bundle = tmp_path / "ca.pem"
     bundle.write_text("this is not a certificate\n")
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(1)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(1)])
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", server.url(),
                  "--ca-bundle", str(bundle)], env=env())
     assert p.returncode == 2 and "not a PEM file" in p.stderr, p.stderr
@@ -281,7 +273,7 @@ def free_port() -> int:
 
 def test_a_dead_host_stops_the_run_and_the_same_command_resumes(tmp_path: Path) -> None:
     port = free_port()
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(300)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(300)])
     out = tmp_path / "out"
     args = ["run", str(inp), "-o", str(out), "--base-url", f"http://127.0.0.1:{port}", "-q"]
     p = run_cli(args, env=env(), timeout=60)
@@ -314,7 +306,7 @@ def test_kill_9_during_a_retry_after_pause_leaves_the_line_pending(sim: Any,
     ambiguous; and the resumed run waits out the window the 429 announced."""
     rows = [chat_line(i) for i in range(3)]
     rows[0]["body"]["sim"] = {"status": 429, "retry_after": 3, "times": 1}
-    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    inp = write_lines(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     args = ["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q", "--no-preflight",
             "-c", "1"]
@@ -338,7 +330,7 @@ def test_resuming_on_a_disk_that_is_still_full_stops_before_the_network(
 
     app, seen = counting_app()
     server = serve(app)
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
+    inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
     out = tmp_path / "out"
     args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "--base-url",
             server.url(), "-q"]
