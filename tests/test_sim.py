@@ -616,6 +616,8 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
         assert capacity["running_peak"] == 3  # full, and never more than its 3
         assert capacity["waited"] >= 1 and capacity["queued_peak"] >= 1
         assert capacity["running"] == 0 and capacity["queued"] == 0  # all handed back
+        assert capacity["finished"] == 9
+        assert capacity["first_start"] < capacity["last_finish"] <= server.stats()["time_now"]
         # tokenize is not generation: it does not wait for a slot
         status, _, _ = await post(session, server, "/tokenize", {"model": "tm-small",
                                                                    "prompt": "x"})

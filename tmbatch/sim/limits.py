@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -181,7 +182,9 @@ class Capacity:
 
     This is a server that never refuses, like vLLM's scheduler with --max-num-seqs N: past N in
     flight, latency grows by queueing and throughput stays flat, so the only signal a client
-    gets is time. The peaks are kept so a test can prove the limit was never exceeded.
+    gets is time. The peaks are kept so a test can prove the limit was never exceeded, and the
+    first start and last finish so a benchmark can measure throughput where it is made: arrivals
+    say nothing here, since a queue accepts any number at once.
     """
 
     slots: int
@@ -189,6 +192,9 @@ class Capacity:
     running_peak: int = 0
     queued_peak: int = 0
     waited: int = 0
+    finished: int = 0
+    first_start: float | None = None
+    last_finish: float | None = None
     _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     async def acquire(self) -> None:
@@ -211,10 +217,14 @@ class Capacity:
     def _enter(self) -> None:
         self.running += 1
         self.running_peak = max(self.running_peak, self.running)
+        if self.first_start is None:
+            self.first_start = time.monotonic()
 
     def release(self) -> None:
         """Hand the slot straight to the longest waiter, so nobody can overtake the queue."""
         self.running -= 1
+        self.finished += 1
+        self.last_finish = time.monotonic()
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -150,13 +150,16 @@ def _window_stats(limit: RequestBucket | FixedWindow | None) -> dict[str, float]
     return {"epoch": limit.epoch, "seconds": limit.seconds, "limit": limit.limit}
 
 
-def _capacity_stats(capacity: Capacity | None) -> dict[str, int] | None:
-    """The peaks prove the capacity was never exceeded; `waited` counts requests that queued."""
+def _capacity_stats(capacity: Capacity | None) -> dict[str, Any] | None:
+    """The peaks prove the capacity was never exceeded; `waited` counts requests that queued;
+    first_start / last_finish (monotonic) bound the time the slots worked."""
     if capacity is None:
         return None
     return {"slots": capacity.slots, "running": capacity.running,
             "running_peak": capacity.running_peak, "queued": capacity.queued,
-            "queued_peak": capacity.queued_peak, "waited": capacity.waited}
+            "queued_peak": capacity.queued_peak, "waited": capacity.waited,
+            "finished": capacity.finished, "first_start": capacity.first_start,
+            "last_finish": capacity.last_finish}
 
 
 # ----------------------------------------------------------------------------------------------
