@@ -447,6 +447,43 @@ def targets(scs: dict[str, Scenario], med: dict[str, dict[str, dict[str, Any]]])
     return out
 
 
+def write_results(a: argparse.Namespace, tm: Tmbatch, scs: dict[str, Scenario], repeats: int,
+                  med: dict[str, dict[str, dict[str, Any]]],
+                  runs: dict[str, list[dict[str, Any]]], elapsed: float, done: bool) -> str:
+    """Write OUT/NAME.md and .json; called after every scenario, so a long run that is stopped
+    still leaves what it measured."""
+    out_dir = Path(a.out)
+    md = [f"# Adaptive-limit benchmark, issue 13 ({'quick' if a.quick else 'full'}, "
+          f"median of {repeats}){'' if done else ', PARTIAL: still running'}", "",
+          f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+          f"total {elapsed:.0f} s. Command: `python bench/adaptive_bench.py "
+          f"{' '.join(sys.argv[1:])}`".rstrip(),
+          f"tmbatch under test: `{' '.join(tm.cmd)} {' '.join(tm.extra)}`".rstrip(), "",
+          "Rate while sending: accepted requests per second between the first and the last "
+          "accepted one, counting only what the limit had to grant (token bucket: after the "
+          "burst-th accepted; fixed window: over the windows touched; capacity: generated per "
+          "second between the first slot start and the last finish); a perfect client scores "
+          "100 %. "
+          "% ranges are min–max over the repeats. Concurrency "
+          f"{a.concurrency} for every client.", ""]
+    for key, sc in scs.items():
+        if key in med:
+            md += [*table(sc, med[key]), ""]
+    md += ["## Targets (issue 13, tmbatch without --rpm unless said)", "",
+           *targets(scs, med), ""]
+    text = "\n".join(md)
+    (out_dir / f"{a.name}.md").write_text(text)
+    (out_dir / f"{a.name}.json").write_bytes(orjson.dumps({
+        "quick": a.quick, "repeats": repeats, "complete": done, "elapsed_s": round(elapsed, 1),
+        "argv": sys.argv[1:], "tmbatch": {"cmd": tm.cmd, "extra": tm.extra,
+                                           "known_flags": sorted(tm.known)},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "scenarios": {k: asdict(v) for k, v in scs.items()}, "median": med, "runs": runs,
+    }, option=orjson.OPT_INDENT_2))
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -529,35 +566,8 @@ def main() -> int:
         med[key] = {c: median_row(runs[f"{key}:{c}"]) for c in sc.clients
                     if f"{key}:{c}" in runs}
         print(f"  ({time.monotonic() - t_sc:.0f} s)", flush=True)
-    elapsed = time.monotonic() - started
-    md = [f"# Adaptive-limit benchmark, issue 13 ({'quick' if a.quick else 'full'}, "
-          f"median of {repeats})", "",
-          f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
-          f"total {elapsed:.0f} s. Command: `python bench/adaptive_bench.py "
-          f"{' '.join(sys.argv[1:])}`".rstrip(),
-          f"tmbatch under test: `{' '.join(tm.cmd)} {' '.join(tm.extra)}`".rstrip(), "",
-          "Rate while sending: accepted requests per second between the first and the last "
-          "accepted one, counting only what the limit had to grant (token bucket: after the "
-          "burst-th accepted; fixed window: over the windows touched; capacity: generated per "
-          "second between the first slot start and the last finish); a perfect client scores "
-          "100 %. "
-          "% ranges are min–max over the repeats. Concurrency "
-          f"{a.concurrency} for every client.", ""]
-    for key, sc in scs.items():
-        if key in med:
-            md += [*table(sc, med[key]), ""]
-    md += ["## Targets (issue 13, tmbatch without --rpm unless said)", "",
-           *targets(scs, med), ""]
-    text = "\n".join(md)
-    (out_dir / f"{a.name}.md").write_text(text)
-    (out_dir / f"{a.name}.json").write_bytes(orjson.dumps({
-        "quick": a.quick, "repeats": repeats, "elapsed_s": round(elapsed, 1),
-        "argv": sys.argv[1:], "tmbatch": {"cmd": tm.cmd, "extra": tm.extra,
-                                           "known_flags": sorted(tm.known)},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
-        "scenarios": {k: asdict(v) for k, v in scs.items()}, "median": med, "runs": runs,
-    }, option=orjson.OPT_INDENT_2))
+        write_results(a, tm, scs, repeats, med, runs, time.monotonic() - started, False)
+    text = write_results(a, tm, scs, repeats, med, runs, time.monotonic() - started, True)
     print()
     print(text)
     return 0
