@@ -76,7 +76,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from gen import write_input  # noqa: E402
-from run_bench import Sim  # noqa: E402
+from run_bench import Sim, fmt  # noqa: E402
 
 ROUTE = "/v1/chat/completions"
 PY = sys.executable
@@ -345,14 +345,6 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    return f"{v:,}"
-
-
 def pct_text(m: dict[str, Any]) -> str:
     rng = m.get("pct_limit_range")
     if m.get("pct_limit") is None:
@@ -374,21 +366,17 @@ def admission_text(m: dict[str, Any]) -> str:
     return "; ".join(parts) or "–"
 
 
+COLUMNS = ("client", "accepted", "failed (rejected)", "rate while sending", "% of limit", "429s",
+           "429 % of accepted", "in a window", "read timeouts", "wall s", "idle s", "log lines",
+           "tmbatch admission")
+
+
 def table(sc: Scenario, med: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [
-        f"### {sc.key}: {sc.title}",
-        "",
-        f"{sc.lines:,} lines; limit {sc.limit_rps:g} req/s.",
-        "",
-        "| client | accepted | failed (rejected) | rate while sending | % of limit | 429s "
-        "| 429 % of accepted | in a window | read timeouts | wall s | idle s | log lines "
-        "| tmbatch admission |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in sc.clients:
-        m = med.get(c)
-        if not m:
-            continue
+    head = f"### {sc.key}: {sc.title}\n\n{sc.lines:,} lines; limit {sc.limit_rps:g} req/s.\n"
+    lines = [head, "| " + " | ".join(COLUMNS) + " |",
+             "|---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
+    rows = [(c, med[c]) for c in sc.clients if c in med]
+    for c, m in rows:
         failed = f"{fmt(m['failed'], 0)} ({fmt(m['rejected'], 0)})"
         lines.append(
             f"| {c} | {fmt(m['accepted'], 0)} | {failed} | {fmt(m['rate'], 1)}/s | {pct_text(m)} "
@@ -567,9 +555,7 @@ def main() -> int:
                     if f"{key}:{c}" in runs}
         print(f"  ({time.monotonic() - t_sc:.0f} s)", flush=True)
         write_results(a, tm, scs, repeats, med, runs, time.monotonic() - started, False)
-    text = write_results(a, tm, scs, repeats, med, runs, time.monotonic() - started, True)
-    print()
-    print(text)
+    print("\n" + write_results(a, tm, scs, repeats, med, runs, time.monotonic() - started, True))
     return 0
 
 
