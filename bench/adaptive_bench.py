@@ -41,7 +41,8 @@ Everything is measured on the server's side, from the simulator's arrival log of
   violation count: any hint that announces a pause, arrivals after a 0.25 s grace);
 - lines that ended failed, and of those `rejected` (or the client's rate-limit error), and read
   timeouts; wall time from spawning the client to its exit; idle seconds (the sum of gaps over
-  0.25 s between arrivals while sending: tmbatch's shared pauses show up here).
+  0.25 s between arrivals while sending: tmbatch's shared pauses show up here) and the bursts
+  those gaps separate (in the JSON: bursts, accepted_per_burst).
 
 The tmbatch under test is whatever `--tmbatch-cmd` runs (default: `python -m tmbatch` of this
 interpreter, run outside the source tree); `--tmbatch-args` is appended to every tmbatch command
@@ -277,6 +278,9 @@ def server_side(stats: dict[str, Any], sc: Scenario) -> dict[str, Any]:
     gaps = [b - a for a, b in itertools.pairwise(during) if b - a > IDLE_GAP]
     row["idle_s"] = round(sum(gaps), 2)
     row["longest_gap_s"] = round(max(gaps), 2) if gaps else 0.0
+    # sending in bursts between pauses: how many, and what each one got through
+    row["bursts"] = len(gaps) + 1
+    row["accepted_per_burst"] = round(len(ok) / row["bursts"], 1)
     return row
 
 
@@ -329,7 +333,8 @@ def last_json(raw: bytes) -> dict[str, Any] | None:
 
 NUMERIC = ("accepted", "failed", "rejected", "read_timeouts", "rate", "pct_limit", "server_429",
            "pct_429", "violations", "wall_s", "sending_s", "idle_s", "longest_gap_s", "cpu_s",
-           "log_lines", "rate_limit_log_lines", "pauses", "paused_s", "queued_peak")
+           "log_lines", "rate_limit_log_lines", "pauses", "paused_s", "queued_peak", "bursts",
+           "accepted_per_burst")
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
