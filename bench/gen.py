@@ -18,9 +18,6 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tmbatch import __version__
-from tmbatch.reader import fingerprint
-
 TOPICS = ("the moon", "tea", "rivers", "owls", "granite", "jazz", "tides", "bread")
 
 
@@ -71,6 +68,11 @@ def fabricate_resume(input_path: Path, out_dir: Path, done: int) -> None:
     done line (real bodies are ~400 bytes; resume never reads results it has marks for),
     so the directory is consistent with the format but smaller than a real one.
     """
+    # Imported here, not at the top: writing inputs must not depend on tmbatch's internal
+    # layout, so benchmarks can measure any tmbatch, including one being restructured.
+    from tmbatch import __version__
+    from tmbatch.reader import fingerprint
+
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("journal.jsonl", "results.jsonl", "failures.jsonl", "summary.json"):
         (out_dir / name).unlink(missing_ok=True)

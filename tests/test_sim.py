@@ -400,7 +400,7 @@ def test_on_demand_needs_user_id_and_key_on_every_route() -> None:
 # Rate limiting and Retry-After
 
 
-@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "none"])
+@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "llm-provider", "none"])
 def test_rate_limit_answers_429_in_each_retry_after_format(fmt: str) -> None:
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         statuses = []
@@ -419,9 +419,15 @@ def test_rate_limit_answers_429_in_each_retry_after_format(fmt: str) -> None:
             when = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()
             assert 0 < when - time.time() <= 2.01
         elif fmt == "ms":
-            assert "Retry-After" not in headers and headers["retry-after-ms"] == "1000"
+            # the real wait (about 1/rate from the last token), to the millisecond
+            assert "Retry-After" not in headers
+            assert 400 < int(headers["retry-after-ms"]) <= 500
+        elif fmt == "llm-provider":
+            assert headers["llm_provider-retry-after"] == "1"
+            assert "Retry-After" not in headers and "retry-after-ms" not in headers
         else:
             assert "Retry-After" not in headers and "retry-after-ms" not in headers
+            assert "llm_provider-retry-after" not in headers
         stats = server.stats()
         assert stats["rejected_429"] == 1 and stats["processed_total"] == 2
 
@@ -472,6 +478,161 @@ def test_honouring_retry_after_is_not_a_violation() -> None:
     run_with_sim(
         SimConfig(rate_limit=2, retry_after=0.5, retry_after_format="ms", grace=0.2), scenario
     )
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "llm-provider", "none"])
+def test_every_hint_that_announces_a_pause_opens_a_window(fmt: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
+        await asyncio.sleep(0.2)  # past the grace, inside a 0.6 s (or later) pause
+        await post(session, server, CHAT, chat_body("b"))
+        # "none" announces nothing, so arriving early breaks no promise
+        expected = 0 if fmt == "none" else 1
+        assert server.stats()["retry_after_violations"] == expected
+
+    run_with_sim(
+        SimConfig(rate_limit=1, retry_after=0.6, retry_after_format=fmt, grace=0.1), scenario
+    )
+
+
+def test_burst_sets_how_many_pass_at_once() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        statuses = [(await post(session, server, CHAT, chat_body(f"q{i}")))[0] for i in range(8)]
+        # the bucket starts full with 5 and refills one token in 100 s: 5 pass, then 429s
+        assert statuses == [200] * 5 + [429] * 3
+        _, _, headers = await post(session, server, CHAT, chat_body("x"))
+        assert headers["x-ratelimit-limit-requests"] == "5"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["Retry-After"] == "100"  # the real wait for a token, rounded up
+        assert server.stats()["rejected_by"] == {"requests": 4}
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=5, ratelimit_headers=True), scenario)
+
+
+def test_fixed_window_admits_exactly_n_per_window() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        statuses = []
+        for i in range(60):
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"))
+            statuses.append(status)
+            if status == 429:
+                assert "Retry-After" not in headers and "retry-after-ms" not in headers
+            await asyncio.sleep(0.01)
+        stats = server.stats()
+        window = stats["window"]
+        ok: dict[int, int] = {}
+        refused: set[int] = set()
+        for arrived, _, _, status in stats["log"]:
+            index = int((arrived - window["epoch"]) // window["seconds"])
+            if status == 200:
+                ok[index] = ok.get(index, 0) + 1
+            else:
+                refused.add(index)
+        assert refused, "60 requests in about 0.6 s must meet the limit of 3 per 0.25 s"
+        assert all(n <= 3 for n in ok.values())
+        # a window that refused anything had admitted exactly its 3 first
+        assert all(ok.get(index) == 3 for index in refused)
+        assert len(stats["log"]) == 60 and stats["rejected_429"] == 60 - sum(ok.values())
+
+    run_with_sim(
+        SimConfig(window_limit=3, window_seconds=0.25, retry_after_format="none"), scenario
+    )
+
+
+def test_fixed_window_headers_and_retry_after_count_down_to_the_next_window() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        remaining = []
+        for i in range(2):
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"))
+            assert status == 200 and headers["x-ratelimit-limit-requests"] == "2"
+            remaining.append(headers["x-ratelimit-remaining-requests"])
+        assert remaining == ["1", "0"]
+        status, _, headers = await post(session, server, CHAT, chat_body("q2"))
+        assert status == 429
+        assert 1 <= int(headers["Retry-After"]) <= 30  # until the window ends, whole seconds
+        assert headers["x-ratelimit-reset-requests"].endswith("s")
+
+    run_with_sim(SimConfig(window_limit=2, window_seconds=30, ratelimit_headers=True), scenario)
+
+
+def test_tokens_per_minute_charges_usage_and_refuses_in_debt() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, headers = await post(session, server, CHAT, chat_body("a fairly long q"))
+        assert status == 200
+        used = body["usage"]["total_tokens"]
+        assert used > 5  # more than the budget holds: it is now in debt
+        assert headers["x-ratelimit-remaining-tokens"] == "0"
+        assert headers["x-ratelimit-remaining-requests"] == "1"
+        status, body, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and "tokens" in body["error"]["message"]
+        # the tokens refusal did not cost a request: one of the two is still there
+        assert headers["x-ratelimit-remaining-requests"] == "1"
+        # the debt (used - 5 tokens) refills at 0.1 token/s: the wait says so, rounded up
+        assert int(headers["Retry-After"]) >= (used - 5) * 10
+        stats = server.stats()
+        assert stats["rejected_by"] == {"tokens": 1} and stats["processed_total"] == 1
+        # every POST route is gated, tokenize too, though only generation is charged
+        status, _, _ = await post(session, server, "/tokenize", {"model": "tm-small",
+                                                                   "prompt": "x"})
+        assert status == 429
+
+    run_with_sim(
+        SimConfig(rate_limit=0.001, rate_burst=2, tpm_limit=6, tpm_burst=5,
+                  ratelimit_headers=True),
+        scenario,
+    )
+
+
+def test_x_ratelimit_remaining_zero_opens_a_window_until_room() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, chat_body("a"))
+        assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["x-ratelimit-reset-requests"] in {"1s", "999ms"}
+        await asyncio.sleep(0.2)  # past the grace, well before the next token (1 s)
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and "Retry-After" not in headers
+        assert server.stats()["retry_after_violations"] == 1
+        # honouring the reset: wait what it says, then the next one passes without blame
+        reset = headers["x-ratelimit-reset-requests"]
+        await asyncio.sleep(int(reset[:-2]) / 1000 if reset.endswith("ms") else float(reset[:-1]))
+        status, _, _ = await post(session, server, CHAT, chat_body("b"))
+        assert status == 200
+        assert server.stats()["retry_after_violations"] == 1
+
+    run_with_sim(
+        SimConfig(rate_limit=1, ratelimit_headers=True, retry_after_format="none", grace=0.1),
+        scenario,
+    )
+
+
+def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        results = await asyncio.gather(
+            *(post(session, server, CHAT, chat_body(f"q{i}")) for i in range(9))
+        )
+        assert [status for status, _, _ in results] == [200] * 9  # nobody refused
+        capacity = server.stats()["capacity"]
+        assert capacity["slots"] == 3
+        assert capacity["running_peak"] == 3  # full, and never more than its 3
+        assert capacity["waited"] >= 1 and capacity["queued_peak"] >= 1
+        assert capacity["running"] == 0 and capacity["queued"] == 0  # all handed back
+        assert capacity["finished"] == 9
+        assert capacity["first_start"] < capacity["last_finish"] <= server.stats()["time_now"]
+        # tokenize is not generation: it does not wait for a slot
+        status, _, _ = await post(session, server, "/tokenize", {"model": "tm-small",
+                                                                   "prompt": "x"})
+        assert status == 200
+
+    run_with_sim(SimConfig(capacity=3, latency=0.3), scenario)
+
+
+def test_reset_header_uses_openai_duration_text() -> None:
+    from tmbatch.sim.limits import _duration
+
+    cases = {0.0: "0s", 0.25: "250ms", 0.0004: "1ms", 1.0: "1s", 1.5: "1.5s", 360.0: "6m0s",
+             3723.5: "1h2m3.5s", 59.9991: "1m0s"}
+    assert {value: _duration(value) for value in cases} == cases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,6 +804,14 @@ def test_cli_flags_build_the_config() -> None:
             "0.1",
             "--sim-rate-limit",
             "20",
+            "--sim-rate-burst",
+            "4",
+            "--sim-tpm-limit",
+            "6000",
+            "--sim-tpm-burst",
+            "50",
+            "--sim-capacity",
+            "8",
             "--sim-retry-after",
             "2",
             "--sim-retry-after-format",
@@ -673,6 +842,10 @@ def test_cli_flags_build_the_config() -> None:
         latency=0.5,
         latency_jitter=0.1,
         rate_limit=20,
+        rate_burst=4,
+        tpm_limit=6000,
+        tpm_burst=50,
+        capacity=8,
         retry_after=2,
         retry_after_format="http-date",
         ratelimit_headers=True,
@@ -687,10 +860,19 @@ def test_cli_flags_build_the_config() -> None:
         seed=9,
     )
     assert sim_config_from_args(parser.parse_args([])) == SimConfig()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--sim-error-500", "2"])
-    with pytest.raises(ValueError):
-        SimConfig(retry_after_format="minutes")
+    window = parser.parse_args(["--sim-window-limit", "20", "--sim-window-seconds", "5",
+                                "--sim-retry-after-format", "llm-provider"])
+    assert sim_config_from_args(window) == SimConfig(
+        window_limit=20, window_seconds=5, retry_after_format="llm-provider"
+    )
+    for bad in (["--sim-error-500", "2"], ["--sim-capacity", "0"], ["--sim-window-seconds", "0"],
+                ["--sim-rate-limit", "5", "--sim-window-limit", "5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    for wrong in ({"retry_after_format": "minutes"}, {"rate_limit": 5, "window_limit": 5},
+                  {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0}):
+        with pytest.raises(ValueError):
+            SimConfig(**wrong)
     assert build_app(SimConfig()) is not None
 
 

@@ -12,7 +12,10 @@ The modules, in the order a request meets them:
 - config: SimConfig (what to simulate) and the route constants;
 - state: the counters and the accounting that fills them (stats_of);
 - replies: JSON replies and OpenAI-shaped error bodies;
-- gate: X-User-Id routing, the key, the token bucket and the Retry-After windows;
+- limits: the server-side limits (token bucket with a burst, fixed window, tokens per minute
+  charged with usage, a capacity that queues instead of refusing);
+- gate: X-User-Id routing, the key, admission through the limits, the 429 hints and the
+  windows they announce;
 - bodies: answer text, token counts, label mode, OpenAI-shaped bodies and SSE events;
 - handlers: hooks and the common path of every POST route;
 - server: build_app, SimServer, start_sim, run_sim_forever;

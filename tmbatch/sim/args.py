@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from tmbatch.sim.config import RETRY_AFTER_FORMATS, SimConfig
 
@@ -53,42 +56,74 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-# (flag, SimConfig field, type, metavar, help): one table drives both the parser and
-# sim_config_from_args, so a knob cannot be added to one and forgotten in the other.
-_FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
-    ("--sim-latency", "latency", _non_negative, "SECONDS",
-     "delay added before answering each POST request (default: 0)"),
-    ("--sim-jitter", "latency_jitter", _non_negative, "SECONDS",
-     "uniform +- jitter on the latency (default: 0)"),
-    ("--sim-rate-limit", "rate_limit", _positive, "RPS",
-     "server-side limit in requests/second over all POST routes; excess requests get 429 "
-     "(default: no limit)"),
-    ("--sim-retry-after", "retry_after", _non_negative, "SECONDS",
-     "fixed Retry-After on every 429 (default: time until the rate limiter has room, at "
-     "least 1 s)"),
-    ("--sim-retry-after-format", "retry_after_format", RETRY_AFTER_FORMATS, None,
-     "how 429s announce the pause: Retry-After in seconds or as an HTTP date, only "
-     "retry-after-ms, or no header (default: seconds)"),
-    ("--sim-ratelimit-headers", "ratelimit_headers", bool, None,
-     "send x-ratelimit-limit/remaining/reset-requests headers"),
-    ("--sim-error-500", "error_500", _fraction, "FRACTION",
-     "fraction of billable requests processed and then answered 500"),
-    ("--sim-drop-after-read", "drop_after_read", _fraction, "FRACTION",
-     "fraction of billable requests processed and then disconnected without an answer"),
-    ("--sim-slow", "slow", _fraction, "FRACTION",
-     "fraction of billable requests answered only after --sim-slow-seconds"),
-    ("--sim-slow-seconds", "slow_seconds", _non_negative, "SECONDS",
-     "extra delay of slow requests (default: 30)"),
-    ("--sim-api-key", "api_key", _non_empty, "KEY",
-     "require 'Authorization: Bearer KEY' (default: accept anything)"),
-    ("--sim-user-id", "user_id", _non_empty, "UUID",
-     "on-demand mode: require 'X-User-Id: UUID' on every route"),
-    ("--sim-models", "models", _models, "A,B",
-     "served model names (default: tm-small,tm-large)"),
-    ("--sim-stream-chunks", "stream_chunks", _at_least_one, "N",
-     "content deltas per streamed answer (default: 8)"),
-    ("--sim-seed", "seed", int, "N", "seed of the simulated faults and jitter (default: 0)"),
-)
+@dataclass(frozen=True)
+class _Kind:
+    """How a flag's value is read and shown: the parser and the metavar travel together, so the
+    table below needs one line per flag."""
+
+    parse: Callable[[str], Any]
+    metavar: str
+
+
+SECONDS = _Kind(_non_negative, "SECONDS")
+DURATION = _Kind(_positive, "SECONDS")
+RATE = _Kind(_positive, "RPS")
+TOKENS = _Kind(_positive, "TOKENS")
+COUNT = _Kind(_at_least_one, "N")
+FRACTION = _Kind(_fraction, "FRACTION")
+KEY = _Kind(_non_empty, "KEY")
+UUID = _Kind(_non_empty, "UUID")
+MODELS = _Kind(_models, "A,B")
+SEED = _Kind(int, "N")
+SWITCH = "switch"  # store_true
+_Flag = _Kind | str | tuple[str, ...]  # a kind, SWITCH, or the choices
+
+# flag -> (how it is read, help). One table drives both the parser and sim_config_from_args, so
+# a knob cannot be added to one and forgotten in the other; the SimConfig field is the flag's
+# name without "--sim-" (see _FIELD_OF for the one exception).
+_FLAGS: dict[str, tuple[_Flag, str]] = {
+    "--sim-latency": (SECONDS, "delay added before answering each POST request (default: 0)"),
+    "--sim-jitter": (SECONDS, "uniform +- jitter on the latency (default: 0)"),
+    "--sim-rate-limit": (RATE, "token bucket of RPS requests/second over all POST routes; "
+                         "excess requests get 429 (default: no limit)"),
+    "--sim-rate-burst": (COUNT, "capacity of that bucket, in requests (default: one "
+                         "second's worth, at least 1)"),
+    "--sim-window-limit": (COUNT, "instead of the bucket: a fixed window admitting N "
+                           "requests per --sim-window-seconds, LiteLLM-style (default: none)"),
+    "--sim-window-seconds": (DURATION, "length of that window, counted from the start "
+                             "(default: 60)"),
+    "--sim-tpm-limit": (TOKENS, "tokens per minute: admitted while the budget is above zero, "
+                        "charged each answer's usage.total_tokens (default: no limit)"),
+    "--sim-tpm-burst": (TOKENS, "capacity of the tokens budget (default: one second's worth)"),
+    "--sim-capacity": (COUNT, "at most N billable requests processed at once; the others "
+                       "queue in arrival order instead of getting 429 (vLLM --max-num-seqs)"),
+    "--sim-retry-after": (SECONDS, "fixed pause announced by every 429 (default: the real wait, "
+                          "rounded up to whole seconds and at least 1 s; to the ms for ms)"),
+    "--sim-retry-after-format": (RETRY_AFTER_FORMATS, "how 429s announce the pause: "
+                                 "Retry-After in seconds or as an HTTP date, only "
+                                 "retry-after-ms, only llm_provider-retry-after (LiteLLM), or "
+                                 "no header (default: seconds)"),
+    "--sim-ratelimit-headers": (SWITCH, "send x-ratelimit-limit/remaining/reset-requests "
+                                "(and -tokens) headers on every POST answer"),
+    "--sim-error-500": (FRACTION, "fraction of billable requests processed and then answered 500"),
+    "--sim-drop-after-read": (FRACTION, "fraction of billable requests processed and then "
+                              "disconnected without an answer"),
+    "--sim-slow": (FRACTION, "fraction of billable requests answered only after "
+                   "--sim-slow-seconds"),
+    "--sim-slow-seconds": (SECONDS, "extra delay of slow requests (default: 30)"),
+    "--sim-api-key": (KEY, "require 'Authorization: Bearer KEY' (default: accept anything)"),
+    "--sim-user-id": (UUID, "on-demand mode: require 'X-User-Id: UUID' on every route"),
+    "--sim-models": (MODELS, "served model names (default: tm-small,tm-large)"),
+    "--sim-stream-chunks": (COUNT, "content deltas per streamed answer (default: 8)"),
+    "--sim-seed": (SEED, "seed of the simulated faults and jitter (default: 0)"),
+}
+_FIELD_OF = {"--sim-jitter": "latency_jitter"}
+# Two limits of requests would give x-ratelimit-*-requests two meanings: one or the other.
+_EXCLUSIVE = ("--sim-rate-limit", "--sim-window-limit")
+
+
+def _field(flag: str) -> str:
+    return _FIELD_OF.get(flag) or flag.removeprefix("--sim-").replace("-", "_")
 
 
 def _dest(flag: str) -> str:
@@ -104,19 +139,22 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         if isinstance(parser, argparse.ArgumentParser)
         else parser
     )
-    for flag, attr, kind, metavar, text in _FLAGS:
-        if kind is bool:
-            group.add_argument(flag, action="store_true", help=text)
+    exclusive = group.add_mutually_exclusive_group()
+    for flag, (kind, text) in _FLAGS.items():
+        where = exclusive if flag in _EXCLUSIVE else group
+        if kind == SWITCH:
+            where.add_argument(flag, action="store_true", help=text)
         elif isinstance(kind, tuple):
-            group.add_argument(flag, choices=kind, default=getattr(d, attr), help=text)
+            where.add_argument(flag, choices=kind, default=getattr(d, _field(flag)), help=text)
         else:
-            group.add_argument(flag, type=kind, default=getattr(d, attr), metavar=metavar,
-                               help=text)
+            assert isinstance(kind, _Kind)
+            where.add_argument(flag, type=kind.parse, default=getattr(d, _field(flag)),
+                               metavar=kind.metavar, help=text)
 
 
 def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
     """Missing attributes fall back to defaults, so callers may add only some of the flags."""
     d = SimConfig()
-    values = {attr: getattr(ns, _dest(flag), getattr(d, attr)) for flag, attr, *_ in _FLAGS}
+    values = {_field(f): getattr(ns, _dest(f), getattr(d, _field(f))) for f in _FLAGS}
     values["models"] = tuple(values["models"])
     return SimConfig(**values)

@@ -23,7 +23,9 @@ ROUTE_RESET = "/_sim/reset"
 BILLABLE_ROUTES = (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_RESPONSES)
 POST_ROUTES = (*BILLABLE_ROUTES, ROUTE_TOKENIZE, ROUTE_DETOKENIZE)
 GET_ROUTES = (ROUTE_MODELS, ROUTE_HEALTH, ROUTE_VERSION)
-RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms")
+# How a 429 announces its pause. "llm-provider" is LiteLLM passing the provider's header on
+# under its own prefix: `llm_provider-retry-after` in seconds and nothing else.
+RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms", "llm-provider")
 
 MAX_MODEL_LEN = 8192
 ANSWER_PREFIX = "Simulated answer to: "
@@ -38,7 +40,17 @@ class SimConfig:
 
     latency: float = 0.0
     latency_jitter: float = 0.0
+    # Limits (limits.py has the exact behaviour of each). Requests: a token bucket of
+    # rate_limit/s holding rate_burst (default one second's worth), or a fixed window of
+    # window_limit per window_seconds. Tokens: tpm_limit per minute charged with real usage.
+    # capacity: at most this many billable requests processed at once, the rest queue.
     rate_limit: float | None = None
+    rate_burst: float | None = None
+    window_limit: int | None = None
+    window_seconds: float = 60.0
+    tpm_limit: float | None = None
+    tpm_burst: float | None = None
+    capacity: int | None = None
     retry_after: float | None = None
     retry_after_format: str = "seconds"
     ratelimit_headers: bool = False
@@ -65,8 +77,21 @@ class SimConfig:
         for name in ("latency", "latency_jitter", "slow_seconds", "grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.rate_limit is not None and self.rate_limit <= 0:
-            raise ValueError("rate_limit must be positive (or None for no limit)")
+        for name in ("rate_limit", "rate_burst", "tpm_limit", "tpm_burst"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive (or None for no limit)")
+        if self.rate_burst is not None and self.rate_burst < 1:
+            raise ValueError("rate_burst must be at least 1, or no request could ever pass")
+        for name in ("window_limit", "capacity"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for no limit)")
+        if not self.window_seconds > 0:
+            raise ValueError("window_seconds must be positive")
+        if self.rate_limit is not None and self.window_limit is not None:
+            # one requests limit, so x-ratelimit-*-requests has one meaning
+            raise ValueError("rate_limit and window_limit are two request limits: choose one")
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("retry_after must not be negative")
         if self.stream_chunks < 1:

@@ -1,9 +1,10 @@
-"""What a request must pass before it is processed: routing, the key, the rate limit.
+"""What a request must pass before it is processed: routing, the key, the rate limits.
 
 The order mirrors the gateway (X-User-Id routing before the key, the key before the limiter),
 because clients must cope with the refusals in the order the real service gives them. Each 429
-or 503 opens the Retry-After window it announces, so that arrivals inside it can be counted as
-violations: the measure of whether a client honours Retry-After.
+or 503 opens the window its hint announces (Retry-After in seconds or as a date, retry-after-ms,
+llm_provider-retry-after, or an x-ratelimit-remaining of 0 until that limit has room), so that
+arrivals inside it can be counted as violations: the measure of whether a client honours them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from tmbatch.sim.limits import Limit
 from tmbatch.sim.replies import _error
-from tmbatch.sim.state import _bucket_capacity, _State
+from tmbatch.sim.state import _State
 
 
 def _access_refusal(state: _State, headers: Any, needs_key: bool) -> web.Response | None:
@@ -48,34 +50,62 @@ def _note_post_arrival(state: _State, now: float) -> None:
         state.violations += 1
 
 
-def _take_token(state: _State, now: float) -> tuple[bool, float, dict[str, str] | None]:
-    """Token bucket over all POST routes. Returns (allowed, seconds until a token, headers)."""
-    rate = state.config.rate_limit
-    if rate is None:
-        return True, 0.0, None
-    capacity = _bucket_capacity(rate)
-    tokens = min(capacity, state.tokens + (now - state.bucket_time) * rate)
-    state.bucket_time = now
-    allowed = tokens >= 1.0
-    if allowed:
-        tokens -= 1.0
-    state.tokens = tokens
-    wait = 0.0 if allowed else (1.0 - tokens) / rate
-    headers = None
-    if state.config.ratelimit_headers:
-        headers = {
-            "x-ratelimit-limit-requests": str(int(capacity)),
-            "x-ratelimit-remaining-requests": str(int(tokens)),
-            "x-ratelimit-reset-requests": _duration((capacity - tokens) / rate),
-        }
-    return allowed, wait, headers
+def _active_limits(state: _State) -> tuple[Limit, ...]:
+    return tuple(lim for lim in (state.requests_limit, state.tokens_limit) if lim is not None)
 
 
-def _duration(seconds: float) -> str:
-    """OpenAI's reset format: "250ms" below a second, "1.5s" above."""
-    if seconds < 1.0:
-        return f"{math.ceil(seconds * 1000)}ms"
-    return f"{round(seconds, 3):g}s"
+def _admit(state: _State, now: float) -> tuple[float, str]:
+    """Every limit must say yes before any counts the request, so a refusal by the tokens
+    budget never costs a request token. Returns (0.0, "") when admitted, else the longest wait
+    and the kind of the limit that asked for it ("requests" or "tokens")."""
+    wait, kind = 0.0, ""
+    limits = _active_limits(state)
+    for lim in limits:
+        w = lim.wait(now)
+        if w > wait:
+            wait, kind = w, lim.kind
+    if wait == 0.0:
+        for lim in limits:
+            lim.take(now)
+    return wait, kind
+
+
+def _announce(state: _State, now: float) -> tuple[dict[str, str] | None, list[float]]:
+    """The x-ratelimit-* headers of an answer, when the server sends them, and the ends of the
+    windows they announce: a remaining of 0 says nothing more passes until that limit has room,
+    which the server knows exactly (`wait`) and a client can work out from reset and limit. The
+    caller opens those windows when the answer leaves (`_open_window`), not now: a client can
+    only honour what it has read."""
+    if not state.config.ratelimit_headers:
+        return None, []
+    headers: dict[str, str] = {}
+    ends: list[float] = []
+    for lim in _active_limits(state):
+        headers.update(lim.headers(now))
+        if lim.remaining(now) == 0:
+            ends.append(now + lim.wait(now))
+    return headers, ends
+
+
+def _open_window(state: _State, end: float) -> None:
+    """Arrivals from `grace` after now until `end` count as violations; the grace lets requests
+    already on the wire when the answer left arrive without blame, so a window shorter than the
+    grace can never count anything and is not kept."""
+    start = time.monotonic() + state.config.grace
+    if end > start:
+        state.pending_windows.append((start, end))
+
+
+def _hint_seconds(state: _State, wait: float, hook_retry_after: Any) -> float:
+    """What the pause announces: a hook's or the fixed value, else the real wait rounded up to
+    what the format can say (whole seconds, at least 1; milliseconds for retry-after-ms)."""
+    if isinstance(hook_retry_after, (int, float)) and not isinstance(hook_retry_after, bool):
+        return float(hook_retry_after)
+    if state.config.retry_after is not None:
+        return state.config.retry_after
+    if state.config.retry_after_format == "ms":
+        return max(1, math.ceil(wait * 1000 - 1e-6)) / 1000.0
+    return float(max(1, math.ceil(wait - 1e-9)))
 
 
 def _seconds_text(value: float) -> str:
@@ -83,25 +113,26 @@ def _seconds_text(value: float) -> str:
 
 
 def _rejection(
-    state: _State, status: int, wait: float, hook_retry_after: Any, extra: dict[str, str] | None
+    state: _State,
+    status: int,
+    wait: float,
+    hook_retry_after: Any,
+    extra: dict[str, str] | None,
+    kind: str = "requests",
 ) -> web.Response:
     """Answer 429/503 without processing and open the Retry-After window it announces."""
-    config = state.config
-    if isinstance(hook_retry_after, (int, float)) and not isinstance(hook_retry_after, bool):
-        retry_after = float(hook_retry_after)
-    elif config.retry_after is not None:
-        retry_after = config.retry_after
-    else:
-        retry_after = float(max(1, math.ceil(wait)))
+    retry_after = _hint_seconds(state, wait, hook_retry_after)
     headers = dict(extra) if extra else {}
     announced: float | None = retry_after
-    fmt = config.retry_after_format
+    fmt = state.config.retry_after_format
     if fmt == "seconds":
         headers["Retry-After"] = _seconds_text(retry_after)
     elif fmt == "ms":
         millis = round(retry_after * 1000)
         headers["retry-after-ms"] = str(millis)
         announced = millis / 1000.0
+    elif fmt == "llm-provider":
+        headers["llm_provider-retry-after"] = _seconds_text(retry_after)
     elif fmt == "http-date":
         wall = time.time()
         target = math.ceil(wall + retry_after)
@@ -110,11 +141,11 @@ def _rejection(
     else:
         announced = None
     if announced is not None:
-        sent = time.monotonic()
-        state.pending_windows.append((sent + config.grace, sent + announced))
+        _open_window(state, time.monotonic() + announced)
     if status == 429:
         state.rejected_429 += 1
-        message = "Rate limit reached for requests. Please retry after the indicated time."
+        state.rejected_by[kind] = state.rejected_by.get(kind, 0) + 1
+        message = f"Rate limit reached for {kind}. Please retry after the indicated time."
     else:
         state.rejected_503 += 1
         message = "The server is temporarily unable to handle the request."

@@ -1,4 +1,4 @@
-"""The common path of every POST route: account, refuse, then process.
+"""The common path of every POST route: account, refuse, admit, then process.
 
 A request's body may carry a "sim" object (hooks) that forces one specific failure on it, so a
 test can stage an exact sequence of 429s, drops and broken streams for one request; the random
@@ -27,7 +27,14 @@ from tmbatch.sim.bodies import (
     _tokenize,
 )
 from tmbatch.sim.config import BILLABLE_ROUTES, DUPLICATE_KEYS_CAP, NO_RESPONSE, ROUTE_TOKENIZE
-from tmbatch.sim.gate import _access_refusal, _note_post_arrival, _rejection, _take_token
+from tmbatch.sim.gate import (
+    _access_refusal,
+    _admit,
+    _announce,
+    _note_post_arrival,
+    _open_window,
+    _rejection,
+)
 from tmbatch.sim.replies import _error, _json
 from tmbatch.sim.state import _body_key, _draws, _next_id, _note_auth, _record, _State
 
@@ -173,7 +180,7 @@ async def _stream(
 
 
 async def _handle_post(request: web.Request, state: _State, route: str) -> web.StreamResponse:
-    """The common path of every POST route: account, refuse, then process."""
+    """The common path of every POST route: account, refuse, admit, then process."""
     raw = await request.read()
     now = time.monotonic()
     headers = request.headers
@@ -192,11 +199,29 @@ async def _handle_post(request: web.Request, state: _State, route: str) -> web.S
     if refusal is not None:
         _record(state, route, key, now, refusal.status)
         return refusal
-    allowed, wait, extra = _take_token(state, now)
-    if not allowed:
-        response = _rejection(state, 429, wait, None, extra)
+    wait, kind = _admit(state, now)
+    extra, ends = _announce(state, now)
+    if wait > 0.0:
+        response = _rejection(state, 429, wait, None, extra, kind)
         _record(state, route, key, now, 429)
-        return response
+    else:
+        response = await _serve(request, state, route, key, now, raw, billable, extra)
+    for end in ends:  # opened as the answer leaves: only then can a client read it
+        _open_window(state, end)
+    return response
+
+
+async def _serve(
+    request: web.Request,
+    state: _State,
+    route: str,
+    key: str,
+    now: float,
+    raw: bytes,
+    billable: bool,
+    extra: dict[str, str] | None,
+) -> web.StreamResponse:
+    """An admitted request: parse, apply hooks, generate (in a capacity slot), answer."""
     parsed = _parse_body(state, raw)
     if isinstance(parsed, web.Response):
         if extra:
@@ -217,6 +242,7 @@ async def _handle_post(request: web.Request, state: _State, route: str) -> web.S
             return response
         _count_processed(state, key)
         answer_or_body: _Answer | bytes = _answer(state, route, body, body["model"], *prompt)
+        extra = _charge_usage(state, answer_or_body, extra)
     else:
         result = _tokenize(body) if route == ROUTE_TOKENIZE else _detokenize(body)
         if isinstance(result, str):
@@ -225,7 +251,14 @@ async def _handle_post(request: web.Request, state: _State, route: str) -> web.S
             return response
         answer_or_body = orjson.dumps(result)
 
-    drop, error = await _delay(state, key, hook, billable)
+    capacity = state.capacity if billable else None
+    if capacity is not None:
+        await capacity.acquire()
+    try:
+        drop, error = await _delay(state, key, hook, billable)
+    finally:
+        if capacity is not None:
+            capacity.release()
     if hook.drop or drop:
         state.dropped += 1
         _record(state, route, key, now, NO_RESPONSE)
@@ -248,3 +281,17 @@ async def _handle_post(request: web.Request, state: _State, route: str) -> web.S
     if hook.bad_json:
         return _json(200, b'{"id": "' + answer.rid.encode() + b'", "choices": [', answer.rid, extra)
     return _json(200, orjson.dumps(_full_body(answer)), answer.rid, extra)
+
+
+def _charge_usage(
+    state: _State, answer: _Answer, extra: dict[str, str] | None
+) -> dict[str, str] | None:
+    """Book the answer's real usage on the tokens budget; its headers then say what is left."""
+    budget = state.tokens_limit
+    if budget is None:
+        return extra
+    now = time.monotonic()
+    budget.charge(now, answer.prompt_tokens + answer.completion_tokens)
+    if extra is None:
+        return None
+    return {**extra, **budget.headers(now)}

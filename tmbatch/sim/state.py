@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
+from tmbatch.sim.limits import Capacity, FixedWindow, RequestBucket, TokenBudget
 
 
 @dataclass
@@ -45,8 +46,11 @@ class _State:
     violations: int = 0
     pending_windows: deque[tuple[float, float]] = field(default_factory=deque)
     matured_window_end: float = -math.inf
-    tokens: float = 0.0
-    bucket_time: float = 0.0
+    requests_limit: RequestBucket | FixedWindow | None = None
+    tokens_limit: TokenBudget | None = None
+    capacity: Capacity | None = None
+    rejected_by: dict[str, int] = field(default_factory=dict)
+    windows_announced: int = 0
     bearer_ok: int = 0
     bearer_wrong: int = 0
     bearer_missing: int = 0
@@ -74,12 +78,27 @@ def _reset_state(state: _State) -> None:
             setattr(state, f.name, getattr(fresh, f.name))
     for route in (*POST_ROUTES, *GET_ROUTES):
         state.by_route[route] = {"received": 0, "status_counts": {}}
-    if state.config.rate_limit is not None:
-        state.tokens = _bucket_capacity(state.config.rate_limit)
-    state.bucket_time = time.monotonic()
+    _build_limits(state, time.monotonic())
 
 
-def _bucket_capacity(rate: float) -> float:
+def _build_limits(state: _State, now: float) -> None:
+    """Fresh limits, full buckets and a window starting now, so each test or run starts alike."""
+    config = state.config
+    if config.rate_limit is not None:
+        burst = config.rate_burst if config.rate_burst is not None else _one_second(
+            config.rate_limit)
+        state.requests_limit = RequestBucket(config.rate_limit, burst, burst, now)
+    elif config.window_limit is not None:
+        state.requests_limit = FixedWindow(config.window_limit, config.window_seconds, now)
+    if config.tpm_limit is not None:
+        rate = config.tpm_limit / 60.0
+        burst = config.tpm_burst if config.tpm_burst is not None else _one_second(rate)
+        state.tokens_limit = TokenBudget(rate, burst, burst, now)
+    if config.capacity is not None:
+        state.capacity = Capacity(config.capacity)
+
+
+def _one_second(rate: float) -> float:
     """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
     return max(1.0, rate)
 
@@ -108,6 +127,10 @@ def stats_of(state: _State) -> dict[str, Any]:
         "injected_500": state.injected_500,
         "dropped": state.dropped,
         "retry_after_violations": state.violations,
+        "windows_announced": state.windows_announced,
+        "rejected_by": dict(state.rejected_by),
+        "capacity": _capacity_stats(state.capacity),
+        "window": _window_stats(state.requests_limit),
         "auth": {
             "bearer_ok": state.bearer_ok,
             "bearer_wrong": state.bearer_wrong,
@@ -118,6 +141,25 @@ def stats_of(state: _State) -> dict[str, Any]:
         "log_overflow": state.log_overflow,
         "time_now": time.monotonic(),
     }
+
+
+def _window_stats(limit: RequestBucket | FixedWindow | None) -> dict[str, float] | None:
+    """Where the fixed windows start (monotonic clock), so a reader can tell them apart."""
+    if not isinstance(limit, FixedWindow):
+        return None
+    return {"epoch": limit.epoch, "seconds": limit.seconds, "limit": limit.limit}
+
+
+def _capacity_stats(capacity: Capacity | None) -> dict[str, Any] | None:
+    """The peaks prove the capacity was never exceeded; `waited` counts requests that queued;
+    first_start / last_finish (monotonic) bound the time the slots worked."""
+    if capacity is None:
+        return None
+    return {"slots": capacity.slots, "running": capacity.running,
+            "running_peak": capacity.running_peak, "queued": capacity.queued,
+            "queued_peak": capacity.queued_peak, "waited": capacity.waited,
+            "finished": capacity.finished, "first_start": capacity.first_start,
+            "last_finish": capacity.last_finish}
 
 
 # ----------------------------------------------------------------------------------------------

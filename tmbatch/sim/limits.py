@@ -1,0 +1,237 @@
+"""The server-side limits a simulated endpoint can enforce, each one a real behaviour.
+
+Clients meet several kinds of limit in the wild and must cope with each without being told the
+numbers: a token bucket of requests (OpenAI, Tensormesh), a fixed window of N requests per W
+seconds (LiteLLM's proxy), a tokens-per-minute budget charged with real usage, and a server that
+never refuses but queues past its capacity (vLLM's scheduler with --max-num-seqs). Each limit
+here answers the same two questions, so the gate can combine them: how long until one more
+request would pass (`wait`), and what its `x-ratelimit-*` headers say (`headers`). Nothing is
+consumed until every limit has said yes (`take`), so a refusal by one never costs another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format, which is Go's time.Duration text at millisecond precision:
+    "250ms" below a second, then "1s", "1.5s", "6m0s", "1h2m3.5s". Rounded up, so a client that
+    waits what it reads never arrives early."""
+    millis = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if millis == 0:
+        return "0s"
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+class Limit(Protocol):
+    """One server-side limit; `kind` names its x-ratelimit headers ("requests" or "tokens")."""
+
+    kind: str
+
+    def wait(self, now: float) -> float:
+        """Seconds from `now` until one more request would pass (0.0: it passes now)."""
+        ...
+
+    def take(self, now: float) -> None:
+        """Count one admitted request (after every limit said yes)."""
+        ...
+
+    def headers(self, now: float) -> dict[str, str]:
+        """x-ratelimit-limit/remaining/reset-<kind> as the limit stands now."""
+        ...
+
+    def remaining(self, now: float) -> int:
+        """What x-ratelimit-remaining-<kind> says: 0 announces a window of `wait(now)`."""
+        ...
+
+
+def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(remaining),
+        f"x-ratelimit-reset-{kind}": _duration(reset),
+    }
+
+
+@dataclass
+class _Bucket:
+    """A level refilled at `rate` per second up to `capacity`, full at the start.
+
+    Its headers follow OpenAI: limit is the capacity, remaining the whole units left, reset the
+    time until the bucket is full again; so reset / (limit - remaining) is the time per unit,
+    which is what a client that is never told the rate can learn it from.
+    """
+
+    rate: float
+    capacity: float
+    level: float
+    last: float
+
+    kind = "requests"
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.level = min(self.capacity, self.level + (now - self.last) * self.rate)
+            self.last = now
+
+    def remaining(self, now: float) -> int:
+        self._refill(now)
+        return max(0, int(self.level))
+
+    def headers(self, now: float) -> dict[str, str]:
+        self._refill(now)
+        reset = (self.capacity - self.level) / self.rate
+        return _headers(self.kind, int(self.capacity), self.remaining(now), reset)
+
+
+class RequestBucket(_Bucket):
+    """A token bucket of `rate` requests/s holding `capacity` requests (the burst)."""
+
+    def wait(self, now: float) -> float:
+        self._refill(now)
+        return 0.0 if self.level >= 1.0 else (1.0 - self.level) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self.level -= 1.0
+
+
+@dataclass
+class FixedWindow:
+    """N requests per window of W seconds, windows counted from the server's start (or reset),
+    the way LiteLLM's proxy counts per-minute keys: a refused request costs nothing, and the
+    count starts again at zero when the next window begins, whatever came before."""
+
+    limit: int
+    seconds: float
+    epoch: float
+    index: int = 0
+    count: int = 0
+    kind: str = "requests"
+
+    def _roll(self, now: float) -> None:
+        index = math.floor((now - self.epoch) / self.seconds)
+        if index != self.index:
+            self.index = index
+            self.count = 0
+
+    def _window_end(self) -> float:
+        return self.epoch + (self.index + 1) * self.seconds
+
+    def wait(self, now: float) -> float:
+        self._roll(now)
+        return 0.0 if self.count < self.limit else max(0.0, self._window_end() - now)
+
+    def take(self, now: float) -> None:
+        self._roll(now)
+        self.count += 1
+
+    def remaining(self, now: float) -> int:
+        self._roll(now)
+        return max(0, self.limit - self.count)
+
+    def headers(self, now: float) -> dict[str, str]:
+        self._roll(now)
+        reset = max(0.0, self._window_end() - now)
+        return _headers(self.kind, self.limit, self.remaining(now), reset)
+
+
+class TokenBudget(_Bucket):
+    """Tokens per minute (`rate` = limit / 60 per second), charged with each answer's real
+    usage after it is generated.
+
+    A request is admitted while the budget is above zero and then charged its total_tokens, so
+    the budget can go into debt and stays closed until it refills past zero; that is how a
+    server that only knows the cost afterwards enforces it, and why a client learns the token
+    rate from `usage` rather than from its own estimate.
+    """
+
+    kind = "tokens"
+
+    def wait(self, now: float) -> float:
+        self._refill(now)
+        # "above zero" with a hair of margin, so the announced wait really ends the debt
+        return 0.0 if self.level > 0.0 else (1e-6 - self.level) / self.rate
+
+    def take(self, now: float) -> None:
+        """Admission costs nothing up front; `charge` books the real usage."""
+
+    def charge(self, now: float, tokens: int) -> None:
+        self._refill(now)
+        self.level -= tokens
+
+
+@dataclass
+class Capacity:
+    """At most `slots` requests processed at once; the rest wait in arrival order (FIFO).
+
+    This is a server that never refuses, like vLLM's scheduler with --max-num-seqs N: past N in
+    flight, latency grows by queueing and throughput stays flat, so the only signal a client
+    gets is time. The peaks are kept so a test can prove the limit was never exceeded, and the
+    first start and last finish so a benchmark can measure throughput where it is made: arrivals
+    say nothing here, since a queue accepts any number at once.
+    """
+
+    slots: int
+    running: int = 0
+    running_peak: int = 0
+    queued_peak: int = 0
+    waited: int = 0
+    finished: int = 0
+    first_start: float | None = None
+    last_finish: float | None = None
+    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    async def acquire(self) -> None:
+        if self.running < self.slots and not self._waiters:
+            self._enter()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self.waited += 1
+        self.queued_peak = max(self.queued_peak, len(self._waiters))
+        try:
+            await fut
+        except BaseException:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over as we left: pass it on
+            raise
+
+    def _enter(self) -> None:
+        self.running += 1
+        self.running_peak = max(self.running_peak, self.running)
+        if self.first_start is None:
+            self.first_start = time.monotonic()
+
+    def release(self) -> None:
+        """Hand the slot straight to the longest waiter, so nobody can overtake the queue."""
+        self.running -= 1
+        self.finished += 1
+        self.last_finish = time.monotonic()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._enter()
+                fut.set_result(None)
+                return
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
