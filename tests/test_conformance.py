@@ -385,10 +385,11 @@ def test_an_unserved_model_fails_only_its_lines(server: ServerProcess, tmp_path:
 def test_litellm_provider_retry_after_pauses_everyone(server: ServerProcess,
                                                       tmp_path: Path) -> None:
     """LiteLLM relays an upstream 429 with `llm_provider-retry-after: 1` and
-    `llm_provider-retry-after-ms: 1000` and no Retry-After of its own: that is the pause."""
+    `llm_provider-retry-after-ms: 1000` and no Retry-After of its own: that is the pause.
+    Nothing ever succeeds there, so after --patience the refused line ends `rejected`."""
     rows = [row("limited", CHAT, chat_body(server.spec, "hi",
                                            model=LITELLM_RATE_LIMITED_MODEL))]
-    run = run_batch(server, rows, tmp_path, "--max-retries", "1", "--log-format", "json")
+    run = run_batch(server, rows, tmp_path, "--patience", "3", "--log-format", "json")
     assert run.failures["limited"]["error"]["class"] == "rejected"
     assert run.failures["limited"]["response"]["status_code"] == 429
     pauses = [e["retry_after"] for e in run.events() if e.get("event") == "rate_limit_pause"]

@@ -205,7 +205,7 @@ def test_request_id_is_the_servers_header_else_the_one_we_sent(serve: Any) -> No
     assert got["request-id"] == "id-from-request-id"
     assert got["x-litellm-call-id"] == "id-from-x-litellm-call-id"
     # none: the X-Request-Id tmbatch sent, so the server's logs can be matched
-    assert re.fullmatch(r"tmbatch-[0-9a-f]{32}", got["none"]) and got["none"] == seen[3]
+    assert re.fullmatch(r"tmbatch-[0-9a-f]{16}-[0-9a-f]+", got["none"]) and got["none"] == seen[3]
     assert failed.request_id == seen[4] and len(set(seen)) == 5  # one per attempt
 
 

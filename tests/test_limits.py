@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.limits import (
-    AIMD_BETA,
     MAX_HOLD,
+    START_IN_FLIGHT,
     Admission,
     TokenBucket,
     estimate_tokens,
@@ -138,9 +138,9 @@ def test_refund_follows_the_class_of_the_answer(status: int, headers: dict[str, 
     assert asyncio.run(go()) == pytest.approx(1.0 if refunded else 0.0)
 
 
-def test_ambiguous_503s_do_not_cut_adaptive_concurrency(serve: Any, tmp_path: Path) -> None:
+def test_ambiguous_503s_do_not_slow_the_run(serve: Any, tmp_path: Path) -> None:
     """A 503 without Retry-After is an ambiguous failure (the server may have done the work),
-    not a rate-limit signal: the run records the lines and leaves concurrency alone."""
+    not a rate-limit signal: the run records the lines and sets no pace."""
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
@@ -159,7 +159,8 @@ def test_ambiguous_503s_do_not_cut_adaptive_concurrency(serve: Any, tmp_path: Pa
     assert not res and len(fail) == 12
     assert {f["error"]["class"] for f in fail.values()} == {"ambiguous"}
     adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
-    assert adm["mode"] == "adaptive" and adm["decreases"] == 0 and adm["concurrency_min"] == 4
+    assert adm["mode"] == "adaptive" and adm["pace_cuts"] == 0
+    assert adm["pace_requests_per_second"] is None and adm["refusals"] == 0
 
 
 def test_remaining_zero_holds_every_worker_until_reset() -> None:
@@ -178,44 +179,71 @@ def test_remaining_zero_holds_every_worker_until_reset() -> None:
     assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
 
 
-def test_aimd_cuts_once_per_event_and_grows_back() -> None:
+def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
+    """The first refusal paces the run at what got through; refusals of requests sent before
+    that cut are the same event; each success then raises the pace a little."""
     async def go() -> None:
         adm = Admission(concurrency=10, adaptive=True)
         rejected = classify_status(429, {}, None, None)
-        first = [await adm.admit(1) for _ in range(10)]
-        # three 429s from requests sent before the first cut: one event, one cut
-        for ticket in first[:3]:
-            ticket.failed(rejected)
-        assert adm.decreases == 1 and int(adm.limit) == int(10 * AIMD_BETA)
-        for ticket in first:
+        first = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
+        assert adm.pace is None  # unpaced until the server says otherwise
+        for ticket in first[:4]:
+            ticket.succeeded({}, 0)
             ticket.release()
-        cap = int(adm.limit)
-        held = [await adm.admit(1) for _ in range(cap)]
-        blocked = asyncio.ensure_future(adm.admit(1))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not blocked.done()  # at the limit: the next one waits for a slot
-        held[0].release()
-        late = await blocked  # a release lets exactly it through
-        # a 429 from a request sent after the cut is a new event
-        late.failed(rejected)
-        assert adm.decreases == 2
-        second = int(adm.limit)
-        for _ in range(second):  # one round trip of successes: +1
-            held[1].succeeded({}, 0)
-        assert int(adm.limit) == second + 1
+        for ticket in first[4:]:
+            ticket.failed(rejected)  # one event: all sent before the cut
+            ticket.release()
+        assert adm.learner.cuts == 1
+        pace = adm.pace
+        assert pace is not None and 0 < pace <= 4  # what got through in the last second
+        more = await adm.admit(1)
+        more.succeeded({}, 0)
+        assert adm.pace is not None and adm.pace > pace
+        more.release()
 
     asyncio.run(go())
 
 
-def test_fixed_mode_keeps_concurrency_on_429() -> None:
-    async def go() -> int:
+def test_a_pace_spaces_the_attempts_and_a_pause_moves_them() -> None:
+    """GCRA in virtual time: at 10 requests/s the bookings are 0.1 s apart after the burst,
+    and a Retry-After pause restarts them at its end without a saved-up burst."""
+    from tmbatch.pacing import Pacer
+
+    p = Pacer(10.0)
+    waits = [p.book(0.0) for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    p.restart_at(10.0)
+    assert p.book(10.0) == pytest.approx(0.0)
+    assert p.book(10.0) == pytest.approx(0.1)
+
+
+def test_x_ratelimit_headers_state_the_pace() -> None:
+    """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
+    second apart (virtual time): `reset` is the time until full, `remaining` a whole number.
+    The pace follows the refill rate, just under it, though each answer's remaining alone
+    would say anything from 45 to 100."""
+    adm = Admission(concurrency=4, adaptive=True)
+    rate, tokens, now = 50.0, 6.7, 0.0
+    for _ in range(6):
+        headers = {"x-ratelimit-limit-requests": "10",
+                   "x-ratelimit-remaining-requests": str(int(tokens)),
+                   "x-ratelimit-reset-requests": f"{(10 - tokens) / rate * 1000:.0f}ms"}
+        adm._from_headers(headers, now)
+        sent = 49  # a second of answers: the bucket refilled 50, 49 were taken
+        adm._consumed["requests"] += sent
+        tokens = min(10.0, tokens + rate * 1.0 - sent)
+        now += 1.0
+    assert adm.pace is not None and 0.95 * rate <= adm.pace <= rate
+
+
+def test_fixed_rpm_keeps_its_pace_on_429() -> None:
+    async def go() -> tuple[float | None, int]:
         adm = Admission(rpm=6000, concurrency=4, adaptive=False)
         ticket = await adm.admit(1)
         ticket.failed(classify_status(429, {}, None, None))
-        return adm.decreases
+        return adm.pace, adm.learner.cuts
 
-    assert asyncio.run(go()) == 0
+    assert asyncio.run(go()) == (100.0, 0)
 
 
 def test_a_cancelled_waiter_passes_its_slot_on() -> None:
@@ -244,18 +272,21 @@ def _run(sim: Any, inp: Path, out: Path, *args: str) -> Any:
 
 def test_adaptive_run_against_a_rate_limited_server(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory(api_key=API_KEY, rate_limit=20, latency=0.05, ratelimit_headers=True)
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(60)])
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(100)])
     p = _run(sim, inp, tmp_path / "out", "--concurrency", "32")
     assert p.returncode == 0, p.stderr
     res, fail = outcomes(tmp_path / "out")
-    assert len(res) == 60 and not fail
+    assert len(res) == 100 and not fail
     summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
     adm = summary["this_run"]["admission"]
     assert adm["mode"] == "adaptive" and adm["concurrency_ceiling"] == 32
     stats = sim.stats()
     assert stats["duplicates"] == 0 and stats["retry_after_violations"] == 0
-    assert stats["rejected_429"] > 0  # 32 at once against a burst of 20
-    assert adm["decreases"] >= 1 and adm["concurrency_min"] < 32
+    # the pace comes from the x-ratelimit headers (20/s); the only 429s are the first
+    # second's, before a second of headers has been seen
+    assert adm["pace_source"] == "stated by x-ratelimit headers", adm
+    assert 15 < adm["pace_requests_per_second"] <= 20, adm
+    assert stats["rejected_429"] <= 25, (stats["rejected_429"], adm)
 
 
 def test_fixed_rpm_run_reports_fixed_mode(sim: Any, tmp_path: Path) -> None:
@@ -276,12 +307,13 @@ def test_tokenize_lines_are_not_charged_output_tokens() -> None:
     assert estimate_tokens(body, generates=False) == 101
 
 
-def test_no_adaptive_keeps_concurrency_fixed_under_429s(sim_factory: Any, tmp_path: Path) -> None:
+def test_no_adaptive_keeps_the_run_unpaced_under_429s(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory(api_key=API_KEY, rate_limit=20, latency=0.05)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
     p = _run(sim, inp, tmp_path / "out", "--concurrency", "32", "--no-adaptive",
              "--max-retries", "20")
     assert p.returncode == 0, p.stderr
     adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
-    assert adm["mode"] == "fixed" and "decreases" not in adm
+    assert adm["mode"] == "fixed" and adm["pace_requests_per_second"] is None
+    assert "pace_cuts" not in adm
     assert sim.stats()["rejected_429"] > 0 and sim.stats()["duplicates"] == 0

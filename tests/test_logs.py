@@ -53,10 +53,16 @@ def test_429_pauses_start_progress_summary_are_json_events(sim_factory: Any,
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--concurrency", "2",
-                 "--log-format", "json", "--progress-interval", "0.01"], env=env_with_key())
+                 "--log-format", "json", "--progress-interval", "0.01", "-v"],
+                env=env_with_key())
     assert p.returncode == 0, p.stderr
     events = parse_events(p.stderr)
     assert API_KEY not in p.stderr and API_KEY not in p.stdout
+    # without -v a second pause within 30 s is not logged at all: quiet logs at a limit
+    quiet = parse_events(run_cli(["run", str(inp), "-o", str(tmp_path / "quiet"), "--base-url",
+                                  sim.url, "--concurrency", "2", "--log-format", "json"],
+                                 env=env_with_key()).stderr)
+    assert [e["level"] for e in by_event(quiet, "rate_limit_pause")] == ["info"]
 
     (start,) = by_event(events, "start")
     assert start["job_id"] and start["base_url"] == sim.url and start["surface"] == "serverless"

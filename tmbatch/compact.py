@@ -19,6 +19,8 @@ N_STATES = 16
 OUTCOME_OF: dict[int, Outcome] = {o.policy.state: o for o in Outcome if o is not Outcome.PENDING}
 _FINAL = bytes(1 if s in OUTCOME_OF and OUTCOME_OF[s].policy.final else 0
                for s in range(N_STATES))
+_FAILED = bytes(1 if s in OUTCOME_OF and OUTCOME_OF[s].policy.failure else 0
+                for s in range(N_STATES))
 
 
 class LineStates:
@@ -44,6 +46,10 @@ class LineStates:
     def __contains__(self, line: int) -> bool:
         """True when the line has a final outcome, so the reader skips it."""
         return line < len(self._b) and _FINAL[self._b[line]] == 1
+
+    def failed(self, line: int) -> bool:
+        """True when the line's current outcome is a failure (a later one supersedes it)."""
+        return line < len(self._b) and _FAILED[self._b[line]] == 1
 
     def counts(self) -> list[int]:
         """How many lines are in each state, indexed by state."""

@@ -74,6 +74,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "rpm": ("rpm", lambda c, k, v: c.pos_number(k, v)),
     "tpm": ("tpm", lambda c, k, v: c.pos_number(k, v)),
     "adaptive": ("adaptive", lambda c, k, v: c.boolean(k, v)),
+    "patience": ("patience", lambda c, k, v: c.pos_number(k, v)),
     "fsync": ("fsync", lambda c, k, v: c.choice(k, v, ("always", "interval", "never"))),
     "drain_timeout": ("drain_timeout", lambda c, k, v: c.pos_number(k, v)),
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),
@@ -220,6 +221,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "concurrency": 64,
     "fsync": "interval",
     "drain_timeout": 25.0,
+    "patience": 600.0,
     "max_line_bytes": MAX_LINE_BYTES,
 }
 

@@ -1,18 +1,22 @@
-"""Admission: nothing is sent faster than the account allows.
+"""Admission: nothing is sent faster than the account allows, and as fast as it does.
 
 Gates shared by every worker, checked in this order before each attempt:
 
-1. one pause: a 429's Retry-After, or an `x-ratelimit-remaining-*: 0` header
-   (hold until its `x-ratelimit-reset-*`). No request leaves while it is on.
-2. a concurrency slot. With a fixed `--rpm` every worker may be in flight; without
-   one the limit is adaptive (AIMD): it starts at `--concurrency` (the ceiling),
-   is cut by a factor on each 429 event and grows back by one per round trip, so
-   a run finds the rate the server sustains instead of living on Retry-After.
-3. requests per minute (aiolimiter leaky bucket, half a second of burst).
+1. one pause: a 429's Retry-After (any spelling `safety.parse_retry_after` reads), or an
+   `x-ratelimit-remaining-*: 0` header (until one more request fits). No request leaves while
+   it is on, whichever worker it belongs to.
+2. a concurrency slot: `--concurrency` is the ceiling. While the pace is learnt, a run starts
+   with a few in flight and opens up by one per answer (a server's burst is not spent on the
+   first volley), so a server that answers fast is at the ceiling within a few round trips.
+3. the pace (`pacing.Pacer`): `--rpm`, or what `pacing.RateLearner` learnt from refusals,
+   `x-ratelimit-*` headers and successes when no `--rpm` is given.
 4. tokens per minute: an estimate is charged before sending and the difference
    to the response's `usage` is settled afterwards (debt or credit), and the
    estimate itself is scaled by the learnt actual/estimated ratio. The token
    bucket is a small GCRA of our own because aiolimiter cannot go into debt.
+
+Each admitted attempt gets a `Ticket`; the answer is reported to it, and the outcome's
+`safety.Policy` says what that means here (refund the tokens, slow down).
 """
 
 from __future__ import annotations
@@ -26,19 +30,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiolimiter import AsyncLimiter
-
+from tmbatch.pacing import Pacer, RateLearner
 from tmbatch.safety import AttemptFailed
 
 log = logging.getLogger("tmbatch")
 
 DEFAULT_MAX_OUTPUT_TOKENS = 256  # assumed when a body names no max_tokens
-# A client bucket as large as the server's (typically one second) leaves no room for
-# network jitter: two requests sent 1/R apart can arrive closer and the second is a 429.
-BURST_SECONDS = 0.5
+BURST_SECONDS = 0.5  # the token bucket's burst
 MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-After
 HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
-AIMD_BETA = 0.7  # multiplicative decrease on a 429 event
+PAUSE_LOG_EVERY = 30.0  # the same for Retry-After pauses: a run at its limit meets many
+START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per answer
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
 RATE_WINDOW = 30.0  # seconds of successes the settled rate is measured over
@@ -123,12 +125,6 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
-def bucket(per_minute: float) -> AsyncLimiter:
-    """A leaky bucket for `per_minute` holding BURST_SECONDS' worth (at least 1)."""
-    capacity = max(1.0, per_minute / 60.0 * BURST_SECONDS)
-    return AsyncLimiter(capacity, capacity * 60.0 / per_minute)
-
-
 class TokenBucket:
     """GCRA with reservations: `reserve` books tokens and says how long to wait.
 
@@ -141,6 +137,11 @@ class TokenBucket:
         self.rate = per_minute / 60.0
         self.burst = max(1.0, self.rate * burst_seconds) / self.rate  # seconds of tokens
         self.tat = -math.inf  # when the bucket would be empty again ("theoretical arrival")
+
+    def set_rate(self, per_minute: float) -> None:
+        """A new limit (stated by the server): bookings already made keep their times."""
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, self.rate * BURST_SECONDS) / self.rate
 
     def reserve(self, amount: float, now: float) -> float:
         self.tat = max(self.tat, now) + amount / self.rate
@@ -174,9 +175,12 @@ class Ticket:
             self.admission._release()
 
     def succeeded(self, headers: Mapping[str, str] | None, used_tokens: int) -> None:
-        """Learn from an answer: rate-limit headers, AIMD growth, the real token usage."""
+        """Learn from an answer: rate-limit headers, the pace, the real token usage."""
         adm = self.admission
-        now = asyncio.get_running_loop().time()
+        now = adm._loop.time()
+        consumed = adm._consumed
+        consumed["requests"] += 1
+        consumed["tokens"] += used_tokens
         if headers:
             adm._from_headers(headers, now)
         adm._on_success(now)
@@ -189,7 +193,7 @@ class Ticket:
         """Learn from a failed attempt as its class says; the seconds of a Retry-After pause
         this started for every worker (the runner journals it), else None."""
         adm = self.admission
-        now = asyncio.get_running_loop().time()
+        now = adm._loop.time()
         if failure.headers:
             adm._from_headers(failure.headers, now)
         policy = failure.cls.policy
@@ -198,7 +202,8 @@ class Ticket:
             self.charged = 0.0
         if not policy.slows_admission:
             return None
-        adm._slow_down(self.sent_at, now)
+        adm.refusals += 1
+        adm.learner.refused(now, self.sent_at)
         if failure.retry_after is not None and adm.pause(failure.retry_after):
             return failure.retry_after
         return None
@@ -213,7 +218,9 @@ class Admission:
         concurrency: int = 64,
         adaptive: bool = False,
     ) -> None:
-        self.rpm = bucket(rpm) if rpm else None
+        self.pacer = Pacer(rpm / 60.0 if rpm else None)
+        # No --rpm: the pace is learnt (unless --no-adaptive); with it, --adaptive learns too.
+        self.learner = RateLearner(self.pacer, learn=adaptive)
         self.tpm = TokenBucket(tpm) if tpm else None
         self.tpm_target = tpm
         self.pause_until = 0.0
@@ -221,25 +228,40 @@ class Admission:
         self.paused_seconds = 0.0
         self.holds = 0
         self.held_seconds = 0.0
-        # adaptive concurrency (AIMD)
+        self.refusals = 0
+        self._hold_logged_at = -math.inf
+        self._pause_logged_at = -math.inf
+        self._anchors: dict[str, tuple[float, float, int]] = {}
+        self._hinted: dict[str, float] = {}
+        self._consumed = {"requests": 0, "tokens": 0}
+        self.tpm_learnt = False
         self.adaptive = adaptive
         self.ceiling = max(1, concurrency)
-        self.limit = float(self.ceiling)
-        self.limit_min = self.ceiling
-        self.decreases = 0
+        # while learning, a slow start: a few in flight, one more per answer
+        self.cap = min(self.ceiling, START_IN_FLIGHT) if adaptive else self.ceiling
         self.in_flight = 0
-        self._acked = 0
-        self._last_decrease = -math.inf
         self._waiters: deque[asyncio.Future[None]] = deque()
         # learnt tokens-per-estimate ratio, as two moving sums so big requests weigh more
         self._ema_raw = 0.0
         self._ema_actual = 0.0
         self.ratio = 1.0
         self.settled = 0
-        # successes, for the rate the run settled at
+        # successes, for the rate the run settled at and for --patience
         self._ok_times: deque[float] = deque()
-        self._first_sent: float | None = None  # the first admission: where a rate can start
-        self._hold_logged_at = -math.inf
+        self._first_sent: float | None = None
+        self.last_progress: float | None = None  # loop time of the last success
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    def stalled_for(self) -> float:
+        """Seconds since the last success of the run (or since it began sending)."""
+        if self.last_progress is None or self._loop is None:
+            return 0.0
+        return self._loop.time() - self.last_progress
+
+    @property
+    def pace(self) -> float | None:
+        """Requests per second the run is paced at (None: only concurrency limits it)."""
+        return self.pacer.rate
 
     # -- waiting --------------------------------------------------------
     async def wait_pause(self) -> None:
@@ -251,8 +273,8 @@ class Admission:
             await asyncio.sleep(left)
 
     async def _take_slot(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.in_flight >= self._cap():
+        loop = self._loop
+        while self.in_flight >= self.cap:
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.append(fut)
             try:
@@ -265,11 +287,8 @@ class Admission:
                 raise
         self.in_flight += 1
 
-    def _cap(self) -> int:
-        return max(1, int(self.limit)) if self.adaptive else self.ceiling
-
     def _wake(self) -> None:
-        free = self._cap() - self.in_flight
+        free = self.cap - self.in_flight
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -278,31 +297,58 @@ class Admission:
 
     def _release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     async def admit(self, tokens: int) -> Ticket:
         """Wait until this attempt may be sent; the ticket must be released when it ends."""
-        loop = asyncio.get_running_loop()
-        await self.wait_pause()
-        await self._take_slot()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self.last_progress = loop.time()
+        if self.pause_until > loop.time():
+            await self.wait_pause()
+        if self.in_flight >= self.cap:
+            await self._take_slot()
+        else:
+            self.in_flight += 1
         charged = 0.0
         try:
-            if self.rpm is not None:
-                await self.rpm.acquire()
+            if self.pacer.rate is not None:
+                await self._paced()
             if self.tpm is not None:
                 charged = float(max(1, round(tokens * self.ratio)))
                 delay = self.tpm.reserve(charged, loop.time())
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await self.wait_pause()  # a 429 may have arrived while we waited for a token
+                if self.pause_until > loop.time():  # a 429 came while we waited
+                    await self.wait_pause()
         except BaseException:
             if self.tpm is not None and charged:
                 self.tpm.adjust(-charged)
             self._release()
             raise
+        now = loop.time()
         if self._first_sent is None:
-            self._first_sent = loop.time()
-        return Ticket(self, tokens, charged, loop.time())
+            self._first_sent = now
+        return Ticket(self, tokens, charged, now)
+
+    async def _paced(self) -> None:
+        """Wait for this attempt's slot in the pace; a pause that starts meanwhile moves it."""
+        loop = self._loop
+        while True:
+            delay = self.pacer.book(loop.time())
+            if delay <= 0:
+                return
+            try:
+                await asyncio.sleep(delay)
+            except BaseException:
+                self.pacer.unbook()
+                raise
+            if self.pause_until <= loop.time():
+                return
+            self.pacer.unbook()  # a Retry-After came while we waited: book again after it
+            await self.wait_pause()
 
     # -- learning from answers ------------------------------------------
     def _learn_ratio(self, estimated: int, actual: int) -> None:
@@ -315,45 +361,37 @@ class Admission:
         self.ratio = min(hi, max(lo, self._ema_actual / self._ema_raw))
 
     def _on_success(self, now: float) -> None:
-        self._ok_times.append(now)
-        while self._ok_times and self._ok_times[0] < now - 2 * RATE_WINDOW:
-            self._ok_times.popleft()
-        if self.adaptive and self.limit < self.ceiling:
-            self._acked += 1
-            if self._acked >= int(self.limit):  # about one round trip of answers
-                self._acked = 0
-                self.limit = min(float(self.ceiling), self.limit + 1.0)
-                self._wake()
-
-    def _slow_down(self, sent_at: float, now: float) -> None:
-        """One cut per congestion event: answers to requests sent before the last cut were
-        already reacted to."""
-        if not self.adaptive or sent_at < self._last_decrease:
-            return
-        self._last_decrease = now
-        self.limit = max(1.0, math.floor(self.limit * AIMD_BETA))
-        self.limit_min = min(self.limit_min, int(self.limit))
-        self._acked = 0
-        self.decreases += 1
-        log.info("rate limited: at most %d in flight from now on (adaptive)", int(self.limit))
+        self.last_progress = now
+        ok = self._ok_times
+        ok.append(now)
+        if ok[0] < now - 2 * RATE_WINDOW:
+            while ok and ok[0] < now - 2 * RATE_WINDOW:
+                ok.popleft()
+        self.learner.success(now)
+        if self.cap < self.ceiling:
+            self.cap += 1
+            self._wake()
 
     def _from_headers(self, headers: Mapping[str, str], now: float) -> None:
-        """`x-ratelimit-remaining-*: 0` holds every worker until one more request fits.
+        """What `x-ratelimit-*` headers say: the limit itself, and when the bucket is empty.
 
         OpenAI's `x-ratelimit-reset-*` is the time until the bucket is FULL again (llmock:
         `60s` with a limit of 120/min, where its own 429 says `retry-after: 20`), and the
-        bucket refills evenly: with the limit known, the next request fits after
-        reset / (limit - remaining), not after all of it. Without a limit, reset is all we
-        know, so the hold is the whole of it (capped at MAX_HOLD).
+        bucket refills evenly: it refills (limit - remaining) in `reset`, which is the rate
+        the pace follows; with nothing remaining, the next request fits after
+        reset / (limit - remaining), not after all of it (the hold). Without a limit, reset
+        is all we know, so the hold is the whole of it (capped at MAX_HOLD).
         """
         for kind in ("requests", "tokens"):
             remaining = _int_header(headers, f"x-ratelimit-remaining-{kind}")
-            if remaining is None or remaining > 0:
-                continue
-            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-            if not reset:
+            if remaining is None:
                 continue
             limit = _int_header(headers, f"x-ratelimit-limit-{kind}")
+            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+            if limit is not None and reset is not None:
+                self._hinted_rate(kind, limit, remaining, reset, now)
+            if remaining > 0 or not reset:
+                continue
             if limit is not None and limit > remaining:
                 seconds = reset / (limit - remaining)
                 why = (f"x-ratelimit-remaining-{kind}: 0 (limit {limit}, full again in "
@@ -362,6 +400,46 @@ class Admission:
                 seconds = reset
                 why = f"x-ratelimit-remaining-{kind}: 0 (reset in {reset:g}s, no limit header)"
             self.hold(seconds, why)
+
+    def _hinted_rate(self, kind: str, limit: int, remaining: int, reset: float,
+                     now: float) -> None:
+        """The refill rate, from how `reset` moves: reset = deficit / rate, so between two
+        answers reset grows by consumed / rate and shrinks by the time passed, and
+        rate = consumed / (reset' - reset + elapsed). `remaining` alone would do
+        ((limit - remaining) / reset), but it is a whole number: with a small limit that is
+        off by up to a token in ten. Sampled a second apart, smoothed; a full bucket says
+        nothing (it stopped refilling), so it restarts the measurement."""
+        consumed = self._consumed[kind]
+        if remaining >= limit:
+            self._anchors.pop(kind, None)
+            return
+        anchor = self._anchors.get(kind)
+        if anchor is None:
+            self._anchors[kind] = (now, reset, consumed)
+            return
+        t0, reset0, consumed0 = anchor
+        if now - t0 < 1.0:
+            return
+        self._anchors[kind] = (now, reset, consumed)
+        refill = reset - reset0 + (now - t0)
+        if refill <= 0 or consumed <= consumed0:
+            return
+        rate = (consumed - consumed0) / refill
+        old = self._hinted.get(kind)
+        rate = rate if old is None else 0.5 * old + 0.5 * rate
+        self._hinted[kind] = rate
+        if kind == "requests":
+            self.learner.hint(rate)
+        elif self.learner.learn and (self.tpm is None or self.tpm_learnt):
+            tpm = rate * 60.0 * 0.98
+            if self.tpm is None:
+                self.tpm = TokenBucket(tpm)
+                self.tpm_learnt = True
+                log.info("tokens per minute: %.0f, stated by x-ratelimit headers", tpm,
+                         extra={"event": "pace", "tokens_per_minute": round(tpm)})
+            else:
+                self.tpm.set_rate(tpm)
+            self.tpm_target = tpm
 
     # -- pausing --------------------------------------------------------
     def _extend(self, seconds: float) -> float:
@@ -401,8 +479,16 @@ class Admission:
             return False
         self.pauses += 1
         self.paused_seconds += grew
-        log.info("rate limited: every worker pauses %.1fs (Retry-After)", seconds,
-                 extra={"event": "rate_limit_pause", "retry_after": seconds})
+        self.pacer.restart_at(self.pause_until)  # no saved-up burst when the pause ends
+        now = self._loop.time() if self._loop is not None else 0.0
+        quiet = now - self._pause_logged_at < PAUSE_LOG_EVERY
+        if not quiet:
+            self._pause_logged_at = now
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "rate limited: every worker pauses %.1fs (Retry-After; %d pause(s), %.1fs in "
+                "all)", seconds, self.pauses, self.paused_seconds,
+                extra={"event": "rate_limit_pause", "retry_after": seconds,
+                       "pauses": self.pauses})
         return True
 
     # -- reporting ------------------------------------------------------
@@ -428,10 +514,14 @@ class Admission:
             "header_holds": self.holds,
             "held_seconds": round(self.held_seconds, 3),
         }
+        pace = self.pacer.rate
+        out["pace_requests_per_second"] = None if pace is None else round(pace, 3)
+        out["pace_source"] = self.learner.source
+        out["refusals"] = self.refusals
         if self.adaptive:
-            out["concurrency_final"] = self._cap()
-            out["concurrency_min"] = self.limit_min
-            out["decreases"] = self.decreases
+            out["pace_lowest"] = None if self.learner.lowest is None else \
+                round(self.learner.lowest, 3)
+            out["pace_cuts"] = self.learner.cuts
         if self.tpm_target:
             out["tpm_target"] = self.tpm_target
             out["usage_to_estimate_ratio"] = round(self.ratio, 3)

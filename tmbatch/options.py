@@ -33,6 +33,7 @@ class RunOptions:
     progress_interval: float = 10.0
     max_line_bytes: int = MAX_LINE_BYTES
     fatal_404_after: int = 8
+    patience: float = 600.0  # seconds with no success at all before refusals are final
     only_lines: set[int] | None = None  # resend: exactly these lines, even if done
     prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
     adaptive: bool | None = None  # None: adaptive concurrency exactly when no --rpm
@@ -43,7 +44,8 @@ class RunOptions:
 
     @property
     def is_adaptive(self) -> bool:
-        """No --rpm: concurrency adapts to 429s unless --adaptive/--no-adaptive says."""
+        """No --rpm: the pace is learnt from refusals and rate-limit headers, unless
+        --adaptive / --no-adaptive says otherwise."""
         return self.rpm is None if self.adaptive is None else self.adaptive
 
     def request_shape(self) -> dict[str, Any]:

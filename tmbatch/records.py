@@ -68,17 +68,29 @@ class ResultRecord:
     line: int
     response: Response
     timing: Timing | None = None
+    # The body exactly as the server sent it (one line of JSON): written as it is instead of
+    # serialising again what was just parsed; None to serialise `response.body`.
+    raw_body: bytes | None = None
 
     def to_json(self) -> bytes:
+        raw = self.raw_body
+        spliced = raw is not None and b"\n" not in raw and b"\r" not in raw
+        response = self.response.as_dict()
+        if spliced:
+            response["body"] = None
         rec: dict[str, Any] = {
-            "id": self.id, "custom_id": self.custom_id, "response": self.response.as_dict(),
+            "id": self.id, "custom_id": self.custom_id, "response": response,
             "error": None, "line": self.line,
         }
         if self.timing is not None:
             t = self.timing
             rec["timing"] = {"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
                              "tokens_per_s": t.tokens_per_s}
-        return orjson.dumps(rec) + b"\n"
+        out = orjson.dumps(rec)
+        if spliced:
+            # `"body":null` cannot occur earlier: inside a JSON string its quotes are escaped
+            out = out.replace(b'"body":null', b'"body":' + raw, 1)  # type: ignore[operator]
+        return out + b"\n"
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import orjson
 
 REDACTED = "[redacted]"
+MIN_LENGTH = 8
 _REDACTED_BYTES = REDACTED.encode()
 
 
@@ -23,7 +24,9 @@ class Secrets:
         self._data: list[bytes] = []
 
     def add(self, secret: str) -> None:
-        if not secret or secret in self._text:
+        """Register a secret. One shorter than MIN_LENGTH ("EMPTY", "dummy": what local
+        servers are given) is no secret, and replacing it everywhere would garble answers."""
+        if len(secret) < MIN_LENGTH or secret in self._text:
             return
         escaped = orjson.dumps(secret).decode()[1:-1]  # as it appears inside a JSON string
         for spelling in dict.fromkeys((secret, escaped)):

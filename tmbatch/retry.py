@@ -18,8 +18,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
-    stop_any,
     wait_exponential_jitter,
 )
 
@@ -53,6 +51,7 @@ class Tries:
 
     before: int = 0
     now: int = 0
+    counted: int = 0  # the failed ones --max-retries counts (not the patient refusals)
 
     @property
     def total(self) -> int:
@@ -72,6 +71,7 @@ class LineSender:
     session: aiohttp.ClientSession
     prior_attempts: dict[int, int] = field(default_factory=dict)
     fatal_404_after: int = 8  # 404s on one (route, model), none answered: its lines fail
+    patience: float = 600.0  # seconds without any success before refusals are final
     served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
     served: ServedCheck = field(init=False)
     # Workers whose request is on the wire: a stop lets these finish and cancels the others.
@@ -115,7 +115,7 @@ class LineSender:
         pending: list[BaseException] = [first]
         retrying = AsyncRetrying(
             retry=retry_if_exception(partial(retryable, idempotent=req.idempotent)),
-            stop=stop_any(stop_after_attempt(self.settings.max_retries + 1), self._stopping),
+            stop=partial(self._give_up, tries),
             wait=self._wait,
             sleep=asyncio.sleep,
             reraise=True,
@@ -137,12 +137,21 @@ class LineSender:
 
     def _wait(self, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome else None
-        if isinstance(exc, AttemptFailed) and exc.retry_after is not None:
-            return 0.0  # the shared pause already holds every worker back
+        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient and (
+                exc.retry_after is not None or self.admission.pace is not None):
+            return 0.0  # the shared pause, or the pace, holds it back
         return float(self._backoff(rs))
 
-    def _stopping(self, rs: RetryCallState) -> bool:
-        return self.stop.stopping
+    def _give_up(self, tries: Tries, rs: RetryCallState) -> bool:
+        """A refusal proves the server did no work, and a run that still makes progress will
+        get its turn: retried until nothing at all has succeeded for --patience. Anything else
+        has --max-retries."""
+        if self.stop.stopping:
+            return True
+        exc = rs.outcome.exception() if rs.outcome else None
+        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
+            return self.admission.stalled_for() > self.patience
+        return tries.counted > self.settings.max_retries
 
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
@@ -167,7 +176,7 @@ class LineSender:
         try:
             answer = await send(self.session, req.url, req.body, headers)
         except AttemptFailed as exc:
-            self._failed_attempt(req, exc, ticket)
+            self._failed_attempt(req, exc, ticket, tries)
             raise
         finally:
             self.stats.in_flight -= 1
@@ -176,9 +185,12 @@ class LineSender:
         ticket.succeeded(answer.headers, self.stats.add_usage(answer.body))
         return answer
 
-    def _failed_attempt(self, req: Request, exc: AttemptFailed, ticket: Ticket) -> None:
+    def _failed_attempt(self, req: Request, exc: AttemptFailed, ticket: Ticket,
+                        tries: Tries) -> None:
         if exc.status == 429:
             self.stats.rejected_429 += 1
+        if not exc.cls.policy.patient:
+            tries.counted += 1
         paused = ticket.failed(exc)
         if paused is not None:
             self.writer.pause(paused)  # on the report's timeline, and honoured by a resume
@@ -216,7 +228,7 @@ class LineSender:
             timing = Timing.of(answer.ttft, answer.latency, out_tokens)
         record = ResultRecord(
             record_id(self.job_id, req.custom_id), req.custom_id, req.line,
-            RecordedResponse(answer.status, answer.request_id, answer.body), timing)
+            RecordedResponse(answer.status, answer.request_id, answer.body), timing, answer.raw)
         self.writer.result(record, answer.latency, answer.ttft)
 
     def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:

@@ -199,7 +199,8 @@ class Runner:
         session = make_session(self.settings, opts.concurrency)
         sender = self._sender = LineSender(
             self.settings, header["job"], self.admission, writer, self.stats, self.stop,
-            session, dict(opts.prior_attempts), opts.fatal_404_after, opts.served_models)
+            session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
+            opts.served_models)
         writer.start()
         progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval,
                             **progress_kwargs())

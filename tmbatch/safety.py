@@ -43,6 +43,9 @@ class Policy:
     refund: bool
     # The server says we are too fast: adaptive admission slows down.
     slows_admission: bool
+    # Proof that the server did no work, and that it would later: retried for as long as the
+    # run makes progress (--patience), not --max-retries times.
+    patient: bool
     # Nothing more may be sent in this run (401/403: every request would fail the same way).
     stops_run: bool
     # `tmbatch resend --class X` may choose it (a `fatal` one is resent by resuming).
@@ -82,20 +85,21 @@ _ = False
 Y = True
 # One row per outcome, the columns in Policy's order (Y yes, _ no). Read down a column to see
 # who may do what: only the rows with `retry` are ever sent again without the user asking.
-#                     final fail retry idemp refund slows stops resend reached state
-_TABLE: dict[Outcome, tuple[bool, bool, bool, bool, bool, bool, bool, bool, bool, int]] = {
-    Outcome.OK:        (Y,   _,   _,    _,    _,     _,    _,    _,     Y,      2),
+#                final fail retry idemp refund slows patient stops resend reached state
+_TABLE: dict[Outcome, tuple[bool, bool, bool, bool, bool, bool, bool, bool, bool, bool,
+                            int]] = {
+    Outcome.OK:        (Y, _, _, _, _, _, _, _, _, Y, 2),
     # DNS failure, connection refused, TLS handshake, connect timeout: the bytes never left
-    Outcome.NOT_SENT:  (Y,   Y,   Y,    Y,    Y,     _,    _,    Y,     _,      3),
+    Outcome.NOT_SENT:  (Y, Y, Y, Y, Y, _, _, _, Y, _, 3),
     # 429; 503 with Retry-After; 408: the server refused it before doing any work
-    Outcome.REJECTED:  (Y,   Y,   Y,    Y,    Y,     Y,    _,    Y,     Y,      4),
+    Outcome.REJECTED:  (Y, Y, Y, Y, Y, Y, Y, _, Y, Y, 4),
     # read timeout, reset after sending, 5xx, a cut stream: the server may have done the work
-    Outcome.AMBIGUOUS: (Y,   Y,   _,    Y,    _,     _,    _,    Y,     Y,      5),
+    Outcome.AMBIGUOUS: (Y, Y, _, Y, _, _, _, _, Y, Y, 5),
     # 400, 404, 422, a redirect, a bad input line: sending it again gives the same answer
-    Outcome.PERMANENT: (Y,   Y,   _,    _,    Y,     _,    _,    Y,     Y,      6),
+    Outcome.PERMANENT: (Y, Y, _, _, Y, _, _, _, Y, Y, 6),
     # 401/403: the key is wrong for every request; nothing was done, sent again on resume
-    Outcome.FATAL:     (_,   Y,   _,    _,    Y,     _,    Y,    _,     Y,      7),
-    Outcome.PENDING:   (_,   _,   _,    _,    Y,     _,    _,    _,     _,      0),
+    Outcome.FATAL:     (_, Y, _, _, Y, _, _, Y, _, Y, 7),
+    Outcome.PENDING:   (_, _, _, _, Y, _, _, _, _, _, 0),
 }
 _MEANING = {
     Outcome.OK: "succeeded",

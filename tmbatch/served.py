@@ -62,7 +62,10 @@ class ServedCheck:
 
     def succeeded(self, route: str, model: object) -> None:
         name = model if isinstance(model, str) else None
-        self._ok.add((route, name))
+        key = (route, name)
+        if key in self._ok:
+            return
+        self._ok.add(key)
         self._ok_routes.add(route)
         self._ok_models.add(name)
 

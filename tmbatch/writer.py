@@ -112,8 +112,7 @@ class Writer:
         self._schedule()
 
     def _note_supersede(self, line: int) -> None:
-        outcome = self.states.outcome(line)
-        if outcome is not None and outcome.policy.failure:
+        if self.states.failed(line):
             self.superseded = True
 
     # -- flushing -------------------------------------------------------

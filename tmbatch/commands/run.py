@@ -85,12 +85,18 @@ def _input_args(g: Any) -> None:
 def _limit_args(g: Any) -> None:
     g.add_argument("-c", "--concurrency", type=positive_int, default=None,
                    help="requests in flight at once (default 64)")
-    g.add_argument("--rpm", type=positive_float, help="requests per minute (leaky bucket)")
+    g.add_argument("--rpm", type=positive_float, help="requests per minute, when you know the "
+                   "account's limit (without it the pace is learnt from 429s and rate-limit "
+                   "headers)")
     g.add_argument("--tpm", type=positive_float, help="tokens per minute, estimated before "
                    "sending (prompt chars/4 + max_tokens) and corrected from usage")
     g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
-                   help="adapt concurrency to 429s (AIMD, --concurrency is the ceiling); on by "
-                   "default when --rpm is not given")
+                   help="learn the pace from 429s, Retry-After and x-ratelimit headers "
+                   "(--concurrency stays the ceiling); on by default when --rpm is not given")
+    g.add_argument("--patience", type=positive_float, default=None, metavar="SECONDS",
+                   help="a line refused by the rate limit (429, 503 with Retry-After, 408) is "
+                   "sent again until nothing at all has succeeded for this long, then it fails "
+                   "`rejected` (default 600)")
 
 
 def _checkpoint_args(g: Any) -> None:
@@ -139,7 +145,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
         restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
         quiet=ns.quiet, progress_interval=ns.progress_interval,
-        max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive,
+        max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive, patience=ns.patience,
     )
     code = run_async(start_run(ns, opts, settings, preflight=not ns.no_preflight))
     if label_run is not None:

@@ -1,0 +1,160 @@
+"""How fast to send when nobody says: a pace learnt from 429s, their hints and successes.
+
+Most users do not know their account's rate limit. Concurrency alone cannot express a rate
+(at 20 ms latency one request in flight is already 50 a second), and living on Retry-After
+(every 429 stops every worker for a second) wastes most of the limit. So requests are paced
+by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
+
+* `x-ratelimit-limit/remaining/reset-*` headers state the limit: the bucket refills
+  (limit - remaining) in `reset` seconds, so that is the pace, a little under it.
+* Otherwise the rate is learnt. Unpaced at first, sends ramp up until the first refusal.
+  A refusal (a 429, a 503 with Retry-After, a 408: what `safety` calls rejected) is one
+  congestion event per round trip: the pace becomes what the server actually accepted over
+  the last seconds (it accepts at its limit while refusing the rest) and never more than a
+  cut of the old pace. Each success then raises the pace a little (a probe, so a limit that
+  grows is found again); after a long calm the probe grows faster.
+* `--rpm` fixes the pace instead; nothing is learnt.
+
+aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
+scheduler, and GCRA is a few lines (the same as `limits.TokenBucket`'s). Every Retry-After
+window is still honoured for every worker by `limits.Admission`'s shared pause.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+log = logging.getLogger("tmbatch")
+
+MIN_RATE = 0.05  # requests/s: a pace never falls below one request in 20 s
+BURST_SECONDS = 0.05  # a pace's burst: 50 ms worth, at least one request and at most four
+MAX_BURST = 4.0
+HINT_MARGIN = 0.98  # pace a little under a limit the server states
+CUT = 0.9  # after a refusal, at most this much of the old pace ...
+ACCEPTED_MARGIN = 0.97  # ... and at most this much of what the server accepted last second
+DEEPEST_CUT = 0.5  # ... but never less than half of it in one step
+EVENT_GAP = 1.0  # seconds: one refusal event at most this often (its answers come together)
+# Growth of the pace, relative, per second of successes: fast after the first refusal (the
+# estimate there is a lower bound: the server's burst hid its rate), then slow near the pace
+# that was last refused (so 429s stay rare), faster again far below it.
+RAMP_GROWTH = 1.0
+NEAR_GROWTH = 0.005
+FAR_GROWTH = 0.1
+NEAR = 0.8  # "near": within this fraction of the pace last refused
+LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
+
+
+class Pacer:
+    """GCRA: each request books the next slot; the wait is how far the booking is ahead."""
+
+    __slots__ = ("interval", "rate", "tat", "tolerance")
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate: float | None = None
+        self.interval = 0.0
+        self.tolerance = 0.0
+        self.tat = -math.inf
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        if rate is None:
+            return
+        self.interval = 1.0 / rate
+        burst = min(MAX_BURST, max(1.0, rate * BURST_SECONDS))
+        self.tolerance = (burst - 1.0) * self.interval
+
+    def book(self, now: float) -> float:
+        """Seconds to wait before sending; the slot is taken either way."""
+        if self.rate is None:
+            return 0.0
+        start = max(self.tat, now - self.tolerance)
+        self.tat = start + self.interval
+        return max(0.0, start - now)
+
+    def unbook(self) -> None:
+        """A booked request that will not be sent (its worker stopped): give the slot back."""
+        if self.rate is not None:
+            self.tat -= self.interval
+
+    def restart_at(self, when: float) -> None:
+        """After a pause: no saved-up burst, the first slot is when the pause ends."""
+        self.tat = max(self.tat, when - self.tolerance)
+
+
+class RateLearner:
+    """Sets the pacer's rate from what the server says and does (see the module doc)."""
+
+    def __init__(self, pacer: Pacer, *, learn: bool) -> None:
+        self.pacer = pacer
+        self.learn = learn
+        self.accepted: deque[float] = deque()  # success times of the last second
+        self.last_cut = -math.inf
+        self.refused_at: float | None = None  # the pace the last refusal happened at
+        self.cuts = 0
+        self.hinted = False
+        self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
+        self._logged: float | None = pacer.rate
+        self.lowest: float | None = pacer.rate
+
+    @property
+    def rate(self) -> float | None:
+        return self.pacer.rate
+
+    def success(self, now: float) -> None:
+        acc = self.accepted
+        acc.append(now)
+        while acc[0] < now - 1.0:
+            acc.popleft()
+        rate = self.pacer.rate
+        if not self.learn or rate is None or self.hinted:
+            return
+        if self.cuts == 1:
+            growth = RAMP_GROWTH
+        elif self.refused_at is not None and rate >= NEAR * self.refused_at:
+            growth = NEAR_GROWTH
+        else:
+            growth = FAR_GROWTH
+        # per success, so that the growth per second is `growth` at this pace
+        self._set(rate * (1.0 + growth / max(rate, 1.0)), "probing")
+
+    def refused(self, now: float, sent_at: float) -> None:
+        """A rejection. One cut per congestion event: refusals of requests sent before the
+        last cut, or within EVENT_GAP of it, were already reacted to."""
+        if not self.learn or sent_at < self.last_cut or now - self.last_cut < EVENT_GAP:
+            return
+        self.last_cut = now
+        self.cuts += 1
+        if self.hinted:
+            return  # the headers state the limit: a refusal is jitter, the pause handles it
+        accepted = sum(1 for t in self.accepted if t > now - 1.0) * ACCEPTED_MARGIN
+        current = self.pacer.rate
+        if current is None:  # the first: all we know is what got through
+            if not accepted:
+                self.cuts -= 1  # nothing got through yet: no measure (the pause, backoff)
+                return
+            new = accepted
+        else:
+            self.refused_at = current
+            new = max(current * DEEPEST_CUT, min(current * CUT, accepted))
+        self._set(max(MIN_RATE, new), "learnt from refusals")
+
+    def hint(self, rate: float) -> None:
+        """The server stated its limit (x-ratelimit headers): pace just under it."""
+        if not self.learn or rate <= 0:
+            return
+        self.hinted = True
+        self._set(max(MIN_RATE, rate * HINT_MARGIN), "stated by x-ratelimit headers")
+
+    def _set(self, rate: float, why: str) -> None:
+        self.pacer.set_rate(rate)
+        self.source = why
+        self.lowest = rate if self.lowest is None else min(self.lowest, rate)
+        logged = self._logged
+        if logged is None or abs(rate - logged) > LOG_CHANGE * logged:
+            self._logged = rate
+            log.info("pace: %.3g requests/s (%s)", rate, why,
+                     extra={"event": "pace", "requests_per_second": round(rate, 3),
+                            "source": why})
