@@ -20,6 +20,7 @@ from tmbatch.files import FAILURES, FILE_MODE, JOURNAL, LOCK, RESULTS, SUMMARY, 
 from tmbatch.journal import JournalError, ResumeState, load
 from tmbatch.options import RunOptions
 from tmbatch.reader import fingerprint
+from tmbatch.words import setting
 
 log = logging.getLogger("tmbatch")
 
@@ -59,6 +60,9 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
             )
         state = load(out)
         header = state.header
+        if header.get("merged"):  # its lines' Idempotency-Keys belong to the shards' job ids
+            raise JournalError(f"{out} was written by `tmbatch merge`; run (or resend) in the "
+                               "shard directories, then merge again")
         if header.get("fingerprint") != fp:
             raise JournalError(
                 f"{out} belongs to a different input ({header.get('input')}, fingerprint "
@@ -69,7 +73,8 @@ def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None
         current = opts.request_shape()
         diff = [k for k in current if recorded.get(k) != current[k]]
         if diff:
-            parts = ", ".join(f"{k} was {recorded.get(k)!r}, now {current[k]!r}" for k in diff)
+            parts = ", ".join(f"{k} was {setting(recorded.get(k))}, now {setting(current[k])}"
+                              for k in diff)
             raise JournalError(
                 f"{out} was started with other options ({parts}); resume with the same "
                 "options, or --restart"

@@ -26,6 +26,7 @@ from tmbatch.compact import IdSet, LineStates
 from tmbatch.config import check_model
 from tmbatch.files import os_problem
 from tmbatch.lines import Shard, in_shard, numbered_lines
+from tmbatch.words import json_text, json_type
 
 # route -> idempotent?  Generation routes are billed once accepted.
 ROUTES: dict[str, bool] = {
@@ -143,14 +144,6 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def _describe(value: Any) -> str:
-    return type(value).__name__ if value is not None else "null"
-
-
-def _a(value: Any) -> str:
-    return f"a {_describe(value)}"
-
-
 def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError,
                 ) -> tuple[int, None, str, str]:
     """Say where the line breaks and, for the usual suspects, why."""
@@ -253,7 +246,7 @@ def check_json(raw: bytes, line: int) -> dict[str, Any]:
         )
     if not isinstance(obj, dict):
         raise _Refused(line, None, "not_an_object",
-                       f"line {line}: expected a JSON object, got a JSON {_describe(obj)}")
+                       f"line {line}: expected a JSON object, got {json_type(obj)}")
     return obj
 
 
@@ -294,13 +287,13 @@ def check_batch_line(obj: dict[str, Any], line: int) -> tuple[str, str, dict[str
     if method != "POST":
         raise _Refused(
             line, custom_id, "invalid_method",
-            f"line {line}: method {method!r} is not allowed; every batch route takes POST",
+            f"line {line}: method {json_text(method)} is not allowed; every batch route takes POST",
         )
     url = check_url(obj["url"], line, custom_id)
     body = obj["body"]
     if not isinstance(body, dict):
         raise _Refused(line, custom_id, "invalid_body",
-                       f"line {line}: body is {_a(body)}; expected a JSON object")
+                       f"line {line}: body is {json_type(body)}; expected a JSON object")
     return custom_id, url, body
 
 
@@ -308,7 +301,7 @@ def check_custom_id(obj: dict[str, Any], line: int) -> str:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
         what = "missing" if "custom_id" not in obj else (
-            "empty" if isinstance(custom_id, str) else f"{_a(custom_id)}, not a string"
+            "empty" if isinstance(custom_id, str) else f"{json_type(custom_id)}, not a string"
         )
         raise _Refused(
             line, None, "invalid_custom_id",
@@ -327,7 +320,7 @@ def check_url(url: Any, line: int, custom_id: str) -> str:
     """A supported route's path; a host is refused (it comes from the configuration)."""
     if not isinstance(url, str):
         raise _Refused(line, custom_id, "invalid_url",
-                       f"line {line}: url is {_a(url)}; expected a path string")
+                       f"line {line}: url is {json_type(url)}; expected a path string")
     parts = urlsplit(url)
     if parts.scheme or parts.netloc:
         raise _Refused(
@@ -361,7 +354,7 @@ def check_body(body: dict[str, Any], line: int, custom_id: str, url: str, model:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise _Refused(
             line, custom_id, "invalid_stream",
-            f"line {line}: body.stream is {_a(body['stream'])}; expected true or false",
+            f"line {line}: body.stream is {json_type(body['stream'])}; expected true or false",
         )
     if stream is not None and url in STREAMABLE and "stream" not in body:
         body["stream"] = stream
