@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from tqdm import tqdm
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "tmbatch: %(levelname)s: %(message)s"
@@ -134,7 +135,16 @@ def say(name: str, msg: str, /, *, text: str | None = None, level: int = logging
     if _format == "json":
         event(name, msg.strip(), level=level, **fields)
     else:
-        print(REDACT.scrub(msg if text is None else text), file=sys.stderr, flush=True)
+        _write(REDACT.scrub(msg if text is None else text))
+
+
+def _write(text: str) -> None:
+    """A line to stderr; through tqdm when a progress bar is drawn there, which clears the
+    bar, writes the line and draws the bar again below it, instead of writing into it."""
+    if getattr(tqdm, "_instances", None):
+        tqdm.write(text.lstrip("\n"), file=sys.stderr)
+        return
+    print(text, file=sys.stderr, flush=True)
 
 
 def progress_kwargs() -> dict[str, Any]:
