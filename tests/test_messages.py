@@ -29,3 +29,41 @@ def test_a_resume_with_other_options_names_them_in_english(tmp_path: Path) -> No
     assert "model was not set, now 'tm-large'" in p.stderr
     assert "stream was not set, now on" in p.stderr and "shard was not set, now 0/1" in p.stderr
     assert "None" not in p.stderr
+
+
+def _duplicates(data: bytes) -> dict[int, str]:
+    import io
+
+    from tmbatch.reader import BadLine, read_requests
+
+    return {item.line: item.message for item in read_requests(io.BytesIO(data))
+            if isinstance(item, BadLine)}
+
+
+def test_a_duplicate_custom_id_names_the_line_that_used_it_first() -> None:
+    import orjson
+
+    rows = [orjson.dumps(chat_line(i)) for i in range(5)]
+    rows.append(b'{"custom_id":"req-\\u0032","method":"POST","url":"/v1/chat/completions",'
+                b'"body":{"model":"tm-small","messages":[]}}')  # req-2, spelled with an escape
+    rows.append(orjson.dumps(chat_line(2)))
+    rows.append(orjson.dumps({**chat_line(9), "custom_id": 9}))  # bad: not a first use
+    rows.append(orjson.dumps(chat_line(4)))
+    got = _duplicates(b"\n".join(rows) + b"\n")
+    assert 'custom_id "req-2" was already used by line 3;' in got[6]
+    assert "already used by line 3;" in got[7]
+    assert "already used by line 5;" in got[9]
+
+
+def test_first_use_lookups_are_bounded() -> None:
+    import orjson
+
+    from tmbatch.reader import FIRST_USE_LOOKUPS
+
+    n = FIRST_USE_LOOKUPS + 5
+    rows = [orjson.dumps(chat_line(i)) for i in range(n)] * 2  # the file twice over
+    got = _duplicates(b"\n".join(rows) + b"\n")
+    assert len(got) == n
+    named = [m for m in got.values() if "by line" in m]
+    assert len(named) == FIRST_USE_LOOKUPS  # then "an earlier line": no rescans without end
+    assert all("by an earlier line" in m for m in got.values() if m not in named)

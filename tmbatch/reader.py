@@ -47,6 +47,7 @@ STREAMABLE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 BATCH_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_CUSTOM_ID = 512
+FIRST_USE_LOOKUPS = 32  # duplicated ids whose first line is looked up (see FirstUse)
 # orjson refuses to serialize deeper than this; a line it cannot send is bad input, not a crash.
 MAX_DEPTH = 255
 # orjson turns integers outside 64 bits into floats: the request would be sent altered.
@@ -389,6 +390,7 @@ def read_requests(
     """
     seen = IdSet() if seen is None else seen
     stats = ReadStats() if stats is None else stats
+    first_use = FirstUse(f, endpoint, model, stream, shard, max_line_bytes)
     for line, raw, length in numbered_lines(f, max_line_bytes):
         stats.lines = line
         if not in_shard(line, shard) or (done is not None and line in done):
@@ -405,10 +407,66 @@ def read_requests(
             continue
         item = parse_line(raw, line, endpoint, model, stream)
         if isinstance(item, Request) and not seen.add(item.custom_id):
+            first = first_use.line_of(item.custom_id, line)
             yield BadLine(
                 line, item.custom_id, "duplicate_custom_id",
-                f"line {line}: custom_id {item.custom_id[:100]!r} was already used by an "
-                "earlier line; custom_ids must be unique",
+                f"line {line}: custom_id {json_text(item.custom_id)} was already used by "
+                f"{'an earlier line' if first is None else f'line {first}'}; custom_ids must "
+                "be unique",
             )
             continue
         yield item
+
+
+class FirstUse:
+    """The line that first used a duplicated custom_id, found by reading the input again.
+
+    The reader keeps 8-byte hashes of the ids, not the ids and their lines, so that a
+    million-line file costs megabytes; duplicates are rare, so the first use is looked up only
+    when one appears, from the start of the file up to the duplicate, for at most
+    FIRST_USE_LOOKUPS different ids (then the message says "an earlier line"). A line is only
+    parsed when its bytes can hold the id. Stdin cannot be read twice and is not looked up.
+    """
+
+    def __init__(self, f: IO[bytes], endpoint: str | None, model: str | None,
+                 stream: bool | None, shard: Shard | None, max_line_bytes: int) -> None:
+        self.f = f
+        self.parse = (endpoint, model, stream)
+        self.shard = shard
+        self.max_line_bytes = max_line_bytes
+        self.left = FIRST_USE_LOOKUPS
+        self.found: dict[str, int | None] = {}
+
+    def line_of(self, custom_id: str, before: int) -> int | None:
+        if custom_id in self.found:
+            return self.found[custom_id]
+        if self.left <= 0 or not _seekable(self.f):
+            return None
+        self.left -= 1
+        pos = self.f.tell()
+        try:
+            self.f.seek(0)
+            self.found[custom_id] = self._scan(custom_id, before)
+        finally:
+            self.f.seek(pos)
+        return self.found[custom_id]
+
+    def _scan(self, custom_id: str, before: int) -> int | None:
+        needle = orjson.dumps(custom_id)
+        for line, raw, _ in numbered_lines(self.f, self.max_line_bytes):
+            if line >= before:
+                return None
+            if raw is None or not in_shard(line, self.shard) or (
+                    needle not in raw and b"\\" not in raw):
+                continue
+            item = parse_line(raw, line, *self.parse)
+            if isinstance(item, Request) and item.custom_id == custom_id:
+                return line
+        return None
+
+
+def _seekable(f: IO[bytes]) -> bool:
+    try:
+        return f.seekable()
+    except (OSError, ValueError):
+        return False
