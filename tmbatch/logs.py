@@ -120,9 +120,18 @@ def _safe_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {(f"{k}_" if k in _RESERVED else k): v for k, v in fields.items()}
 
 
-def event(name: str, msg: str, /, *, level: int = logging.INFO, **fields: Any) -> None:
-    """A log line with a machine-readable event name and fields (both formats)."""
-    log.log(level, "%s", msg, extra={"event": name, **_safe_fields(fields)})
+def event(name: str, msg: str, /, *, level: int = logging.INFO, always: bool = False,
+          **fields: Any) -> None:
+    """A log line with a machine-readable event name and fields (both formats).
+
+    `always` writes it whatever the level (-q sets WARNING): a pipeline must see how every
+    command ended, and `exit` is that event."""
+    extra = {"event": name, **_safe_fields(fields)}
+    if always and not log.isEnabledFor(level):
+        log.handle(log.makeRecord(log.name, level, __file__, 0, "%s", (msg,), None,
+                                  extra=extra))
+        return
+    log.log(level, "%s", msg, extra=extra)
 
 
 def say(name: str, msg: str, /, *, text: str | None = None, level: int = logging.INFO,

@@ -56,7 +56,7 @@ def add_resend_parser(sub: Any) -> None:
     rs.add_argument("--tpm", type=common.positive_float, help="tokens per minute")
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
     rs.add_argument("-v", "--verbose", action="count", default=0,
-                    help="more detail in the log (-vv for debug)")
+                    help="log debug detail too")
     common.add_connection_args(rs)
     common.add_sim_group(rs, "send to the in-process simulator")
 
