@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from tmbatch.compact import LineStates
-from tmbatch.files import FAILURES
+from tmbatch.files import FAILURES, os_problem
 from tmbatch.journal import JournalError, load
 from tmbatch.safety import FAILURE_CLASSES, Outcome
 
@@ -95,8 +95,10 @@ def _by_ids(out_dir: Path, ids_file: str, current: dict[int, Selected],
             records: dict[int, Selected], states: LineStates) -> list[Selected]:
     try:
         text = Path(ids_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JournalError(f"--ids {ids_file}: cannot read it ({exc})") from None
+    except OSError as exc:
+        raise JournalError(f"--ids {ids_file}: {os_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise JournalError(f"--ids {ids_file}: not UTF-8 text; one custom_id a line") from None
     wanted = {x.strip() for x in text.splitlines() if x.strip()}
     by_id = {r.custom_id: r for r in current.values() if r.custom_id is not None}
     missing = sorted(wanted - set(by_id))
