@@ -70,13 +70,19 @@ def test_four_shards_then_merge_cover_every_line_exactly_once(tmp_path: Path,
     assert set(stats["processed"].values()) == {1}  # the simulator did each request once
 
 
-def test_merge_with_failures_keeps_one_outcome_per_line_and_exits_1(tmp_path: Path,
-                                                                    sim_factory: Any) -> None:
+def two_failing_shards(tmp_path: Path, sim_factory: Any) -> tuple[Any, Path, list[Path]]:
+    """Shards 0/2 and 1/2 against a server that answers 500 to a fifth of the requests."""
     sim = sim_factory(error_500=0.2, seed=7)
     inp = make_input(tmp_path)
     outs = [tmp_path / f"s{i}" for i in range(2)]
     for code, err in run_shards(inp, sim.url, outs, ["0/2", "1/2"]):
         assert code == 1, err  # some 500s: ambiguous, never re-sent
+    return sim, inp, outs
+
+
+def test_merge_with_failures_keeps_one_outcome_per_line_and_exits_1(tmp_path: Path,
+                                                                    sim_factory: Any) -> None:
+    sim, _, outs = two_failing_shards(tmp_path, sim_factory)
     r = run_cli(["merge", str(outs[1]), str(outs[0]), "-o", str(tmp_path / "m")])
     assert r.returncode == 1, r.stderr
     ok = ids_of(tmp_path / "m" / "results.jsonl")
@@ -190,11 +196,7 @@ def test_sharded_and_unsharded_directories_cannot_be_merged_exit_2(tmp_path: Pat
 
 def test_a_merged_directory_answers_status_export_and_report(tmp_path: Path,
                                                              sim_factory: Any) -> None:
-    sim = sim_factory(error_500=0.2, seed=7)
-    inp = make_input(tmp_path)
-    outs = [tmp_path / f"s{i}" for i in range(2)]
-    for code, err in run_shards(inp, sim.url, outs, ["0/2", "1/2"]):
-        assert code == 1, err
+    sim, inp, outs = two_failing_shards(tmp_path, sim_factory)
     merged = tmp_path / "merged"
     assert run_cli(["merge", *map(str, outs), "-o", str(merged)]).returncode == 1
     failed = len(read_jsonl(merged / "failures.jsonl"))

@@ -95,3 +95,8 @@ def test_final_line_never_shows_none() -> None:
     line = final_line(summary)
     assert "None" not in line and "latency" not in line  # only bad lines: nothing measured
     assert line.startswith("done: 0 succeeded, 2 failed (permanent 2)")
+    summary["this_run"]["admission"] = {  # every request refused: no settled rate
+        "mode": "adaptive", "decreases": 2, "concurrency_final": 30,
+        "settled_requests_per_second": None}
+    line = final_line(summary)
+    assert "None" not in line and "adaptive: settled at 30 in flight," in line

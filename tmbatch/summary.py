@@ -235,8 +235,9 @@ def final_line(summary: dict[str, Any]) -> str:
     extra = ""
     adm = r.get("admission") or {}
     if adm.get("mode") == "adaptive" and adm.get("decreases"):
-        extra += (f", adaptive: settled at {adm['concurrency_final']} in flight, "
-                  f"{adm['settled_requests_per_second']} req/s")
+        extra += f", adaptive: settled at {adm['concurrency_final']} in flight"
+        if adm.get("settled_requests_per_second") is not None:  # none when nothing succeeded
+            extra += f", {adm['settled_requests_per_second']} req/s"
     return (
         f"done: {_counts_part(c)}; this run {r['requests_per_second']} req/s, "
         f"{r['tokens']['per_second']} tok/s{_latency_part(r)}{extra}, "
