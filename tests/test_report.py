@@ -90,7 +90,7 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(
         png = (page.parent / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and base64.b64decode(b64) == png
     assert "http_400" in text and "http_500" in text and "invalid_json" in text
-    assert "429 pauses (0.2 s)" in text
+    assert "pauses for 429s (0.2 s in all)" in text
 
     browser = chromium()
     require(browser is not None, "chromium (apt-get install -y chromium)")
@@ -203,7 +203,7 @@ def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) ->
     p = run_cli(["report", str(out)])
     assert p.returncode == 0, p.stderr
     text = (out / "report" / "index.html").read_text()
-    assert "3 429 pauses (3.0 s)" in text.replace("</b><span>", " ")
+    assert "3 pauses for 429s (3.0 s in all)" in text.replace("</b><span>", " ")
     assert f"{102 / active:,.1f}</b><span>outcomes / s (while sending)" in text
     assert f"{102 * 50 / active:,.0f}</b><span>tokens / s (while sending)" in text
     assert "last run" not in text

@@ -332,7 +332,8 @@ def _cards(data: RunData) -> str:
     cards.append(_card(_ms(percentile(lat, 99)), "latency p99"))
     if data.ttft_ms:
         cards.append(_card(_ms(percentile(sorted(data.ttft_ms), 50)), "TTFT p50 (streamed)"))
-    cards.append(_card(f"{len(data.pauses):,}", f"429 pauses ({data.paused_seconds():,.1f} s)",
+    cards.append(_card(f"{len(data.pauses):,}",
+                       f"pauses for 429s ({data.paused_seconds():,.1f} s in all)",
                        "warn" if data.pauses else ""))
     if data.tokens and active > 0:
         cards.append(_card(f"{data.tokens / active:,.0f}", "tokens / s (while sending)"))
