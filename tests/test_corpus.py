@@ -241,7 +241,7 @@ def test_duplicate_custom_id_across_resume(sim_factory: Any, tmp_path: Path) -> 
     assert second.returncode == 1, second.stderr
     fails = {f["line"]: f for f in read_jsonl(out / "failures.jsonl")}
     assert fails[20]["error"]["code"] == "duplicate_custom_id"
-    assert "already used" in fails[20]["error"]["message"]
+    assert "already used by line 1;" in fails[20]["error"]["message"]  # a line done before
     results = read_jsonl(out / "results.jsonl")
     assert sorted(r["line"] for r in results) == list(range(1, 20))
     job = orjson.loads((out / "journal.jsonl").read_bytes().split(b"\n")[0])["job"]

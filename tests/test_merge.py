@@ -70,13 +70,19 @@ def test_four_shards_then_merge_cover_every_line_exactly_once(tmp_path: Path,
     assert set(stats["processed"].values()) == {1}  # the simulator did each request once
 
 
-def test_merge_with_failures_keeps_one_outcome_per_line_and_exits_1(tmp_path: Path,
-                                                                    sim_factory: Any) -> None:
+def two_failing_shards(tmp_path: Path, sim_factory: Any) -> tuple[Any, Path, list[Path]]:
+    """Shards 0/2 and 1/2 against a server that answers 500 to a fifth of the requests."""
     sim = sim_factory(error_500=0.2, seed=7)
     inp = make_input(tmp_path)
     outs = [tmp_path / f"s{i}" for i in range(2)]
     for code, err in run_shards(inp, sim.url, outs, ["0/2", "1/2"]):
         assert code == 1, err  # some 500s: ambiguous, never re-sent
+    return sim, inp, outs
+
+
+def test_merge_with_failures_keeps_one_outcome_per_line_and_exits_1(tmp_path: Path,
+                                                                    sim_factory: Any) -> None:
+    sim, _, outs = two_failing_shards(tmp_path, sim_factory)
     r = run_cli(["merge", str(outs[1]), str(outs[0]), "-o", str(tmp_path / "m")])
     assert r.returncode == 1, r.stderr
     ok = ids_of(tmp_path / "m" / "results.jsonl")
@@ -174,3 +180,49 @@ def test_merged_outputs_are_owner_only_whatever_the_umask(tmp_path: Path,
     assert {"results.jsonl", "failures.jsonl", "summary.json"} <= set(modes)
     assert {n: oct(m) for n, m in modes.items() if m != 0o600} == {}
     assert stat.S_IMODE(merged.stat().st_mode) == 0o700
+
+
+def test_sharded_and_unsharded_directories_cannot_be_merged_exit_2(tmp_path: Path,
+                                                                   sim: Any) -> None:
+    inp = make_input(tmp_path)
+    outs = [tmp_path / "s0", tmp_path / "whole"]
+    assert [c for c, _ in run_shards(inp, sim.url, outs, ["0/2", ""])] == [0, 0]
+    r = run_cli(["merge", *map(str, outs), "-o", str(tmp_path / "m")])
+    assert r.returncode == 2, r.stderr  # the documented "cannot be merged", not 5
+    assert "different shard counts" in r.stderr and "not sharded" in r.stderr
+    assert "merged" not in r.stderr.split("error:")[0]  # no "merged ... succeeded" first
+    assert not (tmp_path / "m").exists()  # nothing written
+
+
+def test_a_merged_directory_answers_status_export_and_report(tmp_path: Path,
+                                                             sim_factory: Any) -> None:
+    sim, inp, outs = two_failing_shards(tmp_path, sim_factory)
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", *map(str, outs), "-o", str(merged)]).returncode == 1
+    failed = len(read_jsonl(merged / "failures.jsonl"))
+    st = run_cli(["status", str(merged), "--json"])
+    assert st.returncode == 0, st.stderr  # finished: every line has its outcome
+    status = orjson.loads(st.stdout)
+    assert (status["succeeded"], status["failed"]) == (N_LINES - failed, failed)
+    assert status["not_yet_sent"] == 0 and status["unknown_outcome"] == 0
+    assert status["merged_from"] == [str(o) for o in outs]
+    assert status["attempts_sent"] == N_LINES  # each shard's dispatches, once
+    text = run_cli(["status", str(merged)]).stdout
+    assert "merged from:" in text and "(finished)" in text
+    ex = run_cli(["export", str(merged), "--combined"])
+    assert ex.returncode == 0, ex.stderr
+    combined = read_jsonl(merged / "outcomes.ordered.jsonl")
+    assert [r["line"] for r in combined] == [n for n in range(1, N_LINES + 2) if n != 12]
+    rep = run_cli(["report", str(merged)])
+    assert rep.returncode == 0, rep.stderr
+    page = (merged / "report" / "index.html").read_text()
+    assert f"{N_LINES - failed:,}</b><span>succeeded" in page
+    # the merged directory is not a run: its lines' Idempotency-Keys belong to the shards
+    r = run_cli(["run", str(inp), "-o", str(merged), "--base-url", sim.url, "--no-preflight"],
+                env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+    assert r.returncode == 2 and "written by `tmbatch merge`" in r.stderr
+    r = run_cli(["resend", str(merged), "--class", "ambiguous", "--dry-run"])
+    assert r.returncode == 2 and "merged directory" in r.stderr
+    processed = sim.stats()["processed_keys"]
+    assert run_cli(["merge", *map(str, outs), "-o", str(merged)]).returncode == 1  # again
+    assert sim.stats()["processed_keys"] == processed

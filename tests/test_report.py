@@ -90,7 +90,7 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(
         png = (page.parent / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and base64.b64decode(b64) == png
     assert "http_400" in text and "http_500" in text and "invalid_json" in text
-    assert "429 pauses (0.2 s)" in text
+    assert "pauses for 429s (0.2 s in all)" in text
 
     browser = chromium()
     require(browser is not None, "chromium (apt-get install -y chromium)")
@@ -164,3 +164,61 @@ def test_an_old_journal_without_times_still_reports_failures(tmp_path: Path) -> 
     assert (out / "report" / "failures.png").exists()
     assert not stale.exists(), "a chart from an older report must not linger"
     assert "http_400" in text
+
+
+def _two_runs(tmp_path: Path) -> Path:
+    """A run of 100 outcomes over 10 s with overlapping 429 pauses, then, an hour later, a
+    resend of two lines that took 0.1 s; results carry 50 tokens each."""
+    out = tmp_path / "two"
+    out.mkdir()
+    t0 = 1.7e9
+    records: list[Any] = [{"e": "start", "v": 1, "input": "/x/in.jsonl", "fingerprint": "f",
+                           "job": "twojob", "t": t0}]
+    for i in range(1, 101):
+        records += [["d", i, 1, f"r{i}"], ["o", i, "ok", "", t0 + i / 10, 12.0, None]]
+    records += [["p", t0 + 2.0, 2.0], ["p", t0 + 3.0, 2.0], ["p", t0 + 3.5, 0.5]]  # 3 s paused
+    records += [{"e": "resume", "t": t0 + 3600, "resend": 2}]
+    records += [["d", 101, 1, "r101"], ["o", 101, "ok", "", t0 + 3600.1, 12.0, None],
+                ["d", 102, 1, "r102"], ["o", 102, "ok", "", t0 + 3600.2, 12.0, None]]
+    write_jsonl(out / "journal.jsonl", records)
+    usage = {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50}
+    write_jsonl(out / "results.jsonl", [
+        {"custom_id": f"r{i}", "line": i, "error": None,
+         "response": {"status_code": 200, "body": {"usage": usage}}} for i in range(1, 103)])
+    (out / "summary.json").write_bytes(orjson.dumps(
+        {"this_run": {"tokens": {"per_second": 3.0}}}))  # the resend's own, tiny, rate
+    return out
+
+
+def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) -> None:
+    from tmbatch.report import load_run
+
+    out = _two_runs(tmp_path)
+    data = load_run(out)
+    assert data.paused_seconds() == 3.0  # 2 + 2 + 0.5 overlapping: their union
+    active = data.active_seconds()
+    assert abs(active - (9.9 + 0.1)) < 1e-6  # the hour between the runs is not counted
+    assert data.tokens == 102 * 50
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    p = run_cli(["report", str(out)])
+    assert p.returncode == 0, p.stderr
+    text = (out / "report" / "index.html").read_text()
+    assert "3 pauses for 429s (3.0 s in all)" in text.replace("</b><span>", " ")
+    assert f"{102 / active:,.1f}</b><span>outcomes / s (while sending)" in text
+    assert f"{102 * 50 / active:,.0f}</b><span>tokens / s (while sending)" in text
+    assert "last run" not in text
+
+
+def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
+        tmp_path: Path) -> None:
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    from tmbatch.report import _matplotlib, load_run, throughput_figure
+
+    _matplotlib()
+    fig = throughput_figure(load_run(_two_runs(tmp_path)))
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y0 >= plot.y1 - 1  # above the axes, whose full height the bands fill
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "429 pause (Retry-After)" in labels and "resumed" in labels

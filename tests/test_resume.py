@@ -200,7 +200,7 @@ def test_resend_sends_exactly_the_selected_lines_once(sim: Any, tmp_path: Path) 
     refused = run_cli([*base, "--class", "ambiguous"], env=env())
     assert refused.returncode == 2 and "--yes" in refused.stderr  # no terminal, no --yes
     dry = run_cli([*base, "--class", "ambiguous", "--dry-run"], env=env())
-    assert "2 request(s) will be sent again" in dry.stderr
+    assert "2 line(s) to send again" in dry.stderr and "nothing was sent" in dry.stderr
     assert "req-2" in dry.stderr and "req-5" in dry.stderr and "req-7" not in dry.stderr
     assert sim.stats()["processed"] == before
     p = run_cli([*base, "--class", "ambiguous", "--yes"], env=env())

@@ -29,7 +29,7 @@ log = logging.getLogger("tmbatch")
 MORE_EXAMPLES = """more:
   tmbatch status out/                         # done / failed by class / not sent / unknown
   tmbatch resend out/ --class ambiguous       # the only way a possibly-billed line goes again
-  tmbatch export out/ --ordered --combined    # outputs in input order
+  tmbatch export out/ --combined              # outputs in input order
   tmbatch run jobs/label-sentiment.toml --sim # a declared job: labelling on the simulator
   tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
   tmbatch doctor                              # which key/URL came from where; checks
@@ -116,7 +116,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         code = COMMANDS[ns.command][1](ns)
         if json_mode():
-            event("exit", f"exit code {code}", exit_code=code)
+            event("exit", f"exit code {code}", exit_code=code, always=True)
         return code
     except OutputError as exc:  # an output path that cannot be used: 2, or 4 for a full disk
         msg = REDACT.scrub(str(exc))

@@ -223,6 +223,7 @@ class Admission:
         self.learner = RateLearner(self.pacer, learn=adaptive)
         self.tpm = TokenBucket(tpm) if tpm else None
         self.tpm_target = tpm
+        self.tpm_warned = False
         self.pause_until = 0.0
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -318,6 +319,8 @@ class Admission:
                 await self._paced()
             if self.tpm is not None:
                 charged = float(max(1, round(tokens * self.ratio)))
+                if not self.tpm_warned:
+                    self._warn_if_tpm_too_small(charged)
                 delay = self.tpm.reserve(charged, loop.time())
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -349,6 +352,21 @@ class Admission:
                 return
             self.pacer.unbook()  # a Retry-After came while we waited: book again after it
             await self.wait_pause()
+
+    def _warn_if_tpm_too_small(self, charged: float) -> None:
+        """A request bigger than a minute's budget waits minutes for it, and the first one
+        shows it: say so at once rather than leave the run looking stuck."""
+        target = self.tpm_target or 0.0
+        if charged <= target:
+            return
+        self.tpm_warned = True
+        log.warning(
+            "--tpm %g is below one request's estimate of %d tokens (prompt characters / 4 + "
+            "max_tokens, %d when a request gives none): each such request waits %.1f minutes "
+            "for the budget; raise --tpm, or give the requests a smaller max_tokens",
+            target, charged, DEFAULT_MAX_OUTPUT_TOKENS, charged / target,
+            extra={"event": "tpm_below_request", "tpm": target, "estimate": charged},
+        )
 
     # -- learning from answers ------------------------------------------
     def _learn_ratio(self, estimated: int, actual: int) -> None:

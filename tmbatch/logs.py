@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from tqdm import tqdm
 
 from tmbatch.redact import SECRETS
 
@@ -114,9 +115,18 @@ def _safe_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {(f"{k}_" if k in _RESERVED else k): v for k, v in fields.items()}
 
 
-def event(name: str, msg: str, /, *, level: int = logging.INFO, **fields: Any) -> None:
-    """A log line with a machine-readable event name and fields (both formats)."""
-    log.log(level, "%s", msg, extra={"event": name, **_safe_fields(fields)})
+def event(name: str, msg: str, /, *, level: int = logging.INFO, always: bool = False,
+          **fields: Any) -> None:
+    """A log line with a machine-readable event name and fields (both formats).
+
+    `always` writes it whatever the level (-q sets WARNING): a pipeline must see how every
+    command ended, and `exit` is that event."""
+    extra = {"event": name, **_safe_fields(fields)}
+    if always and not log.isEnabledFor(level):
+        log.handle(log.makeRecord(log.name, level, __file__, 0, "%s", (msg,), None,
+                                  extra=extra))
+        return
+    log.log(level, "%s", msg, extra=extra)
 
 
 def say(name: str, msg: str, /, *, text: str | None = None, level: int = logging.INFO,
@@ -129,7 +139,16 @@ def say(name: str, msg: str, /, *, text: str | None = None, level: int = logging
     if _format == "json":
         event(name, msg.strip(), level=level, **fields)
     else:
-        print(REDACT.scrub(msg if text is None else text), file=sys.stderr, flush=True)
+        _write(REDACT.scrub(msg if text is None else text))
+
+
+def _write(text: str) -> None:
+    """A line to stderr; through tqdm when a progress bar is drawn there, which clears the
+    bar, writes the line and draws the bar again below it, instead of writing into it."""
+    if getattr(tqdm, "_instances", None):
+        tqdm.write(text.lstrip("\n"), file=sys.stderr)
+        return
+    print(text, file=sys.stderr, flush=True)
 
 
 def progress_kwargs() -> dict[str, Any]:

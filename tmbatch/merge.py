@@ -12,18 +12,22 @@ a small entry per failed line of the shard being read; no answer is held.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import heapq
 import logging
 import os
 import sys
+import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from tmbatch import __version__
 from tmbatch.exitcodes import ExitCode
 from tmbatch.files import (
     FAILURES,
@@ -38,6 +42,7 @@ from tmbatch.files import (
 from tmbatch.journal import JournalError, read_header
 from tmbatch.lines import is_blank, numbered_lines
 from tmbatch.reader import fingerprint, open_input
+from tmbatch.words import setting
 
 log = logging.getLogger("tmbatch")
 SHOW = 20  # line numbers listed in messages; summary.json keeps up to LIST_MAX
@@ -82,22 +87,24 @@ def check_parts(parts: list[Part]) -> None:
         mine = {k: v for k, v in (p.header.get("options") or {}).items() if k != "shard"}
         theirs = {k: v for k, v in (first.header.get("options") or {}).items() if k != "shard"}
         if mine != theirs:
-            diff = ", ".join(f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}"
+            diff = ", ".join(f"{k} {setting(theirs.get(k))} vs {setting(mine.get(k))}"
                              for k in sorted(set(mine) | set(theirs))
                              if mine.get(k) != theirs.get(k))
             raise JournalError(f"{p.path} and {first.path} were run with different options "
                                f"({diff}); merge only the shards of one run")
+    counts = {p.shard[1] if p.shard else 1 for p in parts}
+    if len(counts) > 1:
+        raise JournalError(
+            "the directories were run with different shard counts ("
+            + ", ".join(p.name for p in parts) + "): they are not the shards of one run; merge "
+            "the directories of one `--shard I/N` run, all with the same N"
+        )
 
 
 def shard_problems(parts: list[Part]) -> list[str]:
-    """What the shard options alone say is wrong, before any line is read."""
+    """Shards missing or given twice (the counts agree: `check_parts` saw to it)."""
     problems = []
-    counts = {p.shard[1] if p.shard else 1 for p in parts}
-    if len(counts) > 1:
-        problems.append("the directories were run with different shard counts: "
-                        + ", ".join(p.name for p in parts))
-        return problems
-    n = counts.pop()
+    n = parts[0].shard[1] if parts[0].shard else 1
     taken = Counter(p.shard[0] if p.shard else 0 for p in parts)
     missing = [i for i in range(n) if taken[i] == 0]
     twice = [i for i, c in sorted(taken.items()) if c > 1]
@@ -156,12 +163,36 @@ def _records(path: Path) -> Iterator[tuple[bytes, int | None, dict[str, Any] | N
 @dataclass
 class Tally:
     succeeded: int = 0
-    failed: Counter[str] | None = None
-    missing: list[int] | None = None
+    failed: Counter[str] = field(default_factory=Counter)
+    missing: list[int] = field(default_factory=list)
     missing_count: int = 0
-    duplicated: list[int] | None = None
+    duplicated: list[int] = field(default_factory=list)
     duplicated_count: int = 0
     foreign: int = 0  # outcomes for lines the input does not have
+    # which part (index in merge order) the kept outcome of each line came from; NO_OWNER
+    # when none: the merged journal takes each line's records from that part only
+    owner: array = field(default_factory=lambda: array("i"))
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def problems(self) -> list[str]:
+        """What the lines say is wrong: no outcome, more than one, or a line not in the input."""
+        found = []
+        if self.missing_count:
+            found.append(f"{self.missing_count} line(s) have no outcome in any shard: "
+                         + _lines(self.missing, self.missing_count))
+        if self.duplicated_count:
+            found.append(f"{self.duplicated_count} line(s) have an outcome in more than one "
+                         "shard (the first was kept): "
+                         + _lines(self.duplicated, self.duplicated_count))
+        if self.foreign:
+            found.append(f"{self.foreign} outcome(s) name a line the input does not have")
+        return found
+
+
+NO_OWNER = -1
 
 
 def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
@@ -169,9 +200,9 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
     size = len(wanted)
     claims = bytearray(size)  # how many directories hold an outcome for the line (capped)
     written = bytearray(size)
-    tally = Tally(failed=Counter(), missing=[], duplicated=[])
+    tally = Tally(owner=array("i", [NO_OWNER]) * size)
     with atomic_writer(out / RESULTS) as res_out, atomic_writer(out / FAILURES) as fail_out:
-        for part in parts:
+        for index, part in enumerate(parts):
             has_result = bytearray(size)
             last_failure = {}  # line -> index of its last failure record in this directory
             for raw, line, _ in _records(part.path / RESULTS):
@@ -183,6 +214,7 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
                 has_result[line] = 1
                 if not written[line]:
                     written[line] = 1
+                    tally.owner[line] = index
                     tally.succeeded += 1
                     res_out.write(raw)
             for i, (_, line, _) in enumerate(_records(part.path / FAILURES)):
@@ -193,6 +225,7 @@ def merge_outputs(parts: list[Part], wanted: bytearray, out: Path) -> Tally:
                     continue
                 if not written[line]:
                     written[line] = 1
+                    tally.owner[line] = index
                     cls = err.get("class") if isinstance(err, dict) else None
                     tally.failed[str(cls or "unknown")] += 1
                     fail_out.write(raw)
@@ -252,9 +285,29 @@ def _sum_runs(parts: list[Part]) -> dict[str, Any]:
 
 
 def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
+    """Check that the directories are the shards of one run, join their outputs, prove
+    coverage, and leave a directory that `status`, `export` and `report` can read."""
+    out = Path(out_dir)
+    parts = load_parts(dirs, out)
+    source = find_input(parts, input_path)
+    wanted, blank = scan_input(source)
+    make_dir(out)
+    tally = merge_outputs(parts, wanted, out)
+    labels = merge_labels(parts, out)
+    if labels is None:
+        (out / LABELS).unlink(missing_ok=True)  # left by an earlier merge into `out`
+    problems = shard_problems(parts) + tally.problems()
+    write_journal(parts, tally.owner, out)
+    summary = merged_summary(parts, wanted, blank, tally, problems, labels)
+    atomic_write(out / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    return announce(parts, source, summary, out)
+
+
+def load_parts(dirs: list[str], out: Path) -> list[Part]:
+    """The directories, read-only, in shard order; refused (exit 2) unless they can be merged
+    into `out` at all. A directory an earlier merge wrote may be merged into again."""
     if not dirs:
         raise JournalError("merge needs at least one shard output directory")
-    out = Path(out_dir)
     paths = [Path(d) for d in dirs]
     for p in paths:
         if p.resolve() == out.resolve():
@@ -262,28 +315,71 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
                                "directory")
     if len({p.resolve() for p in paths}) != len(paths):
         raise JournalError("the same directory is named twice; name each shard once")
-    if (out / JOURNAL).exists():
+    if (out / JOURNAL).exists() and not read_header(out).get("merged"):
         raise JournalError(f"{out} holds a run ({JOURNAL}); merge into a new directory")
     parts = [load_part(p) for p in paths]
+    for p in parts:
+        if p.header.get("merged"):
+            raise JournalError(f"{p.path} is itself a merged directory; merge the shard "
+                               "directories it was made from")
     check_parts(parts)
     parts.sort(key=lambda p: p.shard[0] if p.shard else -1)
-    problems = shard_problems(parts)
-    source = find_input(parts, input_path)
-    wanted, blank = scan_input(source)
-    make_dir(out)
-    tally = merge_outputs(parts, wanted, out)
-    labels = merge_labels(parts, out)
-    assert tally.failed is not None and tally.missing is not None and tally.duplicated is not None
-    if tally.missing_count:
-        problems.append(f"{tally.missing_count} line(s) have no outcome in any shard: "
-                        + _lines(tally.missing, tally.missing_count))
-    if tally.duplicated_count:
-        problems.append(f"{tally.duplicated_count} line(s) have an outcome in more than one "
-                        "shard (the first was kept): "
-                        + _lines(tally.duplicated, tally.duplicated_count))
-    if tally.foreign:
-        problems.append(f"{tally.foreign} outcome(s) name a line the input does not have")
-    failed_total = sum(tally.failed.values())
+    return parts
+
+
+def write_journal(parts: list[Part], owner: array, out: Path) -> None:
+    """A journal for the merged directory: a header naming the shards, then each line's
+    records from the shard whose outcome was kept (and the dispatches of lines with no
+    outcome anywhere: their result is unknown, not "never sent"), and every 429 pause.
+    `status` and `report` read it like any run's; `run` and `resend` refuse it, because each
+    shard's job id (and so each line's Idempotency-Key) lives in the shard's own directory."""
+    first = parts[0].header
+    jobs = [str(p.header.get("job")) for p in parts]
+    header = {
+        "e": "start", "v": 1, "tmbatch": __version__, "input": first.get("input"),
+        "fingerprint": first.get("fingerprint"),
+        "options": {**(first.get("options") or {}), "shard": None},
+        "job": "merged-" + hashlib.blake2b("\0".join(jobs).encode(), digest_size=8).hexdigest(),
+        "t": min((p.header["t"] for p in parts if isinstance(p.header.get("t"), int | float)),
+                 default=time.time()),
+        "merged": [{"dir": str(p.path), "shard": list(p.shard) if p.shard else None,
+                    "job": p.header.get("job")} for p in parts],
+    }
+    with atomic_writer(out / JOURNAL) as dst:
+        dst.write(orjson.dumps(header) + b"\n")
+        for index, part in enumerate(parts):
+            for raw in _journal_records(part, index, owner):
+                dst.write(raw)
+
+
+def _journal_records(part: Part, index: int, owner: array) -> Iterator[bytes]:
+    """The records of one shard's journal that belong in the merged one."""
+    size = len(owner)
+    with open(part.path / JOURNAL, "rb") as f:
+        f.readline()  # the shard's own header: the merged header lists the shards
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line is never data
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                if rec.get("e") == "resume":
+                    yield raw
+                continue
+            if not isinstance(rec, list) or not rec:
+                continue
+            if rec[0] == "p":
+                yield raw
+            elif rec[0] in ("d", "o") and isinstance(rec[1], int) and 0 < rec[1] < size:
+                kept = owner[rec[1]]
+                if kept == index or (kept == NO_OWNER and rec[0] == "d"):
+                    yield raw
+
+
+def merged_summary(parts: list[Part], wanted: bytearray, blank: int, tally: Tally,
+                   problems: list[str], labels: Counter[str] | None) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "merged": True,
         "input": parts[0].header.get("input"),
@@ -293,29 +389,36 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
                     "finished": (p.summary or {}).get("finished")} for p in parts],
         "input_lines": len(wanted) - 1,
         "blank_lines_skipped": blank,
-        "counts": {"succeeded": tally.succeeded, "failed": failed_total,
+        "counts": {"succeeded": tally.succeeded, "failed": tally.failed_total,
                    "failed_by_class": dict(tally.failed),
-                   "with_outcome": tally.succeeded + failed_total},
+                   "with_outcome": tally.succeeded + tally.failed_total},
         "missing_lines": {"count": tally.missing_count, "lines": tally.missing},
         "duplicated_lines": {"count": tally.duplicated_count, "lines": tally.duplicated},
         "complete": not problems,
+        "finished": not problems,
         "problems": problems,
         "shard_runs": _sum_runs(parts),
     }
     if labels is not None:
         summary["labels"] = {"file": LABELS, **labels}
-    atomic_write(out / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    return summary
+
+
+def announce(parts: list[Part], source: str, summary: dict[str, Any], out: Path) -> int:
+    """What was merged, what is wrong with it, and the exit code that says so."""
+    counts = summary["counts"]
+    lines = summary["input_lines"] - summary["blank_lines_skipped"]
     print(f"merged {len(parts)} director{'y' if len(parts) == 1 else 'ies'} of {source}: "
-          f"{len(wanted) - 1 - blank} line(s), {tally.succeeded} succeeded, {failed_total} failed"
+          f"{lines} line(s), {counts['succeeded']} succeeded, {counts['failed']} failed"
           f" -> {out}", file=sys.stderr, flush=True)
-    if problems:
-        for problem in problems:
+    if summary["problems"]:
+        for problem in summary["problems"]:
             print(f"tmbatch: merge: {problem}", file=sys.stderr, flush=True)
         print("tmbatch: merge: INCOMPLETE: not every line has exactly one outcome (exit 5)",
               file=sys.stderr, flush=True)
         return ExitCode.INCOMPLETE
     print("every line has exactly one outcome", file=sys.stderr, flush=True)
-    return ExitCode.FAILED if failed_total else ExitCode.OK
+    return ExitCode.FAILED if counts["failed"] else ExitCode.OK
 
 
 def _lines(lines: list[int], count: int) -> str:

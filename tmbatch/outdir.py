@@ -37,6 +37,7 @@ from tmbatch.files import (
 from tmbatch.journal import JournalError, ResumeState, load, nothing_sent, read_header
 from tmbatch.options import RunOptions
 from tmbatch.reader import fingerprint
+from tmbatch.words import setting
 
 log = logging.getLogger("tmbatch")
 
@@ -122,6 +123,9 @@ def _move_aside(out: Path) -> None:
 
 def _check_same_job(header: dict[str, Any], opts: RunOptions, fp: str) -> None:
     out = opts.out_dir
+    if header.get("merged"):  # its lines' Idempotency-Keys belong to the shards' job ids
+        raise JournalError(f"{out} was written by `tmbatch merge`; run (or resend) in the "
+                           "shard directories, then merge again")
     if opts.input == "-":
         raise JournalError(
             f"{out} holds a run already and stdin cannot be resumed; give the input as a "
@@ -137,23 +141,12 @@ def _check_same_job(header: dict[str, Any], opts: RunOptions, fp: str) -> None:
     current = opts.request_shape()
     diff = [k for k in current if recorded.get(k) != current[k]]
     if diff:
-        parts = ", ".join(f"--{k} was {_shown(recorded.get(k))}, now {_shown(current[k])}"
+        parts = ", ".join(f"--{k} was {setting(recorded.get(k))}, now {setting(current[k])}"
                           for k in diff)
         raise JournalError(
             f"{out} was started with other options ({parts}); resume with the same "
             "options, or --restart"
         )
-
-
-def _shown(value: Any) -> str:
-    """An option's value as the user typed it; None is an option that was not given."""
-    if value is None:
-        return "not given"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return "/".join(map(str, value))
-    return repr(value)
 
 
 def _new_header(opts: RunOptions, fp: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tmbatch.compact import IdSet, LineStates
 from tmbatch.config import check_model
 from tmbatch.files import os_problem
 from tmbatch.lines import Shard, in_shard, numbered_lines
+from tmbatch.words import json_text, json_type
 
 # route -> idempotent?  Generation routes are billed once accepted.
 ROUTES: dict[str, bool] = {
@@ -46,6 +47,7 @@ STREAMABLE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 BATCH_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_CUSTOM_ID = 512
+FIRST_USE_LOOKUPS = 32  # duplicated ids whose first line is looked up (see FirstUse)
 # orjson refuses to serialize deeper than this; a line it cannot send is bad input, not a crash.
 MAX_DEPTH = 255
 # orjson turns integers outside 64 bits into floats: the request would be sent altered.
@@ -141,14 +143,6 @@ def fingerprint(path: str) -> str:
         else:
             h.update(f.read())
     return h.hexdigest()
-
-
-def _describe(value: Any) -> str:
-    return type(value).__name__ if value is not None else "null"
-
-
-def _a(value: Any) -> str:
-    return f"a {_describe(value)}"
 
 
 def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError,
@@ -253,7 +247,7 @@ def check_json(raw: bytes, line: int) -> dict[str, Any]:
         )
     if not isinstance(obj, dict):
         raise _Refused(line, None, "not_an_object",
-                       f"line {line}: expected a JSON object, got a JSON {_describe(obj)}")
+                       f"line {line}: expected a JSON object, got {json_type(obj)}")
     return obj
 
 
@@ -294,13 +288,13 @@ def check_batch_line(obj: dict[str, Any], line: int) -> tuple[str, str, dict[str
     if method != "POST":
         raise _Refused(
             line, custom_id, "invalid_method",
-            f"line {line}: method {method!r} is not allowed; every batch route takes POST",
+            f"line {line}: method {json_text(method)} is not allowed; every batch route takes POST",
         )
     url = check_url(obj["url"], line, custom_id)
     body = obj["body"]
     if not isinstance(body, dict):
         raise _Refused(line, custom_id, "invalid_body",
-                       f"line {line}: body is {_a(body)}; expected a JSON object")
+                       f"line {line}: body is {json_type(body)}; expected a JSON object")
     return custom_id, url, body
 
 
@@ -308,7 +302,7 @@ def check_custom_id(obj: dict[str, Any], line: int) -> str:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
         what = "missing" if "custom_id" not in obj else (
-            "empty" if isinstance(custom_id, str) else f"{_a(custom_id)}, not a string"
+            "empty" if isinstance(custom_id, str) else f"{json_type(custom_id)}, not a string"
         )
         raise _Refused(
             line, None, "invalid_custom_id",
@@ -327,7 +321,7 @@ def check_url(url: Any, line: int, custom_id: str) -> str:
     """A supported route's path; a host is refused (it comes from the configuration)."""
     if not isinstance(url, str):
         raise _Refused(line, custom_id, "invalid_url",
-                       f"line {line}: url is {_a(url)}; expected a path string")
+                       f"line {line}: url is {json_type(url)}; expected a path string")
     parts = urlsplit(url)
     if parts.scheme or parts.netloc:
         raise _Refused(
@@ -361,7 +355,7 @@ def check_body(body: dict[str, Any], line: int, custom_id: str, url: str, model:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise _Refused(
             line, custom_id, "invalid_stream",
-            f"line {line}: body.stream is {_a(body['stream'])}; expected true or false",
+            f"line {line}: body.stream is {json_type(body['stream'])}; expected true or false",
         )
     if stream is not None and url in STREAMABLE and "stream" not in body:
         body["stream"] = stream
@@ -396,6 +390,7 @@ def read_requests(
     """
     seen = IdSet() if seen is None else seen
     stats = ReadStats() if stats is None else stats
+    first_use = FirstUse(f, endpoint, model, stream, shard, max_line_bytes)
     for line, raw, length in numbered_lines(f, max_line_bytes):
         stats.lines = line
         if not in_shard(line, shard) or (done is not None and line in done):
@@ -412,10 +407,66 @@ def read_requests(
             continue
         item = parse_line(raw, line, endpoint, model, stream)
         if isinstance(item, Request) and not seen.add(item.custom_id):
+            first = first_use.line_of(item.custom_id, line)
             yield BadLine(
                 line, item.custom_id, "duplicate_custom_id",
-                f"line {line}: custom_id {item.custom_id[:100]!r} was already used by an "
-                "earlier line; custom_ids must be unique",
+                f"line {line}: custom_id {json_text(item.custom_id)} was already used by "
+                f"{'an earlier line' if first is None else f'line {first}'}; custom_ids must "
+                "be unique",
             )
             continue
         yield item
+
+
+class FirstUse:
+    """The line that first used a duplicated custom_id, found by reading the input again.
+
+    The reader keeps 8-byte hashes of the ids, not the ids and their lines, so that a
+    million-line file costs megabytes; duplicates are rare, so the first use is looked up only
+    when one appears, from the start of the file up to the duplicate, for at most
+    FIRST_USE_LOOKUPS different ids (then the message says "an earlier line"). A line is only
+    parsed when its bytes can hold the id. Stdin cannot be read twice and is not looked up.
+    """
+
+    def __init__(self, f: IO[bytes], endpoint: str | None, model: str | None,
+                 stream: bool | None, shard: Shard | None, max_line_bytes: int) -> None:
+        self.f = f
+        self.parse = (endpoint, model, stream)
+        self.shard = shard
+        self.max_line_bytes = max_line_bytes
+        self.left = FIRST_USE_LOOKUPS
+        self.found: dict[str, int | None] = {}
+
+    def line_of(self, custom_id: str, before: int) -> int | None:
+        if custom_id in self.found:
+            return self.found[custom_id]
+        if self.left <= 0 or not _seekable(self.f):
+            return None
+        self.left -= 1
+        pos = self.f.tell()
+        try:
+            self.f.seek(0)
+            self.found[custom_id] = self._scan(custom_id, before)
+        finally:
+            self.f.seek(pos)
+        return self.found[custom_id]
+
+    def _scan(self, custom_id: str, before: int) -> int | None:
+        needle = orjson.dumps(custom_id)
+        for line, raw, _ in numbered_lines(self.f, self.max_line_bytes):
+            if line >= before:
+                return None
+            if raw is None or not in_shard(line, self.shard) or (
+                    needle not in raw and b"\\" not in raw):
+                continue
+            item = parse_line(raw, line, *self.parse)
+            if isinstance(item, Request) and item.custom_id == custom_id:
+                return line
+        return None
+
+
+def _seekable(f: IO[bytes]) -> bool:
+    try:
+        return f.seekable()
+    except (OSError, ValueError):
+        return False

@@ -13,6 +13,8 @@ so the batch runner itself stays light; it is imported only here, lazily.
 from __future__ import annotations
 
 import base64
+import bisect
+import contextlib
 import html
 import io
 import math
@@ -25,10 +27,10 @@ from typing import Any
 
 import orjson
 
-from tmbatch.files import JOURNAL, SUMMARY, atomic_write, make_dir
+from tmbatch.files import JOURNAL, RESULTS, SUMMARY, atomic_write, make_dir
 from tmbatch.journal import OutcomeRecord, read_header
 from tmbatch.safety import Outcome
-from tmbatch.summary import percentile
+from tmbatch.summary import RunStats, percentile
 
 INSTALL_HINT = "pip install 'tmbatch[report]'"
 CHART_FILES = ("throughput.png", "latency.png", "ttft.png", "failures.png")
@@ -59,6 +61,7 @@ class RunData:
     final: dict[int, tuple[Outcome, str]] = field(default_factory=dict)  # line -> (cls, code)
     untimed_outcomes: int = 0
     summary: dict[str, Any] | None = None
+    tokens: int = 0  # from the usage of every result
 
     @property
     def failures(self) -> Counter[tuple[Outcome, str]]:
@@ -66,6 +69,46 @@ class RunData:
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for v in self.final.values() if v[0] is outcome)
+
+    def active_seconds(self) -> float:
+        """Time spent sending: within each run, first to last outcome. Hours between a run
+        and a later resend are idle, not slow, and must not dilute the rates."""
+        starts = sorted(self.run_starts)
+        spans: dict[int, tuple[float, float]] = {}
+        for t in (*self.ok_t, *self.fail_t):
+            run = bisect.bisect_right(starts, t)
+            lo, hi = spans.get(run, (t, t))
+            spans[run] = (min(lo, t), max(hi, t))
+        return sum(hi - lo for lo, hi in spans.values())
+
+    def pause_spans(self) -> list[tuple[float, float]]:
+        """(start, end) of the time the workers were paused: the union of the pauses, which
+        overlap when several 429s arrive in one window (each journals its own Retry-After)."""
+        spans: list[tuple[float, float]] = []
+        for t, secs in sorted(self.pauses):
+            if spans and t <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], t + secs))
+            else:
+                spans.append((t, t + secs))
+        return spans
+
+    def paused_seconds(self) -> float:
+        return sum(end - start for start, end in self.pause_spans())
+
+
+def result_tokens(out_dir: Path) -> int:
+    """Tokens of every success in results.jsonl (its `usage`), whichever run answered it."""
+    stats = RunStats()
+    try:
+        with open(out_dir / RESULTS, "rb") as f:
+            for raw in f:
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                    body = (orjson.loads(raw).get("response") or {}).get("body")
+                    if isinstance(body, dict):
+                        stats.add_usage(body)
+    except OSError:
+        return 0
+    return stats.prompt_tokens + stats.completion_tokens
 
 
 def load_run(out_dir: Path) -> RunData:
@@ -97,6 +140,7 @@ def load_run(out_dir: Path) -> RunData:
         data.summary = summary if isinstance(summary, dict) else None
     except (OSError, orjson.JSONDecodeError):
         data.summary = None
+    data.tokens = result_tokens(out_dir)
     return data
 
 
@@ -151,6 +195,11 @@ def _bin_width(span: float) -> float:
 
 
 def throughput_chart(data: RunData) -> bytes | None:
+    fig = throughput_figure(data)
+    return None if fig is None else _png(fig)
+
+
+def throughput_figure(data: RunData) -> Any:
     times = [*data.ok_t, *data.fail_t]
     if not times:
         return None
@@ -170,8 +219,8 @@ def throughput_chart(data: RunData) -> bytes | None:
            label="succeeded", linewidth=0)
     ax.bar(xs, [c / width for c in bad], width=width, align="edge", bottom=[c / width for c in ok],
            color=FAIL_COLOR, label="failed", linewidth=0)
-    for i, (t, secs) in enumerate(data.pauses):
-        ax.axvspan(t - t0, t - t0 + secs, color=PAUSE_COLOR, alpha=0.25, linewidth=0, zorder=0,
+    for i, (start, end) in enumerate(data.pause_spans()):
+        ax.axvspan(start - t0, end - t0, color=PAUSE_COLOR, alpha=0.25, linewidth=0, zorder=0,
                    label="429 pause (Retry-After)" if i == 0 else None)
     for i, t in enumerate(s for s in data.run_starts[1:] if t0 <= s <= t1):
         ax.axvline(t - t0, color="#444", linestyle="--", linewidth=1,
@@ -180,10 +229,11 @@ def throughput_chart(data: RunData) -> bytes | None:
     ax.set_xlabel(f"seconds since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t0))} UTC"
                   f"  (bars of {width:g} s)")
     ax.set_ylabel("outcomes per second")
-    ax.set_title("Throughput over time")
-    ax.legend(loc="upper right", frameon=False, ncols=4)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the legend above the bars
-    return _png(fig)
+    ax.set_title("Throughput over time", loc="left")
+    # Above the plot, not in it: pause bands run the full height and would hide it.
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, ncols=4,
+              borderaxespad=0.2)
+    return fig
 
 
 def histogram(values: array, title: str, xlabel: str, color: str) -> bytes | None:
@@ -274,21 +324,19 @@ def _cards(data: RunData) -> str:
     ambiguous = data.count(Outcome.AMBIGUOUS)
     if ambiguous:
         cards.append(_card(f"{ambiguous:,}", "ambiguous (never re-sent)", "bad"))
-    times = [*data.ok_t, *data.fail_t]
-    if len(times) > 1:
-        active = max(times) - min(times)
-        if active > 0:
-            cards.append(_card(f"{len(times) / active:,.1f}", "outcomes / s (average)"))
+    timed = len(data.ok_t) + len(data.fail_t)
+    active = data.active_seconds()
+    if timed > 1 and active > 0:
+        cards.append(_card(f"{timed / active:,.1f}", "outcomes / s (while sending)"))
     cards.append(_card(_ms(percentile(lat, 50)), "latency p50"))
     cards.append(_card(_ms(percentile(lat, 99)), "latency p99"))
     if data.ttft_ms:
         cards.append(_card(_ms(percentile(sorted(data.ttft_ms), 50)), "TTFT p50 (streamed)"))
-    paused = sum(s for _, s in data.pauses)
-    cards.append(_card(f"{len(data.pauses):,}", f"429 pauses ({paused:,.1f} s)",
+    cards.append(_card(f"{len(data.pauses):,}",
+                       f"pauses for 429s ({data.paused_seconds():,.1f} s in all)",
                        "warn" if data.pauses else ""))
-    tokens = ((data.summary or {}).get("this_run") or {}).get("tokens") or {}
-    if isinstance(tokens.get("per_second"), (int, float)):
-        cards.append(_card(f"{tokens['per_second']:,.0f}", "tokens / s (last run)"))
+    if data.tokens and active > 0:
+        cards.append(_card(f"{data.tokens / active:,.0f}", "tokens / s (while sending)"))
     if len(data.run_starts) > 1:
         cards.append(_card(str(len(data.run_starts)), "runs (resumed)"))
     return '<div class="cards">' + "".join(cards) + "</div>"
@@ -322,7 +370,9 @@ def render_html(data: RunData, out_dir: Path, charts: dict[str, bytes | None]) -
     timed = bool(data.ok_t or data.fail_t)
     started = h.get("t")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if started else "?"
-    meta = (f"job <code>{html.escape(str(h.get('job')))}</code> · started {when} · input "
+    merged = h.get("merged")
+    shards = f" · merged from {len(merged)} shard directories" if isinstance(merged, list) else ""
+    meta = (f"job <code>{html.escape(str(h.get('job')))}</code>{shards} · started {when} · input "
             f"<code>{html.escape(str(h.get('input')))}</code> · output "
             f"<code>{html.escape(str(out_dir))}</code>")
     failures = data.failures

@@ -43,7 +43,7 @@ from tmbatch.records import FailureRecord
 from tmbatch.retry import LineSender
 from tmbatch.safety import Outcome
 from tmbatch.stop import Stop
-from tmbatch.summary import RunStats, build_summary, final_line, write_summary
+from tmbatch.summary import RunStats, build_summary, final_line, say_next_steps, write_summary
 from tmbatch.writer import Writer, WriterError
 
 log = logging.getLogger("tmbatch")
@@ -202,8 +202,7 @@ class Runner:
             session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
             opts.served_models)
         writer.start()
-        progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval,
-                            **progress_kwargs())
+        progress = Progress.for_run(self.stats, self.states, opts, **progress_kwargs())
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -289,13 +288,12 @@ class Runner:
                 t.cancel()
 
     async def _count_total(self, progress: Progress) -> None:
-        """Lines left to answer, for the ETA: counted in a thread so sending starts at once."""
+        """Lines to answer, for the bar and the ETA: counted in a thread so sending starts at
+        once."""
         lines = await asyncio.to_thread(count_lines, self.opts.input, self.opts.shard)
         if lines is None:
             return
-        final = sum(n for o, n in self.states.by_outcome().items() if o.policy.final)
-        done_before = final - self.stats.ok - sum(self.stats.failed.values())
-        progress.set_total(max(0, lines - done_before))
+        progress.set_total(lines)
 
     async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
         pending = set(self._workers)
@@ -343,6 +341,7 @@ class Runner:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
         if not self.opts.quiet:
             say("summary", final_line(summary), **summary)
+            say_next_steps(summary, self.opts.out_dir)
         self.stop.announce()
         return self.stop.exit_code(summary["counts"]["failed"])
 

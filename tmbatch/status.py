@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from tmbatch.compact import IN_FLIGHT
-from tmbatch.files import JOURNAL, LOCK
+from tmbatch.files import JOURNAL, LOCK, SUMMARY
 from tmbatch.journal import load
 from tmbatch.lines import count_lines
 from tmbatch.reader import fingerprint
@@ -51,9 +53,13 @@ def status(out_dir: Path) -> dict[str, Any]:
     succeeded = lines[Outcome.OK]
     with_outcome = succeeded + sum(by_class.values())
     unknown = state.states.counts()[IN_FLIGHT]
+    if total is None and not running and _summary_says_finished(out_dir, with_outcome):
+        total = with_outcome + unknown  # the input is gone; the last run counted it
     not_sent = None if total is None else max(0, total - with_outcome - unknown)
     finished = not running and not_sent == 0 and unknown == 0
     return {
+        "merged_from": [m.get("dir") for m in header.get("merged") or []],
+        "input_readable": input_path != "-" and os.path.isfile(input_path),
         "output": str(out_dir),
         "input": input_path,
         "fingerprint": header.get("fingerprint"),
@@ -73,6 +79,26 @@ def status(out_dir: Path) -> dict[str, Any]:
     }
 
 
+def _summary_says_finished(out_dir: Path, with_outcome: int) -> bool:
+    """Whether summary.json, written when the last run ended, says every line had its
+    outcome, and the journal still agrees (same count): then a run whose input was moved
+    or deleted afterwards is still known to be finished."""
+    try:
+        summary = orjson.loads((out_dir / SUMMARY).read_bytes())
+        counts = summary["counts"]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return False
+    return summary.get("finished") is True and counts.get("with_outcome") == with_outcome
+
+
+def _input_state(s: dict[str, Any]) -> str:
+    if s["input"] == "-":
+        return "stdin: not checked"
+    if not s["input_readable"]:
+        return "not found here: counts come from the journal and summary.json"
+    return {True: "matches", False: "CHANGED since the run started"}[bool(s["input_matches"])]
+
+
 def render(s: dict[str, Any]) -> str:
     fails = ", ".join(f"{k} {v}" for k, v in s["failed_by_class"].items() if v) or "none"
     if s["running"]:
@@ -81,11 +107,10 @@ def render(s: dict[str, Any]) -> str:
         where = "finished"
     else:
         where = "not finished: run the same `tmbatch run` command again to resume"
-    match = {True: "matches", False: "CHANGED since the run started", None: "not checked"}
     lines = [
         f"output:       {s['output']} ({where})",
         f"input:        {s['input']} (fingerprint {str(s['fingerprint'])[:12]}, "
-        f"{match[s['input_matches']]})",
+        f"{_input_state(s)})",
         f"job id:       {s['job_id']} ({s['runs']} run(s), {s['attempts_sent']} attempt(s) sent)",
         f"input lines:  {s['input_lines'] if s['input_lines'] is not None else '?'}",
         f"succeeded:    {s['succeeded']}",
@@ -94,6 +119,8 @@ def render(s: dict[str, Any]) -> str:
         + (f" (+{s['refused_fatal_will_resend']} refused by a fatal error, sent on resume)"
            if s["refused_fatal_will_resend"] else ""),
     ]
+    if s["merged_from"]:
+        lines.insert(1, f"merged from:  {', '.join(map(str, s['merged_from']))}")
     if s["running"]:
         lines.append(f"in flight:    {s['in_flight']}")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from array import array
 from collections import Counter
@@ -13,8 +14,10 @@ from typing import Any
 import orjson
 
 from tmbatch.compact import IN_FLIGHT, LineStates
-from tmbatch.files import SUMMARY, atomic_write
+from tmbatch.files import FAILURES, SUMMARY, atomic_write
+from tmbatch.logs import say
 from tmbatch.safety import FAILURE_CLASSES, Outcome
+from tmbatch.words import millis
 
 
 def percentile(sorted_values: list[float] | array, q: float) -> float | None:
@@ -174,25 +177,99 @@ def build_summary(
     }
 
 
+def _sent_nothing(run: dict[str, Any]) -> bool:
+    """This run found every line already answered: it has no rates or latencies to tell."""
+    return not run.get("attempts_sent") and not run.get("succeeded") and not any(
+        (run.get("failed_by_class") or {}).values())
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Write summary.json atomically. A re-run that had nothing to send keeps `this_run` of
+    the last run that did send (its rates and latencies are the job's useful numbers) and
+    says so in `nothing_sent`, instead of overwriting them with zeros and nulls."""
+    run = summary.get("this_run") or {}
+    if "nothing_sent" not in summary and _sent_nothing(run):
+        previous = _read_summary(out_dir)
+        earlier = (previous or {}).get("this_run")
+        if isinstance(earlier, dict) and not _sent_nothing(earlier):
+            summary["this_run"] = earlier
+        summary["nothing_sent"] = {"at": _iso_now(), "wall_seconds": run.get("wall_seconds")}
     atomic_write(out_dir / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
 
 
-def final_line(summary: dict[str, Any]) -> str:
-    c, r = summary["counts"], summary["this_run"]
-    failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v) or "none"
-    lat = r["latency_ms"]
-    extra = ""
+def _read_summary(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        found = orjson.loads((out_dir / SUMMARY).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _counts_part(c: dict[str, Any]) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v)
+    return f"{c['succeeded']} succeeded, {c['failed']} failed" + (f" ({failed})" if failed else "")
+
+
+def _latency_part(r: dict[str, Any]) -> str:
+    """Percentiles only when something was measured (never "p50 None ms")."""
+    lat = r.get("latency_ms") or {}
+    if lat.get("p50") is None:
+        return ""
+    text = f", latency p50 {millis(lat['p50'])} p90 {millis(lat['p90'])} p99 {millis(lat['p99'])}"
     ttft = r.get("ttft_ms") or {}
     if ttft.get("count"):
-        extra += f", ttft p50 {ttft['p50']} ms p90 {ttft['p90']} ms"
+        text += f", ttft p50 {millis(ttft['p50'])} p90 {millis(ttft['p90'])}"
+    return text
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    """The one line a run ends with: the job's counts, then what this run did."""
+    c, r = summary["counts"], summary["this_run"]
+    if summary.get("nothing_sent"):
+        return (f"done: {_counts_part(c)}; nothing was left to send: every line already has "
+                "an outcome")
+    extra = ""
     adm = r.get("admission") or {}
     if adm.get("mode") == "adaptive" and adm.get("decreases"):
-        extra += (f", adaptive: settled at {adm['concurrency_final']} in flight, "
-                  f"{adm['settled_requests_per_second']} req/s")
+        extra += f", adaptive: settled at {adm['concurrency_final']} in flight"
+        if adm.get("settled_requests_per_second") is not None:  # none when nothing succeeded
+            extra += f", {adm['settled_requests_per_second']} req/s"
     return (
-        f"done: {c['succeeded']} succeeded, {c['failed']} failed ({failed}); this run "
-        f"{r['requests_per_second']} req/s, {r['tokens']['per_second']} tok/s, latency p50 "
-        f"{lat['p50']} ms p90 {lat['p90']} ms p99 {lat['p99']} ms{extra}, "
+        f"done: {_counts_part(c)}; this run {r['requests_per_second']} req/s, "
+        f"{r['tokens']['per_second']} tok/s{_latency_part(r)}{extra}, "
         f"wall {r['wall_seconds']} s"
     )
+
+
+def next_steps(summary: dict[str, Any], out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Where a finished run's failed lines are and, per class, what may be done about them.
+
+    Worded from each class's policy (what it means, whether `resend` may choose it), so a
+    new class or a changed rule changes this advice without anyone editing it."""
+    by_class = summary["counts"]["failed_by_class"]
+    rows: list[dict[str, Any]] = []
+    lines = [f"failed lines are in {out_dir / FAILURES} (error.code says why):"]
+    for cls in FAILURE_CLASSES:
+        n = by_class.get(cls.value, 0)
+        if not n:
+            continue
+        command = (f"tmbatch resend {shlex.quote(str(out_dir))} --class {cls.value}"
+                   if cls.policy.user_resendable else None)
+        rows.append({"class": cls.value, "lines": n, "meaning": cls.policy.meaning,
+                     "command": command})
+        lines.append(f"  {n} {cls.value}: {cls.policy.meaning}")
+        if command:
+            lines.append(f"      {command}")
+    return "\n".join(lines), rows
+
+
+def say_next_steps(summary: dict[str, Any], out_dir: Path) -> None:
+    """After the final line of a finished run with failures: the pointer people need."""
+    if not summary.get("finished") or not summary["counts"]["failed"]:
+        return
+    text, rows = next_steps(summary, out_dir)
+    say("next_steps", text, failures_file=str(out_dir / FAILURES), classes=rows)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from tmbatch.commands.common import subcommand
+from tmbatch.config import ConfigError
 from tmbatch.exitcodes import ExitCode
 from tmbatch.journal import JournalError, read_header
 from tmbatch.logs import add_log_format_arg
@@ -47,8 +48,9 @@ def add_export_parser(sub: Any) -> None:
         "with an external merge sort: memory stays flat for any size.",
     )
     ex.add_argument("output", help="the run's output directory")
-    ex.add_argument("--ordered", action="store_true", default=True,
-                    help="sort by input line (the default and only order)")
+    # Removed: export always writes in input order, so the flag did nothing. It is still
+    # parsed, to answer with what to do instead of argparse's bare "unrecognized arguments".
+    ex.add_argument("--ordered", action="store_true", help=argparse.SUPPRESS)
     ex.add_argument("--combined", action="store_true",
                     help="also write outcomes.ordered.jsonl with results and failures together")
     ex.add_argument("--to", metavar="DIR", help="write there instead of the output directory")
@@ -57,6 +59,9 @@ def add_export_parser(sub: Any) -> None:
 def cmd_export(ns: argparse.Namespace) -> int:
     from tmbatch.export import export_ordered
 
+    if ns.ordered:
+        raise ConfigError("export has no --ordered: it always writes in input order; drop the "
+                          "flag (run --ordered is the one that exports when a run finishes)")
     out = Path(ns.output)
     read_header(out)
     counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
@@ -74,7 +79,8 @@ def add_report_parser(sub: Any) -> None:
         "extra: pip install 'tmbatch[report]'.",
     )
     rep.add_argument("out_dir", metavar="OUTPUT", help="a run's output directory")
-    rep.add_argument("-o", "--output", help="directory to write to (default OUTPUT/report)")
+    rep.add_argument("-o", "--to", "--output", dest="output", metavar="DIR",
+                     help="write the page and its charts into DIR (default OUTPUT/report)")
     add_log_format_arg(rep)
 
 

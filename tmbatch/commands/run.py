@@ -114,7 +114,8 @@ def _checkpoint_args(g: Any) -> None:
 
 def _output_args(g: Any) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
-    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log debug detail too")
     g.add_argument("--progress-interval", type=positive_float, default=10.0,
                    help="seconds between progress lines when stderr is not a TTY (default 10)")
     g.add_argument("--ordered", action="store_true",

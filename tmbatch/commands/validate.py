@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import orjson
 
 from tmbatch.commands.common import subcommand
 from tmbatch.exitcodes import ExitCode
+from tmbatch.jobfile import is_job_file, load_job
 from tmbatch.logs import add_log_format_arg
 from tmbatch.reader import BadLine, ReadStats, normalize_endpoint, open_input, read_requests
 
 
 def add_validate_parser(sub: Any) -> None:
     val = subcommand(
-        sub, "validate", "check an input file without sending anything",
-        "Read INPUT as `run` would and report every bad line. Exit 0 when every "
-        "line is good, 1 when some are bad, 2 when the file cannot be read.",
+        sub, "validate", "check an input file (or a job file and its input) without sending",
+        "Read INPUT as `run` would and report every bad line. A job file (NAME.toml) is "
+        "checked as `run` checks it, then the input it names (labelling records for a job "
+        "with a [label] table). Exit 0 when every line is good, 1 when some are bad, 2 when "
+        "the file cannot be read or the job file is wrong.",
     )
-    val.add_argument("input", help="the JSONL file to check (- reads stdin)")
+    val.add_argument("input", help="the JSONL file to check (- reads stdin), or a job file "
+                     "NAME.toml")
     val.add_argument("--endpoint", help="as for run: the route of bare request bodies")
     val.add_argument("--model", help="as for run: the model of lines that name none")
     val.add_argument("--json", action="store_true", help="one JSON object per bad line, then "
@@ -29,37 +34,89 @@ def add_validate_parser(sub: Any) -> None:
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
-    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
+    if not is_job_file(ns.input):
+        return _check(ns, ns.input, _requests(ns.endpoint, ns.model))
+    job = load_job(ns.input)  # a wrong job file is one ConfigError: exit 2
+    source = str(job.values["input"])
+    model = ns.model or job.values.get("model")
+    if job.label is None:
+        endpoint = ns.endpoint or job.values.get("endpoint")
+        items = _requests(endpoint, model)
+    else:
+        from tmbatch.labels import load_spec
+
+        items = _records(load_spec(job.path, job.label), model)
+    if not ns.json:
+        print(f"{ns.input}: job file is valid; its input:")
+    return _check(ns, source, items, job=ns.input)
+
+
+Items = Callable[[IO[bytes], ReadStats], Iterator[tuple[str | None, BadLine | None]]]
+
+
+def _requests(endpoint_arg: str | None, model: str | None) -> Items:
+    """Request lines, as `run` reads them: (route, None) or (None, the bad line)."""
+    endpoint = normalize_endpoint(endpoint_arg) if endpoint_arg else None
+
+    def items(f: IO[bytes], stats: ReadStats) -> Iterator[tuple[str | None, BadLine | None]]:
+        for item in read_requests(f, endpoint=endpoint, model=model, stats=stats):
+            yield (None, item) if isinstance(item, BadLine) else (item.url, None)
+
+    return items
+
+
+def _records(spec: Any, model: str | None) -> Items:
+    """A labelling job's records, rendered into requests as `run` will render them."""
+    from tmbatch.labels import RecordError, iter_records, render
+
+    def items(f: IO[bytes], stats: ReadStats) -> Iterator[tuple[str | None, BadLine | None]]:
+        for line, raw in iter_records(f):
+            stats.lines = line
+            if not raw:
+                stats.blank += 1
+                continue
+            got = render(spec, raw, line, model or "model")
+            if isinstance(got, RecordError):
+                yield None, BadLine(line, None, got.code, got.message)
+            else:
+                yield str(got.get("url")), None
+
+    return items
+
+
+def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = None) -> int:
     stats = ReadStats()
     good = bad = 0
     by_url: dict[str, int] = {}
-    f = open_input(ns.input)
+    f = open_input(source)
     try:
-        for item in read_requests(f, endpoint=endpoint, model=ns.model, stats=stats):
-            if isinstance(item, BadLine):
+        for url, problem in items(f, stats):
+            if problem is not None:
                 bad += 1
-                _show_bad(ns, item)
+                _show_bad(ns, source, problem)
             else:
                 good += 1
-                by_url[item.url] = by_url.get(item.url, 0) + 1
+                by_url[str(url)] = by_url.get(str(url), 0) + 1
     finally:
         if f is not sys.stdin.buffer:
             f.close()
     summary: dict[str, Any] = {"lines": stats.lines, "valid": good, "invalid": bad,
                                "blank": stats.blank, "by_route": by_url}
+    if job is not None:
+        summary.update(job=job, input=source)
     if ns.json:
         sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
     else:
         routes = ", ".join(f"{k} {v}" for k, v in by_url.items()) or "none"
-        print(f"{ns.input}: {stats.lines} lines, {good} valid ({routes}), {bad} invalid, "
+        print(f"{source}: {stats.lines} lines, {good} valid ({routes}), {bad} invalid, "
               f"{stats.blank} blank skipped")
     return ExitCode.FAILED if bad else ExitCode.OK
 
 
-def _show_bad(ns: argparse.Namespace, item: BadLine) -> None:
+def _show_bad(ns: argparse.Namespace, source: str, item: BadLine) -> None:
     if ns.json:
         sys.stdout.buffer.write(orjson.dumps({
             "line": item.line, "custom_id": item.custom_id, "code": item.code,
             "message": item.message}) + b"\n")
     else:
-        print(f"{ns.input}:{item.line}: {item.code}: {item.message}")
+        print(f"{source}:{item.line}: {item.code}: {item.message}")
