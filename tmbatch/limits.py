@@ -30,9 +30,12 @@ from aiolimiter import AsyncLimiter
 
 from tmbatch.safety import AttemptFailed
 
+# The estimate lives in `tokens`, shared with budgets and `tmbatch estimate`; these names stay
+# importable from here, where --tpm uses them.
+from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens  # noqa: F401
+
 log = logging.getLogger("tmbatch")
 
-DEFAULT_MAX_OUTPUT_TOKENS = 256  # assumed when a body names no max_tokens
 # A client bucket as large as the server's (typically one second) leaves no room for
 # network jitter: two requests sent 1/R apart can arrive closer and the second is a 429.
 BURST_SECONDS = 0.5
@@ -41,48 +44,6 @@ AIMD_BETA = 0.7  # multiplicative decrease on a 429 event
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
 RATE_WINDOW = 30.0  # seconds of successes the settled rate is measured over
-
-
-def _text_len(value: Any) -> int:
-    """Characters of prompt text in a string, a list of parts, or chat messages."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        total = 0
-        for item in value:
-            if isinstance(item, str):
-                total += len(item)
-            elif isinstance(item, int):
-                total += 4  # a token id
-            elif isinstance(item, dict):
-                total += _text_len(item.get("content")) + _text_len(item.get("text"))
-                total += 4  # role and framing
-        return total
-    if isinstance(value, dict):
-        return _text_len(value.get("content")) + _text_len(value.get("text"))
-    return 0
-
-
-def estimate_tokens(body: dict[str, Any], generates: bool = True) -> int:
-    """A pre-send estimate: ~4 characters a token for the prompt, plus the output cap.
-
-    `generates=False` for /tokenize and /detokenize: they produce no output tokens.
-    """
-    chars = (
-        _text_len(body.get("messages"))
-        + _text_len(body.get("prompt"))
-        + _text_len(body.get("input"))
-        + _text_len(body.get("instructions"))
-        + _text_len(body.get("tokens"))
-    )
-    out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get(
-        "max_output_tokens"
-    )
-    if not generates:
-        out = 0
-    elif not isinstance(out, int) or out < 0:
-        out = DEFAULT_MAX_OUTPUT_TOKENS
-    return chars // 4 + 1 + out
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
