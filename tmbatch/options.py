@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmbatch.budget import BudgetSpec
 from tmbatch.lines import Shard
 from tmbatch.reader import MAX_LINE_BYTES
 
@@ -37,6 +38,7 @@ class RunOptions:
     prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
     adaptive: bool | None = None  # None: adaptive concurrency exactly when no --rpm
     extra_header: dict[str, Any] = field(default_factory=dict)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)  # limits and prices (not the shape)
 
     @property
     def is_adaptive(self) -> bool:

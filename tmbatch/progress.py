@@ -28,6 +28,7 @@ class Progress:
         interval: float = 10.0,
         emit: Callable[[str, dict[str, Any]], None] | None = None,
         tty: bool | None = None,
+        budget: Any = None,
     ) -> None:
         self.stats = stats
         self.total = total
@@ -38,6 +39,7 @@ class Progress:
         self._bar: tqdm | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_done = 0
+        self.budget = budget  # a budget.Budget: spend (and the budget) on every line
 
     def snapshot(self) -> dict[str, Any]:
         s = self.stats
@@ -52,7 +54,15 @@ class Progress:
             "tok_per_s": round((s.prompt_tokens + s.completion_tokens) / elapsed, 1),
             "eta_s": None if left is None else round(left),
             "total": self.total,
+            **self._spend(),
         }
+
+    def _spend(self) -> dict[str, Any]:
+        """Shown when the run has a budget or prices: tokens (and cost) spent of the budget."""
+        b = self.budget
+        if b is None or not (b.enforcing or b.prices):
+            return {}
+        return b.progress()
 
     def set_total(self, total: int) -> None:
         """Known once a background thread has counted the input's lines."""
@@ -83,7 +93,8 @@ class Progress:
             self._last_done = snap["done"]
             self._bar.set_postfix(
                 failed=snap["failed"], inflight=snap["in_flight"], tok_s=snap["tok_per_s"],
-                refresh=False,
+                refresh=False, **({"spent": self.budget.progress_text()}
+                                  if "spent_tokens" in snap else {}),
             )
             return
         if self.emit is not None:
@@ -94,7 +105,8 @@ class Progress:
             print(
                 f"{time.strftime('%H:%M:%S')} progress: {snap['done']}{total} done, "
                 f"{snap['failed']} failed, {snap['in_flight']} in flight, "
-                f"{snap['req_per_s']} req/s, {snap['tok_per_s']} tok/s{eta}",
+                f"{snap['req_per_s']} req/s, {snap['tok_per_s']} tok/s{eta}"
+                + (f", spent {self.budget.progress_text()}" if "spent_tokens" in snap else ""),
                 file=sys.stderr, flush=True,
             )
 

@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from tmbatch.budget import Budget, Hold
 from tmbatch.client import Answer, idempotency_key, send
 from tmbatch.config import Settings
 from tmbatch.limits import Admission, Ticket, estimate_tokens
@@ -66,6 +67,7 @@ class LineSender:
     session: aiohttp.ClientSession
     prior_attempts: dict[int, int] = field(default_factory=dict)
     fatal_404_after: int = 8
+    budget: Budget = field(default_factory=Budget)  # spend, and the --budget-* limits
     _404_streak: int = 0
     _backoff: wait_exponential_jitter = field(
         default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
@@ -142,6 +144,20 @@ class LineSender:
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
         try:
+            spend = await self.budget.reserve(req)  # the worst case, within --budget-*
+        except asyncio.CancelledError:
+            self._pending_if_retrying(req, tries)
+            raise
+        if spend is None:
+            raise Stopped  # the budget is reached (the stop is set): nothing was sent
+        try:
+            return await self._admitted(req, tokens, headers, tries, spend)
+        finally:
+            spend.end()  # the attempt is over: a no-op once its answer settled it
+
+    async def _admitted(self, req: Request, tokens: int, headers: dict[str, str] | None,
+                        tries: Tries, spend: Hold) -> Answer:
+        try:
             ticket = await self.admission.admit(tokens)
         except asyncio.CancelledError:
             self._pending_if_retrying(req, tries)
@@ -149,16 +165,17 @@ class LineSender:
         try:
             if self.stop.stopping:
                 raise Stopped
-            return await self._send(req, headers, tries, ticket)
+            return await self._send(req, headers, tries, ticket, spend)
         finally:
             ticket.release()
 
     async def _send(self, req: Request, headers: dict[str, str] | None, tries: Tries,
-                    ticket: Ticket) -> Answer:
+                    ticket: Ticket, spend: Hold) -> Answer:
         tries.now += 1
         if tries.now > 1:
             self.stats.retries += 1
-        self.writer.dispatch(req.line, tries.total, req.custom_id)
+        self.writer.dispatch(req.line, tries.total, req.custom_id, spend.journal())
+        spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
         try:
@@ -166,12 +183,14 @@ class LineSender:
         except AttemptFailed as exc:
             if exc.status == 429:
                 self.stats.rejected_429 += 1
+            spend.failed(exc)
             paused = ticket.failed(exc)
             if paused is not None:
                 self.writer.pause(paused)  # on the report's timeline
             raise
         finally:
             self.stats.in_flight -= 1
+        spend.succeeded(answer.body)
         ticket.succeeded(answer.headers, self.stats.add_usage(answer.body))
         return answer
 

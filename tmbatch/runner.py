@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from tmbatch.budget import Budget
 from tmbatch.client import make_session
 from tmbatch.compact import LineStates
 from tmbatch.config import Settings
@@ -53,6 +54,7 @@ class Runner:
         self._workers: list[asyncio.Task[None]] = []
         self.header: dict[str, Any] = {}
         self.sender: LineSender
+        self.budget = Budget(opts.budget, self.stop)
 
     async def run(self) -> int:
         header, resume = prepare_output(self.opts)
@@ -102,12 +104,14 @@ class Runner:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         f = open_input(opts.input)
         session = make_session(self.settings, opts.concurrency)
+        self.budget = Budget.for_job(opts.budget, self.stop, resume)
+        self.budget.start(writer)
         self.sender = LineSender(
             self.settings, header["job"], self.admission, writer, self.stats, self.stop,
-            session, dict(opts.prior_attempts), opts.fatal_404_after)
+            session, dict(opts.prior_attempts), opts.fatal_404_after, budget=self.budget)
         writer.start()
         progress = Progress(self.stats, None, quiet=opts.quiet, interval=opts.progress_interval,
-                            **progress_kwargs())
+                            budget=self.budget, **progress_kwargs())
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -234,12 +238,16 @@ class Runner:
             summary["fatal"] = self.stop.fatal
         if self.stop.io_error:
             summary["io_error"] = self.stop.io_error
+        summary["spend"] = self.budget.report()
         try:
             write_summary(self.opts.out_dir, summary)
         except OSError as exc:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc.strerror}")
         if not self.opts.quiet:
             say("summary", final_line(summary), **summary)
+            spend = self.budget.final_line()
+            if spend:
+                say("spend", spend, **summary["spend"])
         self.stop.announce()
         return self.stop.exit_code(summary["counts"]["failed"])
 
