@@ -38,7 +38,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         for item in read_requests(f, endpoint=endpoint, model=ns.model, stats=stats):
             if isinstance(item, BadLine):
                 bad += 1
-                _show_bad(ns, item)
+                show_bad(ns.input, item, ns.json)
             else:
                 good += 1
                 by_url[item.url] = by_url.get(item.url, 0) + 1
@@ -56,10 +56,11 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return ExitCode.FAILED if bad else ExitCode.OK
 
 
-def _show_bad(ns: argparse.Namespace, item: BadLine) -> None:
-    if ns.json:
+def show_bad(source: str, item: BadLine, as_json: bool) -> None:
+    """One bad line, as `validate` lists it (and `estimate`, the same way)."""
+    if as_json:
         sys.stdout.buffer.write(orjson.dumps({
             "line": item.line, "custom_id": item.custom_id, "code": item.code,
             "message": item.message}) + b"\n")
     else:
-        print(f"{ns.input}:{item.line}: {item.code}: {item.message}")
+        print(f"{source}:{item.line}: {item.code}: {item.message}")
