@@ -53,8 +53,10 @@ def usage_total(records: list[dict[str, Any]]) -> int:
     return total
 
 
-def answer_server(serve: Any, prompt_tokens_: int | None, completion: int | None) -> Any:
-    """Chat answers whose usage says `prompt_tokens_` + `completion` (None: no usage)."""
+def answer_server(serve: Any, prompt_tokens_: int | None, completion: int | None,
+                  cached: int | None = None) -> Any:
+    """Chat answers whose usage says `prompt_tokens_` + `completion` (None: no usage), of
+    which `cached` prompt tokens were cached."""
     seen: list[str] = []
 
     async def chat(request: web.Request) -> web.Response:
@@ -67,6 +69,8 @@ def answer_server(serve: Any, prompt_tokens_: int | None, completion: int | None
         if prompt_tokens_ is not None and completion is not None:
             out["usage"] = {"prompt_tokens": prompt_tokens_, "completion_tokens": completion,
                             "total_tokens": prompt_tokens_ + completion}
+            if cached is not None:
+                out["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return web.json_response(out)
 
     app = web.Application()
@@ -247,6 +251,36 @@ def test_resend_counts_against_the_same_budget(sim: Any, tmp_path: Path) -> None
 
 
 # -- prices ------------------------------------------------------------------------------------
+
+def test_every_route_and_cached_tokens_are_counted_at_their_price(sim: Any, serve: Any,
+                                                                  tmp_path: Path) -> None:
+    rows = [chat_line(0, max_tokens=8),
+            {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "tm-small", "prompt": "once upon a time", "max_tokens": 8}},
+            {"custom_id": "r", "method": "POST", "url": "/v1/responses",
+             "body": {"model": "tm-small", "input": "hello there", "max_output_tokens": 8}},
+            {"custom_id": "t", "method": "POST", "url": "/tokenize",
+             "body": {"model": "tm-small", "prompt": "not billed"}}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run(sim.url, inp, out, "--budget-tokens", "1000").returncode == 0
+    res, _ = outcomes(out)
+    billed = 0
+    for cid in ("req-0", "c", "r"):  # chat/completions and responses spell usage differently
+        u = res[cid]["response"]["body"]["usage"]
+        billed += u.get("prompt_tokens", u.get("input_tokens")) + \
+            u.get("completion_tokens", u.get("output_tokens"))
+    s = summary(out)["spend"]
+    assert s["spent"]["tokens"] == billed and s["by_model"]["tm-small"]["spent"]["requests"] == 3
+
+    server = answer_server(serve, 200, 10, cached=150)
+    out = tmp_path / "cached"
+    inp = write_jsonl(tmp_path / "chat.jsonl", [chat_line(i, max_tokens=10) for i in range(4)])
+    assert run(server.url(), inp, out, "--price", "tm-small=2:4:0.5").returncode == 0
+    s = summary(out)["spend"]
+    assert s["by_model"]["tm-small"]["spent"]["cached"] == 4 * 150
+    assert s["spent"]["usd"] == pytest.approx(4 * Price(2, 4, 0.5).cost(200, 10, 150))
+
 
 def test_a_usd_budget_holds_at_the_given_prices(sim: Any, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=16) for i in range(80)])

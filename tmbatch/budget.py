@@ -128,7 +128,7 @@ class Reservation:
         if used is None:  # no usage (e.g. a stream without it): count what arrived
             self.estimate()
             used = (self.prompt, answer_text_tokens(body), 0)
-        else:
+        elif self.raw_prompt >= 0:  # estimated (under a budget): learn from the usage
             b._learn(self, used[0], used[1])
         self._settle(*used)
 
@@ -384,7 +384,10 @@ class Budget:
     def _count(self, res: Reservation, prompt: int, completion: int, cached: int) -> None:
         model = res.model
         for book in (self.spent, self.this_run):
-            book.setdefault(model, Tokens()).add(prompt, completion, cached)
+            t = book.get(model)
+            if t is None:
+                t = book[model] = Tokens()
+            t.add(prompt, completion, cached)
         self.spent_tokens += prompt + completion
         price = self.prices.get(model)
         if price is not None:

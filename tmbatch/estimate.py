@@ -23,6 +23,7 @@ from typing import Any
 
 from tmbatch.budget import Budget, BudgetSpec
 from tmbatch.config import ConfigError, Settings
+from tmbatch.logs import REDACT
 from tmbatch.prices import Prices
 from tmbatch.reader import BadLine, ReadStats, Request, open_input, read_requests
 from tmbatch.safety import AttemptFailed
@@ -327,7 +328,7 @@ async def tokenize_sample(settings: Settings, sample: list[Request]) -> Tokenize
             except AttemptFailed as exc:
                 if exc.cls.policy.stops_run:
                     raise
-                check.errors.append(f"line {req.line}: {exc.code}: {exc.message}")
+                check.errors.append(REDACT.scrub(f"line {req.line}: {exc.code}: {exc.message}"))
                 return
         count = answer.body.get("count")
         if not isinstance(count, int) or count <= 0:
