@@ -19,9 +19,10 @@ most every 0.25 s while answers come, and at close, so replay reads only the las
 hot loop does not sum per-request records). Under a budget a dispatch record carries its
 reservation as a fifth element, `["d", line, attempt, custom_id, [model, prompt, output]]`.
 After a crash, spend = the last snapshot's `spent` + its `in_flight` + the reservation of
-every dispatch after it whose outcome did not provably refund it: never less than was billed,
-at most a quarter of a second of attempts' worst cases more. A journal without snapshots
-(an older tmbatch) has unknown spend.
+every dispatch after it whose outcome did not provably refund it: under a budget never less
+than was billed, at most a quarter of a second of attempts' worst cases more (without one,
+those attempts are counted as `unknown`). A journal without snapshots (an older tmbatch) has
+unknown spend.
 
 Results and failures are flushed before the journal records that point at them,
 so after a kill -9 an outcome can be in `results.jsonl` without its journal
