@@ -59,14 +59,18 @@ def write_input(path: Path, n: int, stream: bool = False) -> Path:
     return path
 
 
-def fabricate_resume(input_path: Path, out_dir: Path, done: int) -> None:
+def fabricate_resume(input_path: Path, out_dir: Path, done: int, *, spend_every: int = 250,
+                     reservations: bool = False) -> None:
     """An output directory in which lines 1..done finished `ok` and nothing is in flight.
 
     Journal: the header tmbatch writes (same fingerprint and options record as a plain
     `tmbatch run INPUT -o OUT`), then per line a dispatch and an outcome, with a size mark
-    every 1,000 lines as the writer does. results.jsonl holds one small stub record per
-    done line (real bodies are ~400 bytes; resume never reads results it has marks for),
-    so the directory is consistent with the format but smaller than a real one.
+    every 1,000 lines as the writer does, and a spend snapshot every `spend_every` lines (a
+    run writes one at most every 0.25 s: every 250 lines at 1,000 requests/s; 0 for none, as
+    before spend was journaled). `reservations`: dispatch records carry the reservation a
+    run under a budget writes. results.jsonl holds one small stub record per done line (real
+    bodies are ~400 bytes; resume never reads results it has marks for), so the directory is
+    consistent with the format but smaller than a real one.
     """
     # Imported here, not at the top: writing inputs must not depend on tmbatch's internal
     # layout, so benchmarks can measure any tmbatch, including one being restructured.
@@ -96,8 +100,14 @@ def fabricate_resume(input_path: Path, out_dir: Path, done: int) -> None:
                                 "error": None, "line": line}) + b"\n"
             res.append(rec)
             res_size += len(rec)
-            jour.append(orjson.dumps(["d", line, 1, cid]) + b"\n")
+            if reservations:
+                jour.append(orjson.dumps(["d", line, 1, cid, ["tm-small", 40, 64]]) + b"\n")
+            else:
+                jour.append(orjson.dumps(["d", line, 1, cid]) + b"\n")
             jour.append(orjson.dumps(["o", line, "ok"]) + b"\n")
+            if spend_every and line % spend_every == 0:
+                jour.append(orjson.dumps(["s", time.time(), {"tm-small": [
+                    30 * line, 25 * line, 0, line]}, {}, 0]) + b"\n")
             if line % 1000 == 0 or line == done:
                 jour.append(orjson.dumps(["m", res_size, 0]) + b"\n")
                 j.write(b"".join(jour))

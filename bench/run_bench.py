@@ -489,7 +489,7 @@ def main() -> int:
         template = None
         if sc.resume_done:
             template = data / f"resume-{sc.resume_done}"
-            marker = template / ".complete"
+            marker = template / ".complete-spend"  # fabricated with spend snapshots
             if not marker.exists():
                 t = time.monotonic()
                 fabricate_resume(inp, template, sc.resume_done)

@@ -20,7 +20,7 @@ from tmbatch.compact import IN_FLIGHT, OK
 from tmbatch.journal import load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CHARTS = ("throughput.png", "latency.png", "ttft.png", "failures.png")
+CHARTS = ("throughput.png", "latency.png", "ttft.png", "failures.png", "cost.png")
 
 
 def require(available: bool, what: str) -> None:
@@ -91,6 +91,7 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(
         assert png.startswith(PNG_MAGIC) and base64.b64decode(b64) == png
     assert "http_400" in text and "http_500" in text and "invalid_json" in text
     assert "pauses for 429s (0.2 s in all)" in text
+    assert "<h2>Cost</h2>" in text and "no spend records" not in text
 
     browser = chromium()
     require(browser is not None, "chromium (apt-get install -y chromium)")
@@ -164,6 +165,7 @@ def test_an_old_journal_without_times_still_reports_failures(tmp_path: Path) -> 
     assert (out / "report" / "failures.png").exists()
     assert not stale.exists(), "a chart from an older report must not linger"
     assert "http_400" in text
+    assert "no spend records" in text and not (out / "report" / "cost.png").exists()
 
 
 def _two_runs(tmp_path: Path) -> Path:
@@ -222,3 +224,25 @@ def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
     assert legend.y0 >= plot.y1 - 1  # above the axes, whose full height the bands fill
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "429 pause (Retry-After)" in labels and "resumed" in labels
+
+
+def test_the_report_draws_cost_over_time_against_the_budget(sim: Any, tmp_path: Path) -> None:
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    from tests.conftest import API_KEY
+    from tmbatch.report import load_run
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=16) for i in range(50)])
+    out = tmp_path / "out"
+    env = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
+    args = ["run", str(inp), "-o", str(out), "--base-url", sim.url, "--no-preflight", "-q",
+            "--price", "tm-small=100:300"]
+    assert run_cli([*args, "--budget-usd", "0.03"], env=env).returncode == 6
+    assert run_cli([*args, "--budget-usd", "1"], env=env).returncode == 0  # resumed
+    data = load_run(out)
+    assert data.budget is not None and data.budget["usd"] == 1
+    assert len(data.spend) >= 4 and data.spend[-1].spent["tm-small"][3] == 50
+    p = run_cli(["report", str(out)])
+    assert p.returncode == 0, p.stderr
+    text = (out / "report" / "index.html").read_text()
+    assert 'data-file="cost.png"' in text and "spend over time, with its budget" in text
+    assert (out / "report" / "cost.png").read_bytes().startswith(PNG_MAGIC)

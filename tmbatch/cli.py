@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from tmbatch import __version__
-from tmbatch.commands import outputs, resend, run, server, validate
+from tmbatch.commands import estimate, outputs, resend, run, server, validate
 from tmbatch.config import ConfigError
 from tmbatch.exitcodes import ExitCode, help_text
 from tmbatch.files import OutputError
@@ -29,6 +29,7 @@ log = logging.getLogger("tmbatch")
 MORE_EXAMPLES = """more:
   tmbatch status out/                         # done / failed by class / not sent / unknown
   tmbatch resend out/ --class ambiguous       # the only way a possibly-billed line goes again
+  tmbatch estimate in.jsonl --prices p.toml   # tokens and cost before sending anything
   tmbatch export out/ --combined              # outputs in input order
   tmbatch run jobs/label-sentiment.toml --sim # a declared job: labelling on the simulator
   tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
@@ -41,6 +42,7 @@ Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Command]] = {
     "run": (run.add_run_parser, run.cmd_run),
     "validate": (validate.add_validate_parser, validate.cmd_validate),
+    "estimate": (estimate.add_estimate_parser, estimate.cmd_estimate),
     "report": (outputs.add_report_parser, outputs.cmd_report),
     "status": (outputs.add_status_parser, outputs.cmd_status),
     "resend": (resend.add_resend_parser, resend.cmd_resend),

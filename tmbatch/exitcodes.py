@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     FATAL = 3
     IO = 4
     INCOMPLETE = 5
+    BUDGET = 6
     INTERNAL = 70
     SIGINT = 130
     SIGTERM = 143
@@ -28,6 +29,8 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.FATAL: "stopped by a fatal error (401/403, or no model of the input is served)",
     ExitCode.IO: "an output file could not be written (disk full, I/O error); resume when fixed",
     ExitCode.INCOMPLETE: "merge only: some input lines have no outcome, or more than one",
+    ExitCode.BUDGET: "budget reached (--budget-tokens/--budget-usd): unsent lines stay pending; "
+    "run again with a larger budget to continue",
     ExitCode.INTERNAL: "a bug in tmbatch (TMBATCH_DEBUG=1 shows the traceback)",
     ExitCode.SIGINT: "interrupted by SIGINT (Ctrl-C); run the same command again to resume",
     ExitCode.SIGTERM: "stopped by SIGTERM (e.g. Kubernetes eviction); run it again to resume",

@@ -25,6 +25,7 @@ from typing import Any
 
 from tmbatch.config import ConfigError, check_model
 from tmbatch.files import os_problem
+from tmbatch.prices import parse_table
 from tmbatch.reader import MAX_LINE_BYTES, normalize_endpoint
 from tmbatch.tomlcheck import TableChecker, unknown_key
 
@@ -36,6 +37,7 @@ ENV_COMPLETIONS = "JOB_COMPLETIONS"  # NOT set by Kubernetes: the manifest passe
 SECRET_PARTS = {"key", "token", "secret", "password", "passwd", "credential", "credentials",
                 "auth", "authorization", "bearer"}
 LABEL_TABLE = "label"
+PRICES_TABLE = "prices"  # model -> {input, output, cached_input}: model names are data
 
 
 def _endpoint(c: TableChecker, key: str, value: Any) -> str:
@@ -79,6 +81,9 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "drain_timeout": ("drain_timeout", lambda c, k, v: c.pos_number(k, v)),
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),
     "job_id": ("job_id", lambda c, k, v: c.string(k, v)),
+    "budget_tokens": ("budget_tokens", lambda c, k, v: c.pos_int(k, v)),
+    "budget_usd": ("budget_usd", lambda c, k, v: c.pos_number(k, v)),
+    PRICES_TABLE: ("job_prices", lambda c, k, v: parse_table(c.path, c.table(k, v), f"{k}.")),
 }
 CREDENTIAL_KEYS = {"user_id", "api_key_file", "tm_config"}
 
@@ -133,7 +138,8 @@ def load_job(path_text: str) -> Job:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     # Secrets first, and anywhere but inside a JSON schema (whose property names are data).
-    check_secret_keys(path, {k: v for k, v in data.items() if k != LABEL_TABLE})
+    check_secret_keys(path, {k: v for k, v in data.items()
+                             if k not in (LABEL_TABLE, PRICES_TABLE)})
     if isinstance(data.get(LABEL_TABLE), dict):
         check_secret_keys(path, data[LABEL_TABLE], skip=("schema",))
     checker = TableChecker(path)
@@ -215,6 +221,21 @@ def share_limits(
     return (rpm / n if rpm else rpm), (tpm / n if tpm else tpm)
 
 
+def share_budget(ns: argparse.Namespace) -> None:
+    """--budget-tokens/--budget-usd are the whole job's: N shards spending at once split them
+    (a shard that stops at its share leaves its lines pending for a rerun)."""
+    n = ns.shard[1] if ns.shard is not None else 1
+    tokens, usd = getattr(ns, "budget_tokens", None), getattr(ns, "budget_usd", None)
+    if n <= 1 or (tokens is None and usd is None):
+        return
+    if tokens is not None:
+        ns.budget_tokens = max(1, tokens // n)
+    if usd is not None:
+        ns.budget_usd = usd / n
+    log.info("shard %d/%d takes 1/%d of the job's budget: %s tokens, %s USD", ns.shard[0], n, n,
+             _fmt(ns.budget_tokens), _fmt(ns.budget_usd))
+
+
 # `run` flags whose built-in default is not None: the parser leaves them None so a
 # job file can tell "not given" from "given the default value", and these fill in after.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -254,6 +275,7 @@ def prepare_run(ns: argparse.Namespace, env: Mapping[str, str]) -> Job | None:
         log.info("shard %d/%d takes 1/%d of the account's limits: rpm %s, tpm %s",
                  ns.shard[0], ns.shard[1], ns.shard[1], _fmt(rpm), _fmt(tpm))
         ns.rpm, ns.tpm = rpm, tpm
+    share_budget(ns)
     fill_run_defaults(ns)
     return job
 

@@ -7,6 +7,22 @@ Format (`journal.jsonl`, one JSON value per line):
     ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"
     ["p", t, seconds]               a Retry-After pause of every worker
     ["m", results_size, failures_size]  output sizes after an outcome batch
+    {"e": "budget", "t", "tokens", "usd", "prices"}  a run's budget and prices, when it has any
+    ["s", t, spent, in_flight, unknown]  the job's spend so far (see below)
+
+Spend. `spent` is the whole job's (every run's) billed tokens by model, `{model: [prompt,
+completion, cached, requests]}`: an answer's `usage`, or the worst case of an attempt that
+may have been billed without an answer (ambiguous). `in_flight` is `{model: [prompt, output,
+attempts]}` reserved by attempts sent and not yet answered, `unknown` how many such attempts
+had no estimate (a run without a budget). A snapshot is written at the start of a run, at
+most every 0.25 s while answers come, and at close, so replay reads only the last one (the
+hot loop does not sum per-request records). Under a budget a dispatch record carries its
+reservation as a fifth element, `["d", line, attempt, custom_id, [model, prompt, output]]`.
+After a crash, spend = the last snapshot's `spent` + its `in_flight` + the reservation of
+every dispatch after it whose outcome did not provably refund it: under a budget never less
+than was billed, at most a quarter of a second of attempts' worst cases more (without one,
+those attempts are counted as `unknown`). A journal without snapshots (an older tmbatch) has
+unknown spend.
 
 Results and failures are flushed before the journal records that point at them,
 so after a kill -9 an outcome can be in `results.jsonl` without its journal
@@ -43,13 +59,18 @@ class JournalError(Exception):
 # -- the records ------------------------------------------------------------------------------
 @dataclass(slots=True)
 class DispatchRecord:
-    """["d", line, attempt, custom_id]: flushed before the request's bytes leave."""
+    """["d", line, attempt, custom_id(, reserved)]: flushed before the request's bytes leave;
+    under a budget `reserved` is the attempt's worst case, [model, prompt, output]."""
 
     line: int
     attempt: int
     custom_id: str
+    reserved: list[Any] | None = None
 
     def to_json(self) -> bytes:
+        if self.reserved is not None:
+            return orjson.dumps(("d", self.line, self.attempt, self.custom_id,
+                                 self.reserved)) + b"\n"
         return orjson.dumps(("d", self.line, self.attempt, self.custom_id)) + b"\n"
 
 
@@ -110,6 +131,41 @@ class MarkRecord:
         return orjson.dumps(("m", self.results_size, self.failures_size)) + b"\n"
 
 
+@dataclass(slots=True)
+class SpendRecord:
+    """["s", t, spent, in_flight, unknown]: the job's spend so far (module docstring)."""
+
+    t: float
+    spent: dict[str, list[int]]
+    in_flight: dict[str, list[int]] = field(default_factory=dict)
+    unknown: int = 0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(("s", self.t, self.spent, self.in_flight, self.unknown)) + b"\n"
+
+    @classmethod
+    def from_list(cls, rec: list[Any]) -> SpendRecord | None:
+        """Parse a journal list; None for a record that is not a well-formed snapshot."""
+        try:
+            t, spent, in_flight, unknown = rec[1], rec[2], rec[3], rec[4]
+        except IndexError:
+            return None
+        if not (isinstance(t, int | float) and isinstance(spent, dict)
+                and isinstance(in_flight, dict) and isinstance(unknown, int)):
+            return None
+        return cls(float(t), _counts(spent, 4), _counts(in_flight, 3), unknown)
+
+
+def _counts(table: dict[str, Any], width: int) -> dict[str, list[int]]:
+    """{model: [n, ...]} with exactly `width` integers per model, whatever was written."""
+    out = {}
+    for model, row in table.items():
+        nums = [int(v) if isinstance(v, int | float) else 0 for v in row] \
+            if isinstance(row, list) else []
+        out[str(model)] = (nums + [0] * width)[:width]
+    return out
+
+
 @dataclass
 class ResumeState:
     header: dict[str, Any]
@@ -123,6 +179,12 @@ class ResumeState:
     superseded: bool = False  # some line got a newer outcome than a failure already written
     adopted: list[OutcomeRecord] = field(default_factory=list)  # found past the last mark
     pause_until: float = 0.0  # wall time the last Retry-After pause of every worker ends
+    # spend (see the module docstring): by model [prompt, completion, cached, requests]; None
+    # for a journal an older tmbatch wrote
+    spend: dict[str, list[int]] | None = None
+    spend_unknown: int = 0  # attempts cut off by a crash with no estimate of their spend
+    budget: dict[str, Any] | None = None  # the last run's {"e": "budget"} record
+    spend_at: tuple[list[Any], int] | None = None  # the last snapshot and the offset after it
 
 
 def repair_torn(path: Path) -> str | None:
@@ -194,7 +256,7 @@ def nothing_sent(out_dir: Path) -> bool:
     with open(out_dir / JOURNAL, "rb") as f:
         f.readline()
         for raw in f:
-            if raw.lstrip().startswith(b"["):
+            if raw.startswith((b'["d"', b'["o"')):
                 return False
     return True
 
@@ -236,6 +298,7 @@ def _replay(path: Path, state: ResumeState) -> None:
     state.states = LineStates(b)
     state.seen = IdSet()
     state.seen.freeze(hashes)
+    _replay_spend(path, state)
 
 
 # Outcome spelling -> state byte, and the states a resume sends again (fatal, pending).
@@ -267,8 +330,11 @@ def _replay_records(f: Any, path: Path, state: ResumeState,
                 ) from None
             break  # torn last line (only possible with repair=False): never data
         if type(rec) is not list:
-            if rec.get("e") == "resume":
+            e = rec.get("e")
+            if e == "resume":
                 state.runs += 1
+            elif e == "budget":
+                state.budget = rec
             continue
         kind = rec[0]
         if kind == "d" or kind == "o":
@@ -297,8 +363,64 @@ def _replay_records(f: Any, path: Path, state: ResumeState,
             state.last_mark = (rec[1], rec[2])
         elif kind == "p":
             state.pause_until = max(state.pause_until, rec[1] + rec[2])
+        elif kind == "s":  # a few a second at most: only the last one counts
+            state.spend_at = (rec, f.tell())
     state.attempts_done += attempts
     return b, hashes, undone
+
+
+def _replay_spend(path: Path, state: ResumeState) -> None:
+    """The job's spend: the last snapshot, plus the worst case of what it may have missed.
+
+    Only the records after the last snapshot are read again (a fraction of a second of the
+    run): each dispatch there that carries a reservation counts it, unless a later outcome
+    of its line provably did no work (`policy.refund`); one without counts as unknown."""
+    if state.spend_at is None:
+        return
+    snap = SpendRecord.from_list(state.spend_at[0])
+    if snap is None:
+        return
+    spent = snap.spent
+    unknown = snap.unknown
+    for model, (prompt, output, n) in snap.in_flight.items():
+        _add_spend(spent, model, prompt, output, n)
+    tail: dict[int, list[Any] | None] = {}
+    with open(path, "rb") as f:
+        f.seek(state.spend_at[1])
+        for raw in f:
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                break  # a torn last line (reading without repair)
+            if type(rec) is not list or len(rec) < 3:
+                continue
+            if rec[0] == "d":
+                res = rec[4] if len(rec) > 4 else None
+                tail[rec[1]] = res if isinstance(res, list) and len(res) == 3 else None
+            elif rec[0] == "o" and rec[1] in tail and _refunded(rec[2]):
+                del tail[rec[1]]
+    for res in tail.values():
+        if res is None:
+            unknown += 1
+        elif isinstance(res[1], int) and isinstance(res[2], int):
+            _add_spend(spent, str(res[0]), res[1], res[2], 1)
+    state.spend = spent
+    state.spend_unknown = unknown
+
+
+def _refunded(outcome: Any) -> bool:
+    try:
+        return Outcome(outcome).policy.refund
+    except ValueError:
+        return False
+
+
+def _add_spend(spent: dict[str, list[int]], model: str, prompt: int, output: int,
+               n: int) -> None:
+    row = spent.setdefault(model, [0, 0, 0, 0])
+    row[0] += prompt
+    row[1] += output
+    row[3] += n
 
 
 def _adopt_tail(out_dir: Path, state: ResumeState) -> None:

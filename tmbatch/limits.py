@@ -33,9 +33,12 @@ from typing import Any
 from tmbatch.pacing import Pacer, RateLearner
 from tmbatch.safety import AttemptFailed
 
+# The estimate lives in `tokens`, shared with budgets and `tmbatch estimate`; these names stay
+# importable from here, where --tpm uses them.
+from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens  # noqa: F401
+
 log = logging.getLogger("tmbatch")
 
-DEFAULT_MAX_OUTPUT_TOKENS = 256  # assumed when a body names no max_tokens
 BURST_SECONDS = 0.5  # the token bucket's burst
 MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-After
 HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
@@ -44,48 +47,6 @@ START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per answe
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
 RATE_WINDOW = 30.0  # seconds of successes the settled rate is measured over
-
-
-def _text_len(value: Any) -> int:
-    """Characters of prompt text in a string, a list of parts, or chat messages."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        total = 0
-        for item in value:
-            if isinstance(item, str):
-                total += len(item)
-            elif isinstance(item, int):
-                total += 4  # a token id
-            elif isinstance(item, dict):
-                total += _text_len(item.get("content")) + _text_len(item.get("text"))
-                total += 4  # role and framing
-        return total
-    if isinstance(value, dict):
-        return _text_len(value.get("content")) + _text_len(value.get("text"))
-    return 0
-
-
-def estimate_tokens(body: dict[str, Any], generates: bool = True) -> int:
-    """A pre-send estimate: ~4 characters a token for the prompt, plus the output cap.
-
-    `generates=False` for /tokenize and /detokenize: they produce no output tokens.
-    """
-    chars = (
-        _text_len(body.get("messages"))
-        + _text_len(body.get("prompt"))
-        + _text_len(body.get("input"))
-        + _text_len(body.get("instructions"))
-        + _text_len(body.get("tokens"))
-    )
-    out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get(
-        "max_output_tokens"
-    )
-    if not generates:
-        out = 0
-    elif not isinstance(out, int) or out < 0:
-        out = DEFAULT_MAX_OUTPUT_TOKENS
-    return chars // 4 + 1 + out
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
@@ -234,6 +195,7 @@ class Admission:
         self._pause_logged_at = -math.inf
         self._anchors: dict[str, tuple[float, float, int]] = {}
         self._hinted: dict[str, float] = {}
+        self._measured: set[str] = set()  # kinds whose rate was measured over a second
         self._consumed = {"requests": 0, "tokens": 0}
         self.tpm_learnt = False
         self.adaptive = adaptive
@@ -432,19 +394,27 @@ class Admission:
             self._anchors.pop(kind, None)
             return
         anchor = self._anchors.get(kind)
-        if anchor is None:
+        if anchor is None or now - anchor[0] < 1.0:
+            if anchor is None:
+                self._anchors[kind] = (now, reset, consumed)
+            deficit = limit - remaining
+            if kind in self._measured or deficit < max(2, limit / 4) or reset <= 0:
+                return
+            # until a second has been measured: this answer's own ratio, its whole-number
+            # `remaining` corrected by half a token on average, on a deficit big enough
+            rate = (deficit - 0.5) / reset
+            old = self._hinted.get(kind)
+            rate = rate if old is None else 0.8 * old + 0.2 * rate
+        else:
+            t0, reset0, consumed0 = anchor
             self._anchors[kind] = (now, reset, consumed)
-            return
-        t0, reset0, consumed0 = anchor
-        if now - t0 < 1.0:
-            return
-        self._anchors[kind] = (now, reset, consumed)
-        refill = reset - reset0 + (now - t0)
-        if refill <= 0 or consumed <= consumed0:
-            return
-        rate = (consumed - consumed0) / refill
-        old = self._hinted.get(kind)
-        rate = rate if old is None else 0.5 * old + 0.5 * rate
+            refill = reset - reset0 + (now - t0)
+            if refill <= 0 or consumed <= consumed0:
+                return
+            rate = (consumed - consumed0) / refill
+            old = self._hinted.get(kind) if kind in self._measured else None
+            rate = rate if old is None else 0.5 * old + 0.5 * rate
+            self._measured.add(kind)
         self._hinted[kind] = rate
         if kind == "requests":
             self.learner.hint(rate)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmbatch.budget import BudgetSpec
 from tmbatch.lines import Shard
 from tmbatch.reader import MAX_LINE_BYTES
 
@@ -41,6 +42,7 @@ class RunOptions:
     # GET /v1/models' list, when preflight read one: a line naming another model fails
     # `permanent` (model_not_served) without being sent. None: no list, nothing checked.
     served_models: tuple[str, ...] | None = None
+    budget: BudgetSpec = field(default_factory=BudgetSpec)  # limits and prices (not the shape)
 
     @property
     def is_adaptive(self) -> bool:

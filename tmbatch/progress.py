@@ -40,12 +40,16 @@ def layout(width: int, snap: dict[str, Any]) -> tuple[str, str]:
     at 80 columns with a postfix is one cell; here the statistics shrink with the width.
     """
     failed = f"{snap['failed']:,} failed" if snap["failed"] else ""
+    if "spent_text" in snap:  # a budget: worth its place at any width
+        failed = ", ".join(p for p in (failed, f"spent {snap['spent_text']}") if p)
     if snap["total"] is None:  # not counted yet (or stdin): no bar, no percentage
         fmt = "{n_fmt} done [{elapsed}, {rate_fmt}]{postfix}"
         return fmt, ", ".join(p for p in (failed, f"{snap['in_flight']} in flight") if p)
     if width >= WIDE:
         tok = tqdm.format_sizeof(snap["tok_per_s"]) + " tok/s"
-        postfix = ", ".join(p for p in (failed, f"{snap['in_flight']} in flight", tok) if p)
+        pace = f"pace {snap['pace_per_s']}/s" if "pace_per_s" in snap else ""
+        postfix = ", ".join(p for p in (failed, f"{snap['in_flight']} in flight", tok, pace)
+                            if p)
         return "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, " \
             "{rate_fmt}]{postfix}", postfix
     if width >= NARROW:
@@ -72,6 +76,7 @@ class Progress:
         emit: Callable[[str, dict[str, Any]], None] | None = None,
         tty: bool | None = None,
         done_before: int = 0,
+        budget: Any = None,
     ) -> None:
         self.stats = stats
         self.total = total
@@ -84,6 +89,8 @@ class Progress:
         self._task: asyncio.Task[None] | None = None
         self._last_done = done_before
         self._redirect = contextlib.ExitStack()
+        self.budget = budget  # a budget.Budget: spend (and the budget) on every line
+        self.pace: Callable[[], float | None] | None = None  # the admission's pace
 
     @classmethod
     def for_run(cls, stats: RunStats, states: LineStates, opts: RunOptions,
@@ -112,7 +119,20 @@ class Progress:
             "tok_per_s": round((s.prompt_tokens + s.completion_tokens) / elapsed, 1),
             "eta_s": None if left is None else round(left),
             "total": self.total,
+            **self._spend(),
         }
+
+    def _spend(self) -> dict[str, Any]:
+        """Shown when the run has a budget or prices: tokens (and cost) spent of the budget;
+        and the pace the run is sending at, when it has one."""
+        out: dict[str, Any] = {}
+        pace = self.pace() if self.pace is not None else None
+        if pace is not None:
+            out["pace_per_s"] = round(pace, 1)
+        b = self.budget
+        if b is not None and (b.enforcing or b.prices):
+            out.update(b.progress(), spent_text=b.progress_text())
+        return out
 
     def set_total(self, total: int) -> None:
         """Known once a background thread has counted the input's lines."""
@@ -181,6 +201,8 @@ def line(snap: dict[str, Any]) -> str:
     total = f"/{snap['total']}" if snap["total"] else ""
     eta = f", eta {snap['eta_s']}s" if snap["eta_s"] is not None else ""
     before = f" ({snap['done_before']} before this run)" if snap["done_before"] else ""
+    pace = f" (paced at {snap['pace_per_s']}/s)" if "pace_per_s" in snap else ""
+    spent = f", spent {snap['spent_text']}" if "spent_text" in snap else ""
     return (f"{time.strftime('%H:%M:%S')} progress: {snap['done']}{total} done{before}, "
             f"{snap['failed']} failed, {snap['in_flight']} in flight, "
-            f"{snap['req_per_s']} req/s, {snap['tok_per_s']} tok/s{eta}")
+            f"{snap['req_per_s']} req/s{pace}, {snap['tok_per_s']} tok/s{eta}{spent}")

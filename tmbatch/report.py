@@ -28,12 +28,13 @@ from typing import Any
 import orjson
 
 from tmbatch.files import JOURNAL, RESULTS, SUMMARY, atomic_write, make_dir
-from tmbatch.journal import OutcomeRecord, read_header
+from tmbatch.journal import OutcomeRecord, SpendRecord, read_header
+from tmbatch.prices import Prices
 from tmbatch.safety import Outcome
 from tmbatch.summary import RunStats, percentile
 
 INSTALL_HINT = "pip install 'tmbatch[report]'"
-CHART_FILES = ("throughput.png", "latency.png", "ttft.png", "failures.png")
+CHART_FILES = ("throughput.png", "latency.png", "ttft.png", "failures.png", "cost.png")
 CLASS_COLORS = {
     Outcome.NOT_SENT: "#8c8c8c", Outcome.REJECTED: "#e69f00", Outcome.AMBIGUOUS: "#d55e00",
     Outcome.PERMANENT: "#cc79a7", Outcome.FATAL: "#7a0019",
@@ -62,6 +63,8 @@ class RunData:
     untimed_outcomes: int = 0
     summary: dict[str, Any] | None = None
     tokens: int = 0  # from the usage of every result
+    spend: list[SpendRecord] = field(default_factory=list)  # the job's spend over time
+    budget: dict[str, Any] | None = None  # the last run's {"e": "budget"}: limits, prices
 
     @property
     def failures(self) -> Counter[tuple[Outcome, str]]:
@@ -126,6 +129,8 @@ def load_run(out_dir: Path) -> RunData:
             if isinstance(rec, dict):
                 if rec.get("e") == "resume" and isinstance(rec.get("t"), (int, float)):
                     data.run_starts.append(float(rec["t"]))
+                elif rec.get("e") == "budget":
+                    data.budget = rec
                 continue
             if not isinstance(rec, list) or not rec:
                 continue
@@ -135,6 +140,10 @@ def load_run(out_dir: Path) -> RunData:
                     _outcome(data, found)
             elif rec[0] == "p" and len(rec) >= 3:
                 data.pauses.append((float(rec[1]), float(rec[2])))
+            elif rec[0] == "s":
+                snap = SpendRecord.from_list(rec)
+                if snap is not None:
+                    data.spend.append(snap)
     try:
         summary = orjson.loads((out_dir / SUMMARY).read_bytes())
         data.summary = summary if isinstance(summary, dict) else None
@@ -282,6 +291,41 @@ def failures_chart(failures: Counter[tuple[Outcome, str]]) -> bytes | None:
     return _png(fig)
 
 
+def cost_chart(data: RunData) -> bytes | None:
+    """The job's spend over time, with the budget as a line: how a budgeted run approached it,
+    and where resumes continued. In the budget's unit; else dollars at the last run's prices,
+    else tokens."""
+    if not data.spend:
+        return None
+    rec = data.budget or {}
+    prices = Prices.from_json(rec.get("prices"))
+    t0 = data.spend[0].t
+    xs = [s.t - t0 for s in data.spend]
+    if prices and (rec.get("usd") is not None or rec.get("tokens") is None):
+        ys = [sum(p.cost(*row[:2], row[2]) for m, row in s.spent.items()
+                  if (p := prices.get(m)) is not None) for s in data.spend]
+        limit, unit = rec.get("usd"), "USD"
+        excluded = sorted({m for s in data.spend for m in s.spent if prices.get(m) is None})
+    else:
+        ys = [float(sum(row[0] + row[1] for row in s.spent.values())) for s in data.spend]
+        limit, unit, excluded = rec.get("tokens"), "tokens", []
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.step(xs, ys, where="post", color=OK_COLOR, linewidth=1.8, label=f"spent ({unit})")
+    if isinstance(limit, (int, float)):
+        ax.axhline(limit, color=FAIL_COLOR, linestyle="--", linewidth=1.2,
+                   label=f"budget {limit:,.4g} {unit}")
+    for i, t in enumerate(s for s in data.run_starts[1:] if s >= t0):
+        ax.axvline(t - t0, color="#444", linestyle="--", linewidth=1,
+                   label="resumed" if i == 0 else None)
+    ax.set_xlabel(f"seconds since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t0))} UTC")
+    ax.set_ylabel(unit + (f" (excludes {', '.join(excluded)}: no price)" if excluded else ""))
+    ax.set_title("Cost over time (the whole job)")
+    ax.set_ylim(0, max([*ys, float(limit or 0), 1e-9]) * 1.15)
+    ax.legend(loc="upper left", frameon=False)
+    return _png(fig)
+
+
 # -- page -----------------------------------------------------------------------------------------
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;
@@ -401,6 +445,9 @@ def render_html(data: RunData, out_dir: Path, charts: dict[str, bytes | None]) -
         _chart("failures.png", charts["failures.png"], "failures by class and code", "")
         if failures else "",
         _failure_table(failures),
+        "<h2>Cost</h2>",
+        _chart("cost.png", charts["cost.png"], "the job's spend over time, with its budget",
+               "This journal has no spend records (written by an older tmbatch)."),
         f"<footer>Made by <code>tmbatch report</code> from {JOURNAL} on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. Self-contained: the charts "
         "are embedded and also saved as PNGs beside this page.</footer>",
@@ -418,6 +465,7 @@ def write_report(out_dir: Path, dest: Path | None = None) -> Path:
         "latency.png": histogram(data.latency_ms, "Latency", "milliseconds", OK_COLOR),
         "ttft.png": histogram(data.ttft_ms, "Time to first token", "milliseconds", "#009e73"),
         "failures.png": failures_chart(data.failures),
+        "cost.png": cost_chart(data),
     }
     dest = dest or out_dir / "report"
     try:

@@ -21,6 +21,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from tmbatch.budget import Budget, Hold
 from tmbatch.client import Answer, idempotency_key, send
 from tmbatch.config import Settings
 from tmbatch.limits import Admission, Ticket, estimate_tokens
@@ -74,6 +75,7 @@ class LineSender:
     patience: float = 600.0  # seconds without any success before refusals are final
     served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
     served: ServedCheck = field(init=False)
+    budget: Budget = field(default_factory=Budget)  # spend, and the --budget-* limits
     # Workers whose request is on the wire: a stop lets these finish and cancels the others.
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     # Circuit breaker: attempts in a row that never reached the server, while none ever has.
@@ -155,20 +157,31 @@ class LineSender:
 
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
+        spend = await self.budget.reserve(req)  # the worst case, within --budget-*
+        if spend is None:
+            raise Stopped  # the budget is reached (the stop is set): nothing was sent
+        try:
+            return await self._admitted(req, tokens, headers, tries, spend)
+        finally:
+            spend.end()  # the attempt is over: a no-op once its answer settled it
+
+    async def _admitted(self, req: Request, tokens: int, headers: dict[str, str] | None,
+                        tries: Tries, spend: Hold) -> Answer:
         ticket = await self.admission.admit(tokens)
         try:
             if self.stop.stopping:
                 raise Stopped
-            return await self._send(req, headers, tries, ticket)
+            return await self._send(req, headers, tries, ticket, spend)
         finally:
             ticket.release()
 
     async def _send(self, req: Request, headers: dict[str, str] | None, tries: Tries,
-                    ticket: Ticket) -> Answer:
+                    ticket: Ticket, spend: Hold) -> Answer:
         tries.now += 1
         if tries.now > 1:
             self.stats.retries += 1
-        self.writer.dispatch(req.line, tries.total, req.custom_id)
+        self.writer.dispatch(req.line, tries.total, req.custom_id, spend.journal())
+        spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
         task = asyncio.current_task()
@@ -176,12 +189,14 @@ class LineSender:
         try:
             answer = await send(self.session, req.url, req.body, headers)
         except AttemptFailed as exc:
+            spend.failed(exc)
             self._failed_attempt(req, exc, ticket, tries)
             raise
         finally:
             self.stats.in_flight -= 1
             self.in_flight.discard(task)  # type: ignore[arg-type]
         self.answered, self.unreached_streak = True, 0
+        spend.succeeded(answer.body)
         ticket.succeeded(answer.headers, self.stats.add_usage(answer.body))
         return answer
 

@@ -26,6 +26,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from tmbatch.budget import Budget
 from tmbatch.client import make_session
 from tmbatch.compact import LineStates
 from tmbatch.config import Settings
@@ -71,6 +72,7 @@ class Runner:
         self._signal_at = 0.0
         self._sent = False  # send() began: from here on the job's files are the record
         self._made_dir = False
+        self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
 
     async def run(self) -> int:
         """Both halves, for callers without a preflight (resend, tests)."""
@@ -141,6 +143,8 @@ class Runner:
             else:
                 writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
                 _recover(writer, resume)
+            self.budget = Budget.for_job(opts.budget, self.stop, resume)
+            self.budget.start(writer)
         except (OSError, WriterError) as exc:
             raise OutputError(f"cannot write to {opts.out_dir}: {exc}", ExitCode.IO) from None
         self.writer = writer
@@ -200,9 +204,11 @@ class Runner:
         sender = self._sender = LineSender(
             self.settings, header["job"], self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
-            opts.served_models)
+            opts.served_models, budget=self.budget)
         writer.start()
-        progress = Progress.for_run(self.stats, self.states, opts, **progress_kwargs())
+        progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
+                                    **progress_kwargs())
+        progress.pace = lambda: self.admission.pace
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -335,6 +341,7 @@ class Runner:
             summary["fatal"] = self.stop.fatal
         if self.stop.io_error:
             summary["io_error"] = self.stop.io_error
+        summary["spend"] = self.budget.report()
         try:
             write_summary(self.opts.out_dir, summary)
         except OutputError as exc:
@@ -342,6 +349,9 @@ class Runner:
         if not self.opts.quiet:
             say("summary", final_line(summary), **summary)
             say_next_steps(summary, self.opts.out_dir)
+            spend = self.budget.final_line()
+            if spend:
+                say("spend", spend, **summary["spend"])
         self.stop.announce()
         return self.stop.exit_code(summary["counts"]["failed"])
 

@@ -19,6 +19,7 @@ from tmbatch.journal import load
 from tmbatch.lines import count_lines
 from tmbatch.reader import fingerprint
 from tmbatch.safety import FAILURE_CLASSES, Outcome
+from tmbatch.spend import render_spend, spend_status
 
 
 def is_running(out_dir: Path) -> bool:
@@ -76,6 +77,7 @@ def status(out_dir: Path) -> dict[str, Any]:
         "not_yet_sent": not_sent,
         "in_flight" if running else "unknown_outcome": unknown,
         "attempts_sent": state.attempts_done,
+        "spend": spend_status(state),
     }
 
 
@@ -126,6 +128,7 @@ def render(s: dict[str, Any]) -> str:
     else:
         lines.append(f"unknown outcome: {s['unknown_outcome']} (dispatched, no outcome: "
                      "ambiguous on resume, never re-sent automatically)")
+    lines.append(f"spent:        {render_spend(s['spend'])}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,10 @@
 """Why a run stops, and the exit code and message that say so.
 
-A run can be asked to stop by a signal, by a fatal answer (401/403), or by an output file
-that cannot be written, and several can happen in one run (a 401 arriving during a SIGTERM
-drain). Nothing new is admitted once any of them is set; the most serious one is what the
-user is told and what the exit code says: an unwritable disk, then a fatal refusal, then
-the signal.
+A run can be asked to stop by a signal, by a fatal answer (401/403), by an output file
+that cannot be written, or by its budget, and several can happen in one run (a 401 arriving
+during a SIGTERM drain). Nothing new is admitted once any of them is set; the most serious
+one is what the user is told and what the exit code says: an unwritable disk, then a fatal
+refusal, then the budget, then the signal.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tmbatch.logs import say
 class StopReason(Enum):
     IO_ERROR = ExitCode.IO
     FATAL = ExitCode.FATAL
+    BUDGET = ExitCode.BUDGET
     SIGINT = ExitCode.SIGINT
     SIGTERM = ExitCode.SIGTERM
 
@@ -30,7 +31,8 @@ class StopReason(Enum):
 
     @property
     def label(self) -> str:
-        """The `stopped` field of summary.json: the signal's name, "fatal" or "io_error"."""
+        """The `stopped` field of summary.json: the signal's name, "fatal", "io_error" or
+        "budget"."""
         return self.name if self in (StopReason.SIGINT, StopReason.SIGTERM) else \
             self.name.lower()
 
@@ -43,6 +45,7 @@ class Stop:
     signals: int = 0  # a second one stops at once
     fatal: str | None = None
     io_error: str | None = None
+    budget: str | None = None  # why the budget is reached
 
     @property
     def reason(self) -> StopReason | None:
@@ -50,6 +53,8 @@ class Stop:
             return StopReason.IO_ERROR
         if self.fatal is not None:
             return StopReason.FATAL
+        if self.budget is not None:
+            return StopReason.BUDGET
         return self.signal
 
     @property
@@ -68,6 +73,13 @@ class Stop:
         if self.fatal is not None:
             return False
         self.fatal = message
+        return True
+
+    def on_budget(self, message: str) -> bool:
+        """True the first time: the caller logs it once."""
+        if self.budget is not None:
+            return False
+        self.budget = message
         return True
 
     def on_io_error(self, message: str) -> None:
@@ -90,6 +102,11 @@ class Stop:
             say("stopped", f"stopped by a fatal error: {self.fatal}",
                 text=f"tmbatch: stopped by a fatal error: {self.fatal}", level=logging.ERROR,
                 reason="fatal", exit_code=ExitCode.FATAL)
+        elif reason is StopReason.BUDGET:
+            msg = (f"budget reached: {self.budget}. Unsent lines stay pending: run the same "
+                   "command with a larger budget to continue")
+            say("stopped", msg, text=f"tmbatch: {msg}", level=logging.WARNING, reason="budget",
+                exit_code=ExitCode.BUDGET)
         elif reason is not None:
             msg = (f"interrupted ({reason.name}); run the same command again to resume "
                    "where it stopped")

@@ -62,6 +62,12 @@ class TableChecker:
             raise self.fail(key, "a number greater than 0", value)
         return float(value)
 
+    def nonneg_number(self, key: str, value: Any) -> float:
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+                or value == float("inf")):
+            raise self.fail(key, "a number of 0 or more", value)
+        return float(value)
+
     def number(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, "a number", value)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tmbatch.journal import (
     MarkRecord,
     OutcomeRecord,
     PauseRecord,
+    SpendRecord,
 )
 from tmbatch.records import FailureRecord, ResultRecord, line_of
 from tmbatch.redact import SECRETS
@@ -60,15 +62,18 @@ class Writer:
         self.superseded = False
         self.error: WriterError | None = None
         self._fsync_task: asyncio.Task[None] | None = None
+        self.before_close: list[Callable[[], None]] = []  # last records (a spend snapshot)
 
     # -- journal records ------------------------------------------------
     def header(self, record: dict[str, Any]) -> None:
         self._jour.append(orjson.dumps(record) + b"\n")
         self.flush()
 
-    def dispatch(self, line: int, attempt: int, custom_id: str) -> None:
-        """Record that this line's bytes are about to leave; durable before it returns."""
-        self._jour.append(DispatchRecord(line, attempt, custom_id).to_json())
+    def dispatch(self, line: int, attempt: int, custom_id: str,
+                 reserved: list[Any] | None = None) -> None:
+        """Record that this line's bytes are about to leave; durable before it returns.
+        `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
+        self._jour.append(DispatchRecord(line, attempt, custom_id, reserved).to_json())
         self._note_supersede(line)  # a resend: its old failure line goes at close
         self.states.set(line, IN_FLIGHT)
         self.flush()
@@ -98,6 +103,11 @@ class Writer:
     def pause(self, seconds: float) -> None:
         """A Retry-After pause of every worker, for the report's timeline; resume ignores it."""
         self._jour.append(PauseRecord(round(time.time(), 3), seconds).to_json())
+        self._schedule()
+
+    def spend(self, record: SpendRecord) -> None:
+        """A snapshot of the job's spend; journaled in order with the outcomes it counts."""
+        self._jour.append(record.to_json())
         self._schedule()
 
     def pending(self, line: int) -> None:
@@ -203,6 +213,8 @@ class Writer:
     def close(self) -> None:
         try:
             if self.error is None:
+                for hook in self.before_close:
+                    hook()
                 self.flush()
                 if self.fsync_mode != "never":
                     self._fsync_all()

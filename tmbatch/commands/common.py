@@ -10,6 +10,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tmbatch.budget import BudgetSpec
 from tmbatch.config import ConfigError, Settings, resolve
 from tmbatch.lines import Shard
 from tmbatch.redact import SECRETS
@@ -142,3 +143,33 @@ async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
         return await then(settings)
     finally:
         await server.stop()
+def add_price_args(g: Any) -> None:
+    from tmbatch.prices import price_flag
+
+    g.add_argument("--prices", metavar="FILE", help="USD per million input/output tokens per "
+                   "model, TOML or JSON (you supply them: tmbatch knows no prices); see README "
+                   "'Cost and budgets'")
+    g.add_argument("--price", metavar="MODEL=IN:OUT", action="append", type=price_flag,
+                   help="one model's price, USD per million input:output tokens "
+                   "(IN:OUT:CACHED adds a cached-input price); repeatable, wins over --prices")
+
+
+def add_budget_args(g: Any) -> None:
+    g.add_argument("--budget-tokens", type=positive_int, default=None, metavar="N",
+                   help="never let the job's billed tokens (prompt + completion, every run "
+                   "counted) pass N: each request reserves its worst case first; at the budget "
+                   "nothing more is sent and the run exits 6")
+    g.add_argument("--budget-usd", type=positive_float, default=None, metavar="X",
+                   help="the same in US dollars, at the prices given (--prices/--price): every "
+                   "model sent needs one")
+    add_price_args(g)
+
+
+def budget_spec_from(ns: argparse.Namespace) -> BudgetSpec:
+    """Limits and prices from the flags (and a job file's `budget_*` keys and `[prices]`)."""
+    from tmbatch.prices import resolve as resolve_prices
+
+    prices = resolve_prices(getattr(ns, "prices", None), getattr(ns, "price", None),
+                            getattr(ns, "job_prices", None), getattr(ns, "job_name", None))
+    return BudgetSpec(getattr(ns, "budget_tokens", None), getattr(ns, "budget_usd", None),
+                      prices)

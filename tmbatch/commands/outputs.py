@@ -73,7 +73,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def add_report_parser(sub: Any) -> None:
     rep = subcommand(
-        sub, "report", "an HTML page of a run: throughput, latency, TTFT, 429 pauses, failures",
+        sub, "report", "an HTML page of a run: throughput, latency, TTFT, 429s, failures, cost",
         "Read OUTPUT's journal (and summary.json) and write a self-contained "
         "OUTPUT/report/index.html with its charts as PNGs beside it. Needs the optional "
         "extra: pip install 'tmbatch[report]'.",

@@ -54,6 +54,8 @@ def add_resend_parser(sub: Any) -> None:
                     help="requests in flight at once (default 16)")
     rs.add_argument("--rpm", type=common.positive_float, help="requests per minute")
     rs.add_argument("--tpm", type=common.positive_float, help="tokens per minute")
+    common.add_budget_args(rs.add_argument_group(
+        "budget and prices: the job's whole spend counts, earlier runs included"))
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
     rs.add_argument("-v", "--verbose", action="count", default=0,
                     help="log debug detail too")
@@ -109,6 +111,7 @@ def _send(ns: argparse.Namespace, out: Path, header: dict[str, Any],
         only_lines={r.line for r in lines},
         extra_header={"resend": len(lines)},
         prior_attempts={r.line: r.attempts for r in lines},
+        budget=common.budget_spec_from(ns),
     )
     return common.run_async(start_run(ns, opts, settings, preflight=False))
 

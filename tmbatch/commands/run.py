@@ -8,8 +8,10 @@ import os
 from typing import Any
 
 from tmbatch.commands.common import (
+    add_budget_args,
     add_connection_args,
     add_sim_group,
+    budget_spec_from,
     on_sim_if_asked,
     positive_float,
     positive_int,
@@ -62,6 +64,7 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     _input_args(run.add_argument_group("input"))
     _limit_args(run.add_argument_group("limits"))
+    add_budget_args(run.add_argument_group("budget and prices (README: Cost and budgets)"))
     _checkpoint_args(run.add_argument_group("checkpoint"))
     _output_args(run.add_argument_group("output"))
     add_connection_args(run)
@@ -126,6 +129,7 @@ def _output_args(g: Any) -> None:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from tmbatch import labels
+    from tmbatch.estimate import check_before_sending
     from tmbatch.jobfile import prepare_run
 
     job = prepare_run(ns, os.environ)  # job.toml values, shard from env, defaults
@@ -147,7 +151,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
         quiet=ns.quiet, progress_interval=ns.progress_interval,
         max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive, patience=ns.patience,
+        budget=budget_spec_from(ns),
     )
+    check_before_sending(opts.budget, opts.input, endpoint=endpoint, model=ns.model,
+                         stream=ns.stream, shard=ns.shard, max_line_bytes=ns.max_line_bytes)
     code = run_async(start_run(ns, opts, settings, preflight=not ns.no_preflight))
     if label_run is not None:
         code = label_run.finish(code)

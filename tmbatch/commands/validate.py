@@ -93,7 +93,7 @@ def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = 
         for url, problem in items(f, stats):
             if problem is not None:
                 bad += 1
-                _show_bad(ns, source, problem)
+                show_bad(source, problem, ns.json)
             else:
                 good += 1
                 by_url[str(url)] = by_url.get(str(url), 0) + 1
@@ -113,8 +113,9 @@ def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = 
     return ExitCode.FAILED if bad else ExitCode.OK
 
 
-def _show_bad(ns: argparse.Namespace, source: str, item: BadLine) -> None:
-    if ns.json:
+def show_bad(source: str, item: BadLine, as_json: bool) -> None:
+    """One bad line, as `validate` lists it (and `estimate`, the same way)."""
+    if as_json:
         sys.stdout.buffer.write(orjson.dumps({
             "line": item.line, "custom_id": item.custom_id, "code": item.code,
             "message": item.message}) + b"\n")

@@ -1,0 +1,99 @@
+"""The pre-send token estimate: one rule for `--tpm`, budgets and `tmbatch estimate`.
+
+Nothing can count a prompt's tokens exactly without the model's tokenizer, so this is a
+deliberately simple rule (about 4 characters a token) that `tmbatch estimate --tokenize`
+measures against the server. What matters more is that every part of tmbatch uses the same
+one: a budget and the tokens-per-minute bucket must not disagree about what a line costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_MAX_OUTPUT_TOKENS = 256  # assumed when a body names no max_tokens
+# The answer's share of what a line may generate, per route: the fields the server reads.
+OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _text_len(value: Any) -> int:
+    """Characters of prompt text in a string, a list of parts, or chat messages."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, int):
+                total += 4  # a token id
+            elif isinstance(item, dict):
+                total += _text_len(item.get("content")) + _text_len(item.get("text"))
+                total += 4  # role and framing
+        return total
+    if isinstance(value, dict):
+        return _text_len(value.get("content")) + _text_len(value.get("text"))
+    return 0
+
+
+def text_tokens(chars: int) -> int:
+    """Tokens for `chars` characters of text, by the one rule."""
+    return chars // 4 + 1
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt's estimated tokens: messages, prompt, input, instructions, token ids."""
+    chars = (
+        _text_len(body.get("messages"))
+        + _text_len(body.get("prompt"))
+        + _text_len(body.get("input"))
+        + _text_len(body.get("instructions"))
+        + _text_len(body.get("tokens"))
+    )
+    return text_tokens(chars)
+
+
+def output_cap(body: dict[str, Any]) -> int | None:
+    """The line's own cap on generated tokens, or None when it sets none."""
+    out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get(
+        "max_output_tokens"
+    )
+    if not isinstance(out, int) or isinstance(out, bool) or out < 0:
+        return None
+    return out
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many answers one request asks for (`n`): each may use the whole cap."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
+def output_ceiling(body: dict[str, Any], generates: bool = True) -> int:
+    """The most output tokens the line may be billed: its cap (or the default) times `n`.
+
+    `generates=False` for /tokenize and /detokenize: they produce no output tokens.
+    """
+    if not generates:
+        return 0
+    cap = output_cap(body)
+    return (DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap) * choices(body)
+
+
+def estimate_tokens(body: dict[str, Any], generates: bool = True) -> int:
+    """A pre-send estimate: ~4 characters a token for the prompt, plus the output ceiling."""
+    return prompt_tokens(body) + output_ceiling(body, generates)
+
+
+def answer_text_tokens(body: dict[str, Any]) -> int:
+    """Output tokens of an answer that reports no `usage`, by the same rule: its text.
+
+    Chat and completions keep text in `choices`, /v1/responses in `output` items.
+    """
+    chars = 0
+    for choice in body.get("choices") or ():
+        if isinstance(choice, dict):
+            chars += _text_len(choice.get("message")) + _text_len(choice.get("text"))
+    for item in body.get("output") or ():
+        if isinstance(item, dict):
+            chars += _text_len(item.get("content")) + _text_len(item.get("text"))
+    return text_tokens(chars) if chars else 0
