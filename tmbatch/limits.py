@@ -204,6 +204,7 @@ class Admission:
         self.cap = min(self.ceiling, START_IN_FLIGHT) if adaptive else self.ceiling
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._turn = asyncio.Lock()  # whose slot in the pace is next (see _paced)
         # learnt tokens-per-estimate ratio, as two moving sums so big requests weigh more
         self._ema_raw = 0.0
         self._ema_actual = 0.0
@@ -299,36 +300,24 @@ class Admission:
         return Ticket(self, tokens, charged, now)
 
     async def _paced(self) -> None:
-        """Wait for this attempt's slot in the pace; a pause that starts meanwhile moves it."""
-        loop = self._loop
-        while True:
-            delay = self.pacer.book(loop.time())
-            if delay <= 0:
-                return
-            try:
-                await asyncio.sleep(delay)
-            except BaseException:
-                self.pacer.unbook()
-                raise
-            if self.pause_until <= loop.time():
-                return
-            self.pacer.unbook()  # a Retry-After came while we waited: book again after it
-            await self.wait_pause()
-
-    def _warn_if_tpm_too_small(self, charged: float) -> None:
-        """A request bigger than a minute's budget waits minutes for it, and the first one
-        shows it: say so at once rather than leave the run looking stuck."""
-        target = self.tpm_target or 0.0
-        if charged <= target:
-            return
-        self.tpm_warned = True
-        log.warning(
-            "--tpm %g is below one request's estimate of %d tokens (prompt characters / 4 + "
-            "max_tokens, %d when a request gives none): each such request waits %.1f minutes "
-            "for the budget; raise --tpm, or give the requests a smaller max_tokens",
-            target, charged, DEFAULT_MAX_OUTPUT_TOKENS, charged / target,
-            extra={"event": "tpm_below_request", "tpm": target, "estimate": charged},
-        )
+        """Wait for this attempt's slot in the pace. One attempt at a time books and waits
+        (a FIFO turnstile): booking ahead for every waiter would fix their slots at the pace
+        of the moment, and a pace that changes (learnt, cut, paused) must apply to the next
+        attempt at once."""
+        loop, pacer = self._loop, self.pacer
+        async with self._turn:
+            while True:
+                delay = pacer.book(loop.time())
+                if delay > 0:
+                    try:
+                        await asyncio.sleep(delay)
+                    except BaseException:
+                        pacer.unbook()
+                        raise
+                if self.pause_until <= loop.time():
+                    return
+                pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
+                await self.wait_pause()
 
     # -- learning from answers ------------------------------------------
     def _learn_ratio(self, estimated: int, actual: int) -> None:

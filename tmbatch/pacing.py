@@ -33,16 +33,21 @@ BURST_SECONDS = 0.05  # a pace's burst: 50 ms worth, at least one request and at
 MAX_BURST = 4.0
 HINT_MARGIN = 0.98  # pace a little under a limit the server states
 CUT = 0.9  # after a refusal, at most this much of the old pace ...
-ACCEPTED_MARGIN = 0.97  # ... and at most this much of what the server accepted last second
+ACCEPTED_MARGIN = 0.9  # ... and at most this much of what the server accepted last second
+# (that second may include what the server's burst absorbed: its accept rate is lower)
 DEEPEST_CUT = 0.5  # ... but never less than half of it in one step
 EVENT_GAP = 1.0  # seconds: one refusal event at most this often (its answers come together)
 # Growth of the pace, relative, per second of successes: fast after the first refusal (the
 # estimate there is a lower bound: the server's burst hid its rate), then slow near the pace
 # that was last refused (so 429s stay rare), faster again far below it.
-RAMP_GROWTH = 1.0
+RAMP_GROWTH = 2.0
 NEAR_GROWTH = 0.005
-FAR_GROWTH = 0.1
+FAR_GROWTH = 0.3
 NEAR = 0.8  # "near": within this fraction of the pace last refused
+# The pace may lead what is actually accepted by this much, and no more: when something else
+# holds the sends back (concurrency, latency), a pace that grew on would burst when it lets go.
+LEAD = 1.5
+LONG = 5.0  # seconds: a server that grants in windows (N per W s) shows its rate over this
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 
 
@@ -90,7 +95,8 @@ class RateLearner:
     def __init__(self, pacer: Pacer, *, learn: bool) -> None:
         self.pacer = pacer
         self.learn = learn
-        self.accepted: deque[float] = deque()  # success times of the last second
+        self.accepted: deque[float] = deque()  # success times of the last LONG seconds
+        self.first_accepted: float | None = None
         self.last_cut = -math.inf
         self.refused_at: float | None = None  # the pace the last refusal happened at
         self.cuts = 0
@@ -106,10 +112,14 @@ class RateLearner:
     def success(self, now: float) -> None:
         acc = self.accepted
         acc.append(now)
-        while acc[0] < now - 1.0:
+        if self.first_accepted is None:
+            self.first_accepted = now
+        while acc[0] < now - LONG:
             acc.popleft()
         rate = self.pacer.rate
         if not self.learn or rate is None or self.hinted:
+            return
+        if rate > LEAD * self._got_through(now):
             return
         if self.cuts == 1:
             growth = RAMP_GROWTH
@@ -129,7 +139,8 @@ class RateLearner:
         self.cuts += 1
         if self.hinted:
             return  # the headers state the limit: a refusal is jitter, the pause handles it
-        accepted = sum(1 for t in self.accepted if t > now - 1.0) * ACCEPTED_MARGIN
+        got_through = self._got_through(now)
+        accepted = got_through * ACCEPTED_MARGIN
         current = self.pacer.rate
         if current is None:  # the first: all we know is what got through
             if not accepted:
@@ -137,9 +148,20 @@ class RateLearner:
                 return
             new = accepted
         else:
-            self.refused_at = current
+            # what the server let through when it said no: the rate to stay near
+            self.refused_at = max(got_through, MIN_RATE)
             new = max(current * DEEPEST_CUT, min(current * CUT, accepted))
         self._set(max(MIN_RATE, new), "learnt from refusals")
+
+    def _got_through(self, now: float) -> float:
+        """What the server let through, per second: over the last second, or over the last
+        LONG seconds when that says more (a window granted at its start, closed since)."""
+        acc = self.accepted
+        last_second = sum(1 for t in acc if t > now - 1.0)
+        if self.first_accepted is None:
+            return last_second
+        span = min(LONG, max(1.0, now - self.first_accepted))
+        return max(last_second, sum(1 for t in acc if t > now - span) / span)
 
     def hint(self, rate: float) -> None:
         """The server stated its limit (x-ratelimit headers): pace just under it."""
