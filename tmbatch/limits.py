@@ -319,6 +319,21 @@ class Admission:
                 pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
                 await self.wait_pause()
 
+    def _warn_if_tpm_too_small(self, charged: float) -> None:
+        """A request bigger than a minute's budget waits minutes for it, and the first one
+        shows it: say so at once rather than leave the run looking stuck."""
+        target = self.tpm_target or 0.0
+        if charged <= target:
+            return
+        self.tpm_warned = True
+        log.warning(
+            "--tpm %g is below one request's estimate of %d tokens (prompt characters / 4 + "
+            "max_tokens, %d when a request gives none): each such request waits %.1f minutes "
+            "for the budget; raise --tpm, or give the requests a smaller max_tokens",
+            target, charged, DEFAULT_MAX_OUTPUT_TOKENS, charged / target,
+            extra={"event": "tpm_below_request", "tpm": target, "estimate": charged},
+        )
+
     # -- learning from answers ------------------------------------------
     def _learn_ratio(self, estimated: int, actual: int) -> None:
         """The estimate's bias, so the next charges are closer to what usage will say."""
