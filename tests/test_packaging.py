@@ -104,3 +104,16 @@ def test_a_wheel_carries_every_subpackage(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "tmbatch").rglob("__init__.py")}
     assert packages and {f"{pkg}/__init__.py" for pkg in packages} <= names
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """`tmbatch validate big.jsonl | head -1`: the pipe closes early; no traceback, no 70."""
+    from tests.conftest import chat_line, write_jsonl
+
+    rows = [{"custom_id": i} for i in range(20000)] + [chat_line(1)]
+    inp = write_jsonl(tmp_path / "bad.jsonl", rows)
+    done = subprocess.run(f"{sys.executable} -m tmbatch validate {inp} | head -1; "
+                          "echo \"status=${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=120)
+    assert "status=141" in done.stdout, done
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr

@@ -190,6 +190,7 @@ class Budget:
     def __init__(self, spec: BudgetSpec | None = None, stop: Stop | None = None,
                  prior: dict[str, list[int]] | None = None, prior_unknown: int = 0) -> None:
         self.spec = spec or BudgetSpec()
+        self._enforcing = self.spec.limited
         self.prices = self.spec.prices
         self.stop = stop
         self.spent: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
@@ -231,7 +232,7 @@ class Budget:
 
     @property
     def enforcing(self) -> bool:
-        return self.spec.limited
+        return self._enforcing
 
     # -- the journal ----------------------------------------------------------------------------
     def start(self, writer: Any) -> None:
@@ -254,14 +255,19 @@ class Budget:
         ))
 
     # -- admission ------------------------------------------------------------------------------
-    async def reserve(self, req: Request) -> Hold | None:
-        """Claim this attempt's worst case, waiting while attempts in flight may make room;
-        None when the budget is reached (the run's stop is then set)."""
+    def track(self, req: Request) -> Hold:
+        """Without a budget only spend is counted: nothing to wait for (the hot path: no
+        coroutine, and the sender calls this instead of `reserve`)."""
         if req.idempotent:
             return FREE
         model = req.body.get("model")
-        res = Reservation(self, model if isinstance(model, str) else "", req.body)
-        if not self.enforcing:
+        return Reservation(self, model if isinstance(model, str) else "", req.body)
+
+    async def reserve(self, req: Request) -> Hold | None:
+        """Claim this attempt's worst case, waiting while attempts in flight may make room;
+        None when the budget is reached (the run's stop is then set)."""
+        res = self.track(req)
+        if not self.enforcing or not isinstance(res, Reservation):
             return res
         res.estimate()
         while True:

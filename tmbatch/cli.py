@@ -138,6 +138,12 @@ def _main(argv: list[str] | None) -> int:
         say("interrupted", "stopped by SIGTERM", text="tmbatch: stopped by SIGTERM",
             level=logging.ERROR, exit_code=ExitCode.SIGTERM)
         return ExitCode.SIGTERM
+    except BrokenPipeError:
+        # The reader of stdout went away (`tmbatch validate big.jsonl | head`): not an error
+        # to report, and Python must not try to flush into the closed pipe at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.PIPE
     except Exception as exc:  # a bug: say so without a wall of traceback or a key
         if os.environ.get("TMBATCH_DEBUG"):
             raise

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     BUDGET = 6
     INTERNAL = 70
     SIGINT = 130
+    PIPE = 141
     SIGTERM = 143
 
 
@@ -33,6 +34,7 @@ MEANINGS: dict[ExitCode, str] = {
     "run again with a larger budget to continue",
     ExitCode.INTERNAL: "a bug in tmbatch (TMBATCH_DEBUG=1 shows the traceback)",
     ExitCode.SIGINT: "interrupted by SIGINT (Ctrl-C); run the same command again to resume",
+    ExitCode.PIPE: "the reader of stdout went away (`| head`); what it read was complete",
     ExitCode.SIGTERM: "stopped by SIGTERM (e.g. Kubernetes eviction); run it again to resume",
 }
 

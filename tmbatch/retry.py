@@ -157,9 +157,12 @@ class LineSender:
 
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
-        spend = await self.budget.reserve(req)  # the worst case, within --budget-*
-        if spend is None:
-            raise Stopped  # the budget is reached (the stop is set): nothing was sent
+        if self.budget.enforcing:
+            spend = await self.budget.reserve(req)  # the worst case, within --budget-*
+            if spend is None:
+                raise Stopped  # the budget is reached (the stop is set): nothing was sent
+        else:
+            spend = self.budget.track(req)
         try:
             return await self._admitted(req, tokens, headers, tries, spend)
         finally:

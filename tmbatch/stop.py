@@ -46,6 +46,8 @@ class Stop:
     fatal: str | None = None
     io_error: str | None = None
     budget: str | None = None  # why the budget is reached
+    # Any reason set: read before every attempt, so a plain field (kept by the on_* methods)
+    stopping: bool = False
 
     @property
     def reason(self) -> StopReason | None:
@@ -57,13 +59,10 @@ class Stop:
             return StopReason.BUDGET
         return self.signal
 
-    @property
-    def stopping(self) -> bool:
-        return self.reason is not None
-
     def on_signal(self, signum: int) -> int:
         """Count a signal; the first one names the stop. Returns how many have come."""
         self.signals += 1
+        self.stopping = True
         if self.signal is None:
             self.signal = StopReason.SIGTERM if signum == signal.SIGTERM else StopReason.SIGINT
         return self.signals
@@ -72,19 +71,19 @@ class Stop:
         """True the first time: the caller logs it once."""
         if self.fatal is not None:
             return False
-        self.fatal = message
+        self.fatal, self.stopping = message, True
         return True
 
     def on_budget(self, message: str) -> bool:
         """True the first time: the caller logs it once."""
         if self.budget is not None:
             return False
-        self.budget = message
+        self.budget, self.stopping = message, True
         return True
 
     def on_io_error(self, message: str) -> None:
         if self.io_error is None:
-            self.io_error = message
+            self.io_error, self.stopping = message, True
 
     def exit_code(self, failed_lines: int) -> ExitCode:
         reason = self.reason
