@@ -33,14 +33,14 @@ BURST_SECONDS = 0.05  # a pace's burst: 50 ms worth, at least one request and at
 MAX_BURST = 4.0
 HINT_MARGIN = 0.98  # pace a little under a limit the server states
 CUT = 0.9  # after a refusal, at most this much of the old pace ...
-ACCEPTED_MARGIN = 0.9  # ... and at most this much of what the server accepted last second
+ACCEPTED_MARGIN = 0.85  # ... and at most this much of what the server accepted last second
 # (that second may include what the server's burst absorbed: its accept rate is lower)
 DEEPEST_CUT = 0.5  # ... but never less than half of it in one step
 EVENT_GAP = 1.0  # seconds: one refusal event at most this often (its answers come together)
 # Growth of the pace, relative, per second of successes: fast after the first refusal (the
 # estimate there is a lower bound: the server's burst hid its rate), then slow near the pace
 # that was last refused (so 429s stay rare), faster again far below it.
-RAMP_GROWTH = 2.0
+RAMP_GROWTH = 3.0
 NEAR_GROWTH = 0.005
 FAR_GROWTH = 0.3
 NEAR = 0.8  # "near": within this fraction of the pace last refused
@@ -95,7 +95,10 @@ class RateLearner:
     def __init__(self, pacer: Pacer, *, learn: bool) -> None:
         self.pacer = pacer
         self.learn = learn
-        self.accepted: deque[float] = deque()  # success times of the last LONG seconds
+        # success times of the last second, and of the last LONG seconds: counted as lengths,
+        # so a success costs the same at 5 or 5,000 a second
+        self.accepted: deque[float] = deque()
+        self.accepted_long: deque[float] = deque()
         self.first_accepted: float | None = None
         self.last_cut = -math.inf
         self.refused_at: float | None = None  # the pace the last refusal happened at
@@ -110,17 +113,22 @@ class RateLearner:
         return self.pacer.rate
 
     def success(self, now: float) -> None:
-        acc = self.accepted
+        if not self.learn:
+            return
+        acc, long = self.accepted, self.accepted_long
         acc.append(now)
+        long.append(now)
         if self.first_accepted is None:
             self.first_accepted = now
-        while acc[0] < now - LONG:
+        while acc[0] < now - 1.0:
             acc.popleft()
+        while long[0] < now - LONG:
+            long.popleft()
         rate = self.pacer.rate
-        if not self.learn or rate is None or self.hinted:
+        if rate is None or self.hinted:
             return
         if rate > LEAD * self._got_through(now):
-            return
+            return  # sends have not followed the pace up yet
         if self.cuts == 1:
             growth = RAMP_GROWTH
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
@@ -156,12 +164,15 @@ class RateLearner:
     def _got_through(self, now: float) -> float:
         """What the server let through, per second: over the last second, or over the last
         LONG seconds when that says more (a window granted at its start, closed since)."""
-        acc = self.accepted
-        last_second = sum(1 for t in acc if t > now - 1.0)
+        acc, long = self.accepted, self.accepted_long
+        while acc and acc[0] < now - 1.0:
+            acc.popleft()
+        while long and long[0] < now - LONG:
+            long.popleft()
         if self.first_accepted is None:
-            return last_second
+            return len(acc)
         span = min(LONG, max(1.0, now - self.first_accepted))
-        return max(last_second, sum(1 for t in acc if t > now - span) / span)
+        return max(len(acc), len(long) / span)
 
     def hint(self, rate: float) -> None:
         """The server stated its limit (x-ratelimit headers): pace just under it."""
