@@ -21,6 +21,7 @@ from tmbatch.limits import (
     estimate_tokens,
     parse_duration,
 )
+from tmbatch.pacing import CALM
 from tmbatch.safety import classify_status
 
 
@@ -181,7 +182,8 @@ def test_remaining_zero_holds_every_worker_until_reset() -> None:
 
 def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
     """The first refusal paces the run at what got through; refusals of requests sent before
-    that cut are the same event; each success then raises the pace a little."""
+    that cut are the same event; once refusals have been quiet for CALM seconds, each success
+    raises the pace a little."""
     async def go() -> None:
         adm = Admission(concurrency=10, adaptive=True)
         rejected = classify_status(429, {}, None, None)
@@ -198,8 +200,13 @@ def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
         assert pace is not None and 0 < pace <= 4  # what got through in the last second
         more = await adm.admit(1)
         more.succeeded({}, 0)
-        assert adm.pace is not None and adm.pace > pace
         more.release()
+        assert adm.pace == pace  # still being refused: no reason to speed up yet
+        await asyncio.sleep(CALM + 0.05)
+        later = await adm.admit(1)
+        later.succeeded({}, 0)
+        later.release()
+        assert adm.pace is not None and adm.pace > pace
 
     asyncio.run(go())
 

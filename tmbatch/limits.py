@@ -43,7 +43,7 @@ BURST_SECONDS = 0.5  # the token bucket's burst
 MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-After
 HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
 PAUSE_LOG_EVERY = 30.0  # the same for Retry-After pauses: a run at its limit meets many
-START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per answer
+START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
 RATE_WINDOW = 30.0  # seconds of successes the settled rate is measured over
@@ -164,9 +164,11 @@ class Ticket:
         if not policy.slows_admission:
             return None
         adm.refusals += 1
-        adm.learner.refused(now, self.sent_at)
+        closed = adm.learner.refused(now, self.sent_at)
         if failure.retry_after is not None and adm.pause(failure.retry_after):
             return failure.retry_after
+        if failure.retry_after is None and closed is not None:
+            adm.hold(closed, "every request refused for a second, with no Retry-After")
         return None
 
 
@@ -202,6 +204,7 @@ class Admission:
         self.ceiling = max(1, concurrency)
         # while learning, a slow start: a few in flight, one more per answer
         self.cap = min(self.ceiling, START_IN_FLIGHT) if adaptive else self.ceiling
+        self._opening = 0
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._turn = asyncio.Lock()  # whose slot in the pace is next (see _paced)
@@ -352,9 +355,12 @@ class Admission:
             while ok and ok[0] < now - 2 * RATE_WINDOW:
                 ok.popleft()
         self.learner.success(now)
-        if self.cap < self.ceiling:
-            self.cap += 1
-            self._wake()
+        if self.cap < self.ceiling:  # slow start: one more in flight for every second answer
+            self._opening += 1
+            if self._opening >= 2:
+                self._opening = 0
+                self.cap += 1
+                self._wake()
 
     def _from_headers(self, headers: Mapping[str, str], now: float) -> None:
         """What `x-ratelimit-*` headers say: the limit itself, and when the bucket is empty.

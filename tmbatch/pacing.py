@@ -31,7 +31,7 @@ log = logging.getLogger("tmbatch")
 MIN_RATE = 0.05  # requests/s: a pace never falls below one request in 20 s
 BURST_SECONDS = 0.05  # a pace's burst: 50 ms worth, at least one request and at most four
 MAX_BURST = 4.0
-HINT_MARGIN = 0.98  # pace a little under a limit the server states
+HINT_MARGIN = 0.99  # pace a little under a limit the server states (measured over a second)
 CUT = 0.9  # after a refusal, at most this much of the old pace ...
 ACCEPTED_MARGIN = 0.85  # ... and at most this much of what the server accepted last second
 # (that second may include what the server's burst absorbed: its accept rate is lower)
@@ -48,6 +48,9 @@ NEAR = 0.8  # "near": within this fraction of the pace last refused
 # holds the sends back (concurrency, latency), a pace that grew on would burst when it lets go.
 LEAD = 1.5
 LONG = 5.0  # seconds: a server that grants in windows (N per W s) shows its rate over this
+MAX_CLOSED_HOLD = 8.0  # seconds: the longest hold while a server refuses everything
+CLOSED_AFTER = 0.25  # seconds of refusals, nothing through, that end an event early
+CALM = 0.5  # seconds without a refusal before the pace may grow
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 
 
@@ -103,6 +106,8 @@ class RateLearner:
         self.last_cut = -math.inf
         self.refused_at: float | None = None  # the pace the last refusal happened at
         self.cuts = 0
+        self.closed_hold = 0.0  # the last hold while everything was refused (see refused)
+        self.last_refusal = -math.inf
         self.hinted = False
         self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
         self._logged: float | None = pacer.rate
@@ -125,8 +130,8 @@ class RateLearner:
         while long[0] < now - LONG:
             long.popleft()
         rate = self.pacer.rate
-        if rate is None or self.hinted:
-            return
+        if rate is None or self.hinted or now - self.last_refusal < CALM:
+            return  # unpaced, stated, or still being refused: no reason to speed up
         if rate > LEAD * self._got_through(now):
             return  # sends have not followed the pace up yet
         if self.cuts == 1:
@@ -138,15 +143,32 @@ class RateLearner:
         # per success, so that the growth per second is `growth` at this pace
         self._set(rate * (1.0 + growth / max(rate, 1.0)), "probing")
 
-    def refused(self, now: float, sent_at: float) -> None:
+    def refused(self, now: float, sent_at: float) -> float | None:
         """A rejection. One cut per congestion event: refusals of requests sent before the
-        last cut, or within EVENT_GAP of it, were already reacted to."""
-        if not self.learn or sent_at < self.last_cut or now - self.last_cut < EVENT_GAP:
-            return
+        last cut, or within EVENT_GAP of it, were already reacted to.
+
+        Returns seconds every worker should hold when the server said nothing about when:
+        while it refuses everything (a window granted at its start and closed since),
+        sending at any pace is only more refusals, so the run holds, one second, then two,
+        up to MAX_CLOSED_HOLD, until something gets through again."""
+        if not self.learn:
+            return None
+        self.last_refusal = now
+        if sent_at < self.last_cut:
+            return None
+        if now - self.last_cut < EVENT_GAP and (
+                now - self.last_cut < CLOSED_AFTER or self.pacer.rate is None
+                or (self.accepted and self.accepted[-1] > self.last_cut)):
+            return None  # the same event, unless nothing at all got through for a while
         self.last_cut = now
         self.cuts += 1
         if self.hinted:
-            return  # the headers state the limit: a refusal is jitter, the pause handles it
+            return None  # the headers state the limit: a refusal is jitter, the pause handles it
+        self._prune(now)
+        if self.pacer.rate is not None and not self.accepted:
+            self.closed_hold = min(MAX_CLOSED_HOLD, max(1.0, 2 * self.closed_hold))
+        else:
+            self.closed_hold = 0.0
         got_through = self._got_through(now)
         accepted = got_through * ACCEPTED_MARGIN
         current = self.pacer.rate
@@ -160,15 +182,20 @@ class RateLearner:
             self.refused_at = max(got_through, MIN_RATE)
             new = max(current * DEEPEST_CUT, min(current * CUT, accepted))
         self._set(max(MIN_RATE, new), "learnt from refusals")
+        return self.closed_hold or None
 
-    def _got_through(self, now: float) -> float:
-        """What the server let through, per second: over the last second, or over the last
-        LONG seconds when that says more (a window granted at its start, closed since)."""
+    def _prune(self, now: float) -> None:
         acc, long = self.accepted, self.accepted_long
         while acc and acc[0] < now - 1.0:
             acc.popleft()
         while long and long[0] < now - LONG:
             long.popleft()
+
+    def _got_through(self, now: float) -> float:
+        """What the server let through, per second: over the last second, or over the last
+        LONG seconds when that says more (a window granted at its start, closed since)."""
+        self._prune(now)
+        acc, long = self.accepted, self.accepted_long
         if self.first_accepted is None:
             return len(acc)
         span = min(LONG, max(1.0, now - self.first_accepted))
