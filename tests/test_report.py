@@ -214,9 +214,9 @@ def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) ->
 def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
         tmp_path: Path) -> None:
     require(has_matplotlib(), "matplotlib (pip install '.[report]')")
-    from tmbatch.report import _matplotlib, load_run, throughput_figure
+    from tmbatch.report import load_matplotlib, load_run, throughput_figure
 
-    _matplotlib()
+    load_matplotlib()
     fig = throughput_figure(load_run(_two_runs(tmp_path)))
     fig.canvas.draw()
     (ax,) = fig.axes

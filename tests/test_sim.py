@@ -628,11 +628,11 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
 
 
 def test_reset_header_uses_openai_duration_text() -> None:
-    from tmbatch.sim.limits import _duration
+    from tmbatch.sim.limits import openai_duration
 
     cases = {0.0: "0s", 0.25: "250ms", 0.0004: "1ms", 1.0: "1s", 1.5: "1.5s", 360.0: "6m0s",
              3723.5: "1h2m3.5s", 59.9991: "1m0s"}
-    assert {value: _duration(value) for value in cases} == cases
+    assert {value: openai_duration(value) for value in cases} == cases
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,7 +168,9 @@ def _outcome(data: RunData, rec: OutcomeRecord) -> None:
 
 
 # -- charts ---------------------------------------------------------------------------------------
-def _matplotlib() -> Any:
+def load_matplotlib() -> Any:
+    """Import matplotlib for drawing off-screen, or say which extra installs it: only the
+    report needs it, so it is not a dependency of tmbatch itself."""
     try:
         import matplotlib
     except ImportError:
@@ -459,7 +461,7 @@ def render_html(data: RunData, out_dir: Path, charts: dict[str, bytes | None]) -
 def write_report(out_dir: Path, dest: Path | None = None) -> Path:
     """Write DEST/index.html (default OUT/report/) and the charts as PNGs; return the page."""
     data = load_run(out_dir)  # a JournalError for a directory that is not a run comes first
-    _matplotlib()
+    load_matplotlib()
     charts: dict[str, bytes | None] = {
         "throughput.png": throughput_chart(data),
         "latency.png": histogram(data.latency_ms, "Latency", "milliseconds", OK_COLOR),

@@ -1,7 +1,7 @@
 """Answer text and the OpenAI-shaped bodies and SSE events that carry it.
 
 Answers are deterministic (an echo of the prompt, or one allowed label chosen by crc32) so that
-tests can assert on them and label-mode runs give the same labels in every process. One `_Answer`
+tests can assert on them and label-mode runs give the same labels in every process. One `Answer`
 renders both the plain body and the stream, so streamed and non-streamed answers always agree.
 """
 
@@ -21,10 +21,10 @@ from tmbatch.sim.config import (
     ROUTE_COMPLETIONS,
     ROUTE_RESPONSES,
 )
-from tmbatch.sim.state import _next_id, _State
+from tmbatch.sim.state import SimState, next_id
 
-_SSE = "text/event-stream"
-_DONE = b"data: [DONE]\n\n"
+SSE_TYPE = "text/event-stream"
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def _content_text(content: Any) -> str:
@@ -58,7 +58,7 @@ def _messages_text(messages: list[Any]) -> tuple[str, str]:
     return "\n".join(texts), last_user
 
 
-def _prompt_text(route: str, body: dict[str, Any]) -> tuple[str, str] | str:
+def prompt_text(route: str, body: dict[str, Any]) -> tuple[str, str] | str:
     """(full prompt, the part the answer echoes); a plain str is a 400 message."""
     if route == ROUTE_CHAT:
         messages = body.get("messages")
@@ -112,7 +112,7 @@ def _max_tokens(route: str, body: dict[str, Any]) -> int | None:
 
 
 @dataclass
-class _Answer:
+class Answer:
     """Everything needed to render one answer, streamed or not, identically."""
 
     route: str
@@ -126,9 +126,9 @@ class _Answer:
     created: int
 
 
-def _answer(
-    state: _State, route: str, body: dict[str, Any], model: str, full: str, echo: str
-) -> _Answer:
+def build_answer(
+    state: SimState, route: str, body: dict[str, Any], model: str, full: str, echo: str
+) -> Answer:
     """Whitespace is normalised so that re-joining streamed word groups reproduces the text."""
     label = _label_choice(full)
     words = label.split() if label is not None else (ANSWER_PREFIX + echo[:60]).split()
@@ -137,7 +137,7 @@ def _answer(
     if cap is not None and len(words) > cap:
         words = words[:cap]
         finish = "length"
-    return _Answer(
+    return Answer(
         route=route,
         model=model,
         text=" ".join(words),
@@ -145,7 +145,7 @@ def _answer(
         finish_reason=finish,
         prompt_tokens=len(full) // 4 + 1,
         completion_tokens=len(words),
-        rid=_next_id(state),
+        rid=next_id(state),
         created=int(time.time()),
     )
 
@@ -154,25 +154,25 @@ def _answer(
 # Rendering
 
 
-def _head(a: _Answer, route: str, obj: str) -> dict[str, Any]:
+def _head(a: Answer, route: str, obj: str) -> dict[str, Any]:
     """The fields every chat / completion body and chunk starts with."""
     prefix = "chatcmpl-" if route == ROUTE_CHAT else "cmpl-"
     return {"id": prefix + a.rid, "object": obj, "created": a.created, "model": a.model}
 
 
-def _chat_body(a: _Answer) -> dict[str, Any]:
+def _chat_body(a: Answer) -> dict[str, Any]:
     message = {"role": "assistant", "content": a.text}
     choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
     return {**_head(a, ROUTE_CHAT, "chat.completion"), "choices": [choice], "usage": _usage(a)}
 
 
-def _completion_body(a: _Answer) -> dict[str, Any]:
+def _completion_body(a: Answer) -> dict[str, Any]:
     choice = {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
     return {**_head(a, ROUTE_COMPLETIONS, "text_completion"), "choices": [choice],
             "usage": _usage(a)}
 
 
-def _usage(a: _Answer) -> dict[str, int]:
+def _usage(a: Answer) -> dict[str, int]:
     return {
         "prompt_tokens": a.prompt_tokens,
         "completion_tokens": a.completion_tokens,
@@ -180,7 +180,7 @@ def _usage(a: _Answer) -> dict[str, int]:
     }
 
 
-def _message_item(a: _Answer, status: str, text: str | None) -> dict[str, Any]:
+def _message_item(a: Answer, status: str, text: str | None) -> dict[str, Any]:
     content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
     return {
         "type": "message",
@@ -191,7 +191,7 @@ def _message_item(a: _Answer, status: str, text: str | None) -> dict[str, Any]:
     }
 
 
-def _response_body(a: _Answer, done: bool = True) -> dict[str, Any]:
+def _response_body(a: Answer, done: bool = True) -> dict[str, Any]:
     """Every field the openai SDK's `Response` type requires is here (parallel_tool_calls,
     tool_choice, tools, the usage details): a client that validates bodies accepts ours,
     as it must accept a real server's. The simulator never calls tools."""
@@ -219,7 +219,7 @@ def _response_body(a: _Answer, done: bool = True) -> dict[str, Any]:
     }
 
 
-def _full_body(a: _Answer) -> dict[str, Any]:
+def full_body(a: Answer) -> dict[str, Any]:
     if a.route == ROUTE_CHAT:
         return _chat_body(a)
     if a.route == ROUTE_COMPLETIONS:
@@ -247,7 +247,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _stream_events(a: _Answer, body: dict[str, Any], chunks: int) -> list[bytes]:
+def stream_events(a: Answer, body: dict[str, Any], chunks: int) -> list[bytes]:
     """All data events of a stream except the final [DONE]."""
     pieces = _pieces(a.words, chunks)
     options = body.get("stream_options")
@@ -259,7 +259,7 @@ def _stream_events(a: _Answer, body: dict[str, Any], chunks: int) -> list[bytes]
     return _response_events(a, pieces)
 
 
-def _chat_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
+def _chat_events(a: Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
     head = _head(a, ROUTE_CHAT, "chat.completion.chunk")
 
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
@@ -273,7 +273,7 @@ def _chat_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[byt
     return events
 
 
-def _completion_events(a: _Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
+def _completion_events(a: Answer, pieces: list[str], include_usage: bool) -> list[bytes]:
     head = _head(a, ROUTE_COMPLETIONS, "text_completion")
 
     def chunk(text: str, finish: str | None) -> bytes:
@@ -287,7 +287,7 @@ def _completion_events(a: _Answer, pieces: list[str], include_usage: bool) -> li
     return events
 
 
-def _response_events(a: _Answer, pieces: list[str]) -> list[bytes]:
+def _response_events(a: Answer, pieces: list[str]) -> list[bytes]:
     item_id = "msg_" + a.rid
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     empty_part = {"type": "output_text", "text": "", "annotations": []}
@@ -322,7 +322,7 @@ def _token_ids(text: str) -> list[int]:
     return [zlib.crc32(word.encode()) % 50000 for word in text.split()]
 
 
-def _tokenize(body: dict[str, Any]) -> dict[str, Any] | str:
+def tokenize_body(body: dict[str, Any]) -> dict[str, Any] | str:
     if isinstance(body.get("prompt"), str):
         text = body["prompt"]
     elif isinstance(body.get("messages"), list):
@@ -333,7 +333,7 @@ def _tokenize(body: dict[str, Any]) -> dict[str, Any] | str:
     return {"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens}
 
 
-def _detokenize(body: dict[str, Any]) -> dict[str, Any] | str:
+def detokenize_body(body: dict[str, Any]) -> dict[str, Any] | str:
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in tokens

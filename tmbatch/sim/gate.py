@@ -17,20 +17,20 @@ from typing import Any
 from aiohttp import web
 
 from tmbatch.sim.limits import Limit
-from tmbatch.sim.replies import _error
-from tmbatch.sim.state import _State
+from tmbatch.sim.replies import error_reply
+from tmbatch.sim.state import SimState
 
 
-def _access_refusal(state: _State, headers: Any, needs_key: bool) -> web.Response | None:
+def access_refusal(state: SimState, headers: Any, needs_key: bool) -> web.Response | None:
     """Mirror the gateway: routing by X-User-Id happens before the key is checked."""
     config = state.config
     if config.user_id is not None:
         if headers.get("X-User-Id") != config.user_id:
-            return _error(state, 404, "no route: missing or unknown X-User-Id")
+            return error_reply(state, 404, "no route: missing or unknown X-User-Id")
         needs_key = True
     key = config.api_key
     if needs_key and key is not None and headers.get("Authorization") != "Bearer " + key:
-        return _error(state, 401, "Incorrect API key provided.")
+        return error_reply(state, 401, "Incorrect API key provided.")
     return None
 
 
@@ -38,7 +38,7 @@ def _access_refusal(state: _State, headers: Any, needs_key: bool) -> web.Respons
 # Rate limiting and Retry-After accounting
 
 
-def _note_post_arrival(state: _State, now: float) -> None:
+def note_post_arrival(state: SimState, now: float) -> None:
     """Count an arrival inside any announced Retry-After window. Windows are opened in time
     order and arrivals are monotonic, so a deque plus a running maximum suffices: O(1)."""
     pending = state.pending_windows
@@ -50,11 +50,11 @@ def _note_post_arrival(state: _State, now: float) -> None:
         state.violations += 1
 
 
-def _active_limits(state: _State) -> tuple[Limit, ...]:
+def _active_limits(state: SimState) -> tuple[Limit, ...]:
     return tuple(lim for lim in (state.requests_limit, state.tokens_limit) if lim is not None)
 
 
-def _admit(state: _State, now: float) -> tuple[float, str]:
+def admit(state: SimState, now: float) -> tuple[float, str]:
     """Every limit must say yes before any counts the request, so a refusal by the tokens
     budget never costs a request token. Returns (0.0, "") when admitted, else the longest wait
     and the kind of the limit that asked for it ("requests" or "tokens")."""
@@ -70,11 +70,11 @@ def _admit(state: _State, now: float) -> tuple[float, str]:
     return wait, kind
 
 
-def _announce(state: _State, now: float) -> tuple[dict[str, str] | None, list[float]]:
+def announce(state: SimState, now: float) -> tuple[dict[str, str] | None, list[float]]:
     """The x-ratelimit-* headers of an answer, when the server sends them, and the ends of the
     windows they announce: a remaining of 0 says nothing more passes until that limit has room,
     which the server knows exactly (`wait`) and a client can work out from reset and limit. The
-    caller opens those windows when the answer leaves (`_open_window`), not now: a client can
+    caller opens those windows when the answer leaves (`open_window`), not now: a client can
     only honour what it has read."""
     if not state.config.ratelimit_headers:
         return None, []
@@ -87,7 +87,7 @@ def _announce(state: _State, now: float) -> tuple[dict[str, str] | None, list[fl
     return headers, ends
 
 
-def _open_window(state: _State, end: float) -> None:
+def open_window(state: SimState, end: float) -> None:
     """Arrivals from `grace` after now until `end` count as violations; the grace lets requests
     already on the wire when the answer left arrive without blame, so a window shorter than the
     grace can never count anything and is not kept."""
@@ -96,7 +96,7 @@ def _open_window(state: _State, end: float) -> None:
         state.pending_windows.append((start, end))
 
 
-def _hint_seconds(state: _State, wait: float, hook_retry_after: Any) -> float:
+def _hint_seconds(state: SimState, wait: float, hook_retry_after: Any) -> float:
     """What the pause announces: a hook's or the fixed value, else the real wait rounded up to
     what the format can say (whole seconds, at least 1; milliseconds for retry-after-ms)."""
     if isinstance(hook_retry_after, (int, float)) and not isinstance(hook_retry_after, bool):
@@ -112,8 +112,8 @@ def _seconds_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _rejection(
-    state: _State,
+def rejection(
+    state: SimState,
     status: int,
     wait: float,
     hook_retry_after: Any,
@@ -141,7 +141,7 @@ def _rejection(
     else:
         announced = None
     if announced is not None:
-        _open_window(state, time.monotonic() + announced)
+        open_window(state, time.monotonic() + announced)
     if status == 429:
         state.rejected_429 += 1
         state.rejected_by[kind] = state.rejected_by.get(kind, 0) + 1
@@ -149,4 +149,4 @@ def _rejection(
     else:
         state.rejected_503 += 1
         message = "The server is temporarily unable to handle the request."
-    return _error(state, status, message, headers)
+    return error_reply(state, status, message, headers)

@@ -16,27 +16,27 @@ import orjson
 from aiohttp import web
 
 from tmbatch.sim.bodies import (
-    _DONE,
-    _SSE,
-    _Answer,
-    _answer,
-    _detokenize,
-    _full_body,
-    _prompt_text,
-    _stream_events,
-    _tokenize,
+    SSE_DONE,
+    SSE_TYPE,
+    Answer,
+    build_answer,
+    detokenize_body,
+    full_body,
+    prompt_text,
+    stream_events,
+    tokenize_body,
 )
 from tmbatch.sim.config import BILLABLE_ROUTES, DUPLICATE_KEYS_CAP, NO_RESPONSE, ROUTE_TOKENIZE
 from tmbatch.sim.gate import (
-    _access_refusal,
-    _admit,
-    _announce,
-    _note_post_arrival,
-    _open_window,
-    _rejection,
+    access_refusal,
+    admit,
+    announce,
+    note_post_arrival,
+    open_window,
+    rejection,
 )
-from tmbatch.sim.replies import _error, _json
-from tmbatch.sim.state import _body_key, _draws, _next_id, _note_auth, _record, _State
+from tmbatch.sim.replies import error_reply, json_reply
+from tmbatch.sim.state import SimState, body_key, draws, next_id, note_auth, record_arrival
 
 
 @dataclass
@@ -55,7 +55,7 @@ class _Hook:
 _NO_HOOK = _Hook()
 
 
-def _read_hook(state: _State, key: str, body: dict[str, Any]) -> _Hook:
+def _read_hook(state: SimState, key: str, body: dict[str, Any]) -> _Hook:
     """Apply "times": only the first K arrivals of a key that reach this point get the hook."""
     raw = body.get("sim")
     if not isinstance(raw, dict):
@@ -80,20 +80,20 @@ def _read_hook(state: _State, key: str, body: dict[str, Any]) -> _Hook:
     )
 
 
-def _parse_body(state: _State, raw: bytes) -> dict[str, Any] | web.Response:
+def _parse_body(state: SimState, raw: bytes) -> dict[str, Any] | web.Response:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _error(state, 400, "The request body is not valid JSON.")
+        return error_reply(state, 400, "The request body is not valid JSON.")
     if not isinstance(body, dict):
-        return _error(state, 400, "The request body must be a JSON object.")
+        return error_reply(state, 400, "The request body must be a JSON object.")
     model = body.get("model")
     if model is None:
-        return _error(state, 400, "'model' is required.")
+        return error_reply(state, 400, "'model' is required.")
     if not isinstance(model, str):
-        return _error(state, 400, "'model' must be a string.")
+        return error_reply(state, 400, "'model' must be a string.")
     if model not in state.config.models:
-        return _error(state, 404, f"The model `{model}` does not exist.")
+        return error_reply(state, 404, f"The model `{model}` does not exist.")
     return body
 
 
@@ -105,7 +105,7 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _delay(state: _State, key: str, hook: _Hook, billable: bool) -> tuple[bool, bool]:
+async def _delay(state: SimState, key: str, hook: _Hook, billable: bool) -> tuple[bool, bool]:
     """Apply latency, jitter, slowness and hook sleep; return the random (drop, error) fates."""
     config = state.config
     delay = config.latency + hook.sleep
@@ -114,7 +114,7 @@ async def _delay(state: _State, key: str, hook: _Hook, billable: bool) -> tuple[
         config.latency_jitter or config.error_500 or config.drop_after_read or config.slow
     ):
         attempt = state.processed.get(key, 1) - 1
-        u_drop, u_error, u_slow, u_jitter = _draws(config.seed, key, attempt)
+        u_drop, u_error, u_slow, u_jitter = draws(config.seed, key, attempt)
         drop = u_drop < config.drop_after_read
         error = u_error < config.error_500
         if u_slow < config.slow:
@@ -125,7 +125,7 @@ async def _delay(state: _State, key: str, hook: _Hook, billable: bool) -> tuple[
     return drop, error
 
 
-def _count_processed(state: _State, key: str) -> None:
+def _count_processed(state: SimState, key: str) -> None:
     count = state.processed.get(key, 0) + 1
     state.processed[key] = count
     state.processed_total += 1
@@ -137,23 +137,23 @@ def _count_processed(state: _State, key: str) -> None:
 
 async def _stream(
     request: web.Request,
-    state: _State,
-    answer: _Answer,
+    state: SimState,
+    answer: Answer,
     body: dict[str, Any],
     hook: _Hook,
     extra: dict[str, str] | None,
 ) -> web.StreamResponse:
-    headers = {"Content-Type": _SSE, "Cache-Control": "no-cache", "x-request-id": answer.rid}
+    headers = {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache", "x-request-id": answer.rid}
     if extra:
         headers.update(extra)
     response = web.StreamResponse(status=200, headers=headers)
     await response.prepare(request)
     if hook.bad_json:
         await response.write(b'data: {"id": "broken", "choices": [\n\n')
-        await response.write(_DONE)
+        await response.write(SSE_DONE)
         await response.write_eof()
         return response
-    events = _stream_events(answer, body, state.config.stream_chunks)
+    events = stream_events(answer, body, state.config.stream_chunks)
     if hook.sse_error:
         events = events[: hook.cut_after if hook.cut_after is not None else 1]
     elif hook.cut_after is not None:
@@ -174,17 +174,17 @@ async def _stream(
             request.transport.close()
         return response
     else:
-        await response.write(_DONE)
+        await response.write(SSE_DONE)
     await response.write_eof()
     return response
 
 
-async def _handle_post(request: web.Request, state: _State, route: str) -> web.StreamResponse:
+async def handle_post(request: web.Request, state: SimState, route: str) -> web.StreamResponse:
     """The common path of every POST route: account, refuse, admit, then process."""
     raw = await request.read()
     now = time.monotonic()
     headers = request.headers
-    key = headers.get("Idempotency-Key") or _body_key(raw)
+    key = headers.get("Idempotency-Key") or body_key(raw)
     billable = route in BILLABLE_ROUTES
     state.received += 1
     state.by_route[route]["received"] += 1
@@ -192,28 +192,28 @@ async def _handle_post(request: web.Request, state: _State, route: str) -> web.S
         state.completion_calls += 1
     elif route == ROUTE_TOKENIZE:
         state.tokenize_calls += 1
-    _note_auth(state, headers)
-    _note_post_arrival(state, now)
+    note_auth(state, headers)
+    note_post_arrival(state, now)
 
-    refusal = _access_refusal(state, headers, needs_key=True)
+    refusal = access_refusal(state, headers, needs_key=True)
     if refusal is not None:
-        _record(state, route, key, now, refusal.status)
+        record_arrival(state, route, key, now, refusal.status)
         return refusal
-    wait, kind = _admit(state, now)
-    extra, ends = _announce(state, now)
+    wait, kind = admit(state, now)
+    extra, ends = announce(state, now)
     if wait > 0.0:
-        response = _rejection(state, 429, wait, None, extra, kind)
-        _record(state, route, key, now, 429)
+        response = rejection(state, 429, wait, None, extra, kind)
+        record_arrival(state, route, key, now, 429)
     else:
         response = await _serve(request, state, route, key, now, raw, billable, extra)
     for end in ends:  # opened as the answer leaves: only then can a client read it
-        _open_window(state, end)
+        open_window(state, end)
     return response
 
 
 async def _serve(
     request: web.Request,
-    state: _State,
+    state: SimState,
     route: str,
     key: str,
     now: float,
@@ -226,28 +226,28 @@ async def _serve(
     if isinstance(parsed, web.Response):
         if extra:
             parsed.headers.update(extra)
-        _record(state, route, key, now, parsed.status)
+        record_arrival(state, route, key, now, parsed.status)
         return parsed
     body = parsed
     hook = _read_hook(state, key, body)
     if hook.status in (429, 503):
-        response = _rejection(state, hook.status, 1.0, hook.retry_after, extra)
-        _record(state, route, key, now, hook.status)
+        response = rejection(state, hook.status, 1.0, hook.retry_after, extra)
+        record_arrival(state, route, key, now, hook.status)
         return response
     if billable:
-        prompt = _prompt_text(route, body)
+        prompt = prompt_text(route, body)
         if isinstance(prompt, str):
-            response = _error(state, 400, prompt, extra)
-            _record(state, route, key, now, 400)
+            response = error_reply(state, 400, prompt, extra)
+            record_arrival(state, route, key, now, 400)
             return response
         _count_processed(state, key)
-        answer_or_body: _Answer | bytes = _answer(state, route, body, body["model"], *prompt)
+        answer_or_body: Answer | bytes = build_answer(state, route, body, body["model"], *prompt)
         extra = _charge_usage(state, answer_or_body, extra)
     else:
-        result = _tokenize(body) if route == ROUTE_TOKENIZE else _detokenize(body)
+        result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
         if isinstance(result, str):
-            response = _error(state, 400, result, extra)
-            _record(state, route, key, now, 400)
+            response = error_reply(state, 400, result, extra)
+            record_arrival(state, route, key, now, 400)
             return response
         answer_or_body = orjson.dumps(result)
 
@@ -261,30 +261,31 @@ async def _serve(
             capacity.release()
     if hook.drop or drop:
         state.dropped += 1
-        _record(state, route, key, now, NO_RESPONSE)
+        record_arrival(state, route, key, now, NO_RESPONSE)
         return _drop(request)
     if hook.status is not None or error:
         status = hook.status if hook.status is not None else 500
         if status == 500:
             state.injected_500 += 1
-        _record(state, route, key, now, status)
-        return _error(state, status, f"simulated error {status}", extra)
+        record_arrival(state, route, key, now, status)
+        return error_reply(state, status, f"simulated error {status}", extra)
     if isinstance(answer_or_body, bytes):
-        _record(state, route, key, now, 200)
+        record_arrival(state, route, key, now, 200)
         if hook.bad_json:
-            return _json(200, b'{"count": ', _next_id(state), extra)
-        return _json(200, answer_or_body, _next_id(state), extra)
+            return json_reply(200, b'{"count": ', next_id(state), extra)
+        return json_reply(200, answer_or_body, next_id(state), extra)
     answer = answer_or_body
-    _record(state, route, key, now, 200)
+    record_arrival(state, route, key, now, 200)
     if body.get("stream") is True:
         return await _stream(request, state, answer, body, hook, extra)
     if hook.bad_json:
-        return _json(200, b'{"id": "' + answer.rid.encode() + b'", "choices": [', answer.rid, extra)
-    return _json(200, orjson.dumps(_full_body(answer)), answer.rid, extra)
+        truncated = b'{"id": "' + answer.rid.encode() + b'", "choices": ['
+        return json_reply(200, truncated, answer.rid, extra)
+    return json_reply(200, orjson.dumps(full_body(answer)), answer.rid, extra)
 
 
 def _charge_usage(
-    state: _State, answer: _Answer, extra: dict[str, str] | None
+    state: SimState, answer: Answer, extra: dict[str, str] | None
 ) -> dict[str, str] | None:
     """Book the answer's real usage on the tokens budget; its headers then say what is left."""
     budget = state.tokens_limit

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-def _duration(seconds: float) -> str:
+def openai_duration(seconds: float) -> str:
     """OpenAI's reset format, which is Go's time.Duration text at millisecond precision:
     "250ms" below a second, then "1s", "1.5s", "6m0s", "1h2m3.5s". Rounded up, so a client that
     waits what it reads never arrives early."""
@@ -64,7 +64,7 @@ def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, s
     return {
         f"x-ratelimit-limit-{kind}": str(limit),
         f"x-ratelimit-remaining-{kind}": str(remaining),
-        f"x-ratelimit-reset-{kind}": _duration(reset),
+        f"x-ratelimit-reset-{kind}": openai_duration(reset),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from tmbatch.sim.state import _next_id, _State
+from tmbatch.sim.state import SimState, next_id
 
 _JSON = "application/json"
 _ERROR_TYPES = {
@@ -34,14 +34,16 @@ def _error_body(status: int, message: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
 
 
-def _json(status: int, body: bytes, rid: str, extra: dict[str, str] | None = None) -> web.Response:
+def json_reply(
+    status: int, body: bytes, rid: str, extra: dict[str, str] | None = None
+) -> web.Response:
     headers = {"Content-Type": _JSON, "x-request-id": rid}
     if extra:
         headers.update(extra)
     return web.Response(status=status, body=body, headers=headers)
 
 
-def _error(
-    state: _State, status: int, message: str, extra: dict[str, str] | None = None
+def error_reply(
+    state: SimState, status: int, message: str, extra: dict[str, str] | None = None
 ) -> web.Response:
-    return _json(status, _error_body(status, message), _next_id(state), extra)
+    return json_reply(status, _error_body(status, message), next_id(state), extra)

@@ -27,24 +27,24 @@ from tmbatch.sim.config import (
     ROUTE_VERSION,
     SimConfig,
 )
-from tmbatch.sim.gate import _access_refusal
-from tmbatch.sim.handlers import _handle_post
-from tmbatch.sim.replies import _error, _json
+from tmbatch.sim.gate import access_refusal
+from tmbatch.sim.handlers import handle_post
+from tmbatch.sim.replies import error_reply, json_reply
 from tmbatch.sim.state import (
     STATE_KEY,
-    _new_state,
-    _next_id,
-    _note_auth,
-    _record,
-    _reset_state,
-    _State,
+    SimState,
+    new_state,
+    next_id,
+    note_auth,
+    record_arrival,
+    reset_state,
     stats_of,
 )
 
 
 def build_app(config: SimConfig) -> web.Application:
     """Handlers are closures over one state object: cheaper than app-key lookups per request."""
-    state = _new_state(config)
+    state = new_state(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = state
     models_body = orjson.dumps(
@@ -60,7 +60,7 @@ def build_app(config: SimConfig) -> web.Application:
 
     def post_handler(route: str) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await _handle_post(request, state, route)
+            return await handle_post(request, state, route)
 
         return handler
 
@@ -68,33 +68,33 @@ def build_app(config: SimConfig) -> web.Application:
         async def handler(request: web.Request) -> web.StreamResponse:
             now = time.monotonic()
             state.by_route[route]["received"] += 1
-            _note_auth(state, request.headers)
-            refusal = _access_refusal(state, request.headers, needs_key=False)
+            note_auth(state, request.headers)
+            refusal = access_refusal(state, request.headers, needs_key=False)
             if refusal is not None:
-                _record(state, route, "", now, refusal.status)
+                record_arrival(state, route, "", now, refusal.status)
                 return refusal
-            _record(state, route, "", now, 200)
+            record_arrival(state, route, "", now, 200)
             if body is None:
-                return web.Response(status=200, headers={"x-request-id": _next_id(state)})
-            return _json(200, body, _next_id(state))
+                return web.Response(status=200, headers={"x-request-id": next_id(state)})
+            return json_reply(200, body, next_id(state))
 
         return handler
 
     async def stats_handler(request: web.Request) -> web.Response:
-        return _json(200, orjson.dumps(stats_of(state)), _next_id(state))
+        return json_reply(200, orjson.dumps(stats_of(state)), next_id(state))
 
     async def reset_handler(request: web.Request) -> web.Response:
-        _reset_state(state)
-        return _json(200, b'{"reset": true}', _next_id(state))
+        reset_state(state)
+        return json_reply(200, b'{"reset": true}', next_id(state))
 
     async def fallback(request: web.Request) -> web.Response:
         path = request.path
         if path in POST_ROUTES or path in GET_ROUTES or path in (ROUTE_STATS, ROUTE_RESET):
-            return _error(state, 405, f"Method {request.method} is not allowed on {path}.")
-        refusal = _access_refusal(state, request.headers, needs_key=False)
+            return error_reply(state, 405, f"Method {request.method} is not allowed on {path}.")
+        refusal = access_refusal(state, request.headers, needs_key=False)
         if refusal is not None:
             return refusal
-        return _error(state, 404, f"Unknown route {path}.")
+        return error_reply(state, 404, f"Unknown route {path}.")
 
     for route in POST_ROUTES:
         app.router.add_post(route, post_handler(route))
@@ -117,14 +117,14 @@ class SimServer:
 
     url: str
     config: SimConfig
-    _state: _State = field(repr=False)
+    _state: SimState = field(repr=False)
     _runner: web.AppRunner = field(repr=False)
 
     def stats(self) -> dict[str, Any]:
         return stats_of(self._state)
 
     def reset(self) -> None:
-        _reset_state(self._state)
+        reset_state(self._state)
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -2,8 +2,8 @@
 
 These counters are the simulator's reason to exist: they are what tests and benchmarks read to
 prove that no billable request was generated twice, that Retry-After was honoured and that keys
-went only where needed. Every exit path of a handler goes through `_record`, so nothing escapes
-the count. A single event loop owns a state, so no locking is needed.
+went only where needed. Every exit path of a handler goes through `record_arrival`, so nothing
+escapes the count. A single event loop owns a state, so no locking is needed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tmbatch.sim.limits import Capacity, FixedWindow, RequestBucket, TokenBudget
 
 
 @dataclass
-class _State:
+class SimState:
     """Mutable counters of one server; a single event loop owns it, so no locking is needed."""
 
     config: SimConfig
@@ -60,19 +60,19 @@ class _State:
     log_overflow: int = 0
 
 
-STATE_KEY: web.AppKey[_State] = web.AppKey("tmbatch_sim_state", _State)
+STATE_KEY: web.AppKey[SimState] = web.AppKey("tmbatch_sim_state", SimState)
 
 
-def _new_state(config: SimConfig) -> _State:
+def new_state(config: SimConfig) -> SimState:
     """Give each server its own id prefix so request ids never repeat across restarts."""
-    state = _State(config=config, id_prefix=secrets.token_hex(4))
-    _reset_state(state)
+    state = SimState(config=config, id_prefix=secrets.token_hex(4))
+    reset_state(state)
     return state
 
 
-def _reset_state(state: _State) -> None:
+def reset_state(state: SimState) -> None:
     """Start counting afresh (tests reuse one server); the bucket refills so tests are isolated."""
-    fresh = _State(config=state.config, id_prefix=state.id_prefix)
+    fresh = SimState(config=state.config, id_prefix=state.id_prefix)
     for f in fields(fresh):
         if f.name not in ("config", "id_prefix", "seq"):
             setattr(state, f.name, getattr(fresh, f.name))
@@ -81,7 +81,7 @@ def _reset_state(state: _State) -> None:
     _build_limits(state, time.monotonic())
 
 
-def _build_limits(state: _State, now: float) -> None:
+def _build_limits(state: SimState, now: float) -> None:
     """Fresh limits, full buckets and a window starting now, so each test or run starts alike."""
     config = state.config
     if config.rate_limit is not None:
@@ -103,7 +103,7 @@ def _one_second(rate: float) -> float:
     return max(1.0, rate)
 
 
-def stats_of(state: _State) -> dict[str, Any]:
+def stats_of(state: SimState) -> dict[str, Any]:
     """Snapshot as plain JSON-able data (string status keys) for the route and in-process use."""
     return {
         "received": state.received,
@@ -166,18 +166,18 @@ def _capacity_stats(capacity: Capacity | None) -> dict[str, Any] | None:
 # Small helpers on the hot path
 
 
-def _next_id(state: _State) -> str:
+def next_id(state: SimState) -> str:
     """Ids only need to be unique per server; a counter is cheaper than uuid4."""
     state.seq += 1
     return f"{state.id_prefix}{state.seq:08x}"
 
 
-def _body_key(body: bytes) -> str:
+def body_key(body: bytes) -> str:
     """Identify a request without an Idempotency-Key: identical bodies are the same request."""
     return "body-" + hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
-def _draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, float]:
+def draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, float]:
     """Four uniforms from (seed, key, attempt): the same seed gives the same faults whatever the
     arrival order, while a re-send of a key gets a fresh draw (so `resend` can succeed)."""
     digest = hashlib.blake2b(f"{seed}\0{key}\0{attempt}".encode(), digest_size=16).digest()
@@ -186,7 +186,7 @@ def _draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, floa
     return a * scale, b * scale, c * scale, d * scale
 
 
-def _record(state: _State, route: str, key: str, arrived: float, status: int) -> None:
+def record_arrival(state: SimState, route: str, key: str, arrived: float, status: int) -> None:
     """One place that counts outcomes, so every exit path of a handler is accounted for."""
     state.status_counts[status] = state.status_counts.get(status, 0) + 1
     info = state.by_route.get(route)
@@ -199,7 +199,7 @@ def _record(state: _State, route: str, key: str, arrived: float, status: int) ->
         state.log_overflow += 1
 
 
-def _note_auth(state: _State, headers: Any) -> None:
+def note_auth(state: SimState, headers: Any) -> None:
     """Record what credentials arrived, so tests can prove keys are sent where (and only where)
     they are needed."""
     auth = headers.get("Authorization")
