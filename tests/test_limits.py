@@ -21,7 +21,7 @@ from tmbatch.limits import (
     estimate_tokens,
     parse_duration,
 )
-from tmbatch.pacing import CALM
+from tmbatch.pacing import CALM, EVENT_GAP
 from tmbatch.safety import classify_status
 
 
@@ -182,8 +182,8 @@ def test_remaining_zero_holds_every_worker_until_reset() -> None:
 
 def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
     """The first refusal paces the run at what got through; refusals of requests sent before
-    that cut are the same event; once refusals have been quiet for CALM seconds, each success
-    raises the pace a little."""
+    that cut are the same event; each success then ramps the pace up. After a later cut,
+    growth waits until refusals have been quiet for CALM seconds."""
     async def go() -> None:
         adm = Admission(concurrency=10, adaptive=True)
         rejected = classify_status(429, {}, None, None)
@@ -201,12 +201,27 @@ def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
         more = await adm.admit(1)
         more.succeeded({}, 0)
         more.release()
-        assert adm.pace == pace  # still being refused: no reason to speed up yet
+        assert adm.pace is not None and adm.pace > pace  # the ramp
+        loop = asyncio.get_running_loop()
+        until = loop.time() + EVENT_GAP + 0.05
+        while loop.time() < until:  # successes at the pace, then a new event: a second cut
+            ok = await adm.admit(1)
+            ok.succeeded({}, 0)
+            ok.release()
+        refused = await adm.admit(1)
+        refused.failed(rejected)
+        refused.release()
+        assert adm.learner.cuts == 2
+        cut = adm.pace
+        soon = await adm.admit(1)
+        soon.succeeded({}, 0)
+        soon.release()
+        assert adm.pace == cut  # still being refused: no reason to speed up yet
         await asyncio.sleep(CALM + 0.05)
         later = await adm.admit(1)
         later.succeeded({}, 0)
         later.release()
-        assert adm.pace is not None and adm.pace > pace
+        assert cut is not None and adm.pace is not None and adm.pace > cut
 
     asyncio.run(go())
 
@@ -324,3 +339,61 @@ def test_no_adaptive_keeps_the_run_unpaced_under_429s(sim_factory: Any, tmp_path
     assert adm["mode"] == "fixed" and adm["pace_requests_per_second"] is None
     assert "pace_cuts" not in adm
     assert sim.stats()["rejected_429"] > 0 and sim.stats()["duplicates"] == 0
+
+
+# Each way a real server limits a client, over real sockets (the simulator): whatever the
+# style, every line is answered, none twice, nothing inside an announced window, and the pace
+# is learnt from what the server did. How close to the limit it gets is a figure for
+# bench/adaptive_bench.py, not an assertion here.
+LIMIT_STYLES = {
+    "retry-after seconds": {"rate_limit": 20, "rate_burst": 4},
+    "retry-after-ms": {"rate_limit": 20, "rate_burst": 4, "retry_after_format": "ms"},
+    "retry-after date": {"rate_limit": 20, "rate_burst": 4, "retry_after_format": "http-date"},
+    "llm_provider-retry-after": {"rate_limit": 20, "rate_burst": 4,
+                                 "retry_after_format": "llm-provider"},
+    "no hint": {"rate_limit": 20, "rate_burst": 4, "retry_after_format": "none"},
+    "fixed window, no hint": {"window_limit": 8, "window_seconds": 1.0,
+                              "retry_after_format": "none"},
+}
+
+
+@pytest.mark.parametrize("style", list(LIMIT_STYLES))
+def test_a_learnt_pace_against_each_limit_style(style: str, sim_factory: Any,
+                                                  tmp_path: Path) -> None:
+    sim = sim_factory(api_key=API_KEY, latency=0.01, **LIMIT_STYLES[style])
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
+    p = _run(sim, inp, tmp_path / "out", "--concurrency", "32", "--max-retries", "2")
+    assert p.returncode == 0, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert len(res) == 50 and not fail  # refusals are retried past --max-retries
+    stats = sim.stats()
+    assert stats["duplicates"] == 0 and stats["retry_after_violations"] == 0
+    assert stats["rejected_429"] > 0  # the limit was met ...
+    adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
+    assert adm["refusals"] == stats["rejected_429"]
+    assert adm["pace_cuts"] >= 1 and adm["pace_requests_per_second"] is not None  # ... learnt
+    # an unpaced run meets one refusal per request or so; a paced one far fewer
+    assert stats["rejected_429"] < 50, (stats["rejected_429"], adm)
+
+
+def test_a_server_that_refuses_everything_is_held_off_not_probed(sim_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """A window of 5 per 3 s, granted at its start, bare 429s after: once the pace is set and
+    nothing gets through, every worker holds (a header-less refusal cannot say for how long)
+    instead of sending at the pace into a closed window."""
+    sim = sim_factory(api_key=API_KEY, latency=0.01, window_limit=5, window_seconds=3.0,
+                      retry_after_format="none")
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(15)])
+    p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url,
+                 "--no-preflight", "--concurrency", "8", "--log-format", "json"],
+                env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+    assert p.returncode == 0, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert len(res) == 15 and not fail
+    events = [orjson.loads(x) for x in p.stderr.splitlines() if x.startswith("{")]
+    holds = [e for e in events if e.get("event") == "rate_limit_hold"]
+    assert holds and "every request refused" in holds[0]["msg"], p.stderr[-3000:]
+    adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
+    assert adm["header_holds"] >= 1
+    # 15 lines in 3 windows: the first volley is refused, then a handful at each closed window
+    assert sim.stats()["rejected_429"] < 30, sim.stats()["rejected_429"]

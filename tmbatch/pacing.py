@@ -49,7 +49,8 @@ NEAR = 0.8  # "near": within this fraction of the pace last refused
 LEAD = 1.5
 LONG = 5.0  # seconds: a server that grants in windows (N per W s) shows its rate over this
 MAX_CLOSED_HOLD = 8.0  # seconds: the longest hold while a server refuses everything
-CLOSED_AFTER = 0.25  # seconds of refusals, nothing through, that end an event early
+CLOSED_AFTER = 0.25  # seconds (and 3 intervals of the pace) of refusals, nothing through:
+# the server refuses everything (an event of its own)
 CALM = 0.5  # seconds without a refusal before the pace may grow
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 
@@ -130,8 +131,10 @@ class RateLearner:
         while long[0] < now - LONG:
             long.popleft()
         rate = self.pacer.rate
-        if rate is None or self.hinted or now - self.last_refusal < CALM:
-            return  # unpaced, stated, or still being refused: no reason to speed up
+        if rate is None or self.hinted:
+            return  # unpaced or stated: nothing to learn
+        if self.cuts > 1 and now - self.last_refusal < CALM:
+            return  # past the first ramp and still being refused: no reason to speed up
         if rate > LEAD * self._got_through(now):
             return  # sends have not followed the pace up yet
         if self.cuts == 1:
@@ -156,31 +159,32 @@ class RateLearner:
         self.last_refusal = now
         if sent_at < self.last_cut:
             return None
-        if now - self.last_cut < EVENT_GAP and (
-                now - self.last_cut < CLOSED_AFTER or self.pacer.rate is None
-                or (self.accepted and self.accepted[-1] > self.last_cut)):
-            return None  # the same event, unless nothing at all got through for a while
+        # closed: paced, and nothing at all got through for a few of the pace's intervals
+        rate = self.pacer.rate
+        quiet = max(CLOSED_AFTER, 3.0 / rate) if rate else math.inf
+        closed = rate is not None and (not self.accepted or self.accepted[-1] <= now - quiet)
+        since = now - self.last_cut
+        if since < EVENT_GAP and not (closed and since >= quiet):
+            return None  # the same event
+        self._prune(now)
+        if rate is None and not self.hinted and not self.accepted_long:
+            return None  # nothing got through yet: no measure (the pause, or backoff, holds)
         self.last_cut = now
         self.cuts += 1
         if self.hinted:
             return None  # the headers state the limit: a refusal is jitter, the pause handles it
-        self._prune(now)
-        if self.pacer.rate is not None and not self.accepted:
+        if closed:
             self.closed_hold = min(MAX_CLOSED_HOLD, max(1.0, 2 * self.closed_hold))
         else:
             self.closed_hold = 0.0
         got_through = self._got_through(now)
         accepted = got_through * ACCEPTED_MARGIN
-        current = self.pacer.rate
-        if current is None:  # the first: all we know is what got through
-            if not accepted:
-                self.cuts -= 1  # nothing got through yet: no measure (the pause, backoff)
-                return
+        if rate is None:  # the first: all we know is what got through
             new = accepted
         else:
             # what the server let through when it said no: the rate to stay near
             self.refused_at = max(got_through, MIN_RATE)
-            new = max(current * DEEPEST_CUT, min(current * CUT, accepted))
+            new = max(rate * DEEPEST_CUT, min(rate * CUT, accepted))
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
 
