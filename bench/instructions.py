@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--loops", default="asyncio,uvloop")
     p.add_argument("--kinds", default="chat,stream", help="chat and/or stream (64 chunks)")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--clients", default="tmbatch,bare",
+                   help="tmbatch and/or bare (the ratio needs both)")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
     rows = []
@@ -110,12 +112,14 @@ def main() -> None:
             try:
                 for loop in a.loops.split(","):
                     per = {c: marginal(c, loop, kind, a.lines, url, tmp, a.concurrency)
-                           for c in ("tmbatch", "bare")}
-                    rows.append({"kind": kind, "loop": loop, **per,
-                                 "ratio": per["tmbatch"] / per["bare"]})
-                    print(f"{kind:7} {loop:8} tmbatch {per['tmbatch']:>10,.0f}  bare "
-                          f"{per['bare']:>10,.0f}  instructions/request  "
-                          f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+                           for c in a.clients.split(",")}
+                    row: dict[str, object] = {"kind": kind, "loop": loop, **per}
+                    text = "  ".join(f"{c} {v:>10,.0f}" for c, v in per.items())
+                    if "tmbatch" in per and "bare" in per:
+                        row["ratio"] = per["tmbatch"] / per["bare"]
+                        text += f"  instructions/request  ratio {row['ratio']:.2f}"
+                    rows.append(row)
+                    print(f"{kind:7} {loop:8} {text}", flush=True)
             finally:
                 sim.terminate()
                 sim.wait(10)

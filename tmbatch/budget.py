@@ -36,7 +36,7 @@ from tmbatch.journal import SpendRecord
 from tmbatch.prices import Prices
 from tmbatch.reader import Request
 from tmbatch.safety import AttemptFailed
-from tmbatch.spend import Tokens, short, usage_tokens
+from tmbatch.spend import Tokens, short
 from tmbatch.stop import Stop
 from tmbatch.tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -119,12 +119,12 @@ class Reservation:
         self.known = self.raw_prompt >= 0
         self.budget._in_flight_add(self, 1)
 
-    def succeeded(self, body: dict[str, Any]) -> None:
-        """The answer's usage replaces the reservation."""
+    def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
+        """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
+        replaces the reservation."""
         if self.settled:
             return
         b = self.budget
-        used = usage_tokens(body)
         if used is None:  # no usage (e.g. a stream without it): count what arrived
             self.estimate()
             used = (self.prompt, answer_text_tokens(body), 0)
@@ -175,7 +175,7 @@ class _Free:
         return None
 
     def dispatched(self) -> None: ...
-    def succeeded(self, body: dict[str, Any]) -> None: ...
+    def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None: ...
     def failed(self, failure: AttemptFailed) -> None: ...
     def end(self) -> None: ...
 

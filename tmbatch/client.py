@@ -156,7 +156,11 @@ def _redirect(resp: aiohttp.ClientResponse, request_id: str) -> AttemptFailed:
 async def _read_plain(resp: aiohttp.ClientResponse, start: float, request_id: str) -> Answer:
     """A whole JSON answer, or the failure its status (or a broken body) makes it."""
     status = resp.status
-    raw = await _read_body(resp, MAX_BODY_BYTES)
+    length = resp.content_length
+    if length is not None and length <= MAX_BODY_BYTES:
+        raw: bytes | None = await resp.read()  # bounded: aiohttp's one-call path
+    else:
+        raw = await _read_body(resp, MAX_BODY_BYTES)
     if raw is None:
         raise AttemptFailed(
             Outcome.AMBIGUOUS if status < 300 else Outcome.PERMANENT, "response_too_large",

@@ -44,6 +44,9 @@ MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-A
 HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
 PAUSE_LOG_EVERY = 30.0  # the same for Retry-After pauses: a run at its limit meets many
 START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer
+_RATELIMIT_HEADERS = tuple(
+    (kind, f"x-ratelimit-remaining-{kind}", f"x-ratelimit-limit-{kind}",
+     f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens"))
 RATIO_ALPHA = 0.05  # weight of one response in the learnt usage/estimate ratio
 RATIO_BOUNDS = (0.02, 50.0)
 RATE_WINDOW = 30.0  # seconds of successes the settled rate is measured over
@@ -267,6 +270,22 @@ class Admission:
         if self._waiters:
             self._wake()
 
+    def admit_now(self, tokens: int) -> Ticket | None:
+        """`admit` without a coroutine, for the common case with nothing to wait for (no
+        pause, no pace, no --tpm, a free slot and nobody queued for one); None when the
+        caller must `await admit(tokens)`."""
+        loop = self._loop
+        if (loop is None or self.pacer.rate is not None or self.tpm is not None
+                or self.in_flight >= self.cap or self._waiters):
+            return None
+        now = loop.time()
+        if self.pause_until > now:
+            return None
+        self.in_flight += 1
+        if self._first_sent is None:
+            self._first_sent = now
+        return Ticket(self, tokens, 0.0, now)
+
     async def admit(self, tokens: int) -> Ticket:
         """Wait until this attempt may be sent; the ticket must be released when it ends."""
         loop = self._loop
@@ -372,12 +391,12 @@ class Admission:
         reset / (limit - remaining), not after all of it (the hold). Without a limit, reset
         is all we know, so the hold is the whole of it (capped at MAX_HOLD).
         """
-        for kind in ("requests", "tokens"):
-            remaining = _int_header(headers, f"x-ratelimit-remaining-{kind}")
+        for kind, remaining_name, limit_name, reset_name in _RATELIMIT_HEADERS:
+            remaining = _int_header(headers, remaining_name)
             if remaining is None:
                 continue
-            limit = _int_header(headers, f"x-ratelimit-limit-{kind}")
-            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+            limit = _int_header(headers, limit_name)
+            reset = parse_duration(headers.get(reset_name))
             if limit is not None and reset is not None:
                 self._hinted_rate(kind, limit, remaining, reset, now)
             if remaining > 0 or not reset:

@@ -31,6 +31,7 @@ from tmbatch.files import JOURNAL, RESULTS, SUMMARY, atomic_write, make_dir
 from tmbatch.journal import OutcomeRecord, SpendRecord, read_header
 from tmbatch.prices import Prices
 from tmbatch.safety import Outcome
+from tmbatch.spend import usage_tokens
 from tmbatch.summary import RunStats, percentile
 
 INSTALL_HINT = "pip install 'tmbatch[report]'"
@@ -108,7 +109,7 @@ def result_tokens(out_dir: Path) -> int:
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
                     body = (orjson.loads(raw).get("response") or {}).get("body")
                     if isinstance(body, dict):
-                        stats.add_usage(body)
+                        stats.add_usage(usage_tokens(body))
     except OSError:
         return 0
     return stats.prompt_tokens + stats.completion_tokens

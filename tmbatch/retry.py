@@ -31,6 +31,7 @@ from tmbatch.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.records import Response as RecordedResponse
 from tmbatch.safety import AttemptFailed, Outcome, retryable
 from tmbatch.served import ServedCheck
+from tmbatch.spend import usage_tokens
 from tmbatch.stop import Stop
 from tmbatch.summary import RunStats
 from tmbatch.writer import Writer
@@ -157,29 +158,42 @@ class LineSender:
 
     async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
+        """One attempt: its spend reservation and admission ticket held around the send and
+        released whatever happens. One coroutine, not one per step: every layer is walked
+        again on each resume of the send (bench/instructions.py)."""
         if self.budget.enforcing:
             spend = await self.budget.reserve(req)  # the worst case, within --budget-*
             if spend is None:
                 raise Stopped  # the budget is reached (the stop is set): nothing was sent
         else:
             spend = self.budget.track(req)
+        ticket: Ticket | None = None
         try:
-            return await self._admitted(req, tokens, headers, tries, spend)
-        finally:
-            spend.end()  # the attempt is over: a no-op once its answer settled it
-
-    async def _admitted(self, req: Request, tokens: int, headers: dict[str, str] | None,
-                        tries: Tries, spend: Hold) -> Answer:
-        ticket = await self.admission.admit(tokens)
-        try:
+            ticket = self.admission.admit_now(tokens) or await self.admission.admit(tokens)
             if self.stop.stopping:
                 raise Stopped
-            return await self._send(req, headers, tries, ticket, spend)
+            task = self._dispatch(req, tries, spend)
+            try:
+                answer = await send(self.session, req.url, req.body, headers)
+            except AttemptFailed as exc:
+                spend.failed(exc)
+                self._failed_attempt(req, exc, ticket, tries)
+                raise
+            finally:
+                self.stats.in_flight -= 1
+                self.in_flight.discard(task)
+            self.answered, self.unreached_streak = True, 0
+            used = usage_tokens(answer.body)
+            spend.succeeded(answer.body, used)
+            ticket.succeeded(answer.headers, self.stats.add_usage(used))
+            return answer
         finally:
-            ticket.release()
+            if ticket is not None:
+                ticket.release()
+            spend.end()  # the attempt is over: a no-op once its answer settled it
 
-    async def _send(self, req: Request, headers: dict[str, str] | None, tries: Tries,
-                    ticket: Ticket, spend: Hold) -> Answer:
+    def _dispatch(self, req: Request, tries: Tries, spend: Hold) -> asyncio.Task[None]:
+        """Journal the attempt (durable before its bytes leave) and count it in flight."""
         tries.now += 1
         if tries.now > 1:
             self.stats.retries += 1
@@ -187,21 +201,9 @@ class LineSender:
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
-        task = asyncio.current_task()
-        self.in_flight.add(task)  # type: ignore[arg-type]
-        try:
-            answer = await send(self.session, req.url, req.body, headers)
-        except AttemptFailed as exc:
-            spend.failed(exc)
-            self._failed_attempt(req, exc, ticket, tries)
-            raise
-        finally:
-            self.stats.in_flight -= 1
-            self.in_flight.discard(task)  # type: ignore[arg-type]
-        self.answered, self.unreached_streak = True, 0
-        spend.succeeded(answer.body)
-        ticket.succeeded(answer.headers, self.stats.add_usage(answer.body))
-        return answer
+        task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+        self.in_flight.add(task)
+        return task
 
     def _failed_attempt(self, req: Request, exc: AttemptFailed, ticket: Ticket,
                         tries: Tries) -> None:

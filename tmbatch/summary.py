@@ -86,19 +86,13 @@ class RunStats:
     completion_tokens: int = 0
     in_flight: int = 0
 
-    def add_usage(self, body: dict[str, Any]) -> int:
-        """Count tokens from `usage` (chat/completions or responses naming); return the total."""
-        usage = body.get("usage")
-        if not isinstance(usage, dict):
+    def add_usage(self, used: tuple[int, int, int] | None) -> int:
+        """Count an answer's tokens (`spend.usage_tokens`); return prompt + completion."""
+        if used is None:
             return 0
-        p = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-        c = usage.get("completion_tokens", usage.get("output_tokens", 0))
-        p = p if isinstance(p, int) else 0
-        c = c if isinstance(c, int) else 0
-        self.prompt_tokens += p
-        self.completion_tokens += c
-        total = usage.get("total_tokens")
-        return total if isinstance(total, int) else p + c
+        self.prompt_tokens += used[0]
+        self.completion_tokens += used[1]
+        return used[0] + used[1]
 
     @property
     def elapsed(self) -> float:

@@ -150,8 +150,10 @@ class Writer:
         if SECRETS:
             data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
         fd = self._fds[name]
-        view = memoryview(data)
         try:
+            n = os.write(fd, data)  # all of it, nearly always
+            self._sizes[name] += n
+            view = memoryview(data)[n:]
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
