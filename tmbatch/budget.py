@@ -117,7 +117,10 @@ class Reservation:
         """Its bytes are about to leave: from now on a crash counts its worst case."""
         self.sent = True
         self.known = self.raw_prompt >= 0
-        self.budget._in_flight_add(self, 1)
+        if self.known:
+            self.budget._in_flight_add(self, 1)
+        else:  # _in_flight_add's common case, inline
+            self.budget._in_flight_unknown += 1
 
     def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
         """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
@@ -159,7 +162,10 @@ class Reservation:
         self.settled = True
         b = self.budget
         if self.sent:
-            b._in_flight_add(self, -1)
+            if self.known:
+                b._in_flight_add(self, -1)
+            else:
+                b._in_flight_unknown -= 1
         if self.held:
             b._release(self)
         if prompt is not None:
@@ -190,7 +196,7 @@ class Budget:
     def __init__(self, spec: BudgetSpec | None = None, stop: Stop | None = None,
                  prior: dict[str, list[int]] | None = None, prior_unknown: int = 0) -> None:
         self.spec = spec or BudgetSpec()
-        self._enforcing = self.spec.limited
+        self.enforcing = self.spec.limited  # a plain field: read on every attempt
         self.prices = self.spec.prices
         self.stop = stop
         self.spent: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
@@ -229,10 +235,6 @@ class Budget:
                         "estimate of their spend: the budget cannot count them",
                         resume.spend_unknown)
         return cls(spec, stop, resume.spend, resume.spend_unknown)
-
-    @property
-    def enforcing(self) -> bool:
-        return self._enforcing
 
     # -- the journal ----------------------------------------------------------------------------
     def start(self, writer: Any) -> None:
@@ -393,7 +395,10 @@ class Budget:
             t = book.get(model)
             if t is None:
                 t = book[model] = Tokens()
-            t.add(prompt, completion, cached)
+            t.prompt += prompt  # Tokens.add, inline: twice on every answer
+            t.completion += completion
+            t.cached += cached
+            t.requests += 1
         self.spent_tokens += prompt + completion
         price = self.prices.get(model)
         if price is not None:

@@ -139,8 +139,8 @@ def _request_id(resp: aiohttp.ClientResponse, own: str) -> str:
     get = resp.headers.get
     for name in REQUEST_ID_HEADERS:
         value = get(name)
-        if value and value.strip():
-            return value.strip()[:200]
+        if value and (value := value.strip()):
+            return value[:200]
     return own
 
 

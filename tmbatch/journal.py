@@ -88,7 +88,8 @@ class OutcomeRecord:
     ttft_ms: float | None = None
 
     def to_json(self) -> bytes:
-        rec: tuple[Any, ...] = ("o", self.line, self.outcome.value, self.code)
+        # orjson writes an Outcome (a StrEnum) as its value, without Enum.value's call
+        rec: tuple[Any, ...] = ("o", self.line, self.outcome, self.code)
         if self.t is not None:
             rec += (self.t,)
             if self.latency_ms is not None or self.ttft_ms is not None:

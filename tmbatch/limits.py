@@ -392,6 +392,8 @@ class Admission:
         is all we know, so the hold is the whole of it (capped at MAX_HOLD).
         """
         for kind, remaining_name, limit_name, reset_name in _RATELIMIT_HEADERS:
+            if remaining_name not in headers:  # most servers: no call at all
+                continue
             remaining = _int_header(headers, remaining_name)
             if remaining is None:
                 continue

@@ -96,11 +96,12 @@ class LineSender:
                 self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
                 refusal.message, self.prior_attempts.get(req.line, 0)))
             return
+        idempotent = req.idempotent
         tokens = 0  # only a --tpm budget needs the estimate: skip the prompt walk otherwise
         if self.admission.tpm is not None:
-            tokens = estimate_tokens(req.body, generates=not req.idempotent)
+            tokens = estimate_tokens(req.body, generates=not idempotent)
         headers = None
-        if not req.idempotent:
+        if not idempotent:
             headers = {"Idempotency-Key": idempotency_key(self.job_id, req.custom_id)}
         tries = Tries(self.prior_attempts.get(req.line, 0))
         # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per

@@ -52,11 +52,18 @@ def usage_tokens(body: dict[str, Any]) -> tuple[int, int, int] | None:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-    completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-    if prompt is None or completion is None:
-        return None
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    # one lookup per field in the common case: this runs on every answer
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None  # absent, a bool, a float, negative: not a count
+    details = usage.get("prompt_tokens_details")
+    if details is None:
+        details = usage.get("input_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
     return prompt, completion, min(cached or 0, prompt)
 

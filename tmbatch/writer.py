@@ -74,7 +74,8 @@ class Writer:
         """Record that this line's bytes are about to leave; durable before it returns.
         `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
         self._jour.append(DispatchRecord(line, attempt, custom_id, reserved).to_json())
-        self._note_supersede(line)  # a resend: its old failure line goes at close
+        if self.states.failed(line):  # a resend: its old failure line goes at close
+            self.superseded = True
         self.states.set(line, IN_FLIGHT)
         self.flush()
         if self.fsync_mode == "always":
@@ -84,10 +85,13 @@ class Writer:
                ttft: float | None = None) -> None:
         """A success, journaled with its time and latency for `tmbatch report`."""
         line = record.line
-        self._note_supersede(line)
+        if self.states.failed(line):
+            self.superseded = True
         self._res.append(record.to_json())
-        self._jour.append(OutcomeRecord(line, Outcome.OK, "", round(time.time(), 3),
-                                        _ms(latency), _ms(ttft)).to_json())
+        self._jour.append(OutcomeRecord(
+            line, Outcome.OK, "", round(time.time(), 3),
+            None if latency is None else round(latency * 1000.0, 2),
+            None if ttft is None else round(ttft * 1000.0, 2)).to_json())
         self.states.set(line, OK)
         self._schedule()
 
@@ -147,8 +151,7 @@ class Writer:
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
         chunks.clear()
-        if SECRETS:
-            data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
+        data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
         fd = self._fds[name]
         try:
             n = os.write(fd, data)  # all of it, nearly always
@@ -230,10 +233,6 @@ class Writer:
             raise self.error  # also when the failed flush ran as a loop callback
         if self.superseded:
             compact_failures(self.out_dir, self.states)
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 2)
 
 
 def compact_failures(out_dir: Path, states: LineStates) -> int:
