@@ -129,7 +129,8 @@ class MarkRecord:
     failures_size: int
 
     def to_json(self) -> bytes:
-        return orjson.dumps(("m", self.results_size, self.failures_size)) + b"\n"
+        # two ints: formatted directly, as orjson would (one per flush with outcomes)
+        return b'["m",%d,%d]\n' % (self.results_size, self.failures_size)
 
 
 @dataclass(slots=True)

@@ -156,11 +156,12 @@ class Writer:
         try:
             n = os.write(fd, data)  # all of it, nearly always
             self._sizes[name] += n
-            view = memoryview(data)[n:]
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                self._sizes[name] += n
+            if n < len(data):
+                view = memoryview(data)[n:]
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    self._sizes[name] += n
         except OSError as exc:
             self.error = WriterError(
                 f"cannot write {self.out_dir / name}: {exc.strerror or exc}; "
