@@ -39,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from gen import fabricate_resume, write_input  # noqa: E402
+from gen import fabricate_resume, serve_chat, write_input  # noqa: E402
 
 from tmbatch.tokens import prompt_tokens  # noqa: E402
 
@@ -106,13 +106,7 @@ async def heavy_server() -> tuple[web.AppRunner, str]:
                          "message": {"role": "assistant", "content": "x"}}],
             "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return await serve_chat(chat)
 
 
 def budgets_part(tmp: Path, budgets: list[int], repeats: int) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -130,3 +131,17 @@ if __name__ == "__main__":
     write_input(Path(a.path), a.n, a.stream)
     if a.resume_dir:
         fabricate_resume(Path(a.path), Path(a.resume_dir), a.done)
+
+
+async def serve_chat(chat: Any) -> tuple[Any, str]:
+    """A one-route aiohttp server on 127.0.0.1 (a free port) answering chat completions with
+    `chat`, for benchmarks that need answers the simulator does not give."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

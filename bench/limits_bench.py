@@ -32,6 +32,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gen import serve_chat  # noqa: E402
+
 from tmbatch.sim import SimConfig, start_sim  # noqa: E402
 
 KEY = "tm-bench-key-00000000000000000000"
@@ -126,13 +128,8 @@ async def usage_server(usage_total: int) -> tuple[web.AppRunner, str, list[tuple
                       "total_tokens": usage_total},
         })
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    runner, url = await serve_chat(chat)
+    return runner, url, seen
 
 
 async def tpm_scenario(name: str, tpm: float, usage: int, seconds: float,
