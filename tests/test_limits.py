@@ -397,3 +397,29 @@ def test_a_server_that_refuses_everything_is_held_off_not_probed(sim_factory: An
     assert adm["header_holds"] >= 1
     # 15 lines in 3 windows: the first volley is refused, then a handful at each closed window
     assert sim.stats()["rejected_429"] < 30, sim.stats()["rejected_429"]
+
+
+def test_the_slow_start_opens_by_the_clock_until_the_server_refuses() -> None:
+    """Eight in flight at first; a slow server (no answer yet) still gets the ceiling within
+    a few doublings of OPEN_EVERY, but once it has refused, only answers open the cap."""
+    from tmbatch.limits import OPEN_EVERY
+
+    async def go() -> None:
+        adm = Admission(concurrency=64, adaptive=True)
+        held = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
+        assert adm.admit_now(1) is None  # the cap is reached: this one would wait
+        more = await asyncio.wait_for(adm.admit(1), timeout=40 * OPEN_EVERY)  # no answer came
+        assert adm.cap > START_IN_FLIGHT
+        for t in [*held, more]:
+            t.release()
+
+        refused = Admission(concurrency=64, adaptive=True)
+        held = [await refused.admit(1) for _ in range(START_IN_FLIGHT)]
+        held[0].failed(classify_status(429, {"Retry-After": "0"}, None, None))
+        held[0].release()
+        await refused.admit(1)  # the freed slot
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(refused.admit(1), timeout=6 * OPEN_EVERY)
+        assert refused.cap == START_IN_FLIGHT
+
+    asyncio.run(go())

@@ -43,7 +43,10 @@ BURST_SECONDS = 0.5  # the token bucket's burst
 MAX_HOLD = 60.0  # a reset header further away than this is capped, like Retry-After
 HOLD_LOG_EVERY = 30.0  # seconds between INFO lines about header holds (DEBUG in between)
 PAUSE_LOG_EVERY = 30.0  # the same for Retry-After pauses: a run at its limit meets many
-START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer
+START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer ...
+OPEN_EVERY = 0.05  # ... and doubled this often until the server first refuses, so a slow
+# server (long answers, a queue) is at the ceiling in a few tenths of a second, not after a
+# few of its round trips
 _RATELIMIT_HEADERS = tuple(
     (kind, f"x-ratelimit-remaining-{kind}", f"x-ratelimit-limit-{kind}",
      f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens"))
@@ -208,6 +211,7 @@ class Admission:
         # while learning, a slow start: a few in flight, one more per answer
         self.cap = min(self.ceiling, START_IN_FLIGHT) if adaptive else self.ceiling
         self._opening = 0
+        self._opener: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._turn = asyncio.Lock()  # whose slot in the pace is next (see _paced)
@@ -244,6 +248,8 @@ class Admission:
 
     async def _take_slot(self) -> None:
         loop = self._loop
+        if self.cap < self.ceiling and self._opener is None and not self.refusals:
+            self._opener = loop.call_later(OPEN_EVERY, self._open)
         while self.in_flight >= self.cap:
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.append(fut)
@@ -256,6 +262,16 @@ class Admission:
                     self._wake()  # woken but leaving: pass the free slot on
                 raise
         self.in_flight += 1
+
+    def _open(self) -> None:
+        """The slow start's clock: double the cap, until the ceiling or the first refusal."""
+        self._opener = None
+        if self.refusals:
+            return  # the server said no: from here answers open the cap, the pace governs
+        self.cap = min(self.ceiling, self.cap * 2)
+        self._wake()
+        if self.cap < self.ceiling and self._waiters:
+            self._opener = self._loop.call_later(OPEN_EVERY, self._open)
 
     def _wake(self) -> None:
         free = self.cap - self.in_flight
