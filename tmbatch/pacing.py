@@ -11,8 +11,14 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
   A refusal (a 429, a 503 with Retry-After, a 408: what `safety` calls rejected) is one
   congestion event per round trip: the pace becomes what the server actually accepted over
   the last seconds (it accepts at its limit while refusing the rest) and never more than a
-  cut of the old pace. Each success then raises the pace a little (a probe, so a limit that
-  grows is found again); after a long calm the probe grows faster.
+  cut of the old pace. After the first cut the pace ramps up fast (that first measure is a
+  lower bound: the server's burst hid its rate); after later ones each success raises it a
+  little once refusals have been quiet for CALM (a probe, so a limit that grows is found
+  again), faster far below the pace last refused. A refusal before anything got through is
+  no measure: the run stays unpaced (the pause or the backoff hold it) until something has.
+* A server that refuses everything with no hint (nothing through for a few intervals of the
+  pace: a window granted at its start and closed since) is not probed at any pace: `refused`
+  returns a hold for every worker, 1 s doubling to MAX_CLOSED_HOLD.
 * `--rpm` fixes the pace instead; nothing is learnt.
 
 aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
