@@ -60,11 +60,21 @@ class SimThread:
         req = urllib.request.Request(self.url + "/_sim/reset", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=10).read()
 
+    async def _shutdown(self) -> None:
+        """Handlers still waiting (a slow answer nobody reads any more) are cancelled, not
+        left for the interpreter's exit to report as destroyed while pending."""
+        await self.server.stop()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
     def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
         fut.result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture
