@@ -423,3 +423,37 @@ def test_the_slow_start_opens_by_the_clock_until_the_server_refuses() -> None:
         assert refused.cap == START_IN_FLIGHT
 
     asyncio.run(go())
+
+
+def _learner_at_the_limit(pause_cost: float) -> Any:
+    """A learner that has found a limit of 50/s before (its third cut is behind it) and has
+    been sending at 49.5/s for five seconds since: virtual time, no sockets."""
+    from tmbatch.pacing import Pacer, RateLearner
+
+    learner = RateLearner(Pacer(49.5), learn=True)
+    learner.cuts, learner.refused_at, learner.pause_cost = 3, 50.0, pause_cost
+    learner.first_accepted = 0.0
+    for i in range(int(5 * 49.5)):
+        learner.accepted_long.append(i / 49.5)
+        if i / 49.5 >= 4.0:
+            learner.accepted.append(i / 49.5)
+    return learner
+
+
+def test_a_probe_grows_slower_when_a_refusal_costs_a_pause() -> None:
+    """Near the limit, a probe that meets it again costs every worker the pause the refusal
+    announces: a whole-second Retry-After makes the probe slower, a millisecond one does not."""
+    cheap, costly = _learner_at_the_limit(0.02), _learner_at_the_limit(1.0)
+    cheap.success(5.0)
+    costly.success(5.0)
+    assert cheap.rate is not None and costly.rate is not None
+    assert 49.5 < costly.rate < cheap.rate
+    assert (cheap.rate - 49.5) > 3 * (costly.rate - 49.5)
+
+
+def test_a_probe_that_finds_the_limit_again_is_cut_shallow() -> None:
+    """The pace had found the limit before and crept up to it: what got through over the last
+    five seconds is the limit, so the cut is 3 %, not the 15 % of a first measure."""
+    learner = _learner_at_the_limit(0.0)
+    learner.refused(5.0, 5.0)
+    assert learner.rate == pytest.approx(49.5 * 0.97, rel=0.01)

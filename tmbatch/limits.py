@@ -170,7 +170,7 @@ class Ticket:
         if not policy.slows_admission:
             return None
         adm.refusals += 1
-        closed = adm.learner.refused(now, self.sent_at)
+        closed = adm.learner.refused(now, self.sent_at, failure.retry_after or 0.0)
         if failure.retry_after is not None and adm.pause(failure.retry_after):
             return failure.retry_after
         if failure.retry_after is None and closed is not None:

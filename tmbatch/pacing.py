@@ -50,6 +50,11 @@ RAMP_GROWTH = 3.0
 NEAR_GROWTH = 0.005
 FAR_GROWTH = 0.3
 NEAR = 0.8  # "near": within this fraction of the pace last refused
+NEAR_CUT = 0.97  # a probe that found the limit again: the pace it was refused at is precise
+# A probe that meets the limit costs the pause the refusal announces (a whole-second
+# Retry-After stops every worker for a second): near the limit it grows slower by this much
+# per second of that pause, so the costlier a refusal, the rarer.
+PAUSE_COST = 3.0
 # The pace may lead what is actually accepted by this much, and no more: when something else
 # holds the sends back (concurrency, latency), a pace that grew on would burst when it lets go.
 LEAD = 1.5
@@ -115,6 +120,7 @@ class RateLearner:
         self.cuts = 0
         self.closed_hold = 0.0  # the last hold while everything was refused (see refused)
         self.last_refusal = -math.inf
+        self.pause_cost = 0.0  # seconds of pause the last refusal event announced
         self.hinted = False
         self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
         self._logged: float | None = pacer.rate
@@ -146,13 +152,13 @@ class RateLearner:
         if self.cuts == 1:
             growth = RAMP_GROWTH
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
-            growth = NEAR_GROWTH
+            growth = NEAR_GROWTH / (1.0 + PAUSE_COST * self.pause_cost)
         else:
             growth = FAR_GROWTH
         # per success, so that the growth per second is `growth` at this pace
         self._set(rate * (1.0 + growth / max(rate, 1.0)), "probing")
 
-    def refused(self, now: float, sent_at: float) -> float | None:
+    def refused(self, now: float, sent_at: float, pause: float = 0.0) -> float | None:
         """A rejection. One cut per congestion event: refusals of requests sent before the
         last cut, or within EVENT_GAP of it, were already reacted to.
 
@@ -177,6 +183,7 @@ class RateLearner:
             return None  # nothing got through yet: no measure (the pause, or backoff, holds)
         self.last_cut = now
         self.cuts += 1
+        self.pause_cost = min(pause, 10.0)
         if self.hinted:
             return None  # the headers state the limit: a refusal is jitter, the pause handles it
         if closed:
@@ -187,6 +194,12 @@ class RateLearner:
         accepted = got_through * ACCEPTED_MARGIN
         if rate is None:  # the first: all we know is what got through
             new = accepted
+        elif self.refused_at is not None and rate >= NEAR * self.refused_at:
+            # a probe found the limit again: what got through over LONG seconds (no burst
+            # in it, nor a window's grant) is the limit, so the cut can be shallow
+            span = min(LONG, max(1.0, now - (self.first_accepted or now)))
+            self.refused_at = max(min(rate, len(self.accepted_long) / span), MIN_RATE)
+            new = self.refused_at * NEAR_CUT
         else:
             # what the server let through when it said no: the rate to stay near
             self.refused_at = max(got_through, MIN_RATE)
