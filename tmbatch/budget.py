@@ -117,10 +117,7 @@ class Reservation:
         """Its bytes are about to leave: from now on a crash counts its worst case."""
         self.sent = True
         self.known = self.raw_prompt >= 0
-        if self.known:
-            self.budget._in_flight_add(self, 1)
-        else:  # _in_flight_add's common case, inline
-            self.budget._in_flight_unknown += 1
+        self.budget._in_flight_add(self, 1)
 
     def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
         """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
@@ -162,10 +159,7 @@ class Reservation:
         self.settled = True
         b = self.budget
         if self.sent:
-            if self.known:
-                b._in_flight_add(self, -1)
-            else:
-                b._in_flight_unknown -= 1
+            b._in_flight_add(self, -1)
         if self.held:
             b._release(self)
         if prompt is not None:
@@ -395,10 +389,7 @@ class Budget:
             t = book.get(model)
             if t is None:
                 t = book[model] = Tokens()
-            t.prompt += prompt  # Tokens.add, inline: twice on every answer
-            t.completion += completion
-            t.cached += cached
-            t.requests += 1
+            t.add(prompt, completion, cached)
         self.spent_tokens += prompt + completion
         price = self.prices.get(model)
         if price is not None:

@@ -298,9 +298,7 @@ class Admission:
         if self.pause_until > now:
             return None
         self.in_flight += 1
-        if self._first_sent is None:
-            self._first_sent = now
-        return Ticket(self, tokens, 0.0, now)
+        return self._ticket(tokens, 0.0, now)
 
     async def admit(self, tokens: int) -> Ticket:
         """Wait until this attempt may be sent; the ticket must be released when it ends."""
@@ -332,7 +330,11 @@ class Admission:
                 self.tpm.adjust(-charged)
             self._release()
             raise
-        now = loop.time()
+        return self._ticket(tokens, charged, loop.time())
+
+    def _ticket(self, tokens: int, charged: float, now: float) -> Ticket:
+        """An admitted attempt (a slot taken, `charged` tpm tokens): the settled rate counts
+        from the first."""
         if self._first_sent is None:
             self._first_sent = now
         return Ticket(self, tokens, charged, now)

@@ -133,15 +133,11 @@ class RateLearner:
     def success(self, now: float) -> None:
         if not self.learn:
             return
-        acc, long = self.accepted, self.accepted_long
-        acc.append(now)
-        long.append(now)
+        self.accepted.append(now)
+        self.accepted_long.append(now)
         if self.first_accepted is None:
             self.first_accepted = now
-        while acc[0] < now - 1.0:
-            acc.popleft()
-        while long[0] < now - LONG:
-            long.popleft()
+        self._prune(now)
         rate = self.pacer.rate
         if rate is None or self.hinted:
             return  # unpaced or stated: nothing to learn
@@ -197,8 +193,7 @@ class RateLearner:
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
             # a probe found the limit again: what got through over LONG seconds (no burst
             # in it, nor a window's grant) is the limit, so the cut can be shallow
-            span = min(LONG, max(1.0, now - (self.first_accepted or now)))
-            self.refused_at = max(min(rate, len(self.accepted_long) / span), MIN_RATE)
+            self.refused_at = max(min(rate, self._long_rate(now)), MIN_RATE)
             new = self.refused_at * NEAR_CUT
         else:
             # what the server let through when it said no: the rate to stay near
@@ -218,11 +213,13 @@ class RateLearner:
         """What the server let through, per second: over the last second, or over the last
         LONG seconds when that says more (a window granted at its start, closed since)."""
         self._prune(now)
-        acc, long = self.accepted, self.accepted_long
+        return max(len(self.accepted), self._long_rate(now))
+
+    def _long_rate(self, now: float) -> float:
+        """Successes per second over the last LONG seconds (or since the first, if sooner)."""
         if self.first_accepted is None:
-            return len(acc)
-        span = min(LONG, max(1.0, now - self.first_accepted))
-        return max(len(acc), len(long) / span)
+            return 0.0
+        return len(self.accepted_long) / min(LONG, max(1.0, now - self.first_accepted))
 
     def hint(self, rate: float) -> None:
         """The server stated its limit (x-ratelimit headers): pace just under it."""

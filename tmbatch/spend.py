@@ -59,7 +59,8 @@ def usage_tokens(body: dict[str, Any]) -> tuple[int, int, int] | None:
     completion = usage.get("completion_tokens")
     if completion is None:
         completion = usage.get("output_tokens")
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+    prompt, completion = _int(prompt), _int(completion)
+    if prompt is None or completion is None:
         return None  # absent, a bool, a float, negative: not a count
     details = usage.get("prompt_tokens_details")
     if details is None:

@@ -74,8 +74,7 @@ class Writer:
         """Record that this line's bytes are about to leave; durable before it returns.
         `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
         self._jour.append(DispatchRecord(line, attempt, custom_id, reserved).to_json())
-        if self.states.failed(line):  # a resend: its old failure line goes at close
-            self.superseded = True
+        self._note_supersede(line)  # a resend: its old failure line goes at close
         self.states.set(line, IN_FLIGHT)
         self.flush()
         if self.fsync_mode == "always":
@@ -85,13 +84,10 @@ class Writer:
                ttft: float | None = None) -> None:
         """A success, journaled with its time and latency for `tmbatch report`."""
         line = record.line
-        if self.states.failed(line):
-            self.superseded = True
+        self._note_supersede(line)
         self._res.append(record.to_json())
-        self._jour.append(OutcomeRecord(
-            line, Outcome.OK, "", round(time.time(), 3),
-            None if latency is None else round(latency * 1000.0, 2),
-            None if ttft is None else round(ttft * 1000.0, 2)).to_json())
+        self._jour.append(OutcomeRecord(line, Outcome.OK, "", round(time.time(), 3),
+                                        _ms(latency), _ms(ttft)).to_json())
         self.states.set(line, OK)
         self._schedule()
 
@@ -270,3 +266,6 @@ def compact_failures(out_dir: Path, states: LineStates) -> int:
     log.info("failures.jsonl: %d superseded record(s) removed", dropped)
     return dropped
 
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 2)
