@@ -4,6 +4,7 @@ real `tmbatch` command run as a subprocess with a clean environment."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import subprocess
@@ -211,6 +212,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
+    """A file a live run is writing, or as kill -9 left it: a torn last line is not a record.
+
+    Only the last line may be torn; a bad line before it is still an error.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    out = [orjson.loads(x) for x in lines[:-1] if x.strip()]
+    with contextlib.suppress(orjson.JSONDecodeError):
+        out.extend([orjson.loads(lines[-1])] if lines[-1].strip() else [])
+    return out
 
 
 def outcomes(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -21,7 +21,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    read_jsonl_tolerant,
+    write_jsonl,
+)
 
 LINES = 400
 PROMPT = "tell me about disks " * 20  # ~400 chars: ~1 KiB a result line
@@ -72,16 +79,6 @@ def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: P
     done = read_jsonl_tolerant(out / "results.jsonl")
     assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
 
-
-def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
-    """The file as a crash left it: a torn last line is not a record."""
-    out = []
-    for raw in path.read_bytes().split(b"\n"):
-        try:
-            out.append(orjson.loads(raw))
-        except orjson.JSONDecodeError:
-            continue
-    return out
 
 
 def check_resumed(proc: subprocess.CompletedProcess[str], out: Path, sim: Any) -> None:
