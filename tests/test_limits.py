@@ -444,8 +444,8 @@ def test_a_probe_grows_slower_when_a_refusal_costs_a_pause() -> None:
     """Near the limit, a probe that meets it again costs every worker the pause the refusal
     announces: a whole-second Retry-After makes the probe slower, a millisecond one does not."""
     cheap, costly = _learner_at_the_limit(0.02), _learner_at_the_limit(1.0)
-    cheap.success(5.0)
-    costly.success(5.0)
+    cheap.success(5.0, sent_at=4.98)
+    costly.success(5.0, sent_at=4.98)
     assert cheap.rate is not None and costly.rate is not None
     assert 49.5 < costly.rate < cheap.rate
     assert (cheap.rate - 49.5) > 3 * (costly.rate - 49.5)
@@ -457,3 +457,67 @@ def test_a_probe_that_finds_the_limit_again_is_cut_shallow() -> None:
     learner = _learner_at_the_limit(0.0)
     learner.refused(5.0, 5.0)
     assert learner.rate == pytest.approx(49.5 * 0.97, rel=0.01)
+
+
+def test_the_slow_start_clock_does_not_double_on_top_of_fast_answers() -> None:
+    """A fast server's answers open the cap as they come (one more per second answer); the
+    clock doubling on top of that would send a volley bigger than any the server answered
+    (against a window of 20 it made 31 refusals at once instead of about ten)."""
+    from tmbatch.limits import OPEN_EVERY
+
+    async def go() -> None:
+        adm = Admission(concurrency=64, adaptive=True)
+        held = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
+        waiting = asyncio.ensure_future(adm.admit(1))  # starts the clock
+        await asyncio.sleep(0)
+        for t in held:  # every answer back within the tick
+            t.succeeded(None, 0)
+            t.release()
+        await asyncio.sleep(1.5 * OPEN_EVERY)
+        assert adm.cap == START_IN_FLIGHT + START_IN_FLIGHT // 2  # answers, not the clock
+        (await waiting).release()
+
+    asyncio.run(go())
+
+
+def test_answers_sent_before_a_cut_do_not_grow_the_new_pace() -> None:
+    """The answers of the volley a refusal cut off still arrive after the cut: they say
+    nothing about the new pace (the same clock tick as the cut counts as before it: uvloop's
+    clock ticks in milliseconds)."""
+    from tmbatch.pacing import Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    for i in range(10):
+        learner.success(0.01 + i * 0.001, sent_at=0.0)
+    learner.refused(0.03, sent_at=0.01)  # the first cut: the pace is what got through
+    cut = learner.rate
+    assert cut is not None
+    learner.success(0.031, sent_at=0.02)  # sent before the cut
+    learner.success(0.032, sent_at=0.03)  # sent in the cut's own clock tick
+    assert learner.rate == cut
+    learner.success(0.2, sent_at=0.15)  # sent at the new pace: the ramp starts
+    assert learner.rate > cut
+
+
+def test_two_refusals_after_a_cut_with_nothing_through_hold_every_worker() -> None:
+    """A window granted at its start and closed since: once two requests sent at the new
+    pace are refused and none got through, the run holds instead of probing on (one alone
+    may still meet the bucket the volley before the cut emptied)."""
+    from tmbatch.pacing import Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    for i in range(20):
+        learner.success(0.01 + i * 0.001, sent_at=0.0)
+    assert learner.refused(0.04, sent_at=0.02) is None  # the first cut: a pace, no hold
+    assert learner.rate is not None and learner.cuts == 1
+    assert learner.refused(0.10, sent_at=0.06) is None  # one refusal at the new pace
+    assert learner.refused(0.16, sent_at=0.12) == 1.0  # two, nothing through: hold 1 s
+    assert learner.cuts == 2
+
+    bucket = RateLearner(Pacer(), learn=True)  # the same, but the second one got through
+    for i in range(20):
+        bucket.success(0.01 + i * 0.001, sent_at=0.0)
+    bucket.refused(0.04, sent_at=0.02)
+    assert bucket.refused(0.10, sent_at=0.06) is None
+    bucket.success(0.18, sent_at=0.12)
+    assert bucket.refused(0.24, sent_at=0.2) is None and bucket.cuts == 1

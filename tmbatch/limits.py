@@ -46,7 +46,7 @@ PAUSE_LOG_EVERY = 30.0  # the same for Retry-After pauses: a run at its limit me
 START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer ...
 OPEN_EVERY = 0.05  # ... and doubled this often until the server first refuses, so a slow
 # server (long answers, a queue) is at the ceiling in a few tenths of a second, not after a
-# few of its round trips
+# few of its round trips; a tick in which answers came back for half the cap is left to them
 _RATELIMIT_HEADERS = tuple(
     (kind, f"x-ratelimit-remaining-{kind}", f"x-ratelimit-limit-{kind}",
      f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens"))
@@ -150,7 +150,7 @@ class Ticket:
         consumed["tokens"] += used_tokens
         if headers:
             adm._from_headers(headers, now)
-        adm._on_success(now)
+        adm._on_success(now, self.sent_at)
         if adm.tpm is not None and used_tokens > 0:
             adm.tpm.adjust(used_tokens - self.charged)
             self.charged = float(used_tokens)  # settled: a second report is a no-op
@@ -211,6 +211,7 @@ class Admission:
         # while learning, a slow start: a few in flight, one more per answer
         self.cap = min(self.ceiling, START_IN_FLIGHT) if adaptive else self.ceiling
         self._opening = 0
+        self._opening_answers = 0  # answers since the slow start's clock last ticked
         self._opener: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -268,7 +269,12 @@ class Admission:
         self._opener = None
         if self.refusals:
             return  # the server said no: from here answers open the cap, the pace governs
-        self.cap = min(self.ceiling, self.cap * 2)
+        if self._opening_answers < self.cap // 2:
+            # too few answers came back this tick to open the cap by themselves (a slow
+            # server): the clock doubles it; a fast server's answers open it as they come,
+            # and doubling on top would send a volley bigger than any the server answered
+            self.cap = min(self.ceiling, self.cap * 2)
+        self._opening_answers = 0
         self._wake()
         if self.cap < self.ceiling and self._waiters:
             self._opener = self._loop.call_later(OPEN_EVERY, self._open)
@@ -384,15 +390,16 @@ class Admission:
         lo, hi = RATIO_BOUNDS
         self.ratio = min(hi, max(lo, self._ema_actual / self._ema_raw))
 
-    def _on_success(self, now: float) -> None:
+    def _on_success(self, now: float, sent_at: float) -> None:
         self.last_progress = now
         ok = self._ok_times
         ok.append(now)
         if ok[0] < now - 2 * RATE_WINDOW:
             while ok and ok[0] < now - 2 * RATE_WINDOW:
                 ok.popleft()
-        self.learner.success(now)
+        self.learner.success(now, sent_at)
         if self.cap < self.ceiling:  # slow start: one more in flight for every second answer
+            self._opening_answers += 1
             self._opening += 1
             if self._opening >= 2:
                 self._opening = 0

@@ -16,9 +16,12 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
   little once refusals have been quiet for CALM (a probe, so a limit that grows is found
   again), faster far below the pace last refused. A refusal before anything got through is
   no measure: the run stays unpaced (the pause or the backoff hold it) until something has.
-* A server that refuses everything with no hint (nothing through for a few intervals of the
-  pace: a window granted at its start and closed since) is not probed at any pace: `refused`
-  returns a hold for every worker, 1 s doubling to MAX_CLOSED_HOLD.
+  Only answers to requests sent after the last cut move the pace: the rest of the volley
+  the server cut off still answers after the cut.
+* A server that refuses everything with no hint (two requests sent at the new pace refused
+  and none through, or nothing through for a few intervals of the pace: a window granted at
+  its start and closed since) is not probed at any pace: `refused` returns a hold for every
+  worker, 1 s doubling to MAX_CLOSED_HOLD.
 * `--rpm` fixes the pace instead; nothing is learnt.
 
 aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
@@ -61,7 +64,9 @@ LEAD = 1.5
 LONG = 5.0  # seconds: a server that grants in windows (N per W s) shows its rate over this
 MAX_CLOSED_HOLD = 8.0  # seconds: the longest hold while a server refuses everything
 CLOSED_AFTER = 0.25  # seconds (and 3 intervals of the pace) of refusals, nothing through:
-# the server refuses everything (an event of its own)
+# the server refuses everything (an event of its own) ...
+CLOSED_REFUSALS = 2  # ... or this many refusals of requests sent after the last cut and none
+# of them through (the first may still meet the bucket the volley before the cut emptied)
 CALM = 0.5  # seconds without a refusal before the pace may grow
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 
@@ -116,6 +121,8 @@ class RateLearner:
         self.accepted_long: deque[float] = deque()
         self.first_accepted: float | None = None
         self.last_cut = -math.inf
+        self.through_since_cut = True  # a request sent after the last cut got through
+        self.refused_since_cut = 0  # ... and how many of them were refused
         self.refused_at: float | None = None  # the pace the last refusal happened at
         self.cuts = 0
         self.closed_hold = 0.0  # the last hold while everything was refused (see refused)
@@ -130,7 +137,10 @@ class RateLearner:
     def rate(self) -> float | None:
         return self.pacer.rate
 
-    def success(self, now: float) -> None:
+    def success(self, now: float, sent_at: float) -> None:
+        """An answer: counted in what got through; the pace grows only on answers to
+        requests sent at it (one sent before the last cut says nothing about the new pace:
+        the answers of a volley the server cut off still arrive after the cut)."""
         if not self.learn:
             return
         self.accepted.append(now)
@@ -139,8 +149,11 @@ class RateLearner:
             self.first_accepted = now
         self._prune(now)
         rate = self.pacer.rate
-        if rate is None or self.hinted:
-            return  # unpaced or stated: nothing to learn
+        after_cut = sent_at > self.last_cut  # not in the cut's own clock tick (uvloop: 1 ms)
+        if after_cut:
+            self.through_since_cut = True
+        if rate is None or self.hinted or not after_cut:
+            return  # unpaced, stated, or sent before the last cut: nothing to learn
         if self.cuts > 1 and now - self.last_refusal < CALM:
             return  # past the first ramp and still being refused: no reason to speed up
         if rate > LEAD * self._got_through(now):
@@ -165,19 +178,26 @@ class RateLearner:
         if not self.learn:
             return None
         self.last_refusal = now
-        if sent_at < self.last_cut:
+        if sent_at <= self.last_cut:  # <=: uvloop's clock ticks in milliseconds
             return None
-        # closed: paced, and nothing at all got through for a few of the pace's intervals
+        # closed: paced, and nothing got through since the last cut (this refusal is of a
+        # request sent after it), or nothing at all for a few of the pace's intervals
         rate = self.pacer.rate
         quiet = max(CLOSED_AFTER, 3.0 / rate) if rate else math.inf
-        closed = rate is not None and (not self.accepted or self.accepted[-1] <= now - quiet)
+        self.refused_since_cut += 1
+        none_since_cut = (rate is not None and not self.through_since_cut
+                          and self.refused_since_cut >= CLOSED_REFUSALS)
+        closed = rate is not None and (none_since_cut or not self.accepted
+                                       or self.accepted[-1] <= now - quiet)
         since = now - self.last_cut
-        if since < EVENT_GAP and not (closed and since >= quiet):
+        if since < EVENT_GAP and not (closed and (none_since_cut or since >= quiet)):
             return None  # the same event
         self._prune(now)
         if rate is None and not self.hinted and not self.accepted_long:
             return None  # nothing got through yet: no measure (the pause, or backoff, holds)
         self.last_cut = now
+        self.through_since_cut = False
+        self.refused_since_cut = 0
         self.cuts += 1
         self.pause_cost = min(pause, 10.0)
         if self.hinted:
