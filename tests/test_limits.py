@@ -481,22 +481,30 @@ def test_the_slow_start_clock_does_not_double_on_top_of_fast_answers() -> None:
 
 
 def test_answers_sent_before_a_cut_do_not_grow_the_new_pace() -> None:
-    """The answers of the volley a refusal cut off still arrive after the cut: they say
-    nothing about the new pace (the same clock tick as the cut counts as before it: uvloop's
+    """The answers of the volley a refusal cut off still arrive after the cut: they complete
+    the first cut's measure of what got through, but do not ramp the new pace up, and after
+    a later cut they change nothing (the cut's own clock tick counts as before it: uvloop's
     clock ticks in milliseconds)."""
-    from tmbatch.pacing import Pacer, RateLearner
+    from tmbatch.pacing import ACCEPTED_MARGIN, Pacer, RateLearner
 
     learner = RateLearner(Pacer(), learn=True)
     for i in range(10):
         learner.success(0.01 + i * 0.001, sent_at=0.0)
     learner.refused(0.03, sent_at=0.01)  # the first cut: the pace is what got through
-    cut = learner.rate
-    assert cut is not None
+    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 10)
     learner.success(0.031, sent_at=0.02)  # sent before the cut
     learner.success(0.032, sent_at=0.03)  # sent in the cut's own clock tick
-    assert learner.rate == cut
+    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 12)  # measured, not ramped
     learner.success(0.2, sent_at=0.15)  # sent at the new pace: the ramp starts
-    assert learner.rate > cut
+    ramped = learner.rate
+    assert ramped > ACCEPTED_MARGIN * 12
+
+    learner.refused(2.0, sent_at=1.9)  # the end of the ramp: a second cut
+    second = learner.rate
+    assert second is not None and second < ramped
+    learner.success(2.01, sent_at=1.95)
+    learner.success(2.02, sent_at=2.0)
+    assert learner.rate == second
 
 
 def test_two_refusals_after_a_cut_with_nothing_through_hold_every_worker() -> None:

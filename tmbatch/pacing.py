@@ -16,12 +16,13 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
   little once refusals have been quiet for CALM (a probe, so a limit that grows is found
   again), faster far below the pace last refused. A refusal before anything got through is
   no measure: the run stays unpaced (the pause or the backoff hold it) until something has.
-  Only answers to requests sent after the last cut move the pace: the rest of the volley
-  the server cut off still answers after the cut.
+  Only answers to requests sent after the last cut grow the pace: the rest of the volley
+  the server cut off still answers after the cut (the first cut's measure counts them).
 * A server that refuses everything with no hint (two requests sent at the new pace refused
   and none through, or nothing through for a few intervals of the pace: a window granted at
   its start and closed since) is not probed at any pace: `refused` returns a hold for every
-  worker, 1 s doubling to MAX_CLOSED_HOLD.
+  worker, 1 s doubling to MAX_CLOSED_HOLD, and the pace becomes what got through over LONG
+  seconds, however deep a cut that is.
 * `--rpm` fixes the pace instead; nothing is learnt.
 
 aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
@@ -152,8 +153,15 @@ class RateLearner:
         after_cut = sent_at > self.last_cut  # not in the cut's own clock tick (uvloop: 1 ms)
         if after_cut:
             self.through_since_cut = True
-        if rate is None or self.hinted or not after_cut:
-            return  # unpaced, stated, or sent before the last cut: nothing to learn
+        if rate is None or self.hinted:
+            return  # unpaced or stated: nothing to learn
+        if not after_cut:
+            if self.cuts == 1 and self.refused_at is None:
+                # the first cut's measure, completed by the rest of its volley's answers
+                measured = ACCEPTED_MARGIN * self._got_through(now)
+                if measured > rate:
+                    self._set(measured, "learnt from refusals")
+            return  # sent before the last cut: says nothing about the new pace
         if self.cuts > 1 and now - self.last_refusal < CALM:
             return  # past the first ramp and still being refused: no reason to speed up
         if rate > LEAD * self._got_through(now):
@@ -218,7 +226,11 @@ class RateLearner:
         else:
             # what the server let through when it said no: the rate to stay near
             self.refused_at = max(got_through, MIN_RATE)
-            new = max(rate * DEEPEST_CUT, min(rate * CUT, accepted))
+            # (not below half the old pace in one step: a second's measure is noisy; but
+            # when nothing gets through, what got through over LONG seconds is all there is)
+            new = min(rate * CUT, accepted)
+            if not closed:
+                new = max(rate * DEEPEST_CUT, new)
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
 
