@@ -529,3 +529,22 @@ def test_two_refusals_after_a_cut_with_nothing_through_hold_every_worker() -> No
     assert bucket.refused(0.10, sent_at=0.06) is None
     bucket.success(0.18, sent_at=0.12)
     assert bucket.refused(0.24, sent_at=0.2) is None and bucket.cuts == 1
+
+
+def test_a_closed_window_is_paced_at_what_got_through_over_five_seconds() -> None:
+    """Nothing gets through: the cut is what got through over the last five seconds, even
+    below half the old pace (20 granted at the start of a window, then nothing for 3 s: the
+    window's rate is far under the 17/s its first second suggested)."""
+    from tmbatch.pacing import ACCEPTED_MARGIN, Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    for i in range(20):
+        learner.success(0.01 + i * 0.001, sent_at=0.0)
+    learner.refused(0.04, sent_at=0.02)
+    learner.refused(0.10, sent_at=0.06)
+    assert learner.refused(0.16, sent_at=0.12) == 1.0  # closed: hold
+    before = learner.rate
+    assert before is not None
+    assert learner.refused(3.3, sent_at=3.2) == 2.0  # still closed after the hold
+    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 20 / 3.3, rel=0.01)
+    assert learner.rate < before / 2
