@@ -75,22 +75,22 @@ class ResultRecord:
     def to_json(self) -> bytes:
         raw = self.raw_body
         spliced = raw is not None and b"\n" not in raw and b"\r" not in raw
-        response = self.response.as_dict()
-        if spliced:
-            response["body"] = None
+        r = self.response  # Response.as_dict's shape, spelled here: one per answer
         rec: dict[str, Any] = {
-            "id": self.id, "custom_id": self.custom_id, "response": response,
+            "id": self.id, "custom_id": self.custom_id,
+            "response": {"status_code": r.status_code, "request_id": r.request_id,
+                         "body": None if spliced else r.body},
             "error": None, "line": self.line,
         }
         if self.timing is not None:
             t = self.timing
             rec["timing"] = {"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
                              "tokens_per_s": t.tokens_per_s}
-        out = orjson.dumps(rec)
+        out = orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
         if spliced:
             # `"body":null` cannot occur earlier: inside a JSON string its quotes are escaped
             out = out.replace(b'"body":null', b'"body":' + raw, 1)  # type: ignore[operator]
-        return out + b"\n"
+        return out
 
 
 @dataclass(slots=True)

@@ -70,6 +70,8 @@ class Writer:
         # A queued journal record that must stay before the next dispatch record (see the
         # module docstring); False while only outcomes (results, failures) are queued.
         self._ordered = False
+        self._always = fsync == "always"
+        self._now: float | None = None  # this tick's outcome time (`_stamp`)
         self._dirty = False
         self.superseded = False
         self.error: WriterError | None = None
@@ -103,23 +105,39 @@ class Writer:
 
     def result(self, record: ResultRecord, latency: float | None = None,
                ttft: float | None = None) -> None:
-        """A success, journaled with its time and latency for `tmbatch report`."""
+        """A success, journaled with its time and latency (ms) for `tmbatch report`.
+        Once per answer: `_note_supersede` and `_stamp` are inlined."""
         line = record.line
-        self._note_supersede(line)
+        if self.states.failed(line):  # _note_supersede
+            self.superseded = True
         self._res.append(record.to_json())
-        self._jour.append(OutcomeRecord(line, Outcome.OK, "", round(time.time(), 3),
-                                        _ms(latency), _ms(ttft)).to_json())
+        t = self._now
+        if t is None:
+            t = self._now = round(time.time(), 3)
+        self._jour.append(OutcomeRecord.ok_json(
+            line, t, None if latency is None else round(latency * 1000.0, 2),
+            None if ttft is None else round(ttft * 1000.0, 2)))
         self.states.set(line, OK)
-        self._schedule()
+        if not self._scheduled or self._always:
+            self._schedule()
 
     def failure(self, record: FailureRecord) -> None:
         line = record.line
         self._note_supersede(line)
         self._fail.append(record.to_json())
         self._jour.append(OutcomeRecord(line, record.outcome, record.code,
-                                        round(time.time(), 3)).to_json())
+                                        self._stamp()).to_json())
         self.states.set(line, record.outcome.policy.state)
         self._schedule()
+
+    def _stamp(self) -> float:
+        """An outcome's time, to the millisecond: the outcomes one loop tick records share
+        the time its first one was recorded at (round() costs more than the rest of the
+        record; they all reach the OS together at the end of the tick)."""
+        t = self._now
+        if t is None:
+            t = self._now = round(time.time(), 3)
+        return t
 
     def pause(self, seconds: float) -> None:
         """A Retry-After pause of every worker, for the report's timeline; resume ignores it."""
@@ -195,6 +213,7 @@ class Writer:
     def flush(self) -> None:
         """Results and failures first, then the journal that points at them."""
         self._scheduled = False
+        self._now = None
         if self.error is not None:
             raise self.error
         self._ordered = False
@@ -294,6 +313,3 @@ def compact_failures(out_dir: Path, states: LineStates) -> int:
     log.info("failures.jsonl: %d superseded record(s) removed", dropped)
     return dropped
 
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 2)
