@@ -26,9 +26,17 @@ def line_of(raw: bytes) -> int | None:
 
 
 def record_id(job_id: str, custom_id: str) -> str:
-    """Stable per job and line, like OpenAI's `batch_req_...` ids."""
-    digest = hashlib.blake2b(f"{job_id}\0{custom_id}".encode(), digest_size=12).hexdigest()
-    return f"batch_req_{digest}"
+    """Stable per job and line, like OpenAI's `batch_req_...` ids: blake2b-96 of
+    "job_id\0custom_id". One per outcome, so the job's prefix is hashed once and copied."""
+    h = _PREFIXES.get(job_id)
+    if h is None:
+        h = _PREFIXES[job_id] = hashlib.blake2b(f"{job_id}\0".encode(), digest_size=12)
+    h = h.copy()
+    h.update(custom_id.encode())
+    return "batch_req_" + h.hexdigest()
+
+
+_PREFIXES: dict[str, Any] = {}  # job id -> blake2b state after "job_id\0" (a run has one)
 
 
 @dataclass(slots=True)
