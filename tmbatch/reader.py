@@ -52,7 +52,11 @@ FIRST_USE_LOOKUPS = 32  # duplicated ids whose first line is looked up (see Firs
 MAX_DEPTH = 255
 # orjson turns integers outside 64 bits into floats: the request would be sent altered.
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+# A run of 19 digits: an integer that may not fit in 64 bits. Looked for as 19 "0"s in the
+# line with every ASCII digit made "0" and every other byte " " (what rb"\d{19,}" finds, in
+# two C passes: the regex costs ~10x more per line, and every line is checked).
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGITS = b"0" * 19
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DELTA = [0] * 256
@@ -237,7 +241,7 @@ def check_json(raw: bytes, line: int) -> dict[str, Any]:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _Refused(*_json_error(raw, line, exc)) from None
-    big = _big_int(raw) if _LONG_DIGITS.search(raw) else None
+    big = _big_int(raw) if _LONG_DIGITS in raw.translate(_DIGITS_AS_ZERO) else None
     if big is not None:
         shown = big if len(big) <= 40 else big[:20] + "..." + big[-8:]
         raise _Refused(
