@@ -171,7 +171,10 @@ async def _read_plain(resp: aiohttp.ClientResponse, start: float, request_id: st
             Outcome.AMBIGUOUS if status < 300 else Outcome.PERMANENT, "response_too_large",
             f"response body over {MAX_BODY_BYTES} bytes", status, None, request_id,
         )
-    parsed = _loads(raw)
+    try:  # _loads, inline: once per answer
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
     if status >= 300:
         if parsed is None:
             parsed = error_payload(raw) or raw[:2000].decode("utf-8", "replace")

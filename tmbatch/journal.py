@@ -70,10 +70,14 @@ class DispatchRecord:
     reserved: list[Any] | None = None
 
     def to_json(self) -> bytes:
-        if self.reserved is not None:
-            return orjson.dumps(("d", self.line, self.attempt, self.custom_id,
-                                 self.reserved), option=_NL)
-        return orjson.dumps(("d", self.line, self.attempt, self.custom_id), option=_NL)
+        return self.of(self.line, self.attempt, self.custom_id, self.reserved)
+
+    @staticmethod
+    def of(line: int, attempt: int, custom_id: str, reserved: list[Any] | None = None) -> bytes:
+        """`DispatchRecord(...).to_json()` without building the record: one per attempt."""
+        if reserved is not None:
+            return orjson.dumps(("d", line, attempt, custom_id, reserved), option=_NL)
+        return orjson.dumps(("d", line, attempt, custom_id), option=_NL)
 
 
 @dataclass(slots=True)

@@ -270,8 +270,10 @@ def check_bare_body(obj: dict[str, Any], line: int, endpoint: str,
 
 def check_batch_line(obj: dict[str, Any], line: int) -> tuple[str, str, dict[str, Any]]:
     """An OpenAI Batch line: {custom_id, method, url, body} and nothing else."""
-    unknown = set(obj) - BATCH_FIELDS
-    missing = [k for k in ("custom_id", "url", "body") if k not in obj]
+    # the common case without a set or a list built (every line comes through here)
+    unknown = () if BATCH_FIELDS.issuperset(obj) else set(obj) - BATCH_FIELDS
+    missing = () if "custom_id" in obj and "url" in obj and "body" in obj else [
+        k for k in ("custom_id", "url", "body") if k not in obj]
     if missing and "custom_id" not in unknown and (
             "messages" in obj or "prompt" in obj or "input" in obj):
         raise _Refused(
@@ -349,14 +351,8 @@ def check_body(body: dict[str, Any], line: int, custom_id: str, url: str, model:
     if model is not None and "model" not in body:
         body["model"] = model
     m = body.get("model")
-    if not isinstance(m, str) or not m.strip():
-        raise _Refused(
-            line, custom_id, "missing_model",
-            f"line {line}: body.model is missing or not a string; add it or pass --model",
-        )
-    uuid_hint = check_model(m, f"line {line}")
-    if uuid_hint:
-        raise _Refused(line, custom_id, "model_is_uuid", uuid_hint)
+    if type(m) is not str or m not in _GOOD_MODELS:  # a model name already checked: fine
+        _check_model_name(m, line, custom_id)
     if "stream" in body and not isinstance(body["stream"], bool):
         raise _Refused(
             line, custom_id, "invalid_stream",
@@ -367,6 +363,25 @@ def check_body(body: dict[str, Any], line: int, custom_id: str, url: str, model:
     if body.get("stream") is True and url not in STREAMABLE:
         raise _Refused(line, custom_id, "invalid_stream",
                        f"line {line}: {url} cannot stream; remove body.stream")
+
+
+# Model names that passed _check_model_name: a file names a few models on a million lines, so
+# each is checked once (bounded: a file of ever new names is checked line by line).
+_GOOD_MODELS: set[str] = set()
+_GOOD_MODELS_MAX = 1024
+
+
+def _check_model_name(m: Any, line: int, custom_id: str) -> None:
+    if not isinstance(m, str) or not m.strip():
+        raise _Refused(
+            line, custom_id, "missing_model",
+            f"line {line}: body.model is missing or not a string; add it or pass --model",
+        )
+    uuid_hint = check_model(m, f"line {line}")
+    if uuid_hint:
+        raise _Refused(line, custom_id, "model_is_uuid", uuid_hint)
+    if type(m) is str and len(_GOOD_MODELS) < _GOOD_MODELS_MAX:
+        _GOOD_MODELS.add(m)
 
 
 @dataclass
@@ -398,7 +413,8 @@ def read_requests(
     first_use = FirstUse(f, endpoint, model, stream, shard, max_line_bytes)
     for line, raw, length in numbered_lines(f, max_line_bytes):
         stats.lines = line
-        if not in_shard(line, shard) or (done is not None and line in done):
+        if (shard is not None and not in_shard(line, shard)) or (
+                done is not None and line in done):
             continue
         if raw is None:
             yield BadLine(

@@ -87,8 +87,9 @@ class Writer:
                  reserved: list[Any] | None = None) -> None:
         """Record that this line's bytes are about to leave; durable before it returns.
         `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
-        record = DispatchRecord(line, attempt, custom_id, reserved).to_json()
-        self._note_supersede(line)  # a resend: its old failure line goes at close
+        record = DispatchRecord.of(line, attempt, custom_id, reserved)
+        if self.states.failed(line):  # _note_supersede: a resend's old failure goes at close
+            self.superseded = True
         self.states.set(line, IN_FLIGHT)
         if self._ordered or self.fsync_mode == "always":
             self._jour.append(record)
