@@ -6,6 +6,7 @@ accounting says what the server actually processed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -17,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 from tmbatch.client import idempotency_key
+from tmbatch.compact import LineStates
+from tmbatch.journal import SpendRecord
+from tmbatch.records import Response, ResultRecord
+from tmbatch.writer import Writer
 
 JOB = "resumejob01"
 
@@ -268,3 +274,37 @@ def test_export_external_sort_with_tiny_chunks(tmp_path: Path) -> None:
     got = [r["line"] for r in read_jsonl(out / "results.ordered.jsonl")]
     assert got == list(range(1, 501))
     assert os.stat(out / "results.ordered.jsonl").st_mode & 0o077 == 0
+
+
+
+@pytest.mark.parametrize("first", ["pending", "spend", "result"])
+def test_a_dispatch_record_is_on_disk_when_dispatch_returns(tmp_path: Path, first: str) -> None:
+    """Writer.dispatch writes its record before it returns, inside the loop tick. Queued
+    records whose place matters (a retried line's `pending`, a spend snapshot) go out before
+    it; a queued result of another line may follow it at the end of the tick, after its own
+    results.jsonl line."""
+
+    async def tick() -> list[Any]:
+        w = Writer(tmp_path, LineStates())
+        if first == "pending":
+            w.pending(1)
+        elif first == "spend":
+            w.spend(SpendRecord(1.0, {"m": [1, 2, 0, 1]}))
+        else:
+            w.result(ResultRecord("batch_req_x", "b", 2, Response(200, "r", {"x": 1})))
+        w.dispatch(1, 2, "a")
+        on_disk = read_jsonl(tmp_path / "journal.jsonl")
+        await asyncio.sleep(0)  # the end of the tick: the queued outcomes are flushed
+        w.close()
+        return on_disk
+
+    on_disk = asyncio.run(tick())
+    journal = read_jsonl(tmp_path / "journal.jsonl")
+    if first == "pending":
+        assert on_disk == [["o", 1, "pending", ""], ["d", 1, 2, "a"]]
+    elif first == "spend":
+        assert on_disk == [["s", 1.0, {"m": [1, 2, 0, 1]}, {}, 0], ["d", 1, 2, "a"]]
+    else:
+        assert on_disk == [["d", 1, 2, "a"]]
+        assert [r[0] for r in journal] == ["d", "o", "m"]  # the result, then its mark
+        assert read_jsonl(tmp_path / "results.jsonl")[0]["custom_id"] == "b"

@@ -371,3 +371,59 @@ def test_event_loop_choice(tmp_path: Path) -> None:
     p = run_cli(["run", sample, "-o", str(tmp_path / "x"), "--sim"],
                 env=clean_env(TMBATCH_LOOP="tokio"))
     assert p.returncode == 2 and "TMBATCH_LOOP" in p.stderr
+
+
+
+# Run in the tmbatch process: every write of request bytes to a socket first reads
+# journal.jsonl from disk and counts that line's dispatch records (one per attempt so far).
+WIRE_SPY = """
+import asyncio.selector_events as se, re, sys, orjson
+journal, problems, keys = sys.argv[1], sys.argv[2], orjson.loads(open(sys.argv[3], "rb").read())
+seen = {}
+write = se._SelectorSocketTransport.write
+def spy(self, data):
+    m = re.search(rb"Idempotency-Key: ([^\\r]+)", bytes(data), re.I)
+    if m:
+        cid = keys[m.group(1).decode()]
+        seen[cid] = seen.get(cid, 0) + 1
+        with open(journal, "rb") as f:
+            n = sum(1 for raw in f if raw.startswith(b'["d"') and orjson.loads(raw)[3] == cid)
+        if n < seen[cid]:
+            with open(problems, "a") as f:
+                f.write(f"{cid}: attempt {seen[cid]} on the wire, {n} journaled\\n")
+    return write(self, data)
+se._SelectorSocketTransport.write = spy
+from tmbatch.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def test_every_attempt_is_journaled_before_its_bytes_leave(sim: Any, tmp_path: Path) -> None:
+    """At the socket: when an attempt's bytes are handed to the transport, its dispatch record
+    is already in journal.jsonl on disk (a write(2) done, not a buffer), for first attempts
+    and for retries after a 429 (whose `pending` record goes first), at concurrency 16."""
+    n = 120
+    rows = [chat_line(i) for i in range(n)]
+    for row in rows[::7]:
+        row["body"]["sim"] = {"status": 429, "retry_after": 0, "times": 1}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out, problems = tmp_path / "out", tmp_path / "problems.txt"
+    keys = tmp_path / "keys.json"
+    keys.write_bytes(orjson.dumps({key(f"req-{i}"): f"req-{i}" for i in range(n)}))
+    p = subprocess.run(
+        [sys.executable, "-c", WIRE_SPY, str(out / "journal.jsonl"), str(problems), str(keys),
+         "run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", JOB, "-q",
+         "--no-preflight", "-c", "16"],
+        env=env_with_key(TMBATCH_LOOP="asyncio"), cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert not problems.exists(), problems.read_text()[:500]
+    res, fail = outcomes(out)
+    assert len(res) == n and not fail
+    journal = read_jsonl(out / "journal.jsonl")
+    assert sum(1 for r in journal if isinstance(r, list) and r[0] == "d") == n + len(rows[::7])
+    for i in range(0, n, 7):  # a refused line: its `pending` before its second dispatch
+        line = i + 1
+        seq = [r[0] + (r[2] if r[0] == "o" else str(r[2])) for r in journal
+               if isinstance(r, list) and r[0] in ("d", "o") and r[1] == line]
+        assert seq == ["d1", "opending", "d2", "ook"], (line, seq)

@@ -116,8 +116,11 @@ class Reservation:
     def dispatched(self) -> None:
         """Its bytes are about to leave: from now on a crash counts its worst case."""
         self.sent = True
-        self.known = self.raw_prompt >= 0
-        self.budget._in_flight_add(self, 1)
+        if self.raw_prompt < 0:  # not estimated (no budget): `known` stays False
+            self.budget._in_flight_unknown += 1  # _in_flight_add's case, without the call
+        else:
+            self.known = True
+            self.budget._in_flight_add(self, 1)
 
     def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
         """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
@@ -159,7 +162,10 @@ class Reservation:
         self.settled = True
         b = self.budget
         if self.sent:
-            b._in_flight_add(self, -1)
+            if self.known:
+                b._in_flight_add(self, -1)
+            else:  # _in_flight_add's case, without the call (once per answer)
+                b._in_flight_unknown -= 1
         if self.held:
             b._release(self)
         if prompt is not None:
@@ -192,9 +198,12 @@ class Budget:
         self.spec = spec or BudgetSpec()
         self.enforcing = self.spec.limited  # a plain field: read on every attempt
         self.prices = self.spec.prices
+        self._priced = bool(self.prices)  # read on every answer: Prices.__bool__ is a call
         self.stop = stop
         self.spent: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
-        self.this_run: dict[str, Tokens] = {}
+        # what the earlier runs spent: this run's share is `spent` less this (see `this_run`),
+        # so an answer is counted in one book, not two
+        self._before: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
         self.unknown = prior_unknown  # attempts whose spend nobody can know (see journal)
         self.spent_tokens = sum(t.total for t in self.spent.values())
         self.spent_usd = sum(self._cost(m, t) for m, t in self.spent.items())
@@ -385,22 +394,31 @@ class Budget:
 
     def _count(self, res: Reservation, prompt: int, completion: int, cached: int) -> None:
         model = res.model
-        for book in (self.spent, self.this_run):
-            t = book.get(model)
-            if t is None:
-                t = book[model] = Tokens()
-            t.add(prompt, completion, cached)
+        t = self.spent.get(model)
+        if t is None:
+            t = self.spent[model] = Tokens()
+        t.add(prompt, completion, cached)
         self.spent_tokens += prompt + completion
-        price = self.prices.get(model)
-        if price is not None:
-            self.spent_usd += price.cost(prompt, completion, cached)
-        elif self.prices and model not in self.unpriced:
-            self.unpriced.add(model)
-            log.warning("no price for model %r: cost figures exclude it (add --price %s=IN:OUT, "
-                        "USD per million tokens)", model, model)
+        if self._priced:
+            price = self.prices.get(model)
+            if price is not None:
+                self.spent_usd += price.cost(prompt, completion, cached)
+            elif model not in self.unpriced:
+                self.unpriced.add(model)
+                log.warning("no price for model %r: cost figures exclude it (add --price "
+                            "%s=IN:OUT, USD per million tokens)", model, model)
         self._dirty = True
         if time.monotonic() - self._last_snapshot >= SNAPSHOT_EVERY:
             self.snapshot()
+
+    def this_run(self, model: str) -> Tokens:
+        """What this run spent on `model`: the job's spend less the earlier runs'."""
+        t = self.spent.get(model, Tokens())
+        before = self._before.get(model)
+        if before is None:
+            return Tokens(t.prompt, t.completion, t.cached, t.requests)
+        return Tokens(t.prompt - before.prompt, t.completion - before.completion,
+                      t.cached - before.cached, t.requests - before.requests)
 
     def worst_case(self, req: Request) -> Reservation:
         """The reservation `req` would take now (not held): its worst case."""
@@ -445,7 +463,7 @@ class Budget:
         by_model: dict[str, Any] = {}
         for m in models:
             t = self.spent.get(m, Tokens())
-            run = self.this_run.get(m, Tokens())
+            run = self.this_run(m)
             res = self.reserved_by_model.get(m, [0.0, 0.0])
             priced = self.prices.get(m) is not None
             by_model[m] = {

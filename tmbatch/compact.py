@@ -99,9 +99,12 @@ class IdSet:
         return i < len(fz) and fz[i] == h
 
     def add(self, custom_id: str) -> bool:
-        """Insert; True if the id was new (so False means a duplicate)."""
-        h = id_hash(custom_id)
-        if self._in_frozen(h):
+        """Insert; True if the id was new (so False means a duplicate). Once per line:
+        id_hash inlined, and the frozen tier searched only when there is one."""
+        h = hash(custom_id)
+        if h == 0:
+            h = 1  # id_hash
+        if self._frozen and self._in_frozen(h):
             return False
         return self.add_hash(h)
 
@@ -135,13 +138,17 @@ class IdSet:
             i = (i + 1) & mask
 
     def _grow(self) -> None:
+        """Twice the slots, every hash inserted again in the old order (as add_hash would
+        place it: the ids are distinct, so only empty slots are probed for), the empty old
+        slots skipped in C: growing costs a little per id, not a call per slot."""
         old = self._slots
-        self._slots = array("q", bytes(16 * len(old)))
-        self._mask = len(self._slots) - 1
-        self.count -= sum(1 for h in old if h != 0)
-        for h in old:
-            if h != 0:
-                self.add_hash(h)
+        slots = self._slots = array("q", bytes(16 * len(old)))
+        mask = self._mask = len(slots) - 1
+        for h in filter(None, old):
+            i = h & mask
+            while slots[i]:
+                i = (i + 1) & mask
+            slots[i] = h
 
     def __len__(self) -> int:
         return self.count

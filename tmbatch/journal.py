@@ -50,6 +50,8 @@ from tmbatch.safety import Outcome
 log = logging.getLogger("tmbatch")
 
 FORMAT_VERSION = 1
+_OK = Outcome.OK.value  # a plain str: orjson writes it a little faster than the StrEnum
+_NL = orjson.OPT_APPEND_NEWLINE  # the record's newline, without a copy to add it
 
 
 class JournalError(Exception):
@@ -68,10 +70,14 @@ class DispatchRecord:
     reserved: list[Any] | None = None
 
     def to_json(self) -> bytes:
-        if self.reserved is not None:
-            return orjson.dumps(("d", self.line, self.attempt, self.custom_id,
-                                 self.reserved)) + b"\n"
-        return orjson.dumps(("d", self.line, self.attempt, self.custom_id)) + b"\n"
+        return self.of(self.line, self.attempt, self.custom_id, self.reserved)
+
+    @staticmethod
+    def of(line: int, attempt: int, custom_id: str, reserved: list[Any] | None = None) -> bytes:
+        """`DispatchRecord(...).to_json()` without building the record: one per attempt."""
+        if reserved is not None:
+            return orjson.dumps(("d", line, attempt, custom_id, reserved), option=_NL)
+        return orjson.dumps(("d", line, attempt, custom_id), option=_NL)
 
 
 @dataclass(slots=True)
@@ -95,6 +101,14 @@ class OutcomeRecord:
             if self.latency_ms is not None or self.ttft_ms is not None:
                 rec += (self.latency_ms, self.ttft_ms)
         return orjson.dumps(rec) + b"\n"
+
+    @staticmethod
+    def ok_json(line: int, t: float, latency_ms: float | None, ttft_ms: float | None) -> bytes:
+        """`OutcomeRecord(line, Outcome.OK, "", t, latency_ms, ttft_ms).to_json()`, without
+        building the record: one is written per answer."""
+        if latency_ms is None and ttft_ms is None:
+            return orjson.dumps(("o", line, _OK, "", t), option=_NL)
+        return orjson.dumps(("o", line, _OK, "", t, latency_ms, ttft_ms), option=_NL)
 
     @classmethod
     def from_list(cls, rec: list[Any]) -> OutcomeRecord | None:

@@ -47,9 +47,11 @@ class Secrets:
         return value
 
     def data(self, value: bytes) -> bytes:
-        """Bytes about to be written; the check is one substring search per spelling."""
+        """Bytes about to be written; the check is one substring search per spelling
+        (bytes.find: on 3.11 `in` first tries the operand as an int, a formatted TypeError
+        on every write)."""
         for s in self._data:
-            if s in value:
+            if value.find(s) >= 0:
                 value = value.replace(s, _REDACTED_BYTES)
         return value
 

@@ -191,14 +191,16 @@ class LineSender:
         finally:
             if ticket is not None:
                 ticket.release()
-            spend.end()  # the attempt is over: a no-op once its answer settled it
+            if not spend.settled:  # (end() would do nothing once its answer settled it)
+                spend.end()  # the attempt is over
 
     def _dispatch(self, req: Request, tries: Tries, spend: Hold) -> asyncio.Task[None]:
         """Journal the attempt (durable before its bytes leave) and count it in flight."""
         tries.now += 1
         if tries.now > 1:
             self.stats.retries += 1
-        self.writer.dispatch(req.line, tries.total, req.custom_id, spend.journal())
+        self.writer.dispatch(req.line, tries.total, req.custom_id,
+                             spend.journal() if spend.held else None)  # None unless held
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1

@@ -1,7 +1,8 @@
 """`tmbatch run`: reader → admission → workers → writer, and how a run stops.
 
-The pipeline only: a producer reads lines into a bounded queue, workers send each line to
-its outcome (`retry.LineSender`), one writer owns the files, and signals turn into a drain.
+The pipeline only: workers take the input's lines one at a time from the one reader and
+send each to its outcome (`retry.LineSender`), one writer owns the files, and signals turn
+into a drain.
 What a failure means is `safety`'s, how fast to send is `limits`', what is written is
 `records`' and `journal`'s.
 
@@ -9,7 +10,7 @@ A run has two halves. `prepare` is everything local (the input, the output direc
 lock, the journal, the first write), so a command that is refused has touched neither the
 network nor a live job's files. `send` is the network. Signal handlers are installed before
 either, so a SIGTERM is honoured at any point, preflight included, and every stop ends: the
-idle workers (waiting for a line, a slot, a pause or a retry) are cancelled at once, the ones
+idle workers (waiting for a slot, a pause or a retry) are cancelled at once, the ones
 with a request on the wire get --drain-timeout, and a second signal cancels those too.
 """
 
@@ -22,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -71,6 +72,7 @@ class Runner:
         self._waiting: asyncio.Task[Any] | None = None  # preflight: cancelled by a signal
         self._signal_at = 0.0
         self._sent = False  # send() began: from here on the job's files are the record
+        self._bad_lines = 0  # bad lines the workers met, to yield to the loop now and then
         self._made_dir = False
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
 
@@ -213,18 +215,16 @@ class Runner:
         counter = None
         if opts.input != "-" and opts.only_lines is None:
             counter = loop.create_task(self._count_total(progress))
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=opts.concurrency * 2)
-        self._workers = [loop.create_task(self._work(queue, sender))
+        lines = self._lines(f)
+        self._workers = [loop.create_task(self._work(lines, sender))
                          for _ in range(opts.concurrency)]
-        producer = loop.create_task(self._produce(queue, f, sender))
         try:
-            await self._wait_workers(producer)
+            await self._wait_workers()
         finally:
-            for task in (producer, counter):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            if counter is not None:
+                counter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await counter
             await progress.stop()
             await session.close()
             if f is not sys.stdin.buffer:
@@ -243,43 +243,39 @@ class Runner:
                          "%H:%M:%S", time.localtime(self.resume.pause_until)), left)
             self.admission.pause(left)
 
-    async def _produce(self, queue: asyncio.Queue[Request | None], f: IO[bytes],
-                       sender: LineSender) -> None:
-        """Lines into the queue. No `finally`: a stopped run cancels this task, and an await in
-        a `finally` would block on a full queue nobody reads any more."""
-        only = self.opts.only_lines
-        resume = None if only is not None else self.resume
-        items = read_requests(
+    def _lines(self, f: IO[bytes]) -> Iterator[Request | BadLine]:
+        """The input's lines, for the workers to take one at a time (`_work`)."""
+        resume = None if self.opts.only_lines is not None else self.resume
+        return read_requests(
             f, endpoint=self.opts.endpoint, model=self.opts.model, stream=self.opts.stream,
             done=None if resume is None else resume.states,
             seen=None if resume is None else resume.seen,
             shard=self.opts.shard, stats=self.read_stats,
             max_line_bytes=self.opts.max_line_bytes,
         )
-        n = 0
-        for item in items:
-            if self.stop.stopping:
-                return
+
+    async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
+        """Take the next line and send it to its outcome, until the input or the run ends.
+
+        Every worker reads from the one iterator, synchronously (nothing awaits inside it, so
+        no two workers are ever in it at once): a line costs no queue and no producer task to
+        wake. A run of bad lines yields to the loop every 512 of them."""
+        only = self.opts.only_lines
+        while not self.stop.stopping:
+            item = next(lines, None)
+            if item is None:
+                return  # the input is over (or its reader failed: raised to another worker)
             if only is not None and item.line not in only:
                 continue
-            if isinstance(item, BadLine):
-                if only is None:
-                    sender.bad_line(item)
-                n += 1
-                if n % 512 == 0:
-                    await asyncio.sleep(0)
-                continue
-            await queue.put(item)
-        for _ in self._workers:
-            await queue.put(None)
-
-    async def _work(self, queue: asyncio.Queue[Request | None], sender: LineSender) -> None:
-        while True:
-            req = await queue.get()
-            if req is None or self.stop.stopping:
-                return
             try:
-                await sender.process(req)
+                if isinstance(item, BadLine):
+                    if only is None:
+                        sender.bad_line(item)
+                    self._bad_lines += 1
+                    if self._bad_lines % 512 == 0:
+                        await asyncio.sleep(0)
+                    continue
+                await sender.process(item)
             except (WriterError, OutputError) as exc:
                 self.stop.on_io_error(str(exc))
                 self._cancel_idle()
@@ -287,7 +283,7 @@ class Runner:
 
     def _cancel_idle(self) -> None:
         """Stopping: every worker without a request on the wire ends now (one waiting for a
-        line, a concurrency slot, a Retry-After pause, a rate bucket or a retry backoff)."""
+        concurrency slot, a Retry-After pause, a rate bucket or a retry backoff)."""
         busy = self._sender.in_flight if self._sender is not None else set()
         for t in self._workers:
             if not t.done() and t not in busy:
@@ -301,25 +297,38 @@ class Runner:
             return
         progress.set_total(lines)
 
-    async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
-        pending = set(self._workers)
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=0.2)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+    async def _wait_workers(self) -> None:
+        """Until every worker has ended; a worker's exception is raised here. Woken by the
+        last worker to end (or by one that failed), and every 0.2 s to drive a stop: one
+        future to wait on, not every worker's done-callback added and removed at each poll
+        (that cost grew with the run's length, five times a second)."""
+        ended = asyncio.get_running_loop().create_future()
+        left = len(self._workers)
+        failed: list[BaseException] = []
+
+        def on_end(t: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if not t.cancelled() and t.exception() is not None:
+                failed.append(t.exception())  # type: ignore[arg-type]
+            if (left == 0 or failed) and not ended.done():
+                ended.set_result(None)
+
+        for t in self._workers:
+            t.add_done_callback(on_end)
+        while True:
+            if not ended.done():
+                await asyncio.wait((ended,), timeout=0.2)
+            if failed:
+                raise failed[0]
+            if left == 0:
+                return
             if self.stop.stopping:
                 self._cancel_idle()
-                if pending and self.stop.signals and (
+                if self.stop.signals and (
                         time.monotonic() >= self._signal_at + self.opts.drain_timeout):
-                    await self._cut(pending)
+                    await self._cut({t for t in self._workers if not t.done()})
                     return
-        if producer.done() and not producer.cancelled() and producer.exception():
-            exc = producer.exception()
-            if isinstance(exc, WriterError | OutputError):
-                self.stop.on_io_error(str(exc))
-            else:
-                raise exc  # type: ignore[misc]
 
     async def _cut(self, pending: set[asyncio.Task[None]]) -> None:
         """The drain timeout is over: what is still on the wire is left without an outcome."""

@@ -59,12 +59,15 @@ def usage_tokens(body: dict[str, Any]) -> tuple[int, int, int] | None:
     completion = usage.get("completion_tokens")
     if completion is None:
         completion = usage.get("output_tokens")
-    prompt, completion = _int(prompt), _int(completion)
-    if prompt is None or completion is None:
-        return None  # absent, a bool, a float, negative: not a count
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        prompt, completion = _int(prompt), _int(completion)  # the checks, past the common case
+        if prompt is None or completion is None:
+            return None  # absent, a bool, a float, negative: not a count
     details = usage.get("prompt_tokens_details")
     if details is None:
         details = usage.get("input_tokens_details")
+        if details is None:
+            return prompt, completion, 0
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
     return prompt, completion, min(cached or 0, prompt)
 

@@ -19,6 +19,8 @@ from tmbatch.logs import say
 from tmbatch.safety import FAILURE_CLASSES, Outcome
 from tmbatch.words import millis
 
+_log = math.log
+
 
 def percentile(sorted_values: list[float] | array, q: float) -> float | None:
     """Nearest-rank percentile of an already sorted sequence."""
@@ -45,10 +47,13 @@ class Histogram:
         self.max: float | None = None
 
     def add(self, seconds: float) -> None:
-        v = min(max(seconds, self.LOW), self.HIGH)
-        self._counts[int(math.log(v / self.LOW) / self._log_step)] += 1
+        """Once per answer: the common case (inside the range) without min/max calls."""
+        low = self.LOW
+        v = seconds if low < seconds < self.HIGH else min(max(seconds, low), self.HIGH)
+        self._counts[int(_log(v / low) / self._log_step)] += 1
         self.count += 1
-        if self.max is None or seconds > self.max:
+        top = self.max
+        if top is None or seconds > top:
             self.max = seconds
 
     def percentile(self, q: float) -> float | None:

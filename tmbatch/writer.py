@@ -5,6 +5,15 @@ locks. Order is the crash-safety argument: a dispatch record reaches the OS
 before the request's bytes leave, and a result reaches the OS before the
 journal record that says it exists. Outcomes that finish in the same loop tick
 are written with one syscall per file.
+
+A dispatch record is written by `dispatch` itself, with its own write(2), before
+it returns (and so before the sender hands the request to aiohttp). It does not
+wait for, nor force out, the outcomes queued for the end of the tick: an outcome
+is about another line (a line with an outcome is not sent again in the same
+run), so a dispatch record may land before it without changing what a resume
+reads. Records whose place relative to a dispatch does matter (a retried
+line's `pending`, a spend snapshot, a pause) make the next dispatch flush
+everything queued first, in order.
 """
 
 from __future__ import annotations
@@ -58,6 +67,11 @@ class Writer:
         self._fail: list[bytes] = []
         self._jour: list[bytes] = []
         self._scheduled = False
+        # A queued journal record that must stay before the next dispatch record (see the
+        # module docstring); False while only outcomes (results, failures) are queued.
+        self._ordered = False
+        self._always = fsync == "always"
+        self._now: float | None = None  # this tick's outcome time (`_stamp`)
         self._dirty = False
         self.superseded = False
         self.error: WriterError | None = None
@@ -73,41 +87,69 @@ class Writer:
                  reserved: list[Any] | None = None) -> None:
         """Record that this line's bytes are about to leave; durable before it returns.
         `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
-        self._jour.append(DispatchRecord(line, attempt, custom_id, reserved).to_json())
-        self._note_supersede(line)  # a resend: its old failure line goes at close
+        record = DispatchRecord.of(line, attempt, custom_id, reserved)
+        if self.states.failed(line):  # _note_supersede: a resend's old failure goes at close
+            self.superseded = True
         self.states.set(line, IN_FLIGHT)
-        self.flush()
-        if self.fsync_mode == "always":
-            self._fsync_all()
+        if self._ordered or self.fsync_mode == "always":
+            self._jour.append(record)
+            self.flush()
+            if self.fsync_mode == "always":
+                self._fsync_all()
+            return
+        # Only outcomes of other lines are queued: this record goes out alone, now; they
+        # follow at the end of the tick, all in one write per file (module docstring).
+        if self.error is not None:
+            raise self.error
+        self._write_bytes(JOURNAL, record)
+        self._dirty = True
 
     def result(self, record: ResultRecord, latency: float | None = None,
                ttft: float | None = None) -> None:
-        """A success, journaled with its time and latency for `tmbatch report`."""
+        """A success, journaled with its time and latency (ms) for `tmbatch report`.
+        Once per answer: `_note_supersede` and `_stamp` are inlined."""
         line = record.line
-        self._note_supersede(line)
+        if self.states.failed(line):  # _note_supersede
+            self.superseded = True
         self._res.append(record.to_json())
-        self._jour.append(OutcomeRecord(line, Outcome.OK, "", round(time.time(), 3),
-                                        _ms(latency), _ms(ttft)).to_json())
+        t = self._now
+        if t is None:
+            t = self._now = round(time.time(), 3)
+        self._jour.append(OutcomeRecord.ok_json(
+            line, t, None if latency is None else round(latency * 1000.0, 2),
+            None if ttft is None else round(ttft * 1000.0, 2)))
         self.states.set(line, OK)
-        self._schedule()
+        if not self._scheduled or self._always:
+            self._schedule()
 
     def failure(self, record: FailureRecord) -> None:
         line = record.line
         self._note_supersede(line)
         self._fail.append(record.to_json())
         self._jour.append(OutcomeRecord(line, record.outcome, record.code,
-                                        round(time.time(), 3)).to_json())
+                                        self._stamp()).to_json())
         self.states.set(line, record.outcome.policy.state)
         self._schedule()
+
+    def _stamp(self) -> float:
+        """An outcome's time, to the millisecond: the outcomes one loop tick records share
+        the time its first one was recorded at (round() costs more than the rest of the
+        record; they all reach the OS together at the end of the tick)."""
+        t = self._now
+        if t is None:
+            t = self._now = round(time.time(), 3)
+        return t
 
     def pause(self, seconds: float) -> None:
         """A Retry-After pause of every worker, for the report's timeline; resume ignores it."""
         self._jour.append(PauseRecord(round(time.time(), 3), seconds).to_json())
+        self._ordered = True
         self._schedule()
 
     def spend(self, record: SpendRecord) -> None:
         """A snapshot of the job's spend; journaled in order with the outcomes it counts."""
         self._jour.append(record.to_json())
+        self._ordered = True
         self._schedule()
 
     def pending(self, line: int) -> None:
@@ -119,6 +161,7 @@ class Writer:
         """Journal an outcome without writing an output line (one found after a crash)."""
         self._jour.append(record.to_json())
         self.states.set(record.line, record.outcome.policy.state)
+        self._ordered = True  # a retried line's `pending` must precede its next dispatch
         self._schedule()
 
     def _note_supersede(self, line: int) -> None:
@@ -147,6 +190,9 @@ class Writer:
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
         chunks.clear()
+        self._write_bytes(name, data)
+
+    def _write_bytes(self, name: str, data: bytes) -> None:
         data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
         fd = self._fds[name]
         try:
@@ -168,8 +214,10 @@ class Writer:
     def flush(self) -> None:
         """Results and failures first, then the journal that points at them."""
         self._scheduled = False
+        self._now = None
         if self.error is not None:
             raise self.error
+        self._ordered = False
         had_outcomes = bool(self._res or self._fail)
         if self._res:
             self._write(RESULTS, self._res)
@@ -266,6 +314,3 @@ def compact_failures(out_dir: Path, states: LineStates) -> int:
     log.info("failures.jsonl: %d superseded record(s) removed", dropped)
     return dropped
 
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 2)
