@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 
@@ -22,12 +23,14 @@ def make_input(tmp_path: Path) -> Path:
 
 
 def run_shards(inp: Path, url: str, outs: list[Path], shards: list[str],
-               extra_env: list[dict[str, str]] | None = None) -> list[tuple[int, str]]:
+               extra_env: list[dict[str, str]] | None = None,
+               extra_args: list[list[str]] | None = None) -> list[tuple[int, str]]:
     """Start every shard at once, like the pods of an Indexed Job, and wait for all."""
     procs = []
     for k, (out, shard) in enumerate(zip(outs, shards, strict=True)):
         args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out),
-                "--base-url", url, "-c", "4", "--rpm", "60000"]
+                "--base-url", url, "-c", "4", "--rpm", "60000",
+                *(extra_args[k] if extra_args else [])]
         if shard:
             args += ["--shard", shard]
         env = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY,
@@ -226,3 +229,36 @@ def test_a_merged_directory_answers_status_export_and_report(tmp_path: Path,
     processed = sim.stats()["processed_keys"]
     assert run_cli(["merge", *map(str, outs), "-o", str(merged)]).returncode == 1  # again
     assert sim.stats()["processed_keys"] == processed
+
+
+def test_merge_adds_up_the_shards_spend_for_status_summary_and_report(tmp_path: Path,
+                                                                     sim: Any) -> None:
+    """Each pod of an Indexed Job keeps its own books (and is held to its share of the job's
+    budget); the merged directory is the whole job's: the shards' spend summed, at their
+    prices, over time, against the shares added up."""
+    inp = make_input(tmp_path)
+    outs = [tmp_path / "s1", tmp_path / "s2"]
+    price = ["--price", "tm-small=2:4"]
+    done = run_shards(inp, sim.url, outs, ["0/2", "1/2"],
+                      extra_args=[[*price, "--budget-usd", "4"]] * 2)
+    assert [rc for rc, _ in done] == [0, 0], done
+    shard_spend = [orjson.loads(run_cli(["status", str(o), "--json"]).stdout)["spend"]
+                   for o in outs]
+    assert all(s["tokens"] > 0 for s in shard_spend)
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", *map(str, outs), "-o", str(merged)]).returncode == 0
+    spend = orjson.loads(run_cli(["status", str(merged), "--json"]).stdout)["spend"]
+    assert spend["tokens"] == sum(s["tokens"] for s in shard_spend)
+    row = spend["by_model"]["tm-small"]
+    assert row["requests"] == N_LINES
+    assert row["prompt"] == sum(s["by_model"]["tm-small"]["prompt"] for s in shard_spend)
+    assert spend["usd"] == pytest.approx(sum(s["usd"] for s in shard_spend))
+    assert spend["usd"] == pytest.approx((row["prompt"] * 2 + row["completion"] * 4) / 1e6)
+    assert [s["budget"]["usd"] for s in shard_spend] == [2.0, 2.0]  # 1/2 each
+    assert spend["budget"] == {"tokens": None, "usd": 4.0}  # the job's again
+    assert "spent:" in run_cli(["status", str(merged)]).stdout
+    summary = orjson.loads((merged / "summary.json").read_bytes())
+    assert summary["spend"] == spend
+    assert run_cli(["report", str(merged)]).returncode == 0
+    page = (merged / "report" / "index.html").read_text()
+    assert 'data-file="cost.png"' in page

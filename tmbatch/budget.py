@@ -17,7 +17,7 @@ its worst case otherwise (ambiguous: it may have been billed).
 The job's spend survives crashes and resumes through the journal: a snapshot of the job's
 cumulative spend (`journal.SpendRecord`) at most every SNAPSHOT_EVERY seconds and at close,
 and, under a budget, each dispatch record carries its reservation, so an attempt a crash cut
-off counts its worst case on resume (see `journal._replay_spend`).
+off counts its worst case on resume (see `journal.replay_spend`).
 
 /tokenize and /detokenize are not billed and never counted.
 """

@@ -314,7 +314,7 @@ def _replay(path: Path, state: ResumeState) -> None:
     state.states = LineStates(b)
     state.seen = IdSet()
     state.seen.freeze(hashes)
-    _replay_spend(path, state)
+    replay_spend(path, state)
 
 
 # Outcome spelling -> state byte, and the states a resume sends again (fatal, pending).
@@ -385,7 +385,7 @@ def _replay_records(f: Any, path: Path, state: ResumeState,
     return b, hashes, undone
 
 
-def _replay_spend(path: Path, state: ResumeState) -> None:
+def replay_spend(path: Path, state: ResumeState) -> None:
     """The job's spend: the last snapshot, plus the worst case of what it may have missed.
 
     Only the records after the last snapshot are read again (a fraction of a second of the

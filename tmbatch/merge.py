@@ -39,9 +39,10 @@ from tmbatch.files import (
     atomic_writer,
     make_dir,
 )
-from tmbatch.journal import JournalError, read_header
+from tmbatch.journal import JournalError, ResumeState, SpendRecord, read_header, replay_spend
 from tmbatch.lines import is_blank, numbered_lines
 from tmbatch.reader import fingerprint, open_input
+from tmbatch.spend import spend_status
 from tmbatch.words import setting
 
 log = logging.getLogger("tmbatch")
@@ -297,8 +298,10 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     if labels is None:
         (out / LABELS).unlink(missing_ok=True)  # left by an earlier merge into `out`
     problems = shard_problems(parts) + tally.problems()
-    write_journal(parts, tally.owner, out)
+    books = write_journal(parts, tally.owner, out)
     summary = merged_summary(parts, wanted, blank, tally, problems, labels)
+    if books.spend is not None:
+        summary["spend"] = spend_status(books)
     atomic_write(out / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     return announce(parts, source, summary, out)
 
@@ -327,7 +330,74 @@ def load_parts(dirs: list[str], out: Path) -> list[Part]:
     return parts
 
 
-def write_journal(parts: list[Part], owner: array, out: Path) -> None:
+@dataclass
+class Books:
+    """The shards' spend as their journals keep it, gathered while their records are copied:
+    every snapshot in time order (for the cost over time), each shard's last snapshot and
+    where it ends (a crash's tail after it is counted as a resume counts it), its last
+    budget record. The job's books are their sum: each pod kept its own, and was held to its
+    share of the job's budget."""
+
+    snaps: list[tuple[float, int, SpendRecord]] = field(default_factory=list)
+    last: dict[int, tuple[list[Any], int]] = field(default_factory=dict)
+    budgets: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # the sums, once `close` has run; the names `spend.spend_status` reads
+    spend: dict[str, list[int]] | None = None
+    spend_unknown: int = 0
+    budget: dict[str, Any] | None = None
+
+    def close(self, parts: list[Part]) -> list[bytes]:
+        """Sum the shards' books; the merged journal's records that state them: a budget
+        record (the shards' shares added up, the job's budget again; their prices), a
+        snapshot at each shard snapshot's time (every shard's latest so far, summed), then
+        the totals."""
+        if not self.last:
+            return []
+        spent: dict[str, list[int]] = {}
+        for index, at in sorted(self.last.items()):
+            state = ResumeState(header={}, spend_at=at)
+            replay_spend(parts[index].path / JOURNAL, state)
+            _add_rows(spent, state.spend or {})
+            self.spend_unknown += state.spend_unknown
+        self.spend = spent
+        out = []
+        if self.budgets:
+            self.budget = {"e": "budget", "t": max(b.get("t") or 0 for b in self.budgets.values()),
+                           "tokens": _budget_sum(self.budgets, len(parts), "tokens"),
+                           "usd": _budget_sum(self.budgets, len(parts), "usd"),
+                           "prices": {k: v for b in self.budgets.values()
+                                      for k, v in (b.get("prices") or {}).items()}}
+            out.append(orjson.dumps(self.budget) + b"\n")
+        latest: dict[int, SpendRecord] = {}
+        for t, index, snap in sorted(self.snaps, key=lambda s: s[0]):
+            latest[index] = snap
+            total = SpendRecord(t, {}, {}, 0)
+            for one in latest.values():
+                _add_rows(total.spent, one.spent)
+                _add_rows(total.in_flight, one.in_flight)
+                total.unknown += one.unknown
+            out.append(total.to_json())
+        last_t = max((t for t, _, _ in self.snaps), default=time.time())
+        out.append(SpendRecord(last_t, spent, {}, self.spend_unknown).to_json())
+        return out
+
+
+def _add_rows(into: dict[str, list[int]], rows: dict[str, list[int]]) -> None:
+    for model, row in rows.items():
+        mine = into.setdefault(model, [0] * len(row))
+        for i, v in enumerate(row):
+            mine[i] += v
+
+
+def _budget_sum(budgets: dict[int, dict[str, Any]], shards: int, key: str) -> float | None:
+    """The job's budget in one unit: the shards' shares added up, unless some shard had none."""
+    values = [b.get(key) for b in budgets.values()]
+    if len(values) < shards or any(not isinstance(v, int | float) for v in values):
+        return None
+    return sum(values)
+
+
+def write_journal(parts: list[Part], owner: array, out: Path) -> Books:
     """A journal for the merged directory: a header naming the shards, then each line's
     records from the shard whose outcome was kept (and the dispatches of lines with no
     outcome anywhere: their result is unknown, not "never sent"), and every 429 pause.
@@ -345,15 +415,20 @@ def write_journal(parts: list[Part], owner: array, out: Path) -> None:
         "merged": [{"dir": str(p.path), "shard": list(p.shard) if p.shard else None,
                     "job": p.header.get("job")} for p in parts],
     }
+    books = Books()
     with atomic_writer(out / JOURNAL) as dst:
         dst.write(orjson.dumps(header) + b"\n")
         for index, part in enumerate(parts):
-            for raw in _journal_records(part, index, owner):
+            for raw in _journal_records(part, index, owner, books):
                 dst.write(raw)
+        for raw in books.close(parts):
+            dst.write(raw)
+    return books
 
 
-def _journal_records(part: Part, index: int, owner: array) -> Iterator[bytes]:
-    """The records of one shard's journal that belong in the merged one."""
+def _journal_records(part: Part, index: int, owner: array, books: Books) -> Iterator[bytes]:
+    """The records of one shard's journal that belong in the merged one; its spend records
+    go into `books` instead (the merged journal states their sum)."""
     size = len(owner)
     with open(part.path / JOURNAL, "rb") as f:
         f.readline()  # the shard's own header: the merged header lists the shards
@@ -367,11 +442,18 @@ def _journal_records(part: Part, index: int, owner: array) -> Iterator[bytes]:
             if isinstance(rec, dict):
                 if rec.get("e") == "resume":
                     yield raw
+                elif rec.get("e") == "budget":
+                    books.budgets[index] = rec
                 continue
             if not isinstance(rec, list) or not rec:
                 continue
             if rec[0] == "p":
                 yield raw
+            elif rec[0] == "s":
+                snap = SpendRecord.from_list(rec)
+                if snap is not None:
+                    books.snaps.append((snap.t, index, snap))
+                    books.last[index] = (rec, f.tell())
             elif rec[0] in ("d", "o") and isinstance(rec[1], int) and 0 < rec[1] < size:
                 kept = owner[rec[1]]
                 if kept == index or (kept == NO_OWNER and rec[0] == "d"):
