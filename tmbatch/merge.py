@@ -377,7 +377,7 @@ class Books:
                 _add_rows(total.in_flight, one.in_flight)
                 total.unknown += one.unknown
             out.append(total.to_json())
-        last_t = max((t for t, _, _ in self.snaps), default=time.time())
+        last_t = max(t for t, _, _ in self.snaps)  # a shard with a `last` has a snapshot
         out.append(SpendRecord(last_t, spent, {}, self.spend_unknown).to_json())
         return out
 

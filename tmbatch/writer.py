@@ -91,10 +91,10 @@ class Writer:
         if self.states.failed(line):  # _note_supersede: a resend's old failure goes at close
             self.superseded = True
         self.states.set(line, IN_FLIGHT)
-        if self._ordered or self.fsync_mode == "always":
+        if self._ordered or self._always:
             self._jour.append(record)
             self.flush()
-            if self.fsync_mode == "always":
+            if self._always:
                 self._fsync_all()
             return
         # Only outcomes of other lines are queued: this record goes out alone, now; they
@@ -170,7 +170,7 @@ class Writer:
 
     # -- flushing -------------------------------------------------------
     def _schedule(self) -> None:
-        if self.fsync_mode == "always":
+        if self._always:
             self.flush()
             self._fsync_all()
             return
