@@ -239,6 +239,82 @@ def test_a_pace_spaces_the_attempts_and_a_pause_moves_them() -> None:
     assert p.book(10.0) == pytest.approx(0.1)
 
 
+def test_a_pause_may_end_with_the_burst_its_refill_allows() -> None:
+    """Virtual time: a pause that refilled the server's bucket ends with that many slots at
+    once, then the pace; a credit given back by a worker that stopped is there for the next;
+    a burst no bigger than the pace's own changes nothing."""
+    from tmbatch.pacing import Pacer
+
+    p = Pacer(10.0)
+    p.restart_at(10.0, burst=5)
+    assert p.book(9.5) == pytest.approx(0.5)  # before the pause ends: no credit, its end
+    assert [p.book(10.0) for _ in range(4)] == [0.0] * 4  # the credit, at once
+    p.unbook()  # one of them is not sent after all: its slot is free again
+    assert p.book(10.0) == 0.0
+    assert p.book(10.0) == pytest.approx(0.1)  # then the pace
+    assert p.book(10.0) == pytest.approx(0.2)
+    p.unbook()
+    assert p.book(10.0) == pytest.approx(0.2)  # a paced slot given back is the same slot
+    q = Pacer(10.0)
+    q.restart_at(10.0, burst=1)
+    assert [q.book(10.0) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_the_resume_burst_is_a_share_of_the_first_volley_and_what_the_pace_refilled() -> None:
+    """What a Retry-After pause's end may send at once: nothing before the first cut, with
+    --rpm, or with a limit the headers state; else the refill at the learnt pace, at most
+    RESUME_SHARE of what the first volley got through (the server's burst)."""
+    from tmbatch.pacing import RESUME_SHARE, Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    assert learner.resume_burst(1.0) == 0  # nothing learnt yet
+    for i in range(10):
+        learner.success(0.01 + i / 1000, sent_at=0.0)
+    learner.refused(0.03, sent_at=0.001, pause=1.0)  # the first cut: 10 got through
+    learner.success(0.031, sent_at=0.002)  # the rest of its volley: 11 in all
+    assert learner.volley == 11
+    assert learner.rate is not None
+    assert learner.resume_burst(1.0) == int(min(RESUME_SHARE * 11, learner.rate))
+    assert learner.resume_burst(0.2) == int(learner.rate * 0.2)  # a short pause refills less
+    learner.hint(50.0)
+    assert learner.resume_burst(1.0) == 0  # stated: the headers' remaining governs
+    fixed = RateLearner(Pacer(20.0), learn=False)
+    fixed.refused(1.0, sent_at=0.5, pause=1.0)
+    assert fixed.resume_burst(1.0) == 0
+
+
+def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None:
+    """Real loop time: after the first volley (6 through, 2 refused with Retry-After 1 s) the
+    run waits the second out, then sends what the bucket refilled at once and paces the
+    rest: the admissions after the pause are at the same instant, then an interval apart."""
+    async def go() -> None:
+        adm = Admission(concurrency=16, adaptive=True)
+        loop = asyncio.get_running_loop()
+        volley = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
+        for ticket in volley[:6]:
+            ticket.succeeded({}, 0)
+            ticket.release()
+        refusal = classify_status(429, {"Retry-After": "1"}, None, None)
+        assert volley[6].failed(refusal) == 1.0
+        for ticket in volley[6:]:
+            ticket.release()
+        end = adm.pause_until
+        burst = adm.learner.resume_burst(1.0)
+        assert burst >= 3  # min(0.8 x 6, pace 5.1/s x 1 s)
+        times = []
+        for _ in range(burst + 2):
+            ticket = await adm.admit(1)
+            times.append(loop.time())
+            ticket.release()
+        assert times[0] >= end  # nothing inside the window
+        interval = 1.0 / adm.pace  # type: ignore[operator]
+        assert times[burst - 1] - times[0] < interval / 2  # the burst, at once (no pacing)
+        assert times[burst] - times[burst - 1] >= 0.9 * interval  # then the pace
+        assert times[burst + 1] - times[burst] >= 0.9 * interval
+
+    asyncio.run(go())
+
+
 def test_x_ratelimit_headers_state_the_pace() -> None:
     """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
     second apart (virtual time): `reset` is the time until full, `remaining` a whole number.

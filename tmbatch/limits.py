@@ -523,7 +523,8 @@ class Admission:
             return False
         self.pauses += 1
         self.paused_seconds += grew
-        self.pacer.restart_at(self.pause_until)  # no saved-up burst when the pause ends
+        # no burst saved up before the pause ends; what the server refilled meanwhile then
+        self.pacer.restart_at(self.pause_until, self.learner.resume_burst(seconds))
         now = self._loop.time() if self._loop is not None else 0.0
         quiet = now - self._pause_logged_at < PAUSE_LOG_EVERY
         if not quiet:

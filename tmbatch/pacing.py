@@ -70,18 +70,25 @@ CLOSED_REFUSALS = 2  # ... or this many refusals of requests sent after the last
 # of them through (the first may still meet the bucket the volley before the cut emptied)
 CALM = 0.5  # seconds without a refusal before the pace may grow
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
+# After a Retry-After pause the server's bucket has refilled: that much is sent at once when
+# the pause ends, up to this share of what the first volley got through (the bucket's burst,
+# as near as the client can see it: the volley's own refills make it a slight overestimate)
+RESUME_SHARE = 0.8
 
 
 class Pacer:
     """GCRA: each request books the next slot; the wait is how far the booking is ahead."""
 
-    __slots__ = ("interval", "rate", "tat", "tolerance")
+    __slots__ = ("credit", "credit_from", "credited", "interval", "rate", "tat", "tolerance")
 
     def __init__(self, rate: float | None = None) -> None:
         self.rate: float | None = None
         self.interval = 0.0
         self.tolerance = 0.0
         self.tat = -math.inf
+        self.credit = 0  # slots free at once from credit_from (a pause's refilled bucket)
+        self.credit_from = math.inf
+        self.credited = False  # the last booking was a credit (unbook gives it back)
         self.set_rate(rate)
 
     def set_rate(self, rate: float | None) -> None:
@@ -96,18 +103,35 @@ class Pacer:
         """Seconds to wait before sending; the slot is taken either way."""
         if self.rate is None:
             return 0.0
+        if self.credit and now >= self.credit_from:
+            self.credit -= 1
+            self.credited = True
+            return 0.0
+        self.credited = False
         start = max(self.tat, now - self.tolerance)
         self.tat = start + self.interval
         return max(0.0, start - now)
 
     def unbook(self) -> None:
         """A booked request that will not be sent (its worker stopped): give the slot back."""
-        if self.rate is not None:
+        if self.rate is None:
+            return
+        if self.credited:
+            self.credit += 1
+        else:
             self.tat -= self.interval
 
-    def restart_at(self, when: float) -> None:
-        """After a pause: no saved-up burst, the first slot is when the pause ends."""
-        self.tat = max(self.tat, when - self.tolerance)
+    def restart_at(self, when: float, burst: int = 0) -> None:
+        """After a pause: the first slot is when the pause ends, with no burst saved up
+        before it; `burst` slots are free at once then (what the server's bucket refilled
+        during the pause, as the learner estimates it), else only the pace's own burst."""
+        if self.rate is not None and burst > 1 + self.tolerance / self.interval:
+            self.credit = burst - 1
+            self.credit_from = when
+            self.tat = max(self.tat, when)
+        else:
+            self.credit = 0
+            self.tat = max(self.tat, when - self.tolerance)
 
 
 class RateLearner:
@@ -130,6 +154,7 @@ class RateLearner:
         self.last_refusal = -math.inf
         self.pause_cost = 0.0  # seconds of pause the last refusal event announced
         self.hinted = False
+        self.volley: int | None = None  # successes of requests sent before the first cut
         self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
         self._logged: float | None = pacer.rate
         self.lowest: float | None = pacer.rate
@@ -157,6 +182,8 @@ class RateLearner:
             return  # unpaced or stated: nothing to learn
         if not after_cut:
             if self.cuts == 1 and self.refused_at is None:
+                if self.volley is not None:
+                    self.volley += 1
                 # the first cut's measure, completed by the rest of its volley's answers
                 measured = ACCEPTED_MARGIN * self._got_through(now)
                 if measured > rate:
@@ -217,6 +244,7 @@ class RateLearner:
         got_through = self._got_through(now)
         accepted = got_through * ACCEPTED_MARGIN
         if rate is None:  # the first: all we know is what got through
+            self.volley = len(self.accepted_long)
             new = accepted
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
             # a probe found the limit again: what got through over LONG seconds (no burst
@@ -233,6 +261,18 @@ class RateLearner:
                 new = max(rate * DEEPEST_CUT, new)
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
+
+    def resume_burst(self, pause: float) -> int:
+        """How many requests to send at once when a Retry-After pause of `pause` seconds
+        ends: what the server's bucket refilled meanwhile, at the learnt pace (a lower bound
+        of its rate), up to RESUME_SHARE of its burst. Sending them at once wins back what
+        the pause banked (a fifth of a second per pause at 50 a second, burst 10); pacing
+        them would leave the bucket full and waste its refill. Nothing while unlearnt,
+        fixed (--rpm) or stated by headers."""
+        rate = self.pacer.rate
+        if not self.learn or self.hinted or rate is None or not self.volley:
+            return 0
+        return int(min(RESUME_SHARE * self.volley, rate * pause))
 
     def _prune(self, now: float) -> None:
         acc, long = self.accepted, self.accepted_long
