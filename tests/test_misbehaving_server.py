@@ -17,14 +17,18 @@ is no answer to keep.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.conftest import (
@@ -114,6 +118,55 @@ def test_retry_after_parsing_is_bounded() -> None:
     assert parse_retry_after({"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}) == 0.0
     assert parse_retry_after({"retry-after-ms": "-5", "Retry-After": "2"}) == 2.0
     assert parse_retry_after({"Retry-After": "1.5"}) == 1.5
+
+
+def test_a_retry_after_date_counts_in_the_servers_clock() -> None:
+    """A date is in the server's clock: counted from this machine's clock while the answer's
+    Date agrees with it (to its whole second), else from that Date: a clock 30 s ahead would
+    otherwise send at once, inside the window, and one 30 s behind would wait 32 s."""
+    date = {"Retry-After": formatdate(1_000_002, usegmt=True),
+            "Date": formatdate(1_000_000, usegmt=True)}
+    assert parse_retry_after(date, now=1_000_000.3) == pytest.approx(1.7)  # clocks agree
+    assert parse_retry_after(date, now=1_000_030.3) == 2.0  # this clock ahead: the Date's
+    assert parse_retry_after(date, now=999_970.3) == 2.0  # behind: no longer than it can be
+    no_date = {"Retry-After": date["Retry-After"]}
+    assert parse_retry_after(no_date, now=1_000_030.3) == 0.0  # nothing to tell: this clock
+    garbled = {**date, "Date": "yesterday"}
+    assert parse_retry_after(garbled, now=1_000_000.3) == pytest.approx(1.7)
+
+
+def test_a_server_whose_clock_is_behind_is_not_sent_to_inside_its_window(
+        serve: Callable[..., AppThread], tmp_path: Path) -> None:
+    """Over a real socket, a server 40 s behind this machine refuses the first request with
+    Retry-After as a date in its own clock (1 to 2 s on) and its own Date: the retry arrives
+    after that window, not at once (this clock would say the date passed 38 s ago)."""
+    arrivals: list[float] = []
+    window_end: list[float] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        arrivals.append(time.time())
+        if len(arrivals) == 1:
+            server_now = time.time() - 40.0
+            until = math.ceil(server_now + 1.0)
+            window_end.append(time.time() + (until - server_now))
+            return web.json_response(
+                {"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                headers={"Retry-After": formatdate(until, usegmt=True),
+                         "Date": formatdate(math.floor(server_now), usegmt=True)})
+        return web.json_response(chat_body("ok-1"))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = serve(app)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(1)])
+    p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", server.url(),
+                 "--no-preflight", "--log-format", "json"],
+                env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY))
+    assert p.returncode == 0, p.stderr
+    assert len(arrivals) == 2 and arrivals[1] >= window_end[0], (arrivals, window_end)
+    pauses = [orjson.loads(x) for x in p.stderr.splitlines() if '"rate_limit_pause"' in x]
+    assert pauses and 1.0 <= pauses[0]["retry_after"] <= 2.0, p.stderr
 
 
 def test_misbehaving_server_run(serve: Callable[..., AppThread], tmp_path: Path) -> None:

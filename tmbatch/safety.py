@@ -122,6 +122,9 @@ RESENDABLE: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.user_rese
 # A Retry-After further away than this is capped: a server that asks for a
 # year is treated as asking for this long (documented in the README).
 MAX_RETRY_AFTER = 600.0
+# seconds a 429 may take from the server's Date to being read here (its latency), within
+# which this machine's clock is taken to agree with the server's
+CLOCK_SLACK = 0.25
 
 
 @dataclass
@@ -178,25 +181,42 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
         ms = _seconds(headers.get(ms_name))
         if ms is not None:
             return min(ms / 1000.0, MAX_RETRY_AFTER)
-        value = _seconds_or_date(headers.get(name), now)
+        value = _seconds_or_date(headers.get(name), now, headers.get("Date"))
         if value is not None:
             return value
     return None
 
 
-def _seconds_or_date(raw: str | None, now: float | None) -> float | None:
+def _http_date(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None if when is None else when.timestamp()
+
+
+def _seconds_or_date(raw: str | None, now: float | None, served: str | None) -> float | None:
+    """A date is in the server's clock. Counted from this machine's clock it is right when
+    the two agree, but a pod whose clock runs ahead would send inside the window (and one
+    that runs behind would wait too long). The answer's own `Date` (whole seconds: the
+    server's now is within a second after it) says whether they agree; when they do not, the
+    wait counts from that Date, the longest the window can still be."""
     if not raw:
         return None
     value = _seconds(raw)
     if value is not None:
         return min(value, MAX_RETRY_AFTER)
-    try:
-        when = email.utils.parsedate_to_datetime(raw.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
+    when = _http_date(raw)
     if when is None:
         return None
-    value = when.timestamp() - (time.time() if now is None else now)
+    value = when - (time.time() if now is None else now)
+    server_now = _http_date(served)
+    if server_now is not None:
+        longest = when - server_now
+        if not longest - 1.0 - CLOCK_SLACK <= value <= longest:
+            value = longest
     return min(max(value, 0.0), MAX_RETRY_AFTER)
 
 
