@@ -607,8 +607,8 @@ def test_two_refusals_after_a_cut_with_nothing_through_hold_every_worker() -> No
     assert bucket.refused(0.24, sent_at=0.2) is None and bucket.cuts == 1
 
 
-def test_a_closed_window_is_paced_at_what_got_through_over_five_seconds() -> None:
-    """Nothing gets through: the cut is what got through over the last five seconds, even
+def test_a_closed_window_is_paced_at_what_got_through_since_the_first_success() -> None:
+    """Nothing gets through: the cut is what got through since the first success, even
     below half the old pace (20 granted at the start of a window, then nothing for 3 s: the
     window's rate is far under the 17/s its first second suggested)."""
     from tmbatch.pacing import ACCEPTED_MARGIN, Pacer, RateLearner
@@ -624,3 +624,23 @@ def test_a_closed_window_is_paced_at_what_got_through_over_five_seconds() -> Non
     assert learner.refused(3.3, sent_at=3.2) == 2.0  # still closed after the hold
     assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 20 / 3.3, rel=0.01)
     assert learner.rate < before / 2
+
+
+def test_a_window_longer_than_five_seconds_is_paced_at_its_grant_not_the_floor() -> None:
+    """A window of 30 per 15 s (LiteLLM's are per minute) granted at once, then closed for
+    longer than the five seconds the usual measure looks back: the run is still paced at
+    about what the window granted so far (30 in 7.4 s), not at one request in 20 s (what
+    got through over the last five seconds is nothing, and the pace stayed at that floor)."""
+    from tmbatch.pacing import ACCEPTED_MARGIN, MIN_RATE, Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    for i in range(30):
+        learner.success(0.02 + i * 0.001, sent_at=0.0)
+    learner.refused(0.05, sent_at=0.01)  # the first volley's end: the first cut
+    for t in (0.4, 1.4, 3.4, 7.4):  # each hold's probes refused, nothing through
+        learner.refused(t, sent_at=t - 0.02)
+        learner.refused(t + 0.001, sent_at=t - 0.01)
+    assert learner.rate is not None
+    assert ACCEPTED_MARGIN * 30 / 7.4 <= learner.rate <= 30 / 7.4
+    assert learner.rate > 40 * MIN_RATE
+

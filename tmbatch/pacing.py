@@ -145,6 +145,7 @@ class RateLearner:
         self.accepted: deque[float] = deque()
         self.accepted_long: deque[float] = deque()
         self.first_accepted: float | None = None
+        self.total_accepted = 0
         self.last_cut = -math.inf
         self.through_since_cut = True  # a request sent after the last cut got through
         self.refused_since_cut = 0  # ... and how many of them were refused
@@ -171,6 +172,7 @@ class RateLearner:
             return
         self.accepted.append(now)
         self.accepted_long.append(now)
+        self.total_accepted += 1
         if self.first_accepted is None:
             self.first_accepted = now
         self._prune(now)
@@ -242,6 +244,13 @@ class RateLearner:
         else:
             self.closed_hold = 0.0
         got_through = self._got_through(now)
+        granted = self._long_rate(now)
+        if closed:
+            # A window longer than LONG (LiteLLM's are a minute) shows nothing over LONG
+            # seconds once it has closed, and the pace fell to MIN_RATE and stayed there.
+            # What got through since the first success is what it grants, whatever the
+            # window's length (from above: its first grant is in it).
+            got_through = granted = self._average_rate(now) or got_through
         accepted = got_through * ACCEPTED_MARGIN
         if rate is None:  # the first: all we know is what got through
             self.volley = len(self.accepted_long)
@@ -249,7 +258,7 @@ class RateLearner:
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
             # a probe found the limit again: what got through over LONG seconds (no burst
             # in it, nor a window's grant) is the limit, so the cut can be shallow
-            self.refused_at = max(min(rate, self._long_rate(now)), MIN_RATE)
+            self.refused_at = max(min(rate, granted), MIN_RATE)
             new = self.refused_at * NEAR_CUT
         else:
             # what the server let through when it said no: the rate to stay near
@@ -292,6 +301,12 @@ class RateLearner:
         if self.first_accepted is None:
             return 0.0
         return len(self.accepted_long) / min(LONG, max(1.0, now - self.first_accepted))
+
+    def _average_rate(self, now: float) -> float:
+        """Successes per second since the first (over a second at least)."""
+        if self.first_accepted is None:
+            return 0.0
+        return self.total_accepted / max(1.0, now - self.first_accepted)
 
     def hint(self, rate: float) -> None:
         """The server stated its limit (x-ratelimit headers): pace just under it."""
