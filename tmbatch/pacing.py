@@ -21,8 +21,11 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
 * A server that refuses everything with no hint (two requests sent at the new pace refused
   and none through, or nothing through for a few intervals of the pace: a window granted at
   its start and closed since) is not probed at any pace: `refused` returns a hold for every
-  worker, 1 s doubling to MAX_CLOSED_HOLD, and the pace becomes what got through over LONG
-  seconds, however deep a cut that is.
+  worker, 1 s doubling to MAX_CLOSED_HOLD, and the pace becomes what got through since the
+  first success, however deep a cut that is (over LONG seconds a window longer than that
+  shows nothing once it has closed).
+* A Retry-After pause ends with a burst: what the server's bucket refilled meanwhile at the
+  learnt pace, up to RESUME_SHARE of the first volley (`resume_burst`, `Pacer.restart_at`).
 * `--rpm` fixes the pace instead; nothing is learnt.
 
 aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
@@ -257,7 +260,8 @@ class RateLearner:
             new = accepted
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
             # a probe found the limit again: what got through over LONG seconds (no burst
-            # in it, nor a window's grant) is the limit, so the cut can be shallow
+            # in it, nor a window's grant; since the first success when closed) is the
+            # limit, so the cut can be shallow
             self.refused_at = max(min(rate, granted), MIN_RATE)
             new = self.refused_at * NEAR_CUT
         else:
