@@ -262,25 +262,35 @@ def test_a_pause_may_end_with_the_burst_its_refill_allows() -> None:
 
 def test_the_resume_burst_is_a_share_of_the_first_volley_and_what_the_pace_refilled() -> None:
     """What a Retry-After pause's end may send at once: nothing before the first cut, with
-    --rpm, or with a limit the headers state; else the refill at the learnt pace, at most
-    RESUME_SHARE of what the first volley got through (the server's burst)."""
+    --rpm, with a limit the headers state, or once a burst met a refusal; else the refill at
+    the learnt pace, at most RESUME_SHARE of what the first volley got through (the server's
+    burst)."""
     from tmbatch.pacing import RESUME_SHARE, Pacer, RateLearner
 
     learner = RateLearner(Pacer(), learn=True)
-    assert learner.resume_burst(1.0) == 0  # nothing learnt yet
+    assert learner.resume_burst(1.0, until=1.0) == 0  # nothing learnt yet
     for i in range(10):
         learner.success(0.01 + i / 1000, sent_at=0.0)
     learner.refused(0.03, sent_at=0.001, pause=1.0)  # the first cut: 10 got through
     learner.success(0.031, sent_at=0.002)  # the rest of its volley: 11 in all
     assert learner.volley == 11
     assert learner.rate is not None
-    assert learner.resume_burst(1.0) == int(min(RESUME_SHARE * 11, learner.rate))
-    assert learner.resume_burst(0.2) == int(learner.rate * 0.2)  # a short pause refills less
-    learner.hint(50.0)
-    assert learner.resume_burst(1.0) == 0  # stated: the headers' remaining governs
+    assert learner.resume_burst(1.0, until=1.03) == int(min(RESUME_SHARE * 11, learner.rate))
+    # a short pause refills less
+    assert learner.resume_burst(0.2, until=1.03) == int(learner.rate * 0.2)
+    learner.refused(1.5, sent_at=1.2, pause=1.0)  # a paced request refused: bursts go on
+    assert learner.resume_burst(1.0, until=2.5) > 1
+    learner.refused(2.6, sent_at=2.52, pause=1.0)  # one of that burst refused ...
+    assert learner.resume_burst(1.0, until=3.6) == 0  # ... the pace overstated the refill
+    hinted = RateLearner(Pacer(), learn=True)
+    for i in range(10):
+        hinted.success(0.01 + i / 1000, sent_at=0.0)
+    hinted.refused(0.03, sent_at=0.001, pause=1.0)
+    hinted.hint(50.0)
+    assert hinted.resume_burst(1.0, until=1.03) == 0  # stated: the headers' remaining governs
     fixed = RateLearner(Pacer(20.0), learn=False)
     fixed.refused(1.0, sent_at=0.5, pause=1.0)
-    assert fixed.resume_burst(1.0) == 0
+    assert fixed.resume_burst(1.0, until=2.0) == 0
 
 
 def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None:
@@ -299,7 +309,7 @@ def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None
         for ticket in volley[6:]:
             ticket.release()
         end = adm.pause_until
-        burst = adm.learner.resume_burst(1.0)
+        burst = adm.pacer.credit + 1  # what the pause's end may send at once
         assert burst >= 3  # min(0.8 x 6, pace 5.1/s x 1 s)
         times = []
         for _ in range(burst + 2):

@@ -77,6 +77,7 @@ LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 # the pause ends, up to this share of what the first volley got through (the bucket's burst,
 # as near as the client can see it: the volley's own refills make it a slight overestimate)
 RESUME_SHARE = 0.8
+BURST_SPREAD = 0.1  # seconds after the pause within which its burst is sent (a busy loop)
 
 
 class Pacer:
@@ -159,6 +160,8 @@ class RateLearner:
         self.pause_cost = 0.0  # seconds of pause the last refusal event announced
         self.hinted = False
         self.volley: int | None = None  # successes of requests sent before the first cut
+        self.burst_at = math.inf  # when the last pause's burst was sent (see resume_burst)
+        self.burst_refused = False
         self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
         self._logged: float | None = pacer.rate
         self.lowest: float | None = pacer.rate
@@ -218,6 +221,8 @@ class RateLearner:
         if not self.learn:
             return None
         self.last_refusal = now
+        if self.burst_at <= sent_at <= self.burst_at + BURST_SPREAD:
+            self.burst_refused = True  # the refill was less than the pace said: no more
         if sent_at <= self.last_cut:  # <=: uvloop's clock ticks in milliseconds
             return None
         # closed: paced, and nothing got through since the last cut (this refusal is of a
@@ -275,17 +280,23 @@ class RateLearner:
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
 
-    def resume_burst(self, pause: float) -> int:
+    def resume_burst(self, pause: float, until: float) -> int:
         """How many requests to send at once when a Retry-After pause of `pause` seconds
         ends: what the server's bucket refilled meanwhile, at the learnt pace (a lower bound
         of its rate), up to RESUME_SHARE of its burst. Sending them at once wins back what
         the pause banked (a fifth of a second per pause at 50 a second, burst 10); pacing
         them would leave the bucket full and waste its refill. Nothing while unlearnt,
-        fixed (--rpm) or stated by headers."""
+        fixed (--rpm) or stated by headers, and never again once a burst met a refusal: the
+        pace was above the server's rate then (a slow limit with a big burst: its first
+        measure is mostly the burst), and bursting after every pause would only be refused."""
         rate = self.pacer.rate
-        if not self.learn or self.hinted or rate is None or not self.volley:
+        if (not self.learn or self.hinted or rate is None or not self.volley
+                or self.burst_refused):
             return 0
-        return int(min(RESUME_SHARE * self.volley, rate * pause))
+        burst = int(min(RESUME_SHARE * self.volley, rate * pause))
+        if burst > 1:
+            self.burst_at = until
+        return burst
 
     def _prune(self, now: float) -> None:
         acc, long = self.accepted, self.accepted_long
