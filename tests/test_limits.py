@@ -325,6 +325,29 @@ def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None
     asyncio.run(go())
 
 
+def test_a_slot_freed_by_a_429_waits_out_its_pause() -> None:
+    """Real loop time: every slot taken, one attempt waiting for a slot; a 429 with a
+    Retry-After frees one. The waiter gets the slot but sends only once the pause is over
+    (it sent at once: 59 requests in the 15 ms after the first 429 at 20/s holding 5)."""
+    async def go() -> None:
+        adm = Admission(concurrency=2)
+        loop = asyncio.get_running_loop()
+        held = [await adm.admit(1) for _ in range(2)]
+        waiter = asyncio.ensure_future(adm.admit(1))
+        await asyncio.sleep(0)
+        assert held[0].failed(classify_status(429, {"Retry-After": "1"}, None, None)) == 1.0
+        end = adm.pause_until
+        held[0].release()
+        done, _ = await asyncio.wait({waiter}, timeout=0.3)
+        assert not done  # inside the pause
+        ticket = await waiter
+        assert loop.time() >= end
+        ticket.release()
+        held[1].release()
+
+    asyncio.run(go())
+
+
 def test_x_ratelimit_headers_state_the_pace() -> None:
     """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
     second apart (virtual time): `reset` is the time until full, `remaining` a whole number.
@@ -446,7 +469,9 @@ LIMIT_STYLES = {
 @pytest.mark.parametrize("style", list(LIMIT_STYLES))
 def test_a_learnt_pace_against_each_limit_style(style: str, sim_factory: Any,
                                                   tmp_path: Path) -> None:
-    sim = sim_factory(api_key=API_KEY, latency=0.01, **LIMIT_STYLES[style])
+    # a request sent after a 429 came back arrives inside its window: 20 ms of grace covers
+    # only what was already on the wire (the default quarter second hid a bug)
+    sim = sim_factory(api_key=API_KEY, latency=0.01, grace=0.02, **LIMIT_STYLES[style])
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
     p = _run(sim, inp, tmp_path / "out", "--concurrency", "32", "--max-retries", "2")
     assert p.returncode == 0, p.stderr
@@ -460,6 +485,23 @@ def test_a_learnt_pace_against_each_limit_style(style: str, sim_factory: Any,
     assert adm["pace_cuts"] >= 1 and adm["pace_requests_per_second"] is not None  # ... learnt
     # an unpaced run meets one refusal per request or so; a paced one far fewer
     assert stats["rejected_429"] < 50, (stats["rejected_429"], adm)
+
+
+def test_nothing_is_sent_inside_the_first_volleys_window(sim_factory: Any,
+                                                       tmp_path: Path) -> None:
+    """Real sockets: a bucket of 5 refuses most of the first volley at once, while its
+    successes take 200 ms. A slot a 429 frees must wait out the Retry-After like every other
+    (the waiters took them and sent at once, each refusal freeing the next, until the first
+    success set a pace: the simulator counted them inside the window)."""
+    # 5 ms of grace: only the first eight were on the wire when the first 429 left
+    sim = sim_factory(api_key=API_KEY, latency=0.2, rate_limit=20, rate_burst=5, grace=0.005)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
+    p = _run(sim, inp, tmp_path / "out", "--concurrency", "32")
+    assert p.returncode == 0, p.stderr
+    res, fail = outcomes(tmp_path / "out")
+    assert len(res) == 40 and not fail
+    stats = sim.stats()
+    assert stats["rejected_429"] > 0 and stats["retry_after_violations"] == 0, stats
 
 
 def test_a_server_that_refuses_everything_is_held_off_not_probed(sim_factory: Any,
