@@ -325,6 +325,88 @@ def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None
     asyncio.run(go())
 
 
+def _paced_against_a_bucket(rate: float, burst: int, seconds: float) -> list[float]:
+    """Virtual time, no sockets: a learner paces sends against a token bucket of `rate` a
+    second holding `burst` (20 ms to a success, 1 ms to a 429 with a whole-second
+    Retry-After, honoured as Admission does: the pause, then its burst, then the pace),
+    after an unpaced first volley of 20. The pace after each cut."""
+    import heapq
+
+    from tmbatch.pacing import Pacer, RateLearner
+
+    pacer = Pacer()
+    learner = RateLearner(pacer, learn=True)
+    tokens, last, pause_until = float(burst), 0.0, 0.0
+    answers: list[tuple[float, float, bool]] = []
+    cuts: list[float] = []
+
+    def send(at: float) -> None:
+        nonlocal tokens, last
+        tokens, last = min(burst, tokens + (at - last) * rate), at
+        ok = tokens >= 1
+        tokens -= ok
+        heapq.heappush(answers, (at + (0.02 if ok else 0.001), at, ok))
+
+    for i in range(20):
+        send(i * 0.0015)
+    now = 0.0
+    while now < seconds:
+        while answers and answers[0][0] <= now:
+            at, sent, ok = heapq.heappop(answers)
+            if ok:
+                learner.success(at, sent)
+                continue
+            before = learner.cuts
+            learner.refused(at, sent, 1.0)
+            if learner.cuts > before:
+                cuts.append(learner.rate)  # type: ignore[arg-type]
+            if at + 1.0 > pause_until:
+                pause_until = at + 1.0
+                pacer.restart_at(pause_until, learner.resume_burst(1.0, pause_until))
+        if now < pause_until or pacer.rate is None:
+            now = max(pause_until, answers[0][0] if answers else now + 0.01)
+            continue
+        wait = pacer.book(now)
+        if answers and answers[0][0] < now + wait:
+            pacer.unbook()  # an answer first: it may change the pace, or pause
+            now = answers[0][0]
+            continue
+        now += wait
+        send(now)
+    return cuts
+
+
+@pytest.mark.parametrize("rate,burst", [(50, 10), (20, 5), (100, 10)])
+def test_the_second_cut_paces_at_the_rate_the_drained_bucket_showed(rate: int,
+                                                                    burst: int) -> None:
+    """The first volley shows the bucket's burst, the ramp after the pause drains it: the
+    second cut paces within 4 % under the rate and not over it, and so does any later one (a
+    probe that found the limit again). What got through in the last second was 4-5 % under
+    at 50/s holding 10; and a refusal that came back before the pause's burst had answered
+    once read as a closed window: the pace fell to what got through since the first success
+    (a third of the limit at 100/s)."""
+    cuts = _paced_against_a_bucket(rate, burst, 30.0)
+    assert len(cuts) >= 2, cuts
+    assert all(0.96 * rate <= cut <= rate for cut in cuts[1:]), cuts
+
+
+def test_a_refusal_of_a_pauses_burst_ends_the_bursts_but_does_not_cut_the_pace() -> None:
+    """The burst at a pause's end emptied the bucket, not the pace: no more bursts, and the
+    pace stays (at 100/s holding 10, pacing at 95/s, the request after the burst was refused
+    and the cut took the pace to 37/s for the rest of the run)."""
+    from tmbatch.pacing import Pacer, RateLearner
+
+    learner = RateLearner(Pacer(), learn=True)
+    for i in range(10):
+        learner.success(0.02 + i / 1000, sent_at=0.001 * i)
+    learner.refused(0.03, sent_at=0.011, pause=1.0)  # the first cut
+    assert learner.resume_burst(1.0, until=1.03) > 1
+    pace = learner.rate
+    assert learner.refused(1.04, sent_at=1.035, pause=1.0) is None  # just after the burst
+    assert learner.rate == pace and learner.cuts == 1
+    assert learner.resume_burst(1.0, until=2.04) == 0
+
+
 def test_a_slot_freed_by_a_429_waits_out_its_pause() -> None:
     """Real loop time: every slot taken, one attempt waiting for a slot; a 429 with a
     Retry-After frees one. The waiter gets the slot but sends only once the pause is over

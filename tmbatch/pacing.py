@@ -24,8 +24,17 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
   worker, 1 s doubling to MAX_CLOSED_HOLD, and the pace becomes what got through since the
   first success, however deep a cut that is (over LONG seconds a window longer than that
   shows nothing once it has closed).
+* A bucket that drained shows its rate: the volley met it full, so it holds about what the
+  volley got through; what got through from where it was last full to the refusal, less
+  that, over the time it took, is its rate (`_drained_rate`, within one request over the
+  stretch). A cut goes no lower than that, a little under it. The cut's own measure, what
+  got through in the last second, held part of the burst and is 4-5 % under.
+* "Nothing through" is judged only once what was sent after the cut or the pause could
+  have answered: a refusal comes at once, a success a latency later.
 * A Retry-After pause ends with a burst: what the server's bucket refilled meanwhile at the
-  learnt pace, up to RESUME_SHARE of the first volley (`resume_burst`, `Pacer.restart_at`).
+  learnt pace, up to RESUME_SHARE of the burst the first volley showed (`resume_burst`,
+  `Pacer.restart_at`). A refusal of it ends the bursts but does not cut the pace: the burst
+  emptied the bucket, not the pace.
 * `--rpm` fixes the pace instead; nothing is learnt.
 
 aiolimiter's buckets have a fixed rate: a pace that changes under the waiters needs its own
@@ -77,6 +86,10 @@ LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 # the pause ends, up to this share of what the first volley got through (the bucket's burst,
 # as near as the client can see it: the volley's own refills make it a slight overestimate)
 RESUME_SHARE = 0.8
+# A refusal after a bucket drained shows its rate (`_drained_rate`): the pace may go up to
+# that, a little under it for the jitter of the send times it rests on
+DRAINED_MARGIN = 0.98
+DRAIN_MIN = 0.25  # seconds: a shorter stretch says too little about a rate
 BURST_SPREAD = 0.1  # seconds after the pause within which its burst is sent (a busy loop)
 
 
@@ -148,6 +161,10 @@ class RateLearner:
         # so a success costs the same at 5 or 5,000 a second
         self.accepted: deque[float] = deque()
         self.accepted_long: deque[float] = deque()
+        self.sent_long: deque[float] = deque()  # send times of those of the last LONG seconds
+        self.volley_spread = 0.0  # seconds between the first and last send the volley got through
+        self.volley_first: float | None = None
+        self.volley_last = -math.inf
         self.first_accepted: float | None = None
         self.total_accepted = 0
         self.last_cut = -math.inf
@@ -162,6 +179,10 @@ class RateLearner:
         self.volley: int | None = None  # successes of requests sent before the first cut
         self.burst_at = math.inf  # when the last pause's burst was sent (see resume_burst)
         self.burst_refused = False
+        self.pause_from = self.pause_until = -math.inf  # the last Retry-After pause
+        self.latency = 0.0  # of the last success (a refusal comes at once)
+        self.since_pause = 0  # successes of requests sent since it ended ...
+        self.since_pause_last = -math.inf  # ... and the last of their sends
         self.source = "fixed (--rpm)" if pacer.rate is not None else "unpaced"
         self._logged: float | None = pacer.rate
         self.lowest: float | None = pacer.rate
@@ -178,7 +199,12 @@ class RateLearner:
             return
         self.accepted.append(now)
         self.accepted_long.append(now)
+        self.sent_long.append(sent_at)
+        if sent_at >= self.pause_until:
+            self.since_pause += 1
+            self.since_pause_last = max(self.since_pause_last, sent_at)
         self.total_accepted += 1
+        self.latency = now - sent_at
         if self.first_accepted is None:
             self.first_accepted = now
         self._prune(now)
@@ -192,6 +218,7 @@ class RateLearner:
             if self.cuts == 1 and self.refused_at is None:
                 if self.volley is not None:
                     self.volley += 1
+                    self._volley_sent(sent_at)
                 # the first cut's measure, completed by the rest of its volley's answers
                 measured = ACCEPTED_MARGIN * self._got_through(now)
                 if measured > rate:
@@ -199,7 +226,7 @@ class RateLearner:
             return  # sent before the last cut: says nothing about the new pace
         if self.cuts > 1 and now - self.last_refusal < CALM:
             return  # past the first ramp and still being refused: no reason to speed up
-        if rate > LEAD * self._got_through(now):
+        if rate > LEAD * max(self._got_through(now), self._unpaused_rate(now)):
             return  # sends have not followed the pace up yet
         if self.cuts == 1:
             growth = RAMP_GROWTH
@@ -221,19 +248,29 @@ class RateLearner:
         if not self.learn:
             return None
         self.last_refusal = now
-        if self.burst_at <= sent_at <= self.burst_at + BURST_SPREAD:
-            self.burst_refused = True  # the refill was less than the pace said: no more
         if sent_at <= self.last_cut:  # <=: uvloop's clock ticks in milliseconds
             return None
+        if self.burst_at <= sent_at <= self.burst_at + BURST_SPREAD:
+            # the refill was less than the pace said: no more bursts, and no cut (the burst
+            # emptied the bucket, not the pace: at 100/s holding 10, pacing at 95/s, the
+            # request after the burst was refused and the cut took the pace to 37/s)
+            self.burst_refused = True
+            return None
         # closed: paced, and nothing got through since the last cut (this refusal is of a
-        # request sent after it), or nothing at all for a few of the pace's intervals
+        # request sent after it), or nothing at all for a few of the pace's intervals. Not
+        # before what was sent when sending resumed (at the cut, or when the pause since
+        # ended) could have answered: a refusal comes at once, a success a latency later
+        # (at 100/s holding 10, the paced sends after a pause's burst were refused before
+        # the burst's successes came back, and the pace fell to a third of the limit)
         rate = self.pacer.rate
         quiet = max(CLOSED_AFTER, 3.0 / rate) if rate else math.inf
         self.refused_since_cut += 1
+        answerable = max(self.last_cut, self.pause_until) + self.latency
         none_since_cut = (rate is not None and not self.through_since_cut
-                          and self.refused_since_cut >= CLOSED_REFUSALS)
-        closed = rate is not None and (none_since_cut or not self.accepted
-                                       or self.accepted[-1] <= now - quiet)
+                          and self.refused_since_cut >= CLOSED_REFUSALS and now >= answerable)
+        through = max(self.accepted[-1] if self.accepted else -math.inf,
+                      self.pause_until + self.latency)
+        closed = rate is not None and (none_since_cut or through <= now - quiet)
         since = now - self.last_cut
         if since < EVENT_GAP and not (closed and (none_since_cut or since >= quiet)):
             return None  # the same event
@@ -262,6 +299,8 @@ class RateLearner:
         accepted = got_through * ACCEPTED_MARGIN
         if rate is None:  # the first: all we know is what got through
             self.volley = len(self.accepted_long)
+            for sent in self.sent_long:
+                self._volley_sent(sent)
             new = accepted
         elif self.refused_at is not None and rate >= NEAR * self.refused_at:
             # a probe found the limit again: what got through over LONG seconds (no burst
@@ -269,6 +308,8 @@ class RateLearner:
             # limit, so the cut can be shallow
             self.refused_at = max(min(rate, granted), MIN_RATE)
             new = self.refused_at * NEAR_CUT
+            if not closed:
+                new = max(new, self._drained_pace(sent_at))
         else:
             # what the server let through when it said no: the rate to stay near
             self.refused_at = max(got_through, MIN_RATE)
@@ -276,7 +317,7 @@ class RateLearner:
             # when nothing gets through, what got through over LONG seconds is all there is)
             new = min(rate * CUT, accepted)
             if not closed:
-                new = max(rate * DEEPEST_CUT, new)
+                new = max(rate * DEEPEST_CUT, new, self._drained_pace(sent_at))
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
 
@@ -289,14 +330,62 @@ class RateLearner:
         fixed (--rpm) or stated by headers, and never again once a burst met a refusal: the
         pace was above the server's rate then (a slow limit with a big burst: its first
         measure is mostly the burst), and bursting after every pause would only be refused."""
+        if until - pause > self.pause_until:
+            self.pause_from = until - pause
+        self.pause_until = until
+        self.since_pause, self.since_pause_last = 0, -math.inf
         rate = self.pacer.rate
         if (not self.learn or self.hinted or rate is None or not self.volley
                 or self.burst_refused):
             return 0
-        burst = int(min(RESUME_SHARE * self.volley, rate * pause))
+        burst = int(min(RESUME_SHARE * self._volley_burst(), rate * pause))
         if burst > 1:
             self.burst_at = until
         return burst
+
+    def _volley_sent(self, sent: float) -> None:
+        if self.volley_first is None or sent < self.volley_first:
+            self.volley_first = sent
+        self.volley_last = max(self.volley_last, sent)
+        self.volley_spread = self.volley_last - self.volley_first
+
+    def _volley_burst(self) -> float:
+        """The server's burst as the volley shows it: what got through, less what the
+        bucket refilled while the volley was sent (at the learnt pace, under its rate)."""
+        return (self.volley or 0) - (self.pacer.rate or 0.0) * self.volley_spread
+
+    def _drained_pace(self, refused_sent: float) -> float:
+        """The pace a drained bucket shows (`_drained_rate`), 0 when nothing does; never
+        above the pace that was just refused (a refusal does not speed the run up)."""
+        drained = self._drained_rate(refused_sent)
+        rate = self.pacer.rate or 0.0
+        return 0.0 if drained is None else min(rate, drained * DRAINED_MARGIN)
+
+    def _drained_rate(self, refused_sent: float) -> float | None:
+        """A token bucket's rate, from how long it took to drain. The volley met a full
+        bucket and left it empty, so its burst is about volley - rate x spread (of the
+        volley's sends). A stretch of n successes over t seconds from where the bucket was
+        last full to the refusal has n = burst + rate x t, so rate = (n - volley) /
+        (t - spread), to one request over the stretch (the parts of a request left in the
+        bucket at either end). Where it was last full is not known, but any other start
+        gives less (still draining there, or full and wasting its refill at a lower pace):
+        the largest over the stretches is the one. Candidates: the end of the last pause
+        (a pause refills the bucket) and every send of the last LONG seconds. The second
+        cut's plain measure, what got through in the last second, is 3-5 % under the rate
+        (85 % of a second that held part of a burst); this is within 2 %."""
+        if not self.volley or self.volley_first is None:
+            return None
+        volley, spread = self.volley, self.volley_spread
+        stretches = []  # (successes, seconds)
+        if self.pause_until > self.volley_last:
+            stretches.append((self.since_pause, self.since_pause_last - self.pause_until))
+        sent = sorted(s for s in self.sent_long if self.volley_last < s < refused_sent)
+        stretches.extend((len(sent) - i, sent[-1] - start) for i, start in enumerate(sent))
+        # never above a stretch's own rate: a volley slower than the stretch was no full
+        # bucket emptied at once
+        rates = [min((n - volley) / (span - spread), n / span)
+                 for n, span in stretches if span - spread >= DRAIN_MIN]
+        return max(rates, default=None)
 
     def _prune(self, now: float) -> None:
         acc, long = self.accepted, self.accepted_long
@@ -304,12 +393,22 @@ class RateLearner:
             acc.popleft()
         while long and long[0] < now - LONG:
             long.popleft()
+        sent = self.sent_long
+        while sent and sent[0] < now - LONG:
+            sent.popleft()
 
     def _got_through(self, now: float) -> float:
         """What the server let through, per second: over the last second, or over the last
         LONG seconds when that says more (a window granted at its start, closed since)."""
         self._prune(now)
         return max(len(self.accepted), self._long_rate(now))
+
+    def _unpaused_rate(self, now: float) -> float:
+        """Successes per second over the part of the last second no pause held back (a
+        quarter of a second at least): after a pause the last second's count is low because
+        nothing could be sent, not because the pace outran the sends."""
+        held = max(0.0, min(now, self.pause_until) - max(now - 1.0, self.pause_from))
+        return len(self.accepted) / max(0.25, 1.0 - held)
 
     def _long_rate(self, now: float) -> float:
         """Successes per second over the last LONG seconds (or since the first, if sooner)."""
