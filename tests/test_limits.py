@@ -264,33 +264,33 @@ def test_the_resume_burst_is_a_share_of_the_first_volley_and_what_the_pace_refil
     """What a Retry-After pause's end may send at once: nothing before the first cut, with
     --rpm, with a limit the headers state, or once a burst met a refusal; else the refill at
     the learnt pace, at most RESUME_SHARE of what the first volley got through (the server's
-    burst)."""
+    burst; less what refilled while the volley was sent, a hundredth of a request here)."""
     from tmbatch.pacing import RESUME_SHARE, Pacer, RateLearner
 
     learner = RateLearner(Pacer(), learn=True)
-    assert learner.resume_burst(1.0, until=1.0) == 0  # nothing learnt yet
+    assert learner.paused(1.0, until=1.0) == 0  # nothing learnt yet
     for i in range(10):
         learner.success(0.01 + i / 1000, sent_at=0.0)
     learner.refused(0.03, sent_at=0.001, pause=1.0)  # the first cut: 10 got through
     learner.success(0.031, sent_at=0.002)  # the rest of its volley: 11 in all
     assert learner.volley == 11
     assert learner.rate is not None
-    assert learner.resume_burst(1.0, until=1.03) == int(min(RESUME_SHARE * 11, learner.rate))
+    assert learner.paused(1.0, until=1.03) == int(min(RESUME_SHARE * 11, learner.rate))
     # a short pause refills less
-    assert learner.resume_burst(0.2, until=1.03) == int(learner.rate * 0.2)
+    assert learner.paused(0.2, until=1.03) == int(learner.rate * 0.2)
     learner.refused(1.5, sent_at=1.2, pause=1.0)  # a paced request refused: bursts go on
-    assert learner.resume_burst(1.0, until=2.5) > 1
+    assert learner.paused(1.0, until=2.5) > 1
     learner.refused(2.6, sent_at=2.52, pause=1.0)  # one of that burst refused ...
-    assert learner.resume_burst(1.0, until=3.6) == 0  # ... the pace overstated the refill
+    assert learner.paused(1.0, until=3.6) == 0  # ... the pace overstated the refill
     hinted = RateLearner(Pacer(), learn=True)
     for i in range(10):
         hinted.success(0.01 + i / 1000, sent_at=0.0)
     hinted.refused(0.03, sent_at=0.001, pause=1.0)
     hinted.hint(50.0)
-    assert hinted.resume_burst(1.0, until=1.03) == 0  # stated: the headers' remaining governs
+    assert hinted.paused(1.0, until=1.03) == 0  # stated: the headers' remaining governs
     fixed = RateLearner(Pacer(20.0), learn=False)
     fixed.refused(1.0, sent_at=0.5, pause=1.0)
-    assert fixed.resume_burst(1.0, until=2.0) == 0
+    assert fixed.paused(1.0, until=2.0) == 0
 
 
 def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None:
@@ -362,7 +362,7 @@ def _paced_against_a_bucket(rate: float, burst: int, seconds: float) -> list[flo
                 cuts.append(learner.rate)  # type: ignore[arg-type]
             if at + 1.0 > pause_until:
                 pause_until = at + 1.0
-                pacer.restart_at(pause_until, learner.resume_burst(1.0, pause_until))
+                pacer.restart_at(pause_until, learner.paused(1.0, pause_until))
         if now < pause_until or pacer.rate is None:
             now = max(pause_until, answers[0][0] if answers else now + 0.01)
             continue
@@ -400,11 +400,11 @@ def test_a_refusal_of_a_pauses_burst_ends_the_bursts_but_does_not_cut_the_pace()
     for i in range(10):
         learner.success(0.02 + i / 1000, sent_at=0.001 * i)
     learner.refused(0.03, sent_at=0.011, pause=1.0)  # the first cut
-    assert learner.resume_burst(1.0, until=1.03) > 1
+    assert learner.paused(1.0, until=1.03) > 1
     pace = learner.rate
     assert learner.refused(1.04, sent_at=1.035, pause=1.0) is None  # just after the burst
     assert learner.rate == pace and learner.cuts == 1
-    assert learner.resume_burst(1.0, until=2.04) == 0
+    assert learner.paused(1.0, until=2.04) == 0
 
 
 def test_a_slot_freed_by_a_429_waits_out_its_pause() -> None:

@@ -529,7 +529,7 @@ class Admission:
         self.paused_seconds += grew
         # no burst saved up before the pause ends; what the server refilled meanwhile then
         self.pacer.restart_at(self.pause_until,
-                              self.learner.resume_burst(seconds, self.pause_until))
+                              self.learner.paused(seconds, self.pause_until))
         now = self._loop.time() if self._loop is not None else 0.0
         quiet = now - self._pause_logged_at < PAUSE_LOG_EVERY
         if not quiet:

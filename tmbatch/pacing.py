@@ -32,7 +32,7 @@ by a GCRA scheduler (`Pacer`) whose rate a `RateLearner` sets:
 * "Nothing through" is judged only once what was sent after the cut or the pause could
   have answered: a refusal comes at once, a success a latency later.
 * A Retry-After pause ends with a burst: what the server's bucket refilled meanwhile at the
-  learnt pace, up to RESUME_SHARE of the burst the first volley showed (`resume_burst`,
+  learnt pace, up to RESUME_SHARE of the burst the first volley showed (`paused`,
   `Pacer.restart_at`). A refusal of it ends the bursts but does not cut the pace: the burst
   emptied the bucket, not the pace.
 * `--rpm` fixes the pace instead; nothing is learnt.
@@ -83,8 +83,8 @@ CLOSED_REFUSALS = 2  # ... or this many refusals of requests sent after the last
 CALM = 0.5  # seconds without a refusal before the pace may grow
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 # After a Retry-After pause the server's bucket has refilled: that much is sent at once when
-# the pause ends, up to this share of what the first volley got through (the bucket's burst,
-# as near as the client can see it: the volley's own refills make it a slight overestimate)
+# the pause ends, up to this share of the burst the first volley showed (`_volley_burst`: what
+# it got through, less what the bucket refilled while it was sent)
 RESUME_SHARE = 0.8
 # A refusal after a bucket drained shows its rate (`_drained_rate`): the pace may go up to
 # that, a little under it for the jitter of the send times it rests on
@@ -162,7 +162,6 @@ class RateLearner:
         self.accepted: deque[float] = deque()
         self.accepted_long: deque[float] = deque()
         self.sent_long: deque[float] = deque()  # send times of those of the last LONG seconds
-        self.volley_spread = 0.0  # seconds between the first and last send the volley got through
         self.volley_first: float | None = None
         self.volley_last = -math.inf
         self.first_accepted: float | None = None
@@ -177,7 +176,7 @@ class RateLearner:
         self.pause_cost = 0.0  # seconds of pause the last refusal event announced
         self.hinted = False
         self.volley: int | None = None  # successes of requests sent before the first cut
-        self.burst_at = math.inf  # when the last pause's burst was sent (see resume_burst)
+        self.burst_at = math.inf  # when the last pause's burst was sent (see paused)
         self.burst_refused = False
         self.pause_from = self.pause_until = -math.inf  # the last Retry-After pause
         self.latency = 0.0  # of the last success (a refusal comes at once)
@@ -321,8 +320,9 @@ class RateLearner:
         self._set(max(MIN_RATE, new), "learnt from refusals")
         return self.closed_hold or None
 
-    def resume_burst(self, pause: float, until: float) -> int:
-        """How many requests to send at once when a Retry-After pause of `pause` seconds
+    def paused(self, pause: float, until: float) -> int:
+        """A Retry-After pause of `pause` seconds until `until`: noted (the ramp after it and
+        the drained measure count from its end), and how many requests to send at once when it
         ends: what the server's bucket refilled meanwhile, at the learnt pace (a lower bound
         of its rate), up to RESUME_SHARE of its burst. Sending them at once wins back what
         the pause banked (a fifth of a second per pause at 50 a second, burst 10); pacing
@@ -347,7 +347,11 @@ class RateLearner:
         if self.volley_first is None or sent < self.volley_first:
             self.volley_first = sent
         self.volley_last = max(self.volley_last, sent)
-        self.volley_spread = self.volley_last - self.volley_first
+
+    @property
+    def volley_spread(self) -> float:
+        """Seconds between the first and the last send the volley got through."""
+        return 0.0 if self.volley_first is None else self.volley_last - self.volley_first
 
     def _volley_burst(self) -> float:
         """The server's burst as the volley shows it: what got through, less what the
