@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -82,6 +83,8 @@ class LineSender:
     # Circuit breaker: attempts in a row that never reached the server, while none ever has.
     answered: bool = False
     unreached_streak: int = 0
+    # The one call that sends an attempt (client.send); the virtual-time matrix answers here.
+    transport: Callable[..., Awaitable[Answer]] = send
     _backoff: wait_exponential_jitter = field(
         default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
 
@@ -175,7 +178,7 @@ class LineSender:
                 raise Stopped
             task = self._dispatch(req, tries, spend)
             try:
-                answer = await send(self.session, req.url, req.body, headers)
+                answer = await self.transport(self.session, req.url, req.body, headers)
             except AttemptFailed as exc:
                 spend.failed(exc)
                 self._failed_attempt(req, exc, ticket, tries)
