@@ -38,6 +38,7 @@ class RunOptions:
     only_lines: set[int] | None = None  # resend: exactly these lines, even if done
     prior_attempts: dict[int, int] = field(default_factory=dict)  # resend: attempts so far
     adaptive: bool | None = None  # None: adaptive concurrency exactly when no --rpm
+    limit_scope: str = "model"  # one lane per model, or "account": one for all
     extra_header: dict[str, Any] = field(default_factory=dict)
     # GET /v1/models' list, when preflight read one: a line naming another model fails
     # `permanent` (model_not_served) without being sent. None: no list, nothing checked.

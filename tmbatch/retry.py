@@ -22,10 +22,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from tmbatch.budget import Budget, Hold
+from tmbatch.budget import Hold
 from tmbatch.client import Answer, idempotency_key, send
 from tmbatch.config import Settings
-from tmbatch.limits import Admission, Ticket, estimate_tokens
+from tmbatch.limits import Admission, Lane, Permit
 from tmbatch.logs import public_url
 from tmbatch.reader import BadLine, Request
 from tmbatch.records import FailureRecord, ResultRecord, Timing, record_id
@@ -33,7 +33,7 @@ from tmbatch.records import Response as RecordedResponse
 from tmbatch.safety import AttemptFailed, Outcome, retryable
 from tmbatch.served import ServedCheck
 from tmbatch.spend import usage_tokens
-from tmbatch.stop import Stop
+from tmbatch.stop import Stop, Stopped
 from tmbatch.summary import RunStats
 from tmbatch.writer import Writer
 
@@ -42,10 +42,6 @@ log = logging.getLogger("tmbatch")
 # Attempts in a row that never reach the server, with no answer at all in this run, before the
 # run stops (exit 3) instead of walking every line of a big file through its retries.
 BREAKER_ATTEMPTS = 16
-
-
-class Stopped(Exception):
-    """Raised inside an attempt when the run is stopping: nothing was sent for it."""
 
 
 @dataclass
@@ -77,7 +73,6 @@ class LineSender:
     patience: float = 600.0  # seconds without any success before refusals are final
     served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
     served: ServedCheck = field(init=False)
-    budget: Budget = field(default_factory=Budget)  # spend, and the --budget-* limits
     # Workers whose request is on the wire: a stop lets these finish and cancels the others.
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     # Circuit breaker: attempts in a row that never reached the server, while none ever has.
@@ -99,31 +94,28 @@ class LineSender:
                 self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
                 refusal.message, self.prior_attempts.get(req.line, 0)))
             return
-        idempotent = req.idempotent
-        tokens = 0  # only a --tpm budget needs the estimate: skip the prompt walk otherwise
-        if self.admission.tpm is not None:
-            tokens = estimate_tokens(req.body, generates=not idempotent)
         headers = None
-        if not idempotent:
+        if not req.idempotent:
             headers = {"Idempotency-Key": idempotency_key(self.job_id, req.custom_id)}
         tries = Tries(self.prior_attempts.get(req.line, 0))
         # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per
         # request (bench/ablate.py): try once bare, and replay a failure into the loop as its
         # attempt 1, so the predicate, stop, attempt numbers and waits are exactly tenacity's.
         try:
-            answer = await self._attempt(req, tokens, headers, tries)
+            answer = await self._attempt(req, headers, tries)
         except (Stopped, AttemptFailed) as exc:
-            await self._retry(req, tokens, headers, tries, exc)
+            await self._retry(req, headers, tries, exc)
         else:
             self._succeed(req, answer)
 
-    async def _retry(self, req: Request, tokens: int, headers: dict[str, str] | None,
-                     tries: Tries, first: BaseException) -> None:
+    async def _retry(self, req: Request, headers: dict[str, str] | None, tries: Tries,
+                     first: BaseException) -> None:
         pending: list[BaseException] = [first]
+        lane = self.admission.lane(req.body.get("model"))
         retrying = AsyncRetrying(
             retry=retry_if_exception(partial(retryable, idempotent=req.idempotent)),
-            stop=partial(self._give_up, tries),
-            wait=self._wait,
+            stop=partial(self._give_up, tries, lane),
+            wait=partial(self._wait, lane),
             sleep=asyncio.sleep,
             reraise=True,
         )
@@ -132,7 +124,7 @@ class LineSender:
                 with attempt:
                     if pending:
                         raise pending.pop()
-                    answer = await self._attempt(req, tokens, headers, tries)
+                    answer = await self._attempt(req, headers, tries)
         except Stopped:
             return  # the line is pending: its last attempt, if any, did no work (journaled)
         except AttemptFailed as exc:
@@ -142,60 +134,45 @@ class LineSender:
             return
         self._succeed(req, answer)
 
-    def _wait(self, rs: RetryCallState) -> float:
+    def _wait(self, lane: Lane, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome else None
         if isinstance(exc, AttemptFailed) and exc.cls.policy.patient and (
-                exc.retry_after is not None or self.admission.pace is not None):
-            return 0.0  # the shared pause, or the pace, holds it back
+                exc.retry_after is not None or lane.rate is not None):
+            return 0.0  # the lane's pause, or its pace, holds it back
         return float(self._backoff(rs))
 
-    def _give_up(self, tries: Tries, rs: RetryCallState) -> bool:
-        """A refusal proves the server did no work, and a run that still makes progress will
-        get its turn: retried until nothing at all has succeeded for --patience. Anything else
-        has --max-retries."""
+    def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:
+        """A refusal proves the server did no work, and a lane that still makes progress will
+        get its turn: retried until nothing at all has succeeded on its lane for --patience.
+        Anything else has --max-retries."""
         if self.stop.stopping:
             return True
         exc = rs.outcome.exception() if rs.outcome else None
         if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
-            return self.admission.stalled_for() > self.patience
+            return lane.stalled_for(asyncio.get_running_loop().time()) > self.patience
         return tries.counted > self.settings.max_retries
 
-    async def _attempt(self, req: Request, tokens: int, headers: dict[str, str] | None,
+    async def _attempt(self, req: Request, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
-        """One attempt: its spend reservation and admission ticket held around the send and
-        released whatever happens. One coroutine, not one per step: every layer is walked
-        again on each resume of the send (bench/instructions.py)."""
-        if self.budget.enforcing:
-            spend = await self.budget.reserve(req)  # the worst case, within --budget-*
-            if spend is None:
-                raise Stopped  # the budget is reached (the stop is set): nothing was sent
-        else:
-            spend = self.budget.track(req)
-        ticket: Ticket | None = None
-        try:
-            ticket = self.admission.admit_now(tokens) or await self.admission.admit(tokens)
+        """One attempt, inside its permit (budget, pause, pace, slot, tokens), which is
+        settled with the outcome and let go whatever happens. One coroutine, not one per step:
+        every layer is walked again on each resume of the send (bench/instructions.py)."""
+        async with self.admission.permit(req) as permit:
             if self.stop.stopping:
                 raise Stopped
-            task = self._dispatch(req, tries, spend)
+            task = self._dispatch(req, tries, permit.spend)
             try:
                 answer = await self.transport(self.session, req.url, req.body, headers)
             except AttemptFailed as exc:
-                spend.failed(exc)
-                self._failed_attempt(req, exc, ticket, tries)
+                self._failed_attempt(req, exc, permit, tries)
                 raise
             finally:
                 self.stats.in_flight -= 1
                 self.in_flight.discard(task)
             self.answered, self.unreached_streak = True, 0
             used = usage_tokens(answer.body)
-            spend.succeeded(answer.body, used)
-            ticket.succeeded(answer.headers, self.stats.add_usage(used))
+            permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
             return answer
-        finally:
-            if ticket is not None:
-                ticket.release()
-            if not spend.settled:  # (end() would do nothing once its answer settled it)
-                spend.end()  # the attempt is over
 
     def _dispatch(self, req: Request, tries: Tries, spend: Hold) -> asyncio.Task[None]:
         """Journal the attempt (durable before its bytes leave) and count it in flight."""
@@ -211,13 +188,13 @@ class LineSender:
         self.in_flight.add(task)
         return task
 
-    def _failed_attempt(self, req: Request, exc: AttemptFailed, ticket: Ticket,
+    def _failed_attempt(self, req: Request, exc: AttemptFailed, permit: Permit,
                         tries: Tries) -> None:
         if exc.status == 429:
             self.stats.rejected_429 += 1
         if not exc.cls.policy.patient:
             tries.counted += 1
-        paused = ticket.failed(exc)
+        paused = permit.failed(exc)
         if paused is not None:
             self.writer.pause(paused)  # on the report's timeline, and honoured by a resume
         if exc.cls.policy.retry:

@@ -59,7 +59,8 @@ class Runner:
         self.settings = settings
         self.stats = RunStats()
         self.admission = Admission(opts.rpm, opts.tpm, concurrency=opts.concurrency,
-                                   adaptive=opts.is_adaptive)
+                                   adaptive=opts.is_adaptive, scope=opts.limit_scope,
+                                   base_url=settings.base_url)
         self.stop = Stop()
         self.read_stats = ReadStats()
         self.header: dict[str, Any] = {}
@@ -147,6 +148,7 @@ class Runner:
                 _recover(writer, resume)
             self.budget = Budget.for_job(opts.budget, self.stop, resume)
             self.budget.start(writer)
+            self.admission.budget = self.budget
         except (OSError, WriterError) as exc:
             raise OutputError(f"cannot write to {opts.out_dir}: {exc}", ExitCode.IO) from None
         self.writer = writer
@@ -206,7 +208,7 @@ class Runner:
         sender = self._sender = LineSender(
             self.settings, header["job"], self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
-            opts.served_models, budget=self.budget)
+            opts.served_models)
         writer.start()
         progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
                                     **progress_kwargs())

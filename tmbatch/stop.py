@@ -18,6 +18,10 @@ from tmbatch.exitcodes import ExitCode
 from tmbatch.logs import say
 
 
+class Stopped(Exception):
+    """Raised inside an attempt when the run is stopping: nothing was sent for it."""
+
+
 class StopReason(Enum):
     IO_ERROR = ExitCode.IO
     FATAL = ExitCode.FATAL

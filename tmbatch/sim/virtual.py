@@ -221,6 +221,7 @@ class RowResult:
     rejected: int
     failed: int
     seconds: float  # virtual: first arrival to last answer
+    paces: dict[str, Any] = field(default_factory=dict)  # each lane's pace at the end
     passed: bool = False
     why: str = ""
 
@@ -286,7 +287,8 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
     settings = Settings("serverless", "http://virtual", None, None, 600.0, 5, None)
     states = LineStates()
     writer = Writer(out, states, fsync="never")
-    admission = Admission(sc.rpm, None, concurrency=sc.concurrency, adaptive=sc.rpm is None)
+    admission = Admission(sc.rpm, None, concurrency=sc.concurrency, adaptive=sc.rpm is None,
+                          scope=sc.limit_scope, base_url=settings.base_url)
     stats = RunStats()
     sender = LineSender(settings, "virtual", admission, writer, stats, Stop(), None,  # type: ignore[arg-type]
                         patience=sc.patience)
@@ -309,7 +311,8 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
     return RowResult(
         sc.name, seed, score(sc, log, seconds, server.refusal_wait), accepted,
         sum(1 for a in log if a.status in (429, 503)), server.violations,
-        stats.failed[Outcome.REJECTED], sum(stats.failed.values()), seconds)
+        stats.failed[Outcome.REJECTED], sum(stats.failed.values()), seconds,
+        {m: lane["pace_requests_per_second"] for m, lane in admission.report()["lanes"].items()})
 
 
 def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,

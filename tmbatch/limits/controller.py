@@ -1,0 +1,500 @@
+"""How fast one lane sends: a controller of its pace, fed what the lane sends and what answers.
+
+The server is modelled as an allowance that refills at a rate up to a burst (a token bucket;
+N requests per W seconds is the same with a burst of N), and that may also refuse at random.
+The pace is a GCRA schedule (`schedule.Pacer`) whose rate this sets, AIMD-style as in TCP and
+Netflix's concurrency-limits: a cut on a congestion event, growth while answers succeed, a
+stated limit as a hard ceiling. The rules, each a named test in tests/test_pacing.py:
+
+1. A lane starts unpaced (concurrency governs). Its first refusal, once something got through,
+   sets the pace to what got through in the last second, a lower bound; the successes of that
+   first volley are the server's allowance (its burst).
+2. Later, a refusal of a request sent after the last cut is a congestion event. It cuts the
+   pace to the rate the server granted: what got through since the allowance was last full
+   (the end of a pause that refilled it), less the allowance, per second of sending; no
+   deeper than half the pace in one step, and a little under (`margin`). Pauses do not count
+   as sending, so the pace never falls below what got through while sending.
+3. A cut is a hypothesis: "the rate caused it". If at the lower pace refusals keep coming at
+   the share they came at before, the rate did not cause them (random overload): the cut is
+   undone and that share becomes the lane's noise floor; later refusals cut only when their
+   share is above twice it. Pauses alone deal with the others.
+4. Refusals with no hint while nothing at all gets through (a window granted at its start and
+   closed since): the lane holds, 1 s doubling up to `max_hold`, and paces at what got
+   through since its first success.
+5. After `calm` seconds without a refusal, while the sends keep up with the pace, each
+   success raises it: by `ramp` per second up to near the rate last refused, then not at all
+   for `plateau` seconds for each second of pause a refusal announces (a probe that finds
+   the limit costs that pause), then by `ramp` again: a limit that rose is found again.
+6. Every Retry-After is honoured by the lane (`lanes`); when a pause ends, what the allowance
+   refilled meanwhile at the pace (at most the allowance) is sent at once, not paced.
+7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it and nothing learnt
+   goes above it. `--rpm` fixes the pace and nothing is learnt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from tmbatch.limits.schedule import MIN_RATE
+
+log = logging.getLogger("tmbatch")
+
+LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
+TRIAL_MAX = 50  # answers at most a cut is on probation for
+
+
+@dataclass(frozen=True, slots=True)
+class PaceConfig:
+    """The controller's knobs, each with why it has the value it has."""
+
+    # pace this much under a rate measured or stated: send times jitter by a few per cent
+    margin: float = 0.98
+    # one cut goes no deeper than half what got through while sending: refusals at random
+    # make a drained allowance a poor measure, and a cut undone late costs time
+    deepest: float = 0.5
+    # seconds the measures look back: a window of N per W s shows its rate over one W
+    window: float = 5.0
+    # seconds without a refusal before the pace grows: a cut's volley answers meanwhile
+    calm: float = 0.5
+    # relative growth per second far from any limit: a lower bound doubles in a quarter second
+    ramp: float = 3.0
+    # seconds near the rate last refused per second of pause a refusal costs, before probing
+    plateau: float = 5.0
+    # the longest hold while everything is refused with no hint
+    max_hold: float = 8.0
+    # the pace may lead what the lane sends by this much: past it, sends do not follow
+    lead: float = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the controller needs of one answer."""
+
+    sent: float  # when its request left (the loop's clock)
+    at: float  # when the answer came
+    ok: bool  # a success; else a refusal (a `rejected` outcome)
+    wait: float | None = None  # the pause a refusal announced, seconds (None: no hint)
+    stated: float | None = None  # requests/s the answer's headers state
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an answer changes: the pace, a hold for the whole lane, the burst a pause ends with."""
+
+    rate: float | None
+    hold: float = 0.0
+    burst: int = 0
+
+
+@dataclass(slots=True)
+class _Trial:
+    """A cut on probation (rule 3): the refusal share before it, and what answered since."""
+
+    before: float | None  # the pace before the cut
+    limit: float | None  # the rate last refused before the cut
+    at: float
+    pace: float  # the pace it cut to
+    share: float
+    need: int
+    answers: int = 0
+    refused: int = 0
+
+
+class Controller:
+    """One lane's pace (see the module doc). `rate` is None while the lane is unpaced."""
+
+    def __init__(self, cfg: PaceConfig | None = None, *, rate: float | None = None,
+                 learn: bool = True) -> None:
+        self.cfg = cfg or PaceConfig()
+        self.learn = learn
+        self.rate = rate
+        self.source = "fixed (--rpm)" if rate is not None else "unpaced"
+        self.stated: float | None = None
+        self.oks: deque[tuple[float, float]] = deque()  # (sent, answered) over the window
+        self.refusals: deque[float] = deque()  # answer times over the window
+        self.sends: deque[float] = deque()  # send times over the last second
+        self.first_ok: float | None = None
+        self.total_ok = 0
+        self.latency = 0.0
+        self.volley: int | None = None  # what the first volley got through (rule 1) ...
+        self.volley_first, self.volley_last = math.inf, -math.inf  # ... sent over this span
+        self.volley_until = -math.inf  # (the first refused request's send)
+        self.first_rate = 0.0
+        self._allowance: float | None = None
+        self.last_cut = -math.inf
+        self.cuts = 0
+        self.through_since_cut = True
+        self.refused_run = 0  # refusals in a row
+        self.limit: float | None = None  # the rate the last rate-caused refusal came at
+        self.reached = math.inf  # when the pace came near it (the plateau's clock)
+        self.cost = 0.0  # seconds of pause the last refusal announced
+        self.cut_from = math.inf  # the pace the last cut was made at
+        self.trial: _Trial | None = None
+        self.chain: _Trial | None = None  # a trial that found the limit fell: its pace before
+        self.noise = 0.0
+        self.closed_hold = 0.0
+        self.pause_from = self.pause_until = -math.inf
+        self.pauses: deque[tuple[float, float]] = deque()  # (from, to) over the window
+        self.refilled = -math.inf  # the end of the last pause long enough to refill it
+        self.burst_at = math.inf
+        self.burst_refused = False
+        self.lowest = rate
+        self._logged = rate
+
+    # -- the interface -------------------------------------------------------------------
+    def on_sent(self, t: float) -> None:
+        sends = self.sends
+        sends.append(t)
+        while sends[0] < t - 1.0:
+            sends.popleft()
+
+    def on_answer(self, a: Answer) -> Change | None:
+        """Learn from one answer; what changes, if anything."""
+        if not self.learn:
+            return None
+        before = self.rate
+        if a.stated is not None:
+            self._stated(a.stated)
+        if a.ok:
+            self._success(a)
+            hold = burst = 0
+        else:
+            hold, burst = self._refused(a)
+        if self.rate == before and not hold and not burst:
+            return None
+        return Change(self.rate, hold, burst)
+
+    # -- successes -----------------------------------------------------------------------
+    def _success(self, a: Answer) -> None:
+        cfg, now = self.cfg, a.at
+        self.oks.append((a.sent, now))
+        self.refused_run = 0
+        self.total_ok += 1
+        self.latency = now - a.sent
+        if self.first_ok is None:
+            self.first_ok = now
+        self._prune(now)
+        self._judge(a, refused=False)
+        rate = self.rate
+        after_cut = a.sent > self.last_cut
+        if after_cut:
+            self.through_since_cut = True
+        if rate is None or self.stated is not None:
+            return
+        if a.sent <= self.volley_until:
+            self._in_volley(a.sent)
+        if not after_cut:
+            # the cut's measure, completed by the answers of what was in flight when it came
+            if self.cuts == 1 and self.limit is None:
+                measured = cfg.margin * self._got_through(now)
+            else:
+                granted = self._granted(self.last_cut) if self.limit is not None else None
+                measured = 0.0 if granted is None else cfg.margin * min(granted, self.cut_from)
+                if measured > rate:
+                    self.limit = measured / cfg.margin
+            if measured > rate:
+                self._set(measured, "learnt from refusals")
+            return
+        if now - self.last_cut < cfg.calm:
+            return
+        if rate > cfg.lead * self._sending(now):
+            return  # the sends have not followed the pace up: something else holds them
+        self._set(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
+
+    def _growth(self, now: float) -> float:
+        """Relative growth per second (rule 5): `ramp` up to near the rate last refused, then
+        nothing for the plateau, then a probe that starts at the margin's worth a second and
+        doubles every second (a limit that rose is found in a few seconds, and one that did
+        not is met gently, the allowance absorbing the first of it)."""
+        cfg, rate, limit = self.cfg, self.rate or 0.0, self.limit
+        if limit is None:
+            return cfg.ramp
+        if rate < cfg.margin * limit:
+            return min(cfg.ramp, max(0.0, cfg.margin * limit / rate - 1.0) * max(rate, 1.0))
+        if self.reached == math.inf:
+            self.reached = now
+        probing = now - self.reached - cfg.plateau * (1.0 + self.cost)
+        if probing < 0:
+            return 0.0
+        return min(cfg.ramp, (1.0 - cfg.margin) * 2.0 ** probing)
+
+    # -- refusals ------------------------------------------------------------------------
+    def _refused(self, a: Answer) -> tuple[float, int]:
+        """A refusal: (seconds the lane holds, requests its pause ends with)."""
+        now = a.at
+        self.refusals.append(now)
+        self.refused_run += 1
+        self._prune(now)
+        if self.burst_at <= a.sent <= self.burst_at + 0.1:
+            log.debug("burst refused")
+            self.burst_refused = True  # the burst emptied the allowance, not the pace
+            hold = 0.0
+        else:
+            self._judge(a, refused=True)
+            hold = self._event(a)
+        return hold, self._paused(a) if a.wait else 0
+
+    def _event(self, a: Answer) -> float:
+        """Rules 1-4 for a refusal: the seconds the lane holds (rule 4), if it does."""
+        now = a.at
+        if self.stated is not None or a.sent <= self.last_cut:
+            return 0.0  # the headers state the limit; or the event was met already
+        rate = self.rate
+        if rate is None and not self.oks:
+            return 0.0  # nothing got through yet: no measure (the pause holds)
+        if self._closed(now):
+            self._cut(now, self._closed_pace(now), a.wait, closed=True)
+            return self.closed_hold
+        if rate is not None and now - self.last_cut < 2.0 / rate:
+            return 0.0  # the new pace has not sent enough to be judged yet
+        trial = self.trial
+        if trial is not None:
+            if rate is None or rate <= 2.0 * trial.pace:
+                return 0.0  # one hypothesis at a time: this refusal is evidence for its verdict
+            self.trial = self.chain = None  # the pace grew out of it: kept
+        share = self._share()
+        if self.noise and share <= 2.0 * self.noise:
+            log.debug("within noise %.3g: share %.3g", self.noise, share)
+            return 0.0  # within the lane's noise floor: the pause deals with it
+        if self.volley is None or rate is None:
+            self._start_volley(a.sent)
+            self._probation(rate, now, share)
+            # a lower bound: the server's burst hid its rate
+            self._cut(now, self.cfg.margin * self._got_through(now), a.wait)
+            return 0.0
+        granted = self._granted(a.sent)
+        if granted is None:
+            log.debug("unexplained: not even twice the allowance got through since it was full")
+            return 0.0  # refused before the allowance was spent: not the rate (rule 3)
+        self._probation(rate, now, share)
+        # no deeper than half what got through while sending (pauses left out): a drained
+        # allowance explains a refusal, but at random the explanation is a poor one
+        sending = self._unpaused(now)
+        self.limit = min(rate, max(granted, self.cfg.deepest * sending))
+        self._cut(now, self.cfg.margin * self.limit, a.wait)
+        return 0.0
+
+    def _probation(self, rate: float | None, now: float, share: float) -> None:
+        """Rule 3: the cut about to be made is on trial."""
+        chain = self.chain
+        self.trial = _Trial(rate if chain is None else chain.before,
+                            self.limit if chain is None else chain.limit, now, math.inf, share,
+                            min(TRIAL_MAX, max(4, math.ceil(3.0 / max(share, 1e-3)))))
+
+    def _start_volley(self, refused_sent: float) -> None:
+        if self.volley is not None:
+            return
+        self.volley_until = refused_sent
+        for sent, _ in self.oks:
+            if sent <= refused_sent:
+                self._in_volley(sent)
+
+    def _closed(self, now: float) -> bool:
+        """Nothing gets through at all (rule 4): the last answers were refusals, more of them
+        in a row than the lane's noise floor gives one time in a hundred, and none got through
+        since the last cut once what it sent could have answered, or for a quarter second and
+        three intervals of the pace."""
+        rate = self.rate
+        if rate is None:
+            return False
+        noise = self.noise
+        run = 2 if noise <= 0.1 else math.ceil(math.log(0.01) / math.log(min(noise, 0.9)))
+        if self.refused_run < run:
+            return False
+        answerable = max(self.last_cut, self.pause_until) + self.latency
+        if not self.through_since_cut and now >= answerable:
+            return True
+        through = max(self.oks[-1][1] if self.oks else -math.inf,
+                      self.pause_until + self.latency)
+        return through <= now - max(0.25, 3.0 / rate)
+
+    def _cut(self, now: float, new: float, pause: float | None, closed: bool = False) -> None:
+        cfg, rate = self.cfg, self.rate
+        first = self.cuts == 0
+        self.last_cut = now
+        self.reached = math.inf
+        self.through_since_cut = False
+        self.cuts += 1
+        self.cost = min(pause or 0.0, 10.0)
+        self.closed_hold = min(cfg.max_hold, max(1.0, 2 * self.closed_hold)) if closed else 0.0
+        self.cut_from = rate or math.inf
+        log.debug("cut: %s -> %.3g (closed %s, allowance %s, volley %s)", rate, new, closed,
+                  self.allowance, self.volley)
+        self._set(max(MIN_RATE, new), "learnt from refusals")
+        if self.trial is not None and self.trial.at == now:
+            self.trial.pace = self.rate or math.inf
+        if first:
+            self.first_rate = self.rate or 0.0
+            self._in_volley(None)
+
+    def _closed_pace(self, now: float) -> float:
+        """What a window grants, whatever its length (its first grant is in the average)."""
+        self.trial = None
+        new = self.cfg.margin * max(self._average(now), MIN_RATE)
+        self.limit = new / self.cfg.margin
+        return new
+
+    def _in_volley(self, sent: float | None) -> None:
+        """A success of the first volley (sent before its first refused request): counted in
+        the allowance, whenever it answers."""
+        if sent is not None:
+            self.volley = (self.volley or 0) + 1
+            self.volley_first = min(self.volley_first, sent)
+            self.volley_last = max(self.volley_last, sent)
+        spread = max(0.0, self.volley_last - self.volley_first)
+        self._allowance = max(1.0, (self.volley or 0) - self.first_rate * spread)
+
+    def _judge(self, a: Answer, refused: bool) -> None:
+        """Rule 3: once enough answers came at the lower pace, keep the cut or undo it."""
+        t = self.trial
+        if t is None or a.sent <= t.at:
+            return
+        t.answers += 1
+        t.refused += refused
+        share = t.refused / t.answers
+        expected = t.share * t.answers
+        # far more than the share before would give, even at random: the limit fell (and
+        # the refusal at hand cuts again, on probation from the same pace as this one)
+        worse = t.refused >= 3 and t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
+        # refusals as many as before the cut, with successes between them: not the rate
+        same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2
+        if t.answers < t.need and not worse and not same:
+            return
+        self.trial = None
+        log.debug("trial: %d/%d refused after the cut, %.3g before", t.refused, t.answers,
+                  t.share)
+        if worse:
+            self.chain = t
+            return
+        self.chain = None
+        if same:  # the rate did not cause them: undo
+            self.noise = max(self.noise, share)
+            self.limit = t.limit
+            self._set(t.before, "refusals at random: pace restored")
+
+    def _paused(self, a: Answer) -> int:
+        """A Retry-After pause: noted (a pause that refills the allowance starts a new
+        stretch), and what to send at once when it ends (rule 6)."""
+        wait = a.wait or 0.0
+        until = a.at + wait
+        if a.at > self.pause_until:
+            self.pause_from = a.at
+            self.pauses.append((a.at, until))
+        elif until > self.pause_until:
+            self.pauses[-1] = (self.pauses[-1][0], until)
+        self.pause_until = max(self.pause_until, until)
+        rate, allowance = self.rate, self.allowance
+        if rate is not None and allowance and wait * rate >= allowance:
+            self.refilled = until  # the allowance was full again when the pause ended
+        if rate is None or not allowance or self.burst_refused or self.stated is not None:
+            return 0
+        # a request short of it, and short of what the pace sends at once after it
+        burst = int(min(allowance * self.cfg.margin, rate * wait)) - 1
+        if burst > 1:
+            self.burst_at = until
+        return max(0, burst)
+
+    def _stated(self, rate: float) -> None:
+        self.stated = rate
+        self._set(max(MIN_RATE, rate * self.cfg.margin), "stated by x-ratelimit headers")
+
+    # -- measures ------------------------------------------------------------------------
+    @property
+    def allowance(self) -> float | None:
+        """The server's burst: what the first volley got through, less what refilled while
+        it was sent (at the first pace, a lower bound of the server's rate)."""
+        return self._allowance
+
+    def _granted(self, refused_sent: float) -> float | None:
+        """The server's rate as a bucket that drained shows it (rule 2). The first volley met
+        it full and left it empty, so it holds about v - rate x s (the volley's successes, and
+        the seconds it was sent over). From where it was last full to the refusal, n successes
+        sent over t seconds of sending (pauses left out) are that plus rate x t: rate =
+        (n - v) / (t - s). Where it was last full is not known, but any other start gives less
+        (still draining there, or full and wasting its refill at a lower pace), so the largest
+        over every send since the volley, and since the last pause long enough to refill the
+        allowance at the pace (it was full when that ended), is the one. None when no stretch
+        got more than the allowance through: refused before it could have been spent."""
+        if self.volley is None:
+            return None
+        volley, spread = self.volley, max(0.0, self.volley_last - self.volley_first)
+        since = max(self.volley_until, self.refilled)
+        sent = sorted(t for t, _ in self.oks if since < t <= refused_sent)
+        best = None
+        end = sent[-1] if sent else 0.0
+        for i, t in enumerate(sent):
+            got = len(sent) - i
+            if got <= volley:
+                break
+            span = end - t - self._paused_within(t, end)
+            if span - spread < 0.25:  # a shorter stretch says too little about a rate
+                continue
+            rate = min((got - volley) / (span - spread), got / span)
+            best = rate if best is None else max(best, rate)
+        return best
+
+    def _paused_within(self, start: float, end: float) -> float:
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self.pauses)
+
+    def _share(self) -> float:
+        answers = len(self.oks) + len(self.refusals)
+        return len(self.refusals) / answers if answers else 0.0
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.cfg.window
+        oks, refusals = self.oks, self.refusals
+        while oks and oks[0][1] < horizon:
+            oks.popleft()
+        while refusals and refusals[0] < horizon:
+            refusals.popleft()
+        pauses = self.pauses
+        while pauses and pauses[0][1] < horizon:
+            pauses.popleft()
+
+    def _got_through(self, now: float) -> float:
+        """Successes per second over the last second, or over the window when that says
+        more (a window granted at its start and closed since)."""
+        last = sum(1 for _, at in reversed(self.oks) if at >= now - 1.0) if self.oks else 0
+        return max(float(last), self._window_rate(now))
+
+    def _sending(self, now: float) -> float:
+        """Requests sent per second over the part of the last second no pause held back."""
+        sends = self.sends
+        while sends and sends[0] < now - 1.0:
+            sends.popleft()
+        held = max(0.0, min(now, self.pause_until) - max(now - 1.0, self.pause_from))
+        return len(sends) / max(0.25, 1.0 - held)
+
+    def _unpaused(self, now: float) -> float:
+        """Successes per second over the part of the last second no pause held back."""
+        held = max(0.0, min(now, self.pause_until) - max(now - 1.0, self.pause_from))
+        last = sum(1 for _, at in reversed(self.oks) if at >= now - 1.0)
+        return last / max(0.25, 1.0 - held)
+
+    def _window_rate(self, now: float) -> float:
+        if self.first_ok is None:
+            return 0.0
+        return len(self.oks) / min(self.cfg.window, max(1.0, now - self.first_ok))
+
+    def _average(self, now: float) -> float:
+        if self.first_ok is None:
+            return 0.0
+        return self.total_ok / max(1.0, now - self.first_ok)
+
+    def _set(self, rate: float | None, why: str) -> None:
+        if self.stated is not None and rate is not None:
+            rate = min(rate, self.stated * self.cfg.margin)
+        self.rate = rate
+        self.source = why if rate is not None else "unpaced"
+        if rate is None:
+            return
+        self.lowest = rate if self.lowest is None else min(self.lowest, rate)
+        logged = self._logged
+        if logged is None or abs(rate - logged) > LOG_CHANGE * logged:
+            self._logged = rate
+            log.info("pace: %.3g requests/s (%s)", rate, why,
+                     extra={"event": "pace", "requests_per_second": round(rate, 3),
+                            "source": why})

@@ -1,0 +1,208 @@
+"""A lane: what one (base URL, model) is allowed, kept apart from every other model's.
+
+OpenAI, LiteLLM and most gateways limit each model on its own, so a refusal for one model
+says nothing about another: each lane has its own Retry-After pause, pace, stated limits and
+controller, and `--limit-scope account` puts every model in one lane for an account limited
+as a whole. The concurrency ceiling and `--tpm` stay the run's (`admission`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.limits.headers import StatedLimits
+from tmbatch.limits.schedule import Pacer, TokenBucket
+
+log = logging.getLogger("tmbatch")
+
+MAX_HOLD = 60.0  # a hold (a reset header, or no hint at all) further away is capped
+LOG_EVERY = 30.0  # seconds between INFO lines about pauses and holds (DEBUG in between)
+SCOPES = ("model", "account")
+ACCOUNT = "*"  # the one lane's model when the account is limited as a whole
+
+
+@dataclass(frozen=True, slots=True)
+class LaneKey:
+    """(base URL, model): the unit a server limits. `model` is ACCOUNT for one lane."""
+
+    base_url: str
+    model: str
+
+
+class Lane:
+    """One lane's gates: its pause (every worker sending to it waits), its pace, what its
+    headers state; and its controller, told of every send and every answer."""
+
+    def __init__(self, key: LaneKey, controller: Controller, label: str) -> None:
+        self.key = key
+        self.label = label  # "" when the run has one lane, else " for MODEL"
+        self.controller = controller
+        self.pacer = Pacer(controller.rate)
+        self.stated = StatedLimits()
+        self.tpm: TokenBucket | None = None  # stated by x-ratelimit-*-tokens headers
+        self.pause_until = -math.inf  # loop time
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.holds = 0
+        self.held_seconds = 0.0
+        self.refusals = 0
+        self.sent = 0
+        self.last_progress: float | None = None  # loop time of its last success
+        self.turn = asyncio.Lock()  # whose slot in the pace is next (see `paced`)
+        self._logged_at = -math.inf
+
+    @property
+    def rate(self) -> float | None:
+        return self.pacer.rate
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the lane's last success (or since it began sending)."""
+        return 0.0 if self.last_progress is None else now - self.last_progress
+
+    # -- waiting -------------------------------------------------------------------------
+    async def wait_pause(self, loop: asyncio.AbstractEventLoop) -> None:
+        while (left := self.pause_until - loop.time()) > 0:
+            await asyncio.sleep(left)
+
+    async def paced(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for this attempt's slot in the pace. One attempt at a time books and waits (a
+        FIFO turnstile): booking ahead for every waiter would fix their slots at the pace of
+        the moment, and a pace that changes (cut, paused) applies to the next one at once."""
+        pacer = self.pacer
+        async with self.turn:
+            while True:
+                delay = pacer.book(loop.time())
+                if delay > 0:
+                    try:
+                        await asyncio.sleep(delay)
+                    except BaseException:
+                        pacer.unbook()
+                        raise
+                if self.pause_until <= loop.time():
+                    return
+                pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
+                await self.wait_pause(loop)
+
+    # -- what answers say ----------------------------------------------------------------
+    def sent_at(self, now: float) -> None:
+        self.sent += 1
+        if self.last_progress is None:
+            self.last_progress = now  # --patience counts from the lane's first send
+        self.controller.on_sent(now)
+
+    def succeeded(self, now: float, sent: float, headers: Mapping[str, str] | None,
+                  used_tokens: int) -> None:
+        self.last_progress = now
+        self.stated.consumed["requests"] += 1
+        self.stated.consumed["tokens"] += used_tokens
+        stated = self._read(headers, now) if headers else None
+        self._apply(Answer(sent, now, True, stated=stated), now)
+
+    def refused(self, now: float, sent: float, wait: float | None,
+                headers: Mapping[str, str] | None) -> float | None:
+        """A refusal; the seconds of the Retry-After pause it started, if it started one."""
+        self.refusals += 1
+        stated = self._read(headers, now) if headers else None
+        paused = self.pause(wait, now) if wait is not None else None
+        self._apply(Answer(sent, now, False, wait, stated), now)
+        return paused
+
+    def _read(self, headers: Mapping[str, str], now: float) -> float | None:
+        """The rate the headers state (requests/s), and their hold when one is spent."""
+        hold = self.stated.read(headers, now)
+        if hold is not None:
+            self.hold(hold.seconds, hold.why, now)
+        rates = self.stated.rates
+        tokens = rates.get("tokens")
+        if tokens is not None and self.controller.learn:
+            tpm = tokens * 60.0 * self.controller.cfg.margin
+            if self.tpm is None:
+                self.tpm = TokenBucket(tpm)
+                log.info("tokens per minute%s: %.0f, stated by x-ratelimit headers",
+                         self.label, tpm,
+                         extra={"event": "pace", "tokens_per_minute": round(tpm)})
+            else:
+                self.tpm.set_rate(tpm)
+        return rates.get("requests")
+
+    def _apply(self, answer: Answer, now: float) -> None:
+        change = self.controller.on_answer(answer)
+        if change is None:
+            return
+        if change.rate != self.pacer.rate:
+            self.pacer.set_rate(change.rate)
+        if change.burst:
+            self.pacer.restart_at(self.pause_until, change.burst)
+        if change.hold:
+            self.hold(change.hold, "every request refused, with no Retry-After", now)
+
+    # -- pausing -------------------------------------------------------------------------
+    def _extend(self, seconds: float, now: float) -> float:
+        until = now + min(seconds, MAX_HOLD)
+        if until <= self.pause_until:
+            return 0.0
+        grew = until - max(self.pause_until, now)
+        self.pause_until = until
+        self.pacer.restart_at(until)  # nothing saved up before the pause ends
+        return grew
+
+    def pause(self, seconds: float, now: float) -> float | None:
+        """A Retry-After: nobody sends to this lane for `seconds`; the seconds if it grew."""
+        grew = self._extend(seconds, now)
+        if not grew:
+            return None
+        self.pauses += 1
+        self.paused_seconds += grew
+        self._say(now, "rate limited: every worker%s pauses %.1fs (Retry-After; %d pause(s), "
+                  "%.1fs in all)", self.label, seconds, self.pauses, self.paused_seconds,
+                  event="rate_limit_pause", retry_after=seconds, pauses=self.pauses)
+        return seconds
+
+    def hold(self, seconds: float, why: str, now: float) -> None:
+        """A header says the limit is spent, or everything is refused with no hint: nobody
+        sends to this lane until it has room again."""
+        grew = self._extend(seconds, now)
+        if not grew:
+            return
+        self.holds += 1
+        self.held_seconds += grew
+        shown = min(seconds, MAX_HOLD)
+        self._say(now, "%s: every worker%s holds %.3gs (%d hold(s), %.1fs in all)", why,
+                  self.label, shown, self.holds, self.held_seconds,
+                  event="rate_limit_hold", hold_seconds=shown, holds=self.holds)
+
+    def _say(self, now: float, msg: str, *args: Any, **extra: Any) -> None:
+        """At INFO the first time and then at most every LOG_EVERY seconds (a run at its
+        limit meets many), DEBUG in between."""
+        quiet = now - self._logged_at < LOG_EVERY
+        if not quiet:
+            self._logged_at = now
+        if self.key.model != ACCOUNT:
+            extra["model"] = self.key.model
+        log.log(logging.DEBUG if quiet else logging.INFO, msg, *args, extra=extra)
+
+    def report(self) -> dict[str, Any]:
+        c = self.controller
+        return {
+            "pace_requests_per_second": None if self.rate is None else round(self.rate, 3),
+            "pace_source": c.source,
+            "pace_lowest": None if c.lowest is None else round(c.lowest, 3),
+            "pace_cuts": c.cuts,
+            "noise_share": round(c.noise, 3),
+            "refusals": self.refusals,
+            "pauses": self.pauses,
+            "paused_seconds": round(self.paused_seconds, 3),
+            "header_holds": self.holds,
+            "held_seconds": round(self.held_seconds, 3),
+        }
+
+
+def make_lane(key: LaneKey, cfg: PaceConfig, rpm: float | None, learn: bool,
+              label: str) -> Lane:
+    return Lane(key, Controller(cfg, rate=rpm / 60.0 if rpm else None, learn=learn), label)

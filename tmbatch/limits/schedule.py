@@ -1,0 +1,102 @@
+"""The two schedules admission books against: a lane's pace and a tokens-per-minute budget.
+
+Both are GCRA ("theoretical arrival time"): a booking moves the next free slot on by one
+interval, and the wait is how far that slot lies ahead. aiolimiter's buckets have a fixed
+rate and cannot go into debt; a pace changes under its waiters (the controller sets it after
+every answer) and a token budget is settled against real usage after the answer (debt or
+credit), so both are the few lines below.
+"""
+
+from __future__ import annotations
+
+import math
+
+MIN_RATE = 0.05  # requests/s: a pace never falls below one request in 20 s
+BURST_SECONDS = 0.05  # a pace's own burst: 50 ms worth, at least one request ...
+MAX_BURST = 4.0  # ... and at most four, so a pace is a pace and not a volley
+TOKEN_BURST_SECONDS = 0.5  # a tokens-per-minute budget's burst
+
+
+class Pacer:
+    """A lane's pace. `credit` requests are free at once from `credit_from` (what a server's
+    bucket refilled during a pause, sent when it ends)."""
+
+    __slots__ = ("credit", "credit_from", "credited", "interval", "rate", "tat", "tolerance")
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate: float | None = None
+        self.interval = 0.0
+        self.tolerance = 0.0
+        self.tat = -math.inf
+        self.credit = 0
+        self.credit_from = math.inf
+        self.credited = False  # the last booking took a credit (unbook gives it back)
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        if rate is None:
+            return
+        self.interval = 1.0 / rate
+        burst = min(MAX_BURST, max(1.0, rate * BURST_SECONDS))
+        self.tolerance = (burst - 1.0) * self.interval
+
+    def book(self, now: float) -> float:
+        """Seconds to wait before sending; the slot is taken either way."""
+        if self.rate is None:
+            return 0.0
+        if self.credit and now >= self.credit_from:
+            self.credit -= 1
+            self.credited = True
+            return 0.0
+        self.credited = False
+        start = max(self.tat, now - self.tolerance)
+        self.tat = start + self.interval
+        return max(0.0, start - now)
+
+    def unbook(self) -> None:
+        """A booked request that will not be sent now: its slot goes back."""
+        if self.rate is None:
+            return
+        if self.credited:
+            self.credit += 1
+        else:
+            self.tat -= self.interval
+
+    def restart_at(self, when: float, burst: int = 0) -> None:
+        """After a pause: the first slot is its end, with nothing saved up before it, and
+        `burst` slots free at once then (else only the pace's own burst)."""
+        if self.rate is not None and burst > 1 + self.tolerance / self.interval:
+            self.credit = burst - 1
+            self.credit_from = when
+            self.tat = max(self.tat, when)
+        else:
+            self.credit = 0
+            self.tat = max(self.tat, when - self.tolerance)
+
+
+class TokenBucket:
+    """Tokens per minute with reservations: `reserve` books tokens and says how long to wait;
+    a booking bigger than the burst just waits longer, and `adjust` moves the bucket into debt
+    or gives credit, which settling an estimate against real usage needs."""
+
+    def __init__(self, per_minute: float, burst_seconds: float = TOKEN_BURST_SECONDS) -> None:
+        self.burst_seconds = burst_seconds
+        self.tat = -math.inf
+        self.set_rate(per_minute)
+
+    def set_rate(self, per_minute: float) -> None:
+        """A new limit (stated by the server): bookings already made keep their times."""
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, self.rate * self.burst_seconds) / self.rate
+
+    def reserve(self, amount: float, now: float) -> float:
+        self.tat = max(self.tat, now) + amount / self.rate
+        return max(0.0, self.tat - now - self.burst)
+
+    def adjust(self, amount: float) -> None:
+        """Debt (positive) delays later bookings; credit (negative) brings them forward.
+        Credit below an empty bucket is lost on purpose: an idle bucket is not a backlog."""
+        if math.isfinite(self.tat):
+            self.tat += amount / self.rate
