@@ -43,7 +43,9 @@ from tmbatch.limits.schedule import MIN_RATE
 log = logging.getLogger("tmbatch")
 
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
-TRIAL_MAX = 50  # answers at most a cut is on probation for
+TRIAL_MAX = 100  # answers at most a cut is on probation for
+ECHO_ANSWERS = 20  # answers at least an echo is made of
+HISTORY_MAX = 120.0  # seconds the measures look back at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,20 @@ class _Trial:
     refused: int = 0
 
 
+@dataclass(slots=True)
+class _Echo:
+    """A refusal with no hint, and the round trip after it: what the server did with what
+    was sent meanwhile (a drained bucket refuses nearly all of it, refusals at random few)."""
+
+    start: float  # when it came back
+    until: float  # answers of requests sent from start to here are the echo
+    before: float | None  # the pace, and the rate last refused, before it
+    limit: float | None
+    ok: int = 0
+    refused: int = 0
+    last: float = -math.inf  # the last send counted
+
+
 class Controller:
     """One lane's pace (see the module doc). `rate` is None while the lane is unpaced."""
 
@@ -133,12 +149,12 @@ class Controller:
         self.cost = 0.0  # seconds of pause the last refusal announced
         self.cut_from = math.inf  # the pace the last cut was made at
         self.trial: _Trial | None = None
+        self.echo: _Echo | None = None
         self.chain: _Trial | None = None  # a trial that found the limit fell: its pace before
         self.noise = 0.0
         self.closed_hold = 0.0
         self.pause_from = self.pause_until = -math.inf
         self.pauses: deque[tuple[float, float]] = deque()  # (from, to) over the window
-        self.refilled = -math.inf  # the end of the last pause long enough to refill it
         self.burst_at = math.inf
         self.burst_refused = False
         self.lowest = rate
@@ -178,6 +194,7 @@ class Controller:
             self.first_ok = now
         self._prune(now)
         self._judge(a, refused=False)
+        self._listen(a, refused=False)
         rate = self.rate
         after_cut = a.sent > self.last_cut
         if after_cut:
@@ -234,7 +251,7 @@ class Controller:
             hold = 0.0
         else:
             self._judge(a, refused=True)
-            hold = self._event(a)
+            hold = self._listen(a, refused=True) or self._event(a)
         return hold, self._paused(a) if a.wait else 0
 
     def _event(self, a: Answer) -> float:
@@ -259,6 +276,16 @@ class Controller:
         if self.noise and share <= 2.0 * self.noise:
             log.debug("within noise %.3g: share %.3g", self.noise, share)
             return 0.0  # within the lane's noise floor: the pause deals with it
+        if a.wait is None:  # no hint: the round trip after it says what it was (rule 2)
+            if self.echo is None:
+                before, limit = rate, self.limit
+                if self.volley is None or rate is None:
+                    self._start_volley(a.sent)
+                    # a lower bound to listen at (the server's burst hid its rate)
+                    self._cut(now, self.cfg.margin * self._got_through(now), None)
+                span = max(0.1, 2.0 * self.latency, 4.0 / (self.rate or 1.0))
+                self.echo = _Echo(now, now + span, before, limit)
+            return 0.0
         if self.volley is None or rate is None:
             self._start_volley(a.sent)
             self._probation(rate, now, share)
@@ -266,15 +293,44 @@ class Controller:
             self._cut(now, self.cfg.margin * self._got_through(now), a.wait)
             return 0.0
         granted = self._granted(a.sent)
-        if granted is None:
-            log.debug("unexplained: not even twice the allowance got through since it was full")
-            return 0.0  # refused before the allowance was spent: not the rate (rule 3)
         self._probation(rate, now, share)
-        # no deeper than half what got through while sending (pauses left out): a drained
-        # allowance explains a refusal, but at random the explanation is a poor one
-        sending = self._unpaused(now)
-        self.limit = min(rate, max(granted, self.cfg.deepest * sending))
+        if granted is None:
+            # refused before the allowance could be spent: a slow limit whose pauses refill
+            # little, or refusals at random; what it granted over the history, pauses and
+            # all, tells them apart on probation (rule 3)
+            self.limit = min(rate, self._window_rate(now))
+        else:
+            # no deeper than half what got through while sending (pauses left out): a drained
+            # allowance explains a refusal, but at random the explanation is a poor one
+            self.limit = min(rate, max(granted, self.cfg.deepest * self._unpaused(now)))
         self._cut(now, self.cfg.margin * self.limit, a.wait)
+        return 0.0
+
+    def _listen(self, a: Answer, refused: bool) -> float:
+        """Count an answer into the open echo; once one comes of a request sent after its
+        round trip, cut to what got through meanwhile (nothing: closed). The hold, if any."""
+        e = self.echo
+        if e is None or a.sent <= e.start:
+            return 0.0
+        if a.sent <= e.until or e.ok + e.refused < ECHO_ANSWERS:
+            e.ok += not refused
+            e.refused += refused
+            e.last = max(e.last, a.sent)
+            return 0.0
+        self.echo = None
+        now, rate = a.at, self.rate
+        if e.ok == 0:
+            self._cut(now, self._closed_pace(now), None, closed=True)
+            return self.closed_hold
+        if e.refused == 0 or (self.noise and e.refused / (e.ok + e.refused) <= 2 * self.noise):
+            return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
+        share = e.refused / (e.ok + e.refused)
+        delivered = e.ok / max(e.last - e.start, e.until - e.start)
+        self.rate, self.limit = e.before, e.limit  # (for the probation's sake)
+        self._probation(e.before, now, share)
+        self.limit = delivered if rate is None else min(rate, delivered)
+        self._cut(now, self.cfg.margin * self.limit if rate is None else
+                  min(rate, self.cfg.margin * self.limit), None)
         return 0.0
 
     def _probation(self, rate: float | None, now: float, share: float) -> None:
@@ -282,7 +338,7 @@ class Controller:
         chain = self.chain
         self.trial = _Trial(rate if chain is None else chain.before,
                             self.limit if chain is None else chain.limit, now, math.inf, share,
-                            min(TRIAL_MAX, max(4, math.ceil(3.0 / max(share, 1e-3)))))
+                            min(TRIAL_MAX, max(8, math.ceil(4.0 / max(share, 1e-3)))))
 
     def _start_volley(self, refused_sent: float) -> None:
         if self.volley is not None:
@@ -358,9 +414,9 @@ class Controller:
         expected = t.share * t.answers
         # far more than the share before would give, even at random: the limit fell (and
         # the refusal at hand cuts again, on probation from the same pace as this one)
-        worse = t.refused >= 3 and t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
+        worse = t.refused >= 2 and t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
         # refusals as many as before the cut, with successes between them: not the rate
-        same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2
+        same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2 and not worse
         if t.answers < t.need and not worse and not same:
             return
         self.trial = None
@@ -387,8 +443,6 @@ class Controller:
             self.pauses[-1] = (self.pauses[-1][0], until)
         self.pause_until = max(self.pause_until, until)
         rate, allowance = self.rate, self.allowance
-        if rate is not None and allowance and wait * rate >= allowance:
-            self.refilled = until  # the allowance was full again when the pause ended
         if rate is None or not allowance or self.burst_refused or self.stated is not None:
             return 0
         # a request short of it, and short of what the pace sends at once after it
@@ -409,42 +463,37 @@ class Controller:
         return self._allowance
 
     def _granted(self, refused_sent: float) -> float | None:
-        """The server's rate as a bucket that drained shows it (rule 2). The first volley met
-        it full and left it empty, so it holds about v - rate x s (the volley's successes, and
-        the seconds it was sent over). From where it was last full to the refusal, n successes
-        sent over t seconds of sending (pauses left out) are that plus rate x t: rate =
-        (n - v) / (t - s). Where it was last full is not known, but any other start gives less
-        (still draining there, or full and wasting its refill at a lower pace), so the largest
-        over every send since the volley, and since the last pause long enough to refill the
-        allowance at the pace (it was full when that ended), is the one. None when no stretch
-        got more than the allowance through: refused before it could have been spent."""
+        """The rate the server granted, as a bucket shows it (rule 2): over any span, what got
+        through is at most what it held at the start (at most the allowance v, the first
+        volley's successes less what refilled while they were sent over s seconds) plus the
+        rate x the span, pauses and all: so rate >= (n - v) / (t - s) for every span of t
+        seconds in which n requests that got through were sent. The largest over every send
+        since the volley is the best bound: tight from where the bucket was last full (the
+        end of a pause that refilled it, or of a stretch paced under its rate). None when no
+        span got more than the allowance through: refused before it could have been spent."""
         if self.volley is None:
             return None
         volley, spread = self.volley, max(0.0, self.volley_last - self.volley_first)
-        since = max(self.volley_until, self.refilled)
-        sent = sorted(t for t, _ in self.oks if since < t <= refused_sent)
+        sent = sorted(t for t, _ in self.oks if self.volley_until < t <= refused_sent)
         best = None
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
             got = len(sent) - i
             if got <= volley:
                 break
-            span = end - t - self._paused_within(t, end)
-            if span - spread < 0.25:  # a shorter stretch says too little about a rate
+            span = end - t
+            if span - spread < 0.25:  # a shorter span says too little about a rate
                 continue
-            rate = min((got - volley) / (span - spread), got / span)
+            rate = (got - volley) / (span - spread)
             best = rate if best is None else max(best, rate)
         return best
-
-    def _paused_within(self, start: float, end: float) -> float:
-        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self.pauses)
 
     def _share(self) -> float:
         answers = len(self.oks) + len(self.refusals)
         return len(self.refusals) / answers if answers else 0.0
 
     def _prune(self, now: float) -> None:
-        horizon = now - self.cfg.window
+        horizon = now - self.history
         oks, refusals = self.oks, self.refusals
         while oks and oks[0][1] < horizon:
             oks.popleft()
@@ -477,7 +526,17 @@ class Controller:
     def _window_rate(self, now: float) -> float:
         if self.first_ok is None:
             return 0.0
-        return len(self.oks) / min(self.cfg.window, max(1.0, now - self.first_ok))
+        return len(self.oks) / min(self.history, max(1.0, now - self.first_ok))
+
+    @property
+    def history(self) -> float:
+        """Seconds the measures look back: the window, or long enough for the allowance to
+        refill four times at the pace (a slow limit with a big burst shows its rate only over
+        a few refills)."""
+        rate, allowance = self.rate, self._allowance
+        if rate is None or allowance is None:
+            return self.cfg.window
+        return max(self.cfg.window, min(4.0 * allowance / rate, HISTORY_MAX))
 
     def _average(self, now: float) -> float:
         if self.first_ok is None:
