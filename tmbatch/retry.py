@@ -82,6 +82,11 @@ class LineSender:
     transport: Callable[..., Awaitable[Answer]] = send
     _backoff: wait_exponential_jitter = field(
         default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
+    # A refusal with no hint on an unpaced lane: the server did no work and the lane's
+    # controller decides the pace, so a retry waits briefly (refusals at random are met at
+    # once, a limit by the pace the refusals set), growing if they go on
+    _refused_backoff: wait_exponential_jitter = field(
+        default_factory=lambda: wait_exponential_jitter(initial=0.1, max=10.0, jitter=0.1))
 
     def __post_init__(self) -> None:
         self.served = ServedCheck(self.served_models, self.fatal_404_after)
@@ -136,9 +141,10 @@ class LineSender:
 
     def _wait(self, lane: Lane, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome else None
-        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient and (
-                exc.retry_after is not None or lane.rate is not None):
-            return 0.0  # the lane's pause, or its pace, holds it back
+        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
+            if exc.retry_after is not None or lane.rate is not None:
+                return 0.0  # the lane's pause, or its pace, holds it back
+            return float(self._refused_backoff(rs))
         return float(self._backoff(rs))
 
     def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:

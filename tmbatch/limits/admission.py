@@ -39,7 +39,9 @@ from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
 
 log = logging.getLogger("tmbatch")
 
-START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per second answer ...
+START_IN_FLIGHT = 8  # while learning: requests in flight at first, +1 per OPEN_PER answers ...
+OPEN_PER = 4  # (a quarter more each round trip: a server that grants N at once and then
+# refuses, a window, sees about a fifth of N more before the first refusal comes back)
 OPEN_EVERY = 0.05  # ... and doubled this often until the server first refuses, so a slow
 # server (long answers, a queue) is at the ceiling in a few tenths of a second, not after a
 # few of its round trips; a tick in which answers came back for half the cap is left to them
@@ -177,7 +179,7 @@ class Admission:
         """Slow start: one more in flight for every second answer."""
         self._opening_answers += 1
         self._opening += 1
-        if self._opening >= 2:
+        if self._opening >= OPEN_PER:
             self._opening = 0
             self.cap += 1
             self._wake()

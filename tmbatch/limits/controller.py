@@ -44,7 +44,8 @@ log = logging.getLogger("tmbatch")
 
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 TRIAL_MAX = 100  # answers at most a cut is on probation for
-ECHO_ANSWERS = 20  # answers at least an echo is made of
+ECHO_ANSWERS = 20  # answers at least an echo is made of ...
+CLOSED_RUN = 3  # ... unless this many in a row were refused and none got through
 HISTORY_MAX = 120.0  # seconds the measures look back at most
 
 
@@ -65,8 +66,9 @@ class PaceConfig:
     ramp: float = 3.0
     # seconds near the rate last refused per second of pause a refusal costs, before probing
     plateau: float = 5.0
-    # the longest hold while everything is refused with no hint
-    max_hold: float = 8.0
+    # seconds a lane holds while everything is refused with no hint: a probe a second costs
+    # one refusal (nothing is billed) and finds a window reopening within a second
+    hold: float = 1.0
     # the pace may lead what the lane sends by this much: past it, sends do not follow
     lead: float = 1.5
 
@@ -119,6 +121,17 @@ class _Echo:
     last: float = -math.inf  # the last send counted
 
 
+def _wilson(k: int, n: int, z: float) -> float:
+    """The Wilson score bound of a share k/n (z < 0: the lower one, z > 0: the upper)."""
+    if n <= 0:
+        return 0.0 if z < 0 else 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = abs(z) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    bound = (centre + math.copysign(spread, z)) / (1 + z * z / n)
+    return min(1.0, max(0.0, bound))
+
+
 class Controller:
     """One lane's pace (see the module doc). `rate` is None while the lane is unpaced."""
 
@@ -152,7 +165,8 @@ class Controller:
         self.echo: _Echo | None = None
         self.chain: _Trial | None = None  # a trial that found the limit fell: its pace before
         self.noise = 0.0
-        self.closed_hold = 0.0
+        self.closed_since: float | None = None  # everything refused since (rule 4)
+        self.held_until = -math.inf
         self.pause_from = self.pause_until = -math.inf
         self.pauses: deque[tuple[float, float]] = deque()  # (from, to) over the window
         self.burst_at = math.inf
@@ -193,6 +207,8 @@ class Controller:
         if self.first_ok is None:
             self.first_ok = now
         self._prune(now)
+        if self.closed_since is not None:
+            self._reopened(now)
         self._judge(a, refused=False)
         self._listen(a, refused=False)
         rate = self.rate
@@ -257,14 +273,13 @@ class Controller:
     def _event(self, a: Answer) -> float:
         """Rules 1-4 for a refusal: the seconds the lane holds (rule 4), if it does."""
         now = a.at
+        if self.closed_since is not None:  # a probe of a closed server, refused
+            return self._close(now) if a.sent >= self.held_until else 0.0
         if self.stated is not None or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
         rate = self.rate
         if rate is None and not self.oks:
             return 0.0  # nothing got through yet: no measure (the pause holds)
-        if self._closed(now):
-            self._cut(now, self._closed_pace(now), a.wait, closed=True)
-            return self.closed_hold
         if rate is not None and now - self.last_cut < 2.0 / rate:
             return 0.0  # the new pace has not sent enough to be judged yet
         trial = self.trial
@@ -272,9 +287,7 @@ class Controller:
             if rate is None or rate <= 2.0 * trial.pace:
                 return 0.0  # one hypothesis at a time: this refusal is evidence for its verdict
             self.trial = self.chain = None  # the pace grew out of it: kept
-        share = self._share()
-        if self.noise and share <= 2.0 * self.noise:
-            log.debug("within noise %.3g: share %.3g", self.noise, share)
+        if self._within_noise(*self._counts()):
             return 0.0  # within the lane's noise floor: the pause deals with it
         if a.wait is None:  # no hint: the round trip after it says what it was (rule 2)
             if self.echo is None:
@@ -288,12 +301,12 @@ class Controller:
             return 0.0
         if self.volley is None or rate is None:
             self._start_volley(a.sent)
-            self._probation(rate, now, share)
+            self._probation(rate, now, *self._counts())
             # a lower bound: the server's burst hid its rate
             self._cut(now, self.cfg.margin * self._got_through(now), a.wait)
             return 0.0
         granted = self._granted(a.sent)
-        self._probation(rate, now, share)
+        self._probation(rate, now, *self._counts())
         if granted is None:
             # refused before the allowance could be spent: a slow limit whose pauses refill
             # little, or refusals at random; what it granted over the history, pauses and
@@ -312,7 +325,8 @@ class Controller:
         e = self.echo
         if e is None or a.sent <= e.start:
             return 0.0
-        if a.sent <= e.until or e.ok + e.refused < ECHO_ANSWERS:
+        closed = e.ok == 0 and e.refused >= CLOSED_RUN
+        if a.sent <= e.until or (e.ok + e.refused < ECHO_ANSWERS and not closed):
             e.ok += not refused
             e.refused += refused
             e.last = max(e.last, a.sent)
@@ -320,25 +334,28 @@ class Controller:
         self.echo = None
         now, rate = a.at, self.rate
         if e.ok == 0:
-            self._cut(now, self._closed_pace(now), None, closed=True)
-            return self.closed_hold
-        if e.refused == 0 or (self.noise and e.refused / (e.ok + e.refused) <= 2 * self.noise):
+            self.closed_since = now
+            return self._close(now)
+        if e.refused == 0 or self._within_noise(e.refused, e.ok + e.refused):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
         share = e.refused / (e.ok + e.refused)
         delivered = e.ok / max(e.last - e.start, e.until - e.start)
         self.rate, self.limit = e.before, e.limit  # (for the probation's sake)
-        self._probation(e.before, now, share)
+        self._probation(e.before, now, e.refused, e.ok + e.refused)
         self.limit = delivered if rate is None else min(rate, delivered)
         self._cut(now, self.cfg.margin * self.limit if rate is None else
                   min(rate, self.cfg.margin * self.limit), None)
         return 0.0
 
-    def _probation(self, rate: float | None, now: float, share: float) -> None:
-        """Rule 3: the cut about to be made is on trial."""
+    def _probation(self, rate: float | None, now: float, refused: int, answers: int) -> None:
+        """Rule 3: the cut about to be made is on trial, for long enough that refusals at the
+        share seen before it (its lower bound, to be safe) would show four times over."""
         chain = self.chain
+        share = refused / answers if answers else 0.0
+        low = _wilson(refused, answers, -1.64)
         self.trial = _Trial(rate if chain is None else chain.before,
                             self.limit if chain is None else chain.limit, now, math.inf, share,
-                            min(TRIAL_MAX, max(8, math.ceil(4.0 / max(share, 1e-3)))))
+                            min(TRIAL_MAX, max(8, math.ceil(4.0 / max(low, 1e-3)))))
 
     def _start_volley(self, refused_sent: float) -> None:
         if self.volley is not None:
@@ -348,26 +365,7 @@ class Controller:
             if sent <= refused_sent:
                 self._in_volley(sent)
 
-    def _closed(self, now: float) -> bool:
-        """Nothing gets through at all (rule 4): the last answers were refusals, more of them
-        in a row than the lane's noise floor gives one time in a hundred, and none got through
-        since the last cut once what it sent could have answered, or for a quarter second and
-        three intervals of the pace."""
-        rate = self.rate
-        if rate is None:
-            return False
-        noise = self.noise
-        run = 2 if noise <= 0.1 else math.ceil(math.log(0.01) / math.log(min(noise, 0.9)))
-        if self.refused_run < run:
-            return False
-        answerable = max(self.last_cut, self.pause_until) + self.latency
-        if not self.through_since_cut and now >= answerable:
-            return True
-        through = max(self.oks[-1][1] if self.oks else -math.inf,
-                      self.pause_until + self.latency)
-        return through <= now - max(0.25, 3.0 / rate)
-
-    def _cut(self, now: float, new: float, pause: float | None, closed: bool = False) -> None:
+    def _cut(self, now: float, new: float, pause: float | None) -> None:
         cfg, rate = self.cfg, self.rate
         first = self.cuts == 0
         self.last_cut = now
@@ -375,10 +373,9 @@ class Controller:
         self.through_since_cut = False
         self.cuts += 1
         self.cost = min(pause or 0.0, 10.0)
-        self.closed_hold = min(cfg.max_hold, max(1.0, 2 * self.closed_hold)) if closed else 0.0
         self.cut_from = rate or math.inf
-        log.debug("cut: %s -> %.3g (closed %s, allowance %s, volley %s)", rate, new, closed,
-                  self.allowance, self.volley)
+        log.debug("cut: %s -> %.3g (allowance %s, volley %s)", rate, new, self.allowance,
+                  self.volley)
         self._set(max(MIN_RATE, new), "learnt from refusals")
         if self.trial is not None and self.trial.at == now:
             self.trial.pace = self.rate or math.inf
@@ -386,12 +383,19 @@ class Controller:
             self.first_rate = self.rate or 0.0
             self._in_volley(None)
 
-    def _closed_pace(self, now: float) -> float:
-        """What a window grants, whatever its length (its first grant is in the average)."""
-        self.trial = None
-        new = self.cfg.margin * max(self._average(now), MIN_RATE)
-        self.limit = new / self.cfg.margin
-        return new
+    def _close(self, now: float) -> float:
+        """Rule 4: everything is refused and nothing says until when: hold, then probe."""
+        self.trial = self.chain = self.echo = None
+        self.last_cut = now
+        self.held_until = now + self.cfg.hold
+        return self.cfg.hold
+
+    def _reopened(self, now: float) -> None:
+        """Rule 4: the first success after a closure. A window of N per W grants N per W
+        whatever else happened, so the pace is what got through since the first success."""
+        self.closed_since = None
+        self.limit = max(self._average(now), MIN_RATE)
+        self._cut(now, self.cfg.margin * self.limit, None)
 
     def _in_volley(self, sent: float | None) -> None:
         """A success of the first volley (sent before its first refused request): counted in
@@ -487,6 +491,20 @@ class Controller:
             rate = (got - volley) / (span - spread)
             best = rate if best is None else max(best, rate)
         return best
+
+    def _within_noise(self, refused: int, answers: int) -> bool:
+        """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
+        noise = self.noise
+        if not noise:
+            return False
+        within = _wilson(refused, answers, -1.64) <= 2.0 * noise
+        if within:
+            log.debug("within noise %.3g: %d of %d refused", noise, refused, answers)
+        return within
+
+    def _counts(self) -> tuple[int, int]:
+        """(refusals, answers) over the history."""
+        return len(self.refusals), len(self.oks) + len(self.refusals)
 
     def _share(self) -> float:
         answers = len(self.oks) + len(self.refusals)

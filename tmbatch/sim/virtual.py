@@ -328,10 +328,14 @@ def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,
     return out
 
 
-if __name__ == "__main__":  # python -m tmbatch.sim.virtual [row ...]
-    import sys
+if __name__ == "__main__":  # python -m tmbatch.sim.virtual [--seeds N] [row ...]
+    import argparse
 
     from tmbatch.sim.scenarios import BY_NAME, SCENARIOS
-    chosen = [BY_NAME[n] for n in sys.argv[1:]] or list(SCENARIOS)
-    results = run_matrix(chosen, echo=print)
-    sys.exit(0 if all(r.passed for r in results) else 1)
+    parser = argparse.ArgumentParser(prog="python -m tmbatch.sim.virtual")
+    parser.add_argument("rows", nargs="*", choices=[[], *BY_NAME], metavar="ROW")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    chosen = [BY_NAME[n] for n in args.rows] or list(SCENARIOS)
+    results = run_matrix(chosen, seeds=args.seeds, echo=print)
+    raise SystemExit(0 if all(r.passed for r in results) else 1)
