@@ -294,8 +294,10 @@ class Controller:
                 before, limit = rate, self.limit
                 if self.volley is None or rate is None:
                     self._start_volley(a.sent)
-                    # a lower bound to listen at (the server's burst hid its rate)
-                    self._cut(now, self.cfg.margin * self._got_through(now), None)
+                    # a lower bound to listen at (the server's burst hid its rate), but one
+                    # that hears enough answers within a second
+                    self._cut(now, max(self.cfg.margin * self._got_through(now),
+                                       float(ECHO_ANSWERS)), None)
                 span = max(0.1, 2.0 * self.latency, 4.0 / (self.rate or 1.0))
                 self.echo = _Echo(now, now + span, before, limit)
             return 0.0
@@ -430,9 +432,9 @@ class Controller:
             self.chain = t
             return
         self.chain = None
-        if same:  # the rate did not cause them: undo
-            self.noise = max(self.noise, share)
-            self.limit = t.limit
+        if same:  # the rate did not cause them: undo, and forget the rate they were taken
+            self.noise = max(self.noise, share)  # for (refusals at random tell of none)
+            self.limit = None
             self._set(t.before, "refusals at random: pace restored")
 
     def _paused(self, a: Answer) -> int:
