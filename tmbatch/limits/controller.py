@@ -66,6 +66,8 @@ class PaceConfig:
     ramp: float = 3.0
     # seconds near the rate last refused per second of pause a refusal costs, before probing
     plateau: float = 5.0
+    # share of the time probing may cost: a probe refused with a one-second pause waits 20 s
+    overhead: float = 0.05
     # seconds a lane holds while everything is refused with no hint: a probe a second costs
     # one refusal (nothing is billed) and finds a window reopening within a second
     hold: float = 1.0
@@ -160,6 +162,9 @@ class Controller:
         self.limit: float | None = None  # the rate the last rate-caused refusal came at
         self.reached = math.inf  # when the pace came near it (the plateau's clock)
         self.cost = 0.0  # seconds of pause the last refusal announced
+        # since the limit last fell: how many probes found it where it was (None: it never
+        # fell, and is trusted for as long as probing costs at most `overhead`)
+        self.trust: int | None = None
         self.cut_from = math.inf  # the pace the last cut was made at
         self.trial: _Trial | None = None
         self.echo: _Echo | None = None
@@ -249,10 +254,18 @@ class Controller:
             return min(cfg.ramp, max(0.0, cfg.margin * limit / rate - 1.0) * max(rate, 1.0))
         if self.reached == math.inf:
             self.reached = now
-        probing = now - self.reached - cfg.plateau * (1.0 + self.cost)
+        probing = now - self.reached - self._plateau()
         if probing < 0:
             return 0.0
         return min(cfg.ramp, (1.0 - cfg.margin) * 2.0 ** probing)
+
+    def _plateau(self) -> float:
+        """Seconds at the rate last refused before probing above it: long enough that the
+        pause a probe's refusal costs is at most `overhead` of the time; after the limit
+        fell, `plateau` doubled by each probe since that found it where it was."""
+        cfg = self.cfg
+        trusted = max(cfg.plateau, self.cost / cfg.overhead)
+        return trusted if self.trust is None else min(trusted, cfg.plateau * 2 ** self.trust)
 
     # -- refusals ------------------------------------------------------------------------
     def _refused(self, a: Answer) -> tuple[float, int]:
@@ -313,11 +326,11 @@ class Controller:
             # refused before the allowance could be spent: a slow limit whose pauses refill
             # little, or refusals at random; what it granted over the history, pauses and
             # all, tells them apart on probation (rule 3)
-            self.limit = min(rate, self._window_rate(now))
+            self._learn(min(rate, self._window_rate(now)))
         else:
             # no deeper than half what got through while sending (pauses left out): a drained
             # allowance explains a refusal, but at random the explanation is a poor one
-            self.limit = min(rate, max(granted, self.cfg.deepest * self._unpaused(now)))
+            self._learn(min(rate, max(granted, self.cfg.deepest * self._unpaused(now))))
         self._cut(now, self.cfg.margin * self.limit, a.wait)
         return 0.0
 
@@ -344,7 +357,7 @@ class Controller:
         delivered = e.ok / max(e.last - e.start, e.until - e.start)
         self.rate, self.limit = e.before, e.limit  # (for the probation's sake)
         self._probation(e.before, now, e.refused, e.ok + e.refused)
-        self.limit = delivered if rate is None else min(rate, delivered)
+        self._learn(delivered if rate is None else min(rate, delivered))
         self._cut(now, self.cfg.margin * self.limit if rate is None else
                   min(rate, self.cfg.margin * self.limit), None)
         return 0.0
@@ -385,6 +398,19 @@ class Controller:
             self.first_rate = self.rate or 0.0
             self._in_volley(None)
 
+    def _learn(self, limit: float) -> None:
+        """A new measure of the server's rate. One well under the last, met while the lane
+        sat at it, is a limit that fell: it may come back, so the plateau starts short again
+        and doubles with every probe that finds it where it was (`trust`)."""
+        old = self.limit
+        if old is not None:
+            near = self.cfg.margin ** 2
+            if self.reached != math.inf and limit < near * old:
+                self.trust = 0
+            elif self.trust is not None and near * old <= limit <= old / near:
+                self.trust += 1
+        self.limit = limit
+
     def _close(self, now: float) -> float:
         """Rule 4: everything is refused and nothing says until when: hold, then probe."""
         self.trial = self.chain = self.echo = None
@@ -396,8 +422,8 @@ class Controller:
         """Rule 4: the first success after a closure. A window of N per W grants N per W
         whatever else happened, so the pace is what got through since the first success."""
         self.closed_since = None
-        self.limit = max(self._average(now), MIN_RATE)
-        self._cut(now, self.cfg.margin * self.limit, None)
+        self._learn(max(self._average(now), MIN_RATE))
+        self._cut(now, self.cfg.margin * (self.limit or MIN_RATE), None)
 
     def _in_volley(self, sent: float | None) -> None:
         """A success of the first volley (sent before its first refused request): counted in
@@ -490,7 +516,7 @@ class Controller:
             span = end - t
             if span - spread < 0.25:  # a shorter span says too little about a rate
                 continue
-            rate = (got - volley) / (span - spread)
+            rate = (got + 0.5 - volley) / (span - spread)  # (half a token left, on average)
             best = rate if best is None else max(best, rate)
         return best
 
