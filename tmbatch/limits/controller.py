@@ -165,6 +165,7 @@ class Controller:
         # since the limit last fell: how many probes found it where it was (None: it never
         # fell, and is trusted for as long as probing costs at most `overhead`)
         self.trust: int | None = None
+        self.peak: float | None = None  # the limit before it last fell
         self.cut_from = math.inf  # the pace the last cut was made at
         self.trial: _Trial | None = None
         self.echo: _Echo | None = None
@@ -244,9 +245,10 @@ class Controller:
 
     def _growth(self, now: float) -> float:
         """Relative growth per second (rule 5): `ramp` up to near the rate last refused, then
-        nothing for the plateau, then a probe that starts at the margin's worth a second and
-        doubles every second (a limit that rose is found in a few seconds, and one that did
-        not is met gently, the allowance absorbing the first of it)."""
+        nothing for the plateau, then a probe: at `ramp` back up to the limit before it last
+        fell (the server allowed it once), then from the margin's worth a second doubling
+        every second (a limit that rose is found in a few seconds, and one that did not is
+        met gently, the allowance absorbing the first of it)."""
         cfg, rate, limit = self.cfg, self.rate or 0.0, self.limit
         if limit is None:
             return cfg.ramp
@@ -257,6 +259,8 @@ class Controller:
         probing = now - self.reached - self._plateau()
         if probing < 0:
             return 0.0
+        if self.peak is not None and rate < cfg.margin * self.peak:
+            return cfg.ramp  # back to what it allowed before it fell, at once
         return min(cfg.ramp, (1.0 - cfg.margin) * 2.0 ** probing)
 
     def _plateau(self) -> float:
@@ -407,8 +411,11 @@ class Controller:
             near = self.cfg.margin ** 2
             if self.reached != math.inf and limit < near * old:
                 self.trust = 0
+                self.peak = max(self.peak or 0.0, old)
             elif self.trust is not None and near * old <= limit <= old / near:
                 self.trust += 1
+        if self.peak is not None and limit >= near * self.peak:
+            self.peak = None  # it came back
         self.limit = limit
 
     def _close(self, now: float) -> float:
@@ -446,7 +453,7 @@ class Controller:
         expected = t.share * t.answers
         # far more than the share before would give, even at random: the limit fell (and
         # the refusal at hand cuts again, on probation from the same pace as this one)
-        worse = t.refused >= 2 and t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
+        worse = t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
         # refusals as many as before the cut, with successes between them: not the rate
         same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2 and not worse
         if t.answers < t.need and not worse and not same:
