@@ -221,10 +221,10 @@ class Controller:
         after_cut = a.sent > self.last_cut
         if after_cut:
             self.through_since_cut = True
-        if rate is None or self.stated is not None:
-            return
         if a.sent <= self.volley_until:
             self._in_volley(a.sent)
+        if rate is None or self.stated is not None:
+            return
         if not after_cut:
             # the cut's measure, completed by the answers of what was in flight when it came
             if self.cuts == 1 and self.limit is None:
@@ -296,6 +296,7 @@ class Controller:
             return 0.0  # the headers state the limit; or the event was met already
         rate = self.rate
         if rate is None and not self.oks:
+            self._start_volley(a.sent)  # the volley is what was sent before this
             return 0.0  # nothing got through yet: no measure (the pause holds)
         if rate is not None and now - self.last_cut < 2.0 / rate:
             return 0.0  # the new pace has not sent enough to be judged yet
@@ -406,9 +407,8 @@ class Controller:
         """A new measure of the server's rate. One well under the last, met while the lane
         sat at it, is a limit that fell: it may come back, so the plateau starts short again
         and doubles with every probe that finds it where it was (`trust`)."""
-        old = self.limit
+        old, near = self.limit, self.cfg.margin ** 2
         if old is not None:
-            near = self.cfg.margin ** 2
             if self.reached != math.inf and limit < near * old:
                 self.trust = 0
                 self.peak = max(self.peak or 0.0, old)
@@ -523,7 +523,7 @@ class Controller:
             span = end - t
             if span - spread < 0.25:  # a shorter span says too little about a rate
                 continue
-            rate = (got + 0.5 - volley) / (span - spread)  # (half a token left, on average)
+            rate = (got - volley) / (span - spread)
             best = rate if best is None else max(best, rate)
         return best
 
