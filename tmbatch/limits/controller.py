@@ -162,9 +162,9 @@ class Controller:
         self.limit: float | None = None  # the rate the last rate-caused refusal came at
         self.reached = math.inf  # when the pace came near it (the plateau's clock)
         self.cost = 0.0  # seconds of pause the last refusal announced
-        # since the limit last fell: how many probes found it where it was (None: it never
-        # fell, and is trusted for as long as probing costs at most `overhead`)
-        self.trust: int | None = None
+        # how many probes found the limit where it was since it was measured or last fell:
+        # a measure from one drain is a token or two off, and a fallen limit may come back
+        self.trust = 0
         self.peak: float | None = None  # the limit before it last fell
         self.cut_from = math.inf  # the pace the last cut was made at
         self.trial: _Trial | None = None
@@ -268,8 +268,7 @@ class Controller:
         pause a probe's refusal costs is at most `overhead` of the time; after the limit
         fell, `plateau` doubled by each probe since that found it where it was."""
         cfg = self.cfg
-        trusted = max(cfg.plateau, self.cost / cfg.overhead)
-        return trusted if self.trust is None else min(trusted, cfg.plateau * 2 ** self.trust)
+        return min(max(cfg.plateau, self.cost / cfg.overhead), cfg.plateau * 2 ** self.trust)
 
     # -- refusals ------------------------------------------------------------------------
     def _refused(self, a: Answer) -> tuple[float, int]:
@@ -412,7 +411,7 @@ class Controller:
             if self.reached != math.inf and limit < near * old:
                 self.trust = 0
                 self.peak = max(self.peak or 0.0, old)
-            elif self.trust is not None and near * old <= limit <= old / near:
+            elif near * old <= limit <= old / near:
                 self.trust += 1
         if self.peak is not None and limit >= near * self.peak:
             self.peak = None  # it came back
@@ -450,11 +449,10 @@ class Controller:
         t.answers += 1
         t.refused += refused
         share = t.refused / t.answers
-        expected = t.share * t.answers
-        # far more than the share before would give, even at random: the limit fell (and
-        # the refusal at hand cuts again, on probation from the same pace as this one)
-        worse = t.refused > 2.0 * expected + 2.0 * math.sqrt(expected)
-        # refusals as many as before the cut, with successes between them: not the rate
+        # refusals at over three times the share before: the limit fell, and the refusal at
+        # hand cuts again, on probation from the same pace as this one; at about the share
+        # before, with successes between them: not the rate
+        worse = t.refused >= 2 and share > 3.0 * t.share
         same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2 and not worse
         if t.answers < t.need and not worse and not same:
             return
@@ -512,7 +510,7 @@ class Controller:
         span got more than the allowance through: refused before it could have been spent."""
         if self.volley is None:
             return None
-        volley, spread = self.volley, max(0.0, self.volley_last - self.volley_first)
+        volley = self.volley
         sent = sorted(t for t, _ in self.oks if self.volley_until < t <= refused_sent)
         best = None
         end = sent[-1] if sent else 0.0
@@ -521,9 +519,9 @@ class Controller:
             if got <= volley:
                 break
             span = end - t
-            if span - spread < 0.25:  # a shorter span says too little about a rate
+            if span < 0.25:  # a shorter span says too little about a rate
                 continue
-            rate = (got - volley) / (span - spread)
+            rate = (got - volley) / span
             best = rate if best is None else max(best, rate)
         return best
 
