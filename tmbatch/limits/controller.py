@@ -107,6 +107,9 @@ class _Trial:
     need: int
     answers: int = 0
     refused: int = 0
+    # the cut went to a drained measure above its strict bound: refusals at it may be the
+    # measure's error, not refusals at random, so they cut again instead of undoing it
+    hopeful: bool = False
 
 
 @dataclass(slots=True)
@@ -231,7 +234,8 @@ class Controller:
                 measured = cfg.margin * self._got_through(now)
             else:
                 granted = self._granted(self.last_cut) if self.limit is not None else None
-                measured = 0.0 if granted is None else cfg.margin * min(granted, self.cut_from)
+                measured = 0.0 if granted is None else cfg.margin * min(granted[1],
+                                                                          self.cut_from)
                 if measured > rate:
                     self.limit = measured / cfg.margin
             if measured > rate:
@@ -331,11 +335,16 @@ class Controller:
             # little, or refusals at random; what it granted over the history, pauses and
             # all, tells them apart on probation (rule 3)
             self._learn(min(rate, self._window_rate(now)))
+            self._cut(now, self.cfg.margin * self.limit, a.wait)
         else:
-            # no deeper than half what got through while sending (pauses left out): a drained
-            # allowance explains a refusal, but at random the explanation is a poor one
-            self._learn(min(rate, max(granted, self.cfg.deepest * self._unpaused(now))))
-        self._cut(now, self.cfg.margin * self.limit, a.wait)
+            # the drained bound is under the rate already (no margin on top), but no deeper
+            # than half what got through while sending (pauses left out): a drained allowance
+            # explains a refusal, but at random the explanation is a poor one
+            bound, measure = granted
+            self._learn(min(rate, max(measure, self.cfg.deepest * self._unpaused(now))))
+            self._cut(now, self.cfg.margin * min(self.limit, rate), a.wait)
+            if self.trial is not None:
+                self.trial.hopeful = (self.rate or 0.0) > bound
         return 0.0
 
     def _listen(self, a: Answer, refused: bool) -> float:
@@ -452,7 +461,7 @@ class Controller:
         # refusals at over three times the share before: the limit fell, and the refusal at
         # hand cuts again, on probation from the same pace as this one; at about the share
         # before, with successes between them: not the rate
-        worse = t.refused >= 2 and share > 3.0 * t.share
+        worse = (t.refused >= 2 and share > 3.0 * t.share) or (t.hopeful and t.refused > 0)
         same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2 and not worse
         if t.answers < t.need and not worse and not same:
             return
@@ -499,31 +508,34 @@ class Controller:
         it was sent (at the first pace, a lower bound of the server's rate)."""
         return self._allowance
 
-    def _granted(self, refused_sent: float) -> float | None:
+    def _granted(self, refused_sent: float) -> tuple[float, float] | None:
         """The rate the server granted, as a bucket shows it (rule 2): over any span, what got
         through is at most what it held at the start (at most the allowance v, the first
-        volley's successes less what refilled while they were sent over s seconds) plus the
-        rate x the span, pauses and all: so rate >= (n - v) / (t - s) for every span of t
-        seconds in which n requests that got through were sent. The largest over every send
-        since the volley is the best bound: tight from where the bucket was last full (the
-        end of a pause that refilled it, or of a stretch paced under its rate). None when no
-        span got more than the allowance through: refused before it could have been spent."""
+        volley's successes) plus the rate x the span, pauses and all; so rate >= (n - v) / t
+        for every span of t seconds in which n requests that got through were sent. The
+        largest over every send since the volley is the best bound, tight from where the
+        bucket was last full (the end of a pause that refilled it, or of a stretch paced
+        under its rate). Returns (that bound, the measure): the volley also got what refilled
+        while it was sent, over s seconds, so (n - v) / (t - s) is the measure itself, a
+        token or two either way. None when no span got more than the allowance through:
+        refused before it could have been spent."""
         if self.volley is None:
             return None
-        volley = self.volley
+        volley, spread = self.volley, max(0.0, self.volley_last - self.volley_first)
         sent = sorted(t for t, _ in self.oks if self.volley_until < t <= refused_sent)
-        best = None
+        bound = measure = None
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
             got = len(sent) - i
             if got <= volley:
                 break
             span = end - t
-            if span < 0.25:  # a shorter span says too little about a rate
+            if span - spread < 0.25:  # a shorter span says too little about a rate
                 continue
-            rate = (got - volley) / span
-            best = rate if best is None else max(best, rate)
-        return best
+            b, m = (got - volley) / span, (got - volley) / (span - spread)
+            bound = b if bound is None else max(bound, b)
+            measure = m if measure is None else max(measure, m)
+        return None if bound is None or measure is None else (bound, measure)
 
     def _within_noise(self, refused: int, answers: int) -> bool:
         """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
