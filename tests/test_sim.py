@@ -556,6 +556,22 @@ def test_fixed_window_headers_and_retry_after_count_down_to_the_next_window() ->
     run_with_sim(SimConfig(window_limit=2, window_seconds=30, ratelimit_headers=True), scenario)
 
 
+def test_a_body_naming_no_served_model_is_refused_before_the_limits() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        assert status == 404 and headers["x-ratelimit-remaining-requests"] == "1"
+        async with session.post(server.url + CHAT, data=b"{not json") as resp:
+            assert resp.status == 400
+        # neither cost a token: the bucket of one still admits one, then refuses
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
+        # and once it is empty, a bad body is still told what is wrong with it
+        assert (await post(session, server, CHAT, {**chat_body(), "model": "nope"}))[0] == 404
+        assert server.stats()["rejected_429"] == 1
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, ratelimit_headers=True), scenario)
+
+
 def test_tokens_per_minute_charges_usage_and_refuses_in_debt() -> None:
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         status, body, headers = await post(session, server, CHAT, chat_body("a fairly long q"))

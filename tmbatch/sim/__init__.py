@@ -13,7 +13,9 @@ The modules, in the order a request meets them:
 - state: the counters and the accounting that fills them (stats_of);
 - replies: JSON replies and OpenAI-shaped error bodies;
 - limits: the server-side limits (token bucket with a burst, fixed window, tokens per minute
-  charged with usage, a capacity that queues instead of refusing);
+  charged with usage, a capacity that queues instead of refusing), grouped in a LimitSet with
+  the Retry-After windows its refusals announced; pure arithmetic on the `now` they are given,
+  so a virtual-time harness can drive them without HTTP;
 - gate: X-User-Id routing, the key, admission through the limits, the 429 hints and the
   windows they announce;
 - bodies: answer text, token counts, label mode, OpenAI-shaped bodies and SSE events;

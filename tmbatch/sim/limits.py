@@ -7,6 +7,12 @@ never refuses but queues past its capacity (vLLM's scheduler with --max-num-seqs
 here answers the same two questions, so the gate can combine them: how long until one more
 request would pass (`wait`), and what its `x-ratelimit-*` headers say (`headers`). Nothing is
 consumed until every limit has said yes (`take`), so a refusal by one never costs another.
+
+Everything but Capacity is pure arithmetic on the `now` it is given (a monotonic time in
+seconds): no class here reads a clock, so the same objects can be driven in virtual time,
+without HTTP, by a harness that replays a client's pacing against them. A LimitSet is what one
+scope enforces (the whole account, or one model) with the Retry-After windows its refusals
+announced; build_limit_set makes one from a SimConfig.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from tmbatch.sim.config import SimConfig
 
 
 def openai_duration(seconds: float) -> str:
@@ -174,6 +182,114 @@ class TokenBudget(_Bucket):
     def charge(self, now: float, tokens: int) -> None:
         self._refill(now)
         self.level -= tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# What one scope enforces, and the windows its refusals announce
+
+
+@dataclass
+class RetryWindows:
+    """The pauses announced to a client (Retry-After and the like, or a remaining of 0), and
+    whether an arrival broke one.
+
+    `open(now, end)` is called as the answer leaves at `now`: arrivals from `grace` after it
+    until `end` break the promise, the grace letting requests already on the wire arrive
+    without blame (a window shorter than the grace is not kept). Calls must come in time order
+    (`now` never decreasing), so a deque plus a running maximum gives O(1) per arrival.
+    """
+
+    grace: float
+    pending: deque[tuple[float, float]] = field(default_factory=deque)
+    matured_end: float = -math.inf
+
+    def open(self, now: float, end: float) -> None:
+        start = now + self.grace
+        if end > start:
+            self.pending.append((start, end))
+
+    def arrive(self, now: float) -> bool:
+        """Whether an arrival at `now` falls inside an announced window (a violation)."""
+        pending = self.pending
+        while pending and pending[0][0] < now:
+            end = pending.popleft()[1]
+            if end > self.matured_end:
+                self.matured_end = end
+        return now < self.matured_end
+
+
+@dataclass
+class LimitSet:
+    """The limits one scope enforces (the whole account, or one model with a per-model scope)
+    and the Retry-After windows its refusals opened."""
+
+    requests: RequestBucket | FixedWindow | None
+    tokens: TokenBudget | None
+    windows: RetryWindows
+    active: tuple[Limit, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.active = tuple(lim for lim in (self.requests, self.tokens) if lim is not None)
+
+    def admit(self, now: float) -> tuple[float, str]:
+        """Every limit must say yes before any counts the request, so a refusal by the tokens
+        budget never costs a request token. Returns (0.0, "") when admitted (and counted), else
+        the longest wait and the kind of the limit that asked for it ("requests" or
+        "tokens"), with nothing consumed."""
+        wait, kind = 0.0, ""
+        for lim in self.active:
+            w = lim.wait(now)
+            if w > wait:
+                wait, kind = w, lim.kind
+        if wait == 0.0:
+            for lim in self.active:
+                lim.take(now)
+        return wait, kind
+
+    def headers(self, now: float) -> tuple[dict[str, str], list[float]]:
+        """The x-ratelimit-* headers as the limits stand at `now`, and the ends of the windows
+        they announce: a remaining of 0 says nothing more passes until that limit has room."""
+        headers: dict[str, str] = {}
+        ends: list[float] = []
+        for lim in self.active:
+            headers.update(lim.headers(now))
+            if lim.remaining(now) == 0:
+                ends.append(now + lim.wait(now))
+        return headers, ends
+
+    def charge(self, now: float, tokens: int) -> dict[str, str] | None:
+        """Book an answer's real usage on the tokens budget; its headers then, if it has one."""
+        if self.tokens is None:
+            return None
+        self.tokens.charge(now, tokens)
+        return self.tokens.headers(now)
+
+
+def one_second(rate: float) -> float:
+    """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
+    return max(1.0, rate)
+
+
+def build_limit_set(config: SimConfig, now: float) -> LimitSet:
+    """Fresh limits as `config` describes them: full buckets, the first window starting at
+    `now` (the server's start or reset)."""
+    requests: RequestBucket | FixedWindow | None = None
+    if config.rate_limit is not None:
+        burst = config.rate_burst if config.rate_burst is not None else one_second(
+            config.rate_limit)
+        requests = RequestBucket(config.rate_limit, burst, burst, now)
+    elif config.window_limit is not None:
+        requests = FixedWindow(config.window_limit, config.window_seconds, now)
+    tokens: TokenBudget | None = None
+    if config.tpm_limit is not None:
+        rate = config.tpm_limit / 60.0
+        burst = config.tpm_burst if config.tpm_burst is not None else one_second(rate)
+        tokens = TokenBudget(rate, burst, burst, now)
+    return LimitSet(requests, tokens, RetryWindows(config.grace))
+
+
+# ----------------------------------------------------------------------------------------------
+# A server that queues instead of refusing
 
 
 @dataclass

@@ -9,18 +9,16 @@ escapes the count. A single event loop owns a state, so no locking is needed.
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 
 from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
-from tmbatch.sim.limits import Capacity, FixedWindow, RequestBucket, TokenBudget
+from tmbatch.sim.limits import Capacity, FixedWindow, LimitSet, build_limit_set
 
 
 @dataclass
@@ -44,10 +42,8 @@ class SimState:
     injected_500: int = 0
     dropped: int = 0
     violations: int = 0
-    pending_windows: deque[tuple[float, float]] = field(default_factory=deque)
-    matured_window_end: float = -math.inf
-    requests_limit: RequestBucket | FixedWindow | None = None
-    tokens_limit: TokenBudget | None = None
+    epoch: float = 0.0  # when the server started or was last reset (monotonic)
+    account: LimitSet | None = None  # the limits, and the windows their refusals announced
     capacity: Capacity | None = None
     rejected_by: dict[str, int] = field(default_factory=dict)
     windows_announced: int = 0
@@ -84,23 +80,10 @@ def reset_state(state: SimState) -> None:
 def _build_limits(state: SimState, now: float) -> None:
     """Fresh limits, full buckets and a window starting now, so each test or run starts alike."""
     config = state.config
-    if config.rate_limit is not None:
-        burst = config.rate_burst if config.rate_burst is not None else _one_second(
-            config.rate_limit)
-        state.requests_limit = RequestBucket(config.rate_limit, burst, burst, now)
-    elif config.window_limit is not None:
-        state.requests_limit = FixedWindow(config.window_limit, config.window_seconds, now)
-    if config.tpm_limit is not None:
-        rate = config.tpm_limit / 60.0
-        burst = config.tpm_burst if config.tpm_burst is not None else _one_second(rate)
-        state.tokens_limit = TokenBudget(rate, burst, burst, now)
+    state.epoch = now
+    state.account = build_limit_set(config, now)
     if config.capacity is not None:
         state.capacity = Capacity(config.capacity)
-
-
-def _one_second(rate: float) -> float:
-    """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
-    return max(1.0, rate)
 
 
 def stats_of(state: SimState) -> dict[str, Any]:
@@ -130,7 +113,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "windows_announced": state.windows_announced,
         "rejected_by": dict(state.rejected_by),
         "capacity": _capacity_stats(state.capacity),
-        "window": _window_stats(state.requests_limit),
+        "window": _window_stats(state.account),
         "auth": {
             "bearer_ok": state.bearer_ok,
             "bearer_wrong": state.bearer_wrong,
@@ -139,12 +122,14 @@ def stats_of(state: SimState) -> dict[str, Any]:
         },
         "log": [list(entry) for entry in state.log],
         "log_overflow": state.log_overflow,
+        "epoch": state.epoch,
         "time_now": time.monotonic(),
     }
 
 
-def _window_stats(limit: RequestBucket | FixedWindow | None) -> dict[str, float] | None:
+def _window_stats(limits: LimitSet | None) -> dict[str, float] | None:
     """Where the fixed windows start (monotonic clock), so a reader can tell them apart."""
+    limit = limits.requests if limits is not None else None
     if not isinstance(limit, FixedWindow):
         return None
     return {"epoch": limit.epoch, "seconds": limit.seconds, "limit": limit.limit}
