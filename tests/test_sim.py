@@ -643,6 +643,111 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
     run_with_sim(SimConfig(capacity=3, latency=0.3), scenario)
 
 
+# ----------------------------------------------------------------------------------------------
+# Refusals at random
+
+
+def test_random_refusals_refuse_about_the_share_and_the_seed_fixes_which() -> None:
+    from tmbatch.sim.limits import RandomRefusal
+
+    runs: list[dict[str, int]] = []
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        seen = {}
+        for i in range(60):
+            key = f"r{i % 40}"  # 20 keys arrive twice: a re-send gets a fresh draw
+            seen[f"{key}/{i // 40}"] = (
+                await post(session, server, CHAT, chat_body(), {"Idempotency-Key": key}))[0]
+        runs.append(seen)
+        stats = server.stats()
+        refused = sum(1 for s in seen.values() if s == 503)
+        assert stats["refused_random"] == stats["rejected_503"] == refused
+        assert stats["rejected_429"] == 0 and stats["rejected_by"] == {}
+        assert stats["processed_total"] == 60 - refused
+
+    config = SimConfig(refuse_fraction=0.3, refuse_status=503, seed=11)
+    run_with_sim(config, scenario)
+    run_with_sim(config, scenario)
+    assert runs[0] == runs[1]
+    assert set(runs[0].values()) == {200, 503}
+    refused = sum(1 for s in runs[0].values() if s == 503)
+    assert 8 <= refused <= 30  # about 30 % of 60
+    # the same draws, without a server: per (seed, key, arrival of that key)
+    pure = RandomRefusal(0.3, 11)
+    assert refused == sum(pure.refuses(f"r{i % 40}") for i in range(60))
+    other = RandomRefusal(0.3, 12)
+    assert [other.refuses(f"r{i % 40}") for i in range(60)] != [
+        s == 503 for s in runs[0].values()
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "llm-provider", "none"])
+def test_random_refusals_announce_the_pause_in_each_format(fmt: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, headers = await post(session, server, CHAT, chat_body("a"))
+        assert status == 429 and body["error"]["type"] == "RateLimitError"
+        assert "overloaded" in body["error"]["message"]
+        if fmt == "seconds":
+            assert headers["Retry-After"] == "1"  # no --sim-retry-after: one second
+        elif fmt == "http-date":
+            when = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()
+            assert 0 < when - time.time() <= 2.01
+        elif fmt == "ms":
+            assert headers["retry-after-ms"] == "1000" and "Retry-After" not in headers
+        elif fmt == "llm-provider":
+            assert headers["llm_provider-retry-after"] == "1" and "Retry-After" not in headers
+        else:
+            assert not {"Retry-After", "retry-after-ms", "llm_provider-retry-after"} & set(
+                headers)
+        # only billable routes are refused at random
+        status, _, _ = await post(session, server, "/tokenize", {"model": "tm-small",
+                                                                   "prompt": "x"})
+        assert status == 200
+        assert server.stats()["refused_random"] == 1
+
+    run_with_sim(SimConfig(refuse_fraction=1.0, retry_after_format=fmt), scenario)
+
+
+def test_random_refusals_announce_retry_after_and_open_windows() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, chat_body("a"))
+        assert status == 503 and headers["Retry-After"] == "0.6"
+        await asyncio.sleep(0.2)  # past the grace, inside the announced pause
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 503
+        stats = server.stats()
+        assert stats["retry_after_violations"] == 1 and stats["rejected_503"] == 2
+
+    run_with_sim(SimConfig(refuse_fraction=1.0, refuse_status=503, retry_after=0.6, grace=0.1),
+                 scenario)
+
+
+def test_random_refusals_cost_no_token_and_come_after_the_key_and_model() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        auth = {"Authorization": "Bearer k"}
+        assert (await post(session, server, CHAT, chat_body()))[0] == 401
+        assert (await post(session, server, CHAT, {**chat_body(), "model": "x"}, auth))[0] == 404
+        statuses = []
+        for i in range(24):
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"), auth)
+            statuses.append(status)
+            if status == 503:  # the bucket's headers, untouched by the refusal
+                assert headers["x-ratelimit-limit-requests"] == "3"
+        assert set(statuses) == {200, 429, 503}
+        # the bucket of 3 (no refill to speak of) admitted the first three not refused at
+        # random, and refused the rest: a refusal at random took none of its tokens
+        admitted = [s for s in statuses if s != 503]
+        assert admitted == [200] * 3 + [429] * (len(admitted) - 3)
+        stats = server.stats()
+        assert stats["refused_random"] == statuses.count(503)
+        assert stats["rejected_by"] == {"requests": statuses.count(429)}
+
+    run_with_sim(
+        SimConfig(rate_limit=0.001, rate_burst=3, api_key="k", ratelimit_headers=True,
+                  refuse_fraction=0.5, refuse_status=503, seed=3),
+        scenario,
+    )
+
+
 def test_reset_header_uses_openai_duration_text() -> None:
     from tmbatch.sim.limits import openai_duration
 
@@ -851,6 +956,10 @@ def test_cli_flags_build_the_config() -> None:
             "3",
             "--sim-seed",
             "9",
+            "--sim-refuse-fraction",
+            "0.25",
+            "--sim-refuse-status",
+            "503",
         ]
     )
     config = sim_config_from_args(ns)
@@ -874,6 +983,8 @@ def test_cli_flags_build_the_config() -> None:
         models=("a", "b"),
         stream_chunks=3,
         seed=9,
+        refuse_fraction=0.25,
+        refuse_status=503,
     )
     assert sim_config_from_args(parser.parse_args([])) == SimConfig()
     window = parser.parse_args(["--sim-window-limit", "20", "--sim-window-seconds", "5",
@@ -882,11 +993,14 @@ def test_cli_flags_build_the_config() -> None:
         window_limit=20, window_seconds=5, retry_after_format="llm-provider"
     )
     for bad in (["--sim-error-500", "2"], ["--sim-capacity", "0"], ["--sim-window-seconds", "0"],
-                ["--sim-rate-limit", "5", "--sim-window-limit", "5"]):
+                ["--sim-rate-limit", "5", "--sim-window-limit", "5"],
+                ["--sim-refuse-fraction", "1.5"], ["--sim-refuse-fraction", "x"],
+                ["--sim-refuse-status", "500"], ["--sim-refuse-status", "busy"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     for wrong in ({"retry_after_format": "minutes"}, {"rate_limit": 5, "window_limit": 5},
-                  {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0}):
+                  {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0},
+                  {"refuse_fraction": -0.1}, {"refuse_status": 500}):
         with pytest.raises(ValueError):
             SimConfig(**wrong)
     assert build_app(SimConfig()) is not None

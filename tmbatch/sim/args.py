@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tmbatch.sim.config import RETRY_AFTER_FORMATS, SimConfig
+from tmbatch.sim.config import REFUSE_STATUSES, RETRY_AFTER_FORMATS, SimConfig
 
 
 def _non_negative(text: str) -> float:
@@ -98,11 +98,17 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
     "--sim-capacity": (COUNT, "at most N billable requests processed at once; the others "
                        "queue in arrival order instead of getting 429 (vLLM --max-num-seqs)"),
     "--sim-retry-after": (SECONDS, "fixed pause announced by every 429 (default: the real wait, "
-                          "rounded up to whole seconds and at least 1 s; to the ms for ms)"),
+                          "rounded up to whole seconds and at least 1 s; to the ms for ms; "
+                          "1 s for refusals at random)"),
     "--sim-retry-after-format": (RETRY_AFTER_FORMATS, "how 429s announce the pause: "
                                  "Retry-After in seconds or as an HTTP date, only "
                                  "retry-after-ms, only llm_provider-retry-after (LiteLLM), or "
                                  "no header (default: seconds)"),
+    "--sim-refuse-fraction": (FRACTION, "fraction of billable requests refused at random "
+                              "(overload), before the limits and costing none of them; "
+                              "announced like a rate limit's 429 (default: 0)"),
+    "--sim-refuse-status": (REFUSE_STATUSES, "status of those refusals: 429 (an overloaded "
+                            "provider) or 503 (a flaky gateway) (default: 429)"),
     "--sim-ratelimit-headers": (SWITCH, "send x-ratelimit-limit/remaining/reset-requests "
                                 "(and -tokens) headers on every POST answer"),
     "--sim-error-500": (FRACTION, "fraction of billable requests processed and then answered 500"),
@@ -146,8 +152,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         where = exclusive if flag in _EXCLUSIVE else group
         if kind == SWITCH:
             where.add_argument(flag, action="store_true", help=text)
-        elif isinstance(kind, tuple):
-            where.add_argument(flag, choices=kind, default=getattr(d, _field(flag)), help=text)
+        elif isinstance(kind, tuple):  # the choices, read as the type they are written in
+            where.add_argument(flag, choices=kind, type=type(kind[0]),
+                               default=getattr(d, _field(flag)), help=text)
         else:
             assert isinstance(kind, _Kind)
             where.add_argument(flag, type=kind.parse, default=getattr(d, _field(flag)),

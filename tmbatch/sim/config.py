@@ -26,6 +26,8 @@ GET_ROUTES = (ROUTE_MODELS, ROUTE_HEALTH, ROUTE_VERSION)
 # How a 429 announces its pause. "llm-provider" is LiteLLM passing the provider's header on
 # under its own prefix: `llm_provider-retry-after` in seconds and nothing else.
 RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms", "llm-provider")
+# What a refusal at random answers: 429 (an overloaded provider) or 503 (a flaky gateway).
+REFUSE_STATUSES = (429, 503)
 
 MAX_MODEL_LEN = 8192
 ANSWER_PREFIX = "Simulated answer to: "
@@ -53,6 +55,11 @@ class SimConfig:
     capacity: int | None = None
     retry_after: float | None = None
     retry_after_format: str = "seconds"
+    # Overload: each billable arrival refused with this probability (drawn per seed, key and
+    # arrival), before the limits and costing none of them, answering refuse_status with the
+    # Retry-After hint of the rate limits (retry_after, else 1 second).
+    refuse_fraction: float = 0.0
+    refuse_status: int = 429
     ratelimit_headers: bool = False
     error_500: float = 0.0
     drop_after_read: float = 0.0
@@ -70,7 +77,9 @@ class SimConfig:
         """Fail at construction so a typo in a test or flag never silently disables a fault."""
         if self.retry_after_format not in RETRY_AFTER_FORMATS:
             raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}")
-        for name in ("error_500", "drop_after_read", "slow"):
+        if self.refuse_status not in REFUSE_STATUSES:
+            raise ValueError(f"refuse_status must be 429 or 503, got {self.refuse_status}")
+        for name in ("error_500", "drop_after_read", "slow", "refuse_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction between 0 and 1, got {value}")

@@ -103,6 +103,13 @@ def hint_headers(fmt: str, seconds: float, wall: float) -> tuple[dict[str, str],
     return {}, None
 
 
+def refused_at_random(state: SimState, key: str, billable: bool) -> bool:
+    """Whether this billable arrival is refused at random (overload): decided before the limits,
+    so it costs none of them."""
+    refusal = state.random_refusal
+    return billable and refusal is not None and refusal.refuses(key)
+
+
 def rejection(
     state: SimState,
     limits: LimitSet | None,
@@ -110,20 +117,26 @@ def rejection(
     wait: float,
     hook_retry_after: Any,
     extra: dict[str, str] | None,
-    kind: str = "requests",
+    kind: str | None = "requests",
 ) -> web.Response:
     """Answer 429/503 without processing and open the Retry-After window it announces in the
-    windows of `limits` (the scope whose refusal it is)."""
+    windows of `limits` (the scope whose refusal it is). `kind` names the limit that refused
+    ("requests" or "tokens"); None is a refusal at random, an overloaded server."""
     retry_after = hint_seconds(state.config, wait, hook_retry_after)
     hint, announced = hint_headers(state.config.retry_after_format, retry_after, time.time())
     headers = {**extra, **hint} if extra else hint
     if announced is not None:
         open_window(limits, time.monotonic() + announced)
-    if status == 429:
-        state.rejected_429 += 1
+    if kind is None:
+        state.refused_random += 1
+        message = "The engine is currently overloaded, please try again later."
+    elif status == 429:
         state.rejected_by[kind] = state.rejected_by.get(kind, 0) + 1
         message = f"Rate limit reached for {kind}. Please retry after the indicated time."
     else:
-        state.rejected_503 += 1
         message = "The server is temporarily unable to handle the request."
+    if status == 429:
+        state.rejected_429 += 1
+    else:
+        state.rejected_503 += 1
     return error_reply(state, status, message, headers)

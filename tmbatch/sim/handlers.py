@@ -33,6 +33,7 @@ from tmbatch.sim.gate import (
     limits_for,
     note_post_arrival,
     open_window,
+    refused_at_random,
     rejection,
 )
 from tmbatch.sim.limits import LimitSet
@@ -186,7 +187,8 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
     """The common path of every POST route: account, refuse, admit, then process.
 
     The order of the refusals is the gateway's: routing and the key, then a body that names no
-    served model (it costs no token: the limits may be the model's own), then the limits."""
+    served model (it costs no token: the limits may be the model's own), then a refusal at
+    random (an overloaded server: no token either), then the limits."""
     raw = await request.read()
     now = time.monotonic()
     headers = request.headers
@@ -212,6 +214,11 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
         status, message = parsed
         extra, ends = announce(state, limits, now)
         response: web.StreamResponse = error_reply(state, status, message, extra)
+        record_arrival(state, route, key, now, status)
+    elif refused_at_random(state, key, billable):
+        status = state.config.refuse_status
+        extra, ends = announce(state, limits, now)
+        response = rejection(state, limits, status, 1.0, None, extra, kind=None)
         record_arrival(state, route, key, now, status)
     else:
         assert limits is not None  # a served model always has limits (maybe none enforced)

@@ -12,12 +12,14 @@ Everything but Capacity is pure arithmetic on the `now` it is given (a monotonic
 seconds): no class here reads a clock, so the same objects can be driven in virtual time,
 without HTTP, by a harness that replays a client's pacing against them. A LimitSet is what one
 scope enforces (the whole account, or one model) with the Retry-After windows its refusals
-announced; build_limit_set makes one from a SimConfig.
+announced; build_limit_set makes one from a SimConfig. RandomRefusal refuses arrivals at random
+(overload, a flaky gateway), before any limit is asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections import deque
@@ -286,6 +288,35 @@ def build_limit_set(config: SimConfig, now: float) -> LimitSet:
         burst = config.tpm_burst if config.tpm_burst is not None else one_second(rate)
         tokens = TokenBudget(rate, burst, burst, now)
     return LimitSet(requests, tokens, RetryWindows(config.grace))
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals at random: overload, a flaky gateway
+
+
+def refusal_draw(seed: int, key: str, arrival: int) -> float:
+    """A uniform in [0, 1) from (seed, key, arrival count of that key), on its own stream: it
+    shares nothing with the draws of the processing faults (state.draws), so a refusal never
+    decides whether the same request is later dropped or answered 500."""
+    digest = hashlib.blake2b(f"refuse\0{seed}\0{key}\0{arrival}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 18446744073709551616.0
+
+
+@dataclass
+class RandomRefusal:
+    """Refuse each arrival with probability `fraction`, independently per arrival, the same
+    for a given seed whatever the order of arrival: the n-th arrival of a key is refused when
+    refusal_draw(seed, key, n) < fraction. Timeless, so it needs no `now`."""
+
+    fraction: float
+    seed: int
+    arrivals: dict[str, int] = field(default_factory=dict)
+
+    def refuses(self, key: str) -> bool:
+        n = self.arrivals.get(key, 0)
+        self.arrivals[key] = n + 1
+        return refusal_draw(self.seed, key, n) < self.fraction
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ from typing import Any
 from aiohttp import web
 
 from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
-from tmbatch.sim.limits import Capacity, FixedWindow, LimitSet, build_limit_set
+from tmbatch.sim.limits import (
+    Capacity,
+    FixedWindow,
+    LimitSet,
+    RandomRefusal,
+    build_limit_set,
+)
 
 
 @dataclass
@@ -39,6 +45,8 @@ class SimState:
     duplicate_keys: list[str] = field(default_factory=list)
     rejected_429: int = 0
     rejected_503: int = 0
+    refused_random: int = 0
+    random_refusal: RandomRefusal | None = None
     injected_500: int = 0
     dropped: int = 0
     violations: int = 0
@@ -82,6 +90,8 @@ def _build_limits(state: SimState, now: float) -> None:
     config = state.config
     state.epoch = now
     state.account = build_limit_set(config, now)
+    if config.refuse_fraction > 0.0:
+        state.random_refusal = RandomRefusal(config.refuse_fraction, config.seed)
     if config.capacity is not None:
         state.capacity = Capacity(config.capacity)
 
@@ -107,6 +117,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "duplicate_keys": list(state.duplicate_keys),
         "rejected_429": state.rejected_429,
         "rejected_503": state.rejected_503,
+        "refused_random": state.refused_random,
         "injected_500": state.injected_500,
         "dropped": state.dropped,
         "retry_after_violations": state.violations,
