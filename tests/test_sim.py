@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.conftest import run_cli
 from tmbatch.sim import (
     SimConfig,
     SimServer,
@@ -643,6 +644,44 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
     run_with_sim(SimConfig(capacity=3, latency=0.3), scenario)
 
 
+def test_rate_schedule_changes_the_accepted_rate_at_the_given_time() -> None:
+    from tmbatch.sim.limits import ScheduledBucket
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        resets = []
+        end = server.stats()["epoch"] + 1.0
+        i = 0
+        while time.monotonic() < end:
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"))
+            if status == 200:
+                resets.append(headers["x-ratelimit-reset-requests"])
+            i += 1
+            await asyncio.sleep(0.02)
+        stats = server.stats()
+        epoch = stats["epoch"]
+        log = [(e[0] - epoch, e[3]) for e in stats["log"]]
+        before = sum(1 for t, s in log if t < 0.5 and s == 200)
+        after = sum(1 for t, s in log if t >= 0.5 and s == 200)
+        # 0.5 s at 2/s holding 1: the burst and one more; then 0.5 s at 20/s: about 10
+        assert before <= 2 and after >= 4, log
+        # the server's every decision is the pure bucket's on the same arrival times
+        bucket = ScheduledBucket(2, 1, 1, epoch, epoch=epoch, schedule=((0.5, 20),))
+        replay = []
+        for t, _ in log:
+            ok = bucket.wait(epoch + t) == 0.0
+            if ok:
+                bucket.take(epoch + t)
+            replay.append(200 if ok else 429)
+        assert replay == [s for _, s in log]
+        # the headers follow the rate in force: a token per 500 ms, then per 50 ms
+        assert resets[0] == "500ms" and resets[-1] == "50ms"
+
+    run_with_sim(
+        SimConfig(rate_limit=2, rate_burst=1, rate_schedule=((0.5, 20),), ratelimit_headers=True),
+        scenario,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Refusals at random
 
@@ -960,6 +999,8 @@ def test_cli_flags_build_the_config() -> None:
             "0.25",
             "--sim-refuse-status",
             "503",
+            "--sim-rate-schedule",
+            "15:10, 30:20",
         ]
     )
     config = sim_config_from_args(ns)
@@ -985,6 +1026,7 @@ def test_cli_flags_build_the_config() -> None:
         seed=9,
         refuse_fraction=0.25,
         refuse_status=503,
+        rate_schedule=((15, 10), (30, 20)),
     )
     assert sim_config_from_args(parser.parse_args([])) == SimConfig()
     window = parser.parse_args(["--sim-window-limit", "20", "--sim-window-seconds", "5",
@@ -995,15 +1037,30 @@ def test_cli_flags_build_the_config() -> None:
     for bad in (["--sim-error-500", "2"], ["--sim-capacity", "0"], ["--sim-window-seconds", "0"],
                 ["--sim-rate-limit", "5", "--sim-window-limit", "5"],
                 ["--sim-refuse-fraction", "1.5"], ["--sim-refuse-fraction", "x"],
-                ["--sim-refuse-status", "500"], ["--sim-refuse-status", "busy"]):
+                ["--sim-refuse-status", "500"], ["--sim-refuse-status", "busy"],
+                ["--sim-rate-schedule", "15"], ["--sim-rate-schedule", "15:x"],
+                ["--sim-rate-schedule", "0:5"], ["--sim-rate-schedule", "30:5,15:5"],
+                ["--sim-rate-schedule", "15:0"], ["--sim-rate-schedule", ""]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     for wrong in ({"retry_after_format": "minutes"}, {"rate_limit": 5, "window_limit": 5},
                   {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0},
-                  {"refuse_fraction": -0.1}, {"refuse_status": 500}):
+                  {"refuse_fraction": -0.1}, {"refuse_status": 500},
+                  {"rate_schedule": ((1, 5),)}):
         with pytest.raises(ValueError):
             SimConfig(**wrong)
+    # flags that do not combine are a usage error naming the flags, not a traceback
+    with pytest.raises(ValueError, match=r"--sim-rate-schedule .* needs --sim-rate-limit"):
+        sim_config_from_args(parser.parse_args(["--sim-rate-schedule", "1:5"]))
     assert build_app(SimConfig()) is not None
+
+
+def test_the_cli_reports_flags_that_do_not_combine_as_a_usage_error() -> None:
+    # a subprocess: main() in-process would set up the tmbatch logger for the whole session
+    done = run_cli(["sim", "--sim-rate-schedule", "1:5", "--sim-window-limit", "5"], timeout=30)
+    assert done.returncode == 2
+    assert "--sim-rate-schedule" in done.stderr and "--sim-rate-limit" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_run_sim_forever_serves_and_stops_on_sigterm() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tmbatch.sim import SimConfig
-from tmbatch.sim.limits import RequestBucket, RetryWindows, build_limit_set
+from tmbatch.sim.limits import RequestBucket, RetryWindows, ScheduledBucket, build_limit_set
 
 
 def test_retry_windows_count_arrivals_inside_after_the_grace() -> None:
@@ -39,3 +39,52 @@ def test_limit_set_without_limits_admits_everything() -> None:
     assert limits.active == ()
     assert all(limits.admit(0.0) == (0.0, "") for _ in range(100))
     assert limits.headers(0.0) == ({}, [])
+
+
+def test_scheduled_bucket_refills_at_the_old_rate_up_to_a_change_and_the_new_after() -> None:
+    bucket = ScheduledBucket(2.0, 100.0, 0.0, 10.0, epoch=10.0,
+                             schedule=((1.0, 10.0), (1.5, 1.0)))
+    assert bucket.rate_at(10.5) == 2.0 and bucket.level == pytest.approx(1.0)
+    # one call across both changes: 0.5 s more at 2, 0.5 s at 10, 1.5 s at 1
+    assert bucket.rate_at(13.0) == 1.0
+    assert bucket.level == pytest.approx(1.0 + 1.0 + 5.0 + 1.5)
+    assert bucket.applied == 2
+
+
+def test_scheduled_bucket_keeps_its_burst_and_announces_at_the_rate_in_force() -> None:
+    bucket = ScheduledBucket(2.0, 1.0, 1.0, 0.0, epoch=0.0, schedule=((0.5, 20.0),))
+    assert bucket.wait(0.0) == 0.0
+    bucket.take(0.0)
+    assert bucket.wait(0.1) == pytest.approx(0.4)  # at 2/s: the change is not foretold
+    assert bucket.headers(0.1)["x-ratelimit-reset-requests"] == "400ms"
+    assert bucket.wait(0.5) == 0.0  # at 2/s a token was due by 0.5 s anyway
+    bucket.take(0.5)
+    assert bucket.wait(0.5) == pytest.approx(0.05)  # now at 20/s
+    assert bucket.headers(0.5)["x-ratelimit-reset-requests"] == "50ms"
+    assert bucket.remaining(100.0) == 1  # the burst stays 1 whatever the rate
+
+
+def test_build_limit_set_schedules_from_the_epoch() -> None:
+    config = SimConfig(rate_limit=4, rate_schedule=((1, 40),))
+    limits = build_limit_set(config, now=50.0)
+    assert isinstance(limits.requests, ScheduledBucket)
+    assert limits.requests.capacity == 4  # one second's worth of the first rate
+    assert limits.requests.rate_at(50.99) == 4 and limits.requests.rate_at(51.0) == 40
+    assert config.rate_schedule == ((1.0, 40.0),)
+    unscheduled = build_limit_set(SimConfig(rate_limit=4), now=0.0).requests
+    assert type(unscheduled) is RequestBucket
+
+
+@pytest.mark.parametrize("schedule", [((0, 5),), ((2, 5), (1, 5)), ((1, 0),), ((1, -2),),
+                                      ((float("inf"), 5),), ((1, float("nan")),), ((1,),),
+                                      "15:20"])
+def test_bad_rate_schedules_are_refused(schedule: object) -> None:
+    with pytest.raises(ValueError, match="rate_schedule"):
+        SimConfig(rate_limit=1, rate_schedule=schedule)  # type: ignore[arg-type]
+
+
+def test_a_rate_schedule_needs_a_rate() -> None:
+    with pytest.raises(ValueError, match="needs rate_limit"):
+        SimConfig(rate_schedule=((1, 5),))
+    with pytest.raises(ValueError, match="needs rate_limit"):
+        SimConfig(window_limit=5, rate_schedule=((1, 5),))

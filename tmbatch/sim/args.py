@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,24 @@ def _models(text: str) -> tuple[str, ...]:
     return models
 
 
+def _schedule(text: str) -> tuple[tuple[float, float], ...]:
+    """"15:20,30:40": from 15 s after the start 20 requests/s, from 30 s 40 again."""
+    pairs = []
+    for part in text.split(","):
+        at, sep, rate = part.strip().partition(":")
+        try:
+            pairs.append((float(at), float(rate)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expects SECONDS:RPS[,SECONDS:RPS...], got {text!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expects SECONDS:RPS[,SECONDS:RPS...], got {text!r}")
+    try:
+        return SimConfig(rate_limit=1.0, rate_schedule=tuple(pairs)).rate_schedule
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("rate_schedule ")) from None
+
+
 def _non_empty(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
@@ -74,6 +93,7 @@ FRACTION = _Kind(_fraction, "FRACTION")
 KEY = _Kind(_non_empty, "KEY")
 UUID = _Kind(_non_empty, "UUID")
 MODELS = _Kind(_models, "A,B")
+SCHEDULE = _Kind(_schedule, "T:RPS,...")
 SEED = _Kind(int, "N")
 SWITCH = "switch"  # store_true
 _Flag = _Kind | str | tuple[str, ...]  # a kind, SWITCH, or the choices
@@ -88,6 +108,9 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
                          "excess requests get 429 (default: no limit)"),
     "--sim-rate-burst": (COUNT, "capacity of that bucket, in requests (default: one "
                          "second's worth, at least 1)"),
+    "--sim-rate-schedule": (SCHEDULE, "the bucket's rate changes over time, its burst stays: "
+                            "15:20,30:40 is 20 RPS from 15 s after the start (or a reset), "
+                            "40 from 30 s; needs --sim-rate-limit, the rate until then"),
     "--sim-window-limit": (COUNT, "instead of the bucket: a fixed window admitting N "
                            "requests per --sim-window-seconds, LiteLLM-style (default: none)"),
     "--sim-window-seconds": (DURATION, "length of that window, counted from the start "
@@ -162,8 +185,17 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
-    """Missing attributes fall back to defaults, so callers may add only some of the flags."""
+    """Missing attributes fall back to defaults, so callers may add only some of the flags.
+
+    Each value was checked by argparse; flags that do not combine (a rate schedule without a
+    rate) raise ValueError naming the flags, which the CLI reports as a usage error."""
     d = SimConfig()
     values = {_field(f): getattr(ns, _dest(f), getattr(d, _field(f))) for f in _FLAGS}
     values["models"] = tuple(values["models"])
-    return SimConfig(**values)
+    try:
+        return SimConfig(**values)
+    except ValueError as exc:
+        message = str(exc)
+        for flag in _FLAGS:
+            message = re.sub(rf"\b{_field(flag)}\b", flag, message)
+        raise ValueError(message) from None

@@ -7,7 +7,9 @@ construction so that a typo never silently disables the fault a test meant to in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 ROUTE_CHAT = "/v1/chat/completions"
 ROUTE_COMPLETIONS = "/v1/completions"
@@ -48,6 +50,9 @@ class SimConfig:
     # capacity: at most this many billable requests processed at once, the rest queue.
     rate_limit: float | None = None
     rate_burst: float | None = None
+    # (seconds after the start or reset, rate from then on), in time order: the bucket's rate
+    # changes while its burst stays (another job shares the account for a while).
+    rate_schedule: tuple[tuple[float, float], ...] = ()
     window_limit: int | None = None
     window_seconds: float = 60.0
     tpm_limit: float | None = None
@@ -101,6 +106,10 @@ class SimConfig:
         if self.rate_limit is not None and self.window_limit is not None:
             # one requests limit, so x-ratelimit-*-requests has one meaning
             raise ValueError("rate_limit and window_limit are two request limits: choose one")
+        self.rate_schedule = _schedule(self.rate_schedule)
+        if self.rate_schedule and self.rate_limit is None:
+            raise ValueError("rate_schedule changes the token bucket's rate: it needs rate_limit "
+                             "(the rate until the first change)")
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("retry_after must not be negative")
         if self.stream_chunks < 1:
@@ -108,3 +117,20 @@ class SimConfig:
         self.models = tuple(self.models)
         if not self.models:
             raise ValueError("at least one model is needed")
+
+
+def _schedule(raw: Any) -> tuple[tuple[float, float], ...]:
+    """(seconds, rate) pairs as floats: times positive and increasing, rates positive."""
+    try:
+        pairs = tuple((float(at), float(rate)) for at, rate in raw)
+    except (TypeError, ValueError):
+        raise ValueError("rate_schedule must be (seconds, rate) pairs") from None
+    previous = 0.0
+    for at, rate in pairs:
+        if not (math.isfinite(at) and at > previous):
+            raise ValueError("rate_schedule times must be positive and increasing, "
+                             f"got {at:g} after {previous:g}")
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate_schedule rates must be positive, got {rate:g}")
+        previous = at
+    return pairs

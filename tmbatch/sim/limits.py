@@ -122,6 +122,41 @@ class RequestBucket(_Bucket):
 
 
 @dataclass
+class ScheduledBucket(RequestBucket):
+    """A RequestBucket whose rate changes at set times: another job shares the account for a
+    while. `schedule` holds (seconds after `epoch`, rate from then on) in time order; `rate` is
+    the rate before the first change, then the rate in force, and the capacity (the burst) never
+    changes.
+
+    The refill integrates across each change: the old rate up to it, the new one after, however
+    far apart the calls are. What the bucket announces (the wait a 429 gives, the reset of its
+    headers) is worked out at the rate in force, as a real server that cannot know when the
+    other job will stop would; the admission itself (level >= 1) is always exact.
+    """
+
+    epoch: float = 0.0
+    schedule: tuple[tuple[float, float], ...] = ()
+    applied: int = 0  # changes already in force
+
+    def _refill(self, now: float) -> None:
+        schedule = self.schedule
+        while self.applied < len(schedule):
+            offset, rate = schedule[self.applied]
+            at = self.epoch + offset
+            if at > now:
+                break
+            super()._refill(at)  # at the old rate up to the change
+            self.rate = rate
+            self.applied += 1
+        super()._refill(now)
+
+    def rate_at(self, now: float) -> float:
+        """The rate in force at `now` (brings the bucket up to `now`)."""
+        self._refill(now)
+        return self.rate
+
+
+@dataclass
 class FixedWindow:
     """N requests per window of W seconds, windows counted from the server's start (or reset),
     the way LiteLLM's proxy counts per-minute keys: a refused request costs nothing, and the
@@ -273,13 +308,17 @@ def one_second(rate: float) -> float:
 
 
 def build_limit_set(config: SimConfig, now: float) -> LimitSet:
-    """Fresh limits as `config` describes them: full buckets, the first window starting at
-    `now` (the server's start or reset)."""
+    """Fresh limits as `config` describes them: full buckets, the first window and the rate
+    schedule starting at `now` (the server's start or reset)."""
     requests: RequestBucket | FixedWindow | None = None
     if config.rate_limit is not None:
         burst = config.rate_burst if config.rate_burst is not None else one_second(
             config.rate_limit)
-        requests = RequestBucket(config.rate_limit, burst, burst, now)
+        if config.rate_schedule:
+            requests = ScheduledBucket(config.rate_limit, burst, burst, now, epoch=now,
+                                       schedule=config.rate_schedule)
+        else:
+            requests = RequestBucket(config.rate_limit, burst, burst, now)
     elif config.window_limit is not None:
         requests = FixedWindow(config.window_limit, config.window_seconds, now)
     tokens: TokenBudget | None = None
