@@ -683,6 +683,100 @@ def test_rate_schedule_changes_the_accepted_rate_at_the_given_time() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Limits per model
+
+
+def large(text: str) -> dict[str, Any]:
+    return {**chat_body(text), "model": "tm-large"}
+
+
+@pytest.mark.parametrize("scope", ["account", "model"])
+def test_model_scope_limits_each_model_on_its_own(scope: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        small = [(await post(session, server, CHAT, chat_body(f"s{i}")))[0] for i in range(3)]
+        assert small == [200, 200, 429]
+        status, _, headers = await post(session, server, CHAT, large("l0"))
+        if scope == "model":  # its own bucket, full, and its own headers
+            assert status == 200 and headers["x-ratelimit-remaining-requests"] == "1"
+            assert (await post(session, server, CHAT, large("l1")))[0] == 200
+            assert (await post(session, server, CHAT, large("l2")))[0] == 429
+        else:  # one bucket for the account, emptied by tm-small
+            assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+        # a body naming no served model meets no model's limits: no headers to give
+        _, _, headers = await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        assert ("x-ratelimit-limit-requests" in headers) == (scope == "account")
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=2, ratelimit_headers=True,
+                           limit_scope=scope), scenario)
+
+
+@pytest.mark.parametrize("scope", ["account", "model"])
+def test_model_scope_keeps_retry_after_windows_per_model(scope: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and headers["Retry-After"] == "0.6"
+        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        status, _, _ = await post(session, server, CHAT, large("c"))
+        # in its own scope tm-large was promised nothing: not a violation, and admitted
+        assert server.stats()["retry_after_violations"] == (1 if scope == "account" else 0)
+        assert status == (429 if scope == "account" else 200)
+        await post(session, server, CHAT, chat_body("b"))  # tm-small inside its own window
+        assert server.stats()["retry_after_violations"] == (2 if scope == "account" else 1)
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
+                           limit_scope=scope), scenario)
+
+
+def test_model_scope_covers_fixed_windows_but_not_capacity() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        # a fixed window of 1 per model: each model's first passes, its second is refused
+        statuses = [(await post(session, server, CHAT, body))[0]
+                    for body in (chat_body("a"), chat_body("b"), large("c"), large("d"))]
+        assert statuses == [200, 429, 200, 429]
+        # one slot for the account, whichever model: the two queue one behind the other
+        slow = {"sim": {"sleep": 0.2}}
+        server.reset()
+        results = await asyncio.gather(post(session, server, CHAT, chat_body("x", **slow)),
+                                       post(session, server, CHAT, large("y") | slow))
+        assert [r[0] for r in results] == [200, 200]
+        capacity = server.stats()["capacity"]
+        assert capacity["running_peak"] == 1 and capacity["waited"] == 1
+
+    run_with_sim(SimConfig(window_limit=1, window_seconds=30, retry_after_format="none",
+                           capacity=1, limit_scope="model"), scenario)
+
+
+@pytest.mark.parametrize("refusal", ["random", "hook"])
+def test_model_scope_windows_of_other_refusals_are_the_models_too(refusal: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        hook = {"sim": {"status": 503, "retry_after": 0.6}} if refusal == "hook" else {}
+        assert (await post(session, server, CHAT, chat_body("a", **hook)))[0] == 503
+        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        await post(session, server, CHAT, large("b") | hook)
+        assert server.stats()["retry_after_violations"] == 0
+        await post(session, server, CHAT, chat_body("c", **hook))
+        assert server.stats()["retry_after_violations"] == 1
+
+    run_with_sim(SimConfig(refuse_fraction=1.0 if refusal == "random" else 0.0,
+                           refuse_status=503, retry_after=0.6, grace=0.1,
+                           limit_scope="model"), scenario)
+
+
+def test_model_scope_charges_each_models_tokens_budget() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, chat_body("a fairly long q"))
+        assert status == 200 and headers["x-ratelimit-remaining-tokens"] == "0"  # in debt
+        status, body, _ = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and "tokens" in body["error"]["message"]
+        status, _, headers = await post(session, server, CHAT, large("c"))
+        assert status == 200  # tm-large's budget was untouched
+
+    run_with_sim(SimConfig(tpm_limit=6, tpm_burst=5, ratelimit_headers=True,
+                           limit_scope="model"), scenario)
+
+
+# ----------------------------------------------------------------------------------------------
 # Refusals at random
 
 
@@ -1001,6 +1095,8 @@ def test_cli_flags_build_the_config() -> None:
             "503",
             "--sim-rate-schedule",
             "15:10, 30:20",
+            "--sim-limit-scope",
+            "model",
         ]
     )
     config = sim_config_from_args(ns)
@@ -1027,6 +1123,7 @@ def test_cli_flags_build_the_config() -> None:
         refuse_fraction=0.25,
         refuse_status=503,
         rate_schedule=((15, 10), (30, 20)),
+        limit_scope="model",
     )
     assert sim_config_from_args(parser.parse_args([])) == SimConfig()
     window = parser.parse_args(["--sim-window-limit", "20", "--sim-window-seconds", "5",
@@ -1040,13 +1137,14 @@ def test_cli_flags_build_the_config() -> None:
                 ["--sim-refuse-status", "500"], ["--sim-refuse-status", "busy"],
                 ["--sim-rate-schedule", "15"], ["--sim-rate-schedule", "15:x"],
                 ["--sim-rate-schedule", "0:5"], ["--sim-rate-schedule", "30:5,15:5"],
-                ["--sim-rate-schedule", "15:0"], ["--sim-rate-schedule", ""]):
+                ["--sim-rate-schedule", "15:0"], ["--sim-rate-schedule", ""],
+                ["--sim-limit-scope", "team"], ["--sim-limit-scope", "Model"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     for wrong in ({"retry_after_format": "minutes"}, {"rate_limit": 5, "window_limit": 5},
                   {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0},
                   {"refuse_fraction": -0.1}, {"refuse_status": 500},
-                  {"rate_schedule": ((1, 5),)}):
+                  {"rate_schedule": ((1, 5),)}, {"limit_scope": "key"}):
         with pytest.raises(ValueError):
             SimConfig(**wrong)
     # flags that do not combine are a usage error naming the flags, not a traceback

@@ -88,3 +88,22 @@ def test_a_rate_schedule_needs_a_rate() -> None:
         SimConfig(rate_schedule=((1, 5),))
     with pytest.raises(ValueError, match="needs rate_limit"):
         SimConfig(window_limit=5, rate_schedule=((1, 5),))
+
+
+def test_model_scope_gives_each_model_its_own_limits_and_windows() -> None:
+    from tmbatch.sim.gate import limits_for
+    from tmbatch.sim.state import new_state
+
+    config = SimConfig(rate_limit=2, rate_schedule=((1, 4),), tpm_limit=60, capacity=2,
+                       limit_scope="model")
+    state = new_state(config)
+    small, large = limits_for(state, "tm-small"), limits_for(state, "tm-large")
+    assert small is not None and large is not None and small is not large
+    assert isinstance(small.requests, ScheduledBucket)
+    assert small.requests is not large.requests and small.tokens is not large.tokens
+    assert small.windows is not large.windows
+    assert limits_for(state, None) is None and limits_for(state, "nope") is None
+    assert state.account is None and state.capacity is not None  # capacity: the account's
+    account = new_state(SimConfig(rate_limit=2))
+    assert limits_for(account, "tm-small") is limits_for(account, "tm-large") is not None
+    assert limits_for(account, None) is account.account

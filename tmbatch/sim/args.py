@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tmbatch.sim.config import REFUSE_STATUSES, RETRY_AFTER_FORMATS, SimConfig
+from tmbatch.sim.config import LIMIT_SCOPES, REFUSE_STATUSES, RETRY_AFTER_FORMATS, SimConfig
 
 
 def _non_negative(text: str) -> float:
@@ -118,6 +118,9 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
     "--sim-tpm-limit": (TOKENS, "tokens per minute: admitted while the budget is above zero, "
                         "charged each answer's usage.total_tokens (default: no limit)"),
     "--sim-tpm-burst": (TOKENS, "capacity of the tokens budget (default: one second's worth)"),
+    "--sim-limit-scope": (LIMIT_SCOPES, "whom the requests and tokens limits count: the whole "
+                          "account, or each model on its own with its own headers and "
+                          "Retry-After windows (default: account)"),
     "--sim-capacity": (COUNT, "at most N billable requests processed at once; the others "
                        "queue in arrival order instead of getting 429 (vLLM --max-num-seqs)"),
     "--sim-retry-after": (SECONDS, "fixed pause announced by every 429 (default: the real wait, "

@@ -30,6 +30,8 @@ GET_ROUTES = (ROUTE_MODELS, ROUTE_HEALTH, ROUTE_VERSION)
 RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms", "llm-provider")
 # What a refusal at random answers: 429 (an overloaded provider) or 503 (a flaky gateway).
 REFUSE_STATUSES = (429, 503)
+# Whom the limits count: the whole account, or each model on its own (OpenAI, LiteLLM).
+LIMIT_SCOPES = ("account", "model")
 
 MAX_MODEL_LEN = 8192
 ANSWER_PREFIX = "Simulated answer to: "
@@ -57,6 +59,9 @@ class SimConfig:
     window_seconds: float = 60.0
     tpm_limit: float | None = None
     tpm_burst: float | None = None
+    # "model": each served model has its own requests and tokens limits (and rate schedule),
+    # and its own Retry-After windows; capacity stays the account's.
+    limit_scope: str = "account"
     capacity: int | None = None
     retry_after: float | None = None
     retry_after_format: str = "seconds"
@@ -82,6 +87,9 @@ class SimConfig:
         """Fail at construction so a typo in a test or flag never silently disables a fault."""
         if self.retry_after_format not in RETRY_AFTER_FORMATS:
             raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}")
+        if self.limit_scope not in LIMIT_SCOPES:
+            raise ValueError(f"limit_scope must be one of {', '.join(LIMIT_SCOPES)}, "
+                             f"got {self.limit_scope!r}")
         if self.refuse_status not in REFUSE_STATUSES:
             raise ValueError(f"refuse_status must be 429 or 503, got {self.refuse_status}")
         for name in ("error_500", "drop_after_read", "slow", "refuse_fraction"):

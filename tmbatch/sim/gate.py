@@ -40,8 +40,12 @@ def access_refusal(state: SimState, headers: Any, needs_key: bool) -> web.Respon
 
 
 def limits_for(state: SimState, model: str | None) -> LimitSet | None:
-    """The limits (and windows) an arrival for `model` meets: the account's."""
-    return state.account
+    """The limits (and windows) an arrival for `model` meets: the account's, or the model's
+    when each model is limited on its own; None for a body naming no served model then, which
+    no limit counts and no window concerns."""
+    if state.account is not None:
+        return state.account
+    return state.per_model.get(model) if model is not None else None
 
 
 def note_post_arrival(state: SimState, now: float, limits: LimitSet | None) -> None:

@@ -51,7 +51,10 @@ class SimState:
     dropped: int = 0
     violations: int = 0
     epoch: float = 0.0  # when the server started or was last reset (monotonic)
-    account: LimitSet | None = None  # the limits, and the windows their refusals announced
+    # The limits and the windows their refusals announced: the account's, or (limit_scope
+    # "model") each model's, and then no account's.
+    account: LimitSet | None = None
+    per_model: dict[str, LimitSet] = field(default_factory=dict)
     capacity: Capacity | None = None
     rejected_by: dict[str, int] = field(default_factory=dict)
     windows_announced: int = 0
@@ -89,7 +92,10 @@ def _build_limits(state: SimState, now: float) -> None:
     """Fresh limits, full buckets and a window starting now, so each test or run starts alike."""
     config = state.config
     state.epoch = now
-    state.account = build_limit_set(config, now)
+    if config.limit_scope == "model":
+        state.per_model = {model: build_limit_set(config, now) for model in config.models}
+    else:
+        state.account = build_limit_set(config, now)
     if config.refuse_fraction > 0.0:
         state.random_refusal = RandomRefusal(config.refuse_fraction, config.seed)
     if config.capacity is not None:
@@ -124,7 +130,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "windows_announced": state.windows_announced,
         "rejected_by": dict(state.rejected_by),
         "capacity": _capacity_stats(state.capacity),
-        "window": _window_stats(state.account),
+        "window": _window_stats(state.account or next(iter(state.per_model.values()), None)),
         "auth": {
             "bearer_ok": state.bearer_ok,
             "bearer_wrong": state.bearer_wrong,
