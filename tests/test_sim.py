@@ -524,7 +524,7 @@ def test_fixed_window_admits_exactly_n_per_window() -> None:
         window = stats["window"]
         ok: dict[int, int] = {}
         refused: set[int] = set()
-        for arrived, _, _, status in stats["log"]:
+        for arrived, _, _, status, _ in stats["log"]:
             index = int((arrived - window["epoch"]) // window["seconds"])
             if status == 200:
                 ok[index] = ok.get(index, 0) + 1
@@ -914,7 +914,7 @@ def test_processed_and_duplicates_follow_idempotency_keys() -> None:
         assert stats["rejected_429"] == 1
         assert [entry[2] for entry in stats["log"][:3]] == ["k1", "k1", "k2"]
         assert all(entry[0] <= stats["time_now"] for entry in stats["log"])
-        assert stats["log"][-1][1:] == [CHAT, "k4", 429]
+        assert stats["log"][-1][1:] == [CHAT, "k4", 429, "tm-small"]
 
         async with session.post(server.url + "/_sim/reset") as resp:
             assert resp.status == 200
@@ -922,6 +922,39 @@ def test_processed_and_duplicates_follow_idempotency_keys() -> None:
         assert stats["processed"] == {} and stats["received"] == 0 and stats["log"] == []
 
     run_with_sim(SimConfig(), scenario)
+
+
+def test_by_model_counts_billable_arrivals_and_the_log_names_the_model() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
+        await asyncio.sleep(0.2)  # past the grace, inside the pause announced to tm-small
+        assert (await post(session, server, COMPLETIONS,
+                           {"model": "tm-large", "prompt": "c"}))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("d")))[0] == 429
+        # not billable, or naming no served model: in no model's count
+        await post(session, server, "/tokenize", {"model": "tm-small", "prompt": "x"})
+        await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        async with session.get(server.url + "/health") as resp:
+            assert resp.status == 200
+        stats = server.stats()
+        assert stats["by_model"] == {
+            "tm-small": {"received": 3, "ok": 1, "refused": 2, "violations": 1},
+            "tm-large": {"received": 1, "ok": 1, "refused": 0, "violations": 0},
+        }
+        # tokenize arrived inside tm-small's window too; the 404 is in no model's scope
+        assert stats["retry_after_violations"] == 2
+        assert [(e[1], e[3], e[4]) for e in stats["log"]] == [
+            (CHAT, 200, "tm-small"), (CHAT, 429, "tm-small"), (COMPLETIONS, 200, "tm-large"),
+            (CHAT, 429, "tm-small"), ("/tokenize", 429, "tm-small"), (CHAT, 404, None),
+            ("/health", 200, None),
+        ]
+        server.reset()
+        assert server.stats()["by_model"]["tm-small"] == {
+            "received": 0, "ok": 0, "refused": 0, "violations": 0}
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
+                           limit_scope="model"), scenario)
 
 
 def test_log_is_capped() -> None:

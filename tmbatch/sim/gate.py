@@ -48,10 +48,16 @@ def limits_for(state: SimState, model: str | None) -> LimitSet | None:
     return state.per_model.get(model) if model is not None else None
 
 
-def note_post_arrival(state: SimState, now: float, limits: LimitSet | None) -> None:
-    """Count an arrival inside any Retry-After window announced by the limits it meets."""
+def note_post_arrival(
+    state: SimState, now: float, limits: LimitSet | None, model: str | None = None
+) -> None:
+    """Count an arrival inside any Retry-After window announced by the limits it meets, and
+    against `model` (a billable arrival's) too."""
     if limits is not None and limits.windows.arrive(now):
         state.violations += 1
+        counts = state.by_model.get(model) if model is not None else None
+        if counts is not None:
+            counts["violations"] += 1
 
 
 def announce(

@@ -204,29 +204,29 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
     parsed = _parse_body(state, raw)
     model = parsed["model"] if isinstance(parsed, dict) else None
     limits = limits_for(state, model)
-    note_post_arrival(state, now, limits)
+    note_post_arrival(state, now, limits, model if billable else None)
 
     refusal = access_refusal(state, headers, needs_key=True)
     if refusal is not None:
-        record_arrival(state, route, key, now, refusal.status)
+        record_arrival(state, route, key, now, refusal.status, model)
         return refusal
     if isinstance(parsed, tuple):
         status, message = parsed
         extra, ends = announce(state, limits, now)
         response: web.StreamResponse = error_reply(state, status, message, extra)
-        record_arrival(state, route, key, now, status)
+        record_arrival(state, route, key, now, status, model)
     elif refused_at_random(state, key, billable):
         status = state.config.refuse_status
         extra, ends = announce(state, limits, now)
         response = rejection(state, limits, status, 1.0, None, extra, kind=None)
-        record_arrival(state, route, key, now, status)
+        record_arrival(state, route, key, now, status, model)
     else:
         assert limits is not None  # a served model always has limits (maybe none enforced)
         wait, kind = limits.admit(now)
         extra, ends = announce(state, limits, now)
         if wait > 0.0:
             response = rejection(state, limits, 429, wait, None, extra, kind)
-            record_arrival(state, route, key, now, 429)
+            record_arrival(state, route, key, now, 429, model)
         else:
             response = await _serve(request, state, limits, route, key, now, parsed, billable,
                                     extra)
@@ -247,25 +247,26 @@ async def _serve(
     extra: dict[str, str] | None,
 ) -> web.StreamResponse:
     """An admitted request: apply hooks, generate (in a capacity slot), answer."""
+    model = body["model"]
     hook = _read_hook(state, key, body)
     if hook.status in (429, 503):
         response = rejection(state, limits, hook.status, 1.0, hook.retry_after, extra)
-        record_arrival(state, route, key, now, hook.status)
+        record_arrival(state, route, key, now, hook.status, model)
         return response
     if billable:
         prompt = prompt_text(route, body)
         if isinstance(prompt, str):
             response = error_reply(state, 400, prompt, extra)
-            record_arrival(state, route, key, now, 400)
+            record_arrival(state, route, key, now, 400, model)
             return response
         _count_processed(state, key)
-        answer_or_body: Answer | bytes = build_answer(state, route, body, body["model"], *prompt)
+        answer_or_body: Answer | bytes = build_answer(state, route, body, model, *prompt)
         extra = _charge_usage(limits, answer_or_body, extra)
     else:
         result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
         if isinstance(result, str):
             response = error_reply(state, 400, result, extra)
-            record_arrival(state, route, key, now, 400)
+            record_arrival(state, route, key, now, 400, model)
             return response
         answer_or_body = orjson.dumps(result)
 
@@ -279,21 +280,21 @@ async def _serve(
             capacity.release()
     if hook.drop or drop:
         state.dropped += 1
-        record_arrival(state, route, key, now, NO_RESPONSE)
+        record_arrival(state, route, key, now, NO_RESPONSE, model)
         return _drop(request)
     if hook.status is not None or error:
         status = hook.status if hook.status is not None else 500
         if status == 500:
             state.injected_500 += 1
-        record_arrival(state, route, key, now, status)
+        record_arrival(state, route, key, now, status, model)
         return error_reply(state, status, f"simulated error {status}", extra)
     if isinstance(answer_or_body, bytes):
-        record_arrival(state, route, key, now, 200)
+        record_arrival(state, route, key, now, 200, model)
         if hook.bad_json:
             return json_reply(200, b'{"count": ', next_id(state), extra)
         return json_reply(200, answer_or_body, next_id(state), extra)
     answer = answer_or_body
-    record_arrival(state, route, key, now, 200)
+    record_arrival(state, route, key, now, 200, model)
     if body.get("stream") is True:
         return await _stream(request, state, answer, body, hook, extra)
     if hook.bad_json:

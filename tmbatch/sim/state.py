@@ -17,7 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
-from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
+from tmbatch.sim.config import (
+    BILLABLE_ROUTES,
+    GET_ROUTES,
+    POST_ROUTES,
+    USER_IDS_CAP,
+    SimConfig,
+)
 from tmbatch.sim.limits import (
     Capacity,
     FixedWindow,
@@ -38,6 +44,7 @@ class SimState:
     completion_calls: int = 0
     tokenize_calls: int = 0
     by_route: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     status_counts: dict[int, int] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
     processed_total: int = 0
@@ -85,6 +92,8 @@ def reset_state(state: SimState) -> None:
             setattr(state, f.name, getattr(fresh, f.name))
     for route in (*POST_ROUTES, *GET_ROUTES):
         state.by_route[route] = {"received": 0, "status_counts": {}}
+    for model in state.config.models:
+        state.by_model[model] = {"received": 0, "ok": 0, "refused": 0, "violations": 0}
     _build_limits(state, time.monotonic())
 
 
@@ -115,6 +124,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
             }
             for route, info in state.by_route.items()
         },
+        "by_model": {model: dict(counts) for model, counts in state.by_model.items()},
         "status_counts": {str(k): v for k, v in state.status_counts.items()},
         "processed": dict(state.processed),
         "processed_total": state.processed_total,
@@ -188,15 +198,26 @@ def draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, float
     return a * scale, b * scale, c * scale, d * scale
 
 
-def record_arrival(state: SimState, route: str, key: str, arrived: float, status: int) -> None:
-    """One place that counts outcomes, so every exit path of a handler is accounted for."""
+def record_arrival(
+    state: SimState, route: str, key: str, arrived: float, status: int, model: str | None = None
+) -> None:
+    """One place that counts outcomes, so every exit path of a handler is accounted for.
+    `model` is the served model the body names (None when it names none, or on a GET)."""
     state.status_counts[status] = state.status_counts.get(status, 0) + 1
     info = state.by_route.get(route)
     if info is not None:
         counts = info["status_counts"]
         counts[status] = counts.get(status, 0) + 1
+    if model is not None and route in BILLABLE_ROUTES:
+        per_model = state.by_model.get(model)
+        if per_model is not None:
+            per_model["received"] += 1
+            if status == 200:
+                per_model["ok"] += 1
+            elif status in (429, 503):
+                per_model["refused"] += 1
     if len(state.log) < state.config.log_limit:
-        state.log.append([arrived, route, key, status])
+        state.log.append([arrived, route, key, status, model])
     else:
         state.log_overflow += 1
 
