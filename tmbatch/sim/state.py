@@ -140,7 +140,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "windows_announced": state.windows_announced,
         "rejected_by": dict(state.rejected_by),
         "capacity": _capacity_stats(state.capacity),
-        "window": _window_stats(state.account or next(iter(state.per_model.values()), None)),
+        "window": _window_stats(state),
         "auth": {
             "bearer_ok": state.bearer_ok,
             "bearer_wrong": state.bearer_wrong,
@@ -154,8 +154,10 @@ def stats_of(state: SimState) -> dict[str, Any]:
     }
 
 
-def _window_stats(limits: LimitSet | None) -> dict[str, float] | None:
-    """Where the fixed windows start (monotonic clock), so a reader can tell them apart."""
+def _window_stats(state: SimState) -> dict[str, float] | None:
+    """Where the fixed windows start (monotonic clock), so a reader can tell them apart; with a
+    per-model scope every model's start together, at the start or reset."""
+    limits = state.account or next(iter(state.per_model.values()), None)
     limit = limits.requests if limits is not None else None
     if not isinstance(limit, FixedWindow):
         return None
