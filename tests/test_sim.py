@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.conftest import run_cli
 from tmbatch.sim import (
     SimConfig,
     SimServer,
@@ -523,7 +524,7 @@ def test_fixed_window_admits_exactly_n_per_window() -> None:
         window = stats["window"]
         ok: dict[int, int] = {}
         refused: set[int] = set()
-        for arrived, _, _, status in stats["log"]:
+        for arrived, _, _, status, _ in stats["log"]:
             index = int((arrived - window["epoch"]) // window["seconds"])
             if status == 200:
                 ok[index] = ok.get(index, 0) + 1
@@ -554,6 +555,22 @@ def test_fixed_window_headers_and_retry_after_count_down_to_the_next_window() ->
         assert headers["x-ratelimit-reset-requests"].endswith("s")
 
     run_with_sim(SimConfig(window_limit=2, window_seconds=30, ratelimit_headers=True), scenario)
+
+
+def test_a_body_naming_no_served_model_is_refused_before_the_limits() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        assert status == 404 and headers["x-ratelimit-remaining-requests"] == "1"
+        async with session.post(server.url + CHAT, data=b"{not json") as resp:
+            assert resp.status == 400
+        # neither cost a token: the bucket of one still admits one, then refuses
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
+        # and once it is empty, a bad body is still told what is wrong with it
+        assert (await post(session, server, CHAT, {**chat_body(), "model": "nope"}))[0] == 404
+        assert server.stats()["rejected_429"] == 1
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, ratelimit_headers=True), scenario)
 
 
 def test_tokens_per_minute_charges_usage_and_refuses_in_debt() -> None:
@@ -627,6 +644,243 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
     run_with_sim(SimConfig(capacity=3, latency=0.3), scenario)
 
 
+def test_rate_schedule_changes_the_accepted_rate_at_the_given_time() -> None:
+    from tmbatch.sim.limits import ScheduledBucket
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        resets = []
+        end = server.stats()["epoch"] + 1.0
+        i = 0
+        while time.monotonic() < end:
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"))
+            if status == 200:
+                resets.append(headers["x-ratelimit-reset-requests"])
+            i += 1
+            await asyncio.sleep(0.02)
+        stats = server.stats()
+        epoch = stats["epoch"]
+        log = [(e[0] - epoch, e[3]) for e in stats["log"]]
+        before = sum(1 for t, s in log if t < 0.5 and s == 200)
+        after = sum(1 for t, s in log if t >= 0.5 and s == 200)
+        # 0.5 s at 2/s holding 1: the burst and one more; then 0.5 s at 20/s: about 10
+        assert before <= 2 and after >= 4, log
+        # the server's every decision is the pure bucket's on the same arrival times
+        bucket = ScheduledBucket(2, 1, 1, epoch, epoch=epoch, schedule=((0.5, 20),))
+        replay = []
+        for t, _ in log:
+            ok = bucket.wait(epoch + t) == 0.0
+            if ok:
+                bucket.take(epoch + t)
+            replay.append(200 if ok else 429)
+        assert replay == [s for _, s in log]
+        # the headers follow the rate in force: a token per 500 ms, then per 50 ms
+        assert resets[0] == "500ms" and resets[-1] == "50ms"
+
+    run_with_sim(
+        SimConfig(rate_limit=2, rate_burst=1, rate_schedule=((0.5, 20),), ratelimit_headers=True),
+        scenario,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits per model
+
+
+def large(text: str) -> dict[str, Any]:
+    return {**chat_body(text), "model": "tm-large"}
+
+
+@pytest.mark.parametrize("scope", ["account", "model"])
+def test_model_scope_limits_each_model_on_its_own(scope: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        small = [(await post(session, server, CHAT, chat_body(f"s{i}")))[0] for i in range(3)]
+        assert small == [200, 200, 429]
+        status, _, headers = await post(session, server, CHAT, large("l0"))
+        if scope == "model":  # its own bucket, full, and its own headers
+            assert status == 200 and headers["x-ratelimit-remaining-requests"] == "1"
+            assert (await post(session, server, CHAT, large("l1")))[0] == 200
+            assert (await post(session, server, CHAT, large("l2")))[0] == 429
+        else:  # one bucket for the account, emptied by tm-small
+            assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+        # a body naming no served model meets no model's limits: no headers to give
+        _, _, headers = await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        assert ("x-ratelimit-limit-requests" in headers) == (scope == "account")
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=2, ratelimit_headers=True,
+                           limit_scope=scope), scenario)
+
+
+@pytest.mark.parametrize("scope", ["account", "model"])
+def test_model_scope_keeps_retry_after_windows_per_model(scope: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        status, _, headers = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and headers["Retry-After"] == "0.6"
+        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        status, _, _ = await post(session, server, CHAT, large("c"))
+        # in its own scope tm-large was promised nothing: not a violation, and admitted
+        assert server.stats()["retry_after_violations"] == (1 if scope == "account" else 0)
+        assert status == (429 if scope == "account" else 200)
+        await post(session, server, CHAT, chat_body("b"))  # tm-small inside its own window
+        assert server.stats()["retry_after_violations"] == (2 if scope == "account" else 1)
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
+                           limit_scope=scope), scenario)
+
+
+def test_model_scope_covers_fixed_windows_but_not_capacity() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        # a fixed window of 1 per model: each model's first passes, its second is refused
+        statuses = [(await post(session, server, CHAT, body))[0]
+                    for body in (chat_body("a"), chat_body("b"), large("c"), large("d"))]
+        assert statuses == [200, 429, 200, 429]
+        # one slot for the account, whichever model: the two queue one behind the other
+        slow = {"sim": {"sleep": 0.2}}
+        server.reset()
+        results = await asyncio.gather(post(session, server, CHAT, chat_body("x", **slow)),
+                                       post(session, server, CHAT, large("y") | slow))
+        assert [r[0] for r in results] == [200, 200]
+        capacity = server.stats()["capacity"]
+        assert capacity["running_peak"] == 1 and capacity["waited"] == 1
+
+    run_with_sim(SimConfig(window_limit=1, window_seconds=30, retry_after_format="none",
+                           capacity=1, limit_scope="model"), scenario)
+
+
+@pytest.mark.parametrize("refusal", ["random", "hook"])
+def test_model_scope_windows_of_other_refusals_are_the_models_too(refusal: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        hook = {"sim": {"status": 503, "retry_after": 0.6}} if refusal == "hook" else {}
+        assert (await post(session, server, CHAT, chat_body("a", **hook)))[0] == 503
+        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        await post(session, server, CHAT, large("b") | hook)
+        assert server.stats()["retry_after_violations"] == 0
+        await post(session, server, CHAT, chat_body("c", **hook))
+        assert server.stats()["retry_after_violations"] == 1
+
+    run_with_sim(SimConfig(refuse_fraction=1.0 if refusal == "random" else 0.0,
+                           refuse_status=503, retry_after=0.6, grace=0.1,
+                           limit_scope="model"), scenario)
+
+
+def test_model_scope_charges_each_models_tokens_budget() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, chat_body("a fairly long q"))
+        assert status == 200 and headers["x-ratelimit-remaining-tokens"] == "0"  # in debt
+        status, body, _ = await post(session, server, CHAT, chat_body("b"))
+        assert status == 429 and "tokens" in body["error"]["message"]
+        status, _, headers = await post(session, server, CHAT, large("c"))
+        assert status == 200  # tm-large's budget was untouched
+
+    run_with_sim(SimConfig(tpm_limit=6, tpm_burst=5, ratelimit_headers=True,
+                           limit_scope="model"), scenario)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals at random
+
+
+def test_random_refusals_refuse_about_the_share_and_the_seed_fixes_which() -> None:
+    from tmbatch.sim.limits import RandomRefusal
+
+    runs: list[dict[str, int]] = []
+
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        seen = {}
+        for i in range(60):
+            key = f"r{i % 40}"  # 20 keys arrive twice: a re-send gets a fresh draw
+            seen[f"{key}/{i // 40}"] = (
+                await post(session, server, CHAT, chat_body(), {"Idempotency-Key": key}))[0]
+        runs.append(seen)
+        stats = server.stats()
+        refused = sum(1 for s in seen.values() if s == 503)
+        assert stats["refused_random"] == stats["rejected_503"] == refused
+        assert stats["rejected_429"] == 0 and stats["rejected_by"] == {}
+        assert stats["processed_total"] == 60 - refused
+
+    config = SimConfig(refuse_fraction=0.3, refuse_status=503, seed=11)
+    run_with_sim(config, scenario)
+    run_with_sim(config, scenario)
+    assert runs[0] == runs[1]
+    assert set(runs[0].values()) == {200, 503}
+    refused = sum(1 for s in runs[0].values() if s == 503)
+    assert 8 <= refused <= 30  # about 30 % of 60
+    # the same draws, without a server: per (seed, key, arrival of that key)
+    pure = RandomRefusal(0.3, 11)
+    assert refused == sum(pure.refuses(f"r{i % 40}") for i in range(60))
+    other = RandomRefusal(0.3, 12)
+    assert [other.refuses(f"r{i % 40}") for i in range(60)] != [
+        s == 503 for s in runs[0].values()
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "llm-provider", "none"])
+def test_random_refusals_announce_the_pause_in_each_format(fmt: str) -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, body, headers = await post(session, server, CHAT, chat_body("a"))
+        assert status == 429 and body["error"]["type"] == "RateLimitError"
+        assert "overloaded" in body["error"]["message"]
+        if fmt == "seconds":
+            assert headers["Retry-After"] == "1"  # no --sim-retry-after: one second
+        elif fmt == "http-date":
+            when = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()
+            assert 0 < when - time.time() <= 2.01
+        elif fmt == "ms":
+            assert headers["retry-after-ms"] == "1000" and "Retry-After" not in headers
+        elif fmt == "llm-provider":
+            assert headers["llm_provider-retry-after"] == "1" and "Retry-After" not in headers
+        else:
+            assert not {"Retry-After", "retry-after-ms", "llm_provider-retry-after"} & set(
+                headers)
+        # only billable routes are refused at random
+        status, _, _ = await post(session, server, "/tokenize", {"model": "tm-small",
+                                                                   "prompt": "x"})
+        assert status == 200
+        assert server.stats()["refused_random"] == 1
+
+    run_with_sim(SimConfig(refuse_fraction=1.0, retry_after_format=fmt), scenario)
+
+
+def test_random_refusals_announce_retry_after_and_open_windows() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        status, _, headers = await post(session, server, CHAT, chat_body("a"))
+        assert status == 503 and headers["Retry-After"] == "0.6"
+        await asyncio.sleep(0.2)  # past the grace, inside the announced pause
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 503
+        stats = server.stats()
+        assert stats["retry_after_violations"] == 1 and stats["rejected_503"] == 2
+
+    run_with_sim(SimConfig(refuse_fraction=1.0, refuse_status=503, retry_after=0.6, grace=0.1),
+                 scenario)
+
+
+def test_random_refusals_cost_no_token_and_come_after_the_key_and_model() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        auth = {"Authorization": "Bearer k"}
+        assert (await post(session, server, CHAT, chat_body()))[0] == 401
+        assert (await post(session, server, CHAT, {**chat_body(), "model": "x"}, auth))[0] == 404
+        statuses = []
+        for i in range(24):
+            status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"), auth)
+            statuses.append(status)
+            if status == 503:  # the bucket's headers, untouched by the refusal
+                assert headers["x-ratelimit-limit-requests"] == "3"
+        assert set(statuses) == {200, 429, 503}
+        # the bucket of 3 (no refill to speak of) admitted the first three not refused at
+        # random, and refused the rest: a refusal at random took none of its tokens
+        admitted = [s for s in statuses if s != 503]
+        assert admitted == [200] * 3 + [429] * (len(admitted) - 3)
+        stats = server.stats()
+        assert stats["refused_random"] == statuses.count(503)
+        assert stats["rejected_by"] == {"requests": statuses.count(429)}
+
+    run_with_sim(
+        SimConfig(rate_limit=0.001, rate_burst=3, api_key="k", ratelimit_headers=True,
+                  refuse_fraction=0.5, refuse_status=503, seed=3),
+        scenario,
+    )
+
+
 def test_reset_header_uses_openai_duration_text() -> None:
     from tmbatch.sim.limits import openai_duration
 
@@ -660,7 +914,7 @@ def test_processed_and_duplicates_follow_idempotency_keys() -> None:
         assert stats["rejected_429"] == 1
         assert [entry[2] for entry in stats["log"][:3]] == ["k1", "k1", "k2"]
         assert all(entry[0] <= stats["time_now"] for entry in stats["log"])
-        assert stats["log"][-1][1:] == [CHAT, "k4", 429]
+        assert stats["log"][-1][1:] == [CHAT, "k4", 429, "tm-small"]
 
         async with session.post(server.url + "/_sim/reset") as resp:
             assert resp.status == 200
@@ -668,6 +922,39 @@ def test_processed_and_duplicates_follow_idempotency_keys() -> None:
         assert stats["processed"] == {} and stats["received"] == 0 and stats["log"] == []
 
     run_with_sim(SimConfig(), scenario)
+
+
+def test_by_model_counts_billable_arrivals_and_the_log_names_the_model() -> None:
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
+        await asyncio.sleep(0.2)  # past the grace, inside the pause announced to tm-small
+        assert (await post(session, server, COMPLETIONS,
+                           {"model": "tm-large", "prompt": "c"}))[0] == 200
+        assert (await post(session, server, CHAT, chat_body("d")))[0] == 429
+        # not billable, or naming no served model: in no model's count
+        await post(session, server, "/tokenize", {"model": "tm-small", "prompt": "x"})
+        await post(session, server, CHAT, {**chat_body(), "model": "nope"})
+        async with session.get(server.url + "/health") as resp:
+            assert resp.status == 200
+        stats = server.stats()
+        assert stats["by_model"] == {
+            "tm-small": {"received": 3, "ok": 1, "refused": 2, "violations": 1},
+            "tm-large": {"received": 1, "ok": 1, "refused": 0, "violations": 0},
+        }
+        # tokenize arrived inside tm-small's window too; the 404 is in no model's scope
+        assert stats["retry_after_violations"] == 2
+        assert [(e[1], e[3], e[4]) for e in stats["log"]] == [
+            (CHAT, 200, "tm-small"), (CHAT, 429, "tm-small"), (COMPLETIONS, 200, "tm-large"),
+            (CHAT, 429, "tm-small"), ("/tokenize", 429, "tm-small"), (CHAT, 404, None),
+            ("/health", 200, None),
+        ]
+        server.reset()
+        assert server.stats()["by_model"]["tm-small"] == {
+            "received": 0, "ok": 0, "refused": 0, "violations": 0}
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
+                           limit_scope="model"), scenario)
 
 
 def test_log_is_capped() -> None:
@@ -835,6 +1122,14 @@ def test_cli_flags_build_the_config() -> None:
             "3",
             "--sim-seed",
             "9",
+            "--sim-refuse-fraction",
+            "0.25",
+            "--sim-refuse-status",
+            "503",
+            "--sim-rate-schedule",
+            "15:10, 30:20",
+            "--sim-limit-scope",
+            "model",
         ]
     )
     config = sim_config_from_args(ns)
@@ -858,6 +1153,10 @@ def test_cli_flags_build_the_config() -> None:
         models=("a", "b"),
         stream_chunks=3,
         seed=9,
+        refuse_fraction=0.25,
+        refuse_status=503,
+        rate_schedule=((15, 10), (30, 20)),
+        limit_scope="model",
     )
     assert sim_config_from_args(parser.parse_args([])) == SimConfig()
     window = parser.parse_args(["--sim-window-limit", "20", "--sim-window-seconds", "5",
@@ -866,14 +1165,33 @@ def test_cli_flags_build_the_config() -> None:
         window_limit=20, window_seconds=5, retry_after_format="llm-provider"
     )
     for bad in (["--sim-error-500", "2"], ["--sim-capacity", "0"], ["--sim-window-seconds", "0"],
-                ["--sim-rate-limit", "5", "--sim-window-limit", "5"]):
+                ["--sim-rate-limit", "5", "--sim-window-limit", "5"],
+                ["--sim-refuse-fraction", "1.5"], ["--sim-refuse-fraction", "x"],
+                ["--sim-refuse-status", "500"], ["--sim-refuse-status", "busy"],
+                ["--sim-rate-schedule", "15"], ["--sim-rate-schedule", "15:x"],
+                ["--sim-rate-schedule", "0:5"], ["--sim-rate-schedule", "30:5,15:5"],
+                ["--sim-rate-schedule", "15:0"], ["--sim-rate-schedule", ""],
+                ["--sim-limit-scope", "team"], ["--sim-limit-scope", "Model"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     for wrong in ({"retry_after_format": "minutes"}, {"rate_limit": 5, "window_limit": 5},
-                  {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0}):
+                  {"rate_limit": 5, "rate_burst": 0.5}, {"capacity": 0}, {"tpm_limit": 0},
+                  {"refuse_fraction": -0.1}, {"refuse_status": 500},
+                  {"rate_schedule": ((1, 5),)}, {"limit_scope": "key"}):
         with pytest.raises(ValueError):
             SimConfig(**wrong)
+    # flags that do not combine are a usage error naming the flags, not a traceback
+    with pytest.raises(ValueError, match=r"--sim-rate-schedule .* needs --sim-rate-limit"):
+        sim_config_from_args(parser.parse_args(["--sim-rate-schedule", "1:5"]))
     assert build_app(SimConfig()) is not None
+
+
+def test_the_cli_reports_flags_that_do_not_combine_as_a_usage_error() -> None:
+    # a subprocess: main() in-process would set up the tmbatch logger for the whole session
+    done = run_cli(["sim", "--sim-rate-schedule", "1:5", "--sim-window-limit", "5"], timeout=30)
+    assert done.returncode == 2
+    assert "--sim-rate-schedule" in done.stderr and "--sim-rate-limit" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_run_sim_forever_serves_and_stops_on_sigterm() -> None:

@@ -13,7 +13,9 @@ The modules, in the order a request meets them:
 - state: the counters and the accounting that fills them (stats_of);
 - replies: JSON replies and OpenAI-shaped error bodies;
 - limits: the server-side limits (token bucket with a burst, fixed window, tokens per minute
-  charged with usage, a capacity that queues instead of refusing);
+  charged with usage, a capacity that queues instead of refusing), grouped in a LimitSet with
+  the Retry-After windows its refusals announced; pure arithmetic on the `now` they are given,
+  so a virtual-time harness can drive them without HTTP;
 - gate: X-User-Id routing, the key, admission through the limits, the 429 hints and the
   windows they announce;
 - bodies: answer text, token counts, label mode, OpenAI-shaped bodies and SSE events;
@@ -32,9 +34,11 @@ from tmbatch.sim.config import (
     BILLABLE_ROUTES,
     DUPLICATE_KEYS_CAP,
     GET_ROUTES,
+    LIMIT_SCOPES,
     MAX_MODEL_LEN,
     NO_RESPONSE,
     POST_ROUTES,
+    REFUSE_STATUSES,
     RETRY_AFTER_FORMATS,
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
@@ -57,9 +61,11 @@ __all__ = [
     "BILLABLE_ROUTES",
     "DUPLICATE_KEYS_CAP",
     "GET_ROUTES",
+    "LIMIT_SCOPES",
     "MAX_MODEL_LEN",
     "NO_RESPONSE",
     "POST_ROUTES",
+    "REFUSE_STATUSES",
     "RETRY_AFTER_FORMATS",
     "ROUTE_CHAT",
     "ROUTE_COMPLETIONS",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tmbatch.sim.config import RETRY_AFTER_FORMATS, SimConfig
+from tmbatch.sim.config import LIMIT_SCOPES, REFUSE_STATUSES, RETRY_AFTER_FORMATS, SimConfig
 
 
 def _non_negative(text: str) -> float:
@@ -41,6 +42,24 @@ def _models(text: str) -> tuple[str, ...]:
     if not models:
         raise argparse.ArgumentTypeError("needs at least one model name")
     return models
+
+
+def _schedule(text: str) -> tuple[tuple[float, float], ...]:
+    """"15:20,30:40": from 15 s after the start 20 requests/s, from 30 s 40 again."""
+    pairs = []
+    for part in text.split(","):
+        at, sep, rate = part.strip().partition(":")
+        try:
+            pairs.append((float(at), float(rate)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expects SECONDS:RPS[,SECONDS:RPS...], got {text!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expects SECONDS:RPS[,SECONDS:RPS...], got {text!r}")
+    try:
+        return SimConfig(rate_limit=1.0, rate_schedule=tuple(pairs)).rate_schedule
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("rate_schedule ")) from None
 
 
 def _non_empty(text: str) -> str:
@@ -74,6 +93,7 @@ FRACTION = _Kind(_fraction, "FRACTION")
 KEY = _Kind(_non_empty, "KEY")
 UUID = _Kind(_non_empty, "UUID")
 MODELS = _Kind(_models, "A,B")
+SCHEDULE = _Kind(_schedule, "T:RPS,...")
 SEED = _Kind(int, "N")
 SWITCH = "switch"  # store_true
 _Flag = _Kind | str | tuple[str, ...]  # a kind, SWITCH, or the choices
@@ -88,6 +108,9 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
                          "excess requests get 429 (default: no limit)"),
     "--sim-rate-burst": (COUNT, "capacity of that bucket, in requests (default: one "
                          "second's worth, at least 1)"),
+    "--sim-rate-schedule": (SCHEDULE, "the bucket's rate changes over time, its burst stays: "
+                            "15:20,30:40 is 20 RPS from 15 s after the start (or a reset), "
+                            "40 from 30 s; needs --sim-rate-limit, the rate until then"),
     "--sim-window-limit": (COUNT, "instead of the bucket: a fixed window admitting N "
                            "requests per --sim-window-seconds, LiteLLM-style (default: none)"),
     "--sim-window-seconds": (DURATION, "length of that window, counted from the start "
@@ -95,14 +118,23 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
     "--sim-tpm-limit": (TOKENS, "tokens per minute: admitted while the budget is above zero, "
                         "charged each answer's usage.total_tokens (default: no limit)"),
     "--sim-tpm-burst": (TOKENS, "capacity of the tokens budget (default: one second's worth)"),
+    "--sim-limit-scope": (LIMIT_SCOPES, "whom the requests and tokens limits count: the whole "
+                          "account, or each model on its own with its own headers and "
+                          "Retry-After windows (default: account)"),
     "--sim-capacity": (COUNT, "at most N billable requests processed at once; the others "
                        "queue in arrival order instead of getting 429 (vLLM --max-num-seqs)"),
     "--sim-retry-after": (SECONDS, "fixed pause announced by every 429 (default: the real wait, "
-                          "rounded up to whole seconds and at least 1 s; to the ms for ms)"),
+                          "rounded up to whole seconds and at least 1 s; to the ms for ms; "
+                          "1 s for refusals at random)"),
     "--sim-retry-after-format": (RETRY_AFTER_FORMATS, "how 429s announce the pause: "
                                  "Retry-After in seconds or as an HTTP date, only "
                                  "retry-after-ms, only llm_provider-retry-after (LiteLLM), or "
                                  "no header (default: seconds)"),
+    "--sim-refuse-fraction": (FRACTION, "fraction of billable requests refused at random "
+                              "(overload), before the limits and costing none of them; "
+                              "announced like a rate limit's 429 (default: 0)"),
+    "--sim-refuse-status": (REFUSE_STATUSES, "status of those refusals: 429 (an overloaded "
+                            "provider) or 503 (a flaky gateway) (default: 429)"),
     "--sim-ratelimit-headers": (SWITCH, "send x-ratelimit-limit/remaining/reset-requests "
                                 "(and -tokens) headers on every POST answer"),
     "--sim-error-500": (FRACTION, "fraction of billable requests processed and then answered 500"),
@@ -146,8 +178,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         where = exclusive if flag in _EXCLUSIVE else group
         if kind == SWITCH:
             where.add_argument(flag, action="store_true", help=text)
-        elif isinstance(kind, tuple):
-            where.add_argument(flag, choices=kind, default=getattr(d, _field(flag)), help=text)
+        elif isinstance(kind, tuple):  # the choices, read as the type they are written in
+            where.add_argument(flag, choices=kind, type=type(kind[0]),
+                               default=getattr(d, _field(flag)), help=text)
         else:
             assert isinstance(kind, _Kind)
             where.add_argument(flag, type=kind.parse, default=getattr(d, _field(flag)),
@@ -155,8 +188,17 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
-    """Missing attributes fall back to defaults, so callers may add only some of the flags."""
+    """Missing attributes fall back to defaults, so callers may add only some of the flags.
+
+    Each value was checked by argparse; flags that do not combine (a rate schedule without a
+    rate) raise ValueError naming the flags, which the CLI reports as a usage error."""
     d = SimConfig()
     values = {_field(f): getattr(ns, _dest(f), getattr(d, _field(f))) for f in _FLAGS}
     values["models"] = tuple(values["models"])
-    return SimConfig(**values)
+    try:
+        return SimConfig(**values)
+    except ValueError as exc:
+        message = str(exc)
+        for flag in _FLAGS:
+            message = re.sub(rf"\b{_field(flag)}\b", flag, message)
+        raise ValueError(message) from None

@@ -7,7 +7,9 @@ construction so that a typo never silently disables the fault a test meant to in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 ROUTE_CHAT = "/v1/chat/completions"
 ROUTE_COMPLETIONS = "/v1/completions"
@@ -26,6 +28,10 @@ GET_ROUTES = (ROUTE_MODELS, ROUTE_HEALTH, ROUTE_VERSION)
 # How a 429 announces its pause. "llm-provider" is LiteLLM passing the provider's header on
 # under its own prefix: `llm_provider-retry-after` in seconds and nothing else.
 RETRY_AFTER_FORMATS = ("seconds", "http-date", "none", "ms", "llm-provider")
+# What a refusal at random answers: 429 (an overloaded provider) or 503 (a flaky gateway).
+REFUSE_STATUSES = (429, 503)
+# Whom the limits count: the whole account, or each model on its own (OpenAI, LiteLLM).
+LIMIT_SCOPES = ("account", "model")
 
 MAX_MODEL_LEN = 8192
 ANSWER_PREFIX = "Simulated answer to: "
@@ -46,13 +52,24 @@ class SimConfig:
     # capacity: at most this many billable requests processed at once, the rest queue.
     rate_limit: float | None = None
     rate_burst: float | None = None
+    # (seconds after the start or reset, rate from then on), in time order: the bucket's rate
+    # changes while its burst stays (another job shares the account for a while).
+    rate_schedule: tuple[tuple[float, float], ...] = ()
     window_limit: int | None = None
     window_seconds: float = 60.0
     tpm_limit: float | None = None
     tpm_burst: float | None = None
+    # "model": each served model has its own requests and tokens limits (and rate schedule),
+    # and its own Retry-After windows; capacity stays the account's.
+    limit_scope: str = "account"
     capacity: int | None = None
     retry_after: float | None = None
     retry_after_format: str = "seconds"
+    # Overload: each billable arrival refused with this probability (drawn per seed, key and
+    # arrival), before the limits and costing none of them, answering refuse_status with the
+    # Retry-After hint of the rate limits (retry_after, else 1 second).
+    refuse_fraction: float = 0.0
+    refuse_status: int = 429
     ratelimit_headers: bool = False
     error_500: float = 0.0
     drop_after_read: float = 0.0
@@ -70,7 +87,12 @@ class SimConfig:
         """Fail at construction so a typo in a test or flag never silently disables a fault."""
         if self.retry_after_format not in RETRY_AFTER_FORMATS:
             raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}")
-        for name in ("error_500", "drop_after_read", "slow"):
+        if self.limit_scope not in LIMIT_SCOPES:
+            raise ValueError(f"limit_scope must be one of {', '.join(LIMIT_SCOPES)}, "
+                             f"got {self.limit_scope!r}")
+        if self.refuse_status not in REFUSE_STATUSES:
+            raise ValueError(f"refuse_status must be 429 or 503, got {self.refuse_status}")
+        for name in ("error_500", "drop_after_read", "slow", "refuse_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction between 0 and 1, got {value}")
@@ -92,6 +114,10 @@ class SimConfig:
         if self.rate_limit is not None and self.window_limit is not None:
             # one requests limit, so x-ratelimit-*-requests has one meaning
             raise ValueError("rate_limit and window_limit are two request limits: choose one")
+        self.rate_schedule = _schedule(self.rate_schedule)
+        if self.rate_schedule and self.rate_limit is None:
+            raise ValueError("rate_schedule changes the token bucket's rate: it needs rate_limit "
+                             "(the rate until the first change)")
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("retry_after must not be negative")
         if self.stream_chunks < 1:
@@ -99,3 +125,20 @@ class SimConfig:
         self.models = tuple(self.models)
         if not self.models:
             raise ValueError("at least one model is needed")
+
+
+def _schedule(raw: Any) -> tuple[tuple[float, float], ...]:
+    """(seconds, rate) pairs as floats: times positive and increasing, rates positive."""
+    try:
+        pairs = tuple((float(at), float(rate)) for at, rate in raw)
+    except (TypeError, ValueError):
+        raise ValueError("rate_schedule must be (seconds, rate) pairs") from None
+    previous = 0.0
+    for at, rate in pairs:
+        if not (math.isfinite(at) and at > previous):
+            raise ValueError("rate_schedule times must be positive and increasing, "
+                             f"got {at:g} after {previous:g}")
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate_schedule rates must be positive, got {rate:g}")
+        previous = at
+    return pairs

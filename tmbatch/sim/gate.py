@@ -5,6 +5,11 @@ because clients must cope with the refusals in the order the real service gives 
 or 503 opens the window its hint announces (Retry-After in seconds or as a date, retry-after-ms,
 llm_provider-retry-after, or an x-ratelimit-remaining of 0 until that limit has room), so that
 arrivals inside it can be counted as violations: the measure of whether a client honours them.
+Limits and windows belong to a scope (limits_for): the account, or each model on its own.
+
+The decisions themselves are pure and live in limits.py (LimitSet, RetryWindows,
+RandomRefusal); hint_seconds and hint_headers say what a refusal announces without a clock.
+The clock is read by the HTTP side only: here as an answer leaves, and in handlers.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tmbatch.sim.limits import Limit
+from tmbatch.sim.config import SimConfig
+from tmbatch.sim.limits import LimitSet
 from tmbatch.sim.replies import error_reply
 from tmbatch.sim.state import SimState
 
@@ -38,72 +44,54 @@ def access_refusal(state: SimState, headers: Any, needs_key: bool) -> web.Respon
 # Rate limiting and Retry-After accounting
 
 
-def note_post_arrival(state: SimState, now: float) -> None:
-    """Count an arrival inside any announced Retry-After window. Windows are opened in time
-    order and arrivals are monotonic, so a deque plus a running maximum suffices: O(1)."""
-    pending = state.pending_windows
-    while pending and pending[0][0] < now:
-        end = pending.popleft()[1]
-        if end > state.matured_window_end:
-            state.matured_window_end = end
-    if now < state.matured_window_end:
+def limits_for(state: SimState, model: str | None) -> LimitSet | None:
+    """The limits (and windows) an arrival for `model` meets: the account's, or the model's
+    when each model is limited on its own; None for a body naming no served model then, which
+    no limit counts and no window concerns."""
+    if state.account is not None:
+        return state.account
+    return state.per_model.get(model) if model is not None else None
+
+
+def note_post_arrival(
+    state: SimState, now: float, limits: LimitSet | None, model: str | None = None
+) -> None:
+    """Count an arrival inside any Retry-After window announced by the limits it meets, and
+    against `model` (a billable arrival's) too."""
+    if limits is not None and limits.windows.arrive(now):
         state.violations += 1
+        counts = state.by_model.get(model) if model is not None else None
+        if counts is not None:
+            counts["violations"] += 1
 
 
-def _active_limits(state: SimState) -> tuple[Limit, ...]:
-    return tuple(lim for lim in (state.requests_limit, state.tokens_limit) if lim is not None)
-
-
-def admit(state: SimState, now: float) -> tuple[float, str]:
-    """Every limit must say yes before any counts the request, so a refusal by the tokens
-    budget never costs a request token. Returns (0.0, "") when admitted, else the longest wait
-    and the kind of the limit that asked for it ("requests" or "tokens")."""
-    wait, kind = 0.0, ""
-    limits = _active_limits(state)
-    for lim in limits:
-        w = lim.wait(now)
-        if w > wait:
-            wait, kind = w, lim.kind
-    if wait == 0.0:
-        for lim in limits:
-            lim.take(now)
-    return wait, kind
-
-
-def announce(state: SimState, now: float) -> tuple[dict[str, str] | None, list[float]]:
+def announce(
+    state: SimState, limits: LimitSet | None, now: float
+) -> tuple[dict[str, str] | None, list[float]]:
     """The x-ratelimit-* headers of an answer, when the server sends them, and the ends of the
     windows they announce: a remaining of 0 says nothing more passes until that limit has room,
     which the server knows exactly (`wait`) and a client can work out from reset and limit. The
     caller opens those windows when the answer leaves (`open_window`), not now: a client can
     only honour what it has read."""
-    if not state.config.ratelimit_headers:
+    if not state.config.ratelimit_headers or limits is None:
         return None, []
-    headers: dict[str, str] = {}
-    ends: list[float] = []
-    for lim in _active_limits(state):
-        headers.update(lim.headers(now))
-        if lim.remaining(now) == 0:
-            ends.append(now + lim.wait(now))
-    return headers, ends
+    return limits.headers(now)
 
 
-def open_window(state: SimState, end: float) -> None:
-    """Arrivals from `grace` after now until `end` count as violations; the grace lets requests
-    already on the wire when the answer left arrive without blame, so a window shorter than the
-    grace can never count anything and is not kept."""
-    start = time.monotonic() + state.config.grace
-    if end > start:
-        state.pending_windows.append((start, end))
+def open_window(limits: LimitSet | None, end: float) -> None:
+    """Arrivals from `grace` after now (the answer leaving) until `end` count as violations."""
+    if limits is not None:
+        limits.windows.open(time.monotonic(), end)
 
 
-def _hint_seconds(state: SimState, wait: float, hook_retry_after: Any) -> float:
+def hint_seconds(config: SimConfig, wait: float, hook_retry_after: Any = None) -> float:
     """What the pause announces: a hook's or the fixed value, else the real wait rounded up to
     what the format can say (whole seconds, at least 1; milliseconds for retry-after-ms)."""
     if isinstance(hook_retry_after, (int, float)) and not isinstance(hook_retry_after, bool):
         return float(hook_retry_after)
-    if state.config.retry_after is not None:
-        return state.config.retry_after
-    if state.config.retry_after_format == "ms":
+    if config.retry_after is not None:
+        return config.retry_after
+    if config.retry_after_format == "ms":
         return max(1, math.ceil(wait * 1000 - 1e-6)) / 1000.0
     return float(max(1, math.ceil(wait - 1e-9)))
 
@@ -112,41 +100,58 @@ def _seconds_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def hint_headers(fmt: str, seconds: float, wall: float) -> tuple[dict[str, str], float | None]:
+    """The headers that announce a pause of `seconds` in format `fmt` (RETRY_AFTER_FORMATS),
+    sent at wall-clock time `wall`, and the pause they really announce: what a client reading
+    them would wait (an HTTP date is whole seconds of wall clock; ms is rounded to the ms), or
+    None when nothing is announced."""
+    if fmt == "seconds":
+        return {"Retry-After": _seconds_text(seconds)}, seconds
+    if fmt == "ms":
+        millis = round(seconds * 1000)
+        return {"retry-after-ms": str(millis)}, millis / 1000.0
+    if fmt == "llm-provider":
+        return {"llm_provider-retry-after": _seconds_text(seconds)}, seconds
+    if fmt == "http-date":
+        target = math.ceil(wall + seconds)
+        return {"Retry-After": formatdate(target, usegmt=True)}, target - wall
+    return {}, None
+
+
+def refused_at_random(state: SimState, key: str, billable: bool) -> bool:
+    """Whether this billable arrival is refused at random (overload): decided before the limits,
+    so it costs none of them."""
+    refusal = state.random_refusal
+    return billable and refusal is not None and refusal.refuses(key)
+
+
 def rejection(
     state: SimState,
+    limits: LimitSet | None,
     status: int,
     wait: float,
     hook_retry_after: Any,
     extra: dict[str, str] | None,
-    kind: str = "requests",
+    kind: str | None = "requests",
 ) -> web.Response:
-    """Answer 429/503 without processing and open the Retry-After window it announces."""
-    retry_after = _hint_seconds(state, wait, hook_retry_after)
-    headers = dict(extra) if extra else {}
-    announced: float | None = retry_after
-    fmt = state.config.retry_after_format
-    if fmt == "seconds":
-        headers["Retry-After"] = _seconds_text(retry_after)
-    elif fmt == "ms":
-        millis = round(retry_after * 1000)
-        headers["retry-after-ms"] = str(millis)
-        announced = millis / 1000.0
-    elif fmt == "llm-provider":
-        headers["llm_provider-retry-after"] = _seconds_text(retry_after)
-    elif fmt == "http-date":
-        wall = time.time()
-        target = math.ceil(wall + retry_after)
-        headers["Retry-After"] = formatdate(target, usegmt=True)
-        announced = target - wall
-    else:
-        announced = None
+    """Answer 429/503 without processing and open the Retry-After window it announces in the
+    windows of `limits` (the scope whose refusal it is). `kind` names the limit that refused
+    ("requests" or "tokens"); None is a refusal at random, an overloaded server."""
+    retry_after = hint_seconds(state.config, wait, hook_retry_after)
+    hint, announced = hint_headers(state.config.retry_after_format, retry_after, time.time())
+    headers = {**extra, **hint} if extra else hint
     if announced is not None:
-        open_window(state, time.monotonic() + announced)
-    if status == 429:
-        state.rejected_429 += 1
+        open_window(limits, time.monotonic() + announced)
+    if kind is None:
+        state.refused_random += 1
+        message = "The engine is currently overloaded, please try again later."
+    elif status == 429:
         state.rejected_by[kind] = state.rejected_by.get(kind, 0) + 1
         message = f"Rate limit reached for {kind}. Please retry after the indicated time."
     else:
-        state.rejected_503 += 1
         message = "The server is temporarily unable to handle the request."
+    if status == 429:
+        state.rejected_429 += 1
+    else:
+        state.rejected_503 += 1
     return error_reply(state, status, message, headers)

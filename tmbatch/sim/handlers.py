@@ -29,12 +29,14 @@ from tmbatch.sim.bodies import (
 from tmbatch.sim.config import BILLABLE_ROUTES, DUPLICATE_KEYS_CAP, NO_RESPONSE, ROUTE_TOKENIZE
 from tmbatch.sim.gate import (
     access_refusal,
-    admit,
     announce,
+    limits_for,
     note_post_arrival,
     open_window,
+    refused_at_random,
     rejection,
 )
+from tmbatch.sim.limits import LimitSet
 from tmbatch.sim.replies import error_reply, json_reply
 from tmbatch.sim.state import SimState, body_key, draws, next_id, note_auth, record_arrival
 
@@ -80,20 +82,22 @@ def _read_hook(state: SimState, key: str, body: dict[str, Any]) -> _Hook:
     )
 
 
-def _parse_body(state: SimState, raw: bytes) -> dict[str, Any] | web.Response:
+def _parse_body(state: SimState, raw: bytes) -> dict[str, Any] | tuple[int, str]:
+    """The body, if it is a JSON object naming a served model; else the status and message of
+    its refusal. Read before the limits, which may be the model's own."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return error_reply(state, 400, "The request body is not valid JSON.")
+        return 400, "The request body is not valid JSON."
     if not isinstance(body, dict):
-        return error_reply(state, 400, "The request body must be a JSON object.")
+        return 400, "The request body must be a JSON object."
     model = body.get("model")
     if model is None:
-        return error_reply(state, 400, "'model' is required.")
+        return 400, "'model' is required."
     if not isinstance(model, str):
-        return error_reply(state, 400, "'model' must be a string.")
+        return 400, "'model' must be a string."
     if model not in state.config.models:
-        return error_reply(state, 404, f"The model `{model}` does not exist.")
+        return 404, f"The model `{model}` does not exist."
     return body
 
 
@@ -180,7 +184,11 @@ async def _stream(
 
 
 async def handle_post(request: web.Request, state: SimState, route: str) -> web.StreamResponse:
-    """The common path of every POST route: account, refuse, admit, then process."""
+    """The common path of every POST route: account, refuse, admit, then process.
+
+    The order of the refusals is the gateway's: routing and the key, then a body that names no
+    served model (it costs no token: the limits may be the model's own), then a refusal at
+    random (an overloaded server: no token either), then the limits."""
     raw = await request.read()
     now = time.monotonic()
     headers = request.headers
@@ -193,61 +201,72 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
     elif route == ROUTE_TOKENIZE:
         state.tokenize_calls += 1
     note_auth(state, headers)
-    note_post_arrival(state, now)
+    parsed = _parse_body(state, raw)
+    model = parsed["model"] if isinstance(parsed, dict) else None
+    limits = limits_for(state, model)
+    note_post_arrival(state, now, limits, model if billable else None)
 
     refusal = access_refusal(state, headers, needs_key=True)
     if refusal is not None:
-        record_arrival(state, route, key, now, refusal.status)
+        record_arrival(state, route, key, now, refusal.status, model)
         return refusal
-    wait, kind = admit(state, now)
-    extra, ends = announce(state, now)
-    if wait > 0.0:
-        response = rejection(state, 429, wait, None, extra, kind)
-        record_arrival(state, route, key, now, 429)
+    if isinstance(parsed, tuple):
+        status, message = parsed
+        extra, ends = announce(state, limits, now)
+        response: web.StreamResponse = error_reply(state, status, message, extra)
+        record_arrival(state, route, key, now, status, model)
+    elif refused_at_random(state, key, billable):
+        status = state.config.refuse_status
+        extra, ends = announce(state, limits, now)
+        response = rejection(state, limits, status, 1.0, None, extra, kind=None)
+        record_arrival(state, route, key, now, status, model)
     else:
-        response = await _serve(request, state, route, key, now, raw, billable, extra)
+        assert limits is not None  # a served model always has limits (maybe none enforced)
+        wait, kind = limits.admit(now)
+        extra, ends = announce(state, limits, now)
+        if wait > 0.0:
+            response = rejection(state, limits, 429, wait, None, extra, kind)
+            record_arrival(state, route, key, now, 429, model)
+        else:
+            response = await _serve(request, state, limits, route, key, now, parsed, billable,
+                                    extra)
     for end in ends:  # opened as the answer leaves: only then can a client read it
-        open_window(state, end)
+        open_window(limits, end)
     return response
 
 
 async def _serve(
     request: web.Request,
     state: SimState,
+    limits: LimitSet,
     route: str,
     key: str,
     now: float,
-    raw: bytes,
+    body: dict[str, Any],
     billable: bool,
     extra: dict[str, str] | None,
 ) -> web.StreamResponse:
-    """An admitted request: parse, apply hooks, generate (in a capacity slot), answer."""
-    parsed = _parse_body(state, raw)
-    if isinstance(parsed, web.Response):
-        if extra:
-            parsed.headers.update(extra)
-        record_arrival(state, route, key, now, parsed.status)
-        return parsed
-    body = parsed
+    """An admitted request: apply hooks, generate (in a capacity slot), answer."""
+    model = body["model"]
     hook = _read_hook(state, key, body)
     if hook.status in (429, 503):
-        response = rejection(state, hook.status, 1.0, hook.retry_after, extra)
-        record_arrival(state, route, key, now, hook.status)
+        response = rejection(state, limits, hook.status, 1.0, hook.retry_after, extra)
+        record_arrival(state, route, key, now, hook.status, model)
         return response
     if billable:
         prompt = prompt_text(route, body)
         if isinstance(prompt, str):
             response = error_reply(state, 400, prompt, extra)
-            record_arrival(state, route, key, now, 400)
+            record_arrival(state, route, key, now, 400, model)
             return response
         _count_processed(state, key)
-        answer_or_body: Answer | bytes = build_answer(state, route, body, body["model"], *prompt)
-        extra = _charge_usage(state, answer_or_body, extra)
+        answer_or_body: Answer | bytes = build_answer(state, route, body, model, *prompt)
+        extra = _charge_usage(limits, answer_or_body, extra)
     else:
         result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
         if isinstance(result, str):
             response = error_reply(state, 400, result, extra)
-            record_arrival(state, route, key, now, 400)
+            record_arrival(state, route, key, now, 400, model)
             return response
         answer_or_body = orjson.dumps(result)
 
@@ -261,21 +280,21 @@ async def _serve(
             capacity.release()
     if hook.drop or drop:
         state.dropped += 1
-        record_arrival(state, route, key, now, NO_RESPONSE)
+        record_arrival(state, route, key, now, NO_RESPONSE, model)
         return _drop(request)
     if hook.status is not None or error:
         status = hook.status if hook.status is not None else 500
         if status == 500:
             state.injected_500 += 1
-        record_arrival(state, route, key, now, status)
+        record_arrival(state, route, key, now, status, model)
         return error_reply(state, status, f"simulated error {status}", extra)
     if isinstance(answer_or_body, bytes):
-        record_arrival(state, route, key, now, 200)
+        record_arrival(state, route, key, now, 200, model)
         if hook.bad_json:
             return json_reply(200, b'{"count": ', next_id(state), extra)
         return json_reply(200, answer_or_body, next_id(state), extra)
     answer = answer_or_body
-    record_arrival(state, route, key, now, 200)
+    record_arrival(state, route, key, now, 200, model)
     if body.get("stream") is True:
         return await _stream(request, state, answer, body, hook, extra)
     if hook.bad_json:
@@ -285,14 +304,12 @@ async def _serve(
 
 
 def _charge_usage(
-    state: SimState, answer: Answer, extra: dict[str, str] | None
+    limits: LimitSet, answer: Answer, extra: dict[str, str] | None
 ) -> dict[str, str] | None:
     """Book the answer's real usage on the tokens budget; its headers then say what is left."""
-    budget = state.tokens_limit
-    if budget is None:
+    if limits.tokens is None:
         return extra
-    now = time.monotonic()
-    budget.charge(now, answer.prompt_tokens + answer.completion_tokens)
-    if extra is None:
-        return None
-    return {**extra, **budget.headers(now)}
+    tokens = limits.charge(time.monotonic(), answer.prompt_tokens + answer.completion_tokens)
+    if extra is None or tokens is None:
+        return extra
+    return {**extra, **tokens}

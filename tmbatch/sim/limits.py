@@ -7,16 +7,26 @@ never refuses but queues past its capacity (vLLM's scheduler with --max-num-seqs
 here answers the same two questions, so the gate can combine them: how long until one more
 request would pass (`wait`), and what its `x-ratelimit-*` headers say (`headers`). Nothing is
 consumed until every limit has said yes (`take`), so a refusal by one never costs another.
+
+Everything but Capacity is pure arithmetic on the `now` it is given (a monotonic time in
+seconds): no class here reads a clock, so the same objects can be driven in virtual time,
+without HTTP, by a harness that replays a client's pacing against them. A LimitSet is what one
+scope enforces (the whole account, or one model) with the Retry-After windows its refusals
+announced; build_limit_set makes one from a SimConfig. RandomRefusal refuses arrivals at random
+(overload, a flaky gateway), before any limit is asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from tmbatch.sim.config import SimConfig
 
 
 def openai_duration(seconds: float) -> str:
@@ -112,6 +122,41 @@ class RequestBucket(_Bucket):
 
 
 @dataclass
+class ScheduledBucket(RequestBucket):
+    """A RequestBucket whose rate changes at set times: another job shares the account for a
+    while. `schedule` holds (seconds after `epoch`, rate from then on) in time order; `rate` is
+    the rate before the first change, then the rate in force, and the capacity (the burst) never
+    changes.
+
+    The refill integrates across each change: the old rate up to it, the new one after, however
+    far apart the calls are. What the bucket announces (the wait a 429 gives, the reset of its
+    headers) is worked out at the rate in force, as a real server that cannot know when the
+    other job will stop would; the admission itself (level >= 1) is always exact.
+    """
+
+    epoch: float = 0.0
+    schedule: tuple[tuple[float, float], ...] = ()
+    applied: int = 0  # changes already in force
+
+    def _refill(self, now: float) -> None:
+        schedule = self.schedule
+        while self.applied < len(schedule):
+            offset, rate = schedule[self.applied]
+            at = self.epoch + offset
+            if at > now:
+                break
+            super()._refill(at)  # at the old rate up to the change
+            self.rate = rate
+            self.applied += 1
+        super()._refill(now)
+
+    def rate_at(self, now: float) -> float:
+        """The rate in force at `now` (brings the bucket up to `now`)."""
+        self._refill(now)
+        return self.rate
+
+
+@dataclass
 class FixedWindow:
     """N requests per window of W seconds, windows counted from the server's start (or reset),
     the way LiteLLM's proxy counts per-minute keys: a refused request costs nothing, and the
@@ -174,6 +219,147 @@ class TokenBudget(_Bucket):
     def charge(self, now: float, tokens: int) -> None:
         self._refill(now)
         self.level -= tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# What one scope enforces, and the windows its refusals announce
+
+
+@dataclass
+class RetryWindows:
+    """The pauses announced to a client (Retry-After and the like, or a remaining of 0), and
+    whether an arrival broke one.
+
+    `open(now, end)` is called as the answer leaves at `now`: arrivals from `grace` after it
+    until `end` break the promise, the grace letting requests already on the wire arrive
+    without blame (a window shorter than the grace is not kept). Calls must come in time order
+    (`now` never decreasing), so a deque plus a running maximum gives O(1) per arrival.
+    """
+
+    grace: float
+    pending: deque[tuple[float, float]] = field(default_factory=deque)
+    matured_end: float = -math.inf
+
+    def open(self, now: float, end: float) -> None:
+        start = now + self.grace
+        if end > start:
+            self.pending.append((start, end))
+
+    def arrive(self, now: float) -> bool:
+        """Whether an arrival at `now` falls inside an announced window (a violation)."""
+        pending = self.pending
+        while pending and pending[0][0] < now:
+            end = pending.popleft()[1]
+            if end > self.matured_end:
+                self.matured_end = end
+        return now < self.matured_end
+
+
+@dataclass
+class LimitSet:
+    """The limits one scope enforces (the whole account, or one model with a per-model scope)
+    and the Retry-After windows its refusals opened."""
+
+    requests: RequestBucket | FixedWindow | None
+    tokens: TokenBudget | None
+    windows: RetryWindows
+    active: tuple[Limit, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.active = tuple(lim for lim in (self.requests, self.tokens) if lim is not None)
+
+    def admit(self, now: float) -> tuple[float, str]:
+        """Every limit must say yes before any counts the request, so a refusal by the tokens
+        budget never costs a request token. Returns (0.0, "") when admitted (and counted), else
+        the longest wait and the kind of the limit that asked for it ("requests" or
+        "tokens"), with nothing consumed."""
+        wait, kind = 0.0, ""
+        for lim in self.active:
+            w = lim.wait(now)
+            if w > wait:
+                wait, kind = w, lim.kind
+        if wait == 0.0:
+            for lim in self.active:
+                lim.take(now)
+        return wait, kind
+
+    def headers(self, now: float) -> tuple[dict[str, str], list[float]]:
+        """The x-ratelimit-* headers as the limits stand at `now`, and the ends of the windows
+        they announce: a remaining of 0 says nothing more passes until that limit has room."""
+        headers: dict[str, str] = {}
+        ends: list[float] = []
+        for lim in self.active:
+            headers.update(lim.headers(now))
+            if lim.remaining(now) == 0:
+                ends.append(now + lim.wait(now))
+        return headers, ends
+
+    def charge(self, now: float, tokens: int) -> dict[str, str] | None:
+        """Book an answer's real usage on the tokens budget; its headers then, if it has one."""
+        if self.tokens is None:
+            return None
+        self.tokens.charge(now, tokens)
+        return self.tokens.headers(now)
+
+
+def one_second(rate: float) -> float:
+    """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
+    return max(1.0, rate)
+
+
+def build_limit_set(config: SimConfig, now: float) -> LimitSet:
+    """Fresh limits as `config` describes them: full buckets, the first window and the rate
+    schedule starting at `now` (the server's start or reset)."""
+    requests: RequestBucket | FixedWindow | None = None
+    if config.rate_limit is not None:
+        burst = config.rate_burst if config.rate_burst is not None else one_second(
+            config.rate_limit)
+        if config.rate_schedule:
+            requests = ScheduledBucket(config.rate_limit, burst, burst, now, epoch=now,
+                                       schedule=config.rate_schedule)
+        else:
+            requests = RequestBucket(config.rate_limit, burst, burst, now)
+    elif config.window_limit is not None:
+        requests = FixedWindow(config.window_limit, config.window_seconds, now)
+    tokens: TokenBudget | None = None
+    if config.tpm_limit is not None:
+        rate = config.tpm_limit / 60.0
+        burst = config.tpm_burst if config.tpm_burst is not None else one_second(rate)
+        tokens = TokenBudget(rate, burst, burst, now)
+    return LimitSet(requests, tokens, RetryWindows(config.grace))
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals at random: overload, a flaky gateway
+
+
+def refusal_draw(seed: int, key: str, arrival: int) -> float:
+    """A uniform in [0, 1) from (seed, key, arrival count of that key), on its own stream: it
+    shares nothing with the draws of the processing faults (state.draws), so a refusal never
+    decides whether the same request is later dropped or answered 500."""
+    digest = hashlib.blake2b(f"refuse\0{seed}\0{key}\0{arrival}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 18446744073709551616.0
+
+
+@dataclass
+class RandomRefusal:
+    """Refuse each arrival with probability `fraction`, independently per arrival, the same
+    for a given seed whatever the order of arrival: the n-th arrival of a key is refused when
+    refusal_draw(seed, key, n) < fraction. Timeless, so it needs no `now`."""
+
+    fraction: float
+    seed: int
+    arrivals: dict[str, int] = field(default_factory=dict)
+
+    def refuses(self, key: str) -> bool:
+        n = self.arrivals.get(key, 0)
+        self.arrivals[key] = n + 1
+        return refusal_draw(self.seed, key, n) < self.fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# A server that queues instead of refusing
 
 
 @dataclass

@@ -9,18 +9,28 @@ escapes the count. A single event loop owns a state, so no locking is needed.
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 
-from tmbatch.sim.config import GET_ROUTES, POST_ROUTES, USER_IDS_CAP, SimConfig
-from tmbatch.sim.limits import Capacity, FixedWindow, RequestBucket, TokenBudget
+from tmbatch.sim.config import (
+    BILLABLE_ROUTES,
+    GET_ROUTES,
+    POST_ROUTES,
+    USER_IDS_CAP,
+    SimConfig,
+)
+from tmbatch.sim.limits import (
+    Capacity,
+    FixedWindow,
+    LimitSet,
+    RandomRefusal,
+    build_limit_set,
+)
 
 
 @dataclass
@@ -34,6 +44,7 @@ class SimState:
     completion_calls: int = 0
     tokenize_calls: int = 0
     by_route: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     status_counts: dict[int, int] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
     processed_total: int = 0
@@ -41,13 +52,16 @@ class SimState:
     duplicate_keys: list[str] = field(default_factory=list)
     rejected_429: int = 0
     rejected_503: int = 0
+    refused_random: int = 0
+    random_refusal: RandomRefusal | None = None
     injected_500: int = 0
     dropped: int = 0
     violations: int = 0
-    pending_windows: deque[tuple[float, float]] = field(default_factory=deque)
-    matured_window_end: float = -math.inf
-    requests_limit: RequestBucket | FixedWindow | None = None
-    tokens_limit: TokenBudget | None = None
+    epoch: float = 0.0  # when the server started or was last reset (monotonic)
+    # The limits and the windows their refusals announced: the account's, or (limit_scope
+    # "model") each model's, and then no account's.
+    account: LimitSet | None = None
+    per_model: dict[str, LimitSet] = field(default_factory=dict)
     capacity: Capacity | None = None
     rejected_by: dict[str, int] = field(default_factory=dict)
     windows_announced: int = 0
@@ -78,29 +92,23 @@ def reset_state(state: SimState) -> None:
             setattr(state, f.name, getattr(fresh, f.name))
     for route in (*POST_ROUTES, *GET_ROUTES):
         state.by_route[route] = {"received": 0, "status_counts": {}}
+    for model in state.config.models:
+        state.by_model[model] = {"received": 0, "ok": 0, "refused": 0, "violations": 0}
     _build_limits(state, time.monotonic())
 
 
 def _build_limits(state: SimState, now: float) -> None:
     """Fresh limits, full buckets and a window starting now, so each test or run starts alike."""
     config = state.config
-    if config.rate_limit is not None:
-        burst = config.rate_burst if config.rate_burst is not None else _one_second(
-            config.rate_limit)
-        state.requests_limit = RequestBucket(config.rate_limit, burst, burst, now)
-    elif config.window_limit is not None:
-        state.requests_limit = FixedWindow(config.window_limit, config.window_seconds, now)
-    if config.tpm_limit is not None:
-        rate = config.tpm_limit / 60.0
-        burst = config.tpm_burst if config.tpm_burst is not None else _one_second(rate)
-        state.tokens_limit = TokenBudget(rate, burst, burst, now)
+    state.epoch = now
+    if config.limit_scope == "model":
+        state.per_model = {model: build_limit_set(config, now) for model in config.models}
+    else:
+        state.account = build_limit_set(config, now)
+    if config.refuse_fraction > 0.0:
+        state.random_refusal = RandomRefusal(config.refuse_fraction, config.seed)
     if config.capacity is not None:
         state.capacity = Capacity(config.capacity)
-
-
-def _one_second(rate: float) -> float:
-    """One second of burst, but never less than one request, or a sub-1 rate could never pass."""
-    return max(1.0, rate)
 
 
 def stats_of(state: SimState) -> dict[str, Any]:
@@ -116,6 +124,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
             }
             for route, info in state.by_route.items()
         },
+        "by_model": {model: dict(counts) for model, counts in state.by_model.items()},
         "status_counts": {str(k): v for k, v in state.status_counts.items()},
         "processed": dict(state.processed),
         "processed_total": state.processed_total,
@@ -124,13 +133,14 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "duplicate_keys": list(state.duplicate_keys),
         "rejected_429": state.rejected_429,
         "rejected_503": state.rejected_503,
+        "refused_random": state.refused_random,
         "injected_500": state.injected_500,
         "dropped": state.dropped,
         "retry_after_violations": state.violations,
         "windows_announced": state.windows_announced,
         "rejected_by": dict(state.rejected_by),
         "capacity": _capacity_stats(state.capacity),
-        "window": _window_stats(state.requests_limit),
+        "window": _window_stats(state),
         "auth": {
             "bearer_ok": state.bearer_ok,
             "bearer_wrong": state.bearer_wrong,
@@ -139,12 +149,16 @@ def stats_of(state: SimState) -> dict[str, Any]:
         },
         "log": [list(entry) for entry in state.log],
         "log_overflow": state.log_overflow,
+        "epoch": state.epoch,
         "time_now": time.monotonic(),
     }
 
 
-def _window_stats(limit: RequestBucket | FixedWindow | None) -> dict[str, float] | None:
-    """Where the fixed windows start (monotonic clock), so a reader can tell them apart."""
+def _window_stats(state: SimState) -> dict[str, float] | None:
+    """Where the fixed windows start (monotonic clock), so a reader can tell them apart; with a
+    per-model scope every model's start together, at the start or reset."""
+    limits = state.account or next(iter(state.per_model.values()), None)
+    limit = limits.requests if limits is not None else None
     if not isinstance(limit, FixedWindow):
         return None
     return {"epoch": limit.epoch, "seconds": limit.seconds, "limit": limit.limit}
@@ -186,15 +200,26 @@ def draws(seed: int, key: str, attempt: int) -> tuple[float, float, float, float
     return a * scale, b * scale, c * scale, d * scale
 
 
-def record_arrival(state: SimState, route: str, key: str, arrived: float, status: int) -> None:
-    """One place that counts outcomes, so every exit path of a handler is accounted for."""
+def record_arrival(
+    state: SimState, route: str, key: str, arrived: float, status: int, model: str | None = None
+) -> None:
+    """One place that counts outcomes, so every exit path of a handler is accounted for.
+    `model` is the served model the body names (None when it names none, or on a GET)."""
     state.status_counts[status] = state.status_counts.get(status, 0) + 1
     info = state.by_route.get(route)
     if info is not None:
         counts = info["status_counts"]
         counts[status] = counts.get(status, 0) + 1
+    if model is not None and route in BILLABLE_ROUTES:
+        per_model = state.by_model.get(model)
+        if per_model is not None:
+            per_model["received"] += 1
+            if status == 200:
+                per_model["ok"] += 1
+            elif status in (429, 503):
+                per_model["refused"] += 1
     if len(state.log) < state.config.log_limit:
-        state.log.append([arrived, route, key, status])
+        state.log.append([arrived, route, key, status, model])
     else:
         state.log_overflow += 1
 

@@ -1,0 +1,109 @@
+"""The simulator's limits as pure arithmetic on `now`: no socket and no clock, the way a
+virtual-time harness drives them. The same behaviour over real sockets is in test_sim.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tmbatch.sim import SimConfig
+from tmbatch.sim.limits import RequestBucket, RetryWindows, ScheduledBucket, build_limit_set
+
+
+def test_retry_windows_count_arrivals_inside_after_the_grace() -> None:
+    windows = RetryWindows(grace=0.1)
+    windows.open(10.0, 11.0)  # announced at 10 s, a pause until 11 s
+    windows.open(10.2, 10.25)  # shorter than the grace: never counts anything
+    assert not windows.arrive(10.05)  # already on the wire
+    assert windows.arrive(10.5)
+    assert not windows.arrive(11.0)  # the pause is over
+    assert not windows.arrive(12.0)
+
+
+def test_limit_set_takes_nothing_when_one_limit_refuses() -> None:
+    limits = build_limit_set(SimConfig(rate_limit=1, rate_burst=2, tpm_limit=60, tpm_burst=5),
+                             now=100.0)
+    assert isinstance(limits.requests, RequestBucket) and limits.tokens is not None
+    assert limits.admit(100.0) == (0.0, "")
+    limits.charge(100.0, 10)  # the budget is 5 in debt: refills at 1 token/s
+    wait, kind = limits.admit(100.0)
+    assert kind == "tokens" and wait == pytest.approx(5.0, abs=1e-3)
+    assert limits.requests.remaining(100.0) == 1  # the tokens refusal cost no request
+    headers, ends = limits.headers(100.0)
+    assert headers["x-ratelimit-remaining-requests"] == "1"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
+    assert ends == [pytest.approx(105.0, abs=1e-3)]  # remaining 0 announces the wait
+
+
+def test_limit_set_without_limits_admits_everything() -> None:
+    limits = build_limit_set(SimConfig(), now=0.0)
+    assert limits.active == ()
+    assert all(limits.admit(0.0) == (0.0, "") for _ in range(100))
+    assert limits.headers(0.0) == ({}, [])
+
+
+def test_scheduled_bucket_refills_at_the_old_rate_up_to_a_change_and_the_new_after() -> None:
+    bucket = ScheduledBucket(2.0, 100.0, 0.0, 10.0, epoch=10.0,
+                             schedule=((1.0, 10.0), (1.5, 1.0)))
+    assert bucket.rate_at(10.5) == 2.0 and bucket.level == pytest.approx(1.0)
+    # one call across both changes: 0.5 s more at 2, 0.5 s at 10, 1.5 s at 1
+    assert bucket.rate_at(13.0) == 1.0
+    assert bucket.level == pytest.approx(1.0 + 1.0 + 5.0 + 1.5)
+    assert bucket.applied == 2
+
+
+def test_scheduled_bucket_keeps_its_burst_and_announces_at_the_rate_in_force() -> None:
+    bucket = ScheduledBucket(2.0, 1.0, 1.0, 0.0, epoch=0.0, schedule=((0.5, 20.0),))
+    assert bucket.wait(0.0) == 0.0
+    bucket.take(0.0)
+    assert bucket.wait(0.1) == pytest.approx(0.4)  # at 2/s: the change is not foretold
+    assert bucket.headers(0.1)["x-ratelimit-reset-requests"] == "400ms"
+    assert bucket.wait(0.5) == 0.0  # at 2/s a token was due by 0.5 s anyway
+    bucket.take(0.5)
+    assert bucket.wait(0.5) == pytest.approx(0.05)  # now at 20/s
+    assert bucket.headers(0.5)["x-ratelimit-reset-requests"] == "50ms"
+    assert bucket.remaining(100.0) == 1  # the burst stays 1 whatever the rate
+
+
+def test_build_limit_set_schedules_from_the_epoch() -> None:
+    config = SimConfig(rate_limit=4, rate_schedule=((1, 40),))
+    limits = build_limit_set(config, now=50.0)
+    assert isinstance(limits.requests, ScheduledBucket)
+    assert limits.requests.capacity == 4  # one second's worth of the first rate
+    assert limits.requests.rate_at(50.99) == 4 and limits.requests.rate_at(51.0) == 40
+    assert config.rate_schedule == ((1.0, 40.0),)
+    unscheduled = build_limit_set(SimConfig(rate_limit=4), now=0.0).requests
+    assert type(unscheduled) is RequestBucket
+
+
+@pytest.mark.parametrize("schedule", [((0, 5),), ((2, 5), (1, 5)), ((1, 0),), ((1, -2),),
+                                      ((float("inf"), 5),), ((1, float("nan")),), ((1,),),
+                                      "15:20"])
+def test_bad_rate_schedules_are_refused(schedule: object) -> None:
+    with pytest.raises(ValueError, match="rate_schedule"):
+        SimConfig(rate_limit=1, rate_schedule=schedule)  # type: ignore[arg-type]
+
+
+def test_a_rate_schedule_needs_a_rate() -> None:
+    with pytest.raises(ValueError, match="needs rate_limit"):
+        SimConfig(rate_schedule=((1, 5),))
+    with pytest.raises(ValueError, match="needs rate_limit"):
+        SimConfig(window_limit=5, rate_schedule=((1, 5),))
+
+
+def test_model_scope_gives_each_model_its_own_limits_and_windows() -> None:
+    from tmbatch.sim.gate import limits_for
+    from tmbatch.sim.state import new_state
+
+    config = SimConfig(rate_limit=2, rate_schedule=((1, 4),), tpm_limit=60, capacity=2,
+                       limit_scope="model")
+    state = new_state(config)
+    small, large = limits_for(state, "tm-small"), limits_for(state, "tm-large")
+    assert small is not None and large is not None and small is not large
+    assert isinstance(small.requests, ScheduledBucket)
+    assert small.requests is not large.requests and small.tokens is not large.tokens
+    assert small.windows is not large.windows
+    assert limits_for(state, None) is None and limits_for(state, "nope") is None
+    assert state.account is None and state.capacity is not None  # capacity: the account's
+    account = new_state(SimConfig(rate_limit=2))
+    assert limits_for(account, "tm-small") is limits_for(account, "tm-large") is not None
+    assert limits_for(account, None) is account.account
