@@ -22,7 +22,9 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from tmbatch.sim.limits import Capacity, FixedWindow, RequestBucket, TokenBudget
+from tmbatch.sim.config import SimConfig
+from tmbatch.sim.gate import hint_headers, hint_seconds
+from tmbatch.sim.limits import Capacity, LimitSet, RandomRefusal, build_limit_set
 from tmbatch.sim.scenarios import CHAT, TOKENS_PER_REQUEST, Arrival, Scenario, score
 
 REFUSAL_RTT = 0.001  # seconds a refusal takes to come back (nothing is generated)
@@ -70,126 +72,77 @@ def run_virtual(main: Callable[[], Any]) -> Any:
 # -- the server ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Limits:
-    """One set of limits (the account's, or one model's)."""
-
-    requests: RequestBucket | FixedWindow | None = None
-    tokens: TokenBudget | None = None
-    windows: list[tuple[float, float]] = field(default_factory=list)  # announced (from, to)
-
-
 class VirtualServer:
-    """Answers like `tmbatch sim` with the scenario's flags, on the loop's clock."""
+    """Answers like `tmbatch sim` with the scenario's flags, on the loop's clock: the same
+    SimConfig, limits (one set for the account or one per model), refusals at random and
+    hints. An HTTP date is announced as the wait it makes a client take (a whole second of
+    a wall clock whose phase the seed sets), since the client reads dates off the real one."""
 
     def __init__(self, sc: Scenario, seed: int) -> None:
         self.sc = sc
-        self.cfg = sc.server
-        self.rng = random.Random(seed)
+        self.config = SimConfig(**{**sc.server, "seed": seed, "grace": REFUSAL_RTT})
+        self.rng = random.Random(seed)  # latency jitter
         self.wall = self.rng.random()  # the fraction of a second the wall clock starts at
         self.log: list[Arrival] = []
         self.violations = 0
         self.refusal_wait = 0.0  # the Retry-After the random refusals announce
-        self._limits: dict[str, _Limits] = {}
-        cap = self.cfg.get("capacity")
-        self.capacity = Capacity(cap) if cap else None
+        self._scopes: dict[str, LimitSet] = {}
+        cfg = self.config
+        self.refusal = RandomRefusal(cfg.refuse_fraction, seed) if cfg.refuse_fraction else None
+        self.capacity = Capacity(cfg.capacity) if cfg.capacity else None
 
-    def _limits_of(self, model: str, now: float) -> _Limits:
-        key = model if self.cfg.get("limit_scope") == "model" else ""
-        lim = self._limits.get(key)
-        if lim is None:
-            lim = self._limits[key] = _Limits()
-            rate = self.cfg.get("rate_limit")
-            if rate is not None:
-                burst = self.cfg.get("rate_burst") or max(1.0, rate)
-                lim.requests = RequestBucket(rate, burst, burst, now)
-            elif self.cfg.get("window_limit") is not None:
-                lim.requests = FixedWindow(self.cfg["window_limit"],
-                                           self.cfg["window_seconds"], 0.0)
-            tpm = self.cfg.get("tpm_limit")
-            if tpm is not None:
-                burst = self.cfg.get("tpm_burst") or max(1.0, tpm / 60.0)
-                lim.tokens = TokenBudget(tpm / 60.0, burst, burst, now)
-        self._follow_schedule(lim.requests, now)
-        return lim
+    def _limits(self, model: str) -> LimitSet:
+        scope = model if self.config.limit_scope == "model" else ""
+        limits = self._scopes.get(scope)
+        if limits is None:
+            limits = self._scopes[scope] = build_limit_set(self.config, 0.0)
+        return limits
 
-    def _follow_schedule(self, bucket: Any, now: float) -> None:
-        if not isinstance(bucket, RequestBucket):
-            return
-        rate = self.cfg.get("rate_limit")
-        for at, r in self.cfg.get("rate_schedule", ()):
-            if now >= at:
-                if bucket.rate != r and bucket.last < at:
-                    bucket._refill(at)
-                rate = r
-        if bucket.rate != rate:
-            bucket._refill(now)
-            bucket.rate = rate
-
-    def _hint(self, wait: float) -> tuple[dict[str, str], float | None]:
-        """The headers a refusal carries and the wait they announce (as the sim's gate)."""
-        fmt = self.cfg.get("retry_after_format", "seconds")
-        fixed = self.cfg.get("retry_after")
-        if fixed is not None:
-            seconds = float(fixed)
-        elif fmt == "ms":
-            seconds = max(1, math.ceil(wait * 1000 - 1e-6)) / 1000.0
-        else:
-            seconds = float(max(1, math.ceil(wait - 1e-9)))
-        if fmt == "none":
-            return {}, None
-        if fmt == "ms":
-            return {"retry-after-ms": str(round(seconds * 1000))}, seconds
-        if fmt == "llm-provider":
-            return {"llm_provider-retry-after": f"{seconds:g}"}, seconds
-        if fmt == "http-date":  # a whole second of the wall clock: up to a second more
-            wall = self.wall + asyncio.get_running_loop().time()
+    def _refuse(self, limits: LimitSet, status: int, wait: float, now: float,
+                headers: CIMultiDict[str]) -> float | None:
+        """A refusal's hint, and the window it opens (as gate.rejection): the wait announced."""
+        cfg = self.config
+        seconds = hint_seconds(cfg, wait)
+        fmt = cfg.retry_after_format
+        hint, announced = hint_headers("ms" if fmt == "http-date" else fmt, seconds, 0.0)
+        if fmt == "http-date":
+            wall = self.wall + now
             announced = math.ceil(wall + seconds) - wall
-            return {"retry-after-ms": f"{announced * 1000:.3f}"}, announced
-        return {"Retry-After": f"{seconds:g}"}, seconds
+            hint = {"retry-after-ms": f"{announced * 1000:.3f}"}
+        headers.update(hint)
+        if announced is not None:
+            limits.windows.open(now, now + announced)
+        return announced
 
-    def _violates(self, lim: _Limits, now: float) -> bool:
-        return any(start < now < end for start, end in lim.windows)
-
-    async def send(self, model: str, idempotency: str) -> tuple[int, CIMultiDict[str], float]:
+    async def send(self, model: str, key: str) -> tuple[int, CIMultiDict[str], float]:
         """One request: (status, headers, latency); refusals come back at once."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        lim = self._limits_of(model, now)
-        if self._violates(lim, now):
+        cfg, limits = self.config, self._limits(model)
+        if limits.windows.arrive(now):
             self.violations += 1
-        status, wait, headers = 200, 0.0, CIMultiDict()
-        fraction = self.cfg.get("refuse_fraction", 0.0)
-        if model in self.sc.refuse_models:
+        headers: CIMultiDict[str] = CIMultiDict()
+        status = 200
+        if model in self.sc.refuse_models:  # a per-model quota: refused, with no hint
             status = 429
-        elif fraction and self.rng.random() < fraction:
-            status = self.cfg.get("refuse_status", 429)
-            wait = float(self.cfg.get("retry_after") or 1.0)
+        elif self.refusal is not None and self.refusal.refuses(key):
+            status = cfg.refuse_status
+            self.refusal_wait = self._refuse(limits, status, 1.0, now, headers) or 0.0
         else:
-            limits = [x for x in (lim.requests, lim.tokens) if x is not None]
-            for x in limits:
-                wait = max(wait, x.wait(now))
+            wait, _ = limits.admit(now)
             if wait > 0:
                 status = 429
-            else:
-                for x in limits:
-                    x.take(now)
-        if self.cfg.get("ratelimit_headers"):
-            for x in (lim.requests, lim.tokens):
-                if x is not None:
-                    headers.update(x.headers(now))
+                self._refuse(limits, status, wait, now, headers)
+        if cfg.ratelimit_headers:
+            stated, ends = limits.headers(now)
+            headers.update(stated)
+            for end in ends:
+                limits.windows.open(now, end)
         if status != 200:
-            if model not in self.sc.refuse_models:
-                hint, announced = self._hint(wait)
-                headers.update(hint)
-                if announced is not None:
-                    if fraction:
-                        self.refusal_wait = announced
-                    lim.windows.append((now + REFUSAL_RTT, now + announced))
             self.log.append(Arrival(now, model, status))
             await asyncio.sleep(REFUSAL_RTT)
             return status, headers, REFUSAL_RTT
-        latency = float(self.cfg.get("latency", 0.0))
+        latency = cfg.latency + (2 * self.rng.random() - 1) * cfg.latency_jitter
         if self.capacity is not None:
             await self.capacity.acquire()
             try:
@@ -199,8 +152,7 @@ class VirtualServer:
         else:
             await asyncio.sleep(latency)
         done = loop.time()
-        if lim.tokens is not None:
-            lim.tokens.charge(done, TOKENS_PER_REQUEST)
+        limits.charge(done, TOKENS_PER_REQUEST)
         self.log.append(Arrival(now, model, 200, TOKENS_PER_REQUEST, done))
         return 200, headers, done - now
 
