@@ -25,6 +25,7 @@ from typing import Any
 
 from tmbatch.config import ConfigError, check_model
 from tmbatch.files import os_problem
+from tmbatch.limits import SCOPES
 from tmbatch.prices import parse_table
 from tmbatch.reader import MAX_LINE_BYTES, normalize_endpoint
 from tmbatch.tomlcheck import TableChecker, unknown_key
@@ -77,6 +78,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "tpm": ("tpm", lambda c, k, v: c.pos_number(k, v)),
     "adaptive": ("adaptive", lambda c, k, v: c.boolean(k, v)),
     "patience": ("patience", lambda c, k, v: c.pos_number(k, v)),
+    "limit_scope": ("limit_scope", lambda c, k, v: c.choice(k, v, SCOPES)),
     "fsync": ("fsync", lambda c, k, v: c.choice(k, v, ("always", "interval", "never"))),
     "drain_timeout": ("drain_timeout", lambda c, k, v: c.pos_number(k, v)),
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),
@@ -243,6 +245,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "fsync": "interval",
     "drain_timeout": 25.0,
     "patience": 600.0,
+    "limit_scope": "model",
     "max_line_bytes": MAX_LINE_BYTES,
 }
 

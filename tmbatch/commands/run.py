@@ -22,6 +22,7 @@ from tmbatch.commands.common import (
 )
 from tmbatch.config import ConfigError, Settings, check_model
 from tmbatch.exitcodes import ExitCode, help_text
+from tmbatch.limits import SCOPES
 from tmbatch.logs import add_log_format_arg
 from tmbatch.options import RunOptions
 from tmbatch.reader import normalize_endpoint
@@ -96,6 +97,10 @@ def _limit_args(g: Any) -> None:
     g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="learn the pace from 429s, Retry-After and x-ratelimit headers "
                    "(--concurrency stays the ceiling); on by default when --rpm is not given")
+    g.add_argument("--limit-scope", choices=SCOPES, default=None,
+                   help="model (default): each model has its own limits, pause and pace, as "
+                   "OpenAI and LiteLLM limit them; account: one for every model, when the "
+                   "account is limited as a whole")
     g.add_argument("--patience", type=positive_float, default=None, metavar="SECONDS",
                    help="a line refused by the rate limit (429, 503 with Retry-After, 408) is "
                    "sent again until nothing at all has succeeded for this long, then it fails "
@@ -151,7 +156,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
         quiet=ns.quiet, progress_interval=ns.progress_interval,
         max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive, patience=ns.patience,
-        budget=budget_spec_from(ns),
+        limit_scope=ns.limit_scope, budget=budget_spec_from(ns),
     )
     check_before_sending(opts.budget, opts.input, endpoint=endpoint, model=ns.model,
                          stream=ns.stream, shard=ns.shard, max_line_bytes=ns.max_line_bytes)
