@@ -164,10 +164,12 @@ class Controller:
         self.refused_run = 0  # refusals in a row
         self.limit: float | None = None  # the rate the last rate-caused refusal came at
         self.reached = math.inf  # when the pace came near it (the plateau's clock)
-        self.cost = 0.0  # seconds of pause the last refusal announced
-        # how many probes found the limit where it was since it was measured or last fell:
-        # a measure from one drain is a token or two off, and a fallen limit may come back
-        self.trust = 0
+        self.cost = 0.0  # seconds the lane lost to the last rate-caused refusal ...
+        self.lost_from: float | None = None  # ... counted from here to the next success
+        # how many probes found the limit where it was since it was measured from one drain
+        # (a token or two off) or last fell (it may come back): the plateau doubles with each;
+        # None: a measure to trust (a window's grant, or a drain confirmed)
+        self.trust: int | None = None
         self.peak: float | None = None  # the limit before it last fell
         self.cut_from = math.inf  # the pace the last cut was made at
         self.trial: _Trial | None = None
@@ -209,6 +211,9 @@ class Controller:
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:
         cfg, now = self.cfg, a.at
+        if self.lost_from is not None and a.sent > self.lost_from:
+            self.cost = now - self.lost_from  # a pause, a closed window: what a probe costs
+            self.lost_from = None
         self.oks.append((a.sent, now))
         self.refused_run = 0
         self.total_ok += 1
@@ -272,7 +277,13 @@ class Controller:
         pause a probe's refusal costs is at most `overhead` of the time; after the limit
         fell, `plateau` doubled by each probe since that found it where it was."""
         cfg = self.cfg
-        return min(max(cfg.plateau, self.cost / cfg.overhead), cfg.plateau * 2 ** self.trust)
+        trusted = max(cfg.plateau, self.cost / cfg.overhead)
+        if self.trust is None:
+            return trusted
+        if cfg.plateau * 2 ** self.trust >= trusted:
+            self.trust = None
+            return trusted
+        return cfg.plateau * 2 ** self.trust
 
     # -- refusals ------------------------------------------------------------------------
     def _refused(self, a: Answer) -> tuple[float, int]:
@@ -341,7 +352,8 @@ class Controller:
             # than half what got through while sending (pauses left out): a drained allowance
             # explains a refusal, but at random the explanation is a poor one
             bound, measure = granted
-            self._learn(min(rate, max(measure, self.cfg.deepest * self._unpaused(now))))
+            self._learn(min(rate, max(measure, self.cfg.deepest * self._unpaused(now))),
+                        drained=True)
             self._cut(now, self.cfg.margin * min(self.limit, rate), a.wait)
             if self.trial is not None:
                 self.trial.hopeful = (self.rate or 0.0) > bound
@@ -400,7 +412,8 @@ class Controller:
         self.reached = math.inf
         self.through_since_cut = False
         self.cuts += 1
-        self.cost = min(pause or 0.0, 10.0)
+        if self.lost_from is None:
+            self.lost_from = now
         self.cut_from = rate or math.inf
         log.debug("cut: %s -> %.3g (allowance %s, volley %s)", rate, new, self.allowance,
                   self.volley)
@@ -411,27 +424,35 @@ class Controller:
             self.first_rate = self.rate or 0.0
             self._in_volley(None)
 
-    def _learn(self, limit: float) -> None:
+    def _learn(self, limit: float, drained: bool = False) -> None:
         """A new measure of the server's rate. One well under the last, met while the lane
         sat at it, is a limit that fell: it may come back, so the plateau starts short again
         and doubles with every probe that finds it where it was (`trust`)."""
         old, near = self.limit, self.cfg.margin ** 2
-        if old is not None:
-            if self.reached != math.inf and limit < near * old:
-                self.trust = 0
-                self.peak = max(self.peak or 0.0, old)
-            elif near * old <= limit <= old / near:
-                self.trust += 1
+        if old is not None and self.reached != math.inf and limit < near * old:
+            self.trust = 0  # it fell
+            self.peak = max(self.peak or 0.0, old)
+        elif old is not None and near * old <= limit <= old / near:
+            if self.trust is not None:
+                self.trust += 1  # found where it was
+        elif drained:
+            self.trust = 0  # one drain's measure
         if self.peak is not None and limit >= near * self.peak:
             self.peak = None  # it came back
         self.limit = limit
 
     def _close(self, now: float) -> float:
-        """Rule 4: everything is refused and nothing says until when: hold, then probe."""
+        """Rule 4: everything is refused and nothing says until when: hold, then probe; a
+        second at first, then a quarter of the time it has been closed (the reopening is
+        found within a quarter of a long closure, at a few probes)."""
         self.trial = self.chain = self.echo = None
         self.last_cut = now
-        self.held_until = now + self.cfg.hold
-        return self.cfg.hold
+        if self.lost_from is None:
+            self.lost_from = now
+        since = self.closed_since if self.closed_since is not None else now
+        hold = max(self.cfg.hold, (now - since) / 4)
+        self.held_until = now + hold
+        return hold
 
     def _reopened(self, now: float) -> None:
         """Rule 4: the first success after a closure. A window of N per W grants N per W
@@ -439,6 +460,7 @@ class Controller:
         self.closed_since = None
         self._learn(max(self._average(now), MIN_RATE))
         self._cut(now, self.cfg.margin * (self.limit or MIN_RATE), None)
+        self.lost_from = None  # (the closure's cost is counted: this cut loses nothing)
 
     def _in_volley(self, sent: float | None) -> None:
         """A success of the first volley (sent before its first refused request): counted in
