@@ -212,7 +212,9 @@ class Controller:
     def _success(self, a: Answer) -> None:
         cfg, now = self.cfg, a.at
         if self.lost_from is not None and a.sent > self.lost_from:
-            self.cost = now - self.lost_from  # a pause, a closed window: what a probe costs
+            # a pause, a closed window: what a probe costs (halving at most at each event:
+            # a refusal with no hint costs little, the window it ended may cost seconds)
+            self.cost = max(now - self.lost_from, self.cost / 2)
             self.lost_from = None
         self.oks.append((a.sent, now))
         self.refused_run = 0
@@ -265,6 +267,8 @@ class Controller:
             return min(cfg.ramp, max(0.0, cfg.margin * limit / rate - 1.0) * max(rate, 1.0))
         if self.reached == math.inf:
             self.reached = now
+            log.debug("plateau: %.3g s at %.3g (cost %.3g, trust %s)", self._plateau(), rate,
+                      self.cost, self.trust)
         probing = now - self.reached - self._plateau()
         if probing < 0:
             return 0.0
@@ -429,7 +433,7 @@ class Controller:
         sat at it, is a limit that fell: it may come back, so the plateau starts short again
         and doubles with every probe that finds it where it was (`trust`)."""
         old, near = self.limit, self.cfg.margin ** 2
-        if old is not None and self.reached != math.inf and limit < near * old:
+        if old is not None and self.reached != math.inf and limit < near * near * old:
             self.trust = 0  # it fell
             self.peak = max(self.peak or 0.0, old)
         elif old is not None and near * old <= limit <= old / near:
