@@ -43,7 +43,8 @@ from tmbatch.limits.schedule import MIN_RATE
 log = logging.getLogger("tmbatch")
 
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
-TRIAL_MAX = 100  # answers at most a cut is on probation for
+TRIAL_MAX = 100  # answers at most a cut is on probation for ...
+TRIAL_MIN = 8  # ... and at least, before it is undone
 ECHO_ANSWERS = 20  # answers at least an echo is made of ...
 CLOSED_RUN = 3  # ... unless this many in a row were refused and none got through
 HISTORY_MAX = 120.0  # seconds the measures look back at most
@@ -84,6 +85,7 @@ class Answer:
     ok: bool  # a success; else a refusal (a `rejected` outcome)
     wait: float | None = None  # the pause a refusal announced, seconds (None: no hint)
     stated: float | None = None  # requests/s the answer's headers state
+    governed: bool = False  # headers state a limit (of requests or tokens) for the lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,7 @@ class Controller:
         self.rate = rate
         self.source = "fixed (--rpm)" if rate is not None else "unpaced"
         self.stated: float | None = None
+        self.governed = False  # stated limits govern: refusals only pause the lane
         self.oks: deque[tuple[float, float]] = deque()  # (sent, answered) over the window
         self.refusals: deque[float] = deque()  # answer times over the window
         self.sends: deque[float] = deque()  # send times over the last second
@@ -199,6 +202,7 @@ class Controller:
         before = self.rate
         if a.stated is not None:
             self._stated(a.stated)
+        self.governed = self.governed or a.governed
         if a.ok:
             self._success(a)
             hold = burst = 0
@@ -310,7 +314,7 @@ class Controller:
         now = a.at
         if self.closed_since is not None:  # a probe of a closed server, refused
             return self._close(now) if a.sent >= self.held_until else 0.0
-        if self.stated is not None or a.sent <= self.last_cut:
+        if self.governed or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
         rate = self.rate
         if rate is None and not self.oks:
@@ -399,7 +403,7 @@ class Controller:
         low = _wilson(refused, answers, -1.64)
         self.trial = _Trial(rate if chain is None else chain.before,
                             self.limit if chain is None else chain.limit, now, math.inf, share,
-                            min(TRIAL_MAX, max(8, math.ceil(4.0 / max(low, 1e-3)))))
+                            min(TRIAL_MAX, max(TRIAL_MIN, math.ceil(4.0 / max(low, 1e-3)))))
 
     def _start_volley(self, refused_sent: float) -> None:
         if self.volley is not None:
@@ -488,7 +492,8 @@ class Controller:
         # hand cuts again, on probation from the same pace as this one; at about the share
         # before, with successes between them: not the rate
         worse = (t.refused >= 2 and share > 3.0 * t.share) or (t.hopeful and t.refused > 0)
-        same = t.refused >= 2 and t.answers > t.refused and share >= t.share / 2 and not worse
+        same = (t.refused >= 2 and t.answers >= TRIAL_MIN and t.answers > t.refused
+                and share >= t.share / 2 and not worse)
         if t.answers < t.need and not worse and not same:
             return
         self.trial = None
@@ -499,7 +504,8 @@ class Controller:
             return
         self.chain = None
         if same:  # the rate did not cause them: undo, and forget the rate they were taken
-            self.noise = max(self.noise, share)  # for (refusals at random tell of none)
+            # (refusals at random tell of no rate) and note their share, to the evidence
+            self.noise = max(self.noise, _wilson(t.refused, t.answers, -1.64))
             self.limit = None
             self._set(t.before, "refusals at random: pace restored")
 
@@ -620,12 +626,13 @@ class Controller:
     @property
     def history(self) -> float:
         """Seconds the measures look back: the window, or long enough for the allowance to
-        refill four times at the pace (a slow limit with a big burst shows its rate only over
-        a few refills)."""
-        rate, allowance = self.rate, self._allowance
-        if rate is None or allowance is None:
+        refill four times at what got through on average (a slow limit with a big burst
+        shows its rate only over a few refills)."""
+        allowance, first = self._allowance, self.first_ok
+        if allowance is None or first is None or not self.total_ok or not self.oks:
             return self.cfg.window
-        return max(self.cfg.window, min(4.0 * allowance / rate, HISTORY_MAX))
+        average = self.total_ok / max(1.0, self.oks[-1][1] - first)
+        return max(self.cfg.window, min(4.0 * allowance / average, HISTORY_MAX))
 
     def _average(self, now: float) -> float:
         if self.first_ok is None:

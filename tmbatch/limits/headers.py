@@ -71,8 +71,9 @@ class StatedLimits:
     consumed / (reset' - reset + elapsed). `remaining` alone would do ((limit - remaining) /
     reset), but it is a whole number: with a small limit that is off by a token in ten. So
     it is sampled a second apart and smoothed; a bucket within two of full says nothing (it
-    stops refilling when full, and may have between two samples) and restarts the
-    measurement."""
+    stops refilling when full, and may have between two samples), nor an empty one (a budget
+    charged after the answer goes into debt, and `remaining` stops at 0): either restarts
+    the measurement."""
 
     consumed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     rates: dict[str, float] = field(default_factory=dict)  # per second, per kind
@@ -107,7 +108,7 @@ class StatedLimits:
 
     def _learn(self, kind: str, limit: int, remaining: int, reset: float, now: float) -> None:
         consumed = self.consumed[kind]
-        if limit - remaining < 2:
+        if limit - remaining < 2 or remaining <= 0:
             # (nearly) full: it stopped refilling, and may have stopped since the anchor, so
             # a rate measured across this would be low; measure afresh from the next answer
             self._anchors.pop(kind, None)

@@ -102,7 +102,8 @@ class Lane:
         self.stated.consumed["requests"] += 1
         self.stated.consumed["tokens"] += used_tokens
         stated = self._read(headers, now) if headers else None
-        self._apply(Answer(sent, now, True, stated=stated), now)
+        self._apply(Answer(sent, now, True, stated=stated, governed=bool(self.stated.rates)),
+                    now)
 
     def refused(self, now: float, sent: float, wait: float | None,
                 headers: Mapping[str, str] | None) -> float | None:
@@ -110,7 +111,7 @@ class Lane:
         self.refusals += 1
         stated = self._read(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
-        self._apply(Answer(sent, now, False, wait, stated), now)
+        self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)
         return paused
 
     def _read(self, headers: Mapping[str, str], now: float) -> float | None:
