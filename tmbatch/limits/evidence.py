@@ -1,0 +1,185 @@
+"""What one lane has seen, and the measures the controller reads off it.
+
+The controller decides; this keeps the record its decisions rest on: the answers of the last
+`history` seconds (when each request left and when it answered), the refusals and pauses among
+them, the server's allowance as the first volley showed it, and a few rates measured over that
+record. Everything a success adds costs O(1); the measures that look at the whole record
+(`granted`) run at a refusal, which is rare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+HISTORY_MAX = 120.0  # seconds the record keeps at most (a slow limit needs long spans)
+MIN_SPAN = 0.25  # seconds: a shorter span says too little about a rate
+
+
+def wilson(k: int, n: int, z: float) -> float:
+    """The Wilson score bound of a share k/n (z < 0: the lower one, z > 0: the upper)."""
+    if n <= 0:
+        return 0.0 if z < 0 else 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = abs(z) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, max(0.0, (centre + math.copysign(spread, z)) / (1 + z * z / n)))
+
+
+class Evidence:
+    """One lane's record (see the module doc). Times are the loop's clock."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.oks: deque[tuple[float, float]] = deque()  # (sent, answered) of successes
+        self.recent: deque[float] = deque()  # answer times of the last second's successes
+        self.refusals: deque[float] = deque()  # answer times of refusals
+        self.sends: deque[float] = deque()  # send times of the last second
+        self.pauses: deque[tuple[float, float]] = deque()  # Retry-After pauses (from, to)
+        self.pause_from = self.pause_until = -math.inf
+        self.first_ok: float | None = None
+        self.total_ok = 0
+        self.latency = 0.0  # of the last success (a refusal comes back at once)
+        # the first volley: successes of requests sent up to its first refused one
+        self.volley: int | None = None
+        self.volley_until = -math.inf
+        self.volley_first, self.volley_last = math.inf, -math.inf
+
+    # -- recording -----------------------------------------------------------------------
+    def sent(self, t: float) -> None:
+        sends = self.sends
+        sends.append(t)
+        while sends[0] < t - 1.0:
+            sends.popleft()
+
+    def succeeded(self, sent: float, now: float) -> None:
+        self.oks.append((sent, now))
+        recent = self.recent
+        recent.append(now)
+        while recent[0] < now - 1.0:
+            recent.popleft()
+        self.total_ok += 1
+        self.latency = now - sent
+        if self.first_ok is None:
+            self.first_ok = now
+        if sent <= self.volley_until:
+            self._in_volley(sent)
+        self._prune(now)
+
+    def refused(self, now: float) -> None:
+        self.refusals.append(now)
+        self._prune(now)
+
+    def paused(self, now: float, until: float) -> None:
+        if now > self.pause_until:
+            self.pause_from = now
+            self.pauses.append((now, until))
+        elif until > self.pause_until:
+            self.pauses[-1] = (self.pauses[-1][0], until)
+        self.pause_until = max(self.pause_until, until)
+
+    def start_volley(self, refused_sent: float) -> None:
+        """The first refusal: what was sent up to it is the volley (some still answering)."""
+        if self.volley is not None:
+            return
+        self.volley = 0
+        self.volley_until = refused_sent
+        for sent, _ in self.oks:
+            if sent <= refused_sent:
+                self._in_volley(sent)
+
+    def _in_volley(self, sent: float) -> None:
+        self.volley = (self.volley or 0) + 1
+        self.volley_first = min(self.volley_first, sent)
+        self.volley_last = max(self.volley_last, sent)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.history
+        oks, refusals, pauses = self.oks, self.refusals, self.pauses
+        while oks and oks[0][1] < horizon:
+            oks.popleft()
+        while refusals and refusals[0] < horizon:
+            refusals.popleft()
+        while pauses and pauses[0][1] < horizon:
+            pauses.popleft()
+
+    # -- measures ------------------------------------------------------------------------
+    @property
+    def history(self) -> float:
+        """Seconds the record looks back: the window, or long enough for the allowance to
+        refill four times at what got through on average (a slow limit with a big burst
+        shows its rate only over a few refills)."""
+        if not self.volley or self.first_ok is None or not self.oks:
+            return self.window
+        average = self.total_ok / max(1.0, self.oks[-1][1] - self.first_ok)
+        return max(self.window, min(4.0 * self.volley / average, HISTORY_MAX))
+
+    def granted(self, refused_sent: float) -> tuple[float, float] | None:
+        """The rate the server granted, as a bucket shows it: over any span, what got
+        through is at most what it held at the start (at most the volley's v) plus its rate x
+        the span, pauses and all; so rate >= (n - v) / t for every span of t seconds in which
+        n requests that got through were sent, and the largest over every send since the
+        volley is the best bound, tight from where the bucket was last full. Returns (that
+        bound, the measure): the volley also got what refilled while it was sent, over s
+        seconds, so (n - v) / (t - s) is the rate itself, a token or two either way. None when
+        no span got more than the volley through: refused before that could be spent."""
+        volley = self.volley
+        if not volley:
+            return None
+        spread = max(0.0, self.volley_last - self.volley_first)
+        sent = sorted(t for t, _ in self.oks if self.volley_until < t <= refused_sent)
+        bound = measure = None
+        end = sent[-1] if sent else 0.0
+        for i, t in enumerate(sent):
+            got = len(sent) - i
+            if got <= volley:
+                break
+            span = end - t
+            if span - spread < MIN_SPAN:
+                continue
+            b, m = (got - volley) / span, (got - volley) / (span - spread)
+            bound = b if bound is None else max(bound, b)
+            measure = m if measure is None else max(measure, m)
+        return None if bound is None or measure is None else (bound, measure)
+
+    def counts(self) -> tuple[int, int]:
+        """(refusals, answers) over the history."""
+        return len(self.refusals), len(self.oks) + len(self.refusals)
+
+    def got_through(self, now: float) -> float:
+        """Successes per second over the last second, or over the history when that says
+        more (a window granted at its start and closed since)."""
+        recent = self.recent
+        while recent and recent[0] < now - 1.0:
+            recent.popleft()
+        return max(float(len(recent)), self.window_rate(now))
+
+    def _held(self, now: float) -> float:
+        """How much of the last second a pause held back."""
+        return max(0.0, min(now, self.pause_until) - max(now - 1.0, self.pause_from))
+
+    def sending(self, now: float) -> float:
+        """Requests sent per second over the part of the last second no pause held back."""
+        sends = self.sends
+        while sends and sends[0] < now - 1.0:
+            sends.popleft()
+        return len(sends) / max(MIN_SPAN, 1.0 - self._held(now))
+
+    def through_while_sending(self, now: float) -> float:
+        """Successes per second over the part of the last second no pause held back."""
+        recent = self.recent
+        while recent and recent[0] < now - 1.0:
+            recent.popleft()
+        return len(recent) / max(MIN_SPAN, 1.0 - self._held(now))
+
+    def window_rate(self, now: float) -> float:
+        """Successes per second over the history, pauses and all."""
+        if self.first_ok is None:
+            return 0.0
+        return len(self.oks) / min(self.history, max(1.0, now - self.first_ok))
+
+    def average(self, now: float) -> float:
+        """Successes per second since the first."""
+        if self.first_ok is None:
+            return 0.0
+        return self.total_ok / max(1.0, now - self.first_ok)
