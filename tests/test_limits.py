@@ -1,7 +1,8 @@
-"""Admission: token budgets that learn from usage, rate-limit headers, and the AIMD gate.
+"""Admission: one permit per attempt, lanes per model, the schedules and stated limits.
 
-Rates are checked in virtual time (the bucket is pure arithmetic given `now`) or by counting
-events, never with a wall clock: real-time figures are in bench/limits_bench.py."""
+Timing is checked in virtual time (`tmbatch.sim.virtual.run_virtual`: the loop's clock jumps
+to the next timer) or by counting events, never on the wall clock; the pace's rules are in
+test_pacing.py and the scenario matrix in test_matrix.py. Real sockets at the end."""
 
 from __future__ import annotations
 
@@ -14,15 +15,39 @@ import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.limits import (
-    MAX_HOLD,
-    START_IN_FLIGHT,
     Admission,
+    Permit,
     TokenBucket,
     estimate_tokens,
     parse_duration,
 )
-from tmbatch.pacing import CALM, EVENT_GAP
-from tmbatch.safety import classify_status
+from tmbatch.limits.admission import OPEN_EVERY, START_IN_FLIGHT
+from tmbatch.limits.lanes import MAX_HOLD
+from tmbatch.limits.schedule import Pacer
+from tmbatch.reader import Request
+from tmbatch.safety import AttemptFailed, classify_status
+from tmbatch.sim.virtual import run_virtual
+
+CHAT = "/v1/chat/completions"
+RA_1 = {"Retry-After": "1"}
+
+
+def req(model: str = "m", line: int = 1) -> Request:
+    return Request(line, f"r{line}", CHAT, {"model": model, "messages": [
+        {"role": "user", "content": "x" * 40}], "max_tokens": 10})
+
+
+def refusal(headers: dict[str, str] | None = None, status: int = 429) -> AttemptFailed:
+    return classify_status(status, headers or {}, None, None)
+
+
+async def enter(adm: Admission, model: str = "m") -> Permit:
+    """A permit entered by hand (tests hold several at once; `async with` is the real use)."""
+    return await adm.permit(req(model)).__aenter__()
+
+
+async def leave(permit: Permit) -> None:
+    await permit.__aexit__(None, None, None)
 
 
 @pytest.mark.parametrize("text,want", [
@@ -44,7 +69,7 @@ def test_estimate_counts_prompt_and_output_cap() -> None:
     assert estimate_tokens({"prompt": "abcd"}) == 1 + 1 + 256  # no cap: the default
 
 
-# -- the token bucket in virtual time --------------------------------------------------------
+# -- the schedules -----------------------------------------------------------------------------
 
 def simulate(tpm: float, estimate: int, actual: int, n: int, in_flight: int) -> float:
     """Send n requests back to back through a TokenBucket as the runner does, settling each
@@ -89,54 +114,274 @@ def test_bucket_booking_bigger_than_burst_waits_longer_not_forever() -> None:
     assert b.reserve(1, 1000.0) == 0.0
 
 
-# -- Admission: learning, refunds, headers, AIMD ---------------------------------------------
+def test_a_pace_spaces_the_attempts_and_a_pause_moves_them() -> None:
+    """GCRA: at 10 requests/s the bookings are 0.1 s apart, and a pause restarts them at its
+    end without a saved-up burst."""
+    p = Pacer(10.0)
+    assert [p.book(0.0) for _ in range(5)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    p.restart_at(10.0)
+    assert p.book(10.0) == pytest.approx(0.0)
+    assert p.book(10.0) == pytest.approx(0.1)
 
-def test_admission_learns_the_usage_ratio_and_charges_it() -> None:
+
+def test_a_pause_may_end_with_the_burst_its_refill_allows() -> None:
+    """A pause that refilled the server's bucket ends with that many slots at once, then the
+    pace; a slot given back by a worker that stopped is there for the next."""
+    p = Pacer(10.0)
+    p.restart_at(10.0, burst=5)
+    assert p.book(9.5) == pytest.approx(0.5)  # before the pause ends: no credit, its end
+    assert [p.book(10.0) for _ in range(4)] == [0.0] * 4  # the credit, at once
+    p.unbook()  # one of them is not sent after all: its slot is free again
+    assert p.book(10.0) == 0.0
+    assert p.book(10.0) == pytest.approx(0.1)  # then the pace
+    assert p.book(10.0) == pytest.approx(0.2)
+    p.unbook()
+    assert p.book(10.0) == pytest.approx(0.2)  # a paced slot given back is the same slot
+
+
+# -- the permit ----------------------------------------------------------------------------
+
+def test_the_permit_learns_the_usage_ratio_and_charges_it() -> None:
     async def go() -> tuple[float, float]:
         adm = Admission(tpm=1e9, concurrency=4)
         for _ in range(300):
-            ticket = await adm.admit(100)
-            ticket.succeeded(None, 300)
-            ticket.release()
-        ticket = await adm.admit(100)
-        return adm.ratio, ticket.charged
+            async with adm.permit(req()) as permit:
+                permit.ok({}, None, 3 * permit.tokens, None)
+        async with adm.permit(req()) as permit:
+            return adm.ratio, permit.charged / permit.tokens
 
-    ratio, charged = asyncio.run(go())
-    assert ratio == pytest.approx(3.0, rel=0.01)
-    assert charged == pytest.approx(300, rel=0.01)
-
-
-def test_a_rejected_attempt_is_refunded() -> None:
-    async def go() -> float:
-        adm = Admission(tpm=60.0, concurrency=4)  # 1 token/s: a booking moves tat by 1 s
-        assert adm.tpm is not None
-        ticket = await adm.admit(1)
-        booked = adm.tpm.tat
-        ticket.failed(classify_status(429, {}, None, None))
-        return booked - adm.tpm.tat
-
-    assert asyncio.run(go()) == pytest.approx(1.0)  # the one token came back
+    ratio, charged = run_virtual(go)
+    assert ratio == pytest.approx(3.0, rel=0.01) and charged == pytest.approx(3.0, rel=0.01)
 
 
 @pytest.mark.parametrize("status,headers,refunded", [
-    (408, {}, True),  # rejected: nothing generated, the token comes back
-    (503, {"Retry-After": "1"}, True),  # rejected
+    (429, {}, True),  # rejected: nothing generated, the tokens come back
+    (408, {}, True),
+    (503, RA_1, True),  # rejected
     (503, {}, False),  # ambiguous: the server may have generated it, so it stays charged
     (500, {}, False),
 ])
 def test_refund_follows_the_class_of_the_answer(status: int, headers: dict[str, str],
                                                 refunded: bool) -> None:
-    """Admission and the safety table must agree on what a status means: a 503 without
+    """Admission and the safety table agree on what a status means: a 503 without
     Retry-After is ambiguous there, so it is not "nothing was generated" here either."""
     async def go() -> float:
-        adm = Admission(tpm=60.0, concurrency=4)
+        adm = Admission(tpm=600.0, concurrency=4)
         assert adm.tpm is not None
-        ticket = await adm.admit(1)
-        booked = adm.tpm.tat
-        ticket.failed(classify_status(status, headers, None, None))
-        return booked - adm.tpm.tat
+        async with adm.permit(req()) as permit:
+            booked = adm.tpm.tat
+            permit.failed(refusal(headers, status))
+            return (booked - adm.tpm.tat) * adm.tpm.rate / permit.tokens
 
-    assert asyncio.run(go()) == pytest.approx(1.0 if refunded else 0.0)
+    assert run_virtual(go) == pytest.approx(1.0 if refunded else 0.0)
+
+
+def test_a_permit_frees_its_slot_and_tokens_whatever_happens() -> None:
+    """One slot per attempt, given back when the attempt ends by an answer, an exception or
+    a cancellation; the tokens of an attempt that never left go back too."""
+    async def go() -> None:
+        adm = Admission(tpm=600.0, concurrency=2)
+        assert adm.tpm is not None
+        with pytest.raises(RuntimeError):
+            async with adm.permit(req()):
+                assert adm.in_flight == 1
+                raise RuntimeError("the send blew up")
+        assert adm.in_flight == 0
+        holders = [await enter(adm) for _ in range(2)]
+        before = adm.tpm.tat
+        waiter = asyncio.ensure_future(enter(adm))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # cancelled while it waited for a slot: nothing was charged
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert adm.in_flight == 2 and adm.tpm.tat == before
+        for p in holders:
+            await leave(p)
+        assert adm.in_flight == 0
+
+    run_virtual(go)
+
+
+def test_a_cancelled_waiter_passes_its_slot_on() -> None:
+    async def go() -> None:
+        adm = Admission(concurrency=1, adaptive=True)
+        first = await enter(adm)
+        a = asyncio.ensure_future(enter(adm))
+        b = asyncio.ensure_future(enter(adm))
+        await asyncio.sleep(0)
+        await leave(first)  # wakes a ...
+        a.cancel()  # ... which leaves before taking the slot
+        await asyncio.gather(a, return_exceptions=True)
+        await b  # so b gets it
+        assert adm.in_flight == 1
+
+    run_virtual(go)
+
+
+def test_a_slot_freed_by_a_429_waits_out_its_pause() -> None:
+    """Every slot taken, one attempt waiting for a slot; a 429 with a Retry-After frees one.
+    The waiter sends only once the pause is over (it once sent at once: 59 requests in the
+    15 ms after the first 429 at 20/s holding 5)."""
+    async def go() -> None:
+        adm = Admission(concurrency=2)
+        loop = asyncio.get_running_loop()
+        held = [await enter(adm) for _ in range(2)]
+        waiter = asyncio.ensure_future(enter(adm))
+        await asyncio.sleep(0)
+        assert held[0].failed(refusal(RA_1)) == 1.0
+        end = held[0].lane.pause_until
+        await leave(held[0])
+        permit = await waiter
+        assert loop.time() >= end
+        await leave(permit)
+        await leave(held[1])
+
+    run_virtual(go)
+
+
+def test_the_slow_start_opens_by_the_clock_until_the_server_refuses() -> None:
+    """Eight in flight at first; a slow server (no answer yet) still gets the ceiling within
+    a few doublings of OPEN_EVERY, but once it has refused, only answers open the cap."""
+    async def go() -> None:
+        adm = Admission(concurrency=64, adaptive=True)
+        held = [await enter(adm) for _ in range(START_IN_FLIGHT)]
+        more = await asyncio.wait_for(enter(adm), timeout=40 * OPEN_EVERY)  # no answer came
+        assert adm.cap > START_IN_FLIGHT
+        for p in [*held, more]:
+            await leave(p)
+
+        refused = Admission(concurrency=64, adaptive=True)
+        held = [await enter(refused) for _ in range(START_IN_FLIGHT)]
+        held[0].failed(refusal({"Retry-After": "0"}))
+        await leave(held[0])
+        await enter(refused)  # the freed slot
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(enter(refused), timeout=6 * OPEN_EVERY)
+        assert refused.cap == START_IN_FLIGHT
+
+    run_virtual(go)
+
+
+# -- lanes ---------------------------------------------------------------------------------
+
+def test_a_refusal_pauses_and_paces_its_own_lane_only() -> None:
+    """Two models: a Retry-After for one holds its requests for the whole pause and sets its
+    pace; the other's requests go at once, unpaced, and may take the slots meanwhile."""
+    async def go() -> None:
+        adm = Admission(concurrency=4, adaptive=True)
+        loop = asyncio.get_running_loop()
+        a = await enter(adm, "a")
+        a.ok({}, None, 0, None)
+        await leave(a)
+        a = await enter(adm, "a")
+        a.failed(refusal(RA_1))
+        await leave(a)
+        start = loop.time()
+        b = [await enter(adm, "b") for _ in range(4)]  # every slot, at once
+        assert loop.time() == start
+        assert adm.lane("b").rate is None and adm.lane("b").pause_until < start
+        for p in b:
+            await leave(p)
+        a = await enter(adm, "a")
+        assert loop.time() >= start + 1.0 - 1e-9  # the pause held "a" only
+        await leave(a)
+        assert adm.lane("a").rate is not None
+
+    run_virtual(go)
+
+
+def test_one_lane_for_the_account_when_the_scope_says_so() -> None:
+    async def go() -> None:
+        adm = Admission(concurrency=4, adaptive=True, scope="account")
+        loop = asyncio.get_running_loop()
+        a = await enter(adm, "a")
+        a.failed(refusal(RA_1))
+        await leave(a)
+        start = loop.time()
+        b = await enter(adm, "b")
+        assert loop.time() >= start + 1.0 - 1e-9  # "b" waited out "a"'s pause
+        await leave(b)
+        assert adm.lane("a") is adm.lane("b")
+
+    run_virtual(go)
+
+
+def test_the_report_names_each_lane() -> None:
+    async def go() -> dict[str, Any]:
+        adm = Admission(concurrency=4, adaptive=True)
+        for model in ("a", "b"):
+            async with adm.permit(req(model)) as p:
+                p.ok({}, None, 0, None)
+        async with adm.permit(req("a")) as p:
+            p.failed(refusal(RA_1))
+        return adm.report()
+
+    report = run_virtual(go)
+    assert set(report["lanes"]) == {"a", "b"} and report["limit_scope"] == "model"
+    assert report["lanes"]["a"]["refusals"] == 1 and report["lanes"]["b"]["refusals"] == 0
+    assert report["refusals"] == 1
+
+
+# -- stated limits -------------------------------------------------------------------------
+
+def test_remaining_zero_holds_the_lane_until_reset() -> None:
+    async def go() -> tuple[float, int, float]:
+        adm = Admission(concurrency=4)
+        loop = asyncio.get_running_loop()
+        async with adm.permit(req()) as p:
+            p.ok({}, None, 0, {"x-ratelimit-remaining-requests": "3",
+                               "x-ratelimit-reset-requests": "20s"})
+        lane = adm.lane("m")
+        assert lane.holds == 0
+        async with adm.permit(req()) as p:
+            p.ok({}, None, 0, {"x-ratelimit-remaining-tokens": "0",
+                               "x-ratelimit-reset-tokens": "6m0s"})
+        return lane.pause_until - loop.time(), lane.holds, lane.paused_seconds
+
+    left, holds, paused = run_virtual(go)
+    assert holds == 1 and paused == 0.0  # a header hold is not a 429 pause
+    assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
+
+
+def test_x_ratelimit_headers_state_the_pace() -> None:
+    """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
+    second apart: `reset` is the time until full, `remaining` a whole number. The pace
+    follows the refill rate, just under it, though each answer's remaining alone would say
+    anything from 45 to 100."""
+    async def go() -> float | None:
+        adm = Admission(concurrency=4, adaptive=True)
+        loop = asyncio.get_running_loop()
+        lane = adm.lane("m")
+        tokens = 6.7
+        for _ in range(6):
+            headers = {"x-ratelimit-limit-requests": "10",
+                       "x-ratelimit-remaining-requests": str(int(tokens)),
+                       "x-ratelimit-reset-requests": f"{(10 - tokens) / 50 * 1000:.0f}ms"}
+            lane.stated.consumed["requests"] += 48  # the rest of a second of answers
+            lane.succeeded(loop.time(), loop.time() - 0.02, headers, 0)
+            tokens = min(10.0, tokens + 50 - 49)
+            await asyncio.sleep(1.0)
+        return lane.rate
+
+    pace = run_virtual(go)
+    assert pace is not None and 0.95 * 50 <= pace <= 50
+
+
+def test_fixed_rpm_keeps_its_pace_on_429() -> None:
+    async def go() -> tuple[float | None, int]:
+        adm = Admission(rpm=6000, concurrency=4, adaptive=False)
+        async with adm.permit(req()) as p:
+            p.failed(refusal())
+        return adm.pace, adm.lane("m").controller.cuts
+
+    assert run_virtual(go) == (100.0, 0)
+
+
+def test_tokenize_lines_are_not_charged_output_tokens() -> None:
+    from tmbatch.limits import DEFAULT_MAX_OUTPUT_TOKENS
+
+    body = {"model": "m", "prompt": "x" * 400}
+    assert estimate_tokens(body) == 101 + DEFAULT_MAX_OUTPUT_TOKENS
+    assert estimate_tokens(body, generates=False) == 101
 
 
 def test_ambiguous_503s_do_not_slow_the_run(serve: Any, tmp_path: Path) -> None:
@@ -162,317 +407,6 @@ def test_ambiguous_503s_do_not_slow_the_run(serve: Any, tmp_path: Path) -> None:
     adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
     assert adm["mode"] == "adaptive" and adm["pace_cuts"] == 0
     assert adm["pace_requests_per_second"] is None and adm["refusals"] == 0
-
-
-def test_remaining_zero_holds_every_worker_until_reset() -> None:
-    async def go() -> tuple[float, int, float]:
-        adm = Admission(concurrency=4)
-        loop = asyncio.get_running_loop()
-        (await adm.admit(1)).succeeded({"x-ratelimit-remaining-requests": "3",
-                                        "x-ratelimit-reset-requests": "20s"}, 0)
-        assert adm.holds == 0
-        (await adm.admit(1)).succeeded({"x-ratelimit-remaining-tokens": "0",
-                                        "x-ratelimit-reset-tokens": "6m0s"}, 0)
-        return adm.pause_until - loop.time(), adm.holds, adm.paused_seconds
-
-    left, holds, paused = asyncio.run(go())
-    assert holds == 1 and paused == 0.0  # a header hold is not a 429 pause
-    assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
-
-
-def test_a_refusal_sets_a_pace_once_per_event_and_successes_raise_it() -> None:
-    """The first refusal paces the run at what got through; refusals of requests sent before
-    that cut are the same event; each success then ramps the pace up. After a later cut,
-    growth waits until refusals have been quiet for CALM seconds."""
-    async def go() -> None:
-        adm = Admission(concurrency=10, adaptive=True)
-        rejected = classify_status(429, {}, None, None)
-        first = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
-        assert adm.pace is None  # unpaced until the server says otherwise
-        for ticket in first[:4]:
-            ticket.succeeded({}, 0)
-            ticket.release()
-        for ticket in first[4:]:
-            ticket.failed(rejected)  # one event: all sent before the cut
-            ticket.release()
-        assert adm.learner.cuts == 1
-        pace = adm.pace
-        assert pace is not None and 0 < pace <= 4  # what got through in the last second
-        more = await adm.admit(1)
-        more.succeeded({}, 0)
-        more.release()
-        assert adm.pace is not None and adm.pace > pace  # the ramp
-        loop = asyncio.get_running_loop()
-        until = loop.time() + EVENT_GAP + 0.05
-        while loop.time() < until:  # successes at the pace, then a new event: a second cut
-            ok = await adm.admit(1)
-            ok.succeeded({}, 0)
-            ok.release()
-        refused = await adm.admit(1)
-        refused.failed(rejected)
-        refused.release()
-        assert adm.learner.cuts == 2
-        cut = adm.pace
-        soon = await adm.admit(1)
-        soon.succeeded({}, 0)
-        soon.release()
-        assert adm.pace == cut  # still being refused: no reason to speed up yet
-        await asyncio.sleep(CALM + 0.05)
-        later = await adm.admit(1)
-        later.succeeded({}, 0)
-        later.release()
-        assert cut is not None and adm.pace is not None and adm.pace > cut
-
-    asyncio.run(go())
-
-
-def test_a_pace_spaces_the_attempts_and_a_pause_moves_them() -> None:
-    """GCRA in virtual time: at 10 requests/s the bookings are 0.1 s apart after the burst,
-    and a Retry-After pause restarts them at its end without a saved-up burst."""
-    from tmbatch.pacing import Pacer
-
-    p = Pacer(10.0)
-    waits = [p.book(0.0) for _ in range(5)]
-    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
-    p.restart_at(10.0)
-    assert p.book(10.0) == pytest.approx(0.0)
-    assert p.book(10.0) == pytest.approx(0.1)
-
-
-def test_a_pause_may_end_with_the_burst_its_refill_allows() -> None:
-    """Virtual time: a pause that refilled the server's bucket ends with that many slots at
-    once, then the pace; a credit given back by a worker that stopped is there for the next;
-    a burst no bigger than the pace's own changes nothing."""
-    from tmbatch.pacing import Pacer
-
-    p = Pacer(10.0)
-    p.restart_at(10.0, burst=5)
-    assert p.book(9.5) == pytest.approx(0.5)  # before the pause ends: no credit, its end
-    assert [p.book(10.0) for _ in range(4)] == [0.0] * 4  # the credit, at once
-    p.unbook()  # one of them is not sent after all: its slot is free again
-    assert p.book(10.0) == 0.0
-    assert p.book(10.0) == pytest.approx(0.1)  # then the pace
-    assert p.book(10.0) == pytest.approx(0.2)
-    p.unbook()
-    assert p.book(10.0) == pytest.approx(0.2)  # a paced slot given back is the same slot
-    q = Pacer(10.0)
-    q.restart_at(10.0, burst=1)
-    assert [q.book(10.0) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
-
-
-def test_the_resume_burst_is_a_share_of_the_first_volley_and_what_the_pace_refilled() -> None:
-    """What a Retry-After pause's end may send at once: nothing before the first cut, with
-    --rpm, with a limit the headers state, or once a burst met a refusal; else the refill at
-    the learnt pace, at most RESUME_SHARE of what the first volley got through (the server's
-    burst; less what refilled while the volley was sent, a hundredth of a request here)."""
-    from tmbatch.pacing import RESUME_SHARE, Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    assert learner.paused(1.0, until=1.0) == 0  # nothing learnt yet
-    for i in range(10):
-        learner.success(0.01 + i / 1000, sent_at=0.0)
-    learner.refused(0.03, sent_at=0.001, pause=1.0)  # the first cut: 10 got through
-    learner.success(0.031, sent_at=0.002)  # the rest of its volley: 11 in all
-    assert learner.volley == 11
-    assert learner.rate is not None
-    assert learner.paused(1.0, until=1.03) == int(min(RESUME_SHARE * 11, learner.rate))
-    # a short pause refills less
-    assert learner.paused(0.2, until=1.03) == int(learner.rate * 0.2)
-    learner.refused(1.5, sent_at=1.2, pause=1.0)  # a paced request refused: bursts go on
-    assert learner.paused(1.0, until=2.5) > 1
-    learner.refused(2.6, sent_at=2.52, pause=1.0)  # one of that burst refused ...
-    assert learner.paused(1.0, until=3.6) == 0  # ... the pace overstated the refill
-    hinted = RateLearner(Pacer(), learn=True)
-    for i in range(10):
-        hinted.success(0.01 + i / 1000, sent_at=0.0)
-    hinted.refused(0.03, sent_at=0.001, pause=1.0)
-    hinted.hint(50.0)
-    assert hinted.paused(1.0, until=1.03) == 0  # stated: the headers' remaining governs
-    fixed = RateLearner(Pacer(20.0), learn=False)
-    fixed.refused(1.0, sent_at=0.5, pause=1.0)
-    assert fixed.paused(1.0, until=2.0) == 0
-
-
-def test_a_retry_after_pause_ends_with_the_learnt_burst_not_one_by_one() -> None:
-    """Real loop time: after the first volley (6 through, 2 refused with Retry-After 1 s) the
-    run waits the second out, then sends what the bucket refilled at once and paces the
-    rest: the admissions after the pause are at the same instant, then an interval apart."""
-    async def go() -> None:
-        adm = Admission(concurrency=16, adaptive=True)
-        loop = asyncio.get_running_loop()
-        volley = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
-        for ticket in volley[:6]:
-            ticket.succeeded({}, 0)
-            ticket.release()
-        refusal = classify_status(429, {"Retry-After": "1"}, None, None)
-        assert volley[6].failed(refusal) == 1.0
-        for ticket in volley[6:]:
-            ticket.release()
-        end = adm.pause_until
-        burst = adm.pacer.credit + 1  # what the pause's end may send at once
-        assert burst >= 3  # min(0.8 x 6, pace 5.1/s x 1 s)
-        times = []
-        for _ in range(burst + 2):
-            ticket = await adm.admit(1)
-            times.append(loop.time())
-            ticket.release()
-        assert times[0] >= end  # nothing inside the window
-        interval = 1.0 / adm.pace  # type: ignore[operator]
-        assert times[burst - 1] - times[0] < interval / 2  # the burst, at once (no pacing)
-        assert times[burst] - times[burst - 1] >= 0.9 * interval  # then the pace
-        assert times[burst + 1] - times[burst] >= 0.9 * interval
-
-    asyncio.run(go())
-
-
-def _paced_against_a_bucket(rate: float, burst: int, seconds: float) -> list[float]:
-    """Virtual time, no sockets: a learner paces sends against a token bucket of `rate` a
-    second holding `burst` (20 ms to a success, 1 ms to a 429 with a whole-second
-    Retry-After, honoured as Admission does: the pause, then its burst, then the pace),
-    after an unpaced first volley of 20. The pace after each cut."""
-    import heapq
-
-    from tmbatch.pacing import Pacer, RateLearner
-
-    pacer = Pacer()
-    learner = RateLearner(pacer, learn=True)
-    tokens, last, pause_until = float(burst), 0.0, 0.0
-    answers: list[tuple[float, float, bool]] = []
-    cuts: list[float] = []
-
-    def send(at: float) -> None:
-        nonlocal tokens, last
-        tokens, last = min(burst, tokens + (at - last) * rate), at
-        ok = tokens >= 1
-        tokens -= ok
-        heapq.heappush(answers, (at + (0.02 if ok else 0.001), at, ok))
-
-    for i in range(20):
-        send(i * 0.0015)
-    now = 0.0
-    while now < seconds:
-        while answers and answers[0][0] <= now:
-            at, sent, ok = heapq.heappop(answers)
-            if ok:
-                learner.success(at, sent)
-                continue
-            before = learner.cuts
-            learner.refused(at, sent, 1.0)
-            if learner.cuts > before:
-                cuts.append(learner.rate)  # type: ignore[arg-type]
-            if at + 1.0 > pause_until:
-                pause_until = at + 1.0
-                pacer.restart_at(pause_until, learner.paused(1.0, pause_until))
-        if now < pause_until or pacer.rate is None:
-            now = max(pause_until, answers[0][0] if answers else now + 0.01)
-            continue
-        wait = pacer.book(now)
-        if answers and answers[0][0] < now + wait:
-            pacer.unbook()  # an answer first: it may change the pace, or pause
-            now = answers[0][0]
-            continue
-        now += wait
-        send(now)
-    return cuts
-
-
-@pytest.mark.parametrize("rate,burst", [(50, 10), (20, 5), (100, 10)])
-def test_the_second_cut_paces_at_the_rate_the_drained_bucket_showed(rate: int,
-                                                                    burst: int) -> None:
-    """The first volley shows the bucket's burst, the ramp after the pause drains it: the
-    second cut paces within 4 % under the rate and not over it, and so does any later one (a
-    probe that found the limit again). What got through in the last second was 4-5 % under
-    at 50/s holding 10; and a refusal that came back before the pause's burst had answered
-    once read as a closed window: the pace fell to what got through since the first success
-    (a third of the limit at 100/s)."""
-    cuts = _paced_against_a_bucket(rate, burst, 30.0)
-    assert len(cuts) >= 2, cuts
-    assert all(0.96 * rate <= cut <= rate for cut in cuts[1:]), cuts
-
-
-def test_a_refusal_of_a_pauses_burst_ends_the_bursts_but_does_not_cut_the_pace() -> None:
-    """The burst at a pause's end emptied the bucket, not the pace: no more bursts, and the
-    pace stays (at 100/s holding 10, pacing at 95/s, the request after the burst was refused
-    and the cut took the pace to 37/s for the rest of the run)."""
-    from tmbatch.pacing import Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    for i in range(10):
-        learner.success(0.02 + i / 1000, sent_at=0.001 * i)
-    learner.refused(0.03, sent_at=0.011, pause=1.0)  # the first cut
-    assert learner.paused(1.0, until=1.03) > 1
-    pace = learner.rate
-    assert learner.refused(1.04, sent_at=1.035, pause=1.0) is None  # just after the burst
-    assert learner.rate == pace and learner.cuts == 1
-    assert learner.paused(1.0, until=2.04) == 0
-
-
-def test_a_slot_freed_by_a_429_waits_out_its_pause() -> None:
-    """Real loop time: every slot taken, one attempt waiting for a slot; a 429 with a
-    Retry-After frees one. The waiter gets the slot but sends only once the pause is over
-    (it sent at once: 59 requests in the 15 ms after the first 429 at 20/s holding 5)."""
-    async def go() -> None:
-        adm = Admission(concurrency=2)
-        loop = asyncio.get_running_loop()
-        held = [await adm.admit(1) for _ in range(2)]
-        waiter = asyncio.ensure_future(adm.admit(1))
-        await asyncio.sleep(0)
-        assert held[0].failed(classify_status(429, {"Retry-After": "1"}, None, None)) == 1.0
-        end = adm.pause_until
-        held[0].release()
-        done, _ = await asyncio.wait({waiter}, timeout=0.3)
-        assert not done  # inside the pause
-        ticket = await waiter
-        assert loop.time() >= end
-        ticket.release()
-        held[1].release()
-
-    asyncio.run(go())
-
-
-def test_x_ratelimit_headers_state_the_pace() -> None:
-    """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
-    second apart (virtual time): `reset` is the time until full, `remaining` a whole number.
-    The pace follows the refill rate, just under it, though each answer's remaining alone
-    would say anything from 45 to 100."""
-    adm = Admission(concurrency=4, adaptive=True)
-    rate, tokens, now = 50.0, 6.7, 0.0
-    for _ in range(6):
-        headers = {"x-ratelimit-limit-requests": "10",
-                   "x-ratelimit-remaining-requests": str(int(tokens)),
-                   "x-ratelimit-reset-requests": f"{(10 - tokens) / rate * 1000:.0f}ms"}
-        adm._from_headers(headers, now)
-        sent = 49  # a second of answers: the bucket refilled 50, 49 were taken
-        adm._consumed["requests"] += sent
-        tokens = min(10.0, tokens + rate * 1.0 - sent)
-        now += 1.0
-    assert adm.pace is not None and 0.95 * rate <= adm.pace <= rate
-
-
-def test_fixed_rpm_keeps_its_pace_on_429() -> None:
-    async def go() -> tuple[float | None, int]:
-        adm = Admission(rpm=6000, concurrency=4, adaptive=False)
-        ticket = await adm.admit(1)
-        ticket.failed(classify_status(429, {}, None, None))
-        return adm.pace, adm.learner.cuts
-
-    assert asyncio.run(go()) == (100.0, 0)
-
-
-def test_a_cancelled_waiter_passes_its_slot_on() -> None:
-    async def go() -> None:
-        adm = Admission(concurrency=1, adaptive=True)
-        first = await adm.admit(1)
-        a = asyncio.ensure_future(adm.admit(1))
-        b = asyncio.ensure_future(adm.admit(1))
-        await asyncio.sleep(0)
-        first.release()  # wakes a ...
-        a.cancel()  # ... which leaves before taking the slot
-        await asyncio.gather(a, return_exceptions=True)
-        await b  # so b gets it
-        assert adm.in_flight == 1
-
-    asyncio.run(go())
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -510,14 +444,6 @@ def test_fixed_rpm_run_reports_fixed_mode(sim: Any, tmp_path: Path) -> None:
     adm = summary["this_run"]["admission"]
     assert adm["mode"] == "fixed" and adm["tpm_target"] == 1_000_000
     assert 0 < adm["usage_to_estimate_ratio"] < 1  # max_tokens 16 > the short answers
-
-
-def test_tokenize_lines_are_not_charged_output_tokens() -> None:
-    from tmbatch.limits import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
-
-    body = {"model": "m", "prompt": "x" * 400}
-    assert estimate_tokens(body) == 101 + DEFAULT_MAX_OUTPUT_TOKENS
-    assert estimate_tokens(body, generates=False) == 101
 
 
 def test_no_adaptive_keeps_the_run_unpaced_under_429s(sim_factory: Any, tmp_path: Path) -> None:
@@ -608,173 +534,4 @@ def test_a_server_that_refuses_everything_is_held_off_not_probed(sim_factory: An
     # 15 lines in 3 windows: the first volley is refused, then a handful at each closed window
     assert sim.stats()["rejected_429"] < 30, sim.stats()["rejected_429"]
 
-
-def test_the_slow_start_opens_by_the_clock_until_the_server_refuses() -> None:
-    """Eight in flight at first; a slow server (no answer yet) still gets the ceiling within
-    a few doublings of OPEN_EVERY, but once it has refused, only answers open the cap."""
-    from tmbatch.limits import OPEN_EVERY
-
-    async def go() -> None:
-        adm = Admission(concurrency=64, adaptive=True)
-        held = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
-        assert adm.admit_now(1) is None  # the cap is reached: this one would wait
-        more = await asyncio.wait_for(adm.admit(1), timeout=40 * OPEN_EVERY)  # no answer came
-        assert adm.cap > START_IN_FLIGHT
-        for t in [*held, more]:
-            t.release()
-
-        refused = Admission(concurrency=64, adaptive=True)
-        held = [await refused.admit(1) for _ in range(START_IN_FLIGHT)]
-        held[0].failed(classify_status(429, {"Retry-After": "0"}, None, None))
-        held[0].release()
-        await refused.admit(1)  # the freed slot
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(refused.admit(1), timeout=6 * OPEN_EVERY)
-        assert refused.cap == START_IN_FLIGHT
-
-    asyncio.run(go())
-
-
-def _learner_at_the_limit(pause_cost: float) -> Any:
-    """A learner that has found a limit of 50/s before (its third cut is behind it) and has
-    been sending at 49.5/s for five seconds since: virtual time, no sockets."""
-    from tmbatch.pacing import Pacer, RateLearner
-
-    learner = RateLearner(Pacer(49.5), learn=True)
-    learner.cuts, learner.refused_at, learner.pause_cost = 3, 50.0, pause_cost
-    learner.first_accepted = 0.0
-    for i in range(int(5 * 49.5)):
-        learner.accepted_long.append(i / 49.5)
-        if i / 49.5 >= 4.0:
-            learner.accepted.append(i / 49.5)
-    return learner
-
-
-def test_a_probe_grows_slower_when_a_refusal_costs_a_pause() -> None:
-    """Near the limit, a probe that meets it again costs every worker the pause the refusal
-    announces: a whole-second Retry-After makes the probe slower, a millisecond one does not."""
-    cheap, costly = _learner_at_the_limit(0.02), _learner_at_the_limit(1.0)
-    cheap.success(5.0, sent_at=4.98)
-    costly.success(5.0, sent_at=4.98)
-    assert cheap.rate is not None and costly.rate is not None
-    assert 49.5 < costly.rate < cheap.rate
-    assert (cheap.rate - 49.5) > 3 * (costly.rate - 49.5)
-
-
-def test_a_probe_that_finds_the_limit_again_is_cut_shallow() -> None:
-    """The pace had found the limit before and crept up to it: what got through over the last
-    five seconds is the limit, so the cut is 3 %, not the 15 % of a first measure."""
-    learner = _learner_at_the_limit(0.0)
-    learner.refused(5.0, 5.0)
-    assert learner.rate == pytest.approx(49.5 * 0.97, rel=0.01)
-
-
-def test_the_slow_start_clock_does_not_double_on_top_of_fast_answers() -> None:
-    """A fast server's answers open the cap as they come (one more per second answer); the
-    clock doubling on top of that would send a volley bigger than any the server answered
-    (against a window of 20 it made 31 refusals at once instead of about ten)."""
-    from tmbatch.limits import OPEN_EVERY
-
-    async def go() -> None:
-        adm = Admission(concurrency=64, adaptive=True)
-        held = [await adm.admit(1) for _ in range(START_IN_FLIGHT)]
-        waiting = asyncio.ensure_future(adm.admit(1))  # starts the clock
-        await asyncio.sleep(0)
-        for t in held:  # every answer back within the tick
-            t.succeeded(None, 0)
-            t.release()
-        await asyncio.sleep(1.5 * OPEN_EVERY)
-        assert adm.cap == START_IN_FLIGHT + START_IN_FLIGHT // 2  # answers, not the clock
-        (await waiting).release()
-
-    asyncio.run(go())
-
-
-def test_answers_sent_before_a_cut_do_not_grow_the_new_pace() -> None:
-    """The answers of the volley a refusal cut off still arrive after the cut: they complete
-    the first cut's measure of what got through, but do not ramp the new pace up, and after
-    a later cut they change nothing (the cut's own clock tick counts as before it: uvloop's
-    clock ticks in milliseconds)."""
-    from tmbatch.pacing import ACCEPTED_MARGIN, Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    for i in range(10):
-        learner.success(0.01 + i * 0.001, sent_at=0.0)
-    learner.refused(0.03, sent_at=0.01)  # the first cut: the pace is what got through
-    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 10)
-    learner.success(0.031, sent_at=0.02)  # sent before the cut
-    learner.success(0.032, sent_at=0.03)  # sent in the cut's own clock tick
-    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 12)  # measured, not ramped
-    learner.success(0.2, sent_at=0.15)  # sent at the new pace: the ramp starts
-    ramped = learner.rate
-    assert ramped > ACCEPTED_MARGIN * 12
-
-    learner.refused(2.0, sent_at=1.9)  # the end of the ramp: a second cut
-    second = learner.rate
-    assert second is not None and second < ramped
-    learner.success(2.01, sent_at=1.95)
-    learner.success(2.02, sent_at=2.0)
-    assert learner.rate == second
-
-
-def test_two_refusals_after_a_cut_with_nothing_through_hold_every_worker() -> None:
-    """A window granted at its start and closed since: once two requests sent at the new
-    pace are refused and none got through, the run holds instead of probing on (one alone
-    may still meet the bucket the volley before the cut emptied)."""
-    from tmbatch.pacing import Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    for i in range(20):
-        learner.success(0.01 + i * 0.001, sent_at=0.0)
-    assert learner.refused(0.04, sent_at=0.02) is None  # the first cut: a pace, no hold
-    assert learner.rate is not None and learner.cuts == 1
-    assert learner.refused(0.10, sent_at=0.06) is None  # one refusal at the new pace
-    assert learner.refused(0.16, sent_at=0.12) == 1.0  # two, nothing through: hold 1 s
-    assert learner.cuts == 2
-
-    bucket = RateLearner(Pacer(), learn=True)  # the same, but the second one got through
-    for i in range(20):
-        bucket.success(0.01 + i * 0.001, sent_at=0.0)
-    bucket.refused(0.04, sent_at=0.02)
-    assert bucket.refused(0.10, sent_at=0.06) is None
-    bucket.success(0.18, sent_at=0.12)
-    assert bucket.refused(0.24, sent_at=0.2) is None and bucket.cuts == 1
-
-
-def test_a_closed_window_is_paced_at_what_got_through_since_the_first_success() -> None:
-    """Nothing gets through: the cut is what got through since the first success, even
-    below half the old pace (20 granted at the start of a window, then nothing for 3 s: the
-    window's rate is far under the 17/s its first second suggested)."""
-    from tmbatch.pacing import ACCEPTED_MARGIN, Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    for i in range(20):
-        learner.success(0.01 + i * 0.001, sent_at=0.0)
-    learner.refused(0.04, sent_at=0.02)
-    learner.refused(0.10, sent_at=0.06)
-    assert learner.refused(0.16, sent_at=0.12) == 1.0  # closed: hold
-    before = learner.rate
-    assert before is not None
-    assert learner.refused(3.3, sent_at=3.2) == 2.0  # still closed after the hold
-    assert learner.rate == pytest.approx(ACCEPTED_MARGIN * 20 / 3.3, rel=0.01)
-    assert learner.rate < before / 2
-
-
-def test_a_window_longer_than_five_seconds_is_paced_at_its_grant_not_the_floor() -> None:
-    """A window of 30 per 15 s (LiteLLM's are per minute) granted at once, then closed for
-    longer than the five seconds the usual measure looks back: the run is still paced at
-    about what the window granted so far (30 in 7.4 s), not at one request in 20 s (what
-    got through over the last five seconds is nothing, and the pace stayed at that floor)."""
-    from tmbatch.pacing import ACCEPTED_MARGIN, MIN_RATE, Pacer, RateLearner
-
-    learner = RateLearner(Pacer(), learn=True)
-    for i in range(30):
-        learner.success(0.02 + i * 0.001, sent_at=0.0)
-    learner.refused(0.05, sent_at=0.01)  # the first volley's end: the first cut
-    for t in (0.4, 1.4, 3.4, 7.4):  # each hold's probes refused, nothing through
-        learner.refused(t, sent_at=t - 0.02)
-        learner.refused(t + 0.001, sent_at=t - 0.01)
-    assert learner.rate is not None
-    assert ACCEPTED_MARGIN * 30 / 7.4 <= learner.rate <= 30 / 7.4
-    assert learner.rate > 40 * MIN_RATE
 
