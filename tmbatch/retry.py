@@ -81,12 +81,12 @@ class LineSender:
     # The one call that sends an attempt (client.send); the virtual-time matrix answers here.
     transport: Callable[..., Awaitable[Answer]] = send
     _backoff: wait_exponential_jitter = field(
-        default_factory=lambda: wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0))
+        default_factory=lambda: wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0))
     # A refusal with no hint on an unpaced lane: the server did no work and the lane's
     # controller decides the pace, so a retry waits briefly (refusals at random are met at
     # once, a limit by the pace the refusals set), growing if they go on
     _refused_backoff: wait_exponential_jitter = field(
-        default_factory=lambda: wait_exponential_jitter(initial=0.1, max=10.0, jitter=0.1))
+        default_factory=lambda: wait_exponential_jitter(multiplier=0.1, max=10.0, jitter=0.1))
 
     def __post_init__(self) -> None:
         self.served = ServedCheck(self.served_models, self.fatal_404_after)

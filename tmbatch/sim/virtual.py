@@ -174,6 +174,8 @@ class RowResult:
     failed: int
     seconds: float  # virtual: first arrival to last answer
     paces: dict[str, Any] = field(default_factory=dict)  # each lane's pace at the end
+    lanes: dict[str, Any] = field(default_factory=dict)  # each lane's report at the end
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (when, class) each
     passed: bool = False
     why: str = ""
 
@@ -250,6 +252,15 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
                            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
                   for i in range(sc.lines)])
 
+    failures: list[tuple[float, str]] = []
+    record = sender.record_failure
+
+    def record_failure(rec: Any) -> None:
+        failures.append((loop.time(), str(rec.outcome)))
+        record(rec)
+
+    sender.record_failure = record_failure  # type: ignore[method-assign]
+
     async def work() -> None:
         for req in lines:
             await sender.process(req)
@@ -264,7 +275,8 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
         sc.name, seed, score(sc, log, seconds, server.refusal_wait), accepted,
         sum(1 for a in log if a.status in (429, 503)), server.violations,
         stats.failed[Outcome.REJECTED], sum(stats.failed.values()), seconds,
-        {m: lane["pace_requests_per_second"] for m, lane in admission.report()["lanes"].items()})
+        {m: lane["pace_requests_per_second"] for m, lane in admission.report()["lanes"].items()},
+        admission.report()["lanes"], failures)
 
 
 def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,

@@ -1,0 +1,152 @@
+"""The pace's rules (tmbatch/limits/controller.py), each a named test, in virtual time.
+
+Runs go through the real attempt loop, admission and controller against the simulator's own
+limits (`tmbatch.sim.virtual`): no sockets, no wall clock, the same seed the same run. The
+scenario matrix (test_matrix.py) holds the figures; these hold the rules on servers built
+for each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.sim.scenarios import BY_NAME, Band, Scenario
+from tmbatch.sim.virtual import RowResult, run_row
+
+BUCKET = BY_NAME["bucket-seconds"]
+
+
+def row(base: Scenario, name: str, lines: int | None = None, **server: Any) -> Scenario:
+    return replace(base, name=name, server={**base.server, **server},
+                   lines=lines or base.lines, band=Band(0.0, 1.0, base.band.rejected))
+
+
+def lane(r: RowResult, model: str = "tm-small") -> dict[str, Any]:
+    return r.lanes[model]
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "ms", "llm-provider", "http-date"])
+@pytest.mark.parametrize("base", ["bucket-seconds", "random-10-seconds", "two-models"])
+def test_every_window_is_honoured_by_every_worker_of_its_lane(fmt: str, base: str) -> None:
+    """64 workers (16 for random refusals), each hint's spelling: no request of a lane is
+    sent inside a window announced to that lane, from the moment the refusal came back."""
+    for seed in range(2):
+        r = run_row(row(BY_NAME[base], f"{base}-{fmt}", lines=300, retry_after_format=fmt),
+                    seed)
+        assert r.refused > 0 and r.violations == 0, r.line()
+
+
+def test_a_window_for_one_model_does_not_hold_another() -> None:
+    """Two models limited on their own: each lane pauses for its own refusals only, so both
+    run near their own limit (a shared pause gave 73 % of the sum)."""
+    r = run_row(BY_NAME["two-models"], 0)
+    assert r.violations == 0 and r.share >= 0.85, r.line()
+    assert all(lane(r, m)["pauses"] >= 1 for m in ("tm-small", "tm-large"))
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "none"])
+def test_refusals_at_random_leave_the_pace_where_successes_put_it(fmt: str) -> None:
+    """10 % refused at random, whatever the pace: the cuts the first refusals made are
+    undone once refusals come at the same share at the lower pace, and the lane ends near
+    full speed with a noise floor; a token bucket's refusals keep their cut."""
+    random = row(BY_NAME["random-10-seconds"], "random", lines=400, retry_after_format=fmt)
+    for seed in range(3):
+        r = run_row(random, seed)
+        end = lane(r)
+        assert end["noise_share"] > 0, r.line()
+        assert end["pace_requests_per_second"] is None or end["pace_requests_per_second"] > 100
+    bucket = run_row(row(BUCKET, "bucket", retry_after_format=fmt), 0)
+    assert lane(bucket)["noise_share"] == 0 and bucket.paces["tm-small"] < 50, bucket.line()
+
+
+def test_the_pace_never_falls_below_half_what_got_through_while_sending() -> None:
+    """A lane paced at 40/s that got 40 a second through while sending, with a second's
+    pause between stretches: a refusal cuts to no less than half of 40, however little got
+    through per second of the wall clock (the pauses), and however poor the drained measure
+    (refusals at random drain nothing)."""
+    c = Controller(PaceConfig())
+    t = 0.0
+    c.on_answer(Answer(0.0, 0.01, True))
+    c.on_answer(Answer(0.0, 0.011, False, wait=1.0))  # the first refusal: a volley of one
+    c.rate = 40.0
+    t = 1.0
+    for _stretch in range(3):  # 1 s of sending at 40/s, then a second's pause
+        for _ in range(40):
+            c.on_sent(t)
+            c.on_answer(Answer(t, t + 0.01, True))
+            t += 0.025
+        c.rate = 40.0
+        t += 1.0
+    c.on_sent(t)
+    c.on_answer(Answer(t, t + 0.001, False, wait=1.0))
+    assert c.rate is not None and c.rate >= 0.5 * 40 * PaceConfig().margin - 1e-9
+
+
+class Paces(logging.Handler):
+    """The pace of each change the controller logs, at the loop's time."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[tuple[float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        rate = getattr(record, "requests_per_second", None)
+        if rate is not None:
+            self.seen.append((asyncio.get_running_loop().time(), rate))
+
+
+@pytest.mark.parametrize("fmt,within", [("ms", 10.0), ("seconds", 15.0)])
+def test_a_limit_that_rises_is_found_again(fmt: str, within: float) -> None:
+    """A bucket of 20/s that goes to 40/s at 20 s: with hints to the millisecond (a probe
+    refused costs a few milliseconds) the lane paces within 10 % of 40/s ten seconds after
+    the rise; with whole-second Retry-After (a probe costs a second, so the plateau is longer),
+    within 15 s."""
+    sc = row(BUCKET, f"rise-{fmt}", lines=2000, rate_limit=20.0, retry_after_format=fmt,
+             rate_schedule=((20.0, 40.0),))
+    paces = Paces()
+    log = logging.getLogger("tmbatch")
+    level = log.level
+    log.addHandler(paces)
+    log.setLevel(logging.INFO)
+    try:
+        r = run_row(sc, 0)
+    finally:
+        log.removeHandler(paces)
+        log.setLevel(level)
+    found = next(t for t, rate in paces.seen if t > 20.0 and rate >= 0.9 * 40)
+    assert found <= 20.0 + within, (found, r.line())
+    assert r.paces["tm-small"] >= 0.9 * 40 and r.violations == 0, r.line()
+
+
+def test_nothing_ends_rejected_before_patience() -> None:
+    """A model always refused with no hint (a per-model quota) among healthy lines: its
+    line is retried until nothing has succeeded on its lane for --patience, then ends
+    `rejected`; the healthy lines are not held up."""
+    sc = BY_NAME["quota"]
+    r = run_row(sc, 0)
+    assert r.rejected == 1 and r.failed == 1, r.line()
+    (at, cls), = r.failures
+    assert cls == "rejected" and at >= sc.patience, r.failures
+    assert r.share >= sc.band.share, r.line()  # the healthy lines, at their own speed
+
+
+def test_a_closed_window_is_probed_not_hammered() -> None:
+    """A window of 30 per 15 s with bare 429s: while it is closed the lane holds and probes
+    a few times (a second, then a quarter of the time closed), then paces at the window's
+    grant, 2/s, and no closed window is met twice in a row."""
+    r = run_row(BY_NAME["window-30-15"], 0)
+    assert r.share >= 0.9 and 1.8 <= r.paces["tm-small"] <= 2.0, r.line()
+
+
+def test_stated_limits_govern_and_refusals_only_pause() -> None:
+    """x-ratelimit-* headers state the rate: the pace sits just under it, and nothing the
+    refusals would teach moves it."""
+    r = run_row(BY_NAME["bucket-xratelimit"], 0)
+    end = lane(r)
+    assert end["pace_source"] == "stated by x-ratelimit headers"
+    assert 0.95 * 50 <= end["pace_requests_per_second"] <= 50 and end["pace_cuts"] == 0
