@@ -50,6 +50,7 @@ LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
 SAMPLE = 20  # answers a verdict rests on at least (a round trip's echo, a probation's max/5)
 CLOSED_RUN = 3  # refusals in a row, none through, that say the server is closed
 LEAD = 1.5  # the pace may lead the sends by this much; past it, something else holds them
+FELL = 0.9  # a measure this far under the last, where the lane sat, is a limit that fell
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ class PaceConfig:
     """The controller's knobs, each with why it has the value it has."""
 
     # pace this much under a rate measured or stated: send times jitter by a few per cent
-    margin: float = 0.98
+    margin: float = 0.99
     # one cut goes no deeper than this share of what got through while sending: refusals at
     # random make a drained allowance a poor measure, and a cut undone late costs time
     deepest: float = 0.5
@@ -431,14 +432,12 @@ class Controller:
         sat at it, is a limit that fell: it may come back, so the plateau starts short again
         and doubles with every probe that finds it where it was (rule 5)."""
         old, near = self.limit, self.cfg.margin ** 2
-        if old is not None and self.reached != math.inf and limit < near * near * old:
+        if old is not None and self.reached != math.inf and limit < FELL * old:
             self.trust = 0
             self.peak = max(self.peak or 0.0, old)
         elif old is not None and near * old <= limit <= old / near:
             if self.trust is not None:
                 self.trust += 1
-        elif drained:
-            self.trust = 0
         if self.peak is not None and limit >= near * self.peak:
             self.peak = None  # it came back
         self.limit = limit
