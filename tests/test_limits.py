@@ -342,6 +342,30 @@ def test_remaining_zero_holds_the_lane_until_reset() -> None:
     assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
 
 
+def test_a_tokens_budget_in_debt_holds_the_lane_until_it_is_repaid() -> None:
+    """A budget charged after the answer goes into debt, and `remaining` stops at 0: only
+    `reset` shows how deep (18 s to full at 100 tokens/s, limit 1,000: 800 in debt). The
+    lane's tokens bucket takes the server's level, so the next request waits the debt out
+    (8 s and its own tokens) instead of the second `remaining: 0` alone would suggest."""
+    async def go() -> float:
+        adm = Admission(concurrency=4, adaptive=True)
+        loop = asyncio.get_running_loop()
+        async with adm.permit(req()) as p:  # half the budget used: the rate is 100/s
+            p.ok({}, None, 50, {"x-ratelimit-limit-tokens": "1000",
+                                "x-ratelimit-remaining-tokens": "500",
+                                "x-ratelimit-reset-tokens": "5s"})
+        async with adm.permit(req()) as p:
+            p.ok({}, None, 50, {"x-ratelimit-limit-tokens": "1000",
+                                "x-ratelimit-remaining-tokens": "0",
+                                "x-ratelimit-reset-tokens": "18s"})
+        start = loop.time()
+        async with adm.permit(req()):
+            return loop.time() - start
+
+    waited = run_virtual(go)
+    assert 8.0 <= waited <= 9.5
+
+
 def test_x_ratelimit_headers_state_the_pace() -> None:
     """A server bucket of 10 refilling 50 a second, seen through its headers on answers a
     second apart: `reset` is the time until full, `remaining` a whole number. The pace

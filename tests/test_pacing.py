@@ -61,7 +61,8 @@ def test_refusals_at_random_leave_the_pace_where_successes_put_it(fmt: str) -> N
         assert end["noise_share"] > 0, r.line()
         assert end["pace_requests_per_second"] is None or end["pace_requests_per_second"] > 100
     bucket = run_row(row(BUCKET, "bucket", retry_after_format=fmt), 0)
-    assert lane(bucket)["noise_share"] == 0 and bucket.paces["tm-small"] < 50, bucket.line()
+    # kept: near the limit of 50/s (a probe above it may be under way), far from full speed
+    assert lane(bucket)["noise_share"] == 0 and bucket.paces["tm-small"] < 55, bucket.line()
 
 
 def test_the_pace_never_falls_below_half_what_got_through_while_sending() -> None:

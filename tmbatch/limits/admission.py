@@ -268,7 +268,7 @@ class Permit:
     once with `ok` or `failed`; leaving frees the slot and ends the budget hold."""
 
     __slots__ = ("admission", "charged", "lane", "req", "sent_at", "slot", "spend", "tokens",
-                 "tpm")
+                 "tokens_flying", "tpm")
 
     def __init__(self, admission: Admission, lane: Lane, req: Request) -> None:
         self.admission = admission
@@ -276,6 +276,7 @@ class Permit:
         self.req = req
         self.tokens = 0  # the estimate, made only when a tokens budget needs it
         self.charged = 0.0
+        self.tokens_flying = 0.0
         self.sent_at = 0.0
         self.slot = False
         self.spend: Hold = None  # type: ignore[assignment]
@@ -333,6 +334,8 @@ class Permit:
         if adm.tpm is tpm and not adm.tpm_warned:
             adm._warn_if_tpm_too_small(charged)
         delay = tpm.reserve(charged, loop.time())
+        self.lane.flight_tokens += charged
+        self.tokens_flying = charged
         if delay > 0:
             await asyncio.sleep(delay)
         if self.lane.pause_until > loop.time():  # a refusal came while it waited
@@ -341,7 +344,14 @@ class Permit:
     async def __aexit__(self, *exc: object) -> None:
         self._leave()
 
+    def _landed(self) -> None:
+        """Its estimate is no longer on its way to the server (see `Lane.flight_tokens`)."""
+        if self.tokens_flying:
+            self.lane.flight_tokens -= self.tokens_flying
+            self.tokens_flying = 0.0
+
     def _leave(self) -> None:
+        self._landed()
         if self.slot:
             self.slot = False
             self.admission._release()
@@ -357,13 +367,14 @@ class Permit:
         """A success: its spend, its tokens (`tokens`: prompt + completion) and its headers."""
         adm, now = self.admission, self.admission._time()
         self.spend.succeeded(body, used)  # type: ignore[arg-type]
-        self.lane.succeeded(now, self.sent_at, headers, tokens)
-        adm._succeeded(now)
         tpm = self.tpm
-        if tpm is not None and tokens > 0:
+        if tpm is not None and tokens > 0:  # (before the headers, which count its usage)
             tpm.adjust(tokens - self.charged)
             self.charged = float(tokens)
             adm._learn_ratio(self.tokens, tokens)
+        self._landed()
+        self.lane.succeeded(now, self.sent_at, headers, tokens)
+        adm._succeeded(now)
 
     def failed(self, failure: AttemptFailed) -> float | None:
         """A failed attempt, learnt from as its class says; the seconds of the Retry-After
@@ -374,6 +385,7 @@ class Permit:
         if policy.refund and self.tpm is not None and self.charged:
             self.tpm.adjust(-self.charged)  # nothing was generated
             self.charged = 0.0
+        self._landed()
         if not policy.slows_admission:
             if failure.headers:
                 self.lane._read(failure.headers, now)

@@ -1,38 +1,32 @@
 """How fast one lane sends: a controller of its pace, told what the lane sends and what answers.
 
-The design is AIMD, as TCP's and Netflix's concurrency-limits: a cut on a congestion event,
-growth while answers succeed; GCRA for the schedule (`schedule.Pacer`); a stated limit as a
-hard ceiling. The server is modelled as an allowance that refills at a rate up to a burst (a
-token bucket; N per W seconds grants alike), and refusals at random are told apart from it by
-experiment. The rules, each a named test in tests/test_pacing.py:
+AIMD as in TCP and Netflix's concurrency-limits (a cut on a congestion event, growth while
+answers succeed), GCRA for the schedule (`schedule.Pacer`), a stated limit as a hard ceiling.
+The server is modelled as an allowance refilling at a rate up to a burst (a token bucket; N
+per W seconds grants alike); refusals at random are told apart from it by experiment. The
+rules, each a named test in tests/test_pacing.py:
 
-1. A lane starts unpaced (concurrency governs). Its first refusal sets the pace to what got
-   through in the last second, a lower bound, and the first volley's successes are taken for
-   the server's allowance.
+1. A lane starts unpaced (concurrency governs). Its first refusal paces it at what got through
+   in the last second (a lower bound); the first volley's successes are the allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
-   cuts the pace to the rate the server granted: what got through beyond the allowance per
-   second over the best span since the volley (a bucket drained from full shows its rate so),
-   never deeper than half what got through while sending (pauses are not sending). With no
-   hint it is judged by the round trip after it: the pace becomes what got through meanwhile.
-3. A cut is a hypothesis, on probation: if at the lower pace refusals keep coming at about the
-   share they came at before, with successes between them, the rate did not cause them (they
-   come at random): the cut is undone, the rate forgotten, and that share becomes the lane's
-   noise floor, under which refusals only pause the lane. Refusals at three times the share
-   before (the limit fell), or any while the pace is above the strict bound of a drain, cut
-   again.
-4. Nothing through at all, no hint (a window granted and closed): the lane holds, a second at
-   first, then a quarter of the time it has been closed; when it grants again the pace is what
-   got through since the first success (a window of N per W grants N per W).
-5. After `calm` seconds without a cut, while the sends keep up with the pace, each success
-   raises it: by `ramp` per second up to the rate measured, then a plateau, then a probe (at
-   `ramp` back to the rate before a fall, then from the margin's worth a second, doubling each
-   second). The plateau is long enough that a failed probe, what it cost (the time from its
-   refusal to the next success), is `overhead` of the time at most; after a fall, or when one
-   drain measured the rate, it is `plateau` seconds, doubled by each probe that confirmed it.
-6. A Retry-After pauses the lane (`lanes`); it ends with what the allowance refilled meanwhile
-   at the pace, less a request, sent at once.
+   cuts to the rate granted (got through beyond the allowance per second, over the best span
+   since the volley), never below `deepest` x what got through while sending (pauses are not
+   sending). With no hint, the round trip after it decides: the pace is what got through.
+3. A cut is on probation. Refusals at about the share before it, at the lower pace and with
+   successes between: they come at random, so the cut is undone and that share becomes the
+   lane's noise floor, under which refusals only pause. Three times the share (refusals of
+   a pause's burst count here), or any above a drain's strict bound: the limit fell, cut again.
+4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
+   of the time closed; when it grants again the pace is what got through since it opened.
+5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
+   up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
+   else from the margin's worth a second, doubling each second). The plateau makes a failed
+   probe's cost (refusal to next success) `overhead` of the time at most; after a fall it is
+   `plateau` s, doubled by each probe that confirms the limit.
+6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
-   above it, and refusals only pause the lane. `--rpm` fixes the pace; nothing is learnt.
+   above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
+   `--rpm` fixes the pace; nothing is learnt.
 """
 
 from __future__ import annotations
@@ -113,6 +107,7 @@ class _Trial:
     hopeful: bool = False
     answers: int = 0
     refused: int = 0
+    bursts: int = 0  # refusals of a pause's burst
 
 
 @dataclass(slots=True)
@@ -267,9 +262,12 @@ class Controller:
         if self.burst_at <= a.sent <= self.burst_at + 0.1:
             log.debug("the burst a pause ended with was refused: no more bursts")
             self.burst_refused = True  # the burst emptied the allowance, not the pace
+            if self.trial is not None and a.sent > self.trial.at:
+                self.trial.bursts += 1  # (less allowance than thought: worse, never same)
             hold = 0.0
+        elif self._judge(a, refused=True):
+            hold = 0.0  # it made the verdict that refusals come at random: no event
         else:
-            self._judge(a, refused=True)
             hold = self._listen(a, refused=True) or self._event(a)
         return hold, self._paused(a) if a.wait else 0
 
@@ -371,30 +369,36 @@ class Controller:
                             refused / answers if answers else 0.0,
                             min(5 * SAMPLE, max(SAMPLE // 2, math.ceil(4.0 / max(low, 1e-3)))))
 
-    def _judge(self, a: Answer, refused: bool) -> None:
-        """Rule 3: once enough answers came at the lower pace, keep the cut or undo it."""
+    def _judge(self, a: Answer, refused: bool) -> bool:
+        """Rule 3: once enough answers came at the lower pace, keep the cut or undo it.
+        True when this answer undid it."""
         t = self.trial
         if t is None or a.sent <= t.at:
-            return
+            return False
         t.answers += 1
         t.refused += refused
         share = t.refused / t.answers
-        worse = (t.refused >= 2 and share > 3.0 * t.share) or (t.hopeful and t.refused > 0)
+        refusals = t.refused + t.bursts
+        worse = (refusals >= 2 and refusals > 3.0 * t.share * t.answers
+                 and t.answers >= SAMPLE // 2) or (t.hopeful and t.refused > 0)
         same = (t.refused >= 2 and t.answers >= SAMPLE // 2 and t.answers > t.refused
                 and share >= t.share / 2 and not worse)
         if t.answers < t.need and not worse and not same:
-            return
+            return False
         self.trial = None
         log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
                   t.answers, t.share)
         if worse:
             self.chain = t  # the next event cuts again, on probation from the same pace
-            return
+            return False
         self.chain = None
-        if same:  # the rate did not cause them: undo, and forget the rate they were taken for
-            self.noise = max(self.noise, wilson(t.refused, t.answers, -1.64))
-            self.limit = None
-            self._set(t.before, "refusals at random: pace restored")
+        if not same:
+            return False
+        # the rate did not cause them: undo, and forget the rate they were taken for
+        self.noise = max(self.noise, wilson(t.refused, t.answers, -1.64))
+        self.limit = None
+        self._set(t.before, "refusals at random: pace restored")
+        return True
 
     def _close(self, now: float) -> float:
         """Rule 4: hold, then probe."""
@@ -435,9 +439,8 @@ class Controller:
         if old is not None and self.reached != math.inf and limit < FELL * old:
             self.trust = 0
             self.peak = max(self.peak or 0.0, old)
-        elif old is not None and near * old <= limit <= old / near:
-            if self.trust is not None:
-                self.trust += 1
+        elif old is not None and near * old <= limit <= old / near and self.trust is not None:
+            self.trust += 1
         if self.peak is not None and limit >= near * self.peak:
             self.peak = None  # it came back
         self.limit = limit

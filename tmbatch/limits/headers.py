@@ -77,8 +77,20 @@ class StatedLimits:
 
     consumed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     rates: dict[str, float] = field(default_factory=dict)  # per second, per kind
+    # the last answer's state per kind, (limit, remaining, reset): a budget charged after
+    # the answer goes into debt, which only `reset` shows (remaining stops at 0)
+    last: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _anchors: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     _measured: set[str] = field(default_factory=set)
+
+    def level(self, kind: str) -> float | None:
+        """What the server's bucket of `kind` held at the last answer, a debt below 0: the
+        limit less what refills over `reset` at the rate measured (None: not known)."""
+        last, rate = self.last.get(kind), self.rates.get(kind)
+        if last is None or rate is None:
+            return None
+        limit, remaining, reset = last
+        return float(remaining) if remaining > 0 else min(0.0, limit - reset * rate)
 
     def read(self, headers: Mapping[str, str], now: float) -> Hold | None:
         """Learn from one answer's headers; the longest hold they announce, if any."""
@@ -92,6 +104,7 @@ class StatedLimits:
             limit = _int_header(headers, limit_name)
             reset = parse_duration(headers.get(reset_name))
             if limit is not None and reset is not None:
+                self.last[kind] = (limit, remaining, reset)
                 self._learn(kind, limit, remaining, reset, now)
             if remaining > 0 or not reset:
                 continue

@@ -46,6 +46,7 @@ class Lane:
         self.pacer = Pacer(controller.rate)
         self.stated = StatedLimits()
         self.tpm: TokenBucket | None = None  # stated by x-ratelimit-*-tokens headers
+        self.flight_tokens = 0.0  # estimates booked for requests not answered yet
         self.pause_until = -math.inf  # loop time
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -130,6 +131,9 @@ class Lane:
                          extra={"event": "pace", "tokens_per_minute": round(tpm)})
             else:
                 self.tpm.set_rate(tpm)
+            level = self.stated.level("tokens")
+            if level is not None:  # less what is on its way there, booked here already
+                self.tpm.at_most(level - self.flight_tokens, now)
         return rates.get("requests")
 
     def _apply(self, answer: Answer, now: float) -> None:

@@ -95,6 +95,11 @@ class TokenBucket:
         self.tat = max(self.tat, now) + amount / self.rate
         return max(0.0, self.tat - now - self.burst)
 
+    def at_most(self, level: float, now: float) -> None:
+        """The bucket holds no more than `level` tokens (below 0: a debt), as the server
+        says of its own: bookings wait until the server's would admit them too."""
+        self.tat = max(self.tat, now + self.burst - level / self.rate)
+
     def adjust(self, amount: float) -> None:
         """Debt (positive) delays later bookings; credit (negative) brings them forward.
         Credit below an empty bucket is lost on purpose: an idle bucket is not a backlog."""
