@@ -25,6 +25,7 @@ from tmbatch.client import make_session, send
 from tmbatch.config import Settings
 from tmbatch.limits import Admission
 from tmbatch.preflight import SCAN_LINES
+from tmbatch.reader import Request
 from tmbatch.safety import AttemptFailed, Outcome, parse_retry_after
 from tmbatch.sse import Aggregator, StreamError, error_payload
 
@@ -415,10 +416,13 @@ def test_remaining_zero_holds_until_one_more_request_fits(caplog: Any) -> None:
     async def go() -> tuple[float, float]:
         adm = Admission(concurrency=4)
         loop = asyncio.get_running_loop()
-        (await adm.admit(1)).succeeded({"x-ratelimit-limit-requests": "120",
-                                        "x-ratelimit-remaining-requests": "0",
-                                        "x-ratelimit-reset-requests": "60s"}, 0)
-        return adm.pause_until - loop.time(), adm.held_seconds
+        line = Request(1, "r1", CHAT, {"model": "m", "messages": [], "max_tokens": 1})
+        async with adm.permit(line) as permit:
+            permit.ok({}, None, 0, {"x-ratelimit-limit-requests": "120",
+                                    "x-ratelimit-remaining-requests": "0",
+                                    "x-ratelimit-reset-requests": "60s"})
+        lane = adm.lane("m")
+        return lane.pause_until - loop.time(), lane.held_seconds
 
     with caplog.at_level(logging.INFO, logger="tmbatch"):
         left, held = asyncio.run(go())

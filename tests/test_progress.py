@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from tests.conftest import ROOT, chat_line, clean_env, write_jsonl
 from tmbatch.compact import LineStates
-from tmbatch.limits import Admission
+from tmbatch.limits import Admission, estimate_tokens
 from tmbatch.logs import REDACT, setup_logging
 from tmbatch.options import RunOptions
 from tmbatch.progress import Progress, layout
+from tmbatch.reader import Request
 from tmbatch.safety import Outcome
 from tmbatch.summary import RunStats
 
@@ -155,27 +156,34 @@ class Records(logging.Handler):
 
 
 def test_tpm_below_one_request_warns_at_the_first_request() -> None:
-    async def admit(adm: Admission, tokens: int) -> None:
-        task = asyncio.ensure_future(adm.admit(tokens))
+    line = Request(1, "r1", "/v1/chat/completions",
+                   {"model": "m", "messages": [{"role": "user", "content": "x" * 40}],
+                    "max_tokens": 290})
+    tokens = estimate_tokens(line.body, generates=True)
+
+    async def admit(adm: Admission) -> None:
+        async def enter() -> None:
+            async with adm.permit(line):
+                pass
+
+        task = asyncio.ensure_future(enter())
         await asyncio.sleep(0.05)  # the warning comes before the long wait for the budget
-        if task.done():
-            task.result().release()
-        else:
-            task.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     seen = Records()
     logging.getLogger("tmbatch").addHandler(seen)
     try:
-        asyncio.run(admit(Admission(tpm=100_000), 300))
+        asyncio.run(admit(Admission(tpm=100_000)))
         assert not any("--tpm" in m for m in seen.messages)
         adm = Admission(tpm=30)
-        asyncio.run(admit(adm, 300))
-        asyncio.run(admit(adm, 300))
+        asyncio.run(admit(adm))
+        asyncio.run(admit(adm))
     finally:
         logging.getLogger("tmbatch").removeHandler(seen)
     warned = [m for m in seen.messages if "--tpm 30 is below" in m]
     assert len(warned) == 1  # once per run, not once per request
-    assert "300 tokens" in warned[0] and "10.0 minutes" in warned[0]
+    assert f"{tokens} tokens" in warned[0] and f"{tokens / 30:.1f} minutes" in warned[0]
 
 
 @pytest.fixture(autouse=True)

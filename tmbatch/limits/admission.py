@@ -23,6 +23,7 @@ up another's requests. The permit is settled once with the outcome (`ok` or `fai
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -86,6 +87,7 @@ class Admission:
         self._ok_times: deque[float] = deque()
         self._first_sent: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resumed_until = -math.inf  # loop time a window told of before this run ends
 
     # -- lanes ---------------------------------------------------------------------------
     def lane(self, model: str | None) -> Lane:
@@ -95,6 +97,8 @@ class Admission:
         if lane is None:
             key = LaneKey(self.base_url, name if isinstance(name, str) else ACCOUNT)
             lane = self.lanes[name] = make_lane(key, self.config, self.rpm, self.adaptive, "")
+            if self._resumed_until > self._time():  # a window a previous run was told of
+                lane.pause(self._resumed_until - self._time(), self._time())
             if len(self.lanes) > 1:  # from the second lane on, every message names its model
                 for each in self.lanes.values():
                     each.label = f" for {each.key.model}"
@@ -114,9 +118,10 @@ class Admission:
         return sum(rates)  # type: ignore[arg-type]
 
     def pause(self, seconds: float) -> None:
-        """Pause every lane, present and future (a window a previous run was told of)."""
+        """Pause every lane, present and future (a window a previous run was told of: the
+        journal does not say which lane it was, so it holds them all)."""
         now = self._time()
-        self.lane(None if self.scope == "model" else ACCOUNT)  # one lane to carry it at least
+        self._resumed_until = max(self._resumed_until, now + seconds)
         for lane in self.lanes.values():
             lane.pause(seconds, now)
 
