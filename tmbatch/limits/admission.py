@@ -23,8 +23,8 @@ up another's requests. The permit is settled once with the outcome (`ok` or `fai
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 from collections import deque
 from collections.abc import Mapping
 from typing import Any

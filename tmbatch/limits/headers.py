@@ -109,7 +109,12 @@ class StatedLimits:
             if remaining > 0 or not reset:
                 continue
             if limit is not None and limit > remaining:
-                seconds = reset / (limit - remaining)
+                # one more unit fits in reset / limit, if the bucket refills at limit / reset;
+                # a budget in debt (charged after admission) takes longer: all but one unit
+                # of reset, at the rate measured, is still the debt's
+                rate = self.rates.get(kind)
+                seconds = max(reset / (limit - remaining),
+                              reset - (limit - 1) / rate if rate else 0.0)
                 why = (f"x-ratelimit-remaining-{kind}: 0 (limit {limit}, full again in "
                        f"{reset:g}s: one more fits in {seconds:.3g}s)")
             else:

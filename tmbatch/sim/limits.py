@@ -198,12 +198,14 @@ class FixedWindow:
 
 class TokenBudget(_Bucket):
     """Tokens per minute (`rate` = limit / 60 per second), charged with each answer's real
-    usage after it is generated.
+    usage, booked as it is admitted (the simulator knows its answer then; the virtual server
+    books alike).
 
     A request is admitted while the budget is above zero and then charged its total_tokens, so
-    the budget can go into debt and stays closed until it refills past zero; that is how a
-    server that only knows the cost afterwards enforces it, and why a client learns the token
-    rate from `usage` rather than from its own estimate.
+    the budget can go into debt and stays closed until it refills past zero (`reset` says how
+    deep, `remaining` stops at 0); that is how a server that does not estimate a request's
+    cost up front enforces it, and why a client learns the token rate from `usage` rather
+    than from its own estimate.
     """
 
     kind = "tokens"

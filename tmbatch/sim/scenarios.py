@@ -150,9 +150,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              {"tpm_limit": 6000.0, "tpm_burst": 1000.0, "latency": LATENCY,
               "ratelimit_headers": True}, "tokens", Band(0.85, 0.10), lines=120,
              tags=("tokens",)),
-    # nothing states the tokens and the budget charges after the answer, admitting all that
-    # is in flight: each pause is honoured, refusals are not billed, and it finishes sooner
-    # than pacing at the true 1 request/s would; the refusals' share is the price of that
+    # nothing states the tokens: the budget admits while above zero, so a pause's end is
+    # let through and what follows it is refused, each refusal announcing the debt's time.
+    # Each pause is honoured and refusals are not billed; pacing by requests cannot see
+    # tokens, so refusals stay frequent (rule 2's floor: what got through while sending)
     Scenario("tokens-unstated", "the same, with no x-ratelimit headers: paced as requests",
              {"tpm_limit": 6000.0, "tpm_burst": 1000.0, "latency": LATENCY},
              "tokens", Band(0.85, 0.90), lines=120, tags=("tokens",)),

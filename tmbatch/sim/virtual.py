@@ -133,6 +133,8 @@ class VirtualServer:
             if wait > 0:
                 status = 429
                 self._refuse(limits, status, wait, now, headers)
+            else:  # booked at admission, as `tmbatch sim` does (its answer is known then)
+                limits.charge(now, TOKENS_PER_REQUEST)
         if cfg.ratelimit_headers:
             stated, ends = limits.headers(now)
             headers.update(stated)
@@ -152,7 +154,6 @@ class VirtualServer:
         else:
             await asyncio.sleep(latency)
         done = loop.time()
-        limits.charge(done, TOKENS_PER_REQUEST)
         self.log.append(Arrival(now, model, 200, TOKENS_PER_REQUEST, done))
         return 200, headers, done - now
 
