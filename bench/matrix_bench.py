@@ -22,8 +22,12 @@ in the figures. Each run of a row (repeat r = 0, 1, ...):
    words) is exactly TOKENS_PER_REQUEST = 100 tokens, checked with the simulator's
    `build_answer`; lines of `row.refuse_models` carry the body hook `"sim": {"status": 429}`.
 3. `tmbatch run INPUT -o OUT --base-url URL --api-key-file KEYFILE --no-preflight
-   <row.client_flags()>` (plus `--log-format json --progress-interval 3600` when known), run
-   outside the source tree; stopped (SIGTERM) after the row's expected length x 3 + 60 s.
+   --log-format json --progress-interval 3600 --job-id virtual <row.client_flags()>` (the
+   optional flags only when the tmbatch under test knows them), run outside the source tree;
+   stopped (SIGTERM) after the row's expected length x 3 + 60 s. `--job-id virtual` and the
+   custom ids r1, r2, ... give every line the Idempotency-Key it has in the virtual run, so
+   the simulator's refusals at random (drawn per seed, key and arrival) are the virtual run's
+   for the same seed: the random rows refuse the same requests the same number of times.
 4. `GET /_sim/stats`: the arrival log of the billable routes becomes `Arrival`s and
    `tmbatch.sim.scenarios.score(row, arrivals, wall, refusal_wait)` gives the share; its
    module doc says how each kind of row is scored. The inputs, from the real simulator:
@@ -54,8 +58,22 @@ in the figures. Each run of a row (repeat r = 0, 1, ...):
    count is cross-checked) and no other failure; here also every line accounted for and the
    client not stopped by the timeout.
 
-Per row the median run by share is reported (with min-max over the repeats), and for each run
-the client's CPU seconds (user + sys of the tmbatch process, os.wait4) and wall (spawn to exit).
+Where a row cannot be the virtual one:
+
+- tokens: the simulator books an answer's usage on the tokens budget when the request is
+  admitted (`handlers._charge_usage`, before the latency), the virtual server when the answer
+  is done (20 ms later), so a burst arriving together is admitted once here and many times
+  there; the virtual run with the charge moved to admission gives this run's ~1,900
+  refusals (the virtual row: 29).
+- the client starts ~0.2 s after the limits' epoch (process start-up; 0 in virtual time):
+  the first fixed window is that much shorter, and the schedule changes that much earlier
+  into the run.
+- HTTP-date hints are real wall-clock dates (the virtual server draws the clock's phase).
+
+Each run's arrival log is kept in --data as ROW-rN.arrivals.json ([seconds after the epoch,
+status, model]). Per row the median run by share is reported (with min-max over the repeats),
+and for each run the client's CPU seconds (user + sys of the tmbatch process, os.wait4) and
+wall (spawn to exit).
 
 How long: the rows' own lengths add up to about 11.5 minutes per repeat (random-30-seconds 80
 s, window-30-15 150 s, tokens 110 s, halved 45 s, quota 30 s, the rest 20 s or less), plus
@@ -108,6 +126,9 @@ PY = sys.executable
 GRACE = 0.02  # seconds after a refusal left in which an arrival was already on the wire
 KEY = "tm-matrix-bench-key"
 MAX_TOKENS = 50  # as the virtual run's lines
+# The virtual run's job id: with custom ids r1, r2, ... as there, every line has the virtual
+# run's Idempotency-Key, so --sim-seed r refuses at random exactly the arrivals seed r does.
+JOB_ID = "virtual"
 TOPICS = ("the moon", "tea", "rivers", "owls", "granite", "jazz", "tides", "bread")
 FILLER = ("Some context follows, to give the prompt the length of a real one. ") * 8
 OPTIONAL_FLAGS = ("--log-format", "--progress-interval", "--no-preflight")
@@ -230,6 +251,8 @@ class Client:
             cmd += ["--log-format", "json"]
         if "--progress-interval" in self.known:
             cmd += ["--progress-interval", "3600"]
+        if "--job-id" in self.known:  # the virtual run's job id: the same Idempotency-Keys
+            cmd += ["--job-id", JOB_ID]
         return [*cmd, *row, *self.extra], missing
 
 
@@ -292,6 +315,9 @@ def run_once(sc: Scenario, repeat: int, client: Client, work: Path) -> dict[str,
         "max_rss_mb": round(usage.ru_maxrss / 1024, 1), "sim_flags": flags,
         "client_cmd": cmd, "notes": notes,
     }
+    log = [[round(e[0] - stats["epoch"], 4), e[3], e[4]] for e in stats["log"]
+           if e[1] in BILLABLE_ROUTES]
+    (work / f"{sc.name}-r{repeat}.arrivals.json").write_bytes(orjson.dumps(log))
     run.update(server_side(sc, stats, t_exit if same_clock else None))
     run.update(client_side(out, stderr_path.read_bytes()))
     verdict(sc, run)
@@ -526,7 +552,8 @@ def main() -> int:
     p.add_argument("--name", default="matrix", help="results file name")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--data", default="/tmp/tmbatch-matrix-bench",
-                   help="inputs and outputs of the runs")
+                   help="inputs and outputs of the runs, and each run's arrival log "
+                        "(ROW-rN.arrivals.json: [seconds after the epoch, status, model])")
     a = p.parse_args()
     names = [n.strip() for n in a.rows.split(",")] if a.rows else [s.name for s in SCENARIOS]
     unknown = [n for n in names if n not in BY_NAME]
