@@ -1,8 +1,8 @@
 """The scenario matrix over real sockets: every row of `tmbatch.sim.scenarios.SCENARIOS`, with
 `tmbatch sim` and `tmbatch run` as two processes on 127.0.0.1.
 
-    python bench/matrix_bench.py                           # every row, 3 repeats (~40 min)
-    python bench/matrix_bench.py --quick                   # every row, 1 repeat (~14 min)
+    python bench/matrix_bench.py                           # every row, 3 repeats (~35 min)
+    python bench/matrix_bench.py --quick                   # every row, 1 repeat (~12 min)
     python bench/matrix_bench.py --quick --rows random-10-seconds,bucket-ms,capacity
     python bench/matrix_bench.py --list                    # the rows and their length
     python bench/matrix_bench.py --tmbatch-cmd "/other/checkout/.venv/bin/python -m tmbatch"
@@ -75,9 +75,11 @@ status, model]). Per row the median run by share is reported (with min-max over 
 and for each run the client's CPU seconds (user + sys of the tmbatch process, os.wait4) and
 wall (spawn to exit).
 
-How long: the rows' own lengths add up to about 11.5 minutes per repeat (random-30-seconds 80
-s, window-30-15 150 s, tokens 110 s, halved 45 s, quota 30 s, the rest 20 s or less), plus
-about 3 s of start-up per run on 2 cores: --quick about 13 minutes, --repeats 3 about 40.
+How long (2 cores, Xeon, Python 3.11): the rows' ideal lengths add up to 11.7 minutes a repeat
+(window-30-15 150 s, tokens 110 s, random-30-seconds 80 s, window-40-4 40 s, halved 37 s,
+quota 30 s, the rest 30 s or less; `--list` shows them); a client that misses its share runs
+longer and one that beats a random row's budget shorter, and each run adds ~0.5 s of start-up.
+Measured: --quick (every row once) 11 min 40 s, so --repeats 3 takes about 35 minutes.
 """
 
 from __future__ import annotations
