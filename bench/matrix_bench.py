@@ -1,7 +1,7 @@
 """The scenario matrix over real sockets: every row of `tmbatch.sim.scenarios.SCENARIOS`, with
 `tmbatch sim` and `tmbatch run` as two processes on 127.0.0.1.
 
-    python bench/matrix_bench.py                           # every row, 3 repeats (~35 min)
+    python bench/matrix_bench.py                           # every row, 3 repeats (~35-40 min)
     python bench/matrix_bench.py --quick                   # every row, 1 repeat (~12 min)
     python bench/matrix_bench.py --quick --rows random-10-seconds,bucket-ms,capacity
     python bench/matrix_bench.py --list                    # the rows and their length
@@ -79,7 +79,7 @@ How long (2 cores, Xeon, Python 3.11): the rows' ideal lengths add up to 11.7 mi
 (window-30-15 150 s, tokens 110 s, random-30-seconds 80 s, window-40-4 40 s, halved 37 s,
 quota 30 s, the rest 30 s or less; `--list` shows them); a client that misses its share runs
 longer and one that beats a random row's budget shorter, and each run adds ~0.5 s of start-up.
-Measured: --quick (every row once) 11 min 40 s, so --repeats 3 takes about 35 minutes.
+Measured: --quick (every row once) 11 min 40 s and 12 min 45 s: --repeats 3 takes 35-40 min.
 """
 
 from __future__ import annotations
