@@ -7,17 +7,37 @@ applied (or none), against one `tmbatch sim` process; variants are interleaved
 and the median of the repeats is printed. CPU is user+sys of the child alone
 (os.wait4), so the number answers "how much client CPU does this save".
 
-Variants:
-  base       tmbatch as it is in the working tree
-  fastpath   first attempt without tenacity; tenacity only after a failure
-  nodispatch no journal write per dispatch (a cost measurement only, NOT safe)
-  gcfreeze   gc.freeze() after imports (startup objects out of every collection)
-  uvloop     the uvloop event loop, when importable
+Variants (join several with "+"; all but base, gcfreeze and uvloop are cost measurements
+only and NOT safe: they take out part of what tmbatch does to see what that part costs):
+  base        tmbatch as it is in the working tree
+  bare        bench/bare_aiohttp.py on the same loop, for the ratio (not a patch)
+  fastpath    first attempt without tenacity; tenacity only after a failure (now the code's)
+  nodispatch  no journal write per dispatch
+  noresult    no results/journal outcome records written (the line's state only)
+  noreader    lines parsed by orjson.loads alone: no checks, no duplicate-id set
+  noidset     no duplicate-id set (every custom_id taken as new)
+  nofsync     no fsync (as --fsync never)
+  nobudget    no spend tracking (Budget.track gives the free reservation)
+  noadmission no admission ticket (a shared no-op ticket, no pace learning)
+  noheaders   no X-Request-Id or Idempotency-Key header
+  nostats     no latency histogram
+  fasttask    a safe prototype: LineSender._dispatch finds its task as the loop's current
+              task without asyncio.current_task() (pure Python on 3.11, and its
+              get_running_loop() is a getpid(2) per request)
+  lean        LineSender.process cut to what every success needs: the dispatch record, the
+              send, the result record (no admission, spend, retry bookkeeping, stats): what
+              retry.py, limits.py and budget.py cost together on the common path
+  gcfreeze    gc.freeze() after imports (startup objects out of every collection)
+  uvloop      the uvloop event loop, when importable (the default when installed)
+
+The children run on TMBATCH_LOOP (default uvloop), with bytecode cached outside the tree and
+one untimed warm-up run of each variant first.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
@@ -61,18 +81,153 @@ def patch_fastpath() -> None:
 def patch_nodispatch() -> None:
     from tmbatch import writer as w
 
-    def dispatch(self: Any, line: int, attempt: int, custom_id: str) -> None:
+    def dispatch(self: Any, line: int, attempt: int, custom_id: str,
+                 reserved: Any = None) -> None:
         self.states.set(line, 1)
 
     w.Writer.dispatch = dispatch  # type: ignore[method-assign]
 
 
+def patch_noresult() -> None:
+    from tmbatch import writer as w
+    from tmbatch.compact import OK
+
+    def result(self: Any, record: Any, latency: Any = None, ttft: Any = None) -> None:
+        self.states.set(record.line, OK)
+
+    w.Writer.result = result  # type: ignore[method-assign]
+
+
+def patch_noreader() -> None:
+    import orjson
+
+    from tmbatch import reader as rd
+
+    def read_requests(f: Any, **kw: Any) -> Any:
+        stats = kw.get("stats")
+        for n, raw in enumerate(f, 1):
+            if stats is not None:
+                stats.lines = n
+            obj = orjson.loads(raw)
+            yield rd.Request(n, obj["custom_id"], obj["url"], obj["body"])
+
+    rd.read_requests = read_requests
+    from tmbatch import runner
+
+    runner.read_requests = read_requests  # type: ignore[assignment]
+
+
+def patch_noidset() -> None:
+    from tmbatch import compact
+
+    compact.IdSet.add = lambda self, custom_id: True  # type: ignore[method-assign]
+
+
+def patch_nofsync() -> None:
+    from tmbatch import writer as w
+
+    w.Writer._fsync_fds = lambda self: None  # type: ignore[method-assign]
+
+
+def patch_nobudget() -> None:
+    from tmbatch import budget as b
+
+    b.Budget.track = lambda self, req: b.FREE  # type: ignore[method-assign]
+
+
+def patch_noadmission() -> None:
+    from tmbatch import limits as lim
+
+    class NoTicket:
+        def release(self) -> None: ...
+        def succeeded(self, headers: Any, used: int) -> None: ...
+        def failed(self, failure: Any) -> None: ...
+
+    ticket = NoTicket()
+    lim.Admission.admit_now = lambda self, tokens: ticket  # type: ignore[assignment]
+
+
+def patch_noheaders() -> None:
+    from tmbatch import client, retry
+
+    original = client.send
+
+    async def send(session: Any, route: str, body: Any, headers: Any = None) -> Any:
+        return await original(session, route, body, None)
+
+    retry.send = send  # type: ignore[assignment]
+    client._ID_PREFIX = ""  # the X-Request-Id stays, as short as it gets
+
+
+def patch_nostats() -> None:
+    from tmbatch import summary
+
+    summary.Histogram.add = lambda self, seconds: None  # type: ignore[method-assign]
+
+
+def patch_lean() -> None:
+    from tmbatch import retry as r
+
+    async def process(self: Any, req: Any) -> None:
+        headers = None
+        if not req.idempotent:
+            headers = {"Idempotency-Key": r.idempotency_key(self.job_id, req.custom_id)}
+        self.writer.dispatch(req.line, 1, req.custom_id)
+        answer = await r.send(self.session, req.url, req.body, headers)
+        self.stats.ok += 1
+        self.writer.result(r.ResultRecord(
+            r.record_id(self.job_id, req.custom_id), req.custom_id, req.line,
+            r.RecordedResponse(answer.status, answer.request_id, answer.body), None,
+            answer.raw), answer.latency, answer.ttft)
+
+    r.LineSender.process = process  # type: ignore[method-assign]
+
+
+def patch_fasttask() -> None:
+    import asyncio.tasks as t
+
+    from tmbatch import retry as r
+
+    current = t._current_tasks  # what asyncio.current_task() reads, keyed by the loop
+    loops: dict[int, Any] = {}
+
+    def _dispatch(self: Any, req: Any, tries: Any, spend: Any) -> Any:
+        tries.now += 1
+        if tries.now > 1:
+            self.stats.retries += 1
+        self.writer.dispatch(req.line, tries.total, req.custom_id,
+                             spend.journal() if spend.held else None)
+        spend.dispatched()
+        self.stats.sent += 1
+        self.stats.in_flight += 1
+        loop = loops.get(id(self))
+        if loop is None:
+            loop = loops[id(self)] = asyncio.get_running_loop()
+        task = current.get(loop)
+        self.in_flight.add(task)
+        return task
+
+    r.LineSender._dispatch = _dispatch  # type: ignore[method-assign]
+
+
+PATCHES = {"fastpath": patch_fastpath, "nodispatch": patch_nodispatch,
+           "noresult": patch_noresult, "noreader": patch_noreader, "noidset": patch_noidset,
+           "nofsync": patch_nofsync,
+           "nobudget": patch_nobudget,
+           "noadmission": patch_noadmission, "noheaders": patch_noheaders,
+           "nostats": patch_nostats, "lean": patch_lean,
+           "fasttask": patch_fasttask}
+
+
 def child(variant: str, argv: list[str]) -> int:
+    extra = os.environ.get("ABLATE_EXTRA")  # a file of more patch_NAME functions
+    if extra:
+        ns: dict[str, Any] = {}
+        exec(compile(Path(extra).read_text(), extra, "exec"), ns)
+        PATCHES.update({k[6:]: f for k, f in ns.items() if k.startswith("patch_")})
     for v in variant.split("+"):
-        if v == "fastpath":
-            patch_fastpath()
-        elif v == "nodispatch":
-            patch_nodispatch()
+        if v in PATCHES:
+            PATCHES[v]()
         elif v == "uvloop":
             import uvloop
 
@@ -94,6 +249,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--data", default="/tmp/tmbatch-bench")
+    p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     p.add_argument("--child", nargs=argparse.REMAINDER)
     a = p.parse_args()
     if a.child:
@@ -106,23 +262,31 @@ def main() -> int:
     sim = Sim(["--sim-stream-chunks", "64"] if a.stream else [])
     variants = a.variants.split(",")
     cpu: dict[str, list[float]] = {v: [] for v in variants}
-    env = {**os.environ, "TENSORMESH_INFERENCE_API_KEY": "tm-bench-key"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(TENSORMESH_INFERENCE_API_KEY="tm-bench-key", TMBATCH_LOOP=a.loop,
+               PYTHONPYCACHEPREFIX=str(Path(a.data) / "pycache"))
     try:
-        for rep in range(a.repeats):
+        for rep in range(-1, a.repeats):  # -1: the untimed warm-up
             order = variants[rep % len(variants):] + variants[:rep % len(variants)]
             for v in order:
                 out = Path(a.data) / f"ablate-{v}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 sim.reset()
                 t0 = time.monotonic()
-                proc = subprocess.Popen(
-                    [sys.executable, __file__, "--child", v, "run", str(inp), "-o", str(out),
-                     "-c", str(a.concurrency), "-q", "--no-preflight", "--base-url", sim.url],
-                    cwd=ROOT, env=env)
+                if v == "bare":
+                    cmd = [sys.executable, str(HERE / "bare_aiohttp.py"), str(inp), str(out),
+                           sim.url, str(a.concurrency)]
+                else:
+                    cmd = [sys.executable, __file__, "--child", v, "run", str(inp), "-o",
+                           str(out), "-c", str(a.concurrency), "-q", "--no-preflight",
+                           "--base-url", sim.url]
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
                 _, _status, ru = os.wait4(proc.pid, 0)
                 wall = time.monotonic() - t0
                 ok = sim.stats()["by_route"]["/v1/chat/completions"]["status_counts"].get("200")
                 us = 1e6 * (ru.ru_utime + ru.ru_stime) / a.n
+                if rep < 0:
+                    continue
                 cpu[v].append(us)
                 print(f"{v:24s} r{rep} {us:7.0f} µs/req  wall {wall:6.2f}s  ok {ok}  "
                       f"rss {ru.ru_maxrss / 1024:.0f} MB", flush=True)
@@ -130,9 +294,14 @@ def main() -> int:
         sim.stop()
     base = statistics.median(cpu[variants[0]])
     print(f"\nmedian CPU µs/req over {a.repeats} ({a.n:,} requests, c={a.concurrency}):")
+    bare = statistics.median(cpu["bare"]) if "bare" in cpu else None
     for v in variants:
         m = statistics.median(cpu[v])
-        print(f"  {v:24s} {m:7.0f}  ({100 * (m - base) / base:+.1f} % vs {variants[0]})")
+        # each repeat's variant against the first variant of the same repeat: a slow spell of
+        # the machine moves both
+        paired = statistics.median(x / y for x, y in zip(cpu[v], cpu[variants[0]], strict=True))
+        print(f"  {v:24s} {m:7.0f}  ({100 * (m - base) / base:+.1f} % vs {variants[0]}, paired "
+              f"{100 * (paired - 1):+.1f} %" + (f", {m / bare:.3f}x bare)" if bare else ")"))
     return 0
 
 

@@ -43,6 +43,17 @@ class LineStates:
             self._b.extend(bytes(max(line + 1 - len(self._b), len(self._b), 1024)))
         self._b[line] = state
 
+    def replace(self, line: int, state: int) -> bool:
+        """`set`, and whether the state it replaced was a failure (`failed` before it): the
+        writer asks both once per dispatch and once per answer, in one call."""
+        b = self._b
+        if line < len(b):
+            was = _FAILED[b[line]] == 1
+            b[line] = state
+            return was
+        self.set(line, state)
+        return False
+
     def __contains__(self, line: int) -> bool:
         """True when the line has a final outcome, so the reader skips it."""
         return line < len(self._b) and _FINAL[self._b[line]] == 1

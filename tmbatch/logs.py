@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from tqdm import tqdm
 
 from tmbatch.redact import SECRETS
 
@@ -144,9 +143,12 @@ def say(name: str, msg: str, /, *, text: str | None = None, level: int = logging
 
 def _write(text: str) -> None:
     """A line to stderr; through tqdm when a progress bar is drawn there, which clears the
-    bar, writes the line and draws the bar again below it, instead of writing into it."""
-    if getattr(tqdm, "_instances", None):
-        tqdm.write(text.lstrip("\n"), file=sys.stderr)
+    bar, writes the line and draws the bar again below it, instead of writing into it.
+    tqdm is imported only to draw a bar (`progress`), ~10 ms of every start: not imported,
+    no bar is drawn."""
+    bars = sys.modules.get("tqdm")
+    if bars is not None and getattr(bars.tqdm, "_instances", None):
+        bars.tqdm.write(text.lstrip("\n"), file=sys.stderr)
         return
     print(text, file=sys.stderr, flush=True)
 

@@ -5,6 +5,7 @@ stderr is a terminal. While it is drawn, log lines go through tqdm (its logging 
 which clears the bar, prints the line and draws the bar again below it: a warning written
 straight to stderr would land in the middle of the bar. The bar's layout follows the
 terminal's width, so an 80-column terminal still gets a bar rather than one cell of it.
+tqdm is imported only once a bar is drawn: its import is ~10 ms of every start.
 
 After a resume the bar and the progress lines count the whole job (lines done before plus
 this run's, of all lines), and the rate and ETA come from this run alone.
@@ -19,15 +20,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
-
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from typing import TYPE_CHECKING, Any
 
 from tmbatch.compact import LineStates
 from tmbatch.logs import REDACT
 from tmbatch.options import RunOptions
 from tmbatch.summary import RunStats
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # Below WIDE columns the bar drops in-flight and tok/s; below NARROW it drops the bar itself.
 WIDE, NARROW = 110, 60
@@ -46,6 +47,8 @@ def layout(width: int, snap: dict[str, Any]) -> tuple[str, str]:
         fmt = "{n_fmt} done [{elapsed}, {rate_fmt}]{postfix}"
         return fmt, ", ".join(p for p in (failed, f"{snap['in_flight']} in flight") if p)
     if width >= WIDE:
+        from tqdm import tqdm  # imported once a bar is drawn (module docstring)
+
         tok = tqdm.format_sizeof(snap["tok_per_s"]) + " tok/s"
         pace = f"pace {snap['pace_per_s']}/s" if "pace_per_s" in snap else ""
         postfix = ", ".join(p for p in (failed, f"{snap['in_flight']} in flight", tok, pace)
@@ -145,6 +148,8 @@ class Progress:
         if self.quiet and self.emit is None:
             return
         if self.tty and not self.quiet:
+            from tqdm import tqdm  # module docstring
+
             fmt, postfix = layout(terminal_width(), self.snapshot())
             self._bar = tqdm(total=self.total, initial=self.done_before, unit="req",
                              dynamic_ncols=True, file=sys.stderr,
@@ -157,6 +162,8 @@ class Progress:
     def _redirect_logs(self) -> None:
         """Log records go through tqdm.write while the bar is drawn; tqdm's handler copies
         the formatter but not the filters, so the key filter is put back on it."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         logger = logging.getLogger("tmbatch")
         self._redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))
         for handler in logger.handlers:

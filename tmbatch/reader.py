@@ -223,7 +223,16 @@ def parse_line(
         if endpoint is not None:
             custom_id, url, body = check_bare_body(obj, line, endpoint)
         else:
-            custom_id, url, body = check_batch_line(obj, line)
+            # check_batch_line's common case, without its calls (every line comes through
+            # here): exactly the lines it accepts; any other goes to it, for its message
+            custom_id = obj.get("custom_id")
+            url = obj.get("url")
+            body = obj.get("body")
+            if not (type(custom_id) is str and 0 < len(custom_id) <= MAX_CUSTOM_ID
+                    and not custom_id.isspace() and type(url) is str and url in ROUTES
+                    and type(body) is dict and obj.get("method", "POST") == "POST"
+                    and BATCH_FIELDS.issuperset(obj)):
+                custom_id, url, body = check_batch_line(obj, line)
         check_body(body, line, custom_id, url, model, stream)
     except _Refused as exc:
         return exc.bad
@@ -232,7 +241,8 @@ def parse_line(
 
 def check_json(raw: bytes, line: int) -> dict[str, Any]:
     """A JSON object that can be sent unaltered: not too deep, no integer over 64 bits."""
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
+    if len(raw) > MAX_DEPTH and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and \
+            _depth(raw) > MAX_DEPTH:
         raise _Refused(
             line, None, "too_deep",
             f"line {line}: JSON nested more than {MAX_DEPTH} levels deep; flatten the request",

@@ -88,9 +88,8 @@ class Writer:
         """Record that this line's bytes are about to leave; durable before it returns.
         `reserved`: the attempt's worst case under a budget, counted if a crash cuts it off."""
         record = DispatchRecord.of(line, attempt, custom_id, reserved)
-        if self.states.failed(line):  # _note_supersede: a resend's old failure goes at close
-            self.superseded = True
-        self.states.set(line, IN_FLIGHT)
+        if self.states.replace(line, IN_FLIGHT):  # _note_supersede: a resend's old failure
+            self.superseded = True  # goes at close
         if self._ordered or self._always:
             self._jour.append(record)
             self.flush()
@@ -109,16 +108,16 @@ class Writer:
         """A success, journaled with its time and latency (ms) for `tmbatch report`.
         Once per answer: `_note_supersede` and `_stamp` are inlined."""
         line = record.line
-        if self.states.failed(line):  # _note_supersede
+        data = record.to_json()
+        if self.states.replace(line, OK):  # _note_supersede
             self.superseded = True
-        self._res.append(record.to_json())
+        self._res.append(data)
         t = self._now
         if t is None:
             t = self._now = round(time.time(), 3)
         self._jour.append(OutcomeRecord.ok_json(
             line, t, None if latency is None else round(latency * 1000.0, 2),
             None if ttft is None else round(ttft * 1000.0, 2)))
-        self.states.set(line, OK)
         if not self._scheduled or self._always:
             self._schedule()
 
