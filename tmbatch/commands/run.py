@@ -89,9 +89,9 @@ def _input_args(g: Any) -> None:
 def _limit_args(g: Any) -> None:
     g.add_argument("-c", "--concurrency", type=positive_int, default=None,
                    help="requests in flight at once (default 64)")
-    g.add_argument("--rpm", type=positive_float, help="requests per minute, when you know the "
-                   "account's limit (without it the pace is learnt from 429s and rate-limit "
-                   "headers)")
+    g.add_argument("--rpm", type=positive_float, help="requests per minute of each lane (each "
+                   "model; the account with --limit-scope account), when you know the limit "
+                   "(without it each lane's pace is learnt from 429s and rate-limit headers)")
     g.add_argument("--tpm", type=positive_float, help="tokens per minute, estimated before "
                    "sending (prompt chars/4 + max_tokens) and corrected from usage")
     g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
@@ -103,8 +103,8 @@ def _limit_args(g: Any) -> None:
                    "account is limited as a whole")
     g.add_argument("--patience", type=positive_float, default=None, metavar="SECONDS",
                    help="a line refused by the rate limit (429, 503 with Retry-After, 408) is "
-                   "sent again until nothing at all has succeeded for this long, then it fails "
-                   "`rejected` (default 600)")
+                   "sent again until nothing in its lane (its model) has succeeded for this "
+                   "long, then it fails `rejected` (default 600)")
 
 
 def _checkpoint_args(g: Any) -> None:
