@@ -13,14 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    wait_exponential_jitter,
-)
 
 from tmbatch.budget import Hold
 from tmbatch.client import Answer, idempotency_key, send
@@ -36,6 +31,9 @@ from tmbatch.spend import usage_tokens
 from tmbatch.stop import Stop, Stopped
 from tmbatch.summary import RunStats
 from tmbatch.writer import Writer
+
+if TYPE_CHECKING:  # tenacity is imported at a line's first failure: most runs never need it
+    from tenacity import RetryCallState, wait_exponential_jitter
 
 log = logging.getLogger("tmbatch")
 
@@ -80,19 +78,17 @@ class LineSender:
     unreached_streak: int = 0
     # The one call that sends an attempt (client.send); the virtual-time matrix answers here.
     transport: Callable[..., Awaitable[Answer]] = send
-    _backoff: wait_exponential_jitter = field(
-        default_factory=lambda: wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0))
-    # A refusal with no hint on an unpaced lane: the server did no work and the lane's
-    # controller decides the pace, so a retry waits briefly (refusals at random are met at
-    # once, a limit by the pace the refusals set), growing if they go on
-    _refused_backoff: wait_exponential_jitter = field(
-        default_factory=lambda: wait_exponential_jitter(multiplier=0.1, max=10.0, jitter=0.1))
+    # The waits between attempts (tenacity's), made at the run's first retry (`_retry`).
+    _backoff: wait_exponential_jitter | None = field(default=None, init=False)
+    _refused_backoff: wait_exponential_jitter | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.served = ServedCheck(self.served_models, self.fatal_404_after)
 
-    async def process(self, req: Request) -> None:
-        """Send `req` until it has an outcome (or the run stops), and record it."""
+    async def process(self, req: Request, task: asyncio.Task[None] | None = None) -> None:
+        """Send `req` until it has an outcome (or the run stops), and record it. `task`: the
+        one running this (a worker knows its own: `asyncio.current_task()` is a Python
+        call and a getpid(2) on 3.11, once per line otherwise)."""
         refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
         if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
             self.record_failure(FailureRecord.of(
@@ -102,19 +98,48 @@ class LineSender:
         headers = None
         if not req.idempotent:
             headers = {"Idempotency-Key": idempotency_key(self.job_id, req.custom_id)}
-        tries = Tries(self.prior_attempts.get(req.line, 0))
+        before = self.prior_attempts.get(req.line, 0) if self.prior_attempts else 0
         # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per
         # request (bench/ablate.py): try once bare, and replay a failure into the loop as its
         # attempt 1, so the predicate, stop, attempt numbers and waits are exactly tenacity's.
+        # The first attempt is `_attempt` written out here: a coroutine less per line, and
+        # its `Tries` made only when it fails.
+        tries: Tries | None = None
         try:
-            answer = await self._attempt(req, headers, tries)
+            async with self.admission.permit(req) as permit:
+                if self.stop.stopping:
+                    raise Stopped
+                if task is None:
+                    task = asyncio.current_task()
+                self._dispatch(req, before + 1, permit.spend, task)  # type: ignore[arg-type]
+                try:
+                    answer = await self.transport(self.session, req.url, req.body, headers)
+                except AttemptFailed as exc:
+                    tries = Tries(before, 1)
+                    self._failed_attempt(req, exc, permit, tries)
+                    raise
+                finally:
+                    self.stats.in_flight -= 1
+                    self.in_flight.discard(task)
+                self.answered, self.unreached_streak = True, 0
+                used = usage_tokens(answer.body)
+                permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
         except (Stopped, AttemptFailed) as exc:
-            await self._retry(req, headers, tries, exc)
+            await self._retry(req, headers, tries or Tries(before), exc)
         else:
             self._succeed(req, answer)
 
     async def _retry(self, req: Request, headers: dict[str, str] | None, tries: Tries,
                      first: BaseException) -> None:
+        from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+        if self._backoff is None:
+            self._backoff = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0)
+            # A refusal with no hint on an unpaced lane: the server did no work and the lane's
+            # controller decides the pace, so a retry waits briefly (refusals at random are
+            # met at once, a limit by the pace the refusals set), growing if they go on
+            self._refused_backoff = wait_exponential_jitter(multiplier=0.1, max=10.0,
+                                                            jitter=0.1)
         pending: list[BaseException] = [first]
         lane = self.admission.lane(req.body.get("model"))
         retrying = AsyncRetrying(
@@ -144,8 +169,8 @@ class LineSender:
         if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
             if exc.retry_after is not None or lane.rate is not None:
                 return 0.0  # the lane's pause, or its pace, holds it back
-            return float(self._refused_backoff(rs))
-        return float(self._backoff(rs))
+            return float(self._refused_backoff(rs))  # type: ignore[misc]
+        return float(self._backoff(rs))  # type: ignore[misc]
 
     def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:
         """A refusal proves the server did no work, and a lane that still makes progress will
@@ -160,13 +185,17 @@ class LineSender:
 
     async def _attempt(self, req: Request, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
-        """One attempt, inside its permit (budget, pause, pace, slot, tokens), which is
-        settled with the outcome and let go whatever happens. One coroutine, not one per step:
-        every layer is walked again on each resume of the send (bench/instructions.py)."""
+        """One attempt after the first (which `process` makes itself, the same way), inside
+        its permit (budget, pause, pace, slot, tokens), which is settled with the outcome and
+        let go whatever happens. One coroutine, not one per step: every layer is walked again
+        on each resume of the send (bench/instructions.py)."""
         async with self.admission.permit(req) as permit:
             if self.stop.stopping:
                 raise Stopped
-            task = self._dispatch(req, tries, permit.spend)
+            tries.now += 1
+            self.stats.retries += 1  # (attempt 1 is `process`'s)
+            task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+            self._dispatch(req, tries.total, permit.spend, task)
             try:
                 answer = await self.transport(self.session, req.url, req.body, headers)
             except AttemptFailed as exc:
@@ -180,19 +209,16 @@ class LineSender:
             permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
             return answer
 
-    def _dispatch(self, req: Request, tries: Tries, spend: Hold) -> asyncio.Task[None]:
-        """Journal the attempt (durable before its bytes leave) and count it in flight."""
-        tries.now += 1
-        if tries.now > 1:
-            self.stats.retries += 1
-        self.writer.dispatch(req.line, tries.total, req.custom_id,
+    def _dispatch(self, req: Request, attempt: int, spend: Hold,
+                  task: asyncio.Task[None]) -> None:
+        """Journal the attempt (durable before its bytes leave) and count `task`, whose
+        request it is, in flight."""
+        self.writer.dispatch(req.line, attempt, req.custom_id,
                              spend.journal() if spend.held else None)  # None unless held
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
-        task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         self.in_flight.add(task)
-        return task
 
     def _failed_attempt(self, req: Request, exc: AttemptFailed, permit: Permit,
                         tries: Tries) -> None:

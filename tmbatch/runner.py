@@ -263,6 +263,7 @@ class Runner:
         no two workers are ever in it at once): a line costs no queue and no producer task to
         wake. A run of bad lines yields to the loop every 512 of them."""
         only = self.opts.only_lines
+        me: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         while not self.stop.stopping:
             item = next(lines, None)
             if item is None:
@@ -277,7 +278,7 @@ class Runner:
                     if self._bad_lines % 512 == 0:
                         await asyncio.sleep(0)
                     continue
-                await sender.process(item)
+                await sender.process(item, me)
             except (WriterError, OutputError) as exc:
                 self.stop.on_io_error(str(exc))
                 self._cancel_idle()
