@@ -181,6 +181,22 @@ class Controller:
             return None
         return Change(self.rate, hold, burst)
 
+    def on_success(self, sent: float, now: float, stated: float | None,
+                   governed: bool) -> Change | None:
+        """`on_answer` of a success. While the lane is unpaced with nothing under way (no
+        cut on trial, no echo, no closure, no cost being counted) and no limit is stated, a
+        success only adds to the record (`Evidence`), so that is all it does here: no Answer
+        is built on the common path. The first refusal finds the same record either way."""
+        if not self.learn:
+            return None
+        if (self.rate is None and stated is None and self.trial is None and self.echo is None
+                and self.closed_since is None and self.lost_from is None):
+            self.governed = self.governed or governed
+            self.seen.succeeded(sent, now)
+            self.refused_run = 0
+            return None  # (`_success` adds nothing more here, and the rate stays None)
+        return self.on_answer(Answer(sent, now, True, stated=stated, governed=governed))
+
     @property
     def allowance(self) -> float | None:
         """The server's burst: the first volley's successes, less what refilled while they

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.limits.controller import Answer, Change, Controller, PaceConfig
 from tmbatch.limits.headers import StatedLimits
 from tmbatch.limits.schedule import Pacer, TokenBucket
 
@@ -103,8 +103,9 @@ class Lane:
         self.stated.consumed["requests"] += 1
         self.stated.consumed["tokens"] += used_tokens
         stated = self._read(headers, now) if headers else None
-        self._apply(Answer(sent, now, True, stated=stated, governed=bool(self.stated.rates)),
-                    now)
+        change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
+        if change is not None:
+            self._change(change, now)
 
     def refused(self, now: float, sent: float, wait: float | None,
                 headers: Mapping[str, str] | None) -> float | None:
@@ -121,6 +122,8 @@ class Lane:
         if hold is not None:
             self.hold(hold.seconds, hold.why, now)
         rates = self.stated.rates
+        if not rates:
+            return None  # (most servers: no x-ratelimit headers, nothing stated)
         tokens = rates.get("tokens")
         if tokens is not None and self.controller.learn:
             tpm = tokens * 60.0 * self.controller.cfg.margin
@@ -138,8 +141,10 @@ class Lane:
 
     def _apply(self, answer: Answer, now: float) -> None:
         change = self.controller.on_answer(answer)
-        if change is None:
-            return
+        if change is not None:
+            self._change(change, now)
+
+    def _change(self, change: Change, now: float) -> None:
         if change.rate != self.pacer.rate:
             self.pacer.set_rate(change.rate)
         if change.burst:
