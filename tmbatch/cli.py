@@ -8,15 +8,16 @@ function that runs it, in `tmbatch.commands`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 from tmbatch import __version__
-from tmbatch.commands import estimate, outputs, resend, run, server, validate
 from tmbatch.config import ConfigError
 from tmbatch.exitcodes import ExitCode, help_text
 from tmbatch.files import OutputError
@@ -38,36 +39,82 @@ MORE_EXAMPLES = """more:
 """
 
 Command = Callable[[argparse.Namespace], int]
-# name -> (adds its parser, runs it); the order is the order of --help
-COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Command]] = {
-    "run": (run.add_run_parser, run.cmd_run),
-    "validate": (validate.add_validate_parser, validate.cmd_validate),
-    "estimate": (estimate.add_estimate_parser, estimate.cmd_estimate),
-    "report": (outputs.add_report_parser, outputs.cmd_report),
-    "status": (outputs.add_status_parser, outputs.cmd_status),
-    "resend": (resend.add_resend_parser, resend.cmd_resend),
-    "export": (outputs.add_export_parser, outputs.cmd_export),
-    "merge": (outputs.add_merge_parser, outputs.cmd_merge),
-    "doctor": (server.add_doctor_parser, server.cmd_doctor),
-    "models": (server.add_models_parser, server.cmd_models),
-    "sim": (server.add_sim_parser, server.cmd_sim),
+# name -> (its module in tmbatch.commands, the function adding its parser, the function running
+# it); the order is the order of --help. A start imports the module of the command it runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("run", "add_run_parser", "cmd_run"),
+    "validate": ("validate", "add_validate_parser", "cmd_validate"),
+    "estimate": ("estimate", "add_estimate_parser", "cmd_estimate"),
+    "report": ("outputs", "add_report_parser", "cmd_report"),
+    "status": ("outputs", "add_status_parser", "cmd_status"),
+    "resend": ("resend", "add_resend_parser", "cmd_resend"),
+    "export": ("outputs", "add_export_parser", "cmd_export"),
+    "merge": ("outputs", "add_merge_parser", "cmd_merge"),
+    "doctor": ("server", "add_doctor_parser", "cmd_doctor"),
+    "models": ("server", "add_models_parser", "cmd_models"),
+    "sim": ("server", "add_sim_parser", "cmd_sim"),
 }
 
 
+def _command(name: str) -> tuple[Callable[[argparse._SubParsersAction], None], Command]:
+    module, add_parser, run = COMMANDS[name]
+    mod = importlib.import_module(f"tmbatch.commands.{module}")
+    return getattr(mod, add_parser), getattr(mod, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's parser, with every flag: what --help and every error message show."""
+    from tmbatch.commands.run import RUN_EXAMPLES
+
     parser = argparse.ArgumentParser(
         prog="tmbatch",
         allow_abbrev=False,
         description="Run large batches of inference requests against Tensormesh, as fast as "
         "the account's limits allow, without paying twice for a request by accident.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=run.RUN_EXAMPLES + "\n" + MORE_EXAMPLES + "\n" + help_text(),
+        epilog=RUN_EXAMPLES + "\n" + MORE_EXAMPLES + "\n" + help_text(),
     )
     parser.add_argument("--version", action="version", version=f"tmbatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_parser, _ in COMMANDS.values():
-        add_parser(sub)
+    for name in COMMANDS:
+        _command(name)[0](sub)
     return parser
+
+
+class _Unsure(Exception):
+    """The quick parser met something only the whole one can say (`_QuickParser`)."""
+
+
+class _QuickParser(argparse.ArgumentParser):
+    """The one subcommand a command line names, without the simulator's flags when none is
+    given (`commands.common.add_sim_group` leaves them out for this parser): `tmbatch.sim`
+    imports aiohttp's server, ~18 ms of every start, and every subcommand's parser and module
+    another few. It never speaks: an error (or anything it cannot be sure of) is left to the
+    whole parser (`build_parser`), which parses again and says it as it always has."""
+
+    sim_flags = False
+
+    def error(self, message: str) -> NoReturn:
+        raise _Unsure(message)
+
+
+def _quick_parse(args: list[str]) -> argparse.Namespace | None:
+    """The namespace the whole parser would give `args`, when this parser can be sure of it;
+    else None. It is sure when `args` start with a subcommand, ask for no help (whose text
+    lists every flag) and give no --sim flag, and they parse."""
+    name = args[0] if args else None
+    if name not in COMMANDS:
+        return None  # --version, --help, nothing, or a mistake: the whole parser says it
+    for a in args:
+        if a.startswith("--sim") or a == "--help" or (
+                a.startswith("-") and not a.startswith("--") and "h" in a):  # -h, -qh, ...
+            return None
+    parser = _QuickParser(prog="tmbatch", allow_abbrev=False)
+    _command(name)[0](parser.add_subparsers(dest="command", metavar="COMMAND"))
+    try:
+        return parser.parse_args(args)
+    except _Unsure:
+        return None
 
 
 def _refuse_api_key_flag(args: list[str]) -> int | None:
@@ -108,15 +155,17 @@ def _main(argv: list[str] | None) -> int:
     refused = _refuse_api_key_flag(args)
     if refused is not None:
         return refused
-    parser = build_parser()
-    ns = parser.parse_args(args)
-    if ns.command is None:
-        parser.print_help(sys.stderr)
-        return ExitCode.USAGE
+    ns = _quick_parse(args)
+    if ns is None:
+        parser = build_parser()
+        ns = parser.parse_args(args)
+        if ns.command is None:
+            parser.print_help(sys.stderr)
+            return ExitCode.USAGE
     setup_logging(getattr(ns, "verbose", 0), getattr(ns, "quiet", False),
                   getattr(ns, "log_format", "text"))
     try:
-        code = COMMANDS[ns.command][1](ns)
+        code = _command(ns.command)[1](ns)
         if json_mode():
             event("exit", f"exit code {code}", exit_code=code, always=True)
         return code

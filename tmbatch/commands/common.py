@@ -118,6 +118,9 @@ def settings_from(ns: argparse.Namespace, *, require_key: bool) -> Settings:
 
 
 def add_sim_group(p: argparse.ArgumentParser, help_text: str) -> None:
+    if not getattr(p, "sim_flags", True):  # cli._QuickParser: the command line has no --sim*
+        p.set_defaults(sim=False)  # (the --sim-* values are read only with --sim)
+        return
     from tmbatch.sim import add_sim_arguments
 
     g = p.add_argument_group("demo: the built-in simulator (no credentials)")

@@ -133,8 +133,6 @@ def _output_args(g: Any) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tmbatch import labels
-    from tmbatch.estimate import check_before_sending
     from tmbatch.jobfile import prepare_run
 
     job = prepare_run(ns, os.environ)  # job.toml values, shard from env, defaults
@@ -149,6 +147,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     out = out_dir_of(ns.input, ns.output)
     label_run = None
     if job is not None and job.label is not None:  # ns.input becomes OUT/requests.jsonl
+        from tmbatch import labels
+
         label_run = labels.setup(job.path, job.label, ns, out)
     opts = RunOptions(
         input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
@@ -158,8 +158,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
         max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive, patience=ns.patience,
         limit_scope=ns.limit_scope, budget=budget_spec_from(ns),
     )
-    check_before_sending(opts.budget, opts.input, endpoint=endpoint, model=ns.model,
-                         stream=ns.stream, shard=ns.shard, max_line_bytes=ns.max_line_bytes)
+    if opts.budget.limited:  # (what it checks; `tmbatch.estimate` is imported for it only)
+        from tmbatch.estimate import check_before_sending
+
+        check_before_sending(opts.budget, opts.input, endpoint=endpoint, model=ns.model,
+                             stream=ns.stream, shard=ns.shard,
+                             max_line_bytes=ns.max_line_bytes)
     code = run_async(start_run(ns, opts, settings, preflight=not ns.no_preflight))
     if label_run is not None:
         code = label_run.finish(code)
