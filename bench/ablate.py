@@ -1,6 +1,6 @@
 """Ablations: what one change to tmbatch is worth in CPU µs per request, before editing the code.
 
-    python bench/ablate.py --variants base,fastpath,uvloop --n 20000 --repeats 3
+    python bench/ablate.py --variants base,lean,noadmission,nobudget --n 20000 --repeats 3
 
 Each variant runs `tmbatch run` in a fresh child process with a monkeypatch
 applied (or none), against one `tmbatch sim` process; variants are interleaved
@@ -11,24 +11,24 @@ Variants (join several with "+"; all but base, gcfreeze and uvloop are cost meas
 only and NOT safe: they take out part of what tmbatch does to see what that part costs):
   base        tmbatch as it is in the working tree
   bare        bench/bare_aiohttp.py on the same loop, for the ratio (not a patch)
-  fastpath    first attempt without tenacity; tenacity only after a failure (now the code's)
   nodispatch  no journal write per dispatch
   noresult    no results/journal outcome records written (the line's state only)
   noreader    lines parsed by orjson.loads alone: no checks, no duplicate-id set
   noidset     no duplicate-id set (every custom_id taken as new)
   nofsync     no fsync (as --fsync never)
   nobudget    no spend tracking (Budget.track gives the free reservation)
-  noadmission no admission ticket (a shared no-op ticket, no pace learning)
-  noheaders   no X-Request-Id or Idempotency-Key header
+  noadmission no admission: a permit that only carries the attempt's spend (no lane, pause,
+              pace, slot or tokens, nothing learnt from answers)
+  noheaders   no Idempotency-Key header, and an X-Request-Id as short as it gets
   nostats     no latency histogram
-  fasttask    a safe prototype: LineSender._dispatch finds its task as the loop's current
-              task without asyncio.current_task() (pure Python on 3.11, and its
-              get_running_loop() is a getpid(2) per request)
   lean        LineSender.process cut to what every success needs: the dispatch record, the
               send, the result record (no admission, spend, retry bookkeeping, stats): what
-              retry.py, limits.py and budget.py cost together on the common path
+              retry.py, limits/ and budget.py cost together on the common path
   gcfreeze    gc.freeze() after imports (startup objects out of every collection)
   uvloop      the uvloop event loop, when importable (the default when installed)
+
+Earlier variants now in the code: `fastpath` (the first attempt without tenacity) and
+`fasttask` (the worker's task handed to the sender instead of asyncio.current_task()).
 
 The children run on TMBATCH_LOOP (default uvloop), with bytecode cached outside the tree and
 one untimed warm-up run of each variant first.
@@ -37,7 +37,6 @@ one untimed warm-up run of each variant first.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
@@ -50,32 +49,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-
-
-def patch_fastpath() -> None:
-    """Runner.process: the common case (first attempt succeeds) skips tenacity entirely.
-
-    A failed first attempt is replayed into the same AsyncRetrying loop as attempt 1,
-    so the predicate, stop conditions, attempt numbers and waits are those of the
-    unpatched code.
-    """
-    from tmbatch import runner as r
-
-    original = r.Runner.process
-
-    async def process(self: Any, req: Any) -> None:
-        tokens = r.estimate_tokens(req.body)
-        headers = None
-        if not req.idempotent:
-            headers = {"Idempotency-Key": r.idempotency_key(self.header["job"], req.custom_id)}
-        counter = [0]
-        try:
-            answer = await self._attempt(req, tokens, headers, counter)
-        except (r.Stopped, r.AttemptFailed):
-            return await original(self, req)  # measurement only: the real fix replays
-        self._succeed(req, answer, tokens, counter[0])
-
-    r.Runner.process = process  # type: ignore[method-assign]
 
 
 def patch_nodispatch() -> None:
@@ -136,15 +109,30 @@ def patch_nobudget() -> None:
 
 
 def patch_noadmission() -> None:
-    from tmbatch import limits as lim
+    from tmbatch.limits import admission as adm
 
-    class NoTicket:
-        def release(self) -> None: ...
-        def succeeded(self, headers: Any, used: int) -> None: ...
-        def failed(self, failure: Any) -> None: ...
+    class SpendOnly:
+        """The permit's contract without its gates: the spend is held, settled and ended."""
 
-    ticket = NoTicket()
-    lim.Admission.admit_now = lambda self, tokens: ticket  # type: ignore[assignment]
+        __slots__ = ("spend",)
+
+        def __init__(self, admission: Any, req: Any) -> None:
+            self.spend = admission.budget.track(req)
+
+        async def __aenter__(self) -> Any:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            if not self.spend.settled:
+                self.spend.end()
+
+        def ok(self, body: Any, used: Any, tokens: int, headers: Any) -> None:
+            self.spend.succeeded(body, used)
+
+        def failed(self, failure: Any) -> None:
+            self.spend.failed(failure)
+
+    adm.Admission.permit = lambda self, req: SpendOnly(self, req)  # type: ignore[assignment]
 
 
 def patch_noheaders() -> None:
@@ -155,7 +143,13 @@ def patch_noheaders() -> None:
     async def send(session: Any, route: str, body: Any, headers: Any = None) -> Any:
         return await original(session, route, body, None)
 
-    retry.send = send  # type: ignore[assignment]
+    post_init = retry.LineSender.__post_init__
+
+    def __post_init__(self: Any) -> None:
+        post_init(self)
+        self.transport = send  # (the field's default is bound when the class is made)
+
+    retry.LineSender.__post_init__ = __post_init__  # type: ignore[method-assign]
     client._ID_PREFIX = ""  # the X-Request-Id stays, as short as it gets
 
 
@@ -168,12 +162,12 @@ def patch_nostats() -> None:
 def patch_lean() -> None:
     from tmbatch import retry as r
 
-    async def process(self: Any, req: Any) -> None:
+    async def process(self: Any, req: Any, task: Any = None) -> None:
         headers = None
         if not req.idempotent:
             headers = {"Idempotency-Key": r.idempotency_key(self.job_id, req.custom_id)}
         self.writer.dispatch(req.line, 1, req.custom_id)
-        answer = await r.send(self.session, req.url, req.body, headers)
+        answer = await self.transport(self.session, req.url, req.body, headers)
         self.stats.ok += 1
         self.writer.result(r.ResultRecord(
             r.record_id(self.job_id, req.custom_id), req.custom_id, req.line,
@@ -183,40 +177,12 @@ def patch_lean() -> None:
     r.LineSender.process = process  # type: ignore[method-assign]
 
 
-def patch_fasttask() -> None:
-    import asyncio.tasks as t
-
-    from tmbatch import retry as r
-
-    current = t._current_tasks  # what asyncio.current_task() reads, keyed by the loop
-    loops: dict[int, Any] = {}
-
-    def _dispatch(self: Any, req: Any, tries: Any, spend: Any) -> Any:
-        tries.now += 1
-        if tries.now > 1:
-            self.stats.retries += 1
-        self.writer.dispatch(req.line, tries.total, req.custom_id,
-                             spend.journal() if spend.held else None)
-        spend.dispatched()
-        self.stats.sent += 1
-        self.stats.in_flight += 1
-        loop = loops.get(id(self))
-        if loop is None:
-            loop = loops[id(self)] = asyncio.get_running_loop()
-        task = current.get(loop)
-        self.in_flight.add(task)
-        return task
-
-    r.LineSender._dispatch = _dispatch  # type: ignore[method-assign]
-
-
-PATCHES = {"fastpath": patch_fastpath, "nodispatch": patch_nodispatch,
+PATCHES = {"nodispatch": patch_nodispatch,
            "noresult": patch_noresult, "noreader": patch_noreader, "noidset": patch_noidset,
            "nofsync": patch_nofsync,
            "nobudget": patch_nobudget,
            "noadmission": patch_noadmission, "noheaders": patch_noheaders,
-           "nostats": patch_nostats, "lean": patch_lean,
-           "fasttask": patch_fasttask}
+           "nostats": patch_nostats, "lean": patch_lean}
 
 
 def child(variant: str, argv: list[str]) -> int:
@@ -243,7 +209,7 @@ def child(variant: str, argv: list[str]) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="base,fastpath")
+    p.add_argument("--variants", default="base,lean")
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
