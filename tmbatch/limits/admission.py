@@ -106,7 +106,9 @@ class Admission:
 
     def permit(self, req: Request) -> Permit:
         """The one call an attempt makes before it is sent: `async with` it."""
-        return Permit(self, self.lane(req.body.get("model")), req)
+        model = req.body.get("model")
+        lane = self.lanes.get(model if self.scope == "model" else ACCOUNT)  # (`lane`, inlined)
+        return Permit(self, lane if lane is not None else self.lane(model), req)
 
     @property
     def pace(self) -> float | None:
@@ -356,10 +358,14 @@ class Permit:
             self.tokens_flying = 0.0
 
     def _leave(self) -> None:
-        self._landed()
+        if self.tokens_flying:
+            self._landed()
         if self.slot:
             self.slot = False
-            self.admission._release()
+            adm = self.admission  # (`Admission._release`, inlined: once per attempt)
+            adm.in_flight = adm.in_flight - 1 if adm.in_flight > 0 else 0
+            if adm._waiters:
+                adm._wake()
         if self.charged and self.tpm is not None and self.sent_at == 0.0:
             self.tpm.adjust(-self.charged)  # never sent: the tokens go back
             self.charged = 0.0
@@ -370,14 +376,16 @@ class Permit:
     def ok(self, body: Mapping[str, Any], used: tuple[int, int, int] | None, tokens: int,
            headers: Mapping[str, str] | None) -> None:
         """A success: its spend, its tokens (`tokens`: prompt + completion) and its headers."""
-        adm, now = self.admission, self.admission._time()
+        adm = self.admission
+        now = adm._time() if adm._loop is None else adm._loop.time()
         self.spend.succeeded(body, used)  # type: ignore[arg-type]
         tpm = self.tpm
         if tpm is not None and tokens > 0:  # (before the headers, which count its usage)
             tpm.adjust(tokens - self.charged)
             self.charged = float(tokens)
             adm._learn_ratio(self.tokens, tokens)
-        self._landed()
+        if self.tokens_flying:
+            self._landed()
         self.lane.succeeded(now, self.sent_at, headers, tokens)
         adm._succeeded(now)
 

@@ -94,7 +94,7 @@ class Evidence:
         self.volley_last = max(self.volley_last, sent)
 
     def _prune(self, now: float) -> None:
-        horizon = now - self.history
+        horizon = now - (self.history if self.volley else self.window)  # (no volley: window)
         oks, refusals, pauses = self.oks, self.refusals, self.pauses
         while oks and oks[0][1] < horizon:
             oks.popleft()
