@@ -8,6 +8,7 @@ function that runs it, in `tmbatch.commands`.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -164,8 +165,15 @@ def _main(argv: list[str] | None) -> int:
             return ExitCode.USAGE
     setup_logging(getattr(ns, "verbose", 0), getattr(ns, "quiet", False),
                   getattr(ns, "log_format", "text"))
+    command = _command(ns.command)[1]
+    if argv is None:
+        # The process is tmbatch's own (not a caller's, in-process): what its start made
+        # (modules, aiohttp's among them) lives as long as it does, so out of the collector's
+        # way, a full collection during a run walks only what the run made (~11 ms less for
+        # each one in a 20,000-line run; cpu_bench: ~0.8 % of the run's CPU)
+        gc.freeze()
     try:
-        code = _command(ns.command)[1](ns)
+        code = command(ns)
         if json_mode():
             event("exit", f"exit code {code}", exit_code=code, always=True)
         return code
