@@ -7,7 +7,7 @@ applied (or none), against one `tmbatch sim` process; variants are interleaved
 and the median of the repeats is printed. CPU is user+sys of the child alone
 (os.wait4), so the number answers "how much client CPU does this save".
 
-Variants (join several with "+"; all but base, gcfreeze and uvloop are cost measurements
+Variants (join several with "+"; all but base and uvloop are cost measurements
 only and NOT safe: they take out part of what tmbatch does to see what that part costs):
   base        tmbatch as it is in the working tree
   bare        bench/bare_aiohttp.py on the same loop, for the ratio (not a patch)
@@ -24,11 +24,11 @@ only and NOT safe: they take out part of what tmbatch does to see what that part
   lean        LineSender.process cut to what every success needs: the dispatch record, the
               send, the result record (no admission, spend, retry bookkeeping, stats): what
               retry.py, limits/ and budget.py cost together on the common path
-  gcfreeze    gc.freeze() after imports (startup objects out of every collection)
   uvloop      the uvloop event loop, when importable (the default when installed)
 
-Earlier variants now in the code: `fastpath` (the first attempt without tenacity) and
-`fasttask` (the worker's task handed to the sender instead of asyncio.current_task()).
+Earlier variants now in the code: `fastpath` (the first attempt without tenacity), `fasttask`
+(the worker's task handed to the sender instead of asyncio.current_task()) and `gcfreeze`
+(the start's objects frozen out of the collector's way, `cli._main`).
 
 The children run on TMBATCH_LOOP (default uvloop), with bytecode cached outside the tree and
 one untimed warm-up run of each variant first.
@@ -200,11 +200,8 @@ def child(variant: str, argv: list[str]) -> int:
             uvloop.install()
     from tmbatch.cli import main
 
-    if "gcfreeze" in variant:
-        import gc
-
-        gc.freeze()
-    return main(argv)
+    sys.argv = ["tmbatch", *argv]
+    return main()  # as the command runs it (its own process: the start's objects frozen)
 
 
 def main() -> int:
