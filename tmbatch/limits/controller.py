@@ -294,7 +294,7 @@ class Controller:
             return self._close(now) if a.sent >= self.held_until else 0.0
         if self.governed or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
-        if rate is None and not seen.oks:
+        if rate is None and not seen.ok_at:
             seen.start_volley(a.sent)
             return 0.0  # nothing got through yet: no measure (the pause holds)
         if rate is not None and now - self.last_cut < 2.0 / rate:

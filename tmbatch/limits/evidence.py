@@ -31,7 +31,10 @@ class Evidence:
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self.oks: deque[tuple[float, float]] = deque()  # (sent, answered) of successes
+        # successes: when each request left and when it answered (two deques of floats, not
+        # one of tuples: no tuple to build, and for the collector to untrack, per success)
+        self.ok_sent: deque[float] = deque()
+        self.ok_at: deque[float] = deque()
         self.recent: deque[float] = deque()  # answer times of the last second's successes
         self.refusals: deque[float] = deque()  # answer times of refusals
         self.sends: deque[float] = deque()  # send times of the last second
@@ -53,7 +56,8 @@ class Evidence:
             sends.popleft()
 
     def succeeded(self, sent: float, now: float) -> None:
-        self.oks.append((sent, now))
+        self.ok_sent.append(sent)
+        self.ok_at.append(now)
         recent = self.recent
         recent.append(now)
         while recent[0] < now - 1.0:
@@ -84,7 +88,7 @@ class Evidence:
             return
         self.volley = 0
         self.volley_until = refused_sent
-        for sent, _ in self.oks:
+        for sent in self.ok_sent:
             if sent <= refused_sent:
                 self._in_volley(sent)
 
@@ -95,9 +99,10 @@ class Evidence:
 
     def _prune(self, now: float) -> None:
         horizon = now - (self.history if self.volley else self.window)  # (no volley: window)
-        oks, refusals, pauses = self.oks, self.refusals, self.pauses
-        while oks and oks[0][1] < horizon:
-            oks.popleft()
+        ok_at, refusals, pauses = self.ok_at, self.refusals, self.pauses
+        while ok_at and ok_at[0] < horizon:
+            ok_at.popleft()
+            self.ok_sent.popleft()
         while refusals and refusals[0] < horizon:
             refusals.popleft()
         while pauses and pauses[0][1] < horizon:
@@ -109,9 +114,9 @@ class Evidence:
         """Seconds the record looks back: the window, or long enough for the allowance to
         refill four times at what got through on average (a slow limit with a big burst
         shows its rate only over a few refills)."""
-        if not self.volley or self.first_ok is None or not self.oks:
+        if not self.volley or self.first_ok is None or not self.ok_at:
             return self.window
-        average = self.total_ok / max(1.0, self.oks[-1][1] - self.first_ok)
+        average = self.total_ok / max(1.0, self.ok_at[-1] - self.first_ok)
         return max(self.window, min(4.0 * self.volley / average, HISTORY_MAX))
 
     def granted(self, refused_sent: float) -> tuple[float, float] | None:
@@ -127,7 +132,7 @@ class Evidence:
         if not volley:
             return None
         spread = max(0.0, self.volley_last - self.volley_first)
-        sent = sorted(t for t, _ in self.oks if self.volley_until < t <= refused_sent)
+        sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
         bound = measure = None
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
@@ -144,7 +149,7 @@ class Evidence:
 
     def counts(self) -> tuple[int, int]:
         """(refusals, answers) over the history."""
-        return len(self.refusals), len(self.oks) + len(self.refusals)
+        return len(self.refusals), len(self.ok_at) + len(self.refusals)
 
     def got_through(self, now: float) -> float:
         """Successes per second over the last second, or over the history when that says
@@ -176,7 +181,7 @@ class Evidence:
         """Successes per second over the history, pauses and all."""
         if self.first_ok is None:
             return 0.0
-        return len(self.oks) / min(self.history, max(1.0, now - self.first_ok))
+        return len(self.ok_at) / min(self.history, max(1.0, now - self.first_ok))
 
     def average(self, now: float) -> float:
         """Successes per second since the first."""
