@@ -71,9 +71,10 @@ Where a row cannot be the virtual one:
 - HTTP-date hints are real wall-clock dates (the virtual server draws the clock's phase).
 
 Each run's arrival log is kept in --data as ROW-rN.arrivals.json ([seconds after the epoch,
-status, model]). Per row the median run by share is reported (with min-max over the repeats),
-and for each run the client's CPU seconds (user + sys of the tmbatch process, os.wait4) and
-wall (spawn to exit).
+status, model]), beside the client's ROW-rN.stdout and ROW-rN.stderr (with
+--tmbatch-args=-v, its pace decisions). Per row the median run by share is reported (with
+min-max over the repeats), and for each run the client's CPU seconds (user + sys of the
+tmbatch process, os.wait4) and wall (spawn to exit).
 
 How long (2 cores, Xeon, Python 3.11): the rows' ideal lengths add up to 11.7 minutes a repeat
 (window-30-15 150 s, tokens 110 s, random-30-seconds 80 s, window-40-4 40 s, halved 37 s,
@@ -282,7 +283,8 @@ def run_once(sc: Scenario, repeat: int, client: Client, work: Path) -> dict[str,
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("TENSORMESH_") and k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-        stdout_path, stderr_path = work / "client.stdout", work / "client.stderr"
+        stdout_path = work / f"{sc.name}-r{repeat}.stdout"
+        stderr_path = work / f"{sc.name}-r{repeat}.stderr"
         sim.reset()
         t0 = time.monotonic()
         with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
@@ -555,7 +557,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--data", default="/tmp/tmbatch-matrix-bench",
                    help="inputs and outputs of the runs, and each run's arrival log "
-                        "(ROW-rN.arrivals.json: [seconds after the epoch, status, model])")
+                        "(ROW-rN.arrivals.json: [seconds after the epoch, status, model]) "
+                        "and its client's ROW-rN.stderr")
     a = p.parse_args()
     names = [n.strip() for n in a.rows.split(",")] if a.rows else [s.name for s in SCENARIOS]
     unknown = [n for n in names if n not in BY_NAME]

@@ -88,6 +88,73 @@ def test_the_pace_never_falls_below_half_what_got_through_while_sending() -> Non
     assert c.rate is not None and c.rate >= 0.5 * 40 * PaceConfig().margin - 1e-9
 
 
+def test_a_refusal_just_after_a_pause_reads_the_sending_before_the_pause() -> None:
+    """Stretches of a second at 40/s, each ended by a refusal with `Retry-After: 1`; the
+    last refusal is of a request sent as a pause ended. The last second of the wall clock
+    was all pause, so the measure reaches back past it: the cut goes no lower than half of
+    40 (reading the pause as the rate cut it to nothing, a ratchet on refusals at random)."""
+    c = Controller(PaceConfig())
+    c.on_answer(Answer(0.0, 0.01, True))
+    c.on_answer(Answer(0.0, 0.011, False, wait=1.0))  # the first refusal: a volley of one
+    t = 1.02
+    for _stretch in range(3):
+        c.rate = 40.0
+        for _ in range(40):
+            c.on_sent(t)
+            c.on_answer(Answer(t, t + 0.01, True))
+            t += 0.025
+        c.on_sent(t)
+        c.on_answer(Answer(t, t + 0.01, False, wait=1.0))  # a pause of 1 s from t + 0.01
+        t += 1.02
+    c.rate = 40.0
+    assert c.seen.through_while_sending(t) >= 39
+    c.on_sent(t)
+    c.on_answer(Answer(t, t + 0.01, False, wait=1.0))
+    assert c.rate is not None and c.rate >= 0.5 * 40 * PaceConfig().margin - 1e-9, c.rate
+
+
+def test_the_drain_a_bare_refusal_left_is_not_read_as_the_pace() -> None:
+    """Unpaced at 100/s with 20 ms answers, a bare 429: what is sent within the round trip
+    after it meets a server still drained by what was in flight, and is refused too. The
+    echo that decides starts after that round trip; what follows gets through at the
+    lower bound's pace, so the lane ramps on from it with no limit learnt (read as the
+    pace, the drain kept a bucket of 50/s at 23/s for ten seconds over real sockets)."""
+    c = Controller(PaceConfig())
+    t, lat = 0.0, 0.02
+    for _ in range(50):
+        c.on_sent(t)
+        c.on_answer(Answer(t, t + lat, True))
+        t += 0.01
+    c.on_sent(t)
+    c.on_answer(Answer(t, t + lat, False))  # the first bare refusal, answered at t + lat
+    now = t + lat
+    assert c.rate is not None and c.echo is not None
+    pace = c.rate
+    c.on_sent(now + 0.005)
+    c.on_answer(Answer(now + 0.005, now + 0.005 + lat, False))  # the drain's tail
+    t = now + 0.01
+    for _ in range(30):
+        c.on_sent(t)
+        c.on_answer(Answer(t, t + lat, True))
+        t += 1.0 / pace
+    assert c.echo is None and c.limit is None and c.rate >= pace, (c.rate, c.limit)
+
+
+@pytest.mark.parametrize("share", [0.2, 0.3])
+def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: float) -> None:
+    """20 and 30 % refused at random with `Retry-After: 1`, five seeds each (rows the
+    matrix does not hold). A cut is never deeper than half what got through over twenty
+    answers of sending, and the noise floor pools every trial that found refusals at
+    random, so cuts do not stack: no run is under 90 % of a careful client (pause, then
+    full speed), the median is at least as fast (a measure of one second at a low pace, or
+    of a second that was all pause, once took a run to 0.1/s and 44 %)."""
+    base = BY_NAME["random-10-seconds"]
+    random = row(base, f"random-{share}", refuse_fraction=share)
+    runs = sorted((run_row(random, seed) for seed in range(5)), key=lambda r: r.share)
+    assert runs[0].share >= 0.9 and runs[2].share >= 1.0, [r.line() for r in runs]
+    assert all(r.violations == 0 for r in runs)
+
+
 class Paces(logging.Handler):
     """The pace of each change the controller logs, at the loop's time."""
 

@@ -10,12 +10,14 @@ rules, each a named test in tests/test_pacing.py:
    in the last second (a lower bound); the first volley's successes are the allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted (got through beyond the allowance per second, over the best span
-   since the volley), never below `deepest` x what got through while sending (pauses are not
-   sending). With no hint, the round trip after it decides: the pace is what got through.
-3. A cut is on probation. Refusals at about the share before it, at the lower pace and with
-   successes between: they come at random, so the cut is undone and that share becomes the
-   lane's noise floor, under which refusals only pause. Three times the share (refusals of
-   a pause's burst count here), or any above a drain's strict bound: the limit fell, cut again.
+   since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
+   sending (pauses are not sending). With no hint, the round trip after the next decides
+   (the next meets a server still drained): the pace is what got through past the refusal.
+3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
+   with successes between: they come at random, so the cut is undone, and the share over all
+   such trials is the lane's noise floor, under which refusals only pause. Three times the
+   share (a pause's burst refused counts), or the share at a pace above a drain's strict
+   bound: the limit fell, cut again.
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
    of the time closed; when it grants again the pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tmbatch.limits.evidence import Evidence, wilson
 from tmbatch.limits.schedule import MIN_RATE
@@ -122,6 +124,19 @@ class _Echo:
     ok: int = 0
     refused: int = 0
     last: float = -math.inf  # the last send counted
+    # each answer counted: when its request left, and whether it was refused (the pace may
+    # grow meanwhile: from the first refused send on, what got through is the server's rate)
+    sends: list[tuple[float, bool]] = field(default_factory=list)
+
+
+def _delivered(e: _Echo, pace: float | None) -> float:
+    """What got through during the echo, per second: over the whole of it (a lower bound, as
+    the pace may have been under the server's rate for a while), or from its first refused
+    send on, where the sends were over it, when that says more."""
+    whole = e.ok / max(e.last - e.start, e.until - e.start)
+    first = min(t for t, refused in e.sends if refused)
+    ok = sum(1 for t, refused in e.sends if t >= first and not refused)
+    return max(whole, ok / max(e.last - first, 1.0 / (pace or MIN_RATE)))
 
 
 class Controller:
@@ -150,7 +165,8 @@ class Controller:
         self.trial: _Trial | None = None
         self.chain: _Trial | None = None  # a trial that found the limit fell: its pace before
         self.echo: _Echo | None = None
-        self.noise = 0.0  # the share of refusals that come at random
+        self.noise = 0.0  # the share of refusals that come at random (a lower bound) ...
+        self.random = [0, 0]  # ... over every trial that found them so: refused, answers
         self.refused_run = 0  # refusals in a row
         self.closed_since: float | None = None  # everything refused since (rule 4)
         self.held_until = -math.inf
@@ -315,15 +331,17 @@ class Controller:
             self._cut(now, self.cfg.margin * seen.got_through(now))
             return 0.0
         granted = seen.granted(a.sent)
+        # (over SAMPLE answers' worth of sending at least: at a low pace a second holds few)
+        span = min(self.cfg.window, max(1.0, SAMPLE / rate))
+        floor = self.cfg.deepest * seen.through_while_sending(now, span)
         if granted is None:
             # refused before the allowance could be spent: a slow limit whose pauses refill
             # little, or refusals at random; what it granted over the history, pauses and
             # all, tells them apart on probation
-            self._learn(min(rate, seen.window_rate(now)))
+            self._learn(min(rate, max(seen.window_rate(now), floor)))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
             return 0.0
         bound, measure = granted
-        floor = self.cfg.deepest * seen.through_while_sending(now)
         self._learn(min(rate, max(measure, floor)), drained=True)
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
         if self.trial is not None:
@@ -339,8 +357,11 @@ class Controller:
         if seen.volley is None or rate is None:
             seen.start_volley(refused_sent)
             self._cut(now, max(self.cfg.margin * seen.got_through(now), float(SAMPLE)))
+        # what is sent within a round trip meets a server still drained by what was in
+        # flight: the echo starts after it
+        start = now + seen.latency
         span = max(0.1, 2.0 * seen.latency, 4.0 / (self.rate or 1.0))
-        self.echo = _Echo(now, now + span, rate, limit)
+        self.echo = _Echo(start, start + span, rate, limit)
 
     def _listen(self, a: Answer, refused: bool) -> float:
         """Count an answer into the open echo; once it has its round trip and SAMPLE answers,
@@ -353,6 +374,7 @@ class Controller:
             e.ok += not refused
             e.refused += refused
             e.last = max(e.last, a.sent)
+            e.sends.append((a.sent, refused))
             return 0.0
         self.echo = None
         now, rate = a.at, self.rate
@@ -361,7 +383,7 @@ class Controller:
             return self._close(now)
         if e.refused == 0 or self._within_noise(e.refused, e.ok + e.refused):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
-        delivered = e.ok / max(e.last - e.start, e.until - e.start)
+        delivered = _delivered(e, rate)
         self.rate, self.limit = e.before, e.limit  # the probation starts from before it
         self._probation(e.before, now, e.refused, e.ok + e.refused)
         self._learn(delivered if rate is None else min(rate, delivered))
@@ -395,10 +417,11 @@ class Controller:
         t.refused += refused
         share = t.refused / t.answers
         refusals = t.refused + t.bursts
-        worse = (refusals >= 2 and refusals > 3.0 * t.share * t.answers
-                 and t.answers >= SAMPLE // 2) or (t.hopeful and t.refused > 0)
-        same = (t.refused >= 2 and t.answers >= SAMPLE // 2 and t.answers > t.refused
-                and share >= t.share / 2 and not worse)
+        worse = (refusals >= 2 and t.answers >= SAMPLE // 2
+                 and refusals > (1.0 if t.hopeful else 3.0) * t.share * t.answers)
+        lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
+        same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
+                and t.answers > t.refused and share >= t.share / 2 and not worse)
         if t.answers < t.need and not worse and not same:
             return False
         self.trial = None
@@ -411,7 +434,9 @@ class Controller:
         if not same:
             return False
         # the rate did not cause them: undo, and forget the rate they were taken for
-        self.noise = max(self.noise, wilson(t.refused, t.answers, -1.64))
+        self.random[0] += t.refused
+        self.random[1] += t.answers
+        self.noise = max(self.noise, wilson(*self.random, -1.64))
         self.limit = None
         self._set(t.before, "refusals at random: pace restored")
         return True

@@ -170,12 +170,27 @@ class Evidence:
             sends.popleft()
         return len(sends) / max(MIN_SPAN, 1.0 - self._held(now))
 
-    def through_while_sending(self, now: float) -> float:
-        """Successes per second over the part of the last second no pause held back."""
-        recent = self.recent
-        while recent and recent[0] < now - 1.0:
-            recent.popleft()
-        return len(recent) / max(MIN_SPAN, 1.0 - self._held(now))
+    def through_while_sending(self, now: float, span: float = 1.0) -> float:
+        """Successes per second over the last `span` seconds of sending: the span reaches
+        back past the pauses in it (a refusal just after a pause would find a second of
+        nothing otherwise, and read it as the server's rate)."""
+        cursor, remaining = now, span  # sending time still to cover, back from the cursor
+        for since, until in reversed(self.pauses):
+            end = min(until, cursor)
+            if end <= cursor - remaining:
+                break
+            remaining -= cursor - end
+            cursor = min(since, cursor)
+        start, covered = cursor - remaining, span
+        horizon = now - self.history  # (the record reaches no further back)
+        if start < horizon:
+            start, covered = horizon, span - (horizon - start)
+        n = 0
+        for t in reversed(self.ok_at):
+            if t < start:
+                break
+            n += 1
+        return n / max(MIN_SPAN, covered)
 
     def window_rate(self, now: float) -> float:
         """Successes per second over the history, pauses and all."""
