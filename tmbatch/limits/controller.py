@@ -16,8 +16,7 @@ rules, each a named test in tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
    with successes between: they come at random, so the cut is undone, and the share over all
    such trials is the lane's noise floor, under which refusals only pause. Three times the
-   share (a pause's burst refused counts), or the share at a pace above a drain's strict
-   bound: the limit fell, cut again.
+   share (a pause's burst refused counts): the limit fell, cut again.
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
    of the time closed; when it grants again the pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
@@ -104,9 +103,6 @@ class _Trial:
     share: float  # of refusals, before the cut
     need: int  # answers to confirm it
     pace: float = math.inf  # what it cut to
-    # the cut went to a drain's measure above its strict bound: refusals at that pace may be
-    # the measure's error rather than refusals at random, so they cut again
-    hopeful: bool = False
     answers: int = 0
     refused: int = 0
     bursts: int = 0  # refusals of a pause's burst
@@ -251,7 +247,7 @@ class Controller:
         if self.cuts == 1 and self.limit is None:
             measured = cfg.margin * self.seen.got_through(now)
         elif self.limit is not None and (granted := self.seen.granted(self.last_cut)):
-            measured = cfg.margin * min(granted[1], self.cut_from)
+            measured = cfg.margin * min(granted, self.cut_from)
         else:
             return
         if measured > rate:
@@ -341,11 +337,8 @@ class Controller:
             self._learn(min(rate, max(seen.window_rate(now), floor)))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
             return 0.0
-        bound, measure = granted
-        self._learn(min(rate, max(measure, floor)), drained=True)
+        self._learn(min(rate, max(granted, floor)))
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
-        if self.trial is not None:
-            self.trial.hopeful = (self.rate or 0.0) > bound
         return 0.0
 
     def _listen_from(self, now: float, refused_sent: float) -> None:
@@ -418,7 +411,7 @@ class Controller:
         share = t.refused / t.answers
         refusals = t.refused + t.bursts
         worse = (refusals >= 2 and t.answers >= SAMPLE // 2
-                 and refusals > (1.0 if t.hopeful else 3.0) * t.share * t.answers)
+                 and refusals > 3.0 * t.share * t.answers)
         lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
         same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
                 and t.answers > t.refused and share >= t.share / 2 and not worse)
@@ -472,7 +465,7 @@ class Controller:
         return max(0, burst)
 
     # -- the pace ------------------------------------------------------------------------
-    def _learn(self, limit: float, drained: bool = False) -> None:
+    def _learn(self, limit: float) -> None:
         """A new measure of the server's rate. One well under the last, met while the lane
         sat at it, is a limit that fell: it may come back, so the plateau starts short again
         and doubles with every probe that finds it where it was (rule 5)."""

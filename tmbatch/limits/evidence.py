@@ -119,21 +119,21 @@ class Evidence:
         average = self.total_ok / max(1.0, self.ok_at[-1] - self.first_ok)
         return max(self.window, min(4.0 * self.volley / average, HISTORY_MAX))
 
-    def granted(self, refused_sent: float) -> tuple[float, float] | None:
+    def granted(self, refused_sent: float) -> float | None:
         """The rate the server granted, as a bucket shows it: over any span, what got
         through is at most what it held at the start (at most the volley's v) plus its rate x
         the span, pauses and all; so rate >= (n - v) / t for every span of t seconds in which
-        n requests that got through were sent, and the largest over every send since the
-        volley is the best bound, tight from where the bucket was last full. Returns (that
-        bound, the measure): the volley also got what refilled while it was sent, over s
-        seconds, so (n - v) / (t - s) is the rate itself, a token or two either way. None when
-        no span got more than the volley through: refused before that could be spent."""
+        n requests that got through were sent, tight from where the bucket was last full. The
+        volley also got what refilled while it was sent, over s seconds, so (n - v) / (t - s)
+        is the rate itself, a token or two either way: the largest over every send since the
+        volley. None when no span got more than the volley through: refused before that could
+        be spent."""
         volley = self.volley
         if not volley:
             return None
         spread = max(0.0, self.volley_last - self.volley_first)
         sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
-        bound = measure = None
+        measure = None
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
             got = len(sent) - i
@@ -142,10 +142,9 @@ class Evidence:
             span = end - t
             if span - spread < MIN_SPAN:
                 continue
-            b, m = (got - volley) / span, (got - volley) / (span - spread)
-            bound = b if bound is None else max(bound, b)
+            m = (got - volley) / (span - spread)
             measure = m if measure is None else max(measure, m)
-        return None if bound is None or measure is None else (bound, measure)
+        return measure
 
     def counts(self) -> tuple[int, int]:
         """(refusals, answers) over the history."""
