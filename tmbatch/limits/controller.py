@@ -12,7 +12,7 @@ rules, each a named test in tests/test_pacing.py:
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
    sending (pauses are not sending). With no hint, the round trip after the next decides
-   (the next meets a server still drained): the pace is what got through past the refusal.
+   (the next meets a server still drained): the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
    with successes between: they come at random, so the cut is undone, and the share over all
    such trials is the lane's noise floor, under which refusals only pause. Three times the
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tmbatch.limits.evidence import Evidence, wilson
 from tmbatch.limits.schedule import MIN_RATE
@@ -120,19 +120,6 @@ class _Echo:
     ok: int = 0
     refused: int = 0
     last: float = -math.inf  # the last send counted
-    # each answer counted: when its request left, and whether it was refused (the pace may
-    # grow meanwhile: from the first refused send on, what got through is the server's rate)
-    sends: list[tuple[float, bool]] = field(default_factory=list)
-
-
-def _delivered(e: _Echo, pace: float | None) -> float:
-    """What got through during the echo, per second: over the whole of it (a lower bound, as
-    the pace may have been under the server's rate for a while), or from its first refused
-    send on, where the sends were over it, when that says more."""
-    whole = e.ok / max(e.last - e.start, e.until - e.start)
-    first = min(t for t, refused in e.sends if refused)
-    ok = sum(1 for t, refused in e.sends if t >= first and not refused)
-    return max(whole, ok / max(e.last - first, 1.0 / (pace or MIN_RATE)))
 
 
 class Controller:
@@ -367,7 +354,6 @@ class Controller:
             e.ok += not refused
             e.refused += refused
             e.last = max(e.last, a.sent)
-            e.sends.append((a.sent, refused))
             return 0.0
         self.echo = None
         now, rate = a.at, self.rate
@@ -376,7 +362,7 @@ class Controller:
             return self._close(now)
         if e.refused == 0 or self._within_noise(e.refused, e.ok + e.refused):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
-        delivered = _delivered(e, rate)
+        delivered = e.ok / max(e.last - e.start, e.until - e.start)
         self.rate, self.limit = e.before, e.limit  # the probation starts from before it
         self._probation(e.before, now, e.refused, e.ok + e.refused)
         self._learn(delivered if rate is None else min(rate, delivered))
