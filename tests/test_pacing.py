@@ -138,9 +138,10 @@ def test_the_drain_a_bare_refusal_left_is_not_read_as_the_pace() -> None:
     now = t + lat
     assert c.rate is not None and c.echo is not None
     pace = c.rate
-    c.on_sent(now + 0.005)
-    c.on_answer(Answer(now + 0.005, now + 0.005 + lat, False))  # the drain's tail
-    t = now + 0.01
+    for tail in (0.005, 0.01):  # the drain's tail: two, so its refusals would count
+        c.on_sent(now + tail)
+        c.on_answer(Answer(now + tail, now + tail + lat, False))
+    t = now + 0.015
     for _ in range(30):
         c.on_sent(t)
         c.on_answer(Answer(t, t + lat, True))
