@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tmbatch.safety import (
+from tmbatch.policy import (
     FAILURE_CLASSES,
     RESENDABLE,
     AttemptFailed,
