@@ -12,7 +12,7 @@ rules, each a named test in tests/test_pacing.py:
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
    sending (pauses are not sending). With no hint, the round trip after the next decides
-   (the next meets a server still drained): the pace is what got through.
+   (the next meets a server still drained): two refused, the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
    with successes between: they come at random, so the cut is undone, and the share over all
    such trials is the lane's noise floor, under which refusals only pause. Three times the
@@ -360,7 +360,7 @@ class Controller:
         if e.ok == 0:
             self.closed_since = now
             return self._close(now)
-        if e.refused == 0 or self._within_noise(e.refused, e.ok + e.refused):
+        if e.refused < 2 or self._within_noise(e.refused, e.ok + e.refused):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
         delivered = e.ok / max(e.last - e.start, e.until - e.start)
         self.rate, self.limit = e.before, e.limit  # the probation starts from before it

@@ -281,26 +281,42 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
 
 
 def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,
-               echo: Callable[[str], None] | None = None) -> list[RowResult]:
-    """Every row, `seeds` runs each; the median run (by share) of each row is returned."""
+               echo: Callable[[str], None] | None = None,
+               markdown: bool = False) -> list[RowResult]:
+    """Every row, `seeds` runs each; the median run (by share) of each row is returned.
+    `markdown` echoes the README's table instead of the plain lines."""
     out = []
+    if echo is not None and markdown:
+        echo("| row | the server | band: share ≥, 429s ≤ | share (median; "
+             f"{seeds} seeds) | 429s (of accepted) |\n|---|---|---|---|---|")
     for sc in scenarios:
         runs = sorted((run_row(sc, seed) for seed in range(seeds)), key=lambda r: r.share)
         median = runs[len(runs) // 2]
         if echo is not None:
-            echo(median.line() + "   [" + ", ".join(f"{r.share:.1%}" for r in runs) + "]")
+            echo(_markdown(sc, median, runs) if markdown else median.line() + "   ["
+                 + ", ".join(f"{r.share:.1%}" for r in runs) + "]")
         out.append(median)
     return out
 
 
-if __name__ == "__main__":  # python -m tmbatch.sim.virtual [--seeds N] [row ...]
+def _markdown(sc: Scenario, median: RowResult, runs: list[RowResult]) -> str:
+    band = f"{sc.band.share:.0%}" + (f", {sc.band.refused:.0%}" if sc.band.refused < 1 else "")
+    shares = ", ".join(f"{r.share:.0%}" for r in runs)
+    refused = f"{median.refused} ({median.refused / max(1, median.accepted):.1%})"
+    mark = "" if median.passed else f" FAIL: {median.why}"
+    return (f"| {sc.name} | {sc.title} | {band} | **{median.share:.1%}** ({shares}){mark} | "
+            f"{refused} |")
+
+
+if __name__ == "__main__":  # python -m tmbatch.sim.virtual [--seeds N] [--markdown] [row ...]
     import argparse
 
     from tmbatch.sim.scenarios import BY_NAME, SCENARIOS
     parser = argparse.ArgumentParser(prog="python -m tmbatch.sim.virtual")
     parser.add_argument("rows", nargs="*", choices=[[], *BY_NAME], metavar="ROW")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--markdown", action="store_true", help="the README's table")
     args = parser.parse_args()
     chosen = [BY_NAME[n] for n in args.rows] or list(SCENARIOS)
-    results = run_matrix(chosen, seeds=args.seeds, echo=print)
+    results = run_matrix(chosen, seeds=args.seeds, echo=print, markdown=args.markdown)
     raise SystemExit(0 if all(r.passed for r in results) else 1)
