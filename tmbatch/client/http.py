@@ -19,8 +19,9 @@ import orjson
 from yarl import URL
 
 from tmbatch.base.config import Settings
+from tmbatch.client.classify import classify_exception, classify_status
 from tmbatch.client.sse import Aggregator, StreamError, error_payload
-from tmbatch.policy import AttemptFailed, Outcome, classify_exception, classify_status
+from tmbatch.policy import AttemptFailed, Outcome
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 

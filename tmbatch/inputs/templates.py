@@ -8,9 +8,9 @@ fingerprints intact (`tools.labels` joins the answers back after the run).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +21,12 @@ import orjson
 
 from tmbatch.base.config import ConfigError
 from tmbatch.base.files import (
-    FILE_MODE,
     JOURNAL,
     LABELS,
+    atomic_writer,
     make_dir,
 )
+from tmbatch.base.redact import SECRETS
 from tmbatch.base.tomlcheck import TableChecker, unknown_key
 from tmbatch.inputs.lines import Shard, in_shard, numbered_lines
 from tmbatch.inputs.reader import MAX_CUSTOM_ID, open_input
@@ -226,17 +227,24 @@ def render(spec: LabelSpec, raw: bytes, line: int, model: str) -> dict[str, Any]
     return {"custom_id": cid, "method": "POST", "url": CHAT, "body": body}
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    digests = []
-    for p in (a, b):
-        h = hashlib.blake2b(digest_size=16)
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digests.append(h.digest())
-    return digests[0] == digests[1]
+class _Digest:
+    """A sink that keeps only the digest of what would be written (secrets dropped, as the
+    file's writer drops them)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.blake2b(digest_size=16)
+
+    def write(self, data: bytes) -> int:
+        self.h.update(SECRETS.data(data) if SECRETS else data)
+        return len(data)
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
 
 
 @dataclass
@@ -244,54 +252,58 @@ class Prepared:
     path: Path
     records: int
     errors: int
+    shown: list[str]
+
+
+def _render_all(spec: LabelSpec, records: str, model: str, shard: Shard | None,
+                out: Any) -> Prepared:
+    """One request line (or a blank line) per record line, into `out`."""
+    count = errors = 0
+    shown: list[str] = []
+    with contextlib.closing(open_input(records)) as f:
+        for line, raw in iter_records(f):
+            item = render(spec, raw, line, model) if raw else None
+            if isinstance(item, RecordError):  # nothing to send; labels.jsonl lists it
+                if in_shard(line, shard):
+                    errors += 1
+                    if len(shown) < 5:
+                        shown.append(f"{records}: {item.message}")
+                item = None
+            if item is None:
+                out.write(b"\n")
+                continue
+            count += 1
+            out.write(orjson.dumps(item) + b"\n")
+    return Prepared(Path(), count, errors, shown)
 
 
 def prepare_requests(spec: LabelSpec, records: str, out_dir: Path, model: str | None,
                      shard: Shard | None, restart: bool) -> Prepared:
     """Write OUTPUT/requests.jsonl; the same records and job give the same bytes, so resume
-    recognises its input, and changed ones are refused rather than mixed in."""
+    recognises its input, and changed ones are refused rather than mixed in. The records
+    are rendered once to learn what the file would hold, and written (atomically) only when
+    that differs from what is there."""
     if not model:
         raise ConfigError("a labelling job needs a model: set `model` in the job file or pass "
                           "--model")
     make_dir(out_dir)
     target = out_dir / REQUESTS
-    tmp = out_dir / f".{REQUESTS}.{os.getpid()}.tmp"
-    count = errors = 0
-    shown: list[str] = []
-    f = open_input(records)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            for line, raw in iter_records(f):
-                if not raw:
-                    out.write(b"\n")
-                    continue
-                item = render(spec, raw, line, model)
-                if isinstance(item, RecordError):
-                    out.write(b"\n")  # nothing to send; labels.jsonl lists it as failed
-                    if in_shard(line, shard):
-                        errors += 1
-                        if len(shown) < 5:
-                            shown.append(item.message)
-                    continue
-                count += 1
-                out.write(orjson.dumps(item) + b"\n")
-    finally:
-        f.close()
-    for message in shown:
-        log.warning("%s: %s", records, message)
-    if errors > len(shown):
+    digest = _Digest()
+    done = _render_all(spec, records, model, shard, digest)
+    for message in done.shown:
+        log.warning("%s", message)
+    if done.errors > len(done.shown):
         log.warning("%s: %d more record(s) cannot be rendered (listed in %s)", records,
-                    errors - len(shown), LABELS)
-    if target.exists() and _same_file(target, tmp):
-        tmp.unlink()
+                    done.errors - len(done.shown), LABELS)
+    if target.exists() and _file_digest(target) == digest.h.digest():
+        pass
     elif target.exists() and (out_dir / JOURNAL).exists() and not restart:
-        tmp.unlink()
         raise ConfigError(
             f"{out_dir} was started from other records or another label template / model "
             f"({target} differs from what {records} gives now); use another --output, or "
             "--restart to start over (old files are kept aside)"
         )
     else:
-        os.replace(tmp, target)
-    return Prepared(target, count, errors)
+        with atomic_writer(target) as out:
+            _render_all(spec, records, model, shard, out)
+    return Prepared(target, done.records, done.errors, done.shown)

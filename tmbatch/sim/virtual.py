@@ -214,12 +214,13 @@ def run_row(sc: Scenario, seed: int = 0) -> RowResult:
 async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
     from tmbatch.base.config import Settings
     from tmbatch.base.stop import Stop
+    from tmbatch.client.classify import classify_status
     from tmbatch.client.http import Answer
     from tmbatch.inputs.reader import Request
     from tmbatch.journal.compact import LineStates
     from tmbatch.journal.writer import Writer
     from tmbatch.limits import Admission
-    from tmbatch.policy import Outcome, classify_status
+    from tmbatch.policy import Outcome
     from tmbatch.run.attempts import LineSender
     from tmbatch.run.summary import RunStats
 
