@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def patch_nodispatch() -> None:
-    from tmbatch import writer as w
+    from tmbatch.journal import writer as w
 
     def dispatch(self: Any, line: int, attempt: int, custom_id: str,
                  reserved: Any = None) -> None:
@@ -62,8 +62,8 @@ def patch_nodispatch() -> None:
 
 
 def patch_noresult() -> None:
-    from tmbatch import writer as w
-    from tmbatch.compact import OK
+    from tmbatch.journal import writer as w
+    from tmbatch.journal.compact import OK
 
     def result(self: Any, record: Any, latency: Any = None, ttft: Any = None) -> None:
         self.states.set(record.line, OK)
@@ -74,7 +74,7 @@ def patch_noresult() -> None:
 def patch_noreader() -> None:
     import orjson
 
-    from tmbatch import reader as rd
+    from tmbatch.inputs import reader as rd
 
     def read_requests(f: Any, **kw: Any) -> Any:
         stats = kw.get("stats")
@@ -85,25 +85,25 @@ def patch_noreader() -> None:
             yield rd.Request(n, obj["custom_id"], obj["url"], obj["body"])
 
     rd.read_requests = read_requests
-    from tmbatch import runner
+    from tmbatch.run import runner
 
     runner.read_requests = read_requests  # type: ignore[assignment]
 
 
 def patch_noidset() -> None:
-    from tmbatch import compact
+    from tmbatch.journal import compact
 
     compact.IdSet.add = lambda self, custom_id: True  # type: ignore[method-assign]
 
 
 def patch_nofsync() -> None:
-    from tmbatch import writer as w
+    from tmbatch.journal import writer as w
 
     w.Writer._fsync_fds = lambda self: None  # type: ignore[method-assign]
 
 
 def patch_nobudget() -> None:
-    from tmbatch import budget as b
+    from tmbatch.spend import budget as b
 
     b.Budget.track = lambda self, req: b.FREE  # type: ignore[method-assign]
 
@@ -136,7 +136,8 @@ def patch_noadmission() -> None:
 
 
 def patch_noheaders() -> None:
-    from tmbatch import client, retry
+    from tmbatch.client import http as client
+    from tmbatch.run import attempts as retry
 
     original = client.send
 
@@ -154,13 +155,13 @@ def patch_noheaders() -> None:
 
 
 def patch_nostats() -> None:
-    from tmbatch import summary
+    from tmbatch.run import summary
 
     summary.Histogram.add = lambda self, seconds: None  # type: ignore[method-assign]
 
 
 def patch_lean() -> None:
-    from tmbatch import retry as r
+    from tmbatch.run import attempts as r
 
     async def process(self: Any, req: Any, task: Any = None) -> None:
         headers = None
@@ -198,7 +199,7 @@ def child(variant: str, argv: list[str]) -> int:
             import uvloop
 
             uvloop.install()
-    from tmbatch.cli import main
+    from tmbatch.cli.main import main
 
     sys.argv = ["tmbatch", *argv]
     return main()  # as the command runs it (its own process: the start's objects frozen)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from gen import fabricate_resume, serve_chat, write_input  # noqa: E402
 
-from tmbatch.tokens import prompt_tokens  # noqa: E402
+from tmbatch.spend.tokens import prompt_tokens  # noqa: E402
 
 KEY = "tm-bench-key-00000000000000000000"
 
@@ -172,7 +172,8 @@ def replay_part(tmp: Path, lines: int) -> list[dict[str, Any]]:
     for name, kw in variants.items():
         d = tmp / f"resume-{kw.get('spend_every')}-{kw.get('reservations', False)}"
         fabricate_resume(inp, d, lines, **kw)
-        code = ("import sys,time\nfrom pathlib import Path\nfrom tmbatch.journal import load\n"
+        code = ("import sys,time\nfrom pathlib import Path\n"
+                "from tmbatch.journal.journal import load\n"
                 f"t=time.perf_counter(); s=load(Path({str(d)!r}), repair=False)\n"
                 "print(time.perf_counter()-t, s.spend is not None)\n")
         times = []

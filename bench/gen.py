@@ -2,7 +2,7 @@
 
 Inputs are generated rather than checked in: a million-line file is ~250 MB. The
 resume state of scenario (e) is fabricated in the journal format of
-tmbatch/journal.py, because producing it honestly (sending 999,000 requests)
+tmbatch/journal/journal.py, because producing it honestly (sending 999,000 requests)
 would take longer than the whole benchmark is allowed to.
 """
 
@@ -76,7 +76,7 @@ def fabricate_resume(input_path: Path, out_dir: Path, done: int, *, spend_every:
     # Imported here, not at the top: writing inputs must not depend on tmbatch's internal
     # layout, so benchmarks can measure any tmbatch, including one being restructured.
     from tmbatch import __version__
-    from tmbatch.reader import fingerprint
+    from tmbatch.inputs.reader import fingerprint
 
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("journal.jsonl", "results.jsonl", "failures.jsonl", "summary.json"):

@@ -29,9 +29,9 @@ from tests.conftest import (
     run_cli,
     write_jsonl,
 )
-from tmbatch.exitcodes import ExitCode
-from tmbatch.prices import Price
-from tmbatch.tokens import answer_text_tokens, output_ceiling, prompt_tokens
+from tmbatch.base.exitcodes import ExitCode
+from tmbatch.spend.prices import Price
+from tmbatch.spend.tokens import answer_text_tokens, output_ceiling, prompt_tokens
 
 ENV = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
 

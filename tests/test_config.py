@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
-from tmbatch.config import SERVERLESS_DEFAULT, ConfigError, Settings, resolve
+from tmbatch.base.config import SERVERLESS_DEFAULT, ConfigError, Settings, resolve
 
 USER = "0b7e4c1e-2f6d-4a8e-9a1c-3d5b6e7f8a90"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl"

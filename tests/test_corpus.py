@@ -27,8 +27,8 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch import cli
-from tmbatch.client import idempotency_key
+from tmbatch.cli import main as cli
+from tmbatch.client.http import idempotency_key
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CASES = sorted(p.name.removesuffix(".expect.json") for p in CORPUS.glob("*.expect.json"))

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
-from tmbatch.config import ConfigError
+from tmbatch.base.config import ConfigError
 from tmbatch.limits import estimate_tokens
-from tmbatch.prices import Price, load_file, price_flag, resolve
-from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, output_ceiling, prompt_tokens
+from tmbatch.spend.prices import Price, load_file, price_flag, resolve
+from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS, output_ceiling, prompt_tokens
 
 PRICES_TOML = """# USD per million tokens (the user's own prices)
 ["tm-small"]

@@ -21,13 +21,13 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
-from tmbatch.client import make_session, send
-from tmbatch.config import Settings
+from tmbatch.base.config import Settings
+from tmbatch.client.http import make_session, send
+from tmbatch.client.preflight import SCAN_LINES
+from tmbatch.client.sse import Aggregator, StreamError, error_payload
+from tmbatch.inputs.reader import Request
 from tmbatch.limits import Admission
-from tmbatch.preflight import SCAN_LINES
-from tmbatch.reader import Request
-from tmbatch.safety import AttemptFailed, Outcome, parse_retry_after
-from tmbatch.sse import Aggregator, StreamError, error_payload
+from tmbatch.policy import AttemptFailed, Outcome, parse_retry_after
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.cli import build_parser
-from tmbatch.config import ConfigError
-from tmbatch.jobfile import load_job, prepare_run, shard_from_env, share_limits
+from tmbatch.base.config import ConfigError
+from tmbatch.cli.jobfile import load_job, prepare_run, shard_from_env, share_limits
+from tmbatch.cli.main import build_parser
 
 
 def job(tmp_path: Path, text: str, name: str = "job.toml") -> Path:

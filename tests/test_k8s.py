@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from tmbatch.cli import build_parser
-from tmbatch.jobfile import load_job
+from tmbatch.cli.jobfile import load_job
+from tmbatch.cli.main import build_parser
 
 if os.environ.get("CI"):  # CI installs the test extra: a missing validator must fail there
     import kubernetes_validate as kv

@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, ROOT, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.config import ConfigError
-from tmbatch.labels import check_value, load_spec, parse_answer
+from tmbatch.base.config import ConfigError
+from tmbatch.inputs.templates import load_spec
+from tmbatch.tools.labels import check_value, parse_answer
 
 ALLOWED = {"positive", "negative", "neutral"}
 

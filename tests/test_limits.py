@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
+from tmbatch.client.classify import classify_status
+from tmbatch.inputs.reader import Request
 from tmbatch.limits import (
     Admission,
     Permit,
@@ -24,8 +26,7 @@ from tmbatch.limits import (
 from tmbatch.limits.admission import OPEN_EVERY, START_IN_FLIGHT
 from tmbatch.limits.lanes import MAX_HOLD
 from tmbatch.limits.schedule import Pacer
-from tmbatch.reader import Request
-from tmbatch.safety import AttemptFailed, classify_status
+from tmbatch.policy import AttemptFailed
 from tmbatch.sim.virtual import run_virtual
 
 CHAT = "/v1/chat/completions"

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch import logs
+from tmbatch.base import logs
 
 
 def env_with_key(key: str = API_KEY) -> dict[str, str]:

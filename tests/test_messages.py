@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import chat_line, run_cli, write_jsonl
-from tmbatch.words import json_type, setting
+from tmbatch.base.words import json_type, setting
 
 
 def test_json_types_are_named_as_json_names_them() -> None:
@@ -34,7 +34,7 @@ def test_a_resume_with_other_options_names_them_in_english(tmp_path: Path) -> No
 def _duplicates(data: bytes) -> dict[int, str]:
     import io
 
-    from tmbatch.reader import BadLine, read_requests
+    from tmbatch.inputs.reader import BadLine, read_requests
 
     return {item.line: item.message for item in read_requests(io.BytesIO(data))
             if isinstance(item, BadLine)}
@@ -58,7 +58,7 @@ def test_a_duplicate_custom_id_names_the_line_that_used_it_first() -> None:
 def test_first_use_lookups_are_bounded() -> None:
     import orjson
 
-    from tmbatch.reader import FIRST_USE_LOOKUPS
+    from tmbatch.inputs.reader import FIRST_USE_LOOKUPS
 
     n = FIRST_USE_LOOKUPS + 5
     rows = [orjson.dumps(chat_line(i)) for i in range(n)] * 2  # the file twice over

@@ -40,7 +40,7 @@ from tests.conftest import (
     run_cli,
     write_jsonl,
 )
-from tmbatch.safety import MAX_RETRY_AFTER, parse_retry_after
+from tmbatch.policy import MAX_RETRY_AFTER, parse_retry_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 from tests.conftest import chat_line, run_cli, write_jsonl
-from tmbatch.cli import build_parser
+from tmbatch.cli.main import build_parser
 
 
 def test_every_flag_of_every_command_says_what_it_does() -> None:

@@ -19,7 +19,7 @@ def test_python_dash_m_and_version() -> None:
 
 def test_console_script_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'tmbatch = "tmbatch.cli:main"' in text
+    assert 'tmbatch = "tmbatch.cli.main:main"' in text
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -43,7 +43,7 @@ def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
 
 def test_readme_and_help_list_every_exit_code() -> None:
     """Scripts branch on these numbers: the README table, --help and the code agree."""
-    from tmbatch.exitcodes import ExitCode
+    from tmbatch.base.exitcodes import ExitCode
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0]

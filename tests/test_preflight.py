@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
-from tmbatch.client import idempotency_key
-from tmbatch.preflight import SCAN_LINES, models_in_input, unknown_model_message
+from tmbatch.client.http import idempotency_key
+from tmbatch.client.preflight import SCAN_LINES, models_in_input, unknown_model_message
 
 USER = "0b7e4c1e-2f6d-4a8e-9a1c-3d5b6e7f8a90"
 WRONG = "tm-wrong-key-0000000000000000000000"

@@ -21,14 +21,14 @@ import pytest
 from tqdm import tqdm
 
 from tests.conftest import ROOT, chat_line, clean_env, write_jsonl
-from tmbatch.compact import LineStates
+from tmbatch.base.logs import REDACT, setup_logging
+from tmbatch.inputs.reader import Request
+from tmbatch.journal.compact import LineStates
 from tmbatch.limits import Admission, estimate_tokens
-from tmbatch.logs import REDACT, setup_logging
-from tmbatch.options import RunOptions
-from tmbatch.progress import Progress, layout
-from tmbatch.reader import Request
-from tmbatch.safety import Outcome
-from tmbatch.summary import RunStats
+from tmbatch.policy import Outcome
+from tmbatch.run.options import RunOptions
+from tmbatch.run.progress import Progress, layout
+from tmbatch.run.summary import RunStats
 
 BLOCKS = "█▏▎▍▌▋▊▉"
 

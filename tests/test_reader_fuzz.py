@@ -9,7 +9,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tmbatch.reader import ROUTES, BadLine, Request, read_requests
+from tmbatch.inputs.reader import ROUTES, BadLine, Request, read_requests
 
 GOOD = orjson.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
                      "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}})

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmbatch.records import Response, ResultRecord, Timing
+from tmbatch.journal.records import Response, ResultRecord, Timing
 
 # orjson cannot encode a lone surrogate either way; every other code point is fair game
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from tests.conftest import chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.compact import IN_FLIGHT, OK
-from tmbatch.journal import load
+from tmbatch.journal.compact import IN_FLIGHT, OK
+from tmbatch.journal.journal import load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHARTS = ("throughput.png", "latency.png", "ttft.png", "failures.png", "cost.png")
@@ -193,7 +193,7 @@ def _two_runs(tmp_path: Path) -> Path:
 
 
 def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) -> None:
-    from tmbatch.report import load_run
+    from tmbatch.tools.report import load_run
 
     out = _two_runs(tmp_path)
     data = load_run(out)
@@ -214,7 +214,7 @@ def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) ->
 def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
         tmp_path: Path) -> None:
     require(has_matplotlib(), "matplotlib (pip install '.[report]')")
-    from tmbatch.report import load_matplotlib, load_run, throughput_figure
+    from tmbatch.tools.report import load_matplotlib, load_run, throughput_figure
 
     load_matplotlib()
     fig = throughput_figure(load_run(_two_runs(tmp_path)))
@@ -229,7 +229,7 @@ def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
 def test_the_report_draws_cost_over_time_against_the_budget(sim: Any, tmp_path: Path) -> None:
     require(has_matplotlib(), "matplotlib (pip install '.[report]')")
     from tests.conftest import API_KEY
-    from tmbatch.report import load_run
+    from tmbatch.tools.report import load_run
 
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=16) for i in range(50)])
     out = tmp_path / "out"

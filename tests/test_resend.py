@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
 from tests.test_misbehaving_server import chat_body
-from tmbatch.safety import Outcome
+from tmbatch.policy import Outcome
 
 
 def env() -> dict[str, str]:

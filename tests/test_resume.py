@@ -21,11 +21,11 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.client import idempotency_key
-from tmbatch.compact import LineStates
-from tmbatch.journal import SpendRecord
-from tmbatch.records import Response, ResultRecord
-from tmbatch.writer import Writer
+from tmbatch.client.http import idempotency_key
+from tmbatch.journal.compact import LineStates
+from tmbatch.journal.journal import SpendRecord
+from tmbatch.journal.records import Response, ResultRecord
+from tmbatch.journal.writer import Writer
 
 JOB = "resumejob01"
 
@@ -262,7 +262,7 @@ def test_status_and_ordered_export(sim: Any, tmp_path: Path) -> None:
 
 
 def test_export_external_sort_with_tiny_chunks(tmp_path: Path) -> None:
-    from tmbatch.export import export_ordered
+    from tmbatch.tools.export import export_ordered
 
     out = tmp_path / "out"
     out.mkdir()

@@ -24,7 +24,7 @@ from tests.conftest import (
     run_cli,
     write_jsonl,
 )
-from tmbatch.client import idempotency_key
+from tmbatch.client.http import idempotency_key
 from tmbatch.sim import SimConfig, start_sim
 
 JOB = "testjob0001"
@@ -393,7 +393,7 @@ def spy(self, data):
                 f.write(f"{cid}: attempt {seen[cid]} on the wire, {n} journaled\\n")
     return write(self, data)
 se._SelectorSocketTransport.write = spy
-from tmbatch.cli import main
+from tmbatch.cli.main import main
 sys.exit(main(sys.argv[4:]))
 """
 

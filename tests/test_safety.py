@@ -7,13 +7,12 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tmbatch.safety import (
+from tmbatch.client.classify import classify_exception, classify_status
+from tmbatch.policy import (
     FAILURE_CLASSES,
     RESENDABLE,
     AttemptFailed,
     Outcome,
-    classify_exception,
-    classify_status,
     retryable,
 )
 
@@ -72,3 +71,18 @@ def test_what_each_class_permits() -> None:
                                                                    Outcome.PENDING}
     states = [c.policy.state for c in Outcome if c is not Outcome.PENDING]
     assert len(set(states)) == len(states) and min(states) >= 2  # 0, 1: unseen, in flight
+
+
+def test_the_policy_is_data_and_knows_no_transport() -> None:
+    """The table imports no HTTP library: the client turns aiohttp's errors into its values."""
+    import ast
+    from pathlib import Path
+
+    import tmbatch.policy
+
+    tree = ast.parse(Path(tmbatch.policy.__file__).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module}
+    assert not names & {"aiohttp", "asyncio", "httpx", "requests"}, names

@@ -1,6 +1,6 @@
 """Spend in the journal, the stop it causes, and where people see it (progress, status).
 
-Journals here are real files in the format `tmbatch.journal` documents; replay is the same
+Journals here are real files in the format `tmbatch.journal.journal` documents; replay is the same
 `journal.load` a resume runs."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.budget import Budget, BudgetSpec
-from tmbatch.exitcodes import ExitCode
-from tmbatch.journal import SpendRecord, load
-from tmbatch.prices import Price, Prices
-from tmbatch.progress import Progress
-from tmbatch.spend import render_spend
-from tmbatch.stop import Stop, StopReason
-from tmbatch.summary import RunStats
+from tmbatch.base.exitcodes import ExitCode
+from tmbatch.base.stop import Stop, StopReason
+from tmbatch.journal.journal import SpendRecord, load
+from tmbatch.run.progress import Progress
+from tmbatch.run.summary import RunStats
+from tmbatch.spend.budget import Budget, BudgetSpec
+from tmbatch.spend.prices import Price, Prices
+from tmbatch.spend.usage import render_spend
 
 
 def _journal(tmp_path: Path, records: list[Any], torn: bytes = b"") -> Path:
@@ -63,7 +63,7 @@ def test_replay_takes_the_last_snapshot_and_counts_what_it_may_have_missed(
 
 
 def run_status(out: Path) -> dict[str, Any]:
-    from tmbatch.status import status
+    from tmbatch.tools.status import status
 
     return status(out)["spend"]
 

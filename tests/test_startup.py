@@ -16,7 +16,7 @@ from tests.conftest import API_KEY, chat_line, clean_env, write_jsonl
 # Runs `tmbatch` in-process and prints, after it, which of the modules watched it imported.
 PROBE = """
 import sys
-from tmbatch.cli import main
+from tmbatch.cli.main import main
 watch = sys.argv[1].split(',')
 code = main(sys.argv[2:])
 print(code, ' '.join(m for m in watch if m in sys.modules) or '-')
@@ -45,9 +45,9 @@ def test_a_run_imports_neither_the_simulator_nor_the_other_commands(sim: Any,
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     code, loaded = probe(["run", str(inp), "-o", str(tmp_path / "out"), "--quiet",
                           "--no-preflight", "--base-url", sim.url],
-                         watch=("tmbatch.sim", "aiohttp.web", "tmbatch.commands.outputs",
-                                "tmbatch.commands.server", "tmbatch.labels",
-                                "tmbatch.estimate"))
+                         watch=("tmbatch.sim", "aiohttp.web", "tmbatch.cli.outputs",
+                                "tmbatch.cli.server", "tmbatch.tools.labels",
+                                "tmbatch.spend.estimate"))
     assert code == 0
     assert not loaded  # the quick parser (cli._QuickParser): `run`'s flags, no --sim ones
 
@@ -73,7 +73,7 @@ QUICK = [
 
 
 def test_the_quick_parser_gives_what_the_whole_parser_gives() -> None:
-    from tmbatch.cli import _quick_parse, build_parser
+    from tmbatch.cli.main import _quick_parse, build_parser
 
     for args in QUICK:
         quick = _quick_parse(args)
@@ -85,7 +85,7 @@ def test_the_quick_parser_gives_what_the_whole_parser_gives() -> None:
 
 
 def test_help_errors_and_sim_flags_go_to_the_whole_parser() -> None:
-    from tmbatch.cli import _quick_parse
+    from tmbatch.cli.main import _quick_parse
 
     for args in (["run", "in.jsonl", "--sim"], ["run", "in.jsonl", "--sim-latency", "1"],
                  ["run", "-h"], ["run", "in.jsonl", "-qh"], ["status", "--help"], [],

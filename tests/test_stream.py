@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
-from tmbatch.client import idempotency_key, make_session, send, with_stream_usage
-from tmbatch.config import Settings
-from tmbatch.safety import AttemptFailed, Outcome
-from tmbatch.sse import Aggregator, StreamError
+from tmbatch.base.config import Settings
+from tmbatch.client.http import idempotency_key, make_session, send, with_stream_usage
+from tmbatch.client.sse import Aggregator, StreamError
+from tmbatch.policy import AttemptFailed, Outcome
 
 JOB = "streamjob01"
 PROMPT = "héllo wörld, 日本語のテキスト 🎉 naïve café ∑ — done"
@@ -338,7 +338,7 @@ def test_fast_path_chunks_aggregate_like_the_general_path() -> None:
     """Content-only chunks take a shortcut; mixing them with every other kind of chunk
     (role, tool calls, finish, usage, an extra field, a second choice) must give the same
     body as feeding the same events where no chunk can take the shortcut."""
-    from tmbatch.sse import Aggregator
+    from tmbatch.client.sse import Aggregator
 
     def sse(obj: dict[str, Any]) -> bytes:
         return b"data: " + orjson.dumps(obj) + b"\n\n"

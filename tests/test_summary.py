@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 
 from tests.conftest import chat_line, run_cli, write_jsonl
-from tmbatch.safety import Outcome
-from tmbatch.summary import Histogram, final_line, percentile
+from tmbatch.policy import Outcome
+from tmbatch.run.summary import Histogram, final_line, percentile
 
 
 def test_histogram_percentiles_within_half_a_percent() -> None:

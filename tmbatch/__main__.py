@@ -2,6 +2,6 @@
 
 import sys
 
-from tmbatch.cli import main
+from tmbatch.cli.main import main
 
 sys.exit(main())

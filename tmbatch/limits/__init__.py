@@ -14,7 +14,7 @@ from tmbatch.limits.schedule import MIN_RATE, Pacer, TokenBucket
 
 # The estimate lives in `tokens`, shared with budgets and `tmbatch estimate`; these names stay
 # importable from here, where --tpm uses them.
-from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
+from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_TOKENS",

@@ -29,14 +29,14 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from tmbatch.budget import Budget, Hold
+from tmbatch.base.stop import Stopped
+from tmbatch.inputs.reader import Request
 from tmbatch.limits.controller import PaceConfig
 from tmbatch.limits.lanes import ACCOUNT, SCOPES, Lane, LaneKey, make_lane
 from tmbatch.limits.schedule import TokenBucket
-from tmbatch.reader import Request
-from tmbatch.safety import AttemptFailed
-from tmbatch.stop import Stopped
-from tmbatch.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
+from tmbatch.policy import AttemptFailed
+from tmbatch.spend.budget import Budget, Hold
+from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
 
 log = logging.getLogger("tmbatch")
 

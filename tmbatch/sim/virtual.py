@@ -212,16 +212,17 @@ def run_row(sc: Scenario, seed: int = 0) -> RowResult:
 
 
 async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
-    from tmbatch.client import Answer
-    from tmbatch.compact import LineStates
-    from tmbatch.config import Settings
+    from tmbatch.base.config import Settings
+    from tmbatch.base.stop import Stop
+    from tmbatch.client.classify import classify_status
+    from tmbatch.client.http import Answer
+    from tmbatch.inputs.reader import Request
+    from tmbatch.journal.compact import LineStates
+    from tmbatch.journal.writer import Writer
     from tmbatch.limits import Admission
-    from tmbatch.reader import Request
-    from tmbatch.retry import LineSender
-    from tmbatch.safety import Outcome, classify_status
-    from tmbatch.stop import Stop
-    from tmbatch.summary import RunStats
-    from tmbatch.writer import Writer
+    from tmbatch.policy import Outcome
+    from tmbatch.run.attempts import LineSender
+    from tmbatch.run.summary import RunStats
 
     random.seed(seed)  # the retry backoff's jitter
     server = VirtualServer(sc, seed)

@@ -1,0 +1,114 @@
+"""Commands that read an output directory: status, export, report, merge."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tmbatch.base.config import ConfigError
+from tmbatch.base.exitcodes import ExitCode
+from tmbatch.base.logs import add_log_format_arg
+from tmbatch.cli.common import subcommand
+from tmbatch.journal.journal import JournalError, read_header
+
+
+def add_status_parser(sub: Any) -> None:
+    st = subcommand(
+        sub, "status", "where a run stands: done, failed by class, not sent, unknown outcome",
+        "Read-only; safe while the run is going. Exit 0 when the run is finished, "
+        "1 when it is not (or still running), 2 when OUTPUT is not a tmbatch directory.",
+    )
+    st.add_argument("output", help="the run's output directory")
+    st.add_argument("--json", action="store_true", help="one JSON object on stdout, for scripts")
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from tmbatch.tools.status import has_journal, render, status
+
+    out = Path(ns.output)
+    if not has_journal(out):
+        raise JournalError(f"{out} has no journal.jsonl: not a tmbatch output directory")
+    st = status(out)
+    if ns.json:
+        sys.stdout.buffer.write(orjson.dumps(st) + b"\n")
+    else:
+        print(render(st))
+    return ExitCode.OK if st["finished"] else ExitCode.FAILED
+
+
+def add_export_parser(sub: Any) -> None:
+    ex = subcommand(
+        sub, "export", "write results and failures in input order (bounded memory)",
+        "Writes results.ordered.jsonl and failures.ordered.jsonl (and with "
+        "--combined outcomes.ordered.jsonl, one line per input line) sorted by input line, "
+        "with an external merge sort: memory stays flat for any size.",
+    )
+    ex.add_argument("output", help="the run's output directory")
+    # Removed: export always writes in input order, so the flag did nothing. It is still
+    # parsed, to answer with what to do instead of argparse's bare "unrecognized arguments".
+    ex.add_argument("--ordered", action="store_true", help=argparse.SUPPRESS)
+    ex.add_argument("--combined", action="store_true",
+                    help="also write outcomes.ordered.jsonl with results and failures together")
+    ex.add_argument("--to", metavar="DIR", help="write there instead of the output directory")
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from tmbatch.tools.export import export_ordered
+
+    if ns.ordered:
+        raise ConfigError("export has no --ordered: it always writes in input order; drop the "
+                          "flag (run --ordered is the one that exports when a run finishes)")
+    out = Path(ns.output)
+    read_header(out)
+    counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
+    dest = ns.to or ns.output
+    for name, n in counts.items():
+        print(f"{Path(dest) / name}: {n} line(s)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def add_report_parser(sub: Any) -> None:
+    rep = subcommand(
+        sub, "report", "an HTML page of a run: throughput, latency, TTFT, 429s, failures, cost",
+        "Read OUTPUT's journal (and summary.json) and write a self-contained "
+        "OUTPUT/report/index.html with its charts as PNGs beside it. Needs the optional "
+        "extra: pip install 'tmbatch[report]'.",
+    )
+    rep.add_argument("out_dir", metavar="OUTPUT", help="a run's output directory")
+    rep.add_argument("-o", "--to", "--output", dest="output", metavar="DIR",
+                     help="write the page and its charts into DIR (default OUTPUT/report)")
+    add_log_format_arg(rep)
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from tmbatch.tools.report import write_report
+
+    page = write_report(Path(ns.out_dir), Path(ns.output) if ns.output else None)
+    print(page)
+    return ExitCode.OK
+
+
+def add_merge_parser(sub: Any) -> None:
+    mg = subcommand(
+        sub, "merge", "join the output directories of a sharded run, checking coverage",
+        "Join the results.jsonl, failures.jsonl (and labels.jsonl) of shard output "
+        "directories into OUT, with a merged summary.json, and check that every line of the "
+        "input has exactly one outcome. Example: tmbatch merge out/shard-0 out/shard-1 -o out/all",
+        epilog="exit codes: 0 every line succeeded; 1 every line has one outcome, some failed; "
+        "2 the directories cannot be merged (different inputs or options, no journal, input "
+        "unreadable); 5 incomplete: lines missing or duplicated (listed, and in summary.json)",
+    )
+    mg.add_argument("dirs", nargs="+", metavar="DIR", help="shard output directories")
+    mg.add_argument("-o", "--output", required=True, help="directory for the merged files")
+    mg.add_argument("--input", help="the input the shards ran, when the path in their journals "
+                    "is not readable here (checked by fingerprint)")
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from tmbatch.tools.merge import merge
+
+    return merge(ns.dirs, ns.output, ns.input)

@@ -1,1 +1,0 @@
-"""One module per group of subcommands, each parser beside the function that runs it."""

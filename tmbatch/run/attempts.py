@@ -1,0 +1,291 @@
+"""One line, from admission to its outcome: attempts, retries, and the record that says how.
+
+Retries follow the class table (`safety.Outcome`'s policies) through tenacity: only what the
+server provably did not process is sent again for billed routes; everything else gets exactly
+one outcome. Where a 429 goes: `safety` classifies it, the attempt's admission ticket pauses
+every worker and slows the pace (`limits`), and the loop here sends it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from tmbatch.base.config import Settings
+from tmbatch.base.logs import public_url
+from tmbatch.base.stop import Stop, Stopped
+from tmbatch.client.http import Answer, idempotency_key, send
+from tmbatch.client.served import ServedCheck
+from tmbatch.inputs.reader import BadLine, Request
+from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id
+from tmbatch.journal.records import Response as RecordedResponse
+from tmbatch.journal.writer import Writer
+from tmbatch.limits import Admission, Lane, Permit
+from tmbatch.policy import AttemptFailed, Outcome, retryable
+from tmbatch.run.summary import RunStats
+from tmbatch.spend.budget import Hold
+from tmbatch.spend.usage import usage_tokens
+
+if TYPE_CHECKING:  # tenacity is imported at a line's first failure: most runs never need it
+    from tenacity import RetryCallState, wait_exponential_jitter
+
+log = logging.getLogger("tmbatch")
+
+# Attempts in a row that never reach the server, with no answer at all in this run, before the
+# run stops (exit 3) instead of walking every line of a big file through its retries.
+BREAKER_ATTEMPTS = 16
+
+
+@dataclass
+class Tries:
+    """Attempts made for one line in this run (a resend adds the earlier runs' count)."""
+
+    before: int = 0
+    now: int = 0
+    counted: int = 0  # the failed ones --max-retries counts (not the patient refusals)
+
+    @property
+    def total(self) -> int:
+        return self.before + self.now
+
+
+@dataclass
+class LineSender:
+    """Everything sending a line needs, shared by the run's workers."""
+
+    settings: Settings
+    job_id: str
+    admission: Admission
+    writer: Writer
+    stats: RunStats
+    stop: Stop
+    session: aiohttp.ClientSession
+    prior_attempts: dict[int, int] = field(default_factory=dict)
+    fatal_404_after: int = 8  # 404s on one (route, model), none answered: its lines fail
+    patience: float = 600.0  # seconds without any success before refusals are final
+    served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
+    served: ServedCheck = field(init=False)
+    # Workers whose request is on the wire: a stop lets these finish and cancels the others.
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+    # Circuit breaker: attempts in a row that never reached the server, while none ever has.
+    answered: bool = False
+    unreached_streak: int = 0
+    # The one call that sends an attempt (client.send); the virtual-time matrix answers here.
+    transport: Callable[..., Awaitable[Answer]] = send
+    # The waits between attempts (tenacity's), made at the run's first retry (`_retry`).
+    _backoff: wait_exponential_jitter | None = field(default=None, init=False)
+    _refused_backoff: wait_exponential_jitter | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.served = ServedCheck(self.served_models, self.fatal_404_after)
+
+    async def process(self, req: Request, task: asyncio.Task[None] | None = None) -> None:
+        """Send `req` until it has an outcome (or the run stops), and record it. `task`: the
+        one running this (a worker knows its own: `asyncio.current_task()` is a Python
+        call and a getpid(2) on 3.11, once per line otherwise)."""
+        refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
+        if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
+            self.record_failure(FailureRecord.of(
+                self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
+                refusal.message, self.prior_attempts.get(req.line, 0)))
+            return
+        headers = None
+        if not req.idempotent:
+            headers = {"Idempotency-Key": idempotency_key(self.job_id, req.custom_id)}
+        before = self.prior_attempts.get(req.line, 0) if self.prior_attempts else 0
+        # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per
+        # request (bench/ablate.py): try once bare, and replay a failure into the loop as its
+        # attempt 1, so the predicate, stop, attempt numbers and waits are exactly tenacity's.
+        # The first attempt is `_attempt` written out here: a coroutine less per line, and
+        # its `Tries` made only when it fails.
+        tries: Tries | None = None
+        try:
+            async with self.admission.permit(req) as permit:
+                if self.stop.stopping:
+                    raise Stopped
+                if task is None:
+                    task = asyncio.current_task()
+                self._dispatch(req, before + 1, permit.spend, task)  # type: ignore[arg-type]
+                try:
+                    answer = await self.transport(self.session, req.url, req.body, headers)
+                except AttemptFailed as exc:
+                    tries = Tries(before, 1)
+                    self._failed_attempt(req, exc, permit, tries)
+                    raise
+                finally:
+                    self.stats.in_flight -= 1
+                    self.in_flight.discard(task)
+                self.answered, self.unreached_streak = True, 0
+                used = usage_tokens(answer.body)
+                permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
+        except (Stopped, AttemptFailed) as exc:
+            await self._retry(req, headers, tries or Tries(before), exc)
+        else:
+            self._succeed(req, answer)
+
+    async def _retry(self, req: Request, headers: dict[str, str] | None, tries: Tries,
+                     first: BaseException) -> None:
+        from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+        if self._backoff is None:
+            self._backoff = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0)
+            # A refusal with no hint on an unpaced lane: the server did no work and the lane's
+            # controller decides the pace, so a retry waits briefly (refusals at random are
+            # met at once, a limit by the pace the refusals set), growing if they go on
+            self._refused_backoff = wait_exponential_jitter(multiplier=0.1, max=10.0,
+                                                            jitter=0.1)
+        pending: list[BaseException] = [first]
+        lane = self.admission.lane(req.body.get("model"))
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(partial(retryable, idempotent=req.idempotent)),
+            stop=partial(self._give_up, tries, lane),
+            wait=partial(self._wait, lane),
+            sleep=asyncio.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if pending:
+                        raise pending.pop()
+                    answer = await self._attempt(req, headers, tries)
+        except Stopped:
+            return  # the line is pending: its last attempt, if any, did no work (journaled)
+        except AttemptFailed as exc:
+            if self.stop.stopping and exc.cls.policy.retry:
+                return  # it would have been retried: pending (journaled), the next run sends it
+            self._fail(req, exc, tries.total)
+            return
+        self._succeed(req, answer)
+
+    def _wait(self, lane: Lane, rs: RetryCallState) -> float:
+        exc = rs.outcome.exception() if rs.outcome else None
+        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
+            if exc.retry_after is not None or lane.rate is not None:
+                return 0.0  # the lane's pause, or its pace, holds it back
+            return float(self._refused_backoff(rs))  # type: ignore[misc]
+        return float(self._backoff(rs))  # type: ignore[misc]
+
+    def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:
+        """A refusal proves the server did no work, and a lane that still makes progress will
+        get its turn: retried until nothing at all has succeeded on its lane for --patience.
+        Anything else has --max-retries."""
+        if self.stop.stopping:
+            return True
+        exc = rs.outcome.exception() if rs.outcome else None
+        if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
+            return lane.stalled_for(asyncio.get_running_loop().time()) > self.patience
+        return tries.counted > self.settings.max_retries
+
+    async def _attempt(self, req: Request, headers: dict[str, str] | None,
+                       tries: Tries) -> Answer:
+        """One attempt after the first (which `process` makes itself, the same way), inside
+        its permit (budget, pause, pace, slot, tokens), which is settled with the outcome and
+        let go whatever happens. One coroutine, not one per step: every layer is walked again
+        on each resume of the send (bench/instructions.py)."""
+        async with self.admission.permit(req) as permit:
+            if self.stop.stopping:
+                raise Stopped
+            tries.now += 1
+            self.stats.retries += 1  # (attempt 1 is `process`'s)
+            task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+            self._dispatch(req, tries.total, permit.spend, task)
+            try:
+                answer = await self.transport(self.session, req.url, req.body, headers)
+            except AttemptFailed as exc:
+                self._failed_attempt(req, exc, permit, tries)
+                raise
+            finally:
+                self.stats.in_flight -= 1
+                self.in_flight.discard(task)
+            self.answered, self.unreached_streak = True, 0
+            used = usage_tokens(answer.body)
+            permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
+            return answer
+
+    def _dispatch(self, req: Request, attempt: int, spend: Hold,
+                  task: asyncio.Task[None]) -> None:
+        """Journal the attempt (durable before its bytes leave) and count `task`, whose
+        request it is, in flight."""
+        self.writer.dispatch(req.line, attempt, req.custom_id,
+                             spend.journal() if spend.held else None)  # None unless held
+        spend.dispatched()
+        self.stats.sent += 1
+        self.stats.in_flight += 1
+        self.in_flight.add(task)
+
+    def _failed_attempt(self, req: Request, exc: AttemptFailed, permit: Permit,
+                        tries: Tries) -> None:
+        if exc.status == 429:
+            self.stats.rejected_429 += 1
+        if not exc.cls.policy.patient:
+            tries.counted += 1
+        paused = permit.failed(exc)
+        if paused is not None:
+            self.writer.pause(paused)  # on the report's timeline, and honoured by a resume
+        if exc.cls.policy.retry:
+            # Provably not processed: if the run dies before the next attempt, the line is
+            # sent again on resume, not mistaken for an unknown (ambiguous) outcome.
+            self.writer.pending(req.line)
+        if exc.cls.policy.reached_server:
+            self.answered, self.unreached_streak = True, 0
+            return
+        self.unreached_streak += 1
+        if not self.answered and self.unreached_streak >= self.breaker_after:
+            self.fatal(
+                f"cannot reach {public_url(self.settings.base_url)}: {self.unreached_streak} "
+                f"attempts in a row never reached it ({exc.code}: {exc.message}) and nothing "
+                "has answered; check --base-url (or TENSORMESH_*_BASE_URL) and the network. "
+                "The lines not sent yet stay pending: run the same command again to resume"
+            )
+
+    @property
+    def breaker_after(self) -> int:
+        """Before any line can exhaust its retries, so a dead host leaves every line pending."""
+        return max(1, min(BREAKER_ATTEMPTS, self.settings.max_retries + 1))
+
+    # -- outcomes -------------------------------------------------------
+    def _succeed(self, req: Request, answer: Answer) -> None:
+        self.served.succeeded(req.url, req.body.get("model"))
+        self.stats.ok += 1
+        self.stats.latencies.add(answer.latency)
+        timing = None
+        if answer.ttft is not None:
+            self.stats.ttfts.add(answer.ttft)
+            usage = answer.body.get("usage") or {}
+            out_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
+            timing = Timing.of(answer.ttft, answer.latency, out_tokens)
+        record = ResultRecord(
+            record_id(self.job_id, req.custom_id), req.custom_id, req.line,
+            RecordedResponse(answer.status, answer.request_id, answer.body), timing, answer.raw)
+        self.writer.result(record, answer.latency, answer.ttft)
+
+    def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:
+        if exc.cls.policy.stops_run:
+            self.fatal(f"HTTP {exc.status} {exc.code}: {exc.message}. Check the inference API "
+                       "key (TENSORMESH_INFERENCE_API_KEY) and, on-demand, the user id")
+        elif exc.status == 404:  # judged per (route, model): the rest of the file runs
+            self.served.not_found(req.url, req.body.get("model"), exc.message)
+        self.record_failure(FailureRecord.of_attempt(self.job_id, req.line, req.custom_id,
+                                                     exc, attempts))
+
+    def bad_line(self, bad: BadLine) -> None:
+        self.record_failure(FailureRecord.of(self.job_id, bad.line, bad.custom_id,
+                                             Outcome.PERMANENT, bad.code, bad.message, 0))
+
+    def record_failure(self, record: FailureRecord) -> None:
+        self.stats.failed[record.outcome] += 1
+        self.stats.codes[record.code] += 1
+        self.writer.failure(record)
+
+    def fatal(self, message: str) -> None:
+        """Nothing more is sent: every request would fail the same way."""
+        if self.stop.on_fatal(message):
+            log.error("fatal: %s; stopping, nothing more is sent", message,
+                      extra={"event": "fatal"})

@@ -1,0 +1,395 @@
+"""`tmbatch run`: reader → admission → workers → writer, and how a run stops.
+
+The pipeline only: workers take the input's lines one at a time from the one reader and
+send each to its outcome (`retry.LineSender`), one writer owns the files, and signals turn
+into a drain.
+What a failure means is `safety`'s, how fast to send is `limits`', what is written is
+`records`' and `journal`'s.
+
+A run has two halves. `prepare` is everything local (the input, the output directory, its
+lock, the journal, the first write), so a command that is refused has touched neither the
+network nor a live job's files. `send` is the network. Signal handlers are installed before
+either, so a SIGTERM is honoured at any point, preflight included, and every stop ends: the
+idle workers (waiting for a slot, a pause or a retry) are cancelled at once, the ones
+with a request on the wire get --drain-timeout, and a second signal cancels those too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from tmbatch.base.config import Settings
+from tmbatch.base.exitcodes import ExitCode
+from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, SUMMARY, OutputError
+from tmbatch.base.logs import event, progress_kwargs, public_url, say
+from tmbatch.base.stop import Stop
+from tmbatch.client.http import make_session
+from tmbatch.inputs.lines import count_lines
+from tmbatch.inputs.reader import BadLine, ReadStats, Request, open_input, read_requests
+from tmbatch.journal.compact import LineStates
+from tmbatch.journal.journal import ResumeState
+from tmbatch.journal.records import FailureRecord
+from tmbatch.journal.writer import Writer, WriterError
+from tmbatch.limits import Admission
+from tmbatch.policy import Outcome
+from tmbatch.run.attempts import LineSender
+from tmbatch.run.options import RunOptions
+from tmbatch.run.outdir import Lock, prepare_output
+from tmbatch.run.progress import Progress
+from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps, write_summary
+from tmbatch.spend.budget import Budget
+
+log = logging.getLogger("tmbatch")
+T = TypeVar("T")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Runner:
+    def __init__(self, opts: RunOptions, settings: Settings) -> None:
+        self.opts = opts
+        self.settings = settings
+        self.stats = RunStats()
+        self.admission = Admission(opts.rpm, opts.tpm, concurrency=opts.concurrency,
+                                   adaptive=opts.is_adaptive, scope=opts.limit_scope,
+                                   base_url=settings.base_url)
+        self.stop = Stop()
+        self.read_stats = ReadStats()
+        self.header: dict[str, Any] = {}
+        self.states = LineStates()
+        self.resume: ResumeState | None = None
+        self.writer: Writer | None = None
+        self._lock: Lock | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._sender: LineSender | None = None
+        self._waiting: asyncio.Task[Any] | None = None  # preflight: cancelled by a signal
+        self._signal_at = 0.0
+        self._sent = False  # send() began: from here on the job's files are the record
+        self._bad_lines = 0  # bad lines the workers met, to yield to the loop now and then
+        self._made_dir = False
+        self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
+
+    async def run(self) -> int:
+        """Both halves, for callers without a preflight (resend, tests)."""
+        self.install_signals()
+        try:
+            self.prepare()
+            return await self.send()
+        finally:
+            await self.close()
+
+    # -- signals --------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, signum: int) -> None:
+        count = self.stop.on_signal(signum)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if count > 1:
+            for t in self._workers:
+                t.cancel()
+            return
+        self._signal_at = time.monotonic()
+        name = signal.Signals(signum).name
+        say(
+            "signal",
+            f"\n{name}: no new requests; waiting up to {self.opts.drain_timeout:g}s for "
+            f"{self.stats.in_flight} in flight (send {name} again to stop at once)",
+            level=logging.WARNING, signal=name, in_flight=self.stats.in_flight,
+            drain_timeout=self.opts.drain_timeout,
+        )
+        self._cancel_idle()
+
+    async def interruptible(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Run a step before sending (preflight) so that a signal ends it at once: None then."""
+        if self.stop.stopping:
+            coro.close()
+            return None
+        self._waiting = asyncio.get_running_loop().create_task(coro)
+        try:
+            return await self._waiting
+        except asyncio.CancelledError:
+            if not self.stop.stopping:
+                raise
+            return None
+        finally:
+            self._waiting = None
+
+    # -- the local half -------------------------------------------------
+    def prepare(self) -> None:
+        """Everything local, in an order that never touches a live job's files; raises a
+        clear error (JournalError, OutputError, InputError) when the run must not start."""
+        opts = self.opts
+        self._made_dir = not opts.out_dir.exists()
+        header, resume, self._lock = prepare_output(opts)
+        self.header, self.resume = header, resume
+        if resume is not None:
+            self.states = resume.states
+            log.info("resuming %s: %d line(s) already have an outcome", opts.out_dir,
+                     sum(n for o, n in self.states.by_outcome().items() if o.policy.final))
+        try:
+            writer = Writer(opts.out_dir, self.states, opts.fsync)
+            if resume is None:
+                writer.header(header)
+            else:
+                writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
+                _recover(writer, resume)
+            self.budget = Budget.for_job(opts.budget, self.stop, resume)
+            self.budget.start(writer)
+            self.admission.budget = self.budget
+        except (OSError, WriterError) as exc:
+            raise OutputError(f"cannot write to {opts.out_dir}: {exc}", ExitCode.IO) from None
+        self.writer = writer
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await self._close_writer()
+        if not self._sent and self.resume is None and self._lock is not None:
+            self._forget_new_job()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _forget_new_job(self) -> None:
+        """A new job that never reached send() (refused at preflight, stopped before its first
+        request) leaves nothing behind: the next command starts as if it had not run."""
+        out = self.opts.out_dir
+        for name in (JOURNAL, RESULTS, FAILURES):
+            with contextlib.suppress(OSError):
+                os.unlink(out / name)
+        if self._made_dir and self._lock is not None:
+            self._lock.release()  # its file is in the directory
+            self._lock = None
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+    async def _close_writer(self) -> None:
+        """Flush, sync and close the outputs (once): a failure here is the run's I/O error."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        try:
+            await writer.aclose()
+        except WriterError as exc:
+            self.stop.on_io_error(str(exc))
+
+    # -- the network half -----------------------------------------------
+    async def send(self) -> int:
+        assert self.writer is not None, "prepare() first"
+        if self.stop.stopping:  # a signal during preflight: nothing was sent
+            self.stop.announce()
+            return self.stop.exit_code(0)
+        self._sent = True
+        opts, header, writer = self.opts, self.header, self.writer
+        event("start", f"job {header['job']}: {opts.input} -> {opts.out_dir} "
+              f"({self.settings.surface} at {public_url(self.settings.base_url)})",
+              input=opts.input, output=str(opts.out_dir), job_id=header["job"],
+              surface=self.settings.surface, base_url=public_url(self.settings.base_url),
+              resumed=self.resume is not None)
+        self._honour_open_pause()
+        loop = asyncio.get_running_loop()
+        f = open_input(opts.input)
+        session = make_session(self.settings, opts.concurrency)
+        sender = self._sender = LineSender(
+            self.settings, header["job"], self.admission, writer, self.stats, self.stop,
+            session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
+            opts.served_models)
+        writer.start()
+        progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
+                                    **progress_kwargs())
+        progress.pace = lambda: self.admission.pace
+        progress.start()
+        counter = None
+        if opts.input != "-" and opts.only_lines is None:
+            counter = loop.create_task(self._count_total(progress))
+        lines = self._lines(f)
+        self._workers = [loop.create_task(self._work(lines, sender))
+                         for _ in range(opts.concurrency)]
+        try:
+            await self._wait_workers()
+        finally:
+            if counter is not None:
+                counter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await counter
+            await progress.stop()
+            await session.close()
+            if f is not sys.stdin.buffer:
+                f.close()
+            await self._close_writer()
+        return await self._finish()
+
+    def _honour_open_pause(self) -> None:
+        """A Retry-After window the previous run was told about is still a window."""
+        if self.resume is None:
+            return
+        left = self.resume.pause_until - time.time()
+        if left > 0:
+            log.info("the previous run was asked to wait until %s (Retry-After): waiting %.1fs "
+                     "more before the first request", time.strftime(
+                         "%H:%M:%S", time.localtime(self.resume.pause_until)), left)
+            self.admission.pause(left)
+
+    def _lines(self, f: IO[bytes]) -> Iterator[Request | BadLine]:
+        """The input's lines, for the workers to take one at a time (`_work`)."""
+        resume = None if self.opts.only_lines is not None else self.resume
+        return read_requests(
+            f, endpoint=self.opts.endpoint, model=self.opts.model, stream=self.opts.stream,
+            done=None if resume is None else resume.states,
+            seen=None if resume is None else resume.seen,
+            shard=self.opts.shard, stats=self.read_stats,
+            max_line_bytes=self.opts.max_line_bytes,
+        )
+
+    async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
+        """Take the next line and send it to its outcome, until the input or the run ends.
+
+        Every worker reads from the one iterator, synchronously (nothing awaits inside it, so
+        no two workers are ever in it at once): a line costs no queue and no producer task to
+        wake. A run of bad lines yields to the loop every 512 of them."""
+        only = self.opts.only_lines
+        me: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+        while not self.stop.stopping:
+            item = next(lines, None)
+            if item is None:
+                return  # the input is over (or its reader failed: raised to another worker)
+            if only is not None and item.line not in only:
+                continue
+            try:
+                if isinstance(item, BadLine):
+                    if only is None:
+                        sender.bad_line(item)
+                    self._bad_lines += 1
+                    if self._bad_lines % 512 == 0:
+                        await asyncio.sleep(0)
+                    continue
+                await sender.process(item, me)
+            except (WriterError, OutputError) as exc:
+                self.stop.on_io_error(str(exc))
+                self._cancel_idle()
+                return
+
+    def _cancel_idle(self) -> None:
+        """Stopping: every worker without a request on the wire ends now (one waiting for a
+        concurrency slot, a Retry-After pause, a rate bucket or a retry backoff)."""
+        busy = self._sender.in_flight if self._sender is not None else set()
+        for t in self._workers:
+            if not t.done() and t not in busy:
+                t.cancel()
+
+    async def _count_total(self, progress: Progress) -> None:
+        """Lines to answer, for the bar and the ETA: counted in a thread so sending starts at
+        once."""
+        lines = await asyncio.to_thread(count_lines, self.opts.input, self.opts.shard)
+        if lines is None:
+            return
+        progress.set_total(lines)
+
+    async def _wait_workers(self) -> None:
+        """Until every worker has ended; a worker's exception is raised here. Woken by the
+        last worker to end (or by one that failed), and every 0.2 s to drive a stop: one
+        future to wait on, not every worker's done-callback added and removed at each poll
+        (that cost grew with the run's length, five times a second)."""
+        ended = asyncio.get_running_loop().create_future()
+        left = len(self._workers)
+        failed: list[BaseException] = []
+
+        def on_end(t: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if not t.cancelled() and t.exception() is not None:
+                failed.append(t.exception())  # type: ignore[arg-type]
+            if (left == 0 or failed) and not ended.done():
+                ended.set_result(None)
+
+        for t in self._workers:
+            t.add_done_callback(on_end)
+        while True:
+            if not ended.done():
+                await asyncio.wait((ended,), timeout=0.2)
+            if failed:
+                raise failed[0]
+            if left == 0:
+                return
+            if self.stop.stopping:
+                self._cancel_idle()
+                if self.stop.signals and (
+                        time.monotonic() >= self._signal_at + self.opts.drain_timeout):
+                    await self._cut({t for t in self._workers if not t.done()})
+                    return
+
+    async def _cut(self, pending: set[asyncio.Task[None]]) -> None:
+        """The drain timeout is over: what is still on the wire is left without an outcome."""
+        log.warning("drain timeout: %d request(s) still in flight are left without "
+                    "an outcome (ambiguous on resume)", self.stats.in_flight,
+                    extra={"event": "drain", "left_in_flight": self.stats.in_flight})
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _finish(self) -> int:
+        summary = build_summary(
+            self.stats, self.states, input_lines=self.read_stats.lines,
+            blank_lines=self.read_stats.blank, header=self.header,
+            stopped=self.stop.reason.label if self.stop.reason else None,
+            admission=self.admission,
+        )
+        if self.stop.fatal:
+            summary["fatal"] = self.stop.fatal
+        if self.stop.io_error:
+            summary["io_error"] = self.stop.io_error
+        summary["spend"] = self.budget.report()
+        try:
+            write_summary(self.opts.out_dir, summary)
+        except OutputError as exc:
+            self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
+        if not self.opts.quiet:
+            say("summary", final_line(summary), **summary)
+            say_next_steps(summary, self.opts.out_dir)
+            spend = self.budget.final_line()
+            if spend:
+                say("spend", spend, **summary["spend"])
+        self.stop.announce()
+        return self.stop.exit_code(summary["counts"]["failed"])
+
+
+def _recover(writer: Writer, resume: ResumeState) -> None:
+    """Outcomes from before the crash: found ones journaled, unknown ones ambiguous."""
+    for record in resume.adopted:
+        writer.adopt(record)
+    job = resume.header["job"]
+    for line, (cid, attempts) in sorted(resume.in_flight.items()):
+        writer.failure(FailureRecord.of(
+            job, line, cid, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",
+            "dispatched before the previous run stopped, with no outcome recorded: the "
+            "server may have processed (and billed) it; not re-sent. `tmbatch resend "
+            "--class ambiguous` sends it again", attempts,
+        ))
+    if resume.in_flight:
+        log.warning("%d request(s) had no outcome when the previous run stopped: recorded "
+                    "as ambiguous (unknown_outcome_after_crash), not re-sent",
+                    len(resume.in_flight),
+                    extra={"event": "unknown_outcome", "count": len(resume.in_flight)})
+    writer.superseded = writer.superseded or resume.superseded
+
+
+def out_dir_of(input_arg: str, output: str | None) -> Path:
+    """The default output directory: INPUT's name + .out (stdin.out for `-`)."""
+    if output:
+        return Path(output)
+    return Path((Path(input_arg).stem if input_arg != "-" else "stdin") + ".out")

@@ -1,0 +1,274 @@
+"""What a run achieved: counts by outcome and class, tokens, rates, latency percentiles."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tmbatch.base.files import FAILURES, SUMMARY, atomic_write
+from tmbatch.base.logs import say
+from tmbatch.base.words import millis
+from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.policy import FAILURE_CLASSES, Outcome
+
+_log = math.log
+
+
+def percentile(sorted_values: list[float] | array, q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    rank = max(1, min(n, int(q / 100.0 * n + 0.999999)))
+    return sorted_values[rank - 1]
+
+
+class Histogram:
+    """Log-bucketed durations: percentiles within 0.25 % in constant memory (~14 KB).
+
+    A million-request run would otherwise keep a million floats and sort them at the end.
+    """
+
+    LOW, HIGH, STEP = 1e-4, 3600.0, 1.005  # 100 µs .. 1 h, 0.5 % wide buckets
+
+    def __init__(self) -> None:
+        self._log_step = math.log(self.STEP)
+        n = int(math.log(self.HIGH / self.LOW) / self._log_step) + 2
+        self._counts = array("Q", bytes(8 * n))
+        self.count = 0
+        self.max: float | None = None
+
+    def add(self, seconds: float) -> None:
+        """Once per answer: the common case (inside the range) without min/max calls."""
+        low = self.LOW
+        v = seconds if low < seconds < self.HIGH else min(max(seconds, low), self.HIGH)
+        self._counts[int(_log(v / low) / self._log_step)] += 1
+        self.count += 1
+        top = self.max
+        if top is None or seconds > top:
+            self.max = seconds
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank, reported at the bucket's geometric middle."""
+        if not self.count:
+            return None
+        rank = max(1, min(self.count, int(q / 100.0 * self.count + 0.999999)))
+        seen = 0
+        for i, c in enumerate(self._counts):
+            seen += c
+            if seen >= rank:
+                mid = self.LOW * self.STEP ** (i + 0.5)
+                return min(mid, self.max) if self.max is not None else mid
+        return self.max
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
+class RunStats:
+    """Accumulated while the run goes; floats in arrays so a million requests cost 8 MB each."""
+
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    latencies: Histogram = field(default_factory=Histogram)
+    ttfts: Histogram = field(default_factory=Histogram)
+    sent: int = 0  # attempts that left this run
+    ok: int = 0
+    failed: Counter[Outcome] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    rejected_429: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    in_flight: int = 0
+
+    def add_usage(self, used: tuple[int, int, int] | None) -> int:
+        """Count an answer's tokens (`spend.usage_tokens`); return prompt + completion."""
+        if used is None:
+            return 0
+        self.prompt_tokens += used[0]
+        self.completion_tokens += used[1]
+        return used[0] + used[1]
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+
+def build_summary(
+    stats: RunStats,
+    states: LineStates,
+    *,
+    input_lines: int,
+    blank_lines: int,
+    header: dict[str, Any],
+    stopped: str | None,
+    admission: Any,
+) -> dict[str, Any]:
+    lines = states.by_outcome()
+    by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES}
+    failed_total = sum(by_class.values())
+    succeeded = lines[Outcome.OK]
+    done = succeeded + failed_total
+    lat, ttft = stats.latencies, stats.ttfts
+    elapsed = stats.elapsed
+    answered = stats.ok + sum(stats.failed.values())
+    tokens = stats.prompt_tokens + stats.completion_tokens
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000.0, 2)
+
+    return {
+        "input": header.get("input"),
+        "fingerprint": header.get("fingerprint"),
+        "job_id": header.get("job"),
+        "input_lines": input_lines,
+        "blank_lines_skipped": blank_lines,
+        "counts": {
+            "succeeded": succeeded,
+            "failed": failed_total,
+            "failed_by_class": by_class,
+            "unknown_outcome_in_flight": states.counts()[IN_FLIGHT],
+            "with_outcome": done,
+        },
+        "this_run": {
+            "attempts_sent": stats.sent,
+            "succeeded": stats.ok,
+            "failed_by_class": {cls.value: n for cls, n in stats.failed.items()},
+            "failed_by_code": dict(stats.codes),
+            "retries": stats.retries,
+            "rate_limited_429": stats.rejected_429,
+            "pauses": getattr(admission, "pauses", 0),
+            "paused_seconds": round(getattr(admission, "paused_seconds", 0.0), 3),
+            "admission": admission.report() if hasattr(admission, "report") else None,
+            "wall_seconds": round(elapsed, 3),
+            "requests_per_second": round(answered / elapsed, 2),
+            "tokens": {
+                "prompt": stats.prompt_tokens,
+                "completion": stats.completion_tokens,
+                "total": tokens,
+                "per_second": round(tokens / elapsed, 1),
+            },
+            "latency_ms": {
+                "p50": ms(lat.percentile(50)),
+                "p90": ms(lat.percentile(90)),
+                "p99": ms(lat.percentile(99)),
+                "max": ms(lat.max),
+            },
+            "ttft_ms": {
+                "count": ttft.count,
+                "p50": ms(ttft.percentile(50)),
+                "p90": ms(ttft.percentile(90)),
+                "p99": ms(ttft.percentile(99)),
+            },
+        },
+        "stopped": stopped,
+        "finished": stopped is None,
+    }
+
+
+def _sent_nothing(run: dict[str, Any]) -> bool:
+    """This run found every line already answered: it has no rates or latencies to tell."""
+    return not run.get("attempts_sent") and not run.get("succeeded") and not any(
+        (run.get("failed_by_class") or {}).values())
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Write summary.json atomically. A re-run that had nothing to send keeps `this_run` of
+    the last run that did send (its rates and latencies are the job's useful numbers) and
+    says so in `nothing_sent`, instead of overwriting them with zeros and nulls."""
+    run = summary.get("this_run") or {}
+    if "nothing_sent" not in summary and _sent_nothing(run):
+        previous = _read_summary(out_dir)
+        earlier = (previous or {}).get("this_run")
+        if isinstance(earlier, dict) and not _sent_nothing(earlier):
+            summary["this_run"] = earlier
+        summary["nothing_sent"] = {"at": _iso_now(), "wall_seconds": run.get("wall_seconds")}
+    atomic_write(out_dir / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def _read_summary(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        found = orjson.loads((out_dir / SUMMARY).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _counts_part(c: dict[str, Any]) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v)
+    return f"{c['succeeded']} succeeded, {c['failed']} failed" + (f" ({failed})" if failed else "")
+
+
+def _latency_part(r: dict[str, Any]) -> str:
+    """Percentiles only when something was measured (never "p50 None ms")."""
+    lat = r.get("latency_ms") or {}
+    if lat.get("p50") is None:
+        return ""
+    text = f", latency p50 {millis(lat['p50'])} p90 {millis(lat['p90'])} p99 {millis(lat['p99'])}"
+    ttft = r.get("ttft_ms") or {}
+    if ttft.get("count"):
+        text += f", ttft p50 {millis(ttft['p50'])} p90 {millis(ttft['p90'])}"
+    return text
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    """The one line a run ends with: the job's counts, then what this run did."""
+    c, r = summary["counts"], summary["this_run"]
+    if summary.get("nothing_sent"):
+        return (f"done: {_counts_part(c)}; nothing was left to send: every line already has "
+                "an outcome")
+    extra = ""
+    adm = r.get("admission") or {}
+    if adm.get("mode") == "adaptive" and adm.get("decreases"):
+        extra += f", adaptive: settled at {adm['concurrency_final']} in flight"
+        if adm.get("settled_requests_per_second") is not None:  # none when nothing succeeded
+            extra += f", {adm['settled_requests_per_second']} req/s"
+    return (
+        f"done: {_counts_part(c)}; this run {r['requests_per_second']} req/s, "
+        f"{r['tokens']['per_second']} tok/s{_latency_part(r)}{extra}, "
+        f"wall {r['wall_seconds']} s"
+    )
+
+
+def next_steps(summary: dict[str, Any], out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Where a finished run's failed lines are and, per class, what may be done about them.
+
+    Worded from each class's policy (what it means, whether `resend` may choose it), so a
+    new class or a changed rule changes this advice without anyone editing it."""
+    by_class = summary["counts"]["failed_by_class"]
+    rows: list[dict[str, Any]] = []
+    lines = [f"failed lines are in {out_dir / FAILURES} (error.code says why):"]
+    for cls in FAILURE_CLASSES:
+        n = by_class.get(cls.value, 0)
+        if not n:
+            continue
+        command = (f"tmbatch resend {shlex.quote(str(out_dir))} --class {cls.value}"
+                   if cls.policy.user_resendable else None)
+        rows.append({"class": cls.value, "lines": n, "meaning": cls.policy.meaning,
+                     "command": command})
+        lines.append(f"  {n} {cls.value}: {cls.policy.meaning}")
+        if command:
+            lines.append(f"      {command}")
+    return "\n".join(lines), rows
+
+
+def say_next_steps(summary: dict[str, Any], out_dir: Path) -> None:
+    """After the final line of a finished run with failures: the pointer people need."""
+    if not summary.get("finished") or not summary["counts"]["failed"]:
+        return
+    text, rows = next_steps(summary, out_dir)
+    say("next_steps", text, failures_file=str(out_dir / FAILURES), classes=rows)

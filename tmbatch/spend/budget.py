@@ -1,0 +1,506 @@
+"""The spend guard: know what a job spent, and never admit an attempt past its budget.
+
+Each billed attempt takes a `Reservation` before it is sent, as it takes a `limits.Ticket`:
+its worst case, the estimated prompt (`tokens.prompt_tokens`, scaled up once usage has shown
+the estimate to be low) plus its output ceiling. It is admitted only if spent + reserved +
+this attempt stays within every budget (`--budget-tokens`, `--budget-usd`). If it does not
+fit while other attempts are in flight it waits for them, since their answers usually cost
+less than was reserved; if it could not fit even after every one of them, the budget is
+reached: nothing more is admitted, the attempts in flight finish, unsent lines stay pending,
+and the run exits 6.
+
+When the answer arrives its reservation becomes the answer's `usage` (a stream counts what
+arrived; an answer without `usage` counts its text by the same estimator). A failed attempt
+counts nothing when its outcome's policy says the server did no work (`policy.refund`), and
+its worst case otherwise (ambiguous: it may have been billed).
+
+The job's spend survives crashes and resumes through the journal: a snapshot of the job's
+cumulative spend (`journal.SpendRecord`) at most every SNAPSHOT_EVERY seconds and at close,
+and, under a budget, each dispatch record carries its reservation, so an attempt a crash cut
+off counts its worst case on resume (see `journal.replay_spend`).
+
+/tokenize and /detokenize are not billed and never counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmbatch.base.stop import Stop
+from tmbatch.inputs.reader import Request
+from tmbatch.journal.journal import SpendRecord
+from tmbatch.policy import AttemptFailed
+from tmbatch.spend.prices import Prices
+from tmbatch.spend.tokens import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    answer_text_tokens,
+    choices,
+    output_cap,
+    output_ceiling,
+    prompt_tokens,
+)
+from tmbatch.spend.usage import Tokens, short
+
+log = logging.getLogger("tmbatch")
+
+SNAPSHOT_EVERY = 0.25  # seconds between spend snapshots in the journal (and at close)
+FACTOR_MAX = 50.0  # a prompt estimate is never scaled up more than this
+WAIT_POLL = 0.5  # a waiting attempt looks at the stop state at least this often
+
+
+@dataclass
+class BudgetSpec:
+    """What the user asked for: the limits and the prices (for `run`, `resend`, `estimate`)."""
+
+    tokens: int | None = None
+    usd: float | None = None
+    prices: Prices = field(default_factory=Prices)
+
+    @property
+    def limited(self) -> bool:
+        return self.tokens is not None or self.usd is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.tokens is not None:
+            parts.append(f"{self.tokens:,} tokens")
+        if self.usd is not None:
+            parts.append(f"${self.usd:,.4g}")
+        return " and ".join(parts) or "none"
+
+    def record(self) -> dict[str, Any]:
+        """The run's journal record of its limits and prices (status and report read it)."""
+        return {"e": "budget", "t": round(time.time(), 3), "tokens": self.tokens,
+                "usd": self.usd, "prices": self.prices.as_json()}
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """One billed attempt's claim on the budget, from before it is sent until its answer.
+
+    The sender holds it for the attempt and reports the attempt's end to it, so what is
+    counted is exactly this attempt's, whatever other attempts do (as `limits.Ticket`).
+    """
+
+    budget: Budget
+    model: str
+    body: dict[str, Any]
+    raw_prompt: int = -1  # the estimator's prompt tokens (-1: not estimated yet)
+    prompt: int = 0  # reserved prompt tokens (the estimate, scaled by what usage showed)
+    output: int = 0  # reserved output tokens (the output ceiling)
+    usd: float = 0.0
+    capped: bool = True  # the line sets its own output cap
+    held: bool = False  # counted in the budget's reserved sums
+    sent: bool = False  # its dispatch record is written: it may be billed from now on
+    known: bool = False  # sent with an estimate (else counted as of unknown spend in flight)
+    settled: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.output
+
+    def estimate(self) -> None:
+        if self.raw_prompt < 0:
+            self.budget._estimate(self)
+
+    def journal(self) -> list[Any] | None:
+        """What the dispatch record carries under a budget: [model, prompt, output]."""
+        return [self.model, self.prompt, self.output] if self.held else None
+
+    def dispatched(self) -> None:
+        """Its bytes are about to leave: from now on a crash counts its worst case."""
+        self.sent = True
+        if self.raw_prompt < 0:  # not estimated (no budget): `known` stays False
+            self.budget._in_flight_unknown += 1  # _in_flight_add's case, without the call
+        else:
+            self.known = True
+            self.budget._in_flight_add(self, 1)
+
+    def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
+        """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
+        replaces the reservation."""
+        if self.settled:
+            return
+        b = self.budget
+        if used is None:  # no usage (e.g. a stream without it): count what arrived
+            self.estimate()
+            used = (self.prompt, answer_text_tokens(body), 0)
+        elif self.raw_prompt >= 0:  # estimated (under a budget): learn from the usage
+            b._learn(self, used[0], used[1])
+        self._settle(*used)
+
+    def failed(self, failure: AttemptFailed) -> None:
+        """Nothing when the server provably did no work; else the worst case."""
+        if self.settled:
+            return
+        if failure.cls.policy.refund:
+            self._settle(None)
+            return
+        self.estimate()
+        self._settle(self.prompt, self.output, 0)
+
+    def end(self) -> None:
+        """The attempt is over without an answer (stopped, cancelled): a reservation never
+        sent is given back; one sent stays reserved, as its outcome is unknown."""
+        if self.settled:
+            return
+        if not self.sent:
+            self._settle(None)
+        elif not self.known:  # so the close snapshot can count its worst case
+            self.budget._in_flight_add(self, -1)
+            self.estimate()
+            self.known = True
+            self.budget._in_flight_add(self, 1)
+
+    def _settle(self, prompt: int | None, completion: int = 0, cached: int = 0) -> None:
+        self.settled = True
+        b = self.budget
+        if self.sent:
+            if self.known:
+                b._in_flight_add(self, -1)
+            else:  # _in_flight_add's case, without the call (once per answer)
+                b._in_flight_unknown -= 1
+        if self.held:
+            b._release(self)
+        if prompt is not None:
+            b._count(self, prompt, completion, cached)
+
+
+class _Free:
+    """The reservation of an unbilled attempt (/tokenize, /detokenize): counts nothing."""
+
+    sent = settled = held = False
+
+    def journal(self) -> None:
+        return None
+
+    def dispatched(self) -> None: ...
+    def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None: ...
+    def failed(self, failure: AttemptFailed) -> None: ...
+    def end(self) -> None: ...
+
+
+FREE = _Free()
+Hold = Reservation | _Free  # what an attempt holds: a billed one's reservation, or FREE
+
+
+class Budget:
+    """The job's spend (earlier runs + this one), this run's reservations, and the limits."""
+
+    def __init__(self, spec: BudgetSpec | None = None, stop: Stop | None = None,
+                 prior: dict[str, list[int]] | None = None, prior_unknown: int = 0) -> None:
+        self.spec = spec or BudgetSpec()
+        self.enforcing = self.spec.limited  # a plain field: read on every attempt
+        self.prices = self.spec.prices
+        self._priced = bool(self.prices)  # read on every answer: Prices.__bool__ is a call
+        self.stop = stop
+        self.spent: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
+        # what the earlier runs spent: this run's share is `spent` less this (see `this_run`),
+        # so an answer is counted in one book, not two
+        self._before: dict[str, Tokens] = {m: Tokens.of(v) for m, v in (prior or {}).items()}
+        self.unknown = prior_unknown  # attempts whose spend nobody can know (see journal)
+        self.spent_tokens = sum(t.total for t in self.spent.values())
+        self.spent_usd = sum(self._cost(m, t) for m, t in self.spent.items())
+        self.reserved_tokens = 0
+        self.reserved_usd = 0.0
+        self.reserved_by_model: dict[str, list[float]] = {}  # model -> [tokens, usd]
+        self.held = 0
+        self._in_flight: dict[str, list[int]] = {}  # sent, unanswered: model -> [p, out, n]
+        self._in_flight_unknown = 0
+        self.prompt_factor = 1.0
+        self._est_sum = 0
+        self._act_sum = 0
+        self.uncapped_output = DEFAULT_MAX_OUTPUT_TOKENS
+        self.unpriced: set[str] = {m for m in self.spent if self.prices.get(m) is None}
+        self.reached: str | None = None
+        self.overrun_warned = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._journal: Callable[[SpendRecord], None] | None = None
+        self._last_snapshot = -math.inf
+        self._dirty = False
+
+    @classmethod
+    def for_job(cls, spec: BudgetSpec, stop: Stop, resume: Any) -> Budget:
+        """This run's budget, counting what the job's earlier runs spent (from the journal)."""
+        if resume is None:
+            return cls(spec, stop)
+        if resume.spend is None and spec.limited:
+            log.warning("this job's earlier runs were made by a tmbatch that did not journal "
+                        "spend: the budget counts only what is spent from now on")
+        if resume.spend_unknown and spec.limited:
+            log.warning("%d attempt(s) of an earlier run without a budget were cut off with no "
+                        "estimate of their spend: the budget cannot count them",
+                        resume.spend_unknown)
+        return cls(spec, stop, resume.spend, resume.spend_unknown)
+
+    # -- the journal ----------------------------------------------------------------------------
+    def start(self, writer: Any) -> None:
+        """Journal the run's limits and prices and a first snapshot (so a resume of this
+        journal knows spend is recorded from here on), and a last snapshot at close."""
+        if self.enforcing or self.prices:
+            writer.header(self.spec.record())
+        self._journal = writer.spend
+        writer.before_close.append(self.snapshot)
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        if self._journal is None:
+            return
+        self._dirty = False
+        self._last_snapshot = time.monotonic()
+        self._journal(SpendRecord(
+            round(time.time(), 3), {m: t.as_list() for m, t in self.spent.items()},
+            {m: list(v) for m, v in self._in_flight.items() if v[2]}, self._in_flight_unknown,
+        ))
+
+    # -- admission ------------------------------------------------------------------------------
+    def track(self, req: Request) -> Hold:
+        """Without a budget only spend is counted: nothing to wait for (the hot path: no
+        coroutine, and the sender calls this instead of `reserve`)."""
+        if req.idempotent:
+            return FREE
+        model = req.body.get("model")
+        return Reservation(self, model if isinstance(model, str) else "", req.body)
+
+    async def reserve(self, req: Request) -> Hold | None:
+        """Claim this attempt's worst case, waiting while attempts in flight may make room;
+        None when the budget is reached (the run's stop is then set)."""
+        res = self.track(req)
+        if not self.enforcing or not isinstance(res, Reservation):
+            return res
+        res.estimate()
+        while True:
+            if self.reached is not None or (self.stop is not None and self.stop.stopping):
+                return None
+            final, waiting = self._room(res, req)
+            if final is not None:
+                self._reach(final)
+                return None
+            if not waiting:
+                break
+            await self._wait()
+            self._estimate(res)  # answers that came meanwhile may have taught the estimate
+        self.held += 1
+        res.held = True
+        self.reserved_tokens += res.tokens
+        self.reserved_usd += res.usd
+        by = self.reserved_by_model.setdefault(res.model, [0.0, 0.0])
+        by[0] += res.tokens
+        by[1] += res.usd
+        return res
+
+    def _room(self, res: Reservation, req: Request) -> tuple[str | None, bool]:
+        """(why the budget is reached, or None; whether to wait for attempts in flight)."""
+        spec = self.spec
+        waiting = False
+        if spec.tokens is not None:
+            if self.spent_tokens + res.tokens > spec.tokens:
+                return (f"spent {self.spent_tokens:,} of --budget-tokens {spec.tokens:,}; the "
+                        f"next request (line {req.line}) may use up to {res.tokens:,}"), False
+            waiting = self.spent_tokens + self.reserved_tokens + res.tokens > spec.tokens
+        if spec.usd is not None:
+            if self.prices.get(res.model) is None:
+                return (f"model {res.model!r} (line {req.line}) has no price, so --budget-usd "
+                        f"cannot hold it: give --price {res.model}=IN:OUT (USD per million "
+                        "tokens) and run again"), False
+            if self.spent_usd + res.usd > spec.usd:
+                return (f"spent ${self.spent_usd:,.4f} of --budget-usd {spec.usd:,.4g}; the "
+                        f"next request (line {req.line}) may cost up to ${res.usd:,.4f}"), False
+            waiting = waiting or self.spent_usd + self.reserved_usd + res.usd > spec.usd
+        return None, waiting
+
+    async def _wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait((fut,), timeout=WAIT_POLL)
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def _wake(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    def _reach(self, why: str) -> None:
+        self.reached = why
+        if self.stop is not None and self.stop.on_budget(why):
+            log.warning("budget reached: %s; no new requests, %d in flight finish",
+                        why, self.held, extra={"event": "budget_reached"})
+        self._wake()
+
+    # -- estimates and what answers teach -------------------------------------------------------
+    def _estimate(self, res: Reservation) -> None:
+        body = res.body
+        res.raw_prompt = prompt_tokens(body)
+        res.prompt = math.ceil(res.raw_prompt * self.prompt_factor)
+        res.capped = output_cap(body) is not None
+        res.output = output_ceiling(body)
+        if not res.capped:  # no cap of its own: the most an uncapped answer has used so far
+            res.output = max(res.output, self.uncapped_output * choices(body))
+        price = self.prices.get(res.model)
+        res.usd = price.cost(res.prompt, res.output) if price is not None else 0.0
+
+    def _learn(self, res: Reservation, prompt: int, completion: int) -> None:
+        """Later worst cases follow what usage says: the prompt estimate's bias (a ratio of
+        sums, never below 1) and the longest answer of a line without an output cap."""
+        if res.raw_prompt > 0:
+            self._est_sum += res.raw_prompt
+            self._act_sum += prompt
+            self.prompt_factor = min(FACTOR_MAX, max(1.0, self._act_sum / self._est_sum))
+        if not res.capped:
+            self.uncapped_output = max(self.uncapped_output,
+                                       math.ceil(completion / choices(res.body)))
+        if res.held and prompt + completion > res.tokens and not self.overrun_warned:
+            self.overrun_warned = True
+            log.warning("an answer used %d tokens, more than the %d reserved for it: the prompt "
+                        "estimate is low for this input (`tmbatch estimate --tokenize` measures "
+                        "it); later reservations are scaled to the usage seen (x%.2f)",
+                        prompt + completion, res.tokens, self.prompt_factor)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _in_flight_add(self, res: Reservation, sign: int) -> None:
+        """Sent and unanswered: what a crash now would leave of unknown outcome."""
+        if not res.known:
+            self._in_flight_unknown += sign
+            return
+        v = self._in_flight.setdefault(res.model, [0, 0, 0])
+        v[0] += sign * res.prompt
+        v[1] += sign * res.output
+        v[2] += sign
+
+    def _release(self, res: Reservation) -> None:
+        res.held = False
+        self.held -= 1
+        by = self.reserved_by_model[res.model]
+        if self.held == 0:  # no float drift left behind
+            self.reserved_tokens, self.reserved_usd = 0, 0.0
+            for v in self.reserved_by_model.values():
+                v[0], v[1] = 0.0, 0.0
+        else:
+            self.reserved_tokens -= res.tokens
+            self.reserved_usd -= res.usd
+            by[0] -= res.tokens
+            by[1] -= res.usd
+        self._wake()
+
+    def _count(self, res: Reservation, prompt: int, completion: int, cached: int) -> None:
+        model = res.model
+        t = self.spent.get(model)
+        if t is None:
+            t = self.spent[model] = Tokens()
+        t.add(prompt, completion, cached)
+        self.spent_tokens += prompt + completion
+        if self._priced:
+            price = self.prices.get(model)
+            if price is not None:
+                self.spent_usd += price.cost(prompt, completion, cached)
+            elif model not in self.unpriced:
+                self.unpriced.add(model)
+                log.warning("no price for model %r: cost figures exclude it (add --price "
+                            "%s=IN:OUT, USD per million tokens)", model, model)
+        self._dirty = True
+        if time.monotonic() - self._last_snapshot >= SNAPSHOT_EVERY:
+            self.snapshot()
+
+    def this_run(self, model: str) -> Tokens:
+        """What this run spent on `model`: the job's spend less the earlier runs'."""
+        t = self.spent.get(model, Tokens())
+        before = self._before.get(model)
+        if before is None:
+            return Tokens(t.prompt, t.completion, t.cached, t.requests)
+        return Tokens(t.prompt - before.prompt, t.completion - before.completion,
+                      t.cached - before.cached, t.requests - before.requests)
+
+    def worst_case(self, req: Request) -> Reservation:
+        """The reservation `req` would take now (not held): its worst case."""
+        model = req.body.get("model")
+        res = Reservation(self, model if isinstance(model, str) else "", req.body)
+        res.estimate()
+        return res
+
+    def _cost(self, model: str, t: Tokens) -> float:
+        price = self.prices.get(model)
+        return 0.0 if price is None else price.cost(t.prompt, t.completion, t.cached)
+
+    # -- what people and scripts see ------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"spent_tokens": self.spent_tokens}
+        if self.prices:
+            out["spent_usd"] = round(self.spent_usd, 6)
+        if self.spec.tokens is not None:
+            out["budget_tokens"] = self.spec.tokens
+        if self.spec.usd is not None:
+            out["budget_usd"] = self.spec.usd
+        return out
+
+    def progress_text(self) -> str:
+        """`12.3k tok / 50k tok, $0.41 / $1.00` spent (of the budget): progress line and bar."""
+        return self._spent_against(lambda n: f"{short(n)} tok", lambda x: f"${x:,.2f}", " / ")
+
+    def _spent_against(self, tokens: Callable[[float], str], usd: Callable[[float], str],
+                       of: str) -> str:
+        text = tokens(self.spent_tokens)
+        if self.spec.tokens is not None:
+            text += of + tokens(self.spec.tokens)
+        if self.prices:
+            text += ", " + usd(self.spent_usd)
+            if self.spec.usd is not None:
+                text += of + usd(self.spec.usd)
+        return text
+
+    def report(self) -> dict[str, Any]:
+        """summary.json's `spend`: the job's spent, reserved and budget, by model and total."""
+        models = sorted(set(self.spent) | set(self.reserved_by_model))
+        by_model: dict[str, Any] = {}
+        for m in models:
+            t = self.spent.get(m, Tokens())
+            run = self.this_run(m)
+            res = self.reserved_by_model.get(m, [0.0, 0.0])
+            priced = self.prices.get(m) is not None
+            by_model[m] = {
+                "spent": {"tokens": t.total, "prompt": t.prompt, "completion": t.completion,
+                          "cached": t.cached, "requests": t.requests,
+                          "usd": round(self._cost(m, t), 6) if priced else None},
+                "this_run": {"tokens": run.total, "requests": run.requests,
+                             "usd": round(self._cost(m, run), 6) if priced else None},
+                "reserved": {"tokens": int(res[0]), "usd": round(res[1], 6) if priced else None},
+            }
+        out: dict[str, Any] = {
+            "budget": {"tokens": self.spec.tokens, "usd": self.spec.usd},
+            "spent": {"tokens": self.spent_tokens,
+                      "usd": round(self.spent_usd, 6) if self.prices else None},
+            "reserved": {"tokens": int(self.reserved_tokens),
+                         "usd": round(self.reserved_usd, 6) if self.prices else None},
+            "by_model": by_model,
+            "reached": self.reached,
+            "prices": self.prices.as_json(),
+            "usd_excludes_models": sorted(self.unpriced),
+            "unknown_attempts": self.unknown,
+        }
+        if self.enforcing:
+            out["prompt_estimate_factor"] = round(self.prompt_factor, 3)
+        return out
+
+    def final_line(self) -> str | None:
+        """One line for the end of a run with a budget or prices; None otherwise."""
+        if not (self.enforcing or self.prices):
+            return None
+        text = "spend: " + self._spent_against(lambda n: f"{n:,.0f} tokens",
+                                               lambda x: f"${x:,.4f}", " of ")
+        if self.unpriced:
+            text += f" (excludes {', '.join(sorted(self.unpriced))}: no price)"
+        if self.unknown:
+            text += (f"; {self.unknown} attempt(s) of an earlier run without a budget ended "
+                     "with no record of their spend")
+        return text + " (the whole job)"
+
+

@@ -1,0 +1,129 @@
+"""What a job spent: tokens by model from `usage`, as the journal keeps them and people read them.
+
+The numbers are facts (what the server's `usage` said, or the worst case of an attempt that
+may have been billed without saying); dollars are those tokens at the prices the user gave.
+`budget` keeps the books while a run goes; `status` and `report` read them back here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tmbatch.spend.prices import Prices
+
+
+@dataclass(slots=True)
+class Tokens:
+    """Tokens one model was billed for, and how many answers (or possible answers) they were."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    requests: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def add(self, prompt: int, completion: int, cached: int = 0, requests: int = 1) -> None:
+        self.prompt += prompt
+        self.completion += completion
+        self.cached += cached
+        self.requests += requests
+
+    def as_list(self) -> list[int]:
+        return [self.prompt, self.completion, self.cached, self.requests]
+
+    @classmethod
+    def of(cls, raw: Iterable[Any]) -> Tokens:
+        nums = [int(v) if isinstance(v, int | float) else 0 for v in raw][:4]
+        return cls(*nums)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def usage_tokens(body: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) from an answer's `usage`, either naming; None if absent."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    # one lookup per field in the common case: this runs on every answer
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        prompt, completion = _int(prompt), _int(completion)  # the checks, past the common case
+        if prompt is None or completion is None:
+            return None  # absent, a bool, a float, negative: not a count
+    details = usage.get("prompt_tokens_details")
+    if details is None:
+        details = usage.get("input_tokens_details")
+        if details is None:
+            return prompt, completion, 0
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return prompt, completion, min(cached or 0, prompt)
+
+
+def spend_status(state: Any) -> dict[str, Any] | None:
+    """The job's spend as the journal says (`journal.ResumeState`), priced at the last run's
+    prices, with its last budget; None for a journal an older tmbatch wrote."""
+    if state.spend is None:
+        return None
+    rec = state.budget or {}
+    prices = Prices.from_json(rec.get("prices"))
+    by_model = {}
+    usd = 0.0
+    for model, row in sorted(state.spend.items()):
+        t = Tokens.of(row)
+        price = prices.get(model)
+        cost = None if price is None else price.cost(t.prompt, t.completion, t.cached)
+        usd += cost or 0.0
+        by_model[model] = {"tokens": t.total, "prompt": t.prompt, "completion": t.completion,
+                           "cached": t.cached, "requests": t.requests,
+                           "usd": None if cost is None else round(cost, 6)}
+    return {
+        "tokens": sum(m["tokens"] for m in by_model.values()),
+        "usd": round(usd, 6) if prices else None,
+        "usd_excludes_models": sorted(m for m in by_model if prices.get(m) is None)
+        if prices else [],
+        "by_model": by_model,
+        "budget": {"tokens": rec.get("tokens"), "usd": rec.get("usd")},
+        "unknown_attempts": state.spend_unknown,
+    }
+
+
+def render_spend(s: dict[str, Any] | None) -> str:
+    """`tmbatch status`'s spend line."""
+    if s is None:
+        return "unknown (the journal was written by a tmbatch that did not record spend)"
+    text = f"{s['tokens']:,} tokens"
+    budget = s["budget"]
+    if budget.get("tokens"):
+        text += f" of a budget of {budget['tokens']:,}"
+    if s["usd"] is not None:
+        text += f", ${s['usd']:,.4f}"
+        if budget.get("usd"):
+            text += f" of ${budget['usd']:,.4g}"
+        if s["usd_excludes_models"]:
+            text += f" (excludes {', '.join(s['usd_excludes_models'])}: no price)"
+    parts = [f"{m} {v['tokens']:,}" for m, v in s["by_model"].items()]
+    if len(parts) > 1:
+        text += " (" + ", ".join(parts) + ")"
+    if s["unknown_attempts"]:
+        text += f"; {s['unknown_attempts']} cut-off attempt(s) of unknown spend"
+    return text
+
+
+def short(n: float) -> str:
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
