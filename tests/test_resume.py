@@ -20,7 +20,16 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    read_stderr_until,
+    run_cli,
+    write_jsonl,
+)
 from tmbatch.client.http import idempotency_key
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.journal import SpendRecord
@@ -142,7 +151,7 @@ def test_second_signal_stops_at_once_and_leaves_unknown_outcomes(
     proc = start(sim, inp, out, "--concurrency", "3")
     wait_received(sim, 3)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    read_stderr_until(proc, b"no new requests")  # the first one is being handled: draining
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=20)
     assert proc.returncode == 130
