@@ -80,6 +80,17 @@ class SimThread:
         self.loop.close()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `slow` marker (pyproject.toml): long soaks are skipped unless TMBATCH_SLOW=1."""
+    if os.environ.get("TMBATCH_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long soak: set TMBATCH_SLOW=1 to run it "
+                            "(TMBATCH_SLOW=1 python -m pytest -m slow)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def sim_factory() -> Iterator[Any]:
     started: list[SimThread] = []
