@@ -125,9 +125,12 @@ def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path,
 def test_sigterm_drains_in_flight_and_resume_sends_only_the_rest(
     sim_factory: Any, tmp_path: Path
 ) -> None:
-    sim = sim_factory(latency=2.0)
+    sim = sim_factory()
     ids = [f"req-{i}" for i in range(20)]
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(20)])
+    rows = [chat_line(i) for i in range(20)]
+    for row in rows[:4]:  # the four in flight when the signal comes; the rest answer at once
+        row["body"]["sim"] = {"sleep": 2.0}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     proc = start(sim, inp, out, "--concurrency", "4")
     wait_received(sim, 4)
