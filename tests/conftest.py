@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,6 +78,17 @@ class SimThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `slow` marker (pyproject.toml): long soaks are skipped unless TMBATCH_SLOW=1."""
+    if os.environ.get("TMBATCH_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long soak: set TMBATCH_SLOW=1 to run it "
+                            "(TMBATCH_SLOW=1 python -m pytest -m slow)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -191,6 +204,31 @@ def drop_file_override() -> None:
     for cap in (cap_dac_override, cap_dac_read_search):
         if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0 and os.geteuid() == 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def read_stderr_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float = 30) -> bytes:
+    """Read a running process's piped stderr until `marker` has appeared: a bounded wait for
+    a state the process reports, not a sleep. Returns what was read, which `communicate` will
+    not return again."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    got = b""
+    deadline = time.monotonic() + timeout
+    while marker not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {marker!r} on stderr: {got[-2000:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"stderr closed before {marker!r}: {got[-2000:]!r}"
+            got += chunk
+    return got
+
+
+def journal_records(out: Path, kind: str) -> list[list[Any]]:
+    """The records of one kind ("d" dispatch, "p" pause, ...) in the journal of a run in
+    progress (or killed): its whole lines, as written so far."""
+    return [r for r in read_jsonl_tolerant(out / "journal.jsonl")
+            if isinstance(r, list) and r and r[0] == kind]
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -354,8 +354,16 @@ def test_after_kill_9_a_resumed_job_counts_at_least_what_was_billed(sim_factory:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    time.sleep(1.0)  # requests the server had already taken finish there (latency 0.3 s)
-    billed = sim.stats()["processed_total"]
+    # requests the server had already taken finish there (latency 0.3 s): every one it
+    # received is answered (into a closed socket) and counted in its status counts
+    deadline = time.monotonic() + 30
+    while True:
+        chat = (stats := sim.stats())["by_route"]["/v1/chat/completions"]
+        if sum(chat["status_counts"].values()) == chat["received"]:
+            break
+        assert time.monotonic() < deadline, chat
+        time.sleep(0.02)
+    billed = stats["processed_total"]
     assert 40 <= billed < 200
     worst = prompt_tokens(rows[0]["body"]) + 16
     got = read_jsonl_tolerant(out / "results.jsonl")

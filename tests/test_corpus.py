@@ -27,7 +27,7 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
-from tmbatch.cli import main as cli
+from tmbatch.cli.main import main as cli_main
 from tmbatch.client.http import idempotency_key
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -174,7 +174,7 @@ def test_validate(name: str, generated: dict[str, Path], tmp_path: Path,
         proc = run_cli(argv, as_plain_user=plain)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
-        code = cli.main(argv)
+        code = cli_main(argv)
         out, err = capsys.readouterr()
     check_clean_error(err, exp)
     assert code == exp["exit"], (out, err)

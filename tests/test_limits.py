@@ -502,9 +502,9 @@ LIMIT_STYLES = {
 @pytest.mark.parametrize("style", list(LIMIT_STYLES))
 def test_a_learnt_pace_against_each_limit_style(style: str, sim_factory: Any,
                                                   tmp_path: Path) -> None:
-    # a request sent after a 429 came back arrives inside its window: 20 ms of grace covers
-    # only what was already on the wire (the default quarter second hid a bug)
-    sim = sim_factory(api_key=API_KEY, latency=0.01, grace=0.02, **LIMIT_STYLES[style])
+    # a request sent after a 429 came back arrives inside its window: the simulator's default
+    # 10 ms of grace covers only what crossed the 429 on the wire (a quarter second hid a bug)
+    sim = sim_factory(api_key=API_KEY, latency=0.01, **LIMIT_STYLES[style])
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(50)])
     p = _run(sim, inp, tmp_path / "out", "--concurrency", "32", "--max-retries", "2")
     assert p.returncode == 0, p.stderr

@@ -29,6 +29,7 @@ from tmbatch.policy import Outcome
 from tmbatch.run.options import RunOptions
 from tmbatch.run.progress import Progress, layout
 from tmbatch.run.summary import RunStats
+from tmbatch.sim.virtual import run_virtual
 
 BLOCKS = "█▏▎▍▌▋▊▉"
 
@@ -167,18 +168,18 @@ def test_tpm_below_one_request_warns_at_the_first_request() -> None:
                 pass
 
         task = asyncio.ensure_future(enter())
-        await asyncio.sleep(0.05)  # the warning comes before the long wait for the budget
+        await asyncio.sleep(0.05)  # virtual: the warning comes before the long wait for the budget
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     seen = Records()
     logging.getLogger("tmbatch").addHandler(seen)
     try:
-        asyncio.run(admit(Admission(tpm=100_000)))
+        run_virtual(lambda: admit(Admission(tpm=100_000)))
         assert not any("--tpm" in m for m in seen.messages)
         adm = Admission(tpm=30)
-        asyncio.run(admit(adm))
-        asyncio.run(admit(adm))
+        run_virtual(lambda: admit(adm))
+        run_virtual(lambda: admit(adm))
     finally:
         logging.getLogger("tmbatch").removeHandler(seen)
     warned = [m for m in seen.messages if "--tpm 30 is below" in m]

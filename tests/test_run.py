@@ -19,6 +19,7 @@ from tests.conftest import (
     ROOT,
     chat_line,
     clean_env,
+    journal_records,
     outcomes,
     read_jsonl,
     run_cli,
@@ -204,7 +205,12 @@ def test_connection_refused_is_retried_until_the_server_comes_up(tmp_path: Path)
          "--base-url", f"http://127.0.0.1:{port}", "--max-retries", "10", "--job-id", JOB],
         env=env_with_key(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    time.sleep(1.5)  # the first attempts find nobody listening
+    # the first attempts find nobody listening: wait until one has been retried
+    deadline = time.monotonic() + 30
+    while not any(r[2] >= 2 for r in journal_records(out, "d")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no attempt was retried"
+        time.sleep(0.02)
     assert proc.poll() is None
     loop = asyncio.new_event_loop()
     ready = threading.Event()

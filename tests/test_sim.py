@@ -37,11 +37,25 @@ RESPONSES = "/v1/responses"
 Scenario = Callable[[SimServer, aiohttp.ClientSession], Awaitable[None]]
 
 
-def run_with_sim(config: SimConfig, scenario: Scenario) -> None:
+class FakeClock:
+    """The simulator's accounting clock (arrivals, limits, Retry-After windows), moved by the
+    test: a pause is waited out by moving it, not by sleeping. The sockets stay real."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # steps of 1/2**k seconds stay exact on it
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_with_sim(config: SimConfig, scenario: Scenario, clock: FakeClock | None = None) -> None:
     """pytest-asyncio is not a dependency: each test runs its own loop and server."""
 
     async def main() -> None:
-        server = await start_sim(config)
+        server = await (start_sim(config) if clock is None else start_sim(config, clock=clock))
         try:
             async with aiohttp.ClientSession() as session:
                 await scenario(server, session)
@@ -450,51 +464,56 @@ def test_computed_retry_after_and_ratelimit_headers() -> None:
 
 
 def test_ignoring_retry_after_is_counted_as_a_violation() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
         status, _, headers = await post(session, server, CHAT, chat_body("b"))
         assert status == 429 and headers["Retry-After"] == "0.6"
-        await asyncio.sleep(0.2)  # past the grace period, well inside the announced pause
+        clock.advance(0.02)  # past the grace (10 ms), well inside the announced pause
         await post(session, server, CHAT, chat_body("b"))
         await post(session, server, "/tokenize", {"model": "tm-small", "prompt": "x"})
         assert server.stats()["retry_after_violations"] == 2
 
-    run_with_sim(SimConfig(rate_limit=1, retry_after=0.6, grace=0.1), scenario)
+    run_with_sim(SimConfig(rate_limit=1, retry_after=0.6), scenario, clock)
 
 
 def test_honouring_retry_after_is_not_a_violation() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
         assert (await post(session, server, CHAT, chat_body("a2")))[0] == 200
         status, _, headers = await post(session, server, CHAT, chat_body("b"))
         assert status == 429
-        # a request already in flight when the 429 was sent arrives inside the grace period
+        # a request that crossed the 429 on the wire arrives inside the grace
+        clock.advance(0.005)
         await post(session, server, CHAT, chat_body("c"))
-        await asyncio.sleep(int(headers["retry-after-ms"]) / 1000)
+        clock.advance(int(headers["retry-after-ms"]) / 1000)
         assert (await post(session, server, CHAT, chat_body("b")))[0] == 200
         stats = server.stats()
         assert stats["retry_after_violations"] == 0
         assert stats["rejected_429"] == 2
 
-    run_with_sim(
-        SimConfig(rate_limit=2, retry_after=0.5, retry_after_format="ms", grace=0.2), scenario
-    )
+    run_with_sim(SimConfig(rate_limit=2, retry_after=0.5, retry_after_format="ms"), scenario,
+                 clock)
 
 
 @pytest.mark.parametrize("fmt", ["seconds", "http-date", "ms", "llm-provider", "none"])
 def test_every_hint_that_announces_a_pause_opens_a_window(fmt: str) -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
         assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
-        await asyncio.sleep(0.2)  # past the grace, inside a 0.6 s (or later) pause
+        clock.advance(0.2)  # past the grace, inside a 0.6 s (or later) pause
         await post(session, server, CHAT, chat_body("b"))
         # "none" announces nothing, so arriving early breaks no promise
         expected = 0 if fmt == "none" else 1
         assert server.stats()["retry_after_violations"] == expected
 
-    run_with_sim(
-        SimConfig(rate_limit=1, retry_after=0.6, retry_after_format=fmt, grace=0.1), scenario
-    )
+    run_with_sim(SimConfig(rate_limit=1, retry_after=0.6, retry_after_format=fmt), scenario,
+                 clock)
 
 
 def test_burst_sets_how_many_pass_at_once() -> None:
@@ -512,6 +531,8 @@ def test_burst_sets_how_many_pass_at_once() -> None:
 
 
 def test_fixed_window_admits_exactly_n_per_window() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         statuses = []
         for i in range(60):
@@ -519,7 +540,7 @@ def test_fixed_window_admits_exactly_n_per_window() -> None:
             statuses.append(status)
             if status == 429:
                 assert "Retry-After" not in headers and "retry-after-ms" not in headers
-            await asyncio.sleep(0.01)
+            clock.advance(1 / 64)  # 16 arrivals a window, the last of the four cut short
         stats = server.stats()
         window = stats["window"]
         ok: dict[int, int] = {}
@@ -530,14 +551,15 @@ def test_fixed_window_admits_exactly_n_per_window() -> None:
                 ok[index] = ok.get(index, 0) + 1
             else:
                 refused.add(index)
-        assert refused, "60 requests in about 0.6 s must meet the limit of 3 per 0.25 s"
-        assert all(n <= 3 for n in ok.values())
-        # a window that refused anything had admitted exactly its 3 first
-        assert all(ok.get(index) == 3 for index in refused)
+        assert refused == {0, 1, 2, 3}
+        # each window admitted exactly its 3 first, and refused the rest
+        assert ok == {0: 3, 1: 3, 2: 3, 3: 3}
+        assert statuses == ([200] * 3 + [429] * 13) * 3 + [200] * 3 + [429] * 9
         assert len(stats["log"]) == 60 and stats["rejected_429"] == 60 - sum(ok.values())
 
     run_with_sim(
-        SimConfig(window_limit=3, window_seconds=0.25, retry_after_format="none"), scenario
+        SimConfig(window_limit=3, window_seconds=0.25, retry_after_format="none"), scenario,
+        clock,
     )
 
 
@@ -602,25 +624,26 @@ def test_tokens_per_minute_charges_usage_and_refuses_in_debt() -> None:
 
 
 def test_x_ratelimit_remaining_zero_opens_a_window_until_room() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         status, _, headers = await post(session, server, CHAT, chat_body("a"))
         assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
-        assert headers["x-ratelimit-reset-requests"] in {"1s", "999ms"}
-        await asyncio.sleep(0.2)  # past the grace, well before the next token (1 s)
+        assert headers["x-ratelimit-reset-requests"] == "1s"
+        clock.advance(0.25)  # past the grace, well before the next token (1 s)
         status, _, headers = await post(session, server, CHAT, chat_body("b"))
         assert status == 429 and "Retry-After" not in headers
         assert server.stats()["retry_after_violations"] == 1
         # honouring the reset: wait what it says, then the next one passes without blame
         reset = headers["x-ratelimit-reset-requests"]
-        await asyncio.sleep(int(reset[:-2]) / 1000 if reset.endswith("ms") else float(reset[:-1]))
+        assert reset == "750ms"
+        clock.advance(int(reset[:-2]) / 1000)
         status, _, _ = await post(session, server, CHAT, chat_body("b"))
         assert status == 200
         assert server.stats()["retry_after_violations"] == 1
 
-    run_with_sim(
-        SimConfig(rate_limit=1, ratelimit_headers=True, retry_after_format="none", grace=0.1),
-        scenario,
-    )
+    run_with_sim(SimConfig(rate_limit=1, ratelimit_headers=True, retry_after_format="none"),
+                 scenario, clock)
 
 
 def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
@@ -647,23 +670,23 @@ def test_capacity_queues_instead_of_refusing_and_never_exceeds_n() -> None:
 def test_rate_schedule_changes_the_accepted_rate_at_the_given_time() -> None:
     from tmbatch.sim.limits import ScheduledBucket
 
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         resets = []
-        end = server.stats()["epoch"] + 1.0
-        i = 0
-        while time.monotonic() < end:
+        for i in range(64):  # a second, an arrival every 1/64 s
             status, _, headers = await post(session, server, CHAT, chat_body(f"q{i}"))
             if status == 200:
                 resets.append(headers["x-ratelimit-reset-requests"])
-            i += 1
-            await asyncio.sleep(0.02)
+            clock.advance(1 / 64)
         stats = server.stats()
         epoch = stats["epoch"]
         log = [(e[0] - epoch, e[3]) for e in stats["log"]]
         before = sum(1 for t, s in log if t < 0.5 and s == 200)
         after = sum(1 for t, s in log if t >= 0.5 and s == 200)
-        # 0.5 s at 2/s holding 1: the burst and one more; then 0.5 s at 20/s: about 10
-        assert before <= 2 and after >= 4, log
+        # 0.5 s at 2/s holding 1: the burst only; then 0.5 s at 20/s holding 1: a token
+        # every 50 ms, taken by the next arrival (every 1/64 s): 8 of the 32
+        assert before == 1 and after == 8, log
         # the server's every decision is the pure bucket's on the same arrival times
         bucket = ScheduledBucket(2, 1, 1, epoch, epoch=epoch, schedule=((0.5, 20),))
         replay = []
@@ -678,7 +701,7 @@ def test_rate_schedule_changes_the_accepted_rate_at_the_given_time() -> None:
 
     run_with_sim(
         SimConfig(rate_limit=2, rate_burst=1, rate_schedule=((0.5, 20),), ratelimit_headers=True),
-        scenario,
+        scenario, clock,
     )
 
 
@@ -712,11 +735,13 @@ def test_model_scope_limits_each_model_on_its_own(scope: str) -> None:
 
 @pytest.mark.parametrize("scope", ["account", "model"])
 def test_model_scope_keeps_retry_after_windows_per_model(scope: str) -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
         status, _, headers = await post(session, server, CHAT, chat_body("b"))
         assert status == 429 and headers["Retry-After"] == "0.6"
-        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        clock.advance(0.2)  # past the grace, inside tm-small's announced pause
         status, _, _ = await post(session, server, CHAT, large("c"))
         # in its own scope tm-large was promised nothing: not a violation, and admitted
         assert server.stats()["retry_after_violations"] == (1 if scope == "account" else 0)
@@ -724,8 +749,8 @@ def test_model_scope_keeps_retry_after_windows_per_model(scope: str) -> None:
         await post(session, server, CHAT, chat_body("b"))  # tm-small inside its own window
         assert server.stats()["retry_after_violations"] == (2 if scope == "account" else 1)
 
-    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
-                           limit_scope=scope), scenario)
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, limit_scope=scope),
+                 scenario, clock)
 
 
 def test_model_scope_covers_fixed_windows_but_not_capacity() -> None:
@@ -749,18 +774,20 @@ def test_model_scope_covers_fixed_windows_but_not_capacity() -> None:
 
 @pytest.mark.parametrize("refusal", ["random", "hook"])
 def test_model_scope_windows_of_other_refusals_are_the_models_too(refusal: str) -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         hook = {"sim": {"status": 503, "retry_after": 0.6}} if refusal == "hook" else {}
         assert (await post(session, server, CHAT, chat_body("a", **hook)))[0] == 503
-        await asyncio.sleep(0.2)  # past the grace, inside tm-small's announced pause
+        clock.advance(0.2)  # past the grace, inside tm-small's announced pause
         await post(session, server, CHAT, large("b") | hook)
         assert server.stats()["retry_after_violations"] == 0
         await post(session, server, CHAT, chat_body("c", **hook))
         assert server.stats()["retry_after_violations"] == 1
 
     run_with_sim(SimConfig(refuse_fraction=1.0 if refusal == "random" else 0.0,
-                           refuse_status=503, retry_after=0.6, grace=0.1,
-                           limit_scope="model"), scenario)
+                           refuse_status=503, retry_after=0.6, limit_scope="model"),
+                 scenario, clock)
 
 
 def test_model_scope_charges_each_models_tokens_budget() -> None:
@@ -842,16 +869,18 @@ def test_random_refusals_announce_the_pause_in_each_format(fmt: str) -> None:
 
 
 def test_random_refusals_announce_retry_after_and_open_windows() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         status, _, headers = await post(session, server, CHAT, chat_body("a"))
         assert status == 503 and headers["Retry-After"] == "0.6"
-        await asyncio.sleep(0.2)  # past the grace, inside the announced pause
+        clock.advance(0.2)  # past the grace, inside the announced pause
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 503
         stats = server.stats()
         assert stats["retry_after_violations"] == 1 and stats["rejected_503"] == 2
 
-    run_with_sim(SimConfig(refuse_fraction=1.0, refuse_status=503, retry_after=0.6, grace=0.1),
-                 scenario)
+    run_with_sim(SimConfig(refuse_fraction=1.0, refuse_status=503, retry_after=0.6),
+                 scenario, clock)
 
 
 def test_random_refusals_cost_no_token_and_come_after_the_key_and_model() -> None:
@@ -925,10 +954,12 @@ def test_processed_and_duplicates_follow_idempotency_keys() -> None:
 
 
 def test_by_model_counts_billable_arrivals_and_the_log_names_the_model() -> None:
+    clock = FakeClock()
+
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         assert (await post(session, server, CHAT, chat_body("a")))[0] == 200
         assert (await post(session, server, CHAT, chat_body("b")))[0] == 429
-        await asyncio.sleep(0.2)  # past the grace, inside the pause announced to tm-small
+        clock.advance(0.2)  # past the grace, inside the pause announced to tm-small
         assert (await post(session, server, COMPLETIONS,
                            {"model": "tm-large", "prompt": "c"}))[0] == 200
         assert (await post(session, server, CHAT, chat_body("d")))[0] == 429
@@ -953,8 +984,8 @@ def test_by_model_counts_billable_arrivals_and_the_log_names_the_model() -> None
         assert server.stats()["by_model"]["tm-small"] == {
             "received": 0, "ok": 0, "refused": 0, "violations": 0}
 
-    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, grace=0.1,
-                           limit_scope="model"), scenario)
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=1, retry_after=0.6, limit_scope="model"),
+                 scenario, clock)
 
 
 def test_log_is_capped() -> None:

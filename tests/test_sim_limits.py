@@ -107,3 +107,37 @@ def test_model_scope_gives_each_model_its_own_limits_and_windows() -> None:
     account = new_state(SimConfig(rate_limit=2))
     assert limits_for(account, "tm-small") is limits_for(account, "tm-large") is not None
     assert limits_for(account, None) is account.account
+
+
+def test_the_virtual_server_counts_every_arrival_once_the_refusal_is_back() -> None:
+    """The virtual harness's checker has no grace but the refusal's own flight (REFUSAL_RTT):
+    a request sent while the 429 is on its way back is not counted, one sent at the instant
+    it is back (the same event-loop tick) is not either, and one a microsecond later is."""
+    import asyncio
+
+    from tmbatch.sim.scenarios import Band, Scenario
+    from tmbatch.sim.virtual import REFUSAL_RTT, VirtualServer, run_virtual
+
+    sc = Scenario("t", "t", {"rate_limit": 0.01, "rate_burst": 1, "retry_after": 5.0}, "limit",
+                  Band(1.0))
+
+    async def go() -> list[int]:
+        server = VirtualServer(sc, seed=0)
+        counted = []
+        assert (await server.send("tm-small", "a"))[0] == 200
+        refused = asyncio.ensure_future(server.send("tm-small", "b"))
+        await asyncio.sleep(REFUSAL_RTT / 2)  # the 429 is on its way: this one crossed it
+        crossed = asyncio.ensure_future(server.send("tm-small", "c"))
+        await asyncio.sleep(0)
+        counted.append(server.violations)
+        status, headers, _ = await refused
+        assert status == 429 and headers["Retry-After"] == "5"
+        await server.send("tm-small", "d")  # the same tick the 429 came back in
+        counted.append(server.violations)
+        await asyncio.sleep(1e-6)
+        await server.send("tm-small", "e")
+        counted.append(server.violations)
+        await crossed
+        return counted
+
+    assert run_virtual(go) == [0, 0, 1]

@@ -24,7 +24,18 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, ROOT, AppThread, chat_line, clean_env, read_jsonl, run_cli
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    AppThread,
+    chat_line,
+    clean_env,
+    journal_records,
+    read_jsonl,
+    read_jsonl_tolerant,
+    read_stderr_until,
+    run_cli,
+)
 from tests.conftest import write_jsonl as write_lines
 
 STUCK = 20  # seconds after which a stop that has not ended is a hang
@@ -92,10 +103,12 @@ def test_a_stop_with_a_full_queue_ends(sim: Any, tmp_path: Path, how: str) -> No
                   else "25"])
     wait_for(lambda: sim.stats()["completion_calls"] >= 2, "never sent")
     proc.send_signal(signal.SIGTERM)
-    if how == "second_signal":
-        time.sleep(0.3)
+    early = b""
+    if how == "second_signal":  # once the first has been handled: the drain has begun
+        early = read_stderr_until(proc, b"no new requests")
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=STUCK)
+    err = early + err
     assert proc.returncode == 143, err
     summary = orjson.loads((out / "summary.json").read_bytes())
     assert summary["stopped"] == "SIGTERM" and summary["finished"] is False
@@ -117,7 +130,13 @@ def test_a_signal_ends_a_wait_with_nothing_in_flight(sim: Any, tmp_path: Path,
     proc = start(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url, "-q",
                   "--no-preflight", *extra])
     wait_for(lambda: sim.stats()["received"] >= 1, "never sent")
-    time.sleep(0.5)  # now waiting: in the pause, or in the rate bucket
+    # now waiting: in the pause the 429 announced (journaled), or in the rate bucket once the
+    # first line is answered
+    if case == "retry_after_pause":
+        wait_for(lambda: journal_records(tmp_path / "out", "p") != [], "never paused")
+    else:
+        wait_for(lambda: len(read_jsonl_tolerant(tmp_path / "out" / "results.jsonl")) == 1,
+                 "never answered")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=STUCK)
     assert proc.returncode == 130, err
@@ -312,7 +331,7 @@ def test_kill_9_during_a_retry_after_pause_leaves_the_line_pending(sim: Any,
             "-c", "1"]
     proc = start(args)
     wait_for(lambda: sim.stats()["rejected_429"] == 1, "no 429")
-    time.sleep(0.3)
+    wait_for(lambda: journal_records(out, "p") != [], "the pause never journaled")
     proc.kill()
     proc.wait(10)
     again = run_cli(args, env=env())

@@ -149,7 +149,8 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
     "--sim-stream-chunks": (COUNT, "content deltas per streamed answer (default: 8)"),
     "--sim-seed": (SEED, "seed of the simulated faults and jitter (default: 0)"),
     "--sim-grace": (SECONDS, "arrivals this soon after a 429 left are not counted inside "
-                    "its Retry-After window: requests already on the wire (default: 0.25)"),
+                    "its Retry-After window: requests that crossed it on the wire "
+                    "(default: 0.01)"),
 }
 _FIELD_OF = {"--sim-jitter": "latency_jitter"}
 # Two limits of requests would give x-ratelimit-*-requests two meanings: one or the other.

@@ -78,10 +78,10 @@ def announce(
     return limits.headers(now)
 
 
-def open_window(limits: LimitSet | None, end: float) -> None:
+def open_window(state: SimState, limits: LimitSet | None, end: float) -> None:
     """Arrivals from `grace` after now (the answer leaving) until `end` count as violations."""
     if limits is not None:
-        limits.windows.open(time.monotonic(), end)
+        limits.windows.open(state.clock(), end)
 
 
 def hint_seconds(config: SimConfig, wait: float, hook_retry_after: Any = None) -> float:
@@ -141,7 +141,7 @@ def rejection(
     hint, announced = hint_headers(state.config.retry_after_format, retry_after, time.time())
     headers = {**extra, **hint} if extra else hint
     if announced is not None:
-        open_window(limits, time.monotonic() + announced)
+        open_window(state, limits, state.clock() + announced)
     if kind is None:
         state.refused_random += 1
         message = "The engine is currently overloaded, please try again later."

@@ -8,7 +8,6 @@ faults of SimConfig are drawn per (seed, key, attempt) so a seed reproduces the 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,7 +189,7 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
     served model (it costs no token: the limits may be the model's own), then a refusal at
     random (an overloaded server: no token either), then the limits."""
     raw = await request.read()
-    now = time.monotonic()
+    now = state.clock()
     headers = request.headers
     key = headers.get("Idempotency-Key") or body_key(raw)
     billable = route in BILLABLE_ROUTES
@@ -231,7 +230,7 @@ async def handle_post(request: web.Request, state: SimState, route: str) -> web.
             response = await _serve(request, state, limits, route, key, now, parsed, billable,
                                     extra)
     for end in ends:  # opened as the answer leaves: only then can a client read it
-        open_window(limits, end)
+        open_window(state, limits, end)
     return response
 
 
@@ -261,7 +260,7 @@ async def _serve(
             return response
         _count_processed(state, key)
         answer_or_body: Answer | bytes = build_answer(state, route, body, model, *prompt)
-        extra = _charge_usage(limits, answer_or_body, extra)
+        extra = _charge_usage(limits, now, answer_or_body, extra)
     else:
         result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
         if isinstance(result, str):
@@ -304,12 +303,12 @@ async def _serve(
 
 
 def _charge_usage(
-    limits: LimitSet, answer: Answer, extra: dict[str, str] | None
+    limits: LimitSet, now: float, answer: Answer, extra: dict[str, str] | None
 ) -> dict[str, str] | None:
     """Book the answer's real usage on the tokens budget; its headers then say what is left."""
     if limits.tokens is None:
         return extra
-    tokens = limits.charge(time.monotonic(), answer.prompt_tokens + answer.completion_tokens)
+    tokens = limits.charge(now, answer.prompt_tokens + answer.completion_tokens)
     if extra is None or tokens is None:
         return extra
     return {**extra, **tokens}

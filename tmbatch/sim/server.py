@@ -11,6 +11,7 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +43,10 @@ from tmbatch.sim.state import (
 )
 
 
-def build_app(config: SimConfig) -> web.Application:
-    """Handlers are closures over one state object: cheaper than app-key lookups per request."""
-    state = new_state(config)
+def build_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) -> web.Application:
+    """Handlers are closures over one state object: cheaper than app-key lookups per request.
+    `clock` is the accounting's (SimState.clock): a test's fake one moves time without sleep."""
+    state = new_state(config, clock)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = state
     models_body = orjson.dumps(
@@ -66,7 +68,7 @@ def build_app(config: SimConfig) -> web.Application:
 
     def get_handler(route: str, body: bytes | None) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
-            now = time.monotonic()
+            now = state.clock()
             state.by_route[route]["received"] += 1
             note_auth(state, request.headers)
             refusal = access_refusal(state, request.headers, needs_key=False)
@@ -136,10 +138,11 @@ class SimServer:
         await self.stop()
 
 
-async def start_sim(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> SimServer:
+async def start_sim(config: SimConfig, host: str = "127.0.0.1", port: int = 0,
+                    clock: Callable[[], float] = time.monotonic) -> SimServer:
     """Start on the running loop; port 0 lets the OS pick, so parallel tests never collide.
     A short shutdown timeout keeps stop() quick even when slow requests are still pending."""
-    app = build_app(config)
+    app = build_app(config, clock)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

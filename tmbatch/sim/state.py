@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -72,14 +73,17 @@ class SimState:
     hook_arrivals: dict[str, int] = field(default_factory=dict)
     log: list[list[Any]] = field(default_factory=list)
     log_overflow: int = 0
+    # The clock of the accounting (arrivals, limits, windows, the log): monotonic seconds. A
+    # test passes a fake one to move time instead of sleeping; capacity's marks stay real.
+    clock: Callable[[], float] = time.monotonic
 
 
 STATE_KEY: web.AppKey[SimState] = web.AppKey("tmbatch_sim_state", SimState)
 
 
-def new_state(config: SimConfig) -> SimState:
+def new_state(config: SimConfig, clock: Callable[[], float] = time.monotonic) -> SimState:
     """Give each server its own id prefix so request ids never repeat across restarts."""
-    state = SimState(config=config, id_prefix=secrets.token_hex(4))
+    state = SimState(config=config, id_prefix=secrets.token_hex(4), clock=clock)
     reset_state(state)
     return state
 
@@ -88,13 +92,13 @@ def reset_state(state: SimState) -> None:
     """Start counting afresh (tests reuse one server); the bucket refills so tests are isolated."""
     fresh = SimState(config=state.config, id_prefix=state.id_prefix)
     for f in fields(fresh):
-        if f.name not in ("config", "id_prefix", "seq"):
+        if f.name not in ("config", "id_prefix", "seq", "clock"):
             setattr(state, f.name, getattr(fresh, f.name))
     for route in (*POST_ROUTES, *GET_ROUTES):
         state.by_route[route] = {"received": 0, "status_counts": {}}
     for model in state.config.models:
         state.by_model[model] = {"received": 0, "ok": 0, "refused": 0, "violations": 0}
-    _build_limits(state, time.monotonic())
+    _build_limits(state, state.clock())
 
 
 def _build_limits(state: SimState, now: float) -> None:
@@ -150,7 +154,7 @@ def stats_of(state: SimState) -> dict[str, Any]:
         "log": [list(entry) for entry in state.log],
         "log_overflow": state.log_overflow,
         "epoch": state.epoch,
-        "time_now": time.monotonic(),
+        "time_now": state.clock(),
     }
 
 
