@@ -76,7 +76,7 @@ def fabricate_resume(input_path: Path, out_dir: Path, done: int, *, spend_every:
     # Imported here, not at the top: writing inputs must not depend on tmbatch's internal
     # layout, so benchmarks can measure any tmbatch, including one being restructured.
     from tmbatch import __version__
-    from tmbatch.inputs.reader import fingerprint
+    from tmbatch.inputs.files import fingerprint
 
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("journal.jsonl", "results.jsonl", "failures.jsonl", "summary.json"):

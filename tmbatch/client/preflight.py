@@ -35,7 +35,8 @@ from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.logs import say
 from tmbatch.base.redact import SECRETS
 from tmbatch.client.http import get_json, make_session, send
-from tmbatch.inputs.reader import BadLine, InputError, open_input, read_requests
+from tmbatch.inputs.files import InputError, open_input
+from tmbatch.inputs.reader import BadLine, read_requests
 from tmbatch.policy import AttemptFailed, error_message
 
 log = logging.getLogger("tmbatch")

@@ -7,13 +7,8 @@ run: it becomes a `permanent` failure that names its line number and the fix.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import re
-import stat
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -23,27 +18,19 @@ from urllib.parse import urlsplit
 import orjson
 
 from tmbatch.base.config import check_model
-from tmbatch.base.files import os_problem
 from tmbatch.base.words import json_text, json_type
+
+# The input file and the routes are modules of their own; these names are still borrowed from
+# here by modules other branches change (cli, run.options, tools.merge, tools.status, tests).
+from tmbatch.inputs.files import InputError as InputError
+from tmbatch.inputs.files import fingerprint as fingerprint
+from tmbatch.inputs.files import open_input as open_input
+from tmbatch.inputs.files import seekable
 from tmbatch.inputs.lines import Shard, in_shard, numbered_lines
+from tmbatch.inputs.routes import ROUTES, STREAMABLE
+from tmbatch.inputs.routes import normalize_endpoint as normalize_endpoint
 from tmbatch.journal.compact import IdSet, LineStates
 
-# route -> idempotent?  Generation routes are billed once accepted.
-ROUTES: dict[str, bool] = {
-    "/v1/chat/completions": False,
-    "/v1/completions": False,
-    "/v1/responses": False,
-    "/tokenize": True,
-    "/detokenize": True,
-}
-ALIASES = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "responses": "/v1/responses",
-    "tokenize": "/tokenize",
-    "detokenize": "/detokenize",
-}
-STREAMABLE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 BATCH_FIELDS = {"custom_id", "method", "url", "body"}
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_CUSTOM_ID = 512
@@ -86,67 +73,6 @@ class BadLine:
     custom_id: str | None
     code: str
     message: str
-
-
-class InputError(Exception):
-    """The input as a whole cannot be read (missing, a directory, unreadable)."""
-
-
-def normalize_endpoint(value: str) -> str:
-    """`chat`, `/v1/chat/completions` and `v1/chat/completions` all name one route."""
-    v = value.strip()
-    if v in ALIASES:
-        return ALIASES[v]
-    if not v.startswith("/"):
-        v = "/" + v
-    if v in ROUTES:
-        return v
-    raise ValueError(
-        f"unknown endpoint {value!r}; expected one of "
-        + ", ".join(list(ALIASES) + list(ROUTES))
-    )
-
-
-def open_input(path: str) -> IO[bytes]:
-    if path == "-":
-        return sys.stdin.buffer
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a directory; give a JSONL file (one request per line)")
-    with contextlib.suppress(OSError):  # missing or unreadable: open() below says which
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            # A named pipe blocks open() until a writer comes, and every pass over it
-            # (preflight, fingerprint, the run) would consume data the next one needs.
-            raise InputError(
-                f"{path} is not a regular file (a pipe or device); pipe the data to `-` "
-                "(stdin, not resumable) or save it to a file first"
-            )
-    try:
-        return open(path, "rb", buffering=1024 * 1024)
-    except OSError as exc:
-        raise InputError(f"{path}: {os_problem(exc)}") from None
-
-
-def fingerprint(path: str) -> str:
-    """Identify an input without reading all of it: size plus sampled blocks.
-
-    Sampling (head, tail and 256 evenly spaced 4 KiB blocks) keeps resume fast on
-    multi-GB inputs and still tells any two different files apart in practice.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    f = open_input(path)
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        h.update(str(size).encode())
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            for i in range(256):
-                f.seek((size * i) // 256)
-                h.update(f.read(4096))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read())
-        else:
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def _json_error(raw: bytes, line: int, exc: orjson.JSONDecodeError,
@@ -471,7 +397,7 @@ class FirstUse:
     def line_of(self, custom_id: str, before: int) -> int | None:
         if custom_id in self.found:
             return self.found[custom_id]
-        if self.left <= 0 or not _seekable(self.f):
+        if self.left <= 0 or not seekable(self.f):
             return None
         self.left -= 1
         pos = self.f.tell()
@@ -495,9 +421,3 @@ class FirstUse:
                 return line
         return None
 
-
-def _seekable(f: IO[bytes]) -> bool:
-    try:
-        return f.seekable()
-    except (OSError, ValueError):
-        return False

@@ -28,8 +28,9 @@ from tmbatch.base.files import (
 )
 from tmbatch.base.redact import SECRETS
 from tmbatch.base.tomlcheck import TableChecker, unknown_key
+from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import Shard, in_shard, numbered_lines
-from tmbatch.inputs.reader import MAX_CUSTOM_ID, open_input
+from tmbatch.inputs.reader import MAX_CUSTOM_ID
 
 log = logging.getLogger("tmbatch")
 

@@ -35,7 +35,8 @@ from tmbatch.limits.controller import PaceConfig
 from tmbatch.limits.lanes import ACCOUNT, SCOPES, Lane, LaneKey, make_lane
 from tmbatch.limits.schedule import TokenBucket
 from tmbatch.policy import AttemptFailed
-from tmbatch.spend.budget import Budget, Hold
+from tmbatch.spend.budget import Budget
+from tmbatch.spend.reservation import Hold
 from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
 
 log = logging.getLogger("tmbatch")

@@ -28,6 +28,9 @@ rules, each a named test in tests/test_pacing.py:
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
    `--rpm` fixes the pace; nothing is learnt.
+
+The controller decides; rule 2's echo (`echo`) and rule 3's probation (`probation`) keep
+their own state and verdicts, and every rule reads the lane's record (`evidence`).
 """
 
 from __future__ import annotations
@@ -36,16 +39,15 @@ import logging
 import math
 from dataclasses import dataclass
 
-from tmbatch.limits.evidence import Evidence, wilson
+from tmbatch.limits.echo import Echo
+from tmbatch.limits.evidence import Evidence
+from tmbatch.limits.probation import FELL, SAMPLE, Probation
 from tmbatch.limits.schedule import MIN_RATE
 
 log = logging.getLogger("tmbatch")
 
 LOG_CHANGE = 0.2  # a pace change of 20 % is worth a log line
-SAMPLE = 20  # answers a verdict rests on at least (a round trip's echo, a probation's max/5)
-CLOSED_RUN = 3  # refusals in a row, none through, that say the server is closed
 LEAD = 1.5  # the pace may lead the sends by this much; past it, something else holds them
-FELL = 0.9  # a measure this far under the last, where the lane sat, is a limit that fell
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,35 +95,6 @@ class Change:
     burst: int = 0
 
 
-@dataclass(slots=True)
-class _Trial:
-    """A cut on probation (rule 3): the pace and rate before it, and what answered since."""
-
-    before: float | None
-    limit: float | None
-    at: float
-    share: float  # of refusals, before the cut
-    need: int  # answers to confirm it
-    pace: float = math.inf  # what it cut to
-    answers: int = 0
-    refused: int = 0
-    bursts: int = 0  # refusals of a pause's burst
-
-
-@dataclass(slots=True)
-class _Echo:
-    """A refusal with no hint, and the round trip after it: what the server did with what was
-    sent meanwhile (a drained bucket refuses nearly all of it, refusals at random few)."""
-
-    start: float
-    until: float  # answers of requests sent from start to here are the echo ...
-    before: float | None  # ... heard at a pace; the pace and the rate before it
-    limit: float | None
-    ok: int = 0
-    refused: int = 0
-    last: float = -math.inf  # the last send counted
-
-
 class Controller:
     """One lane's pace (see the module doc). `rate` is None while the lane is unpaced."""
 
@@ -145,11 +118,8 @@ class Controller:
         # probes that confirmed a limit measured from one drain or fallen (None: trusted)
         self.trust: int | None = None
         self.peak: float | None = None  # the limit before it last fell
-        self.trial: _Trial | None = None
-        self.chain: _Trial | None = None  # a trial that found the limit fell: its pace before
-        self.echo: _Echo | None = None
-        self.noise = 0.0  # the share of refusals that come at random (a lower bound) ...
-        self.random = [0, 0]  # ... over every trial that found them so: refused, answers
+        self.probation = Probation()  # rule 3: a cut on trial, and the noise floor
+        self.echo: Echo | None = None  # rule 2 with no hint
         self.refused_run = 0  # refusals in a row
         self.closed_since: float | None = None  # everything refused since (rule 4)
         self.held_until = -math.inf
@@ -188,8 +158,8 @@ class Controller:
         is built on the common path. The first refusal finds the same record either way."""
         if not self.learn:
             return None
-        if (self.rate is None and stated is None and self.trial is None and self.echo is None
-                and self.closed_since is None and self.lost_from is None):
+        if (self.rate is None and stated is None and self.probation.trial is None
+                and self.echo is None and self.closed_since is None and self.lost_from is None):
             self.governed = self.governed or governed
             self.seen.succeeded(sent, now)
             self.refused_run = 0
@@ -277,8 +247,7 @@ class Controller:
         if self.burst_at <= a.sent <= self.burst_at + 0.1:
             log.debug("the burst a pause ended with was refused: no more bursts")
             self.burst_refused = True  # the burst emptied the allowance, not the pace
-            if self.trial is not None and a.sent > self.trial.at:
-                self.trial.bursts += 1  # (less allowance than thought: worse, never same)
+            self.probation.burst_refused(a.sent)
             hold = 0.0
         elif self._judge(a, refused=True):
             hold = 0.0  # it made the verdict that refusals come at random: no event
@@ -298,17 +267,15 @@ class Controller:
             return 0.0  # nothing got through yet: no measure (the pause holds)
         if rate is not None and now - self.last_cut < 2.0 / rate:
             return 0.0  # the new pace has not sent enough to be judged yet
-        if self.trial is not None:
-            if rate is None or rate <= 2.0 * self.trial.pace:
-                return 0.0  # one hypothesis at a time: this is evidence for its verdict
-            self.trial = self.chain = None  # the pace grew out of it: kept
-        if self._within_noise(*seen.counts()):
+        if self.probation.weighs(rate):
+            return 0.0  # one hypothesis at a time: this is evidence for its verdict
+        if self.probation.within_noise(*seen.counts()):
             return 0.0
         if a.wait is None:
             self._listen_from(now, a.sent)
             return 0.0
         first = seen.volley is None or rate is None
-        self._probation(rate, now, *seen.counts())
+        self.probation.start(rate, self.limit, now, *seen.counts())
         if first:
             seen.start_volley(a.sent)
             self._cut(now, self.cfg.margin * seen.got_through(now))
@@ -337,92 +304,43 @@ class Controller:
         if seen.volley is None or rate is None:
             seen.start_volley(refused_sent)
             self._cut(now, max(self.cfg.margin * seen.got_through(now), float(SAMPLE)))
-        # what is sent within a round trip meets a server still drained by what was in
-        # flight: the echo starts after it
-        start = now + seen.latency
-        span = max(0.1, 2.0 * seen.latency, 4.0 / (self.rate or 1.0))
-        self.echo = _Echo(start, start + span, rate, limit)
+        self.echo = Echo.after(now, seen.latency, self.rate, rate, limit)
 
     def _listen(self, a: Answer, refused: bool) -> float:
         """Count an answer into the open echo; once it has its round trip and SAMPLE answers,
         cut to what got through meanwhile (nothing: closed). The hold, if any."""
         e = self.echo
-        if e is None or a.sent <= e.start:
-            return 0.0
-        closed = e.ok == 0 and e.refused >= CLOSED_RUN
-        if a.sent <= e.until or (e.ok + e.refused < SAMPLE and not closed):
-            e.ok += not refused
-            e.refused += refused
-            e.last = max(e.last, a.sent)
+        if e is None or a.sent <= e.start or e.listening(a.sent, refused):
             return 0.0
         self.echo = None
         now, rate = a.at, self.rate
         if e.ok == 0:
             self.closed_since = now
             return self._close(now)
-        if e.refused < 2 or self._within_noise(e.refused, e.ok + e.refused):
+        if e.refused < 2 or self.probation.within_noise(e.refused, e.answers):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
-        delivered = e.ok / max(e.last - e.start, e.until - e.start)
+        delivered = e.delivered()
         self.rate, self.limit = e.before, e.limit  # the probation starts from before it
-        self._probation(e.before, now, e.refused, e.ok + e.refused)
+        self.probation.start(e.before, self.limit, now, e.refused, e.answers)
         self._learn(delivered if rate is None else min(rate, delivered))
         target = self.cfg.margin * (self.limit or MIN_RATE)
         self._cut(now, target if rate is None else min(rate, target))
         return 0.0
 
-    def _within_noise(self, refused: int, answers: int) -> bool:
-        """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
-        if not self.noise or wilson(refused, answers, -1.64) > 2.0 * self.noise:
-            return False
-        log.debug("within the noise floor %.3g: %d of %d refused", self.noise, refused, answers)
-        return True
-
-    def _probation(self, rate: float | None, now: float, refused: int, answers: int) -> None:
-        """Rule 3: the cut about to be made is on trial, long enough that refusals at the
-        share seen before it (its lower bound, to be safe) would show four times over."""
-        chain, low = self.chain, wilson(refused, answers, -1.64)
-        self.trial = _Trial(rate if chain is None else chain.before,
-                            self.limit if chain is None else chain.limit, now,
-                            refused / answers if answers else 0.0,
-                            min(5 * SAMPLE, max(SAMPLE // 2, math.ceil(4.0 / max(low, 1e-3)))))
-
     def _judge(self, a: Answer, refused: bool) -> bool:
-        """Rule 3: once enough answers came at the lower pace, keep the cut or undo it.
-        True when this answer undid it."""
-        t = self.trial
-        if t is None or a.sent <= t.at:
+        """Rule 3: an answer for the cut on trial. True when it undid the cut: the rate did not
+        cause the refusals, so the rate they were taken for is forgotten too."""
+        t = self.probation.judge(a.sent, refused)
+        if t is None:
             return False
-        t.answers += 1
-        t.refused += refused
-        share = t.refused / t.answers
-        refusals = t.refused + t.bursts
-        worse = (refusals >= 2 and t.answers >= SAMPLE // 2
-                 and refusals > 3.0 * t.share * t.answers)
-        lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
-        same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
-                and t.answers > t.refused and share >= t.share / 2 and not worse)
-        if t.answers < t.need and not worse and not same:
-            return False
-        self.trial = None
-        log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
-                  t.answers, t.share)
-        if worse:
-            self.chain = t  # the next event cuts again, on probation from the same pace
-            return False
-        self.chain = None
-        if not same:
-            return False
-        # the rate did not cause them: undo, and forget the rate they were taken for
-        self.random[0] += t.refused
-        self.random[1] += t.answers
-        self.noise = max(self.noise, wilson(*self.random, -1.64))
         self.limit = None
         self._set(t.before, "refusals at random: pace restored")
         return True
 
     def _close(self, now: float) -> float:
         """Rule 4: hold, then probe."""
-        self.trial = self.chain = self.echo = None
+        self.probation.end()
+        self.echo = None
         self.last_cut = now
         if self.lost_from is None:
             self.lost_from = now
@@ -475,8 +393,7 @@ class Controller:
             self.lost_from = now
         log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance)
         self._set(max(MIN_RATE, new), "learnt from refusals")
-        if self.trial is not None and self.trial.at == now:
-            self.trial.pace = self.rate or math.inf
+        self.probation.cut(now, self.rate or math.inf)
         if first:
             self.first_rate = self.rate or 0.0
 

@@ -204,7 +204,7 @@ class Lane:
             "pace_source": c.source,
             "pace_lowest": None if c.lowest is None else round(c.lowest, 3),
             "pace_cuts": c.cuts,
-            "noise_share": round(c.noise, 3),
+            "noise_share": round(c.probation.noise, 3),
             "refusals": self.refusals,
             "pauses": self.pauses,
             "paused_seconds": round(self.paused_seconds, 3),

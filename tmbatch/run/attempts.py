@@ -29,7 +29,7 @@ from tmbatch.journal.writer import Writer
 from tmbatch.limits import Admission, Lane, Permit
 from tmbatch.policy import AttemptFailed, Outcome, retryable
 from tmbatch.run.summary import RunStats
-from tmbatch.spend.budget import Hold
+from tmbatch.spend.reservation import Hold
 from tmbatch.spend.usage import usage_tokens
 
 if TYPE_CHECKING:  # tenacity is imported at a line's first failure: most runs never need it

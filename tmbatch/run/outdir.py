@@ -35,7 +35,7 @@ from tmbatch.base.files import (
     output_error,
 )
 from tmbatch.base.words import setting
-from tmbatch.inputs.reader import fingerprint
+from tmbatch.inputs.files import fingerprint
 from tmbatch.journal.journal import JournalError, ResumeState, load, nothing_sent, read_header
 from tmbatch.run.options import RunOptions
 

@@ -33,8 +33,9 @@ from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, SUMMARY, OutputError
 from tmbatch.base.logs import event, progress_kwargs, public_url, say
 from tmbatch.base.stop import Stop
 from tmbatch.client.http import make_session
+from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
-from tmbatch.inputs.reader import BadLine, ReadStats, Request, open_input, read_requests
+from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.journal import ResumeState
 from tmbatch.journal.records import FailureRecord

@@ -89,6 +89,19 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         """Fail at construction so a typo in a test or flag never silently disables a fault."""
+        self._check_choices()
+        self._check_amounts()
+        self._check_limits()
+        if self.retry_after is not None and self.retry_after < 0:
+            raise ValueError("retry_after must not be negative")
+        if self.stream_chunks < 1:
+            raise ValueError("stream_chunks must be at least 1")
+        self.models = tuple(self.models)
+        if not self.models:
+            raise ValueError("at least one model is needed")
+
+    def _check_choices(self) -> None:
+        """Knobs that take one of a few names or statuses."""
         if self.retry_after_format not in RETRY_AFTER_FORMATS:
             raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}")
         if self.limit_scope not in LIMIT_SCOPES:
@@ -96,6 +109,9 @@ class SimConfig:
                              f"got {self.limit_scope!r}")
         if self.refuse_status not in REFUSE_STATUSES:
             raise ValueError(f"refuse_status must be 429 or 503, got {self.refuse_status}")
+
+    def _check_amounts(self) -> None:
+        """Fractions, durations and limits, each within its range."""
         for name in ("error_500", "drop_after_read", "slow", "refuse_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -115,6 +131,9 @@ class SimConfig:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit)")
         if not self.window_seconds > 0:
             raise ValueError("window_seconds must be positive")
+
+    def _check_limits(self) -> None:
+        """The request limits agree with one another (and the schedule is normalized)."""
         if self.rate_limit is not None and self.window_limit is not None:
             # one requests limit, so x-ratelimit-*-requests has one meaning
             raise ValueError("rate_limit and window_limit are two request limits: choose one")
@@ -122,14 +141,6 @@ class SimConfig:
         if self.rate_schedule and self.rate_limit is None:
             raise ValueError("rate_schedule changes the token bucket's rate: it needs rate_limit "
                              "(the rate until the first change)")
-        if self.retry_after is not None and self.retry_after < 0:
-            raise ValueError("retry_after must not be negative")
-        if self.stream_chunks < 1:
-            raise ValueError("stream_chunks must be at least 1")
-        self.models = tuple(self.models)
-        if not self.models:
-            raise ValueError("at least one model is needed")
-
 
 def _schedule(raw: Any) -> tuple[tuple[float, float], ...]:
     """(seconds, rate) pairs as floats: times positive and increasing, rates positive."""

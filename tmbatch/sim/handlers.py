@@ -252,31 +252,12 @@ async def _serve(
         response = rejection(state, limits, hook.status, 1.0, hook.retry_after, extra)
         record_arrival(state, route, key, now, hook.status, model)
         return response
-    if billable:
-        prompt = prompt_text(route, body)
-        if isinstance(prompt, str):
-            response = error_reply(state, 400, prompt, extra)
-            record_arrival(state, route, key, now, 400, model)
-            return response
-        _count_processed(state, key)
-        answer_or_body: Answer | bytes = build_answer(state, route, body, model, *prompt)
-        extra = _charge_usage(limits, now, answer_or_body, extra)
-    else:
-        result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
-        if isinstance(result, str):
-            response = error_reply(state, 400, result, extra)
-            record_arrival(state, route, key, now, 400, model)
-            return response
-        answer_or_body = orjson.dumps(result)
-
-    capacity = state.capacity if billable else None
-    if capacity is not None:
-        await capacity.acquire()
-    try:
-        drop, error = await _delay(state, key, hook, billable)
-    finally:
-        if capacity is not None:
-            capacity.release()
+    made, extra = _generate(state, limits, route, key, now, body, billable, extra)
+    if isinstance(made, str):
+        response = error_reply(state, 400, made, extra)
+        record_arrival(state, route, key, now, 400, model)
+        return response
+    drop, error = await _in_slot(state, key, hook, billable)
     if hook.drop or drop:
         state.dropped += 1
         record_arrival(state, route, key, now, NO_RESPONSE, model)
@@ -287,19 +268,67 @@ async def _serve(
             state.injected_500 += 1
         record_arrival(state, route, key, now, status, model)
         return error_reply(state, status, f"simulated error {status}", extra)
-    if isinstance(answer_or_body, bytes):
-        record_arrival(state, route, key, now, 200, model)
+    record_arrival(state, route, key, now, 200, model)
+    return await _reply(request, state, made, body, hook, extra)
+
+
+def _generate(
+    state: SimState,
+    limits: LimitSet,
+    route: str,
+    key: str,
+    now: float,
+    body: dict[str, Any],
+    billable: bool,
+    extra: dict[str, str] | None,
+) -> tuple[Answer | bytes | str, dict[str, str] | None]:
+    """What the request makes, and the headers to send with it: a billable route's answer
+    (counted as processed, its usage charged), /tokenize's or /detokenize's body, or a str
+    saying why the body is refused (400)."""
+    if billable:
+        prompt = prompt_text(route, body)
+        if isinstance(prompt, str):
+            return prompt, extra
+        _count_processed(state, key)
+        answer = build_answer(state, route, body, body["model"], *prompt)
+        return answer, _charge_usage(limits, now, answer, extra)
+    result = tokenize_body(body) if route == ROUTE_TOKENIZE else detokenize_body(body)
+    if isinstance(result, str):
+        return result, extra
+    return orjson.dumps(result), extra
+
+
+async def _in_slot(state: SimState, key: str, hook: _Hook, billable: bool) -> tuple[bool, bool]:
+    """`_delay`, in one of the capacity's slots for a billable request."""
+    capacity = state.capacity if billable else None
+    if capacity is not None:
+        await capacity.acquire()
+    try:
+        return await _delay(state, key, hook, billable)
+    finally:
+        if capacity is not None:
+            capacity.release()
+
+
+async def _reply(
+    request: web.Request,
+    state: SimState,
+    made: Answer | bytes,
+    body: dict[str, Any],
+    hook: _Hook,
+    extra: dict[str, str] | None,
+) -> web.StreamResponse:
+    """A success: the body as JSON or as a stream, or broken as the hook asks."""
+    if isinstance(made, bytes):
         if hook.bad_json:
             return json_reply(200, b'{"count": ', next_id(state), extra)
-        return json_reply(200, answer_or_body, next_id(state), extra)
-    answer = answer_or_body
-    record_arrival(state, route, key, now, 200, model)
+        return json_reply(200, made, next_id(state), extra)
     if body.get("stream") is True:
-        return await _stream(request, state, answer, body, hook, extra)
+        return await _stream(request, state, made, body, hook, extra)
     if hook.bad_json:
-        truncated = b'{"id": "' + answer.rid.encode() + b'", "choices": ['
-        return json_reply(200, truncated, answer.rid, extra)
-    return json_reply(200, orjson.dumps(full_body(answer)), answer.rid, extra)
+        truncated = b'{"id": "' + made.rid.encode() + b'", "choices": ['
+        return json_reply(200, truncated, made.rid, extra)
+    return json_reply(200, orjson.dumps(full_body(made)), made.rid, extra)
 
 
 def _charge_usage(

@@ -11,7 +11,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,29 +59,45 @@ def build_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) ->
         }
     )
     version_body = orjson.dumps({"version": "tmbatch-sim 1"})
+    for route in POST_ROUTES:
+        app.router.add_post(route, _post_handler(state, route))
+    app.router.add_get(ROUTE_MODELS, _get_handler(state, ROUTE_MODELS, models_body))
+    app.router.add_get(ROUTE_HEALTH, _get_handler(state, ROUTE_HEALTH, None))
+    app.router.add_get(ROUTE_VERSION, _get_handler(state, ROUTE_VERSION, version_body))
+    _add_control_routes(app, state)
+    return app
 
-    def post_handler(route: str) -> Any:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await handle_post(request, state, route)
 
-        return handler
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    def get_handler(route: str, body: bytes | None) -> Any:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            now = state.clock()
-            state.by_route[route]["received"] += 1
-            note_auth(state, request.headers)
-            refusal = access_refusal(state, request.headers, needs_key=False)
-            if refusal is not None:
-                record_arrival(state, route, "", now, refusal.status)
-                return refusal
-            record_arrival(state, route, "", now, 200)
-            if body is None:
-                return web.Response(status=200, headers={"x-request-id": next_id(state)})
-            return json_reply(200, body, next_id(state))
 
-        return handler
+def _post_handler(state: SimState, route: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle_post(request, state, route)
 
+    return handler
+
+
+def _get_handler(state: SimState, route: str, body: bytes | None) -> Handler:
+    """A GET route: its fixed body (None: an empty 200) behind the same key check."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        now = state.clock()
+        state.by_route[route]["received"] += 1
+        note_auth(state, request.headers)
+        refusal = access_refusal(state, request.headers, needs_key=False)
+        if refusal is not None:
+            record_arrival(state, route, "", now, refusal.status)
+            return refusal
+        record_arrival(state, route, "", now, 200)
+        if body is None:
+            return web.Response(status=200, headers={"x-request-id": next_id(state)})
+        return json_reply(200, body, next_id(state))
+
+    return handler
+
+
+def _add_control_routes(app: web.Application, state: SimState) -> None:
+    """The simulator's own routes (its counters, a reset) and what answers any other."""
     async def stats_handler(request: web.Request) -> web.Response:
         return json_reply(200, orjson.dumps(stats_of(state)), next_id(state))
 
@@ -98,15 +114,9 @@ def build_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) ->
             return refusal
         return error_reply(state, 404, f"Unknown route {path}.")
 
-    for route in POST_ROUTES:
-        app.router.add_post(route, post_handler(route))
-    app.router.add_get(ROUTE_MODELS, get_handler(ROUTE_MODELS, models_body))
-    app.router.add_get(ROUTE_HEALTH, get_handler(ROUTE_HEALTH, None))
-    app.router.add_get(ROUTE_VERSION, get_handler(ROUTE_VERSION, version_body))
     app.router.add_get(ROUTE_STATS, stats_handler)
     app.router.add_post(ROUTE_RESET, reset_handler)
     app.router.add_route("*", "/{tail:.*}", fallback)
-    return app
 
 
 # ----------------------------------------------------------------------------------------------

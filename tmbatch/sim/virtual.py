@@ -15,7 +15,7 @@ import math
 import random
 import selectors
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,21 +212,26 @@ def run_row(sc: Scenario, seed: int = 0) -> RowResult:
 
 
 async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
-    from tmbatch.base.config import Settings
-    from tmbatch.base.stop import Stop
-    from tmbatch.client.classify import classify_status
-    from tmbatch.client.http import Answer
+    """One run of a row: the real client sends its lines to the virtual server."""
     from tmbatch.inputs.reader import Request
-    from tmbatch.journal.compact import LineStates
-    from tmbatch.journal.writer import Writer
-    from tmbatch.limits import Admission
-    from tmbatch.policy import Outcome
-    from tmbatch.run.attempts import LineSender
-    from tmbatch.run.summary import RunStats
 
     random.seed(seed)  # the retry backoff's jitter
     server = VirtualServer(sc, seed)
     loop = asyncio.get_running_loop()
+    client = _Client(sc, server, out)
+    lines = iter([Request(i + 1, f"r{i + 1}", CHAT,
+                          {"model": sc.models[i % len(sc.models)],
+                           "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
+                  for i in range(sc.lines)])
+    start = loop.time()
+    await client.send(lines, sc.concurrency)
+    return _result(sc, seed, server, client, loop.time(), start)
+
+
+def _transport(server: VirtualServer) -> Callable[..., Any]:
+    """The client's transport seam: what `client.http` makes of the virtual server's answer."""
+    from tmbatch.client.classify import classify_status
+    from tmbatch.client.http import Answer
 
     async def transport(session: Any, url: str, body: dict[str, Any],
                         headers: dict[str, str] | None) -> Answer:
@@ -240,45 +245,69 @@ async def _drive(sc: Scenario, seed: int, out: Path) -> RowResult:
         return Answer(200, "req", {"object": "chat.completion", "choices": [],
                                    "usage": usage}, latency, None, answer_headers)
 
-    settings = Settings("serverless", "http://virtual", None, None, 600.0, 5, None)
-    states = LineStates()
-    writer = Writer(out, states, fsync="never")
-    admission = Admission(sc.rpm, None, concurrency=sc.concurrency, adaptive=sc.rpm is None,
-                          scope=sc.limit_scope, base_url=settings.base_url)
-    stats = RunStats()
-    sender = LineSender(settings, "virtual", admission, writer, stats, Stop(), None,  # type: ignore[arg-type]
-                        patience=sc.patience)
-    sender.transport = transport
-    lines = iter([Request(i + 1, f"r{i + 1}", CHAT,
-                          {"model": sc.models[i % len(sc.models)],
-                           "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
-                  for i in range(sc.lines)])
+    return transport
 
-    failures: list[tuple[float, str]] = []
-    record = sender.record_failure
 
-    def record_failure(rec: Any) -> None:
-        failures.append((loop.time(), str(rec.outcome)))
-        record(rec)
+class _Client:
+    """The real client of a row, as `tmbatch run` builds it (the line's attempt loop,
+    admission, the journal's writer), sending to the virtual server; it notes when each
+    failure came, on the loop's clock."""
 
-    sender.record_failure = record_failure  # type: ignore[method-assign]
+    def __init__(self, sc: Scenario, server: VirtualServer, out: Path) -> None:
+        from tmbatch.base.config import Settings
+        from tmbatch.base.stop import Stop
+        from tmbatch.journal.compact import LineStates
+        from tmbatch.journal.writer import Writer
+        from tmbatch.limits import Admission
+        from tmbatch.run.attempts import LineSender
+        from tmbatch.run.summary import RunStats
 
-    async def work() -> None:
-        for req in lines:
-            await sender.process(req)
+        loop = asyncio.get_running_loop()
+        transport = _transport(server)
+        settings = Settings("serverless", "http://virtual", None, None, 600.0, 5, None)
+        self.writer = Writer(out, LineStates(), fsync="never")
+        self.admission = Admission(sc.rpm, None, concurrency=sc.concurrency,
+                                   adaptive=sc.rpm is None, scope=sc.limit_scope,
+                                   base_url=settings.base_url)
+        self.stats = RunStats()
+        self.sender = sender = LineSender(settings, "virtual", self.admission, self.writer,
+                                          self.stats, Stop(), None,  # type: ignore[arg-type]
+                                          patience=sc.patience)
+        sender.transport = transport
+        self.failures: list[tuple[float, str]] = []
+        record = sender.record_failure
 
-    start = loop.time()
-    await asyncio.gather(*(work() for _ in range(sc.concurrency)))
-    writer.close()
-    log = server.log
+        def record_failure(rec: Any) -> None:
+            self.failures.append((loop.time(), str(rec.outcome)))
+            record(rec)
+
+        sender.record_failure = record_failure  # type: ignore[method-assign]
+
+    async def send(self, lines: Iterator[Any], concurrency: int) -> None:
+        """Every line, `concurrency` at a time, then the journal closed."""
+        async def work() -> None:
+            for req in lines:
+                await self.sender.process(req)
+
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+        self.writer.close()
+
+
+def _result(sc: Scenario, seed: int, server: VirtualServer, client: _Client, end: float,
+            start: float) -> RowResult:
+    """What the run did, as the server saw it (and each lane's pace at the end)."""
+    from tmbatch.policy import Outcome
+
+    log, stats = server.log, client.stats
     accepted = sum(1 for a in log if a.status == 200)
-    seconds = loop.time() - (min(a.at for a in log) if log else start)
+    seconds = end - (min(a.at for a in log) if log else start)
+    lanes = client.admission.report()["lanes"]
     return RowResult(
         sc.name, seed, score(sc, log, seconds, server.refusal_wait), accepted,
         sum(1 for a in log if a.status in (429, 503)), server.violations,
         stats.failed[Outcome.REJECTED], sum(stats.failed.values()), seconds,
-        {m: lane["pace_requests_per_second"] for m, lane in admission.report()["lanes"].items()},
-        admission.report()["lanes"], failures)
+        {m: lane["pace_requests_per_second"] for m, lane in lanes.items()}, lanes,
+        client.failures)
 
 
 def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,

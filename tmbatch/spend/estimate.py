@@ -23,7 +23,8 @@ from typing import Any
 
 from tmbatch.base.config import ConfigError, Settings
 from tmbatch.base.logs import REDACT
-from tmbatch.inputs.reader import BadLine, ReadStats, Request, open_input, read_requests
+from tmbatch.inputs.files import open_input
+from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
 from tmbatch.policy import AttemptFailed
 from tmbatch.spend.budget import Budget, BudgetSpec
 from tmbatch.spend.prices import Prices

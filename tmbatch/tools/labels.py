@@ -28,8 +28,8 @@ from tmbatch.base.files import (
     SUMMARY,
     atomic_writer,
 )
+from tmbatch.inputs.files import InputError, open_input
 from tmbatch.inputs.lines import Shard, in_shard
-from tmbatch.inputs.reader import InputError, open_input
 from tmbatch.inputs.templates import (
     JSON_TYPES,
     LabelSpec,

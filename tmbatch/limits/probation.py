@@ -1,0 +1,126 @@
+"""Rule 3 of the pace (`controller`): a cut on probation, and the lane's noise floor.
+
+A cut says the refusals came from the pace. Until enough answers came at the lower pace that
+is a hypothesis on trial: refusals at about the share seen before the cut, with successes
+between, say they come at random (the verdict undoes the cut, and the share over every such
+trial is the lane's noise floor); three times that share or more say the limit fell (the next
+event cuts again, on probation from the same pace). This keeps the trial, the verdicts and the
+floor; what a verdict does to the pace is the controller's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from tmbatch.limits.evidence import wilson
+
+log = logging.getLogger("tmbatch")
+
+SAMPLE = 20  # answers a verdict rests on at least (a round trip's echo, a probation's max/5)
+FELL = 0.9  # a measure this far under the last, where the lane sat, is a limit that fell
+
+
+@dataclass(slots=True)
+class Trial:
+    """A cut on probation: the pace and rate before it, and what answered since."""
+
+    before: float | None
+    limit: float | None
+    at: float
+    share: float  # of refusals, before the cut
+    need: int  # answers to confirm it
+    pace: float = math.inf  # what it cut to
+    answers: int = 0
+    refused: int = 0
+    bursts: int = 0  # refusals of a pause's burst
+
+
+class Probation:
+    """One lane's cut on trial, if any, the trial it chains from, and its noise floor."""
+
+    __slots__ = ("chain", "noise", "random", "trial")
+
+    def __init__(self) -> None:
+        self.trial: Trial | None = None
+        self.chain: Trial | None = None  # a trial that found the limit fell: its pace before
+        self.noise = 0.0  # the share of refusals that come at random (a lower bound) ...
+        self.random = [0, 0]  # ... over every trial that found them so: refused, answers
+
+    def within_noise(self, refused: int, answers: int) -> bool:
+        """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
+        if not self.noise or wilson(refused, answers, -1.64) > 2.0 * self.noise:
+            return False
+        log.debug("within the noise floor %.3g: %d of %d refused", self.noise, refused, answers)
+        return True
+
+    def start(self, rate: float | None, limit: float | None, now: float, refused: int,
+              answers: int) -> None:
+        """The cut about to be made from `rate` (the server's `limit` as measured) is on
+        trial, long enough that refusals at the share seen before it (its lower bound, to be
+        safe) would show four times over. A chained trial keeps the pace it started from."""
+        chain, low = self.chain, wilson(refused, answers, -1.64)
+        self.trial = Trial(rate if chain is None else chain.before,
+                           limit if chain is None else chain.limit, now,
+                           refused / answers if answers else 0.0,
+                           min(5 * SAMPLE, max(SAMPLE // 2, math.ceil(4.0 / max(low, 1e-3)))))
+
+    def cut(self, now: float, pace: float) -> None:
+        """The cut made at `now` went to `pace`: the trial started with it records it."""
+        if self.trial is not None and self.trial.at == now:
+            self.trial.pace = pace
+
+    def burst_refused(self, sent: float) -> None:
+        """A pause's burst sent after the cut was refused: less allowance than thought, which
+        counts towards a worse verdict, never towards refusals at random."""
+        if self.trial is not None and sent > self.trial.at:
+            self.trial.bursts += 1
+
+    def weighs(self, rate: float | None) -> bool:
+        """A trial under way takes a refusal as evidence for its verdict (one hypothesis at a
+        time); a pace grown past twice the cut has outgrown it: the cut is kept, the trial
+        ends, and the refusal may be an event of its own."""
+        t = self.trial
+        if t is None:
+            return False
+        if rate is None or rate <= 2.0 * t.pace:
+            return True
+        self.trial = self.chain = None
+        return False
+
+    def end(self) -> None:
+        self.trial = self.chain = None
+
+    def judge(self, sent: float, refused: bool) -> Trial | None:
+        """Count an answer into the trial; once enough answers came at the lower pace, keep
+        the cut or undo it. The trial whose cut this answer undid (refusals at random), or
+        None."""
+        t = self.trial
+        if t is None or sent <= t.at:
+            return None
+        t.answers += 1
+        t.refused += refused
+        share = t.refused / t.answers
+        refusals = t.refused + t.bursts
+        worse = (refusals >= 2 and t.answers >= SAMPLE // 2
+                 and refusals > 3.0 * t.share * t.answers)
+        lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
+        same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
+                and t.answers > t.refused and share >= t.share / 2 and not worse)
+        if t.answers < t.need and not worse and not same:
+            return None
+        self.trial = None
+        log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
+                  t.answers, t.share)
+        if worse:
+            self.chain = t  # the next event cuts again, on probation from the same pace
+            return None
+        self.chain = None
+        if not same:
+            return None
+        # the rate did not cause them: the cut is undone by the controller
+        self.random[0] += t.refused
+        self.random[1] += t.answers
+        self.noise = max(self.noise, wilson(*self.random, -1.64))
+        return t
