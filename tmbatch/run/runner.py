@@ -36,6 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, open_input, read_requests
 from tmbatch.journal.compact import LineStates
+from tmbatch.journal.format import Header, ResumeRecord
 from tmbatch.journal.journal import ResumeState
 from tmbatch.journal.records import FailureRecord
 from tmbatch.journal.writer import Writer, WriterError
@@ -63,7 +64,7 @@ class Runner:
                                    base_url=settings.base_url)
         self.stop = Stop()
         self.read_stats = ReadStats()
-        self.header: dict[str, Any] = {}
+        self.header: Header | None = None  # prepare() reads or makes it
         self.states = LineStates()
         self.resume: ResumeState | None = None
         self.writer: Writer | None = None
@@ -144,7 +145,7 @@ class Runner:
             if resume is None:
                 writer.header(header)
             else:
-                writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
+                writer.header(ResumeRecord(time.time(), **opts.extra_header))
                 _recover(writer, resume)
             self.budget = Budget.for_job(opts.budget, self.stop, resume)
             self.budget.start(writer)
@@ -196,9 +197,10 @@ class Runner:
             return self.stop.exit_code(0)
         self._sent = True
         opts, header, writer = self.opts, self.header, self.writer
-        event("start", f"job {header['job']}: {opts.input} -> {opts.out_dir} "
+        assert header is not None
+        event("start", f"job {header.job}: {opts.input} -> {opts.out_dir} "
               f"({self.settings.surface} at {public_url(self.settings.base_url)})",
-              input=opts.input, output=str(opts.out_dir), job_id=header["job"],
+              input=opts.input, output=str(opts.out_dir), job_id=header.job,
               surface=self.settings.surface, base_url=public_url(self.settings.base_url),
               resumed=self.resume is not None)
         self._honour_open_pause()
@@ -206,7 +208,7 @@ class Runner:
         f = open_input(opts.input)
         session = make_session(self.settings, opts.concurrency)
         sender = self._sender = LineSender(
-            self.settings, header["job"], self.admission, writer, self.stats, self.stop,
+            self.settings, header.job, self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
             opts.served_models)
         writer.start()
@@ -343,6 +345,7 @@ class Runner:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _finish(self) -> int:
+        assert self.header is not None
         summary = build_summary(
             self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header,
@@ -372,7 +375,7 @@ def _recover(writer: Writer, resume: ResumeState) -> None:
     """Outcomes from before the crash: found ones journaled, unknown ones ambiguous."""
     for record in resume.adopted:
         writer.adopt(record)
-    job = resume.header["job"]
+    job = resume.header.job
     for line, (cid, attempts) in sorted(resume.in_flight.items()):
         writer.failure(FailureRecord.of(
             job, line, cid, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",

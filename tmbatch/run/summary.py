@@ -17,6 +17,7 @@ from tmbatch.base.files import FAILURES, SUMMARY, atomic_write
 from tmbatch.base.logs import say
 from tmbatch.base.words import millis
 from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.journal.format import Header
 from tmbatch.policy import FAILURE_CLASSES, Outcome
 
 _log = math.log
@@ -110,7 +111,7 @@ def build_summary(
     *,
     input_lines: int,
     blank_lines: int,
-    header: dict[str, Any],
+    header: Header,
     stopped: str | None,
     admission: Any,
 ) -> dict[str, Any]:
@@ -128,9 +129,9 @@ def build_summary(
         return None if v is None else round(v * 1000.0, 2)
 
     return {
-        "input": header.get("input"),
-        "fingerprint": header.get("fingerprint"),
-        "job_id": header.get("job"),
+        "input": header.input,
+        "fingerprint": header.fingerprint,
+        "job_id": header.job,
         "input_lines": input_lines,
         "blank_lines_skipped": blank_lines,
         "counts": {

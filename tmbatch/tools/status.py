@@ -45,12 +45,11 @@ def status(out_dir: Path) -> dict[str, Any]:
     # Failures that are not final (a `fatal` refusal) are sent again on resume.
     by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES if cls.policy.final}
     refused = sum(lines[cls] for cls in FAILURE_CLASSES if not cls.policy.final)
-    input_path = header.get("input", "-")
-    shard = (header.get("options") or {}).get("shard")
-    total = count_lines(input_path, tuple(shard) if shard else None)
+    input_path = header.input
+    total = count_lines(input_path, header.shard)
     matches = None
     if input_path != "-" and os.path.isfile(input_path):
-        matches = fingerprint(input_path) == header.get("fingerprint")
+        matches = fingerprint(input_path) == header.fingerprint
     succeeded = lines[Outcome.OK]
     with_outcome = succeeded + sum(by_class.values())
     unknown = state.states.counts()[IN_FLIGHT]
@@ -59,13 +58,13 @@ def status(out_dir: Path) -> dict[str, Any]:
     not_sent = None if total is None else max(0, total - with_outcome - unknown)
     finished = not running and not_sent == 0 and unknown == 0
     return {
-        "merged_from": [m.get("dir") for m in header.get("merged") or []],
+        "merged_from": [m.get("dir") for m in header.merged or []],
         "input_readable": input_path != "-" and os.path.isfile(input_path),
         "output": str(out_dir),
         "input": input_path,
-        "fingerprint": header.get("fingerprint"),
+        "fingerprint": header.fingerprint,
         "input_matches": matches,
-        "job_id": header.get("job"),
+        "job_id": header.job,
         "runs": state.runs,
         "running": running,
         "finished": finished,
