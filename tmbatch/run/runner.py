@@ -46,7 +46,8 @@ from tmbatch.run.attempts import LineSender
 from tmbatch.run.options import RunOptions
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress
-from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps, write_summary
+from tmbatch.run.summaries import read_summary, write_summary
+from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps
 from tmbatch.spend.budget import Budget
 
 log = logging.getLogger("tmbatch")
@@ -348,27 +349,22 @@ class Runner:
         assert self.header is not None
         summary = build_summary(
             self.stats, self.states, input_lines=self.read_stats.lines,
-            blank_lines=self.read_stats.blank, header=self.header,
-            stopped=self.stop.reason.label if self.stop.reason else None,
-            admission=self.admission,
+            blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
+            admission=self.admission, spend=self.budget.report(),
+            previous=read_summary(self.opts.out_dir),
         )
-        if self.stop.fatal:
-            summary["fatal"] = self.stop.fatal
-        if self.stop.io_error:
-            summary["io_error"] = self.stop.io_error
-        summary["spend"] = self.budget.report()
         try:
             write_summary(self.opts.out_dir, summary)
         except OutputError as exc:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
         if not self.opts.quiet:
-            say("summary", final_line(summary), **summary)
+            say("summary", final_line(summary), **summary.as_dict())
             say_next_steps(summary, self.opts.out_dir)
             spend = self.budget.final_line()
             if spend:
-                say("spend", spend, **summary["spend"])
+                say("spend", spend, **(summary.spend or {}))
         self.stop.announce()
-        return self.stop.exit_code(summary["counts"]["failed"])
+        return self.stop.exit_code(summary.counts.failed)
 
 
 def _recover(writer: Writer, resume: ResumeState) -> None:

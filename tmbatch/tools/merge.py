@@ -14,10 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from tmbatch.base.exitcodes import ExitCode
-from tmbatch.base.files import LABELS, SUMMARY, atomic_write, make_dir
+from tmbatch.base.files import LABELS, make_dir
+from tmbatch.run.summaries import Counts, MergedSummary, write_summary
 from tmbatch.spend.usage import spend_status
 from tmbatch.tools.merge_checks import Part, find_input, load_parts, scan_input, shard_problems
 from tmbatch.tools.merge_join import Books, Tally, merge_labels, merge_outputs, write_journal
@@ -37,44 +36,37 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
         (out / LABELS).unlink(missing_ok=True)  # left by an earlier merge into `out`
     books = write_journal(parts, tally.owner, out)
     summary = merged_summary(parts, wanted, blank, tally, labels, books)
-    atomic_write(out / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    write_summary(out, summary)
     return announce(parts, source, summary, out)
 
 
 def merged_summary(parts: list[Part], wanted: bytearray, blank: int, tally: Tally,
-                   labels: Counter[str] | None, books: Books) -> dict[str, Any]:
-    problems = shard_problems(parts) + tally.problems()
-    summary: dict[str, Any] = {
-        "merged": True,
-        "input": parts[0].header.input,
-        "fingerprint": parts[0].header.fingerprint,
-        "shards": [{"dir": str(p.path), "shard": list(p.shard) if p.shard else None,
-                    "job_id": p.header.job,
-                    "finished": (p.summary or {}).get("finished")} for p in parts],
-        "input_lines": len(wanted) - 1,
-        "blank_lines_skipped": blank,
-        "counts": {"succeeded": tally.succeeded, "failed": tally.failed_total,
-                   "failed_by_class": dict(tally.failed),
-                   "with_outcome": tally.succeeded + tally.failed_total},
-        "missing_lines": {"count": tally.missing_count, "lines": tally.missing},
-        "duplicated_lines": {"count": tally.duplicated_count, "lines": tally.duplicated},
-        "complete": not problems,
-        "finished": not problems,
-        "problems": problems,
-        "shard_runs": _sum_runs(parts),
-    }
-    if labels is not None:
-        summary["labels"] = {"file": LABELS, **labels}
-    if books.spend is not None:
-        summary["spend"] = spend_status(books)
-    return summary
+                   labels: Counter[str] | None, books: Books) -> MergedSummary:
+    failed = tally.failed_total
+    return MergedSummary(
+        input=parts[0].header.input,
+        fingerprint=parts[0].header.fingerprint,
+        shards=[{"dir": str(p.path), "shard": list(p.shard) if p.shard else None,
+                 "job_id": p.header.job, "finished": p.summary.finished if p.summary else None}
+                for p in parts],
+        input_lines=len(wanted) - 1,
+        blank_lines_skipped=blank,
+        counts=Counts(succeeded=tally.succeeded, failed=failed,
+                      failed_by_class=dict(tally.failed), with_outcome=tally.succeeded + failed),
+        missing_lines={"count": tally.missing_count, "lines": tally.missing},
+        duplicated_lines={"count": tally.duplicated_count, "lines": tally.duplicated},
+        problems=shard_problems(parts) + tally.problems(),
+        shard_runs=_sum_runs(parts),
+        labels=None if labels is None else {"file": LABELS, **labels},
+        spend=None if books.spend is None else spend_status(books),
+    )
 
 
 def _sum_runs(parts: list[Part]) -> dict[str, Any]:
     total: Counter[str] = Counter()
     wall = 0.0
     for p in parts:
-        run = (p.summary or {}).get("this_run") or {}
+        run: Any = p.summary.this_run if p.summary else {}
         for key in ("attempts_sent", "retries", "rate_limited_429"):
             total[key] += int(run.get(key) or 0)
         tokens = run.get("tokens") or {}
@@ -84,18 +76,18 @@ def _sum_runs(parts: list[Part]) -> dict[str, Any]:
     return {**total, "max_wall_seconds": wall}
 
 
-def announce(parts: list[Part], source: str, summary: dict[str, Any], out: Path) -> int:
+def announce(parts: list[Part], source: str, summary: MergedSummary, out: Path) -> int:
     """What was merged, what is wrong with it, and the exit code that says so."""
-    counts = summary["counts"]
-    lines = summary["input_lines"] - summary["blank_lines_skipped"]
+    counts = summary.counts
+    lines = summary.input_lines - summary.blank_lines_skipped
     print(f"merged {len(parts)} director{'y' if len(parts) == 1 else 'ies'} of {source}: "
-          f"{lines} line(s), {counts['succeeded']} succeeded, {counts['failed']} failed"
+          f"{lines} line(s), {counts.succeeded} succeeded, {counts.failed} failed"
           f" -> {out}", file=sys.stderr, flush=True)
-    if summary["problems"]:
-        for problem in summary["problems"]:
+    if summary.problems:
+        for problem in summary.problems:
             print(f"tmbatch: merge: {problem}", file=sys.stderr, flush=True)
         print("tmbatch: merge: INCOMPLETE: not every line has exactly one outcome (exit 5)",
               file=sys.stderr, flush=True)
         return ExitCode.INCOMPLETE
     print("every line has exactly one outcome", file=sys.stderr, flush=True)
-    return ExitCode.FAILED if counts["failed"] else ExitCode.OK
+    return ExitCode.FAILED if counts.failed else ExitCode.OK

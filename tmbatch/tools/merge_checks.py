@@ -7,20 +7,17 @@ the input is then read once to learn which of its lines need an outcome.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
-
-from tmbatch.base.files import JOURNAL, SUMMARY
+from tmbatch.base.files import JOURNAL
 from tmbatch.base.words import setting
 from tmbatch.inputs.lines import is_blank, numbered_lines
 from tmbatch.inputs.reader import fingerprint, open_input
 from tmbatch.journal.format import Header, JournalError, read_header
+from tmbatch.run.summaries import Summary, read_summary
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,7 @@ class Part:
 
     path: Path
     header: Header
-    summary: dict[str, Any] | None  # the shard's summary.json, if it wrote one
+    summary: Summary | None  # the shard's last run's, if it wrote one
 
     @property
     def shard(self) -> tuple[int, int] | None:
@@ -43,10 +40,8 @@ class Part:
 
 def load_part(path: Path) -> Part:
     header = read_header(path)  # read-only: merge never repairs or rewrites a shard
-    summary = None
-    with contextlib.suppress(OSError, orjson.JSONDecodeError):
-        summary = orjson.loads((path / SUMMARY).read_bytes())
-    return Part(path, header, summary if isinstance(summary, dict) else None)
+    summary = read_summary(path)
+    return Part(path, header, summary if isinstance(summary, Summary) else None)
 
 
 def load_parts(dirs: list[str], out: Path) -> list[Part]:

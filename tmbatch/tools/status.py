@@ -11,14 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tmbatch.base.files import JOURNAL, LOCK, SUMMARY
+from tmbatch.base.files import JOURNAL, LOCK
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import fingerprint
 from tmbatch.journal.compact import IN_FLIGHT
 from tmbatch.journal.journal import load
 from tmbatch.policy import FAILURE_CLASSES, Outcome
+from tmbatch.run.summaries import read_summary
 from tmbatch.spend.usage import render_spend, spend_status
 
 
@@ -84,12 +83,9 @@ def _summary_says_finished(out_dir: Path, with_outcome: int) -> bool:
     """Whether summary.json, written when the last run ended, says every line had its
     outcome, and the journal still agrees (same count): then a run whose input was moved
     or deleted afterwards is still known to be finished."""
-    try:
-        summary = orjson.loads((out_dir / SUMMARY).read_bytes())
-        counts = summary["counts"]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return False
-    return summary.get("finished") is True and counts.get("with_outcome") == with_outcome
+    summary = read_summary(out_dir)
+    return summary is not None and summary.finished \
+        and summary.counts.with_outcome == with_outcome
 
 
 def _input_state(s: dict[str, Any]) -> str:
