@@ -3,6 +3,7 @@ line, the advice about failed lines, and summary.json after a re-run with nothin
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 from dataclasses import replace
@@ -10,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import chat_line, run_cli, write_jsonl
 from tmbatch.policy import Outcome
-from tmbatch.run.summaries import Counts, Summary, ThisRun
+from tmbatch.run.summaries import (
+    Counts,
+    MergedSummary,
+    Summary,
+    ThisRun,
+    read_summary,
+    write_summary,
+)
 from tmbatch.run.summary import Histogram, final_line, percentile
 
 
@@ -102,3 +111,21 @@ def test_final_line_never_shows_none() -> None:
         "settled_requests_per_second": None}
     line = final_line(replace(summary, this_run={**this_run, "admission": adaptive}))
     assert "None" not in line and "adaptive: settled at 30 in flight," in line
+
+
+def test_summary_json_round_trips_as_a_frozen_value(tmp_path: Path) -> None:
+    run = Summary("/x/in.jsonl", "f", "job", 3, 1, Counts(1, 1, {"permanent": 1}, 2, 1),
+                  {"attempts_sent": 3}, stopped="SIGTERM", spend=None,
+                  labels={"file": "labels.jsonl", "ok": 1})
+    merged = MergedSummary("/x/in.jsonl", "f", [{"dir": "a", "shard": [0, 2]}], 3, 1,
+                           Counts(2, 0, {}, 2), {"count": 0, "lines": []},
+                           {"count": 0, "lines": []}, [], {"attempts_sent": 2})
+    for summary in (run, merged):
+        write_summary(tmp_path, summary)
+        assert read_summary(tmp_path) == summary
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            summary.counts = Counts(0, 0, {}, 0)  # type: ignore[misc]
+    assert orjson.loads((tmp_path / "summary.json").read_bytes())["finished"] is True
+    assert not run.finished and run.as_dict()["stopped"] == "SIGTERM"
+    (tmp_path / "summary.json").write_bytes(b'{"counts": "none"}')
+    assert read_summary(tmp_path) is None  # not one tmbatch wrote: as if there were none
