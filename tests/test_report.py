@@ -193,7 +193,7 @@ def _two_runs(tmp_path: Path) -> Path:
 
 
 def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) -> None:
-    from tmbatch.tools.report import load_run
+    from tmbatch.tools.report_data import load_run
 
     out = _two_runs(tmp_path)
     data = load_run(out)
@@ -214,7 +214,8 @@ def test_rates_count_time_spent_sending_and_pauses_count_once(tmp_path: Path) ->
 def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
         tmp_path: Path) -> None:
     require(has_matplotlib(), "matplotlib (pip install '.[report]')")
-    from tmbatch.tools.report import load_matplotlib, load_run, throughput_figure
+    from tmbatch.tools.report_charts import load_matplotlib, throughput_figure
+    from tmbatch.tools.report_data import load_run
 
     load_matplotlib()
     fig = throughput_figure(load_run(_two_runs(tmp_path)))
@@ -229,7 +230,7 @@ def test_the_legend_is_outside_the_plot_where_pause_bands_cannot_cover_it(
 def test_the_report_draws_cost_over_time_against_the_budget(sim: Any, tmp_path: Path) -> None:
     require(has_matplotlib(), "matplotlib (pip install '.[report]')")
     from tests.conftest import API_KEY
-    from tmbatch.tools.report import load_run
+    from tmbatch.tools.report_data import load_run
 
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=16) for i in range(50)])
     out = tmp_path / "out"
@@ -239,7 +240,7 @@ def test_the_report_draws_cost_over_time_against_the_budget(sim: Any, tmp_path: 
     assert run_cli([*args, "--budget-usd", "0.03"], env=env).returncode == 6
     assert run_cli([*args, "--budget-usd", "1"], env=env).returncode == 0  # resumed
     data = load_run(out)
-    assert data.budget is not None and data.budget["usd"] == 1
+    assert data.budget is not None and data.budget.usd == 1
     assert len(data.spend) >= 4 and data.spend[-1].spent["tm-small"][3] == 50
     p = run_cli(["report", str(out)])
     assert p.returncode == 0, p.stderr

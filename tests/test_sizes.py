@@ -26,10 +26,6 @@ MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 MAX_COMPLEXITY = 15
 
-# Being split on branch `records` (typed journal records), which brings them within bounds:
-# empty this set when it merges. A module listed here that is within bounds fails the test.
-PENDING = {"tools/merge.py", "tools/report.py", "journal/journal.py", "run/summary.py"}
-
 MODULES = sorted(ROOT.rglob("*.py"))
 HOW = "split it by responsibility (a part for each thing it does), not by moving lines around"
 
@@ -106,9 +102,6 @@ def oversize(path: Path) -> list[str]:
 def test_a_module_and_its_functions_are_within_bounds(path: Path) -> None:
     rel = path.relative_to(ROOT).as_posix()
     found = oversize(path)
-    if rel in PENDING:
-        assert found, f"{rel} is within bounds now: remove it from PENDING"
-        pytest.skip(f"pending (being split on branch `records`): {'; '.join(found)}")
     assert not found, "\n".join(found)
 
 
@@ -123,10 +116,6 @@ def test_the_checker_names_the_file_the_function_and_the_figure(tmp_path: Path) 
         f"{src}:2: C.long has 61 lines (at most 60): {HOW}",
         f"{src}:63: branchy has cyclomatic complexity 16 (at most 15): {HOW}",
     ], found
-
-
-def test_every_pending_module_exists() -> None:
-    assert not {rel for rel in PENDING if not (ROOT / rel).is_file()}
 
 
 def test_the_checker_counts_as_ruff_counts(tmp_path: Path) -> None:

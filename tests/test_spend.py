@@ -14,10 +14,18 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.stop import Stop, StopReason
-from tmbatch.journal.journal import SpendRecord, load
+from tmbatch.journal.format import (
+    BudgetRecord,
+    DispatchRecord,
+    RecordError,
+    SpendRecord,
+    decode,
+    records,
+)
+from tmbatch.journal.journal import load
 from tmbatch.run.progress import Progress
 from tmbatch.run.summary import RunStats
 from tmbatch.spend.budget import Budget, BudgetSpec
@@ -56,7 +64,7 @@ def test_replay_takes_the_last_snapshot_and_counts_what_it_may_have_missed(
     state = load(out, repair=False)
     assert state.spend == {"m": [8 + 10 + 10, 5 + 20 + 20, 0, 1 + 1 + 1], "x": [1, 2, 0, 1]}
     assert state.spend_unknown == 1
-    assert state.budget is not None and state.budget["tokens"] == 5000
+    assert state.budget is not None and state.budget.tokens == 5000
     rendered = render_spend(run_status(out))
     assert "76 tokens of a budget of 5,000" in rendered and "1 cut-off attempt(s)" in rendered
     assert "excludes x: no price" in rendered
@@ -76,9 +84,10 @@ def test_a_journal_without_snapshots_has_unknown_spend(tmp_path: Path) -> None:
 
 def test_a_snapshot_record_round_trips_and_junk_is_not_one() -> None:
     rec = SpendRecord(1.5, {"m": [1, 2, 3, 4]}, {"m": [5, 6, 1]}, 2)
-    assert SpendRecord.from_list(orjson.loads(rec.to_json())) == rec
-    assert SpendRecord.from_list(["s", 1.0]) is None
-    assert SpendRecord.from_list(["s", "x", {}, {}, 0]) is None
+    assert decode(rec.to_json()) == rec
+    for junk in (["s", 1.0], ["s", "x", {}, {}, 0]):
+        with pytest.raises(RecordError, match="a spend snapshot is"):
+            decode(orjson.dumps(junk))
 
 
 def test_dispatch_records_carry_the_reservation_only_under_a_budget(sim: Any,
@@ -90,17 +99,17 @@ def test_dispatch_records_carry_the_reservation_only_under_a_budget(sim: Any,
         p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--no-preflight",
                      "-q", *extra], env=env)
         assert p.returncode == 0, p.stderr
-        journal = read_jsonl(out / "journal.jsonl")
-        dispatches = [r for r in journal if isinstance(r, list) and r[0] == "d"]
-        snaps = [r for r in journal if isinstance(r, list) and r[0] == "s"]
+        journal = list(records(out / "journal.jsonl"))
+        dispatches = [r for r in journal if isinstance(r, DispatchRecord)]
+        snaps = [r for r in journal if isinstance(r, SpendRecord)]
         assert len(dispatches) == 3 and len(snaps) >= 2  # one at the start, one at close
         if extra:
-            assert all(r[4][0] == "tm-small" and r[4][2] == 16 for r in dispatches)
-            assert any(isinstance(r, dict) and r.get("e") == "budget" for r in journal)
+            assert all(r.reserved is not None and r.reserved[0] == "tm-small"
+                       and r.reserved[2] == 16 for r in dispatches)
+            assert any(isinstance(r, BudgetRecord) for r in journal)
         else:
-            assert all(len(r) == 4 for r in dispatches)
-        spent = SpendRecord.from_list(snaps[-1])
-        assert spent is not None and spent.spent["tm-small"][3] == 3 and not spent.in_flight
+            assert all(r.reserved is None for r in dispatches)
+        assert snaps[-1].spent["tm-small"][3] == 3 and not snaps[-1].in_flight
 
 
 def test_the_budget_stop_and_its_exit_code() -> None:

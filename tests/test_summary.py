@@ -3,15 +3,26 @@ line, the advice about failed lines, and summary.json after a re-run with nothin
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import chat_line, run_cli, write_jsonl
 from tmbatch.policy import Outcome
+from tmbatch.run.summaries import (
+    Counts,
+    MergedSummary,
+    Summary,
+    ThisRun,
+    read_summary,
+    write_summary,
+)
 from tmbatch.run.summary import Histogram, final_line, percentile
 
 
@@ -87,17 +98,34 @@ def test_a_rerun_with_nothing_to_send_keeps_the_numbers_of_the_run_that_sent(
 
 
 def test_final_line_never_shows_none() -> None:
-    summary = {
-        "counts": {"succeeded": 0, "failed": 2, "failed_by_class": {"permanent": 2}},
-        "this_run": {"requests_per_second": 0.0, "tokens": {"per_second": 0.0},
-                     "latency_ms": {"p50": None, "p90": None, "p99": None},
-                     "ttft_ms": {"count": 0}, "wall_seconds": 0.01, "admission": None},
-    }
+    this_run: ThisRun = {
+        "requests_per_second": 0.0, "tokens": {"per_second": 0.0},
+        "latency_ms": {"p50": None, "p90": None, "p99": None},
+        "ttft_ms": {"count": 0}, "wall_seconds": 0.01, "admission": None}
+    summary = Summary(None, None, None, 2, 0, Counts(0, 2, {"permanent": 2}, 2), this_run)
     line = final_line(summary)
     assert "None" not in line and "latency" not in line  # only bad lines: nothing measured
     assert line.startswith("done: 0 succeeded, 2 failed (permanent 2)")
-    summary["this_run"]["admission"] = {  # every request refused: no settled rate
+    adaptive = {  # every request refused: no settled rate
         "mode": "adaptive", "decreases": 2, "concurrency_final": 30,
         "settled_requests_per_second": None}
-    line = final_line(summary)
+    line = final_line(replace(summary, this_run={**this_run, "admission": adaptive}))
     assert "None" not in line and "adaptive: settled at 30 in flight," in line
+
+
+def test_summary_json_round_trips_as_a_frozen_value(tmp_path: Path) -> None:
+    run = Summary("/x/in.jsonl", "f", "job", 3, 1, Counts(1, 1, {"permanent": 1}, 2, 1),
+                  {"attempts_sent": 3}, stopped="SIGTERM", spend=None,
+                  labels={"file": "labels.jsonl", "ok": 1})
+    merged = MergedSummary("/x/in.jsonl", "f", [{"dir": "a", "shard": [0, 2]}], 3, 1,
+                           Counts(2, 0, {}, 2), {"count": 0, "lines": []},
+                           {"count": 0, "lines": []}, [], {"attempts_sent": 2})
+    for summary in (run, merged):
+        write_summary(tmp_path, summary)
+        assert read_summary(tmp_path) == summary
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            summary.counts = Counts(0, 0, {}, 0)  # type: ignore[misc]
+    assert orjson.loads((tmp_path / "summary.json").read_bytes())["finished"] is True
+    assert not run.finished and run.as_dict()["stopped"] == "SIGTERM"
+    (tmp_path / "summary.json").write_bytes(b'{"counts": "none"}')
+    assert read_summary(tmp_path) is None  # not one tmbatch wrote: as if there were none

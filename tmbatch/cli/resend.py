@@ -12,7 +12,7 @@ from tmbatch.base.exitcodes import ExitCode, help_text
 from tmbatch.base.files import FAILURES
 from tmbatch.cli import common
 from tmbatch.cli.run import start_run
-from tmbatch.journal.journal import read_header
+from tmbatch.journal.format import Header, read_header
 from tmbatch.policy import RESENDABLE, Outcome
 from tmbatch.run.options import RunOptions
 from tmbatch.tools.resend import (
@@ -99,12 +99,12 @@ def _confirmed(n: int) -> bool:
     return confirm(f"Send these {n} line(s) again? [y/N]")
 
 
-def _send(ns: argparse.Namespace, out: Path, header: dict[str, Any],
+def _send(ns: argparse.Namespace, out: Path, header: Header,
           lines: list[Selected]) -> int:
     settings = common.settings_from(ns, require_key=not ns.sim)
-    options = header.get("options") or {}
+    options = header.options
     opts = RunOptions(
-        input=header["input"], out_dir=out, endpoint=options.get("endpoint"),
+        input=header.input, out_dir=out, endpoint=options.get("endpoint"),
         model=options.get("model"), stream=options.get("stream"),
         shard=tuple(options["shard"]) if options.get("shard") else None,
         concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, quiet=ns.quiet,

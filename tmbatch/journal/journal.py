@@ -1,14 +1,7 @@
 """The checkpoint: an append-only journal that makes a crash the same as a pause.
 
-Format (`journal.jsonl`, one JSON value per line):
-    {"e": "start", ...}            header: input, fingerprint, options, job id
-    {"e": "resume", "t": ...}      each later run on the same directory
-    ["d", line, attempt, custom_id] written and flushed *before* the bytes leave
-    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"
-    ["p", t, seconds]               a Retry-After pause of every worker
-    ["m", results_size, failures_size]  output sizes after an outcome batch
-    {"e": "budget", "t", "tokens", "usd", "prices"}  a run's budget and prices, when it has any
-    ["s", t, spent, in_flight, unknown]  the job's spend so far (see below)
+Its records and the one reader of them are in `journal.format`; this module replays them into
+what a resume needs (`load`).
 
 Spend. `spent` is the whole job's (every run's) billed tokens by model, `{model: [prompt,
 completion, cached, requests]}`: an answer's `usage`, or the worst case of an attempt that
@@ -39,152 +32,36 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, OutputError, open_append, open_private
 from tmbatch.journal.compact import IN_FLIGHT, UNSEEN, IdSet, LineStates
+from tmbatch.journal.format import (
+    BudgetRecord,
+    DispatchRecord,
+    Header,
+    JournalReader,
+    MarkRecord,
+    OutcomeRecord,
+    PauseRecord,
+    Position,
+    Record,
+    ResumeRecord,
+    SpendRecord,
+    records,
+)
+from tmbatch.journal.format import JournalError as JournalError  # its home for callers
+from tmbatch.journal.format import nothing_sent as nothing_sent
+from tmbatch.journal.format import read_header as read_header
 from tmbatch.policy import Outcome
 
 log = logging.getLogger("tmbatch")
 
-FORMAT_VERSION = 1
-_OK = Outcome.OK.value  # a plain str: orjson writes it a little faster than the StrEnum
-_NL = orjson.OPT_APPEND_NEWLINE  # the record's newline, without a copy to add it
-
-
-class JournalError(Exception):
-    """The output directory cannot be resumed as it is; the message says why and what to do."""
-
-
-# -- the records ------------------------------------------------------------------------------
-@dataclass(slots=True)
-class DispatchRecord:
-    """["d", line, attempt, custom_id(, reserved)]: flushed before the request's bytes leave;
-    under a budget `reserved` is the attempt's worst case, [model, prompt, output]."""
-
-    line: int
-    attempt: int
-    custom_id: str
-    reserved: list[Any] | None = None
-
-    def to_json(self) -> bytes:
-        return self.of(self.line, self.attempt, self.custom_id, self.reserved)
-
-    @staticmethod
-    def of(line: int, attempt: int, custom_id: str, reserved: list[Any] | None = None) -> bytes:
-        """`DispatchRecord(...).to_json()` without building the record: one per attempt."""
-        if reserved is not None:
-            return orjson.dumps(("d", line, attempt, custom_id, reserved), option=_NL)
-        return orjson.dumps(("d", line, attempt, custom_id), option=_NL)
-
-
-@dataclass(slots=True)
-class OutcomeRecord:
-    """["o", line, outcome, code, t, latency_ms, ttft_ms]: resume reads the first three
-    fields; the time fields, present for outcomes this run saw happen, are what
-    `tmbatch report` draws."""
-
-    line: int
-    outcome: Outcome
-    code: str = ""
-    t: float | None = None
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-
-    def to_json(self) -> bytes:
-        # orjson writes an Outcome (a StrEnum) as its value, without Enum.value's call
-        rec: tuple[Any, ...] = ("o", self.line, self.outcome, self.code)
-        if self.t is not None:
-            rec += (self.t,)
-            if self.latency_ms is not None or self.ttft_ms is not None:
-                rec += (self.latency_ms, self.ttft_ms)
-        return orjson.dumps(rec) + b"\n"
-
-    @staticmethod
-    def ok_json(line: int, t: float, latency_ms: float | None, ttft_ms: float | None) -> bytes:
-        """`OutcomeRecord(line, Outcome.OK, "", t, latency_ms, ttft_ms).to_json()`, without
-        building the record: one is written per answer."""
-        if latency_ms is None and ttft_ms is None:
-            return orjson.dumps(("o", line, _OK, "", t), option=_NL)
-        return orjson.dumps(("o", line, _OK, "", t, latency_ms, ttft_ms), option=_NL)
-
-    @classmethod
-    def from_list(cls, rec: list[Any]) -> OutcomeRecord | None:
-        """Parse a journal list; None for a record that is not a well-formed outcome."""
-        try:
-            outcome = Outcome(rec[2])
-        except (IndexError, ValueError):
-            return None
-        fields = [*rec[3:7], None, None, None, None][:4]
-        code = fields[0] if isinstance(fields[0], str) else ""
-        nums = [v if isinstance(v, int | float) else None for v in fields[1:]]
-        return cls(rec[1], outcome, code, *nums)
-
-
-@dataclass(slots=True)
-class PauseRecord:
-    """["p", t, seconds]: every worker paused for a Retry-After (drawn by the report)."""
-
-    t: float
-    seconds: float
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(("p", self.t, self.seconds)) + b"\n"
-
-
-@dataclass(slots=True)
-class MarkRecord:
-    """["m", results_size, failures_size]: the output sizes after a batch of outcomes, so a
-    resume knows where outcomes without a journal record can start."""
-
-    results_size: int
-    failures_size: int
-
-    def to_json(self) -> bytes:
-        # two ints: formatted directly, as orjson would (one per flush with outcomes)
-        return b'["m",%d,%d]\n' % (self.results_size, self.failures_size)
-
-
-@dataclass(slots=True)
-class SpendRecord:
-    """["s", t, spent, in_flight, unknown]: the job's spend so far (module docstring)."""
-
-    t: float
-    spent: dict[str, list[int]]
-    in_flight: dict[str, list[int]] = field(default_factory=dict)
-    unknown: int = 0
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(("s", self.t, self.spent, self.in_flight, self.unknown)) + b"\n"
-
-    @classmethod
-    def from_list(cls, rec: list[Any]) -> SpendRecord | None:
-        """Parse a journal list; None for a record that is not a well-formed snapshot."""
-        try:
-            t, spent, in_flight, unknown = rec[1], rec[2], rec[3], rec[4]
-        except IndexError:
-            return None
-        if not (isinstance(t, int | float) and isinstance(spent, dict)
-                and isinstance(in_flight, dict) and isinstance(unknown, int)):
-            return None
-        return cls(float(t), _counts(spent, 4), _counts(in_flight, 3), unknown)
-
-
-def _counts(table: dict[str, Any], width: int) -> dict[str, list[int]]:
-    """{model: [n, ...]} with exactly `width` integers per model, whatever was written."""
-    out = {}
-    for model, row in table.items():
-        nums = [int(v) if isinstance(v, int | float) else 0 for v in row] \
-            if isinstance(row, list) else []
-        out[str(model)] = (nums + [0] * width)[:width]
-    return out
-
 
 @dataclass
 class ResumeState:
-    header: dict[str, Any]
+    header: Header
     states: LineStates = field(default_factory=LineStates)
     seen: IdSet = field(default_factory=IdSet)
     in_flight: dict[int, tuple[str, int]] = field(default_factory=dict)  # line -> (id, attempts)
@@ -199,8 +76,8 @@ class ResumeState:
     # for a journal an older tmbatch wrote
     spend: dict[str, list[int]] | None = None
     spend_unknown: int = 0  # attempts cut off by a crash with no estimate of their spend
-    budget: dict[str, Any] | None = None  # the last run's {"e": "budget"} record
-    spend_at: tuple[list[Any], int] | None = None  # the last snapshot and the offset after it
+    budget: BudgetRecord | None = None  # the last run's budget record
+    spend_at: tuple[SpendRecord, Position] | None = None  # the last snapshot, where it ends
 
 
 def repair_torn(path: Path) -> str | None:
@@ -247,36 +124,6 @@ def repair_torn(path: Path) -> str | None:
     return msg
 
 
-def read_header(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / JOURNAL
-    try:
-        with open(path, "rb") as f:
-            first = f.readline()
-    except FileNotFoundError:
-        raise JournalError(f"{out_dir} has no {JOURNAL}: not a tmbatch output directory") from None
-    try:
-        header = orjson.loads(first)
-    except orjson.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("e") != "start":
-        raise JournalError(
-            f"{path}: the first line is not a tmbatch journal header; "
-            "use another --output directory or --restart"
-        )
-    return header
-
-
-def nothing_sent(out_dir: Path) -> bool:
-    """True when the journal holds no line's record at all: the last run stopped (or was
-    refused at preflight) before sending or recording anything, so there is nothing to resume."""
-    with open(out_dir / JOURNAL, "rb") as f:
-        f.readline()
-        for raw in f:
-            if raw.startswith((b'["d"', b'["o"')):
-                return False
-    return True
-
-
 def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
     """Rebuild per-line state from the journal: done, failed by class, in flight.
 
@@ -287,148 +134,119 @@ def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
     if repair:
         names = (JOURNAL, RESULTS, FAILURES)
         repaired = [m for m in (repair_torn(out_dir / n) for n in names) if m]
-    state = ResumeState(header=read_header(out_dir), repaired=repaired)
-    _replay(out_dir / JOURNAL, state)
+    with JournalReader(out_dir / JOURNAL) as reader:
+        assert reader.header is not None
+        state = ResumeState(header=reader.header, repaired=repaired)
+        _replay(reader, state)
+    if state.spend_at is not None:
+        state.spend, state.spend_unknown = spend_after(out_dir / JOURNAL, *state.spend_at)
     _adopt_tail(out_dir, state)
     return state
 
 
-def _replay(path: Path, state: ResumeState) -> None:
+def _replay(reader: JournalReader, state: ResumeState) -> None:
     """Replay the journal into per-line states, with the cyclic GC off: millions of
-    short-lived lists would make it rescan them all."""
+    short-lived records would make it rescan them all."""
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
-            f.readline()  # the header
-            b, hashes, undone = _replay_records(f, path, state)
+        b, hashes, undone = _replay_records(reader, state)
     finally:
         if gc_was_on:
             gc.enable()
-    in_flight = state.in_flight
-    for line, rec in list(in_flight.items()):
-        in_flight[line] = (rec[3], rec[2])
     if undone:  # sent again by this run: the reader must not call them duplicates
         gone = {hash(cid) for cid in undone.values()}
         hashes = array("q", (h for h in hashes if h not in gone))
     state.states = LineStates(b)
     state.seen = IdSet()
     state.seen.freeze(hashes)
-    replay_spend(path, state)
 
 
-# Outcome spelling -> state byte, and the states a resume sends again (fatal, pending).
-_STATE_OF = {o.value: o.policy.state for o in Outcome}
+# Outcome -> state byte, and the states a resume sends again (fatal, pending).
+_STATE_OF = {o: o.policy.state for o in Outcome}
 _SENT_AGAIN = frozenset(o.policy.state for o in Outcome if not o.policy.final)
 
 
-def _replay_records(f: Any, path: Path, state: ResumeState,
+def _replay_records(reader: JournalReader, state: ResumeState,
                     ) -> tuple[bytearray, array, dict[int, str]]:
     """The hot loop, kept flat on purpose: a million-line job replays two million records."""
     b = bytearray(1024)
     size = len(b)
     hashes = array("q")
     hashes_append = hashes.append
-    in_flight: dict[int, Any] = state.in_flight
+    in_flight: dict[int, DispatchRecord] = {}
     undone: dict[int, str] = {}  # refused while stopping or fatal: the reader sees them anew
-    ok_, unseen_, inflight_ = _STATE_OF["ok"], UNSEEN, IN_FLIGHT
+    ok_, unseen_, inflight_ = _STATE_OF[Outcome.OK], UNSEEN, IN_FLIGHT
     codes, sent_again = _STATE_OF, _SENT_AGAIN
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    dispatch_, outcome_ = DispatchRecord, OutcomeRecord
     attempts = 0
-    for raw in f:
-        try:
-            rec = loads(raw)
-        except decode_error:
-            if raw.endswith(b"\n"):
-                raise JournalError(
-                    f"{path}: a corrupt line (not a torn last line): {raw[:80]!r}; "
-                    "inspect it, or start over with --restart (old files are kept aside)"
-                ) from None
-            break  # torn last line (only possible with repair=False): never data
-        if type(rec) is not list:
-            e = rec.get("e")
-            if e == "resume":
-                state.runs += 1
-            elif e == "budget":
-                state.budget = rec
+    for rec in reader:
+        kind = type(rec)
+        if kind is not dispatch_ and kind is not outcome_:
+            _note(state, rec, reader)
             continue
-        kind = rec[0]
-        if kind == "d" or kind == "o":
-            line = rec[1]
-            if line >= size:
-                b.extend(bytes(max(line + 1, 2 * size) - size))
-                size = len(b)
-            prev = b[line]
-            if prev > ok_:
-                state.superseded = True
-            if kind == "d":
-                if prev == unseen_:
-                    hashes_append(hash(rec[3]))
-                b[line] = inflight_
-                in_flight[line] = rec  # [d, line, attempt, custom_id]: no tuple per record
-                if undone:
-                    undone.pop(line, None)
-                attempts += 1
-            else:
-                new = codes[rec[2]]
-                b[line] = new
-                entry = in_flight.pop(line, None)
-                if entry is not None and new in sent_again:
-                    undone[line] = entry[3]
-        elif kind == "m":
-            state.last_mark = (rec[1], rec[2])
-        elif kind == "p":
-            state.pause_until = max(state.pause_until, rec[1] + rec[2])
-        elif kind == "s":  # a few a second at most: only the last one counts
-            state.spend_at = (rec, f.tell())
+        line = rec.line
+        if line >= size:
+            b.extend(bytes(max(line + 1, 2 * size) - size))
+            size = len(b)
+        prev = b[line]
+        if prev > ok_:
+            state.superseded = True
+        if kind is dispatch_:
+            if prev == unseen_:
+                hashes_append(hash(rec.custom_id))
+            b[line] = inflight_
+            in_flight[line] = rec
+            if undone:
+                undone.pop(line, None)
+            attempts += 1
+        else:
+            new = b[line] = codes[rec.outcome]
+            entry = in_flight.pop(line, None)
+            if entry is not None and new in sent_again:
+                undone[line] = entry.custom_id
     state.attempts_done += attempts
+    state.in_flight = {line: (d.custom_id, d.attempt) for line, d in in_flight.items()}
     return b, hashes, undone
 
 
-def replay_spend(path: Path, state: ResumeState) -> None:
-    """The job's spend: the last snapshot, plus the worst case of what it may have missed.
+def _note(state: ResumeState, rec: Record, reader: JournalReader) -> None:
+    """The records that are not about a line: a few per run, or a few a second at most."""
+    if type(rec) is MarkRecord:
+        state.last_mark = (rec.results_size, rec.failures_size)
+    elif type(rec) is SpendRecord:  # only the last one counts
+        state.spend_at = (rec, reader.position())
+    elif type(rec) is PauseRecord:
+        state.pause_until = max(state.pause_until, rec.t + rec.seconds)
+    elif type(rec) is ResumeRecord:
+        state.runs += 1
+    elif type(rec) is BudgetRecord:
+        state.budget = rec
 
-    Only the records after the last snapshot are read again (a fraction of a second of the
-    run): each dispatch there that carries a reservation counts it, unless a later outcome
-    of its line provably did no work (`policy.refund`); one without counts as unknown."""
-    if state.spend_at is None:
-        return
-    snap = SpendRecord.from_list(state.spend_at[0])
-    if snap is None:
-        return
-    spent = snap.spent
+
+def spend_after(path: Path, snap: SpendRecord, at: Position) -> tuple[dict[str, list[int]], int]:
+    """The job's spend (and its attempts of unknown spend): the last snapshot, plus the worst
+    case of what it may have missed.
+
+    Only the records after the snapshot are read again (a fraction of a second of the run):
+    each dispatch there that carries a reservation counts it, unless a later outcome of its
+    line provably did no work (`policy.refund`); one without counts as unknown."""
+    spent = {model: list(row) for model, row in snap.spent.items()}
     unknown = snap.unknown
     for model, (prompt, output, n) in snap.in_flight.items():
         _add_spend(spent, model, prompt, output, n)
-    tail: dict[int, list[Any] | None] = {}
-    with open(path, "rb") as f:
-        f.seek(state.spend_at[1])
-        for raw in f:
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                break  # a torn last line (reading without repair)
-            if type(rec) is not list or len(rec) < 3:
-                continue
-            if rec[0] == "d":
-                res = rec[4] if len(rec) > 4 else None
-                tail[rec[1]] = res if isinstance(res, list) and len(res) == 3 else None
-            elif rec[0] == "o" and rec[1] in tail and _refunded(rec[2]):
-                del tail[rec[1]]
+    tail: dict[int, tuple[str, int, int] | None] = {}
+    for rec in records(path, at):
+        if type(rec) is DispatchRecord:
+            tail[rec.line] = rec.reserved
+        elif type(rec) is OutcomeRecord and rec.line in tail and rec.outcome.policy.refund:
+            del tail[rec.line]
     for res in tail.values():
         if res is None:
             unknown += 1
-        elif isinstance(res[1], int) and isinstance(res[2], int):
-            _add_spend(spent, str(res[0]), res[1], res[2], 1)
-    state.spend = spent
-    state.spend_unknown = unknown
-
-
-def _refunded(outcome: Any) -> bool:
-    try:
-        return Outcome(outcome).policy.refund
-    except ValueError:
-        return False
+        else:
+            _add_spend(spent, res[0], res[1], res[2], 1)
+    return spent, unknown
 
 
 def _add_spend(spent: dict[str, list[int]], model: str, prompt: int, output: int,

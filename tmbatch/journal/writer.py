@@ -32,12 +32,16 @@ import orjson
 from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, atomic_writer, open_append
 from tmbatch.base.redact import SECRETS
 from tmbatch.journal.compact import IN_FLIGHT, OK, LineStates
-from tmbatch.journal.journal import (
+from tmbatch.journal.format import (
+    BudgetRecord,
     DispatchRecord,
+    Header,
     MarkRecord,
     OutcomeRecord,
     PauseRecord,
+    ResumeRecord,
     SpendRecord,
+    decode,
 )
 from tmbatch.journal.records import FailureRecord, ResultRecord, line_of
 from tmbatch.policy import Outcome
@@ -79,8 +83,12 @@ class Writer:
         self.before_close: list[Callable[[], None]] = []  # last records (a spend snapshot)
 
     # -- journal records ------------------------------------------------
-    def header(self, record: dict[str, Any]) -> None:
-        self._jour.append(orjson.dumps(record) + b"\n")
+    def header(self, record: Header | ResumeRecord | BudgetRecord | dict[str, Any]) -> None:
+        """A run's own record (its header, its resume, its budget), written at once. A dict
+        (the budget's) is decoded first: the writer writes nothing the reader would refuse."""
+        if isinstance(record, dict):
+            record = decode(orjson.dumps(record))
+        self._jour.append(record.to_json())
         self.flush()
 
     def dispatch(self, line: int, attempt: int, custom_id: str,

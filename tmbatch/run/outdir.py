@@ -20,7 +20,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tmbatch import __version__
 from tmbatch.base.files import (
@@ -36,6 +35,7 @@ from tmbatch.base.files import (
 )
 from tmbatch.base.words import setting
 from tmbatch.inputs.files import fingerprint
+from tmbatch.journal.format import Header
 from tmbatch.journal.journal import JournalError, ResumeState, load, nothing_sent, read_header
 from tmbatch.run.options import RunOptions
 
@@ -81,7 +81,7 @@ def lock_output(out_dir: Path) -> Lock:
         os.close(fd)  # the file was released (deleted) between our open and our lock: again
 
 
-def prepare_output(opts: RunOptions) -> tuple[dict[str, Any], ResumeState | None, Lock]:
+def prepare_output(opts: RunOptions) -> tuple[Header, ResumeState | None, Lock]:
     """Start a new job, or check that this is the same job and load it to resume; the
     directory's lock is held on return (the caller releases it)."""
     out = opts.out_dir
@@ -121,9 +121,9 @@ def _move_aside(out: Path) -> None:
     log.warning("--restart: the previous run's files were moved to %s", aside)
 
 
-def _check_same_job(header: dict[str, Any], opts: RunOptions, fp: str) -> None:
+def _check_same_job(header: Header, opts: RunOptions, fp: str) -> None:
     out = opts.out_dir
-    if header.get("merged"):  # its lines' Idempotency-Keys belong to the shards' job ids
+    if header.merged:  # its lines' Idempotency-Keys belong to the shards' job ids
         raise JournalError(f"{out} was written by `tmbatch merge`; run (or resend) in the "
                            "shard directories, then merge again")
     if opts.input == "-":
@@ -131,13 +131,13 @@ def _check_same_job(header: dict[str, Any], opts: RunOptions, fp: str) -> None:
             f"{out} holds a run already and stdin cannot be resumed; give the input as a "
             "file, use another --output, or --restart"
         )
-    if header.get("fingerprint") != fp:
+    if header.fingerprint != fp:
         raise JournalError(
-            f"{out} belongs to a different input ({header.get('input')}, fingerprint "
-            f"{str(header.get('fingerprint'))[:12]}), not {opts.input} ({fp[:12]}); use "
+            f"{out} belongs to a different input ({header.input}, fingerprint "
+            f"{header.fingerprint[:12]}), not {opts.input} ({fp[:12]}); use "
             "another --output, or --restart to start over (old files are kept aside)"
         )
-    recorded = header.get("options") or {}
+    recorded = header.options
     current = opts.request_shape()
     diff = [k for k in current if recorded.get(k) != current[k]]
     if diff:
@@ -149,10 +149,7 @@ def _check_same_job(header: dict[str, Any], opts: RunOptions, fp: str) -> None:
         )
 
 
-def _new_header(opts: RunOptions, fp: str) -> dict[str, Any]:
-    return {
-        "e": "start", "v": 1, "tmbatch": __version__,
-        "input": "-" if opts.input == "-" else os.path.abspath(opts.input),
-        "fingerprint": fp, "options": opts.request_shape(),
-        "job": opts.job_id or secrets.token_hex(8), "t": time.time(),
-    }
+def _new_header(opts: RunOptions, fp: str) -> Header:
+    return Header(input="-" if opts.input == "-" else os.path.abspath(opts.input),
+                  fingerprint=fp, job=opts.job_id or secrets.token_hex(8),
+                  options=opts.request_shape(), t=time.time(), tmbatch=__version__)

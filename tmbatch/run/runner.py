@@ -37,6 +37,7 @@ from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
 from tmbatch.journal.compact import LineStates
+from tmbatch.journal.format import Header, ResumeRecord
 from tmbatch.journal.journal import ResumeState
 from tmbatch.journal.records import FailureRecord
 from tmbatch.journal.writer import Writer, WriterError
@@ -46,7 +47,8 @@ from tmbatch.run.attempts import LineSender
 from tmbatch.run.options import RunOptions
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress
-from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps, write_summary
+from tmbatch.run.summaries import read_summary, write_summary
+from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps
 from tmbatch.spend.budget import Budget
 
 log = logging.getLogger("tmbatch")
@@ -64,7 +66,7 @@ class Runner:
                                    base_url=settings.base_url)
         self.stop = Stop()
         self.read_stats = ReadStats()
-        self.header: dict[str, Any] = {}
+        self.header: Header | None = None  # prepare() reads or makes it
         self.states = LineStates()
         self.resume: ResumeState | None = None
         self.writer: Writer | None = None
@@ -145,7 +147,7 @@ class Runner:
             if resume is None:
                 writer.header(header)
             else:
-                writer.header({"e": "resume", "t": time.time(), **opts.extra_header})
+                writer.header(ResumeRecord(time.time(), **opts.extra_header))
                 _recover(writer, resume)
             self.budget = Budget.for_job(opts.budget, self.stop, resume)
             self.budget.start(writer)
@@ -197,9 +199,10 @@ class Runner:
             return self.stop.exit_code(0)
         self._sent = True
         opts, header, writer = self.opts, self.header, self.writer
-        event("start", f"job {header['job']}: {opts.input} -> {opts.out_dir} "
+        assert header is not None
+        event("start", f"job {header.job}: {opts.input} -> {opts.out_dir} "
               f"({self.settings.surface} at {public_url(self.settings.base_url)})",
-              input=opts.input, output=str(opts.out_dir), job_id=header["job"],
+              input=opts.input, output=str(opts.out_dir), job_id=header.job,
               surface=self.settings.surface, base_url=public_url(self.settings.base_url),
               resumed=self.resume is not None)
         self._honour_open_pause()
@@ -207,7 +210,7 @@ class Runner:
         f = open_input(opts.input)
         session = make_session(self.settings, opts.concurrency)
         sender = self._sender = LineSender(
-            self.settings, header["job"], self.admission, writer, self.stats, self.stop,
+            self.settings, header.job, self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
             opts.served_models)
         writer.start()
@@ -344,36 +347,32 @@ class Runner:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _finish(self) -> int:
+        assert self.header is not None
         summary = build_summary(
             self.stats, self.states, input_lines=self.read_stats.lines,
-            blank_lines=self.read_stats.blank, header=self.header,
-            stopped=self.stop.reason.label if self.stop.reason else None,
-            admission=self.admission,
+            blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
+            admission=self.admission, spend=self.budget.report(),
+            previous=read_summary(self.opts.out_dir),
         )
-        if self.stop.fatal:
-            summary["fatal"] = self.stop.fatal
-        if self.stop.io_error:
-            summary["io_error"] = self.stop.io_error
-        summary["spend"] = self.budget.report()
         try:
             write_summary(self.opts.out_dir, summary)
         except OutputError as exc:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
         if not self.opts.quiet:
-            say("summary", final_line(summary), **summary)
+            say("summary", final_line(summary), **summary.as_dict())
             say_next_steps(summary, self.opts.out_dir)
             spend = self.budget.final_line()
             if spend:
-                say("spend", spend, **summary["spend"])
+                say("spend", spend, **(summary.spend or {}))
         self.stop.announce()
-        return self.stop.exit_code(summary["counts"]["failed"])
+        return self.stop.exit_code(summary.counts.failed)
 
 
 def _recover(writer: Writer, resume: ResumeState) -> None:
     """Outcomes from before the crash: found ones journaled, unknown ones ambiguous."""
     for record in resume.adopted:
         writer.adopt(record)
-    job = resume.header["job"]
+    job = resume.header.job
     for line, (cid, attempts) in sorted(resume.in_flight.items()):
         writer.failure(FailureRecord.of(
             job, line, cid, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",

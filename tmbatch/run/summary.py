@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tmbatch.base.files import FAILURES, SUMMARY, atomic_write
+from tmbatch.base.files import FAILURES
 from tmbatch.base.logs import say
+from tmbatch.base.stop import Stop
 from tmbatch.base.words import millis
 from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.journal.format import Header
 from tmbatch.policy import FAILURE_CLASSES, Outcome
+from tmbatch.run.summaries import Counts, MergedSummary, Summary, ThisRun
 
 _log = math.log
 
@@ -104,116 +105,86 @@ class RunStats:
         return max(time.monotonic() - self.started, 1e-9)
 
 
-def build_summary(
-    stats: RunStats,
-    states: LineStates,
-    *,
-    input_lines: int,
-    blank_lines: int,
-    header: dict[str, Any],
-    stopped: str | None,
-    admission: Any,
-) -> dict[str, Any]:
+def build_summary(stats: RunStats, states: LineStates, *, input_lines: int, blank_lines: int,
+                  header: Header, stop: Stop, admission: Any, spend: dict[str, Any] | None,
+                  previous: Summary | MergedSummary | None = None) -> Summary:
+    """The run's summary.json, whole: the job's counts from the line states, this run's
+    numbers, how it stopped, its spend (`Budget.report`). `previous`, the summary the last
+    run wrote: a run that had nothing to send keeps its `this_run` (its rates and latencies
+    are the job's useful numbers) and says so in `nothing_sent`, instead of zeros and nulls."""
+    this_run = _this_run(stats, admission)
+    nothing_sent = None
+    if _sent_nothing(this_run):
+        earlier = previous.this_run if isinstance(previous, Summary) else None
+        if earlier and not _sent_nothing(earlier):
+            this_run = earlier
+        nothing_sent = {"at": _iso_now(), "wall_seconds": round(stats.elapsed, 3)}
+    return Summary(
+        input=header.input, fingerprint=header.fingerprint, job_id=header.job,
+        input_lines=input_lines, blank_lines_skipped=blank_lines, counts=_counts(states),
+        this_run=this_run, stopped=stop.reason.label if stop.reason else None,
+        fatal=stop.fatal, io_error=stop.io_error, spend=spend, nothing_sent=nothing_sent)
+
+
+def _counts(states: LineStates) -> Counts:
     lines = states.by_outcome()
     by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES}
-    failed_total = sum(by_class.values())
-    succeeded = lines[Outcome.OK]
-    done = succeeded + failed_total
+    failed = sum(by_class.values())
+    return Counts(succeeded=lines[Outcome.OK], failed=failed, failed_by_class=by_class,
+                  with_outcome=lines[Outcome.OK] + failed,
+                  unknown_outcome_in_flight=states.counts()[IN_FLIGHT])
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000.0, 2)
+
+
+def _this_run(stats: RunStats, admission: Any) -> ThisRun:
     lat, ttft = stats.latencies, stats.ttfts
     elapsed = stats.elapsed
     answered = stats.ok + sum(stats.failed.values())
     tokens = stats.prompt_tokens + stats.completion_tokens
-
-    def ms(v: float | None) -> float | None:
-        return None if v is None else round(v * 1000.0, 2)
-
     return {
-        "input": header.get("input"),
-        "fingerprint": header.get("fingerprint"),
-        "job_id": header.get("job"),
-        "input_lines": input_lines,
-        "blank_lines_skipped": blank_lines,
-        "counts": {
-            "succeeded": succeeded,
-            "failed": failed_total,
-            "failed_by_class": by_class,
-            "unknown_outcome_in_flight": states.counts()[IN_FLIGHT],
-            "with_outcome": done,
+        "attempts_sent": stats.sent,
+        "succeeded": stats.ok,
+        "failed_by_class": {cls.value: n for cls, n in stats.failed.items()},
+        "failed_by_code": dict(stats.codes),
+        "retries": stats.retries,
+        "rate_limited_429": stats.rejected_429,
+        "pauses": getattr(admission, "pauses", 0),
+        "paused_seconds": round(getattr(admission, "paused_seconds", 0.0), 3),
+        "admission": admission.report() if hasattr(admission, "report") else None,
+        "wall_seconds": round(elapsed, 3),
+        "requests_per_second": round(answered / elapsed, 2),
+        "tokens": {
+            "prompt": stats.prompt_tokens,
+            "completion": stats.completion_tokens,
+            "total": tokens,
+            "per_second": round(tokens / elapsed, 1),
         },
-        "this_run": {
-            "attempts_sent": stats.sent,
-            "succeeded": stats.ok,
-            "failed_by_class": {cls.value: n for cls, n in stats.failed.items()},
-            "failed_by_code": dict(stats.codes),
-            "retries": stats.retries,
-            "rate_limited_429": stats.rejected_429,
-            "pauses": getattr(admission, "pauses", 0),
-            "paused_seconds": round(getattr(admission, "paused_seconds", 0.0), 3),
-            "admission": admission.report() if hasattr(admission, "report") else None,
-            "wall_seconds": round(elapsed, 3),
-            "requests_per_second": round(answered / elapsed, 2),
-            "tokens": {
-                "prompt": stats.prompt_tokens,
-                "completion": stats.completion_tokens,
-                "total": tokens,
-                "per_second": round(tokens / elapsed, 1),
-            },
-            "latency_ms": {
-                "p50": ms(lat.percentile(50)),
-                "p90": ms(lat.percentile(90)),
-                "p99": ms(lat.percentile(99)),
-                "max": ms(lat.max),
-            },
-            "ttft_ms": {
-                "count": ttft.count,
-                "p50": ms(ttft.percentile(50)),
-                "p90": ms(ttft.percentile(90)),
-                "p99": ms(ttft.percentile(99)),
-            },
-        },
-        "stopped": stopped,
-        "finished": stopped is None,
+        "latency_ms": {"p50": _ms(lat.percentile(50)), "p90": _ms(lat.percentile(90)),
+                       "p99": _ms(lat.percentile(99)), "max": _ms(lat.max)},
+        "ttft_ms": {"count": ttft.count, "p50": _ms(ttft.percentile(50)),
+                    "p90": _ms(ttft.percentile(90)), "p99": _ms(ttft.percentile(99))},
     }
 
 
-def _sent_nothing(run: dict[str, Any]) -> bool:
+def _sent_nothing(run: ThisRun) -> bool:
     """This run found every line already answered: it has no rates or latencies to tell."""
     return not run.get("attempts_sent") and not run.get("succeeded") and not any(
         (run.get("failed_by_class") or {}).values())
-
-
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    """Write summary.json atomically. A re-run that had nothing to send keeps `this_run` of
-    the last run that did send (its rates and latencies are the job's useful numbers) and
-    says so in `nothing_sent`, instead of overwriting them with zeros and nulls."""
-    run = summary.get("this_run") or {}
-    if "nothing_sent" not in summary and _sent_nothing(run):
-        previous = _read_summary(out_dir)
-        earlier = (previous or {}).get("this_run")
-        if isinstance(earlier, dict) and not _sent_nothing(earlier):
-            summary["this_run"] = earlier
-        summary["nothing_sent"] = {"at": _iso_now(), "wall_seconds": run.get("wall_seconds")}
-    atomic_write(out_dir / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
-
-
-def _read_summary(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        found = orjson.loads((out_dir / SUMMARY).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def _iso_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _counts_part(c: dict[str, Any]) -> str:
-    failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_class"].items() if v)
-    return f"{c['succeeded']} succeeded, {c['failed']} failed" + (f" ({failed})" if failed else "")
+def _counts_part(c: Counts) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in c.failed_by_class.items() if v)
+    return f"{c.succeeded} succeeded, {c.failed} failed" + (f" ({failed})" if failed else "")
 
 
-def _latency_part(r: dict[str, Any]) -> str:
+def _latency_part(r: ThisRun) -> str:
     """Percentiles only when something was measured (never "p50 None ms")."""
     lat = r.get("latency_ms") or {}
     if lat.get("p50") is None:
@@ -225,10 +196,10 @@ def _latency_part(r: dict[str, Any]) -> str:
     return text
 
 
-def final_line(summary: dict[str, Any]) -> str:
+def final_line(summary: Summary) -> str:
     """The one line a run ends with: the job's counts, then what this run did."""
-    c, r = summary["counts"], summary["this_run"]
-    if summary.get("nothing_sent"):
+    c, r = summary.counts, summary.this_run
+    if summary.nothing_sent:
         return (f"done: {_counts_part(c)}; nothing was left to send: every line already has "
                 "an outcome")
     extra = ""
@@ -244,12 +215,12 @@ def final_line(summary: dict[str, Any]) -> str:
     )
 
 
-def next_steps(summary: dict[str, Any], out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+def next_steps(summary: Summary, out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
     """Where a finished run's failed lines are and, per class, what may be done about them.
 
     Worded from each class's policy (what it means, whether `resend` may choose it), so a
     new class or a changed rule changes this advice without anyone editing it."""
-    by_class = summary["counts"]["failed_by_class"]
+    by_class = summary.counts.failed_by_class
     rows: list[dict[str, Any]] = []
     lines = [f"failed lines are in {out_dir / FAILURES} (error.code says why):"]
     for cls in FAILURE_CLASSES:
@@ -266,9 +237,9 @@ def next_steps(summary: dict[str, Any], out_dir: Path) -> tuple[str, list[dict[s
     return "\n".join(lines), rows
 
 
-def say_next_steps(summary: dict[str, Any], out_dir: Path) -> None:
+def say_next_steps(summary: Summary, out_dir: Path) -> None:
     """After the final line of a finished run with failures: the pointer people need."""
-    if not summary.get("finished") or not summary["counts"]["failed"]:
+    if not summary.finished or not summary.counts.failed:
         return
     text, rows = next_steps(summary, out_dir)
     say("next_steps", text, failures_file=str(out_dir / FAILURES), classes=rows)

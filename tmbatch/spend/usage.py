@@ -77,8 +77,8 @@ def spend_status(state: Any) -> dict[str, Any] | None:
     prices, with its last budget; None for a journal an older tmbatch wrote."""
     if state.spend is None:
         return None
-    rec = state.budget or {}
-    prices = Prices.from_json(rec.get("prices"))
+    rec = state.budget  # a journal.BudgetRecord, or None
+    prices = Prices.from_json(None if rec is None else rec.prices)
     by_model = {}
     usd = 0.0
     for model, row in sorted(state.spend.items()):
@@ -95,7 +95,8 @@ def spend_status(state: Any) -> dict[str, Any] | None:
         "usd_excludes_models": sorted(m for m in by_model if prices.get(m) is None)
         if prices else [],
         "by_model": by_model,
-        "budget": {"tokens": rec.get("tokens"), "usd": rec.get("usd")},
+        "budget": {"tokens": None if rec is None else rec.tokens,
+                   "usd": None if rec is None else rec.usd},
         "unknown_attempts": state.spend_unknown,
     }
 

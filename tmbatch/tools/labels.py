@@ -13,7 +13,7 @@ import logging
 import sys
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +25,6 @@ from tmbatch.base.files import (
     FAILURES,
     LABELS,
     RESULTS,
-    SUMMARY,
     atomic_writer,
 )
 from tmbatch.inputs.files import InputError, open_input
@@ -42,13 +41,11 @@ from tmbatch.inputs.templates import (
     render,
 )
 from tmbatch.journal.records import line_of
-from tmbatch.run.summary import write_summary
+from tmbatch.run.summaries import read_summary, write_summary
 
 log = logging.getLogger("tmbatch")
 
 STATUSES = ("ok", "invalid_label", "unparsable", "failed")
-
-
 
 
 def answer_text(body: Any) -> str | None:
@@ -209,14 +206,13 @@ def _label_row(spec: LabelSpec, raw: bytes, line: int, where: array,
 
 
 def add_to_summary(out_dir: Path, counts: Counter[str]) -> None:
-    """summary.json gains a `labels` block, replaced atomically like the runner writes it."""
-    path = out_dir / SUMMARY
-    try:
-        summary = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+    """summary.json, as the run wrote it, with a `labels` block: a new summary, replaced
+    atomically like the runner writes it."""
+    summary = read_summary(out_dir)
+    if summary is None:
         return
-    summary["labels"] = {"file": LABELS, **{s: counts[s] for s in STATUSES}}
-    write_summary(out_dir, summary)
+    labels = {"file": LABELS, **{s: counts[s] for s in STATUSES}}
+    write_summary(out_dir, replace(summary, labels=labels))
 
 
 def finish(spec: LabelSpec, records: str, out_dir: Path, shard: Shard | None,

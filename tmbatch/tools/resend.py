@@ -22,6 +22,7 @@ import orjson
 
 from tmbatch.base.files import FAILURES, os_problem
 from tmbatch.journal.compact import LineStates
+from tmbatch.journal.format import Header
 from tmbatch.journal.journal import JournalError, load
 from tmbatch.policy import FAILURE_CLASSES, Outcome
 
@@ -67,10 +68,10 @@ def _failure_records(out_dir: Path) -> dict[int, Selected]:
     return out
 
 
-def refuse_merged(header: dict[str, Any], out_dir: Path) -> None:
+def refuse_merged(header: Header, out_dir: Path) -> None:
     """A merged directory joins shards that each had their own job id, and so their own
     Idempotency-Keys: resending from it would send keys the server has never seen."""
-    if header.get("merged"):
+    if header.merged:
         raise JournalError(
             f"{out_dir} is a merged directory: resend in the shard directory that ran the line "
             "(it keeps the line's Idempotency-Key), then merge again"

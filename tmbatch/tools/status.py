@@ -11,14 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tmbatch.base.files import JOURNAL, LOCK, SUMMARY
+from tmbatch.base.files import JOURNAL, LOCK
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import fingerprint
 from tmbatch.journal.compact import IN_FLIGHT
 from tmbatch.journal.journal import load
 from tmbatch.policy import FAILURE_CLASSES, Outcome
+from tmbatch.run.summaries import read_summary
 from tmbatch.spend.usage import render_spend, spend_status
 
 
@@ -45,12 +44,11 @@ def status(out_dir: Path) -> dict[str, Any]:
     # Failures that are not final (a `fatal` refusal) are sent again on resume.
     by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES if cls.policy.final}
     refused = sum(lines[cls] for cls in FAILURE_CLASSES if not cls.policy.final)
-    input_path = header.get("input", "-")
-    shard = (header.get("options") or {}).get("shard")
-    total = count_lines(input_path, tuple(shard) if shard else None)
+    input_path = header.input
+    total = count_lines(input_path, header.shard)
     matches = None
     if input_path != "-" and os.path.isfile(input_path):
-        matches = fingerprint(input_path) == header.get("fingerprint")
+        matches = fingerprint(input_path) == header.fingerprint
     succeeded = lines[Outcome.OK]
     with_outcome = succeeded + sum(by_class.values())
     unknown = state.states.counts()[IN_FLIGHT]
@@ -59,13 +57,13 @@ def status(out_dir: Path) -> dict[str, Any]:
     not_sent = None if total is None else max(0, total - with_outcome - unknown)
     finished = not running and not_sent == 0 and unknown == 0
     return {
-        "merged_from": [m.get("dir") for m in header.get("merged") or []],
+        "merged_from": [m.get("dir") for m in header.merged or []],
         "input_readable": input_path != "-" and os.path.isfile(input_path),
         "output": str(out_dir),
         "input": input_path,
-        "fingerprint": header.get("fingerprint"),
+        "fingerprint": header.fingerprint,
         "input_matches": matches,
-        "job_id": header.get("job"),
+        "job_id": header.job,
         "runs": state.runs,
         "running": running,
         "finished": finished,
@@ -85,12 +83,9 @@ def _summary_says_finished(out_dir: Path, with_outcome: int) -> bool:
     """Whether summary.json, written when the last run ended, says every line had its
     outcome, and the journal still agrees (same count): then a run whose input was moved
     or deleted afterwards is still known to be finished."""
-    try:
-        summary = orjson.loads((out_dir / SUMMARY).read_bytes())
-        counts = summary["counts"]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return False
-    return summary.get("finished") is True and counts.get("with_outcome") == with_outcome
+    summary = read_summary(out_dir)
+    return summary is not None and summary.finished \
+        and summary.counts.with_outcome == with_outcome
 
 
 def _input_state(s: dict[str, Any]) -> str:
