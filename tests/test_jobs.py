@@ -9,8 +9,10 @@ import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 from tmbatch.base.config import ConfigError
-from tmbatch.cli.jobfile import load_job, prepare_run, shard_from_env, share_limits
+from tmbatch.cli.jobfile import load_job, shard_from_env, share_limits
 from tmbatch.cli.main import build_parser
+from tmbatch.cli.resolve import resolve_run
+from tmbatch.run.config import RunConfig
 
 
 def job(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
@@ -82,21 +84,20 @@ def test_relative_paths_resolve_against_the_job_files_directory(tmp_path: Path) 
     assert loaded.values["ca_bundle"] == "/etc/ca.pem"
 
 
-def ns_for(args: list[str]) -> object:
-    return build_parser().parse_args(["run", *args])
+def config_for(args: list[str], env: dict[str, str] | None = None) -> RunConfig:
+    ns = build_parser().parse_args(["run", *args])
+    return resolve_run(vars(ns), env or {}, require_key=False).config
 
 
 def test_flags_override_the_file_even_when_equal_to_the_default(tmp_path: Path) -> None:
     p = job(tmp_path, 'input = "x.jsonl"\nconcurrency = 2\nfsync = "never"\nrpm = 60\n'
             'timeout = 30\nmodel = "tm-large"\n')
-    ns = ns_for([str(p), "-c", "64", "--fsync", "interval", "--model", "tm-small"])
-    prepare_run(ns, {})  # type: ignore[arg-type]
-    assert (ns.concurrency, ns.fsync, ns.model) == (64, "interval", "tm-small")  # type: ignore
-    assert ns.rpm == 60 and ns.timeout == "30.0"  # type: ignore[attr-defined]
-    ns = ns_for([str(p)])
-    prepare_run(ns, {})  # type: ignore[arg-type]
-    assert (ns.concurrency, ns.fsync, ns.drain_timeout) == (2, "never", 25.0)  # type: ignore
-    assert ns.output == "job.out"  # type: ignore[attr-defined]
+    c = config_for([str(p), "-c", "64", "--fsync", "interval", "--model", "tm-small"])
+    assert (c.concurrency, c.fsync, c.model) == (64, "interval", "tm-small")
+    assert c.rpm == 60 and c.connection is not None and c.connection.timeout == 30.0
+    c = config_for([str(p)])
+    assert (c.concurrency, c.fsync, c.drain_timeout) == (2, "never", 25.0)
+    assert c.out_dir == Path("job.out")
 
 
 def test_shard_from_env_needs_the_completion_count() -> None:
@@ -112,13 +113,12 @@ def test_shard_from_env_needs_the_completion_count() -> None:
 
 def test_sharded_job_gets_its_own_output_and_share_of_limits(tmp_path: Path) -> None:
     p = job(tmp_path, 'input = "x.jsonl"\noutput = "out"\nrpm = 3000\ntpm = 1000\n')
-    ns = ns_for([str(p)])
-    prepare_run(ns, {"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "4"})  # type: ignore
-    assert ns.shard == (1, 4) and ns.output == str(tmp_path / "out" / "shard-1")  # type: ignore
-    assert (ns.rpm, ns.tpm) == (750.0, 250.0)  # type: ignore[attr-defined]
-    ns = ns_for([str(p), "--shard", "0/2", "-o", "mine"])  # flags win over the environment
-    prepare_run(ns, {"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "4"})  # type: ignore
-    assert ns.shard == (0, 2) and ns.output == "mine" and ns.rpm == 1500.0  # type: ignore
+    pod = {"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "4"}
+    c = config_for([str(p)], pod)
+    assert c.shard == (1, 4) and c.out_dir == tmp_path / "out" / "shard-1"
+    assert (c.rpm, c.tpm) == (750.0, 250.0)
+    c = config_for([str(p), "--shard", "0/2", "-o", "mine"], pod)  # flags win over the env
+    assert c.shard == (0, 2) and c.out_dir == Path("mine") and c.rpm == 1500.0
 
 
 def test_cli_runs_a_job_file_from_another_directory(tmp_path: Path, sim: object) -> None:

@@ -16,7 +16,7 @@ import pytest
 import tmbatch
 from tests.conftest import run_cli, write_jsonl
 from tmbatch.base.files import JOURNAL
-from tmbatch.inputs.reader import fingerprint
+from tmbatch.inputs.files import fingerprint
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import (
     BudgetRecord,

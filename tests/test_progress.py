@@ -26,7 +26,7 @@ from tmbatch.inputs.reader import Request
 from tmbatch.journal.compact import LineStates
 from tmbatch.limits import Admission, estimate_tokens
 from tmbatch.policy import Outcome
-from tmbatch.run.options import RunOptions
+from tmbatch.run.config import RunConfig
 from tmbatch.run.progress import Progress, layout
 from tmbatch.run.summary import RunStats
 from tmbatch.sim.virtual import run_virtual
@@ -107,12 +107,12 @@ def test_a_resume_counts_the_lines_done_before() -> None:
     states.set(41, Outcome.AMBIGUOUS.policy.state)
     stats = RunStats()
     stats.ok = 9
-    progress = Progress.for_run(stats, states, RunOptions("in.jsonl", Path("out")), tty=False)
+    progress = Progress.for_run(stats, states, RunConfig("in.jsonl", Path("out")), tty=False)
     progress.set_total(100)
     snap = progress.snapshot()
     assert (snap["done"], snap["done_before"], snap["done_this_run"], snap["total"]) == \
         (50, 41, 9, 100)
-    resend = RunOptions("in.jsonl", Path("out"), only_lines={3, 7})
+    resend = RunConfig("in.jsonl", Path("out"), only_lines={3, 7})
     snap = Progress.for_run(RunStats(), states, resend, tty=False).snapshot()
     assert (snap["done"], snap["total"]) == (0, 2)  # a resend counts its own lines
 

@@ -9,7 +9,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tmbatch.inputs.reader import ROUTES, BadLine, Request, read_requests
+from tmbatch.inputs.reader import BadLine, Request, read_requests
+from tmbatch.inputs.routes import ROUTES
 
 GOOD = orjson.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
                      "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}})

@@ -100,7 +100,6 @@ def oversize(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_a_module_and_its_functions_are_within_bounds(path: Path) -> None:
-    rel = path.relative_to(ROOT).as_posix()
     found = oversize(path)
     assert not found, "\n".join(found)
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-SERVERLESS_DEFAULT = "https://serverless.tensormesh.ai"
+from tmbatch.base import defaults
+
+SERVERLESS_DEFAULT = defaults.BASE_URL.value
 SERVERLESS_HOST = "serverless.tensormesh.ai"
 # On-demand gateways are provider-specific hosts: the reference's example is
 # external.nebius.tensormesh.ai (reference/sdk-configuration.txt, raw-api-quickstart.txt).
 ON_DEMAND_HOST_RE = re.compile(r"^external\.[a-z0-9-]+\.tensormesh\.ai$", re.IGNORECASE)
-DEFAULT_TIMEOUT = 600.0
-DEFAULT_MAX_RETRIES = 5
 
 ENV_API_KEY = "TENSORMESH_INFERENCE_API_KEY"
 ENV_SERVERLESS_URL = "TENSORMESH_SERVERLESS_BASE_URL"
@@ -92,14 +92,17 @@ def _env(env: Mapping[str, str], name: str) -> str | None:
 
 
 def _pick(
-    flag_name: str, flag: str | None, env: Mapping[str, str], env_name: str | None
+    flag_name: str, flag: str | None, env: Mapping[str, str], env_name: str | None,
+    origin: str | None = None,
 ) -> tuple[str | None, str]:
+    """`origin`: where the "flag" value really came from, when not the command line (a job
+    file's key: `resolve`'s `origins`)."""
     if flag is not None:
         if not flag.strip():
             raise ConfigError(
                 f"{flag_name} was given an empty value; pass a value or leave the flag out"
             )
-        return flag.strip(), f"flag {flag_name}"
+        return flag.strip(), origin or f"flag {flag_name}"
     if env_name:
         value = _env(env, env_name)
         if value is not None:
@@ -180,24 +183,28 @@ def resolve(
     env: Mapping[str, str] | None = None,
     *,
     require_key: bool = True,
+    origins: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve settings. `flags` holds None for flags that were not given.
 
     Keys: surface, base_url, api_key, api_key_file, user_id, timeout,
     max_retries, ca_bundle, tm_config (path or "" for the default location),
-    allow_insecure_http ("1" when set).
+    allow_insecure_http ("1" when set). `origins`: for a key whose value in `flags` did not
+    come from the command line, the source to report instead of "flag --KEY" (a job file
+    sits between flag and environment: `cli.resolve`).
     """
     env = os.environ if env is None else env
+    origins = origins or {}
     sources: dict[str, str] = {}
     warnings: list[str] = []
     tm = read_tm_config(env, flags.get("tm_config") or None) \
         if flags.get("tm_config") is not None else None
-    surface = _surface(flags, sources)
+    surface = _surface(flags, sources, origins.get("surface"))
     api_key = _api_key(flags, env, tm, sources)
     user_id, sources["user_id"] = _from_tm(
         _pick("--user-id", flags.get("user_id"), env, ENV_USER_ID), tm, "user_id")
     env_url = ENV_SERVERLESS_URL if surface == "serverless" else ENV_ON_DEMAND_URL
-    picked = _pick("--base-url", flags.get("base_url"), env, env_url)
+    picked = _pick("--base-url", flags.get("base_url"), env, env_url, origins.get("base_url"))
     if surface == "on-demand":
         picked = _from_tm(picked, tm, "base_url")
     base_url, sources["base_url"] = picked
@@ -219,9 +226,9 @@ def resolve(
         base_url=base_url,
         api_key=api_key,
         user_id=user_id if surface == "on-demand" else None,
-        timeout=_timeout(flags, env, sources),
-        max_retries=_max_retries(flags, env, sources),
-        ca_bundle=_ca_bundle(flags, env, sources),
+        timeout=_timeout(flags, env, sources, origins.get("timeout")),
+        max_retries=_max_retries(flags, env, sources, origins.get("max_retries")),
+        ca_bundle=_ca_bundle(flags, env, sources, origins.get("ca_bundle")),
         allow_insecure_http=insecure_ok,
         sources=sources,
         warnings=tuple(warnings),
@@ -237,11 +244,12 @@ def _from_tm(picked: tuple[str | None, str], tm: dict[str, str] | None,
     return picked
 
 
-def _surface(flags: Mapping[str, str | None], sources: dict[str, str]) -> str:
-    surface = (flags.get("surface") or "serverless").strip()
+def _surface(flags: Mapping[str, str | None], sources: dict[str, str],
+             origin: str | None) -> str:
+    surface = (flags.get("surface") or defaults.SURFACE.value).strip()
     if surface not in ("serverless", "on-demand"):
         raise ConfigError(f"--surface {surface!r}: expected serverless or on-demand")
-    sources["surface"] = "flag --surface" if flags.get("surface") else "default"
+    sources["surface"] = (origin or "flag --surface") if flags.get("surface") else "default"
     return surface
 
 
@@ -346,10 +354,10 @@ def _check_transport(base_url: str, api_key: str | None, insecure_ok: bool) -> N
 
 
 def _timeout(flags: Mapping[str, str | None], env: Mapping[str, str],
-             sources: dict[str, str]) -> float:
-    raw, sources["timeout"] = _pick("--timeout", flags.get("timeout"), env, ENV_TIMEOUT)
+             sources: dict[str, str], origin: str | None) -> float:
+    raw, sources["timeout"] = _pick("--timeout", flags.get("timeout"), env, ENV_TIMEOUT, origin)
     if raw is None:
-        return DEFAULT_TIMEOUT
+        return defaults.TIMEOUT.value
     try:
         timeout = float(raw)
     except ValueError:
@@ -360,12 +368,12 @@ def _timeout(flags: Mapping[str, str | None], env: Mapping[str, str],
 
 
 def _max_retries(flags: Mapping[str, str | None], env: Mapping[str, str],
-                 sources: dict[str, str]) -> int:
+                 sources: dict[str, str], origin: str | None) -> int:
     raw, sources["max_retries"] = _pick(
-        "--max-retries", flags.get("max_retries"), env, ENV_MAX_RETRIES
+        "--max-retries", flags.get("max_retries"), env, ENV_MAX_RETRIES, origin
     )
     if raw is None:
-        return DEFAULT_MAX_RETRIES
+        return defaults.MAX_RETRIES.value
     if not raw.isdigit() or int(raw) > 1000:
         raise ConfigError(
             f"max retries {raw!r} ({sources['max_retries']}): expected an integer 0-1000"
@@ -374,9 +382,9 @@ def _max_retries(flags: Mapping[str, str | None], env: Mapping[str, str],
 
 
 def _ca_bundle(flags: Mapping[str, str | None], env: Mapping[str, str],
-               sources: dict[str, str]) -> str | None:
+               sources: dict[str, str], origin: str | None) -> str | None:
     ca_bundle, sources["ca_bundle"] = _pick(
-        "--ca-bundle", flags.get("ca_bundle"), env, ENV_CA_BUNDLE
+        "--ca-bundle", flags.get("ca_bundle"), env, ENV_CA_BUNDLE, origin
     )
     if ca_bundle is None:
         return None

@@ -7,9 +7,10 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from tmbatch.base import defaults as D
 from tmbatch.base.config import ConfigError, Settings, resolve
 from tmbatch.base.redact import SECRETS
 from tmbatch.inputs.lines import Shard
@@ -79,19 +80,19 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         "--tm-config)"
     )
     g.add_argument("--surface", choices=["serverless", "on-demand"],
-                   help="inference surface (default: serverless)")
+                   help=f"inference surface (default: {D.SURFACE.value})")
     g.add_argument("--base-url", help="API base URL without /v1 (env "
                    "TENSORMESH_SERVERLESS_BASE_URL or TENSORMESH_ON_DEMAND_BASE_URL; serverless "
-                   "default https://serverless.tensormesh.ai)")
+                   f"default {D.BASE_URL.value})")
     g.add_argument("--api-key-file", metavar="FILE", help="read the inference API key from FILE "
                    "(else env TENSORMESH_INFERENCE_API_KEY). There is deliberately no --api-key: "
                    "a key on the command line shows in `ps`")
     g.add_argument("--user-id", help="on-demand user UUID sent as X-User-Id "
                    "(env TENSORMESH_ON_DEMAND_USER_ID)")
     g.add_argument("--timeout", help="seconds per request (env TENSORMESH_TIMEOUT_SECONDS; "
-                   "default 600)")
+                   f"default {D.TIMEOUT.value:g})")
     g.add_argument("--max-retries", help="retries of not_sent/rejected attempts per line "
-                   "(env TENSORMESH_MAX_RETRIES; default 5)")
+                   f"(env TENSORMESH_MAX_RETRIES; default {D.MAX_RETRIES.value})")
     g.add_argument("--ca-bundle", help="PEM file of CAs to trust (env TENSORMESH_CA_BUNDLE)")
     g.add_argument("--tm-config", nargs="?", const="", metavar="PATH",
                    help="also read api key, user id and model from the tm CLI's config.toml "
@@ -100,18 +101,21 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
                    help="allow sending the key over plain http:// to a non-loopback host")
 
 
-def connection_flags(ns: argparse.Namespace) -> dict[str, str | None]:
+def connection_flags(flags: Mapping[str, Any]) -> dict[str, str | None]:
+    """The connection flags (argparse dest -> value) as `base.config.resolve` takes them;
+    None: not given."""
     return {
-        "surface": ns.surface, "base_url": ns.base_url, "api_key_file": ns.api_key_file,
-        "user_id": ns.user_id, "timeout": ns.timeout, "max_retries": ns.max_retries,
-        "ca_bundle": ns.ca_bundle, "tm_config": ns.tm_config,
-        "allow_insecure_http": "1" if ns.allow_insecure_http else None,
+        "surface": flags.get("surface"), "base_url": flags.get("base_url"),
+        "api_key_file": flags.get("api_key_file"), "user_id": flags.get("user_id"),
+        "timeout": flags.get("timeout"), "max_retries": flags.get("max_retries"),
+        "ca_bundle": flags.get("ca_bundle"), "tm_config": flags.get("tm_config"),
+        "allow_insecure_http": "1" if flags.get("allow_insecure_http") else None,
     }
 
 
 def settings_from(ns: argparse.Namespace, *, require_key: bool) -> Settings:
     """Resolve the connection settings, and make sure the key is scrubbed from every log."""
-    settings = resolve(connection_flags(ns), os.environ, require_key=require_key)
+    settings = resolve(connection_flags(vars(ns)), os.environ, require_key=require_key)
     if settings.api_key:
         SECRETS.add(settings.api_key)
     return settings

@@ -16,7 +16,7 @@ from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.logs import add_log_format_arg, say
 from tmbatch.cli import common
 from tmbatch.cli.validate import show_bad
-from tmbatch.inputs.reader import normalize_endpoint
+from tmbatch.inputs.routes import normalize_endpoint
 from tmbatch.policy import AttemptFailed
 
 log = logging.getLogger("tmbatch")
@@ -68,7 +68,7 @@ def _share(text: str) -> float:
 def cmd_estimate(ns: argparse.Namespace) -> int:
     from tmbatch.spend.estimate import DEFAULT_EXPECTED_OUTPUT, estimate
 
-    label = _from_job(ns)
+    ns, label = _from_job(ns)
     prices = common.budget_spec_from(ns).prices
     settings = _settings(ns) if ns.tokenize else None  # a missing key stops here, not later
     endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
@@ -96,19 +96,23 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
     return code
 
 
-def _from_job(ns: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
-    """A job file gives the input, endpoint, model and [prices]; flags win. Its [label] table
-    makes the requests from records, as `run` would."""
+def _from_job(ns: argparse.Namespace) -> tuple[argparse.Namespace,
+                                                 tuple[Path, dict[str, Any]] | None]:
+    """A job file gives the input, endpoint, model and [prices]; flags win: a new namespace
+    with them (the one parsed is not changed). Its [label] table makes the requests from
+    records, as `run` would."""
     from tmbatch.cli.jobfile import is_job_file, load_job
 
     if not is_job_file(ns.input):
-        return None
+        return ns, None
     job = load_job(ns.input)
+    values = dict(vars(ns))
     for dest in ("input", "endpoint", "model", "job_prices"):
-        if dest in job.values and (dest == "input" or getattr(ns, dest, None) is None):
-            setattr(ns, dest, job.values[dest])
-    ns.job_name = job.path.name
-    return (job.path, job.label) if job.label is not None else None
+        if dest in job.values and (dest == "input" or values.get(dest) is None):
+            values[dest] = job.values[dest]
+    values["job_name"] = job.path.name
+    label = (job.path, job.label) if job.label is not None else None
+    return argparse.Namespace(**values), label
 
 
 def _settings(ns: argparse.Namespace) -> Settings:

@@ -4,7 +4,8 @@ A job file is committed to a repository, mounted from a Kubernetes ConfigMap and
 printed in logs, so it must never hold a credential: keys that look like one are
 refused with a pointer to the environment. Precedence is flag > job file >
 environment > default, because the file describes *this* job while the
-environment describes the machine it happens to run on.
+environment describes the machine it happens to run on; `cli.resolve` applies it
+(this module reads and checks the file, and changes nothing it is given).
 
 Relative paths in the file resolve against the file's own directory, not the
 current directory: a job then means the same thing whoever starts it from
@@ -15,7 +16,6 @@ absolute paths on the volume (/data/...).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tomllib
 from collections.abc import Callable, Mapping
@@ -26,7 +26,7 @@ from typing import Any
 from tmbatch.base.config import ConfigError, check_model
 from tmbatch.base.files import os_problem
 from tmbatch.base.tomlcheck import TableChecker, unknown_key
-from tmbatch.inputs.reader import MAX_LINE_BYTES, normalize_endpoint
+from tmbatch.inputs.routes import normalize_endpoint
 from tmbatch.limits import SCOPES
 from tmbatch.spend.prices import parse_table
 
@@ -90,7 +90,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
 CREDENTIAL_KEYS = {"user_id", "api_key_file", "tm_config"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     """A loaded job file: values for `run`'s flags plus the optional labelling table."""
 
@@ -173,19 +173,6 @@ def is_job_file(input_arg: str) -> bool:
     return input_arg.lower().endswith(".toml")
 
 
-def apply_job(ns: argparse.Namespace, job: Job) -> bool:
-    """Fill every flag the user did not give from the file. Returns whether -o was given."""
-    output_from_flag = ns.output is not None
-    for dest, value in job.values.items():
-        if dest == "input":
-            ns.input = value
-        elif getattr(ns, dest, None) is None:
-            setattr(ns, dest, value)
-    if ns.output is None:
-        ns.output = f"{job.name}.out"  # like `run x.jsonl` -> x.out, named after the job
-    return output_from_flag
-
-
 def shard_from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
     """The shard of a pod in a Kubernetes Indexed Job.
 
@@ -223,67 +210,3 @@ def share_limits(
         return rpm, tpm
     n = shard[1]
     return (rpm / n if rpm else rpm), (tpm / n if tpm else tpm)
-
-
-def share_budget(ns: argparse.Namespace) -> None:
-    """--budget-tokens/--budget-usd are the whole job's: N shards spending at once split them
-    (a shard that stops at its share leaves its lines pending for a rerun)."""
-    n = ns.shard[1] if ns.shard is not None else 1
-    tokens, usd = getattr(ns, "budget_tokens", None), getattr(ns, "budget_usd", None)
-    if n <= 1 or (tokens is None and usd is None):
-        return
-    if tokens is not None:
-        ns.budget_tokens = max(1, tokens // n)
-    if usd is not None:
-        ns.budget_usd = usd / n
-    log.info("shard %d/%d takes 1/%d of the job's budget: %s tokens, %s USD", ns.shard[0], n, n,
-             _fmt(ns.budget_tokens), _fmt(ns.budget_usd))
-
-
-# `run` flags whose built-in default is not None: the parser leaves them None so a
-# job file can tell "not given" from "given the default value", and these fill in after.
-RUN_DEFAULTS: dict[str, Any] = {
-    "concurrency": 64,
-    "fsync": "interval",
-    "drain_timeout": 25.0,
-    "patience": 600.0,
-    "limit_scope": "model",
-    "max_line_bytes": MAX_LINE_BYTES,
-}
-
-
-def fill_run_defaults(ns: argparse.Namespace) -> None:
-    for dest, value in RUN_DEFAULTS.items():
-        if getattr(ns, dest, None) is None:
-            setattr(ns, dest, value)
-
-
-def prepare_run(ns: argparse.Namespace, env: Mapping[str, str]) -> Job | None:
-    """Everything `run` does before resolving settings that a declared or sharded job needs:
-    fill flags from a job file, take the shard from a Kubernetes Indexed Job's environment,
-    give each shard its own output directory and its share of the account's limits."""
-    job = None
-    output_from_flag = True
-    if is_job_file(ns.input):
-        job = load_job(ns.input)
-        output_from_flag = apply_job(ns, job)
-    if ns.shard is None:
-        ns.shard = shard_from_env(env)
-        if ns.shard is not None:
-            log.info("shard %d/%d from %s/%s", ns.shard[0], ns.shard[1], ENV_INDEX,
-                     ENV_COMPLETIONS)
-    if job is not None and ns.shard is not None and not output_from_flag:
-        # N pods must not share one output directory: each would refuse the other's journal.
-        ns.output = str(Path(ns.output) / f"shard-{ns.shard[0]}")
-    if ns.shard is not None and ns.shard[1] > 1 and (ns.rpm or ns.tpm):
-        rpm, tpm = share_limits(ns.rpm, ns.tpm, ns.shard)
-        log.info("shard %d/%d takes 1/%d of the account's limits: rpm %s, tpm %s",
-                 ns.shard[0], ns.shard[1], ns.shard[1], _fmt(rpm), _fmt(tpm))
-        ns.rpm, ns.tpm = rpm, tpm
-    share_budget(ns)
-    fill_run_defaults(ns)
-    return job
-
-
-def _fmt(value: float | None) -> str:
-    return "unlimited" if value is None else f"{value:g}"

@@ -23,7 +23,7 @@ from tmbatch.base.config import ConfigError
 from tmbatch.base.exitcodes import ExitCode, help_text
 from tmbatch.base.files import OutputError
 from tmbatch.base.logs import REDACT, event, json_mode, say, setup_logging
-from tmbatch.inputs.reader import InputError
+from tmbatch.inputs.files import InputError
 from tmbatch.journal.journal import JournalError
 
 log = logging.getLogger("tmbatch")

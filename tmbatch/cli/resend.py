@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from tmbatch.base.config import ConfigError
+from tmbatch.base.defaults import RESEND_CONCURRENCY
 from tmbatch.base.exitcodes import ExitCode, help_text
 from tmbatch.base.files import FAILURES
 from tmbatch.cli import common
 from tmbatch.cli.run import start_run
 from tmbatch.journal.format import Header, read_header
 from tmbatch.policy import RESENDABLE, Outcome
-from tmbatch.run.options import RunOptions
+from tmbatch.run.config import RunConfig
 from tmbatch.tools.resend import (
     SHOWN,
     Selected,
@@ -50,8 +51,9 @@ def add_resend_parser(sub: Any) -> None:
     rs.add_argument("--json", action="store_true",
                     help="write the selected lines (and, after sending, what became of them) "
                     "as one JSON object on stdout")
-    rs.add_argument("-c", "--concurrency", type=common.positive_int, default=16,
-                    help="requests in flight at once (default 16)")
+    rs.add_argument("-c", "--concurrency", type=common.positive_int, default=None,
+                    help="requests in flight at once (default "
+                    f"{RESEND_CONCURRENCY.value})")
     rs.add_argument("--rpm", type=common.positive_float, help="requests per minute")
     rs.add_argument("--tpm", type=common.positive_float, help="tokens per minute")
     common.add_budget_args(rs.add_argument_group(
@@ -103,17 +105,19 @@ def _send(ns: argparse.Namespace, out: Path, header: Header,
           lines: list[Selected]) -> int:
     settings = common.settings_from(ns, require_key=not ns.sim)
     options = header.options
-    opts = RunOptions(
+    concurrency = RESEND_CONCURRENCY.value if ns.concurrency is None else ns.concurrency
+    config = RunConfig(  # the run's shape from its journal; the rest as a run's defaults
         input=header.input, out_dir=out, endpoint=options.get("endpoint"),
         model=options.get("model"), stream=options.get("stream"),
         shard=tuple(options["shard"]) if options.get("shard") else None,
-        concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, quiet=ns.quiet,
-        only_lines={r.line for r in lines},
+        concurrency=concurrency, rpm=ns.rpm, tpm=ns.tpm, quiet=ns.quiet,
+        only_lines=frozenset(r.line for r in lines),
         extra_header={"resend": len(lines)},
         prior_attempts={r.line: r.attempts for r in lines},
-        budget=common.budget_spec_from(ns),
+        budget=common.budget_spec_from(ns), connection=settings, preflight=False,
+        sim=bool(ns.sim),
     )
-    return common.run_async(start_run(ns, opts, settings, preflight=False))
+    return common.run_async(start_run(ns, config))
 
 
 def _report(ns: argparse.Namespace, out: Path, chosen: list[Selected],

@@ -7,26 +7,24 @@ import logging
 import os
 from typing import Any
 
-from tmbatch.base.config import ConfigError, Settings, check_model
+from tmbatch.base import defaults as D
+from tmbatch.base.config import Settings
 from tmbatch.base.exitcodes import ExitCode, help_text
-from tmbatch.base.logs import add_log_format_arg
+from tmbatch.base.logs import add_log_format_arg, json_mode
 from tmbatch.cli.common import (
     add_budget_args,
     add_connection_args,
     add_sim_group,
-    budget_spec_from,
     on_sim_if_asked,
     positive_float,
     positive_int,
     run_async,
-    settings_from,
     shard_arg,
     subcommand,
 )
-from tmbatch.inputs.reader import normalize_endpoint
 from tmbatch.limits import SCOPES
-from tmbatch.run.options import RunOptions
-from tmbatch.run.runner import Runner, out_dir_of
+from tmbatch.run.config import Learnt, RunConfig
+from tmbatch.run.runner import Runner
 
 log = logging.getLogger("tmbatch")
 
@@ -47,6 +45,10 @@ RUN_EXAMPLES = """examples:
 
   # resume after a crash, kill or eviction: the same command again
   tmbatch run input.jsonl -o out/
+
+  # every setting as resolved and where it came from (flag, job file, env, default);
+  # sends nothing, writes nothing, exits 0
+  tmbatch run jobs/nightly.toml -c 8 --print-config
 """
 
 
@@ -82,13 +84,14 @@ def _input_args(g: Any) -> None:
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream every line that does not say (SSE, aggregated into the same body)")
     g.add_argument("--max-line-bytes", type=positive_int, default=None,
-                   help="longer lines are failures (default 32 MiB)")
+                   help="longer lines are failures (default "
+                   f"{D.MAX_LINE_BYTES.value // 2**20} MiB)")
     g.add_argument("--shard", type=shard_arg, help="take lines I, I+N, ... (0-based I/N)")
 
 
 def _limit_args(g: Any) -> None:
     g.add_argument("-c", "--concurrency", type=positive_int, default=None,
-                   help="requests in flight at once (default 64)")
+                   help=f"requests in flight at once (default {D.CONCURRENCY.value})")
     g.add_argument("--rpm", type=positive_float, help="requests per minute of each lane (each "
                    "model; the account with --limit-scope account), when you know the limit "
                    "(without it each lane's pace is learnt from 429s and rate-limit headers)")
@@ -98,25 +101,26 @@ def _limit_args(g: Any) -> None:
                    help="learn the pace from 429s, Retry-After and x-ratelimit headers "
                    "(--concurrency stays the ceiling); on by default when --rpm is not given")
     g.add_argument("--limit-scope", choices=SCOPES, default=None,
-                   help="model (default): each model has its own limits, pause and pace, as "
+                   help="model: each model has its own limits, pause and pace, as "
                    "OpenAI and LiteLLM limit them; account: one for every model, when the "
-                   "account is limited as a whole")
+                   f"account is limited as a whole (default {D.LIMIT_SCOPE.value})")
     g.add_argument("--patience", type=positive_float, default=None, metavar="SECONDS",
                    help="a line refused by the rate limit (429, 503 with Retry-After, 408) is "
                    "sent again until nothing in its lane (its model) has succeeded for this "
-                   "long, then it fails `rejected` (default 600)")
+                   f"long, then it fails `rejected` (default {D.PATIENCE.value:g})")
 
 
 def _checkpoint_args(g: Any) -> None:
     g.add_argument("--fsync", choices=["always", "interval", "never"], default=None,
                    help="always: fsync before every send (slowest, survives power loss "
-                   "exactly); interval: flush every write, fsync once a second (default; kill -9 "
-                   "loses nothing, power loss at most ~1 s); never: leave it to the OS")
+                   "exactly); interval: flush every write, fsync once a second (kill -9 "
+                   "loses nothing, power loss at most ~1 s); never: leave it to the OS "
+                   f"(default {D.FSYNC.value})")
     g.add_argument("--restart", action="store_true",
                    help="start over: move the old files to OUTPUT/previous-TIME/ (never deleted)")
     g.add_argument("--drain-timeout", type=positive_float, default=None,
-                   help="on SIGINT/SIGTERM wait this long for requests in flight (default 25, "
-                   "inside Kubernetes' 30 s grace period)")
+                   help="on SIGINT/SIGTERM wait this long for requests in flight (default "
+                   f"{D.DRAIN_TIMEOUT.value:g}, inside Kubernetes' 30 s grace period)")
     g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
 
 
@@ -124,82 +128,82 @@ def _output_args(g: Any) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress, only warnings")
     g.add_argument("-v", "--verbose", action="count", default=0,
                    help="log debug detail too")
-    g.add_argument("--progress-interval", type=positive_float, default=10.0,
-                   help="seconds between progress lines when stderr is not a TTY (default 10)")
+    g.add_argument("--progress-interval", type=positive_float, default=None,
+                   help="seconds between progress lines when stderr is not a TTY (default "
+                   f"{D.PROGRESS_INTERVAL.value:g})")
     g.add_argument("--ordered", action="store_true",
                    help="when the run finishes, also write results.ordered.jsonl and "
                    "failures.ordered.jsonl in input order (as `tmbatch export`)")
+    g.add_argument("--print-config", action="store_true",
+                   help="print every setting as resolved (flag > job file > environment > "
+                   "default) and where each came from, the API key only as set/unset; then "
+                   "exit 0, sending nothing and leaving the output directory alone. E.g. "
+                   "tmbatch run job.toml -c 8 --print-config (one JSON object with "
+                   "--log-format json)")
     add_log_format_arg(g)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tmbatch.cli.jobfile import prepare_run
+    from tmbatch.cli.resolve import print_config, resolve_run
 
-    job = prepare_run(ns, os.environ)  # job.toml values, shard from env, defaults
-    settings = settings_from(ns, require_key=not ns.sim)
-    for w in settings.warnings:
+    # flags > job file > environment > defaults, once: nothing changes `ns` or the config after
+    resolved = resolve_run(vars(ns), os.environ, require_key=not (ns.sim or ns.print_config))
+    config, job = resolved.config, resolved.job
+    assert config.connection is not None
+    for w in config.connection.warnings:
         log.warning("%s", w)
-    endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
-    if ns.model:
-        problem = check_model(ns.model, "--model")
-        if problem:
-            raise ConfigError(problem)
-    out = out_dir_of(ns.input, ns.output)
+    if ns.print_config:
+        print_config(config, as_json=json_mode())
+        return ExitCode.OK
     label_run = None
-    if job is not None and job.label is not None:  # ns.input becomes OUT/requests.jsonl
+    if job is not None and job.label is not None:  # writes OUTPUT/requests.jsonl (config.input)
         from tmbatch.tools import labels
 
-        label_run = labels.setup(job.path, job.label, ns, out)
-    opts = RunOptions(
-        input=ns.input, out_dir=out, endpoint=endpoint, model=ns.model, stream=ns.stream,
-        concurrency=ns.concurrency, rpm=ns.rpm, tpm=ns.tpm, fsync=ns.fsync,
-        restart=ns.restart, drain_timeout=ns.drain_timeout, job_id=ns.job_id, shard=ns.shard,
-        quiet=ns.quiet, progress_interval=ns.progress_interval,
-        max_line_bytes=ns.max_line_bytes, adaptive=ns.adaptive, patience=ns.patience,
-        limit_scope=ns.limit_scope, budget=budget_spec_from(ns),
-    )
-    if opts.budget.limited:  # (what it checks; `tmbatch.spend.estimate` is imported for it only)
+        label_run = labels.setup(job.path, job.label, config)
+    if config.budget.limited:  # (what it checks; `tmbatch.spend.estimate` is imported for it only)
         from tmbatch.spend.estimate import check_before_sending
 
-        check_before_sending(opts.budget, opts.input, endpoint=endpoint, model=ns.model,
-                             stream=ns.stream, shard=ns.shard,
-                             max_line_bytes=ns.max_line_bytes)
-    code = run_async(start_run(ns, opts, settings, preflight=not ns.no_preflight))
+        check_before_sending(config.budget, config.input, endpoint=config.endpoint,
+                             model=config.model, stream=config.stream, shard=config.shard,
+                             max_line_bytes=config.max_line_bytes)
+    code = run_async(start_run(ns, config))
     if label_run is not None:
         code = label_run.finish(code)
-    if ns.ordered and code in (ExitCode.OK, ExitCode.FAILED):
+    if config.ordered and code in (ExitCode.OK, ExitCode.FAILED):
         from tmbatch.tools.export import export_ordered
 
-        export_ordered(out)
+        export_ordered(config.out_dir)
     return code
 
 
-async def start_run(ns: argparse.Namespace, opts: RunOptions, settings: Settings, *,
-                    preflight: bool) -> int:
+async def start_run(ns: argparse.Namespace, config: RunConfig) -> int:
     """Local checks first, then the network: the output directory, its lock and the journal
     are settled before the simulator starts (--sim) or preflight sends a byte, and signals
-    are handled from the start (a SIGTERM during preflight ends the run, nothing billed)."""
-    runner = Runner(opts, settings)
+    are handled from the start (a SIGTERM during preflight ends the run, nothing billed).
+    `ns`: only the simulator's --sim-* knobs are read from it."""
+    assert config.connection is not None
+    runner = Runner(config)
     runner.install_signals()
     try:
         runner.prepare()
-        return await on_sim_if_asked(ns, settings,
-                                     lambda s: _preflight_then_send(runner, s, preflight))
+        return await on_sim_if_asked(ns, config.connection,
+                                     lambda s: _preflight_then_send(runner, s))
     finally:
         await runner.close()
 
 
-async def _preflight_then_send(runner: Runner, settings: Settings, preflight: bool) -> int:
-    """Preflight stops a doomed run before anything is billed."""
-    runner.settings = settings
-    opts = runner.opts
-    if preflight:
+async def _preflight_then_send(runner: Runner, settings: Settings) -> int:
+    """Preflight stops a doomed run before anything is billed; what it learns (the models
+    served) goes to the runner with the settings it sends with, never into the config."""
+    config = runner.config
+    served = None
+    if config.preflight:
         from tmbatch.client.preflight import preflight_for_run
 
         verdict = await runner.interruptible(
-            preflight_for_run(settings, opts.input, opts.model, opts.endpoint))
+            preflight_for_run(settings, config.input, config.model, config.endpoint))
         if verdict is not None:
             if verdict.stop is not None:
                 return verdict.stop
-            opts.served_models = verdict.served  # a line naming another model fails unsent
-    return await runner.send()
+            served = verdict.served  # a line naming another model fails unsent
+    return await runner.send(Learnt(settings, served))

@@ -14,7 +14,7 @@ from tmbatch.cli.common import (
     settings_from,
     subcommand,
 )
-from tmbatch.inputs.reader import normalize_endpoint
+from tmbatch.inputs.routes import normalize_endpoint
 
 
 def add_doctor_parser(sub: Any) -> None:

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import orjson
 
+from tmbatch.base.config import ConfigError
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.logs import add_log_format_arg
 from tmbatch.cli.common import subcommand
-from tmbatch.cli.jobfile import is_job_file, load_job
-from tmbatch.inputs.reader import BadLine, ReadStats, normalize_endpoint, open_input, read_requests
+from tmbatch.cli.jobfile import Job, is_job_file, load_job
+from tmbatch.cli.resolve import config_json, print_config, resolve_run
+from tmbatch.inputs.files import open_input
+from tmbatch.inputs.reader import BadLine, ReadStats, read_requests
+from tmbatch.inputs.routes import normalize_endpoint
+from tmbatch.run.config import RunConfig
+
+log = logging.getLogger("tmbatch")
 
 
 def add_validate_parser(sub: Any) -> None:
     val = subcommand(
         sub, "validate", "check an input file (or a job file and its input) without sending",
         "Read INPUT as `run` would and report every bad line. A job file (NAME.toml) is "
-        "checked as `run` checks it, then the input it names (labelling records for a job "
-        "with a [label] table). Exit 0 when every line is good, 1 when some are bad, 2 when "
+        "checked as `run` checks it, its resolved configuration shown (as `tmbatch run "
+        "NAME.toml --print-config` shows it), then the input it names (labelling records for "
+        "a job with a [label] table). Exit 0 when every line is good, 1 when some are bad, 2 when "
         "the file cannot be read or the job file is wrong.",
     )
     val.add_argument("input", help="the JSONL file to check (- reads stdin), or a job file "
@@ -37,6 +47,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     if not is_job_file(ns.input):
         return _check(ns, ns.input, _requests(ns.endpoint, ns.model))
     job = load_job(ns.input)  # a wrong job file is one ConfigError: exit 2
+    config = _config(ns, job)
     source = str(job.values["input"])
     model = ns.model or job.values.get("model")
     if job.label is None:
@@ -47,8 +58,24 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
         items = _records(load_spec(job.path, job.label), model)
     if not ns.json:
+        if config is not None:
+            print_config(config)
         print(f"{ns.input}: job file is valid; its input:")
-    return _check(ns, source, items, job=ns.input)
+    shown = None if config is None else config_json(config)
+    return _check(ns, source, items, job=ns.input, config=shown)
+
+
+def _config(ns: argparse.Namespace, job: Job) -> RunConfig | None:
+    """The config `tmbatch run JOB.toml --print-config` shows (this command's --endpoint and
+    --model as flags). What only the environment gets wrong (a shard without its count, an
+    on-demand surface without a user id) is said as a warning: the job file is what is
+    checked here, and the exit code stays the file's and the input's."""
+    flags = {"input": ns.input, "endpoint": ns.endpoint, "model": ns.model}
+    try:
+        return resolve_run(flags, os.environ, require_key=False, job=job).config
+    except (ConfigError, ValueError) as exc:
+        log.warning("the run's configuration cannot be resolved here: %s", exc)
+        return None
 
 
 Items = Callable[[IO[bytes], ReadStats], Iterator[tuple[str | None, BadLine | None]]]
@@ -84,7 +111,8 @@ def _records(spec: Any, model: str | None) -> Items:
     return items
 
 
-def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = None) -> int:
+def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = None,
+           config: dict[str, Any] | None = None) -> int:
     stats = ReadStats()
     good = bad = 0
     by_url: dict[str, int] = {}
@@ -104,6 +132,8 @@ def _check(ns: argparse.Namespace, source: str, items: Items, job: str | None = 
                                "blank": stats.blank, "by_route": by_url}
     if job is not None:
         summary.update(job=job, input=source)
+    if config is not None:
+        summary["config"] = config
     if ns.json:
         sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
     else:

@@ -19,16 +19,9 @@ import orjson
 
 from tmbatch.base.config import check_model
 from tmbatch.base.words import json_text, json_type
-
-# The input file and the routes are modules of their own; these names are still borrowed from
-# here by modules other branches change (cli, run.options, tools.merge, tools.status, tests).
-from tmbatch.inputs.files import InputError as InputError
-from tmbatch.inputs.files import fingerprint as fingerprint
-from tmbatch.inputs.files import open_input as open_input
 from tmbatch.inputs.files import seekable
 from tmbatch.inputs.lines import Shard, in_shard, numbered_lines
 from tmbatch.inputs.routes import ROUTES, STREAMABLE
-from tmbatch.inputs.routes import normalize_endpoint as normalize_endpoint
 from tmbatch.journal.compact import IdSet, LineStates
 
 BATCH_FIELDS = {"custom_id", "method", "url", "body"}

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from tmbatch.base.defaults import FSYNC
 from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, atomic_writer, open_append
 from tmbatch.base.redact import SECRETS
 from tmbatch.journal.compact import IN_FLIGHT, OK, LineStates
@@ -55,7 +56,7 @@ class WriterError(Exception):
 
 
 class Writer:
-    def __init__(self, out_dir: Path, states: LineStates, fsync: str = "interval") -> None:
+    def __init__(self, out_dir: Path, states: LineStates, fsync: str = FSYNC.value) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}")
         self.out_dir = out_dir

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from tmbatch.base.defaults import CONCURRENCY, LIMIT_SCOPE
 from tmbatch.base.stop import Stopped
 from tmbatch.inputs.reader import Request
 from tmbatch.limits.controller import PaceConfig
@@ -56,7 +57,8 @@ class Admission:
     """The run's gates: its lanes, the concurrency ceiling, --tpm and the budget."""
 
     def __init__(self, rpm: float | None = None, tpm: float | None = None, *,
-                 concurrency: int = 64, adaptive: bool = False, scope: str = "model",
+                 concurrency: int = CONCURRENCY.value, adaptive: bool = False,
+                 scope: str = LIMIT_SCOPE.value,
                  base_url: str = "", budget: Budget | None = None,
                  config: PaceConfig | None = None) -> None:
         if scope not in SCOPES:

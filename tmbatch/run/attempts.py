@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from tmbatch.base.config import Settings
+from tmbatch.base.defaults import PATIENCE
 from tmbatch.base.logs import public_url
 from tmbatch.base.stop import Stop, Stopped
 from tmbatch.client.http import Answer, idempotency_key, send
@@ -68,7 +69,7 @@ class LineSender:
     session: aiohttp.ClientSession
     prior_attempts: dict[int, int] = field(default_factory=dict)
     fatal_404_after: int = 8  # 404s on one (route, model), none answered: its lines fail
-    patience: float = 600.0  # seconds without any success before refusals are final
+    patience: float = PATIENCE.value  # seconds without any success before refusals are final
     served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
     served: ServedCheck = field(init=False)
     # Workers whose request is on the wire: a stop lets these finish and cancels the others.

@@ -37,7 +37,7 @@ from tmbatch.base.words import setting
 from tmbatch.inputs.files import fingerprint
 from tmbatch.journal.format import Header
 from tmbatch.journal.journal import JournalError, ResumeState, load, nothing_sent, read_header
-from tmbatch.run.options import RunOptions
+from tmbatch.run.config import RunConfig
 
 log = logging.getLogger("tmbatch")
 
@@ -81,7 +81,7 @@ def lock_output(out_dir: Path) -> Lock:
         os.close(fd)  # the file was released (deleted) between our open and our lock: again
 
 
-def prepare_output(opts: RunOptions) -> tuple[Header, ResumeState | None, Lock]:
+def prepare_output(opts: RunConfig) -> tuple[Header, ResumeState | None, Lock]:
     """Start a new job, or check that this is the same job and load it to resume; the
     directory's lock is held on return (the caller releases it)."""
     out = opts.out_dir
@@ -121,7 +121,7 @@ def _move_aside(out: Path) -> None:
     log.warning("--restart: the previous run's files were moved to %s", aside)
 
 
-def _check_same_job(header: Header, opts: RunOptions, fp: str) -> None:
+def _check_same_job(header: Header, opts: RunConfig, fp: str) -> None:
     out = opts.out_dir
     if header.merged:  # its lines' Idempotency-Keys belong to the shards' job ids
         raise JournalError(f"{out} was written by `tmbatch merge`; run (or resend) in the "
@@ -149,7 +149,7 @@ def _check_same_job(header: Header, opts: RunOptions, fp: str) -> None:
         )
 
 
-def _new_header(opts: RunOptions, fp: str) -> Header:
+def _new_header(opts: RunConfig, fp: str) -> Header:
     return Header(input="-" if opts.input == "-" else os.path.abspath(opts.input),
                   fingerprint=fp, job=opts.job_id or secrets.token_hex(8),
                   options=opts.request_shape(), t=time.time(), tmbatch=__version__)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tmbatch.base.logs import REDACT
 from tmbatch.journal.compact import LineStates
-from tmbatch.run.options import RunOptions
+from tmbatch.run.config import RunConfig
 from tmbatch.run.summary import RunStats
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class Progress:
         self.pace: Callable[[], float | None] | None = None  # the admission's pace
 
     @classmethod
-    def for_run(cls, stats: RunStats, states: LineStates, opts: RunOptions,
+    def for_run(cls, stats: RunStats, states: LineStates, opts: RunConfig,
                 **kwargs: Any) -> Progress:
         """A run or a resume counts the whole job (its total is counted later, in a thread);
         a resend counts the lines it was given."""

@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Iterator
-from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from tmbatch.base.config import Settings
@@ -44,7 +43,7 @@ from tmbatch.journal.writer import Writer, WriterError
 from tmbatch.limits import Admission
 from tmbatch.policy import Outcome
 from tmbatch.run.attempts import LineSender
-from tmbatch.run.options import RunOptions
+from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress
 from tmbatch.run.summaries import read_summary, write_summary
@@ -57,13 +56,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Runner:
-    def __init__(self, opts: RunOptions, settings: Settings) -> None:
-        self.opts = opts
-        self.settings = settings
+    def __init__(self, config: RunConfig) -> None:
+        if config.connection is None:
+            raise ValueError("a run needs its connection settings (RunConfig.connection)")
+        self.config = opts = config  # read, never changed (frozen)
+        # where requests go: the resolved connection, or what `send` is given (--sim)
+        self.settings: Settings = config.connection
         self.stats = RunStats()
         self.admission = Admission(opts.rpm, opts.tpm, concurrency=opts.concurrency,
                                    adaptive=opts.is_adaptive, scope=opts.limit_scope,
-                                   base_url=settings.base_url)
+                                   base_url=config.connection.base_url)
         self.stop = Stop()
         self.read_stats = ReadStats()
         self.header: Header | None = None  # prepare() reads or makes it
@@ -81,7 +83,7 @@ class Runner:
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
 
     async def run(self) -> int:
-        """Both halves, for callers without a preflight (resend, tests)."""
+        """Both halves, for callers without a preflight or a simulator."""
         self.install_signals()
         try:
             self.prepare()
@@ -108,10 +110,10 @@ class Runner:
         name = signal.Signals(signum).name
         say(
             "signal",
-            f"\n{name}: no new requests; waiting up to {self.opts.drain_timeout:g}s for "
+            f"\n{name}: no new requests; waiting up to {self.config.drain_timeout:g}s for "
             f"{self.stats.in_flight} in flight (send {name} again to stop at once)",
             level=logging.WARNING, signal=name, in_flight=self.stats.in_flight,
-            drain_timeout=self.opts.drain_timeout,
+            drain_timeout=self.config.drain_timeout,
         )
         self._cancel_idle()
 
@@ -134,7 +136,7 @@ class Runner:
     def prepare(self) -> None:
         """Everything local, in an order that never touches a live job's files; raises a
         clear error (JournalError, OutputError, InputError) when the run must not start."""
-        opts = self.opts
+        opts = self.config
         self._made_dir = not opts.out_dir.exists()
         header, resume, self._lock = prepare_output(opts)
         self.header, self.resume = header, resume
@@ -171,7 +173,7 @@ class Runner:
     def _forget_new_job(self) -> None:
         """A new job that never reached send() (refused at preflight, stopped before its first
         request) leaves nothing behind: the next command starts as if it had not run."""
-        out = self.opts.out_dir
+        out = self.config.out_dir
         for name in (JOURNAL, RESULTS, FAILURES):
             with contextlib.suppress(OSError):
                 os.unlink(out / name)
@@ -192,13 +194,18 @@ class Runner:
             self.stop.on_io_error(str(exc))
 
     # -- the network half -----------------------------------------------
-    async def send(self) -> int:
+    async def send(self, learnt: Learnt | None = None) -> int:
+        """Send every line; `learnt`: where to (the simulator's address with --sim) and what
+        the server serves, as found out after the config was resolved."""
         assert self.writer is not None, "prepare() first"
+        if learnt is not None:
+            self.settings = learnt.settings
+        served = None if learnt is None else learnt.served_models
         if self.stop.stopping:  # a signal during preflight: nothing was sent
             self.stop.announce()
             return self.stop.exit_code(0)
         self._sent = True
-        opts, header, writer = self.opts, self.header, self.writer
+        opts, header, writer = self.config, self.header, self.writer
         assert header is not None
         event("start", f"job {header.job}: {opts.input} -> {opts.out_dir} "
               f"({self.settings.surface} at {public_url(self.settings.base_url)})",
@@ -211,8 +218,7 @@ class Runner:
         session = make_session(self.settings, opts.concurrency)
         sender = self._sender = LineSender(
             self.settings, header.job, self.admission, writer, self.stats, self.stop,
-            session, dict(opts.prior_attempts), opts.fatal_404_after, opts.patience,
-            opts.served_models)
+            session, dict(opts.prior_attempts), patience=opts.patience, served_models=served)
         writer.start()
         progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
                                     **progress_kwargs())
@@ -251,13 +257,13 @@ class Runner:
 
     def _lines(self, f: IO[bytes]) -> Iterator[Request | BadLine]:
         """The input's lines, for the workers to take one at a time (`_work`)."""
-        resume = None if self.opts.only_lines is not None else self.resume
+        resume = None if self.config.only_lines is not None else self.resume
         return read_requests(
-            f, endpoint=self.opts.endpoint, model=self.opts.model, stream=self.opts.stream,
+            f, endpoint=self.config.endpoint, model=self.config.model, stream=self.config.stream,
             done=None if resume is None else resume.states,
             seen=None if resume is None else resume.seen,
-            shard=self.opts.shard, stats=self.read_stats,
-            max_line_bytes=self.opts.max_line_bytes,
+            shard=self.config.shard, stats=self.read_stats,
+            max_line_bytes=self.config.max_line_bytes,
         )
 
     async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
@@ -266,7 +272,7 @@ class Runner:
         Every worker reads from the one iterator, synchronously (nothing awaits inside it, so
         no two workers are ever in it at once): a line costs no queue and no producer task to
         wake. A run of bad lines yields to the loop every 512 of them."""
-        only = self.opts.only_lines
+        only = self.config.only_lines
         me: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         while not self.stop.stopping:
             item = next(lines, None)
@@ -299,7 +305,7 @@ class Runner:
     async def _count_total(self, progress: Progress) -> None:
         """Lines to answer, for the bar and the ETA: counted in a thread so sending starts at
         once."""
-        lines = await asyncio.to_thread(count_lines, self.opts.input, self.opts.shard)
+        lines = await asyncio.to_thread(count_lines, self.config.input, self.config.shard)
         if lines is None:
             return
         progress.set_total(lines)
@@ -333,7 +339,7 @@ class Runner:
             if self.stop.stopping:
                 self._cancel_idle()
                 if self.stop.signals and (
-                        time.monotonic() >= self._signal_at + self.opts.drain_timeout):
+                        time.monotonic() >= self._signal_at + self.config.drain_timeout):
                     await self._cut({t for t in self._workers if not t.done()})
                     return
 
@@ -352,15 +358,15 @@ class Runner:
             self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
             admission=self.admission, spend=self.budget.report(),
-            previous=read_summary(self.opts.out_dir),
+            previous=read_summary(self.config.out_dir),
         )
         try:
-            write_summary(self.opts.out_dir, summary)
+            write_summary(self.config.out_dir, summary)
         except OutputError as exc:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
-        if not self.opts.quiet:
+        if not self.config.quiet:
             say("summary", final_line(summary), **summary.as_dict())
-            say_next_steps(summary, self.opts.out_dir)
+            say_next_steps(summary, self.config.out_dir)
             spend = self.budget.final_line()
             if spend:
                 say("spend", spend, **(summary.spend or {}))
@@ -386,10 +392,3 @@ def _recover(writer: Writer, resume: ResumeState) -> None:
                     len(resume.in_flight),
                     extra={"event": "unknown_outcome", "count": len(resume.in_flight)})
     writer.superseded = writer.superseded or resume.superseded
-
-
-def out_dir_of(input_arg: str, output: str | None) -> Path:
-    """The default output directory: INPUT's name + .out (stdin.out for `-`)."""
-    if output:
-        return Path(output)
-    return Path((Path(input_arg).stem if input_arg != "-" else "stdin") + ".out")

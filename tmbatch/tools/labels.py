@@ -7,7 +7,6 @@ never dropped. The records became requests in `inputs.templates`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -41,6 +40,7 @@ from tmbatch.inputs.templates import (
     render,
 )
 from tmbatch.journal.records import line_of
+from tmbatch.run.config import RunConfig
 from tmbatch.run.summaries import read_summary, write_summary
 
 log = logging.getLogger("tmbatch")
@@ -248,15 +248,14 @@ class LabelRun:
         return finish(self.spec, self.records, self.out_dir, self.shard, code, self.quiet)
 
 
-def setup(job_path: Path, table: dict[str, Any], ns: argparse.Namespace,
-          out_dir: Path) -> LabelRun:
-    """For a job with a [label] table: write the requests and point the run at them."""
-    if ns.endpoint:
-        raise ConfigError(f"{job_path}: a labelling job builds its chat requests itself; remove "
-                          "`endpoint` from the job file (and --endpoint)")
+def setup(job_path: Path, table: dict[str, Any], config: RunConfig) -> LabelRun:
+    """For a job with a [label] table: write the requests the run reads (`config.input`,
+    OUTPUT/requests.jsonl, as `cli.resolve` decided) from its records (`config.records`)."""
     spec = load_spec(job_path, table)
-    records = ns.input
-    prepared = prepare_requests(spec, records, out_dir, ns.model, ns.shard, ns.restart)
+    records = config.records
+    assert records is not None, "a labelling job's config names its records"
+    prepared = prepare_requests(spec, records, config.out_dir, config.model, config.shard,
+                                config.restart)
+    assert str(prepared.path) == config.input, (prepared.path, config.input)
     log.info("%s: %d record(s) -> %s", records, prepared.records, prepared.path)
-    ns.input = str(prepared.path)
-    return LabelRun(spec, records, out_dir, ns.shard, bool(getattr(ns, "quiet", False)))
+    return LabelRun(spec, records, config.out_dir, config.shard, config.quiet)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tmbatch.base.files import JOURNAL
 from tmbatch.base.words import setting
+from tmbatch.inputs.files import fingerprint, open_input
 from tmbatch.inputs.lines import is_blank, numbered_lines
-from tmbatch.inputs.reader import fingerprint, open_input
 from tmbatch.journal.format import Header, JournalError, read_header
 from tmbatch.run.summaries import Summary, read_summary
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tmbatch.base.files import JOURNAL, LOCK
+from tmbatch.inputs.files import fingerprint
 from tmbatch.inputs.lines import count_lines
-from tmbatch.inputs.reader import fingerprint
 from tmbatch.journal.compact import IN_FLIGHT
 from tmbatch.journal.journal import load
 from tmbatch.policy import FAILURE_CLASSES, Outcome
