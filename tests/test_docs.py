@@ -1,10 +1,12 @@
 """The documentation: the MkDocs site builds with --strict (a broken link or anchor fails it),
-and docs/cli.md is what the argparse parsers generate now."""
+docs/cli.md is what the argparse parsers generate now, and the README's relative links point
+at files that exist."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +49,12 @@ def test_the_docs_site_builds_strict(tmp_path: Path) -> None:
              or (page == "index.md" and (site / "index.html").exists())]
     assert built == pages
 
+
+def test_readme_relative_links_point_at_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    relative = [t for t in targets
+                if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+    assert relative, "the README links to no docs page"
+    missing = [t for t in relative if not (ROOT / t.split("#", 1)[0]).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
