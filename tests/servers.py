@@ -8,7 +8,7 @@ until it answers HTTP, and stopped by killing that group, so nothing outlives th
 
 What each server serves and how it behaves is written down in `SPECS` as data: the tests
 read it to decide what to assert, so a server's limitation is stated, never silently skipped.
-Observed against the pinned versions (README, "Tested against", has the table):
+Observed against the pinned versions (docs/tested-against.md has the table):
 
 llmock 0.2.2: chat and responses, no /v1/completions, /tokenize or /version (404); no key
 needed anywhere; no request-id header. A responses stream ends at `response.completed` with

@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.image,
     pytest.mark.skipif(os.environ.get("TMBATCH_IMAGE") != "1",
                        reason="builds and runs the container image: set TMBATCH_IMAGE=1 "
-                              "(README, Docker)"),
+                              "(docs/development.md, Opt-in tests)"),
 ]
 
 TAG = "localhost/tmbatch:image-test"

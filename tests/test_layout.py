@@ -1,11 +1,13 @@
 """The layout tells the architecture: each part of tmbatch imports only the parts below it.
 
-The order is the README's Layout table read upwards. A module-level import and a lazy one
-inside a function count alike: a lazy import up the table is the same tangle, deferred."""
+The order is the Layout table of docs/development.md read upwards (the last test holds the
+table to it). A module-level import and a lazy one inside a function count alike: a lazy
+import up the table is the same tangle, deferred."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,8 @@ MODULES = sorted(p for p in ROOT.rglob("*.py") if p.name != "__init__.py" or p.p
 def test_a_module_imports_only_parts_below_its_own(path: Path) -> None:
     rel = path.relative_to(ROOT)
     part = rel.parts[0].removesuffix(".py")
-    assert part in RANK, f"{rel}: a part the layout does not know; add it to ORDER and the README"
+    assert part in RANK, (f"{rel}: a part the layout does not know; add it to ORDER and to "
+                          "docs/development.md's Layout table")
     up = [(line, mod) for line, mod in imports(path) if RANK[part_of(mod)] > RANK[part]]
     assert not up, f"{rel} imports up the layout: " + ", ".join(f"{m} (line {n})" for n, m in up)
 
@@ -66,3 +69,13 @@ def test_the_checker_sees_an_import_up_the_layout(tmp_path: Path) -> None:
     bad.write_text("from tmbatch.run.runner import Runner\n"
                    "def f():\n    from tmbatch import cli\n")
     assert [part_of(m) for _, m in imports(bad)] == ["run", "cli"]
+
+
+def test_the_development_page_lists_the_parts_in_import_order() -> None:
+    """The Layout table of docs/development.md, read upwards, is ORDER."""
+    page = (ROOT.parent / "docs" / "development.md").read_text()
+    section = page.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed = [m.rstrip("/") for m in re.findall(r"^\| `([a-z_]+/?)` \|", section, re.M)]
+    assert listed[::-1] == [part for part in ORDER if part != "__main__"], (
+        "docs/development.md's Layout table must list the parts top to bottom in the reverse "
+        f"of ORDER: {listed}")

@@ -165,7 +165,7 @@ def test_indexed_job_env_shards_a_label_job_and_merge_joins_labels(tmp_path: Pat
 def test_merged_outputs_are_owner_only_whatever_the_umask(tmp_path: Path,
                                                           sim_factory: Any) -> None:
     """Merged files hold the same prompts and answers as the shards: 0600 in a 0700 directory,
-    as the README promises for every output, even when merge runs under umask 0."""
+    as docs/crash-safety.md promises for every output, even when merge runs under umask 0."""
     import os
     import stat
 

@@ -4,7 +4,7 @@ and the run goes on with the other lines.
 The server is a real aiohttp app on 127.0.0.1 in a thread; what it does for a line is
 chosen by the line's `metadata.mode`, so one run covers every misbehaviour at once.
 
-Decision recorded here (and in the README): a 2xx whose body is a JSON object but
+Decision recorded here (and in docs/safety-contract.md): a 2xx whose body is a JSON object but
 lacks the expected fields (a chat answer without `choices`) is a **success**. The
 server accepted, processed and billed the request; the record keeps exactly what it
 said. Calling it ambiguous would invite a re-send that pays twice for the same

@@ -41,14 +41,18 @@ def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
     assert any(ln.startswith("USER ") for ln in lines[last_from:])
 
 
-def test_readme_and_help_list_every_exit_code() -> None:
-    """Scripts branch on these numbers: the README table, --help and the code agree."""
+def test_readme_docs_and_help_list_every_exit_code() -> None:
+    """Scripts branch on these numbers: the README's table, the docs' exit codes page, --help
+    and the code agree."""
     from tmbatch.base.exitcodes import ExitCode
 
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
-    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.M)}
-    assert documented == {int(c) for c in ExitCode}
+    page = (ROOT / "docs" / "exit-codes.md").read_text()
+    tables = {"README.md": readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0],
+              "docs/exit-codes.md": page.split("\n## ", 1)[0]}  # the first table, all codes
+    for name, section in tables.items():
+        documented = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.M)}
+        assert documented == {int(c) for c in ExitCode}, name
     p = subprocess.run([sys.executable, "-m", "tmbatch", "--help"], capture_output=True,
                        text=True, env=clean_env(), cwd=ROOT)
     listed = {int(m) for m in re.findall(r"^  (\d+) ", p.stdout.split("exit codes:")[1], re.M)}

@@ -1,4 +1,5 @@
-"""Every shipped sample runs end to end on the simulator: they are the README's examples."""
+"""Every shipped sample runs end to end on the simulator: they are the examples of the README
+and docs/."""
 
 from __future__ import annotations
 
