@@ -150,12 +150,14 @@ async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
         return await then(settings)
     finally:
         await server.stop()
+
+
 def add_price_args(g: Any) -> None:
     from tmbatch.spend.prices import price_flag
 
     g.add_argument("--prices", metavar="FILE", help="USD per million input/output tokens per "
-                   "model, TOML or JSON (you supply them: tmbatch knows no prices); see README "
-                   "'Cost and budgets'")
+                   "model, TOML or JSON (you supply them: tmbatch knows no prices); see the docs' "
+                   "Cost and budgets page (docs/cost-and-budgets.md)")
     g.add_argument("--price", metavar="MODEL=IN:OUT", action="append", type=price_flag,
                    help="one model's price, USD per million input:output tokens "
                    "(IN:OUT:CACHED adds a cached-input price); repeatable, wins over --prices")
