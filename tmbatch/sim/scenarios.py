@@ -93,7 +93,7 @@ def _bucket(fmt: str, **extra: Any) -> dict[str, Any]:
             "retry_after_format": fmt, **extra}
 
 
-def _random(share: float, fmt: str, status: int = 429) -> dict[str, Any]:
+def random_server(share: float, fmt: str, status: int = 429) -> dict[str, Any]:
     server: dict[str, Any] = {"refuse_fraction": share, "latency": 0.01,
                               "retry_after_format": fmt}
     if status != 429:
@@ -104,13 +104,13 @@ def _random(share: float, fmt: str, status: int = 429) -> dict[str, Any]:
 SCENARIOS: tuple[Scenario, ...] = (
     *(Scenario(f"random-{round(p * 100):02d}-{name}",
                f"{round(p * 100)} % of requests refused at random, {hint}; no limit",
-               _random(p, fmt), "random", Band(1.0), lines=200, concurrency=16,
+               random_server(p, fmt), "random", Band(1.0), lines=200, concurrency=16,
                tags=("random",))
       for p in (0.05, 0.10, 0.30)
       for name, fmt, hint in (("seconds", "seconds", "429 + Retry-After: 1"),
                               ("none", "none", "a bare 429"))),
     Scenario("overload-503", "10 % refused at random with 503 + Retry-After: 1 (overload)",
-             _random(0.10, "seconds", 503), "random", Band(1.0), lines=200, concurrency=16,
+             random_server(0.10, "seconds", 503), "random", Band(1.0), lines=200, concurrency=16,
              tags=("random",)),
     Scenario("bucket-seconds", "token bucket 50/s holding 10, Retry-After in whole seconds",
              _bucket("seconds"), "limit", Band(0.90, 0.05), tags=("bucket",)),
