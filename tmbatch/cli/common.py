@@ -140,13 +140,18 @@ async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
         return await then(settings)
     from tmbatch.sim import sim_config_from_args, start_sim
 
-    server = await start_sim(sim_config_from_args(ns))
+    config = sim_config_from_args(ns)
+    server = await start_sim(config)
     try:
         settings = dataclasses.replace(
             settings, base_url=server.url, ca_bundle=None,
             sources={**settings.sources, "base_url": "--sim"},
         )
-        log.info("simulator on %s (no credentials needed)", server.url)
+        needs = [what for what, wanted in (("the key given to --sim-api-key", config.api_key),
+                                           ("the user id given to --sim-user-id",
+                                            config.user_id)) if wanted]
+        log.info("simulator on %s (%s)", server.url,
+                 f"it requires {' and '.join(needs)}" if needs else "no credentials needed")
         return await then(settings)
     finally:
         await server.stop()
