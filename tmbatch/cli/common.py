@@ -128,8 +128,10 @@ def add_sim_group(p: argparse.ArgumentParser, help_text: str) -> None:
     from tmbatch.sim import add_sim_arguments
 
     g = p.add_argument_group("demo: the built-in simulator (no credentials)")
-    g.add_argument("--sim", action="store_true", help=help_text)
-    add_sim_arguments(g)
+    g.add_argument("--sim", action="store_true", help=f"{help_text}; the simulator's own "
+                   "flags (--sim-latency, --sim-rate-limit, ...: `tmbatch sim --help` lists "
+                   "them) apply to it too")
+    add_sim_arguments(g, hidden=True)  # listed once, under `tmbatch sim`
 
 
 async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
