@@ -97,14 +97,15 @@ def test_good_run_after_preflight_and_what_it_sent(sim_factory: Any, tmp_path: P
     assert stats["auth"]["bearer_missing"] == 0 and stats["auth"]["bearer_wrong"] == 0
 
 
-def test_unreachable_host_is_a_warning_not_a_stop(tmp_path: Path) -> None:
+def test_unreachable_host_stops_doctor(tmp_path: Path) -> None:
+    """More in test_preflight_unreachable.py: DNS, refused and TLS, run and doctor."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     p = run_cli(["doctor", "--base-url", url, "--model", "m"], env=env())
-    assert p.returncode == 1, p.stdout + p.stderr
-    assert "cannot connect to" in p.stdout and "WARN" in p.stdout
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "cannot connect to" in p.stdout and "FAIL  health" in p.stdout
 
 
 # -- the prefix scan -------------------------------------------------------------------------

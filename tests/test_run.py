@@ -202,7 +202,8 @@ def test_connection_refused_is_retried_until_the_server_comes_up(tmp_path: Path)
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "-q",
-         "--base-url", f"http://127.0.0.1:{port}", "--max-retries", "10", "--job-id", JOB],
+         "--base-url", f"http://127.0.0.1:{port}", "--max-retries", "10", "--job-id", JOB,
+         "--no-preflight"],  # preflight stops at a refused port (test_preflight_unreachable)
         env=env_with_key(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     # the first attempts find nobody listening: wait until one has been retried

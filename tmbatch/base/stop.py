@@ -102,9 +102,11 @@ class Stop:
             say("stopped", f"stopped: {self.io_error}", text=f"tmbatch: stopped: {self.io_error}",
                 level=logging.ERROR, reason="io_error", exit_code=ExitCode.IO)
         elif reason is StopReason.FATAL:
+            # the text was logged in full when it happened (`on_fatal`'s caller): once is
+            # enough on a terminal; the JSON event keeps it for a machine reading the end
             say("stopped", f"stopped by a fatal error: {self.fatal}",
-                text=f"tmbatch: stopped by a fatal error: {self.fatal}", level=logging.ERROR,
-                reason="fatal", exit_code=ExitCode.FATAL)
+                text="tmbatch: stopped by the fatal error above; nothing more was sent",
+                level=logging.ERROR, reason="fatal", exit_code=ExitCode.FATAL)
         elif reason is StopReason.BUDGET:
             msg = (f"budget reached: {self.budget}. Unsent lines stay pending: run the same "
                    "command with a larger budget to continue")

@@ -128,8 +128,10 @@ def add_sim_group(p: argparse.ArgumentParser, help_text: str) -> None:
     from tmbatch.sim import add_sim_arguments
 
     g = p.add_argument_group("demo: the built-in simulator (no credentials)")
-    g.add_argument("--sim", action="store_true", help=help_text)
-    add_sim_arguments(g)
+    g.add_argument("--sim", action="store_true", help=f"{help_text}; the simulator's own "
+                   "flags (--sim-latency, --sim-rate-limit, ...: `tmbatch sim --help` lists "
+                   "them) apply to it too")
+    add_sim_arguments(g, hidden=True)  # listed once, under `tmbatch sim`
 
 
 async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
@@ -140,13 +142,18 @@ async def on_sim_if_asked(ns: argparse.Namespace, settings: Settings,
         return await then(settings)
     from tmbatch.sim import sim_config_from_args, start_sim
 
-    server = await start_sim(sim_config_from_args(ns))
+    config = sim_config_from_args(ns)
+    server = await start_sim(config)
     try:
         settings = dataclasses.replace(
             settings, base_url=server.url, ca_bundle=None,
             sources={**settings.sources, "base_url": "--sim"},
         )
-        log.info("simulator on %s (no credentials needed)", server.url)
+        needs = [what for what, wanted in (("the key given to --sim-api-key", config.api_key),
+                                           ("the user id given to --sim-user-id",
+                                            config.user_id)) if wanted]
+        log.info("simulator on %s (%s)", server.url,
+                 f"it requires {' and '.join(needs)}" if needs else "no credentials needed")
         return await then(settings)
     finally:
         await server.stop()

@@ -37,6 +37,7 @@ MORE_EXAMPLES = """more:
   tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
   tmbatch doctor                              # which key/URL came from where; checks
   tmbatch report out/                         # HTML report (pip install 'tmbatch[report]')
+  tmbatch completion bash > ~/.local/share/bash-completion/completions/tmbatch
 """
 
 Command = Callable[[argparse.Namespace], int]
@@ -54,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("server", "add_doctor_parser", "cmd_doctor"),
     "models": ("server", "add_models_parser", "cmd_models"),
     "sim": ("server", "add_sim_parser", "cmd_sim"),
+    "completion": ("completion", "add_completion_parser", "cmd_completion"),
 }
 
 

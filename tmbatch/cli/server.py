@@ -35,7 +35,7 @@ def add_doctor_parser(sub: Any) -> None:
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:
-    from tmbatch.client.preflight import doctor
+    from tmbatch.client.doctor import doctor
 
     settings = settings_from(ns, require_key=False)
     endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None
@@ -52,7 +52,7 @@ def add_models_parser(sub: Any) -> None:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from tmbatch.client.preflight import list_models
+    from tmbatch.client.doctor import list_models
 
     settings = settings_from(ns, require_key=False)
     return run_async(on_sim_if_asked(ns, settings,

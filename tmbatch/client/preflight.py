@@ -7,7 +7,7 @@ key: the public serverless host also answers the GETs without one, but a server
 that wants it there (LiteLLM, vLLM with --api-key) answers 401, and blaming the
 key for a 401 it never saw would send the user hunting for the wrong problem.
 `tmbatch run` runs them before its first request (`--no-preflight` skips them);
-`tmbatch doctor` runs them alone and shows where each setting came from.
+`tmbatch doctor` (`client.doctor`) runs them alone and shows where each setting came from.
 
 "Every model the input names" means the models of a bounded prefix of the
 input (SCAN_LINES lines or SCAN_SECONDS, whichever ends first) plus --model:
@@ -25,14 +25,13 @@ import difflib
 import logging
 import os
 import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tmbatch.base.config import ENV_API_KEY, UUID_RE, Settings, check_model, redact
+from tmbatch.base.config import UUID_RE, Settings, check_model, redact
 from tmbatch.base.exitcodes import ExitCode
-from tmbatch.base.logs import say
+from tmbatch.base.logs import public_url, say
 from tmbatch.base.redact import SECRETS
 from tmbatch.client.http import get_json, make_session, send
 from tmbatch.inputs.files import InputError, open_input
@@ -47,7 +46,10 @@ PREFLIGHT_TIMEOUT = 30.0
 # The key check must not hold a run back for long: a slow /tokenize is a warning, not a stop.
 AUTH_TIMEOUT = 10.0
 
-OK, WARNING, ERROR = "ok", "warning", "error"
+OK, WARNING, ERROR, SKIPPED = "ok", "warning", "error", "skipped"
+# The checks after GET /health, in order: each is listed, skipped with why, when /health
+# found nothing to check them against.
+LATER_CHECKS = ("version", "models", "auth")
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Check:
     """One check's outcome; `code` is stable for scripts, `detail` is for people."""
 
     name: str
-    status: str  # ok, warning, error
+    status: str  # ok, warning, error, skipped (detail: why)
     detail: str
     code: str | None = None
 
@@ -83,6 +85,15 @@ class Report:
     @property
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if c.status == WARNING]
+
+    @property
+    def skipped(self) -> list[Check]:
+        return [c for c in self.checks if c.status == SKIPPED]
+
+    def skip_rest(self, why: str) -> None:
+        """Every check after /health, listed as not done and why: never silently absent."""
+        for name in LATER_CHECKS:
+            self.add(name, SKIPPED, f"not checked: {why}")
 
 
 def models_in_input(
@@ -145,13 +156,13 @@ def unknown_model_message(name: str, served: list[str]) -> str:
             "`tmbatch models` lists them)")
 
 
-def _served_names(body: Any) -> list[str] | None:
+def served_names(body: Any) -> list[str] | None:
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         return None
     return [m["id"] for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def _get_settings(settings: Settings) -> Settings:
+def get_settings(settings: Settings) -> Settings:
     """The run's settings, key included (see the module docstring), with a shorter timeout:
     a diagnostic GET that takes minutes is itself the answer."""
     return dataclasses.replace(settings, timeout=min(settings.timeout, PREFLIGHT_TIMEOUT))
@@ -162,7 +173,7 @@ async def run_checks(
 ) -> Report:
     """Every check against `settings.base_url`; never raises for a server's answer."""
     report = Report(models_checked=list(models))
-    gets = make_session(_get_settings(settings), 2)
+    gets = make_session(get_settings(settings), 2)
     try:
         if not await _reachability(gets, settings, report):
             return report
@@ -171,6 +182,8 @@ async def run_checks(
         await gets.close()
     if check_auth:
         await _auth(settings, models, report)
+    else:
+        report.add("auth", SKIPPED, "not checked: not asked for")
     return report
 
 
@@ -178,9 +191,19 @@ async def _reachability(session: Any, settings: Settings, report: Report) -> boo
     try:
         status, body, _ = await get_json(session, "/health")
     except AttemptFailed as exc:
-        what = "no answer from" if exc.cls.policy.reached_server else "cannot connect to"
-        report.add("health", WARNING, f"{what} {settings.base_url}: {exc.message}",
+        url = public_url(settings.base_url)
+        if exc.cls.policy.reached_server:  # connected, then no answer: the host is there
+            report.add("health", WARNING, f"no answer from {url}: {exc.message}",
+                       "no_answer")
+            report.skip_rest("GET /health got no answer")
+            return False
+        # DNS, a refused connection, TLS: every request would fail the same way, so the run
+        # must not start (and `doctor` must not call it usable)
+        hint = "" if exc.code == "tls_certificate" else \
+            "; check --base-url (or TENSORMESH_*_BASE_URL) and the network"
+        report.add("health", ERROR, f"cannot connect to {url}: {exc.message}{hint}",
                    "unreachable")
+        report.skip_rest("the host could not be reached")
         return False
     if status == 200:
         report.add("health", OK, "GET /health 200")
@@ -219,7 +242,7 @@ async def _models(session: Any, settings: Settings, models: list[str], report: R
                    "the gateway has no route for this user; check X-User-Id (--user-id / "
                    "TENSORMESH_ON_DEMAND_USER_ID) and the on-demand base URL", "no_route")
         return
-    served = _served_names(body) if status == 200 else None
+    served = served_names(body) if status == 200 else None
     if served is None:
         report.add("models", WARNING, f"GET /v1/models answered HTTP {status} without a model "
                    "list; models not checked", f"models_{status}")
@@ -287,7 +310,7 @@ async def _auth(settings: Settings, models: list[str], report: Report) -> None:
 
 
 def format_checks(report: Report) -> list[str]:
-    mark = {OK: "ok  ", WARNING: "WARN", ERROR: "FAIL"}
+    mark = {OK: "ok  ", WARNING: "WARN", ERROR: "FAIL", SKIPPED: "skip"}
     return [f"  {mark[c.status]}  {c.name:<8} {c.detail}" for c in report.checks]
 
 
@@ -304,26 +327,30 @@ async def preflight_for_run(
 ) -> Verdict:
     """Run the checks before `tmbatch run`; an exit code when the run must not start.
 
-    Only what would fail every request stops the run (exit 3: key refused, no model of
-    the input served, no route). An unserved model among served ones is a warning: its
-    lines fail one by one. An unreachable host or a missing /health is a warning:
-    connection failures are `not_sent` and the run retries them safely anyway.
+    Only what would fail every request stops the run (exit 3: a host that cannot be
+    reached, the key refused, no model of the input served, no route), in one message. An
+    unserved model among served ones is a warning: its lines fail one by one. A missing
+    /health is a warning; the last line says what went ahead unchecked, never "ok" then.
     """
     models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
     report = await run_checks(settings, models)
     for c in report.warnings:
         log.warning("preflight: %s: %s", c.name, c.detail)
     if report.errors:
-        for c in report.errors:
-            say("preflight_failed", f"preflight: {c.name}: {c.detail}",
-                text=f"tmbatch: preflight: {c.name}: {c.detail}", level=logging.ERROR,
-                check=c.name, code=c.code)
-        msg = ("preflight failed: nothing was sent to a billed route (--no-preflight skips "
-               "these checks)")
+        why = "; ".join(f"{c.name}: {c.detail}" for c in report.errors)
+        msg = (f"preflight failed, nothing was sent (--no-preflight skips these checks): "
+               f"{why}")
         say("stopped", msg, text=f"tmbatch: {msg}", level=logging.ERROR, reason="preflight",
-            exit_code=ExitCode.FATAL)
+            exit_code=ExitCode.FATAL, checks=[c.as_dict() for c in report.errors])
         return Verdict(ExitCode.FATAL)
-    log.info("preflight ok: %s; %s", settings.base_url, _models_verdict(report, complete))
+    url, verdict = public_url(settings.base_url), _models_verdict(report, complete)
+    if report.warnings or report.skipped:
+        unchecked = ", ".join(c.name for c in report.skipped)
+        log.info("preflight: going ahead with %d warning(s)%s: %s; %s",
+                 len(report.warnings), f" ({unchecked} not checked)" if unchecked else "",
+                 url, verdict)
+    else:
+        log.info("preflight ok: %s; %s", url, verdict)
     return Verdict(None, None if report.served is None else tuple(report.served))
 
 
@@ -339,109 +366,3 @@ def _models_verdict(report: Report, complete: bool) -> str:
     if unserved:
         text += f", {len(unserved)} not served: their lines fail, the rest runs"
     return text
-
-
-def describe_settings(settings: Settings) -> list[tuple[str, str, str, str]]:
-    """(key, label, value, where it came from); the API key is redacted, never printed."""
-    src = settings.sources
-    rows = [
-        ("surface", "surface", settings.surface),
-        ("base_url", "base URL", settings.base_url),
-        ("api_key", "API key", redact(settings.api_key)),
-        ("user_id", "user id", settings.user_id or "(none)"),
-        ("timeout", "timeout", f"{settings.timeout:g} s"),
-        ("max_retries", "max retries", str(settings.max_retries)),
-        ("ca_bundle", "CA bundle", settings.ca_bundle or "(system)"),
-    ]
-    return [(key, label, value, src.get(key, "default")) for key, label, value in rows]
-
-
-def _key_check(settings: Settings, sim: bool) -> Check:
-    """A missing key is a FAIL even where the server answers without one (the simulator
-    does; Tensormesh does not): `tmbatch run` would refuse to start. Not with --sim."""
-    if settings.api_key:
-        return Check("key", OK, f"inference API key set ({settings.sources.get('api_key')})")
-    if sim:
-        return Check("key", OK, "no inference API key: none needed with --sim")
-    return Check("key", ERROR, f"no inference API key: `tmbatch run` needs one; set "
-                 f"{ENV_API_KEY} or pass --api-key-file FILE (or try --sim)", "no_api_key")
-
-
-async def doctor(
-    settings: Settings, input_path: str | None, model: str | None, endpoint: str | None,
-    *, as_json: bool = False, sim: bool = False,
-) -> int:
-    """`tmbatch doctor`: what was resolved from where, then every check; non-zero on a problem.
-
-    Exit 0 all good, 1 warnings only, 3 a problem that would stop `tmbatch run`.
-    """
-    models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
-    report = await run_checks(settings, models)
-    report.checks.insert(0, _key_check(settings, sim))
-    code = ExitCode.FATAL if report.errors else ExitCode.FAILED if report.warnings else \
-        ExitCode.OK
-    rows = describe_settings(settings)
-    if as_json:
-        import orjson
-
-        out = {
-            "settings": {key: {"value": value, "source": source}
-                         for key, _, value, source in rows},
-            "warnings": list(settings.warnings),
-            "checks": [c.as_dict() for c in report.checks],
-            "served_models": report.served,
-            "version": report.version,
-            "models_checked": report.models_checked,
-            "input_scanned_completely": complete,
-            "ok": code == 0,
-        }
-        sys.stdout.buffer.write(SECRETS.data(orjson.dumps(out)) + b"\n")
-        return code
-    print("settings (flag > environment > default):")
-    for _, label, value, source in rows:
-        print(f"  {label:<12} {value:<44} {source}")
-    for w in settings.warnings:
-        print(f"  note: {w}")
-    print("checks:")
-    if not models:
-        print("  (no model to check: give an INPUT file or --model)")
-    elif not complete:
-        print(f"  (models of the first {SCAN_LINES} lines / {SCAN_SECONDS:g} s of the input)")
-    for line in format_checks(report):
-        print(line)
-    verdict = {ExitCode.OK: "all good", ExitCode.FAILED: "usable, with warnings",
-               ExitCode.FATAL: "problems found"}[code]
-    print(f"doctor: {verdict}")
-    return code
-
-
-async def list_models(settings: Settings, *, as_json: bool = False) -> int:
-    """`tmbatch models`: the served model names, one a line (or the raw list as JSON)."""
-    session = make_session(_get_settings(settings), 1)
-    try:
-        status, body, _ = await get_json(session, "/v1/models")
-    except AttemptFailed as exc:
-        print(f"tmbatch: models: cannot reach {settings.base_url}: {exc.message}",
-              file=sys.stderr)
-        return ExitCode.FAILED
-    finally:
-        await session.close()
-    served = _served_names(body) if status == 200 else None
-    if served is None:
-        detail = error_message(body, f"HTTP {status}")
-        hint = ""
-        if status in (401, 403):
-            hint = "; check TENSORMESH_INFERENCE_API_KEY"
-        elif status == 404 and settings.surface == "on-demand":
-            hint = "; check X-User-Id (--user-id / TENSORMESH_ON_DEMAND_USER_ID)"
-        print(f"tmbatch: models: GET /v1/models answered HTTP {status}: {detail}{hint}",
-              file=sys.stderr)
-        return ExitCode.FATAL if status in (401, 403, 404) else ExitCode.FAILED
-    if as_json:
-        import orjson
-
-        sys.stdout.buffer.write(orjson.dumps(body) + b"\n")
-    else:
-        for name in served:
-            print(name)
-    return ExitCode.OK

@@ -269,8 +269,9 @@ class LineSender:
 
     def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:
         if exc.cls.policy.stops_run:
-            self.fatal(f"HTTP {exc.status} {exc.code}: {exc.message}. Check the inference API "
-                       "key (TENSORMESH_INFERENCE_API_KEY) and, on-demand, the user id")
+            self.fatal(f"HTTP {exc.status} {exc.code}: {exc.message.rstrip('.')}. Check the "
+                       "inference API key (TENSORMESH_INFERENCE_API_KEY) and, on-demand, the "
+                       "user id")
         elif exc.status == 404:  # judged per (route, model): the rest of the file runs
             self.served.not_found(req.url, req.body.get("model"), exc.message)
         self.record_failure(FailureRecord.of_attempt(self.job_id, req.line, req.custom_id,

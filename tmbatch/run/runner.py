@@ -30,7 +30,7 @@ from tmbatch.base.config import Settings
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, SUMMARY, OutputError
 from tmbatch.base.logs import event, progress_kwargs, public_url, say
-from tmbatch.base.stop import Stop
+from tmbatch.base.stop import Stop, StopReason
 from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
@@ -202,7 +202,7 @@ class Runner:
             self.settings = learnt.settings
         served = None if learnt is None else learnt.served_models
         if self.stop.stopping:  # a signal during preflight: nothing was sent
-            self.stop.announce()
+            self._announce_unsent()
             return self.stop.exit_code(0)
         self._sent = True
         opts, header, writer = self.config, self.header, self.writer
@@ -243,6 +243,18 @@ class Runner:
                 f.close()
             await self._close_writer()
         return await self._finish()
+
+    def _announce_unsent(self) -> None:
+        """Stopped before the first request. A new job leaves nothing behind (`close`), so
+        there is nothing to resume: say that, not the resume a stopped job is promised."""
+        reason = self.stop.reason
+        if self.resume is not None or reason not in (StopReason.SIGINT, StopReason.SIGTERM):
+            self.stop.announce()
+            return
+        msg = (f"interrupted ({reason.name}) before the first request: nothing was sent and "
+               f"no job was recorded in {self.config.out_dir}; run the same command to start it")
+        say("interrupted", msg, text=f"tmbatch: {msg}", level=logging.WARNING,
+            signal=reason.name, exit_code=reason.exit_code)
 
     def _honour_open_pause(self) -> None:
         """A Retry-After window the previous run was told about is still a window."""

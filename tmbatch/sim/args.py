@@ -165,9 +165,12 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
+                      hidden: bool = False) -> None:
     """Shared by `tmbatch sim` and `tmbatch run --sim` so both describe the simulator the same.
-    Given a group, the flags join it: nesting argument groups is deprecated in argparse."""
+    Given a group, the flags join it: nesting argument groups is deprecated in argparse.
+    `hidden`: accepted but left out of --help (run, doctor and models: their help is about
+    them, the knobs are listed once, by `tmbatch sim --help`)."""
     d = SimConfig()
     group = (
         parser.add_argument_group("simulator")
@@ -175,8 +178,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         else parser
     )
     exclusive = group.add_mutually_exclusive_group()
-    for flag, (kind, text) in _FLAGS.items():
+    for flag, (kind, shown) in _FLAGS.items():
         where = exclusive if flag in _EXCLUSIVE else group
+        text = argparse.SUPPRESS if hidden else shown
         if kind == SWITCH:
             where.add_argument(flag, action="store_true", help=text)
         elif isinstance(kind, tuple):  # the choices, read as the type they are written in
