@@ -20,6 +20,7 @@ from aiohttp import web
 
 from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 from tests.test_misbehaving_server import chat_body
+from tmbatch.client.http import idempotency_key
 from tmbatch.policy import FIXES, Cause, Outcome
 
 
@@ -29,6 +30,7 @@ class Server:
         self.models = {"tm-small", "tm-large"}
         self.refusing = False
         self.asked: Counter[str] = Counter()  # question -> POSTs received
+        self.keys: dict[str, str] = {}  # question -> the last Idempotency-Key it came with
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.health)
@@ -52,6 +54,7 @@ class Server:
         body = await request.json()
         question = body["messages"][0]["content"]
         self.asked[question] += 1
+        self.keys[question] = request.headers.get("Idempotency-Key", "")
         if not self._authorized(request):
             return web.json_response({"error": {"message": "Incorrect API key"}}, status=401)
         if body.get("model") not in self.models:
@@ -140,6 +143,11 @@ def test_bad_lines_are_sent_corrected_with_the_fixed_input_and_nothing_twice(
     sent = server.asked - before
     assert sent == Counter({"question 1": 1, "question 2": 1, "question 3": 1}), sent
     assert states(out) == {"succeeded": 6, "failed": 0}
+    # never-sent lines keep the key their custom_id gives; the 400's correction has its own
+    job = read_jsonl(out / "journal.jsonl")[0]["job"]
+    assert server.keys["question 1"] == idempotency_key(job, "req-1")
+    assert server.keys["question 3"] not in (idempotency_key(job, "req-3"),
+                                             server.keys["too long 3"])
     res = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
     assert sorted(res) == [f"req-{i}" for i in range(6)] and res["req-1"]["line"] == 2
     resume = [r for r in read_jsonl(out / "journal.jsonl") if isinstance(r, dict)

@@ -15,6 +15,7 @@ matched by custom_id (`corrected`), checked as `run` checks its input.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -166,9 +167,21 @@ def corrected(out_dir: Path, classes: list[Outcome], path: str) -> Corrected:
             found.still_bad.append(f"{path} {item.message}")
         elif failed.line not in taken:
             taken[failed.line] = Selected(failed, Request(
-                failed.line, item.custom_id, item.url, item.body))
+                failed.line, item.custom_id, item.url, item.body, _key_id(failed, item)))
     found.chosen = sorted(taken.values(), key=lambda r: r.line)
     return found
+
+
+def _key_id(failed: Failed, item: Request) -> str | None:
+    """A corrected request whose line was sent before goes under an Idempotency-Key of its
+    own (from its custom_id and body): a server that keeps keys would answer the old key with
+    the old request's refusal, or refuse a new body under it. A line never sent keeps the
+    key its custom_id gives: no server has seen it."""
+    if failed.attempts == 0:
+        return None
+    body = hashlib.blake2b(orjson.dumps(item.body, option=orjson.OPT_SORT_KEYS),
+                           digest_size=8).hexdigest()
+    return f"{item.custom_id}#corrected-{body}"
 
 
 def _id_of(f: Failed, endpoint: str | None) -> str | None:
