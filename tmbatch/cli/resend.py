@@ -37,8 +37,9 @@ def add_resend_parser(sub: Any) -> None:
         "send failed lines again, explicitly (the only way an ambiguous one is re-sent)",
         "List the selected failed lines, ask for confirmation (or --yes), and send "
         "them again with the same Idempotency-Key. A later success supersedes the failure: "
-        "failures.jsonl keeps one outcome per line. Example: tmbatch resend out/ --class "
-        "ambiguous --yes",
+        "failures.jsonl keeps one outcome per line. A line that would fail the same way as it "
+        "is (a bad input line, a request the server refused as written) goes corrected: "
+        "--input FIXED.jsonl. Example: tmbatch resend out/ --class ambiguous --yes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=help_text(),
     )
