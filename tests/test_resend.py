@@ -103,7 +103,8 @@ def test_lines_that_were_never_sent_are_not_resent_and_the_exit_code_says_so(
     p = run_cli([*base, "--class", "rejected", "--class", "permanent", "--json"], env=env())
     assert p.returncode == 1, p.stderr  # the rejected line succeeded, the bad ones cannot
     assert "resend: 1 of 1 sent line(s) now succeeded" in p.stderr
-    assert "2 line(s) could not be resent (bad input)" in p.stderr
+    assert "2 line(s) could not be resent as they are (correct them and send them with " \
+        "--input)" in p.stderr
     result = orjson.loads(p.stdout)
     assert result["sent"] is True and result["now_succeeded"] == 1
     assert result["still_failed"] == {}

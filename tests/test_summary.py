@@ -65,7 +65,12 @@ def test_failed_lines_end_with_where_they_are_and_the_command_per_class(
     assert f"failed lines are in {out / 'failures.jsonl'}" in p.stderr
     for cls in (Outcome.AMBIGUOUS, Outcome.REJECTED, Outcome.PERMANENT):
         assert f"1 {cls}: {cls.policy.meaning}" in p.stderr  # worded by the policy
+    for cls in (Outcome.AMBIGUOUS, Outcome.REJECTED):
         assert f"tmbatch resend '{out}' --class {cls}" in p.stderr  # quoted for the shell
+    # a bad line sent as it is would fail the same way: its code's fix says --input instead
+    assert f"tmbatch resend '{out}' --class permanent" not in p.stderr
+    assert "1 invalid_custom_id (permanent), e.g. line 4" in p.stderr
+    assert f"tmbatch resend '{out}' --input retry.jsonl" in p.stderr
     assert "not_sent" not in p.stderr.split("failed lines are in")[1]  # only classes present
     p = _run(inp, tmp_path / "json", "--log-format", "json")
     events = [orjson.loads(line) for line in p.stderr.splitlines()]

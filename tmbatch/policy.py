@@ -103,7 +103,8 @@ _MEANING = {
     Outcome.NOT_SENT: "never reached the server (retries exhausted); safe to resend",
     Outcome.REJECTED: "refused by the server's rate limit (retries exhausted); safe to resend",
     Outcome.AMBIGUOUS: "may have been processed and billed; resending may bill it twice",
-    Outcome.PERMANENT: "refused as it is; fix the line before resending",
+    Outcome.PERMANENT: "refused as it is (error.code says why): the line must be corrected, "
+                       "or the server must serve its model, before it can succeed",
     Outcome.FATAL: "refused before any work (401/403); sent again when the run resumes",
     Outcome.PENDING: "not yet sent",
 }
@@ -113,8 +114,114 @@ POLICIES: dict[Outcome, Policy] = {
 del _, Y
 
 # The failure classes users see, in the order every report lists them.
+
 FAILURE_CLASSES: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.failure)
 RESENDABLE: tuple[Outcome, ...] = tuple(o for o in Outcome if o.policy.user_resendable)
+
+class Cause(StrEnum):
+    """Why a failed line failed, as far as what fixes it goes."""
+
+    LINE = "line"  # the input line cannot be sent as written: it never was (the reader)
+    REQUEST = "request"  # the server refused the request as written (400, 413, 422, ...)
+    SERVED = "served"  # the server does not serve the line's model or route (yet)
+    TRANSIENT = "transient"  # nothing is wrong with the line: send it again (or resume)
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """What a failure code says about its lines and what to do: the one place the advice is
+    written (the end of a run, `resend`, the docs' table). `text` may name {out} (the output
+    directory), {resume} (the command that resumes the job) and {fixed} (a corrected file)."""
+
+    cause: Cause
+    text: str
+    # The advice when no line of the job was ever sent (nothing billed, so starting over
+    # costs nothing), where it is simpler; {restart}: the job's command with --restart.
+    unsent: str | None = None
+
+    def say(self, *, nothing_sent: bool = False, **names: str) -> str:
+        text = self.unsent if nothing_sent and self.unsent else self.text
+        return text.format(**names)
+
+
+_RESEND_INPUT = ("tmbatch export {out} --failed --as-input > {fixed}, correct the lines in "
+                 "{fixed}, then tmbatch resend {out} --input {fixed}")
+_FIX_LINE = ("{hint}; then send the corrected lines: tmbatch resend {{out}} --input {{fixed}} "
+             "({{fixed}}: the corrected input, or only its corrected lines; matched by "
+             "custom_id, a line that succeeded is never sent again)")
+
+
+def _line_fix(hint: str, unsent: str | None = None) -> Fix:
+    return Fix(Cause.LINE, _FIX_LINE.format(hint=hint), unsent)
+
+
+# Codes the reader gives a line it cannot send (tmbatch.inputs.reader), and the server-side
+# refusals with advice of their own. A code not here takes its class's (CLASS_FIXES).
+FIXES: dict[str, Fix] = {
+    "invalid_json": _line_fix("write each line as one JSON object"),
+    "invalid_utf8": _line_fix("save the file as UTF-8"),
+    "too_deep": _line_fix("flatten the request (at most 255 levels of nesting)"),
+    "number_out_of_range": _line_fix("quote the number as a string or use a smaller one"),
+    "not_an_object": _line_fix("make each line a JSON object"),
+    "unknown_field": _line_fix("keep only custom_id, method, url and body"),
+    "missing_field": _line_fix("add the missing field(s)"),
+    "invalid_method": _line_fix("use method POST"),
+    "invalid_url": _line_fix("give url as a path, e.g. /v1/chat/completions"),
+    "unsupported_url": _line_fix("use a supported route, e.g. /v1/chat/completions"),
+    "invalid_body": _line_fix("make body a JSON object"),
+    "invalid_custom_id": _line_fix("give each line a unique non-empty string custom_id"),
+    "duplicate_custom_id": _line_fix("give the line a custom_id of its own"),
+    "missing_model": _line_fix("add body.model"),
+    "model_is_uuid": _line_fix("name the served model (`tmbatch models` lists them), not a "
+                               "UUID"),
+    "invalid_stream": _line_fix("make body.stream true or false (on a route that streams)"),
+    "line_too_long": _line_fix("shorten the line (or raise --max-line-bytes and --restart)"),
+    "bare_body_without_endpoint": _line_fix(
+        "the line is a bare request body: wrap it as {{\"custom_id\", \"method\", \"url\", "
+        "\"body\"}} (--endpoint reads a whole file of bare bodies)",
+        "the lines are bare request bodies: pass --endpoint (chat, completions, responses, "
+        "...). No line of this job was sent, so it can start over: {restart} --endpoint chat"),
+    "batch_line_with_endpoint": _line_fix(
+        "the line is an OpenAI Batch line in a job run with --endpoint: resend reads {fixed} "
+        "as Batch lines, so it can stay as it is",
+        "the lines are OpenAI Batch lines: drop --endpoint. No line of this job was sent, so "
+        "it can start over without it: {restart_batch}"),
+    "model_not_served": Fix(Cause.SERVED, (
+        "the server does not serve the model (`tmbatch models` lists the served ones): once "
+        "it does, tmbatch resend {out} --class permanent checks GET /v1/models again and "
+        "sends its lines; or name a served model: " + _RESEND_INPUT)),
+    "route_not_served": Fix(Cause.SERVED, (
+        "the server has no such route: send the lines to a server that has it, or change "
+        "their url: " + _RESEND_INPUT)),
+    "not_served": Fix(Cause.SERVED, (
+        "the server serves neither the model nor the route: once it does, tmbatch resend "
+        "{out} --class permanent sends them again; or change them: " + _RESEND_INPUT)),
+    "not_found": Fix(Cause.SERVED, (
+        "the server answered 404 (error.message says what it lacks): once it serves it, "
+        "tmbatch resend {out} --class permanent; or change the lines: " + _RESEND_INPUT)),
+}
+CLASS_FIXES: dict[Outcome, Fix] = {
+    Outcome.NOT_SENT: Fix(Cause.TRANSIENT, "check the base URL and the network, then tmbatch "
+                          "resend {out} --class not_sent (safe: they never reached it)"),
+    Outcome.REJECTED: Fix(Cause.TRANSIENT, "safe to send again, slower or later: tmbatch "
+                          "resend {out} --class rejected (or resume with a longer --patience)"),
+    Outcome.AMBIGUOUS: Fix(Cause.TRANSIENT, "they may have been billed: look first with "
+                           "tmbatch resend {out} --class ambiguous --dry-run, then send them "
+                           "without --dry-run"),
+    Outcome.PERMANENT: Fix(Cause.REQUEST, "the server refused the request as written "
+                           "(error.message says why): " + _RESEND_INPUT),
+    Outcome.FATAL: Fix(Cause.TRANSIENT, "the key was refused: fix TENSORMESH_INFERENCE_API_KEY "
+                       "(and, on-demand, the user id), then resume: {resume}"),
+}
+
+
+def fix_for(cls: Outcome, code: str) -> Fix:
+    """The advice for a failure: its code's when the code has one, else its class's."""
+    fix = FIXES.get(code)
+    if fix is not None and cls is Outcome.PERMANENT:
+        return fix
+    return CLASS_FIXES.get(cls, CLASS_FIXES[Outcome.PERMANENT])
+
 
 # A Retry-After further away than this is capped: a server that asks for a
 # year is treated as asking for this long (documented in the README).

@@ -54,6 +54,13 @@ def add_export_parser(sub: Any) -> None:
     ex.add_argument("--combined", action="store_true",
                     help="also write outcomes.ordered.jsonl with results and failures together")
     ex.add_argument("--to", metavar="DIR", help="write there instead of the output directory")
+    ex.add_argument("--failed", action="store_true",
+                    help="with --as-input: the failed lines only (their current failure)")
+    ex.add_argument("--as-input", action="store_true",
+                    help="with --failed: write the failed lines' requests on stdout as an "
+                    "input file (OpenAI Batch lines, custom_id kept), to correct and send back "
+                    "with `tmbatch resend OUT --input FILE`, or to run elsewhere. E.g. tmbatch "
+                    "export out/ --failed --as-input > retry.jsonl")
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -64,10 +71,36 @@ def cmd_export(ns: argparse.Namespace) -> int:
                           "flag (run --ordered is the one that exports when a run finishes)")
     out = Path(ns.output)
     read_header(out)
+    if ns.failed or ns.as_input:
+        return _export_failed(ns, out)
     counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
     dest = ns.to or ns.output
     for name, n in counts.items():
         print(f"{Path(dest) / name}: {n} line(s)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _export_failed(ns: argparse.Namespace, out: Path) -> int:
+    """`--failed --as-input`: the failed lines' requests on stdout; what cannot be written
+    (a line the reader refuses has no request) is named on stderr with its fix."""
+    from tmbatch.tools.export_failed import failed_as_input
+
+    if not (ns.failed and ns.as_input):
+        raise ConfigError("give --failed and --as-input together: export --failed --as-input "
+                          "writes the failed lines' requests as an input file on stdout")
+    if ns.combined or ns.to:
+        raise ConfigError("--failed --as-input writes to stdout: drop --combined and --to, "
+                          "and redirect it (> retry.jsonl)")
+    done = failed_as_input(out, sys.stdout.buffer)
+    sys.stdout.flush()
+    print(f"{done.written} failed line(s) written as input lines", file=sys.stderr)
+    if done.bad:
+        shown = ", ".join(f"line {f.line} ({f.code})" for f in done.bad[:10])
+        more = " ..." if len(done.bad) > 10 else ""
+        print(f"{len(done.bad)} failed line(s) not written: the input line itself is bad "
+              f"({shown}{more}); correct them in the input and send them with tmbatch resend "
+              f"{out} --input FIXED (matched by custom_id; a line without one by its line "
+              "number)", file=sys.stderr)
     return ExitCode.OK
 
 

@@ -50,6 +50,9 @@ class Request:
     custom_id: str
     url: str
     body: dict[str, Any]
+    # What the Idempotency-Key is derived from, when not the custom_id: `resend --input`
+    # sends a corrected body under a key of its own where the server saw the old one
+    key_id: str | None = None
 
     @property
     def idempotent(self) -> bool:

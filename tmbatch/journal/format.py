@@ -87,15 +87,21 @@ class Header:
 @dataclass(frozen=True, slots=True)
 class ResumeRecord:
     """{"e": "resume", "t": ...}: a later run on the same directory (`resend`: how many
-    lines a `tmbatch resend` sent again)."""
+    lines a `tmbatch resend` sent again; `input`, `fingerprint`: with `resend --input`, the
+    file their corrected requests came from, instead of the job's input)."""
 
     t: float
     resend: int | None = None
+    input: str | None = None
+    fingerprint: str | None = None
 
     def to_json(self) -> bytes:
         rec: dict[str, Any] = {"e": "resume", "t": self.t}
         if self.resend is not None:
             rec["resend"] = self.resend
+        if self.input is not None:
+            rec["input"] = self.input
+            rec["fingerprint"] = self.fingerprint
         return orjson.dumps(rec, option=_NL)
 
 
@@ -303,9 +309,10 @@ def _event(value: Any) -> Record:
         raise RecordError("neither a record list nor an event object")
     e, t = value.get("e"), value.get("t")
     if e == "resume":
-        resend = value.get("resend")
-        if type(t) in _NUM and (resend is None or type(resend) is int):
-            return ResumeRecord(t, resend)
+        resend, source, fp = value.get("resend"), value.get("input"), value.get("fingerprint")
+        if type(t) in _NUM and (resend is None or type(resend) is int) and \
+                (source is None or type(source) is str) and (fp is None or type(fp) is str):
+            return ResumeRecord(t, resend, source, fp)
         raise RecordError('a resume record is {"e": "resume", "t": seconds}')
     if e == "budget":
         tokens, usd, prices = value.get("tokens"), value.get("usd"), value.get("prices") or {}

@@ -98,7 +98,8 @@ class LineSender:
             return
         headers = None
         if not req.idempotent:
-            headers = {"Idempotency-Key": idempotency_key(self.job_id, req.custom_id)}
+            headers = {"Idempotency-Key": idempotency_key(
+                self.job_id, req.custom_id if req.key_id is None else req.key_id)}
         before = self.prior_attempts.get(req.line, 0) if self.prior_attempts else 0
         # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per
         # request (bench/ablate.py): try once bare, and replay a failure into the loop as its

@@ -58,6 +58,9 @@ class RunConfig:
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
     prior_attempts: Mapping[int, int] = field(default_factory=dict)  # resend: attempts so far
     extra_header: Mapping[str, Any] = field(default_factory=dict)  # resend: in the resume record
+    # resend --input: these checked, corrected requests (at their input line numbers) are
+    # sent instead of the input's lines; the input is then neither read nor fingerprinted
+    requests: tuple[Any, ...] | None = None
     # setting -> where its value came from ("flag --rpm", "job file rpm at jobs/x.toml",
     # "env JOB_COMPLETION_INDEX", "default"): what `--print-config` shows
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

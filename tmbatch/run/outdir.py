@@ -86,7 +86,8 @@ def prepare_output(opts: RunConfig) -> tuple[Header, ResumeState | None, Lock]:
     directory's lock is held on return (the caller releases it)."""
     out = opts.out_dir
     stdin = opts.input == "-"
-    fp = "stdin" if stdin else fingerprint(opts.input)  # a bad input leaves no empty out/
+    # a bad input leaves no empty out/; `resend --input` does not read the input at all
+    fp = "stdin" if stdin else None if opts.requests is not None else fingerprint(opts.input)
     make_dir(out)
     lock = lock_output(out)
     try:
@@ -103,7 +104,7 @@ def prepare_output(opts: RunConfig) -> tuple[Header, ResumeState | None, Lock]:
             # The last run ended before its first request (refused at preflight, stopped):
             # nothing to resume, so this command may differ from it.
             os.unlink(journal)
-        return _new_header(opts, fp), None, lock
+        return _new_header(opts, fp or fingerprint(opts.input)), None, lock
     except BaseException:
         lock.release()
         raise
@@ -121,7 +122,7 @@ def _move_aside(out: Path) -> None:
     log.warning("--restart: the previous run's files were moved to %s", aside)
 
 
-def _check_same_job(header: Header, opts: RunConfig, fp: str) -> None:
+def _check_same_job(header: Header, opts: RunConfig, fp: str | None) -> None:
     out = opts.out_dir
     if header.merged:  # its lines' Idempotency-Keys belong to the shards' job ids
         raise JournalError(f"{out} was written by `tmbatch merge`; run (or resend) in the "
@@ -131,11 +132,13 @@ def _check_same_job(header: Header, opts: RunConfig, fp: str) -> None:
             f"{out} holds a run already and stdin cannot be resumed; give the input as a "
             "file, use another --output, or --restart"
         )
-    if header.fingerprint != fp:
+    if fp is not None and header.fingerprint != fp:
         raise JournalError(
             f"{out} belongs to a different input ({header.input}, fingerprint "
-            f"{header.fingerprint[:12]}), not {opts.input} ({fp[:12]}); use "
-            "another --output, or --restart to start over (old files are kept aside)"
+            f"{header.fingerprint[:12]}), not {opts.input} ({fp[:12]}). If you corrected "
+            f"failed lines, send them: tmbatch resend {out} --input {opts.input} (matched "
+            "by custom_id; a line that succeeded is never sent again); else use another "
+            "--output, or --restart to start over (old files are kept aside)"
         )
     recorded = header.options
     current = opts.request_shape()

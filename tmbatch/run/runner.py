@@ -214,7 +214,7 @@ class Runner:
               resumed=self.resume is not None)
         self._honour_open_pause()
         loop = asyncio.get_running_loop()
-        f = open_input(opts.input)
+        f = open_input(opts.input) if opts.requests is None else None
         session = make_session(self.settings, opts.concurrency)
         sender = self._sender = LineSender(
             self.settings, header.job, self.admission, writer, self.stats, self.stop,
@@ -239,7 +239,7 @@ class Runner:
                     await counter
             await progress.stop()
             await session.close()
-            if f is not sys.stdin.buffer:
+            if f is not None and f is not sys.stdin.buffer:
                 f.close()
             await self._close_writer()
         return await self._finish()
@@ -267,8 +267,12 @@ class Runner:
                          "%H:%M:%S", time.localtime(self.resume.pause_until)), left)
             self.admission.pause(left)
 
-    def _lines(self, f: IO[bytes]) -> Iterator[Request | BadLine]:
-        """The input's lines, for the workers to take one at a time (`_work`)."""
+    def _lines(self, f: IO[bytes] | None) -> Iterator[Request | BadLine]:
+        """The input's lines, for the workers to take one at a time (`_work`); with
+        `resend --input`, the corrected ones instead."""
+        if f is None:
+            assert self.config.requests is not None
+            return iter(self.config.requests)
         resume = None if self.config.only_lines is not None else self.resume
         return read_requests(
             f, endpoint=self.config.endpoint, model=self.config.model, stream=self.config.stream,
@@ -378,7 +382,7 @@ class Runner:
             self.stop.on_io_error(f"cannot write {SUMMARY}: {exc}")
         if not self.config.quiet:
             say("summary", final_line(summary), **summary.as_dict())
-            say_next_steps(summary, self.config.out_dir)
+            say_next_steps(summary, self.config.out_dir, self.states, self.header)
             spend = self.budget.final_line()
             if spend:
                 say("spend", spend, **(summary.spend or {}))

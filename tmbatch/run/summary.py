@@ -16,6 +16,7 @@ from tmbatch.base.logs import say
 from tmbatch.base.stop import Stop
 from tmbatch.base.words import millis
 from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.journal.failed import Failed, current_failures
 from tmbatch.journal.format import Header
 from tmbatch.policy import FAILURE_CLASSES, Outcome
 from tmbatch.run.summaries import Counts, MergedSummary, Summary, ThisRun
@@ -215,31 +216,96 @@ def final_line(summary: Summary) -> str:
     )
 
 
-def next_steps(summary: Summary, out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    """Where a finished run's failed lines are and, per class, what may be done about them.
+TOP_CODES = 5  # failure codes the end of a run explains, the most frequent first
+FIXED = "retry.jsonl"  # the corrected file the advice names
 
-    Worded from each class's policy (what it means, whether `resend` may choose it), so a
-    new class or a changed rule changes this advice without anyone editing it."""
-    by_class = summary.counts.failed_by_class
+
+def job_command(header: Header, out_dir: Path, *, endpoint: bool = True) -> str:
+    """`tmbatch run` with the job's input, output and request-shaping options: what resumes
+    it (the connection and limit flags are the user's to repeat)."""
+    opts = header.options
+    parts = ["tmbatch", "run", shlex.quote(header.input), "-o", shlex.quote(str(out_dir))]
+    if endpoint and opts.get("endpoint"):
+        parts += ["--endpoint", shlex.quote(str(opts["endpoint"]))]
+    if opts.get("model"):
+        parts += ["--model", shlex.quote(str(opts["model"]))]
+    if opts.get("stream") is not None:
+        parts.append("--stream" if opts["stream"] else "--no-stream")
+    if header.shard:
+        parts += ["--shard", f"{header.shard[0]}/{header.shard[1]}"]
+    return " ".join(parts)
+
+
+def _fix_names(header: Header, out_dir: Path) -> dict[str, str]:
+    resume = job_command(header, out_dir)
+    return {"out": shlex.quote(str(out_dir)), "fixed": FIXED, "resume": resume,
+            "restart": resume + " --restart",
+            "restart_batch": job_command(header, out_dir, endpoint=False) + " --restart"}
+
+
+def _class_command(cls: Outcome, failed: list[Failed], names: dict[str, str]) -> str | None:
+    """The command that does something for the class's lines, or None when none does as
+    they are (a bad line, a request the server refused as written: the codes' fixes say)."""
+    if cls.policy.user_resendable and any(f.resendable for f in failed):
+        return f"tmbatch resend {names['out']} --class {cls.value}"
+    if not cls.policy.final and not cls.policy.user_resendable:  # fatal: resuming sends it
+        return names["resume"]
+    return None
+
+
+def _code_rows(failed: list[Failed], names: dict[str, str], nothing_sent: bool,
+               ) -> list[dict[str, Any]]:
+    """The most frequent codes, one example each (the first line) and the fix."""
+    by_code: dict[tuple[str, Outcome], list[Failed]] = {}
+    for f in failed:
+        by_code.setdefault((f.code, f.cls), []).append(f)
+    ranked = sorted(by_code.items(), key=lambda kv: (-len(kv[1]), kv[1][0].line))
+    rows = []
+    for (code, cls), group in ranked[:TOP_CODES]:
+        first = group[0]
+        rows.append({"code": code, "class": cls.value, "lines": len(group),
+                     "cause": first.cause.value, "example_line": first.line,
+                     "example": first.message[:300],
+                     "fix": first.fix.say(nothing_sent=nothing_sent, **names)})
+    return rows
+
+
+def next_steps(summary: Summary, out_dir: Path, states: LineStates,
+               header: Header) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Where a run's failed lines are, what each class means, and for the most frequent
+    failure codes an example and the exact fix (`policy.FIXES`). Worded from the policy, so a
+    new class, code or rule changes this advice without anyone editing it here; a command
+    is printed only where it does something for those lines."""
+    failed = sorted(current_failures(out_dir, states).values(), key=lambda f: f.line)
+    names = _fix_names(header, out_dir)
+    nothing_sent = not summary.counts.succeeded and all(f.attempts == 0 for f in failed)
     rows: list[dict[str, Any]] = []
     lines = [f"failed lines are in {out_dir / FAILURES} (error.code says why):"]
     for cls in FAILURE_CLASSES:
-        n = by_class.get(cls.value, 0)
+        n = summary.counts.failed_by_class.get(cls.value, 0)
         if not n:
             continue
-        command = (f"tmbatch resend {shlex.quote(str(out_dir))} --class {cls.value}"
-                   if cls.policy.user_resendable else None)
+        command = _class_command(cls, [f for f in failed if f.cls is cls], names)
         rows.append({"class": cls.value, "lines": n, "meaning": cls.policy.meaning,
                      "command": command})
         lines.append(f"  {n} {cls.value}: {cls.policy.meaning}")
         if command:
             lines.append(f"      {command}")
-    return "\n".join(lines), rows
+    codes = _code_rows(failed, names, nothing_sent)
+    if codes:
+        lines.append("by code (the most frequent first):")
+    for c in codes:
+        lines.append(f"  {c['lines']} {c['code']} ({c['class']}), e.g. line "
+                     f"{c['example_line']}: {c['example']}")
+        lines.append(f"      fix: {c['fix']}")
+    return "\n".join(lines), rows, codes
 
 
-def say_next_steps(summary: Summary, out_dir: Path) -> None:
-    """After the final line of a finished run with failures: the pointer people need."""
-    if not summary.finished or not summary.counts.failed:
+def say_next_steps(summary: Summary, out_dir: Path, states: LineStates,
+                   header: Header) -> None:
+    """After the final line of a run with failures that finished (or was stopped by a
+    refused key, which resuming fixes): what failed, why, and the command that fixes it."""
+    if not summary.counts.failed or not (summary.finished or summary.fatal):
         return
-    text, rows = next_steps(summary, out_dir)
-    say("next_steps", text, failures_file=str(out_dir / FAILURES), classes=rows)
+    text, rows, codes = next_steps(summary, out_dir, states, header)
+    say("next_steps", text, failures_file=str(out_dir / FAILURES), classes=rows, codes=codes)
