@@ -177,7 +177,8 @@ class Progress:
                                   **kwargs}
         if opts.only_lines is not None:
             return cls(stats, len(opts.only_lines), **common)
-        done = Counts.of(states).done
+        # before this run: what it skips (a `fatal` line is sent again, so it is this run's)
+        done = Counts.of(states).with_outcome
         return cls(stats, None, done_before=done, states=states, **common)
 
     def job_counts(self, fresh: bool = False) -> Counts | None:
@@ -202,7 +203,11 @@ class Progress:
         pace = self.pace() if self.pace is not None else None
         pause = self.pause_left() if self.pause_left is not None else 0.0
         left = None if not self.total else eta(self.total - done, recent, pace, pause)
+        job_part: dict[str, Any] = {} if job is None else {
+            "failed_by_class": {k: v for k, v in job.failed_by_class.items() if v},
+            "unknown_outcome": job.unknown_outcome_in_flight, "pending": job.pending}
         return {
+            **job_part,
             "done": done, "done_before": self.done_before, "done_this_run": now,
             "succeeded": succeeded, "failed": failed, "failed_this_run": failed_now,
             "in_flight": s.in_flight,
@@ -288,6 +293,8 @@ class Progress:
         if self._bar is not None:
             self.tick(fresh=True)
             self._bar.close()
+        elif self._task is not None and self.emit is not None:
+            self.tick(fresh=True)  # scripts get the last numbers, as the bar draws them
         self._redirect.close()
 
 
