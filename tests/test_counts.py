@@ -22,7 +22,7 @@ from tests.conftest import chat_line, clean_env, run_cli, write_jsonl
 KEY = "tm-counts-test-key-0000000000000000"
 WRONG = "tm-counts-wrong-key-000000000000000"
 # "200 lines: 103 succeeded, 8 failed (fatal 8), 2 of unknown outcome, 89 pending"
-DONE = re.compile(r"done: (?:(?P<lines>\d+) lines: )?(?P<succeeded>\d+) succeeded, "
+DONE = re.compile(r"done: (?:(?P<lines>\d+) lines?: )?(?P<succeeded>\d+) succeeded, "
                   r"(?P<failed>\d+) failed(?: \((?P<classes>[^)]*)\))?"
                   r"(?:, (?P<unknown>\d+) of unknown outcome)?(?:, (?P<pending>\d+) pending)?")
 CARD = re.compile(r"<b>([\d,]+)</b><span>([^<]+)</span>")

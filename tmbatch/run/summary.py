@@ -181,7 +181,7 @@ def _counts_part(c: Counts) -> str:
         text += f", {c.unknown_outcome_in_flight} of unknown outcome"
     if c.pending:
         text += f", {c.pending} pending"
-    return text if c.lines is None else f"{c.lines} lines: {text}"
+    return text if c.lines is None else f"{c.lines} line{'' if c.lines == 1 else 's'}: {text}"
 
 
 def budget_flags(spend: dict[str, Any] | None) -> str:
