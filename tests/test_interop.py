@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
+from tests.conftest import API_KEY, ROOT, chat_line, clean_env, outcomes, run_cli, write_jsonl
 from tmbatch.base.config import Settings
 from tmbatch.client.http import make_session, send
 from tmbatch.client.preflight import SCAN_LINES
@@ -207,6 +207,8 @@ def test_request_id_is_the_servers_header_else_the_one_we_sent(serve: Any) -> No
     assert got["x-litellm-call-id"] == "id-from-x-litellm-call-id"
     # none: the X-Request-Id tmbatch sent, so the server's logs can be matched
     assert re.fullmatch(r"tmbatch-[0-9a-f]{16}-[0-9a-f]+", got["none"]) and got["none"] == seen[3]
+    # the docs give that shape (they said `tmbatch-<32 hex>`: issue 24)
+    assert "`tmbatch-<16 hex>-<n>`" in (ROOT / "docs" / "inputs-and-outputs.md").read_text()
     assert failed.request_id == seen[4] and len(set(seen)) == 5  # one per attempt
 
 

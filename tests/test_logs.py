@@ -172,7 +172,7 @@ def test_usage_errors_are_json_too_and_text_mode_is_unchanged(tmp_path: Path) ->
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "t"), "--sim"])
     assert p.returncode == 0, p.stderr
     lines = p.stderr.splitlines()
-    assert lines[-1].startswith("done: 1 succeeded")
+    assert lines[-1].startswith("done: 1 line: 1 succeeded")
     assert all(x.startswith(("tmbatch: INFO: ", "done: ")) for x in lines), p.stderr
 
 

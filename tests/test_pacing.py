@@ -212,6 +212,28 @@ def test_nothing_ends_rejected_before_patience() -> None:
     assert r.share >= sc.band.share, r.line()  # the healthy lines, at their own speed
 
 
+@pytest.mark.parametrize("hint", ["none", "seconds"])
+def test_patience_holds_to_the_second(hint: str) -> None:
+    """--patience 10 ends a refused line 10 s after its lane's last progress, not after the
+    backoff or Retry-After pause that outlasts it and one more refusal (issue 24: 15.3 s).
+    A bare 429 (backoff growing to 10 s: it ended at 13.2 s) and a Retry-After of 6 s on
+    every request (it ended at 12 s): in virtual time, at 10 s."""
+    if hint == "none":
+        sc = replace(BY_NAME["quota"], patience=10.0)
+        began = 0.1  # line 100 of tm-large is sent within the first 0.1 s
+    else:
+        sc = Scenario("refused-6", "every request refused, Retry-After: 6",
+                      {"refuse_fraction": 1.0, "retry_after": 6.0,
+                       "retry_after_format": "seconds", "latency": 0.01},
+                      "random", Band(0.0, 1.0, rejected=2), lines=2, concurrency=2,
+                      patience=10.0)
+        began = 0.0
+    r = run_row(sc, 0)
+    assert r.failures and all(cls == "rejected" for _, cls in r.failures), r.failures
+    for at, _ in r.failures:
+        assert 10.0 <= at <= 10.0 + began + 0.01, r.failures
+
+
 def test_a_closed_window_is_probed_not_hammered() -> None:
     """A window of 30 per 15 s with bare 429s: while it is closed the lane holds and probes
     a few times (a second, then a quarter of the time closed), then paces at the window's

@@ -27,7 +27,8 @@ from tmbatch.journal.compact import LineStates
 from tmbatch.limits import Admission, estimate_tokens
 from tmbatch.policy import Outcome
 from tmbatch.run.config import RunConfig
-from tmbatch.run.progress import Progress, layout
+from tmbatch.run.progress import Progress, RecentRate, eta, eta_text, layout
+from tmbatch.run.progress import line as line_of
 from tmbatch.run.summary import RunStats
 from tmbatch.sim.virtual import run_virtual
 
@@ -100,21 +101,60 @@ def test_layout_shrinks_the_statistics_not_the_bar() -> None:
     assert "{percentage" not in layout(80, {**snap, "total": None})[0]  # not counted yet
 
 
-def test_a_resume_counts_the_lines_done_before() -> None:
+def test_a_resume_counts_the_whole_job_from_the_line_states() -> None:
+    """After a resume the line counts the job's failures, not this run's alone: 30 lines
+    failed before it and 22 in it are 52 failed (the issue saw "22 failed" here)."""
     states = LineStates()
     for line in range(1, 41):
         states.set(line, Outcome.OK.policy.state)
-    states.set(41, Outcome.AMBIGUOUS.policy.state)
+    for line in range(41, 71):
+        states.set(line, Outcome.PERMANENT.policy.state)
     stats = RunStats()
-    stats.ok = 9
     progress = Progress.for_run(stats, states, RunConfig("in.jsonl", Path("out")), tty=False)
-    progress.set_total(100)
-    snap = progress.snapshot()
+    progress.set_total(200)
+    for line in range(71, 80):  # this run: 9 succeed, 22 fail (the writer sets the states)
+        states.set(line, Outcome.OK.policy.state)
+    for line in range(80, 102):
+        states.set(line, Outcome.REJECTED.policy.state)
+    stats.ok, stats.failed[Outcome.REJECTED] = 9, 22
+    snap = progress.snapshot(fresh=True)
     assert (snap["done"], snap["done_before"], snap["done_this_run"], snap["total"]) == \
-        (50, 41, 9, 100)
+        (101, 70, 31, 200)
+    assert (snap["succeeded"], snap["failed"], snap["failed_this_run"]) == (49, 52, 22)
+    text = line_of(snap)
+    assert "101/200 done (70 before this run), 52 failed (22 this run)" in text, text
     resend = RunConfig("in.jsonl", Path("out"), only_lines={3, 7})
     snap = Progress.for_run(RunStats(), states, resend, tty=False).snapshot()
     assert (snap["done"], snap["total"]) == (0, 2)  # a resend counts its own lines
+
+
+def test_eta_follows_the_pace_and_the_open_pause() -> None:
+    assert eta(0, None) == 0.0
+    assert eta(22, None) is None  # nothing to go by: unknown, not a guess
+    assert eta(22, 10.0) == pytest.approx(2.2)
+    # the run averaged 10/s but admission now holds it to 0.1/s: 220 s, not 2.2 s
+    assert eta(22, 10.0, pace=0.1) == pytest.approx(220.0)
+    assert eta(22, None, pace=0.1) == pytest.approx(220.0)
+    assert eta(22, 0.05, pace=0.1) == pytest.approx(440.0)  # slower than the pace: the rate
+    assert eta(22, 10.0, pause_left=30.0) == pytest.approx(32.2)  # a Retry-After open now
+    assert eta(22, 0.0) is None  # stalled: no answer in the window
+    assert [eta_text(s) for s in (None, 4.4, 220, 7322)] == ["?", "4s", "3m40s", "2h02m"]
+
+
+def test_the_recent_rate_forgets_a_fast_start() -> None:
+    """100 lines in the first 10 s, then one every 10 s: a minute later the rate is ~0.1/s
+    (the run's average would still say ~1/s and an ETA ten times too short)."""
+    now = [0.0]
+    rate = RecentRate(window=60.0, clock=lambda: now[0])
+    done = 0
+    for t in range(1, 11):
+        now[0], done = float(t), done + 10
+        rate.add(done)
+    for t in range(20, 200, 10):
+        now[0], done = float(t), done + 1
+        last = rate.add(done)
+    assert last == pytest.approx(0.1, rel=0.2)
+    assert done / now[0] > 0.5  # what the whole-run average would have said
 
 
 def test_a_resume_in_a_terminal_shows_the_whole_job(tmp_path: Path) -> None:

@@ -346,7 +346,7 @@ def test_sim_demo_needs_no_credentials(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = run_cli(["run", str(ROOT / "samples" / "chat.jsonl"), "-o", str(out), "--sim"])
     assert p.returncode == 0, p.stderr
-    assert "done: 10 succeeded" in p.stderr
+    assert "done: 10 lines: 10 succeeded" in p.stderr
     res, _ = outcomes(out)
     assert len(res) == 10
 

@@ -129,7 +129,7 @@ def test_the_progress_line_shows_spend_and_the_budget(capsys: pytest.CaptureFixt
     progress = Progress(RunStats(), 100, tty=False, budget=budget)
     progress.tick()
     line = capsys.readouterr().err
-    assert "spent 12.3k tok / 50k tok, $0.01 / $2.00" in line
+    assert "spent 12.3k tok / 50k tok, $0.0123 / $2.00" in line  # 4 significant digits
     snap = progress.snapshot()
     assert snap["spent_tokens"] == 12_300 and snap["budget_tokens"] == 50_000
     assert snap["spent_usd"] == pytest.approx(0.0123) and snap["budget_usd"] == 2.0

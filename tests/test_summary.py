@@ -114,8 +114,13 @@ def test_final_line_never_shows_none() -> None:
     adaptive = {  # every request refused: no settled rate
         "mode": "adaptive", "decreases": 2, "concurrency_final": 30,
         "settled_requests_per_second": None}
-    line = final_line(replace(summary, this_run={**this_run, "admission": adaptive}))
+    line = final_line(replace(summary, this_run={**this_run, "attempts_sent": 8,
+                                                 "admission": adaptive}))
     assert "None" not in line and "adaptive: settled at 30 in flight," in line
+    # nothing sent (only bad lines, found locally): no rate at all, not "0.0 req/s" or a
+    # rate of lines that never left (the issue saw "this run 527.62 req/s")
+    local = final_line(replace(summary, this_run={**this_run, "requests_per_second": 527.62}))
+    assert "req/s" not in local and "this run: 0 sent" in local, local
 
 
 def test_summary_json_round_trips_as_a_frozen_value(tmp_path: Path) -> None:

@@ -91,8 +91,11 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
                    "(env TENSORMESH_ON_DEMAND_USER_ID)")
     g.add_argument("--timeout", help="seconds per request (env TENSORMESH_TIMEOUT_SECONDS; "
                    f"default {D.TIMEOUT.value:g})")
-    g.add_argument("--max-retries", help="retries of not_sent/rejected attempts per line "
-                   f"(env TENSORMESH_MAX_RETRIES; default {D.MAX_RETRIES.value})")
+    g.add_argument("--max-retries", help="retries per line of attempts that never reached "
+                   "the server (not_sent; and ambiguous ones on /tokenize and /detokenize, "
+                   "which bill nothing). A rate-limit refusal (429, 503 with Retry-After, 408) "
+                   "is not counted: it is sent again until --patience (env "
+                   f"TENSORMESH_MAX_RETRIES; default {D.MAX_RETRIES.value})")
     g.add_argument("--ca-bundle", help="PEM file of CAs to trust (env TENSORMESH_CA_BUNDLE)")
     g.add_argument("--tm-config", nargs="?", const="", metavar="PATH",
                    help="also read api key, user id and model from the tm CLI's config.toml "

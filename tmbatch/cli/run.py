@@ -49,6 +49,9 @@ RUN_EXAMPLES = """examples:
   # every setting as resolved and where it came from (flag, job file, env, default);
   # sends nothing, writes nothing, exits 0
   tmbatch run jobs/nightly.toml -c 8 --print-config
+
+  # the input checked, its tokens and cost at your prices, and doctor: nothing billed
+  tmbatch run input.jsonl -o out/ --price tm-small=0.20:0.60 --dry-run
 """
 
 
@@ -140,6 +143,12 @@ def _output_args(g: Any) -> None:
                    "exit 0, sending nothing and leaving the output directory alone. E.g. "
                    "tmbatch run job.toml -c 8 --print-config (one JSON object with "
                    "--log-format json)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check everything and send nothing billed: the input read as the run "
+                   "reads it (bad lines listed), its tokens and cost at the prices given (as "
+                   "`tmbatch estimate`), then `tmbatch doctor` against the server; the output "
+                   "directory is not touched. Exit 0 clean, 1 bad lines or warnings, 3 a "
+                   "problem that would stop the run")
     add_log_format_arg(g)
 
 
@@ -147,7 +156,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from tmbatch.cli.resolve import print_config, resolve_run
 
     # flags > job file > environment > defaults, once: nothing changes `ns` or the config after
-    resolved = resolve_run(vars(ns), os.environ, require_key=not (ns.sim or ns.print_config))
+    resolved = resolve_run(vars(ns), os.environ,
+                           require_key=not (ns.sim or ns.print_config or ns.dry_run))
     config, job = resolved.config, resolved.job
     assert config.connection is not None
     for w in config.connection.warnings:
@@ -155,17 +165,19 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.print_config:
         print_config(config, as_json=json_mode())
         return ExitCode.OK
+    from tmbatch.cli.dryrun import dry_run, say_estimate
+
+    if ns.dry_run:  # doctor says a missing key; a budget that cannot work is refused below
+        if job is None or job.label is None:  # (a labelling job's requests are not made yet)
+            _check_budget(config)
+        return dry_run(ns, config, job)
     label_run = None
     if job is not None and job.label is not None:  # writes OUTPUT/requests.jsonl (config.input)
         from tmbatch.tools import labels
 
         label_run = labels.setup(job.path, job.label, config)
-    if config.budget.limited:  # (what it checks; `tmbatch.spend.estimate` is imported for it only)
-        from tmbatch.spend.estimate import check_before_sending
-
-        check_before_sending(config.budget, config.input, endpoint=config.endpoint,
-                             model=config.model, stream=config.stream, shard=config.shard,
-                             max_line_bytes=config.max_line_bytes)
+    _check_budget(config)
+    say_estimate(config)
     code = run_async(start_run(ns, config))
     if label_run is not None:
         code = label_run.finish(code)
@@ -174,6 +186,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         export_ordered(config.out_dir)
     return code
+
+
+def _check_budget(config: RunConfig) -> None:
+    """A budget smaller than one request, or in dollars without prices, is refused here."""
+    if config.budget.limited:  # (what it checks; `tmbatch.spend.estimate` is imported for it only)
+        from tmbatch.spend.estimate import check_before_sending
+
+        check_before_sending(config.budget, config.input, endpoint=config.endpoint,
+                             model=config.model, stream=config.stream, shard=config.shard,
+                             max_line_bytes=config.max_line_bytes)
 
 
 async def start_run(ns: argparse.Namespace, config: RunConfig) -> int:

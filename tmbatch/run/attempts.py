@@ -50,6 +50,7 @@ class Tries:
     before: int = 0
     now: int = 0
     counted: int = 0  # the failed ones --max-retries counts (not the patient refusals)
+    refused: AttemptFailed | None = None  # the last attempt's, when it was a patient refusal
 
     @property
     def total(self) -> int:
@@ -170,8 +171,11 @@ class LineSender:
         exc = rs.outcome.exception() if rs.outcome else None
         if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
             if exc.retry_after is not None or lane.rate is not None:
-                return 0.0  # the lane's pause, or its pace, holds it back
-            return float(self._refused_backoff(rs))  # type: ignore[misc]
+                return 0.0  # the lane's pause (`_await_turn`), or its pace, holds it back
+            # never past the patience: a 10 s backoff begun 9 s into it would end the line
+            # only after the next refusal, at 19 s (issue 24 saw 15.3 s for --patience 10)
+            left = self.patience - lane.stalled_for(asyncio.get_running_loop().time())
+            return max(0.0, min(float(self._refused_backoff(rs)), left))  # type: ignore[misc]
         return float(self._backoff(rs))  # type: ignore[misc]
 
     def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:
@@ -182,8 +186,23 @@ class LineSender:
             return True
         exc = rs.outcome.exception() if rs.outcome else None
         if isinstance(exc, AttemptFailed) and exc.cls.policy.patient:
-            return lane.stalled_for(asyncio.get_running_loop().time()) > self.patience
+            return lane.stalled_for(asyncio.get_running_loop().time()) >= self.patience
         return tries.counted > self.settings.max_retries
+
+    async def _await_turn(self, lane: Lane, refused: AttemptFailed) -> None:
+        """After a refusal: wait out the lane's pause (a Retry-After window) only while the
+        patience lasts. If nothing on the lane succeeds before it is over, the refusal is
+        final then, at --patience, not after a pause that outlasts it and one more refusal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            left = self.patience - lane.stalled_for(now)
+            if left <= 0:
+                raise refused  # `_give_up` ends the line: its lane made no progress
+            pause = lane.pause_until - now
+            if pause <= 0:
+                return
+            await asyncio.sleep(min(pause, left))
 
     async def _attempt(self, req: Request, headers: dict[str, str] | None,
                        tries: Tries) -> Answer:
@@ -191,6 +210,8 @@ class LineSender:
         its permit (budget, pause, pace, slot, tokens), which is settled with the outcome and
         let go whatever happens. One coroutine, not one per step: every layer is walked again
         on each resume of the send (bench/instructions.py)."""
+        if tries.refused is not None:
+            await self._await_turn(self.admission.lane(req.body.get("model")), tries.refused)
         async with self.admission.permit(req) as permit:
             if self.stop.stopping:
                 raise Stopped
@@ -226,6 +247,7 @@ class LineSender:
                         tries: Tries) -> None:
         if exc.status == 429:
             self.stats.rejected_429 += 1
+        tries.refused = exc if exc.cls.policy.patient else None
         if not exc.cls.policy.patient:
             tries.counted += 1
         paused = permit.failed(exc)

@@ -45,7 +45,7 @@ from tmbatch.policy import Outcome
 from tmbatch.run.attempts import LineSender
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.outdir import Lock, prepare_output
-from tmbatch.run.progress import Progress
+from tmbatch.run.progress import Progress, open_pause
 from tmbatch.run.summaries import read_summary, write_summary
 from tmbatch.run.summary import RunStats, build_summary, final_line, say_next_steps
 from tmbatch.spend.budget import Budget
@@ -80,6 +80,7 @@ class Runner:
         self._sent = False  # send() began: from here on the job's files are the record
         self._bad_lines = 0  # bad lines the workers met, to yield to the loop now and then
         self._made_dir = False
+        self._total: int | None = None  # the input's lines that need an outcome, once counted
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
 
     async def run(self) -> int:
@@ -223,6 +224,7 @@ class Runner:
         progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
+        progress.pause_left = lambda: open_pause(self.admission)
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -234,9 +236,8 @@ class Runner:
             await self._wait_workers()
         finally:
             if counter is not None:
-                counter.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await counter
+                    await counter  # the job's line count: the summary's too
             await progress.stop()
             await session.close()
             if f is not None and f is not sys.stdin.buffer:
@@ -324,7 +325,19 @@ class Runner:
         lines = await asyncio.to_thread(count_lines, self.config.input, self.config.shard)
         if lines is None:
             return
+        self._total = lines
         progress.set_total(lines)
+
+    async def _job_lines(self) -> int | None:
+        """The job's lines that need an outcome, for the summary's counts: counted while it
+        ran, or now (a resend does not count them for its progress); stdin's when it was
+        read to its end."""
+        if self._total is None and self.config.input != "-":
+            self._total = await asyncio.to_thread(count_lines, self.config.input,
+                                                  self.config.shard)
+        if self._total is None and not self.stop.stopping and self.config.shard is None:
+            return self.read_stats.lines - self.read_stats.blank  # stdin, read to its end
+        return self._total
 
     async def _wait_workers(self) -> None:
         """Until every worker has ended; a worker's exception is raised here. Woken by the
@@ -374,7 +387,7 @@ class Runner:
             self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
             admission=self.admission, spend=self.budget.report(),
-            previous=read_summary(self.config.out_dir),
+            previous=read_summary(self.config.out_dir), lines=await self._job_lines(),
         )
         try:
             write_summary(self.config.out_dir, summary)

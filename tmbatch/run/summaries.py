@@ -15,6 +15,8 @@ from typing import Any, TypedDict
 import orjson
 
 from tmbatch.base.files import SUMMARY, atomic_write
+from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.policy import FAILURE_CLASSES, Outcome
 
 
 class ThisRun(TypedDict, total=False):
@@ -38,19 +40,46 @@ class ThisRun(TypedDict, total=False):
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """The job's lines by outcome (every run's, as the journal has them)."""
+    """The job's lines by outcome (every run's, as the journal has them).
+
+    The one set of counts the progress line, the `done:` line, `status`, summary.json and
+    the report all show, made by `Counts.of` from the line states: whatever mix of resumes,
+    stops and merges made them, `succeeded + failed + unknown + pending == lines`.
+    `failed` counts every failure class, `fatal` included (a fatal refusal is sent again
+    when the run resumes, so it is not in `with_outcome`, which is what a resume skips)."""
 
     succeeded: int
     failed: int
     failed_by_class: dict[str, int]
     with_outcome: int
     unknown_outcome_in_flight: int | None = None  # a run's: dispatched, no outcome
+    lines: int | None = None  # lines that need an outcome (non-blank, in the shard)
+    pending: int | None = None  # of those, never sent or left pending (None: lines unknown)
+
+    @classmethod
+    def of(cls, states: LineStates, lines: int | None = None) -> Counts:
+        """Count the line states; `lines`: how many the input has (None: not known)."""
+        by_outcome = states.by_outcome()
+        by_class = {c.value: by_outcome[c] for c in FAILURE_CLASSES}
+        ok = by_outcome[Outcome.OK]
+        failed = sum(by_class.values())
+        final = ok + sum(by_outcome[c] for c in FAILURE_CLASSES if c.policy.final)
+        unknown = states.counts()[IN_FLIGHT]
+        pending = None if lines is None else max(0, lines - ok - failed - unknown)
+        return cls(succeeded=ok, failed=failed, failed_by_class=by_class, with_outcome=final,
+                   unknown_outcome_in_flight=unknown, lines=lines, pending=pending)
+
+    @property
+    def done(self) -> int:
+        """Lines with an outcome shown as done: succeeded or failed (any class)."""
+        return self.succeeded + self.failed
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"succeeded": self.succeeded, "failed": self.failed,
-                               "failed_by_class": self.failed_by_class}
+        out: dict[str, Any] = {"lines": self.lines, "succeeded": self.succeeded,
+                               "failed": self.failed, "failed_by_class": self.failed_by_class}
         if self.unknown_outcome_in_flight is not None:
             out["unknown_outcome_in_flight"] = self.unknown_outcome_in_flight
+        out["pending"] = self.pending
         out["with_outcome"] = self.with_outcome
         return out
 
@@ -60,7 +89,8 @@ class Counts:
         if not isinstance(by_class, dict):
             raise TypeError("failed_by_class")
         return cls(_int(d["succeeded"]), _int(d["failed"]), by_class, _int(d["with_outcome"]),
-                   d.get("unknown_outcome_in_flight"))
+                   d.get("unknown_outcome_in_flight"), _opt_int(d.get("lines")),
+                   _opt_int(d.get("pending")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +193,10 @@ def _int(v: Any) -> int:
     if type(v) is not int:
         raise TypeError(f"{v!r} is not a count")
     return v
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else _int(v)
 
 
 def read_summary(out_dir: Path) -> Summary | MergedSummary | None:

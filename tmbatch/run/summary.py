@@ -15,7 +15,7 @@ from tmbatch.base.files import FAILURES
 from tmbatch.base.logs import say
 from tmbatch.base.stop import Stop
 from tmbatch.base.words import millis
-from tmbatch.journal.compact import IN_FLIGHT, LineStates
+from tmbatch.journal.compact import LineStates
 from tmbatch.journal.failed import Failed, current_failures
 from tmbatch.journal.format import Header
 from tmbatch.policy import FAILURE_CLASSES, Outcome
@@ -108,11 +108,14 @@ class RunStats:
 
 def build_summary(stats: RunStats, states: LineStates, *, input_lines: int, blank_lines: int,
                   header: Header, stop: Stop, admission: Any, spend: dict[str, Any] | None,
-                  previous: Summary | MergedSummary | None = None) -> Summary:
+                  previous: Summary | MergedSummary | None = None,
+                  lines: int | None = None) -> Summary:
     """The run's summary.json, whole: the job's counts from the line states, this run's
-    numbers, how it stopped, its spend (`Budget.report`). `previous`, the summary the last
-    run wrote: a run that had nothing to send keeps its `this_run` (its rates and latencies
-    are the job's useful numbers) and says so in `nothing_sent`, instead of zeros and nulls."""
+    numbers, how it stopped, its spend (`Budget.report`); `lines`: the input's lines that
+    need an outcome (`count_lines`), None when not known (stdin cut short). `previous`, the
+    summary the last run wrote: a run that had nothing to send keeps its `this_run` (its rates
+    and latencies are the job's useful numbers) and says so in `nothing_sent`, instead of
+    zeros and nulls."""
     this_run = _this_run(stats, admission)
     nothing_sent = None
     if _sent_nothing(this_run):
@@ -122,18 +125,9 @@ def build_summary(stats: RunStats, states: LineStates, *, input_lines: int, blan
         nothing_sent = {"at": _iso_now(), "wall_seconds": round(stats.elapsed, 3)}
     return Summary(
         input=header.input, fingerprint=header.fingerprint, job_id=header.job,
-        input_lines=input_lines, blank_lines_skipped=blank_lines, counts=_counts(states),
+        input_lines=input_lines, blank_lines_skipped=blank_lines, counts=Counts.of(states, lines),
         this_run=this_run, stopped=stop.reason.label if stop.reason else None,
         fatal=stop.fatal, io_error=stop.io_error, spend=spend, nothing_sent=nothing_sent)
-
-
-def _counts(states: LineStates) -> Counts:
-    lines = states.by_outcome()
-    by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES}
-    failed = sum(by_class.values())
-    return Counts(succeeded=lines[Outcome.OK], failed=failed, failed_by_class=by_class,
-                  with_outcome=lines[Outcome.OK] + failed,
-                  unknown_outcome_in_flight=states.counts()[IN_FLIGHT])
 
 
 def _ms(v: float | None) -> float | None:
@@ -181,8 +175,41 @@ def _iso_now() -> str:
 
 
 def _counts_part(c: Counts) -> str:
+    """The job's lines: `200 lines: 150 succeeded, 8 failed (fatal 8), 42 pending`."""
     failed = ", ".join(f"{k} {v}" for k, v in c.failed_by_class.items() if v)
-    return f"{c.succeeded} succeeded, {c.failed} failed" + (f" ({failed})" if failed else "")
+    text = f"{c.succeeded} succeeded, {c.failed} failed" + (f" ({failed})" if failed else "")
+    if c.unknown_outcome_in_flight:
+        text += f", {c.unknown_outcome_in_flight} of unknown outcome"
+    if c.pending:
+        text += f", {c.pending} pending"
+    return text if c.lines is None else f"{c.lines} line{'' if c.lines == 1 else 's'}: {text}"
+
+
+def budget_flags(spend: dict[str, Any] | None) -> str:
+    """The budget flags a run was given, as the fix names them: `--budget-tokens`."""
+    budget = (spend or {}).get("budget") or {}
+    flags = [f"--budget-{k}" for k in ("tokens", "usd") if budget.get(k) is not None]
+    return "/".join(flags) or "--budget-tokens/--budget-usd"
+
+
+def _stop_part(summary: Summary) -> str:
+    """Why lines are left, when a budget is the reason: how many, and the flag to raise."""
+    if summary.stopped != "budget":
+        return ""
+    c = summary.counts
+    left = "?" if c.pending is None else f"{c.pending + c.failed_by_class.get('fatal', 0):,}"
+    return f"; budget reached: {left} pending; raise {budget_flags(summary.spend)}"
+
+
+def _this_run_part(r: ThisRun) -> str:
+    """This run's share: what it sent and answered; rates only when it sent something."""
+    sent = int(r.get("attempts_sent") or 0)
+    failed = sum((r.get("failed_by_class") or {}).values())
+    text = f"this run: {sent} sent, {r.get('succeeded', 0)} succeeded, {failed} failed"
+    if not sent:
+        return text
+    return (f"{text}, {r['requests_per_second']} req/s, {r['tokens']['per_second']} tok/s"
+            f"{_latency_part(r)}")
 
 
 def _latency_part(r: ThisRun) -> str:
@@ -198,22 +225,26 @@ def _latency_part(r: ThisRun) -> str:
 
 
 def final_line(summary: Summary) -> str:
-    """The one line a run ends with: the job's counts, then what this run did."""
+    """The one line a run ends with: the job's counts (`Counts`: the same numbers as the
+    progress line, `status` and the report), then this run's share, then why it stopped
+    short when a budget is why."""
     c, r = summary.counts, summary.this_run
+    stop = _stop_part(summary)
     if summary.nothing_sent:
-        return (f"done: {_counts_part(c)}; nothing was left to send: every line already has "
-                "an outcome")
+        if stop:
+            return f"done: {_counts_part(c)}; this run sent nothing{stop}"
+        if summary.stopped is None and not (c.pending or c.failed_by_class.get("fatal")):
+            return (f"done: {_counts_part(c)}; nothing was left to send: every line already "
+                    "has an outcome")
+        return f"done: {_counts_part(c)}; this run sent nothing"
     extra = ""
     adm = r.get("admission") or {}
-    if adm.get("mode") == "adaptive" and adm.get("decreases"):
+    if r.get("attempts_sent") and adm.get("mode") == "adaptive" and adm.get("decreases"):
         extra += f", adaptive: settled at {adm['concurrency_final']} in flight"
         if adm.get("settled_requests_per_second") is not None:  # none when nothing succeeded
             extra += f", {adm['settled_requests_per_second']} req/s"
-    return (
-        f"done: {_counts_part(c)}; this run {r['requests_per_second']} req/s, "
-        f"{r['tokens']['per_second']} tok/s{_latency_part(r)}{extra}, "
-        f"wall {r['wall_seconds']} s"
-    )
+    return (f"done: {_counts_part(c)}; {_this_run_part(r)}{extra}, "
+            f"wall {r['wall_seconds']} s{stop}")
 
 
 TOP_CODES = 5  # failure codes the end of a run explains, the most frequent first

@@ -39,7 +39,7 @@ from tmbatch.spend.tokens import (
     output_ceiling,
     prompt_tokens,
 )
-from tmbatch.spend.usage import Tokens, short
+from tmbatch.spend.usage import Tokens, money, short
 
 log = logging.getLogger("tmbatch")
 
@@ -65,7 +65,7 @@ class BudgetSpec:
         if self.tokens is not None:
             parts.append(f"{self.tokens:,} tokens")
         if self.usd is not None:
-            parts.append(f"${self.usd:,.4g}")
+            parts.append(money(self.usd))
         return " and ".join(parts) or "none"
 
     def record(self) -> dict[str, Any]:
@@ -194,8 +194,8 @@ class Budget:
                         f"cannot hold it: give --price {res.model}=IN:OUT (USD per million "
                         "tokens) and run again"), False
             if self.spent_usd + res.usd > spec.usd:
-                return (f"spent ${self.spent_usd:,.4f} of --budget-usd {spec.usd:,.4g}; the "
-                        f"next request (line {req.line}) may cost up to ${res.usd:,.4f}"), False
+                return (f"spent {money(self.spent_usd)} of --budget-usd {spec.usd:,.4g}; the "
+                        f"next request (line {req.line}) may cost up to {money(res.usd)}"), False
             waiting = waiting or self.spent_usd + self.reserved_usd + res.usd > spec.usd
         return None, waiting
 
@@ -327,8 +327,9 @@ class Budget:
         return out
 
     def progress_text(self) -> str:
-        """`12.3k tok / 50k tok, $0.41 / $1.00` spent (of the budget): progress line and bar."""
-        return self._spent_against(lambda n: f"{short(n)} tok", lambda x: f"${x:,.2f}", " / ")
+        """`12.3k tok / 50k tok, $0.004123 / $0.05` spent (of the budget), dollars to four
+        significant digits (`usage.money`): progress line and bar."""
+        return self._spent_against(lambda n: f"{short(n)} tok", money, " / ")
 
     def _spent_against(self, tokens: Callable[[float], str], usd: Callable[[float], str],
                        of: str) -> str:
@@ -379,7 +380,7 @@ class Budget:
         if not (self.enforcing or self.prices):
             return None
         text = "spend: " + self._spent_against(lambda n: f"{n:,.0f} tokens",
-                                               lambda x: f"${x:,.4f}", " of ")
+                                               money, " of ")
         if self.unpriced:
             text += f" (excludes {', '.join(sorted(self.unpriced))}: no price)"
         if self.unknown:

@@ -34,7 +34,7 @@ from tmbatch.spend.tokens import (
     output_ceiling,
     prompt_tokens,
 )
-from tmbatch.spend.usage import short
+from tmbatch.spend.usage import money, short
 
 DEFAULT_EXPECTED_OUTPUT = 0.5
 DEFAULT_SAMPLE = 20
@@ -212,14 +212,14 @@ class Estimate:
                 else:
                     expected += cost[0]
                     worst += cost[1]
-                    row += [f"${cost[0]:,.4f}", f"${cost[1]:,.4f}"]
+                    row += [money(cost[0]), money(cost[1])]
             table.append(row)
         t = self.total()
         missing = prices.missing(self.billed_models())
         total = ["total", f"{t.lines:,}", f"~{t.prompt:,}", f"{t.output:,}", f"{t.worst_tokens:,}"]
         if prices:
             mark = "*" if missing else ""
-            total += [f"${expected:,.4f}{mark}", f"${worst:,.4f}{mark}"]
+            total += [f"{money(expected)}{mark}", f"{money(worst)}{mark}"]
         table.append(total)
         lines = [head, *_columns(table)]
         if t.uncapped:

@@ -7,6 +7,7 @@ may have been billed without saying); dollars are those tokens at the prices the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,9 +111,9 @@ def render_spend(s: dict[str, Any] | None) -> str:
     if budget.get("tokens"):
         text += f" of a budget of {budget['tokens']:,}"
     if s["usd"] is not None:
-        text += f", ${s['usd']:,.4f}"
+        text += f", {money(s['usd'])}"
         if budget.get("usd"):
-            text += f" of ${budget['usd']:,.4g}"
+            text += f" of {money(budget['usd'])}"
         if s["usd_excludes_models"]:
             text += f" (excludes {', '.join(s['usd_excludes_models'])}: no price)"
     parts = [f"{m} {v['tokens']:,}" for m, v in s["by_model"].items()]
@@ -121,6 +122,23 @@ def render_spend(s: dict[str, Any] | None) -> str:
     if s["unknown_attempts"]:
         text += f"; {s['unknown_attempts']} cut-off attempt(s) of unknown spend"
     return text
+
+
+def money(usd: float) -> str:
+    """US dollars to four significant digits: `$0.001234`, `$0.05`, `$12.35`, `$1,235`.
+
+    Small jobs cost fractions of a cent: shown to the cent they all read `$0.00`. Trailing
+    zeros go (a budget of 0.05 reads `$0.05`, not `$0.05000`), down to two decimals."""
+    if not math.isfinite(usd):
+        return f"${usd}"
+    if usd == 0:
+        return "$0.00"
+    digits = max(0, 3 - math.floor(math.log10(abs(usd))))
+    text = f"{usd:,.{digits}f}"
+    if digits > 2:
+        head, _, tail = text.partition(".")
+        text = f"{head}.{tail.rstrip('0').ljust(2, '0')}"
+    return f"-${text[1:]}" if text.startswith("-") else f"${text}"
 
 
 def short(n: float) -> str:

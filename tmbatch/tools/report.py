@@ -66,15 +66,28 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:,.0f} ms" if v >= 100 else f"{v:,.1f} ms"
 
 
-def _cards(data: RunData) -> str:
-    ok = data.count(Outcome.OK)
-    failed = len(data.final) - ok
-    lat = sorted(data.latency_ms)
-    cards = [_card(f"{ok:,}", "succeeded"),
-             _card(f"{failed:,}", "failed", "bad" if failed else "")]
-    ambiguous = data.count(Outcome.AMBIGUOUS)
+def _count_cards(data: RunData) -> list[str]:
+    """The job's lines, counted as `status` and the `done:` line count them (`Counts`)."""
+    c = data.counts
+    if c is None:  # (load_run always sets them; a RunData made by hand may not)
+        ok = data.count(Outcome.OK)
+        return [_card(f"{ok:,}", "succeeded"), _card(f"{len(data.final) - ok:,}", "failed")]
+    cards = [_card(f"{c.lines:,}", "lines")] if c.lines is not None else []
+    cards += [_card(f"{c.succeeded:,}", "succeeded"),
+              _card(f"{c.failed:,}", "failed", "bad" if c.failed else "")]
+    ambiguous = c.failed_by_class.get(Outcome.AMBIGUOUS.value, 0)
     if ambiguous:
         cards.append(_card(f"{ambiguous:,}", "ambiguous (never re-sent)", "bad"))
+    if c.unknown_outcome_in_flight:
+        cards.append(_card(f"{c.unknown_outcome_in_flight:,}", "unknown outcome", "bad"))
+    if c.pending:
+        cards.append(_card(f"{c.pending:,}", "pending (not yet sent)", "warn"))
+    return cards
+
+
+def _cards(data: RunData) -> str:
+    lat = sorted(data.latency_ms)
+    cards = _count_cards(data)
     timed = len(data.ok_t) + len(data.fail_t)
     active = data.active_seconds()
     if timed > 1 and active > 0:

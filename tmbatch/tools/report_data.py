@@ -25,9 +25,12 @@ from tmbatch.journal.format import (
     ResumeRecord,
     SpendRecord,
 )
+from tmbatch.journal.journal import load
 from tmbatch.policy import Outcome
+from tmbatch.run.summaries import Counts
 from tmbatch.run.summary import RunStats
 from tmbatch.spend.usage import usage_tokens
+from tmbatch.tools.status import is_running, job_counts
 
 
 @dataclass
@@ -46,6 +49,7 @@ class RunData:
     tokens: int = 0  # from the usage of every result
     spend: list[SpendRecord] = field(default_factory=list)  # the job's spend over time
     budget: BudgetRecord | None = None  # the last run's: its limits and prices
+    counts: Counts | None = None  # the job's, as `status` and the `done:` line count them
 
     @property
     def failures(self) -> Counter[tuple[Outcome, str]]:
@@ -115,6 +119,7 @@ def load_run(out_dir: Path) -> RunData:
             elif kind is BudgetRecord:
                 data.budget = rec
     data.tokens = result_tokens(out_dir)
+    data.counts = job_counts(load(out_dir, repair=False), out_dir, is_running(out_dir))
     return data
 
 

@@ -14,10 +14,9 @@ from typing import Any
 from tmbatch.base.files import JOURNAL, LOCK
 from tmbatch.inputs.files import fingerprint
 from tmbatch.inputs.lines import count_lines
-from tmbatch.journal.compact import IN_FLIGHT
 from tmbatch.journal.journal import load
-from tmbatch.policy import FAILURE_CLASSES, Outcome
-from tmbatch.run.summaries import read_summary
+from tmbatch.policy import Outcome
+from tmbatch.run.summaries import Counts, read_summary
 from tmbatch.spend.usage import render_spend, spend_status
 
 
@@ -40,22 +39,15 @@ def status(out_dir: Path) -> dict[str, Any]:
     running = is_running(out_dir)
     state = load(out_dir, repair=False)
     header = state.header
-    lines = state.states.by_outcome()
-    # Failures that are not final (a `fatal` refusal) are sent again on resume.
-    by_class = {cls.value: lines[cls] for cls in FAILURE_CLASSES if cls.policy.final}
-    refused = sum(lines[cls] for cls in FAILURE_CLASSES if not cls.policy.final)
     input_path = header.input
-    total = count_lines(input_path, header.shard)
     matches = None
     if input_path != "-" and os.path.isfile(input_path):
         matches = fingerprint(input_path) == header.fingerprint
-    succeeded = lines[Outcome.OK]
-    with_outcome = succeeded + sum(by_class.values())
-    unknown = state.states.counts()[IN_FLIGHT]
-    if total is None and not running and _summary_says_finished(out_dir, with_outcome):
-        total = with_outcome + unknown  # the input is gone; the last run counted it
-    not_sent = None if total is None else max(0, total - with_outcome - unknown)
-    finished = not running and not_sent == 0 and unknown == 0
+    counts = job_counts(state, out_dir, running)
+    total = counts.lines
+    unknown = counts.unknown_outcome_in_flight
+    fatal = counts.failed_by_class.get(Outcome.FATAL.value, 0)
+    finished = not running and counts.pending == 0 and unknown == 0 and not fatal
     return {
         "merged_from": [m.get("dir") for m in header.merged or []],
         "input_readable": input_path != "-" and os.path.isfile(input_path),
@@ -68,24 +60,37 @@ def status(out_dir: Path) -> dict[str, Any]:
         "running": running,
         "finished": finished,
         "input_lines": total,
-        "succeeded": succeeded,
-        "failed": sum(by_class.values()),
-        "failed_by_class": by_class,
-        "refused_fatal_will_resend": refused,
-        "not_yet_sent": not_sent,
+        "succeeded": counts.succeeded,
+        "failed": counts.failed,
+        "failed_by_class": counts.failed_by_class,
+        "refused_fatal_will_resend": fatal,
+        "not_yet_sent": counts.pending,
         "in_flight" if running else "unknown_outcome": unknown,
         "attempts_sent": state.attempts_done,
         "spend": spend_status(state),
     }
 
 
-def _summary_says_finished(out_dir: Path, with_outcome: int) -> bool:
-    """Whether summary.json, written when the last run ended, says every line had its
-    outcome, and the journal still agrees (same count): then a run whose input was moved
-    or deleted afterwards is still known to be finished."""
+def job_counts(state: Any, out_dir: Path, running: bool) -> Counts:
+    """The job's counts (`Counts`, as the run's `done:` line and summary.json have them) from
+    a loaded journal (`journal.load`): its line states, of the input's lines."""
+    total = count_lines(state.header.input, state.header.shard)
+    if total is None and not running:
+        total = _summary_lines(out_dir, Counts.of(state.states))  # the input is gone
+    return Counts.of(state.states, total)
+
+
+def _summary_lines(out_dir: Path, counts: Counts) -> int | None:
+    """The job's line count from summary.json, written when the last run ended, while the
+    journal still agrees with it (same outcomes): a run whose input was moved or deleted
+    afterwards still has its pending lines counted."""
     summary = read_summary(out_dir)
-    return summary is not None and summary.finished \
-        and summary.counts.with_outcome == with_outcome
+    if summary is None or summary.counts.with_outcome != counts.with_outcome \
+            or summary.counts.failed != counts.failed:
+        return None
+    if summary.counts.lines is not None:
+        return summary.counts.lines
+    return counts.done + (counts.unknown_outcome_in_flight or 0) if summary.finished else None
 
 
 def _input_state(s: dict[str, Any]) -> str:
@@ -111,10 +116,10 @@ def render(s: dict[str, Any]) -> str:
         f"job id:       {s['job_id']} ({s['runs']} run(s), {s['attempts_sent']} attempt(s) sent)",
         f"input lines:  {s['input_lines'] if s['input_lines'] is not None else '?'}",
         f"succeeded:    {s['succeeded']}",
-        f"failed:       {s['failed']} ({fails})",
-        f"not yet sent: {s['not_yet_sent'] if s['not_yet_sent'] is not None else '?'}"
-        + (f" (+{s['refused_fatal_will_resend']} refused by a fatal error, sent on resume)"
+        f"failed:       {s['failed']} ({fails})"
+        + (f"; the {s['refused_fatal_will_resend']} fatal are sent again on resume"
            if s["refused_fatal_will_resend"] else ""),
+        f"not yet sent: {s['not_yet_sent'] if s['not_yet_sent'] is not None else '?'}",
     ]
     if s["merged_from"]:
         lines.insert(1, f"merged from:  {', '.join(map(str, s['merged_from']))}")
