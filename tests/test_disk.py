@@ -80,6 +80,20 @@ def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: P
     assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
 
 
+def check_still_full(args: list[str], out: Path) -> None:
+    """A resume while the disk is still full: exit 4 again (no traceback, no exit 70), no
+    empty `*.torn-*` side file left behind, and nothing already written lost."""
+    before = {n: (out / n).read_bytes() for n in ("results.jsonl", "failures.jsonl")}
+    for _ in range(2):
+        proc = run(args)
+        assert proc.returncode == 4, proc.stderr
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        assert "No space left on device" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in out.iterdir() if ".torn-" in p.name) == []
+        for name, data in before.items():
+            # kept whole: at most a torn tail is moved aside once there is space
+            assert (out / name).read_bytes().startswith(data.rpartition(b"\n")[0]), name
+
 
 def check_resumed(proc: subprocess.CompletedProcess[str], out: Path, sim: Any) -> None:
     """Every line ends with exactly one outcome; no key was processed twice."""
@@ -105,6 +119,7 @@ def test_disk_full_enospc_then_resume(small_tmpfs: Path, tmp_path: Path,
     args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
             "--no-preflight", "-c", "8", "-q"]
     check_failed_run(run(args), "No space left on device", out)
+    check_still_full(args, out)
     remount = subprocess.run(["mount", "-o", "remount,size=20m", str(small_tmpfs)],
                              capture_output=True, text=True)
     assert remount.returncode == 0, remount.stderr

@@ -35,7 +35,15 @@ from pathlib import Path
 
 import orjson
 
-from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, OutputError, open_append, open_private
+from tmbatch.base.files import (
+    FAILURES,
+    JOURNAL,
+    RESULTS,
+    OutputError,
+    open_append,
+    open_private,
+    output_error,
+)
 from tmbatch.journal.compact import IN_FLIGHT, UNSEEN, IdSet, LineStates
 from tmbatch.journal.format import (
     BudgetRecord,
@@ -110,11 +118,7 @@ def repair_torn(path: Path) -> str | None:
         f.seek(cut)
         torn = f.read()
         side = path.with_name(f"{path.name}.torn-{int(time.time())}")
-        side_fd = open_append(side)
-        try:
-            os.write(side_fd, torn)
-        finally:
-            os.close(side_fd)
+        _save_torn(side, torn)  # durable before the cut: the bytes are never only in memory
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
@@ -122,6 +126,26 @@ def repair_torn(path: Path) -> str | None:
     log.warning("%s", msg, extra={"event": "torn_line_repaired", "file": path.name,
                                   "bytes": len(torn), "moved_to": side.name})
     return msg
+
+
+def _save_torn(side: Path, torn: bytes) -> None:
+    """Write the torn bytes to their side file, synced. On a full disk (or any write error)
+    the side file is removed again and the torn line stays where it is: an OutputError (exit 4
+    for a full disk) says to free space and run again, and nothing is lost or left behind."""
+    try:
+        side_fd = open_append(side)
+    except OutputError as exc:
+        raise OutputError(f"cannot move a torn last line aside: {exc}", exc.exit_code) from None
+    try:
+        view = memoryview(torn)
+        while view:
+            view = view[os.write(side_fd, view):]
+        os.fsync(side_fd)
+    except OSError as exc:
+        os.close(side_fd)
+        side.unlink(missing_ok=True)
+        raise output_error(side, exc, "cannot move a torn last line to") from None
+    os.close(side_fd)
 
 
 def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
