@@ -9,6 +9,7 @@ SIGXFSZ ignored so the write fails instead of killing the process).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -78,6 +79,12 @@ def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: P
     assert "resume" in proc.stderr or "run the same command again" in proc.stderr, proc.stderr
     done = read_jsonl_tolerant(out / "results.jsonl")
     assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
+    # `done:` counts only outcomes that were written, never ones lost with the disk
+    said = re.search(r"done: (\d+) succeeded, (\d+) failed", proc.stderr)
+    assert said is not None, proc.stderr
+    failed = read_jsonl_tolerant(out / "failures.jsonl") if (out / "failures.jsonl").exists() \
+        else []
+    assert int(said[1]) <= len(done) and int(said[2]) <= len(failed), (said[0], len(done))
 
 
 def check_still_full(args: list[str], out: Path) -> None:
@@ -117,7 +124,7 @@ def test_disk_full_enospc_then_resume(small_tmpfs: Path, tmp_path: Path,
     sim = sim_factory()
     out = small_tmpfs / "out"
     args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
-            "--no-preflight", "-c", "8", "-q"]
+            "--no-preflight", "-c", "8"]
     check_failed_run(run(args), "No space left on device", out)
     check_still_full(args, out)
     remount = subprocess.run(["mount", "-o", "remount,size=20m", str(small_tmpfs)],
@@ -130,6 +137,6 @@ def test_file_size_limit_efbig_then_resume(tmp_path: Path, sim_factory: Any) -> 
     sim = sim_factory()
     out = tmp_path / "out"
     args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
-            "--no-preflight", "-c", "8", "-q"]
+            "--no-preflight", "-c", "8"]
     check_failed_run(run(args, limit_file_size(120_000)), "File too large", out)
     check_resumed(run(args), out, sim)

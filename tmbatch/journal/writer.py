@@ -116,6 +116,8 @@ class Writer:
                ttft: float | None = None) -> None:
         """A success, journaled with its time and latency (ms) for `tmbatch report`.
         Once per answer: `_note_supersede` and `_stamp` are inlined."""
+        if self.error is not None:
+            return  # the disk failed: never counted done, the line stays of unknown outcome
         line = record.line
         data = record.to_json()
         if self.states.replace(line, OK):  # _note_supersede
@@ -131,6 +133,8 @@ class Writer:
             self._schedule()
 
     def failure(self, record: FailureRecord) -> None:
+        if self.error is not None:
+            return  # as `result`: nothing more is written, so nothing more is counted
         line = record.line
         self._note_supersede(line)
         self._fail.append(record.to_json())
@@ -197,8 +201,8 @@ class Writer:
 
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
-        chunks.clear()
         self._write_bytes(name, data)
+        chunks.clear()  # kept on an error: `flush` takes their lines back out of the counts
 
     def _write_bytes(self, name: str, data: bytes) -> None:
         data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
@@ -227,15 +231,31 @@ class Writer:
             raise self.error
         self._ordered = False
         had_outcomes = bool(self._res or self._fail)
-        if self._res:
-            self._write(RESULTS, self._res)
-        if self._fail:
-            self._write(FAILURES, self._fail)
+        try:
+            if self._res:
+                self._write(RESULTS, self._res)
+            if self._fail:
+                self._write(FAILURES, self._fail)
+        except WriterError:
+            self._unwritten(self._res)
+            self._unwritten(self._fail)
+            raise
         if had_outcomes:
             self._jour.append(MarkRecord(self._sizes[RESULTS], self._sizes[FAILURES]).to_json())
         if self._jour:
             self._write(JOURNAL, self._jour)
             self._dirty = True
+
+    def _unwritten(self, chunks: list[bytes]) -> None:
+        """Outcomes a failed write did not (or not surely) put on disk: their lines go back
+        to in flight, so `done:` and summary.json count only what was written; a resume
+        finds any that did land (past the last mark) and sends nothing twice."""
+        for raw in chunks:
+            for one in raw.splitlines():
+                line = line_of(one)
+                if line is not None:
+                    self.states.set(line, IN_FLIGHT)
+        chunks.clear()
 
     def _fsync_all(self) -> None:
         self._fsync_fds()
