@@ -82,6 +82,8 @@ class Writer:
         self.error: WriterError | None = None
         self._fsync_task: asyncio.Task[None] | None = None
         self.before_close: list[Callable[[], None]] = []  # last records (a spend snapshot)
+        # the budget's `due`: a spend snapshot to write after the outcomes it counts, or None
+        self.spend_snapshot: Callable[[], SpendRecord | None] | None = None
 
     # -- journal records ------------------------------------------------
     def header(self, record: Header | ResumeRecord | BudgetRecord | dict[str, Any]) -> None:
@@ -100,8 +102,10 @@ class Writer:
         if self.states.replace(line, IN_FLIGHT):  # _note_supersede: a resend's old failure
             self.superseded = True  # goes at close
         if self._ordered or self._always:
-            self._jour.append(record)
+            # what is queued first, with its spend snapshot, which this attempt is not in yet
             self.flush()
+            self._write_bytes(JOURNAL, record)
+            self._dirty = True
             if self._always:
                 self._fsync_all()
             return
@@ -163,6 +167,13 @@ class Writer:
         self._jour.append(record.to_json())
         self._ordered = True
         self._schedule()
+
+    def spend_changed(self) -> None:
+        """An attempt ended: the next write carries a spend snapshot (`spend_snapshot`), and
+        goes out before the next dispatch record, so a replay counts each attempt once."""
+        self._ordered = True
+        if not self._scheduled:
+            self._schedule()
 
     def pending(self, line: int) -> None:
         """The line's last attempt provably did no work and the run is stopping: the next
@@ -242,6 +253,10 @@ class Writer:
             raise
         if had_outcomes:
             self._jour.append(MarkRecord(self._sizes[RESULTS], self._sizes[FAILURES]).to_json())
+        if self.spend_snapshot is not None:
+            snap = self.spend_snapshot()
+            if snap is not None:
+                self._jour.append(snap.to_json())
         if self._jour:
             self._write(JOURNAL, self._jour)
             self._dirty = True
