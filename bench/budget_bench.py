@@ -12,7 +12,13 @@
    Reported: spent / budget (from summary.json, checked against results.jsonl's usage),
    whether the budget was ever passed, lines answered, and what was left unused in units of
    one request's worst case.
-2. Resume cost: `journal.load` of a fabricated 1,000,000-line journal (bench/gen.py) without
+2. Killed and resumed: the same run under `--budget-tokens B`, killed with a real SIGKILL
+   at a random moment 1-2 s after each start, 10 times, then run to its end (exit 6).
+   Reported: spent / budget by the server's count (the usage of every answer in
+   results.jsonl, plus each request the simulator processed whose answer died with the
+   process, at the mean usage of an answer) and by tmbatch's (summary.json), against the
+   same run without kills.
+3. Resume cost: `journal.load` of a fabricated 1,000,000-line journal (bench/gen.py) without
    spend records, with spend snapshots every 250 lines (as a run writes them at 1,000
    requests/s), and with those plus a budget's reservation in every dispatch record; each a
    fresh process, median of 3.
@@ -41,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from gen import fabricate_resume, serve_chat, write_input  # noqa: E402
 
+from tmbatch.sim.config import ROUTE_STATS  # noqa: E402
 from tmbatch.spend.tokens import prompt_tokens  # noqa: E402
 
 KEY = "tm-bench-key-00000000000000000000"
@@ -189,21 +196,97 @@ def replay_part(tmp: Path, lines: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _server_billed(url: str, out: Path) -> tuple[int, int, int]:
+    """(tokens the server billed, requests it processed, answers in results.jsonl): every
+    answer's usage, and each processed request whose answer was lost at the mean usage."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + ROUTE_STATS) as r:
+        processed = int(orjson.loads(r.read())["processed_total"])
+    used = answers = 0
+    with open(out / "results.jsonl", "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                u = orjson.loads(raw)["response"]["body"]["usage"]
+                used += u["prompt_tokens"] + u["completion_tokens"]
+                answers += 1
+    lost = max(0, processed - answers)
+    return used + round(lost * used / max(answers, 1)), processed, answers
+
+
+def killed_run(tmp: Path, inp: Path, budget: int, kills: int, seed: int) -> dict[str, Any]:
+    """One job under `budget`, killed `kills` times (real SIGKILL), then run to its end."""
+    import random
+
+    rnd = random.Random(seed)
+    sim = start_sim(tmp / f"port-k{kills}-{seed}")
+    url = (tmp / f"port-k{kills}-{seed}").read_text()
+    out = tmp / f"out-k{kills}-{seed}"
+    args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "--base-url", url,
+            "-q", "--no-preflight", "-c", "64", "--budget-tokens", str(budget)]
+    try:
+        for _ in range(kills):
+            proc = subprocess.Popen(args, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=rnd.uniform(1.0, 2.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()  # SIGKILL
+                proc.wait()
+            time.sleep(0.5)  # the simulator answers what it had taken (into closed sockets)
+        p = subprocess.run(args, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                           check=False)
+        if p.returncode not in (0, 1, 6):
+            raise SystemExit(f"tmbatch exited {p.returncode}: {p.stderr[-2000:]}")
+        time.sleep(0.5)
+        billed, processed, answers = _server_billed(url, out)
+    finally:
+        sim.kill()
+        sim.wait()
+    spent = orjson.loads((out / "summary.json").read_bytes())["spend"]["spent"]["tokens"]
+    return {"kills": kills, "budget": budget, "exit": p.returncode, "server_billed": billed,
+            "server_ratio": round(billed / budget, 4), "tmbatch_spent": spent,
+            "tmbatch_ratio": round(spent / budget, 4), "processed": processed,
+            "answered": answers}
+
+
+def kills_part(tmp: Path, budget: int, repeats: int) -> list[dict[str, Any]]:
+    inp = write_input(tmp / "in-kills.jsonl", 20_000)
+    rows = []
+    for kills in (0, 10):
+        for seed in range(repeats):
+            row = killed_run(tmp, inp, budget, kills, seed)
+            rows.append(row)
+            print(f"  {kills:>2} kills, budget {budget:,}: server billed {row['server_billed']:,} "
+                  f"({100 * row['server_ratio']:.1f} %), tmbatch counts {row['tmbatch_spent']:,}"
+                  f" ({100 * row['tmbatch_ratio']:.1f} %), exit {row['exit']}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kills-only", action="store_true",
+                    help="only part 2: 10 kill -9s and resumes under a budget")
     ap.add_argument("--out", default=str(HERE / "results" / "budget.json"))
     a = ap.parse_args()
     budgets = [20_000, 100_000] if a.quick else [20_000, 100_000, 400_000]
     repeats = 1 if a.quick else 3
+    budget_rows: list[dict[str, Any]] = []
+    replay_rows: list[dict[str, Any]] = []
     with TemporaryDirectory(prefix="tmbatch-budget-") as tmp:
-        print("spend / budget, 64 in flight:", flush=True)
-        budget_rows = budgets_part(Path(tmp), budgets, repeats)
-        print("journal replay (resume):", flush=True)
-        replay_rows = replay_part(Path(tmp), 200_000 if a.quick else 1_000_000)
+        if not a.kills_only:
+            print("spend / budget, 64 in flight:", flush=True)
+            budget_rows = budgets_part(Path(tmp), budgets, repeats)
+        print("killed and resumed 10 times, 64 in flight:", flush=True)
+        kill_rows = kills_part(Path(tmp), 200_000, 1 if a.quick else 2)
+        if not a.kills_only:
+            print("journal replay (resume):", flush=True)
+            replay_rows = replay_part(Path(tmp), 200_000 if a.quick else 1_000_000)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_bytes(orjson.dumps({"budgets": budget_rows, "replay": replay_rows},
-                                         option=orjson.OPT_INDENT_2))
+    Path(a.out).write_bytes(orjson.dumps(
+        {"budgets": budget_rows, "kills": kill_rows, "replay": replay_rows},
+        option=orjson.OPT_INDENT_2))
     print(f"-> {a.out}")
 
 

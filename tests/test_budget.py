@@ -30,6 +30,7 @@ from tests.conftest import (
     write_jsonl,
 )
 from tmbatch.base.exitcodes import ExitCode
+from tmbatch.journal.format import DispatchRecord, records
 from tmbatch.spend.prices import Price
 from tmbatch.spend.tokens import answer_text_tokens, output_ceiling, prompt_tokens
 
@@ -394,3 +395,75 @@ def test_shards_split_the_jobs_budget(sim: Any, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "shard 1/4 takes 1/4 of the job's budget" in p.stderr
     assert summary(out)["spend"]["budget"] == {"tokens": 250, "usd": 0.5}
+
+
+def _kill_after(args: list[str], out: Path, answers: int) -> None:
+    """Start `args`, kill -9 it once results.jsonl holds `answers` lines (or after 60 s)."""
+    proc = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while (len(read_jsonl_tolerant(out / "results.jsonl")) < answers
+               and time.monotonic() < deadline and proc.poll() is None):
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _settled(sim: Any) -> int:
+    """How many requests the server billed, once every one it received has been answered."""
+    deadline = time.monotonic() + 30
+    while True:
+        chat = (stats := sim.stats())["by_route"]["/v1/chat/completions"]
+        if sum(chat["status_counts"].values()) == chat["received"]:
+            return int(stats["processed_total"])
+        assert time.monotonic() < deadline, chat
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("budget", [[], ["--budget-tokens", "10000000"]],
+                         ids=["no-budget", "budget"])
+def test_spend_after_several_kill_9s_is_billed_at_least_and_worst_case_at_most(
+        sim_factory: Any, tmp_path: Path, budget: list[str]) -> None:
+    """Three real kill -9s, each followed by `status`: the job's spend is never below what the
+    server billed, and above it only by the worst case of attempts with no outcome in the
+    journal; an answer in results.jsonl counts its usage, not its worst case (issue 24)."""
+    sim = sim_factory(api_key=API_KEY, latency=0.3)
+    rows = [chat_line(i, max_tokens=64) for i in range(240)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "--base-url",
+            sim.url, "--no-preflight", "-q", "-c", "16", *budget]
+    worst = prompt_tokens(rows[0]["body"]) + 64
+    for kill in range(3):
+        _kill_after(args, out, 40 * (kill + 1))
+        billed = _settled(sim)
+        got = read_jsonl_tolerant(out / "results.jsonl")
+        least = min(usage_total([r]) for r in got)
+        fail = read_jsonl_tolerant(out / "failures.jsonl") \
+            if (out / "failures.jsonl").exists() else []
+        st = orjson.loads(run_cli(["status", str(out), "--json"]).stdout)["spend"]
+        assert st["unknown_attempts"] == 0
+        # never less than billed: every answer's usage, every other billed request at least
+        # the smallest usage seen
+        assert st["tokens"] >= usage_total(got) + (billed - len(got)) * least, (kill, billed)
+        # at most the answers' usage plus the worst case of every attempt that has none (the
+        # cut-off ones, the ambiguous failures of earlier kills): answered attempts are not
+        # counted at their worst case
+        open_attempts = sim.stats()["received"] - len(got)
+        assert st["tokens"] <= usage_total(got) + (open_attempts + 16) * worst, \
+            (kill, st["tokens"], usage_total(got), open_attempts, len(fail))
+    p = run_cli(args[3:], env=ENV)
+    assert p.returncode == 1, p.stderr  # the cut-off requests are ambiguous, not re-sent
+    res, fail_by_line = outcomes(out)
+    # the worst case as journaled: the estimate, scaled up by the usage seen so far
+    worst = max(r.reserved[1] + r.reserved[2] for r in records(out / "journal.jsonl")
+                if isinstance(r, DispatchRecord) and r.reserved is not None)
+    s = summary(out)["spend"]
+    billed = _settled(sim)
+    assert s["spent"]["tokens"] >= usage_total(list(res.values())) + (billed - len(res)) * least
+    assert s["spent"]["tokens"] <= usage_total(list(res.values())) + len(fail_by_line) * worst
+    st = orjson.loads(run_cli(["status", str(out), "--json"]).stdout)["spend"]
+    assert st["tokens"] == s["spent"]["tokens"]
+    assert sim.stats()["duplicates"] == 0

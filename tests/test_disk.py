@@ -9,6 +9,7 @@ SIGXFSZ ignored so the write fails instead of killing the process).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -78,7 +79,27 @@ def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: P
     assert "resume" in proc.stderr or "run the same command again" in proc.stderr, proc.stderr
     done = read_jsonl_tolerant(out / "results.jsonl")
     assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
+    # `done:` counts only outcomes that were written, never ones lost with the disk
+    said = re.search(r"done: (\d+) succeeded, (\d+) failed", proc.stderr)
+    assert said is not None, proc.stderr
+    failed = read_jsonl_tolerant(out / "failures.jsonl") if (out / "failures.jsonl").exists() \
+        else []
+    assert int(said[1]) <= len(done) and int(said[2]) <= len(failed), (said[0], len(done))
 
+
+def check_still_full(args: list[str], out: Path) -> None:
+    """A resume while the disk is still full: exit 4 again (no traceback, no exit 70), no
+    empty `*.torn-*` side file left behind, and nothing already written lost."""
+    before = {n: (out / n).read_bytes() for n in ("results.jsonl", "failures.jsonl")}
+    for _ in range(2):
+        proc = run(args)
+        assert proc.returncode == 4, proc.stderr
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        assert "No space left on device" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in out.iterdir() if ".torn-" in p.name) == []
+        for name, data in before.items():
+            # kept whole: at most a torn tail is moved aside once there is space
+            assert (out / name).read_bytes().startswith(data.rpartition(b"\n")[0]), name
 
 
 def check_resumed(proc: subprocess.CompletedProcess[str], out: Path, sim: Any) -> None:
@@ -103,8 +124,9 @@ def test_disk_full_enospc_then_resume(small_tmpfs: Path, tmp_path: Path,
     sim = sim_factory()
     out = small_tmpfs / "out"
     args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
-            "--no-preflight", "-c", "8", "-q"]
+            "--no-preflight", "-c", "8"]
     check_failed_run(run(args), "No space left on device", out)
+    check_still_full(args, out)
     remount = subprocess.run(["mount", "-o", "remount,size=20m", str(small_tmpfs)],
                              capture_output=True, text=True)
     assert remount.returncode == 0, remount.stderr
@@ -115,6 +137,6 @@ def test_file_size_limit_efbig_then_resume(tmp_path: Path, sim_factory: Any) -> 
     sim = sim_factory()
     out = tmp_path / "out"
     args = ["run", str(make_input(tmp_path)), "-o", str(out), "--base-url", sim.url,
-            "--no-preflight", "-c", "8", "-q"]
+            "--no-preflight", "-c", "8"]
     check_failed_run(run(args, limit_file_size(120_000)), "File too large", out)
     check_resumed(run(args), out, sim)

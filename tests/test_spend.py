@@ -20,6 +20,7 @@ from tmbatch.base.stop import Stop, StopReason
 from tmbatch.journal.format import (
     BudgetRecord,
     DispatchRecord,
+    OutcomeRecord,
     RecordError,
     SpendRecord,
     decode,
@@ -90,8 +91,10 @@ def test_a_snapshot_record_round_trips_and_junk_is_not_one() -> None:
             decode(orjson.dumps(junk))
 
 
-def test_dispatch_records_carry_the_reservation_only_under_a_budget(sim: Any,
-                                                                     tmp_path: Path) -> None:
+def test_dispatch_records_carry_the_reservation_with_or_without_a_budget(
+        sim: Any, tmp_path: Path) -> None:
+    """A crash counts a cut-off attempt's worst case from its dispatch record, budget or not;
+    every outcome is followed by a snapshot that counts it (its usage, not its worst case)."""
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=16) for i in range(3)])
     env = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
     for name, extra in (("plain", []), ("budget", ["--budget-tokens", "10000"])):
@@ -102,13 +105,12 @@ def test_dispatch_records_carry_the_reservation_only_under_a_budget(sim: Any,
         journal = list(records(out / "journal.jsonl"))
         dispatches = [r for r in journal if isinstance(r, DispatchRecord)]
         snaps = [r for r in journal if isinstance(r, SpendRecord)]
-        assert len(dispatches) == 3 and len(snaps) >= 2  # one at the start, one at close
-        if extra:
-            assert all(r.reserved is not None and r.reserved[0] == "tm-small"
-                       and r.reserved[2] == 16 for r in dispatches)
-            assert any(isinstance(r, BudgetRecord) for r in journal)
-        else:
-            assert all(r.reserved is None for r in dispatches)
+        assert len(dispatches) == 3 and len(snaps) >= 2  # one at the start, one after answers
+        assert all(r.reserved is not None and r.reserved[0] == "tm-small"
+                   and r.reserved[2] == 16 for r in dispatches)
+        assert any(isinstance(r, BudgetRecord) for r in journal) == bool(extra)
+        last_outcome = max(i for i, r in enumerate(journal) if isinstance(r, OutcomeRecord))
+        assert any(isinstance(r, SpendRecord) for r in journal[last_outcome:])
         assert snaps[-1].spent["tm-small"][3] == 3 and not snaps[-1].in_flight
 
 

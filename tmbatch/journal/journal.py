@@ -6,16 +6,16 @@ what a resume needs (`load`).
 Spend. `spent` is the whole job's (every run's) billed tokens by model, `{model: [prompt,
 completion, cached, requests]}`: an answer's `usage`, or the worst case of an attempt that
 may have been billed without an answer (ambiguous). `in_flight` is `{model: [prompt, output,
-attempts]}` reserved by attempts sent and not yet answered, `unknown` how many such attempts
-had no estimate (a run without a budget). A snapshot is written at the start of a run, at
-most every 0.25 s while answers come, and at close, so replay reads only the last one (the
-hot loop does not sum per-request records). Under a budget a dispatch record carries its
-reservation as a fifth element, `["d", line, attempt, custom_id, [model, prompt, output]]`.
-After a crash, spend = the last snapshot's `spent` + its `in_flight` + the reservation of
-every dispatch after it whose outcome did not provably refund it: under a budget never less
-than was billed, at most a quarter of a second of attempts' worst cases more (without one,
-those attempts are counted as `unknown`). A journal without snapshots (an older tmbatch) has
-unknown spend.
+attempts]}` reserved by attempts sent and not yet answered; `unknown` counts attempts with no
+estimate (only journals of an older tmbatch have them). Every dispatch record carries its
+attempt's worst case, `["d", line, attempt, custom_id, [model, prompt, output]]`, with or
+without a budget, and every journal write after an attempt ended carries a snapshot, after
+the outcomes it counts, so replay reads only the last one (the hot loop does not sum
+per-request records). After a crash, spend = the last snapshot's `spent` + its `in_flight` +
+the worst case of every dispatch after it that no outcome provably refunded. An answer in
+the journal is therefore counted by its usage, in every later run; only an attempt with no
+outcome counts its worst case: never less than was billed, more only by those worst cases.
+A journal without snapshots (an older tmbatch) has unknown spend.
 
 Results and failures are flushed before the journal records that point at them,
 so after a kill -9 an outcome can be in `results.jsonl` without its journal
@@ -35,7 +35,15 @@ from pathlib import Path
 
 import orjson
 
-from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, OutputError, open_append, open_private
+from tmbatch.base.files import (
+    FAILURES,
+    JOURNAL,
+    RESULTS,
+    OutputError,
+    open_append,
+    open_private,
+    output_error,
+)
 from tmbatch.journal.compact import IN_FLIGHT, UNSEEN, IdSet, LineStates
 from tmbatch.journal.format import (
     BudgetRecord,
@@ -110,11 +118,7 @@ def repair_torn(path: Path) -> str | None:
         f.seek(cut)
         torn = f.read()
         side = path.with_name(f"{path.name}.torn-{int(time.time())}")
-        side_fd = open_append(side)
-        try:
-            os.write(side_fd, torn)
-        finally:
-            os.close(side_fd)
+        _save_torn(side, torn)  # durable before the cut: the bytes are never only in memory
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
@@ -122,6 +126,26 @@ def repair_torn(path: Path) -> str | None:
     log.warning("%s", msg, extra={"event": "torn_line_repaired", "file": path.name,
                                   "bytes": len(torn), "moved_to": side.name})
     return msg
+
+
+def _save_torn(side: Path, torn: bytes) -> None:
+    """Write the torn bytes to their side file, synced. On a full disk (or any write error)
+    the side file is removed again and the torn line stays where it is: an OutputError (exit 4
+    for a full disk) says to free space and run again, and nothing is lost or left behind."""
+    try:
+        side_fd = open_append(side)
+    except OutputError as exc:
+        raise OutputError(f"cannot move a torn last line aside: {exc}", exc.exit_code) from None
+    try:
+        view = memoryview(torn)
+        while view:
+            view = view[os.write(side_fd, view):]
+        os.fsync(side_fd)
+    except OSError as exc:
+        os.close(side_fd)
+        side.unlink(missing_ok=True)
+        raise output_error(side, exc, "cannot move a torn last line to") from None
+    os.close(side_fd)
 
 
 def load(out_dir: Path, *, repair: bool = True) -> ResumeState:
@@ -235,13 +259,13 @@ def spend_after(path: Path, snap: SpendRecord, at: Position) -> tuple[dict[str, 
     unknown = snap.unknown
     for model, (prompt, output, n) in snap.in_flight.items():
         _add_spend(spent, model, prompt, output, n)
-    tail: dict[int, tuple[str, int, int] | None] = {}
+    tail: dict[int, list[tuple[str, int, int] | None]] = {}
     for rec in records(path, at):
         if type(rec) is DispatchRecord:
-            tail[rec.line] = rec.reserved
-        elif type(rec) is OutcomeRecord and rec.line in tail and rec.outcome.policy.refund:
-            del tail[rec.line]
-    for res in tail.values():
+            tail.setdefault(rec.line, []).append(rec.reserved)
+        elif type(rec) is OutcomeRecord and tail.get(rec.line) and rec.outcome.policy.refund:
+            tail[rec.line].pop()  # that attempt provably did no work
+    for res in (r for attempts in tail.values() for r in attempts):
         if res is None:
             unknown += 1
         else:

@@ -82,6 +82,8 @@ class Writer:
         self.error: WriterError | None = None
         self._fsync_task: asyncio.Task[None] | None = None
         self.before_close: list[Callable[[], None]] = []  # last records (a spend snapshot)
+        # the budget's `due`: a spend snapshot to write after the outcomes it counts, or None
+        self.spend_snapshot: Callable[[], SpendRecord | None] | None = None
 
     # -- journal records ------------------------------------------------
     def header(self, record: Header | ResumeRecord | BudgetRecord | dict[str, Any]) -> None:
@@ -100,8 +102,10 @@ class Writer:
         if self.states.replace(line, IN_FLIGHT):  # _note_supersede: a resend's old failure
             self.superseded = True  # goes at close
         if self._ordered or self._always:
-            self._jour.append(record)
+            # what is queued first, with its spend snapshot, which this attempt is not in yet
             self.flush()
+            self._write_bytes(JOURNAL, record)
+            self._dirty = True
             if self._always:
                 self._fsync_all()
             return
@@ -116,6 +120,8 @@ class Writer:
                ttft: float | None = None) -> None:
         """A success, journaled with its time and latency (ms) for `tmbatch report`.
         Once per answer: `_note_supersede` and `_stamp` are inlined."""
+        if self.error is not None:
+            return  # the disk failed: never counted done, the line stays of unknown outcome
         line = record.line
         data = record.to_json()
         if self.states.replace(line, OK):  # _note_supersede
@@ -131,6 +137,8 @@ class Writer:
             self._schedule()
 
     def failure(self, record: FailureRecord) -> None:
+        if self.error is not None:
+            return  # as `result`: nothing more is written, so nothing more is counted
         line = record.line
         self._note_supersede(line)
         self._fail.append(record.to_json())
@@ -159,6 +167,13 @@ class Writer:
         self._jour.append(record.to_json())
         self._ordered = True
         self._schedule()
+
+    def spend_changed(self) -> None:
+        """An attempt ended: the next write carries a spend snapshot (`spend_snapshot`), and
+        goes out before the next dispatch record, so a replay counts each attempt once."""
+        self._ordered = True
+        if not self._scheduled:
+            self._schedule()
 
     def pending(self, line: int) -> None:
         """The line's last attempt provably did no work and the run is stopping: the next
@@ -197,8 +212,8 @@ class Writer:
 
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
-        chunks.clear()
         self._write_bytes(name, data)
+        chunks.clear()  # kept on an error: `flush` takes their lines back out of the counts
 
     def _write_bytes(self, name: str, data: bytes) -> None:
         data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
@@ -227,15 +242,35 @@ class Writer:
             raise self.error
         self._ordered = False
         had_outcomes = bool(self._res or self._fail)
-        if self._res:
-            self._write(RESULTS, self._res)
-        if self._fail:
-            self._write(FAILURES, self._fail)
+        try:
+            if self._res:
+                self._write(RESULTS, self._res)
+            if self._fail:
+                self._write(FAILURES, self._fail)
+        except WriterError:
+            self._unwritten(self._res)
+            self._unwritten(self._fail)
+            raise
         if had_outcomes:
             self._jour.append(MarkRecord(self._sizes[RESULTS], self._sizes[FAILURES]).to_json())
+        if self.spend_snapshot is not None:
+            snap = self.spend_snapshot()
+            if snap is not None:
+                self._jour.append(snap.to_json())
         if self._jour:
             self._write(JOURNAL, self._jour)
             self._dirty = True
+
+    def _unwritten(self, chunks: list[bytes]) -> None:
+        """Outcomes a failed write did not (or not surely) put on disk: their lines go back
+        to in flight, so `done:` and summary.json count only what was written; a resume
+        finds any that did land (past the last mark) and sends nothing twice."""
+        for raw in chunks:
+            for one in raw.splitlines():
+                line = line_of(one)
+                if line is not None:
+                    self.states.set(line, IN_FLIGHT)
+        chunks.clear()
 
     def _fsync_all(self) -> None:
         self._fsync_fds()

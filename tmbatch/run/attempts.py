@@ -236,8 +236,7 @@ class LineSender:
                   task: asyncio.Task[None]) -> None:
         """Journal the attempt (durable before its bytes leave) and count `task`, whose
         request it is, in flight."""
-        self.writer.dispatch(req.line, attempt, req.custom_id,
-                             spend.journal() if spend.held else None)  # None unless held
+        self.writer.dispatch(req.line, attempt, req.custom_id, spend.journal())
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1

@@ -9,10 +9,11 @@ flight finish, unsent lines stay pending, and the run exits 6. What an answer, a
 attempt's end counts is the reservation's to say; the books (spent, reserved, in flight) and
 what answers teach the next estimates are kept here.
 
-The job's spend survives crashes and resumes through the journal: a snapshot of the job's
-cumulative spend (`journal.SpendRecord`) at most every SNAPSHOT_EVERY seconds and at close,
-and, under a budget, each dispatch record carries its reservation, so an attempt a crash cut
-off counts its worst case on resume (see `journal.replay_spend`).
+The job's spend survives crashes and resumes through the journal: each journal write after
+an attempt ended carries a snapshot of the job's cumulative spend (`journal.SpendRecord`),
+after the outcomes it counts, and each dispatch record (with or without a budget) carries
+its reservation, so on resume an answered attempt counts its usage and only an attempt a
+crash cut off counts its worst case (see `journal.spend_after`).
 
 /tokenize and /detokenize are not billed and never counted.
 """
@@ -43,7 +44,6 @@ from tmbatch.spend.usage import Tokens, money, short
 
 log = logging.getLogger("tmbatch")
 
-SNAPSHOT_EVERY = 0.25  # seconds between spend snapshots in the journal (and at close)
 FACTOR_MAX = 50.0  # a prompt estimate is never scaled up more than this
 WAIT_POLL = 0.5  # a waiting attempt looks at the stop state at least this often
 
@@ -105,8 +105,7 @@ class Budget:
         self.reached: str | None = None
         self.overrun_warned = False
         self._waiters: list[asyncio.Future[None]] = []
-        self._journal: Callable[[SpendRecord], None] | None = None
-        self._last_snapshot = -math.inf
+        self._notify: Callable[[], None] | None = None  # the writer's `spend_changed`
         self._dirty = False
 
     @classmethod
@@ -129,19 +128,33 @@ class Budget:
         journal knows spend is recorded from here on), and a last snapshot at close."""
         if self.enforcing or self.prices:
             writer.header(self.spec.record())
-        self._journal = writer.spend
-        writer.before_close.append(self.snapshot)
-        self.snapshot()
+        writer.spend(self.snapshot())
+        self._notify = writer.spend_changed
+        writer.spend_snapshot = self.due
+        writer.before_close.append(self._touch)
 
-    def snapshot(self) -> None:
-        if self._journal is None:
-            return
-        self._dirty = False
-        self._last_snapshot = time.monotonic()
-        self._journal(SpendRecord(
+    def snapshot(self) -> SpendRecord:
+        """The job's spend now: settled (usage, or worst case of a failure that may have been
+        billed), in flight (worst case), and attempts of unknown spend (an older journal's)."""
+        return SpendRecord(
             round(time.time(), 3), {m: t.as_list() for m, t in self.spent.items()},
-            {m: list(v) for m, v in self._in_flight.items() if v[2]}, self._in_flight_unknown,
-        ))
+            {m: list(v) for m, v in self._in_flight.items() if v[2]},
+            self.unknown + self._in_flight_unknown,
+        )
+
+    def due(self) -> SpendRecord | None:
+        """The writer asks at each write: a snapshot when an attempt ended since the last."""
+        if not self._dirty:
+            return None
+        self._dirty = False
+        return self.snapshot()
+
+    def _touch(self) -> None:
+        """An attempt ended: the journal's next write must carry a snapshot."""
+        if not self._dirty:
+            self._dirty = True
+            if self._notify is not None:
+                self._notify()
 
     # -- admission ------------------------------------------------------------------------------
     def track(self, req: Request) -> Hold:
@@ -291,9 +304,6 @@ class Budget:
                 self.unpriced.add(model)
                 log.warning("no price for model %r: cost figures exclude it (add --price "
                             "%s=IN:OUT, USD per million tokens)", model, model)
-        self._dirty = True
-        if time.monotonic() - self._last_snapshot >= SNAPSHOT_EVERY:
-            self.snapshot()
 
     def this_run(self, model: str) -> Tokens:
         """What this run spent on `model`: the job's spend less the earlier runs'."""

@@ -56,17 +56,17 @@ class Reservation:
             self.budget._estimate(self)
 
     def journal(self) -> list[Any] | None:
-        """What the dispatch record carries under a budget: [model, prompt, output]."""
-        return [self.model, self.prompt, self.output] if self.held else None
+        """What the dispatch record carries, with or without a budget: [model, prompt,
+        output], the worst case a crash that cuts this attempt off counts."""
+        self.estimate()
+        return [self.model, self.prompt, self.output]
 
     def dispatched(self) -> None:
         """Its bytes are about to leave: from now on a crash counts its worst case."""
         self.sent = True
-        if self.raw_prompt < 0:  # not estimated (no budget): `known` stays False
-            self.budget._in_flight_unknown += 1  # _in_flight_add's case, without the call
-        else:
-            self.known = True
-            self.budget._in_flight_add(self, 1)
+        self.estimate()
+        self.known = True
+        self.budget._in_flight_add(self, 1)
 
     def succeeded(self, body: dict[str, Any], used: tuple[int, int, int] | None) -> None:
         """The answer's usage (`spend.usage_tokens` of `body`, parsed once by the sender)
@@ -108,14 +108,13 @@ class Reservation:
         self.settled = True
         b = self.budget
         if self.sent:
-            if self.known:
-                b._in_flight_add(self, -1)
-            else:  # _in_flight_add's case, without the call (once per answer)
-                b._in_flight_unknown -= 1
+            b._in_flight_add(self, -1)
         if self.held:
             b._release(self)
         if prompt is not None:
             b._count(self, prompt, completion, cached)
+        if self.sent:
+            b._touch()  # the journal's next write carries a snapshot of this
 
 
 class _Free:
