@@ -80,7 +80,7 @@ def check_failed_run(proc: subprocess.CompletedProcess[str], reason: str, out: P
     done = read_jsonl_tolerant(out / "results.jsonl")
     assert 0 < len(done) < LINES, "the disk filled mid-run, not before or after it"
     # `done:` counts only outcomes that were written, never ones lost with the disk
-    said = re.search(r"done: (\d+) succeeded, (\d+) failed", proc.stderr)
+    said = re.search(r"done: \d+ lines: (\d+) succeeded, (\d+) failed", proc.stderr)
     assert said is not None, proc.stderr
     failed = read_jsonl_tolerant(out / "failures.jsonl") if (out / "failures.jsonl").exists() \
         else []
