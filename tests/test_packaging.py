@@ -27,7 +27,12 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     blocks = re.findall(r"^    (python3 -m venv .*pip install -e .*pytest.*)$", readme, re.M)
     assert blocks, "README has no test command"
-    assert blocks[0].split("#")[0].strip() in ci
+    command = blocks[0].split("#")[0].strip()
+    assert command in ci
+    # CI runs the LiteLLM conformance tests too, opted in before the same command, and the
+    # README says how (next to the command).
+    assert ci.index("export TMBATCH_LITELLM=1\n") < ci.index(command)
+    assert "TMBATCH_LITELLM=1" in readme.split(command, 1)[1].split("\n## ", 1)[0]
 
 
 def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
