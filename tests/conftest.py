@@ -81,14 +81,23 @@ class SimThread:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `slow` marker (pyproject.toml): long soaks are skipped unless TMBATCH_SLOW=1."""
-    if os.environ.get("TMBATCH_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="a long soak: set TMBATCH_SLOW=1 to run it "
+    """The opt-in markers (pyproject.toml): long soaks (`slow`) are skipped unless
+    TMBATCH_SLOW=1; the conformance tests against the LiteLLM proxy (`litellm`, given here to
+    every test parametrized with it) unless TMBATCH_LITELLM=1, because their first run builds
+    a virtualenv of about 750 MB (tests/servers.py). Skipped with the reason, never silently."""
+    slow = pytest.mark.skip(reason="a long soak: set TMBATCH_SLOW=1 to run it "
                             "(TMBATCH_SLOW=1 python -m pytest -m slow)")
+    litellm = pytest.mark.skip(
+        reason="the LiteLLM proxy needs a virtualenv of about 750 MB from PyPI: set "
+               "TMBATCH_LITELLM=1 to build it once and run these (CI does; docs/development.md)")
     for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(skip)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("server_name") == "litellm":
+            item.add_marker(pytest.mark.litellm)
+            if os.environ.get("TMBATCH_LITELLM") != "1":
+                item.add_marker(litellm)
+        if item.get_closest_marker("slow") is not None and os.environ.get("TMBATCH_SLOW") != "1":
+            item.add_marker(slow)
 
 
 @pytest.fixture

@@ -64,6 +64,10 @@ from tests.conftest import AppThread
 
 HERE = Path(__file__).resolve().parent
 LITELLM_REQUIREMENTS = HERE / "requirements-litellm.txt"
+# The LiteLLM proxy's virtualenv is about 750 MB from PyPI: its tests run only when asked
+# (`TMBATCH_LITELLM=1`, which .ci/run sets), so the README's test command downloads nothing
+# of that size unannounced. The other three servers come with the `conformance` extra.
+LITELLM_SIZE = "about 750 MB"  # also in tests/conftest.py's skip reason
 START_TIMEOUT = 120.0  # a cold LiteLLM start compiles its bytecode: tens of seconds on 2 cores
 
 CHAT = "/v1/chat/completions"
@@ -254,6 +258,11 @@ def litellm_venv() -> Path:
         if marker.exists():
             return venv
         shutil.rmtree(venv, ignore_errors=True)
+        # Said on the terminal itself (pytest captures the test's own output): what is
+        # fetched, how big, and where it goes.
+        print(f"\ntests/servers.py: installing the LiteLLM proxy ({LITELLM_REQUIREMENTS.name}, "
+              f"{LITELLM_SIZE} from PyPI) into {venv}, once; TMBATCH_CONFORMANCE_VENVS moves it",
+              file=sys.__stderr__, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
                        capture_output=True, timeout=300)
         done = subprocess.run(

@@ -138,6 +138,19 @@ def test_sim_job_as_host_uid_on_host_owned_volume(image: Image, tmp_path: Path) 
         assert (st.st_uid, st.st_gid) == (HOST_UID, HOST_GID), path
 
 
+def test_no_pip_or_setuptools_in_the_runtime_image(image: Image) -> None:
+    """The runtime stage holds neither pip nor setuptools (nor wheel), in tmbatch's virtualenv
+    or in the base's Python: nothing in the image can install a package."""
+    probe = ("import importlib.util as u; "
+             "print([m for m in ('pip', 'setuptools', 'wheel') if u.find_spec(m)])")
+    # The virtualenv's python, then the base interpreter its python3 link resolves to.
+    for script in ('exec python3 -c "$0"',
+                   'exec "$(readlink -f /opt/tmbatch/venv/bin/python3)" -c "$0"'):
+        p = image.run("--entrypoint", "sh", image.tag, "-c", script, probe)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "[]", (script, p.stdout)
+
+
 def test_home_is_writable_for_any_uid(image: Image) -> None:
     probe = ("import os, pathlib; p = pathlib.Path(os.environ['HOME'], 'probe'); "
              "p.write_text('x'); print(p)")

@@ -24,8 +24,11 @@ else:
     yaml = pytest.importorskip("yaml", reason="pip install -e '.[test]'")
 
 K8S = ROOT / "jobs" / "k8s"
-# The oldest release whose schema has every field used (backoffLimitPerIndex), and the newest.
-VERSIONS = ("1.29.0", kv.latest_version())
+# The stated minimum (docs/container-and-kubernetes.md, each manifest's header): the oldest
+# release whose schema has every field used (backoffLimitPerIndex, podFailurePolicy rules
+# without onPodConditions), and the newest.
+MINIMUM = "1.29"
+VERSIONS = (f"{MINIMUM}.0", kv.latest_version())
 
 
 def docs() -> list[tuple[str, dict[str, Any]]]:
@@ -46,13 +49,26 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]["spec"]
 
 
-def workloads() -> list[dict[str, Any]]:
+def all_workloads() -> list[dict[str, Any]]:
     return [d for _, d in docs() if d["kind"] in ("Job", "CronJob")]
+
+
+def is_loader(doc: dict[str, Any]) -> bool:
+    return doc["metadata"]["name"] == "tmbatch-input-loader"
+
+
+def workloads() -> list[dict[str, Any]]:
+    """The Jobs that run tmbatch itself (the input loader runs the image's python3)."""
+    return [d for d in all_workloads() if not is_loader(d)]
+
+
+def job_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
 
 
 def test_the_manifests_we_expect_are_there() -> None:
     kinds = sorted(d["kind"] for _, d in docs())
-    assert kinds == ["ConfigMap", "CronJob", "Job", "Job", "PersistentVolumeClaim"]
+    assert kinds == ["ConfigMap", "CronJob", "Job", "Job", "Job", "PersistentVolumeClaim"]
     assert any(d["spec"].get("completionMode") == "Indexed" for d in by_kind("Job"))
 
 
@@ -146,3 +162,67 @@ def test_configmap_job_file_loads_and_uses_absolute_paths(tmp_path: Path) -> Non
         assert job.label is not None
         for key in ("input", "output"):
             assert job.values[key].startswith("/data/"), key
+
+
+def test_the_stated_minimum_is_the_minimum() -> None:
+    """Every manifest passes at MINIMUM (above); the release before it rejects one, so the
+    minimum is not stated lower or higher than it is. The docs and each workload say it."""
+    major, minor = MINIMUM.split(".")
+    older = f"{major}.{int(minor) - 1}.0"
+    rejected = []
+    for name, doc in docs():
+        try:
+            kv.validate(doc, older, strict=True)
+        except kv.ValidationError:
+            rejected.append(name)
+    assert rejected, f"every manifest passes {older}: lower MINIMUM and the docs"
+    page = (ROOT / "docs" / "container-and-kubernetes.md").read_text()
+    assert f"Kubernetes {MINIMUM}+" in page
+    for path in K8S.glob("*job*.yaml"):
+        assert f"Kubernetes {MINIMUM}+" in path.read_text(), path.name
+
+
+def test_jobs_expire_and_mount_no_service_account_token() -> None:
+    for doc in all_workloads():
+        assert job_spec(doc)["ttlSecondsAfterFinished"] > 0, doc["metadata"]["name"]
+        assert pod_spec(doc)["automountServiceAccountToken"] is False, doc["metadata"]["name"]
+
+
+def test_exit_codes_a_retry_cannot_change_fail_the_job() -> None:
+    """2 (configuration), 3 (fatal) and 6 (budget: a new pod has the same budget) fail the
+    whole Job at once instead of being retried by backoffLimit."""
+    from tmbatch.base.exitcodes import ExitCode
+
+    for doc in workloads():
+        if pod_spec(doc)["containers"][0]["args"][0] != "run":
+            continue
+        rules = job_spec(doc)["podFailurePolicy"]["rules"]
+        fail_job = {v for r in rules if r["action"] == "FailJob"
+                    for v in r.get("onExitCodes", {}).get("values", [])}
+        assert {int(ExitCode(2)), int(ExitCode(3)), int(ExitCode(6))} <= fail_job
+        assert not fail_job & {130, 143}  # a stopped run resumes in the next pod
+
+
+def test_the_input_loader_writes_the_jobs_input_atomically(tmp_path: Path) -> None:
+    """The loader's script, run for real against a file:// URL: the input lands where the
+    job file reads it, complete, and no .part file is left."""
+    import subprocess
+    import sys
+
+    (loader,) = [d for d in all_workloads() if is_loader(d)]
+    (container,) = pod_spec(loader)["containers"]
+    assert container["command"] == ["python3", "-c"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (cm,) = by_kind("ConfigMap")
+    for text in cm["data"].values():
+        assert f'input = "{env["INPUT_PATH"]}"' in text
+    src = tmp_path / "src.jsonl"
+    src.write_bytes(b'{"id": 1, "text": "good"}\n' * 1000)
+    dest = tmp_path / "data" / "in" / "reviews.jsonl"
+    p = subprocess.run([sys.executable, "-c", container["args"][0]], capture_output=True,
+                       text=True, timeout=60, env={"INPUT_URL": src.as_uri(),
+                                                   "INPUT_PATH": str(dest)})
+    assert p.returncode == 0, p.stderr
+    assert dest.read_bytes() == src.read_bytes()
+    assert not list(dest.parent.glob("*.part"))
+    assert "26000 bytes" in p.stdout

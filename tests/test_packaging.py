@@ -27,7 +27,12 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     blocks = re.findall(r"^    (python3 -m venv .*pip install -e .*pytest.*)$", readme, re.M)
     assert blocks, "README has no test command"
-    assert blocks[0].split("#")[0].strip() in ci
+    command = blocks[0].split("#")[0].strip()
+    assert command in ci
+    # CI runs the LiteLLM conformance tests too, opted in before the same command, and the
+    # README says how (next to the command).
+    assert ci.index("export TMBATCH_LITELLM=1\n") < ci.index(command)
+    assert "TMBATCH_LITELLM=1" in readme.split(command, 1)[1].split("\n## ", 1)[0]
 
 
 def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
@@ -59,32 +64,95 @@ def test_readme_docs_and_help_list_every_exit_code() -> None:
     assert listed == {int(c) for c in ExitCode}
 
 
-def test_dockerfile_installs_dependencies_before_the_source() -> None:
-    """A code change must not reinstall every dependency: they come from pyproject.toml alone,
-    in a layer before the one that copies the package."""
-    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
-    deps = next(i for i, ln in enumerate(lines) if "pip install -r" in ln)
+def _dockerfile() -> list[str]:
+    """The Dockerfile's instructions, one a line (continuation lines joined)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [re.sub(r"\s+", " ", ln.strip()) for ln in text.splitlines()]
+
+
+def test_dockerfile_installs_locked_dependencies_before_the_source() -> None:
+    """A code change must not reinstall every dependency: they come from the lock files
+    alone, with their hashes, in a layer before the one that copies the package."""
+    lines = _dockerfile()
+    deps = next(i for i, ln in enumerate(lines) if "-r /src/docker/requirements.lock" in ln)
     source = next(i for i, ln in enumerate(lines) if ln.startswith("COPY tmbatch"))
-    package = next(i for i, ln in enumerate(lines) if "pip install --no-deps" in ln)
+    package = next(i for i, ln in enumerate(lines) if "install --no-deps" in ln)
     assert deps < source < package
     copied = [ln for ln in lines[:deps] if ln.startswith("COPY ")]
-    assert copied == ["COPY pyproject.toml docker/requirements.py /src/"]
+    assert copied == ["COPY docker/build-requirements.lock docker/requirements.lock /src/docker/"]
+    installs = [ln for ln in lines if re.search(r"pip .*install", ln)]
+    locked = [ln for ln in installs if " -r " in ln]
+    assert len(locked) == 2 and all("--require-hashes" in ln for ln in locked), installs
 
 
-def test_image_dependency_list_is_pyprojects() -> None:
+def test_the_runtime_stage_has_no_pip() -> None:
+    """pip and setuptools stay in the build stage: the last stage copies the virtualenv and
+    runs docker/no-pip.sh, and never calls pip itself."""
+    lines = _dockerfile()
+    last_from = max(i for i, ln in enumerate(lines) if ln.startswith("FROM "))
+    runtime = lines[last_from:]
+    assert not [ln for ln in runtime if re.search(r"\bpip\b", ln)
+                and "no-pip" not in ln and not ln.startswith("#")]
+    assert "COPY --from=build /opt/tmbatch/venv /opt/tmbatch/venv" in runtime
+    assert any("sh /tmp/no-pip.sh" in ln for ln in runtime)
+
+
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a `--generate-hashes` lock file."""
+    from packaging.utils import canonicalize_name
+
+    out: dict[str, tuple[str, list[str]]] = {}
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+        assert m, f"{path.name}: not a pinned, hashed requirement: {line!r}"
+        hashes = re.findall(r"sha256:([0-9a-f]{64})", m.group(3))
+        assert hashes, f"{path.name}: {m.group(1)} has no --hash (regenerate: docker/lock.sh)"
+        out[canonicalize_name(m.group(1))] = (m.group(2), hashes)
+    return out
+
+
+def test_the_lock_files_pin_every_dependency_of_pyproject_with_hashes() -> None:
+    """Every runtime dependency (and the `fast` extra) is in docker/requirements.lock at a
+    version its specifier allows, with hashes; setuptools for the build in its own lock; and
+    every package's own dependencies are in the lock too (as this venv's metadata says)."""
     import tomllib
+    from importlib import metadata
 
-    p = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
-                        str(ROOT / "pyproject.toml"), "fast"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    want = (project["build-system"]["requires"] + project["project"]["dependencies"]
-            + project["project"]["optional-dependencies"]["fast"])
-    assert p.stdout.splitlines() == want
-    bad = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
-                          str(ROOT / "pyproject.toml"), "no-such-extra"], capture_output=True,
-                         text=True)
-    assert bad.returncode != 0 and "no-such-extra" in bad.stderr
+    env = {"python_version": "3.11", "python_full_version": "3.11.2", "sys_platform": "linux",
+           "platform_system": "Linux", "os_name": "posix", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "platform_machine": "x86_64",
+           "extra": ""}
+    for lock_name, wanted in (
+            ("requirements.lock", project["project"]["dependencies"]
+             + project["project"]["optional-dependencies"]["fast"]),
+            ("build-requirements.lock", project["build-system"]["requires"])):
+        lock = _lock(ROOT / "docker" / lock_name)
+        for text in wanted:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            name = canonicalize_name(req.name)
+            assert name in lock, f"{lock_name} lacks {text!r}: run docker/lock.sh"
+            assert req.specifier.contains(lock[name][0], prereleases=True), (
+                f"{lock_name}: {name}=={lock[name][0]} does not satisfy {text!r}")
+        for name in lock:  # closed: each locked package's requirements are locked too
+            try:
+                requires = metadata.requires(name) or []
+            except metadata.PackageNotFoundError:
+                continue
+            for text in requires:
+                req = Requirement(text)
+                if req.marker is None or req.marker.evaluate(env):
+                    assert canonicalize_name(req.name) in lock, (
+                        f"{lock_name}: {name} needs {req.name}, which is not locked")
 
 
 def test_a_wheel_carries_every_subpackage(tmp_path: Path) -> None:
