@@ -37,6 +37,7 @@ MORE_EXAMPLES = """more:
   tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
   tmbatch doctor                              # which key/URL came from where; checks
   tmbatch report out/                         # HTML report (pip install 'tmbatch[report]')
+  tmbatch cache stats eval.sqlite             # what a --cache holds and saved
 """
 
 Command = Callable[[argparse.Namespace], int]
@@ -51,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "resend": ("resend", "add_resend_parser", "cmd_resend"),
     "export": ("outputs", "add_export_parser", "cmd_export"),
     "merge": ("outputs", "add_merge_parser", "cmd_merge"),
+    "cache": ("cache", "add_cache_parser", "cmd_cache"),
     "doctor": ("server", "add_doctor_parser", "cmd_doctor"),
     "models": ("server", "add_models_parser", "cmd_models"),
     "sim": ("server", "add_sim_parser", "cmd_sim"),

@@ -4,7 +4,9 @@ Format (`journal.jsonl`, one JSON value per line):
     {"e": "start", ...}            header: input, fingerprint, options, job id
     {"e": "resume", "t": ...}      each later run on the same directory
     ["d", line, attempt, custom_id] written and flushed *before* the bytes leave
-    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"
+    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"; an "ok"
+                                    with code "cached" was answered from the response cache
+                                    (nothing sent; older readers see a plain "ok")
     ["p", t, seconds]               a Retry-After pause of every worker
     ["m", results_size, failures_size]  output sizes after an outcome batch
     {"e": "budget", "t", "tokens", "usd", "prices"}  a run's budget and prices, when it has any
@@ -36,6 +38,7 @@ from tmbatch.base.files import JOURNAL
 from tmbatch.policy import Outcome
 
 FORMAT_VERSION = 1
+CACHED = "cached"  # the code of an "ok" outcome answered from the response cache
 _OK = Outcome.OK.value  # a plain str: orjson writes it a little faster than the StrEnum
 _NL = orjson.OPT_APPEND_NEWLINE  # the record's newline, without a copy to add it
 _FIX = "inspect it, or start over with --restart (old files are kept aside)"
@@ -148,6 +151,11 @@ class OutcomeRecord:
     t: float | None = None
     latency_ms: float | None = None
     ttft_ms: float | None = None
+
+    @property
+    def cached(self) -> bool:
+        """Answered from the response cache (`--cache`): nothing was sent for it."""
+        return self.code == CACHED and self.outcome is Outcome.OK
 
     def to_json(self) -> bytes:
         # orjson writes an Outcome (a StrEnum) as its value, without Enum.value's call

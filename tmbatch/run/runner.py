@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
+from tmbatch.journal.cache import ResponseCache
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import Header, ResumeRecord
 from tmbatch.journal.journal import ResumeState
@@ -43,6 +45,7 @@ from tmbatch.journal.writer import Writer, WriterError
 from tmbatch.limits import Admission
 from tmbatch.policy import Outcome
 from tmbatch.run.attempts import LineSender
+from tmbatch.run.cached import RunCache, key_base, open_cache
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress
@@ -81,6 +84,8 @@ class Runner:
         self._bad_lines = 0  # bad lines the workers met, to yield to the loop now and then
         self._made_dir = False
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
+        self._cache_file: ResponseCache | None = None  # opened by prepare(), used by send()
+        self.cache: RunCache | None = None
 
     async def run(self) -> int:
         """Both halves, for callers without a preflight or a simulator."""
@@ -137,6 +142,7 @@ class Runner:
         """Everything local, in an order that never touches a live job's files; raises a
         clear error (JournalError, OutputError, InputError) when the run must not start."""
         opts = self.config
+        self._cache_file = open_cache(opts)  # --cache: a bad file stops here (exit 2)
         self._made_dir = not opts.out_dir.exists()
         header, resume, self._lock = prepare_output(opts)
         self.header, self.resume = header, resume
@@ -163,6 +169,9 @@ class Runner:
         for sig in SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        if self._cache_file is not None:  # never reached send()
+            self._cache_file.close()
+            self._cache_file = None
         await self._close_writer()
         if not self._sent and self.resume is None and self._lock is not None:
             self._forget_new_job()
@@ -223,6 +232,11 @@ class Runner:
         progress = Progress.for_run(self.stats, self.states, opts, budget=self.budget,
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
+        if self._cache_file is not None:
+            progress.cache = sender.cache = self.cache = RunCache(
+                self._cache_file, key_base(self.settings.base_url, opts.sim), writer,
+                opts.budget.prices)
+            self._cache_file = None
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -241,6 +255,8 @@ class Runner:
             await session.close()
             if f is not sys.stdin.buffer:
                 f.close()
+            if self.cache is not None:
+                self.cache.close(opts.out_dir)  # its last stores, after their results
             await self._close_writer()
         return await self._finish()
 
@@ -360,6 +376,8 @@ class Runner:
             admission=self.admission, spend=self.budget.report(),
             previous=read_summary(self.config.out_dir),
         )
+        if self.cache is not None:
+            summary = dataclasses.replace(summary, cache=self.cache.report())
         try:
             write_summary(self.config.out_dir, summary)
         except OutputError as exc:
@@ -367,6 +385,8 @@ class Runner:
         if not self.config.quiet:
             say("summary", final_line(summary), **summary.as_dict())
             say_next_steps(summary, self.config.out_dir)
+            if self.cache is not None:
+                say("cache", self.cache.line(), **self.cache.report())
             spend = self.budget.final_line()
             if spend:
                 say("spend", spend, **(summary.spend or {}))
