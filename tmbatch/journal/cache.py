@@ -160,7 +160,7 @@ class ResponseCache:
         except sqlite3.Error as exc:
             raise _problem(path, exc, mode) from None
         try:
-            cls._check(conn, mode, path)
+            cls._check_within(conn, mode, path, busy)
         except sqlite3.Error as exc:
             conn.close()
             raise _problem(path, exc, mode) from None
@@ -168,6 +168,25 @@ class ResponseCache:
             conn.close()
             raise
         return cls(path, conn, mode)
+
+    @classmethod
+    def _check_within(cls, conn: sqlite3.Connection, mode: str, path: Path,
+                      busy: float) -> None:
+        """`_check`, tried again while another process holds the file for up to `busy`
+        seconds: SQLite answers some lock conflicts at once without its busy wait (two
+        processes creating one file, or switching it to WAL, at the same moment)."""
+        deadline = time.monotonic() + busy
+        while True:
+            try:
+                cls._check(conn, mode, path)
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) \
+                        or time.monotonic() >= deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                time.sleep(0.01)
 
     @staticmethod
     def _check(conn: sqlite3.Connection, mode: str, path: Path) -> None:

@@ -147,6 +147,14 @@ class RunCache:
             out["unpriced_models"] = sorted(self.unpriced)
         return out
 
+    def report_after(self, previous: Any) -> dict[str, Any]:
+        """`report`, or the last run's when this one had nothing to look up (a rerun of a
+        finished job keeps what the cache did for it, as summary.json keeps `this_run`)."""
+        earlier = getattr(previous, "cache", None)
+        if not (self.hits or self.misses) and isinstance(earlier, dict):
+            return earlier
+        return self.report()
+
     def line(self) -> str:
         """The run's last words on the cache (after the summary line)."""
         r = self.report()

@@ -374,10 +374,10 @@ class Runner:
             self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
             admission=self.admission, spend=self.budget.report(),
-            previous=read_summary(self.config.out_dir),
+            previous=(previous := read_summary(self.config.out_dir)),
         )
         if self.cache is not None:
-            summary = dataclasses.replace(summary, cache=self.cache.report())
+            summary = dataclasses.replace(summary, cache=self.cache.report_after(previous))
         try:
             write_summary(self.config.out_dir, summary)
         except OutputError as exc:
