@@ -41,7 +41,8 @@ def add_cache_parser(sub: Any) -> None:
         sub, "cache", "what a response cache (--cache) holds and saved; prune it",
         "Inspect or prune the SQLite response cache that `tmbatch run --cache PATH` uses.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    actions = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    actions = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True,
+                                   help="stats: what it holds and saved; prune: drop old answers")
     st = actions.add_parser("stats", help="entries, size, the last runs' hits and misses, "
                             "tokens and money saved", allow_abbrev=False)
     st.add_argument("path", metavar="PATH", help="the cache's SQLite file")
