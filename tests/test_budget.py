@@ -30,7 +30,8 @@ from tests.conftest import (
     write_jsonl,
 )
 from tmbatch.base.exitcodes import ExitCode
-from tmbatch.journal.format import DispatchRecord, records
+from tmbatch.journal.format import DispatchRecord
+from tmbatch.journal.reading import records
 from tmbatch.spend.prices import Price
 from tmbatch.spend.tokens import answer_text_tokens, output_ceiling, prompt_tokens
 

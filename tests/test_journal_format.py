@@ -32,10 +32,9 @@ from tmbatch.journal.format import (
     SpendRecord,
     decode,
     decode_header,
-    read_header,
-    records,
 )
 from tmbatch.journal.journal import load
+from tmbatch.journal.reading import read_header, records
 from tmbatch.journal.records import FailureRecord, Response, ResultRecord
 from tmbatch.journal.writer import Writer
 from tmbatch.policy import Outcome
@@ -247,7 +246,7 @@ def test_only_the_journal_format_parses_journal_tags(path: Path) -> None:
     found = tag_parsing(path.read_text())
     assert not found, f"{path.relative_to(ROOT)} parses journal records itself (" + \
         ", ".join(f"line {n}: {what}" for n, what in found) + \
-        "); read them with journal.format.records / JournalReader"
+        "); read them with journal.reading.records / JournalReader"
 
 
 def test_readers_read_through_the_one_reader() -> None:

@@ -65,6 +65,14 @@ RESEND_CONCURRENCY = Default(
     16,
     "a resend is a handful of lines after a run, often ones that failed under load: gentler "
     "than a run's 64")
+CACHE_MODE = Default(
+    "read-write",
+    "a cache named with --cache is meant to be used: answers are looked up, and complete new "
+    "ones kept for the next run")
+CACHE_WAIT = Default(
+    5.0,
+    "seconds a cache write waits for another process's: its writes last milliseconds, so "
+    "longer is a process holding the file, which should fail the run's start, not stall it")
 
 # The table: setting -> its default (the names `run --print-config` shows).
 DEFAULTS: dict[str, Default[Any]] = {
@@ -80,4 +88,5 @@ DEFAULTS: dict[str, Default[Any]] = {
     "max_line_bytes": MAX_LINE_BYTES,
     "progress_interval": PROGRESS_INTERVAL,
     "resend_concurrency": RESEND_CONCURRENCY,
+    "cache_mode": CACHE_MODE,
 }

@@ -27,6 +27,7 @@ from tmbatch.base.config import ConfigError, check_model
 from tmbatch.base.files import os_problem
 from tmbatch.base.tomlcheck import TableChecker, unknown_key
 from tmbatch.inputs.routes import normalize_endpoint
+from tmbatch.journal.cache import MODES as CACHE_MODES
 from tmbatch.limits import SCOPES
 from tmbatch.spend.prices import parse_table
 
@@ -83,6 +84,8 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "drain_timeout": ("drain_timeout", lambda c, k, v: c.pos_number(k, v)),
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),
     "job_id": ("job_id", lambda c, k, v: c.string(k, v)),
+    "cache": ("cache", lambda c, k, v: c.path_value(k, v)),
+    "cache_mode": ("cache_mode", lambda c, k, v: c.choice(k, v, CACHE_MODES)),
     "budget_tokens": ("budget_tokens", lambda c, k, v: c.pos_int(k, v)),
     "budget_usd": ("budget_usd", lambda c, k, v: c.pos_number(k, v)),
     PRICES_TABLE: ("job_prices", lambda c, k, v: parse_table(c.path, c.table(k, v), f"{k}.")),

@@ -38,6 +38,7 @@ MORE_EXAMPLES = """more:
   tmbatch doctor                              # which key/URL came from where; checks
   tmbatch report out/                         # HTML report (pip install 'tmbatch[report]')
   tmbatch completion bash > ~/.local/share/bash-completion/completions/tmbatch
+  tmbatch cache stats eval.sqlite             # what a --cache holds and saved
 """
 
 Command = Callable[[argparse.Namespace], int]
@@ -52,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "resend": ("resend", "add_resend_parser", "cmd_resend"),
     "export": ("outputs", "add_export_parser", "cmd_export"),
     "merge": ("outputs", "add_merge_parser", "cmd_merge"),
+    "cache": ("cache", "add_cache_parser", "cmd_cache"),
     "doctor": ("server", "add_doctor_parser", "cmd_doctor"),
     "models": ("server", "add_models_parser", "cmd_models"),
     "sim": ("server", "add_sim_parser", "cmd_sim"),

@@ -13,7 +13,8 @@ from tmbatch.base.exitcodes import ExitCode, help_text
 from tmbatch.base.files import FAILURES
 from tmbatch.cli import common
 from tmbatch.inputs.files import fingerprint
-from tmbatch.journal.format import Header, read_header
+from tmbatch.journal.format import Header
+from tmbatch.journal.reading import read_header
 from tmbatch.policy import RESENDABLE, Cause, Outcome
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import Runner

@@ -47,6 +47,7 @@ log = logging.getLogger("tmbatch")
 # and reports their sources itself); the credentials never come from one (`jobfile`).
 JOB_CONNECTION = ("surface", "base_url", "timeout", "max_retries", "ca_bundle")
 PRECEDENCE = "flag > job file > environment > default"
+ENV_CACHE = "TMBATCH_CACHE"
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         pick.sources["records"] = source
         pick.sources["input"] = "the records rendered by the job file's [label] table"
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
+    cache = _cache_path(flags, env, pick)
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
     pick.sources["preflight"] = "flag --no-preflight" if flags.get("no_preflight") else "default"
@@ -138,7 +140,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
         budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
-        sources=pick.sources,
+        cache=cache, cache_mode=pick("cache_mode"), sources=pick.sources,
     )
     return Resolved(config, job)
 
@@ -210,6 +212,17 @@ def _budget_share(tokens: int | None, usd: float | None, shard: tuple[int, int] 
     return tokens, usd
 
 
+def _cache_path(flags: Mapping[str, Any], env: Mapping[str, str], pick: _Picker) -> Path | None:
+    """--cache > the job file's `cache` > TMBATCH_CACHE (blank: unset) > none."""
+    value = pick("cache")
+    if value is None and (env.get(ENV_CACHE) or "").strip():
+        value = env[ENV_CACHE].strip()
+        pick.sources["cache"] = f"env {ENV_CACHE}"
+    if value is not None and not str(value).strip():
+        raise ConfigError("--cache: an empty path; name the cache's SQLite file")
+    return None if value is None else Path(value)
+
+
 def _prices(flags: Mapping[str, Any], job: Job | None, pick: _Picker) -> Any:
     """--price > --prices > the job file's [prices], model by model (`spend.prices`)."""
     from tmbatch.spend.prices import resolve as resolve_prices
@@ -275,6 +288,9 @@ def config_rows(config: RunConfig) -> list[Row]:
     rows.append(("budget_usd", config.budget.usd, src("budget_usd", "")))
     models = sorted(config.budget.prices.table)
     rows.append(("prices", ", ".join(models) if models else None, src("prices", "")))
+    rows.append(("cache", None if config.cache is None else str(config.cache),
+                 src("cache", "")))
+    rows.append(("cache_mode", config.cache_mode, src("cache_mode", "")))
     for key in ("fsync", "drain_timeout", "max_line_bytes", "restart", "job_id",
                 "progress_interval", "quiet", "ordered", "preflight"):
         rows.append((key, getattr(config, key), src(key, "")))

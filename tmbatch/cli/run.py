@@ -22,6 +22,7 @@ from tmbatch.cli.common import (
     shard_arg,
     subcommand,
 )
+from tmbatch.journal.cache import MODES
 from tmbatch.limits import SCOPES
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import Runner
@@ -72,6 +73,7 @@ def add_run_parser(sub: Any) -> None:
     _limit_args(run.add_argument_group("limits"))
     add_budget_args(run.add_argument_group("budget and prices (README: Cost and budgets)"))
     _checkpoint_args(run.add_argument_group("checkpoint"))
+    _cache_args(run.add_argument_group("response cache (docs: Response cache)"))
     _output_args(run.add_argument_group("output"))
     add_connection_args(run)
     run.add_argument("--no-preflight", action="store_true",
@@ -125,6 +127,18 @@ def _checkpoint_args(g: Any) -> None:
                    help="on SIGINT/SIGTERM wait this long for requests in flight (default "
                    f"{D.DRAIN_TIMEOUT.value:g}, inside Kubernetes' 30 s grace period)")
     g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
+
+
+def _cache_args(g: Any) -> None:
+    g.add_argument("--cache", metavar="PATH",
+                   help="an SQLite file of complete answers shared across runs (and processes "
+                   "on this machine): a line whose key (server, route, body without stream, "
+                   "sample) is in it is answered from it, marked \"cached\": true, sending and "
+                   "spending nothing; new complete answers are stored (env TMBATCH_CACHE)")
+    g.add_argument("--cache-mode", choices=MODES, default=None,
+                   help="read-write: look up and store; read-only: look up, never store; "
+                   "write-only: send every line and store (refresh); off: ignore --cache "
+                   f"(default {D.CACHE_MODE.value})")
 
 
 def _output_args(g: Any) -> None:

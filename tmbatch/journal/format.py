@@ -1,21 +1,23 @@
-"""The journal's format: its record kinds as types, the one decoder, and the one reader.
+"""The journal's format: its record kinds as types and the one decoder (`reading` reads files).
 
 Format (`journal.jsonl`, one JSON value per line):
     {"e": "start", ...}            header: input, fingerprint, options, job id
     {"e": "resume", "t": ...}      each later run on the same directory
     ["d", line, attempt, custom_id] written and flushed *before* the bytes leave
-    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"
+    ["o", line, outcome, code, ...] an outcome: "ok", a failure class, or "pending"; an "ok"
+                                    with code "cached" was answered from the response cache
+                                    (nothing sent; older readers see a plain "ok")
     ["p", t, seconds]               a Retry-After pause of every worker
     ["m", results_size, failures_size]  output sizes after an outcome batch
     {"e": "budget", "t", "tokens", "usd", "prices"}  a run's budget and prices, when it has any
     ["s", t, spent, in_flight, unknown]  the job's spend so far (`journal.journal` says how)
 
 Each kind is a type here with its `to_json`, the only place its shape is spelled; `decode` is
-the only place a line of the journal becomes a value, and `JournalReader` (or `records`) the
-only way the rest of tmbatch reads one: resume, status, merge and report alike. A line that
-is not one of these records stops the reader with a `JournalError` naming the file, the line
-and what to do; a last line without its newline (torn by a crash, or still being written) is
-never data and ends the records.
+the only place a line of the journal becomes a value, and `reading.JournalReader` (or
+`reading.records`) the only way the rest of tmbatch reads one: resume, status, merge and
+report alike. A line that is not one of these records stops the reader with a `JournalError`
+naming the file, the line and what to do; a last line without its newline (torn by a crash,
+or still being written) is never data and ends the records.
 
 The per-line kinds (dispatch, outcome) are plain slotted dataclasses: a million-line job
 replays two million of them, and a frozen one costs four times as much to build. The others
@@ -26,19 +28,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
-from tmbatch.base.files import JOURNAL
 from tmbatch.policy import Outcome
 
 FORMAT_VERSION = 1
+CACHED = "cached"  # the code of an "ok" outcome answered from the response cache
 _OK = Outcome.OK.value  # a plain str: orjson writes it a little faster than the StrEnum
 _NL = orjson.OPT_APPEND_NEWLINE  # the record's newline, without a copy to add it
-_FIX = "inspect it, or start over with --restart (old files are kept aside)"
+FIX_HINT = "inspect it, or start over with --restart (old files are kept aside)"
 
 
 class JournalError(Exception):
@@ -155,6 +155,11 @@ class OutcomeRecord:
     latency_ms: float | None = None
     ttft_ms: float | None = None
 
+    @property
+    def cached(self) -> bool:
+        """Answered from the response cache (`--cache`): nothing was sent for it."""
+        return self.code == CACHED and self.outcome is Outcome.OK
+
     def to_json(self) -> bytes:
         # orjson writes an Outcome (a StrEnum) as its value, without Enum.value's call
         rec: tuple[Any, ...] = ("o", self.line, self.outcome, self.code)
@@ -234,10 +239,10 @@ _SHAPES = {
 def decode(raw: bytes) -> Record:
     """The record a line of the journal (after its header) holds; RecordError says why it
     holds none."""
-    return next(_decoded((raw,)))
+    return next(decode_lines((raw,)))
 
 
-def _decoded(lines: Iterable[bytes]) -> Iterator[Record]:
+def decode_lines(lines: Iterable[bytes]) -> Iterator[Record]:
     """The one decoder: each line as its record, or a RecordError (with the line) at the
     first that is none. The two per-line kinds are decoded here, inline and each checked in
     one expression: a million-line job has two million of them (the rest are a few a
@@ -353,94 +358,8 @@ def _counts(table: dict[str, Any], width: int) -> dict[str, list[int]]:
     return out
 
 
-_LISTS = {"p": _pause, "m": _mark, "s": _spend}  # "d" and "o": `_decoded`
+_LISTS = {"p": _pause, "m": _mark, "s": _spend}  # "d" and "o": `decode_lines`
 
 
 def quoted(value: Any) -> str:
     return orjson.dumps(value).decode() if value is not None else "(none)"
-
-
-# -- the one reader ---------------------------------------------------------------------------
-Position = int  # the byte offset just after a record
-
-
-class JournalReader:
-    """One journal, read-only, record by record: `header` (its first line), then iterating
-    gives every later record, typed. `at`: start just after a record another reader was at
-    (its `position()`), without the header. Use it as a context manager (it closes the file)."""
-
-    def __init__(self, path: Path, at: Position | None = None) -> None:
-        self.path = path
-        self.header: Header | None = None
-        try:
-            self._f: IO[bytes] = open(path, "rb", buffering=1 << 20)  # noqa: SIM115
-        except FileNotFoundError:
-            raise JournalError(f"{path.parent} has no {path.name}: not a tmbatch output "
-                               "directory") from None
-        try:
-            if at is None:
-                self.header = self._read_header()
-            else:
-                self._f.seek(at)
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _read_header(self) -> Header:
-        first = self._f.readline()
-        try:
-            return decode_header(orjson.loads(first))
-        except (orjson.JSONDecodeError, RecordError):
-            raise JournalError(f"{self.path}: the first line is not a tmbatch journal header; "
-                               "use another --output directory or --restart") from None
-
-    def __iter__(self) -> Iterator[Record]:
-        """The records after the header (or after `at`)."""
-        try:
-            yield from _decoded(self._f)
-        except RecordError as exc:
-            if not exc.raw.endswith(b"\n"):
-                return  # a torn last line (a crash, or a run still writing): never data
-            raise self._error(exc) from None
-
-    def _error(self, exc: RecordError) -> JournalError:
-        """What is wrong with the line just read, which line of the file it is (counted only
-        now: the loop does not), and what to do."""
-        offset = self._f.tell() - len(exc.raw)
-        with open(self.path, "rb") as f:
-            line = 1 + f.read(offset).count(b"\n")
-        return JournalError(f"{self.path}, line {line}: {exc}: {exc.raw[:80]!r}; {_FIX}")
-
-    def position(self) -> Position:
-        """Where the last record read ends: a later reader can start there (`at`)."""
-        return self._f.tell()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> JournalReader:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-def records(path: Path, at: Position | None = None) -> Iterator[Record]:
-    """The journal's records after its header (or after `at`), typed; see `JournalReader`."""
-    with JournalReader(path, at) as reader:
-        yield from reader
-
-
-def read_header(out_dir: Path) -> Header:
-    """The header of OUT/journal.jsonl; a JournalError when OUT is not a tmbatch directory."""
-    with JournalReader(out_dir / JOURNAL) as reader:
-        assert reader.header is not None
-        return reader.header
-
-
-def nothing_sent(out_dir: Path) -> bool:
-    """True when the journal holds no line's record at all: the last run stopped (or was
-    refused at preflight) before sending or recording anything, so there is nothing to resume."""
-    return not any(type(rec) is DispatchRecord or type(rec) is OutcomeRecord
-                   for rec in records(out_dir / JOURNAL))

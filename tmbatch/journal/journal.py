@@ -49,19 +49,17 @@ from tmbatch.journal.format import (
     BudgetRecord,
     DispatchRecord,
     Header,
-    JournalReader,
     MarkRecord,
     OutcomeRecord,
     PauseRecord,
-    Position,
     Record,
     ResumeRecord,
     SpendRecord,
-    records,
 )
 from tmbatch.journal.format import JournalError as JournalError  # its home for callers
-from tmbatch.journal.format import nothing_sent as nothing_sent
-from tmbatch.journal.format import read_header as read_header
+from tmbatch.journal.reading import JournalReader, Position, records
+from tmbatch.journal.reading import nothing_sent as nothing_sent
+from tmbatch.journal.reading import read_header as read_header
 from tmbatch.policy import Outcome
 
 log = logging.getLogger("tmbatch")

@@ -85,6 +85,7 @@ class ResultRecord:
     # The body exactly as the server sent it (one line of JSON): written as it is instead of
     # serialising again what was just parsed; None to serialise `response.body`.
     raw_body: bytes | None = None
+    cached: bool = False  # answered from the response cache (`"cached": true` in the line)
 
     def to_json(self) -> bytes:
         raw = self.raw_body
@@ -93,7 +94,7 @@ class ResultRecord:
         spliced = raw is not None and raw.find(b"\n") < 0 and raw.find(b"\r") < 0
         r = self.response  # Response.as_dict's shape, spelled here: one per answer
         if spliced and self.timing is None and type(r.status_code) is int \
-                and type(self.line) is int:
+                and type(self.line) is int and not self.cached:
             # the common answer: the bytes the dict below would give, formatted around the
             # raw body in one pass (no dict, no second copy of the body to splice it in)
             return _RESULT_LINE % (_dumps(self.id), _dumps(self.custom_id), r.status_code,
@@ -104,6 +105,8 @@ class ResultRecord:
                          "body": None if spliced else r.body},
             "error": None, "line": self.line,
         }
+        if self.cached:  # beside the response: the body and its request id are the original's
+            rec["cached"] = True
         if self.timing is not None:
             t = self.timing
             rec["timing"] = {"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,

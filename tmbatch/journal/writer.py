@@ -34,6 +34,7 @@ from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, atomic_writer, open_a
 from tmbatch.base.redact import SECRETS
 from tmbatch.journal.compact import IN_FLIGHT, OK, LineStates
 from tmbatch.journal.format import (
+    CACHED,
     BudgetRecord,
     DispatchRecord,
     Header,
@@ -130,9 +131,12 @@ class Writer:
         t = self._now
         if t is None:
             t = self._now = round(time.time(), 3)
-        self._jour.append(OutcomeRecord.ok_json(
-            line, t, None if latency is None else round(latency * 1000.0, 2),
-            None if ttft is None else round(ttft * 1000.0, 2)))
+        if record.cached:  # answered from the response cache: nothing was sent (format.py)
+            self._jour.append(OutcomeRecord(line, Outcome.OK, CACHED, t).to_json())
+        else:
+            self._jour.append(OutcomeRecord.ok_json(
+                line, t, None if latency is None else round(latency * 1000.0, 2),
+                None if ttft is None else round(ttft * 1000.0, 2)))
         if not self._scheduled or self._always:
             self._schedule()
 

@@ -24,11 +24,13 @@ from tmbatch.base.stop import Stop, Stopped
 from tmbatch.client.http import Answer, idempotency_key, send
 from tmbatch.client.served import ServedCheck
 from tmbatch.inputs.reader import BadLine, Request
+from tmbatch.journal.cache import Hit
 from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.journal.records import Response as RecordedResponse
 from tmbatch.journal.writer import Writer
 from tmbatch.limits import Admission, Lane, Permit
 from tmbatch.policy import AttemptFailed, Outcome, retryable
+from tmbatch.run.cached import RunCache
 from tmbatch.run.summary import RunStats
 from tmbatch.spend.reservation import Hold
 from tmbatch.spend.usage import usage_tokens
@@ -80,6 +82,8 @@ class LineSender:
     unreached_streak: int = 0
     # The one call that sends an attempt (client.send); the virtual-time matrix answers here.
     transport: Callable[..., Awaitable[Answer]] = send
+    # --cache: looked up before admission, stored after the result (`run.cached`)
+    cache: RunCache | None = None
     # The waits between attempts (tenacity's), made at the run's first retry (`_retry`).
     _backoff: wait_exponential_jitter | None = field(default=None, init=False)
     _refused_backoff: wait_exponential_jitter | None = field(default=None, init=False)
@@ -91,6 +95,13 @@ class LineSender:
         """Send `req` until it has an outcome (or the run stops), and record it. `task`: the
         one running this (a worker knows its own: `asyncio.current_task()` is a Python
         call and a getpid(2) on 3.11, once per line otherwise)."""
+        if self.cache is not None:
+            hit = self.cache.lookup(req)
+            if hit is not None:  # no permit, no spend, nothing sent
+                self._cached(req, hit)
+                if self.cache.hits % 64 == 0:
+                    await asyncio.sleep(0)  # a run of hits lets the writer and progress in
+                return
         refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
         if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
             self.record_failure(FailureRecord.of(
@@ -288,6 +299,15 @@ class LineSender:
             record_id(self.job_id, req.custom_id), req.custom_id, req.line,
             RecordedResponse(answer.status, answer.request_id, answer.body), timing, answer.raw)
         self.writer.result(record, answer.latency, answer.ttft)
+        if self.cache is not None:
+            self.cache.store(req, answer)  # committed after the result line is written
+
+    def _cached(self, req: Request, hit: Hit) -> None:
+        """A hit: results.jsonl gets the stored answer, marked, with its original request id."""
+        self.stats.ok += 1
+        self.writer.result(ResultRecord(
+            record_id(self.job_id, req.custom_id), req.custom_id, req.line,
+            RecordedResponse(hit.status, hit.request_id, None), None, hit.body, cached=True))
 
     def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:
         if exc.cls.policy.stops_run:

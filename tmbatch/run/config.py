@@ -54,6 +54,8 @@ class RunConfig:
     preflight: bool = True  # the checks before the first request (not --no-preflight)
     sim: bool = False  # send to the simulator started in-process (its address: `Learnt`)
     ordered: bool = False  # write the outputs in input order too, when the run finishes
+    cache: Path | None = None  # --cache: the response cache's SQLite file (docs/cache.md)
+    cache_mode: str = D.CACHE_MODE.value
     records: str | None = None  # a labelling job's records, rendered into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
     prior_attempts: Mapping[int, int] = field(default_factory=dict)  # resend: attempts so far

@@ -108,6 +108,8 @@ def layout(width: int, snap: dict[str, Any]) -> tuple[str, str]:
     """
     failed = f"{snap['failed']:,} failed" if snap["failed"] else ""
     eta = eta_text(snap.get("eta_s"))  # ours (the recent pace, pauses), not tqdm's average
+    if "cache_hits" in snap:  # --cache: what the cache answered, at any width
+        failed = ", ".join(p for p in (failed, f"{snap['cache_hits']:,} cached") if p)
     if "spent_text" in snap:  # a budget: worth its place at any width
         failed = ", ".join(p for p in (failed, f"spent {snap['spent_text']}") if p)
     if snap["total"] is None:  # not counted yet (or stdin): no bar, no percentage
@@ -167,6 +169,7 @@ class Progress:
         self.budget = budget  # a budget.Budget: spend (and the budget) on every line
         self.pace: Callable[[], float | None] | None = None  # the admission's pace
         self.pause_left: Callable[[], float] | None = None  # seconds of a pause open now
+        self.cache: Any = None  # a run.cached.RunCache (--cache): hits and misses shown
 
     @classmethod
     def for_run(cls, stats: RunStats, states: LineStates, opts: RunConfig,
@@ -217,7 +220,16 @@ class Progress:
             "eta_s": None if left is None else round(left),
             "total": self.total,
             **self._spend(pace),
+            **self._cache(),
         }
+
+    def _cache(self) -> dict[str, Any]:
+        """--cache: this run's hits and misses, and the tokens the hits did not cost."""
+        c = self.cache
+        if c is None:
+            return {}
+        return {"cache_hits": c.hits, "cache_misses": c.misses,
+                "cache_tokens_saved": c.prompt_saved + c.completion_saved}
 
     def _spend(self, pace: float | None) -> dict[str, Any]:
         """Shown when the run has a budget or prices: tokens (and cost) spent of the budget;
@@ -309,6 +321,9 @@ def line(snap: dict[str, Any]) -> str:
     recent = snap.get("recent_per_s")
     rate = f"{snap['req_per_s']} req/s" if recent is None else f"{recent} req/s now"
     spent = f", spent {snap['spent_text']}" if "spent_text" in snap else ""
+    if "cache_hits" in snap:
+        spent += (f", cache {snap['cache_hits']} hit(s) / {snap['cache_misses']} miss(es), "
+                  f"{snap['cache_tokens_saved']} tokens saved")
     return (f"{time.strftime('%H:%M:%S')} progress: {snap['done']}{total} done{before}, "
             f"{snap['failed']} failed{this_run}, {snap['in_flight']} in flight, "
             f"{rate}{pace}, {snap['tok_per_s']} tok/s{eta}{spent}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
+from tmbatch.journal.cache import ResponseCache
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import Header, ResumeRecord
 from tmbatch.journal.journal import ResumeState
@@ -43,6 +45,7 @@ from tmbatch.journal.writer import Writer, WriterError
 from tmbatch.limits import Admission
 from tmbatch.policy import Outcome
 from tmbatch.run.attempts import LineSender
+from tmbatch.run.cached import RunCache, key_base, open_cache
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress, open_pause
@@ -82,6 +85,8 @@ class Runner:
         self._made_dir = False
         self._total: int | None = None  # the input's lines that need an outcome, once counted
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
+        self._cache_file: ResponseCache | None = None  # opened by prepare(), used by send()
+        self.cache: RunCache | None = None
 
     async def run(self) -> int:
         """Both halves, for callers without a preflight or a simulator."""
@@ -138,6 +143,7 @@ class Runner:
         """Everything local, in an order that never touches a live job's files; raises a
         clear error (JournalError, OutputError, InputError) when the run must not start."""
         opts = self.config
+        self._cache_file = open_cache(opts)  # --cache: a bad file stops here (exit 2)
         self._made_dir = not opts.out_dir.exists()
         header, resume, self._lock = prepare_output(opts)
         self.header, self.resume = header, resume
@@ -164,6 +170,9 @@ class Runner:
         for sig in SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        if self._cache_file is not None:  # never reached send()
+            self._cache_file.close()
+            self._cache_file = None
         await self._close_writer()
         if not self._sent and self.resume is None and self._lock is not None:
             self._forget_new_job()
@@ -225,6 +234,11 @@ class Runner:
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
         progress.pause_left = lambda: open_pause(self.admission)
+        if self._cache_file is not None:
+            progress.cache = sender.cache = self.cache = RunCache(
+                self._cache_file, key_base(self.settings.base_url, opts.sim), writer,
+                opts.budget.prices)
+            self._cache_file = None
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
@@ -242,6 +256,8 @@ class Runner:
             await session.close()
             if f is not None and f is not sys.stdin.buffer:
                 f.close()
+            if self.cache is not None:
+                self.cache.close(opts.out_dir)  # its last stores, after their results
             await self._close_writer()
         return await self._finish()
 
@@ -387,8 +403,11 @@ class Runner:
             self.stats, self.states, input_lines=self.read_stats.lines,
             blank_lines=self.read_stats.blank, header=self.header, stop=self.stop,
             admission=self.admission, spend=self.budget.report(),
-            previous=read_summary(self.config.out_dir), lines=await self._job_lines(),
+            previous=(previous := read_summary(self.config.out_dir)),
+            lines=await self._job_lines(),
         )
+        if self.cache is not None:
+            summary = dataclasses.replace(summary, cache=self.cache.report_after(previous))
         try:
             write_summary(self.config.out_dir, summary)
         except OutputError as exc:
@@ -396,6 +415,8 @@ class Runner:
         if not self.config.quiet:
             say("summary", final_line(summary), **summary.as_dict())
             say_next_steps(summary, self.config.out_dir, self.states, self.header)
+            if self.cache is not None:
+                say("cache", self.cache.line(), **self.cache.report())
             spend = self.budget.final_line()
             if spend:
                 say("spend", spend, **(summary.spend or {}))

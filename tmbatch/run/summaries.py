@@ -110,6 +110,7 @@ class Summary:
     spend: dict[str, Any] | None = None  # `Budget.report`
     labels: dict[str, Any] | None = None  # a labelling job's counts by status
     nothing_sent: dict[str, Any] | None = None  # this run had nothing to send: when, how long
+    cache: dict[str, Any] | None = None  # --cache: this run's hits, misses, spend avoided
 
     @property
     def finished(self) -> bool:
@@ -126,7 +127,7 @@ class Summary:
             if getattr(self, key):
                 out[key] = getattr(self, key)
         out["spend"] = self.spend
-        for key in ("labels", "nothing_sent"):
+        for key in ("labels", "nothing_sent", "cache"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -140,7 +141,7 @@ class Summary:
                    _int(d.get("input_lines") or 0), _int(d.get("blank_lines_skipped") or 0),
                    Counts.from_dict(d["counts"]), this_run,
                    d.get("stopped"), d.get("fatal"), d.get("io_error"), d.get("spend"),
-                   d.get("labels"), d.get("nothing_sent"))
+                   d.get("labels"), d.get("nothing_sent"), d.get("cache"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from tmbatch.base.files import JOURNAL
 from tmbatch.base.words import setting
 from tmbatch.inputs.files import fingerprint, open_input
 from tmbatch.inputs.lines import is_blank, numbered_lines
-from tmbatch.journal.format import Header, JournalError, read_header
+from tmbatch.journal.format import Header, JournalError
+from tmbatch.journal.reading import read_header
 from tmbatch.run.summaries import Summary, read_summary
 
 

@@ -28,15 +28,14 @@ from tmbatch.journal.format import (
     BudgetRecord,
     DispatchRecord,
     Header,
-    JournalReader,
     OutcomeRecord,
     PauseRecord,
-    Position,
     Record,
     ResumeRecord,
     SpendRecord,
 )
 from tmbatch.journal.journal import spend_after
+from tmbatch.journal.reading import JournalReader, Position
 from tmbatch.tools.merge_checks import Part
 
 log = logging.getLogger("tmbatch")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tmbatch.base.files import JOURNAL, atomic_write, make_dir
 from tmbatch.policy import Outcome
+from tmbatch.run.summaries import read_summary
 from tmbatch.run.summary import percentile
 from tmbatch.tools.report_charts import (
     CLASS_COLORS,
@@ -106,6 +107,24 @@ def _cards(data: RunData) -> str:
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
+def cache_cards(data: RunData, out_dir: Path) -> str:
+    """--cache: the lines the cache answered (the journal's), and the last run's hits,
+    misses and spend avoided (summary.json's `cache`)."""
+    summary = read_summary(out_dir)
+    last = getattr(summary, "cache", None) if summary is not None else None
+    if not data.cached and not last:
+        return ""
+    cards = [_card(f"{data.cached:,}", "lines answered from the cache (nothing sent)")]
+    if last:
+        cards.append(_card(f"{last['hits']:,} / {last['misses']:,}",
+                           "cache hits / misses (last run)"))
+        saved = f"{last['tokens_saved']['total']:,}"
+        if last.get("usd_saved") is not None:
+            saved += f" · ${last['usd_saved']:,.4f}"
+        cards.append(_card(saved, "tokens · USD the cache saved (last run)"))
+    return '<div class="cards">' + "".join(cards) + "</div>"
+
+
 def _chart(name: str, png: bytes | None, alt: str, missing: str) -> str:
     if png is None:
         return f'<p class="note">{html.escape(missing)}</p>'
@@ -148,7 +167,7 @@ def render_html(data: RunData, out_dir: Path, charts: dict[str, bytes | None]) -
         f"<title>tmbatch report · {html.escape(h.job)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         "<h1>tmbatch run report</h1>", f'<p class="meta">{meta}</p>',
-        _cards(data),
+        _cards(data) + cache_cards(data, out_dir),
         "<h2>Throughput</h2>",
         _chart("throughput.png", charts["throughput.png"],
                "outcomes per second over time, with 429 pauses shaded", no_time),

@@ -17,15 +17,16 @@ import orjson
 
 from tmbatch.base.files import JOURNAL, RESULTS
 from tmbatch.journal.format import (
+    CACHED,
     BudgetRecord,
     Header,
-    JournalReader,
     OutcomeRecord,
     PauseRecord,
     ResumeRecord,
     SpendRecord,
 )
 from tmbatch.journal.journal import load
+from tmbatch.journal.reading import JournalReader
 from tmbatch.policy import Outcome
 from tmbatch.run.summaries import Counts
 from tmbatch.run.summary import RunStats
@@ -54,6 +55,11 @@ class RunData:
     @property
     def failures(self) -> Counter[tuple[Outcome, str]]:
         return Counter(v for v in self.final.values() if v[0].policy.failure)
+
+    @property
+    def cached(self) -> int:
+        """Lines answered from the response cache (--cache): nothing was sent for them."""
+        return sum(1 for o, code in self.final.values() if code == CACHED and o is Outcome.OK)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for v in self.final.values() if v[0] is outcome)
