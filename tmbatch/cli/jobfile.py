@@ -67,6 +67,8 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "output": ("output", lambda c, k, v: c.path_value(k, v)),
     "endpoint": ("endpoint", _endpoint),
     "model": ("model", _model),
+    "body_column": ("body_column", lambda c, k, v: c.string(k, v)),
+    "id_column": ("id_column", lambda c, k, v: c.string(k, v)),
     "stream": ("stream", lambda c, k, v: c.boolean(k, v)),
     "surface": ("surface", lambda c, k, v: c.choice(k, v, ("serverless", "on-demand"))),
     "base_url": ("base_url", lambda c, k, v: c.string(k, v)),

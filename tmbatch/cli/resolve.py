@@ -37,7 +37,10 @@ from tmbatch.cli.jobfile import (
     shard_from_env,
     share_limits,
 )
+from tmbatch.inputs.bodies import BodyTable
 from tmbatch.inputs.routes import normalize_endpoint
+from tmbatch.inputs.tables import table_kind
+from tmbatch.inputs.templates import REQUESTS
 from tmbatch.run.config import RunConfig, out_dir_of
 from tmbatch.spend.budget import BudgetSpec
 
@@ -119,11 +122,16 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         if endpoint_arg:
             raise ConfigError(f"{job.path}: a labelling job builds its chat requests itself; "
                               "remove `endpoint` from the job file (and --endpoint)")
-        from tmbatch.inputs.templates import REQUESTS
-
         records, input_path = input_path, str(out_dir / REQUESTS)
         pick.sources["records"] = source
         pick.sources["input"] = "the records rendered by the job file's [label] table"
+    table = None
+    body_column = pick("body_column")
+    if records is None and (table_kind(input_path) is not None or body_column is not None):
+        table = _body_table(input_path, body_column, pick("id_column"), endpoint, job)
+        input_path, endpoint = str(out_dir / REQUESTS), None
+        pick.sources["table"] = source
+        pick.sources["input"] = "the rows of the table (--body-column)"
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
@@ -138,9 +146,28 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
         budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
-        sources=pick.sources,
+        table=table, sources=pick.sources,
     )
     return Resolved(config, job)
+
+
+def _body_table(path: str, body_column: str | None, id_column: str | None,
+                endpoint: str | None, job: Job | None) -> BodyTable:
+    """A Parquet or CSV input without a [label] table: its rows are request bodies."""
+    if table_kind(path) is None:
+        raise ConfigError(f"--body-column reads a Parquet or CSV table; {path} is neither "
+                          "(.parquet, .pq or .csv)")
+    if body_column is None:
+        raise ConfigError(
+            f"{path} is a table: give --body-column COLUMN (each row's request body, with "
+            "--endpoint) or a job file with a [label] table (each row a record)")
+    if endpoint is None:
+        raise ConfigError(f"--body-column needs --endpoint (chat, completions, responses, ...): "
+                          f"the route every row of {path} is sent to")
+    if job is not None and job.label is not None:
+        raise ConfigError(f"{job.path}: a labelling job renders its rows itself; drop "
+                          "--body-column")
+    return BodyTable(path, body_column, id_column, endpoint)
 
 
 def _shard(flags: Mapping[str, Any], env: Mapping[str, str],
@@ -255,6 +282,13 @@ def config_rows(config: RunConfig) -> list[Row]:
     if config.records is not None:
         rows.append(("input", config.records, src("records", "")))
         rows.append(("requests", config.input, src("input", "")))
+    elif config.table is not None:
+        t = config.table
+        rows.append(("input", t.path, src("table", "")))
+        rows.append(("requests", config.input, src("input", "")))
+        rows.append(("body_column", t.body_column, src("body_column", "")))
+        rows.append(("id_column", t.id_column, src("id_column", "")))
+        rows.append(("table_endpoint", t.route, src("endpoint", "")))
     else:
         rows.append(("input", config.input, src("input", "")))
     rows.append(("output", str(config.out_dir), src("output", "")))

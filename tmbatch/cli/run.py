@@ -62,7 +62,8 @@ def add_run_parser(sub: Any) -> None:
         epilog=RUN_EXAMPLES + "\n" + help_text(),
     )
     run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
-                     "--endpoint; - reads stdin (not resumable); or a job file NAME.toml "
+                     "--endpoint; - reads stdin (not resumable); a Parquet or CSV table (with "
+                     "--body-column, or a job file's [label] table); or a job file NAME.toml "
                      "(flags override it)")
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     _input_args(run.add_argument_group("input"))
@@ -80,6 +81,14 @@ def add_run_parser(sub: Any) -> None:
 def _input_args(g: Any) -> None:
     g.add_argument("--endpoint", help="bare bodies: route for every line (chat, completions, "
                    "responses, tokenize, detokenize or the path); custom_id becomes line-N")
+    g.add_argument("--body-column", metavar="COLUMN",
+                   help="INPUT is a Parquet or CSV table whose COLUMN holds each row's request "
+                   "body (JSON text or a struct), sent to --endpoint; rows are numbered from 1 "
+                   "(a CSV's header is not a row). Without it a table needs a job file's [label] "
+                   "table (rows as records)")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="with --body-column: the column that holds each row's custom_id "
+                   "(default row-N)")
     g.add_argument("--model", help="fill body.model where a line has none")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream every line that does not say (SSE, aggregated into the same body)")
@@ -160,6 +169,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from tmbatch.tools import labels
 
         label_run = labels.setup(job.path, job.label, config)
+    if config.table is not None:  # writes OUTPUT/requests.jsonl (config.input) from its rows
+        from tmbatch.inputs.bodies import stage_bodies
+
+        stage_bodies(config.table, config.out_dir, config.restart)
     if config.budget.limited:  # (what it checks; `tmbatch.spend.estimate` is imported for it only)
         from tmbatch.spend.estimate import check_before_sending
 

@@ -94,15 +94,17 @@ def _requests(endpoint_arg: str | None, model: str | None) -> Items:
 
 def _records(spec: Any, model: str | None) -> Items:
     """A labelling job's records, rendered into requests as `run` will render them."""
+    from tmbatch.inputs.tables import unit_of
     from tmbatch.inputs.templates import RecordError, iter_records, render
 
     def items(f: IO[bytes], stats: ReadStats) -> Iterator[tuple[str | None, BadLine | None]]:
+        unit = unit_of(f)
         for line, raw in iter_records(f):
             stats.lines = line
             if not raw:
                 stats.blank += 1
                 continue
-            got = render(spec, raw, line, model or "model")
+            got = render(spec, raw, line, model or "model", unit)
             if isinstance(got, RecordError):
                 yield None, BadLine(line, None, got.code, got.message)
             else:

@@ -24,10 +24,22 @@ class InputError(Exception):
 
 
 def open_input(path: str) -> IO[bytes]:
+    """The input's bytes; a Parquet or CSV table's as JSONL, a line per row (`tables`)."""
+    f = open_file(path)
+    if path == "-":
+        return f
+    from tmbatch.inputs.tables import open_table, table_kind
+
+    kind = table_kind(path)
+    return f if kind is None else open_table(path, f, kind)
+
+
+def open_file(path: str) -> IO[bytes]:
+    """The file itself, as it is on disk (a table's bytes too)."""
     if path == "-":
         return sys.stdin.buffer
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory; give a JSONL file (one request per line)")
+        raise InputError(f"{path} is a directory; give a JSONL, Parquet or CSV file")
     with contextlib.suppress(OSError):  # missing or unreadable: open() below says which
         if not stat.S_ISREG(os.stat(path).st_mode):
             # A named pipe blocks open() until a writer comes, and every pass over it
@@ -49,7 +61,7 @@ def fingerprint(path: str) -> str:
     multi-GB inputs and still tells any two different files apart in practice.
     """
     h = hashlib.blake2b(digest_size=16)
-    f = open_input(path)
+    f = open_file(path)
     with f:
         size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
