@@ -65,6 +65,10 @@ RESEND_CONCURRENCY = Default(
     16,
     "a resend is a handful of lines after a run, often ones that failed under load: gentler "
     "than a run's 64")
+OUTPUT_FORMAT = Default(
+    "jsonl",
+    "results.jsonl and failures.jsonl are always written (they are the checkpoint's outcomes); "
+    "a table (parquet, csv) is an extra file made from them when the run finishes")
 
 # The table: setting -> its default (the names `run --print-config` shows).
 DEFAULTS: dict[str, Default[Any]] = {
@@ -80,4 +84,5 @@ DEFAULTS: dict[str, Default[Any]] = {
     "max_line_bytes": MAX_LINE_BYTES,
     "progress_interval": PROGRESS_INTERVAL,
     "resend_concurrency": RESEND_CONCURRENCY,
+    "output_format": OUTPUT_FORMAT,
 }

@@ -69,6 +69,8 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "model": ("model", _model),
     "body_column": ("body_column", lambda c, k, v: c.string(k, v)),
     "id_column": ("id_column", lambda c, k, v: c.string(k, v)),
+    "output_format": ("output_format",
+                      lambda c, k, v: c.choice(k, v, ("jsonl", "parquet", "csv"))),
     "stream": ("stream", lambda c, k, v: c.boolean(k, v)),
     "surface": ("surface", lambda c, k, v: c.choice(k, v, ("serverless", "on-demand"))),
     "base_url": ("base_url", lambda c, k, v: c.string(k, v)),

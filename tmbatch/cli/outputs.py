@@ -54,6 +54,11 @@ def add_export_parser(sub: Any) -> None:
     ex.add_argument("--combined", action="store_true",
                     help="also write outcomes.ordered.jsonl with results and failures together")
     ex.add_argument("--to", metavar="DIR", help="write there instead of the output directory")
+    ex.add_argument("--format", choices=("jsonl", "parquet", "csv"), default="jsonl",
+                    help="parquet or csv: write outcomes.parquet / outcomes.csv instead, one "
+                    "row per outcome in input order with flat columns (custom_id, status, "
+                    "class, model, text, finish_reason, tokens, ...); Parquet needs pip "
+                    "install 'tmbatch[parquet]' (default jsonl)")
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -64,6 +69,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
                           "flag (run --ordered is the one that exports when a run finishes)")
     out = Path(ns.output)
     read_header(out)
+    if ns.format != "jsonl":  # flat tables: `tools.tables`
+        from tmbatch.tools.tables import export_table
+
+        dest, n = export_table(out, ns.format, Path(ns.to) if ns.to else None)
+        print(f"{dest}: {n} row(s)", file=sys.stderr)
+        return ExitCode.OK
     counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
     dest = ns.to or ns.output
     for name, n in counts.items():

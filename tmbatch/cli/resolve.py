@@ -146,9 +146,19 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
         budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
-        table=table, sources=pick.sources,
+        table=table, output_format=_output_format(pick("output_format")),
+        sources=pick.sources,
     )
     return Resolved(config, job)
+
+
+def _output_format(fmt: str) -> str:
+    """A Parquet output needs pyarrow: said now, before anything is sent, not after the run."""
+    if fmt == "parquet":
+        from tmbatch.inputs.tables import require_pyarrow
+
+        require_pyarrow()
+    return fmt
 
 
 def _body_table(path: str, body_column: str | None, id_column: str | None,
@@ -310,7 +320,7 @@ def config_rows(config: RunConfig) -> list[Row]:
     models = sorted(config.budget.prices.table)
     rows.append(("prices", ", ".join(models) if models else None, src("prices", "")))
     for key in ("fsync", "drain_timeout", "max_line_bytes", "restart", "job_id",
-                "progress_interval", "quiet", "ordered", "preflight"):
+                "progress_interval", "quiet", "ordered", "output_format", "preflight"):
         rows.append((key, getattr(config, key), src(key, "")))
     rows += _connection_rows(config)
     return rows

@@ -143,6 +143,11 @@ def _output_args(g: Any) -> None:
     g.add_argument("--ordered", action="store_true",
                    help="when the run finishes, also write results.ordered.jsonl and "
                    "failures.ordered.jsonl in input order (as `tmbatch export`)")
+    g.add_argument("--output-format", choices=("jsonl", "parquet", "csv"), default=None,
+                   help="parquet or csv: when the run finishes, also write OUTPUT/outcomes.parquet "
+                   "or outcomes.csv, one row per outcome in input order with flat columns (as "
+                   "`tmbatch export --format`); the JSONL outputs are always written (default "
+                   f"{D.OUTPUT_FORMAT.value})")
     g.add_argument("--print-config", action="store_true",
                    help="print every setting as resolved (flag > job file > environment > "
                    "default) and where each came from, the API key only as set/unset; then "
@@ -186,6 +191,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from tmbatch.tools.export import export_ordered
 
         export_ordered(config.out_dir)
+    if config.output_format != "jsonl" and code in (ExitCode.OK, ExitCode.FAILED):
+        from tmbatch.tools.tables import export_table
+
+        dest, rows = export_table(config.out_dir, config.output_format)
+        log.info("%s: %d row(s)", dest, rows)
     return code
 
 

@@ -55,6 +55,7 @@ class RunConfig:
     preflight: bool = True  # the checks before the first request (not --no-preflight)
     sim: bool = False  # send to the simulator started in-process (its address: `Learnt`)
     ordered: bool = False  # write the outputs in input order too, when the run finishes
+    output_format: str = D.OUTPUT_FORMAT.value  # parquet/csv: outcomes.<fmt> when it finishes
     records: str | None = None  # a labelling job's records, rendered into `input`
     table: BodyTable | None = None  # a table of request bodies, staged into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
