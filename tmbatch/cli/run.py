@@ -63,8 +63,9 @@ def add_run_parser(sub: Any) -> None:
     )
     run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
                      "--endpoint; - reads stdin (not resumable); a Parquet or CSV table (with "
-                     "--body-column, or a job file's [label] table); or a job file NAME.toml "
-                     "(flags override it)")
+                     "--body-column, or a job file's [label] table); any of them as a URL "
+                     "(s3://, gs://, az://, http(s)://; extras tmbatch[s3], [gcs], [azure]); "
+                     "or a job file NAME.toml (flags override it)")
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     _input_args(run.add_argument_group("input"))
     _limit_args(run.add_argument_group("limits"))
