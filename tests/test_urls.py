@@ -114,3 +114,20 @@ def test_without_the_filesystem_the_message_names_the_extra(tmp_path: Path) -> N
                        env=clean_env(), timeout=120)
     assert r.returncode == 2, r.stderr
     assert "pip install 'tmbatch[gcs]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shards_of_a_bucket_input_merge(tmp_path: Path, s3: dict[str, str]) -> None:
+    """merge reads the input the shards ran from its URL, to check every line's outcome."""
+    fs = bucket(s3)
+    fs.put(str(ROOT / "samples/chat.jsonl"), "bkt/shards.jsonl")
+    env = clean_env(**s3)
+    for i in range(2):
+        r = run_cli(["run", "s3://bkt/shards.jsonl", "--shard", f"{i}/2", "--sim", "-o",
+                     str(tmp_path / f"s{i}"), "-q"], env=env)
+        assert r.returncode == 0, r.stderr
+    m = run_cli(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o",
+                 str(tmp_path / "all")], env=env)
+    assert m.returncode == 0, m.stderr
+    lines = (ROOT / "samples/chat.jsonl").read_bytes().splitlines()
+    assert len(read_jsonl(tmp_path / "all" / "results.jsonl")) == sum(
+        1 for x in lines if x.strip())
