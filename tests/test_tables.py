@@ -208,3 +208,12 @@ def test_without_pyarrow_the_message_names_the_extra(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=clean_env(), timeout=120)
     assert r.returncode == 2, r.stderr
     assert "pip install 'tmbatch[parquet]'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "estimate"])
+def test_validate_and_estimate_of_a_bare_table_say_how(tmp_path: Path, command: str) -> None:
+    table = tmp_path / "b.csv"
+    table.write_text("id,body\nq1,{}\n")
+    r = run_cli([command, str(table)])
+    assert r.returncode == 2, r.stderr
+    assert f"{command} reads a table through a labelling job file" in r.stderr

@@ -45,6 +45,9 @@ def add_validate_parser(sub: Any) -> None:
 
 def cmd_validate(ns: argparse.Namespace) -> int:
     if not is_job_file(ns.input):
+        from tmbatch.inputs.tables import refuse_bare_table
+
+        refuse_bare_table(ns.input, "validate")
         return _check(ns, ns.input, _requests(ns.endpoint, ns.model))
     job = load_job(ns.input)  # a wrong job file is one ConfigError: exit 2
     config = _config(ns, job)

@@ -49,6 +49,17 @@ def table_kind(path: str) -> str | None:
     return None
 
 
+def refuse_bare_table(path: str, command: str) -> None:
+    """`validate`/`estimate` of a table without a job file: its rows are neither Batch lines
+    nor records until a [label] table or --body-column says which, so say that rather than
+    call every row a line without a custom_id."""
+    if table_kind(path) is not None:
+        raise TableError(
+            f"{path} is a table: {command} reads a table through a labelling job file (one "
+            "that names it as `input`, with a [label] table); a table of request bodies "
+            f"(--body-column) is not read by {command} yet, only by run")
+
+
 def unit_of(f: Any) -> str:
     """What the input's numbers count: "row" for a table, "line" for JSONL."""
     return str(getattr(f, "unit", "line"))
