@@ -73,6 +73,10 @@ CACHE_WAIT = Default(
     5.0,
     "seconds a cache write waits for another process's: its writes last milliseconds, so "
     "longer is a process holding the file, which should fail the run's start, not stall it")
+OUTPUT_FORMAT = Default(
+    "jsonl",
+    "results.jsonl and failures.jsonl are always written (they are the checkpoint's outcomes); "
+    "a table (parquet, csv) is an extra file made from them when the run finishes")
 
 # The table: setting -> its default (the names `run --print-config` shows).
 DEFAULTS: dict[str, Default[Any]] = {
@@ -89,4 +93,5 @@ DEFAULTS: dict[str, Default[Any]] = {
     "progress_interval": PROGRESS_INTERVAL,
     "resend_concurrency": RESEND_CONCURRENCY,
     "cache_mode": CACHE_MODE,
+    "output_format": OUTPUT_FORMAT,
 }

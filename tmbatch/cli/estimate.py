@@ -69,6 +69,10 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
     from tmbatch.spend.estimate import DEFAULT_EXPECTED_OUTPUT, estimate
 
     ns, label = _from_job(ns)
+    if label is None:
+        from tmbatch.inputs.tables import refuse_bare_table
+
+        refuse_bare_table(ns.input, "estimate")
     prices = common.budget_spec_from(ns).prices
     settings = _settings(ns) if ns.tokenize else None  # a missing key stops here, not later
     endpoint = normalize_endpoint(ns.endpoint) if ns.endpoint else None

@@ -61,6 +61,11 @@ def add_export_parser(sub: Any) -> None:
                     "input file (OpenAI Batch lines, custom_id kept), to correct and send back "
                     "with `tmbatch resend OUT --input FILE`, or to run elsewhere. E.g. tmbatch "
                     "export out/ --failed --as-input > retry.jsonl")
+    ex.add_argument("--format", choices=("jsonl", "parquet", "csv"), default="jsonl",
+                    help="parquet or csv: write outcomes.parquet / outcomes.csv instead, one "
+                    "row per outcome in input order with flat columns (custom_id, status, "
+                    "class, model, text, finish_reason, tokens, ...); Parquet needs pip "
+                    "install 'tmbatch[parquet]' (default jsonl)")
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -73,6 +78,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
     read_header(out)
     if ns.failed or ns.as_input:
         return _export_failed(ns, out)
+    if ns.format != "jsonl":  # flat tables: `tools.tables`
+        from tmbatch.tools.tables import export_table
+
+        dest, n = export_table(out, ns.format, Path(ns.to) if ns.to else None)
+        print(f"{dest}: {n} row(s)", file=sys.stderr)
+        return ExitCode.OK
     counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
     dest = ns.to or ns.output
     for name, n in counts.items():

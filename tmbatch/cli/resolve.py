@@ -15,13 +15,10 @@ JOB.toml`: `flag --rpm`, `job file rpm at jobs/x.toml`, `env TENSORMESH_TIMEOUT_
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from tmbatch.base.config import ConfigError, Settings, check_model
 from tmbatch.base.config import resolve as resolve_connection
@@ -37,7 +34,10 @@ from tmbatch.cli.jobfile import (
     shard_from_env,
     share_limits,
 )
+from tmbatch.inputs.bodies import BodyTable
 from tmbatch.inputs.routes import normalize_endpoint
+from tmbatch.inputs.tables import table_kind
+from tmbatch.inputs.templates import REQUESTS
 from tmbatch.run.config import RunConfig, out_dir_of
 from tmbatch.spend.budget import BudgetSpec
 
@@ -115,16 +115,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         problem = check_model(model, "--model")
         if problem:
             raise ConfigError(problem)
-    records = None
-    if job is not None and job.label is not None:  # the run reads OUTPUT/requests.jsonl
-        if endpoint_arg:
-            raise ConfigError(f"{job.path}: a labelling job builds its chat requests itself; "
-                              "remove `endpoint` from the job file (and --endpoint)")
-        from tmbatch.inputs.templates import REQUESTS
-
-        records, input_path = input_path, str(out_dir / REQUESTS)
-        pick.sources["records"] = source
-        pick.sources["input"] = "the records rendered by the job file's [label] table"
+    records, table, input_path, endpoint = _staged(job, input_path, out_dir, source,
+                                                   endpoint, pick)
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     for key in ("restart", "quiet", "ordered", "sim"):
@@ -140,9 +132,60 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
         budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
-        cache=cache, cache_mode=pick("cache_mode"), sources=pick.sources,
+        cache=cache, cache_mode=pick("cache_mode"), table=table,
+        output_format=_output_format(pick("output_format")), sources=pick.sources,
     )
     return Resolved(config, job)
+
+
+def _staged(job: Job | None, input_path: str, out_dir: Path, source: str,
+            endpoint: str | None, pick: _Picker,
+            ) -> tuple[str | None, BodyTable | None, str, str | None]:
+    """Where the requests come from when the input is not them: a labelling job's records
+    or a table's rows, both staged into OUTPUT/requests.jsonl, which becomes the input.
+    Returns (records, table, the input path, the endpoint)."""
+    if job is not None and job.label is not None:  # the run reads OUTPUT/requests.jsonl
+        if pick("endpoint"):
+            raise ConfigError(f"{job.path}: a labelling job builds its chat requests itself; "
+                              "remove `endpoint` from the job file (and --endpoint)")
+        pick.sources["records"] = source
+        pick.sources["input"] = "the records rendered by the job file's [label] table"
+        return input_path, None, str(out_dir / REQUESTS), endpoint
+    body_column = pick("body_column")
+    if table_kind(input_path) is not None or body_column is not None:
+        table = _body_table(input_path, body_column, pick("id_column"), endpoint, job)
+        pick.sources["table"] = source
+        pick.sources["input"] = "the rows of the table (--body-column)"
+        return None, table, str(out_dir / REQUESTS), None
+    return None, None, input_path, endpoint
+
+
+def _output_format(fmt: str) -> str:
+    """A Parquet output needs pyarrow: said now, before anything is sent, not after the run."""
+    if fmt == "parquet":
+        from tmbatch.inputs.tables import require_pyarrow
+
+        require_pyarrow()
+    return fmt
+
+
+def _body_table(path: str, body_column: str | None, id_column: str | None,
+                endpoint: str | None, job: Job | None) -> BodyTable:
+    """A Parquet or CSV input without a [label] table: its rows are request bodies."""
+    if table_kind(path) is None:
+        raise ConfigError(f"--body-column reads a Parquet or CSV table; {path} is neither "
+                          "(.parquet, .pq or .csv)")
+    if body_column is None:
+        raise ConfigError(
+            f"{path} is a table: give --body-column COLUMN (each row's request body, with "
+            "--endpoint) or a job file with a [label] table (each row a record)")
+    if endpoint is None:
+        raise ConfigError(f"--body-column needs --endpoint (chat, completions, responses, ...): "
+                          f"the route every row of {path} is sent to")
+    if job is not None and job.label is not None:
+        raise ConfigError(f"{job.path}: a labelling job renders its rows itself; drop "
+                          "--body-column")
+    return BodyTable(path, body_column, id_column, endpoint)
 
 
 def _shard(flags: Mapping[str, Any], env: Mapping[str, str],
@@ -253,104 +296,3 @@ def _connection(flags: Mapping[str, Any], job: Job | None, env: Mapping[str, str
 
 def _fmt(value: float | None) -> str:
     return "unlimited" if value is None else f"{value:g}"
-
-
-# -- showing it --------------------------------------------------------------------------
-
-Row = tuple[str, Any, str]  # setting, value (JSON-able; never a secret), source
-
-
-def config_rows(config: RunConfig) -> list[Row]:
-    """Every setting of `config`, its value and where it came from, in the order of
-    `tmbatch run --help`. The API key and the user id are shown as set or unset, never."""
-    src = config.sources.get
-    rows: list[Row] = []
-    if config.records is not None:
-        rows.append(("input", config.records, src("records", "")))
-        rows.append(("requests", config.input, src("input", "")))
-    else:
-        rows.append(("input", config.input, src("input", "")))
-    rows.append(("output", str(config.out_dir), src("output", "")))
-    for key in ("endpoint", "model", "stream"):
-        rows.append((key, getattr(config, key), src(key, "")))
-    shard = config.shard
-    rows.append(("shard", f"{shard[0]}/{shard[1]}" if shard else None, src("shard", "")))
-    for key in ("concurrency", "rpm", "tpm"):
-        rows.append((key, getattr(config, key), src(key, "")))
-    adaptive_source = src("adaptive", "")
-    if adaptive_source == "default":
-        adaptive_source = "default (on without --rpm)" if config.rpm is None \
-            else "default (off: --rpm given)"
-    rows.append(("adaptive", config.is_adaptive, adaptive_source))
-    for key in ("limit_scope", "patience"):
-        rows.append((key, getattr(config, key), src(key, "")))
-    rows.append(("budget_tokens", config.budget.tokens, src("budget_tokens", "")))
-    rows.append(("budget_usd", config.budget.usd, src("budget_usd", "")))
-    models = sorted(config.budget.prices.table)
-    rows.append(("prices", ", ".join(models) if models else None, src("prices", "")))
-    rows.append(("cache", None if config.cache is None else str(config.cache),
-                 src("cache", "")))
-    rows.append(("cache_mode", config.cache_mode, src("cache_mode", "")))
-    for key in ("fsync", "drain_timeout", "max_line_bytes", "restart", "job_id",
-                "progress_interval", "quiet", "ordered", "preflight"):
-        rows.append((key, getattr(config, key), src(key, "")))
-    rows += _connection_rows(config)
-    return rows
-
-
-def _connection_rows(config: RunConfig) -> list[Row]:
-    s = config.connection
-    if s is None:
-        return []
-    src = s.sources.get
-    rows: list[Row] = [("surface", s.surface, src("surface", ""))]
-    if config.sim:
-        rows.append(("base_url", "the simulator on 127.0.0.1 (its port chosen at start)",
-                     "flag --sim"))
-    else:
-        rows.append(("base_url", s.base_url, src("base_url", "")))
-    key_source = src("api_key", "")
-    if not s.api_key and not config.sim:
-        key_source += " (a run needs one: TENSORMESH_INFERENCE_API_KEY or --api-key-file)"
-    rows.append(("api_key", "set" if s.api_key else "unset", key_source))
-    if s.surface == "on-demand":
-        rows.append(("user_id", "set" if s.user_id else "unset", src("user_id", "")))
-    rows += [("timeout", s.timeout, src("timeout", "")),
-             ("max_retries", s.max_retries, src("max_retries", "")),
-             ("ca_bundle", s.ca_bundle, src("ca_bundle", "")),
-             ("allow_insecure_http", s.allow_insecure_http,
-              "flag --allow-insecure-http" if s.allow_insecure_http else "default")]
-    return rows
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def config_json(config: RunConfig) -> dict[str, dict[str, Any]]:
-    """setting -> {"value", "source"}, as `--print-config` with --log-format json shows it."""
-    return {k: {"value": v, "source": s} for k, v, s in config_rows(config)}
-
-
-def print_config(config: RunConfig, *, as_json: bool = False,
-                 write: Callable[[str], Any] | None = None) -> None:
-    """`--print-config`: the settings, values and sources on stdout (one JSON object with
-    `as_json`)."""
-    out = write or sys.stdout.write
-    if as_json:
-        out(orjson.dumps({"config": config_json(config), "precedence": PRECEDENCE}).decode()
-            + "\n")
-        return
-    rows = config_rows(config)
-    width = max(len(k) for k, _, _ in rows)
-    shown = [(k, _shown(v), s) for k, v, s in rows]
-    vwidth = min(48, max(len(v) for _, v, _ in shown))
-    lines = [f"resolved configuration ({PRECEDENCE}):"]
-    lines += [f"  {k:<{width}}  {v:<{vwidth}}  {s}" for k, v, s in shown]
-    out("\n".join(lines) + "\n")

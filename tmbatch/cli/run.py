@@ -66,8 +66,10 @@ def add_run_parser(sub: Any) -> None:
         epilog=RUN_EXAMPLES + "\n" + help_text(),
     )
     run.add_argument("input", help="JSONL file: OpenAI Batch lines, or bare bodies with "
-                     "--endpoint; - reads stdin (not resumable); or a job file NAME.toml "
-                     "(flags override it)")
+                     "--endpoint; - reads stdin (not resumable); a Parquet or CSV table (with "
+                     "--body-column, or a job file's [label] table); any of them as a URL "
+                     "(s3://, gs://, az://, http(s)://; extras tmbatch[s3], [gcs], [azure]); "
+                     "or a job file NAME.toml (flags override it)")
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     _input_args(run.add_argument_group("input"))
     _limit_args(run.add_argument_group("limits"))
@@ -85,6 +87,14 @@ def add_run_parser(sub: Any) -> None:
 def _input_args(g: Any) -> None:
     g.add_argument("--endpoint", help="bare bodies: route for every line (chat, completions, "
                    "responses, tokenize, detokenize or the path); custom_id becomes line-N")
+    g.add_argument("--body-column", metavar="COLUMN",
+                   help="INPUT is a Parquet or CSV table whose COLUMN holds each row's request "
+                   "body (JSON text or a struct), sent to --endpoint; rows are numbered from 1 "
+                   "(a CSV's header is not a row). Without it a table needs a job file's [label] "
+                   "table (rows as records)")
+    g.add_argument("--id-column", metavar="COLUMN",
+                   help="with --body-column: the column that holds each row's custom_id "
+                   "(default row-N)")
     g.add_argument("--model", help="fill body.model where a line has none")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="stream every line that does not say (SSE, aggregated into the same body)")
@@ -151,6 +161,11 @@ def _output_args(g: Any) -> None:
     g.add_argument("--ordered", action="store_true",
                    help="when the run finishes, also write results.ordered.jsonl and "
                    "failures.ordered.jsonl in input order (as `tmbatch export`)")
+    g.add_argument("--output-format", choices=("jsonl", "parquet", "csv"), default=None,
+                   help="parquet or csv: when the run finishes, also write OUTPUT/outcomes.parquet "
+                   "or outcomes.csv, one row per outcome in input order with flat columns (as "
+                   "`tmbatch export --format`); the JSONL outputs are always written (default "
+                   f"{D.OUTPUT_FORMAT.value})")
     g.add_argument("--print-config", action="store_true",
                    help="print every setting as resolved (flag > job file > environment > "
                    "default) and where each came from, the API key only as set/unset; then "
@@ -167,7 +182,8 @@ def _output_args(g: Any) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tmbatch.cli.resolve import print_config, resolve_run
+    from tmbatch.cli.resolve import resolve_run
+    from tmbatch.cli.showconfig import print_config
 
     # flags > job file > environment > defaults, once: nothing changes `ns` or the config after
     resolved = resolve_run(vars(ns), os.environ,
@@ -190,6 +206,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from tmbatch.tools import labels
 
         label_run = labels.setup(job.path, job.label, config)
+    if config.table is not None:  # writes OUTPUT/requests.jsonl (config.input) from its rows
+        from tmbatch.inputs.bodies import stage_bodies
+
+        stage_bodies(config.table, config.out_dir, config.restart)
     _check_budget(config)
     say_estimate(config)
     code = run_async(start_run(ns, config))
@@ -199,6 +219,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from tmbatch.tools.export import export_ordered
 
         export_ordered(config.out_dir)
+    if config.output_format != "jsonl" and code in (ExitCode.OK, ExitCode.FAILED):
+        from tmbatch.tools.tables import export_table
+
+        dest, rows = export_table(config.out_dir, config.output_format)
+        log.info("%s: %d row(s)", dest, rows)
     return code
 
 

@@ -16,7 +16,8 @@ from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.logs import add_log_format_arg
 from tmbatch.cli.common import subcommand
 from tmbatch.cli.jobfile import Job, is_job_file, load_job
-from tmbatch.cli.resolve import config_json, print_config, resolve_run
+from tmbatch.cli.resolve import resolve_run
+from tmbatch.cli.showconfig import config_json, print_config
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.reader import BadLine, ReadStats, read_requests
 from tmbatch.inputs.routes import normalize_endpoint
@@ -45,6 +46,9 @@ def add_validate_parser(sub: Any) -> None:
 
 def cmd_validate(ns: argparse.Namespace) -> int:
     if not is_job_file(ns.input):
+        from tmbatch.inputs.tables import refuse_bare_table
+
+        refuse_bare_table(ns.input, "validate")
         return _check(ns, ns.input, _requests(ns.endpoint, ns.model))
     job = load_job(ns.input)  # a wrong job file is one ConfigError: exit 2
     config = _config(ns, job)
@@ -94,15 +98,17 @@ def _requests(endpoint_arg: str | None, model: str | None) -> Items:
 
 def _records(spec: Any, model: str | None) -> Items:
     """A labelling job's records, rendered into requests as `run` will render them."""
+    from tmbatch.inputs.tables import unit_of
     from tmbatch.inputs.templates import RecordError, iter_records, render
 
     def items(f: IO[bytes], stats: ReadStats) -> Iterator[tuple[str | None, BadLine | None]]:
+        unit = unit_of(f)
         for line, raw in iter_records(f):
             stats.lines = line
             if not raw:
                 stats.blank += 1
                 continue
-            got = render(spec, raw, line, model or "model")
+            got = render(spec, raw, line, model or "model", unit)
             if isinstance(got, RecordError):
                 yield None, BadLine(line, None, got.code, got.message)
             else:

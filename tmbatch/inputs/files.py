@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import stat
 import sys
@@ -24,10 +25,70 @@ class InputError(Exception):
 
 
 def open_input(path: str) -> IO[bytes]:
+    """The input's bytes; a Parquet or CSV table's as JSONL, a line per row (`tables`)."""
+    f = open_file(path)
+    if path == "-":
+        return f
+    from tmbatch.inputs.tables import open_table, table_kind
+
+    kind = table_kind(path)
+    return f if kind is None else open_table(path, f, kind)
+
+
+# URL scheme -> the extra that brings its fsspec filesystem (http, https, file: fsspec alone)
+URL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure",
+              "abfs": "azure", "abfss": "azure", "http": None, "https": None, "file": None}
+
+
+def url_scheme(path: str) -> str | None:
+    """The scheme of an object-store or web URL tmbatch reads through fsspec; None for a
+    local path (and for `-`)."""
+    head, sep, _ = path.partition("://")
+    return head.lower() if sep and head.lower() in URL_EXTRAS else None
+
+
+class _UrlFile(io.BufferedReader):
+    """An object read through fsspec, with `readline(limit)` as a local file has it (fsspec's
+    own takes no limit) and the object's `size` for the fingerprint."""
+
+    @property
+    def size(self) -> int:
+        return int(self.raw.size)  # type: ignore[attr-defined]
+
+
+def open_url(path: str, scheme: str) -> IO[bytes]:
+    """An input at a URL, through fsspec with the credentials its filesystem reads itself
+    (AWS env and profile, AWS_ENDPOINT_URL for MinIO or R2; GCP application default; Azure
+    env). A missing filesystem names the extra that brings it."""
+    extra = URL_EXTRAS[scheme]
+    how = f"pip install 'tmbatch[{extra}]'" if extra else "pip install fsspec aiohttp"
+    try:
+        import fsspec
+
+        fs, target = fsspec.core.url_to_fs(path)
+    except ImportError:
+        raise InputError(f"{path}: reading {scheme}:// needs its filesystem: {how}") from None
+    except ValueError as exc:  # fsspec: "Protocol not known", a malformed URL
+        raise InputError(f"{path}: {exc}") from None
+    try:
+        return _UrlFile(fs.open(target, "rb", block_size=1 << 20), 1 << 20)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such object (check the bucket and the key)") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a prefix, not an object; give the file's URL") from None
+    except Exception as exc:  # credentials, network, permissions: one message, no traceback
+        raise InputError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+
+
+def open_file(path: str) -> IO[bytes]:
+    """The file itself, as it is on disk or in its bucket (a table's bytes too)."""
+    scheme = url_scheme(path)
+    if scheme is not None:
+        return open_url(path, scheme)
     if path == "-":
         return sys.stdin.buffer
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory; give a JSONL file (one request per line)")
+        raise InputError(f"{path} is a directory; give a JSONL, Parquet or CSV file")
     with contextlib.suppress(OSError):  # missing or unreadable: open() below says which
         if not stat.S_ISREG(os.stat(path).st_mode):
             # A named pipe blocks open() until a writer comes, and every pass over it
@@ -49,9 +110,11 @@ def fingerprint(path: str) -> str:
     multi-GB inputs and still tells any two different files apart in practice.
     """
     h = hashlib.blake2b(digest_size=16)
-    f = open_input(path)
+    f = open_file(path)
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = getattr(f, "size", None)  # an object in a bucket knows its size
+        if not isinstance(size, int):
+            size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
         h.update(f.read(1 << 20))
         if size > 2 << 20:

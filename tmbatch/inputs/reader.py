@@ -333,13 +333,34 @@ def read_requests(
     shard: Shard | None = None,
     stats: ReadStats | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    unit: str = "line",
 ) -> Iterator[Request | BadLine]:
     """Yield a Request or BadLine per non-blank line not in `done`.
 
     Blank lines are skipped (counted in stats, never failures) so a trailing
     newline or a blank separator line is harmless. Line numbers are physical
-    line numbers, 1-based, so users can `sed -n Np` them.
+    line numbers, 1-based, so users can `sed -n Np` them. `unit` "row": the input was
+    staged from a table (row N is line N), and the messages say so.
     """
+    items = _read(f, endpoint, model, stream, done, seen, shard, stats, max_line_bytes)
+    if unit == "line":
+        return items
+    return (item if isinstance(item, Request) else as_rows(item) for item in items)
+
+
+_LINE_WORD = re.compile(r"\bline (\d+)|\ban earlier line\b")
+
+
+def as_rows(bad: BadLine) -> BadLine:
+    """A bad line's message in a table's words: "row 3", not "line 3" (rare: bad lines)."""
+    bad.message = _LINE_WORD.sub(
+        lambda m: f"row {m.group(1)}" if m.group(1) else "an earlier row", bad.message)
+    return bad
+
+
+def _read(f: IO[bytes], endpoint: str | None, model: str | None, stream: bool | None,
+          done: LineStates | None, seen: IdSet | None, shard: Shard | None,
+          stats: ReadStats | None, max_line_bytes: int) -> Iterator[Request | BadLine]:
     seen = IdSet() if seen is None else seen
     stats = ReadStats() if stats is None else stats
     first_use = FirstUse(f, endpoint, model, stream, shard, max_line_bytes)

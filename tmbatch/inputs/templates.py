@@ -31,6 +31,7 @@ from tmbatch.base.tomlcheck import TableChecker, unknown_key
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import Shard, in_shard, numbered_lines
 from tmbatch.inputs.reader import MAX_CUSTOM_ID
+from tmbatch.inputs.tables import unit_of
 
 log = logging.getLogger("tmbatch")
 
@@ -162,7 +163,7 @@ def iter_records(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def _fill(pieces: tuple[Piece, ...], record: dict[str, Any], line: int,
-          what: str) -> str | RecordError:
+          what: str, unit: str = "line") -> str | RecordError:
     out = []
     for piece in pieces:
         out.append(piece.literal)
@@ -171,52 +172,55 @@ def _fill(pieces: tuple[Piece, ...], record: dict[str, Any], line: int,
         value = record.get(piece.field)
         if value is None:
             state = "is null" if piece.field in record else "is missing"
-            return RecordError("missing_field", f"record line {line}: field `{piece.field}` "
+            return RecordError("missing_field", f"record {unit} {line}: field `{piece.field}` "
                                f"(used by the {what} as {{{piece.field}}}) {state}; add it to "
                                "the record or change the template")
         out.append(value if isinstance(value, str) else orjson.dumps(value).decode())
     return "".join(out)
 
 
-def record_id(spec: LabelSpec, record: dict[str, Any], line: int) -> str | RecordError:
+def record_id(spec: LabelSpec, record: dict[str, Any], line: int,
+              unit: str = "line") -> str | RecordError:
     value = record.get(spec.id_field)
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         state = "is missing" if value is None else f"is {quoted(value)}"
-        return RecordError("invalid_id", f"record line {line}: id field `{spec.id_field}` "
+        return RecordError("invalid_id", f"record {unit} {line}: id field `{spec.id_field}` "
                            f"{state}; each record needs a unique non-empty string or integer "
                            "id (set label.id_field to the field that holds it)")
     cid = str(value)
     if len(cid) > MAX_CUSTOM_ID:
-        return RecordError("invalid_id", f"record line {line}: id is {len(cid)} characters; "
+        return RecordError("invalid_id", f"record {unit} {line}: id is {len(cid)} characters; "
                            f"at most {MAX_CUSTOM_ID}")
     return cid
 
 
-def parse_record(raw: bytes, line: int) -> dict[str, Any] | RecordError:
+def parse_record(raw: bytes, line: int, unit: str = "line") -> dict[str, Any] | RecordError:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return RecordError("invalid_json", f"record line {line}: not valid JSON ({exc})")
+        return RecordError("invalid_json", f"record {unit} {line}: not valid JSON ({exc})")
     if not isinstance(obj, dict):
-        return RecordError("not_an_object", f"record line {line}: expected a JSON object")
+        return RecordError("not_an_object", f"record {unit} {line}: expected a JSON object")
     return obj
 
 
-def render(spec: LabelSpec, raw: bytes, line: int, model: str) -> dict[str, Any] | RecordError:
-    """One record -> one Batch request line, or the reason it cannot be one."""
-    record = parse_record(raw, line)
+def render(spec: LabelSpec, raw: bytes, line: int, model: str,
+           unit: str = "line") -> dict[str, Any] | RecordError:
+    """One record -> one Batch request line, or the reason it cannot be one. `unit`: what
+    `line` counts in the messages ("row" for a Parquet or CSV table, `tables.unit_of`)."""
+    record = parse_record(raw, line, unit)
     if isinstance(record, RecordError):
         return record
-    cid = record_id(spec, record, line)
+    cid = record_id(spec, record, line, unit)
     if isinstance(cid, RecordError):
         return cid
     messages = []
     if spec.system is not None:
-        system = _fill(spec.system, record, line, "system prompt")
+        system = _fill(spec.system, record, line, "system prompt", unit)
         if isinstance(system, RecordError):
             return system
         messages.append({"role": "system", "content": system})
-    prompt = _fill(spec.template, record, line, "template")
+    prompt = _fill(spec.template, record, line, "template", unit)
     if isinstance(prompt, RecordError):
         return prompt
     messages.append({"role": "user", "content": prompt})
@@ -228,7 +232,7 @@ def render(spec: LabelSpec, raw: bytes, line: int, model: str) -> dict[str, Any]
     return {"custom_id": cid, "method": "POST", "url": CHAT, "body": body}
 
 
-class _Digest:
+class Digest:
     """A sink that keeps only the digest of what would be written (secrets dropped, as the
     file's writer drops them)."""
 
@@ -240,7 +244,7 @@ class _Digest:
         return len(data)
 
 
-def _file_digest(path: Path) -> bytes:
+def file_digest(path: Path) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -262,8 +266,9 @@ def _render_all(spec: LabelSpec, records: str, model: str, shard: Shard | None,
     count = errors = 0
     shown: list[str] = []
     with contextlib.closing(open_input(records)) as f:
+        unit = unit_of(f)
         for line, raw in iter_records(f):
-            item = render(spec, raw, line, model) if raw else None
+            item = render(spec, raw, line, model, unit) if raw else None
             if isinstance(item, RecordError):  # nothing to send; labels.jsonl lists it
                 if in_shard(line, shard):
                     errors += 1
@@ -289,14 +294,14 @@ def prepare_requests(spec: LabelSpec, records: str, out_dir: Path, model: str | 
                           "--model")
     make_dir(out_dir)
     target = out_dir / REQUESTS
-    digest = _Digest()
+    digest = Digest()
     done = _render_all(spec, records, model, shard, digest)
     for message in done.shown:
         log.warning("%s", message)
     if done.errors > len(done.shown):
         log.warning("%s: %d more record(s) cannot be rendered (listed in %s)", records,
                     done.errors - len(done.shown), LABELS)
-    if target.exists() and _file_digest(target) == digest.h.digest():
+    if target.exists() and file_digest(target) == digest.h.digest():
         pass
     elif target.exists() and (out_dir / JOURNAL).exists() and not restart:
         raise ConfigError(

@@ -19,6 +19,7 @@ from typing import Any
 
 from tmbatch.base import defaults as D
 from tmbatch.base.config import Settings
+from tmbatch.inputs.bodies import BodyTable
 from tmbatch.inputs.lines import Shard
 from tmbatch.spend.budget import BudgetSpec
 
@@ -56,7 +57,9 @@ class RunConfig:
     ordered: bool = False  # write the outputs in input order too, when the run finishes
     cache: Path | None = None  # --cache: the response cache's SQLite file (docs/cache.md)
     cache_mode: str = D.CACHE_MODE.value
+    output_format: str = D.OUTPUT_FORMAT.value  # parquet/csv: outcomes.<fmt> when it finishes
     records: str | None = None  # a labelling job's records, rendered into `input`
+    table: BodyTable | None = None  # a table of request bodies, staged into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
     prior_attempts: Mapping[int, int] = field(default_factory=dict)  # resend: attempts so far
     extra_header: Mapping[str, Any] = field(default_factory=dict)  # resend: in the resume record

@@ -34,7 +34,7 @@ from tmbatch.base.files import (
     output_error,
 )
 from tmbatch.base.words import setting
-from tmbatch.inputs.files import fingerprint
+from tmbatch.inputs.files import fingerprint, url_scheme
 from tmbatch.journal.format import Header
 from tmbatch.journal.journal import JournalError, ResumeState, load, nothing_sent, read_header
 from tmbatch.run.config import RunConfig
@@ -153,6 +153,9 @@ def _check_same_job(header: Header, opts: RunConfig, fp: str | None) -> None:
 
 
 def _new_header(opts: RunConfig, fp: str) -> Header:
-    return Header(input="-" if opts.input == "-" else os.path.abspath(opts.input),
+    # a URL stays a URL (`merge` reads the input again from where the journal says it is)
+    where = opts.input if opts.input == "-" or url_scheme(opts.input) else os.path.abspath(
+        opts.input)
+    return Header(input=where,
                   fingerprint=fp, job=opts.job_id or secrets.token_hex(8),
                   options=opts.request_shape(), t=time.time(), tmbatch=__version__)

@@ -297,6 +297,7 @@ class Runner:
             seen=None if resume is None else resume.seen,
             shard=self.config.shard, stats=self.read_stats,
             max_line_bytes=self.config.max_line_bytes,
+            unit="line" if self.config.table is None else "row",
         )
 
     async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:

@@ -25,6 +25,7 @@ from tmbatch.base.config import ConfigError, Settings
 from tmbatch.base.logs import REDACT
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
+from tmbatch.inputs.tables import unit_of
 from tmbatch.policy import AttemptFailed
 from tmbatch.spend.budget import Budget, BudgetSpec
 from tmbatch.spend.prices import Prices
@@ -273,12 +274,13 @@ def _label_requests(f: Any, label: tuple[Path, dict[str, Any]], model: str | Non
     if not model:
         raise ConfigError("a labelling job needs a model: set `model` in the job file or pass "
                           "--model")
+    unit = unit_of(f)
     for line, raw in templates.iter_records(f):
         stats.lines = line
         if not raw:
             stats.blank += 1
             continue
-        item = templates.render(spec, raw, line, model)
+        item = templates.render(spec, raw, line, model, unit)
         if isinstance(item, templates.RecordError):
             yield BadLine(line, None, item.code, item.message)
         else:

@@ -28,6 +28,7 @@ from tmbatch.base.files import (
 )
 from tmbatch.inputs.files import InputError, open_input
 from tmbatch.inputs.lines import Shard, in_shard
+from tmbatch.inputs.tables import unit_of
 from tmbatch.inputs.templates import (
     JSON_TYPES,
     LabelSpec,
@@ -163,24 +164,25 @@ def build_labels(spec: LabelSpec, records: str, out_dir: Path,
                  for n in (RESULTS, FAILURES) if (out_dir / n).exists()}
         f = stack.enter_context(open_input(records))
         out = stack.enter_context(atomic_writer(out_dir / LABELS))
+        unit = unit_of(f)
         for line, raw in iter_records(f):
             if not raw or not in_shard(line, shard):
                 continue
-            row = _label_row(spec, raw, line, where, files)
+            row = _label_row(spec, raw, line, where, files, unit)
             counts[row["status"]] += 1
             out.write(orjson.dumps(row) + b"\n")
     return counts
 
 
 def _label_row(spec: LabelSpec, raw: bytes, line: int, where: array,
-               files: dict[str, IO[bytes]]) -> dict[str, Any]:
-    record = parse_record(raw, line)
+               files: dict[str, IO[bytes]], unit: str = "line") -> dict[str, Any]:
+    record = parse_record(raw, line, unit)
     rid: Any = None
     if isinstance(record, dict):
         value = record.get(spec.id_field)
         rid = value if isinstance(value, str | int) and not isinstance(value, bool) else None
     row: dict[str, Any] = {"id": rid, "line": line}
-    problem = render(spec, raw, line, "-")
+    problem = render(spec, raw, line, "-", unit)
     if isinstance(problem, RecordError):
         row.update(label=None, status="failed",
                    error={"code": problem.code, "message": problem.message})
@@ -188,7 +190,7 @@ def _label_row(spec: LabelSpec, raw: bytes, line: int, where: array,
     pos = where[line] if line < len(where) else 0
     if pos == 0:
         row.update(label=None, status="failed", error={
-            "code": "no_outcome", "message": f"record line {line} has no outcome in "
+            "code": "no_outcome", "message": f"record {unit} {line} has no outcome in "
             f"{RESULTS} or {FAILURES}; run the job again to resume"})
         return row
     if pos < 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tmbatch.base.files import JOURNAL
 from tmbatch.base.words import setting
-from tmbatch.inputs.files import fingerprint, open_input
+from tmbatch.inputs.files import fingerprint, open_input, url_scheme
 from tmbatch.inputs.lines import is_blank, numbered_lines
 from tmbatch.journal.format import Header, JournalError
 from tmbatch.journal.reading import read_header
@@ -114,7 +114,7 @@ def find_input(parts: list[Part], given: str | None) -> str:
     fp = parts[0].header.fingerprint
     candidates = [given] if given else [p.header.input for p in parts]
     for c in candidates:
-        if c and c != "-" and os.path.isfile(c):
+        if c and c != "-" and (os.path.isfile(c) or url_scheme(c) is not None):
             if fingerprint(c) == fp:
                 return c
             if given:
