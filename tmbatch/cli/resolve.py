@@ -28,6 +28,7 @@ from tmbatch.base.config import resolve as resolve_connection
 from tmbatch.base.defaults import DEFAULTS
 from tmbatch.base.redact import SECRETS
 from tmbatch.cli.common import connection_flags
+from tmbatch.cli.fleet import fleet_rows, resolve_fleet
 from tmbatch.cli.jobfile import (
     ENV_COMPLETIONS,
     ENV_INDEX,
@@ -125,6 +126,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         pick.sources["records"] = source
         pick.sources["input"] = "the records rendered by the job file's [label] table"
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
+    fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
     pick.sources["preflight"] = "flag --no-preflight" if flags.get("no_preflight") else "default"
@@ -136,7 +138,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         restart=bool(flags.get("restart")), drain_timeout=pick("drain_timeout"),
         job_id=pick("job_id"), shard=shard, quiet=bool(flags.get("quiet")),
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
-        budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
+        budget=budget, fleet=fleet, connection=connection,
+        preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
         sources=pick.sources,
     )
@@ -278,6 +281,7 @@ def config_rows(config: RunConfig) -> list[Row]:
     for key in ("fsync", "drain_timeout", "max_line_bytes", "restart", "job_id",
                 "progress_interval", "quiet", "ordered", "preflight"):
         rows.append((key, getattr(config, key), src(key, "")))
+    rows += fleet_rows(config.fleet, src)
     rows += _connection_rows(config)
     return rows
 

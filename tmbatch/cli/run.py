@@ -22,6 +22,7 @@ from tmbatch.cli.common import (
     shard_arg,
     subcommand,
 )
+from tmbatch.cli.fleet import add_fleet_args
 from tmbatch.limits import SCOPES
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import Runner
@@ -70,6 +71,8 @@ def add_run_parser(sub: Any) -> None:
     add_budget_args(run.add_argument_group("budget and prices (README: Cost and budgets)"))
     _checkpoint_args(run.add_argument_group("checkpoint"))
     _output_args(run.add_argument_group("output"))
+    add_fleet_args(run.add_argument_group(
+        "fleet: many pods, one account (docs: Fleet; the fleet extra)"))
     add_connection_args(run)
     run.add_argument("--no-preflight", action="store_true",
                      help="skip the checks before the first request (GET /health, /version, "

@@ -81,6 +81,7 @@ class Runner:
         self._bad_lines = 0  # bad lines the workers met, to yield to the loop now and then
         self._made_dir = False
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
+        self.metrics: Any = None  # run.metrics.Metrics with --metrics-port/--pushgateway
 
     async def run(self) -> int:
         """Both halves, for callers without a preflight or a simulator."""
@@ -164,6 +165,9 @@ class Runner:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await self._close_writer()
+        if self.metrics is not None:  # the last push: the run's final values
+            await self.metrics.close()
+            self.metrics = None
         if not self._sent and self.resume is None and self._lock is not None:
             self._forget_new_job()
         if self._lock is not None:
@@ -224,6 +228,10 @@ class Runner:
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
         progress.start()
+        if opts.fleet.observed:  # --metrics-port, --pushgateway (docs: Fleet)
+            from tmbatch.run.metrics import observe
+
+            self.metrics = await observe(self, sender, progress)
         counter = None
         if opts.input != "-" and opts.only_lines is None:
             counter = loop.create_task(self._count_total(progress))
