@@ -87,11 +87,13 @@ def main() -> int:
     p.add_argument("--lines", type=int, default=1200)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--modes", default="alone,redis")
+    p.add_argument("--keep", help="keep the shards' output directories here")
     a = p.parse_args()
     modes = a.modes.split(",")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tmbatch-fleet-") as w:
-        work = Path(w)
+        work = Path(a.keep or w)
+        work.mkdir(parents=True, exist_ok=True)
         inp = write_input(work / "in.jsonl", a.lines)
         sim = Sim(["--sim-rate-limit", f"{a.limit:g}"])
         redis = None

@@ -168,6 +168,9 @@ class Runner:
         if self.metrics is not None:  # the last push: the run's final values
             await self.metrics.close()
             self.metrics = None
+        if self.admission.shared is not None:
+            await self.admission.shared.close()
+            self.admission.shared = None
         if not self._sent and self.resume is None and self._lock is not None:
             self._forget_new_job()
         if self._lock is not None:
@@ -228,6 +231,10 @@ class Runner:
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
         progress.start()
+        if opts.fleet.redis and opts.fleet.job:  # lanes shared with the job's pods (docs: Fleet)
+            from tmbatch.limits.shared import RedisLanes
+
+            self.admission.shared = RedisLanes(opts.fleet.redis, opts.fleet.job)
         if opts.fleet.observed:  # --metrics-port, --pushgateway (docs: Fleet)
             from tmbatch.run.metrics import observe
 
