@@ -3,6 +3,7 @@
     python bench/cpu_bench.py                          # 20,000 chat lines, 5 repeats, uvloop
     python bench/cpu_bench.py --repeats 7 --strace     # + syscalls per request (strace -c -f)
     python bench/cpu_bench.py --tree before=/tmp/tmbatch-before   # another checkout, same run
+    python bench/cpu_bench.py --metrics    # + tmbatch with --metrics-port 0 (the fleet extra)
 
 The simulator (`tmbatch sim`, zero latency) runs as its own process on 127.0.0.1. Each
 client runs as a child process on the same 20,000 chat lines (bench/gen.py) at the same
@@ -67,8 +68,9 @@ def client_cmd(client: str, trees: dict[str, Path], inp: Path, out: Path, url: s
                 ROOT, {})
     tree = trees.get(client, ROOT)
     env = {"PYTHONPATH": str(tree)} if client in trees else {}
+    extra = ["--metrics-port", "0"] if client == "metrics" else []  # the per-answer tally
     return ([PY, "-m", "tmbatch", "run", str(inp), "-o", str(out), "-c", str(concurrency),
-             "--quiet", "--no-preflight", "--base-url", url], tree, env)
+             "--quiet", "--no-preflight", "--base-url", url, *extra], tree, env)
 
 
 def peak_rss(pid: int, stop: threading.Event, hwm: list[float]) -> None:
@@ -172,6 +174,8 @@ def main() -> int:
     p.add_argument("--tree", action="append", default=[],
                    help="NAME=DIR: another tmbatch checkout to run as client NAME")
     p.add_argument("--strace", action="store_true", help="syscalls per request, one run each")
+    p.add_argument("--metrics", action="store_true",
+                   help="add client `metrics`: tmbatch with --metrics-port 0 (what metrics cost)")
     p.add_argument("--data", default="/tmp/tmbatch-bench")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
@@ -179,7 +183,7 @@ def main() -> int:
     for spec in a.tree:
         name, _, d = spec.partition("=")
         trees[name] = Path(d).resolve()
-    clients = ["tmbatch", *trees, "bare"]
+    clients = ["tmbatch", *(["metrics"] if a.metrics else []), *trees, "bare"]
     data = Path(a.data)
     data.mkdir(parents=True, exist_ok=True)
     inp = write_input(data / f"in-{a.lines}.jsonl", a.lines)

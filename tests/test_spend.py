@@ -24,9 +24,9 @@ from tmbatch.journal.format import (
     RecordError,
     SpendRecord,
     decode,
-    records,
 )
 from tmbatch.journal.journal import load
+from tmbatch.journal.reading import records
 from tmbatch.run.progress import Progress
 from tmbatch.run.summary import RunStats
 from tmbatch.spend.budget import Budget, BudgetSpec

@@ -25,6 +25,7 @@ from tmbatch.base.config import resolve as resolve_connection
 from tmbatch.base.defaults import DEFAULTS
 from tmbatch.base.redact import SECRETS
 from tmbatch.cli.common import connection_flags
+from tmbatch.cli.fleet import resolve_fleet
 from tmbatch.cli.jobfile import (
     ENV_COMPLETIONS,
     ENV_INDEX,
@@ -119,6 +120,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
                                                    endpoint, pick)
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
+    fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
     pick.sources["preflight"] = "flag --no-preflight" if flags.get("no_preflight") else "default"
@@ -130,7 +132,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         restart=bool(flags.get("restart")), drain_timeout=pick("drain_timeout"),
         job_id=pick("job_id"), shard=shard, quiet=bool(flags.get("quiet")),
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
-        budget=budget, connection=connection, preflight=not flags.get("no_preflight"),
+        budget=budget, fleet=fleet, connection=connection,
+        preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
         cache=cache, cache_mode=pick("cache_mode"), table=table,
         output_format=_output_format(pick("output_format")), sources=pick.sources,

@@ -22,6 +22,7 @@ from tmbatch.cli.common import (
     shard_arg,
     subcommand,
 )
+from tmbatch.cli.fleet import add_fleet_args
 from tmbatch.journal.cache import MODES
 from tmbatch.limits import SCOPES
 from tmbatch.run.config import Learnt, RunConfig
@@ -77,6 +78,8 @@ def add_run_parser(sub: Any) -> None:
     _checkpoint_args(run.add_argument_group("checkpoint"))
     _cache_args(run.add_argument_group("response cache (docs: Response cache)"))
     _output_args(run.add_argument_group("output"))
+    add_fleet_args(run.add_argument_group(
+        "fleet: many pods, one account (docs: Fleet; the fleet extra)"))
     add_connection_args(run)
     run.add_argument("--no-preflight", action="store_true",
                      help="skip the checks before the first request (GET /health, /version, "

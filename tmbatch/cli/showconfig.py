@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from tmbatch.cli.fleet import fleet_rows
 from tmbatch.cli.resolve import PRECEDENCE
 from tmbatch.run.config import RunConfig
 
@@ -60,6 +61,7 @@ def config_rows(config: RunConfig) -> list[Row]:
     for key in ("fsync", "drain_timeout", "max_line_bytes", "restart", "job_id",
                 "progress_interval", "quiet", "ordered", "output_format", "preflight"):
         rows.append((key, getattr(config, key), src(key, "")))
+    rows += fleet_rows(config.fleet, src)
     rows += _connection_rows(config)
     return rows
 

@@ -35,6 +35,7 @@ from tmbatch.inputs.reader import Request
 from tmbatch.limits.controller import PaceConfig
 from tmbatch.limits.lanes import ACCOUNT, SCOPES, Lane, LaneKey, make_lane
 from tmbatch.limits.schedule import TokenBucket
+from tmbatch.limits.shared import LaneStore
 from tmbatch.policy import AttemptFailed
 from tmbatch.spend.budget import Budget
 from tmbatch.spend.reservation import Hold
@@ -91,6 +92,8 @@ class Admission:
         self._first_sent: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_until = -math.inf  # loop time a window told of before this run ends
+        # the lanes' pause and pace shared with the job's other processes (`shared`, --redis)
+        self.shared: LaneStore | None = None
 
     # -- lanes ---------------------------------------------------------------------------
     def lane(self, model: str | None) -> Lane:
@@ -278,7 +281,7 @@ class Permit:
     once with `ok` or `failed`; leaving frees the slot and ends the budget hold."""
 
     __slots__ = ("admission", "charged", "lane", "req", "sent_at", "slot", "spend", "tokens",
-                 "tokens_flying", "tpm")
+                 "tokens_flying", "tpm", "wait")
 
     def __init__(self, admission: Admission, lane: Lane, req: Request) -> None:
         self.admission = admission
@@ -291,6 +294,7 @@ class Permit:
         self.slot = False
         self.spend: Hold = None  # type: ignore[assignment]
         self.tpm: TokenBucket | None = None
+        self.wait = 0.0  # seconds the fleet asked this attempt to wait (--redis)
 
     async def __aenter__(self) -> Permit:
         adm, lane = self.admission, self.lane
@@ -319,12 +323,17 @@ class Permit:
                 else:
                     await adm._take_slot()
                 self.slot = True
-                if lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None):
-                    break
+                if (lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None)
+                        and (adm.shared is None or await self._shared(loop))):
+                    break  # (the fleet's say, with --redis, last: just before the send)
                 # a refusal came while this waited for a slot (the answer that freed it,
-                # even), pausing or pacing the lane: the slot goes to another lane meanwhile
+                # even), pausing or pacing the lane, or the fleet says later: the slot goes
+                # to another lane meanwhile
                 self.slot = False
                 adm._release()
+                if self.wait:
+                    await asyncio.sleep(self.wait)
+                    self.wait = 0.0
             tpm = self.tpm = adm.tpm or lane.tpm
             if tpm is not None:
                 await self._charge(tpm, loop)
@@ -336,6 +345,13 @@ class Permit:
             adm._first_sent = now
         lane.sent_at(now)
         return self
+
+    async def _shared(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """The fleet's say (`shared`): True to send now; else `wait` is how long to wait
+        (the slot let go meanwhile)."""
+        wait = await self.admission.shared.take(self.lane, loop.time())  # type: ignore[union-attr]
+        self.wait = wait
+        return wait <= 0
 
     async def _charge(self, tpm: TokenBucket, loop: asyncio.AbstractEventLoop) -> None:
         adm, req = self.admission, self.req
@@ -407,7 +423,10 @@ class Permit:
                 self.lane._read(failure.headers, now)
             return None
         adm.refused = True
-        return self.lane.refused(now, self.sent_at, failure.retry_after, failure.headers)
+        paused = self.lane.refused(now, self.sent_at, failure.retry_after, failure.headers)
+        if paused is not None and adm.shared is not None:
+            adm.shared.announce(self.lane, paused)  # the job's other processes pause too
+        return paused
 
     def stalled_for(self) -> float:
         return self.lane.stalled_for(self.admission._time())

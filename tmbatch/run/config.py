@@ -25,6 +25,22 @@ from tmbatch.spend.budget import BudgetSpec
 
 
 @dataclass(frozen=True)
+class Fleet:
+    """Many pods, one account (docs: Fleet): what is shared through Redis, and where the
+    run's metrics go. `job` names the job for both: the Pushgateway's group and the Redis
+    keys' prefix (None: the job id, which only a pinned --job-id makes the shards' own)."""
+
+    metrics_port: int | None = None  # serve /metrics here
+    pushgateway: str | None = None  # PUT the metrics here every 15 s and at exit
+    redis: str | None = None  # share the lanes' pauses, paces and the budget through it
+    job: str | None = None  # --redis-prefix, else the job file's name, else --job-id
+
+    @property
+    def observed(self) -> bool:
+        return self.metrics_port is not None or self.pushgateway is not None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of one run, resolved. A field's default is the table's
     (`base.defaults`), for the parts built without the resolver (`resend`, tests)."""
@@ -49,6 +65,7 @@ class RunConfig:
     progress_interval: float = D.PROGRESS_INTERVAL.value
     max_line_bytes: int = D.MAX_LINE_BYTES.value
     budget: BudgetSpec = field(default_factory=BudgetSpec)  # limits and prices (this shard's)
+    fleet: Fleet = field(default_factory=Fleet)  # metrics and Redis (docs: Fleet)
     # The connection as resolved (key, URL, timeouts; its own `sources`). None only for a
     # config that sends nothing (a test of the progress line).
     connection: Settings | None = None

@@ -44,8 +44,9 @@ from tmbatch.journal.records import FailureRecord
 from tmbatch.journal.writer import Writer, WriterError
 from tmbatch.limits import Admission
 from tmbatch.policy import Outcome
+from tmbatch.run.attach import attach, detach, drop_unused_cache
 from tmbatch.run.attempts import LineSender
-from tmbatch.run.cached import RunCache, key_base, open_cache
+from tmbatch.run.cached import RunCache, open_cache
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.outdir import Lock, prepare_output
 from tmbatch.run.progress import Progress, open_pause
@@ -85,8 +86,9 @@ class Runner:
         self._made_dir = False
         self._total: int | None = None  # the input's lines that need an outcome, once counted
         self.budget = Budget(opts.budget, self.stop)  # for_job() in prepare()
-        self._cache_file: ResponseCache | None = None  # opened by prepare(), used by send()
+        self.cache_file: ResponseCache | None = None  # opened by prepare(), used by send()
         self.cache: RunCache | None = None
+        self.metrics: Any = None  # run.metrics.Metrics with --metrics-port/--pushgateway
 
     async def run(self) -> int:
         """Both halves, for callers without a preflight or a simulator."""
@@ -143,7 +145,7 @@ class Runner:
         """Everything local, in an order that never touches a live job's files; raises a
         clear error (JournalError, OutputError, InputError) when the run must not start."""
         opts = self.config
-        self._cache_file = open_cache(opts)  # --cache: a bad file stops here (exit 2)
+        self.cache_file = open_cache(opts)  # --cache: a bad file stops here (exit 2)
         self._made_dir = not opts.out_dir.exists()
         header, resume, self._lock = prepare_output(opts)
         self.header, self.resume = header, resume
@@ -170,10 +172,9 @@ class Runner:
         for sig in SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-        if self._cache_file is not None:  # never reached send()
-            self._cache_file.close()
-            self._cache_file = None
+        drop_unused_cache(self)
         await self._close_writer()
+        await detach(self)
         if not self._sent and self.resume is None and self._lock is not None:
             self._forget_new_job()
         if self._lock is not None:
@@ -234,11 +235,7 @@ class Runner:
                                     **progress_kwargs())
         progress.pace = lambda: self.admission.pace
         progress.pause_left = lambda: open_pause(self.admission)
-        if self._cache_file is not None:
-            progress.cache = sender.cache = self.cache = RunCache(
-                self._cache_file, key_base(self.settings.base_url, opts.sim), writer,
-                opts.budget.prices)
-            self._cache_file = None
+        await attach(self, sender, progress)  # --cache, --redis, --metrics-port
         progress.start()
         counter = None
         if opts.input != "-" and opts.only_lines is None:
