@@ -326,8 +326,11 @@ def next_steps(summary: Summary, out_dir: Path, states: LineStates,
     if codes:
         lines.append("by code (the most frequent first):")
     for c in codes:
+        # The message that stopped the run was said once already, in the fatal error line.
+        said = bool(summary.fatal) and c["example"] and c["example"] in summary.fatal
+        example = "the fatal error above" if said else c["example"]
         lines.append(f"  {c['lines']} {c['code']} ({c['class']}), e.g. line "
-                     f"{c['example_line']}: {c['example']}")
+                     f"{c['example_line']}: {example}")
         lines.append(f"      fix: {c['fix']}")
     return "\n".join(lines), rows, codes
 
