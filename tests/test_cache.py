@@ -168,7 +168,9 @@ def test_a_rerun_sends_only_what_was_truncated_and_writes_the_same_results(
                 if isinstance(r, list) and r[0] == "o"]
     assert ok_codes.count("cached") == 900
     st = orjson.loads(run_cli(["status", str(tmp_path / "two"), "--json"], env=env()).stdout)
-    assert st["finished"] and st["succeeded"] == n
+    assert st["finished"] and st["succeeded"] == n and st["cached"] == 900
+    text = run_cli(["status", str(tmp_path / "two")], env=env()).stdout
+    assert f"succeeded:    {n} (900 from the response cache, never sent)" in text
 
 
 def test_hits_take_no_permit_resume_and_merge_count_them_done(sim_factory: Any,

@@ -72,6 +72,7 @@ class ResumeState:
     seen: IdSet = field(default_factory=IdSet)
     in_flight: dict[int, tuple[str, int]] = field(default_factory=dict)  # line -> (id, attempts)
     attempts_done: int = 0
+    cached: int = 0  # lines answered from the response cache, never sent (`--cache`)
     last_mark: tuple[int, int] = (0, 0)
     repaired: list[str] = field(default_factory=list)
     runs: int = 1
@@ -201,7 +202,7 @@ def _replay_records(reader: JournalReader, state: ResumeState,
     ok_, unseen_, inflight_ = _STATE_OF[Outcome.OK], UNSEEN, IN_FLIGHT
     codes, sent_again = _STATE_OF, _SENT_AGAIN
     dispatch_, outcome_ = DispatchRecord, OutcomeRecord
-    attempts = 0
+    attempts = cached = 0
     for rec in reader:
         kind = type(rec)
         if kind is not dispatch_ and kind is not outcome_:
@@ -225,9 +226,12 @@ def _replay_records(reader: JournalReader, state: ResumeState,
         else:
             new = b[line] = codes[rec.outcome]
             entry = in_flight.pop(line, None)
-            if entry is not None and new in sent_again:
+            if entry is None:  # nothing was sent for it: answered from the response cache?
+                cached += rec.cached
+            elif new in sent_again:
                 undone[line] = entry.custom_id
     state.attempts_done += attempts
+    state.cached += cached
     state.in_flight = {line: (d.custom_id, d.attempt) for line, d in in_flight.items()}
     return b, hashes, undone
 

@@ -61,6 +61,7 @@ def status(out_dir: Path) -> dict[str, Any]:
         "finished": finished,
         "input_lines": total,
         "succeeded": counts.succeeded,
+        "cached": state.cached,
         "failed": counts.failed,
         "failed_by_class": counts.failed_by_class,
         "refused_fatal_will_resend": fatal,
@@ -115,7 +116,8 @@ def render(s: dict[str, Any]) -> str:
         f"{_input_state(s)})",
         f"job id:       {s['job_id']} ({s['runs']} run(s), {s['attempts_sent']} attempt(s) sent)",
         f"input lines:  {s['input_lines'] if s['input_lines'] is not None else '?'}",
-        f"succeeded:    {s['succeeded']}",
+        f"succeeded:    {s['succeeded']}"
+        + (f" ({s['cached']} from the response cache, never sent)" if s["cached"] else ""),
         f"failed:       {s['failed']} ({fails})"
         + (f"; the {s['refused_fatal_will_resend']} fatal are sent again on resume"
            if s["refused_fatal_will_resend"] else ""),
