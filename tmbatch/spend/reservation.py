@@ -98,11 +98,6 @@ class Reservation:
             return
         if not self.sent:
             self._settle(None)
-        elif not self.known:  # so the close snapshot can count its worst case
-            self.budget._in_flight_add(self, -1)
-            self.estimate()
-            self.known = True
-            self.budget._in_flight_add(self, 1)
 
     def _settle(self, prompt: int | None, completion: int = 0, cached: int = 0) -> None:
         self.settled = True
