@@ -7,7 +7,9 @@ per W seconds grants alike); refusals at random are told apart from it by experi
 rules, each a named test in tests/test_pacing.py:
 
 1. A lane starts unpaced (concurrency governs). Its first refusal paces it at what got through
-   in the last second (a lower bound); the first volley's successes are the allowance.
+   in the last second (a lower bound); the first volley's successes are the allowance. A bare
+   refusal before anything answered paces it too (rule 2's echo measures it): unpaced, each
+   slot a fast refusal frees would send another line into the same empty allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
@@ -262,9 +264,9 @@ class Controller:
             return self._close(now) if a.sent >= self.held_until else 0.0
         if self.governed or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
-        if rate is None and not seen.ok_at:
+        if rate is None and not seen.ok_at and a.wait is not None:
             seen.start_volley(a.sent)
-            return 0.0  # nothing got through yet: no measure (the pause holds)
+            return 0.0  # nothing got through yet: no measure (the pause holds; bare: rule 1)
         if rate is not None and now - self.last_cut < 2.0 / rate:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
