@@ -53,6 +53,7 @@ class Lane:
         self.holds = 0
         self.held_seconds = 0.0
         self.refusals = 0
+        self.refused_run = 0  # refusals in a row: none got through since (`streak`)
         self.sent = 0
         self.last_progress: float | None = None  # loop time of its last success
         self.turn = asyncio.Lock()  # whose slot in the pace is next (see `paced`)
@@ -61,6 +62,16 @@ class Lane:
     @property
     def rate(self) -> float | None:
         return self.pacer.rate
+
+    def streak(self, line_refusals: int) -> int:
+        """How many refusals in a row a refused line's backoff should grow with. A learning
+        lane that another line got through since is not closed: refusals at random, which
+        probation left unpaced, are met at the first wait, and a limit is the pace's (or a
+        closed lane's hold's) to meet. Without learning (--no-adaptive) the backoff is all
+        that spaces a line's tries, so it grows with the line's own refusals."""
+        if not self.controller.learn:
+            return line_refusals
+        return max(1, min(line_refusals, self.refused_run))
 
     def stalled_for(self, now: float) -> float:
         """Seconds since the lane's last success (or since it began sending)."""
@@ -100,6 +111,7 @@ class Lane:
     def succeeded(self, now: float, sent: float, headers: Mapping[str, str] | None,
                   used_tokens: int) -> None:
         self.last_progress = now
+        self.refused_run = 0
         self.stated.consumed["requests"] += 1
         self.stated.consumed["tokens"] += used_tokens
         stated = self._read(headers, now) if headers else None
@@ -111,6 +123,7 @@ class Lane:
                 headers: Mapping[str, str] | None) -> float | None:
         """A refusal; the seconds of the Retry-After pause it started, if it started one."""
         self.refusals += 1
+        self.refused_run += 1
         stated = self._read(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
         self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)

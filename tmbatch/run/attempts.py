@@ -45,6 +45,14 @@ log = logging.getLogger("tmbatch")
 BREAKER_ATTEMPTS = 16
 
 
+@dataclass(frozen=True, slots=True)
+class _Streak:
+    """What tenacity's wait reads of a retry (its attempt number), for a backoff that grows
+    with the lane's refusals in a row rather than the line's (`Lane.streak`)."""
+
+    attempt_number: int
+
+
 @dataclass
 class Tries:
     """Attempts made for one line in this run (a resend adds the earlier runs' count)."""
@@ -186,7 +194,8 @@ class LineSender:
             # never past the patience: a 10 s backoff begun 9 s into it would end the line
             # only after the next refusal, at 19 s (issue 24 saw 15.3 s for --patience 10)
             left = self.patience - lane.stalled_for(asyncio.get_running_loop().time())
-            return max(0.0, min(float(self._refused_backoff(rs)), left))  # type: ignore[misc]
+            streak = _Streak(lane.streak(rs.attempt_number))  # the lane's, not the line's
+            return max(0.0, min(float(self._refused_backoff(streak)), left))  # type: ignore
         return float(self._backoff(rs))  # type: ignore[misc]
 
     def _give_up(self, tries: Tries, lane: Lane, rs: RetryCallState) -> bool:
