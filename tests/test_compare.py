@@ -311,3 +311,39 @@ def test_gold_field_names_the_records_gold_label() -> None:
     plain = load_spec(Path("jobs/t.toml"), {"template": "{text}"})
     assert _label_row(plain, raw, 1, array("q"), {})["gold"] == "no"
     assert "gold" not in _label_row(plain, b'{"id": "r2", "text": "x"}', 1, array("q"), {})
+
+
+def test_three_runs_get_a_pairwise_grid_and_a_page(chats: Path, tmp_path: Path) -> None:
+    same = tmp_path / "a2"
+    shutil.copytree(chats / "a", same)
+    runs = [str(chats / "a"), str(chats / "b"), str(same)]
+    p = run_cli(["compare", *runs])
+    assert p.returncode == 0, p.stderr
+    grid = p.stdout.split("pairwise: the same answer", 1)[1].splitlines()
+    header, row_a = grid[1].split(), grid[2].split()
+    assert header == ["a", "b", "a2"]
+    assert row_a == ["a", "–", f"{100 * 22 / 28:.1f}%", "100.0%"]  # a2 is a copy of a
+    c = orjson.loads(run_cli(["compare", *runs, "--json"]).stdout)
+    assert [(x["a"], x["b"]) for x in c["pairs"]] == [("a", "b"), ("a", "a2"), ("b", "a2")]
+    assert c["all_agree"] == {"agree": 22, "total": 28, "rate": 22 / 28}
+    require(has_matplotlib(), "matplotlib (pip install '.[report]')")
+    p = run_cli(["compare", *runs, "--html", str(tmp_path / "page")])
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "page" / "compare.png").read_bytes().startswith(PNG_MAGIC)
+    text = (tmp_path / "page" / "index.html").read_text()
+    assert text.count("<tr><td>a</td><td>") == 2  # a's pairs with b and a2
+
+
+def test_a_run_that_sent_nothing_yet_is_compared_as_it_stands(chats: Path,
+                                                               tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    header = read_jsonl(chats / "a" / "journal.jsonl")[0]
+    write_jsonl(fresh / "journal.jsonl", [header])
+    p = run_cli(["compare", str(chats / "a"), str(fresh), "--json"])
+    assert p.returncode == 0, p.stderr
+    c = orjson.loads(p.stdout)
+    assert c["runs"][1]["succeeded"] == 0 and c["runs"][1]["pending"] == 30
+    assert c["units_in_all"] == 0 and "nothing to compare line by line" in p.stderr
+    p = run_cli(["compare", str(chats / "a"), str(fresh)])
+    assert p.returncode == 0 and "30 not yet sent" in p.stdout

@@ -199,7 +199,8 @@ def _read_outcomes(run: Run, sample: int | None) -> None:
         unit, s = _unit(rec, "custom_id")
         if sample is not None and s != sample:
             continue
-        body = (rec.get("response") or {}).get("body")
+        response = rec.get("response")
+        body = response.get("body") if isinstance(response, dict) else None
         text, finish = text_of(body)
         run.answers[unit] = Answer(None, _line(rec), answer_key(text),
                                    finish if isinstance(finish, str) else None)
