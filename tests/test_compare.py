@@ -347,3 +347,34 @@ def test_a_run_that_sent_nothing_yet_is_compared_as_it_stands(chats: Path,
     assert c["units_in_all"] == 0 and "nothing to compare line by line" in p.stderr
     p = run_cli(["compare", str(chats / "a"), str(fresh)])
     assert p.returncode == 0 and "30 not yet sent" in p.stdout
+
+
+def test_labels_are_compared_only_when_every_run_has_them(labelled: Path, chats: Path) -> None:
+    p = run_cli(["compare", str(labelled / "tm-small"), str(chats / "a"), "--json"])
+    assert p.returncode == 0, p.stderr
+    c = orjson.loads(p.stdout)
+    assert c["labels"] is False and c["pairs"][0]["kappa"] is None
+    assert c["runs"][0]["accuracy"] is not None and c["runs"][1]["accuracy"] is None
+    assert "label agreement needs labels.jsonl in every run; a has none" in p.stderr
+    assert c["units_in_all"] == 0 and c["units_in_some"] == 70  # no custom_id in common
+
+
+def test_a_models_parent_names_and_orders_runs_as_models_json_lists_them(
+        chats: Path, tmp_path: Path) -> None:
+    """`run --models zeta,org/model -o out/`: out/models.json maps each directory (a name
+    percent-encoded) to its model, in the order given; compare shows them so."""
+    out = tmp_path / "out"
+    for model_dir, src in (("zeta", "a"), ("org%2Fmodel", "b")):
+        shutil.copytree(chats / src, out / model_dir)
+        journal = read_jsonl(out / model_dir / "journal.jsonl")
+        journal[0]["options"]["model"] = None  # as if the lines named their models
+        write_jsonl(out / model_dir / "journal.jsonl", journal)
+    (out / "models.json").write_bytes(orjson.dumps({"input": "x", "samples": 1, "models": [
+        {"model": "zeta", "dir": "zeta"}, {"model": "org/model", "dir": "org%2Fmodel"}]}))
+    c = orjson.loads(run_cli(["compare", str(out), "--json"]).stdout)
+    assert [(r["run"], r["model"], Path(r["path"]).name) for r in c["runs"]] == [
+        ("zeta", "zeta", "zeta"), ("org/model", "org/model", "org%2Fmodel")]
+    (out / "models.json").write_text("not json")  # ignored: names from the spend, then dirs
+    c = orjson.loads(run_cli(["compare", str(out), "--json"]).stdout)
+    assert [r["run"] for r in c["runs"]] == ["org%2Fmodel", "zeta"]
+    assert [r["model"] for r in c["runs"]] == ["tm-small", "tm-small"]

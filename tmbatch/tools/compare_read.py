@@ -31,6 +31,7 @@ from tmbatch.tools.tables import text_of
 
 Unit = tuple[str, int]  # (custom_id, sample)
 MAX_DEPTH = 3  # how deep under a parent directory runs are looked for
+MODELS_FILE = "models.json"  # `run --models`: OUT/models.json, each model's directory
 
 
 class CompareError(ValueError):
@@ -106,26 +107,54 @@ def runs_under(parent: Path) -> list[Path]:
         elif len(here.parts) - base >= MAX_DEPTH:
             dirs.clear()
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    return sorted(found)
+    order = {d: i for i, d in enumerate(_listed_dirs(parent))}  # `--models`' order, then names
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p))
+
+
+def _listed(parent: Path) -> list[dict[str, Any]]:
+    """`run --models` lists in OUT/models.json which directory holds which model (a name such
+    as org/model is percent-encoded in its directory's): {"models": [{"model", "dir"}]}, in
+    the order given. Only names and an order to show: a file of another shape is ignored."""
+    try:
+        listed = orjson.loads((parent / MODELS_FILE).read_bytes()).get("models")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return []
+    return [e for e in listed if isinstance(e, dict) and isinstance(e.get("dir"), str)
+            and isinstance(e.get("model"), str)] if isinstance(listed, list) else []
+
+
+def _listed_dirs(parent: Path) -> list[str]:
+    return [e["dir"] for e in _listed(parent)]
 
 
 def load(path: Path, sample: int | None) -> Run:
     """One run: its journal's figures, then its outcomes and labels, unit by unit."""
     data = load_run(path)  # a JournalError (exit 2) when the journal is not one
-    run = Run(path, path.name, _model(data), data)
+    run = Run(path, path.name, _model(path, data), data)
     _read_outcomes(run, sample)
     _read_labels(run, sample)
     return run
 
 
-def _model(data: RunData) -> str | None:
-    """The run's model: the one its header says (--model, or `run --models`' own), else the
-    one its spend was booked to."""
+def _model(path: Path, data: RunData) -> str | None:
+    """The run's model: the one its header says (--model), else the one `run --models` wrote
+    this directory for (the parent's models.json), else the one its spend was booked to."""
     model = data.header.options.get("model")
     if isinstance(model, str) and model:
         return model
+    model = _listed_model(path)
+    if model is not None:
+        return model
     booked = sorted(data.spend[-1].spent) if data.spend else []
     return "+".join(booked) if booked else None
+
+
+def _listed_model(path: Path) -> str | None:
+    """The model `run --models` wrote this directory for, from its parent's models.json."""
+    for entry in _listed(path.parent):
+        if entry["dir"] == path.name:
+            return str(entry["model"])
+    return None
 
 
 def label_runs(runs: list[Run]) -> None:
