@@ -169,7 +169,8 @@ def write_compare_report(c: Comparison, dest: Path, links: dict[str, Path] | Non
         '<p class="meta">' + " · ".join(f"{html.escape(r.run)}: <code>{html.escape(r.path)}"
                                         "</code>" for r in c.runs) + "</p>",
         compare_section(c, png, hrefs),
-        f"<footer>Made by <code>tmbatch compare</code> on "
+        "<footer>Made by <code>tmbatch compare</code> (or <code>report</code>) from the "
+        "runs' journals and outputs on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</footer>",
         "</main></body></html>"])
     try:
