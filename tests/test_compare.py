@@ -369,11 +369,21 @@ def test_a_models_parent_names_and_orders_runs_as_models_json_lists_them(
         journal = read_jsonl(out / model_dir / "journal.jsonl")
         journal[0]["options"]["model"] = None  # as if the lines named their models
         write_jsonl(out / model_dir / "journal.jsonl", journal)
-    (out / "models.json").write_bytes(orjson.dumps({"input": "x", "samples": 1, "models": [
-        {"model": "zeta", "dir": "zeta"}, {"model": "org/model", "dir": "org%2Fmodel"}]}))
-    c = orjson.loads(run_cli(["compare", str(out), "--json"]).stdout)
+    listed = [{"model": "zeta", "dir": "zeta"}, {"model": "org/model", "dir": "org%2Fmodel"}]
+    # each model's own units file differs (the model written in): the input models.json
+    # names is what they share, so no "different input" warning
+    (out / "models.json").write_bytes(orjson.dumps(
+        {"input": str(chats / "a.jsonl"), "samples": 1, "models": listed}))
+    p = run_cli(["compare", str(out), "--json"])
+    c = orjson.loads(p.stdout)
     assert [(r["run"], r["model"], Path(r["path"]).name) for r in c["runs"]] == [
         ("zeta", "zeta", "zeta"), ("org/model", "org/model", "org%2Fmodel")]
+    assert c["warnings"] == [] and "different input" not in p.stderr
+    (out / "models.json").write_bytes(orjson.dumps(
+        {"input": str(tmp_path / "gone.jsonl"), "samples": 1, "models": listed}))
+    c = orjson.loads(run_cli(["compare", str(out), "--json"]).stdout)  # the journals decide
+    assert [r["run"] for r in c["runs"]] == ["zeta", "org/model"]
+    assert "org/model ran a different input than zeta" in c["warnings"][0]
     (out / "models.json").write_text("not json")  # ignored: names from the spend, then dirs
     c = orjson.loads(run_cli(["compare", str(out), "--json"]).stdout)
     assert [r["run"] for r in c["runs"]] == ["org%2Fmodel", "zeta"]

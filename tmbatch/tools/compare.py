@@ -135,7 +135,7 @@ def compare(paths: Sequence[str], prices: Prices | None = None,
 def _input_warnings(runs: list[Run]) -> list[str]:
     """Runs of different inputs are compared on the units they share; say so."""
     first = runs[0]
-    other = [r for r in runs[1:] if r.data.header.fingerprint != first.data.header.fingerprint]
+    other = [r for r in runs[1:] if r.input != first.input]
     if not other:
         return []
     names = ", ".join(r.label for r in other)

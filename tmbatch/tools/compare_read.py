@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from tmbatch.base.files import FAILURES, JOURNAL, LABELS, RESULTS
+from tmbatch.inputs.files import InputError, fingerprint
 from tmbatch.policy import Outcome
 from tmbatch.spend.usage import usage_tokens
 from tmbatch.tools.compare_stats import answer_key, label_key
@@ -57,6 +58,7 @@ class Run:
     label: str
     model: str | None
     data: RunData  # the journal's: counts, latencies, spend and prices
+    input: str = ""  # what the run read, as an identity: equal for runs of the same input
     answers: dict[Unit, Answer] = field(default_factory=dict)
     finish: Counter[str] = field(default_factory=Counter)  # finish reasons of the successes
     usage: list[int] = field(default_factory=lambda: [0, 0, 0])  # results' prompt, out, cached
@@ -130,7 +132,7 @@ def _listed_dirs(parent: Path) -> list[str]:
 def load(path: Path, sample: int | None) -> Run:
     """One run: its journal's figures, then its outcomes and labels, unit by unit."""
     data = load_run(path)  # a JournalError (exit 2) when the journal is not one
-    run = Run(path, path.name, _model(path, data), data)
+    run = Run(path, path.name, _model(path, data), data, _input_identity(path, data))
     _read_outcomes(run, sample)
     _read_labels(run, sample)
     return run
@@ -147,6 +149,21 @@ def _model(path: Path, data: RunData) -> str | None:
         return model
     booked = sorted(data.spend[-1].spent) if data.spend else []
     return "+".join(booked) if booked else None
+
+
+def _input_identity(path: Path, data: RunData) -> str:
+    """The journal's fingerprint of the input; for a model's directory of `run --models`
+    (whose input is its own units file, the model written in), the fingerprint of the input
+    models.json names, so the models of one run, and a plain run of the same file, match."""
+    parent = path.parent
+    if any(e["dir"] == path.name for e in _listed(parent)):
+        try:
+            source = orjson.loads((parent / MODELS_FILE).read_bytes()).get("input")
+            if isinstance(source, str):
+                return fingerprint(source)
+        except (OSError, InputError, orjson.JSONDecodeError, AttributeError):
+            pass
+    return data.header.fingerprint
 
 
 def _listed_model(path: Path) -> str | None:
