@@ -37,6 +37,7 @@ MORE_EXAMPLES = """more:
   tmbatch run in.jsonl -o out/shard-0 --shard 0/4 && tmbatch merge out/shard-* -o out/all
   tmbatch doctor                              # which key/URL came from where; checks
   tmbatch report out/                         # HTML report (pip install 'tmbatch[report]')
+  tmbatch compare small.out/ large.out/       # runs side by side: success, cost, kappa
   tmbatch completion bash > ~/.local/share/bash-completion/completions/tmbatch
   tmbatch cache stats eval.sqlite             # what a --cache holds and saved
 """
@@ -53,6 +54,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "resend": ("resend", "add_resend_parser", "cmd_resend"),
     "export": ("outputs", "add_export_parser", "cmd_export"),
     "merge": ("outputs", "add_merge_parser", "cmd_merge"),
+    "compare": ("compare", "add_compare_parser", "cmd_compare"),
     "cache": ("cache", "add_cache_parser", "cmd_cache"),
     "doctor": ("server", "add_doctor_parser", "cmd_doctor"),
     "models": ("server", "add_models_parser", "cmd_models"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,12 @@ import orjson
 
 from tmbatch.base.config import ConfigError
 from tmbatch.base.exitcodes import ExitCode
+from tmbatch.base.files import JOURNAL
 from tmbatch.base.logs import add_log_format_arg
 from tmbatch.cli.common import subcommand
 from tmbatch.journal.journal import JournalError, read_header
+
+log = logging.getLogger("tmbatch")
 
 
 def add_status_parser(sub: Any) -> None:
@@ -119,10 +123,13 @@ def add_report_parser(sub: Any) -> None:
     rep = subcommand(
         sub, "report", "an HTML page of a run: throughput, latency, TTFT, 429s, failures, cost",
         "Read OUTPUT's journal (and summary.json) and write a self-contained "
-        "OUTPUT/report/index.html with its charts as PNGs beside it. Needs the optional "
+        "OUTPUT/report/index.html with its charts as PNGs beside it. When OUTPUT holds "
+        "several runs in its subdirectories (run --models), write each run's report and a "
+        "page comparing them (tmbatch compare's figures, with a chart). Needs the optional "
         "extra: pip install 'tmbatch[report]'.",
     )
-    rep.add_argument("out_dir", metavar="OUTPUT", help="a run's output directory")
+    rep.add_argument("out_dir", metavar="OUTPUT",
+                     help="a run's output directory, or the parent of several (run --models)")
     rep.add_argument("-o", "--to", "--output", dest="output", metavar="DIR",
                      help="write the page and its charts into DIR (default OUTPUT/report)")
     add_log_format_arg(rep)
@@ -131,8 +138,30 @@ def add_report_parser(sub: Any) -> None:
 def cmd_report(ns: argparse.Namespace) -> int:
     from tmbatch.tools.report import write_report
 
-    page = write_report(Path(ns.out_dir), Path(ns.output) if ns.output else None)
-    print(page)
+    out = Path(ns.out_dir)
+    dest = Path(ns.output) if ns.output else None
+    if out.is_dir() and not (out / JOURNAL).is_file():
+        from tmbatch.tools.compare_read import runs_under
+
+        runs = runs_under(out)
+        if len(runs) > 1:  # run --models: each model's report, and one comparing them
+            return _report_runs(out, runs, dest)
+        if len(runs) == 1:
+            out = runs[0]
+    print(write_report(out, dest))
+    return ExitCode.OK
+
+
+def _report_runs(parent: Path, runs: list[Path], dest: Path | None) -> int:
+    from tmbatch.tools.compare import compare
+    from tmbatch.tools.report import write_report
+    from tmbatch.tools.report_compare import write_compare_report
+
+    result = compare([str(r) for r in runs])
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    pages = {row.run: write_report(Path(row.path)) for row in result.runs}
+    print(write_compare_report(result, dest or parent / "report", pages))
     return ExitCode.OK
 
 

@@ -47,7 +47,7 @@ CHAT = "/v1/chat/completions"
 
 
 LABEL_KEYS = ("id_field", "template", "system", "labels", "schema", "schema_file",
-              "max_tokens", "temperature")
+              "max_tokens", "temperature", "gold_field")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class LabelSpec:
     schema: dict[str, Any] | None
     max_tokens: int
     temperature: float
+    # The record field holding the known right label, when the dataset has one: copied into
+    # labels.jsonl as `gold` (never sent), for `tmbatch compare`'s accuracy and confusion.
+    gold_field: str = "gold"
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ def load_spec(job_path: Path, table: dict[str, Any]) -> LabelSpec:
         schema=schema,
         max_tokens=c.pos_int("max_tokens", table.get("max_tokens", default_tokens)),
         temperature=c.number("temperature", table.get("temperature", 0)),
+        gold_field=c.string("gold_field", table.get("gold_field", "gold")),
     )
 
 

@@ -182,6 +182,8 @@ def _label_row(spec: LabelSpec, raw: bytes, line: int, where: array,
         value = record.get(spec.id_field)
         rid = value if isinstance(value, str | int) and not isinstance(value, bool) else None
     row: dict[str, Any] = {"id": rid, "line": line}
+    if isinstance(record, dict) and record.get(spec.gold_field) is not None:
+        row["gold"] = record[spec.gold_field]  # the known answer: `tmbatch compare` scores it
     problem = render(spec, raw, line, "-", unit)
     if isinstance(problem, RecordError):
         row.update(label=None, status="failed",

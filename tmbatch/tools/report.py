@@ -58,7 +58,7 @@ footer{margin-top:36px;color:#8a93a3;font-size:13px}
 """
 
 
-def _card(value: str, label: str, kind: str = "") -> str:
+def card(value: str, label: str, kind: str = "") -> str:
     return (f'<div class="card {kind}"><b>{html.escape(value)}</b>'
             f"<span>{html.escape(label)}</span></div>")
 
@@ -72,17 +72,17 @@ def _count_cards(data: RunData) -> list[str]:
     c = data.counts
     if c is None:  # (load_run always sets them; a RunData made by hand may not)
         ok = data.count(Outcome.OK)
-        return [_card(f"{ok:,}", "succeeded"), _card(f"{len(data.final) - ok:,}", "failed")]
-    cards = [_card(f"{c.lines:,}", "lines")] if c.lines is not None else []
-    cards += [_card(f"{c.succeeded:,}", "succeeded"),
-              _card(f"{c.failed:,}", "failed", "bad" if c.failed else "")]
+        return [card(f"{ok:,}", "succeeded"), card(f"{len(data.final) - ok:,}", "failed")]
+    cards = [card(f"{c.lines:,}", "lines")] if c.lines is not None else []
+    cards += [card(f"{c.succeeded:,}", "succeeded"),
+              card(f"{c.failed:,}", "failed", "bad" if c.failed else "")]
     ambiguous = c.failed_by_class.get(Outcome.AMBIGUOUS.value, 0)
     if ambiguous:
-        cards.append(_card(f"{ambiguous:,}", "ambiguous (never re-sent)", "bad"))
+        cards.append(card(f"{ambiguous:,}", "ambiguous (never re-sent)", "bad"))
     if c.unknown_outcome_in_flight:
-        cards.append(_card(f"{c.unknown_outcome_in_flight:,}", "unknown outcome", "bad"))
+        cards.append(card(f"{c.unknown_outcome_in_flight:,}", "unknown outcome", "bad"))
     if c.pending:
-        cards.append(_card(f"{c.pending:,}", "pending (not yet sent)", "warn"))
+        cards.append(card(f"{c.pending:,}", "pending (not yet sent)", "warn"))
     return cards
 
 
@@ -92,18 +92,18 @@ def _cards(data: RunData) -> str:
     timed = len(data.ok_t) + len(data.fail_t)
     active = data.active_seconds()
     if timed > 1 and active > 0:
-        cards.append(_card(f"{timed / active:,.1f}", "outcomes / s (while sending)"))
-    cards.append(_card(_ms(percentile(lat, 50)), "latency p50"))
-    cards.append(_card(_ms(percentile(lat, 99)), "latency p99"))
+        cards.append(card(f"{timed / active:,.1f}", "outcomes / s (while sending)"))
+    cards.append(card(_ms(percentile(lat, 50)), "latency p50"))
+    cards.append(card(_ms(percentile(lat, 99)), "latency p99"))
     if data.ttft_ms:
-        cards.append(_card(_ms(percentile(sorted(data.ttft_ms), 50)), "TTFT p50 (streamed)"))
-    cards.append(_card(f"{len(data.pauses):,}",
+        cards.append(card(_ms(percentile(sorted(data.ttft_ms), 50)), "TTFT p50 (streamed)"))
+    cards.append(card(f"{len(data.pauses):,}",
                        f"pauses for 429s ({data.paused_seconds():,.1f} s in all)",
                        "warn" if data.pauses else ""))
     if data.tokens and active > 0:
-        cards.append(_card(f"{data.tokens / active:,.0f}", "tokens / s (while sending)"))
+        cards.append(card(f"{data.tokens / active:,.0f}", "tokens / s (while sending)"))
     if len(data.run_starts) > 1:
-        cards.append(_card(str(len(data.run_starts)), "runs (resumed)"))
+        cards.append(card(str(len(data.run_starts)), "runs (resumed)"))
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
@@ -114,18 +114,18 @@ def cache_cards(data: RunData, out_dir: Path) -> str:
     last = getattr(summary, "cache", None) if summary is not None else None
     if not data.cached and not last:
         return ""
-    cards = [_card(f"{data.cached:,}", "lines answered from the cache (nothing sent)")]
+    cards = [card(f"{data.cached:,}", "lines answered from the cache (nothing sent)")]
     if last:
-        cards.append(_card(f"{last['hits']:,} / {last['misses']:,}",
+        cards.append(card(f"{last['hits']:,} / {last['misses']:,}",
                            "cache hits / misses (last run)"))
         saved = f"{last['tokens_saved']['total']:,}"
         if last.get("usd_saved") is not None:
             saved += f" · ${last['usd_saved']:,.4f}"
-        cards.append(_card(saved, "tokens · USD the cache saved (last run)"))
+        cards.append(card(saved, "tokens · USD the cache saved (last run)"))
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
-def _chart(name: str, png: bytes | None, alt: str, missing: str) -> str:
+def chart_html(name: str, png: bytes | None, alt: str, missing: str) -> str:
     if png is None:
         return f'<p class="note">{html.escape(missing)}</p>'
     b64 = base64.b64encode(png).decode()
@@ -169,21 +169,21 @@ def render_html(data: RunData, out_dir: Path, charts: dict[str, bytes | None]) -
         "<h1>tmbatch run report</h1>", f'<p class="meta">{meta}</p>',
         _cards(data) + cache_cards(data, out_dir),
         "<h2>Throughput</h2>",
-        _chart("throughput.png", charts["throughput.png"],
+        chart_html("throughput.png", charts["throughput.png"],
                "outcomes per second over time, with 429 pauses shaded", no_time),
         untimed,
         "<h2>Latency</h2>",
-        _chart("latency.png", charts["latency.png"], "histogram of request latency",
+        chart_html("latency.png", charts["latency.png"], "histogram of request latency",
                no_time if not timed else "No successful request to measure."),
         "<h2>Time to first token</h2>",
-        _chart("ttft.png", charts["ttft.png"], "histogram of time to first token",
+        chart_html("ttft.png", charts["ttft.png"], "histogram of time to first token",
                "No streamed request in this run: TTFT is measured only with \"stream\": true."),
         "<h2>Failures</h2>",
-        _chart("failures.png", charts["failures.png"], "failures by class and code", "")
+        chart_html("failures.png", charts["failures.png"], "failures by class and code", "")
         if failures else "",
         _failure_table(failures),
         "<h2>Cost</h2>",
-        _chart("cost.png", charts["cost.png"], "the job's spend over time, with its budget",
+        chart_html("cost.png", charts["cost.png"], "the job's spend over time, with its budget",
                "This journal has no spend records (written by an older tmbatch)."),
         f"<footer>Made by <code>tmbatch report</code> from {JOURNAL} on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. Self-contained: the charts "

@@ -49,13 +49,13 @@ def load_matplotlib() -> Any:
     return matplotlib
 
 
-def _figure(height: float = 3.6) -> Any:
+def new_figure(height: float = 3.6) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(10, height), dpi=110, layout="constrained")
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -71,7 +71,7 @@ def _bin_width(span: float) -> float:
 
 def throughput_chart(data: RunData) -> bytes | None:
     fig = throughput_figure(data)
-    return None if fig is None else _png(fig)
+    return None if fig is None else png_bytes(fig)
 
 
 def throughput_figure(data: RunData) -> Any:
@@ -88,7 +88,7 @@ def throughput_figure(data: RunData) -> Any:
     for t in data.fail_t:
         bad[int((t - t0) / width)] += 1
     xs = [i * width for i in range(n)]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.bar(xs, [c / width for c in ok], width=width, align="edge", color=OK_COLOR,
            label="succeeded", linewidth=0)
@@ -118,7 +118,7 @@ def histogram(values: array, title: str, xlabel: str, color: str) -> bytes | Non
 
     vals = sorted(values)
     lo, hi = max(vals[0], 1e-3), max(vals[-1], 1e-3)
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     if hi / lo > 50 or hi > 4 * percentile(vals, 90):
         # a long tail: equal-width bins would squeeze the bulk into a few bars
@@ -137,14 +137,14 @@ def histogram(values: array, title: str, xlabel: str, color: str) -> bytes | Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel("requests")
     ax.legend(frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def failures_chart(failures: Counter[tuple[Outcome, str]]) -> bytes | None:
     if not failures:
         return None
     rows = failures.most_common(20)[::-1]  # largest on top
-    fig = _figure(max(2.2, 0.8 + 0.32 * len(rows)))
+    fig = new_figure(max(2.2, 0.8 + 0.32 * len(rows)))
     ax = fig.add_subplot()
     labels = [f"{cls}: {code or '-'}" for (cls, code), _ in rows]
     counts = [c for _, c in rows]
@@ -154,7 +154,7 @@ def failures_chart(failures: Counter[tuple[Outcome, str]]) -> bytes | None:
     ax.set_title("Failures by class and code")
     ax.grid(axis="y", visible=False)
     ax.set_xlim(0, max(counts) * 1.12)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def cost_chart(data: RunData) -> bytes | None:
@@ -177,7 +177,7 @@ def cost_chart(data: RunData) -> bytes | None:
     else:
         ys = [float(sum(row[0] + row[1] for row in s.spent.values())) for s in data.spend]
         limit, unit, excluded = tokens, "tokens", []
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.step(xs, ys, where="post", color=OK_COLOR, linewidth=1.8, label=f"spent ({unit})")
     if isinstance(limit, (int, float)):
@@ -191,4 +191,4 @@ def cost_chart(data: RunData) -> bytes | None:
     ax.set_title("Cost over time (the whole job)")
     ax.set_ylim(0, max([*ys, float(limit or 0), 1e-9]) * 1.15)
     ax.legend(loc="upper left", frameon=False)
-    return _png(fig)
+    return png_bytes(fig)

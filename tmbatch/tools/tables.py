@@ -40,7 +40,7 @@ def _int(value: Any) -> int | None:
     return value if type(value) is int else None
 
 
-def _text(body: Any) -> tuple[str | None, str | None]:
+def text_of(body: Any) -> tuple[str | None, str | None]:
     """(the answer's text, its finish reason) for chat, completions and responses."""
     if not isinstance(body, dict):
         return None, None
@@ -74,7 +74,7 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
     response = rec.get("response") or {}
     body = response.get("body")
     error = rec.get("error") or {}
-    text, finish = _text(body)
+    text, finish = text_of(body)
     prompt, completion, cached = _usage(body)
     timing = rec.get("timing") or {}
     return {
