@@ -1,0 +1,180 @@
+"""`--models A,B,C` and `--samples N`: one input, a standard output directory per model.
+
+Each model's directory is an ordinary job (`inputs.samples` stages its units into its own
+`units.jsonl`), run by an ordinary `Runner`, so everything a run promises holds in it as it is:
+resume, never-re-send, status, merge, export, resend. What this module adds is what the
+directories share, decided once here:
+
+* everything local first: every model's units staged and checked (bad input lines, an input
+  that changed under a journal) before preflight or the first request;
+* one preflight for all the models: a model the server does not serve is not a reason to stop
+  the others; its units fail `permanent` (`model_not_served`) unsent, in its own directory;
+* one budget: the models run one after another, each at the full --concurrency, and each is
+  given what is left of --budget-tokens/--budget-usd after what every other directory has
+  spent (from their journals, so a resume counts earlier runs too);
+* one exit code, the worst: a run that stops (signal, budget, fatal, I/O) ends the fan-out
+  with its code, and the next run of the same command resumes where it stopped; otherwise
+  1 if any directory has failed lines, else 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from tmbatch.base.config import Settings
+from tmbatch.base.exitcodes import ExitCode
+from tmbatch.base.files import JOURNAL, atomic_write, make_dir
+from tmbatch.base.logs import say
+from tmbatch.inputs.files import url_scheme
+from tmbatch.inputs.samples import UNITS, dir_name, stage_units
+from tmbatch.journal import journal
+from tmbatch.run.config import Learnt, RunConfig
+from tmbatch.run.runner import Runner
+from tmbatch.spend.budget import BudgetSpec
+from tmbatch.spend.usage import Tokens
+
+log = logging.getLogger("tmbatch")
+MANIFEST = "models.json"  # in -o: which directory holds which model, and the samples
+GO_ON = (ExitCode.OK, ExitCode.FAILED)  # a model's run that ended like this: the next one runs
+
+
+@dataclass(frozen=True)
+class Part:
+    """One model's share of the job: its directory's run."""
+
+    model: str | None  # None: --samples alone, each line's own model
+    config: RunConfig
+
+
+class FanOut:
+    """The models of one `tmbatch run --models ... --samples N`, in the order given."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.parts = [self._part(m) for m in (config.models or (None,))]
+
+    def _part(self, model: str | None) -> Part:
+        c = self.config
+        out = c.out_dir if model is None else c.out_dir / dir_name(model)
+        job_id = c.job_id
+        if job_id is not None and model is not None:  # Idempotency-Keys: one job per model
+            job_id = f"{job_id}-{dir_name(model)}"
+        return Part(model, dataclasses.replace(
+            c, input=str(out / UNITS), out_dir=out, model=model or c.model, endpoint=None,
+            models=(), job_id=job_id, table=None, records=None))
+
+    # -- the local half -------------------------------------------------------------------
+    def stage(self) -> None:
+        """Every model's units written and checked, and the manifest: nothing is sent yet."""
+        c = self.config
+        for part in self.parts:
+            stage_units(c.input, part.config.out_dir, part.model, c.samples,
+                        default_model=c.model, endpoint=c.endpoint, stream=c.stream,
+                        restart=c.restart, max_line_bytes=c.max_line_bytes)
+        if c.models:
+            make_dir(c.out_dir)
+            atomic_write(c.out_dir / MANIFEST, orjson.dumps({
+                "input": c.input if url_scheme(c.input) else os.path.abspath(c.input),
+                "samples": c.samples,
+                "models": [{"model": p.model, "dir": p.config.out_dir.name}
+                           for p in self.parts]}, option=orjson.OPT_INDENT_2) + b"\n")
+
+    # -- the network half -----------------------------------------------------------------
+    async def send(self, settings: Settings) -> int:
+        """Preflight once, then each model's run in turn; the worst exit code."""
+        served = None
+        c = self.config
+        if c.preflight:
+            from tmbatch.client.preflight import preflight_for_run
+
+            verdict = await preflight_for_run(settings, c.input, c.model, c.endpoint,
+                                              models=c.models)
+            if verdict.stop is not None:
+                return verdict.stop
+            served = verdict.served
+        codes: list[int] = []
+        for i, part in enumerate(self.parts):
+            budget = self._share(part)
+            if budget is None:
+                say("budget", "budget reached across the models: "
+                    f"{', '.join(str(p.model) for p in self.parts[i:])} not started; run "
+                    "again with a larger budget to continue", level=logging.WARNING)
+                codes.append(ExitCode.BUDGET)
+                break
+            if part.model is not None and not c.quiet:
+                say("model", f"model {i + 1}/{len(self.parts)}: {part.model} -> "
+                    f"{part.config.out_dir}", model=part.model, output=str(part.config.out_dir))
+            code = await _run_one(dataclasses.replace(part.config, budget=budget),
+                                  Learnt(settings, served))
+            codes.append(code)
+            if code not in GO_ON:
+                break
+        self._say_end(codes)
+        return worst(codes)
+
+    def _share(self, part: Part) -> BudgetSpec | None:
+        """What is left of the job's budget for `part`: the limits less what every other
+        directory has spent (its own earlier spend its run counts itself); None: nothing."""
+        spec = self.config.budget
+        if not spec.limited:
+            return spec
+        tokens, usd = 0, 0.0
+        for other in self.parts:
+            if other is not part:
+                t, u = spent_in(other.config.out_dir, spec)
+                tokens, usd = tokens + t, usd + u
+        left_tokens = None if spec.tokens is None else spec.tokens - tokens
+        left_usd = None if spec.usd is None else spec.usd - usd
+        if (left_tokens is not None and left_tokens <= 0) or \
+                (left_usd is not None and left_usd <= 0):
+            return None
+        return BudgetSpec(left_tokens, left_usd, spec.prices)
+
+    def _say_end(self, codes: list[int]) -> None:
+        if self.config.quiet or not self.config.models:
+            return
+        ran = {str(p.model): code for p, code in zip(self.parts, codes, strict=False)}
+        done = ", ".join(f"{m} exit {code}" for m, code in ran.items())
+        left = [str(p.model) for p in self.parts[len(codes):]]
+        text = f"models: {done}" + (f"; not run: {', '.join(left)}" if left else "")
+        say("models", text, exit_codes=ran, not_run=left)
+
+
+async def _run_one(config: RunConfig, learnt: Learnt) -> int:
+    """One model's directory, as `tmbatch run` runs one: local half, then the sending."""
+    runner = Runner(config)
+    runner.install_signals()
+    try:
+        runner.prepare()
+        return await runner.send(learnt)
+    finally:
+        await runner.close()
+
+
+def spent_in(out_dir: Path, spec: BudgetSpec) -> tuple[int, float]:
+    """Tokens and dollars (at `spec`'s prices) a directory's journal says it has spent."""
+    if not (out_dir / JOURNAL).exists():
+        return 0, 0.0
+    state = journal.load(out_dir, repair=False)
+    tokens, usd = 0, 0.0
+    for model, row in (state.spend or {}).items():
+        t = Tokens.of(row)
+        tokens += t.total
+        price = spec.prices.get(model)
+        if price is not None:
+            usd += price.cost(t.prompt, t.completion, t.cached)
+    return tokens, usd
+
+
+def worst(codes: list[int]) -> int:
+    """One exit code for the models: a stop's own code, else 1 when any had failed lines."""
+    for code in codes:
+        if code not in GO_ON:
+            return code
+    return max(codes, default=ExitCode.OK)
