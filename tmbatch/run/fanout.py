@@ -37,7 +37,7 @@ from tmbatch.journal import journal
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import Runner
 from tmbatch.spend.budget import BudgetSpec
-from tmbatch.spend.usage import Tokens
+from tmbatch.spend.usage import Tokens, money
 
 log = logging.getLogger("tmbatch")
 MANIFEST = "models.json"  # in -o: which directory holds which model, and the samples
@@ -139,6 +139,17 @@ class FanOut:
     def _say_end(self, codes: list[int]) -> None:
         if self.config.quiet or not self.config.models:
             return
+        spec = self.config.budget
+        if spec.limited or spec.prices:  # each directory's line counts only its own
+            spent = [spent_in(p.config.out_dir, spec) for p in self.parts]
+            text = f"spend across the models: {sum(t for t, _ in spent):,} tokens"
+            text += f" of {spec.tokens:,}" if spec.tokens is not None else ""
+            if spec.prices:
+                text += f", {money(sum(u for _, u in spent))}"
+                text += f" of {money(spec.usd)}" if spec.usd is not None else ""
+            say("spend", text, tokens=sum(t for t, _ in spent),
+                usd=round(sum(u for _, u in spent), 6), budget_tokens=spec.tokens,
+                budget_usd=spec.usd)
         ran = {str(p.model): code for p, code in zip(self.parts, codes, strict=False)}
         done = ", ".join(f"{m} exit {code}" for m, code in ran.items())
         left = [str(p.model) for p in self.parts[len(codes):]]
