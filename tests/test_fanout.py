@@ -232,3 +232,41 @@ def test_job_file_models_and_samples(tmp_path: Path) -> None:
     assert settings["models"]["value"] == ["tm-small", "org/model"]
     assert settings["samples"]["value"] == 4
     assert settings["samples"]["source"].startswith("job file samples")
+
+
+def test_resend_in_a_model_directory_keeps_its_samples(sim_factory: Any, tmp_path: Path) -> None:
+    """A model served only later: `tmbatch resend DIR --class permanent` sends its units, and
+    each result keeps its sample, line and custom_id."""
+    only_small = sim_factory(models=("tm-small",))
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
+    out = tmp_path / "out"
+    first = run_cli(cmd(only_small, inp, out, "--models", ",".join(MODELS), "--samples", "2"),
+                    env=env(), timeout=60)
+    assert first.returncode == 1, first.stderr
+    assert len(read_jsonl(out / "tm-large" / "failures.jsonl")) == 8
+    both = sim_factory()
+    again = run_cli(["resend", str(out / "tm-large"), "--class", "permanent", "--yes", "-q",
+                     "--base-url", both.url], env=env(), timeout=60)
+    assert again.returncode == 0, again.stderr
+    res, fail = check_directory(out / "tm-large", 4, 2)
+    assert len(res) == 8 and not fail
+    assert both.stats()["completion_calls"] == 8
+
+
+def test_a_priced_run_estimates_every_model_and_sample(sim: Any, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    prices = ("--price", "tm-small=1:2", "--price", "tm-large=2:4")
+    done = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url,
+                    "--models", ",".join(MODELS), "--samples", "2", *prices],
+                   env=env(), timeout=60)  # not -q: the estimate and spend lines are said
+    assert done.returncode == 0, done.stderr
+    assert "estimate: 20 billed line(s)" in done.stderr  # 5 lines x 2 models x 2 samples
+    assert "spend across the models: " in done.stderr
+
+
+def test_a_usd_budget_needs_every_models_price(sim: Any, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    done = run_cli(cmd(sim, inp, tmp_path / "out", "--models", ",".join(MODELS),
+                       "--budget-usd", "1", "--price", "tm-small=1:2"), env=env(), timeout=60)
+    assert done.returncode == 2 and "tm-large" in done.stderr, done.stderr
+    assert sim.stats()["received"] == 0

@@ -235,15 +235,19 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         stage_bodies(config.table, config.out_dir, config.restart)
     _check_budget(config)
-    say_estimate(config)
     if config.models or config.samples > 1:
         from tmbatch.run.fanout import FanOut
 
         fan = FanOut(config)
         fan.stage()  # every model's units, checked: nothing is sent before this is done
+        parts = [p.config for p in fan.parts]
+        for part in parts:  # each model priced, under a USD budget
+            _check_budget(part)
+        say_estimate(config, parts)
         code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
-        outs = [p.config.out_dir for p in fan.parts]
+        outs = [p.out_dir for p in parts]
     else:
+        say_estimate(config)
         code = run_async(start_run(ns, config))
         outs = [config.out_dir]
     if label_run is not None:
