@@ -270,3 +270,49 @@ def test_a_usd_budget_needs_every_models_price(sim: Any, tmp_path: Path) -> None
                        "--budget-usd", "1", "--price", "tm-small=1:2"), env=env(), timeout=60)
     assert done.returncode == 2 and "tm-large" in done.stderr, done.stderr
     assert sim.stats()["received"] == 0
+
+
+def test_sigterm_during_preflight_ends_the_fan_out(serve: Any, tmp_path: Path) -> None:
+    from tests.test_stops import counting_app
+
+    app, seen = counting_app(health_delay=60)
+    server = serve(app)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(tmp_path / "out"),
+         "--base-url", server.url(), "--models", ",".join(MODELS)],
+        env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while seen["any"] < 1:
+        assert time.monotonic() < deadline, "preflight never asked /health"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert b"interrupted (SIGTERM)" in err and b"Traceback" not in err
+    assert seen["billable"] == 0
+
+
+def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Path) -> None:
+    """The first model's run drains and stops (143); the second is not started; the same
+    command then finishes both, sending nothing twice."""
+    sim = sim_factory(latency=0.05)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
+    out = tmp_path / "out"
+    extra = ("--models", ",".join(MODELS), "--concurrency", "2")
+    proc = start(sim, inp, out, *extra)
+    deadline = time.monotonic() + 30
+    while sim.stats()["completion_calls"] < 4:
+        assert time.monotonic() < deadline, "the run never sent"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert not (out / "tm-large" / "journal.jsonl").exists()
+    final = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=60)
+    assert final.returncode == 0, final.stderr
+    for model in MODELS:
+        res = read_jsonl(out / model / "results.jsonl")
+        assert sorted(r["custom_id"] for r in res) == sorted(f"req-{i}" for i in range(40))
+        assert all("sample" not in r for r in res)  # no --samples: the input's own lines
+    assert sim.stats()["duplicates"] == 0 and sim.stats()["completion_calls"] == 80

@@ -19,11 +19,14 @@ directories share, decided once here:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -31,11 +34,12 @@ from tmbatch.base.config import Settings
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import JOURNAL, atomic_write, make_dir
 from tmbatch.base.logs import say
+from tmbatch.base.stop import Stop
 from tmbatch.inputs.files import url_scheme
 from tmbatch.inputs.samples import UNITS, dir_name, stage_units
 from tmbatch.journal import journal
 from tmbatch.run.config import Learnt, RunConfig
-from tmbatch.run.runner import Runner
+from tmbatch.run.runner import SIGNALS, Runner
 from tmbatch.spend.budget import BudgetSpec
 from tmbatch.spend.usage import Tokens, money
 
@@ -58,6 +62,8 @@ class FanOut:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.parts = [self._part(m) for m in (config.models or (None,))]
+        self.stop = Stop()  # a signal while no model's run holds the handlers
+        self._waiting: asyncio.Task[Any] | None = None  # preflight: cancelled by a signal
 
     def _part(self, model: str | None) -> Part:
         c = self.config
@@ -87,19 +93,31 @@ class FanOut:
 
     # -- the network half -----------------------------------------------------------------
     async def send(self, settings: Settings) -> int:
-        """Preflight once, then each model's run in turn; the worst exit code."""
+        """Preflight once, then each model's run in turn; the worst exit code. A signal
+        before a model's run has begun (preflight, between two models) ends the fan-out
+        there; during a run, that run's drain handles it (`Runner`)."""
         served = None
         c = self.config
+        self._guard()
         if c.preflight:
             from tmbatch.client.preflight import preflight_for_run
 
-            verdict = await preflight_for_run(settings, c.input, c.model, c.endpoint,
-                                              models=c.models)
+            self._waiting = asyncio.get_running_loop().create_task(
+                preflight_for_run(settings, c.input, c.model, c.endpoint, models=c.models))
+            try:
+                verdict = await self._waiting
+            except asyncio.CancelledError:
+                if not self.stop.stopping:
+                    raise
+                return self._interrupted()
             if verdict.stop is not None:
                 return verdict.stop
             served = verdict.served
         codes: list[int] = []
         for i, part in enumerate(self.parts):
+            if self.stop.stopping:
+                codes.append(self._interrupted())
+                break
             budget = self._share(part)
             if budget is None:
                 say("budget", "budget reached across the models: "
@@ -112,11 +130,42 @@ class FanOut:
                     f"{part.config.out_dir}", model=part.model, output=str(part.config.out_dir))
             code = await _run_one(dataclasses.replace(part.config, budget=budget),
                                   Learnt(settings, served))
+            self._guard()  # the run's own handlers are gone: a signal now ends the fan-out
             codes.append(code)
             if code not in GO_ON:
                 break
+        self._unguard()
         self._say_end(codes)
         return worst(codes)
+
+    def _guard(self) -> None:
+        """Signals outside a model's run: stop before the next one (and end preflight)."""
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _unguard(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, signum: int) -> None:
+        self.stop.on_signal(signum)
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _interrupted(self) -> int:
+        """Stopped by a signal with no model's run going: what was done stays done."""
+        reason = self.stop.reason
+        assert reason is not None
+        msg = (f"interrupted ({reason.name}) before the next model's run began; run the same "
+               "command to go on (finished models send nothing again)")
+        say("interrupted", msg, text=f"tmbatch: {msg}", level=logging.WARNING,
+            signal=reason.name, exit_code=reason.exit_code)
+        self._unguard()
+        return reason.exit_code
 
     def _share(self, part: Part) -> BudgetSpec | None:
         """What is left of the job's budget for `part`: the limits less what every other
