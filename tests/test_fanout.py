@@ -124,6 +124,8 @@ def test_a_model_the_server_does_not_serve_fails_alone(sim: Any, tmp_path: Path)
     assert not res and len(fail) == 20
     assert {(f["error"]["class"], f["error"]["code"]) for f in fail.values()} == \
         {("permanent", "model_not_served")}
+    parent = run_cli(["status", str(out)], env=env())  # -o itself: the directories named
+    assert parent.returncode == 2 and str(nope) in parent.stderr, parent.stderr
     stats = sim.stats()
     assert "org/nope" not in stats["by_model"]  # nothing was sent for it
     assert stats["completion_calls"] == 20

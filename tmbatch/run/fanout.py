@@ -232,6 +232,16 @@ def spent_in(out_dir: Path, spec: BudgetSpec) -> tuple[int, float]:
     return tokens, usd
 
 
+def models_hint(out: Path) -> str:
+    """For a command given the -o of a --models run: the directories to give it instead."""
+    try:
+        manifest = orjson.loads((out / MANIFEST).read_bytes())
+        dirs = [str(out / m["dir"]) for m in manifest["models"]]
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
+    return f"; it holds one per model (--models): {', '.join(dirs)}"
+
+
 def worst(codes: list[int]) -> int:
     """One exit code for the models: a stop's own code, else 1 when any had failed lines."""
     for code in codes:
