@@ -22,7 +22,8 @@ import pytest
 
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 from tmbatch.client.http import idempotency_key
-from tmbatch.inputs.samples import dir_name, model_of_dir
+from tmbatch.inputs.reader import Request
+from tmbatch.inputs.samples import dir_name, model_of_dir, unit_line
 
 JOB = "fanoutjob01"
 MODELS = ("tm-small", "tm-large")
@@ -318,3 +319,15 @@ def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Pa
         assert sorted(r["custom_id"] for r in res) == sorted(f"req-{i}" for i in range(40))
         assert all("sample" not in r for r in res)  # no --samples: the input's own lines
     assert sim.stats()["duplicates"] == 0 and sim.stats()["completion_calls"] == 80
+
+
+@pytest.mark.parametrize("url, seeded", [("/v1/chat/completions", True),
+                                         ("/v1/completions", True),
+                                         ("/v1/responses", False), ("/tokenize", False)])
+def test_seeds_only_where_the_route_takes_one(url: str, seeded: bool) -> None:
+    req = Request(3, "q-3", url, {"model": "m", "seed": 40, "input": "x"})
+    lines = [orjson.loads(unit_line(req, "tm-large", 3, k)) for k in range(3)]
+    assert [x["custom_id"] for x in lines] == ["q-3#0", "q-3#1", "q-3#2"]
+    assert {x["body"]["model"] for x in lines} == {"tm-large"}
+    assert [x["body"]["seed"] for x in lines] == ([40, 41, 42] if seeded else [40, 40, 40])
+    assert req.body["seed"] == 40 and req.body["model"] == "m"  # the input's body untouched

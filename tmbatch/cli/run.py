@@ -123,8 +123,9 @@ def _fanout_args(g: Any) -> None:
                    "OUTPUT/models.json maps them). One budget covers them all; the exit code "
                    "is the worst. The whole input is checked first: a bad line stops it")
     g.add_argument("--samples", type=positive_int, metavar="N",
-                   help="N answers per line (and model): N requests with seeds seed+0..N-1 "
-                   "(seed 0 when the line has none), custom_id#k, each outcome line with "
+                   help="N answers per line (and model): N requests, on chat and completions "
+                   "with seeds seed+0..N-1 (seed 0 when the line has none), custom_id#k, each "
+                   "outcome line with "
                    "\"sample\": k (default 1)")
 
 

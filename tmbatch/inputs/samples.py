@@ -2,10 +2,10 @@
 
 `--models A,B --samples N` never changes what a run is: each model gets a standard output
 directory (`dir_name`), and in it `units.jsonl`, the input with every line written N times
-(sample k: `custom_id#k`, `seed` = the line's seed, 0 when none, + k; the model replaced by
-the directory's). That directory is then an ordinary job on an ordinary input, so its journal
-unit is (line, sample) for free: resume, budgets, never-re-send, status, merge, export and
-resend hold per unit as they hold per line.
+(sample k: `custom_id#k`, `seed` = the line's seed, 0 when none, + k on the routes that take
+one; the model replaced by the directory's). That directory is then an ordinary job on an
+ordinary input, so its journal unit is (line, sample) for free: resume, budgets,
+never-re-send, status, merge, export and resend hold per unit as they hold per line.
 
 The numbering is fixed so that a unit finds its input line without a table: input line L's
 sample k is line (L - 1) * N + k + 1 of `units.jsonl` (a blank input line becomes N blank
@@ -39,6 +39,9 @@ SHOWN = 5  # bad input lines named one by one in the refusal; the rest are count
 MAX_DIR_NAME = 255  # bytes in a file name on every common filesystem
 UNITS = "units.jsonl"  # the staged input of a directory of several models or samples
 SAMPLE_SEP = "#"  # custom_id + "#" + k: sample k's id (unique in its directory)
+# The routes whose bodies take `seed` (OpenAI's and vLLM's chat and completions): a
+# /v1/responses body has no such field in OpenAI's API, and /tokenize none at all
+SEEDED = frozenset(("/v1/chat/completions", "/v1/completions"))
 
 
 def dir_name(model: str) -> str:
@@ -80,9 +83,10 @@ def unit_line(req: Request, model: str | None, samples: int, k: int) -> bytes:
         body["model"] = model
     cid = req.custom_id
     if samples > 1:
-        seed = body.get("seed")
-        base = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
-        body["seed"] = base + k
+        if req.url in SEEDED:
+            seed = body.get("seed")
+            base = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+            body["seed"] = base + k
         cid = f"{cid}{SAMPLE_SEP}{k}"
     return orjson.dumps({"custom_id": cid, "method": "POST", "url": req.url, "body": body},
                         option=orjson.OPT_APPEND_NEWLINE)
