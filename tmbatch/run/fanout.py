@@ -96,47 +96,59 @@ class FanOut:
         """Preflight once, then each model's run in turn; the worst exit code. A signal
         before a model's run has begun (preflight, between two models) ends the fan-out
         there; during a run, that run's drain handles it (`Runner`)."""
-        served = None
-        c = self.config
         self._guard()
-        if c.preflight:
-            from tmbatch.client.preflight import preflight_for_run
+        try:
+            served, stop = await self._preflight(settings)
+            if stop is not None:
+                return stop
+            return await self._run_models(Learnt(settings, served))
+        finally:
+            self._unguard()
 
-            self._waiting = asyncio.get_running_loop().create_task(
-                preflight_for_run(settings, c.input, c.model, c.endpoint, models=c.models))
-            try:
-                verdict = await self._waiting
-            except asyncio.CancelledError:
-                if not self.stop.stopping:
-                    raise
-                return self._interrupted()
-            if verdict.stop is not None:
-                return verdict.stop
-            served = verdict.served
-        codes: list[int] = []
+    async def _preflight(self, settings: Settings) -> tuple[tuple[str, ...] | None, int | None]:
+        """(the models served, None), or (None, the exit code) when the fan-out must not go
+        on: no model served, the key refused, a signal."""
+        c = self.config
+        if not c.preflight:
+            return None, None
+        from tmbatch.client.preflight import preflight_for_run
+
+        self._waiting = asyncio.get_running_loop().create_task(
+            preflight_for_run(settings, c.input, c.model, c.endpoint, models=c.models))
+        try:
+            verdict = await self._waiting
+        except asyncio.CancelledError:
+            if not self.stop.stopping:
+                raise
+            return None, self._interrupted()
+        finally:
+            self._waiting = None
+        return verdict.served, verdict.stop
+
+    async def _run_models(self, learnt: Learnt) -> int:
+        codes: list[int] = []  # of the models' runs, in order
+        stop: int | None = None  # why the models after them were not started
         for i, part in enumerate(self.parts):
             if self.stop.stopping:
-                codes.append(self._interrupted())
+                stop = self._interrupted()
                 break
             budget = self._share(part)
             if budget is None:
                 say("budget", "budget reached across the models: "
                     f"{', '.join(str(p.model) for p in self.parts[i:])} not started; run "
                     "again with a larger budget to continue", level=logging.WARNING)
-                codes.append(ExitCode.BUDGET)
+                stop = ExitCode.BUDGET
                 break
-            if part.model is not None and not c.quiet:
+            if part.model is not None and not self.config.quiet:
                 say("model", f"model {i + 1}/{len(self.parts)}: {part.model} -> "
                     f"{part.config.out_dir}", model=part.model, output=str(part.config.out_dir))
-            code = await _run_one(dataclasses.replace(part.config, budget=budget),
-                                  Learnt(settings, served))
+            code = await _run_one(dataclasses.replace(part.config, budget=budget), learnt)
             self._guard()  # the run's own handlers are gone: a signal now ends the fan-out
             codes.append(code)
             if code not in GO_ON:
                 break
-        self._unguard()
         self._say_end(codes)
-        return worst(codes)
+        return worst(codes if stop is None else [*codes, stop])
 
     def _guard(self) -> None:
         """Signals outside a model's run: stop before the next one (and end preflight)."""
@@ -164,7 +176,6 @@ class FanOut:
                "command to go on (finished models send nothing again)")
         say("interrupted", msg, text=f"tmbatch: {msg}", level=logging.WARNING,
             signal=reason.name, exit_code=reason.exit_code)
-        self._unguard()
         return reason.exit_code
 
     def _share(self, part: Part) -> BudgetSpec | None:
