@@ -331,3 +331,18 @@ def test_seeds_only_where_the_route_takes_one(url: str, seeded: bool) -> None:
     assert {x["body"]["model"] for x in lines} == {"tm-large"}
     assert [x["body"]["seed"] for x in lines] == ([40, 41, 42] if seeded else [40, 40, 40])
     assert req.body["seed"] == 40 and req.body["model"] == "m"  # the input's body untouched
+
+
+def test_one_model_runs_and_model_runs_do_not_share_a_directory(sim: Any,
+                                                                tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    fan, single = tmp_path / "fan", tmp_path / "single"
+    assert run_cli(cmd(sim, inp, fan, "--models", ",".join(MODELS)), env=env()).returncode == 0
+    assert run_cli(cmd(sim, inp, single), env=env()).returncode == 0
+    calls = sim.stats()["completion_calls"]
+    plain = run_cli(cmd(sim, inp, fan), env=env())
+    assert plain.returncode == 2 and "holds a --models run" in plain.stderr, plain.stderr
+    assert str(fan / "tm-small") in plain.stderr
+    models = run_cli(cmd(sim, inp, single, "--models", ",".join(MODELS)), env=env())
+    assert models.returncode == 2 and "holds a run of one model" in models.stderr
+    assert sim.stats()["completion_calls"] == calls and not (fan / "journal.jsonl").exists()

@@ -236,6 +236,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         stage_bodies(config.table, config.out_dir, config.restart)
     _check_budget(config)
+    from tmbatch.run.fanout import check_not_models
+
+    check_not_models(config)
     if config.models or config.samples > 1:
         from tmbatch.run.fanout import FanOut
 

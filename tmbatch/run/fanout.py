@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from tmbatch.base.config import Settings
+from tmbatch.base.config import ConfigError, Settings
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import JOURNAL, atomic_write, make_dir
 from tmbatch.base.logs import say
@@ -79,6 +79,9 @@ class FanOut:
     def stage(self) -> None:
         """Every model's units written and checked, and the manifest: nothing is sent yet."""
         c = self.config
+        if c.models and (c.out_dir / JOURNAL).exists():
+            raise ConfigError(f"{c.out_dir} holds a run of one model; --models writes a "
+                              "directory per model under -o: give another --output")
         for part in self.parts:
             stage_units(c.input, part.config.out_dir, part.model, c.samples,
                         default_model=c.model, endpoint=c.endpoint, stream=c.stream,
@@ -243,14 +246,22 @@ def spent_in(out_dir: Path, spec: BudgetSpec) -> tuple[int, float]:
     return tokens, usd
 
 
-def models_hint(out: Path) -> str:
+def check_not_models(config: RunConfig) -> None:
+    """A run without --models on the -o of a --models run would start a job beside them."""
+    if not config.models and (config.out_dir / MANIFEST).exists():
+        raise ConfigError(f"{config.out_dir} holds a --models run (a directory per model"
+                          f"{models_hint(config.out_dir, ': ')}); resume it with the same "
+                          "--models, or give another --output")
+
+
+def models_hint(out: Path, lead: str = "; it holds one per model (--models): ") -> str:
     """For a command given the -o of a --models run: the directories to give it instead."""
     try:
         manifest = orjson.loads((out / MANIFEST).read_bytes())
         dirs = [str(out / m["dir"]) for m in manifest["models"]]
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
         return ""
-    return f"; it holds one per model (--models): {', '.join(dirs)}"
+    return lead + ", ".join(dirs)
 
 
 def worst(codes: list[int]) -> int:
