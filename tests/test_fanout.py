@@ -346,3 +346,25 @@ def test_one_model_runs_and_model_runs_do_not_share_a_directory(sim: Any,
     models = run_cli(cmd(sim, inp, single, "--models", ",".join(MODELS)), env=env())
     assert models.returncode == 2 and "holds a run of one model" in models.stderr
     assert sim.stats()["completion_calls"] == calls and not (fan / "journal.jsonl").exists()
+
+
+@pytest.mark.parametrize("models", [True, False], ids=["models", "samples-alone"])
+def test_the_resume_hint_is_the_fan_outs_own_command(sim_factory: Any, tmp_path: Path,
+                                                     models: bool) -> None:
+    """A key refused mid-run (fatal, exit 3): the hint names the command that resumes, the
+    fan-out's own (a model directory's `units.jsonl` is staged, not the input), and it does."""
+    sim = sim_factory(api_key=API_KEY)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
+    out = tmp_path / "out"
+    shape = ["--models", ",".join(MODELS)] if models else []
+    args = ["run", str(inp), "-o", str(out), "--base-url", sim.url, *shape, "--samples", "2"]
+    wrong = clean_env(TENSORMESH_INFERENCE_API_KEY="tm-wrong-key-0123456789abcdef")
+    refused = run_cli([*args, "--no-preflight", "-c", "1"], env=wrong)
+    assert refused.returncode == 3, refused.stderr
+    hint = f"tmbatch run {inp} -o {out}" + (f" --models {','.join(MODELS)}" if models else "")
+    assert f"then resume: {hint} --samples 2" in refused.stderr, refused.stderr
+    done = run_cli([*args, "-q"], env=env())
+    assert done.returncode == 0, done.stderr
+    for d in [out / m for m in MODELS] if models else [out]:
+        res, fail = check_directory(d, 4, 2)
+        assert len(res) == 8 and not fail

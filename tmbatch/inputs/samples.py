@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from urllib.parse import quote, unquote
 import orjson
 
 from tmbatch.base.config import ConfigError
-from tmbatch.base.files import JOURNAL, atomic_writer, make_dir
+from tmbatch.base.files import JOURNAL, atomic_write, atomic_writer, make_dir
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.reader import MAX_LINE_BYTES, BadLine, Request, read_requests
 from tmbatch.inputs.templates import Digest, file_digest
@@ -37,6 +38,7 @@ from tmbatch.inputs.templates import Digest, file_digest
 log = logging.getLogger("tmbatch")
 SHOWN = 5  # bad input lines named one by one in the refusal; the rest are counted
 MAX_DIR_NAME = 255  # bytes in a file name on every common filesystem
+MANIFEST = "models.json"  # in -o: the input, the samples, each model's directory, the options
 UNITS = "units.jsonl"  # the staged input of a directory of several models or samples
 SAMPLE_SEP = "#"  # custom_id + "#" + k: sample k's id (unique in its directory)
 # The routes whose bodies take `seed` (OpenAI's and vLLM's chat and completions): a
@@ -150,3 +152,53 @@ def stage_units(source: str, target_dir: Path, model: str | None, samples: int, 
     log.debug("%s: %d line(s) x %d sample(s) for %s -> %s", source, lines, samples, model,
               target)
     return target
+
+
+def write_manifest(out_dir: Path, source: str, samples: int, models: list[tuple[str, str]],
+                   options: dict[str, Any]) -> None:
+    """OUTPUT/models.json: which directory holds which model, and what made them (the
+    command that resumes them is rebuilt from it: `resume_command`)."""
+    make_dir(out_dir)
+    atomic_write(out_dir / MANIFEST, orjson.dumps({
+        "input": source, "samples": samples,
+        "models": [{"model": m, "dir": d} for m, d in models], "options": options,
+    }, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """OUTPUT/models.json as written, or None (none there, or not one tmbatch wrote)."""
+    try:
+        manifest = orjson.loads((out_dir / MANIFEST).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("models"), list) and \
+        isinstance(manifest.get("input"), str) and isinstance(manifest.get("samples"), int)
+    return manifest if ok else None
+
+
+def resume_command(input_path: str, out_dir: Path) -> str | None:
+    """The command that resumes a directory of a --models or --samples run: that run's own
+    (its units are staged from the input again), or None for any other directory."""
+    if Path(input_path).name != UNITS:
+        return None
+    top, manifest = out_dir, read_manifest(out_dir)  # --samples alone: -o itself
+    if manifest is None or manifest["models"]:
+        top, manifest = out_dir.parent, read_manifest(out_dir.parent)
+        if manifest is None or not any(isinstance(m, dict) and m.get("dir") == out_dir.name
+                                       for m in manifest["models"]):
+            return None
+    parts = ["tmbatch", "run", shlex.quote(manifest["input"]), "-o", shlex.quote(str(top))]
+    if manifest["models"]:
+        parts += ["--models", shlex.quote(",".join(str(m.get("model"))
+                                                   for m in manifest["models"]))]
+    if manifest["samples"] > 1:
+        parts += ["--samples", str(manifest["samples"])]
+    opts = manifest.get("options") or {}
+    for key in ("endpoint", "model"):
+        if opts.get(key):
+            parts += [f"--{key}", shlex.quote(str(opts[key]))]
+    if opts.get("stream") is not None:
+        parts.append("--stream" if opts["stream"] else "--no-stream")
+    if opts.get("shard"):
+        parts += ["--shard", f"{opts['shard'][0]}/{opts['shard'][1]}"]
+    return " ".join(parts)

@@ -28,15 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from tmbatch.base.config import ConfigError, Settings
 from tmbatch.base.exitcodes import ExitCode
-from tmbatch.base.files import JOURNAL, atomic_write, make_dir
+from tmbatch.base.files import JOURNAL
 from tmbatch.base.logs import say
 from tmbatch.base.stop import Stop
 from tmbatch.inputs.files import url_scheme
-from tmbatch.inputs.samples import UNITS, dir_name, stage_units
+from tmbatch.inputs.samples import (
+    UNITS,
+    dir_name,
+    read_manifest,
+    stage_units,
+    write_manifest,
+)
 from tmbatch.journal import journal
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import SIGNALS, Runner
@@ -44,7 +48,6 @@ from tmbatch.spend.budget import BudgetSpec
 from tmbatch.spend.usage import Tokens, money
 
 log = logging.getLogger("tmbatch")
-MANIFEST = "models.json"  # in -o: which directory holds which model, and the samples
 GO_ON = (ExitCode.OK, ExitCode.FAILED)  # a model's run that ended like this: the next one runs
 
 
@@ -86,13 +89,9 @@ class FanOut:
             stage_units(c.input, part.config.out_dir, part.model, c.samples,
                         default_model=c.model, endpoint=c.endpoint, stream=c.stream,
                         restart=c.restart, max_line_bytes=c.max_line_bytes)
-        if c.models:
-            make_dir(c.out_dir)
-            atomic_write(c.out_dir / MANIFEST, orjson.dumps({
-                "input": c.input if url_scheme(c.input) else os.path.abspath(c.input),
-                "samples": c.samples,
-                "models": [{"model": p.model, "dir": p.config.out_dir.name}
-                           for p in self.parts]}, option=orjson.OPT_INDENT_2) + b"\n")
+        write_manifest(c.out_dir, c.input if url_scheme(c.input) else os.path.abspath(c.input),
+                       c.samples, [(p.model, p.config.out_dir.name) for p in self.parts
+                                   if p.model is not None], c.request_shape())
 
     # -- the network half -----------------------------------------------------------------
     async def send(self, settings: Settings) -> int:
@@ -248,7 +247,8 @@ def spent_in(out_dir: Path, spec: BudgetSpec) -> tuple[int, float]:
 
 def check_not_models(config: RunConfig) -> None:
     """A run without --models on the -o of a --models run would start a job beside them."""
-    if not config.models and (config.out_dir / MANIFEST).exists():
+    manifest = read_manifest(config.out_dir)
+    if not config.models and manifest is not None and manifest["models"]:
         raise ConfigError(f"{config.out_dir} holds a --models run (a directory per model"
                           f"{models_hint(config.out_dir, ': ')}); resume it with the same "
                           "--models, or give another --output")
@@ -256,12 +256,10 @@ def check_not_models(config: RunConfig) -> None:
 
 def models_hint(out: Path, lead: str = "; it holds one per model (--models): ") -> str:
     """For a command given the -o of a --models run: the directories to give it instead."""
-    try:
-        manifest = orjson.loads((out / MANIFEST).read_bytes())
-        dirs = [str(out / m["dir"]) for m in manifest["models"]]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return ""
-    return lead + ", ".join(dirs)
+    manifest = read_manifest(out)
+    dirs = [str(out / m["dir"]) for m in (manifest or {}).get("models", [])
+            if isinstance(m, dict) and isinstance(m.get("dir"), str)]
+    return lead + ", ".join(dirs) if dirs else ""
 
 
 def worst(codes: list[int]) -> int:
