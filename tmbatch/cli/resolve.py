@@ -184,7 +184,7 @@ def _models(value: Any, samples: int | None, model: str | None, records: str | N
     if models and model:
         raise ConfigError("--model and --models: give one (--models sends every line to "
                           "each model, whatever it names; --model fills in a missing one)")
-    samples = samples or 1
+    samples = int(samples or DEFAULTS["samples"].value)
     if (models or samples > 1) and records is not None:
         raise ConfigError("--models and --samples do not run labelling jobs yet: run the job "
                           "once per model (--model, -o) instead")

@@ -126,7 +126,7 @@ def _fanout_args(g: Any) -> None:
                    help="N answers per line (and model): N requests, on chat and completions "
                    "with seeds seed+0..N-1 (seed 0 when the line has none), custom_id#k, each "
                    "outcome line with "
-                   "\"sample\": k (default 1)")
+                   f"\"sample\": k (default {D.SAMPLES.value})")
 
 
 def _limit_args(g: Any) -> None:

@@ -78,7 +78,7 @@ class RunConfig:
     # --models: every line to each, one output directory per model (`run.fanout`); empty:
     # the lines' own models
     models: tuple[str, ...] = ()
-    samples: int = 1  # --samples: answers per line and model (`inputs.samples`)
+    samples: int = D.SAMPLES.value  # --samples: answers per line and model (`inputs.samples`)
     records: str | None = None  # a labelling job's records, rendered into `input`
     table: BodyTable | None = None  # a table of request bodies, staged into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
