@@ -77,6 +77,10 @@ OUTPUT_FORMAT = Default(
     "jsonl",
     "results.jsonl and failures.jsonl are always written (they are the checkpoint's outcomes); "
     "a table (parquet, csv) is an extra file made from them when the run finishes")
+SAMPLES = Default(
+    1,
+    "one answer per line and model, as the input asks; more are drawn only when asked for "
+    "(each is a request billed on its own)")
 
 # The table: setting -> its default (the names `run --print-config` shows).
 DEFAULTS: dict[str, Default[Any]] = {
@@ -94,4 +98,5 @@ DEFAULTS: dict[str, Default[Any]] = {
     "resend_concurrency": RESEND_CONCURRENCY,
     "cache_mode": CACHE_MODE,
     "output_format": OUTPUT_FORMAT,
+    "samples": SAMPLES,
 }

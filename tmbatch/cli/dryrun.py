@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def dry_run(ns: argparse.Namespace, config: RunConfig, job: Any) -> int:
     if job is not None and job.label is not None:  # the records, rendered as the run would
         source, label = str(config.records), (job.path, job.label)
     prices = config.budget.prices
-    est = estimate(source, endpoint=config.endpoint, model=config.model, label=label,
+    model = config.model or (config.models[0] if config.models else None)  # --models fill it
+    est = estimate(source, endpoint=config.endpoint, model=model, label=label,
                    on_bad=lambda item: show_bad(source, item, False))
     print(est.render(prices, DEFAULT_EXPECTED_OUTPUT, None))
     print()
@@ -53,16 +55,19 @@ def dry_run(ns: argparse.Namespace, config: RunConfig, job: Any) -> int:
     return code
 
 
-def say_estimate(config: RunConfig) -> None:
+def say_estimate(config: RunConfig, parts: Sequence[RunConfig] = ()) -> None:
     """With prices, a run says what the input should cost as it starts (the whole input,
-    as `tmbatch estimate` counts it: expected and worst case)."""
+    as `tmbatch estimate` counts it: expected and worst case); `parts`: with --models or
+    --samples, each model's staged units, added up."""
     prices = config.budget.prices
     if not prices or config.input == "-" or config.quiet:
         return
     from tmbatch.spend.estimate import DEFAULT_EXPECTED_OUTPUT, estimate
 
-    est = estimate(config.input, endpoint=config.endpoint, model=config.model)
-    total = est.as_json(prices, DEFAULT_EXPECTED_OUTPUT, None)["total"]
+    total: dict[str, Any] = {}
+    for c in parts or (config,):
+        est = estimate(c.input, endpoint=c.endpoint, model=c.model)
+        _add(total, est.as_json(prices, DEFAULT_EXPECTED_OUTPUT, None)["total"])
     cost = total["cost_usd"] or {}
     excludes = cost.get("excludes_models") or []
     note = f" (excludes {', '.join(excludes)}: no price)" if excludes else ""
@@ -71,3 +76,17 @@ def say_estimate(config: RunConfig) -> None:
         f"output; cost ~{money(cost.get('expected', 0.0))} expected, "
         f"{money(cost.get('worst', 0.0))} at most{note} (`tmbatch estimate` for the table)",
         **total)
+
+
+def _add(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """One model's estimate added to the others' (numbers summed, models unpriced joined)."""
+    if not total:
+        total.update(more)
+        return
+    for key, value in more.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+    cost, extra = total.get("cost_usd"), more.get("cost_usd")
+    if cost and extra:
+        total["cost_usd"] = {k: (sorted(set(v) | set(extra.get(k) or [])) if isinstance(v, list)
+                                 else v + (extra.get(k) or 0)) for k, v in cost.items()}

@@ -59,6 +59,13 @@ def _model(c: TableChecker, key: str, value: Any) -> str:
     return text
 
 
+def _models(c: TableChecker, key: str, value: Any) -> list[str]:
+    """`models = ["a", "org/b"]` (or "a,org/b"): every line to each, checked as `model` is."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return [_model(c, key, m) for m in c.string_list(key, value)]
+
+
 # key -> (argparse dest, how to check it). Connection settings are strings in the
 # namespace because config.resolve parses them (and reports sources) itself.
 Spec = Callable[[TableChecker, str, Any], Any]
@@ -68,6 +75,8 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "output": ("output", lambda c, k, v: c.path_value(k, v)),
     "endpoint": ("endpoint", _endpoint),
     "model": ("model", _model),
+    "models": ("models", _models),
+    "samples": ("samples", lambda c, k, v: c.pos_int(k, v)),
     "body_column": ("body_column", lambda c, k, v: c.string(k, v)),
     "id_column": ("id_column", lambda c, k, v: c.string(k, v)),
     "output_format": ("output_format",

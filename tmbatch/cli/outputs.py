@@ -35,7 +35,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
     out = Path(ns.output)
     if not has_journal(out):
-        raise JournalError(f"{out} has no journal.jsonl: not a tmbatch output directory")
+        from tmbatch.run.fanout import models_hint
+
+        raise JournalError(f"{out} has no journal.jsonl: not a tmbatch output directory"
+                           + models_hint(out))
     st = status(out)
     if ns.json:
         sys.stdout.buffer.write(orjson.dumps(st) + b"\n")

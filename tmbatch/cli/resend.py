@@ -144,6 +144,7 @@ def _send(ns: argparse.Namespace, out: Path, header: Header, lines: list[Selecte
         input=header.input, out_dir=out, endpoint=options.get("endpoint"),
         model=options.get("model"), stream=options.get("stream"),
         shard=tuple(options["shard"]) if options.get("shard") else None,
+        samples=options.get("samples") or 1,
         concurrency=concurrency, rpm=ns.rpm, tpm=ns.tpm, quiet=ns.quiet,
         only_lines=frozenset(r.line for r in lines),
         extra_header=extra, requests=tuple(fixed) if fixed else None,

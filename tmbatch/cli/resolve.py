@@ -118,6 +118,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
             raise ConfigError(problem)
     records, table, input_path, endpoint = _staged(job, input_path, out_dir, source,
                                                    endpoint, pick)
+    models, samples = _models(pick("models"), pick("samples"), model, records, pick)
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
@@ -135,7 +136,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         budget=budget, fleet=fleet, connection=connection,
         preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
-        cache=cache, cache_mode=pick("cache_mode"), table=table,
+        cache=cache, cache_mode=pick("cache_mode"), table=table, models=models, samples=samples,
         output_format=_output_format(pick("output_format")), sources=pick.sources,
     )
     return Resolved(config, job)
@@ -161,6 +162,33 @@ def _staged(job: Job | None, input_path: str, out_dir: Path, source: str,
         pick.sources["input"] = "the rows of the table (--body-column)"
         return None, table, str(out_dir / REQUESTS), None
     return None, None, input_path, endpoint
+
+
+def _models(value: Any, samples: int | None, model: str | None, records: str | None,
+            pick: _Picker) -> tuple[tuple[str, ...], int]:
+    """--models A,B,C (a job file's list, or the same text) and --samples N, checked."""
+    if isinstance(value, str):
+        value = [m.strip() for m in value.split(",")]
+    models = tuple(value or ())
+    where = "--models" if pick.sources["models"].startswith("flag") else pick.sources["models"]
+    if value is not None and (not models or any(not m for m in models)):
+        raise ConfigError(f"{where}: an empty model name; give names separated by commas, "
+                          "e.g. --models tm-small,tm-large")
+    for m in models:
+        problem = check_model(m, where)
+        if problem:
+            raise ConfigError(problem)
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ConfigError(f"{where}: {', '.join(twice)} given twice; each model once")
+    if models and model:
+        raise ConfigError("--model and --models: give one (--models sends every line to "
+                          "each model, whatever it names; --model fills in a missing one)")
+    samples = int(samples or DEFAULTS["samples"].value)
+    if (models or samples > 1) and records is not None:
+        raise ConfigError("--models and --samples do not run labelling jobs yet: run the job "
+                          "once per model (--model, -o) instead")
+    return models, samples
 
 
 def _output_format(fmt: str) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from tmbatch.base import defaults as D
 from tmbatch.base.config import Settings
 from tmbatch.base.exitcodes import ExitCode, help_text
+from tmbatch.base.files import JOURNAL
 from tmbatch.base.logs import add_log_format_arg, json_mode
 from tmbatch.cli.common import (
     add_budget_args,
@@ -48,6 +50,10 @@ RUN_EXAMPLES = """examples:
   # resume after a crash, kill or eviction: the same command again
   tmbatch run input.jsonl -o out/
 
+  # every line to two models, three samples each: out/tm-small/ and out/org%2Fmodel/,
+  # each a standard output directory (custom_id#0..#2, "sample" in each outcome line)
+  tmbatch run input.jsonl -o out/ --models tm-small,org/model --samples 3
+
   # every setting as resolved and where it came from (flag, job file, env, default);
   # sends nothing, writes nothing, exits 0
   tmbatch run jobs/nightly.toml -c 8 --print-config
@@ -73,6 +79,8 @@ def add_run_parser(sub: Any) -> None:
                      "or a job file NAME.toml (flags override it)")
     run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
     _input_args(run.add_argument_group("input"))
+    _fanout_args(run.add_argument_group("several models and samples (docs: Models and "
+                                         "samples)"))
     _limit_args(run.add_argument_group("limits"))
     add_budget_args(run.add_argument_group("budget and prices (README: Cost and budgets)"))
     _checkpoint_args(run.add_argument_group("checkpoint"))
@@ -105,6 +113,20 @@ def _input_args(g: Any) -> None:
                    help="longer lines are failures (default "
                    f"{D.MAX_LINE_BYTES.value // 2**20} MiB)")
     g.add_argument("--shard", type=shard_arg, help="take lines I, I+N, ... (0-based I/N)")
+
+
+def _fanout_args(g: Any) -> None:
+    g.add_argument("--models", metavar="A,B,C",
+                   help="send every line to each of these models (whatever model the line "
+                   "names), one after another; each writes a standard output directory "
+                   "OUTPUT/<model>/ (the name percent-encoded: org/model -> org%%2Fmodel; "
+                   "OUTPUT/models.json maps them). One budget covers them all; the exit code "
+                   "is the worst. The whole input is checked first: a bad line stops it")
+    g.add_argument("--samples", type=positive_int, metavar="N",
+                   help="N answers per line (and model): N requests, on chat and completions "
+                   "with seeds seed+0..N-1 (seed 0 when the line has none), custom_id#k, each "
+                   "outcome line with "
+                   f"\"sample\": k (default {D.SAMPLES.value})")
 
 
 def _limit_args(g: Any) -> None:
@@ -214,20 +236,43 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         stage_bodies(config.table, config.out_dir, config.restart)
     _check_budget(config)
-    say_estimate(config)
-    code = run_async(start_run(ns, config))
+    from tmbatch.run.fanout import check_not_models
+
+    check_not_models(config)
+    if config.models or config.samples > 1:
+        from tmbatch.run.fanout import FanOut
+
+        fan = FanOut(config)
+        fan.stage()  # every model's units, checked: nothing is sent before this is done
+        parts = [p.config for p in fan.parts]
+        for part in parts:  # each model priced, under a USD budget
+            _check_budget(part)
+        say_estimate(config, parts)
+        code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
+        outs = [p.out_dir for p in parts]
+    else:
+        say_estimate(config)
+        code = run_async(start_run(ns, config))
+        outs = [config.out_dir]
     if label_run is not None:
         code = label_run.finish(code)
-    if config.ordered and code in (ExitCode.OK, ExitCode.FAILED):
+    if code in (ExitCode.OK, ExitCode.FAILED):
+        for out in outs:
+            _exports(config, out)
+    return code
+
+
+def _exports(config: RunConfig, out: Path) -> None:
+    """--ordered and --output-format: the extra files a finished run writes."""
+    if config.ordered and (out / JOURNAL).exists():
         from tmbatch.tools.export import export_ordered
 
-        export_ordered(config.out_dir)
-    if config.output_format != "jsonl" and code in (ExitCode.OK, ExitCode.FAILED):
+        export_ordered(out)
+    if config.output_format != "jsonl" and (out / JOURNAL).exists():
         from tmbatch.tools.tables import export_table
 
-        dest, rows = export_table(config.out_dir, config.output_format)
+        dest, rows = export_table(out, config.output_format)
         log.info("%s: %d row(s)", dest, rows)
-    return code
 
 
 def _check_budget(config: RunConfig) -> None:

@@ -40,6 +40,8 @@ def config_rows(config: RunConfig) -> list[Row]:
     rows.append(("output", str(config.out_dir), src("output", "")))
     for key in ("endpoint", "model", "stream"):
         rows.append((key, getattr(config, key), src(key, "")))
+    rows.append(("models", list(config.models) or None, src("models", "")))
+    rows.append(("samples", config.samples, src("samples", "")))
     shard = config.shard
     rows.append(("shard", f"{shard[0]}/{shard[1]}" if shard else None, src("shard", "")))
     for key in ("concurrency", "rpm", "tpm"):

@@ -323,7 +323,8 @@ class Verdict:
 
 
 async def preflight_for_run(
-    settings: Settings, input_path: str, model: str | None, endpoint: str | None
+    settings: Settings, input_path: str, model: str | None, endpoint: str | None,
+    models: tuple[str, ...] = (),
 ) -> Verdict:
     """Run the checks before `tmbatch run`; an exit code when the run must not start.
 
@@ -331,9 +332,13 @@ async def preflight_for_run(
     reached, the key refused, no model of the input served, no route), in one message. An
     unserved model among served ones is a warning: its lines fail one by one. A missing
     /health is a warning; the last line says what went ahead unchecked, never "ok" then.
+    `models`: --models, checked instead of the input's.
     """
-    models, complete = models_in_input(input_path, model=model, endpoint=endpoint)
-    report = await run_checks(settings, models)
+    if models:  # --models: every line goes to each of these, whatever it names
+        checked, complete = list(models), True
+    else:
+        checked, complete = models_in_input(input_path, model=model, endpoint=endpoint)
+    report = await run_checks(settings, checked)
     for c in report.warnings:
         log.warning("preflight: %s: %s", c.name, c.detail)
     if report.errors:

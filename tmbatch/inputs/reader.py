@@ -53,6 +53,8 @@ class Request:
     # What the Idempotency-Key is derived from, when not the custom_id: `resend --input`
     # sends a corrected body under a key of its own where the server saw the old one
     key_id: str | None = None
+    # --samples N: the sample's index (0..N-1) in its model's directory (`inputs.samples`)
+    sample: int | None = None
 
     @property
     def idempotent(self) -> bool:

@@ -86,6 +86,7 @@ class ResultRecord:
     # serialising again what was just parsed; None to serialise `response.body`.
     raw_body: bytes | None = None
     cached: bool = False  # answered from the response cache (`"cached": true` in the line)
+    sample: int | None = None  # --samples: the sample's index (`"sample": k` in the line)
 
     def to_json(self) -> bytes:
         raw = self.raw_body
@@ -94,7 +95,7 @@ class ResultRecord:
         spliced = raw is not None and raw.find(b"\n") < 0 and raw.find(b"\r") < 0
         r = self.response  # Response.as_dict's shape, spelled here: one per answer
         if spliced and self.timing is None and type(r.status_code) is int \
-                and type(self.line) is int and not self.cached:
+                and type(self.line) is int and not self.cached and self.sample is None:
             # the common answer: the bytes the dict below would give, formatted around the
             # raw body in one pass (no dict, no second copy of the body to splice it in)
             return _RESULT_LINE % (_dumps(self.id), _dumps(self.custom_id), r.status_code,
@@ -107,6 +108,8 @@ class ResultRecord:
         }
         if self.cached:  # beside the response: the body and its request id are the original's
             rec["cached"] = True
+        if self.sample is not None:
+            rec["sample"] = self.sample
         if self.timing is not None:
             t = self.timing
             rec["timing"] = {"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
@@ -130,29 +133,34 @@ class FailureRecord:
     message: str
     attempts: int
     response: Response | None = None
+    sample: int | None = None  # --samples: the sample's index (`"sample": k` in the line)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({
+        rec = {
             "id": self.id,
             "custom_id": self.custom_id,
             "response": None if self.response is None else self.response.as_dict(),
             "error": {"code": self.code, "message": self.message, "class": self.outcome.value},
             "attempts": self.attempts,
             "line": self.line,
-        }) + b"\n"
+        }
+        if self.sample is not None:
+            rec["sample"] = self.sample
+        return orjson.dumps(rec) + b"\n"
 
     @classmethod
     def of(cls, job_id: str, line: int, custom_id: str | None, outcome: Outcome, code: str,
-           message: str, attempts: int, response: Response | None = None) -> FailureRecord:
+           message: str, attempts: int, response: Response | None = None,
+           sample: int | None = None) -> FailureRecord:
         return cls(record_id(job_id, custom_id or f"line-{line}"), custom_id, line, outcome,
-                   code, message, attempts, response)
+                   code, message, attempts, response, sample)
 
     @classmethod
     def of_attempt(cls, job_id: str, line: int, custom_id: str, failure: AttemptFailed,
-                   attempts: int) -> FailureRecord:
+                   attempts: int, sample: int | None = None) -> FailureRecord:
         """A failed attempt's record: the server's answer kept when there was one."""
         response = None
         if failure.status is not None or failure.body is not None:
             response = Response(failure.status, failure.request_id, failure.body)
         return cls.of(job_id, line, custom_id, failure.cls, failure.code, failure.message,
-                      attempts, response)
+                      attempts, response, sample)

@@ -114,7 +114,7 @@ class LineSender:
         if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
             self.record_failure(FailureRecord.of(
                 self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
-                refusal.message, self.prior_attempts.get(req.line, 0)))
+                refusal.message, self.prior_attempts.get(req.line, 0), sample=req.sample))
             return
         headers = None
         if not req.idempotent:
@@ -306,7 +306,8 @@ class LineSender:
             timing = Timing.of(answer.ttft, answer.latency, out_tokens)
         record = ResultRecord(
             record_id(self.job_id, req.custom_id), req.custom_id, req.line,
-            RecordedResponse(answer.status, answer.request_id, answer.body), timing, answer.raw)
+            RecordedResponse(answer.status, answer.request_id, answer.body), timing, answer.raw,
+            sample=req.sample)
         self.writer.result(record, answer.latency, answer.ttft)
         if self.cache is not None:
             self.cache.store(req, answer)  # committed after the result line is written
@@ -316,7 +317,8 @@ class LineSender:
         self.stats.ok += 1
         self.writer.result(ResultRecord(
             record_id(self.job_id, req.custom_id), req.custom_id, req.line,
-            RecordedResponse(hit.status, hit.request_id, None), None, hit.body, cached=True))
+            RecordedResponse(hit.status, hit.request_id, None), None, hit.body, cached=True,
+            sample=req.sample))
 
     def _fail(self, req: Request, exc: AttemptFailed, attempts: int) -> None:
         if exc.cls.policy.stops_run:
@@ -326,7 +328,7 @@ class LineSender:
         elif exc.status == 404:  # judged per (route, model): the rest of the file runs
             self.served.not_found(req.url, req.body.get("model"), exc.message)
         self.record_failure(FailureRecord.of_attempt(self.job_id, req.line, req.custom_id,
-                                                     exc, attempts))
+                                                     exc, attempts, req.sample))
 
     def bad_line(self, bad: BadLine) -> None:
         self.record_failure(FailureRecord.of(self.job_id, bad.line, bad.custom_id,

@@ -35,7 +35,6 @@ from tmbatch.spend.usage import usage_tokens
 
 log = logging.getLogger("tmbatch")
 SIM_BASE = "tmbatch-sim"  # --sim's server: its port changes every run, its answers do not
-SAMPLE = 0  # the sample index in every key until a run draws several samples per line
 
 
 def open_cache(config: RunConfig) -> ResponseCache | None:
@@ -77,7 +76,7 @@ class RunCache:
         if not self.reads:
             return None
         try:
-            hit = self.cache.get(cache_key(self.base_url, req.url, req.body, SAMPLE))
+            hit = self.cache.get(cache_key(self.base_url, req.url, req.body, req.sample or 0))
         except sqlite3.Error as exc:
             self._error("lookup", exc)
             hit = None
@@ -104,8 +103,8 @@ class RunCache:
         used = usage_tokens(answer.body) or (0, 0, 0)
         model = req.body.get("model")
         self._queue.append(Entry(
-            cache_key(self.base_url, req.url, req.body, SAMPLE), req.url,
-            model if isinstance(model, str) else None, SAMPLE, answer.status,
+            cache_key(self.base_url, req.url, req.body, req.sample or 0), req.url,
+            model if isinstance(model, str) else None, req.sample or 0, answer.status,
             answer.request_id, raw, used[0], used[1]))
         if len(self._queue) == 1:
             asyncio.get_running_loop().call_soon(self.commit)

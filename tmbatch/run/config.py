@@ -75,6 +75,10 @@ class RunConfig:
     cache: Path | None = None  # --cache: the response cache's SQLite file (docs/cache.md)
     cache_mode: str = D.CACHE_MODE.value
     output_format: str = D.OUTPUT_FORMAT.value  # parquet/csv: outcomes.<fmt> when it finishes
+    # --models: every line to each, one output directory per model (`run.fanout`); empty:
+    # the lines' own models
+    models: tuple[str, ...] = ()
+    samples: int = D.SAMPLES.value  # --samples: answers per line and model (`inputs.samples`)
     records: str | None = None  # a labelling job's records, rendered into `input`
     table: BodyTable | None = None  # a table of request bodies, staged into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)
@@ -105,7 +109,9 @@ class RunConfig:
     def request_shape(self) -> dict[str, Any]:
         """The options that shape requests: a resume must use the same ones."""
         return {"endpoint": self.endpoint, "model": self.model, "stream": self.stream,
-                "shard": list(self.shard) if self.shard else None}
+                "shard": list(self.shard) if self.shard else None,
+                # absent from journals without samples: None keeps them resumable
+                "samples": self.samples if self.samples > 1 else None}
 
 
 def out_dir_of(input_arg: str, output: str | None) -> Path:

@@ -36,6 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
+from tmbatch.inputs.samples import sample_of, sampled
 from tmbatch.journal.cache import ResponseCache
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import Header, ResumeRecord
@@ -159,7 +160,7 @@ class Runner:
                 writer.header(header)
             else:
                 writer.header(ResumeRecord(time.time(), **opts.extra_header))
-                _recover(writer, resume)
+                _recover(writer, resume, opts.samples)
             self.budget = Budget.for_job(opts.budget, self.stop, resume)
             self.budget.start(writer)
             self.admission.budget = self.budget
@@ -284,11 +285,13 @@ class Runner:
     def _lines(self, f: IO[bytes] | None) -> Iterator[Request | BadLine]:
         """The input's lines, for the workers to take one at a time (`_work`); with
         `resend --input`, the corrected ones instead."""
+        samples = self.config.samples
         if f is None:
             assert self.config.requests is not None
-            return iter(self.config.requests)
+            return sampled(iter(self.config.requests), samples) if samples > 1 \
+                else iter(self.config.requests)
         resume = None if self.config.only_lines is not None else self.resume
-        return read_requests(
+        lines = read_requests(
             f, endpoint=self.config.endpoint, model=self.config.model, stream=self.config.stream,
             done=None if resume is None else resume.states,
             seen=None if resume is None else resume.seen,
@@ -296,6 +299,7 @@ class Runner:
             max_line_bytes=self.config.max_line_bytes,
             unit="line" if self.config.table is None else "row",
         )
+        return sampled(lines, samples) if samples > 1 else lines
 
     async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
         """Take the next line and send it to its outcome, until the input or the run ends.
@@ -422,7 +426,7 @@ class Runner:
         return self.stop.exit_code(summary.counts.failed)
 
 
-def _recover(writer: Writer, resume: ResumeState) -> None:
+def _recover(writer: Writer, resume: ResumeState, samples: int) -> None:
     """Outcomes from before the crash: found ones journaled, unknown ones ambiguous."""
     for record in resume.adopted:
         writer.adopt(record)
@@ -432,7 +436,7 @@ def _recover(writer: Writer, resume: ResumeState) -> None:
             job, line, cid, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",
             "dispatched before the previous run stopped, with no outcome recorded: the "
             "server may have processed (and billed) it; not re-sent. `tmbatch resend "
-            "--class ambiguous` sends it again", attempts,
+            "--class ambiguous` sends it again", attempts, sample=sample_of(line, samples),
         ))
     if resume.in_flight:
         log.warning("%d request(s) had no outcome when the previous run stopped: recorded "

@@ -15,6 +15,7 @@ from tmbatch.base.files import FAILURES
 from tmbatch.base.logs import say
 from tmbatch.base.stop import Stop
 from tmbatch.base.words import millis
+from tmbatch.inputs.samples import resume_command
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.failed import Failed, current_failures
 from tmbatch.journal.format import Header
@@ -254,6 +255,9 @@ FIXED = "retry.jsonl"  # the corrected file the advice names
 def job_command(header: Header, out_dir: Path, *, endpoint: bool = True) -> str:
     """`tmbatch run` with the job's input, output and request-shaping options: what resumes
     it (the connection and limit flags are the user's to repeat)."""
+    fanned = resume_command(header.input, out_dir)  # a --models/--samples run: its command
+    if fanned is not None:
+        return fanned
     opts = header.options
     parts = ["tmbatch", "run", shlex.quote(header.input), "-o", shlex.quote(str(out_dir))]
     if endpoint and opts.get("endpoint"):
