@@ -14,6 +14,7 @@ JOB.toml`: `flag --rpm`, `job file rpm at jobs/x.toml`, `env TENSORMESH_TIMEOUT_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,6 +122,9 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
+    if fleet.redis:  # the whole job's budget, shared through Redis (the share: its fallback)
+        fleet = dataclasses.replace(fleet, budget_tokens=pick("budget_tokens"),
+                                    budget_usd=pick("budget_usd"))
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
     pick.sources["preflight"] = "flag --no-preflight" if flags.get("no_preflight") else "default"
