@@ -116,3 +116,18 @@ def test_a_shard_that_spends_nothing_leaves_its_share_to_the_others(
     # shard 0 never ran: its quarter went to the three that did
     assert sum(spent) > 3 * budget // 4
     assert max(spent) > budget // 4
+
+
+def test_print_config_says_the_budget_is_shared_and_the_share_is_the_fallback(
+        tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0)])
+    p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--shard", "1/4",
+                 "--budget-tokens", "1000", "--redis", "redis://:s3cret@127.0.0.1:1/0",
+                 "--redis-prefix", "x", "--print-config"])
+    assert p.returncode == 0, p.stderr
+    (row,) = [r for r in p.stdout.splitlines() if r.strip().startswith("budget_tokens")]
+    assert "250" in row and "shared by its shards through Redis" in row
+    assert "1/4 for shard 1/4 while Redis is down" in row
+    assert "s3cret" not in p.stdout + p.stderr
