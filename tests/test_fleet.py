@@ -118,3 +118,34 @@ def test_redis_killed_and_restarted_mid_run_loses_no_line(tmp_path: Path, sim) -
         b"\n") if x]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(300))  # each exactly once
     assert sim.stats()["duplicates"] == 0  # nothing billed twice
+
+
+def test_a_refusal_that_lands_during_the_fleet_check_holds_the_send(redis: Redis) -> None:
+    """The fleet's say is the last check before a send, and it is a round trip: a refusal
+    of this process's that arrives meanwhile pauses the lane, and the send waits it out."""
+    from tests.test_limits import refusal, req
+    from tmbatch.limits.admission import Admission
+
+    async def main() -> None:
+        store = RedisLanes(redis.url, "recheck")
+        adm = Admission(concurrency=4)
+        adm.shared = store
+        try:
+            first = await adm.permit(req()).__aenter__()  # nothing announced: it goes
+            real, paused_until = store.take, []
+
+            async def take(lane, now):  # type: ignore[no-untyped-def]
+                wait = await real(lane, now)  # Redis says go ...
+                if not paused_until:  # ... while the first attempt's 429 lands
+                    first.failed(refusal({"Retry-After": "1"}))
+                    paused_until.append(lane.pause_until)
+                return wait
+
+            store.take = take  # type: ignore[method-assign]
+            second = await adm.permit(req(line=2)).__aenter__()
+            assert paused_until and paused_until[0] > first.sent_at
+            assert second.sent_at >= paused_until[0]  # not inside the window it was told of
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -68,7 +68,8 @@ def job_spec(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_manifests_we_expect_are_there() -> None:
     kinds = sorted(d["kind"] for _, d in docs())
-    assert kinds == ["ConfigMap", "CronJob", "Job", "Job", "Job", "PersistentVolumeClaim"]
+    assert kinds == ["ConfigMap", "CronJob", "Deployment", "Job", "Job", "Job",
+                     "PersistentVolumeClaim", "Service"]
     assert any(d["spec"].get("completionMode") == "Indexed" for d in by_kind("Job"))
 
 
@@ -226,3 +227,85 @@ def test_the_input_loader_writes_the_jobs_input_atomically(tmp_path: Path) -> No
     assert dest.read_bytes() == src.read_bytes()
     assert not list(dest.parent.glob("*.part"))
     assert "26000 bytes" in p.stdout
+
+
+# -- Redis, metrics and the dashboard (docs/fleet.md) -------------------------------------------
+
+def test_the_runs_share_redis_through_its_service_and_expose_their_metrics() -> None:
+    """TMBATCH_REDIS_URL names redis.yaml's Service and port, which selects its Deployment's
+    pods; --metrics-port, the container port and the scrape annotations agree."""
+    from urllib.parse import urlsplit
+
+    from tmbatch.cli.fleet import ENV_REDIS
+
+    (deploy,) = by_kind("Deployment")
+    (service,) = by_kind("Service")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (redis,) = deploy["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in redis["ports"]}
+    (svc_port,) = service["spec"]["ports"]
+    assert ports[svc_port["targetPort"]] == 6379
+    assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    parser = build_parser()
+    runs = [d for d in workloads() if pod_spec(d)["containers"][0]["args"][0] == "run"]
+    assert {d["kind"] for d in runs} == {"Job", "CronJob"}
+    for doc in runs:
+        (container,) = pod_spec(doc)["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        url = urlsplit(env[ENV_REDIS])
+        assert (url.scheme, url.hostname, url.port) == (
+            "redis", service["metadata"]["name"], svc_port["port"])
+        ns = parser.parse_args(expand(container["args"], {"JOB_NAME": "j-1",
+                                                          "JOB_COMPLETION_INDEX": "0"}))
+        meta = (doc["spec"]["jobTemplate"]["spec"]["template"] if doc["kind"] == "CronJob"
+                else doc["spec"]["template"])["metadata"]
+        notes = meta["annotations"]
+        assert notes["prometheus.io/scrape"] == "true"
+        assert int(notes["prometheus.io/port"]) == ns.metrics_port
+        assert {"name": "metrics", "containerPort": ns.metrics_port} in container["ports"]
+
+
+def exported_names() -> set[str]:
+    """Every series name the run's registry exports (run/metrics.py's collector, over a real
+    admission with a paced lane, so the conditional families are there too)."""
+    pytest.importorskip("prometheus_client")
+    from tmbatch.limits.admission import Admission
+    from tmbatch.run.metrics import Collector, Sources, Tally
+    from tmbatch.run.summary import RunStats
+    from tmbatch.spend.budget import Budget
+
+    async def scrape() -> set[str]:  # the admission's lanes live on a running loop
+        admission = Admission(rpm=60.0)
+        admission.lane("tm-small")
+        tally = Tally()  # one answer counted: the labelled families have samples
+        tally.requests[("/v1/chat/completions", "tm-small", "200")] += 1
+        tally.tokens[("tm-small", "prompt")] += 1
+        collector = Collector(tally, Sources(RunStats(), admission, Budget(), lambda: 3))
+        names = set()
+        for family in collector.collect():
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+        return names
+
+    import asyncio
+
+    return asyncio.run(scrape())
+
+
+def test_the_dashboard_queries_only_metrics_tmbatch_exports() -> None:
+    import json
+
+    dash = json.loads((K8S / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    used = {m for e in exprs for m in re.findall(r"\b(tmbatch_\w+)", e)}
+    exported = exported_names()
+    assert "tmbatch_pace_requests_per_second" in exported  # the conditional ones are there
+    assert "tmbatch_lines_pending" in exported
+    assert used and used <= exported, sorted(used - exported)
+    # and every metric the docs list is on the dashboard
+    assert {n for n in exported if not n.endswith(("_created",))} - used <= {
+        "tmbatch_lines", "tmbatch_requests", "tmbatch_tokens", "tmbatch_refusals",
+        "tmbatch_spend_usd", "tmbatch_request_duration_seconds"}

@@ -14,6 +14,7 @@ JOB.toml`: `flag --rpm`, `job file rpm at jobs/x.toml`, `env TENSORMESH_TIMEOUT_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from tmbatch.inputs.bodies import BodyTable
 from tmbatch.inputs.routes import normalize_endpoint
 from tmbatch.inputs.tables import table_kind
 from tmbatch.inputs.templates import REQUESTS
-from tmbatch.run.config import RunConfig, out_dir_of
+from tmbatch.run.config import Fleet, RunConfig, out_dir_of
 from tmbatch.spend.budget import BudgetSpec
 
 log = logging.getLogger("tmbatch")
@@ -122,6 +123,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
+    if fleet.redis:  # the whole job's budget, shared through Redis (the share: its fallback)
+        fleet = _shared_budget(fleet, shard, pick)
     for key in ("restart", "quiet", "ordered", "sim"):
         pick.sources[key] = f"flag --{key}" if flags.get(key) else "default"
     pick.sources["preflight"] = "flag --no-preflight" if flags.get("no_preflight") else "default"
@@ -284,6 +287,18 @@ def _budget_share(tokens: int | None, usd: float | None, shard: tuple[int, int] 
     log.info("shard %d/%d takes 1/%d of the job's budget: %s tokens, %s USD", i, n, n,
              _fmt(tokens), _fmt(usd))
     return tokens, usd
+
+
+def _shared_budget(fleet: Fleet, shard: tuple[int, int] | None, pick: _Picker) -> Fleet:
+    """With --redis the shards share the whole budget; their 1/N share is what each keeps to
+    while Redis does not answer (docs: Fleet, the budget)."""
+    tokens, usd = pick("budget_tokens"), pick("budget_usd")
+    if shard is not None and shard[1] > 1:
+        for key, value in (("budget_tokens", tokens), ("budget_usd", usd)):
+            if value is not None:
+                pick.note(key, f"the whole job's, shared by its shards through Redis (1/"
+                          f"{shard[1]} for shard {shard[0]}/{shard[1]} while Redis is down)")
+    return dataclasses.replace(fleet, budget_tokens=tokens, budget_usd=usd)
 
 
 def _cache_path(flags: Mapping[str, Any], env: Mapping[str, str], pick: _Picker) -> Path | None:

@@ -324,8 +324,11 @@ class Permit:
                     await adm._take_slot()
                 self.slot = True
                 if (lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None)
-                        and (adm.shared is None or await self._shared(loop))):
-                    break  # (the fleet's say, with --redis, last: just before the send)
+                        and (adm.shared is None or (await self._shared(loop)
+                                                    and lane.pause_until <= loop.time()))):
+                    # the fleet's say, with --redis, last: just before the send, and the lane
+                    # looked at again after it (a refusal may have paused it meanwhile)
+                    break
                 # a refusal came while this waited for a slot (the answer that freed it,
                 # even), pausing or pacing the lane, or the fleet says later: the slot goes
                 # to another lane meanwhile

@@ -155,7 +155,10 @@ class RedisLanes:
             self._up()
         wait = int(wait_ms) / 1000.0
         if int(why) == 1 and wait > 0:
-            lane.pause_until = max(lane.pause_until, now + wait)  # the fleet's, not ours
+            # what is left of the fleet's window (not ours), from when Redis answered: from
+            # `now`, before the round trip, the lane would reopen that much too early
+            now = asyncio.get_running_loop().time()
+            lane.pause_until = max(lane.pause_until, now + wait)
             lane.pacer.restart_at(lane.pause_until)
         return wait
 

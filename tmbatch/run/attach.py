@@ -33,6 +33,12 @@ async def attach(runner: Runner, sender: LineSender, progress: Progress) -> None
         from tmbatch.limits.shared import RedisLanes
 
         runner.admission.shared = RedisLanes(opts.fleet.redis, opts.fleet.job)
+        if opts.budget.limited:  # the job's budget, shared by its shards
+            from tmbatch.spend.shared import RedisBudget
+
+            runner.budget.shared = RedisBudget(
+                opts.fleet.redis, opts.fleet.job, opts.shard[0] if opts.shard else 0,
+                opts.fleet.budget_tokens, opts.fleet.budget_usd)
     if opts.fleet.observed:  # --metrics-port, --pushgateway (docs: Fleet)
         from tmbatch.run.metrics import observe
 
@@ -54,3 +60,6 @@ async def detach(runner: Runner) -> None:
     if runner.admission.shared is not None:
         await runner.admission.shared.close()
         runner.admission.shared = None
+    if runner.budget.shared is not None:
+        await runner.budget.shared.close(runner.budget)
+        runner.budget.shared = None

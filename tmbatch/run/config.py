@@ -34,6 +34,8 @@ class Fleet:
     pushgateway: str | None = None  # PUT the metrics here every 15 s and at exit
     redis: str | None = None  # share the lanes' pauses, paces and the budget through it
     job: str | None = None  # --redis-prefix, else the job file's name, else --job-id
+    budget_tokens: int | None = None  # the whole job's budget (RunConfig.budget: the share)
+    budget_usd: float | None = None
 
     @property
     def observed(self) -> bool:

@@ -107,6 +107,7 @@ class Budget:
         self._waiters: list[asyncio.Future[None]] = []
         self._notify: Callable[[], None] | None = None  # the writer's `spend_changed`
         self._dirty = False
+        self.shared: Any = None  # `spend.shared.RedisBudget` with --redis (the job's books)
 
     @classmethod
     def for_job(cls, spec: BudgetSpec, stop: Stop, resume: Any) -> Budget:
@@ -175,7 +176,7 @@ class Budget:
         while True:
             if self.reached is not None or (self.stop is not None and self.stop.stopping):
                 return None
-            final, waiting = self._room(res, req)
+            final, waiting = await self._judge(res, req)
             if final is not None:
                 self._reach(final)
                 return None
@@ -192,25 +193,54 @@ class Budget:
         by[1] += res.usd
         return res
 
-    def _room(self, res: Reservation, req: Request) -> tuple[str | None, bool]:
-        """(why the budget is reached, or None; whether to wait for attempts in flight)."""
-        spec = self.spec
+    async def _judge(self, res: Reservation, req: Request) -> tuple[str | None, bool]:
+        """This shard's books against its share, or with --redis the job's books in Redis
+        against the whole budget (one atomic claim; the static share while Redis is down)."""
+        shared = self.shared
+        if shared is None:
+            return self._room(res, req)
+        if self.spec.usd is not None and self.prices.get(res.model) is None:
+            return self._room(res, req)  # the error naming the missing price
+        others = await shared.claim(self, res.tokens, res.usd)
+        if not shared.up:
+            return self._room(res, req)
+        if others is None:
+            return None, False  # taken in Redis: hold it here too, at once
+        return self._room(res, req, (
+            self.spent_tokens + others.spent_tokens, self.reserved_tokens + others.reserved_tokens,
+            self.spent_usd + others.spent_usd, self.reserved_usd + others.reserved_usd,
+            shared.tokens, shared.usd), " (the job's, shared by its shards)")
+
+    def _room(self, res: Reservation, req: Request,
+              books: tuple[float, float, float, float, int | None, float | None] | None = None,
+              whose: str = "") -> tuple[str | None, bool]:
+        """(why the budget is reached, or None; whether to wait for attempts in flight).
+        `books`: spent and reserved tokens and USD and the limits, when not this process's."""
+        if books is None:
+            books = (self.spent_tokens, self.reserved_tokens, self.spent_usd,
+                     self.reserved_usd, self.spec.tokens, self.spec.usd)
+        spent_t, reserved_t, spent_usd, reserved_usd, tokens, usd = books
         waiting = False
-        if spec.tokens is not None:
-            if self.spent_tokens + res.tokens > spec.tokens:
-                return (f"spent {self.spent_tokens:,} of --budget-tokens {spec.tokens:,}; the "
+        if tokens is not None:
+            if spent_t + res.tokens > tokens:
+                return (f"spent {spent_t:,.0f} of --budget-tokens {tokens:,}{whose}; the "
                         f"next request (line {req.line}) may use up to {res.tokens:,}"), False
-            waiting = self.spent_tokens + self.reserved_tokens + res.tokens > spec.tokens
-        if spec.usd is not None:
+            waiting = spent_t + reserved_t + res.tokens > tokens
+        if usd is not None:
             if self.prices.get(res.model) is None:
                 return (f"model {res.model!r} (line {req.line}) has no price, so --budget-usd "
                         f"cannot hold it: give --price {res.model}=IN:OUT (USD per million "
                         "tokens) and run again"), False
-            if self.spent_usd + res.usd > spec.usd:
-                return (f"spent {money(self.spent_usd)} of --budget-usd {spec.usd:,.4g}; the "
+            if spent_usd + res.usd > usd:
+                return (f"spent {money(spent_usd)} of --budget-usd {usd:,.4g}{whose}; the "
                         f"next request (line {req.line}) may cost up to {money(res.usd)}"), False
-            waiting = waiting or self.spent_usd + self.reserved_usd + res.usd > spec.usd
+            waiting = waiting or spent_usd + reserved_usd + res.usd > usd
         return None, waiting
+
+    def changed(self) -> None:
+        """An attempt settled or gave its reservation back: the job's books in Redis follow."""
+        if self.shared is not None:
+            self.shared.publish(self)
 
     async def _wait(self) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -110,6 +110,8 @@ class Reservation:
             b._count(self, prompt, completion, cached)
         if self.sent:
             b._touch()  # the journal's next write carries a snapshot of this
+        if b.shared is not None:
+            b.changed()
 
 
 class _Free:
