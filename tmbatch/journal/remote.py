@@ -1,0 +1,320 @@
+"""A journal that lives in a bucket: numbered segments, shipped by group commit.
+
+With `-o s3://bkt/out/` the run writes its output directory as always, in a local working
+directory, and ships what it appends to `journal.jsonl`, `results.jsonl` and `failures.jsonl`
+to the bucket as segments: `segments/000000000042.seg`, one object each, numbered without a
+gap. A segment holds a small header line (its number, whether it is a base, the byte counts)
+and the appended bytes of the three files, so the bucket's segments, read in order, rebuild
+the three files byte for byte (the journal's marks point at offsets of the results: they
+stay true).
+
+The contract does not bend: a dispatch record is durable before its request's bytes leave.
+The sender calls `Shipper.durable` between writing the dispatch record (locally) and sending;
+it returns once a segment holding that record is stored, and every segment before it (a
+resume reads the segments up to the first gap only). Dispatch records gathered over a few
+milliseconds (`WINDOW`) go in one segment, uploads overlap (`PARALLEL`), and the requests
+they cover are sent when theirs is stored: group commit. Outcomes ride along, and are
+shipped by themselves every `INTERVAL` when no request waits.
+
+A segment is taken between two event-loop callbacks, when the writer (which writes on the
+loop, synchronously) has written whole records: results and failures before the journal
+records that point at them, as on a local disk.
+
+At the end (`publish`), one base segment holds the whole of the three files (after the
+writer's own compaction of superseded failures), the segments before it are deleted, and
+`results.jsonl`, `failures.jsonl`, `summary.json` (and the table, the ordered files) are put
+beside them, where a data engineer expects them.
+
+A fresh pod with an empty disk (`restore`): the segments from the last base on, up to the
+first gap, are written into the working directory, and the run resumes from there exactly
+as from a local directory. Segments past a gap (their uploads raced a crash) are deleted: no
+request they covered was sent, since none was released before every segment before it was
+stored. What the local working directory held beyond the bucket is dropped: the bucket is
+the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from tmbatch.base.files import FAILURES, JOURNAL, LOCK, RESULTS, SUMMARY, open_append
+from tmbatch.journal.store import SEGMENTS, Store, StoreError
+
+log = logging.getLogger("tmbatch")
+T = TypeVar("T")
+
+FILES = (JOURNAL, RESULTS, FAILURES)  # the files segments carry, in this order
+WINDOW = 0.002  # seconds dispatch records are gathered into one segment
+INTERVAL = 0.25  # seconds between segments of outcomes alone
+PARALLEL = 8  # segment uploads in flight at once
+SUFFIX = ".seg"
+
+
+def seg_name(seq: int) -> str:
+    return f"{SEGMENTS}/{seq:012d}{SUFFIX}"
+
+
+def encode(seq: int, chunks: list[bytes], base: bool = False) -> bytes:
+    head = orjson.dumps({"seq": seq, "base": base, "sizes": [len(c) for c in chunks]})
+    return head + b"\n" + b"".join(chunks)
+
+
+def decode(data: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
+    """A segment's header and its three chunks; None for a damaged one (a partial object on
+    a filesystem without atomic writes: treated as not stored)."""
+    head, sep, body = data.partition(b"\n")
+    try:
+        meta = orjson.loads(head)
+        sizes = [int(n) for n in meta["sizes"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if not sep or len(sizes) != len(FILES) or sum(sizes) != len(body):
+        return None
+    chunks, at = [], 0
+    for n in sizes:
+        chunks.append(body[at:at + n])
+        at += n
+    return meta, chunks
+
+
+def stored_segments(store: Store) -> list[int]:
+    """The numbers of the segments in the bucket, ascending."""
+    out = []
+    for name in store.listing(SEGMENTS):
+        stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else ""
+        if stem.isdigit():
+            out.append(int(stem))
+    return sorted(out)
+
+
+def restore(store: Store, work: Path, *, tidy: bool = True) -> tuple[int, list[int]]:
+    """Rebuild the three files in `work` from the bucket (the module docstring says which
+    segments count). Returns the next segment's number and the files' sizes. `tidy=False`
+    (a read-only command) deletes nothing in the bucket."""
+    seqs = stored_segments(store)
+    segs: list[tuple[int, dict[str, Any], list[bytes]]] = []
+    for seq in seqs:
+        data = store.get(seg_name(seq))
+        got = None if data is None else decode(data)
+        if got is not None:
+            segs.append((seq, *got))
+    start = max((i for i, s in enumerate(segs) if s[1].get("base")), default=0)
+    usable, stale = [], [s[0] for s in segs[:start]]
+    expect = segs[start][0] if segs else 0
+    for seq, _meta, chunks in segs[start:]:
+        if seq != expect:
+            break
+        usable.append(chunks)
+        expect += 1
+    orphans = [s for s in seqs if s >= expect]
+    for name in (*FILES, SUMMARY):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(work / name)
+    sizes = [0] * len(FILES)
+    for i, name in enumerate(FILES):
+        parts = [chunks[i] for chunks in usable]
+        if any(parts):
+            fd = open_append(work / name)
+            try:
+                _write_all(fd, b"".join(parts))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sizes[i] = sum(len(p) for p in parts)
+    if tidy:
+        if orphans:
+            log.warning("%s: %d segment(s) past the last complete one were dropped (their "
+                        "requests were never sent)", store.url, len(orphans))
+        store.remove([seg_name(s) for s in stale + orphans])
+    summary = store.get(SUMMARY) if usable else None
+    if summary is not None:
+        (work / SUMMARY).write_bytes(summary)
+    return expect, sizes
+
+
+def discard(store: Store) -> None:
+    """Delete every segment (a new job starts in this URL)."""
+    store.remove([seg_name(s) for s in stored_segments(store)])
+
+
+def move_aside(store: Store) -> str | None:
+    """`--restart`: the job's objects go under `previous-<time>/`, as a local directory's
+    files go to a subdirectory; the URL they went to, or None when there was nothing."""
+    names = [seg_name(s) for s in stored_segments(store)]
+    names += [n for n in (RESULTS, FAILURES, SUMMARY) if n in store.listing("")]
+    if not names:
+        return None
+    aside = f"previous-{time.strftime('%Y%m%dT%H%M%S')}"
+    for name in names:
+        data = store.get(name)
+        if data is not None:
+            store.put(f"{aside}/{name}", data)
+    store.remove(names)
+    return store.where(aside)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Shipper:
+    """Group commit: the local files' new bytes go to the bucket as numbered segments, and
+    `durable()` returns once everything written before it is stored."""
+
+    def __init__(self, store: Store, work: Path, seq: int, sizes: list[int],
+                 on_error: Callable[[StoreError], None] | None = None) -> None:
+        self.store, self.work = store, work
+        self.seq = seq
+        self.sent = list(sizes)  # bytes of each file already cut into a segment
+        self.error: StoreError | None = None
+        self.on_error = on_error
+        self.segments = 0
+        self._next: asyncio.Future[None] | None = None  # what the next segment releases
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(PARALLEL)
+        self._last: asyncio.Task[None] | None = None  # the latest upload (they chain)
+        self._task: asyncio.Task[None] | None = None
+        self._fds: dict[str, int] = {}
+
+    # -- the sender's side ----------------------------------------------
+    async def durable(self) -> None:
+        """Wait until the journal as written now is in a stored segment (and every one before
+        it): called after a dispatch record is written, before its request is sent."""
+        if self.error is not None:
+            raise self.error
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        self._wake.set()
+        await asyncio.shield(fut)
+
+    def guard(self, send: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        """`send` that first waits for its dispatch record to be stored."""
+        async def durable_send(*args: Any, **kwargs: Any) -> T:
+            await self.durable()
+            return await send(*args, **kwargs)
+        return durable_send
+
+    # -- the loop -------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while self.error is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), INTERVAL)
+            if self._next is not None:
+                await asyncio.sleep(WINDOW)  # gather the dispatches of the next few ms
+            self._wake.clear()
+            await self._slots.acquire()
+            if not self._cut():
+                self._slots.release()
+
+    def _cut(self) -> bool:
+        """Take what the files hold now as the next segment and start its upload; False when
+        there was nothing new (a waiter is then released with the uploads before it)."""
+        fut, self._next = self._next, None
+        chunks = self._read_new()
+        if not any(chunks):
+            if fut is not None:
+                prev = self._last
+                self._last = asyncio.get_running_loop().create_task(self._after(prev, fut))
+            return False
+        seq, self.seq = self.seq, self.seq + 1
+        data = encode(seq, chunks)
+        prev = self._last
+        self._last = asyncio.get_running_loop().create_task(self._upload(seq, data, prev, fut))
+        return True
+
+    def _read_new(self) -> list[bytes]:
+        chunks = []
+        for i, name in enumerate(FILES):
+            fd = self._fds.get(name)
+            if fd is None:
+                try:
+                    fd = self._fds[name] = os.open(self.work / name, os.O_RDONLY)
+                except FileNotFoundError:
+                    chunks.append(b"")
+                    continue
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size - self.sent[i], self.sent[i]) if size > self.sent[i] else b""
+            self.sent[i] += len(data)
+            chunks.append(data)
+        return chunks
+
+    async def _upload(self, seq: int, data: bytes, prev: asyncio.Task[None] | None,
+                      fut: asyncio.Future[None] | None) -> None:
+        try:
+            try:
+                await asyncio.to_thread(self.store.put, seg_name(seq), data)
+            finally:
+                self._slots.release()
+            self.segments += 1
+        except StoreError as exc:
+            self._fail(exc)
+        await self._after(prev, fut)
+
+    async def _after(self, prev: asyncio.Task[None] | None,
+                     fut: asyncio.Future[None] | None) -> None:
+        """Release `fut` once every earlier upload is done (a resume reads up to a gap)."""
+        if prev is not None:
+            await prev
+        if fut is None or fut.done():
+            return
+        if self.error is not None:
+            fut.set_exception(self.error)
+            fut.exception()  # retrieved: a waiter may have been cancelled meanwhile
+        else:
+            fut.set_result(None)
+
+    def _fail(self, exc: StoreError) -> None:
+        if self.error is None:
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    async def drain(self) -> None:
+        """Stop the loop and ship what is left; raises the store's error if one happened."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.error is None:
+            await self._slots.acquire()
+            if not self._cut():
+                self._slots.release()
+        if self._last is not None:
+            await self._last
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self.error is not None:
+            raise self.error
+
+
+def publish(store: Store, work: Path, seq: int) -> int:
+    """The end of a run (or a merge into a URL): one base segment with the whole of the three
+    files, the older segments deleted, and the outputs put beside them. Returns the next
+    segment's number."""
+    chunks = []
+    for name in FILES:
+        path = work / name
+        chunks.append(path.read_bytes() if path.exists() else b"")
+    store.put(seg_name(seq), encode(seq, chunks, base=True))
+    store.remove([seg_name(s) for s in stored_segments(store) if s != seq])
+    for path in sorted(work.iterdir()):
+        if path.is_file() and path.name not in (JOURNAL, LOCK) and ".torn-" not in path.name:
+            store.put(path.name, path.read_bytes())
+    return seq + 1
