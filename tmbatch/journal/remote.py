@@ -53,9 +53,9 @@ log = logging.getLogger("tmbatch")
 T = TypeVar("T")
 
 FILES = (JOURNAL, RESULTS, FAILURES)  # the files segments carry, in this order
-WINDOW = 0.002  # seconds dispatch records are gathered into one segment
+WINDOW = 0.010  # seconds dispatch records are gathered into one segment (bench/remote_bench.py)
 INTERVAL = 0.25  # seconds between segments of outcomes alone
-PARALLEL = 8  # segment uploads in flight at once
+PARALLEL = 2  # uploads in flight: fewer, larger segments cost less CPU (remote_bench.py)
 SUFFIX = ".seg"
 
 

@@ -29,7 +29,7 @@ import orjson
 
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import OutputError
-from tmbatch.inputs.files import URL_EXTRAS, url_scheme
+from tmbatch.base.urls import URL_EXTRAS, url_scheme
 from tmbatch.journal.format import JournalError
 
 log = logging.getLogger("tmbatch")
