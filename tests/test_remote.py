@@ -160,3 +160,100 @@ def test_kill_9_with_an_empty_disk_each_time(sim_factory: Any, tmp_path: Path,
     assert len(res) > n // 2  # the crashes cost a few lines' outcomes, not the job
     st = orjson.loads(run_cli(["status", url, "--json"], env=env(s3)).stdout)
     assert st["finished"] and st["succeeded"] == len(res) and st["not_yet_sent"] == 0
+
+
+def test_resend_export_and_merge_on_output_urls(sim: Any, tmp_path: Path,
+                                                s3: dict[str, str]) -> None:
+    """resend on a URL sends exactly the chosen lines once and republishes; export puts its
+    ordered files in the bucket; merge joins shards at URLs into a URL."""
+    fs = bucket(s3)
+    rows = [chat_line(i) for i in range(10)]
+    for i in (2, 5):
+        rows[i]["body"]["sim"] = {"status": 500, "times": 1}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    url = "s3://bkt/tools"
+    assert run_cli(cmd(sim, inp, url, tmp_path / "w1")[3:], env=env(s3)).returncode == 1
+    ids = [f"req-{i}" for i in range(10)]
+    res, fail = one_outcome_each(fs, "bkt/tools", ids)
+    assert set(fail) == {"req-2", "req-5"}
+    before = sim.stats()["processed"]
+    p = run_cli(["resend", url, "--base-url", sim.url, "-q", "--class", "ambiguous", "--yes"],
+                env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY,
+                              TMBATCH_WORK_DIR=str(tmp_path / "w2"), **s3))
+    assert p.returncode == 0, p.stderr
+    after = sim.stats()["processed"]
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {idempotency_key(JOB, "req-2"), idempotency_key(JOB, "req-5")}
+    res, fail = one_outcome_each(fs, "bkt/tools", ids)
+    assert not fail and len(res) == 10
+    ex = run_cli(["export", url], env=env(s3))
+    assert ex.returncode == 0, ex.stderr
+    ordered = bucket_jsonl(fs, "bkt/tools/results.ordered.jsonl")
+    assert [r["custom_id"] for r in ordered] == ids
+    shards = []
+    for k in (0, 1):
+        shard_url = f"s3://bkt/sharded/shard-{k}"
+        r = run_cli(cmd(sim, inp, shard_url, tmp_path / f"s{k}", "--shard", f"{k}/2")[3:],
+                    env=env(s3))
+        assert r.returncode in (0, 1), r.stderr
+        shards.append(shard_url)
+    m = run_cli(["merge", *shards, "-o", "s3://bkt/sharded/all"], env=env(s3))
+    assert m.returncode == 0, m.stderr  # every line one outcome (the 500s were spent above)
+    merged, _ = one_outcome_each(fs, "bkt/sharded/all", ids)
+    assert len(merged) == 10
+    st = orjson.loads(run_cli(["status", "s3://bkt/sharded/all", "--json"], env=env(s3)).stdout)
+    assert st["succeeded"] == 10
+
+
+def test_a_file_url_output_and_restart(sim: Any, tmp_path: Path) -> None:
+    """file:// is a bucket too (a mounted volume); --restart moves the objects aside."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+    url = (tmp_path / "bucket" / "out").as_uri()
+    e = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
+    assert run_cli(cmd(sim, inp, url, tmp_path / "w1")[3:], env=e).returncode == 0
+    published = tmp_path / "bucket" / "out"
+    assert len((published / "results.jsonl").read_bytes().splitlines()) == 5
+    segs = list((published / "segments").iterdir())  # compacted into one base segment
+    assert len(segs) == 1 and b'"base":true' in segs[0].read_bytes().split(b"\n", 1)[0]
+    again = run_cli(cmd(sim, inp, url, tmp_path / "w2", "--restart")[3:], env=e)
+    assert again.returncode == 0, again.stderr
+    aside = [p for p in published.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "results.jsonl").exists()
+    assert sim.stats()["completion_calls"] == 10  # started over: sent again, on purpose
+
+
+def test_restore_stops_at_the_first_gap(tmp_path: Path) -> None:
+    """Segments past a gap (their upload raced a crash) are not read, and are deleted."""
+    from tmbatch.journal.remote import encode, restore, seg_name
+    from tmbatch.journal.store import Store
+
+    store = Store((tmp_path / "b").as_uri())
+    for seq, data in ((0, b"a\n"), (1, b"b\n"), (3, b"d\n")):
+        store.put(seg_name(seq), encode(seq, [data, b"", b""]))
+    work = tmp_path / "w"
+    work.mkdir()
+    nxt, sizes = restore(store, work)
+    assert sizes == [4, 0, 0]
+    assert (work / "journal.jsonl").read_bytes() == b"a\nb\n"
+    # 3 is gone; 0 and 1 are folded into one base segment, the next start reads one object
+    assert nxt == 3
+    assert sorted(p.name for p in (tmp_path / "b" / "segments").iterdir()) == [
+        "000000000002.seg"]
+    again = tmp_path / "w2"
+    again.mkdir()
+    assert restore(store, again) == (3, [4, 0, 0])
+    assert (again / "journal.jsonl").read_bytes() == b"a\nb\n"
+
+
+def test_an_unreachable_store_is_one_clear_error(sim: Any, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    from tests.buckets import free_port
+
+    e = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY,
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="x",
+                  AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_MAX_ATTEMPTS="1")
+    r = run_cli(cmd(sim, inp, "s3://bkt/none", tmp_path / "w")[3:], env=e)
+    assert r.returncode == 4, r.stderr
+    assert "s3://bkt/none" in r.stderr and "Traceback" not in r.stderr
+    assert sim.stats()["completion_calls"] == 0

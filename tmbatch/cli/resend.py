@@ -121,6 +121,8 @@ def _cmd_resend(ns: argparse.Namespace, out: Path) -> int:
     code = _send(ns, out, header, sendable, settings, budget)
     if code not in (ExitCode.OK, ExitCode.FAILED):
         return code
+    if is_remote(ns.output):  # the run's working directory holds what it published
+        out = work_dir(ns.output)
     return _report(ns, out, chosen, sendable)
 
 

@@ -99,11 +99,13 @@ def stored_segments(store: Store) -> list[int]:
 def restore(store: Store, work: Path, *, tidy: bool = True) -> tuple[int, list[int]]:
     """Rebuild the three files in `work` from the bucket (the module docstring says which
     segments count). Returns the next segment's number and the files' sizes. `tidy=False`
-    (a read-only command) deletes nothing in the bucket."""
+    (a read-only command) deletes nothing in the bucket; otherwise a job left in many
+    segments (a run that died) is folded into one base segment, for the next start."""
     seqs = stored_segments(store)
     segs: list[tuple[int, dict[str, Any], list[bytes]]] = []
+    fetched = store.get_many([seg_name(s) for s in seqs])
     for seq in seqs:
-        data = store.get(seg_name(seq))
+        data = fetched.get(seg_name(seq))
         got = None if data is None else decode(data)
         if got is not None:
             segs.append((seq, *got))
@@ -135,6 +137,8 @@ def restore(store: Store, work: Path, *, tidy: bool = True) -> tuple[int, list[i
             log.warning("%s: %d segment(s) past the last complete one were dropped (their "
                         "requests were never sent)", store.url, len(orphans))
         store.remove([seg_name(s) for s in stale + orphans])
+    if tidy and len(usable) > 1:
+        expect = rebase(store, work, expect)
     summary = store.get(SUMMARY) if usable else None
     if summary is not None:
         (work / SUMMARY).write_bytes(summary)
@@ -304,17 +308,23 @@ class Shipper:
             raise self.error
 
 
-def publish(store: Store, work: Path, seq: int) -> int:
-    """The end of a run (or a merge into a URL): one base segment with the whole of the three
-    files, the older segments deleted, and the outputs put beside them. Returns the next
-    segment's number."""
+def rebase(store: Store, work: Path, seq: int) -> int:
+    """One base segment (number `seq`) with the whole of the three files, the older segments
+    deleted: what a later start reads is one object. Returns the next segment's number."""
     chunks = []
     for name in FILES:
         path = work / name
         chunks.append(path.read_bytes() if path.exists() else b"")
     store.put(seg_name(seq), encode(seq, chunks, base=True))
-    store.remove([seg_name(s) for s in stored_segments(store) if s != seq])
+    store.remove([seg_name(s) for s in stored_segments(store) if s < seq])
+    return seq + 1
+
+
+def publish(store: Store, work: Path, seq: int) -> int:
+    """The end of a run (or a merge into a URL): a base segment (`rebase`), and the outputs
+    put beside it. Returns the next segment's number."""
+    seq = rebase(store, work, seq)
     for path in sorted(work.iterdir()):
         if path.is_file() and path.name not in (JOURNAL, LOCK) and ".torn-" not in path.name:
             store.put(path.name, path.read_bytes())
-    return seq + 1
+    return seq

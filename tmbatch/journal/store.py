@@ -114,6 +114,24 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot read {self.where(name)}: {_why(exc)}") from None
 
+    def get_many(self, names: list[str]) -> dict[str, bytes]:
+        """Several objects at once (fsspec fetches them concurrently); a missing one is left
+        out."""
+        if not names:
+            return {}
+        paths = {self.path(n): n for n in names}
+        try:
+            got = self.fs.cat(list(paths), on_error="omit")
+        except Exception as exc:
+            raise StoreError(f"cannot read {self.url}: {_why(exc)}") from None
+        by_path = {str(k).rstrip("/"): v for k, v in got.items()}
+        out = {}
+        for path, name in paths.items():
+            data = by_path.get(path) if path in by_path else by_path.get(path.split("://")[-1])
+            if isinstance(data, bytes | bytearray):
+                out[name] = bytes(data)
+        return out
+
     def listing(self, prefix: str) -> list[str]:
         """The names of the objects under `prefix/`, fresh from the store (not fsspec's
         cache: another pod may have written since)."""
