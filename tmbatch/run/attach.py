@@ -62,11 +62,13 @@ async def detach(runner: Runner) -> None:
     (raises StoreError, exit 4, when it cannot take them), the last metrics push (the final
     values), then Redis."""
     remote = remote_of(runner)
-    if remote is not None:
-        await remote.finish()
-    if runner.metrics is not None:
-        await runner.metrics.close()
-        runner.metrics = None
-    if runner.admission.shared is not None:
-        await runner.admission.shared.close()
-        runner.admission.shared = None
+    try:
+        if remote is not None:
+            await remote.finish()
+    finally:
+        if runner.metrics is not None:
+            await runner.metrics.close()
+            runner.metrics = None
+        if runner.admission.shared is not None:
+            await runner.admission.shared.close()
+            runner.admission.shared = None

@@ -17,7 +17,6 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tmbatch.base.files import make_dir
 from tmbatch.journal.remote import Shipper, discard, move_aside, publish, restore
@@ -117,6 +116,3 @@ def fetch(url: str, into: Path) -> Path:
     restore(Store(url), into, tidy=False)
     return into
 
-
-def describe(remote: Any) -> str:
-    return f"{remote.url} (working directory {remote.work})"
