@@ -257,3 +257,60 @@ def test_an_unreachable_store_is_one_clear_error(sim: Any, tmp_path: Path) -> No
     assert r.returncode == 4, r.stderr
     assert "s3://bkt/none" in r.stderr and "Traceback" not in r.stderr
     assert sim.stats()["completion_calls"] == 0
+
+
+def test_no_request_arrives_before_its_dispatch_record_is_in_the_bucket(
+        serve: Any, tmp_path: Path, s3: dict[str, str]) -> None:
+    """The contract, seen from the server: when a request arrives, the bucket already holds
+    a segment with its dispatch record (read from moto by the server as it answers)."""
+    from aiohttp import web
+
+    from tmbatch.journal.remote import decode
+
+    fs = bucket(s3)
+    n = 40
+    ids = [f"req-{i}" for i in range(n)]
+    by_key = {idempotency_key(JOB, cid): cid for cid in ids}
+    seen: list[str] = []
+    missing: list[str] = []
+    bad: list[str] = []
+
+    def dispatched() -> set[str]:
+        fs.invalidate_cache()
+        out: set[str] = set()
+        if not fs.exists("bkt/contract/segments"):
+            return out
+        for path in fs.find("bkt/contract/segments"):
+            got = decode(fs.cat(path))
+            if got is None:
+                bad.append(path)
+                continue
+            for raw in got[1][0].splitlines():
+                rec = orjson.loads(raw)
+                if isinstance(rec, list) and rec[0] == "d":
+                    out.add(rec[3])
+        return out
+
+    async def chat(request: web.Request) -> web.Response:
+        cid = by_key[request.headers["Idempotency-Key"]]
+        seen.append(cid)
+        import asyncio
+
+        if cid not in await asyncio.to_thread(dispatched):
+            missing.append(cid)
+        return web.json_response({
+            "id": f"c-{cid}", "object": "chat.completion", "created": 0, "model": "tm-small",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = serve(app)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
+    r = run_cli(["run", str(inp), "-o", "s3://bkt/contract", "-q", "--work-dir",
+                 str(tmp_path / "w"), "--base-url", server.url(), "--job-id", JOB,
+                 "--no-preflight", "--concurrency", "8"], env=env(s3))
+    assert r.returncode == 0, r.stderr
+    assert sorted(seen) == sorted(ids)
+    assert missing == [] and bad == []
