@@ -214,7 +214,8 @@ def test_a_file_url_output_and_restart(sim: Any, tmp_path: Path) -> None:
     published = tmp_path / "bucket" / "out"
     assert len((published / "results.jsonl").read_bytes().splitlines()) == 5
     segs = list((published / "segments").iterdir())  # compacted into one base segment
-    assert len(segs) == 1 and b'"base":true' in segs[0].read_bytes().split(b"\n", 1)[0]
+    assert len(segs) == 1 and segs[0].suffix == ".base"
+    assert b'"base":true' in segs[0].read_bytes().split(b"\n", 1)[0]
     again = run_cli(cmd(sim, inp, url, tmp_path / "w2", "--restart")[3:], env=e)
     assert again.returncode == 0, again.stderr
     aside = [p for p in published.iterdir() if p.name.startswith("previous-")]
@@ -238,7 +239,7 @@ def test_restore_stops_at_the_first_gap(tmp_path: Path) -> None:
     # 3 is gone; 0 and 1 are folded into one base segment, the next start reads one object
     assert nxt == 3
     assert sorted(p.name for p in (tmp_path / "b" / "segments").iterdir()) == [
-        "000000000002.seg"]
+        "000000000002.base"]
     again = tmp_path / "w2"
     again.mkdir()
     assert restore(store, again) == (3, [4, 0, 0])
@@ -314,3 +315,27 @@ def test_no_request_arrives_before_its_dispatch_record_is_in_the_bucket(
     assert r.returncode == 0, r.stderr
     assert sorted(seen) == sorted(ids)
     assert missing == [] and bad == []
+
+
+def test_a_base_then_segments_and_a_damaged_base(tmp_path: Path) -> None:
+    """A start reads the last base (streamed) and the segments after it; an older base left
+    by a crash is ignored and deleted; a damaged base is an error, never read as less."""
+    from tmbatch.journal.remote import encode, restore, seg_name
+    from tmbatch.journal.store import Store, StoreError
+
+    store = Store((tmp_path / "b").as_uri())
+    store.put(seg_name(0, True), encode(0, [b"old\n", b"", b""], base=True))
+    store.put(seg_name(4, True), encode(4, [b"h\n", b"r1\n", b"f1\n"], base=True))
+    store.put(seg_name(5), encode(5, [b"d\n", b"r2\n", b""]))
+    work = tmp_path / "w"
+    work.mkdir()
+    assert restore(store, work, tidy=False) == (6, [4, 6, 3])
+    assert (work / "results.jsonl").read_bytes() == b"r1\nr2\n"
+    assert (work / "journal.jsonl").read_bytes() == b"h\nd\n"
+    assert len(list((tmp_path / "b" / "segments").iterdir())) == 3  # read-only: kept
+    assert restore(store, work) == (7, [4, 6, 3])
+    assert [p.name for p in (tmp_path / "b" / "segments").iterdir()] == ["000000000006.base"]
+    (tmp_path / "b" / "segments" / "000000000006.base").write_bytes(
+        b'{"seq":6,"base":true,"sizes":[4,6,30]}\nh\nd\nr1\nr2\nf1\n')
+    with pytest.raises(StoreError, match="damaged"):
+        restore(store, work)

@@ -20,8 +20,9 @@ A segment is taken between two event-loop callbacks, when the writer (which writ
 loop, synchronously) has written whole records: results and failures before the journal
 records that point at them, as on a local disk.
 
-At the end (`publish`), one base segment holds the whole of the three files (after the
-writer's own compaction of superseded failures), the segments before it are deleted, and
+At the end (`publish`), one base segment (`NNN.base`, built in a local temporary file and
+streamed up) holds the whole of the three files (after the writer's own compaction of
+superseded failures), the segments before it are deleted, and
 `results.jsonl`, `failures.jsonl`, `summary.json` (and the table, the ordered files) are put
 beside them, where a data engineer expects them.
 
@@ -46,7 +47,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from tmbatch.base.files import FAILURES, JOURNAL, LOCK, RESULTS, SUMMARY, open_append
+from tmbatch.base.files import FAILURES, JOURNAL, RESULTS, SUMMARY, open_append
 from tmbatch.journal.store import SEGMENTS, Store, StoreError
 
 log = logging.getLogger("tmbatch")
@@ -57,10 +58,14 @@ WINDOW = 0.010  # seconds dispatch records are gathered into one segment (bench/
 INTERVAL = 0.25  # seconds between segments of outcomes alone
 PARALLEL = 2  # uploads in flight: fewer, larger segments cost less CPU (remote_bench.py)
 SUFFIX = ".seg"
+BASE = ".base"
+CHUNK = 1 << 20  # bytes copied at a time when a base segment is streamed
 
 
-def seg_name(seq: int) -> str:
-    return f"{SEGMENTS}/{seq:012d}{SUFFIX}"
+def seg_name(seq: int, base: bool = False) -> str:
+    """A segment's object name; a base segment's ends in `.base`, so a start finds the last
+    one without reading the others."""
+    return f"{SEGMENTS}/{seq:012d}{BASE if base else SUFFIX}"
 
 
 def encode(seq: int, chunks: list[bytes], base: bool = False) -> bytes:
@@ -86,82 +91,125 @@ def decode(data: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
     return meta, chunks
 
 
-def stored_segments(store: Store) -> list[int]:
-    """The numbers of the segments in the bucket, ascending."""
+def stored_segments(store: Store) -> list[tuple[int, bool]]:
+    """The segments in the bucket, ascending: (number, whether it is a base)."""
     out = []
     for name in store.listing(SEGMENTS):
-        stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else ""
-        if stem.isdigit():
-            out.append(int(stem))
+        for suffix, base in ((SUFFIX, False), (BASE, True)):
+            stem = name[:-len(suffix)] if name.endswith(suffix) else ""
+            if stem.isdigit():
+                out.append((int(stem), base))
     return sorted(out)
 
 
 def restore(store: Store, work: Path, *, tidy: bool = True) -> tuple[int, list[int]]:
     """Rebuild the three files in `work` from the bucket (the module docstring says which
-    segments count). Returns the next segment's number and the files' sizes. `tidy=False`
-    (a read-only command) deletes nothing in the bucket; otherwise a job left in many
-    segments (a run that died) is folded into one base segment, for the next start."""
-    seqs = stored_segments(store)
-    segs: list[tuple[int, dict[str, Any], list[bytes]]] = []
-    fetched = store.get_many([seg_name(s) for s in seqs])
-    for seq in seqs:
-        data = fetched.get(seg_name(seq))
-        got = None if data is None else decode(data)
-        if got is not None:
-            segs.append((seq, *got))
-    start = max((i for i, s in enumerate(segs) if s[1].get("base")), default=0)
-    usable, stale = [], [s[0] for s in segs[:start]]
-    expect = segs[start][0] if segs else 0
-    for seq, _meta, chunks in segs[start:]:
-        if seq != expect:
-            break
-        usable.append(chunks)
-        expect += 1
-    orphans = [s for s in seqs if s >= expect]
+    segments count): the last base segment streamed, the segments after it in memory.
+    Returns the next segment's number and the files' sizes. `tidy=False` (a read-only
+    command) deletes nothing in the bucket; otherwise a job left in many segments (a run
+    that died) is folded into one base segment, for the next start."""
+    stored = stored_segments(store)
+    start = max((i for i, (_, base) in enumerate(stored) if base), default=0)
+    stale, rest = stored[:start], stored[start:]
     for name in (*FILES, SUMMARY):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(work / name)
-    sizes = [0] * len(FILES)
+    sizes, expect, read = [0] * len(FILES), rest[0][0] if rest else 0, 0
+    if rest and rest[0][1]:
+        sizes = _restore_base(store, seg_name(rest[0][0], True), work)
+        rest, expect, read = rest[1:], expect + 1, 1
+    fetched = store.get_many([seg_name(s) for s, _ in rest])
+    usable = []
+    for seq, _ in rest:
+        data = fetched.get(seg_name(seq))
+        got = None if data is None else decode(data)
+        if seq != expect or got is None:
+            break
+        usable.append(got[1])
+        expect += 1
     for i, name in enumerate(FILES):
-        parts = [chunks[i] for chunks in usable]
-        if any(parts):
-            fd = open_append(work / name)
-            try:
-                _write_all(fd, b"".join(parts))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        sizes[i] = sum(len(p) for p in parts)
+        data = b"".join(chunks[i] for chunks in usable)
+        if data:
+            _append(work / name, data)
+        sizes[i] += len(data)
     if tidy:
+        orphans = [(s, b) for s, b in stored if s >= expect]
         if orphans:
             log.warning("%s: %d segment(s) past the last complete one were dropped (their "
                         "requests were never sent)", store.url, len(orphans))
-        store.remove([seg_name(s) for s in stale + orphans])
-    if tidy and len(usable) > 1:
-        expect = rebase(store, work, expect)
-    summary = store.get(SUMMARY) if usable else None
+        store.remove([seg_name(s, b) for s, b in stale + orphans])
+        if read + len(usable) > 1:
+            expect = rebase(store, work, expect)
+    summary = store.get(SUMMARY) if read + len(usable) else None
     if summary is not None:
         (work / SUMMARY).write_bytes(summary)
     return expect, sizes
 
 
+def _append(path: Path, data: bytes) -> None:
+    fd = open_append(path)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_base(store: Store, name: str, work: Path) -> list[int]:
+    """A base segment streamed through a temporary file into the three files; their sizes.
+    A damaged base is an error, never read as less than it holds."""
+    tmp = work / ".base.tmp"
+    try:
+        if not store.get_file(name, tmp):
+            raise StoreError(f"{store.where(name)} went away while it was read; run again")
+        with open(tmp, "rb") as f:
+            head = f.readline()
+            meta = orjson.loads(head) if head.endswith(b"\n") else None
+            if not isinstance(meta, dict):
+                raise ValueError("no header")
+            sizes = [int(n) for n in meta.get("sizes", [])]
+            if len(sizes) != len(FILES) or sum(sizes) != os.fstat(f.fileno()).st_size - len(
+                    head):
+                raise StoreError(f"{store.where(name)} is damaged (its sizes do not add "
+                                 "up); restore it from the bucket's versions, or --restart")
+            for file, n in zip(FILES, sizes, strict=True):
+                if n:
+                    with os.fdopen(open_append(work / file), "wb") as out:
+                        _copy(f, out, n)
+                        out.flush()
+                        os.fsync(out.fileno())
+        return sizes
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        raise StoreError(f"{store.where(name)} is damaged (not a segment); restore it from "
+                         "the bucket's versions, or --restart") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy(src: Any, dst: Any, n: int) -> None:
+    while n > 0:
+        buf = src.read(min(n, CHUNK))
+        if not buf:
+            raise ValueError("short")
+        dst.write(buf)
+        n -= len(buf)
+
+
 def discard(store: Store) -> None:
     """Delete every segment (a new job starts in this URL)."""
-    store.remove([seg_name(s) for s in stored_segments(store)])
+    store.remove([seg_name(s, b) for s, b in stored_segments(store)])
 
 
 def move_aside(store: Store) -> str | None:
     """`--restart`: the job's objects go under `previous-<time>/`, as a local directory's
     files go to a subdirectory; the URL they went to, or None when there was nothing."""
-    names = [seg_name(s) for s in stored_segments(store)]
+    names = [seg_name(s, b) for s, b in stored_segments(store)]
     names += [n for n in (RESULTS, FAILURES, SUMMARY) if n in store.listing("")]
     if not names:
         return None
     aside = f"previous-{time.strftime('%Y%m%dT%H%M%S')}"
     for name in names:
-        data = store.get(name)
-        if data is not None:
-            store.put(f"{aside}/{name}", data)
+        store.copy(name, f"{aside}/{name}")
     store.remove(names)
     return store.where(aside)
 
@@ -309,14 +357,23 @@ class Shipper:
 
 
 def rebase(store: Store, work: Path, seq: int) -> int:
-    """One base segment (number `seq`) with the whole of the three files, the older segments
-    deleted: what a later start reads is one object. Returns the next segment's number."""
-    chunks = []
-    for name in FILES:
-        path = work / name
-        chunks.append(path.read_bytes() if path.exists() else b"")
-    store.put(seg_name(seq), encode(seq, chunks, base=True))
-    store.remove([seg_name(s) for s in stored_segments(store) if s < seq])
+    """One base segment (number `seq`) with the whole of the three files, built in a local
+    temporary file and streamed up, then the older segments deleted: what a later start
+    reads is one object. Returns the next segment's number."""
+    paths = [work / name for name in FILES]
+    sizes = [p.stat().st_size if p.exists() else 0 for p in paths]
+    tmp = work / f".base-{seq}.tmp"
+    try:
+        with open(tmp, "wb") as out:
+            out.write(orjson.dumps({"seq": seq, "base": True, "sizes": sizes}) + b"\n")
+            for path, n in zip(paths, sizes, strict=True):
+                if n:
+                    with open(path, "rb") as src:
+                        _copy(src, out, n)
+        store.put_file(seg_name(seq, True), tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    store.remove([seg_name(s, b) for s, b in stored_segments(store) if s < seq])
     return seq + 1
 
 
@@ -325,6 +382,7 @@ def publish(store: Store, work: Path, seq: int) -> int:
     put beside it. Returns the next segment's number."""
     seq = rebase(store, work, seq)
     for path in sorted(work.iterdir()):
-        if path.is_file() and path.name not in (JOURNAL, LOCK) and ".torn-" not in path.name:
-            store.put(path.name, path.read_bytes())
+        if path.is_file() and path.name != JOURNAL and not path.name.startswith(".") and (
+                ".torn-" not in path.name):
+            store.put_file(path.name, path)
     return seq

@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -104,6 +106,44 @@ class Store:
                 self.fs.pipe_file(target, data)
         except Exception as exc:  # credentials, network, permissions: said once, exit 4
             raise StoreError(f"cannot write {self.where(name)}: {_why(exc)}") from None
+
+    def put_file(self, name: str, local: Path) -> None:
+        """A local file as one object, streamed (a multipart upload on S3); whole or not at
+        all, as `put`."""
+        target = self.path(name)
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}.tmp-{secrets.token_hex(4)}"
+                shutil.copyfile(local, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            else:
+                self.fs.put_file(str(local), target)
+        except Exception as exc:
+            raise StoreError(f"cannot write {self.where(name)}: {_why(exc)}") from None
+
+    def get_file(self, name: str, local: Path) -> bool:
+        """An object streamed into a local file; False when there is none."""
+        try:
+            self.fs.get_file(self.path(name), str(local))
+            return True
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise StoreError(f"cannot read {self.where(name)}: {_why(exc)}") from None
+
+    def copy(self, name: str, to: str) -> None:
+        """An object copied within the store (server-side on a bucket)."""
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(self.path(to)), exist_ok=True)
+                shutil.copyfile(self.path(name), self.path(to))
+            else:
+                self.fs.copy(self.path(name), self.path(to))
+        except Exception as exc:
+            raise StoreError(f"cannot copy {self.where(name)}: {_why(exc)}") from None
 
     def get(self, name: str) -> bytes | None:
         """An object's bytes, or None when there is none."""
