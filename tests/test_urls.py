@@ -3,63 +3,17 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.buckets import bucket, moto_s3
 from tests.conftest import ROOT, clean_env, read_jsonl, run_cli
 
 s3fs = pytest.importorskip("s3fs")
-MOTO = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
-    "moto_server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """A moto S3 server for this module; the environment that points at it."""
-    if MOTO is None:
-        pytest.fail("moto_server not found: pip install 'moto[server]' (the test extra)")
-    port = free_port()
-    proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:  # wait for the server's state (it answers), not for a time
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, "moto_server exited"
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def bucket(env: dict[str, str]) -> Any:
-    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="test", secret="test")
-    if not fs.exists("bkt"):
-        fs.mkdir("bkt")
-    return fs
+s3 = moto_s3  # the fixture, under the name the tests take
 
 
 def test_a_jsonl_in_a_bucket_runs_and_resumes(tmp_path: Path, s3: dict[str, str]) -> None:

@@ -43,6 +43,8 @@ class TableChecker:
 
     def path_value(self, key: str, value: Any) -> str:
         text = self.string(key, value)
+        if "://" in text:  # a URL (s3://bkt/out/): not relative to the job file
+            return text
         p = Path(text).expanduser()
         # normpath, not resolve(): a ConfigMap mount is a symlink farm, keep the mounted path
         return os.path.normpath(p if p.is_absolute() else self.path.parent / p)

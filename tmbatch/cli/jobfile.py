@@ -98,6 +98,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "max_line_bytes": ("max_line_bytes", lambda c, k, v: c.pos_int(k, v)),
     "job_id": ("job_id", lambda c, k, v: c.string(k, v)),
     "cache": ("cache", lambda c, k, v: c.path_value(k, v)),
+    "work_dir": ("work_dir", lambda c, k, v: c.path_value(k, v)),
     "cache_mode": ("cache_mode", lambda c, k, v: c.choice(k, v, CACHE_MODES)),
     "metrics_port": ("metrics_port", lambda c, k, v: c.nonneg_int(k, v)),
     "pushgateway": ("pushgateway", lambda c, k, v: c.string(k, v)),

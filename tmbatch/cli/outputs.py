@@ -1,10 +1,13 @@
-"""Commands that read an output directory: status, export, report, merge."""
+"""Commands that read an output directory: status, export, report, merge. Each takes an
+output URL too (`cli.remote`: a copy fetched from the bucket, what is written put back)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,9 @@ from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import JOURNAL
 from tmbatch.base.logs import add_log_format_arg
 from tmbatch.cli.common import subcommand
+from tmbatch.cli.remote import files_of, local_copy, publish_dir, put_new_files
 from tmbatch.journal.journal import JournalError, read_header
+from tmbatch.journal.store import is_remote
 
 log = logging.getLogger("tmbatch")
 
@@ -26,20 +31,21 @@ def add_status_parser(sub: Any) -> None:
         "Read-only; safe while the run is going. Exit 0 when the run is finished, "
         "1 when it is not (or still running), 2 when OUTPUT is not a tmbatch directory.",
     )
-    st.add_argument("output", help="the run's output directory")
+    st.add_argument("output", help="the run's output directory (or its URL)")
     st.add_argument("--json", action="store_true", help="one JSON object on stdout, for scripts")
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
     from tmbatch.tools.status import has_journal, render, status
 
-    out = Path(ns.output)
-    if not has_journal(out):
-        from tmbatch.run.fanout import models_hint
+    with local_copy(ns.output) as out:
+        if not has_journal(out):
+            from tmbatch.run.fanout import models_hint
 
-        raise JournalError(f"{out} has no journal.jsonl: not a tmbatch output directory"
-                           + models_hint(out))
-    st = status(out)
+            raise JournalError(f"{ns.output} has no journal.jsonl: not a tmbatch output "
+                               "directory (nor an output URL with segments)"
+                               + models_hint(out))
+        st = status(out)
     if ns.json:
         sys.stdout.buffer.write(orjson.dumps(st) + b"\n")
     else:
@@ -76,23 +82,31 @@ def add_export_parser(sub: Any) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from tmbatch.tools.export import export_ordered
-
     if ns.ordered:
         raise ConfigError("export has no --ordered: it always writes in input order; drop the "
                           "flag (run --ordered is the one that exports when a run finishes)")
-    out = Path(ns.output)
-    read_header(out)
-    if ns.failed or ns.as_input:
-        return _export_failed(ns, out)
+    with local_copy(ns.output) as out:
+        read_header(out)
+        if ns.failed or ns.as_input:
+            return _export_failed(ns, out)
+        before = files_of(out) if is_remote(ns.output) and not ns.to else None
+        code = _export(ns, out)
+        for url in put_new_files(ns.output, out, before) if before is not None else []:
+            print(f"put {url}", file=sys.stderr)
+        return code
+
+
+def _export(ns: argparse.Namespace, out: Path) -> int:
     if ns.format != "jsonl":  # flat tables: `tools.tables`
         from tmbatch.tools.tables import export_table
 
         dest, n = export_table(out, ns.format, Path(ns.to) if ns.to else None)
         print(f"{dest}: {n} row(s)", file=sys.stderr)
         return ExitCode.OK
+    from tmbatch.tools.export import export_ordered
+
     counts = export_ordered(out, Path(ns.to) if ns.to else None, combined=ns.combined)
-    dest = ns.to or ns.output
+    dest = ns.to or out
     for name, n in counts.items():
         print(f"{Path(dest) / name}: {n} line(s)", file=sys.stderr)
     return ExitCode.OK
@@ -141,17 +155,25 @@ def add_report_parser(sub: Any) -> None:
 def cmd_report(ns: argparse.Namespace) -> int:
     from tmbatch.tools.report import write_report
 
-    out = Path(ns.out_dir)
     dest = Path(ns.output) if ns.output else None
-    if out.is_dir() and not (out / JOURNAL).is_file():
-        from tmbatch.tools.compare_read import runs_under
+    if not is_remote(ns.out_dir):
+        out = Path(ns.out_dir)
+        if out.is_dir() and not (out / JOURNAL).is_file():
+            from tmbatch.tools.compare_read import runs_under
 
-        runs = runs_under(out)
-        if len(runs) > 1:  # run --models: each model's report, and one comparing them
-            return _report_runs(out, runs, dest)
-        if len(runs) == 1:
-            out = runs[0]
-    print(write_report(out, dest))
+            runs = runs_under(out)
+            if len(runs) > 1:  # run --models: each model's report, and one comparing them
+                return _report_runs(out, runs, dest)
+            if len(runs) == 1:
+                ns.out_dir = str(runs[0])
+    with local_copy(ns.out_dir) as out:
+        before = files_of(out) if is_remote(ns.out_dir) and not ns.output else None
+        page = write_report(out, dest)
+        if before is not None:  # OUTPUT is a bucket: the report goes beside its outputs
+            put_new_files(ns.out_dir, out, before)
+            print(f"{ns.out_dir.rstrip('/')}/{page.relative_to(out).as_posix()}")
+            return ExitCode.OK
+    print(page)
     return ExitCode.OK
 
 
@@ -187,4 +209,12 @@ def add_merge_parser(sub: Any) -> None:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from tmbatch.tools.merge import merge
 
-    return merge(ns.dirs, ns.output, ns.input)
+    with contextlib.ExitStack() as stack:  # shards or the merged output at URLs
+        dirs = [str(stack.enter_context(local_copy(d))) for d in ns.dirs]
+        if not is_remote(ns.output):
+            return merge(dirs, ns.output, ns.input)
+        into = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tmbatch-")))
+        code = merge(dirs, str(into / "merged"), ns.input)
+        publish_dir(ns.output, into / "merged")
+        print(f"published to {ns.output}", file=sys.stderr)
+        return code

@@ -12,9 +12,11 @@ from tmbatch.base.defaults import RESEND_CONCURRENCY
 from tmbatch.base.exitcodes import ExitCode, help_text
 from tmbatch.base.files import FAILURES
 from tmbatch.cli import common
+from tmbatch.cli.remote import local_copy, work_dir
 from tmbatch.inputs.files import fingerprint
 from tmbatch.journal.format import Header
 from tmbatch.journal.reading import read_header
+from tmbatch.journal.store import is_remote
 from tmbatch.policy import RESENDABLE, Cause, Outcome
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import Runner
@@ -77,7 +79,13 @@ def add_resend_parser(sub: Any) -> None:
 
 
 def cmd_resend(ns: argparse.Namespace) -> int:
-    out = Path(ns.output)
+    """On an output URL the lines are chosen in a copy of it, and the run that sends them
+    rebuilds its working directory from the bucket under the URL's lease (`cli.remote`)."""
+    with local_copy(ns.output) as out:
+        return _cmd_resend(ns, out)
+
+
+def _cmd_resend(ns: argparse.Namespace, out: Path) -> int:
     if not ns.classes and not ns.ids and not ns.input:
         raise ConfigError("say what to resend: --class ambiguous (or rejected, ...), --ids "
                           "FILE, or --input FIXED.jsonl with corrected lines")
@@ -113,6 +121,8 @@ def cmd_resend(ns: argparse.Namespace) -> int:
     code = _send(ns, out, header, sendable, settings, budget)
     if code not in (ExitCode.OK, ExitCode.FAILED):
         return code
+    if is_remote(ns.output):  # the run's working directory holds what it published
+        out = work_dir(ns.output)
     return _report(ns, out, chosen, sendable)
 
 
@@ -140,8 +150,10 @@ def _send(ns: argparse.Namespace, out: Path, header: Header, lines: list[Selecte
     extra: dict[str, Any] = {"resend": len(lines)}
     if fixed:  # the journal says where the corrected requests came from
         extra.update(input=str(Path(ns.input).resolve()), fingerprint=fingerprint(ns.input))
+    url = ns.output if is_remote(ns.output) else None
     config = RunConfig(  # the run's shape from its journal; the rest as a run's defaults
-        input=header.input, out_dir=out, endpoint=options.get("endpoint"),
+        input=header.input, out_dir=out if url is None else work_dir(url), output_url=url,
+        endpoint=options.get("endpoint"),
         model=options.get("model"), stream=options.get("stream"),
         shard=tuple(options["shard"]) if options.get("shard") else None,
         samples=options.get("samples") or 1,

@@ -40,7 +40,9 @@ from tmbatch.inputs.bodies import BodyTable
 from tmbatch.inputs.routes import normalize_endpoint
 from tmbatch.inputs.tables import table_kind
 from tmbatch.inputs.templates import REQUESTS
+from tmbatch.journal.store import is_remote
 from tmbatch.run.config import Fleet, RunConfig, out_dir_of
+from tmbatch.run.remote import ENV_WORK_DIR, work_dir_for
 from tmbatch.spend.budget import BudgetSpec
 
 log = logging.getLogger("tmbatch")
@@ -106,7 +108,9 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         source, input_path = "argument INPUT", str(flags["input"])
     pick.sources["input"] = source
     shard = _shard(flags, env, pick)
-    out_dir = _out_dir(flags, job, input_path, shard, pick)
+    output_url = _output_url(flags, job, shard, pick)
+    out_dir = (_work_dir(output_url, env, pick) if output_url is not None
+               else _out_dir(flags, job, input_path, shard, pick))
     rpm, tpm = _limits(pick("rpm"), pick("tpm"), shard, pick)
     tokens, usd = _budget_share(pick("budget_tokens"), pick("budget_usd"), shard, pick)
     connection = _connection(flags, job, env, require_key)
@@ -133,7 +137,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         stream=pick("stream", "--stream/--no-stream"), concurrency=pick("concurrency"),
         rpm=rpm, tpm=tpm, adaptive=pick("adaptive", "--adaptive/--no-adaptive"),
         limit_scope=pick("limit_scope"), patience=pick("patience"), fsync=pick("fsync"),
-        restart=bool(flags.get("restart")), drain_timeout=pick("drain_timeout"),
+        restart=bool(flags.get("restart")), output_url=output_url,
+        drain_timeout=pick("drain_timeout"),
         job_id=pick("job_id"), shard=shard, quiet=bool(flags.get("quiet")),
         progress_interval=pick("progress_interval"), max_line_bytes=pick("max_line_bytes"),
         budget=budget, fleet=fleet, connection=connection,
@@ -255,6 +260,34 @@ def _out_dir(flags: Mapping[str, Any], job: Job | None, input_path: str,
         out = out / f"shard-{shard[0]}"
         pick.note("output", f"/shard-{shard[0]} for shard {shard[0]}/{shard[1]}")
     return out
+
+
+def _output_url(flags: Mapping[str, Any], job: Job | None, shard: tuple[int, int] | None,
+                pick: _Picker) -> str | None:
+    """-o (or the job file's `output`) when it names a bucket; a sharded job's gets
+    /shard-I, as a directory does."""
+    output = pick("output")
+    if not is_remote(output):
+        return None
+    url = str(output).rstrip("/")
+    if job is not None and shard is not None and flags.get("output") is None:
+        url = f"{url}/shard-{shard[0]}"
+        pick.note("output", f"/shard-{shard[0]} for shard {shard[0]}/{shard[1]}")
+    return url
+
+
+def _work_dir(url: str, env: Mapping[str, str], pick: _Picker) -> Path:
+    """--work-dir > the job file's `work_dir` > TMBATCH_WORK_DIR (blank: unset) > the cache
+    directory; a subdirectory keyed by the URL in any case."""
+    root = pick("work_dir")
+    if root is None and env.get(ENV_WORK_DIR, "").strip():
+        root = env[ENV_WORK_DIR].strip()
+        pick.sources["work_dir"] = f"env {ENV_WORK_DIR}"
+    elif root is None:
+        pick.sources["work_dir"] = "default (the user's cache directory)"
+    elif not str(root).strip():
+        raise ConfigError("--work-dir: an empty path; name a local directory")
+    return work_dir_for(url, root)
 
 
 def _limits(rpm: float | None, tpm: float | None, shard: tuple[int, int] | None,

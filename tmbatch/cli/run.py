@@ -77,7 +77,9 @@ def add_run_parser(sub: Any) -> None:
                      "--body-column, or a job file's [label] table); any of them as a URL "
                      "(s3://, gs://, az://, http(s)://; extras tmbatch[s3], [gcs], [azure]); "
                      "or a job file NAME.toml (flags override it)")
-    run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out)")
+    run.add_argument("-o", "--output", help="output directory (default: INPUT's name + .out), "
+                     "or a bucket URL (s3://, gs://, az://, file://): the journal is shipped "
+                     "there as segments by group commit (docs: Data in buckets)")
     _input_args(run.add_argument_group("input"))
     _fanout_args(run.add_argument_group("several models and samples (docs: Models and "
                                          "samples)"))
@@ -162,6 +164,10 @@ def _checkpoint_args(g: Any) -> None:
                    help="on SIGINT/SIGTERM wait this long for requests in flight (default "
                    f"{D.DRAIN_TIMEOUT.value:g}, inside Kubernetes' 30 s grace period)")
     g.add_argument("--job-id", help="pin the job id that Idempotency-Keys derive from")
+    g.add_argument("--work-dir", metavar="DIR",
+                   help="with -o URL: where the local copy of the output directory is kept "
+                   "(rebuilt from the bucket at each start; env TMBATCH_WORK_DIR; default "
+                   "~/.cache/tmbatch/work/NAME-HASH, keyed by the URL)")
 
 
 def _cache_args(g: Any) -> None:

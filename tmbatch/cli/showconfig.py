@@ -37,7 +37,11 @@ def config_rows(config: RunConfig) -> list[Row]:
         rows.append(("table_endpoint", t.route, src("endpoint", "")))
     else:
         rows.append(("input", config.input, src("input", "")))
-    rows.append(("output", str(config.out_dir), src("output", "")))
+    if config.output_url is not None:  # a bucket: its working directory beside it
+        rows.append(("output", config.output_url, src("output", "")))
+        rows.append(("work_dir", str(config.out_dir), src("work_dir", "")))
+    else:
+        rows.append(("output", str(config.out_dir), src("output", "")))
     for key in ("endpoint", "model", "stream"):
         rows.append((key, getattr(config, key), src(key, "")))
     rows.append(("models", list(config.models) or None, src("models", "")))

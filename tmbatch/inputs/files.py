@@ -18,6 +18,8 @@ import sys
 from typing import IO
 
 from tmbatch.base.files import os_problem
+from tmbatch.base.urls import URL_EXTRAS as URL_EXTRAS  # their home for callers
+from tmbatch.base.urls import url_scheme as url_scheme
 
 
 class InputError(Exception):
@@ -33,18 +35,6 @@ def open_input(path: str) -> IO[bytes]:
 
     kind = table_kind(path)
     return f if kind is None else open_table(path, f, kind)
-
-
-# URL scheme -> the extra that brings its fsspec filesystem (http, https, file: fsspec alone)
-URL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure",
-              "abfs": "azure", "abfss": "azure", "http": None, "https": None, "file": None}
-
-
-def url_scheme(path: str) -> str | None:
-    """The scheme of an object-store or web URL tmbatch reads through fsspec; None for a
-    local path (and for `-`)."""
-    head, sep, _ = path.partition("://")
-    return head.lower() if sep and head.lower() in URL_EXTRAS else None
 
 
 class _UrlFile(io.BufferedReader):

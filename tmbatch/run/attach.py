@@ -17,12 +17,17 @@ from tmbatch.run.cached import RunCache, key_base
 if TYPE_CHECKING:
     from tmbatch.run.attempts import LineSender
     from tmbatch.run.progress import Progress
+    from tmbatch.run.remote import RemoteOutput
     from tmbatch.run.runner import Runner
 
 
 async def attach(runner: Runner, sender: LineSender, progress: Progress) -> None:
     """Everything the config asks for beside the core, once the writer and progress exist."""
     opts = runner.config
+    remote = remote_of(runner)
+    if remote is not None:  # -o URL: each request waits for its dispatch record's segment
+        shipper = remote.start(lambda exc: runner.stop.on_io_error(str(exc)))
+        sender.transport = shipper.guard(sender.transport)
     if runner.cache_file is not None:  # opened (and checked) by prepare()
         assert runner.writer is not None
         progress.cache = sender.cache = runner.cache = RunCache(
@@ -45,6 +50,12 @@ async def attach(runner: Runner, sender: LineSender, progress: Progress) -> None
         runner.metrics = await observe(runner, sender, progress)
 
 
+def remote_of(runner: Runner) -> RemoteOutput | None:
+    """-o URL: the bucket's lease and segments (run.remote), held with the directory's lock."""
+    lock = runner._lock
+    return None if lock is None else lock.remote
+
+
 def drop_unused_cache(runner: Runner) -> None:
     """A cache opened by prepare() for a run that never reached send()."""
     if runner.cache_file is not None:
@@ -53,13 +64,20 @@ def drop_unused_cache(runner: Runner) -> None:
 
 
 async def detach(runner: Runner) -> None:
-    """After the outputs are closed: the last metrics push (the final values), then Redis."""
-    if runner.metrics is not None:
-        await runner.metrics.close()
-        runner.metrics = None
-    if runner.admission.shared is not None:
-        await runner.admission.shared.close()
-        runner.admission.shared = None
-    if runner.budget.shared is not None:
-        await runner.budget.shared.close(runner.budget)
-        runner.budget.shared = None
+    """After the outputs are closed: the bucket's last segment and its published outputs
+    (raises StoreError, exit 4, when it cannot take them), the last metrics push (the final
+    values), then Redis."""
+    remote = remote_of(runner)
+    try:
+        if remote is not None:
+            await remote.finish()
+    finally:
+        if runner.metrics is not None:
+            await runner.metrics.close()
+            runner.metrics = None
+        if runner.admission.shared is not None:
+            await runner.admission.shared.close()
+            runner.admission.shared = None
+        if runner.budget.shared is not None:
+            await runner.budget.shared.close(runner.budget)
+            runner.budget.shared = None

@@ -48,7 +48,7 @@ class RunConfig:
     (`base.defaults`), for the parts built without the resolver (`resend`, tests)."""
 
     input: str  # the JSONL the run reads (a labelling job's: OUTPUT/requests.jsonl)
-    out_dir: Path
+    out_dir: Path  # with an output URL: the local working directory (`run.remote`)
     endpoint: str | None = None  # normalized route of bare bodies
     model: str | None = None
     stream: bool | None = None
@@ -60,6 +60,9 @@ class RunConfig:
     patience: float = D.PATIENCE.value  # seconds with no success at all before refusals fail
     fsync: str = D.FSYNC.value
     restart: bool = False
+    # -o s3://... (gs://, az://, file://): the bucket the journal ships to as segments, and
+    # the outputs are published in; `out_dir` is then the local working directory
+    output_url: str | None = None
     drain_timeout: float = D.DRAIN_TIMEOUT.value
     job_id: str | None = None
     shard: Shard | None = None

@@ -38,6 +38,7 @@ from tmbatch.inputs.files import fingerprint, url_scheme
 from tmbatch.journal.format import Header
 from tmbatch.journal.journal import JournalError, ResumeState, load, nothing_sent, read_header
 from tmbatch.run.config import RunConfig
+from tmbatch.run.remote import RemoteOutput
 
 log = logging.getLogger("tmbatch")
 
@@ -51,8 +52,12 @@ class Lock:
 
     fd: int
     path: Path
+    remote: RemoteOutput | None = None  # an output URL's lease, held with this lock
 
     def release(self) -> None:
+        if self.remote is not None:
+            self.remote.release()
+            self.remote = None
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
@@ -93,7 +98,10 @@ def prepare_output(opts: RunConfig) -> tuple[Header, ResumeState | None, Lock]:
     try:
         for name in RUN_FILES:
             check_not_link(out / name)
-        if opts.restart and (out / JOURNAL).exists():
+        if opts.output_url is not None:  # the bucket is the record: rebuilt here from it
+            lock.remote = RemoteOutput(opts.output_url, out)
+            lock.remote.open(opts.restart)
+        elif opts.restart and (out / JOURNAL).exists():
             _move_aside(out)
         journal = out / JOURNAL
         if journal.exists() and journal.stat().st_size > 0:
@@ -104,6 +112,8 @@ def prepare_output(opts: RunConfig) -> tuple[Header, ResumeState | None, Lock]:
             # The last run ended before its first request (refused at preflight, stopped):
             # nothing to resume, so this command may differ from it.
             os.unlink(journal)
+            if lock.remote is not None:
+                lock.remote.discard()
         return _new_header(opts, fp or fingerprint(opts.input)), None, lock
     except BaseException:
         lock.release()

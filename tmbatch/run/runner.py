@@ -175,12 +175,14 @@ class Runner:
                 loop.remove_signal_handler(sig)
         drop_unused_cache(self)
         await self._close_writer()
-        await detach(self)
-        if not self._sent and self.resume is None and self._lock is not None:
-            self._forget_new_job()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            await detach(self)  # with -o URL: the last segment and the published outputs
+        finally:
+            if not self._sent and self.resume is None and self._lock is not None:
+                self._forget_new_job()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _forget_new_job(self) -> None:
         """A new job that never reached send() (refused at preflight, stopped before its first
