@@ -216,6 +216,19 @@ def test_bad_flags_are_refused(sim: Any, tmp_path: Path, extra: tuple[str, ...],
     assert sim.stats()["received"] == 0
 
 
+def test_an_output_url_takes_one_run_not_a_fan_out(sim: Any, tmp_path: Path) -> None:
+    """--models and --samples stage a directory per model; an output URL holds one run's
+    segments, so the pair is refused before anything is sent, with the way round it."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0)])
+    url = (tmp_path / "bucket").as_uri() + "/"
+    for extra in (("--models", ",".join(MODELS)), ("--samples", "2")):
+        done = run_cli(cmd(sim, inp, url, *extra), env=env(), timeout=30)  # type: ignore[arg-type]
+        assert done.returncode == 2, done.stderr
+        assert "output URL" in done.stderr and "--model" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert sim.stats()["received"] == 0 and not (tmp_path / "bucket").exists()
+
+
 def test_other_samples_on_a_started_directory_are_refused(sim: Any, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     out = tmp_path / "out"

@@ -124,6 +124,10 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
     records, table, input_path, endpoint = _staged(job, input_path, out_dir, source,
                                                    endpoint, pick)
     models, samples = _models(pick("models"), pick("samples"), model, records, pick)
+    if (models or samples > 1) and output_url is not None:
+        raise ConfigError(f"--models and --samples write one directory per model under -o; "
+                          f"an output URL ({output_url}) takes one run: give a local -o, or run "
+                          "once per model (--model, -o URL/MODEL/)")
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
