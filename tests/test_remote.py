@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -276,7 +277,13 @@ def test_no_request_arrives_before_its_dispatch_record_is_in_the_bucket(
     missing: list[str] = []
     bad: list[str] = []
 
+    listing = threading.Lock()  # one s3fs listing cache, read by several handlers' threads
+
     def dispatched() -> set[str]:
+        with listing:
+            return _dispatched()
+
+    def _dispatched() -> set[str]:
         fs.invalidate_cache()
         out: set[str] = set()
         if not fs.exists("bkt/contract/segments"):
