@@ -125,8 +125,13 @@ def test_a_model_the_server_does_not_serve_fails_alone(sim: Any, tmp_path: Path)
     assert not res and len(fail) == 20
     assert {(f["error"]["class"], f["error"]["code"]) for f in fail.values()} == \
         {("permanent", "model_not_served")}
-    parent = run_cli(["status", str(out)], env=env())  # -o itself: the directories named
-    assert parent.returncode == 2 and str(nope) in parent.stderr, parent.stderr
+    parent = run_cli(["status", str(out)], env=env())  # -o itself: each model's status
+    assert parent.returncode == 0, parent.stderr  # both runs finished, one with failed lines
+    assert "model:        org/nope" in parent.stdout and str(nope) in parent.stdout
+    both = orjson.loads(run_cli(["status", str(out), "--json"], env=env()).stdout)["models"]
+    assert list(both) == ["tm-small", "org/nope"]
+    assert (both["tm-small"]["succeeded"], both["org/nope"]["failed"]) == (20, 20)
+    assert both["org/nope"]["failed_by_class"]["permanent"] == 20
     stats = sim.stats()
     assert "org/nope" not in stats["by_model"]  # nothing was sent for it
     assert stats["completion_calls"] == 20

@@ -40,8 +40,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
     with local_copy(ns.output) as out:
         if not has_journal(out):
-            from tmbatch.run.fanout import models_hint
+            from tmbatch.run.fanout import model_dirs, models_hint
 
+            dirs = model_dirs(out)
+            if dirs:  # the -o of a --models run: each model's status, in its order
+                return _status_of_models(ns, dirs)
             raise JournalError(f"{ns.output} has no journal.jsonl: not a tmbatch output "
                                "directory (nor an output URL with segments)"
                                + models_hint(out))
@@ -51,6 +54,20 @@ def cmd_status(ns: argparse.Namespace) -> int:
     else:
         print(render(st))
     return ExitCode.OK if st["finished"] else ExitCode.FAILED
+
+
+def _status_of_models(ns: argparse.Namespace, dirs: dict[str, Path]) -> int:
+    """`status` of a --models run's -o: one block per model (`--json`: an object by model);
+    finished only when every model's run is."""
+    from tmbatch.tools.status import has_journal, render, status
+
+    states = {model: status(d) for model, d in dirs.items() if has_journal(d)}
+    if ns.json:
+        sys.stdout.buffer.write(orjson.dumps({"models": states}) + b"\n")
+    else:
+        print("\n\n".join(f"model:        {m}\n{render(st)}" for m, st in states.items()))
+    done = len(states) == len(dirs) and all(st["finished"] for st in states.values())
+    return ExitCode.OK if done else ExitCode.FAILED
 
 
 def add_export_parser(sub: Any) -> None:

@@ -254,11 +254,17 @@ def check_not_models(config: RunConfig) -> None:
                           "--models, or give another --output")
 
 
+def model_dirs(out: Path) -> dict[str, Path]:
+    """The model directories the manifest of a --models run's -o names, by model, in order."""
+    manifest = read_manifest(out)
+    return {m["model"]: out / m["dir"] for m in (manifest or {}).get("models", [])
+            if isinstance(m, dict) and isinstance(m.get("dir"), str)
+            and isinstance(m.get("model"), str)}
+
+
 def models_hint(out: Path, lead: str = "; it holds one per model (--models): ") -> str:
     """For a command given the -o of a --models run: the directories to give it instead."""
-    manifest = read_manifest(out)
-    dirs = [str(out / m["dir"]) for m in (manifest or {}).get("models", [])
-            if isinstance(m, dict) and isinstance(m.get("dir"), str)]
+    dirs = [str(d) for d in model_dirs(out).values()]
     return lead + ", ".join(dirs) if dirs else ""
 
 
