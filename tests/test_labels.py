@@ -169,3 +169,31 @@ def test_label_job_without_model_is_a_usage_error(tmp_path: Path) -> None:
     p.write_text('input = "records.jsonl"\n[label]\ntemplate = "{text}"\n', encoding="utf-8")
     r = run_cli(["run", str(p), "--sim", "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "needs a model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_labelling_job_runs_on_several_models(tmp_path: Path, sim: Any) -> None:
+    """--models on a labelling job: each model renders the records into its own requests
+    (its own model in every body), writes its own labels.jsonl, resumes on its own; the
+    parent is what `tmbatch compare` reads for the label agreement. --samples is refused
+    before anything is sent (one label per record and model)."""
+    write_jsonl(tmp_path / "records.jsonl", RECORDS)
+    p = write_job(tmp_path)  # its `model = "tm-small"`: --models on the command line wins
+    out = tmp_path / "out"
+    env = clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
+    cmd = ["run", str(p), "--base-url", sim.url, "-o", str(out), "--models", "tm-small,tm-large"]
+    r = run_cli(cmd, env=env)
+    assert r.returncode == 1, r.stderr  # some labels are not ok, in each model
+    for model in ("tm-small", "tm-large"):
+        rows = {row["line"]: row for row in read_jsonl(out / model / "labels.jsonl")}
+        assert sorted(rows) == [1, 2, 3, 4, 5, 6, 8, 9]
+        assert rows[1]["label"] == "positive" and rows[3]["label"] == "negative"
+        bodies = [r["body"] for r in read_jsonl(out / model / "requests.jsonl")]
+        assert bodies and {b["model"] for b in bodies} == {model}
+    assert sim.stats()["processed_total"] == 6  # three renderable records, two models
+    again = run_cli(cmd, env=env)
+    assert again.returncode == 1 and sim.stats()["processed_total"] == 6  # resumed: none sent
+    compared = orjson.loads(run_cli(["compare", str(out), "--json"], env=env).stdout)
+    assert compared["runs"][0]["run"] == "tm-small" and compared["labels"], compared.keys()
+    samples = run_cli([*cmd, "--samples", "2", "-o", str(tmp_path / "s")], env=env)
+    assert samples.returncode == 2 and "--samples does not run labelling" in samples.stderr
+    assert sim.stats()["processed_total"] == 6

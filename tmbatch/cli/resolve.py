@@ -123,7 +123,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
             raise ConfigError(problem)
     records, table, input_path, endpoint = _staged(job, input_path, out_dir, source,
                                                    endpoint, pick)
-    models, samples = _models(pick("models"), pick("samples"), model, records, pick)
+    model, models, samples = _models(pick("models"), pick("samples"), model, records, pick)
     if (models or samples > 1) and output_url is not None:
         raise ConfigError(f"--models and --samples write one directory per model under -o; "
                           f"an output URL ({output_url}) takes one run: give a local -o, or run "
@@ -177,8 +177,12 @@ def _staged(job: Job | None, input_path: str, out_dir: Path, source: str,
 
 
 def _models(value: Any, samples: int | None, model: str | None, records: str | None,
-            pick: _Picker) -> tuple[tuple[str, ...], int]:
-    """--models A,B,C (a job file's list, or the same text) and --samples N, checked."""
+            pick: _Picker) -> tuple[str | None, tuple[str, ...], int]:
+    """--models A,B,C (a job file's list, or the same text) and --samples N, checked; and
+    the model, which --models on the command line overrides when a job file names it."""
+    if model and value and pick.sources["models"].startswith("flag") \
+            and not pick.sources["model"].startswith("flag"):
+        model = None
     if isinstance(value, str):
         value = [m.strip() for m in value.split(",")]
     models = tuple(value or ())
@@ -197,10 +201,11 @@ def _models(value: Any, samples: int | None, model: str | None, records: str | N
         raise ConfigError("--model and --models: give one (--models sends every line to "
                           "each model, whatever it names; --model fills in a missing one)")
     samples = int(samples or DEFAULTS["samples"].value)
-    if (models or samples > 1) and records is not None:
-        raise ConfigError("--models and --samples do not run labelling jobs yet: run the job "
-                          "once per model (--model, -o) instead")
-    return models, samples
+    if samples > 1 and records is not None:
+        raise ConfigError("--samples does not run labelling jobs yet (one label per record "
+                          "and model): --models does; for several labels per record, run the "
+                          "job once per seed with -o")
+    return model, models, samples
 
 
 def _output_format(fmt: str) -> str:

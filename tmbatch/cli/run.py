@@ -232,11 +232,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if job is None or job.label is None:  # (a labelling job's requests are not made yet)
             _check_budget(config)
         return dry_run(ns, config, job)
-    label_run = None
-    if job is not None and job.label is not None:  # writes OUTPUT/requests.jsonl (config.input)
+    label_runs = []
+    labelling = job is not None and job.label is not None
+    if labelling and not config.models:  # writes OUTPUT/requests.jsonl (config.input)
         from tmbatch.tools import labels
 
-        label_run = labels.setup(job.path, job.label, config)
+        label_runs.append(labels.setup(job.path, job.label, config))
     if config.table is not None:  # writes OUTPUT/requests.jsonl (config.input) from its rows
         from tmbatch.inputs.bodies import stage_bodies
 
@@ -246,26 +247,43 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     check_not_models(config)
     if config.models or config.samples > 1:
-        from tmbatch.run.fanout import FanOut
-
-        fan = FanOut(config)
-        fan.stage()  # every model's units, checked: nothing is sent before this is done
-        parts = [p.config for p in fan.parts]
-        for part in parts:  # each model priced, under a USD budget
-            _check_budget(part)
-        say_estimate(config, parts)
-        code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
-        outs = [p.out_dir for p in parts]
+        code, outs, fanned = _fan_out(ns, config, job if labelling else None)
+        label_runs.extend(fanned)
     else:
         say_estimate(config)
         code = run_async(start_run(ns, config))
         outs = [config.out_dir]
-    if label_run is not None:
-        code = label_run.finish(code)
+    if label_runs:  # labels.jsonl in each model's directory (the worst code of them)
+        from tmbatch.run.fanout import worst
+
+        code = worst([label_run.finish(code) for label_run in label_runs])
     if code in (ExitCode.OK, ExitCode.FAILED):
         for out in outs:
             _exports(config, out)
     return code
+
+
+def _fan_out(ns: argparse.Namespace, config: RunConfig,
+             labelling: Any) -> tuple[int, list[Path], list[Any]]:
+    """--models/--samples: every model's units staged and checked (a labelling job's
+    requests rendered per model), each priced, then the models' runs in turn."""
+    from tmbatch.cli.dryrun import say_estimate
+    from tmbatch.run.fanout import FanOut
+
+    fan = FanOut(config)
+    fan.stage()  # every model's units, checked: nothing is sent before this is done
+    parts = [p.config for p in fan.parts]
+    label_runs = []
+    if labelling is not None:  # each model's requests rendered from the records, its model
+        from tmbatch.tools import labels
+
+        label_runs = [labels.setup(labelling.path, labelling.label, part) for part in parts]
+    for part in parts:  # each model priced, under a USD budget
+        _check_budget(part)
+    say_estimate(config, parts)
+    assert config.connection is not None
+    code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
+    return code, [p.out_dir for p in parts], label_runs
 
 
 def _exports(config: RunConfig, out: Path) -> None:

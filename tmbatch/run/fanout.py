@@ -41,6 +41,7 @@ from tmbatch.inputs.samples import (
     stage_units,
     write_manifest,
 )
+from tmbatch.inputs.templates import REQUESTS
 from tmbatch.journal import journal
 from tmbatch.run.config import Learnt, RunConfig
 from tmbatch.run.runner import SIGNALS, Runner
@@ -74,6 +75,10 @@ class FanOut:
         job_id = c.job_id
         if job_id is not None and model is not None:  # Idempotency-Keys: one job per model
             job_id = f"{job_id}-{dir_name(model)}"
+        if c.records is not None:  # a labelling job: each model renders its own requests
+            return Part(model, dataclasses.replace(
+                c, input=str(out / REQUESTS), out_dir=out, model=model or c.model, models=(),
+                job_id=job_id))
         return Part(model, dataclasses.replace(
             c, input=str(out / UNITS), out_dir=out, model=model or c.model, endpoint=None,
             models=(), job_id=job_id, table=None, records=None))
@@ -85,11 +90,12 @@ class FanOut:
         if c.models and (c.out_dir / JOURNAL).exists():
             raise ConfigError(f"{c.out_dir} holds a run of one model; --models writes a "
                               "directory per model under -o: give another --output")
-        for part in self.parts:
+        for part in self.parts if c.records is None else ():  # (labelling: `labels.setup`)
             stage_units(c.input, part.config.out_dir, part.model, c.samples,
                         default_model=c.model, endpoint=c.endpoint, stream=c.stream,
                         restart=c.restart, max_line_bytes=c.max_line_bytes)
-        write_manifest(c.out_dir, c.input if url_scheme(c.input) else os.path.abspath(c.input),
+        source = c.records if c.records is not None else c.input
+        write_manifest(c.out_dir, source if url_scheme(source) else os.path.abspath(source),
                        c.samples, [(p.model, p.config.out_dir.name) for p in self.parts
                                    if p.model is not None], c.request_shape())
 
