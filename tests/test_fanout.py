@@ -339,6 +339,33 @@ def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Pa
     assert sim.stats()["duplicates"] == 0 and sim.stats()["completion_calls"] == 80
 
 
+def test_a_second_fan_out_on_a_live_output_is_refused_before_the_network(
+        sim_factory: Any, tmp_path: Path) -> None:
+    """The same --models command twice at once: the second finds -o locked before it writes
+    a unit or sends anything (not after its preflight, at the model the first is on), and
+    the first finishes untouched."""
+    sim = sim_factory(latency=0.05)
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
+    out = tmp_path / "out"
+    extra = ("--models", ",".join(MODELS), "--concurrency", "2")
+    proc = start(sim, inp, out, *extra)
+    deadline = time.monotonic() + 30
+    while sim.stats()["completion_calls"] < 2:
+        assert time.monotonic() < deadline, "the run never sent"
+        time.sleep(0.01)
+    second = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=30)
+    assert second.returncode == 2, second.stderr
+    # -o itself, found locked before staging and preflight; not a model's directory, which a
+    # second fan-out would reach only after checking the server
+    assert f"another tmbatch process is using {out};" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    stats = sim.stats()
+    assert stats["duplicates"] == 0 and stats["completion_calls"] == 80
+    assert not (out / ".lock").exists()  # released at the end, as a single run's is
+
+
 @pytest.mark.parametrize("url, seeded", [("/v1/chat/completions", True),
                                          ("/v1/completions", True),
                                          ("/v1/responses", False), ("/tokenize", False)])

@@ -271,18 +271,21 @@ def _fan_out(ns: argparse.Namespace, config: RunConfig,
     from tmbatch.run.fanout import FanOut
 
     fan = FanOut(config)
-    fan.stage()  # every model's units, checked: nothing is sent before this is done
-    parts = [p.config for p in fan.parts]
-    label_runs = []
-    if labelling is not None:  # each model's requests rendered from the records, its model
-        from tmbatch.tools import labels
+    try:
+        fan.stage()  # -o locked, every model's units checked: nothing is sent before this
+        parts = [p.config for p in fan.parts]
+        label_runs = []
+        if labelling is not None:  # each model's requests rendered from the records
+            from tmbatch.tools import labels
 
-        label_runs = [labels.setup(labelling.path, labelling.label, part) for part in parts]
-    for part in parts:  # each model priced, under a USD budget
-        _check_budget(part)
-    say_estimate(config, parts)
-    assert config.connection is not None
-    code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
+            label_runs = [labels.setup(labelling.path, labelling.label, p) for p in parts]
+        for part in parts:  # each model priced, under a USD budget
+            _check_budget(part)
+        say_estimate(config, parts)
+        assert config.connection is not None
+        code = run_async(on_sim_if_asked(ns, config.connection, fan.send))
+    finally:
+        fan.release()
     return code, [p.out_dir for p in parts], label_runs
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from tmbatch.base.config import ConfigError, Settings
 from tmbatch.base.exitcodes import ExitCode
-from tmbatch.base.files import JOURNAL
+from tmbatch.base.files import JOURNAL, make_dir
 from tmbatch.base.logs import say
 from tmbatch.base.stop import Stop
 from tmbatch.inputs.files import url_scheme
@@ -44,6 +44,7 @@ from tmbatch.inputs.samples import (
 from tmbatch.inputs.templates import REQUESTS
 from tmbatch.journal import journal
 from tmbatch.run.config import Learnt, RunConfig
+from tmbatch.run.outdir import Lock, lock_output
 from tmbatch.run.runner import SIGNALS, Runner
 from tmbatch.spend.budget import BudgetSpec
 from tmbatch.spend.usage import Tokens, money
@@ -67,6 +68,7 @@ class FanOut:
         self.config = config
         self.parts = [self._part(m) for m in (config.models or (None,))]
         self.stop = Stop()  # a signal while no model's run holds the handlers
+        self.lock: Lock | None = None  # -o itself, held from staging to the last model's end
         self._waiting: asyncio.Task[Any] | None = None  # preflight: cancelled by a signal
 
     def _part(self, model: str | None) -> Part:
@@ -90,14 +92,26 @@ class FanOut:
         if c.models and (c.out_dir / JOURNAL).exists():
             raise ConfigError(f"{c.out_dir} holds a run of one model; --models writes a "
                               "directory per model under -o: give another --output")
+        # a second fan-out on a live -o stops here, before it writes or sends anything (with
+        # --samples alone -o is the run's own directory, which its runner locks)
+        if c.models and c.out_dir.is_dir():
+            self.lock = lock_output(c.out_dir)
         for part in self.parts if c.records is None else ():  # (labelling: `labels.setup`)
             stage_units(c.input, part.config.out_dir, part.model, c.samples,
                         default_model=c.model, endpoint=c.endpoint, stream=c.stream,
                         restart=c.restart, max_line_bytes=c.max_line_bytes)
+        if c.models and self.lock is None:  # a new -o, once its input proved good
+            make_dir(c.out_dir)
+            self.lock = lock_output(c.out_dir)
         source = c.records if c.records is not None else c.input
         write_manifest(c.out_dir, source if url_scheme(source) else os.path.abspath(source),
                        c.samples, [(p.model, p.config.out_dir.name) for p in self.parts
                                    if p.model is not None], c.request_shape())
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- the network half -----------------------------------------------------------------
     async def send(self, settings: Settings) -> int:
