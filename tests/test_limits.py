@@ -115,6 +115,19 @@ def test_bucket_booking_bigger_than_burst_waits_longer_not_forever() -> None:
     assert b.reserve(1, 1000.0) == 0.0
 
 
+def test_a_stated_tokens_level_is_also_the_bucket_it_may_spend_at_once() -> None:
+    """6,000 tokens a minute, and the server says it holds 1,000: ten requests of 100 go at
+    once, as the server grants them, not one per second from the client's own half-second
+    burst (over real sockets that cost 9 s of a 30 s run); after them, one a second."""
+    b = TokenBucket(6000)
+    b.at_most(1000, 0.0)
+    assert [b.reserve(100, 0.0) for _ in range(10)] == [0.0] * 10
+    assert b.reserve(100, 0.0) == pytest.approx(1.0)
+    b.set_rate(6000)  # restated by the next answer: the capacity learnt stays
+    b.at_most(0, 0.5)  # spent, says the server: the next booking waits for a refill
+    assert b.reserve(100, 0.5) == pytest.approx(1.5)  # 12 s booked, less 10 s of burst
+
+
 def test_a_pace_spaces_the_attempts_and_a_pause_moves_them() -> None:
     """GCRA: at 10 requests/s the bookings are 0.1 s apart, and a pause restarts them at its
     end without a saved-up burst."""

@@ -82,6 +82,7 @@ class TokenBucket:
 
     def __init__(self, per_minute: float, burst_seconds: float = TOKEN_BURST_SECONDS) -> None:
         self.burst_seconds = burst_seconds
+        self.capacity = 0.0  # the most tokens the server said it had at once (`at_most`)
         self.tat = -math.inf
         self.set_rate(per_minute)
 
@@ -89,7 +90,7 @@ class TokenBucket:
         """A new limit (stated by the server): bookings already made keep their times."""
         self.per_minute = per_minute
         self.rate = per_minute / 60.0
-        self.burst = max(1.0, self.rate * self.burst_seconds) / self.rate
+        self.burst = max(1.0, self.rate * self.burst_seconds, self.capacity) / self.rate
 
     def reserve(self, amount: float, now: float) -> float:
         self.tat = max(self.tat, now) + amount / self.rate
@@ -97,7 +98,12 @@ class TokenBucket:
 
     def at_most(self, level: float, now: float) -> None:
         """The bucket holds no more than `level` tokens (below 0: a debt), as the server
-        says of its own: bookings wait until the server's would admit them too."""
+        says of its own: bookings wait until the server's would admit them too. What it says
+        it holds is also what it can hold: a burst of the client's own half second would
+        never spend an allowance the server grants at once."""
+        if level > self.capacity:
+            self.capacity = level
+            self.burst = max(self.burst, level / self.rate)
         self.tat = max(self.tat, now + self.burst - level / self.rate)
 
     def adjust(self, amount: float) -> None:
