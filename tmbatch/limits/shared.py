@@ -18,26 +18,21 @@ clocks may disagree, Redis's is one. Redis sees the job's name, the lanes' model
 and times: never a prompt, an answer or a key.
 
 Redis down (or slow past TIMEOUT): the pod goes on alone, as without --redis (its controller
-paces it at what it learns, its share), warns once, tries again every RETRY seconds, and
-never waits on Redis longer than TIMEOUT for a line.
+paces it at what it learns, its share), warns once, tries again every few seconds, and never
+waits on Redis longer than TIMEOUT for a line (`base.redislink`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import os
 import secrets
 from typing import Any, Protocol
 
-from tmbatch.base.logs import public_url
+from tmbatch.base.redislink import RedisLink
 from tmbatch.limits.lanes import Lane
 
-log = logging.getLogger("tmbatch")
-
 TIMEOUT = 0.25  # seconds a send waits on Redis at most; past it, the pod goes on alone
-RETRY = 2.0  # seconds between tries to reach Redis again
 STALE_MS = 10_000  # a pod that has not sent for this long is out of the shared schedule
 TOLERANCE = 2.0  # slots of the shared schedule a pod may book ahead (GCRA's burst)
 
@@ -104,55 +99,31 @@ class RedisLanes:
     """The lanes' shared state in Redis (see the module doc)."""
 
     def __init__(self, url: str, prefix: str, *, timeout: float = TIMEOUT) -> None:
-        import redis.asyncio as aioredis
-
-        self.url = url
+        self.link = RedisLink(
+            url, timeout, alone="this process goes on alone (its own pace and pauses) and "
+            "tries again every %gs", shared="the lanes are shared again")
         self.prefix = f"tmbatch:{prefix}:"
         self.pod = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.timeout = timeout
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry_on_timeout=False)
-        self._take = self.client.register_script(TAKE)
-        self._pause = self.client.register_script(PAUSE)
-        self.down_until = -math.inf  # loop time: alone until then
-        self.warned = False
-        self.up_again = 0  # times Redis came back after being down
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._take = self.link.script(TAKE)
+        self._pause = self.link.script(PAUSE)
+
+    @property
+    def _tasks(self) -> set[asyncio.Task[Any]]:
+        return self.link.tasks
 
     def _keys(self, lane: Lane, *names: str) -> list[str]:
         return [f"{self.prefix}lane:{lane.key.model}:{n}" for n in names]
 
-    def _down(self, exc: BaseException, now: float) -> None:
-        self.down_until = now + RETRY
-        if not self.warned:
-            self.warned = True
-            log.warning("Redis at %s does not answer (%s): this process goes on alone (its "
-                        "own pace and pauses) and tries again every %gs", public_url(self.url),
-                        type(exc).__name__, RETRY, extra={"event": "redis_down"})
-
-    def _up(self) -> None:
-        if self.warned and self.down_until > -math.inf:
-            self.up_again += 1
-            log.info("Redis answers again: the lanes are shared again",
-                     extra={"event": "redis_up"})
-        self.down_until = -math.inf
-
     async def take(self, lane: Lane, now: float) -> float:
-        if now < self.down_until:
+        if self.link.cut_off(now):
             return 0.0
         rate = lane.rate or 0.0
-        try:
-            wait_ms, why = await asyncio.wait_for(self._take(
-                keys=self._keys(lane, "pause", "tat", "rates"),
-                args=[self.pod, repr(rate), STALE_MS, TOLERANCE]), self.timeout)
-        except Exception as exc:  # a socket's, a timeout, redis-py's own: Redis is down
-            if not _is_redis_error(exc):
-                raise
-            self._down(exc, now)
+        answered, got = await self.link.call(self._take, self._keys(lane, "pause", "tat", "rates"),
+                                             [self.pod, repr(rate), STALE_MS, TOLERANCE])
+        if not answered:
             return 0.0
-        if self.down_until != -math.inf:
-            self._up()
+        self.link.answered()
+        wait_ms, why = got
         wait = int(wait_ms) / 1000.0
         if int(why) == 1 and wait > 0:
             # what is left of the fleet's window (not ours), from when Redis answered: from
@@ -163,35 +134,13 @@ class RedisLanes:
         return wait
 
     def announce(self, lane: Lane, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() < self.down_until:
-            return
-        task = loop.create_task(self._announce(lane, seconds))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self.link.cut_off(asyncio.get_running_loop().time()):
+            self.link.spawn(self._announce(lane, seconds))
 
     async def _announce(self, lane: Lane, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._pause(keys=self._keys(lane, "pause"),
-                                               args=[max(1, round(seconds * 1000))]),
-                                   self.timeout)
-        except Exception as exc:
-            if not _is_redis_error(exc):
-                raise
-            self._down(exc, asyncio.get_running_loop().time())
+        await self.link.call(self._pause, self._keys(lane, "pause"),
+                             [max(1, round(seconds * 1000))])
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await self.client.aclose()
-        except Exception as exc:
-            if not _is_redis_error(exc):
-                raise
-
-
-def _is_redis_error(exc: BaseException) -> bool:
-    from redis.exceptions import RedisError
-
-    return isinstance(exc, RedisError | OSError | TimeoutError)
+        await self.link.settle(cancel=True)
+        await self.link.close()

@@ -17,24 +17,20 @@ they count as spent (they may have been billed), so the others stop waiting for 
 spend what they may have cost; its resume replaces them by what its journal knows.
 
 Redis down (or slower than TIMEOUT): the shard goes on at its static share (budget / K, as
-without --redis), warns once, and tries again every RETRY seconds. Redis sees the job's name,
-shard indexes, counters and times: never a prompt, an answer or a key.
+without --redis), warns once, and tries again every few seconds (`base.redislink`). Redis sees
+the job's name, shard indexes, counters and times: never a prompt, an answer or a key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from tmbatch.base.logs import public_url
-
-log = logging.getLogger("tmbatch")
+from tmbatch.base.redislink import RedisLink
 
 TIMEOUT = 0.25  # seconds a claim waits on Redis at most; past it, the static share
-RETRY = 2.0  # seconds between tries to reach Redis again
 STALE_MS = 30_000  # a shard silent this long: its reservations count as spent
 KEEP_MS = 20 * 3600 * 1000  # the budget's key outlives the job's last write by this much
 MICRO = 1_000_000  # USD are kept in Redis as integer micro-dollars (exact sums)
@@ -104,24 +100,17 @@ class RedisBudget:
 
     def __init__(self, url: str, prefix: str, shard: int, tokens: int | None,
                  usd: float | None, *, timeout: float = TIMEOUT) -> None:
-        import redis.asyncio as aioredis
-
-        self.url = url
+        self.link = RedisLink(
+            url, timeout, alone="this shard spends only its share of the budget until it "
+            "answers (tries again every %gs)", shared="the budget is shared again")
         self.key = f"tmbatch:{prefix}:budget"
         self.shard = str(shard)
         self.tokens = tokens  # the whole job's limits, not this shard's share
         self.usd = usd
-        self.timeout = timeout
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry_on_timeout=False)
-        self._claim = self.client.register_script(CLAIM)
-        self._publish = self.client.register_script(PUBLISH)
+        self._claim = self.link.script(CLAIM)
+        self._publish = self.link.script(PUBLISH)
         self.lock = asyncio.Lock()  # one write at a time: absolute figures stay in order
-        self.down_until = -math.inf
-        self.warned = False
         self._dirty = False
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def _books(self, budget: Any) -> list[int]:
         return [int(budget.spent_tokens), _micro(budget.spent_usd),
@@ -130,22 +119,16 @@ class RedisBudget:
     async def claim(self, budget: Any, tokens: int, usd: float) -> Others | None:
         """Reserve this attempt in the job's books: None when it is taken (or Redis is down:
         the caller checks the static share then, see `up`), else the others' figures."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self.down_until:
+        if self.link.cut_off(asyncio.get_running_loop().time()):
             return None
         async with self.lock:
             args = [self.shard, *self._books(budget), tokens, _micro(usd),
                     -1 if self.tokens is None else self.tokens,
                     -1 if self.usd is None else _micro(self.usd), STALE_MS, KEEP_MS]
-            try:
-                got = await asyncio.wait_for(self._claim(keys=[self.key], args=args),
-                                             self.timeout)
-            except Exception as exc:
-                if not _is_redis_error(exc):
-                    raise
-                self._down(exc, loop.time())
+            answered, got = await self.link.call(self._claim, [self.key], args)
+            if not answered:
                 return None
-        self._up()
+        self.link.answered()
         ok, st, su, rt, ru = (int(v) for v in got)
         if ok:
             return None
@@ -154,63 +137,27 @@ class RedisBudget:
     @property
     def up(self) -> bool:
         """Whether the last word from Redis was an answer (else: the static share)."""
-        return self.down_until == -math.inf
+        return self.link.up
 
     def publish(self, budget: Any) -> None:
         """An attempt settled or gave its reservation back: the job's books follow (one write
         in flight at a time, carrying the books as they are when it goes)."""
-        if self._dirty:
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self.down_until:
+        if self._dirty or self.link.cut_off(asyncio.get_running_loop().time()):
             return
         self._dirty = True
-        task = loop.create_task(self._send(budget))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.link.spawn(self._send(budget))
 
     async def _send(self, budget: Any) -> None:
         async with self.lock:
             self._dirty = False
-            try:
-                await asyncio.wait_for(self._publish(
-                    keys=[self.key], args=[self.shard, *self._books(budget), KEEP_MS]),
-                    self.timeout)
-            except Exception as exc:
-                if not _is_redis_error(exc):
-                    raise
-                self._down(exc, asyncio.get_running_loop().time())
-
-    def _down(self, exc: BaseException, now: float) -> None:
-        self.down_until = now + RETRY
-        if not self.warned:
-            self.warned = True
-            log.warning("Redis at %s does not answer (%s): this shard spends only its share of "
-                        "the budget until it answers (tries again every %gs)",
-                        public_url(self.url), type(exc).__name__, RETRY,
-                        extra={"event": "redis_down"})
-
-    def _up(self) -> None:
-        if self.down_until != -math.inf:
-            log.info("Redis answers again: the budget is shared again",
-                     extra={"event": "redis_up"})
-        self.down_until = -math.inf
+            await self.link.call(self._publish, [self.key],
+                                 [self.shard, *self._books(budget), KEEP_MS])
 
     async def close(self, budget: Any) -> None:
         """The run is over: its last books (nothing reserved but what a stop left in flight),
         so what it did not spend is the others'."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.link.settle(cancel=False)
         self._dirty = False
         if self.up:
             await self._send(budget)
-        try:
-            await self.client.aclose()
-        except Exception as exc:
-            if not _is_redis_error(exc):
-                raise
-
-
-def _is_redis_error(exc: BaseException) -> bool:
-    from redis.exceptions import RedisError
-
-    return isinstance(exc, RedisError | OSError | TimeoutError)
+        await self.link.close()
