@@ -233,6 +233,40 @@ def read_stderr_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: flo
     return got
 
 
+def wait_for_calls(sim: Any, calls: int, proc: subprocess.Popen[bytes] | None = None,
+                   timeout: float = 30.0) -> None:
+    """Until the simulator has received `calls` billable requests in all (from `proc`, which
+    must stay alive meanwhile: its stderr is the failure's message if it died)."""
+    deadline = time.monotonic() + timeout
+    while sim.stats()["completion_calls"] < calls:
+        if proc is not None:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the run never sent enough requests"
+        time.sleep(0.01)
+
+
+def kill_at_random(launch: Callable[[int], subprocess.Popen[bytes]], planned: int,
+                   seed: int, window: tuple[float, float]) -> int:
+    """Start runs (`launch(i)`) and SIGKILL each at a random moment in `window` seconds,
+    until `planned` kills or one run finishes first; the kills made."""
+    import random
+    import signal
+
+    rng = random.Random(seed)
+    kills = 0
+    for i in range(3 * planned):
+        proc = launch(i)
+        time.sleep(rng.uniform(*window))  # a random moment to kill at, not a wait
+        if proc.poll() is not None:
+            break  # it finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+        if kills >= planned:
+            break
+    return kills
+
+
 def journal_records(out: Path, kind: str) -> list[list[Any]]:
     """The records of one kind ("d" dispatch, "p" pause, ...) in the journal of a run in
     progress (or killed): its whole lines, as written so far."""

@@ -20,7 +20,16 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    run_cli,
+    wait_for_calls,
+    write_jsonl,
+)
 from tmbatch.client.http import idempotency_key
 from tmbatch.inputs.reader import Request
 from tmbatch.inputs.samples import dir_name, model_of_dir, unit_line
@@ -43,19 +52,9 @@ def start(sim: Any, inp: Path, out: Path, *extra: str) -> subprocess.Popen[bytes
                             env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for_calls(proc: subprocess.Popen[bytes], sim: Any, calls: int,
-                   within: float = 60.0) -> None:
-    """Until the simulator has received `calls` billable requests in all, from a run alive."""
-    deadline = time.monotonic() + within
-    while sim.stats()["completion_calls"] < calls:
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        assert time.monotonic() < deadline, "the run never sent enough requests"
-        time.sleep(0.01)
-
-
 def kill_after(proc: subprocess.Popen[bytes], sim: Any, calls: int) -> None:
     """SIGKILL once the simulator has received `calls` billable requests in all."""
-    wait_for_calls(proc, sim, calls)
+    wait_for_calls(sim, calls, proc, timeout=60)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 
@@ -328,7 +327,7 @@ def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Pa
     out = tmp_path / "out"
     extra = ("--models", ",".join(MODELS), "--concurrency", "2")
     proc = start(sim, inp, out, *extra)
-    wait_for_calls(proc, sim, 4, within=30)
+    wait_for_calls(sim, 4, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
@@ -352,7 +351,7 @@ def test_a_second_fan_out_on_a_live_output_is_refused_before_the_network(
     out = tmp_path / "out"
     extra = ("--models", ",".join(MODELS), "--concurrency", "2")
     proc = start(sim, inp, out, *extra)
-    wait_for_calls(proc, sim, 2, within=30)
+    wait_for_calls(sim, 2, proc)
     second = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=30)
     assert second.returncode == 2, second.stderr
     # -o itself, found locked before staging and preflight; not a model's directory, which a

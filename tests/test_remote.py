@@ -9,12 +9,10 @@ working directory, as a replacement pod with an empty disk would.
 
 from __future__ import annotations
 
-import random
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,16 @@ import orjson
 import pytest
 
 from tests.buckets import bucket, moto_s3
-from tests.conftest import API_KEY, ROOT, chat_line, clean_env, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    chat_line,
+    clean_env,
+    kill_at_random,
+    run_cli,
+    wait_for_calls,
+    write_jsonl,
+)
 from tmbatch.client.http import idempotency_key
 
 pytest.importorskip("s3fs")
@@ -95,10 +102,7 @@ def test_a_second_run_on_a_live_output_url_is_refused(sim_factory: Any, tmp_path
                              env=env(s3), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while sim.stats()["completion_calls"] < 1:
-            assert time.monotonic() < deadline and first.poll() is None, "never sent"
-            time.sleep(0.05)
+        wait_for_calls(sim, 1, first)
         before = sim.stats()["completion_calls"]
         second = run_cli(cmd(sim, inp, url, tmp_path / "w2")[3:], env=env(s3))
         assert second.returncode == 2, second.stderr
@@ -114,21 +118,11 @@ def test_a_second_run_on_a_live_output_url_is_refused(sim_factory: Any, tmp_path
 def kill_runs(sim: Any, inp: Path, url: str, tmp_path: Path, s3env: dict[str, str],
               planned: int) -> int:
     """Start runs and kill -9 each at a random moment, each with a fresh working directory."""
-    rng = random.Random(20261206)
-    kills = 0
-    for i in range(3 * planned):
-        proc = subprocess.Popen(cmd(sim, inp, url, tmp_path / f"w{i}", "--concurrency", "8"),
-                                env=env(s3env), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.8, 2.0))  # a random moment to kill at, not a wait
-        if proc.poll() is not None:
-            break  # it finished before this kill
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        kills += 1
-        if kills >= planned:
-            break
-    return kills
+    return kill_at_random(
+        lambda i: subprocess.Popen(cmd(sim, inp, url, tmp_path / f"w{i}", "--concurrency", "8"),
+                                   env=env(s3env), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL),
+        planned, 20261206, (0.8, 2.0))
 
 
 @pytest.mark.parametrize("planned", [3, pytest.param(20, marks=pytest.mark.slow)],

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from tests.conftest import (
     ROOT,
     chat_line,
     clean_env,
+    kill_at_random,
     read_jsonl,
     read_stderr_until,
     run_cli,
+    wait_for_calls,
     write_jsonl,
 )
 from tmbatch.client.http import idempotency_key
@@ -70,13 +71,6 @@ def one_outcome_each(out: Path, ids: list[str]) -> tuple[dict[str, Any], dict[st
     return {r["custom_id"]: r for r in res}, {f["custom_id"]: f for f in fail}
 
 
-def wait_received(sim: Any, n: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while sim.stats()["completion_calls"] < n:
-        assert time.monotonic() < deadline, "the run never sent enough requests"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("planned", [4, pytest.param(40, marks=pytest.mark.slow)],
                          ids=["4-kills", "40-kills-soak"])
 def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path,
@@ -90,18 +84,8 @@ def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path,
     ids = [f"req-{i}" for i in range(n)]
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
     out = tmp_path / "out"
-    rng = random.Random(20261123)
-    kills = 0
-    for _ in range(3 * planned):
-        proc = start(sim, inp, out, "--concurrency", "8")
-        time.sleep(rng.uniform(0.4, 1.4))  # a random moment to kill at, not a wait
-        if proc.poll() is not None:
-            break  # it finished before this kill
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        kills += 1
-        if kills >= planned:
-            break
+    kills = kill_at_random(lambda _: start(sim, inp, out, "--concurrency", "8"), planned,
+                           20261123, (0.4, 1.4))
     assert kills >= planned - planned // 6
     final = run_cli(cmd(sim, inp, out, "--concurrency", "32")[3:], env=env(), timeout=120)
     assert final.returncode in (0, 1), final.stderr
@@ -133,7 +117,7 @@ def test_sigterm_drains_in_flight_and_resume_sends_only_the_rest(
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     proc = start(sim, inp, out, "--concurrency", "4")
-    wait_received(sim, 4)
+    wait_for_calls(sim, 4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
@@ -159,7 +143,7 @@ def test_second_signal_stops_at_once_and_leaves_unknown_outcomes(
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     proc = start(sim, inp, out, "--concurrency", "3")
-    wait_received(sim, 3)
+    wait_for_calls(sim, 3)
     proc.send_signal(signal.SIGINT)
     read_stderr_until(proc, b"no new requests")  # the first one is being handled: draining
     proc.send_signal(signal.SIGINT)
