@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 
 from tmbatch.base.config import ConfigError
-from tmbatch.base.files import JOURNAL, atomic_writer, make_dir
+from tmbatch.base.files import make_dir
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import numbered_lines
 from tmbatch.inputs.reader import MAX_CUSTOM_ID
-from tmbatch.inputs.templates import REQUESTS, Digest, file_digest
+from tmbatch.inputs.templates import REQUESTS, Digest, write_staged
 
 log = logging.getLogger("tmbatch")
 SHOWN = 5  # bad rows named one by one in the warnings; the rest are counted
@@ -114,15 +114,8 @@ def stage_bodies(table: BodyTable, out_dir: Path, restart: bool) -> Path:
     if len(problems) > SHOWN:
         log.warning("%s: %d more row(s) have no request body (listed in failures.jsonl)",
                     table.path, len(problems) - SHOWN)
-    if target.exists() and file_digest(target) == digest.h.digest():
-        pass
-    elif target.exists() and (out_dir / JOURNAL).exists() and not restart:
-        raise ConfigError(
-            f"{out_dir} was started from another table or other --body-column / --id-column / "
-            f"--endpoint ({target} differs from what {table.path} gives now); use another "
-            "--output, or --restart to start over (old files are kept aside)")
-    else:
-        with atomic_writer(target) as out:
-            _stage_into(table, out)
+    write_staged(target, digest, lambda out: _stage_into(table, out), restart=restart,
+                 changed="another table or other --body-column / --id-column / --endpoint",
+                 source=str(table.path))
     log.info("%s: %d row(s) -> %s", table.path, rows, target)
     return target

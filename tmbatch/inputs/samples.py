@@ -30,10 +30,10 @@ from urllib.parse import quote, unquote
 import orjson
 
 from tmbatch.base.config import ConfigError
-from tmbatch.base.files import JOURNAL, atomic_write, atomic_writer, make_dir
+from tmbatch.base.files import atomic_write, make_dir
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.reader import MAX_LINE_BYTES, BadLine, Request, read_requests
-from tmbatch.inputs.templates import Digest, file_digest
+from tmbatch.inputs.templates import Digest, write_staged
 
 log = logging.getLogger("tmbatch")
 SHOWN = 5  # bad input lines named one by one in the refusal; the rest are counted
@@ -139,16 +139,9 @@ def stage_units(source: str, target_dir: Path, model: str | None, samples: int, 
             "lists them all); nothing was sent")
     make_dir(target_dir)
     target = target_dir / UNITS
-    if target.exists() and file_digest(target) == digest.h.digest():
-        pass
-    elif target.exists() and (target_dir / JOURNAL).exists() and not restart:
-        raise ConfigError(
-            f"{target_dir} was started from another input or other --samples / --endpoint / "
-            f"--stream ({target} differs from what {source} gives now); use another --output, "
-            "or --restart to start over (old files are kept aside)")
-    else:
-        with atomic_writer(target) as out:
-            read(out, [])
+    write_staged(target, digest, lambda out: read(out, []), restart=restart,
+                 changed="another input or other --samples / --endpoint / --stream",
+                 source=source)
     log.debug("%s: %d line(s) x %d sample(s) for %s -> %s", source, lines, samples, model,
               target)
     return target

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -256,6 +256,23 @@ def file_digest(path: Path) -> bytes:
     return h.digest()
 
 
+def write_staged(target: Path, digest: Digest, write: Callable[[Any], object], *,
+                 restart: bool, changed: str, source: str) -> None:
+    """A staged input (requests.jsonl from records or a table, a model's units.jsonl) written
+    by `write(sink)` only when it would not hold the bytes `digest` saw, so resume finds the
+    same input; one that differs under a started journal is refused rather than mixed in
+    (`changed`: what may have changed), unless --restart moves the old run aside."""
+    out_dir = target.parent
+    if target.exists() and file_digest(target) == digest.h.digest():
+        return
+    if target.exists() and (out_dir / JOURNAL).exists() and not restart:
+        raise ConfigError(
+            f"{out_dir} was started from {changed} ({target} differs from what {source} gives "
+            "now); use another --output, or --restart to start over (old files are kept aside)")
+    with atomic_writer(target) as out:
+        write(out)
+
+
 @dataclass
 class Prepared:
     path: Path
@@ -305,15 +322,7 @@ def prepare_requests(spec: LabelSpec, records: str, out_dir: Path, model: str | 
     if done.errors > len(done.shown):
         log.warning("%s: %d more record(s) cannot be rendered (listed in %s)", records,
                     done.errors - len(done.shown), LABELS)
-    if target.exists() and file_digest(target) == digest.h.digest():
-        pass
-    elif target.exists() and (out_dir / JOURNAL).exists() and not restart:
-        raise ConfigError(
-            f"{out_dir} was started from other records or another label template / model "
-            f"({target} differs from what {records} gives now); use another --output, or "
-            "--restart to start over (old files are kept aside)"
-        )
-    else:
-        with atomic_writer(target) as out:
-            _render_all(spec, records, model, shard, out)
+    write_staged(target, digest, lambda out: _render_all(spec, records, model, shard, out),
+                 restart=restart, changed="other records or another label template / model",
+                 source=records)
     return Prepared(target, done.records, done.errors, done.shown)
