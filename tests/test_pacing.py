@@ -293,3 +293,44 @@ def test_stated_limits_govern_and_refusals_only_pause() -> None:
     end = lane(r)
     assert end["pace_source"] == "stated by x-ratelimit headers"
     assert 0.95 * 50 <= end["pace_requests_per_second"] <= 50 and end["pace_cuts"] == 0
+
+
+def _successes(c: Controller, rate: float, start: float, seconds: float) -> float:
+    """Answers of sends at `rate` for `seconds` from `start` (each answered in 10 ms)."""
+    t = start
+    while t < start + seconds:
+        c.on_sent(t)
+        c.on_answer(Answer(t, t + 0.01, True))
+        t += 1.0 / rate
+    return t
+
+
+def test_a_pause_elsewhere_in_the_fleet_ends_a_probe_and_restarts_the_plateau() -> None:
+    """With --redis a refusal anywhere is every process's: a probe above the rate measured
+    goes back to it (the refusal it caused may have landed on another process), and the
+    next probe waits a whole plateau, so the fleet probes as one process would."""
+    c = Controller()
+    c.join(20.0)
+    t = _successes(c, 20.0, 0.0, c.cfg.plateau + 3.0)
+    assert c.rate is not None and c.rate > 20.0  # probing past the plateau
+    change = c.on_pause_elsewhere(t)
+    assert change is not None and change.rate == pytest.approx(20.0)
+    _successes(c, 20.0, t, c.cfg.plateau - 1.0)
+    assert c.rate == pytest.approx(20.0)  # the plateau again, no probe yet
+
+
+def test_a_pause_elsewhere_in_the_fleet_stops_a_ramp_from_a_lower_bound() -> None:
+    """A first cut is a lower bound the pace ramps from; with K processes ramping at once
+    the fleet overshoots K times as fast, so the fleet's refusal makes where it got the
+    measure: it plateaus there."""
+    c = Controller()
+    t = _successes(c, 200.0, 0.0, 0.5)  # unpaced, then refused with a hint: the first cut
+    c.on_answer(Answer(t, t + 0.01, False, wait=1.0))
+    assert c.rate is not None and c.limit is None
+    t = _successes(c, c.rate, t + 1.0, 1.5)
+    ramped = c.rate
+    assert ramped is not None
+    c.on_pause_elsewhere(t)
+    assert c.limit == pytest.approx(ramped / c.cfg.margin)
+    _successes(c, ramped, t + 1.0, 2.0)
+    assert c.rate == pytest.approx(ramped)

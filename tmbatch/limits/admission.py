@@ -7,6 +7,7 @@ The gates, in the order an attempt meets them (`Permit.__aenter__`):
    header that says the limit is spent, or a hold while everything is refused. No request of
    the lane leaves while it is on;
 3. its lane's pace (`lanes.Lane.paced`): `--rpm`, or what the lane's controller learnt;
+   with `--redis`, then a slot in the schedule the job's processes share (`shared`);
 4. a concurrency slot: `--concurrency` is the ceiling for the run. While the pace is learnt,
    a run starts with a few in flight and opens up by one per second answer and by doubling on
    a clock until the first refusal (a server's burst is not spent on the first volley);
@@ -281,7 +282,7 @@ class Permit:
     once with `ok` or `failed`; leaving frees the slot and ends the budget hold."""
 
     __slots__ = ("admission", "charged", "lane", "req", "sent_at", "slot", "spend", "tokens",
-                 "tokens_flying", "tpm", "wait")
+                 "tokens_flying", "tpm")
 
     def __init__(self, admission: Admission, lane: Lane, req: Request) -> None:
         self.admission = admission
@@ -294,7 +295,6 @@ class Permit:
         self.slot = False
         self.spend: Hold = None  # type: ignore[assignment]
         self.tpm: TokenBucket | None = None
-        self.wait = 0.0  # seconds the fleet asked this attempt to wait (--redis)
 
     async def __aenter__(self) -> Permit:
         adm, lane = self.admission, self.lane
@@ -318,25 +318,19 @@ class Permit:
                 paced = lane.pacer.rate is not None
                 if paced:
                     await lane.paced(loop)
+                if adm.shared is not None and not await adm.shared.take(lane):
+                    continue  # the fleet paused the lane (--redis)
                 if adm.in_flight < adm.cap and not adm._waiters:
                     adm.in_flight += 1
                 else:
                     await adm._take_slot()
                 self.slot = True
-                if (lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None)
-                        and (adm.shared is None or (await self._shared(loop)
-                                                    and lane.pause_until <= loop.time()))):
-                    # the fleet's say, with --redis, last: just before the send, and the lane
-                    # looked at again after it (a refusal may have paused it meanwhile)
+                if lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None):
                     break
                 # a refusal came while this waited for a slot (the answer that freed it,
-                # even), pausing or pacing the lane, or the fleet says later: the slot goes
-                # to another lane meanwhile
+                # even), pausing or pacing the lane: the slot goes to another lane meanwhile
                 self.slot = False
                 adm._release()
-                if self.wait:
-                    await asyncio.sleep(self.wait)
-                    self.wait = 0.0
             tpm = self.tpm = adm.tpm or lane.tpm
             if tpm is not None:
                 await self._charge(tpm, loop)
@@ -348,13 +342,6 @@ class Permit:
             adm._first_sent = now
         lane.sent_at(now)
         return self
-
-    async def _shared(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """The fleet's say (`shared`): True to send now; else `wait` is how long to wait
-        (the slot let go meanwhile)."""
-        wait = await self.admission.shared.take(self.lane, loop.time())  # type: ignore[union-attr]
-        self.wait = wait
-        return wait <= 0
 
     async def _charge(self, tpm: TokenBucket, loop: asyncio.AbstractEventLoop) -> None:
         adm, req = self.admission, self.req

@@ -30,6 +30,8 @@ rules, each a named test in tests/test_pacing.py:
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
    `--rpm` fixes the pace; nothing is learnt.
+8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
+   unpaced process joins a paced fleet at its mean as measured (`shared`'s rules 3 and 4).
 
 The controller decides; rule 2's echo (`echo`) and rule 3's probation (`probation`) keep
 their own state and verdicts, and every rule reads the lane's record (`evidence`).
@@ -167,6 +169,35 @@ class Controller:
             self.refused_run = 0
             return None  # (`_success` adds nothing more here, and the rate stays None)
         return self.on_answer(Answer(sent, now, True, stated=stated, governed=governed))
+
+    def on_pause_elsewhere(self, now: float) -> Change | None:
+        """Another process sharing the lane (--redis) was told to pause: the fleet's sends are
+        one sum, so a refusal anywhere is this pace's too. The plateau restarts (the fleet
+        probes as one, not once per process), a probe above the measured rate ends (the
+        refusal it caused may have landed on another process), and a ramp from a lower bound
+        stops where it is: the fleet was refused at the sum."""
+        rate, limit = self.rate, self.limit
+        if not self.learn or rate is None or self.stated is not None:
+            return None
+        if self.reached != math.inf:
+            self.reached = now
+        if limit is None:
+            self.limit = rate / self.cfg.margin  # ramping from a lower bound: it was reached
+            return None
+        if rate <= self.cfg.margin * limit:
+            return None
+        self._set(self.cfg.margin * limit, "a probe ended by another process's refusal")
+        return Change(self.rate)
+
+    def join(self, rate: float) -> Change | None:
+        """Unpaced, in a fleet already paced: start at `rate` (the paced processes' mean),
+        taken as measured (rule 5: a plateau, then probes), not as a lower bound to ramp from:
+        K processes ramping at once would overshoot the fleet's limit K times as fast."""
+        if not self.learn or self.rate is not None or self.stated is not None:
+            return None
+        self._set(max(MIN_RATE, rate), "the mean of the job's other processes")
+        self.limit = self.rate / self.cfg.margin  # a measure (theirs): plateau, then probe
+        return Change(self.rate)
 
     @property
     def allowance(self) -> float | None:

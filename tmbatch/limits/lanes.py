@@ -44,6 +44,7 @@ class Lane:
         self.label = label  # "" when the run has one lane, else " for MODEL"
         self.controller = controller
         self.pacer = Pacer(controller.rate)
+        self.floor = 0.0  # no pace below this: the fleet's mean (`share`, --redis)
         self.stated = StatedLimits()
         self.tpm: TokenBucket | None = None  # stated by x-ratelimit-*-tokens headers
         self.flight_tokens = 0.0  # estimates booked for requests not answered yet
@@ -152,14 +153,48 @@ class Lane:
                 self.tpm.at_most(level - self.flight_tokens, now)
         return rates.get("requests")
 
+    def paused_elsewhere(self, until: float, now: float) -> None:
+        """The fleet's pause (--redis): another process was refused; this one holds until
+        `until` too, and its controller hears of it (`Controller.on_pause_elsewhere`)."""
+        if until <= self.pause_until:
+            return
+        self.pause_until = until
+        self.pacer.restart_at(until)
+        change = self.controller.on_pause_elsewhere(now)
+        if change is not None:
+            self._change(change, now)
+
+    def share(self, mean: float) -> None:
+        """The mean pace of the fleet's paced processes (--redis), as of this process's last
+        take. The fleet's schedule holds their sum; this process paces at no less than the
+        mean, or one whose own measure came out low (it started late, its refusals came in
+        a bad second) would finish its shard long after the others. Unpaced, it joins at
+        the mean (`Controller.join`): it would add nothing to the sum and learn nothing."""
+        c = self.controller
+        if c.stated is not None:
+            return  # the headers state the limit: nothing learnt or shared goes above it
+        if c.rate is None and mean > 0:
+            c.join(mean)
+        self.floor = mean
+        self._pace()
+
+    def _pace(self) -> None:
+        rate = self.controller.rate
+        if rate is not None and rate < self.floor:
+            now = self.pacer.rate
+            if now is not None and abs(self.floor - now) <= 0.01 * self.floor:
+                return  # (the mean moves with every take: a per cent is not worth a reset)
+            rate = self.floor
+        if rate != self.pacer.rate:
+            self.pacer.set_rate(rate)
+
     def _apply(self, answer: Answer, now: float) -> None:
         change = self.controller.on_answer(answer)
         if change is not None:
             self._change(change, now)
 
     def _change(self, change: Change, now: float) -> None:
-        if change.rate != self.pacer.rate:
-            self.pacer.set_rate(change.rate)
+        self._pace()
         if change.burst:
             self.pacer.restart_at(self.pause_until, change.burst)
         if change.hold:
