@@ -5,6 +5,7 @@ blocks a run or loses a line."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,69 @@ def test_one_task_per_lane_asks_the_fleet_at_a_time(redis: Redis) -> None:
     def calls() -> int:
         stats = redis_py.Redis.from_url(redis.url).info("commandstats")
         return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
+
+    asyncio.run(main())
+
+
+def test_the_shards_share_one_tokens_per_minute_bucket(redis: Redis) -> None:
+    """--tpm with --redis: every shard books in one bucket at the account's rate, so one
+    shard's booking delays the next shard's, a credit settled by one brings the others'
+    forward, and the process's own bucket (at its share) is left alone while Redis answers."""
+    from tests.test_limits import req
+    from tmbatch.limits.admission import Admission
+
+    async def main() -> None:
+        a, b = RedisLanes(redis.url, "tpm"), RedisLanes(redis.url, "tpm")
+        try:
+            # 6,000 tokens a minute (100 a second, a 0.5 s burst) for the account
+            assert await a.charge(None, 100.0, 6000.0, 0.5) == pytest.approx(0.5, abs=0.05)
+            assert await b.charge(None, 100.0, 6000.0, 0.5) == pytest.approx(1.5, abs=0.05)
+            a.settle(None, -100.0, 6000.0)  # the first answer used nothing: a credit
+            await asyncio.gather(*a._tasks)
+            assert await b.charge(None, 100.0, 6000.0, 0.5) == pytest.approx(1.5, abs=0.05)
+
+            # through the permits: two shards of a 1,200/min account, 600 each alone
+            adms = []
+            for store in (a, b):
+                adm = Admission(tpm=600.0, concurrency=4)
+                adm.shared, adm.tpm_fleet = store, 1200.0
+                adms.append(adm)
+            import redis as redis_py
+
+            r = redis_py.Redis.from_url(redis.url)
+            r.delete("tmbatch:tpm:tpm")
+            sec, usec = r.time()  # Redis's clock, as the script's
+            p1 = await adms[0].permit(req(model="n", line=1)).__aenter__()
+            p2 = await adms[1].permit(req(model="n", line=2)).__aenter__()
+            # one bucket holds both shards' bookings, at the account's 20 tokens a second
+            ahead = (float(r.get("tmbatch:tpm:tpm")) - (sec * 1000 + usec / 1000)) / 1000
+            booked = p1.charged + p2.charged
+            assert booked / 20.0 <= ahead < booked / 20.0 + 0.5, (booked, ahead)
+            assert p1.tpm_fleet == p2.tpm_fleet == 1200.0
+            assert not p1.tpm_local and not p2.tpm_local  # their own buckets untouched
+            assert adms[0].tpm.tat == -math.inf and adms[1].tpm.tat == -math.inf
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_tokens_bucket_goes_local_while_redis_is_down() -> None:
+    """Redis unreachable: the charge books in the process's own bucket (its share)."""
+    from tests.test_limits import req
+    from tmbatch.limits.admission import Admission
+
+    async def main() -> None:
+        store = RedisLanes(f"redis://127.0.0.1:{free_port()}/0", "tpm-down")
+        adm = Admission(tpm=600.0, concurrency=4)
+        adm.shared, adm.tpm_fleet = store, 1200.0
+        try:
+            p = await adm.permit(req(model="n")).__aenter__()
+            assert p.tpm_local and not p.tpm_fleet
+            assert adm.tpm is not None and adm.tpm.tat > -math.inf
+        finally:
+            await store.close()
 
     asyncio.run(main())
 

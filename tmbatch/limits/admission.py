@@ -74,6 +74,7 @@ class Admission:
         self.lanes: dict[str | None, Lane] = {}
         self.tpm = TokenBucket(tpm) if tpm else None
         self.tpm_target = tpm
+        self.tpm_fleet = tpm  # the account's --tpm, which with --redis the shards share whole
         self.tpm_warned = False
         self.ceiling = max(1, concurrency)
         # while learning, a slow start: a few in flight, one more per answer
@@ -282,7 +283,7 @@ class Permit:
     once with `ok` or `failed`; leaving frees the slot and ends the budget hold."""
 
     __slots__ = ("admission", "charged", "lane", "req", "sent_at", "slot", "spend", "tokens",
-                 "tokens_flying", "tpm")
+                 "tokens_flying", "tpm", "tpm_fleet", "tpm_local")
 
     def __init__(self, admission: Admission, lane: Lane, req: Request) -> None:
         self.admission = admission
@@ -295,6 +296,8 @@ class Permit:
         self.slot = False
         self.spend: Hold = None  # type: ignore[assignment]
         self.tpm: TokenBucket | None = None
+        self.tpm_fleet = 0.0  # tokens/min of the fleet's bucket it was booked in (0: none)
+        self.tpm_local = False  # booked in this process's bucket too
 
     async def __aenter__(self) -> Permit:
         adm, lane = self.admission, self.lane
@@ -349,7 +352,18 @@ class Permit:
         charged = self.charged = float(max(1, round(self.tokens * adm.ratio)))
         if adm.tpm is tpm and not adm.tpm_warned:
             adm._warn_if_tpm_too_small(charged)
-        delay = tpm.reserve(charged, loop.time())
+        delay = 0.0
+        if adm.shared is not None:  # --redis: the fleet's bucket, unless Redis is cut off
+            account = tpm is adm.tpm
+            per_minute = (adm.tpm_fleet or tpm.per_minute) if account else tpm.per_minute
+            wait = await adm.shared.charge(None if account else self.lane, charged, per_minute,
+                                           tpm.burst)
+            if wait is not None:
+                self.tpm_fleet, delay = per_minute, wait
+        # this process's own: alone, or a lane's, whose levels the headers state it keeps
+        self.tpm_local = not self.tpm_fleet or tpm is not adm.tpm
+        if self.tpm_local:
+            delay = max(delay, tpm.reserve(charged, loop.time()))
         self.lane.flight_tokens += charged
         self.tokens_flying = charged
         if delay > 0:
@@ -359,6 +373,15 @@ class Permit:
 
     async def __aexit__(self, *exc: object) -> None:
         self._leave()
+
+    def _adjust(self, tokens: float) -> None:
+        """A debt (tokens > 0) or a credit, in every bucket the charge was booked in."""
+        if self.tpm_local:
+            self.tpm.adjust(tokens)  # type: ignore[union-attr]
+        if self.tpm_fleet:
+            adm = self.admission
+            adm.shared.settle(  # type: ignore[union-attr]
+                None if self.tpm is adm.tpm else self.lane, tokens, self.tpm_fleet)
 
     def _landed(self) -> None:
         """Its estimate is no longer on its way to the server (see `Lane.flight_tokens`)."""
@@ -376,7 +399,7 @@ class Permit:
             if adm._waiters:
                 adm._wake()
         if self.charged and self.tpm is not None and self.sent_at == 0.0:
-            self.tpm.adjust(-self.charged)  # never sent: the tokens go back
+            self._adjust(-self.charged)  # never sent: the tokens go back
             self.charged = 0.0
         spend = self.spend
         if spend is not None and not spend.settled:
@@ -390,7 +413,7 @@ class Permit:
         self.spend.succeeded(body, used)  # type: ignore[arg-type]
         tpm = self.tpm
         if tpm is not None and tokens > 0:  # (before the headers, which count its usage)
-            tpm.adjust(tokens - self.charged)
+            self._adjust(tokens - self.charged)
             self.charged = float(tokens)
             adm._learn_ratio(self.tokens, tokens)
         if self.tokens_flying:
@@ -405,7 +428,7 @@ class Permit:
         self.spend.failed(failure)
         policy = failure.cls.policy
         if policy.refund and self.tpm is not None and self.charged:
-            self.tpm.adjust(-self.charged)  # nothing was generated
+            self._adjust(-self.charged)  # nothing was generated
             self.charged = 0.0
         self._landed()
         if not policy.slows_admission:

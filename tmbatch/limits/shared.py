@@ -108,6 +108,30 @@ end
 return cur - now
 """
 
+# KEYS: tat. ARGV: tokens, tokens per minute, burst (s). Returns the wait in ms (a string).
+# A GCRA in tokens, as `schedule.TokenBucket`: the same bucket, one for the whole fleet.
+CHARGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local per_ms = tonumber(ARGV[2]) / 60000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+tat = tat + tonumber(ARGV[1]) / per_ms
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 60000)
+local wait = tat - now - tonumber(ARGV[3]) * 1000
+if wait < 0 then wait = 0 end
+return tostring(wait)
+"""
+
+# KEYS: tat. ARGV: tokens (above 0 a debt, below a credit), tokens per minute.
+SETTLE = """
+local tat = redis.call('GET', KEYS[1])
+if not tat then return 0 end
+tat = tonumber(tat) + tonumber(ARGV[1]) / (tonumber(ARGV[2]) / 60000)
+redis.call('SET', KEYS[1], tostring(tat), 'KEEPTTL')
+return 0
+"""
+
 
 class LaneStore(Protocol):
     """What a lane shares with the other processes of its job. Without --redis there is no
@@ -125,6 +149,17 @@ class LaneStore(Protocol):
         """A Retry-After this process was told: the fleet pauses the lane too."""
         ...
 
+    async def charge(self, lane: Lane | None, tokens: float, per_minute: float,
+                     burst: float) -> float | None:
+        """Book `tokens` in the fleet's tokens-per-minute bucket: the lane's (a rate its
+        headers state) or the run's (`--tpm`: lane None). Seconds to wait; None when the
+        store is cut off (the process's own bucket books them, at its share)."""
+        ...
+
+    def settle(self, lane: Lane | None, tokens: float, per_minute: float) -> None:
+        """A debt (tokens > 0: the answer used more than its estimate) or a credit."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -139,6 +174,8 @@ class RedisLanes:
         self.pod = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
         self._take = self.link.script(TAKE)
         self._pause = self.link.script(PAUSE)
+        self._charge = self.link.script(CHARGE)
+        self._settle_tokens = self.link.script(SETTLE)
         self._turns: dict[object, asyncio.Lock] = {}  # per lane: whose fleet slot is next
 
     @property
@@ -186,6 +223,28 @@ class RedisLanes:
     async def _announce(self, lane: Lane, seconds: float) -> None:
         await self.link.call(self._pause, self._keys(lane, "pause"),
                              [max(1, round(seconds * 1000))])
+
+    def _tpm_key(self, lane: Lane | None) -> list[str]:
+        return [f"{self.prefix}tpm"] if lane is None else self._keys(lane, "tpm")
+
+    async def charge(self, lane: Lane | None, tokens: float, per_minute: float,
+                     burst: float) -> float | None:
+        if self.link.cut_off(asyncio.get_running_loop().time()):
+            return None
+        answered, got = await self.link.call(self._charge, self._tpm_key(lane),
+                                             [repr(tokens), repr(per_minute), repr(burst)])
+        if not answered:
+            return None
+        self.link.answered()
+        return float(got) / 1000.0
+
+    def settle(self, lane: Lane | None, tokens: float, per_minute: float) -> None:
+        if tokens and not self.link.cut_off(asyncio.get_running_loop().time()):
+            self.link.spawn(self._settle(lane, tokens, per_minute))
+
+    async def _settle(self, lane: Lane | None, tokens: float, per_minute: float) -> None:
+        await self.link.call(self._settle_tokens, self._tpm_key(lane),
+                             [repr(tokens), repr(per_minute)])
 
     async def close(self) -> None:
         await self.link.settle(cancel=True)

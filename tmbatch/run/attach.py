@@ -38,6 +38,8 @@ async def attach(runner: Runner, sender: LineSender, progress: Progress) -> None
         from tmbatch.limits.shared import RedisLanes
 
         runner.admission.shared = RedisLanes(opts.fleet.redis, opts.fleet.job)
+        if opts.tpm and opts.shard:  # the account's --tpm, one bucket for every shard
+            runner.admission.tpm_fleet = opts.tpm * opts.shard[1]
         if opts.budget.limited:  # the job's budget, shared by its shards
             from tmbatch.spend.shared import RedisBudget
 
