@@ -12,8 +12,9 @@ wait for, nor force out, the outcomes queued for the end of the tick: an outcome
 is about another line (a line with an outcome is not sent again in the same
 run), so a dispatch record may land before it without changing what a resume
 reads. Records whose place relative to a dispatch does matter (a retried
-line's `pending`, a spend snapshot, a pause) make the next dispatch flush
-everything queued first, in order.
+line's `pending`, a spend snapshot made when it was queued, a pause) make the
+next dispatch flush everything queued first, in order; the snapshot each write
+carries after an attempt ended is made at the write itself (`spend_changed`).
 """
 
 from __future__ import annotations
@@ -173,9 +174,13 @@ class Writer:
         self._schedule()
 
     def spend_changed(self) -> None:
-        """An attempt ended: the next write carries a spend snapshot (`spend_snapshot`), and
-        goes out before the next dispatch record, so a replay counts each attempt once."""
-        self._ordered = True
+        """An attempt ended: the next write, at the end of the tick, carries a spend snapshot
+        (`spend_snapshot`). It need not go out before the next dispatch record: it is made
+        when it is written, so every attempt whose dispatch record is already written is in
+        it (settled, or in flight: the sender counts an attempt in flight as soon as its
+        record is written, with no write in between), and an answer's outcome after it adds
+        nothing on replay. Flushing before each dispatch made one write per answer instead
+        of one per tick (bench/cpu_bench.py: 1.28x -> 1.55x the bare loop)."""
         if not self._scheduled:
             self._schedule()
 
