@@ -193,13 +193,13 @@ class RedisLanes:
         async with turn:
             while True:
                 if self.link.cut_off(loop.time()):
-                    return True
+                    return self._alone(lane)
                 rate = lane.controller.rate or 0.0  # its own say (its pacer may be at the mean)
                 answered, got = await self.link.call(
                     self._take, self._keys(lane, "pause", "tat", "rates", "start"),
                     [self.pod, repr(rate), STALE_MS, TOLERANCE, START, DOUBLINGS])
                 if not answered:
-                    return True
+                    return self._alone(lane)
                 self.link.answered()
                 wait_ms, why, mean = got
                 wait = int(wait_ms) / 1000.0
@@ -215,6 +215,14 @@ class RedisLanes:
                 await asyncio.sleep(wait)
                 if lane.pause_until > loop.time():
                     return False  # a refusal of this process's came meanwhile
+
+    @staticmethod
+    def _alone(lane: Lane) -> bool:
+        """Cut off: the process goes on at its own pace, no longer held up by the fleet's
+        last mean (a limit that falls meanwhile must be able to slow it down)."""
+        if lane.floor:
+            lane.share(0.0)
+        return True
 
     def announce(self, lane: Lane, seconds: float) -> None:
         if not self.link.cut_off(asyncio.get_running_loop().time()):
