@@ -124,6 +124,7 @@ class Answer:
     completion_tokens: int
     rid: str
     created: int
+    choices: int = 1  # the body's `n` (chat and completions): that many copies of the choice
 
 
 def build_answer(
@@ -137,6 +138,8 @@ def build_answer(
     if cap is not None and len(words) > cap:
         words = words[:cap]
         finish = "length"
+    n = body.get("n") if route in (ROUTE_CHAT, ROUTE_COMPLETIONS) else None
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
     return Answer(
         route=route,
         model=model,
@@ -144,9 +147,10 @@ def build_answer(
         words=words,
         finish_reason=finish,
         prompt_tokens=len(full) // 4 + 1,
-        completion_tokens=len(words),
+        completion_tokens=len(words) * n,  # billed as OpenAI bills `n`: every choice's output
         rid=next_id(state),
         created=int(time.time()),
+        choices=n,
     )
 
 
@@ -162,13 +166,16 @@ def _head(a: Answer, route: str, obj: str) -> dict[str, Any]:
 
 def _chat_body(a: Answer) -> dict[str, Any]:
     message = {"role": "assistant", "content": a.text}
-    choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
-    return {**_head(a, ROUTE_CHAT, "chat.completion"), "choices": [choice], "usage": _usage(a)}
+    return {**_head(a, ROUTE_CHAT, "chat.completion"),
+            "choices": [{"index": i, "message": message, "finish_reason": a.finish_reason}
+                        for i in range(a.choices)],
+            "usage": _usage(a)}
 
 
 def _completion_body(a: Answer) -> dict[str, Any]:
-    choice = {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
-    return {**_head(a, ROUTE_COMPLETIONS, "text_completion"), "choices": [choice],
+    return {**_head(a, ROUTE_COMPLETIONS, "text_completion"),
+            "choices": [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
+                         "logprobs": None} for i in range(a.choices)],
             "usage": _usage(a)}
 
 
