@@ -213,6 +213,36 @@ def test_chat_streamed_equals_unstreamed(server: ServerProcess, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("server_name", ALL)
+def test_samples_through_n_or_by_seed(server: ServerProcess, tmp_path: Path) -> None:
+    """--samples 3: one request with n=3 per line where the server honours n, each choice
+    a sample's answer (the request's usage on sample 0); a server that ignores n answers one
+    choice, and the rest go as requests of their own (said once). Every unit succeeds."""
+    spec = server.spec
+    rows = [row(f"s-{i}", CHAT, chat_body(spec, f"Say something about {i}")) for i in range(3)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    proc = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url,
+                    "--no-preflight", "--samples", "3", "-c", "1", "--log-format", "json"],
+                   env=clean_env(TENSORMESH_INFERENCE_API_KEY=SERVER_KEY), timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert sorted(results) == sorted(f"s-{i}#{k}" for i in range(3) for k in range(3))
+    for cid, r in results.items():
+        assert r["sample"] == int(cid.split("#")[1])
+        body = r["response"]["body"]
+        assert len(body["choices"]) == 1 and body["choices"][0]["index"] == 0
+        ChatCompletion.model_validate(body)
+    events = [orjson.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    fell_back = [e for e in events if e.get("event") == "samples_via_seed"]
+    assert len(fell_back) == (0 if spec.honours_n else 1), proc.stderr[-3000:]
+    if spec.honours_n:
+        for i in range(3):
+            out_tokens = [results[f"s-{i}#{k}"]["response"]["body"]["usage"]["completion_tokens"]
+                          for k in range(3)]
+            assert out_tokens[0] > 0 and out_tokens[1:] == [0, 0]
+
+
+@pytest.mark.parametrize("server_name", ALL)
 def test_completions_streamed_equals_unstreamed(server: ServerProcess, tmp_path: Path) -> None:
     spec = server.spec
     rows = pairs(COMPLETIONS, completion_body, spec)

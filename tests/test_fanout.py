@@ -76,17 +76,20 @@ def check_directory(out: Path, n: int, samples: int) -> tuple[dict[str, Any], di
     return {r["custom_id"]: r for r in res}, {f["custom_id"]: f for f in fail}
 
 
+@pytest.mark.parametrize(("via", "kills"), [("seed", (150, 750)), ("n", (50, 250))])
 def test_two_models_three_samples_200_lines_resume_after_kill_9(
-        sim_factory: Any, tmp_path: Path) -> None:
+        sim_factory: Any, tmp_path: Path, via: str, kills: tuple[int, int]) -> None:
     """--models A,B --samples 3 on 200 lines, SIGKILLed once in each model's run and run
-    again: 1,200 outcomes, 600 per directory, nothing processed twice."""
+    again: 1,200 outcomes, 600 per directory, nothing processed twice. With `n` a line's
+    three samples are one request (200 a model), so the kills come after fewer of them."""
     sim = sim_factory(latency=0.02, latency_jitter=0.01)
     n, samples = 200, 3
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i, max_tokens=4) for i in range(n)])
     out = tmp_path / "out"
-    extra = ("--models", ",".join(MODELS), "--samples", str(samples), "--concurrency", "8")
-    kill_after(start(sim, inp, out, *extra), sim, 150)  # in tm-small's run
-    kill_after(start(sim, inp, out, *extra), sim, 750)  # in tm-large's run
+    extra = ("--models", ",".join(MODELS), "--samples", str(samples), "--concurrency", "8",
+             "--samples-via", via)
+    kill_after(start(sim, inp, out, *extra), sim, kills[0])  # in tm-small's run
+    kill_after(start(sim, inp, out, *extra), sim, kills[1])  # in tm-large's run
     final = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=180)
     assert final.returncode in (0, 1), final.stderr
     stats = sim.stats()
@@ -101,13 +104,16 @@ def test_two_models_three_samples_200_lines_resume_after_kill_9(
                 ("ambiguous", "unknown_outcome_after_crash")
         for cid, r in res.items():
             assert r["response"]["body"]["model"] == model
-            assert stats["processed"][idempotency_key(f"{JOB}-{model}", cid)] == 1
+            if via == "seed":  # (with n, one key answers a line's units: `duplicates` above)
+                assert stats["processed"][idempotency_key(f"{JOB}-{model}", cid)] == 1
         journal = read_jsonl(out / model / "journal.jsonl")
         assert any(isinstance(r, dict) and r.get("e") == "resume" for r in journal)  # killed
         st = orjson.loads(run_cli(["status", str(out / model), "--json"], env=env()).stdout)
         assert st["finished"] and st["succeeded"] == len(res) and st["not_yet_sent"] == 0
     assert total == 1200
     assert stats["completion_calls"] == sum(stats["processed"].values())
+    if via == "n":  # a request per line (and model) at most, plus what a resume split
+        assert stats["completion_calls"] < 2 * n * 1.5
     manifest = orjson.loads((out / "models.json").read_bytes())
     assert [m["dir"] for m in manifest["models"]] == list(MODELS)
     assert manifest["samples"] == samples
@@ -139,7 +145,7 @@ def test_a_model_the_server_does_not_serve_fails_alone(sim: Any, tmp_path: Path)
     assert both["org/nope"]["failed_by_class"]["permanent"] == 20
     stats = sim.stats()
     assert "org/nope" not in stats["by_model"]  # nothing was sent for it
-    assert stats["completion_calls"] == 20
+    assert stats["completion_calls"] == 10  # a line's two samples: one request with n=2
 
 
 def test_one_budget_covers_every_model(sim: Any, tmp_path: Path) -> None:
@@ -170,25 +176,29 @@ def test_one_budget_covers_every_model(sim: Any, tmp_path: Path) -> None:
     assert sim.stats()["duplicates"] == 0
 
 
-def test_samples_come_back_from_the_cache(sim: Any, tmp_path: Path) -> None:
-    """The cache keys samples by index: a rerun elsewhere gets the same three answers per
-    line, each its own (its original request id), and sends nothing."""
+@pytest.mark.parametrize(("first_via", "then_via", "requests"),
+                         [("seed", "n", 30), ("n", "seed", 10)])
+def test_samples_come_back_from_the_cache(sim: Any, tmp_path: Path, first_via: str,
+                                          then_via: str, requests: int) -> None:
+    """The cache keys samples by index, whichever way they were sent: a rerun elsewhere
+    gets the same three answers per line, each with its original request id, and sends
+    nothing. `n` sends one request a line, so its three samples share that request's id."""
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(10)])
     cache = tmp_path / "cache.sqlite"
-    first = run_cli(cmd(sim, inp, tmp_path / "a", "--samples", "3", "--cache", str(cache)),
-                    env=env(), timeout=60)
+    first = run_cli(cmd(sim, inp, tmp_path / "a", "--samples", "3", "--cache", str(cache),
+                        "--samples-via", first_via), env=env(), timeout=60)
     assert first.returncode == 0, first.stderr
     calls = sim.stats()["completion_calls"]
-    assert calls == 30
-    second = run_cli(cmd(sim, inp, tmp_path / "b", "--samples", "3", "--cache", str(cache)),
-                     env=env(), timeout=60)
+    assert calls == requests
+    second = run_cli(cmd(sim, inp, tmp_path / "b", "--samples", "3", "--cache", str(cache),
+                         "--samples-via", then_via), env=env(), timeout=60)
     assert second.returncode == 0, second.stderr
     assert sim.stats()["completion_calls"] == calls  # nothing sent
     a, _ = check_directory(tmp_path / "a", 10, 3)
     b, _ = check_directory(tmp_path / "b", 10, 3)
     assert all(r.get("cached") for r in b.values())
     assert {c: r["response"] for c, r in a.items()} == {c: r["response"] for c, r in b.items()}
-    assert len({r["response"]["request_id"] for r in b.values()}) == 30  # one per sample
+    assert len({r["response"]["request_id"] for r in b.values()}) == requests
     seeds = [orjson.loads(x)["body"]["seed"]
              for x in (tmp_path / "a" / "units.jsonl").read_bytes().splitlines()[:3]]
     assert seeds == [0, 1, 2]
@@ -217,6 +227,7 @@ def test_bad_input_is_refused_before_anything_is_sent(sim: Any, tmp_path: Path) 
     (("--models", "tm-small,"), "empty model name"),
     (("--models", "tm-small", "--model", "tm-large"), "--model and --models"),
     (("--samples", "0"), "--samples"),
+    (("--samples", "2", "--samples-via", "choices"), "--samples-via"),
 ])
 def test_bad_flags_are_refused(sim: Any, tmp_path: Path, extra: tuple[str, ...],
                                says: str) -> None:
@@ -251,13 +262,20 @@ def test_other_samples_on_a_started_directory_are_refused(sim: Any, tmp_path: Pa
 
 def test_job_file_models_and_samples(tmp_path: Path) -> None:
     job = tmp_path / "eval.toml"
-    job.write_text('input = "in.jsonl"\nmodels = ["tm-small", "org/model"]\nsamples = 4\n')
+    job.write_text('input = "in.jsonl"\nmodels = ["tm-small", "org/model"]\nsamples = 4\n'
+                   'samples_via = "seed"\n')
     shown = run_cli(["run", str(job), "--print-config", "--log-format", "json"], env=env())
     assert shown.returncode == 0, shown.stderr
     settings = orjson.loads(shown.stdout)["config"]
     assert settings["models"]["value"] == ["tm-small", "org/model"]
     assert settings["samples"]["value"] == 4
     assert settings["samples"]["source"].startswith("job file samples")
+    assert settings["samples_via"]["value"] == "seed"
+    assert settings["samples_via"]["source"].startswith("job file samples_via")
+    job.write_text('input = "in.jsonl"\nsamples = 4\nsamples_via = "choices"\n')
+    bad = run_cli(["run", str(job), "--print-config"], env=env())
+    assert bad.returncode == 2 and "samples_via" in bad.stderr and '"n"' in bad.stderr, \
+        bad.stderr
 
 
 def test_resend_in_a_model_directory_keeps_its_samples(sim_factory: Any, tmp_path: Path) -> None:

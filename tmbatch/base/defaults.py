@@ -81,6 +81,10 @@ SAMPLES = Default(
     1,
     "one answer per line and model, as the input asks; more are drawn only when asked for "
     "(each is a request billed on its own)")
+SAMPLES_VIA = Default(
+    "n",
+    "one request with the body's `n` bills the prompt once for N samples; where the route, "
+    "the line or the server cannot take `n`, each sample is sent with a seed of its own")
 
 # The table: setting -> its default (the names `run --print-config` shows).
 DEFAULTS: dict[str, Default[Any]] = {
@@ -99,4 +103,5 @@ DEFAULTS: dict[str, Default[Any]] = {
     "cache_mode": CACHE_MODE,
     "output_format": OUTPUT_FORMAT,
     "samples": SAMPLES,
+    "samples_via": SAMPLES_VIA,
 }

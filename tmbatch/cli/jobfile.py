@@ -27,6 +27,7 @@ from tmbatch.base.config import ConfigError, check_model
 from tmbatch.base.files import os_problem
 from tmbatch.base.tomlcheck import TableChecker, unknown_key
 from tmbatch.inputs.routes import normalize_endpoint
+from tmbatch.inputs.samples import VIA
 from tmbatch.journal.cache import MODES as CACHE_MODES
 from tmbatch.limits import SCOPES
 from tmbatch.spend.prices import parse_table
@@ -77,6 +78,7 @@ TOP_KEYS: dict[str, tuple[str | None, Spec]] = {
     "model": ("model", _model),
     "models": ("models", _models),
     "samples": ("samples", lambda c, k, v: c.pos_int(k, v)),
+    "samples_via": ("samples_via", lambda c, k, v: c.choice(k, v, VIA)),
     "body_column": ("body_column", lambda c, k, v: c.string(k, v)),
     "id_column": ("id_column", lambda c, k, v: c.string(k, v)),
     "output_format": ("output_format",

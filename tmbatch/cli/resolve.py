@@ -149,6 +149,7 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
         preflight=not flags.get("no_preflight"),
         sim=bool(flags.get("sim")), ordered=bool(flags.get("ordered")), records=records,
         cache=cache, cache_mode=pick("cache_mode"), table=table, models=models, samples=samples,
+        samples_via=pick("samples_via"),
         output_format=_output_format(pick("output_format")), sources=pick.sources,
     )
     return Resolved(config, job)

@@ -25,6 +25,7 @@ from tmbatch.cli.common import (
     subcommand,
 )
 from tmbatch.cli.fleet import add_fleet_args
+from tmbatch.inputs.samples import VIA
 from tmbatch.journal.cache import MODES
 from tmbatch.limits import SCOPES
 from tmbatch.run.config import Learnt, RunConfig
@@ -129,6 +130,11 @@ def _fanout_args(g: Any) -> None:
                    "with seeds seed+0..N-1 (seed 0 when the line has none), custom_id#k, each "
                    "outcome line with "
                    f"\"sample\": k (default {D.SAMPLES.value})")
+    g.add_argument("--samples-via", choices=VIA, default=None,
+                   help="n: a line's N samples are one request whose body asks for n=N "
+                   "choices (the prompt billed once), on chat and completions not streamed, "
+                   "falling back to seed for a server that ignores or refuses n; seed: N "
+                   f"requests, one per seed (default {D.SAMPLES_VIA.value})")
 
 
 def _limit_args(g: Any) -> None:

@@ -46,6 +46,7 @@ def config_rows(config: RunConfig) -> list[Row]:
         rows.append((key, getattr(config, key), src(key, "")))
     rows.append(("models", list(config.models) or None, src("models", "")))
     rows.append(("samples", config.samples, src("samples", "")))
+    rows.append(("samples_via", config.samples_via, src("samples_via", "")))
     shard = config.shard
     rows.append(("shard", f"{shard[0]}/{shard[1]}" if shard else None, src("shard", "")))
     for key in ("concurrency", "rpm", "tpm"):

@@ -55,6 +55,9 @@ class Request:
     key_id: str | None = None
     # --samples N: the sample's index (0..N-1) in its model's directory (`inputs.samples`)
     sample: int | None = None
+    # --samples N sent as one request with the body's `n`: the units it answers, in order
+    # (`inputs.samples.grouped`); each gets its own journal records and outcome line
+    units: tuple[Request, ...] | None = None
 
     @property
     def idempotent(self) -> bool:

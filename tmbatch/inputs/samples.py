@@ -13,8 +13,13 @@ lines), and `sample_of` gives k back from that line. With N = 1 the line numbers
 custom_ids are the input's own. As with labelling and tables, resume recognises the staged
 file by its bytes: the same input and options give the same file, other ones are refused.
 
-Only N requests with distinct seeds are used, never the body's `n`: one answer per request
-keeps each unit's outcome, spend and cache entry its own, and every route and server takes it.
+How the N units of a line are sent is the run's choice, not the staging's (`--samples-via`):
+with `n` (the default) `grouped` gathers a line's units that still need an answer into one
+request whose body asks for that many choices, where the route takes `n` (chat and
+completions, not streamed, the line not asking for `n` itself) and the server has not shown
+it ignores or refuses it; the answer's choices are then the units' answers, one each. With
+`seed`, and wherever `n` cannot be used, each unit is its own request with its own seed.
+Either way the journal, outcomes, spend and cache entries stay per unit.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -76,6 +81,67 @@ def sampled(items: Iterator[Request | BadLine], samples: int) -> Iterator[Reques
         if isinstance(item, Request):
             item.sample = (item.line - 1) % samples
         yield item
+
+
+VIA = ("n", "seed")  # --samples-via: how a line's N units are sent
+
+
+def takes_n(req: Request) -> bool:
+    """Whether `req`'s route and body let its sample's siblings share one request through
+    `n`: chat and completions, not streamed (a stream's choices interleave), and not a line
+    that asks for `n` itself (its N samples are then N requests of `n` choices each)."""
+    n = req.body.get("n")
+    return req.url in SEEDED and not req.stream and (n is None or n == 1)
+
+
+def as_one(units: list[Request]) -> Request:
+    """Units of one input line as one request: the first unit's body (its seed) with `n` =
+    how many, under an Idempotency-Key of its own (another set of units is another
+    request). One unit is itself."""
+    if len(units) == 1:
+        return units[0]
+    first = units[0]
+    body = dict(first.body)
+    body["n"] = len(units)
+    key = f"{first.key_id or first.custom_id}+n{len(units)}"
+    return Request(first.line, first.custom_id, first.url, body, key_id=key,
+                   units=tuple(units))
+
+
+def grouped(items: Iterator[Request | BadLine], samples: int,
+            joins: Callable[[Request], bool]) -> Iterator[Request | BadLine]:
+    """The units of each input line that `joins` accepts, as one request (`as_one`); the
+    others as they come. Only consecutive units of one line join (a resume has skipped
+    the done ones), so the reader is still read one line at a time."""
+    group: list[Request] = []
+    for item in items:
+        if group and (isinstance(item, BadLine) or not joins(item)
+                      or (item.line - 1) // samples != (group[0].line - 1) // samples):
+            yield as_one(group)
+            group = []
+        if isinstance(item, Request) and joins(item):
+            group.append(item)
+            if (item.line - 1) % samples == samples - 1:  # the line's last unit
+                yield as_one(group)
+                group = []
+            continue
+        yield item
+    if group:
+        yield as_one(group)
+
+
+def split_choices(body: dict[str, Any], units: int) -> list[dict[str, Any]]:
+    """An answer with `n` choices as one answer per unit, in the order of the choices'
+    `index` (at most `units` of them): each the whole body with its one choice (as index
+    0, the shape of an answer to one request). The request's usage is the first one's and
+    the others' usage is 0, so the outcome lines add up to what was billed."""
+    choices = [c for c in body.get("choices") or () if isinstance(c, dict)]
+    choices.sort(key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
+    usage = body.get("usage")
+    none = {k: 0 for k, v in usage.items() if isinstance(v, int)} \
+        if isinstance(usage, dict) else usage
+    return [{**body, "choices": [{**c, "index": 0}], "usage": usage if k == 0 else none}
+            for k, c in enumerate(choices[:units])]
 
 
 def unit_line(req: Request, model: str | None, samples: int, k: int) -> bytes:

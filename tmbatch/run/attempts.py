@@ -9,6 +9,7 @@ every worker and slows the pace (`limits`), and the loop here sends it again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tmbatch.base.stop import Stop, Stopped
 from tmbatch.client.http import Answer, idempotency_key, send
 from tmbatch.client.served import ServedCheck
 from tmbatch.inputs.reader import BadLine, Request
+from tmbatch.inputs.samples import as_one, split_choices, takes_n
 from tmbatch.journal.cache import Hit
 from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.journal.records import Response as RecordedResponse
@@ -43,6 +45,9 @@ log = logging.getLogger("tmbatch")
 # Attempts in a row that never reach the server, with no answer at all in this run, before the
 # run stops (exit 3) instead of walking every line of a big file through its retries.
 BREAKER_ATTEMPTS = 16
+# Answers to a request of several units (`n`) that say the server does not take the body as
+# it is: no work was done, so its units are sent again one request each (`_units`)
+N_REFUSED = frozenset((400, 422))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,9 @@ class LineSender:
     transport: Callable[..., Awaitable[Answer]] = send
     # --cache: looked up before admission, stored after the result (`run.cached`)
     cache: RunCache | None = None
+    # --samples-via n: (route, model) pairs whose server ignored or refused `n`; their
+    # units are sent one request each from then on (`joins`)
+    no_n: set[tuple[str, object]] = field(default_factory=set)
     # The waits between attempts (tenacity's), made at the run's first retry (`_retry`).
     _backoff: wait_exponential_jitter | None = field(default=None, init=False)
     _refused_backoff: wait_exponential_jitter | None = field(default=None, init=False)
@@ -104,17 +112,20 @@ class LineSender:
         one running this (a worker knows its own: `asyncio.current_task()` is a Python
         call and a getpid(2) on 3.11, once per line otherwise)."""
         if self.cache is not None:
-            hit = self.cache.lookup(req)
-            if hit is not None:  # no permit, no spend, nothing sent
-                self._cached(req, hit)
+            missed = self._look_up(req)
+            if missed is not req:  # no permit, no spend, nothing sent for a hit
                 if self.cache.hits % 64 == 0:
                     await asyncio.sleep(0)  # a run of hits lets the writer and progress in
-                return
+                if missed is None:
+                    return
+                req = missed
         refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
         if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
-            self.record_failure(FailureRecord.of(
-                self.job_id, req.line, req.custom_id, Outcome.PERMANENT, refusal.code,
-                refusal.message, self.prior_attempts.get(req.line, 0), sample=req.sample))
+            for unit in req.units or (req,):
+                self.record_failure(FailureRecord.of(
+                    self.job_id, unit.line, unit.custom_id, Outcome.PERMANENT, refusal.code,
+                    refusal.message, self.prior_attempts.get(unit.line, 0),
+                    sample=unit.sample))
             return
         headers = None
         if not req.idempotent:
@@ -149,7 +160,10 @@ class LineSender:
         except (Stopped, AttemptFailed) as exc:
             await self._retry(req, headers, tries or Tries(before), exc)
         else:
-            self._succeed(req, answer)
+            if req.units is None:
+                self._succeed(req, answer)
+            else:
+                await self._units(req.units, answer, task)
 
     async def _retry(self, req: Request, headers: dict[str, str] | None, tries: Tries,
                      first: BaseException) -> None:
@@ -182,9 +196,15 @@ class LineSender:
         except AttemptFailed as exc:
             if self.stop.stopping and exc.cls.policy.retry:
                 return  # it would have been retried: pending (journaled), the next run sends it
+            if req.units is not None and exc.status in N_REFUSED:
+                await self._units(req.units, None, None, exc.message)
+                return
             self._fail(req, exc, tries.total)
             return
-        self._succeed(req, answer)
+        if req.units is None:
+            self._succeed(req, answer)
+        else:
+            await self._units(req.units, answer, None)
 
     def _wait(self, lane: Lane, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome else None
@@ -255,8 +275,16 @@ class LineSender:
     def _dispatch(self, req: Request, attempt: int, spend: Hold,
                   task: asyncio.Task[None]) -> None:
         """Journal the attempt (durable before its bytes leave) and count `task`, whose
-        request it is, in flight."""
-        self.writer.dispatch(req.line, attempt, req.custom_id, spend.journal())
+        request it is, in flight. A request of several units (`n`) is dispatched for each,
+        its worst case booked once, on the first."""
+        if req.units is None:
+            self.writer.dispatch(req.line, attempt, req.custom_id, spend.journal())
+        else:
+            reserved = spend.journal()
+            for unit in req.units:
+                self.writer.dispatch(unit.line, attempt, unit.custom_id, reserved)
+                if reserved is not None:
+                    reserved = [reserved[0], 0, 0]
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
@@ -275,7 +303,8 @@ class LineSender:
         if exc.cls.policy.retry:
             # Provably not processed: if the run dies before the next attempt, the line is
             # sent again on resume, not mistaken for an unknown (ambiguous) outcome.
-            self.writer.pending(req.line)
+            for unit in req.units or (req,):
+                self.writer.pending(unit.line)
         if exc.cls.policy.reached_server:
             self.answered, self.unreached_streak = True, 0
             return
@@ -294,6 +323,55 @@ class LineSender:
         return max(1, min(BREAKER_ATTEMPTS, self.settings.max_retries + 1))
 
     # -- outcomes -------------------------------------------------------
+    def joins(self, req: Request) -> bool:
+        """Whether `req` may share one request with its line's other samples (`n`)."""
+        return takes_n(req) and (req.url, req.body.get("model")) not in self.no_n
+
+    def _look_up(self, req: Request) -> Request | None:
+        """`req` with its cached units answered from the cache: `req` itself when none
+        was, None when all were, else the units left, as one request."""
+        assert self.cache is not None
+        left = []
+        for unit in req.units or (req,):
+            hit = self.cache.lookup(unit)
+            if hit is None:
+                left.append(unit)
+            else:
+                self._cached(unit, hit)
+        if not left:
+            return None
+        return req if len(left) == len(req.units or (req,)) else as_one(left)
+
+    async def _units(self, units: tuple[Request, ...], answer: Answer | None,
+                     task: asyncio.Task[None] | None, refused: str | None = None) -> None:
+        """The answer to a request of several units: choice k is unit k's answer. Units
+        it has no choice for (a server that ignores `n`), or all of them when the server
+        refused the body (`refused`: it may not take `n`; a 400 did no work), are sent
+        again one request each, and the pair's units are not joined again."""
+        got = 0
+        if answer is not None:
+            choices = answer.body.get("choices")
+            split = split_choices(answer.body, len(units)) if isinstance(choices, list) else []
+            for unit, body in zip(units, split, strict=False):
+                self._succeed(unit, dataclasses.replace(answer, body=body, raw=None))
+            got = len(split)
+        rest = units[got:]
+        if not rest:
+            return
+        pair = (units[0].url, units[0].body.get("model"))
+        if pair not in self.no_n:
+            self.no_n.add(pair)
+            why = f"refused it ({refused})" if refused is not None else \
+                f"answered {got} choice(s) for n={len(units)}"
+            log.warning("%s on %s: the server %s; each sample of this model is sent as a "
+                        "request of its own from now on (--samples-via seed)", pair[1],
+                        pair[0], why, extra={"event": "samples_via_seed", "model": pair[1],
+                                              "route": pair[0]})
+        for unit in rest:
+            self.writer.pending(unit.line)  # no answer yet, and nothing billed for it
+        for unit in rest:
+            await self.process(unit, task)
+
     def _succeed(self, req: Request, answer: Answer) -> None:
         self.served.succeeded(req.url, req.body.get("model"))
         self.stats.ok += 1
@@ -327,8 +405,10 @@ class LineSender:
                        "user id")
         elif exc.status == 404:  # judged per (route, model): the rest of the file runs
             self.served.not_found(req.url, req.body.get("model"), exc.message)
-        self.record_failure(FailureRecord.of_attempt(self.job_id, req.line, req.custom_id,
-                                                     exc, attempts, req.sample))
+        for unit in req.units or (req,):
+            self.record_failure(FailureRecord.of_attempt(self.job_id, unit.line,
+                                                         unit.custom_id, exc, attempts,
+                                                         unit.sample))
 
     def bad_line(self, bad: BadLine) -> None:
         self.record_failure(FailureRecord.of(self.job_id, bad.line, bad.custom_id,

@@ -84,6 +84,7 @@ class RunConfig:
     # the lines' own models
     models: tuple[str, ...] = ()
     samples: int = D.SAMPLES.value  # --samples: answers per line and model (`inputs.samples`)
+    samples_via: str = D.SAMPLES_VIA.value  # --samples-via: n (one request a line) or seed
     records: str | None = None  # a labelling job's records, rendered into `input`
     table: BodyTable | None = None  # a table of request bodies, staged into `input`
     only_lines: AbstractSet[int] | None = None  # resend: exactly these lines (a frozenset)

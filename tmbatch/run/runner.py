@@ -36,7 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
-from tmbatch.inputs.samples import sample_of, sampled
+from tmbatch.inputs.samples import grouped, sample_of, sampled
 from tmbatch.journal.cache import ResponseCache
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import Header, ResumeRecord
@@ -243,7 +243,7 @@ class Runner:
         counter = None
         if opts.input != "-" and opts.only_lines is None:
             counter = loop.create_task(self._count_total(progress))
-        lines = self._lines(f)
+        lines = self._lines(f, sender)
         self._workers = [loop.create_task(self._work(lines, sender))
                          for _ in range(opts.concurrency)]
         try:
@@ -284,9 +284,10 @@ class Runner:
                          "%H:%M:%S", time.localtime(self.resume.pause_until)), left)
             self.admission.pause(left)
 
-    def _lines(self, f: IO[bytes] | None) -> Iterator[Request | BadLine]:
+    def _lines(self, f: IO[bytes] | None, sender: LineSender) -> Iterator[Request | BadLine]:
         """The input's lines, for the workers to take one at a time (`_work`); with
-        `resend --input`, the corrected ones instead."""
+        `resend --input`, the corrected ones instead. With --samples-via n a line's units
+        come as one request (`grouped`); a resend sends the units it names one by one."""
         samples = self.config.samples
         if f is None:
             assert self.config.requests is not None
@@ -301,7 +302,11 @@ class Runner:
             max_line_bytes=self.config.max_line_bytes,
             unit="line" if self.config.table is None else "row",
         )
-        return sampled(lines, samples) if samples > 1 else lines
+        if samples == 1:
+            return lines
+        if self.config.samples_via != "n" or self.config.only_lines is not None:
+            return sampled(lines, samples)
+        return grouped(sampled(lines, samples), samples, sender.joins)
 
     async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
         """Take the next line and send it to its outcome, until the input or the run ends.
