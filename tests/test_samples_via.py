@@ -35,6 +35,9 @@ def app(seen: list[dict[str, Any]], n_is: str, truncate: int | None = None) -> w
         body = await request.json()
         seen.append(body)
         n = body.get("n") or 1
+        if body.get("temperature") == 9:  # a bad body, refused whatever n is
+            return web.json_response({"error": {"message": "temperature must be <= 2",
+                                                "type": "invalid_request_error"}}, status=400)
         if n > 1 and n_is == "refused":
             return web.json_response({"error": {"message": "n must be 1", "type":
                                                 "invalid_request_error"}}, status=400)
@@ -129,6 +132,29 @@ def test_a_server_that_does_not_take_n_gets_a_request_per_seed(
     [event] = fell_back(done.stderr)
     assert (event["model"], event["route"]) == ("tm-small", CHAT)
     assert "sent as a request of its own" in event["msg"]
+
+
+def test_a_bad_line_refused_with_n_and_alone_fails_without_ending_n(serve: Any,
+                                                                    tmp_path: Path) -> None:
+    """A 400 to the line's request with n, then to its first sample alone: the body is bad,
+    not `n`. Its three samples fail permanent, each after a request of its own (a 400 does no
+    work), and the next lines still go with `n`."""
+    seen: list[dict[str, Any]] = []
+    url = serve(app(seen, "honoured")).url()
+    inp = write_jsonl(tmp_path / "in.jsonl",
+                      [chat_line(0, temperature=9), chat_line(1), chat_line(2)])
+    done = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", url,
+                    "--no-preflight", "--samples", "3", "-c", "1", "--log-format", "json"],
+                   env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY), timeout=60)
+    assert done.returncode == 1, done.stderr[-3000:]  # failed lines
+    assert [(b.get("n"), b["seed"]) for b in seen] == [(3, 0), (None, 0), (None, 1),
+                                                      (None, 2), (3, 0), (3, 0)]
+    failures = {f["custom_id"]: f for f in read_jsonl(tmp_path / "out" / "failures.jsonl")}
+    assert sorted(failures) == ["req-0#0", "req-0#1", "req-0#2"]
+    assert {(f["error"]["class"], f["error"]["code"]) for f in failures.values()} == \
+        {("permanent", "http_400")}
+    assert len(read_jsonl(tmp_path / "out" / "results.jsonl")) == 6
+    assert not fell_back(done.stderr)
 
 
 def test_what_cannot_take_n_is_sent_by_seed(serve: Any, tmp_path: Path) -> None:

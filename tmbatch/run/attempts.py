@@ -27,6 +27,7 @@ from tmbatch.client.served import ServedCheck
 from tmbatch.inputs.reader import BadLine, Request
 from tmbatch.inputs.samples import as_one, split_choices, takes_n
 from tmbatch.journal.cache import Hit
+from tmbatch.journal.compact import OK
 from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id
 from tmbatch.journal.records import Response as RecordedResponse
 from tmbatch.journal.writer import Writer
@@ -346,8 +347,10 @@ class LineSender:
                      task: asyncio.Task[None] | None, refused: str | None = None) -> None:
         """The answer to a request of several units: choice k is unit k's answer. Units
         it has no choice for (a server that ignores `n`), or all of them when the server
-        refused the body (`refused`: it may not take `n`; a 400 did no work), are sent
-        again one request each, and the pair's units are not joined again."""
+        refused the body (`refused`: a 400 or 422, which did no work), are sent again one
+        request each, and the pair's units are not joined again: after fewer choices at
+        once, after a refusal only once the first unit alone succeeds (a body the server
+        refuses either way says nothing about `n`, and each unit fails on its own)."""
         got = 0
         if answer is not None:
             choices = answer.body.get("choices")
@@ -355,22 +358,26 @@ class LineSender:
             for unit, body in zip(units, split, strict=False):
                 self._succeed(unit, dataclasses.replace(answer, body=body, raw=None))
             got = len(split)
+            if got < len(units):
+                self._without_n(units[0], f"answered {got} choice(s) for n={len(units)}")
         rest = units[got:]
-        if not rest:
-            return
-        pair = (units[0].url, units[0].body.get("model"))
-        if pair not in self.no_n:
-            self.no_n.add(pair)
-            why = f"refused it ({refused})" if refused is not None else \
-                f"answered {got} choice(s) for n={len(units)}"
-            log.warning("%s on %s: the server %s; each sample of this model is sent as a "
-                        "request of its own from now on (--samples-via seed)", pair[1],
-                        pair[0], why, extra={"event": "samples_via_seed", "model": pair[1],
-                                              "route": pair[0]})
         for unit in rest:
             self.writer.pending(unit.line)  # no answer yet, and nothing billed for it
-        for unit in rest:
+        for i, unit in enumerate(rest):
             await self.process(unit, task)
+            if i == 0 and refused is not None and self.writer.states.get(unit.line) == OK:
+                self._without_n(unit, f"refused it ({refused}), and took the sample alone")
+
+    def _without_n(self, unit: Request, why: str) -> None:
+        """From now on `unit`'s route and model get a request per sample; said once."""
+        pair = (unit.url, unit.body.get("model"))
+        if pair in self.no_n:
+            return
+        self.no_n.add(pair)
+        log.warning("%s on %s: the server %s; each sample of this model is sent as a "
+                    "request of its own from now on (--samples-via seed)", pair[1], pair[0],
+                    why, extra={"event": "samples_via_seed", "model": pair[1],
+                                "route": pair[0]})
 
     def _succeed(self, req: Request, answer: Answer) -> None:
         self.served.succeeded(req.url, req.body.get("model"))
