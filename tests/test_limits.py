@@ -356,6 +356,26 @@ def test_remaining_zero_holds_the_lane_until_reset() -> None:
     assert MAX_HOLD - 1 < left <= MAX_HOLD  # "6m0s" parsed, then capped
 
 
+def test_a_long_retry_after_is_honoured_whole_while_a_hold_is_capped() -> None:
+    """A Retry-After of 120 s is a window: nobody sends for 120 s (only one over 600 s is
+    capped, where it is read). A hold (a reset header, no window announced) stops at
+    MAX_HOLD."""
+    async def go() -> tuple[float, float]:
+        adm = Admission(concurrency=4)
+        loop = asyncio.get_running_loop()
+        async with adm.permit(req()) as p:
+            p.failed(refusal({"Retry-After": "120"}))
+        paused = adm.lane("m").pause_until - loop.time()
+        async with adm.permit(req("h")) as p:
+            p.ok({}, None, 0, {"x-ratelimit-remaining-requests": "0",
+                               "x-ratelimit-reset-requests": "10m"})
+        return paused, adm.lane("h").pause_until - loop.time()
+
+    paused, held = run_virtual(go)
+    assert paused == pytest.approx(120.0)
+    assert MAX_HOLD - 1 < held <= MAX_HOLD
+
+
 def test_a_tokens_budget_in_debt_holds_the_lane_until_it_is_repaid() -> None:
     """A budget charged after the answer goes into debt, and `remaining` stops at 0: only
     `reset` shows how deep (18 s to full at 100 tokens/s, limit 1,000: 800 in debt). The

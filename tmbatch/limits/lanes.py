@@ -156,10 +156,8 @@ class Lane:
     def paused_elsewhere(self, until: float, now: float) -> None:
         """The fleet's pause (--redis): another process was refused; this one holds until
         `until` too, and its controller hears of it (`Controller.on_pause_elsewhere`)."""
-        if until <= self.pause_until:
+        if not self._extend(until - now, now):
             return
-        self.pause_until = until
-        self.pacer.restart_at(until)
         change = self.controller.on_pause_elsewhere(now)
         if change is not None:
             self._change(change, now)
@@ -202,7 +200,10 @@ class Lane:
 
     # -- pausing -------------------------------------------------------------------------
     def _extend(self, seconds: float, now: float) -> float:
-        until = now + min(seconds, MAX_HOLD)
+        """No worker sends for `seconds` from `now` (a Retry-After's are capped where it is
+        read, at 600 s: `policy.MAX_RETRY_AFTER`; a hold's at MAX_HOLD, by `hold`); the
+        seconds the pause grew by."""
+        until = now + seconds
         if until <= self.pause_until:
             return 0.0
         grew = until - max(self.pause_until, now)
@@ -224,8 +225,9 @@ class Lane:
 
     def hold(self, seconds: float, why: str, now: float) -> None:
         """A header says the limit is spent, or everything is refused with no hint: nobody
-        sends to this lane until it has room again."""
-        grew = self._extend(seconds, now)
+        sends to this lane until it has room again (at most MAX_HOLD: a hold is a guess
+        from headers or from refusals with no hint, not a window the server announced)."""
+        grew = self._extend(min(seconds, MAX_HOLD), now)
         if not grew:
             return
         self.holds += 1
