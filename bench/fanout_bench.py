@@ -5,14 +5,18 @@
 Two ways to get the same answers from the in-process simulator, timed as the child's
 user+sys CPU (os.wait4) and wall clock, median of `--repeats`:
 
-* fan-out: one `tmbatch run IN --sim --models tm-small,tm-large --samples N`;
+* fan-out: one `tmbatch run IN --sim --models tm-small,tm-large --samples N
+  --samples-via seed` (a request per unit);
 * plain: the staged `units.jsonl` of each model (copied out first) run by one plain
-  `tmbatch run UNITS --sim` each, one after the other, as the fan-out runs its models.
+  `tmbatch run UNITS --sim` each, one after the other, as the fan-out runs its models;
+* fan-out with n: the same command with `--samples-via n` (the default): one request per
+  line and model, whose N choices are the N samples.
 
-The difference is the fan-out's own work: staging each model's units (the input read twice
-per model: once to check it and compare, once to write), one preflight instead of two, and
-one interpreter instead of two. Every run's outcomes are counted, so a run that did not
-answer every unit fails the bench instead of timing it.
+The first two differ by the fan-out's own work: staging each model's units (the input read
+twice per model: once to check it and compare, once to write), one preflight instead of two,
+and one interpreter instead of two. The third shows what `n` saves: requests sent and
+tokens billed (each model's summary.json and the results' usage). Every run's outcomes are
+counted, so a run that did not answer every unit fails the bench instead of timing it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ def answered(out: Path) -> int:
         return sum(1 for _ in f)
 
 
+def sent_and_billed(out: Path) -> tuple[int, int]:
+    """(requests sent, tokens billed) of the fan-out in `out`, every model's directory."""
+    sent = billed = 0
+    for m in MODELS:
+        sent += orjson.loads((out / m / "summary.json").read_bytes())["this_run"][
+            "attempts_sent"]
+        with open(out / m / "results.jsonl", "rb") as f:
+            for line in f:
+                usage = orjson.loads(line)["response"]["body"]["usage"]
+                billed += usage["prompt_tokens"] + usage["completion_tokens"]
+    return sent, billed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lines", type=int, default=2000)
@@ -71,7 +88,8 @@ def main() -> None:
     ns = ap.parse_args()
     units = ns.lines * ns.samples
     common = ["--sim", "-q", "-c", "64"]
-    fan, plain = [], []
+    fan, plain, via_n = [], [], []
+    counted: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         inp = d / "in.jsonl"
@@ -79,8 +97,14 @@ def main() -> None:
         for r in range(ns.repeats):
             out = d / f"fan{r}"
             fan.append(timed(["run", str(inp), "-o", str(out), "--models", ",".join(MODELS),
-                              "--samples", str(ns.samples), *common]))
+                              "--samples", str(ns.samples), "--samples-via", "seed", *common]))
             assert all(answered(out / m) == units for m in MODELS)
+            counted["fan-out"] = sent_and_billed(out)
+            out_n = d / f"fan-n{r}"
+            via_n.append(timed(["run", str(inp), "-o", str(out_n), "--models",
+                                ",".join(MODELS), "--samples", str(ns.samples), *common]))
+            assert all(answered(out_n / m) == units for m in MODELS)
+            counted["fan-out n"] = sent_and_billed(out_n)
             cpu = wall = 0.0
             for m in MODELS:
                 staged = d / f"units-{m}-{r}.jsonl"
@@ -90,11 +114,14 @@ def main() -> None:
                 cpu, wall = cpu + c, wall + w
             plain.append((cpu, wall))
     med = {name: (statistics.median(c for c, _ in runs), statistics.median(w for _, w in runs))
-           for name, runs in (("fan-out", fan), ("plain x2", plain))}
+           for name, runs in (("fan-out", fan), ("plain x2", plain), ("fan-out n", via_n))}
     print(f"{ns.lines} lines x {len(MODELS)} models x {ns.samples} samples = "
-          f"{units * len(MODELS)} requests, median of {ns.repeats}")
+          f"{units * len(MODELS)} units, median of {ns.repeats}")
     for name, (cpu, wall) in med.items():
-        print(f"  {name:9} cpu {cpu:6.2f} s  wall {wall:6.2f} s")
+        line = f"  {name:9} cpu {cpu:6.2f} s  wall {wall:6.2f} s"
+        if name in counted:
+            line += f"  requests {counted[name][0]:,}  tokens billed {counted[name][1]:,}"
+        print(line)
     extra = med["fan-out"][0] - med["plain x2"][0]
     print(f"  fan-out's own CPU: {extra:+.2f} s ({1000 * extra / ns.lines:+.2f} ms per input "
           "line)")

@@ -58,11 +58,11 @@ def app(seen: list[dict[str, Any]], n_is: str, truncate: int | None = None) -> w
     return a
 
 
-def run(url: str, inp: Path, out: Path, *extra: str) -> Any:
+def run(url: str, inp: Path, out: Path, *extra: str, code: int = 0) -> Any:
     done = run_cli(["run", str(inp), "-o", str(out), "--base-url", url, "--no-preflight",
                     "--samples", "3", "-c", "1", "--log-format", "json", *extra],
                    env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY), timeout=60)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == code, done.stderr[-3000:]
     return done
 
 
@@ -143,10 +143,7 @@ def test_a_bad_line_refused_with_n_and_alone_fails_without_ending_n(serve: Any,
     url = serve(app(seen, "honoured")).url()
     inp = write_jsonl(tmp_path / "in.jsonl",
                       [chat_line(0, temperature=9), chat_line(1), chat_line(2)])
-    done = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", url,
-                    "--no-preflight", "--samples", "3", "-c", "1", "--log-format", "json"],
-                   env=clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY), timeout=60)
-    assert done.returncode == 1, done.stderr[-3000:]  # failed lines
+    done = run(url, inp, tmp_path / "out", code=1)  # 1: failed lines
     assert [(b.get("n"), b["seed"]) for b in seen] == [(3, 0), (None, 0), (None, 1),
                                                       (None, 2), (3, 0), (3, 0)]
     failures = {f["custom_id"]: f for f in read_jsonl(tmp_path / "out" / "failures.jsonl")}
