@@ -123,11 +123,8 @@ def resolve_run(flags: Mapping[str, Any], env: Mapping[str, str], *, require_key
             raise ConfigError(problem)
     records, table, input_path, endpoint = _staged(job, input_path, out_dir, source,
                                                    endpoint, pick)
-    model, models, samples = _models(pick("models"), pick("samples"), model, records, pick)
-    if (models or samples > 1) and output_url is not None:
-        raise ConfigError(f"--models and --samples write one directory per model under -o; "
-                          f"an output URL ({output_url}) takes one run: give a local -o, or run "
-                          "once per model (--model, -o URL/MODEL/)")
+    model, models, samples = _models(pick("models"), pick("samples"), model, records,
+                                     output_url, pick)
     budget = BudgetSpec(tokens, usd, _prices(flags, job, pick))
     cache = _cache_path(flags, env, pick)
     fleet = resolve_fleet(pick, env, job.name if job else None, pick("job_id"))
@@ -178,7 +175,7 @@ def _staged(job: Job | None, input_path: str, out_dir: Path, source: str,
 
 
 def _models(value: Any, samples: int | None, model: str | None, records: str | None,
-            pick: _Picker) -> tuple[str | None, tuple[str, ...], int]:
+            output_url: str | None, pick: _Picker) -> tuple[str | None, tuple[str, ...], int]:
     """--models A,B,C (a job file's list, or the same text) and --samples N, checked; and
     the model, which --models on the command line overrides when a job file names it."""
     if model and value and pick.sources["models"].startswith("flag") \
@@ -206,6 +203,10 @@ def _models(value: Any, samples: int | None, model: str | None, records: str | N
         raise ConfigError("--samples does not run labelling jobs yet (one label per record "
                           "and model): --models does; for several labels per record, run the "
                           "job once per seed with -o")
+    if (models or samples > 1) and output_url is not None:
+        raise ConfigError(f"--models and --samples write one directory per model under -o; "
+                          f"an output URL ({output_url}) takes one run: give a local -o, or run "
+                          "once per model (--model, -o URL/MODEL/)")
     return model, models, samples
 
 

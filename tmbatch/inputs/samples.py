@@ -144,6 +144,16 @@ def split_choices(body: dict[str, Any], units: int) -> list[dict[str, Any]]:
             for k, c in enumerate(choices[:units])]
 
 
+def units(items: Iterator[Request | BadLine], samples: int,
+          joins: Callable[[Request], bool] | None) -> Iterator[Request | BadLine]:
+    """A directory's requests as its run sends them: each told its sample, and with
+    `joins` (--samples-via n) a line's units that it accepts as one request."""
+    if samples == 1:
+        return items
+    items = sampled(items, samples)
+    return items if joins is None else grouped(items, samples, joins)
+
+
 def unit_line(req: Request, model: str | None, samples: int, k: int) -> bytes:
     """Input line `req`'s sample k for `model` (None: the line's own), as a Batch line."""
     body = dict(req.body)

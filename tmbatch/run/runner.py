@@ -36,7 +36,7 @@ from tmbatch.client.http import make_session
 from tmbatch.inputs.files import open_input
 from tmbatch.inputs.lines import count_lines
 from tmbatch.inputs.reader import BadLine, ReadStats, Request, read_requests
-from tmbatch.inputs.samples import grouped, sample_of, sampled
+from tmbatch.inputs.samples import sample_of, units
 from tmbatch.journal.cache import ResponseCache
 from tmbatch.journal.compact import LineStates
 from tmbatch.journal.format import Header, ResumeRecord
@@ -287,12 +287,13 @@ class Runner:
     def _lines(self, f: IO[bytes] | None, sender: LineSender) -> Iterator[Request | BadLine]:
         """The input's lines, for the workers to take one at a time (`_work`); with
         `resend --input`, the corrected ones instead. With --samples-via n a line's units
-        come as one request (`grouped`); a resend sends the units it names one by one."""
+        come as one request (`units`); a resend sends the units it names one by one."""
         samples = self.config.samples
         if f is None:
             assert self.config.requests is not None
-            return sampled(iter(self.config.requests), samples) if samples > 1 \
-                else iter(self.config.requests)
+            return units(iter(self.config.requests), samples, None)
+        joins = sender.joins if self.config.samples_via == "n" and \
+            self.config.only_lines is None else None
         resume = None if self.config.only_lines is not None else self.resume
         lines = read_requests(
             f, endpoint=self.config.endpoint, model=self.config.model, stream=self.config.stream,
@@ -302,11 +303,7 @@ class Runner:
             max_line_bytes=self.config.max_line_bytes,
             unit="line" if self.config.table is None else "row",
         )
-        if samples == 1:
-            return lines
-        if self.config.samples_via != "n" or self.config.only_lines is not None:
-            return sampled(lines, samples)
-        return grouped(sampled(lines, samples), samples, sender.joins)
+        return units(lines, samples, joins)
 
     async def _work(self, lines: Iterator[Request | BadLine], sender: LineSender) -> None:
         """Take the next line and send it to its outcome, until the input or the run ends.
