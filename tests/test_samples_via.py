@@ -24,6 +24,8 @@ from tests.conftest import (
     run_cli,
     write_jsonl,
 )
+from tmbatch.inputs.reader import Request
+from tmbatch.inputs.samples import takes_n
 
 CHAT = "/v1/chat/completions"
 
@@ -154,14 +156,31 @@ def test_a_bad_line_refused_with_n_and_alone_fails_without_ending_n(serve: Any,
     assert not fell_back(done.stderr)
 
 
+@pytest.mark.parametrize(("url", "body", "joins"), [
+    ("/v1/chat/completions", {}, True),
+    ("/v1/completions", {"n": 1}, True),
+    ("/v1/chat/completions", {"stream": True}, False),  # a stream's choices interleave
+    ("/v1/chat/completions", {"n": 2}, False),  # the line's own n: kept
+    ("/v1/responses", {}, False),  # no `n` in OpenAI's API
+    ("/tokenize", {}, False),
+])
+def test_which_units_may_share_a_request(url: str, body: dict[str, Any], joins: bool) -> None:
+    assert takes_n(Request(1, "q#0", url, {"model": "m", **body}, sample=0)) is joins
+
+
 def test_what_cannot_take_n_is_sent_by_seed(serve: Any, tmp_path: Path) -> None:
     """A streamed line, a line asking for `n` itself, and --samples-via seed: a request per
     sample. The line's own `n` is kept (each sample is then a request of n choices)."""
     seen: list[dict[str, Any]] = []
     url = serve(app(seen, "honoured")).url()
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0, n=2), chat_line(1)])
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0, n=2), chat_line(1),
+                                              chat_line(2, stream=True)])
     run(url, inp, tmp_path / "own-n")
-    assert [(b.get("n"), b["seed"]) for b in seen] == [(2, 0), (2, 1), (2, 2), (3, 0)]
+    assert [(b.get("n"), b["seed"], b.get("stream")) for b in seen] == \
+        [(2, 0, None), (2, 1, None), (2, 2, None), (3, 0, None),
+         (None, 0, True), (None, 1, True), (None, 2, True)]
+    seen.clear()
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0, n=2), chat_line(1)])
     seen.clear()
     run(url, inp, tmp_path / "seed", "--samples-via", "seed")
     assert [(b.get("n"), b["seed"]) for b in seen] == [(2, 0), (2, 1), (2, 2),
