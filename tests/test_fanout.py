@@ -337,15 +337,23 @@ def test_sigterm_during_preflight_ends_the_fan_out(serve: Any, tmp_path: Path) -
     assert seen["billable"] == 0
 
 
-def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Path) -> None:
-    """The first model's run drains and stops (143); the second is not started; the same
-    command then finishes both, sending nothing twice."""
+def two_models_started(sim_factory: Any, tmp_path: Path, calls: int,
+                       ) -> tuple[Any, Path, Path, tuple[str, ...], subprocess.Popen[bytes]]:
+    """40 lines to both models at concurrency 2 on a 50 ms server, running, once the server
+    has had `calls` requests: (sim, input, -o, the flags, the process)."""
     sim = sim_factory(latency=0.05)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
     out = tmp_path / "out"
     extra = ("--models", ",".join(MODELS), "--concurrency", "2")
     proc = start(sim, inp, out, *extra)
-    wait_for_calls(sim, 4, proc)
+    wait_for_calls(sim, calls, proc)
+    return sim, inp, out, extra, proc
+
+
+def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Path) -> None:
+    """The first model's run drains and stops (143); the second is not started; the same
+    command then finishes both, sending nothing twice."""
+    sim, inp, out, extra, proc = two_models_started(sim_factory, tmp_path, calls=4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
@@ -364,12 +372,7 @@ def test_a_second_fan_out_on_a_live_output_is_refused_before_the_network(
     """The same --models command twice at once: the second finds -o locked before it writes
     a unit or sends anything (not after its preflight, at the model the first is on), and
     the first finishes untouched."""
-    sim = sim_factory(latency=0.05)
-    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(40)])
-    out = tmp_path / "out"
-    extra = ("--models", ",".join(MODELS), "--concurrency", "2")
-    proc = start(sim, inp, out, *extra)
-    wait_for_calls(sim, 2, proc)
+    sim, inp, out, extra, proc = two_models_started(sim_factory, tmp_path, calls=2)
     second = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=30)
     assert second.returncode == 2, second.stderr
     # -o itself, found locked before staging and preflight; not a model's directory, which a
