@@ -126,10 +126,10 @@ def _fanout_args(g: Any) -> None:
                    "OUTPUT/models.json maps them). One budget covers them all; the exit code "
                    "is the worst. The whole input is checked first: a bad line stops it")
     g.add_argument("--samples", type=positive_int, metavar="N",
-                   help="N answers per line (and model): N requests, on chat and completions "
-                   "with seeds seed+0..N-1 (seed 0 when the line has none), custom_id#k, each "
-                   "outcome line with "
-                   f"\"sample\": k (default {D.SAMPLES.value})")
+                   help="N answers per line (and model), each its own outcome line with "
+                   "custom_id#k and \"sample\": k; sample k's body has seed+k on chat and "
+                   "completions (seed 0 when the line has none); how they are asked for: "
+                   f"--samples-via (default {D.SAMPLES.value})")
     g.add_argument("--samples-via", choices=VIA, default=None,
                    help="n: a line's N samples are one request whose body asks for n=N "
                    "choices (the prompt billed once), on chat and completions not streamed, "
