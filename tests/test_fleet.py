@@ -5,9 +5,11 @@ blocks a run or loses a line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -24,6 +26,17 @@ from tmbatch.limits.shared import RedisLanes
 
 def lane(model: str = "m", rpm: float | None = None):  # type: ignore[no-untyped-def]
     return make_lane(LaneKey("http://x", model), PaceConfig(), rpm, rpm is None, "")
+
+
+@contextlib.asynccontextmanager
+async def two_processes(url: str, job: str) -> AsyncIterator[tuple[RedisLanes, RedisLanes]]:
+    """Two processes of one job, each with its own connection to Redis, closed after."""
+    a, b = RedisLanes(url, job), RedisLanes(url, job)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 @pytest.fixture
@@ -57,10 +70,9 @@ def test_a_retry_after_one_process_is_told_holds_for_the_others(redis: Redis) ->
 
 def test_the_pods_paces_add_up_in_one_schedule(redis: Redis) -> None:
     async def main() -> None:
-        a, b = RedisLanes(redis.url, "pace"), RedisLanes(redis.url, "pace")
-        la, lb = lane(rpm=30.0), lane(rpm=30.0)  # 0.5 req/s each: 1 a second together
-        loop = asyncio.get_running_loop()
-        try:
+        async with two_processes(redis.url, "pace") as (a, b):
+            la, lb = lane(rpm=30.0), lane(rpm=30.0)  # 0.5 req/s each: 1 a second together
+            loop = asyncio.get_running_loop()
             waited = []
             for s, x in ((a, la), (b, lb), (a, la)):
                 t0 = loop.time()
@@ -71,9 +83,6 @@ def test_the_pods_paces_add_up_in_one_schedule(redis: Redis) -> None:
             # alone, 2 s a slot and 4 s ahead, it would go)
             assert waited[2] > 0.5
             assert waited[0] + waited[1] < waited[2]
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
@@ -171,10 +180,9 @@ def test_a_fleet_nobody_paces_yet_starts_slow_and_doubles(redis: Redis) -> None:
     from tmbatch.limits.shared import START
 
     async def main() -> None:
-        a, b = RedisLanes(redis.url, "slow"), RedisLanes(redis.url, "slow")
-        la, lb = learning(), learning()
-        loop = asyncio.get_running_loop()
-        try:
+        async with two_processes(redis.url, "slow") as (a, b):
+            la, lb = learning(), learning()
+            loop = asyncio.get_running_loop()
             t0 = loop.time()
             for i in range(12):
                 assert await (a, b)[i % 2].take((la, lb)[i % 2]) is True
@@ -183,9 +191,6 @@ def test_a_fleet_nobody_paces_yet_starts_slow_and_doubles(redis: Redis) -> None:
             # at least 9 slots of the doubled rate
             assert took >= 9 / (2 * START), took
             assert la.rate is None and lb.rate is None  # nobody paced: nothing to join
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
@@ -195,10 +200,9 @@ def test_an_unpaced_process_joins_a_paced_fleet_at_its_mean(redis: Redis) -> Non
     measured: it does not ramp from it as from a lower bound (four ramping at once would
     overshoot the account four times as fast)."""
     async def main() -> None:
-        a, b = RedisLanes(redis.url, "join"), RedisLanes(redis.url, "join")
-        la, lb = learning(rate=10.0), learning()
-        loop = asyncio.get_running_loop()
-        try:
+        async with two_processes(redis.url, "join") as (a, b):
+            la, lb = learning(rate=10.0), learning()
+            loop = asyncio.get_running_loop()
             assert await a.take(la) is True
             assert await b.take(lb) is True
             assert lb.rate == pytest.approx(10.0)
@@ -210,9 +214,6 @@ def test_an_unpaced_process_joins_a_paced_fleet_at_its_mean(redis: Redis) -> Non
             for i in range(20):
                 lb.succeeded(now + 0.1 * i, now + 0.1 * i - 0.01, None, 0)
             assert lb.rate == pytest.approx(10.0)
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
@@ -222,9 +223,8 @@ def test_a_process_paces_at_no_less_than_the_fleets_mean(redis: Redis) -> None:
     second): it still paces at the fleet's mean, or it would finish its shard long after
     the others; its own say in the fleet's sum stays its own."""
     async def main() -> None:
-        a, b = RedisLanes(redis.url, "floor"), RedisLanes(redis.url, "floor")
-        la, lb = learning(rate=30.0), learning(rate=2.0)
-        try:
+        async with two_processes(redis.url, "floor") as (a, b):
+            la, lb = learning(rate=30.0), learning(rate=2.0)
             assert await a.take(la) is True
             assert await b.take(lb) is True
             assert lb.rate == pytest.approx(16.0)  # (30 + 2) / 2
@@ -234,9 +234,6 @@ def test_a_process_paces_at_no_less_than_the_fleets_mean(redis: Redis) -> None:
             redis.kill()
             assert await b.take(lb) is True
             assert lb.rate == pytest.approx(2.0)
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
@@ -273,8 +270,7 @@ def test_the_shards_share_one_tokens_per_minute_bucket(redis: Redis) -> None:
     from tmbatch.limits.admission import Admission
 
     async def main() -> None:
-        a, b = RedisLanes(redis.url, "tpm"), RedisLanes(redis.url, "tpm")
-        try:
+        async with two_processes(redis.url, "tpm") as (a, b):
             # 6,000 tokens a minute (100 a second, a 0.5 s burst) for the account
             assert await a.charge(None, 100.0, 6000.0, 0.5) == pytest.approx(0.5, abs=0.05)
             assert await b.charge(None, 100.0, 6000.0, 0.5) == pytest.approx(1.5, abs=0.05)
@@ -302,9 +298,6 @@ def test_the_shards_share_one_tokens_per_minute_bucket(redis: Redis) -> None:
             assert p1.tpm_fleet == p2.tpm_fleet == 1200.0
             assert not p1.tpm_local and not p2.tpm_local  # their own buckets untouched
             assert adms[0].tpm.tat == -math.inf and adms[1].tpm.tat == -math.inf
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
