@@ -115,11 +115,11 @@ def grouped(items: Iterator[Request | BadLine], samples: int,
     the done ones), so the reader is still read one line at a time."""
     group: list[Request] = []
     for item in items:
-        if group and (isinstance(item, BadLine) or not joins(item)
-                      or (item.line - 1) // samples != (group[0].line - 1) // samples):
+        joined = isinstance(item, Request) and joins(item)
+        if group and (not joined or (item.line - 1) // samples != (group[0].line - 1) // samples):
             yield as_one(group)
             group = []
-        if isinstance(item, Request) and joins(item):
+        if joined:
             group.append(item)
             if (item.line - 1) % samples == samples - 1:  # the line's last unit
                 yield as_one(group)
@@ -135,7 +135,8 @@ def split_choices(body: dict[str, Any], units: int) -> list[dict[str, Any]]:
     `index` (at most `units` of them): each the whole body with its one choice (as index
     0, the shape of an answer to one request). The request's usage is the first one's and
     the others' usage is 0, so the outcome lines add up to what was billed."""
-    choices = [c for c in body.get("choices") or () if isinstance(c, dict)]
+    raw = body.get("choices")
+    choices = [c for c in raw if isinstance(c, dict)] if isinstance(raw, list) else []
     choices.sort(key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
     usage = body.get("usage")
     none = {k: 0 for k, v in usage.items() if isinstance(v, int)} \

@@ -332,8 +332,9 @@ class LineSender:
         """`req` with its cached units answered from the cache: `req` itself when none
         was, None when all were, else the units left, as one request."""
         assert self.cache is not None
+        every = req.units or (req,)
         left = []
-        for unit in req.units or (req,):
+        for unit in every:
             hit = self.cache.lookup(unit)
             if hit is None:
                 left.append(unit)
@@ -341,7 +342,7 @@ class LineSender:
                 self._cached(unit, hit)
         if not left:
             return None
-        return req if len(left) == len(req.units or (req,)) else as_one(left)
+        return req if len(left) == len(every) else as_one(left)
 
     async def _units(self, units: tuple[Request, ...], answer: Answer | None,
                      task: asyncio.Task[None] | None, refused: str | None = None) -> None:
@@ -353,8 +354,7 @@ class LineSender:
         refuses either way says nothing about `n`, and each unit fails on its own)."""
         got = 0
         if answer is not None:
-            choices = answer.body.get("choices")
-            split = split_choices(answer.body, len(units)) if isinstance(choices, list) else []
+            split = split_choices(answer.body, len(units))  # [] when `choices` is no list
             for unit, body in zip(units, split, strict=False):
                 self._succeed(unit, dataclasses.replace(answer, body=body, raw=None))
             got = len(split)
