@@ -8,6 +8,7 @@ SIGXFSZ ignored so the write fails instead of killing the process).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import resource
@@ -30,6 +31,11 @@ from tests.conftest import (
     read_jsonl_tolerant,
     write_jsonl,
 )
+from tmbatch.base.files import FAILURES, JOURNAL, RESULTS
+from tmbatch.journal.compact import LineStates
+from tmbatch.journal.records import FailureRecord, Response, ResultRecord
+from tmbatch.journal.writer import Writer, WriterError
+from tmbatch.policy import Outcome
 
 LINES = 400
 PROMPT = "tell me about disks " * 20  # ~400 chars: ~1 KiB a result line
@@ -140,3 +146,37 @@ def test_file_size_limit_efbig_then_resume(tmp_path: Path, sim_factory: Any) -> 
             "--no-preflight", "-c", "8"]
     check_failed_run(run(args, limit_file_size(120_000)), "File too large", out)
     check_resumed(run(args), out, sim)
+
+
+@pytest.mark.parametrize("breaks", ["journal", "results"])
+def test_a_failed_write_never_counts_the_outcomes_queued_behind_it(tmp_path: Path,
+                                                                   breaks: str) -> None:
+    """Answers of one loop tick are queued and written at its end. When a write fails first
+    (the next dispatch record's, to the journal, or the results file's own), the queued
+    answers are not on disk: their lines must not count as succeeded or failed, or `done:`
+    says more than results.jsonl holds (CI, 2026-12-06: 332 succeeded, 328 on disk). The
+    failing file is /dev/full: a real write(2) that fails with ENOSPC."""
+    out = tmp_path / "out"
+    out.mkdir()
+    states = LineStates()
+    writer = Writer(out, states, fsync="never")
+    name = {"journal": JOURNAL, "results": RESULTS}[breaks]
+
+    async def tick() -> None:
+        writer.dispatch(1, 1, "a")
+        writer.dispatch(2, 1, "b")
+        writer.result(ResultRecord("batch_req_a", "a", 1, Response(200, "r", {"x": 1})))
+        writer.failure(FailureRecord.of("j0b", 2, "b", Outcome.PERMANENT, "http_400", "bad", 1))
+        os.close(writer._fds[name])
+        writer._fds[name] = os.open("/dev/full", os.O_WRONLY)
+        with pytest.raises(WriterError, match="No space left on device"):
+            if breaks == "journal":
+                writer.dispatch(3, 1, "c")  # out at once, ahead of the queued outcomes
+            else:
+                writer.flush()
+
+    asyncio.run(tick())
+    assert [states.outcome(line) for line in (1, 2)] == [None, None]  # in flight, not done
+    assert (out / RESULTS).read_bytes() == b"" and (out / FAILURES).read_bytes() == b""
+    with pytest.raises(WriterError):
+        writer.close()

@@ -222,7 +222,7 @@ class Writer:
     def _write(self, name: str, chunks: list[bytes]) -> None:
         data = b"".join(chunks)
         self._write_bytes(name, data)
-        chunks.clear()  # kept on an error: `flush` takes their lines back out of the counts
+        chunks.clear()  # kept on an error: `_broken` takes their lines back out of the counts
 
     def _write_bytes(self, name: str, data: bytes) -> None:
         data = SECRETS.data(data)  # a server that echoed the key: kept, without the key
@@ -237,11 +237,19 @@ class Writer:
                     view = view[n:]
                     self._sizes[name] += n
         except OSError as exc:
-            self.error = WriterError(
+            raise self._broken(WriterError(
                 f"cannot write {self.out_dir / name}: {exc.strerror or exc}; "
                 "free space or fix the disk, then run the same command again to resume"
-            )
-            raise self.error from None
+            )) from None
+
+    def _broken(self, error: WriterError) -> WriterError:
+        """The run's first write error, kept. Whichever write failed (an outcome's, or a
+        dispatch record's with outcomes still queued behind it), nothing queued will be
+        written now, so its lines leave the counts here, in one place."""
+        self.error = error
+        self._unwritten(self._res)
+        self._unwritten(self._fail)
+        return error
 
     def flush(self) -> None:
         """Results and failures first, then the journal that points at them."""
@@ -251,15 +259,10 @@ class Writer:
             raise self.error
         self._ordered = False
         had_outcomes = bool(self._res or self._fail)
-        try:
-            if self._res:
-                self._write(RESULTS, self._res)
-            if self._fail:
-                self._write(FAILURES, self._fail)
-        except WriterError:
-            self._unwritten(self._res)
-            self._unwritten(self._fail)
-            raise
+        if self._res:  # a failed write takes its lines back out of the counts (_broken)
+            self._write(RESULTS, self._res)
+        if self._fail:
+            self._write(FAILURES, self._fail)
         if had_outcomes:
             self._jour.append(MarkRecord(self._sizes[RESULTS], self._sizes[FAILURES]).to_json())
         if self.spend_snapshot is not None:
@@ -295,7 +298,7 @@ class Writer:
                 try:
                     await loop.run_in_executor(None, self._fsync_fds)
                 except OSError as exc:
-                    self.error = WriterError(f"fsync failed in {self.out_dir}: {exc}")
+                    self._broken(WriterError(f"fsync failed in {self.out_dir}: {exc}"))
 
     def _fsync_fds(self) -> None:
         for fd in list(self._fds.values()):
@@ -321,7 +324,7 @@ class Writer:
                 if self.fsync_mode != "never":
                     self._fsync_all()
         except OSError as exc:
-            self.error = WriterError(f"cannot sync {self.out_dir}: {exc.strerror or exc}")
+            self._broken(WriterError(f"cannot sync {self.out_dir}: {exc.strerror or exc}"))
         finally:
             for fd in self._fds.values():
                 os.close(fd)
