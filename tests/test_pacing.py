@@ -244,6 +244,22 @@ def test_a_limit_that_rises_is_found_again(fmt: str, within: float) -> None:
     assert r.paces["tm-small"] >= 0.9 * 40 and r.violations == 0, r.line()
 
 
+
+@pytest.mark.parametrize("to,share,refused", [(10.0, 0.8, 30), (25.0, 0.75, 25)])
+def test_a_limit_that_falls_and_stays_down_is_followed_not_refused_again_and_again(
+        to: float, share: float, refused: int) -> None:
+    """A bucket of 40/s that falls for good at 15 s (another job took the rest). When a cut
+    is found too shallow (refusals at three times the share before it), the next trial
+    compares with the share before the fall, not with the refusals it just blamed on the
+    rate: compared with those, the next cut's refusals looked like noise, the cut was undone,
+    and the lane was refused every second or so to the end (75 refusals for a fall to 10/s,
+    67 % for a fall to 25/s)."""
+    base = BY_NAME["halved"]
+    sc = row(base, f"fall-{to:g}", lines=1200, rate_schedule=((15.0, to),))
+    r = run_row(sc, 0)
+    assert r.refused <= refused and r.share >= share, r.line()
+    assert r.violations == 0 and r.rejected == 0, r.line()
+
 def test_nothing_ends_rejected_before_patience() -> None:
     """A model always refused with no hint (a per-model quota) among healthy lines: its
     line is retried until nothing has succeeded on its lane for --patience, then ends

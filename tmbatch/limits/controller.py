@@ -18,7 +18,7 @@ rules, each a named test in tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
    with successes between: they come at random, so the cut is undone, and the share over all
    such trials is the lane's noise floor, under which refusals only pause. Three times the
-   share (a pause's burst refused counts): the limit fell, cut again.
+   share (a pause's burst refused counts): the limit fell, cut again (same share to beat).
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
    of the time closed; when it grants again the pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second

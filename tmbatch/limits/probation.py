@@ -4,8 +4,8 @@ A cut says the refusals came from the pace. Until enough answers came at the low
 is a hypothesis on trial: refusals at about the share seen before the cut, with successes
 between, say they come at random (the verdict undoes the cut, and the share over every such
 trial is the lane's noise floor); three times that share or more say the limit fell (the next
-event cuts again, on probation from the same pace). This keeps the trial, the verdicts and the
-floor; what a verdict does to the pace is the controller's.
+event cuts again, on probation from the same pace and against the same share). This keeps
+the trial, the verdicts and the floor; what a verdict does to the pace is the controller's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ class Trial:
     bursts: int = 0  # refusals of a pause's burst
 
 
+def _need(low: float) -> int:
+    """Answers a trial needs: refusals at `low`, the share before the cut, would show 4 times."""
+    return min(5 * SAMPLE, max(SAMPLE // 2, math.ceil(4.0 / max(low, 1e-3))))
+
+
 class Probation:
     """One lane's cut on trial, if any, the trial it chains from, and its noise floor."""
 
@@ -59,12 +64,15 @@ class Probation:
               answers: int) -> None:
         """The cut about to be made from `rate` (the server's `limit` as measured) is on
         trial, long enough that refusals at the share seen before it (its lower bound, to be
-        safe) would show four times over. A chained trial keeps the pace it started from."""
-        chain, low = self.chain, wilson(refused, answers, -1.64)
-        self.trial = Trial(rate if chain is None else chain.before,
-                           limit if chain is None else chain.limit, now,
-                           refused / answers if answers else 0.0,
-                           min(5 * SAMPLE, max(SAMPLE // 2, math.ceil(4.0 / max(low, 1e-3)))))
+        safe) would show four times over. A chained trial keeps the pace it started from and
+        the share before it: the refusals since are the ones its verdict blamed on the rate,
+        and a share that counted them would take a limit fallen further for noise."""
+        chain = self.chain
+        if chain is None:
+            share, low = refused / answers if answers else 0.0, wilson(refused, answers, -1.64)
+            self.trial = Trial(rate, limit, now, share, _need(low))
+        else:
+            self.trial = Trial(chain.before, chain.limit, now, chain.share, chain.need)
 
     def cut(self, now: float, pace: float) -> None:
         """The cut made at `now` went to `pace`: the trial started with it records it."""
