@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -321,13 +322,33 @@ def test_a_tokens_bucket_goes_local_while_redis_is_down() -> None:
     asyncio.run(main())
 
 
+FLEET_GRACE = 0.05  # s after a refusal left before another process's arrival is inside it
+
+
+def own_window_arrivals(log: list[list[Any]], grace: float = 0.01,
+                        window: float = 1.0) -> list[list[Any]]:
+    """Arrivals of the process a 429 went to (its Idempotency-Keys share the job's part:
+    `tmbatch-<job>-<line>`, one job per shard) from `grace` after the 429 until `window`
+    (the shortest whole-second Retry-After) after it."""
+    def job(entry: list[Any]) -> str:
+        return str(entry[2]).rsplit("-", 1)[0]
+    refused = [(e[0], job(e)) for e in log if e[3] == 429]
+    return [e for e in log for t, who in refused
+            if job(e) == who and t + grace < e[0] < t + window]
+
+
 def test_four_shards_on_one_unknown_limit_keep_every_window(tmp_path: Path, sim_factory,  # type: ignore[no-untyped-def]
                                                             redis: Redis) -> None:
     """The issue's fleet check, shortened: 4 processes `--shard i/4` sharing one unknown
     50 req/s limit (whole-second Retry-After) through a real Redis send nothing inside a
     window announced to any of them and have at most 5 % of their requests refused; every
-    line ends once. (Their rate, a timing, is measured in bench/fleet_bench.py.)"""
-    sim = sim_factory(rate_limit=50.0)
+    line ends once. (Their rate, a timing, is measured in bench/fleet_bench.py.)
+
+    Inside a window means from FLEET_GRACE after the refusal left: the others learn of it
+    only once the refused process has read it and told Redis, and on 2 cores shared by
+    five processes that took up to 15 ms (10 runs; the simulator's own 10 ms made this test
+    fail one run in four). The refused process itself is held to the 10 ms."""
+    sim = sim_factory(rate_limit=50.0, grace=FLEET_GRACE)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(400)])
     procs = [subprocess.Popen(
         [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(tmp_path / f"out{i}"),
@@ -339,6 +360,7 @@ def test_four_shards_on_one_unknown_limit_keep_every_window(tmp_path: Path, sim_
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errs
     st = sim.stats()
     assert st["retry_after_violations"] == 0, st
+    assert own_window_arrivals(st["log"]) == [], st["log"]
     received = st["requests"] if "requests" in st else sum(
         v["received"] for v in st["by_route"].values())
     assert st["rejected_429"] <= 0.05 * received, st
