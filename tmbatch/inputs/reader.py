@@ -67,6 +67,11 @@ class Request:
     def stream(self) -> bool:
         return self.body.get("stream") is True
 
+    @property
+    def each_unit(self) -> tuple[Request, ...]:
+        """What gets an outcome line of its own: a grouped request's units, else itself."""
+        return self.units or (self,)
+
 
 @dataclass(slots=True)
 class BadLine:

@@ -122,7 +122,7 @@ class LineSender:
                 req = missed
         refusal = self.served.refusal(req.url, req.body.get("model"), req.line)
         if refusal is not None:  # the server does not serve it: fail it unsent, run the rest
-            for unit in req.units or (req,):
+            for unit in req.each_unit:
                 self.record_failure(FailureRecord.of(
                     self.job_id, unit.line, unit.custom_id, Outcome.PERMANENT, refusal.code,
                     refusal.message, self.prior_attempts.get(unit.line, 0),
@@ -304,7 +304,7 @@ class LineSender:
         if exc.cls.policy.retry:
             # Provably not processed: if the run dies before the next attempt, the line is
             # sent again on resume, not mistaken for an unknown (ambiguous) outcome.
-            for unit in req.units or (req,):
+            for unit in req.each_unit:
                 self.writer.pending(unit.line)
         if exc.cls.policy.reached_server:
             self.answered, self.unreached_streak = True, 0
@@ -332,7 +332,7 @@ class LineSender:
         """`req` with its cached units answered from the cache: `req` itself when none
         was, None when all were, else the units left, as one request."""
         assert self.cache is not None
-        every = req.units or (req,)
+        every = req.each_unit
         left = []
         for unit in every:
             hit = self.cache.lookup(unit)
@@ -412,7 +412,7 @@ class LineSender:
                        "user id")
         elif exc.status == 404:  # judged per (route, model): the rest of the file runs
             self.served.not_found(req.url, req.body.get("model"), exc.message)
-        for unit in req.units or (req,):
+        for unit in req.each_unit:
             self.record_failure(FailureRecord.of_attempt(self.job_id, unit.line,
                                                          unit.custom_id, exc, attempts,
                                                          unit.sample))
