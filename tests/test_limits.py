@@ -153,6 +153,22 @@ def test_a_pause_may_end_with_the_burst_its_refill_allows() -> None:
     assert p.book(10.0) == pytest.approx(0.2)  # a paced slot given back is the same slot
 
 
+def test_a_slot_booked_before_a_pause_is_void_when_the_pace_restarts() -> None:
+    """A worker booked its slot, then a Retry-After came: the pace restarts at the pause's
+    end with the burst the refill allows, and the worker's slot, given back, adds nothing to
+    it. It did: the burst was one more than the server refilled, the request after it was
+    refused, and with whole-second hints that is a second lost (bucket-seconds over real
+    sockets, 88 % of the limit)."""
+    p = Pacer(50.0)  # fast enough for a pace's own burst of 2.5
+    assert p.book(0.0) == 0.0
+    assert p.book(0.0) == 0.0
+    assert p.book(0.0) > 0.0  # the worker's slot, waited for
+    p.restart_at(10.0, burst=5)
+    p.unbook()  # it saw the pause: its slot is not sent
+    waits = [p.book(10.0) for _ in range(7)]
+    assert waits[:5] == [0.0] * 5 and min(waits[5:]) > 0.0, waits
+
+
 # -- the permit ----------------------------------------------------------------------------
 
 def test_the_permit_learns_the_usage_ratio_and_charges_it() -> None:

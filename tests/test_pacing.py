@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.sim.limits import RequestBucket
 from tmbatch.sim.scenarios import BY_NAME, Band, Scenario
 from tmbatch.sim.virtual import RowResult, run_row
 
@@ -94,6 +95,41 @@ def test_the_pace_never_falls_below_half_what_got_through_while_sending() -> Non
     c.on_sent(t)
     c.on_answer(Answer(t, t + 0.001, False, wait=1.0))
     assert c.rate is not None and c.rate >= 0.5 * 40 * PaceConfig().margin - 1e-9
+
+
+def drain(c: Controller, bucket: RequestBucket, sends: list[float], late: list[float],
+          latency: float = 0.02) -> Answer | None:
+    """Send at client times `sends`, each met by the bucket `late[i]` s after it was stamped;
+    answers in order of arrival. The first refusal, if any (sending stops there)."""
+    for t, d in sorted(zip(sends, late, strict=True), key=lambda p: p[0] + p[1]):
+        c.on_sent(t)
+        ok = bucket.wait(t + d) == 0.0
+        if ok:
+            bucket.take(t + d)
+        a = Answer(t, t + d + latency, ok, wait=None if ok else 1.0)
+        c.on_answer(a)
+        if not ok:
+            return a
+    return None
+
+
+def test_a_first_volley_is_timed_by_the_nearer_of_its_sends_and_its_answers() -> None:
+    """Over real sockets a first volley's sends are stamped before their connections open, so
+    they look spread out where the server met them at once (here: stamped 3 ms apart, all
+    met when the connections are up at 30 ms). A later drain's rate is read net of what
+    refilled during the volley; read over the sends' spread it comes out high (51.4/s for a
+    bucket of 50 over real sockets), the pace sits above the limit, and a second is lost
+    when the allowance runs out. The answers' spread is the nearer one."""
+    bucket = RequestBucket(50.0, 10.0, 10.0, 0.0)
+    c = Controller(PaceConfig())
+    volley = [0.003 * i for i in range(16)]
+    assert drain(c, bucket, volley, [max(0.001, 0.03 - t) for t in volley]) is not None
+    assert c.seen.volley == 10 and c.seen.spread < 0.001, (c.seen.volley, c.seen.spread)
+    # the pause; then a probe at 80/s from a full bucket, sends met 1 ms after their stamps
+    probe = [1.05 + i / 80 for i in range(200)]
+    assert drain(c, bucket, probe, [0.001] * len(probe)) is not None
+    assert c.limit is not None and 45.0 <= c.limit <= 51.0, c.limit
+    assert c.rate is not None and c.rate <= 50.0, c.rate
 
 
 def test_a_refusal_just_after_a_pause_reads_the_sending_before_the_pause() -> None:
@@ -209,7 +245,8 @@ def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: floa
 
 
 class Paces(logging.Handler):
-    """The pace of each change the controller logs, at the loop's time."""
+    """The pace of each change the controller logs, at the loop's time: the INFO lines (a
+    change of 20 % or more) and the DEBUG line of every cut ("cut: old -> new")."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -217,8 +254,25 @@ class Paces(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         rate = getattr(record, "requests_per_second", None)
+        if rate is None and str(record.msg).startswith("cut:"):
+            rate = float(record.args[1])  # type: ignore[index]
         if rate is not None:
             self.seen.append((asyncio.get_running_loop().time(), rate))
+
+
+def paced_run(sc: Scenario) -> tuple[RowResult, list[tuple[float, float]]]:
+    """The row, seed 0, with every pace the lane took and when."""
+    paces = Paces()
+    log = logging.getLogger("tmbatch")
+    level = log.level
+    log.addHandler(paces)
+    log.setLevel(logging.DEBUG)
+    try:
+        r = run_row(sc, 0)
+    finally:
+        log.removeHandler(paces)
+        log.setLevel(level)
+    return r, paces.seen
 
 
 @pytest.mark.parametrize("fmt,within", [("ms", 10.0), ("seconds", 15.0)])
@@ -229,20 +283,36 @@ def test_a_limit_that_rises_is_found_again(fmt: str, within: float) -> None:
     within 15 s."""
     sc = row(BUCKET, f"rise-{fmt}", lines=2000, rate_limit=20.0, retry_after_format=fmt,
              rate_schedule=((20.0, 40.0),))
-    paces = Paces()
-    log = logging.getLogger("tmbatch")
-    level = log.level
-    log.addHandler(paces)
-    log.setLevel(logging.INFO)
-    try:
-        r = run_row(sc, 0)
-    finally:
-        log.removeHandler(paces)
-        log.setLevel(level)
-    found = next(t for t, rate in paces.seen if t > 20.0 and rate >= 0.9 * 40)
+    r, seen = paced_run(sc)
+    found = next(t for t, rate in seen if t > 20.0 and rate >= 0.9 * 40)
     assert found <= 20.0 + within, (found, r.line())
     assert r.paces["tm-small"] >= 0.9 * 40 and r.violations == 0, r.line()
 
+
+def test_a_limit_that_falls_is_followed_within_seconds() -> None:
+    """A bucket of 40/s that falls to 20/s at 15 s, whole-second Retry-After: within 7 s the
+    pace is within 5 % of 20/s. It took 9 s in four cuts, the last ones of 1 %: the burst
+    each pause ends with was counted as got through while sending, and kept rule 2's floor
+    near the old rate, pause after pause."""
+    sc = row(BY_NAME["halved"], "fall", lines=1000, rate_schedule=((15.0, 20.0),))
+    r, seen = paced_run(sc)
+    down = next(t for t, rate in seen if t > 15.0 and rate <= 1.05 * 20)
+    assert down <= 15.0 + 7.0, (down, seen, r.line())
+
+
+@pytest.mark.parametrize("lasts", [15.0, 30.0])
+def test_a_limit_restored_after_a_fall_is_found_again_within_10_s(lasts: float) -> None:
+    """A bucket of 40/s at 20/s from 15 s for `lasts` s, whole-second Retry-After: the pace is
+    back within 10 % of 40/s within 10 s of the limit's return. With the plateau doubled by
+    the first probe that found the limit still fallen (5 s, then 10 s), a fall of 30 s was
+    found back 20 s late."""
+    back = 15.0 + lasts
+    sc = row(BY_NAME["halved"], f"fall-{lasts:g}", lines=int(600 + 20 * lasts + 600),
+             rate_schedule=((15.0, 20.0), (back, 40.0)))
+    r, seen = paced_run(sc)
+    found = next(t for t, rate in seen if t > back and rate >= 0.9 * 40)
+    assert found <= back + 10.0, (found, r.line())
+    assert r.violations == 0 and r.rejected == 0, r.line()
 
 
 @pytest.mark.parametrize("to,share,refused", [(10.0, 0.8, 30), (25.0, 0.75, 25)])

@@ -13,8 +13,9 @@ rules, each a named test in tests/test_pacing.py:
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
-   sending (pauses are not sending). With no hint, the round trip after the next decides
-   (the next meets a server still drained): two refused, the pace is what got through.
+   sending (pauses, and the bursts they saved up, are not sending). With no hint, the round
+   trip after the next decides (the next meets a server still drained): two refused, the
+   pace is what got through.
 3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
    with successes between: they come at random, so the cut is undone, and the share over all
    such trials is the lane's noise floor, under which refusals only pause. Three times the
@@ -25,7 +26,7 @@ rules, each a named test in tests/test_pacing.py:
    up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
    else from the margin's worth a second, doubling each second). The plateau makes a failed
    probe's cost (refusal to next success) `overhead` of the time at most; after a fall it is
-   `plateau` s, doubled by each probe that confirms the limit.
+   `plateau` s, doubled by each probe after the first that finds it still fallen.
 6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
@@ -206,8 +207,7 @@ class Controller:
         seen = self.seen
         if not seen.volley:
             return None
-        spread = max(0.0, seen.volley_last - seen.volley_first)
-        return max(1.0, seen.volley - self.first_rate * spread)
+        return max(1.0, seen.volley - self.first_rate * seen.spread)
 
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:
@@ -264,11 +264,14 @@ class Controller:
         return min(cfg.ramp, (1.0 - cfg.margin) * 2.0 ** probing)
 
     def _plateau(self) -> float:
-        """Seconds at the measured rate before probing above it (rule 5)."""
+        """Seconds at the measured rate before probing above it (rule 5). After a fall the
+        second probe comes as soon as the first: most falls are another job's while, and a
+        limit restored 15 s after it fell was found 9 s late with the plateau doubled at once."""
         cfg = self.cfg
         trusted = max(cfg.plateau, self.cost / cfg.overhead)
-        if self.trust is not None and cfg.plateau * 2 ** self.trust < trusted:
-            return cfg.plateau * 2 ** self.trust
+        fallen = cfg.plateau * 2 ** max(0, (self.trust or 0) - 1)
+        if self.trust is not None and fallen < trusted:
+            return fallen
         self.trust = None
         return trusted
 
@@ -392,14 +395,15 @@ class Controller:
     def _paused(self, a: Answer) -> int:
         """A Retry-After pause: noted, and what to send at once when it ends (rule 6)."""
         wait = a.wait or 0.0
-        self.seen.paused(a.at, a.at + wait)
         rate, allowance = self.rate, self.allowance
-        if rate is None or not allowance or self.burst_refused or self.stated is not None:
-            return 0
-        burst = int(min(allowance * self.cfg.margin, rate * wait)) - 1
-        if burst > 1:
+        burst = 0
+        if rate and allowance and not self.burst_refused and self.stated is None:
+            burst = int(min(allowance * self.cfg.margin, rate * wait)) - 1
+        burst = burst if burst > 1 else 0
+        if burst:
             self.burst_at = a.at + wait
-        return max(0, burst)
+        self.seen.paused(a.at, a.at + wait, burst)
+        return burst
 
     # -- the pace ------------------------------------------------------------------------
     def _learn(self, limit: float) -> None:

@@ -38,7 +38,8 @@ class Evidence:
         self.recent: deque[float] = deque()  # answer times of the last second's successes
         self.refusals: deque[float] = deque()  # answer times of refusals
         self.sends: deque[float] = deque()  # send times of the last second
-        self.pauses: deque[tuple[float, float]] = deque()  # Retry-After pauses (from, to)
+        # Retry-After pauses: (from, to, requests saved up to send at once when it ends)
+        self.pauses: deque[tuple[float, float, int]] = deque()
         self.pause_from = self.pause_until = -math.inf
         self.first_ok: float | None = None
         self.total_ok = 0
@@ -46,7 +47,8 @@ class Evidence:
         # the first volley: successes of requests sent up to its first refused one
         self.volley: int | None = None
         self.volley_until = -math.inf
-        self.volley_first, self.volley_last = math.inf, -math.inf
+        self.volley_first, self.volley_last = math.inf, -math.inf  # its sends ...
+        self.volley_answered = [math.inf, -math.inf]  # ... and its answers, first and last
 
     # -- recording -----------------------------------------------------------------------
     def sent(self, t: float) -> None:
@@ -67,19 +69,19 @@ class Evidence:
         if self.first_ok is None:
             self.first_ok = now
         if sent <= self.volley_until:
-            self._in_volley(sent)
+            self._in_volley(sent, now)
         self._prune(now)
 
     def refused(self, now: float) -> None:
         self.refusals.append(now)
         self._prune(now)
 
-    def paused(self, now: float, until: float) -> None:
+    def paused(self, now: float, until: float, saved: int = 0) -> None:
         if now > self.pause_until:
             self.pause_from = now
-            self.pauses.append((now, until))
+            self.pauses.append((now, until, saved))
         elif until > self.pause_until:
-            self.pauses[-1] = (self.pauses[-1][0], until)
+            self.pauses[-1] = (self.pauses[-1][0], until, saved)
         self.pause_until = max(self.pause_until, until)
 
     def start_volley(self, refused_sent: float) -> None:
@@ -88,14 +90,31 @@ class Evidence:
             return
         self.volley = 0
         self.volley_until = refused_sent
-        for sent in self.ok_sent:
+        for sent, at in zip(self.ok_sent, self.ok_at, strict=True):
             if sent <= refused_sent:
-                self._in_volley(sent)
+                self._in_volley(sent, at)
 
-    def _in_volley(self, sent: float) -> None:
+    def _in_volley(self, sent: float, at: float) -> None:
         self.volley = (self.volley or 0) + 1
         self.volley_first = min(self.volley_first, sent)
         self.volley_last = max(self.volley_last, sent)
+        answered = self.volley_answered
+        answered[0], answered[1] = min(answered[0], at), max(answered[1], at)
+
+    @property
+    def spread(self) -> float:
+        """Seconds over which the server met the first volley, as near as the client can
+        tell: the smaller of the spreads of its sends and of its answers. A send's stamp
+        comes before the connection it needs (a first volley opens one per request, some
+        milliseconds each) and an answer's after the server's own jitter; each is late by
+        its own amount, and the smaller spread is the nearer. Too long a spread reads the
+        rate high (`granted` divides by the span less it), and a pace over the limit drains
+        the allowance until a refusal: with whole-second Retry-After, a second lost."""
+        if not self.volley:
+            return 0.0
+        sends = self.volley_last - self.volley_first
+        answers = self.volley_answered[1] - self.volley_answered[0]
+        return max(0.0, min(sends, answers))
 
     def _prune(self, now: float) -> None:
         horizon = now - (self.history if self.volley else self.window)  # (no volley: window)
@@ -131,7 +150,7 @@ class Evidence:
         volley = self.volley
         if not volley:
             return None
-        spread = max(0.0, self.volley_last - self.volley_first)
+        spread = self.spread
         sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
         measure = None
         end = sent[-1] if sent else 0.0
@@ -174,12 +193,14 @@ class Evidence:
         back past the pauses in it (a refusal just after a pause would find a second of
         nothing otherwise, and read it as the server's rate)."""
         cursor, remaining = now, span  # sending time still to cover, back from the cursor
-        for since, until in reversed(self.pauses):
+        saved = 0  # requests the pauses in the span saved up: sent at their ends, not paced
+        for since, until, burst in reversed(self.pauses):
             end = min(until, cursor)
             if end <= cursor - remaining:
                 break
             remaining -= cursor - end
             cursor = min(since, cursor)
+            saved += burst
         start, covered = cursor - remaining, span
         horizon = now - self.history  # (the record reaches no further back)
         if start < horizon:
@@ -189,7 +210,7 @@ class Evidence:
             if t < start:
                 break
             n += 1
-        return n / max(MIN_SPAN, covered)
+        return max(0, n - saved) / max(MIN_SPAN, covered)
 
     def window_rate(self, now: float) -> float:
         """Successes per second over the history, pauses and all."""

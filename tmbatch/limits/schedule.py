@@ -15,13 +15,14 @@ MIN_RATE = 0.05  # requests/s: a pace never falls below one request in 20 s
 BURST_SECONDS = 0.05  # a pace's own burst: 50 ms worth, at least one request ...
 MAX_BURST = 4.0  # ... and at most four, so a pace is a pace and not a volley
 TOKEN_BURST_SECONDS = 0.5  # a tokens-per-minute budget's burst
+NONE, SLOT, CREDIT = 0, 1, 2  # what a booking took (`Pacer.booked`)
 
 
 class Pacer:
     """A lane's pace. `credit` requests are free at once from `credit_from` (what a server's
     bucket refilled during a pause, sent when it ends)."""
 
-    __slots__ = ("credit", "credit_from", "credited", "interval", "rate", "tat", "tolerance")
+    __slots__ = ("booked", "credit", "credit_from", "interval", "rate", "tat", "tolerance")
 
     def __init__(self, rate: float | None = None) -> None:
         self.rate: float | None = None
@@ -30,7 +31,9 @@ class Pacer:
         self.tat = -math.inf
         self.credit = 0
         self.credit_from = math.inf
-        self.credited = False  # the last booking took a credit (unbook gives it back)
+        # what the last booking took, for unbook to give back: a slot, a credit, or nothing
+        # (a pause since voided it: `restart_at` rebuilt the schedule without it)
+        self.booked = NONE
         self.set_rate(rate)
 
     def set_rate(self, rate: float | None) -> None:
@@ -47,9 +50,9 @@ class Pacer:
             return 0.0
         if self.credit and now >= self.credit_from:
             self.credit -= 1
-            self.credited = True
+            self.booked = CREDIT
             return 0.0
-        self.credited = False
+        self.booked = SLOT
         start = max(self.tat, now - self.tolerance)
         self.tat = start + self.interval
         return max(0.0, start - now)
@@ -58,14 +61,18 @@ class Pacer:
         """A booked request that will not be sent now: its slot goes back."""
         if self.rate is None:
             return
-        if self.credited:
+        if self.booked == CREDIT:
             self.credit += 1
-        else:
+        elif self.booked == SLOT:
             self.tat -= self.interval
+        self.booked = NONE
 
     def restart_at(self, when: float, burst: int = 0) -> None:
         """After a pause: the first slot is its end, with nothing saved up before it, and
-        `burst` slots free at once then (else only the pace's own burst)."""
+        `burst` slots free at once then (else only the pace's own burst). A slot booked
+        before it is void: given back, it would make the burst one more than the server
+        refilled."""
+        self.booked = NONE
         if self.rate is not None and burst > 1 + self.tolerance / self.interval:
             self.credit = burst - 1
             self.credit_from = when
