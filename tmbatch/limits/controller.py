@@ -34,8 +34,9 @@ rules, each a named test in tests/test_pacing.py:
 8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
    unpaced process joins a paced fleet at its mean as measured (`shared`'s rules 3 and 4).
 
-The controller decides; rule 2's echo (`echo`) and rule 3's probation (`probation`) keep
-their own state and verdicts, and every rule reads the lane's record (`evidence`).
+The controller decides; rule 2's echo (`echo`), rule 3's probation (`probation`) and rule 5's
+plateau (`plateau`) keep their own state and verdicts, and every rule reads the lane's record
+(`evidence`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from dataclasses import dataclass
 
 from tmbatch.limits.echo import Echo
 from tmbatch.limits.evidence import Evidence
-from tmbatch.limits.probation import FELL, SAMPLE, Probation
+from tmbatch.limits.plateau import Plateau
+from tmbatch.limits.probation import SAMPLE, Probation
 from tmbatch.limits.schedule import MIN_RATE
 
 log = logging.getLogger("tmbatch")
@@ -117,12 +119,7 @@ class Controller:
         self.last_cut = -math.inf
         self.cut_from = math.inf  # the pace the last cut was made at
         self.cuts = 0
-        self.reached = math.inf  # when the pace came up to the limit (the plateau's clock)
-        self.cost = 0.0  # seconds a rate-caused refusal cost: to the next success ...
-        self.lost_from: float | None = None  # ... counted from here
-        # probes that confirmed a limit measured from one drain or fallen (None: trusted)
-        self.trust: int | None = None
-        self.peak: float | None = None  # the limit before it last fell
+        self.plateau = Plateau()  # rule 5: how long at the rate measured, then probes
         self.probation = Probation()  # rule 3: a cut on trial, and the noise floor
         self.echo: Echo | None = None  # rule 2 with no hint
         self.refused_run = 0  # refusals in a row
@@ -164,7 +161,8 @@ class Controller:
         if not self.learn:
             return None
         if (self.rate is None and stated is None and self.probation.trial is None
-                and self.echo is None and self.closed_since is None and self.lost_from is None):
+                and self.echo is None and self.closed_since is None
+                and self.plateau.lost_from is None):
             self.governed = self.governed or governed
             self.seen.succeeded(sent, now)
             self.refused_run = 0
@@ -180,8 +178,8 @@ class Controller:
         rate, limit = self.rate, self.limit
         if not self.learn or rate is None or self.stated is not None:
             return None
-        if self.reached != math.inf:
-            self.reached = now
+        if self.plateau.reached != math.inf:
+            self.plateau.reached = now
         if limit is None:
             self.limit = rate / self.cfg.margin  # ramping from a lower bound: it was reached
             return None
@@ -212,11 +210,7 @@ class Controller:
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:
         now = a.at
-        if self.lost_from is not None and a.sent > self.lost_from:
-            # what a failed probe costs, halving at most per event: a refusal with no hint
-            # costs little, but the window it closed may cost seconds next time
-            self.cost = max(now - self.lost_from, self.cost / 2)
-            self.lost_from = None
+        self.plateau.regained(a.sent, now)
         self.seen.succeeded(a.sent, now)
         self.refused_run = 0
         if self.closed_since is not None:
@@ -252,28 +246,7 @@ class Controller:
             return cfg.ramp
         if rate < cfg.margin * limit:
             return min(cfg.ramp, max(0.0, cfg.margin * limit / rate - 1.0) * max(rate, 1.0))
-        if self.reached == math.inf:
-            self.reached = now
-            log.debug("plateau: %.3g s at %.3g (cost %.3g, trust %s)", self._plateau(), rate,
-                      self.cost, self.trust)
-        probing = now - self.reached - self._plateau()
-        if probing < 0:
-            return 0.0
-        if self.peak is not None and rate < cfg.margin * self.peak:
-            return cfg.ramp  # back to what it allowed before it fell, at once
-        return min(cfg.ramp, (1.0 - cfg.margin) * 2.0 ** probing)
-
-    def _plateau(self) -> float:
-        """Seconds at the measured rate before probing above it (rule 5). After a fall the
-        second probe comes as soon as the first: most falls are another job's while, and a
-        limit restored 15 s after it fell was found 9 s late with the plateau doubled at once."""
-        cfg = self.cfg
-        trusted = max(cfg.plateau, self.cost / cfg.overhead)
-        fallen = cfg.plateau * 2 ** max(0, (self.trust or 0) - 1)
-        if self.trust is not None and fallen < trusted:
-            return fallen
-        self.trust = None
-        return trusted
+        return self.plateau.growth(cfg, rate, now)
 
     # -- refusals ------------------------------------------------------------------------
     def _refused(self, a: Answer) -> tuple[float, int]:
@@ -378,8 +351,7 @@ class Controller:
         self.probation.end()
         self.echo = None
         self.last_cut = now
-        if self.lost_from is None:
-            self.lost_from = now
+        self.plateau.lost(now)
         since = self.closed_since if self.closed_since is not None else now
         hold = max(self.cfg.hold, (now - since) / 4)
         self.held_until = now + hold
@@ -390,7 +362,7 @@ class Controller:
         self.closed_since = None
         self._learn(max(self.seen.average(now), MIN_RATE))
         self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
-        self.lost_from = None  # (the closure's cost is counted: this cut loses nothing)
+        self.plateau.lost_from = None  # (the closure's cost is counted: this cut loses nothing)
 
     def _paused(self, a: Answer) -> int:
         """A Retry-After pause: noted, and what to send at once when it ends (rule 6)."""
@@ -407,27 +379,18 @@ class Controller:
 
     # -- the pace ------------------------------------------------------------------------
     def _learn(self, limit: float) -> None:
-        """A new measure of the server's rate. One well under the last, met while the lane
-        sat at it, is a limit that fell: it may come back, so the plateau starts short again
-        and doubles with every probe that finds it where it was (rule 5)."""
-        old, near = self.limit, self.cfg.margin ** 2
-        if old is not None and self.reached != math.inf and limit < FELL * old:
-            self.trust = 0
-            self.peak = max(self.peak or 0.0, old)
-        elif old is not None and near * old <= limit <= old / near and self.trust is not None:
-            self.trust += 1
-        if self.peak is not None and limit >= near * self.peak:
-            self.peak = None  # it came back
+        """A new measure of the server's rate: the plateau reads a fall, or a confirmation,
+        off it (rule 5)."""
+        self.plateau.measured(self.limit, limit, self.cfg.margin ** 2)
         self.limit = limit
 
     def _cut(self, now: float, new: float) -> None:
         first = self.cuts == 0
         self.cut_from = self.rate or math.inf
         self.last_cut = now
-        self.reached = math.inf
+        self.plateau.restart()
         self.cuts += 1
-        if self.lost_from is None:
-            self.lost_from = now
+        self.plateau.lost(now)
         log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance)
         self._set(max(MIN_RATE, new), "learnt from refusals")
         self.probation.cut(now, self.rate or math.inf)
