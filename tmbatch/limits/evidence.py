@@ -191,7 +191,9 @@ class Evidence:
     def through_while_sending(self, now: float, span: float = 1.0) -> float:
         """Successes per second over the last `span` seconds of sending: the span reaches
         back past the pauses in it (a refusal just after a pause would find a second of
-        nothing otherwise, and read it as the server's rate)."""
+        nothing otherwise, and read it as the server's rate), and what a pause saved up to
+        send at its end is left out: it was got while paused, and counted, pause after pause
+        of a limit that fell would hold the floor near the old rate."""
         cursor, remaining = now, span  # sending time still to cover, back from the cursor
         saved = 0  # requests the pauses in the span saved up: sent at their ends, not paced
         for since, until, burst in reversed(self.pauses):
