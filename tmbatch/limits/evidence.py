@@ -47,8 +47,9 @@ class Evidence:
         # the first volley: successes of requests sent up to its first refused one
         self.volley: int | None = None
         self.volley_until = -math.inf
-        self.volley_first, self.volley_last = math.inf, -math.inf  # its sends ...
-        self.volley_answered = [math.inf, -math.inf]  # ... and its answers, first and last
+        # the first and last send of its successes, and the first and last answer
+        self.volley_first, self.volley_last = math.inf, -math.inf
+        self.volley_answered_first, self.volley_answered_last = math.inf, -math.inf
 
     # -- recording -----------------------------------------------------------------------
     def sent(self, t: float) -> None:
@@ -98,8 +99,8 @@ class Evidence:
         self.volley = (self.volley or 0) + 1
         self.volley_first = min(self.volley_first, sent)
         self.volley_last = max(self.volley_last, sent)
-        answered = self.volley_answered
-        answered[0], answered[1] = min(answered[0], at), max(answered[1], at)
+        self.volley_answered_first = min(self.volley_answered_first, at)
+        self.volley_answered_last = max(self.volley_answered_last, at)
 
     @property
     def spread(self) -> float:
@@ -113,7 +114,7 @@ class Evidence:
         if not self.volley:
             return 0.0
         sends = self.volley_last - self.volley_first
-        answers = self.volley_answered[1] - self.volley_answered[0]
+        answers = self.volley_answered_last - self.volley_answered_first
         return max(0.0, min(sends, answers))
 
     def _prune(self, now: float) -> None:

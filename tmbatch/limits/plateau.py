@@ -83,11 +83,12 @@ class Plateau:
         """Relative growth per second of a pace at the measured rate: none on the plateau,
         then a probe (back to a fallen limit at once, else from the margin's worth a second,
         doubling each second)."""
+        length = self.length(cfg)
         if self.reached == math.inf:
             self.reached = now
-            log.debug("plateau: %.3g s at %.3g (cost %.3g, trust %s)", self.length(cfg), rate,
+            log.debug("plateau: %.3g s at %.3g (cost %.3g, trust %s)", length, rate,
                       self.cost, self.trust)
-        probing = now - self.reached - self.length(cfg)
+        probing = now - self.reached - length
         if probing < 0:
             return 0.0
         if self.peak is not None and rate < cfg.margin * self.peak:
