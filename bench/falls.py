@@ -43,15 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
-    shares = []
-    for row in falls():
-        runs = [virtual.run_row(row, seed) for seed in range(args.seeds)]
-        share = statistics.median(r.share for r in runs)
-        shares.append(share)
-        refused = statistics.median(r.refused for r in runs)
-        print(f"{row.name:12s} {share:6.1%}  refused {refused:g}  ({row.title})")
-    print(f"mean {statistics.mean(shares):.1%}, lowest {min(shares):.1%} "
-          f"(median of {args.seeds} seeds)")
+    shares = [r.share for r in virtual.run_matrix(falls(), args.seeds, echo=print)]
+    print(f"\nmean {statistics.mean(shares):.1%}, lowest {min(shares):.1%} "
+          f"(median of {args.seeds} seeds; band as `halved`'s)")
 
 
 if __name__ == "__main__":
