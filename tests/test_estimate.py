@@ -46,6 +46,67 @@ def test_output_ceiling_counts_each_of_n_choices() -> None:
     assert output_ceiling(body, generates=False) == 0
 
 
+def _rule_chars(value: Any) -> int:
+    """The estimator's rule as docs/budgets.md states it, written plainly: a string's
+    characters; a list's strings, 4 a token id, and each message or part's content and text
+    plus 4; a message's content and text; nothing else."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, int):
+                total += 4
+            elif isinstance(item, dict):
+                total += _rule_chars(item.get("content")) + _rule_chars(item.get("text")) + 4
+        return total
+    if isinstance(value, dict):
+        return _rule_chars(value.get("content")) + _rule_chars(value.get("text"))
+    return 0
+
+
+class _Str(str):
+    pass
+
+
+class _List(list):  # type: ignore[type-arg]
+    pass
+
+
+class _Dict(dict):  # type: ignore[type-arg]
+    pass
+
+
+def test_the_prompt_estimate_follows_its_rule_on_every_shape() -> None:
+    """The estimator reads the types JSON makes by exact type (it runs once per attempt); a
+    body built in Python with subclasses, bools, floats or nesting is counted by the same rule."""
+    import random
+
+    rng = random.Random(7)
+
+    def value(depth: int = 0) -> Any:
+        leaves = ["ab" * rng.randrange(4), rng.randrange(50), 2.5, None, True, _Str("xyz")]
+        if depth >= 3:
+            return rng.choice(leaves)
+        nested = [lambda: [value(depth + 1) for _ in range(rng.randrange(4))],
+                  lambda: {"role": "user", "content": value(depth + 1), "text": value(depth + 1)},
+                  lambda: {"content": value(depth + 1)},
+                  lambda: _List(value(depth + 1) for _ in range(rng.randrange(3))),
+                  lambda: _Dict(content=value(depth + 1))]
+        return rng.choice(nested)() if rng.random() < 0.6 else rng.choice(leaves)
+
+    fields = ("messages", "prompt", "input", "instructions", "tokens", "model")
+    for _ in range(5000):
+        body = {k: value() for k in rng.sample(fields, 3)}
+        chars = sum(_rule_chars(body.get(k)) for k in fields[:5])
+        assert prompt_tokens(body) == chars // 4 + 1, body
+    chat = {"messages": [{"role": "system", "content": "You are concise."},
+                         {"role": "user", "content": [{"type": "text", "text": "Tea?"}]}]}
+    assert prompt_tokens(chat) == ((16 + 4) + (4 + (4 + 4))) // 4 + 1  # messages, a part
+
+
 def test_price_cost_charges_cached_prompt_tokens_at_their_price() -> None:
     p = Price(0.2, 0.6, 0.05)
     assert p.cost(1_000_000, 1_000_000) == pytest.approx(0.8)

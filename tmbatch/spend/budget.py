@@ -37,7 +37,6 @@ from tmbatch.spend.tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     choices,
     output_cap,
-    output_ceiling,
     prompt_tokens,
 )
 from tmbatch.spend.usage import Tokens, money, short
@@ -269,10 +268,12 @@ class Budget:
         body = res.body
         res.raw_prompt = prompt_tokens(body)
         res.prompt = math.ceil(res.raw_prompt * self.prompt_factor)
-        res.capped = output_cap(body) is not None
-        res.output = output_ceiling(body)
-        if not res.capped:  # no cap of its own: the most an uncapped answer has used so far
-            res.output = max(res.output, self.uncapped_output * choices(body))
+        cap = output_cap(body)
+        n = choices(body)  # (`output_ceiling`, with the cap and `n` read once)
+        res.capped = cap is not None
+        res.output = (DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap) * n
+        if cap is None:  # no cap of its own: the most an uncapped answer has used so far
+            res.output = max(res.output, self.uncapped_output * n)
         price = self.prices.get(res.model)
         res.usd = price.cost(res.prompt, res.output) if price is not None else 0.0
 
@@ -299,7 +300,9 @@ class Budget:
         if not res.known:
             self._in_flight_unknown += sign
             return
-        v = self._in_flight.setdefault(res.model, [0, 0, 0])
+        v = self._in_flight.get(res.model)
+        if v is None:
+            v = self._in_flight[res.model] = [0, 0, 0]
         v[0] += sign * res.prompt
         v[1] += sign * res.output
         v[2] += sign

@@ -16,22 +16,58 @@ OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def _text_len(value: Any) -> int:
-    """Characters of prompt text in a string, a list of parts, or chat messages."""
+    """Characters of prompt text in a string, a list of parts, or chat messages.
+
+    Once per attempt (`prompt_tokens`), so the types JSON makes are told apart by exact type
+    and an absent field costs no call; anything else (a subclass) is measured by `_any_len`,
+    the same rule by isinstance."""
+    kind = type(value)
+    if kind is str:
+        return len(value)
+    if kind is list:
+        total = 0
+        for item in value:
+            kind = type(item)
+            if kind is dict:  # a message or a part: its text, plus its role and framing
+                content = item.get("content")
+                text = item.get("text")
+                total += 4 + (len(content) if type(content) is str else
+                              0 if content is None else _text_len(content))
+                if text is not None:
+                    total += _text_len(text)
+            elif kind is str:
+                total += len(item)
+            elif kind is int or kind is bool:
+                total += 4  # a token id
+            elif not (kind is float or kind is list or item is None):
+                total += _part_len(item)
+        return total
+    if kind is dict:
+        return _text_len(value.get("content")) + _text_len(value.get("text"))
+    if value is None or kind is int or kind is float or kind is bool:
+        return 0
+    return _any_len(value)
+
+
+def _any_len(value: Any) -> int:
+    """`_text_len` of a value JSON does not make, by isinstance."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, list):
-        total = 0
-        for item in value:
-            if isinstance(item, str):
-                total += len(item)
-            elif isinstance(item, int):
-                total += 4  # a token id
-            elif isinstance(item, dict):
-                total += _text_len(item.get("content")) + _text_len(item.get("text"))
-                total += 4  # role and framing
-        return total
+        return sum(_part_len(item) for item in value)
     if isinstance(value, dict):
         return _text_len(value.get("content")) + _text_len(value.get("text"))
+    return 0
+
+
+def _part_len(item: Any) -> int:
+    """One item of a list of parts or messages, by isinstance."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, int):
+        return 4  # a token id
+    if isinstance(item, dict):
+        return _text_len(item.get("content")) + _text_len(item.get("text")) + 4
     return 0
 
 
@@ -42,13 +78,12 @@ def text_tokens(chars: int) -> int:
 
 def prompt_tokens(body: dict[str, Any]) -> int:
     """The prompt's estimated tokens: messages, prompt, input, instructions, token ids."""
-    chars = (
-        _text_len(body.get("messages"))
-        + _text_len(body.get("prompt"))
-        + _text_len(body.get("input"))
-        + _text_len(body.get("instructions"))
-        + _text_len(body.get("tokens"))
-    )
+    get = body.get
+    chars = 0
+    for value in (get("messages"), get("prompt"), get("input"), get("instructions"),
+                  get("tokens")):
+        if value is not None:
+            chars += _text_len(value)
     return text_tokens(chars)
 
 

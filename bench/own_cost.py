@@ -1,0 +1,150 @@
+"""tmbatch's own work per request, in instructions, part by part: where the CPU over the bare
+loop goes, without the network, the simulator or aiohttp in the count.
+
+    python bench/own_cost.py                                  # base and the usual parts
+    python bench/own_cost.py --variants base,nobudget,lean --lines 2000
+    python bench/own_cost.py --tree before=/tmp/old-checkout  # base of another checkout too
+
+`tmbatch run` runs as it does for a user (the reader, admission, the journal, the writer),
+except that each line's send is answered at once by a stand-in for `client.send`: one yield to
+the loop, as a zero-latency server costs, and a canned chat answer with its usage. What is left
+is tmbatch's own per-request work plus that stand-in (the `nothing` variant: the reader and the
+stand-in alone). Each variant runs under valgrind's callgrind on N and 2N lines; the
+difference over N is the marginal instructions of one request, start-up taken out. Counts
+repeat to within about 0.5 % on a busy machine, where CPU seconds swing by 30 %: this finds
+what a part costs, and bench/cpu_bench.py says what that is worth in CPU seconds.
+
+Variants are bench/ablate.py's (each takes a part out, which is NOT safe: a cost measurement
+only), joined with "+", plus:
+  base     the tree as it is
+  nothing  the sender does no more than call the stand-in (the reader's cost is in it)
+The result: a table on stdout (instructions/request, and against base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from gen import write_input  # noqa: E402
+
+PY = sys.executable
+TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
+
+
+def child(variant: str, inp: str, out: str) -> int:
+    """One `tmbatch run` with the stand-in transport and `variant`'s patches applied."""
+    import asyncio
+
+    import ablate  # (puts this checkout first on sys.path: the tree measured goes before it)
+
+    sys.path.insert(0, os.environ["OWN_COST_TREE"])
+
+    import orjson
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from tmbatch.client.http import Answer
+    from tmbatch.run import attempts
+
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json",
+                                            "x-request-id": "own-cost"}))
+    answered = [0]
+
+    async def answer(session: Any, route: str, body: Any, hdrs: Any = None) -> Answer:
+        await asyncio.sleep(0)  # a zero-latency server: the request goes, the answer comes
+        answered[0] += 1
+        raw = orjson.dumps({
+            "id": f"chatcmpl-{answered[0]}", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Tea is a "
+                         "drink."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})
+        return Answer(200, "own-cost", orjson.loads(raw), 0.0004, None, headers, raw)
+
+    post_init = attempts.LineSender.__post_init__
+
+    def __post_init__(self: Any) -> None:
+        post_init(self)
+        self.transport = answer
+
+    attempts.LineSender.__post_init__ = __post_init__  # type: ignore[method-assign]
+    for v in variant.split("+"):
+        if v == "nothing":
+            async def process(self: Any, req: Any, task: Any = None) -> None:
+                await self.transport(self.session, req.url, req.body, None)
+
+            attempts.LineSender.process = process  # type: ignore[method-assign]
+        elif v != "base":
+            ablate.PATCHES[v]()
+    from tmbatch.cli.main import main as tmbatch_main
+
+    os.environ["TENSORMESH_INFERENCE_API_KEY"] = "own-cost-key"
+    rc = tmbatch_main(["run", inp, "-o", out, "-c", "64", "--quiet", "--no-preflight",
+                       "--base-url", "http://127.0.0.1:9"])  # (nothing is sent there)
+    if rc != 0 or answered[0] == 0:
+        print(f"own_cost: exit {rc}, {answered[0]} answered", file=sys.stderr)
+        return 1
+    return 0
+
+
+def instructions(variant: str, tree: Path, inp: Path, tmp: Path) -> int:
+    cg = tmp / f"cg.{time.monotonic_ns()}"
+    out = tmp / f"out.{time.monotonic_ns()}"
+    env = {**os.environ, "TMBATCH_LOOP": "uvloop", "OWN_COST_TREE": str(tree)}
+    done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}", PY,
+                           str(Path(__file__).resolve()), "--child", variant, str(inp),
+                           str(out)], env=env, capture_output=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} failed: {done.stderr[-2000:].decode(errors='replace')}")
+    found = TOTALS.search(cg.read_bytes())
+    cg.unlink()
+    if found is None:
+        raise RuntimeError("no totals in the callgrind output")
+    return int(found.group(1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="base,nothing,lean,nobudget,noadmission,noreader,"
+                   "noresult,nodispatch,nostats")
+    p.add_argument("--lines", type=int, default=2000, help="N (the runs use N and 2N)")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                   help="also the base of another checkout (DIR holds its tmbatch/)")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(*a.child)
+    trees = {"": ROOT}
+    for spec in a.tree:
+        name, _, d = spec.partition("=")
+        trees[name] = Path(d).resolve()
+    runs = [(v, "") for v in a.variants.split(",")] + [("base", n) for n in trees if n]
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="tmbatch-own-") as d:
+        tmp = Path(d)
+        inputs = [write_input(tmp / f"in-{n}.jsonl", n) for n in (a.lines, 2 * a.lines)]
+        for variant, tree in runs:
+            small, big = (instructions(variant, trees[tree], inp, tmp) for inp in inputs)
+            label = f"{variant} ({tree})" if tree else variant
+            rows.append((label, (big - small) / a.lines))
+            print(f"  {label:<40} {rows[-1][1]:>10,.0f} instructions/request", flush=True)
+    base = dict(rows).get("base")
+    print("\n| variant | instructions/request | against base |\n|---|---:|---:|")
+    for label, n in rows:
+        vs = f"{n - base:+,.0f}" if base is not None else ""
+        print(f"| {label} | {n:,.0f} | {vs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
