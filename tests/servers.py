@@ -209,11 +209,13 @@ def _python_cmd(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-def start_llmock(log_dir: Path) -> ServerProcess:
+def start_llmock(log_dir: Path, *flags: str) -> ServerProcess:
+    """`flags`: llmock's own faults and limits (--error-rate 429=0.1, --rpm N, ...); its
+    journal of every request, with the server's times, is GET /_llmock/requests."""
     port = free_port()
     cmd = _python_cmd("import sys; from llmock.cli import app; sys.argv[0] = 'llmock'; app()",
                       "serve", "--host", "127.0.0.1", "--port", str(port),
-                      "--log-level", "warning")
+                      "--log-level", "warning", *flags)
     return ServerProcess(SPECS["llmock"], cmd, port, log_dir)
 
 
