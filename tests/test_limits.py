@@ -24,7 +24,8 @@ from tmbatch.limits import (
     parse_duration,
 )
 from tmbatch.limits.admission import OPEN_EVERY, START_IN_FLIGHT
-from tmbatch.limits.lanes import MAX_HOLD
+from tmbatch.limits.controller import PaceConfig
+from tmbatch.limits.lanes import MAX_HOLD, LaneKey, make_lane
 from tmbatch.limits.schedule import Pacer
 from tmbatch.policy import AttemptFailed
 from tmbatch.sim.virtual import run_virtual
@@ -167,6 +168,38 @@ def test_a_slot_booked_before_a_pause_is_void_when_the_pace_restarts() -> None:
     p.unbook()  # it saw the pause: its slot is not sent
     waits = [p.book(10.0) for _ in range(7)]
     assert waits[:5] == [0.0] * 5 and min(waits[5:]) > 0.0, waits
+
+
+def test_what_the_server_says_its_bucket_holds_goes_at_once_and_no_more() -> None:
+    """`x-ratelimit-remaining` says the bucket holds 100: a hundred go at once, the next waits
+    for the pace; a later answer saying it holds 3 leaves 3 at once (less than the schedule
+    would), and a pause ends with the pace's own burst, not the allowance (it is not what
+    refilled while paused)."""
+    p = Pacer(10.0)
+    p.at_most(100, 0.0)
+    waits = [p.book(0.0) for _ in range(101)]
+    assert waits[:100] == [0.0] * 100 and waits[100] > 0.0
+    p = Pacer(10.0)
+    p.at_most(100, 0.0)
+    p.at_most(3, 0.0)
+    assert [p.book(0.0) for _ in range(4)][3] > 0.0
+    p.restart_at(5.0)
+    assert sum(p.book(5.0) == 0.0 for _ in range(10)) == 1  # 10/s: a burst of 1 of its own
+
+
+def test_a_refusal_while_the_server_said_it_had_room_ends_the_stated_burst() -> None:
+    """A limit enforced over shorter spans than its headers state (OpenAI's may be: 60,000 a
+    minute as 1,000 a second) refuses what its stated level allowed: from then on that level
+    only holds the pace back, it is not spent at once."""
+    lane = make_lane(LaneKey("", "m"), PaceConfig(), None, True, "")
+    lane.controller.stated = 10.0  # (as the headers set it)
+    lane.pacer.set_rate(10.0)
+    lane.pacer.at_most(100, 0.0)
+    assert lane.pacer.allowance == 100
+    lane.refused(1.0, 0.5, None, None)
+    assert lane.pacer.allowance == 0.0 and not lane.pacer.stated_burst
+    lane.pacer.at_most(100, 2.0)
+    assert [lane.pacer.book(2.0) for _ in range(3)][2] > 0.0
 
 
 # -- the permit ----------------------------------------------------------------------------

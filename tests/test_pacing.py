@@ -294,6 +294,21 @@ def test_a_limit_that_rises_is_found_again(fmt: str, within: float, at: float) -
     assert r.paces["tm-small"] >= 0.9 * 40 and r.violations == 0, r.line()
 
 
+@pytest.mark.parametrize("burst,lines", [(300.0, 600), (600.0, 800)])
+def test_an_allowance_the_headers_state_is_spent_at_once(burst: float, lines: int) -> None:
+    """A bucket of `burst` refilling at 50/s that states its level in x-ratelimit-* headers:
+    what it holds goes at once, then the pace; within half as long again as a client that
+    knew the schedule (the burst at once, then 50/s). Paced at the stated rate from the
+    first answer it took 10.4 s and 12.2 s (1.7 and 3 times that; llmock --rpm 600: 54 s
+    for 700 lines, 11.5 s now)."""
+    sc = row(BY_NAME["bucket-xratelimit"], f"allowance-{int(burst)}", lines=lines,
+             rate_burst=burst)
+    r = run_row(sc, 0)
+    ideal = (lines - burst) / 50.0
+    assert r.seconds <= 1.5 * ideal, (r.seconds, ideal, r.line())
+    assert r.refused == 0 and r.violations == 0, r.line()
+
+
 def test_a_limit_that_falls_is_followed_within_seconds() -> None:
     """A bucket of 40/s that falls to 20/s at 15 s, whole-second Retry-After: within 7 s the
     pace is within 5 % of 20/s. It took 9 s in four cuts, the last ones of 1 %: the burst

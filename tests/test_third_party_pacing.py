@@ -129,14 +129,19 @@ def test_refusals_mixed_with_5xx_never_send_a_line_twice(llmock: ServerProcess,
 def test_a_limit_stated_by_headers_paces_the_lane_under_it(llmock: ServerProcess,
                                                            tmp_path: Path) -> None:
     """llmock --rpm 600: a bucket of 600 refilling at 10/s that states its limit, what remains
-    and when it is full again in x-ratelimit-* headers on every answer. Once a quarter of it
-    is spent (a deficit to measure the refill by) the lane takes its pace from them (`stated
-    by x-ratelimit headers`), never above the stated rate, and nothing is refused."""
-    run = run_batch(llmock, lines(200), tmp_path, "-c", "16")
-    assert run.code == 0 and len(run.results) == 200, run.stderr[-3000:]
+    and when it is full again in x-ratelimit-* headers on every answer. What it holds is sent
+    at once, and once a quarter of it is spent (a deficit to measure the refill by) the lane
+    takes its pace from them (`stated by x-ratelimit headers`, within a few per cent of 10/s:
+    a whole-number `remaining` measures it), and nothing is refused: 700 lines are the 600
+    at once and 100 at the pace, about 11 s (54 s when the lane kept to the stated rate from
+    the first answer; the server's span is asserted under 30 s, a shared machine)."""
+    run = run_batch(llmock, lines(700), tmp_path, "-c", "16")
+    assert run.code == 0 and len(run.results) == 700, run.stderr[-3000:]
     lane = run.summary["this_run"]["admission"]["lanes"][SPEC.model]
     assert lane["pace_source"] == "stated by x-ratelimit headers", lane
-    assert lane["pace_requests_per_second"] <= 10.0, lane
-    assert [r for r in journal(llmock) if r["status"] == 429] == []
+    assert lane["pace_requests_per_second"] <= 10.5, lane
+    records = journal(llmock)
+    assert [r for r in records if r["status"] == 429] == []
+    assert records[-1]["ended_at"] - records[0]["started_at"] < 30.0
     assert verdict_errors(llmock) == []
 

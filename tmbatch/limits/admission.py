@@ -16,9 +16,9 @@ The gates, in the order an attempt meets them (`Permit.__aenter__`):
    scaled by the learnt usage/estimate ratio.
 
 A slot is never held while waiting for a lane's pause: a refusal for one model does not hold
-up another's requests. The permit is settled once with the outcome (`ok` or `failed`), whose
-`safety.Policy` says what it means here (refund the tokens, slow down, pause); leaving the
-`async with` frees the slot and ends the budget hold, whatever happened.
+up another's requests. The permit (`permit.Permit`) is settled once with the outcome (`ok` or
+`failed`), whose `safety.Policy` says what it means here (refund the tokens, slow down,
+pause); leaving the `async with` frees the slot and ends the budget hold, whatever happened.
 """
 
 from __future__ import annotations
@@ -27,20 +27,17 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 from tmbatch.base.defaults import CONCURRENCY, LIMIT_SCOPE
-from tmbatch.base.stop import Stopped
 from tmbatch.inputs.reader import Request
 from tmbatch.limits.controller import PaceConfig
 from tmbatch.limits.lanes import ACCOUNT, SCOPES, Lane, LaneKey, make_lane
+from tmbatch.limits.permit import Permit
 from tmbatch.limits.schedule import TokenBucket
 from tmbatch.limits.shared import LaneStore
-from tmbatch.policy import AttemptFailed
 from tmbatch.spend.budget import Budget
-from tmbatch.spend.reservation import Hold
-from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS, estimate_tokens
+from tmbatch.spend.tokens import DEFAULT_MAX_OUTPUT_TOKENS
 
 log = logging.getLogger("tmbatch")
 
@@ -276,170 +273,3 @@ class Admission:
             out["usage_to_estimate_ratio"] = round(self.ratio, 3)
         out["lanes"] = lanes
         return out
-
-
-class Permit:
-    """One attempt's way past every gate (see the module doc). `async with` it; settle it
-    once with `ok` or `failed`; leaving frees the slot and ends the budget hold."""
-
-    __slots__ = ("admission", "charged", "lane", "req", "sent_at", "slot", "spend", "tokens",
-                 "tokens_flying", "tpm", "tpm_fleet", "tpm_local")
-
-    def __init__(self, admission: Admission, lane: Lane, req: Request) -> None:
-        self.admission = admission
-        self.lane = lane
-        self.req = req
-        self.tokens = 0  # the estimate, made only when a tokens budget needs it
-        self.charged = 0.0
-        self.tokens_flying = 0.0
-        self.sent_at = 0.0
-        self.slot = False
-        self.spend: Hold = None  # type: ignore[assignment]
-        self.tpm: TokenBucket | None = None
-        self.tpm_fleet = 0.0  # tokens/min of the fleet's bucket it was booked in (0: none)
-        self.tpm_local = False  # booked in this process's bucket too
-
-    async def __aenter__(self) -> Permit:
-        adm, lane = self.admission, self.lane
-        loop = adm._loop
-        if loop is None:
-            adm._time()
-            loop = adm._loop
-            assert loop is not None
-        budget = adm.budget
-        if budget.enforcing:
-            spend = await budget.reserve(self.req)  # the worst case, within --budget-*
-            if spend is None:
-                raise Stopped  # the budget is reached (the stop is set): nothing was sent
-            self.spend = spend
-        else:
-            self.spend = budget.track(self.req)
-        try:
-            while True:
-                if lane.pause_until > loop.time():
-                    await lane.wait_pause(loop)
-                paced = lane.pacer.rate is not None
-                if paced:
-                    await lane.paced(loop)
-                if adm.shared is not None and not await adm.shared.take(lane):
-                    continue  # the fleet paused the lane (--redis)
-                if adm.in_flight < adm.cap and not adm._waiters:
-                    adm.in_flight += 1
-                else:
-                    await adm._take_slot()
-                self.slot = True
-                if lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None):
-                    break
-                # a refusal came while this waited for a slot (the answer that freed it,
-                # even), pausing or pacing the lane: the slot goes to another lane meanwhile
-                self.slot = False
-                adm._release()
-            tpm = self.tpm = adm.tpm or lane.tpm
-            if tpm is not None:
-                await self._charge(tpm, loop)
-        except BaseException:
-            self._leave()
-            raise
-        now = self.sent_at = loop.time()
-        if adm._first_sent is None:
-            adm._first_sent = now
-        lane.sent_at(now)
-        return self
-
-    async def _charge(self, tpm: TokenBucket, loop: asyncio.AbstractEventLoop) -> None:
-        adm, req = self.admission, self.req
-        self.tokens = estimate_tokens(req.body, generates=not req.idempotent)
-        charged = self.charged = float(max(1, round(self.tokens * adm.ratio)))
-        if adm.tpm is tpm and not adm.tpm_warned:
-            adm._warn_if_tpm_too_small(charged)
-        delay = 0.0
-        if adm.shared is not None:  # --redis: the fleet's bucket, unless Redis is cut off
-            account = tpm is adm.tpm
-            per_minute = (adm.tpm_fleet or tpm.per_minute) if account else tpm.per_minute
-            wait = await adm.shared.charge(None if account else self.lane, charged, per_minute,
-                                           tpm.burst)
-            if wait is not None:
-                self.tpm_fleet, delay = per_minute, wait
-        # this process's own: alone, or a lane's, whose levels the headers state it keeps
-        self.tpm_local = not self.tpm_fleet or tpm is not adm.tpm
-        if self.tpm_local:
-            delay = max(delay, tpm.reserve(charged, loop.time()))
-        self.lane.flight_tokens += charged
-        self.tokens_flying = charged
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if self.lane.pause_until > loop.time():  # a refusal came while it waited
-            await self.lane.wait_pause(loop)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._leave()
-
-    def _adjust(self, tokens: float) -> None:
-        """A debt (tokens > 0) or a credit, in every bucket the charge was booked in."""
-        if self.tpm_local:
-            self.tpm.adjust(tokens)  # type: ignore[union-attr]
-        if self.tpm_fleet:
-            adm = self.admission
-            adm.shared.settle(  # type: ignore[union-attr]
-                None if self.tpm is adm.tpm else self.lane, tokens, self.tpm_fleet)
-
-    def _landed(self) -> None:
-        """Its estimate is no longer on its way to the server (see `Lane.flight_tokens`)."""
-        if self.tokens_flying:
-            self.lane.flight_tokens -= self.tokens_flying
-            self.tokens_flying = 0.0
-
-    def _leave(self) -> None:
-        if self.tokens_flying:
-            self._landed()
-        if self.slot:
-            self.slot = False
-            adm = self.admission  # (`Admission._release`, inlined: once per attempt)
-            adm.in_flight = adm.in_flight - 1 if adm.in_flight > 0 else 0
-            if adm._waiters:
-                adm._wake()
-        if self.charged and self.tpm is not None and self.sent_at == 0.0:
-            self._adjust(-self.charged)  # never sent: the tokens go back
-            self.charged = 0.0
-        spend = self.spend
-        if spend is not None and not spend.settled:
-            spend.end()  # the attempt is over
-
-    def ok(self, body: Mapping[str, Any], used: tuple[int, int, int] | None, tokens: int,
-           headers: Mapping[str, str] | None) -> None:
-        """A success: its spend, its tokens (`tokens`: prompt + completion) and its headers."""
-        adm = self.admission
-        now = adm._time() if adm._loop is None else adm._loop.time()
-        self.spend.succeeded(body, used)  # type: ignore[arg-type]
-        tpm = self.tpm
-        if tpm is not None and tokens > 0:  # (before the headers, which count its usage)
-            self._adjust(tokens - self.charged)
-            self.charged = float(tokens)
-            adm._learn_ratio(self.tokens, tokens)
-        if self.tokens_flying:
-            self._landed()
-        self.lane.succeeded(now, self.sent_at, headers, tokens)
-        adm._succeeded(now)
-
-    def failed(self, failure: AttemptFailed) -> float | None:
-        """A failed attempt, learnt from as its class says; the seconds of the Retry-After
-        pause it started for the lane (the runner journals it), else None."""
-        adm, now = self.admission, self.admission._time()
-        self.spend.failed(failure)
-        policy = failure.cls.policy
-        if policy.refund and self.tpm is not None and self.charged:
-            self._adjust(-self.charged)  # nothing was generated
-            self.charged = 0.0
-        self._landed()
-        if not policy.slows_admission:
-            if failure.headers:
-                self.lane._read(failure.headers, now)
-            return None
-        adm.refused = True
-        paused = self.lane.refused(now, self.sent_at, failure.retry_after, failure.headers)
-        if paused is not None and adm.shared is not None:
-            adm.shared.announce(self.lane, paused)  # the job's other processes pause too
-        return paused
-
-    def stalled_for(self) -> float:
-        return self.lane.stalled_for(self.admission._time())

@@ -48,6 +48,7 @@ class Lane:
         self.stated = StatedLimits()
         self.tpm: TokenBucket | None = None  # stated by x-ratelimit-*-tokens headers
         self.flight_tokens = 0.0  # estimates booked for requests not answered yet
+        self.flight = 0  # requests sent and not answered yet (`Permit`)
         self.pause_until = -math.inf  # loop time
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -105,6 +106,7 @@ class Lane:
     # -- what answers say ----------------------------------------------------------------
     def sent_at(self, now: float) -> None:
         self.sent += 1
+        self.flight += 1
         if self.last_progress is None:
             self.last_progress = now  # --patience counts from the lane's first send
         self.controller.on_sent(now)
@@ -119,12 +121,19 @@ class Lane:
         change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
         if change is not None:
             self._change(change, now)
+        if stated is not None:
+            level = self.stated.level("requests")
+            if level is not None:  # less what is on its way there, counted by it already
+                self.pacer.at_most(level - self.flight, now)
 
     def refused(self, now: float, sent: float, wait: float | None,
                 headers: Mapping[str, str] | None) -> float | None:
         """A refusal; the seconds of the Retry-After pause it started, if it started one."""
         self.refusals += 1
         self.refused_run += 1
+        if self.pacer.allowance:
+            log.debug("refused with room stated: the pace%s spends no stated burst", self.label)
+            self.pacer.no_stated_burst()
         stated = self._read(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
         self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)

@@ -20,14 +20,19 @@ NONE, SLOT, CREDIT = 0, 1, 2  # what a booking took (`Pacer.booked`)
 
 class Pacer:
     """A lane's pace. `credit` requests are free at once from `credit_from` (what a server's
-    bucket refilled during a pause, sent when it ends)."""
+    bucket refilled during a pause, sent when it ends). A server that states what its bucket
+    holds (`at_most`) has that spent at once: `allowance` is the most it said it held."""
 
-    __slots__ = ("booked", "credit", "credit_from", "interval", "rate", "tat", "tolerance")
+    __slots__ = ("allowance", "booked", "credit", "credit_from", "interval", "own", "rate",
+                 "stated_burst", "tat", "tolerance")
 
     def __init__(self, rate: float | None = None) -> None:
         self.rate: float | None = None
         self.interval = 0.0
-        self.tolerance = 0.0
+        self.own = 0.0  # the pace's own burst, as a tolerance (BURST_SECONDS, MAX_BURST)
+        self.tolerance = 0.0  # the larger of it and the stated allowance
+        self.allowance = 0.0
+        self.stated_burst = True  # until a refusal says the stated level is not all at once
         self.tat = -math.inf
         self.credit = 0
         self.credit_from = math.inf
@@ -42,7 +47,29 @@ class Pacer:
             return
         self.interval = 1.0 / rate
         burst = min(MAX_BURST, max(1.0, rate * BURST_SECONDS))
-        self.tolerance = (burst - 1.0) * self.interval
+        self.own = (burst - 1.0) * self.interval
+        self.tolerance = max(self.own, (self.allowance - 1.0) * self.interval)
+
+    def at_most(self, level: float, now: float) -> None:
+        """The server says its bucket holds `level` requests now (`x-ratelimit-remaining`,
+        less what is on its way there): that many may go at once, and no more. What it says
+        it holds is what it can hold (as `TokenBucket.at_most`): a stated bucket of 600 at
+        10/s is spent at once, not at its refill rate from the first answer (llmock --rpm 600,
+        700 lines: 54 s, where the allowance and then the pace take 12). Until a refusal
+        says the level is not all to be had at once (`no_stated_burst`)."""
+        if self.rate is None:
+            return
+        if self.stated_burst and level > self.allowance:
+            self.allowance = level
+            self.tolerance = max(self.tolerance, (level - 1.0) * self.interval)
+        self.tat = max(self.tat, now - (level - 1.0) * self.interval)
+
+    def no_stated_burst(self) -> None:
+        """Refused while the server said it had room (a limit enforced over shorter spans
+        than its headers state, as OpenAI's may be): from now on the pace is a pace."""
+        self.stated_burst = False
+        self.allowance = 0.0
+        self.tolerance = self.own
 
     def book(self, now: float) -> float:
         """Seconds to wait before sending; the slot is taken either way."""
@@ -73,13 +100,13 @@ class Pacer:
         before it is void: given back, it would make the burst one more than the server
         refilled."""
         self.booked = NONE
-        if self.rate is not None and burst > 1 + self.tolerance / self.interval:
+        if self.rate is not None and burst > 1 + self.own / self.interval:
             self.credit = burst - 1
             self.credit_from = when
             self.tat = max(self.tat, when)
-        else:
+        else:  # (a stated allowance is not what refilled in a pause: the pace's own burst)
             self.credit = 0
-            self.tat = max(self.tat, when - self.tolerance)
+            self.tat = max(self.tat, when - self.own)
 
 
 class TokenBucket:
