@@ -246,7 +246,8 @@ def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: floa
 
 class Paces(logging.Handler):
     """The pace of each change the controller logs, at the loop's time: the INFO lines (a
-    change of 20 % or more) and the DEBUG line of every cut ("cut: old -> new")."""
+    change of 20 % or more) and the DEBUG line of every cut (event `pace_cut`), each with
+    its `requests_per_second`."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -254,8 +255,6 @@ class Paces(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         rate = getattr(record, "requests_per_second", None)
-        if rate is None and str(record.msg).startswith("cut:"):
-            rate = float(record.args[1])  # type: ignore[index]
         if rate is not None:
             self.seen.append((asyncio.get_running_loop().time(), rate))
 

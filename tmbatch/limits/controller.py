@@ -179,8 +179,7 @@ class Controller:
         rate, limit = self.rate, self.limit
         if not self.learn or rate is None or self.stated is not None:
             return None
-        if self.plateau.reached != math.inf:
-            self.plateau.reached = now
+        self.plateau.restart_from(now)
         if limit is None:
             self.limit = rate / self.cfg.margin  # ramping from a lower bound: it was reached
             return None
@@ -363,7 +362,7 @@ class Controller:
         self.closed_since = None
         self._learn(max(self.seen.average(now), MIN_RATE))
         self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
-        self.plateau.lost_from = None  # (the closure's cost is counted: this cut loses nothing)
+        self.plateau.counted()
 
     def _paused(self, a: Answer) -> int:
         """A Retry-After pause: noted, and what to send at once when it ends (rule 6)."""
@@ -392,7 +391,8 @@ class Controller:
         self.plateau.restart()
         self.cuts += 1
         self.plateau.lost(now)
-        log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance)
+        log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance,
+                  extra={"event": "pace_cut", "requests_per_second": round(new, 3)})
         self._set(max(MIN_RATE, new), "learnt from refusals")
         self.probation.cut(now, self.rate or math.inf)
         if first:

@@ -44,6 +44,17 @@ class Plateau:
         """A cut: the pace is below the limit again, the plateau starts when it gets there."""
         self.reached = math.inf
 
+    def restart_from(self, now: float) -> None:
+        """Another process of the fleet was refused (--redis): the fleet probes as one, so a
+        plateau under way starts again from now."""
+        if self.reached != math.inf:
+            self.reached = now
+
+    def counted(self) -> None:
+        """What was lost is counted already (a closure's hold): the cut that ends it costs
+        nothing more."""
+        self.lost_from = None
+
     def lost(self, now: float) -> None:
         """A refusal the rate caused: what it costs is counted from here to the next success."""
         if self.lost_from is None:
