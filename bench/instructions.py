@@ -68,10 +68,12 @@ def client_cmd(client: str, inp: Path, out: Path, url: str, concurrency: int) ->
     return [PY, str(HERE / "bare_aiohttp.py"), str(inp), str(out), url, str(concurrency)]
 
 
-def instructions(cmd: list[str], loop: str, tmp: Path) -> int:
-    """Total instructions of one client process, under callgrind."""
+def instructions(cmd: list[str], loop: str, tmp: Path,
+                 env: dict[str, str] | None = None) -> int:
+    """Total instructions of one client process, under callgrind (`env`: more variables)."""
     out_file = tmp / f"cg.{time.monotonic_ns()}"
-    env = {**os.environ, "TMBATCH_LOOP": loop, "TENSORMESH_INFERENCE_API_KEY": "bench-key"}
+    env = {**os.environ, "TMBATCH_LOOP": loop, "TENSORMESH_INFERENCE_API_KEY": "bench-key",
+           **(env or {})}
     done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
                            *cmd], cwd=ROOT, env=env, capture_output=True, timeout=3600)
     if done.returncode != 0:

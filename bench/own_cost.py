@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +36,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from gen import write_input  # noqa: E402
+from instructions import instructions  # noqa: E402
 
 PY = sys.executable
-TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
 
 
 def child(variant: str, inp: str, out: str) -> int:
@@ -97,20 +95,11 @@ def child(variant: str, inp: str, out: str) -> int:
     return 0
 
 
-def instructions(variant: str, tree: Path, inp: Path, tmp: Path) -> int:
-    cg = tmp / f"cg.{time.monotonic_ns()}"
+def count(variant: str, tree: Path, inp: Path, tmp: Path) -> int:
+    """Instructions of one `--child` run of `variant` on `inp`, `tree`'s tmbatch imported."""
     out = tmp / f"out.{time.monotonic_ns()}"
-    env = {**os.environ, "TMBATCH_LOOP": "uvloop", "OWN_COST_TREE": str(tree)}
-    done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}", PY,
-                           str(Path(__file__).resolve()), "--child", variant, str(inp),
-                           str(out)], env=env, capture_output=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} failed: {done.stderr[-2000:].decode(errors='replace')}")
-    found = TOTALS.search(cg.read_bytes())
-    cg.unlink()
-    if found is None:
-        raise RuntimeError("no totals in the callgrind output")
-    return int(found.group(1))
+    cmd = [PY, str(Path(__file__).resolve()), "--child", variant, str(inp), str(out)]
+    return instructions(cmd, "uvloop", tmp, {"OWN_COST_TREE": str(tree)})
 
 
 def main() -> int:
@@ -134,7 +123,7 @@ def main() -> int:
         tmp = Path(d)
         inputs = [write_input(tmp / f"in-{n}.jsonl", n) for n in (a.lines, 2 * a.lines)]
         for variant, tree in runs:
-            small, big = (instructions(variant, trees[tree], inp, tmp) for inp in inputs)
+            small, big = (count(variant, trees[tree], inp, tmp) for inp in inputs)
             label = f"{variant} ({tree})" if tree else variant
             rows.append((label, (big - small) / a.lines))
             print(f"  {label:<40} {rows[-1][1]:>10,.0f} instructions/request", flush=True)
