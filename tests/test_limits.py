@@ -187,7 +187,7 @@ def test_what_the_server_says_its_bucket_holds_goes_at_once_and_no_more() -> Non
     assert sum(p.book(5.0) == 0.0 for _ in range(10)) == 1  # 10/s: a burst of 1 of its own
 
 
-def test_a_refusal_while_the_server_said_it_had_room_ends_the_stated_burst() -> None:
+def test_a_refusal_after_a_stated_burst_ends_it() -> None:
     """A limit enforced over shorter spans than its headers state (OpenAI's may be: 60,000 a
     minute as 1,000 a second) refuses what its stated level allowed: from then on that level
     only holds the pace back, it is not spent at once."""

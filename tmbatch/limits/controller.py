@@ -30,7 +30,7 @@ rules, each a named test in tests/test_pacing.py:
 6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
-   What they say the bucket holds goes at once, until a refusal says it cannot (`Pacer`).
+   What they say the bucket holds goes at once, until a refusal after such a burst (`Pacer`).
    `--rpm` fixes the pace; nothing is learnt.
 8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
    unpaced process joins a paced fleet at its mean as measured (`shared`'s rules 3 and 4).

@@ -132,7 +132,7 @@ class Lane:
         self.refusals += 1
         self.refused_run += 1
         if self.pacer.allowance:
-            log.debug("refused with room stated: the pace%s spends no stated burst", self.label)
+            log.debug("refused after a stated burst: the pace%s spends none again", self.label)
             self.pacer.no_stated_burst()
         stated = self._read(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None

@@ -56,7 +56,7 @@ class Pacer:
         it holds is what it can hold (as `TokenBucket.at_most`): a stated bucket of 600 at
         10/s is spent at once, not at its refill rate from the first answer (llmock --rpm 600,
         700 lines: 54 s, where the allowance and then the pace take 12). Until a refusal
-        says the level is not all to be had at once (`no_stated_burst`)."""
+        after one (`no_stated_burst`)."""
         if self.rate is None:
             return
         if self.stated_burst and level > self.allowance:
@@ -65,8 +65,9 @@ class Pacer:
         self.tat = max(self.tat, now - (level - 1.0) * self.interval)
 
     def no_stated_burst(self) -> None:
-        """Refused while the server said it had room (a limit enforced over shorter spans
-        than its headers state, as OpenAI's may be): from now on the pace is a pace."""
+        """Refused after spending a stated burst: the level was not all to be had at once (a
+        limit enforced over shorter spans than its headers state, as OpenAI's may be, or a
+        bucket other clients share). From now on the level only holds the pace back."""
         self.stated_burst = False
         self.allowance = 0.0
         self.tolerance = self.own
