@@ -516,6 +516,19 @@ def test_every_hint_that_announces_a_pause_opens_a_window(fmt: str) -> None:
                  clock)
 
 
+def test_headers_may_state_a_bigger_bucket_than_the_one_enforced() -> None:
+    """--sim-ratelimit-stated-burst: the headers count a bucket of 100 at the same rate, the
+    server enforces its burst of 2 (a per-minute limit enforced per second)."""
+    async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
+        answers = [await post(session, server, CHAT, chat_body(f"q{i}")) for i in range(4)]
+        assert [a[0] for a in answers] == [200, 200, 429, 429]
+        assert {a[2]["x-ratelimit-limit-requests"] for a in answers} == {"100"}
+        assert answers[1][2]["x-ratelimit-remaining-requests"] == "98"  # room, it says
+
+    run_with_sim(SimConfig(rate_limit=0.01, rate_burst=2, ratelimit_headers=True,
+                           ratelimit_stated_burst=100), scenario)
+
+
 def test_burst_sets_how_many_pass_at_once() -> None:
     async def scenario(server: SimServer, session: aiohttp.ClientSession) -> None:
         statuses = [(await post(session, server, CHAT, chat_body(f"q{i}")))[0] for i in range(8)]

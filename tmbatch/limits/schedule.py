@@ -52,9 +52,10 @@ class Pacer:
 
     def at_most(self, level: float, now: float) -> None:
         """The server says its bucket holds `level` requests now (`x-ratelimit-remaining`,
-        less what is on its way there): that many may go at once, and no more. What it says
-        it holds is what it can hold (as `TokenBucket.at_most`): a stated bucket of 600 at
-        10/s is spent at once, not at its refill rate from the first answer (llmock --rpm 600,
+        less what is on its way there): the pace may run ahead of its schedule by that many,
+        and never past it. What it says it holds is what it can hold (as
+        `TokenBucket.at_most`): a lane not yet held back by its pace spends a stated bucket of
+        600 at 10/s at once, not at its refill rate from the first answer (llmock --rpm 600,
         700 lines: 54 s, where the allowance and then the pace take 12). Until a refusal
         after one (`no_stated_burst`)."""
         if self.rate is None:

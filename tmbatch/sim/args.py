@@ -137,6 +137,10 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
                             "provider) or 503 (a flaky gateway) (default: 429)"),
     "--sim-ratelimit-headers": (SWITCH, "send x-ratelimit-limit/remaining/reset-requests "
                                 "(and -tokens) headers on every POST answer"),
+    "--sim-ratelimit-stated-burst": (COUNT, "those headers state a bucket of N requests at "
+                                     "the --sim-rate-limit rate, while the one enforced "
+                                     "holds --sim-rate-burst: a limit enforced over shorter "
+                                     "spans than it states (default: the one enforced)"),
     "--sim-error-500": (FRACTION, "fraction of billable requests processed and then answered 500"),
     "--sim-drop-after-read": (FRACTION, "fraction of billable requests processed and then "
                               "disconnected without an answer"),

@@ -52,6 +52,10 @@ class SimConfig:
     # capacity: at most this many billable requests processed at once, the rest queue.
     rate_limit: float | None = None
     rate_burst: float | None = None
+    # x-ratelimit-*-requests state a bucket of this many at rate_limit/s while the one
+    # enforced holds rate_burst: a limit enforced over shorter spans than its headers say
+    # (OpenAI's per-minute limits may be enforced per second). None: the headers state it.
+    ratelimit_stated_burst: float | None = None
     # (seconds after the start or reset, rate from then on), in time order: the bucket's rate
     # changes while its burst stays (another job shares the account for a while).
     rate_schedule: tuple[tuple[float, float], ...] = ()
@@ -125,6 +129,9 @@ class SimConfig:
                 raise ValueError(f"{name} must be positive (or None for no limit)")
         if self.rate_burst is not None and self.rate_burst < 1:
             raise ValueError("rate_burst must be at least 1, or no request could ever pass")
+        if self.ratelimit_stated_burst is not None and (
+                self.ratelimit_stated_burst < 1 or self.rate_limit is None):
+            raise ValueError("ratelimit_stated_burst must be at least 1, and needs rate_limit")
         for name in ("window_limit", "capacity"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -265,6 +265,8 @@ class LimitSet:
     requests: RequestBucket | FixedWindow | None
     tokens: TokenBudget | None
     windows: RetryWindows
+    # what x-ratelimit-*-requests state instead of `requests` (`ratelimit_stated_burst`)
+    stated: RequestBucket | None = None
     active: tuple[Limit, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,8 @@ class LimitSet:
         if wait == 0.0:
             for lim in self.active:
                 lim.take(now)
+            if self.stated is not None:
+                self.stated.take(now)
         return wait, kind
 
     def headers(self, now: float) -> tuple[dict[str, str], list[float]]:
@@ -291,9 +295,10 @@ class LimitSet:
         headers: dict[str, str] = {}
         ends: list[float] = []
         for lim in self.active:
-            headers.update(lim.headers(now))
-            if lim.remaining(now) == 0:
-                ends.append(now + lim.wait(now))
+            shown = self.stated if lim is self.requests and self.stated is not None else lim
+            headers.update(shown.headers(now))
+            if shown.remaining(now) == 0:
+                ends.append(now + shown.wait(now))
         return headers, ends
 
     def charge(self, now: float, tokens: int) -> dict[str, str] | None:
@@ -328,7 +333,11 @@ def build_limit_set(config: SimConfig, now: float) -> LimitSet:
         rate = config.tpm_limit / 60.0
         burst = config.tpm_burst if config.tpm_burst is not None else one_second(rate)
         tokens = TokenBudget(rate, burst, burst, now)
-    return LimitSet(requests, tokens, RetryWindows(config.grace))
+    stated = None
+    if config.ratelimit_stated_burst is not None and config.rate_limit is not None:
+        size = config.ratelimit_stated_burst
+        stated = RequestBucket(config.rate_limit, size, size, now)
+    return LimitSet(requests, tokens, RetryWindows(config.grace), stated)
 
 
 # ----------------------------------------------------------------------------------------------
