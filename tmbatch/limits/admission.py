@@ -81,15 +81,15 @@ class Admission:
         self._opener: asyncio.TimerHandle | None = None
         self.refused = False  # any lane was refused: the slow start's clock stops
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
         # learnt tokens-per-estimate ratio, as two moving sums so big requests weigh more
         self._ema_raw = 0.0
         self._ema_actual = 0.0
         self.ratio = 1.0
         self.settled = 0
         self._ok_times: deque[float] = deque()
-        self._first_sent: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.first_sent: float | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._resumed_until = -math.inf  # loop time a window told of before this run ends
         # the lanes' pause and pace shared with the job's other processes (`shared`, --redis)
         self.shared: LaneStore | None = None
@@ -102,8 +102,8 @@ class Admission:
         if lane is None:
             key = LaneKey(self.base_url, name if isinstance(name, str) else ACCOUNT)
             lane = self.lanes[name] = make_lane(key, self.config, self.rpm, self.adaptive, "")
-            if self._resumed_until > self._time():  # a window a previous run was told of
-                lane.pause(self._resumed_until - self._time(), self._time())
+            if self._resumed_until > self.now():  # a window a previous run was told of
+                lane.pause(self._resumed_until - self.now(), self.now())
             if len(self.lanes) > 1:  # from the second lane on, every message names its model
                 for each in self.lanes.values():
                     each.label = f" for {each.key.model}"
@@ -127,33 +127,34 @@ class Admission:
     def pause(self, seconds: float) -> None:
         """Pause every lane, present and future (a window a previous run was told of: the
         journal does not say which lane it was, so it holds them all)."""
-        now = self._time()
+        now = self.now()
         self._resumed_until = max(self._resumed_until, now + seconds)
         for lane in self.lanes.values():
             lane.pause(seconds, now)
 
-    def _time(self) -> float:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop.time()
+    def now(self) -> float:
+        """The loop's clock (the loop is looked up once: admission runs on one loop)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        return self.loop.time()
 
     # -- concurrency slots ---------------------------------------------------------------
-    async def _take_slot(self) -> None:
-        self._time()
-        loop = self._loop
+    async def take_slot(self) -> None:
+        self.now()
+        loop = self.loop
         assert loop is not None
         if self.cap < self.ceiling and self._opener is None and not self.refused:
             self._opener = loop.call_later(OPEN_EVERY, self._open)
-        while self.in_flight >= self.cap or self._waiters:
+        while self.in_flight >= self.cap or self.waiters:
             fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(fut)
+            self.waiters.append(fut)
             try:
                 await fut
             except BaseException:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
                 else:
-                    self._wake()  # woken but leaving: pass the free slot on
+                    self.wake()  # woken but leaving: pass the free slot on
                 raise
             if self.in_flight < self.cap:
                 break
@@ -170,22 +171,22 @@ class Admission:
             # and doubling on top would send a volley bigger than any the server answered
             self.cap = min(self.ceiling, self.cap * 2)
         self._opening_answers = 0
-        self._wake()
-        if self.cap < self.ceiling and self._waiters and self._loop is not None:
-            self._opener = self._loop.call_later(OPEN_EVERY, self._open)
+        self.wake()
+        if self.cap < self.ceiling and self.waiters and self.loop is not None:
+            self._opener = self.loop.call_later(OPEN_EVERY, self._open)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         free = self.cap - self.in_flight
-        while free > 0 and self._waiters:
-            fut = self._waiters.popleft()
+        while free > 0 and self.waiters:
+            fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
                 free -= 1
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
-        if self._waiters:
-            self._wake()
+        if self.waiters:
+            self.wake()
 
     def _answered(self) -> None:
         """Slow start: one more in flight for every second answer."""
@@ -194,10 +195,10 @@ class Admission:
         if self._opening >= OPEN_PER:
             self._opening = 0
             self.cap += 1
-            self._wake()
+            self.wake()
 
     # -- tokens per minute ---------------------------------------------------------------
-    def _warn_if_tpm_too_small(self, charged: float) -> None:
+    def warn_if_tpm_too_small(self, charged: float) -> None:
         """A request bigger than a minute's budget waits minutes for it, and the first one
         shows it: say so at once rather than leave the run looking stuck."""
         target = self.tpm_target or 0.0
@@ -212,7 +213,7 @@ class Admission:
             extra={"event": "tpm_below_request", "tpm": target, "estimate": charged},
         )
 
-    def _learn_ratio(self, estimated: int, actual: int) -> None:
+    def learn_ratio(self, estimated: int, actual: int) -> None:
         """The estimate's bias, so the next charges are closer to what usage will say."""
         self.settled += 1
         a = RATIO_ALPHA if self.settled > 1 else 1.0
@@ -222,7 +223,7 @@ class Admission:
         self.ratio = min(hi, max(lo, self._ema_actual / self._ema_raw))
 
     # -- reporting -----------------------------------------------------------------------
-    def _succeeded(self, now: float) -> None:
+    def succeeded(self, now: float) -> None:
         ok = self._ok_times
         ok.append(now)
         if ok[0] < now - 2 * RATE_WINDOW:
@@ -242,10 +243,10 @@ class Admission:
     def settled_rate(self) -> float | None:
         """Successes per second over the last RATE_WINDOW seconds of the run, from no
         earlier than the first admission (a few answers finishing together are no rate)."""
-        if not self._ok_times or self._first_sent is None:
+        if not self._ok_times or self.first_sent is None:
             return None
         last = self._ok_times[-1]
-        start = max(self._first_sent, last - RATE_WINDOW)
+        start = max(self.first_sent, last - RATE_WINDOW)
         n = sum(1 for t in self._ok_times if t > start)
         span = last - start
         return round(n / span, 2) if span > 0 else None

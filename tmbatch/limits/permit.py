@@ -50,10 +50,10 @@ class Permit:
 
     async def __aenter__(self) -> Permit:
         adm, lane = self.admission, self.lane
-        loop = adm._loop
+        loop = adm.loop
         if loop is None:
-            adm._time()
-            loop = adm._loop
+            adm.now()
+            loop = adm.loop
             assert loop is not None
         budget = adm.budget
         if budget.enforcing:
@@ -72,17 +72,17 @@ class Permit:
                     await lane.paced(loop)
                 if adm.shared is not None and not await adm.shared.take(lane):
                     continue  # the fleet paused the lane (--redis)
-                if adm.in_flight < adm.cap and not adm._waiters:
+                if adm.in_flight < adm.cap and not adm.waiters:
                     adm.in_flight += 1
                 else:
-                    await adm._take_slot()
+                    await adm.take_slot()
                 self.slot = True
                 if lane.pause_until <= loop.time() and (paced or lane.pacer.rate is None):
                     break
                 # a refusal came while this waited for a slot (the answer that freed it,
                 # even), pausing or pacing the lane: the slot goes to another lane meanwhile
                 self.slot = False
-                adm._release()
+                adm.release()
             tpm = self.tpm = adm.tpm or lane.tpm
             if tpm is not None:
                 await self._charge(tpm, loop)
@@ -90,8 +90,8 @@ class Permit:
             self._leave()
             raise
         now = self.sent_at = loop.time()
-        if adm._first_sent is None:
-            adm._first_sent = now
+        if adm.first_sent is None:
+            adm.first_sent = now
         lane.sent_at(now)
         self.flying = True
         return self
@@ -101,7 +101,7 @@ class Permit:
         self.tokens = estimate_tokens(req.body, generates=not req.idempotent)
         charged = self.charged = float(max(1, round(self.tokens * adm.ratio)))
         if adm.tpm is tpm and not adm.tpm_warned:
-            adm._warn_if_tpm_too_small(charged)
+            adm.warn_if_tpm_too_small(charged)
         delay = 0.0
         if adm.shared is not None:  # --redis: the fleet's bucket, unless Redis is cut off
             account = tpm is adm.tpm
@@ -147,10 +147,10 @@ class Permit:
             self._landed()
         if self.slot:
             self.slot = False
-            adm = self.admission  # (`Admission._release`, inlined: once per attempt)
+            adm = self.admission  # (`Admission.release`, inlined: once per attempt)
             adm.in_flight = adm.in_flight - 1 if adm.in_flight > 0 else 0
-            if adm._waiters:
-                adm._wake()
+            if adm.waiters:
+                adm.wake()
         if self.charged and self.tpm is not None and self.sent_at == 0.0:
             self._adjust(-self.charged)  # never sent: the tokens go back
             self.charged = 0.0
@@ -162,25 +162,25 @@ class Permit:
            headers: Mapping[str, str] | None) -> None:
         """A success: its spend, its tokens (`tokens`: prompt + completion) and its headers."""
         adm = self.admission
-        now = adm._time() if adm._loop is None else adm._loop.time()
+        now = adm.now() if adm.loop is None else adm.loop.time()
         self.spend.succeeded(body, used)  # type: ignore[arg-type]
         tpm = self.tpm
         if tpm is not None and tokens > 0:  # (before the headers, which count its usage)
             self._adjust(tokens - self.charged)
             self.charged = float(tokens)
-            adm._learn_ratio(self.tokens, tokens)
+            adm.learn_ratio(self.tokens, tokens)
         if self.flying:  # (`_landed`, inlined: once per answer)
             self.flying = False
             self.lane.flight -= 1
         if self.tokens_flying:
             self._landed()
         self.lane.succeeded(now, self.sent_at, headers, tokens)
-        adm._succeeded(now)
+        adm.succeeded(now)
 
     def failed(self, failure: AttemptFailed) -> float | None:
         """A failed attempt, learnt from as its class says; the seconds of the Retry-After
         pause it started for the lane (the runner journals it), else None."""
-        adm, now = self.admission, self.admission._time()
+        adm, now = self.admission, self.admission.now()
         self.spend.failed(failure)
         policy = failure.cls.policy
         if policy.refund and self.tpm is not None and self.charged:
@@ -198,4 +198,4 @@ class Permit:
         return paused
 
     def stalled_for(self) -> float:
-        return self.lane.stalled_for(self.admission._time())
+        return self.lane.stalled_for(self.admission.now())
