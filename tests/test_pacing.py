@@ -28,6 +28,11 @@ def row(base: Scenario, name: str, lines: int | None = None, **server: Any) -> S
                    lines=lines or base.lines, band=Band(0.0, 1.0, base.band.rejected))
 
 
+def by_share(sc: Scenario, seeds: int) -> list[RowResult]:
+    """The row's runs on seeds 0..seeds-1, lowest share first (the median is the middle)."""
+    return sorted((run_row(sc, seed) for seed in range(seeds)), key=lambda r: r.share)
+
+
 def lane(r: RowResult, model: str = "tm-small") -> dict[str, Any]:
     return r.lanes[model]
 
@@ -239,7 +244,7 @@ def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: floa
     of a second that was all pause, once took a run to 0.1/s and 44 %)."""
     base = BY_NAME["random-10-seconds"]
     random = row(base, f"random-{share}", refuse_fraction=share)
-    runs = sorted((run_row(random, seed) for seed in range(5)), key=lambda r: r.share)
+    runs = by_share(random, 5)
     assert runs[0].share >= 0.9 and runs[2].share >= 1.0, [r.line() for r in runs]
     assert all(r.violations == 0 for r in runs)
 
@@ -318,7 +323,7 @@ def test_a_limit_enforced_over_shorter_spans_than_its_headers_state(fmt: str,
     before stated levels were spent (97.8 % and 91.3 % both ways)."""
     sc = row(BY_NAME["bucket-xratelimit"], f"quantized-{fmt}", ratelimit_stated_burst=600.0,
              retry_after_format=fmt)
-    runs = sorted((run_row(sc, seed) for seed in range(3)), key=lambda r: r.share)
+    runs = by_share(sc, 3)
     r = runs[1]
     assert r.share >= band and r.refused <= 0.05 * r.accepted, r.line()
     assert all(x.violations == 0 and x.rejected == 0 for x in runs), [x.line() for x in runs]

@@ -69,9 +69,13 @@ def lines(n: int) -> list[dict[str, Any]]:
     return [row(f"r-{i}", CHAT, chat_body(SPEC, f"question {i}")) for i in range(n)]
 
 
-def verdict_errors(server: ServerProcess) -> list[dict[str, Any]]:
-    verdict = _get(server, "/_llmock/verdict")
-    return [f for f in verdict["findings"] if f["severity"] == "error"]
+def findings(server: ServerProcess) -> list[dict[str, Any]]:
+    """What llmock's verdict found wrong with the client (errors and warnings)."""
+    return _get(server, "/_llmock/verdict")["findings"]
+
+
+def errors(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for f in found if f["severity"] == "error"]
 
 
 @pytest.mark.parametrize("llmock", [("--error-rate-429", "0.1", "--latency-ms", "10")],
@@ -89,7 +93,7 @@ def test_refusals_at_random_cost_a_pause_each_not_the_pace(llmock: ServerProcess
     refused = [r for r in records if r["status"] == 429]
     assert refused, "llmock refused nothing: the flags did not take"
     assert inside_windows(records) == [], run.stderr[-3000:]
-    assert verdict_errors(llmock) == []
+    assert errors(findings(llmock)) == []
     span = records[-1]["ended_at"] - records[0]["started_at"]
     bound = 1.25 * sum(r["retry_after"] for r in refused) + 5.0
     assert span <= 2 * bound, (span, bound, len(refused), run.stderr[-3000:])
@@ -121,9 +125,9 @@ def test_refusals_mixed_with_5xx_never_send_a_line_twice(llmock: ServerProcess,
     assert len(run.failures) == len(answered_500)
     assert len(run.results) == 100 - len(answered_500)
     assert inside_windows(records) == []
-    verdict = _get(llmock, "/_llmock/verdict")
-    assert [f for f in verdict["findings"] if f["severity"] == "error"] == []
-    assert {f["code"] for f in verdict["findings"]} <= {"gave_up"}, verdict["findings"]
+    found = findings(llmock)
+    assert errors(found) == []
+    assert {f["code"] for f in found} <= {"gave_up"}, found
 
 
 @pytest.mark.parametrize("llmock", [("--rpm", "600",)], indirect=True)
@@ -144,5 +148,5 @@ def test_a_limit_stated_by_headers_paces_the_lane_under_it(llmock: ServerProcess
     records = journal(llmock)
     assert [r for r in records if r["status"] == 429] == []
     assert records[-1]["ended_at"] - records[0]["started_at"] < 30.0
-    assert verdict_errors(llmock) == []
+    assert errors(findings(llmock)) == []
 

@@ -35,6 +35,7 @@ from tmbatch.spend.prices import Prices
 from tmbatch.spend.reservation import FREE, Hold, Reservation
 from tmbatch.spend.tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
+    ceiling,
     choices,
     output_cap,
     prompt_tokens,
@@ -268,10 +269,9 @@ class Budget:
         body = res.body
         res.raw_prompt = prompt_tokens(body)
         res.prompt = math.ceil(res.raw_prompt * self.prompt_factor)
-        cap = output_cap(body)
-        n = choices(body)  # (`output_ceiling`, with the cap and `n` read once)
+        cap, n = output_cap(body), choices(body)  # each read once (`output_ceiling`'s too)
         res.capped = cap is not None
-        res.output = (DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap) * n
+        res.output = ceiling(cap, n)
         if cap is None:  # no cap of its own: the most an uncapped answer has used so far
             res.output = max(res.output, self.uncapped_output * n)
         price = self.prices.get(res.model)

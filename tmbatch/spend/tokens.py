@@ -110,8 +110,12 @@ def output_ceiling(body: dict[str, Any], generates: bool = True) -> int:
     """
     if not generates:
         return 0
-    cap = output_cap(body)
-    return (DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap) * choices(body)
+    return ceiling(output_cap(body), choices(body))
+
+
+def ceiling(cap: int | None, n: int) -> int:
+    """`output_ceiling` of a line whose `output_cap` and `choices` are known already."""
+    return (DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap) * n
 
 
 def estimate_tokens(body: dict[str, Any], generates: bool = True) -> int:
