@@ -78,8 +78,11 @@ def idempotency_key(job_id: str, custom_id: str) -> str:
 _BLAKE2B_128 = hashlib.blake2b(digest_size=16)
 
 
-def make_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
-    """One pooled session for the whole run: one connection per worker, TLS verified."""
+def make_session(settings: Settings, concurrency: int,
+                 swept: bool = False) -> aiohttp.ClientSession:
+    """One pooled session for the whole run: one connection per worker, TLS verified.
+    `swept`: the caller holds each request to `settings.timeout` itself (`run.inflight`),
+    so aiohttp arms no timer per request (only one per new connection)."""
     ssl_ctx: ssl.SSLContext | bool = True
     if settings.ca_bundle:
         ssl_ctx = ssl.create_default_context(cafile=settings.ca_bundle)
@@ -88,7 +91,7 @@ def make_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
         keepalive_timeout=30, enable_cleanup_closed=True,
     )
     timeout = aiohttp.ClientTimeout(
-        total=settings.timeout, sock_connect=min(30.0, settings.timeout)
+        total=None if swept else settings.timeout, sock_connect=min(30.0, settings.timeout)
     )
     return aiohttp.ClientSession(
         base_url=settings.base_url.rstrip("/") + "/",

@@ -34,8 +34,8 @@ from tmbatch.journal.writer import Writer
 from tmbatch.limits import Admission, Lane, Permit
 from tmbatch.policy import AttemptFailed, Outcome, retryable
 from tmbatch.run.cached import RunCache
+from tmbatch.run.inflight import InFlight
 from tmbatch.run.summary import RunStats
-from tmbatch.spend.reservation import Hold
 from tmbatch.spend.usage import usage_tokens
 
 if TYPE_CHECKING:  # tenacity is imported at a line's first failure: most runs never need it
@@ -89,8 +89,8 @@ class LineSender:
     patience: float = PATIENCE.value  # seconds without any success before refusals are final
     served_models: tuple[str, ...] | None = None  # preflight's list (served.ServedCheck)
     served: ServedCheck = field(init=False)
-    # Workers whose request is on the wire: a stop lets these finish and cancels the others.
-    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+    # Workers whose request is on the wire, held to --timeout (`InFlight`, swept by the runner)
+    in_flight: InFlight = field(init=False)
     # Circuit breaker: attempts in a row that never reached the server, while none ever has.
     answered: bool = False
     unreached_streak: int = 0
@@ -107,6 +107,7 @@ class LineSender:
 
     def __post_init__(self) -> None:
         self.served = ServedCheck(self.served_models, self.fatal_404_after)
+        self.in_flight = InFlight(self.settings.timeout)
 
     async def process(self, req: Request, task: asyncio.Task[None] | None = None) -> None:
         """Send `req` until it has an outcome (or the run stops), and record it. `task`: the
@@ -145,13 +146,14 @@ class LineSender:
                     raise Stopped
                 if task is None:
                     task = asyncio.current_task()
-                self._dispatch(req, before + 1, permit.spend, task)  # type: ignore[arg-type]
+                self._dispatch(req, before + 1, permit, task)  # type: ignore[arg-type]
                 try:
                     answer = await self.transport(self.session, req.url, req.body, headers)
-                except AttemptFailed as exc:
+                except (AttemptFailed, asyncio.CancelledError) as caught:
+                    exc = self.in_flight.failure(caught, task)  # type: ignore[arg-type]
                     tries = Tries(before, 1)
                     self._failed_attempt(req, exc, permit, tries)
-                    raise
+                    raise exc from None
                 finally:
                     self.stats.in_flight -= 1
                     self.in_flight.discard(task)
@@ -259,12 +261,13 @@ class LineSender:
             tries.now += 1
             self.stats.retries += 1  # (attempt 1 is `process`'s)
             task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-            self._dispatch(req, tries.total, permit.spend, task)
+            self._dispatch(req, tries.total, permit, task)
             try:
                 answer = await self.transport(self.session, req.url, req.body, headers)
-            except AttemptFailed as exc:
+            except (AttemptFailed, asyncio.CancelledError) as caught:
+                exc = self.in_flight.failure(caught, task)
                 self._failed_attempt(req, exc, permit, tries)
-                raise
+                raise exc from None
             finally:
                 self.stats.in_flight -= 1
                 self.in_flight.discard(task)
@@ -273,11 +276,12 @@ class LineSender:
             permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
             return answer
 
-    def _dispatch(self, req: Request, attempt: int, spend: Hold,
+    def _dispatch(self, req: Request, attempt: int, permit: Permit,
                   task: asyncio.Task[None]) -> None:
         """Journal the attempt (durable before its bytes leave) and count `task`, whose
         request it is, in flight. A request of several units (`n`) is dispatched for each,
         its worst case booked once, on the first."""
+        spend = permit.spend
         if req.units is None:
             self.writer.dispatch(req.line, attempt, req.custom_id, spend.journal())
         else:
@@ -289,7 +293,7 @@ class LineSender:
         spend.dispatched()
         self.stats.sent += 1
         self.stats.in_flight += 1
-        self.in_flight.add(task)
+        self.in_flight.add(task, permit.sent_at)
 
     def _failed_attempt(self, req: Request, exc: AttemptFailed, permit: Permit,
                         tries: Tries) -> None:

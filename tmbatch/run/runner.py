@@ -229,7 +229,7 @@ class Runner:
         self._honour_open_pause()
         loop = asyncio.get_running_loop()
         f = open_input(opts.input) if opts.requests is None else None
-        session = make_session(self.settings, opts.concurrency)
+        session = make_session(self.settings, opts.concurrency, swept=True)
         sender = self._sender = LineSender(
             self.settings, header.job, self.admission, writer, self.stats, self.stop,
             session, dict(opts.prior_attempts), patience=opts.patience, served_models=served)
@@ -362,10 +362,9 @@ class Runner:
         return self._total
 
     async def _wait_workers(self) -> None:
-        """Until every worker has ended; a worker's exception is raised here. Woken by the
-        last worker to end (or by one that failed), and every 0.2 s to drive a stop: one
-        future to wait on, not every worker's done-callback added and removed at each poll
-        (that cost grew with the run's length, five times a second)."""
+        """Until every worker has ended; a worker's exception is raised here. Woken by the last
+        worker to end (or one that failed), and every 0.2 s to drive a stop and cut off answers
+        past --timeout (`InFlight.sweep`): one future to wait on, not every worker's callback."""
         ended = asyncio.get_running_loop().create_future()
         left = len(self._workers)
         failed: list[BaseException] = []
@@ -383,6 +382,7 @@ class Runner:
         while True:
             if not ended.done():
                 await asyncio.wait((ended,), timeout=0.2)
+            self._sender.in_flight.sweep(ended.get_loop().time())  # type: ignore[union-attr]
             if failed:
                 raise failed[0]
             if left == 0:
