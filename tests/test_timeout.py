@@ -17,8 +17,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, AppThread, chat_line, clean_env, read_jsonl, run_cli, \
-    write_jsonl
+from tests.conftest import (
+    API_KEY,
+    AppThread,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    run_cli,
+    write_jsonl,
+)
 from tmbatch.policy import Outcome
 from tmbatch.run.inflight import InFlight
 

@@ -16,9 +16,10 @@ rules, each a named test in tests/test_pacing.py:
    sending (pauses, and the bursts they saved up, are not sending). With no hint, the round
    trip after the next decides (the next meets a server still drained): two refused, the
    pace is what got through.
-3. A cut is on probation. Refusals at about the share before it, at a pace lower by FELL and
-   with successes between: they come at random, so the cut is undone, and the share over all
-   such trials is the lane's noise floor, under which refusals only pause. Three times the
+3. A cut is on probation. Refusals at about the share before it (as far as both samples
+   tell), at a pace lower by FELL, successes between: they come at random, so the cut is
+   undone; the share over all such trials is the lane's noise floor, under which refusals
+   only pause. Three times the
    share (a pause's burst refused counts): the limit fell, cut again (same share to beat).
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
    of the time closed; when it grants again the pace is what got through since it opened.

@@ -30,6 +30,7 @@ class Trial:
     limit: float | None
     at: float
     share: float  # of refusals, before the cut
+    low: float  # the least that share can be, to the evidence (its Wilson lower bound)
     need: int  # answers to confirm it
     pace: float = math.inf  # what it cut to
     answers: int = 0
@@ -70,9 +71,9 @@ class Probation:
         chain = self.chain
         if chain is None:
             share, low = refused / answers if answers else 0.0, wilson(refused, answers, -1.64)
-            self.trial = Trial(rate, limit, now, share, _need(low))
+            self.trial = Trial(rate, limit, now, share, low, _need(low))
         else:
-            self.trial = Trial(chain.before, chain.limit, now, chain.share, chain.need)
+            self.trial = Trial(chain.before, chain.limit, now, chain.share, chain.low, chain.need)
 
     def cut(self, now: float, pace: float) -> None:
         """The cut made at `now` went to `pace`: the trial started with it records it."""
@@ -114,9 +115,13 @@ class Probation:
         worse = (refusals >= 2 and t.answers >= SAMPLE // 2
                  and refusals > 3.0 * t.share * t.answers)
         lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
+        done = t.answers >= t.need
+        # about the same share: at least half of it, or, once the trial is over, not below it
+        # to the evidence (a share measured on a few answers before the cut may be far off)
+        alike = share >= t.share / 2 or (done and wilson(t.refused, t.answers, 1.64) >= t.low)
         same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
-                and t.answers > t.refused and share >= t.share / 2 and not worse)
-        if t.answers < t.need and not worse and not same:
+                and t.answers > t.refused and not worse and alike)
+        if not done and not worse and not same:
             return None
         self.trial = None
         log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
