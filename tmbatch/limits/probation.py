@@ -115,13 +115,12 @@ class Probation:
         worse = (refusals >= 2 and t.answers >= SAMPLE // 2
                  and refusals > 3.0 * t.share * t.answers)
         lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
-        done = t.answers >= t.need
-        # about the same share: at least half of it, or, once the trial is over, not below it
-        # to the evidence (a share measured on a few answers before the cut may be far off)
-        alike = share >= t.share / 2 or (done and wilson(t.refused, t.answers, 1.64) >= t.low)
+        # about the same share: at least half of it, or not below it to the evidence (one
+        # measured on a few answers before the cut may be far off)
+        alike = share >= t.share / 2 or wilson(t.refused, t.answers, 1.64) >= t.low
         same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
                 and t.answers > t.refused and not worse and alike)
-        if not done and not worse and not same:
+        if t.answers < t.need and not worse and not same:
             return None
         self.trial = None
         log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
