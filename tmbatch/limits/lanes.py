@@ -117,7 +117,7 @@ class Lane:
         self.refused_run = 0
         self.stated.consumed["requests"] += 1
         self.stated.consumed["tokens"] += used_tokens
-        stated = self._read(headers, now) if headers else None
+        stated = self.read_headers(headers, now) if headers else None
         change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
         if change is not None:
             self._change(change, now)
@@ -134,13 +134,14 @@ class Lane:
         if self.pacer.allowance:
             log.debug("refused after a stated burst: the pace%s spends none again", self.label)
             self.pacer.no_stated_burst()
-        stated = self._read(headers, now) if headers else None
+        stated = self.read_headers(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
         self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)
         return paused
 
-    def _read(self, headers: Mapping[str, str], now: float) -> float | None:
-        """The rate the headers state (requests/s), and their hold when one is spent."""
+    def read_headers(self, headers: Mapping[str, str], now: float) -> float | None:
+        """The rate the headers state (requests/s), and their hold when one is spent (an
+        answer of any kind: a success, a refusal, or a failure that only informs)."""
         hold = self.stated.read(headers, now)
         if hold is not None:
             self.hold(hold.seconds, hold.why, now)

@@ -189,7 +189,7 @@ class Permit:
         self._landed()
         if not policy.slows_admission:
             if failure.headers:
-                self.lane._read(failure.headers, now)
+                self.lane.read_headers(failure.headers, now)
             return None
         adm.refused = True
         paused = self.lane.refused(now, self.sent_at, failure.retry_after, failure.headers)
