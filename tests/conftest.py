@@ -189,6 +189,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def keyed_env(key: str = API_KEY, **extra: str) -> dict[str, str]:
+    """`clean_env` with an inference API key: what a test's `tmbatch run` is started with."""
+    return clean_env(TENSORMESH_INFERENCE_API_KEY=key, **extra)
+
+
 def run_cli(
     args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
     input: bytes | None = None, cwd: Path | None = None, as_plain_user: bool = False,

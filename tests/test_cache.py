@@ -25,7 +25,7 @@ from tests.conftest import (
     API_KEY,
     ROOT,
     chat_line,
-    clean_env,
+    keyed_env,
     read_jsonl,
     run_cli,
     write_jsonl,
@@ -37,10 +37,6 @@ from tmbatch.tools.report import cache_cards
 from tmbatch.tools.report_data import load_run
 
 CHAT = "/v1/chat/completions"
-
-
-def env(**extra: str) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY, **extra)
 
 
 def run_args(sim: Any, inp: Path, out: Path, cache: Path | None, *extra: str) -> list[str]:
@@ -131,7 +127,7 @@ def test_a_rerun_sends_only_what_was_truncated_and_writes_the_same_results(
     inp = write_jsonl(tmp_path / "in.jsonl", lines(n))
     cache = tmp_path / "cache.sqlite"
     first = run_cli(run_args(sim, inp, tmp_path / "one", cache,
-                             "--price", "tm-small=1.0:2.0"), env=env())
+                             "--price", "tm-small=1.0:2.0"), env=keyed_env())
     assert first.returncode == 0, first.stderr
     one = by_id(tmp_path / "one")
     used = summary(tmp_path / "one")["this_run"]["tokens"]["total"]
@@ -139,7 +135,7 @@ def test_a_rerun_sends_only_what_was_truncated_and_writes_the_same_results(
 
     sim.reset()
     second = run_cli(run_args(sim, inp, tmp_path / "two", cache, "--price", "tm-small=1.0:2.0",
-                              "--budget-tokens", str(used // 5)), env=env())
+                              "--budget-tokens", str(used // 5)), env=keyed_env())
     assert second.returncode == 0, second.stderr
     stats = sim.stats()
     assert stats["completion_calls"] == 100
@@ -167,9 +163,9 @@ def test_a_rerun_sends_only_what_was_truncated_and_writes_the_same_results(
     ok_codes = [r[3] for r in read_jsonl(tmp_path / "two" / "journal.jsonl")
                 if isinstance(r, list) and r[0] == "o"]
     assert ok_codes.count("cached") == 900
-    st = orjson.loads(run_cli(["status", str(tmp_path / "two"), "--json"], env=env()).stdout)
+    st = orjson.loads(run_cli(["status", str(tmp_path / "two"), "--json"], env=keyed_env()).stdout)
     assert st["finished"] and st["succeeded"] == n and st["cached"] == 900
-    text = run_cli(["status", str(tmp_path / "two")], env=env()).stdout
+    text = run_cli(["status", str(tmp_path / "two")], env=keyed_env()).stdout
     assert f"succeeded:    {n} (900 from the response cache, never sent)" in text
 
 
@@ -181,14 +177,14 @@ def test_hits_take_no_permit_resume_and_merge_count_them_done(sim_factory: Any,
     sim = sim_factory(api_key=API_KEY)
     inp = write_jsonl(tmp_path / "in.jsonl", lines(60, truncated_every=0))
     cache = tmp_path / "c.sqlite"
-    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=env()).returncode == 0
+    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=keyed_env()).returncode == 0
     sim.reset()
     for i in (0, 1):
         p = run_cli(run_args(sim, inp, tmp_path / f"s{i}", cache, "--shard", f"{i}/2",
-                             "--rpm", "1"), env=env())  # 1 rpm: a permit would take minutes
+                             "--rpm", "1"), env=keyed_env())  # 1 rpm: a permit would take minutes
         assert p.returncode == 0, p.stderr
         again = run_cli(run_args(sim, inp, tmp_path / f"s{i}", cache, "--shard", f"{i}/2"),
-                        env=env())
+                        env=keyed_env())
         assert again.returncode == 0 and "nothing was left to send" in again.stderr
     stats = sim.stats()
     assert stats["completion_calls"] == 0
@@ -198,7 +194,7 @@ def test_hits_take_no_permit_resume_and_merge_count_them_done(sim_factory: Any,
     assert "<b>30</b><span>lines answered from the cache" in page
     assert "<b>30 / 0</b><span>cache hits / misses" in page
     merged = run_cli(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o",
-                      str(tmp_path / "all")], env=env())
+                      str(tmp_path / "all")], env=keyed_env())
     assert merged.returncode == 0, merged.stderr
     assert len(by_id(tmp_path / "all")) == 60
     assert all(r["cached"] for r in by_id(tmp_path / "all").values())
@@ -213,31 +209,32 @@ def test_streamed_answers_serve_unstreamed_reruns_and_modes(sim_factory: Any,
     more = write_jsonl(tmp_path / "more.jsonl", lines(30, truncated_every=0))
     cache = tmp_path / "c.sqlite"
     assert run_cli(run_args(sim, inp, tmp_path / "a", cache, "--stream"),
-                   env=env()).returncode == 0
+                   env=keyed_env()).returncode == 0
     sim.reset()
     ro = run_cli(run_args(sim, more, tmp_path / "b", cache, "--cache-mode", "read-only"),
-                 env=env())
+                 env=keyed_env())
     assert ro.returncode == 0, ro.stderr
     assert sim.stats()["completion_calls"] == 10  # the 20 streamed ones were hits
     assert summary(tmp_path / "b")["cache"]["stored"] == 0 and len(entries(cache)) == 20
     sim.reset()
     wo = run_cli(run_args(sim, more, tmp_path / "c", cache, "--cache-mode", "write-only"),
-                 env=env())
+                 env=keyed_env())
     assert wo.returncode == 0 and sim.stats()["completion_calls"] == 30
     assert summary(tmp_path / "c")["cache"]["hits"] == 0 and len(entries(cache)) == 30
     sim.reset()
     off = run_cli(run_args(sim, more, tmp_path / "d", cache, "--cache-mode", "off"),
-                  env=env())
+                  env=keyed_env())
     assert off.returncode == 0 and sim.stats()["completion_calls"] == 30
     assert "cache" not in summary(tmp_path / "d")
     sim.reset()  # the environment names the cache too
-    by_env = run_cli(run_args(sim, more, tmp_path / "e", None), env=env(TMBATCH_CACHE=str(cache)))
+    by_env = run_cli(run_args(sim, more, tmp_path / "e", None),
+                     env=keyed_env(TMBATCH_CACHE=str(cache)))
     assert by_env.returncode == 0 and sim.stats()["completion_calls"] == 0
 
 
 # -- sharing and crashes ---------------------------------------------------------------------
 def start(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tmbatch", *args], env=env(), cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "tmbatch", *args], env=keyed_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -250,7 +247,7 @@ def test_two_processes_share_one_cache(sim_factory: Any, tmp_path: Path) -> None
     halves = [write_jsonl(tmp_path / f"h{i}.jsonl", rows[i::2]) for i in (0, 1)]
     whole = write_jsonl(tmp_path / "all.jsonl", rows)
     cache = tmp_path / "shared.sqlite"
-    assert run_cli(["cache", "stats", str(cache)], env=env()).returncode == 2  # none yet
+    assert run_cli(["cache", "stats", str(cache)], env=keyed_env()).returncode == 2  # none yet
     procs = [start(run_args(sim, h, tmp_path / f"o{i}", cache, "-c", "4"))
              for i, h in enumerate(halves)]
     for p in procs:
@@ -258,10 +255,10 @@ def test_two_processes_share_one_cache(sim_factory: Any, tmp_path: Path) -> None
         assert p.returncode == 0, err.decode()
     assert len(entries(cache)) == 400
     sim.reset()
-    third = run_cli(run_args(sim, whole, tmp_path / "o3", cache), env=env())
+    third = run_cli(run_args(sim, whole, tmp_path / "o3", cache), env=keyed_env())
     assert third.returncode == 0, third.stderr
     assert sim.stats()["completion_calls"] == 0
-    st = orjson.loads(run_cli(["cache", "stats", str(cache), "--json"], env=env()).stdout)
+    st = orjson.loads(run_cli(["cache", "stats", str(cache), "--json"], env=keyed_env()).stdout)
     assert st["entries"] == 400 and st["runs"][0]["hits"] == 400
     assert sorted(r["stored"] for r in st["runs"]) == [0, 200, 200]
 
@@ -312,11 +309,11 @@ def test_kill_9_never_leaves_an_entry_without_its_result(sim_factory: Any,
     bodies = {orjson.dumps(r["response"]["body"]) for r in read_jsonl(out / "results.jsonl")}
     assert stored and len(stored) < n
     assert {orjson.dumps(orjson.loads(b)) for b in stored} <= bodies
-    resumed = run_cli(run_args(sim, inp, out, cache), env=env())
+    resumed = run_cli(run_args(sim, inp, out, cache), env=keyed_env())
     assert resumed.returncode in (0, 1), resumed.stderr  # 1: lines in flight are ambiguous
     kept = len(entries(cache))
     sim.reset()
-    rerun = run_cli(run_args(sim, inp, tmp_path / "again", cache), env=env())
+    rerun = run_cli(run_args(sim, inp, tmp_path / "again", cache), env=keyed_env())
     assert rerun.returncode == 0, rerun.stderr
     assert sim.stats()["completion_calls"] == n - kept
     assert len(by_id(tmp_path / "again")) == n
@@ -334,14 +331,14 @@ def test_a_garbage_file_is_refused_before_anything_is_sent(sim: Any, tmp_path: P
     inp = write_jsonl(tmp_path / "in.jsonl", lines(5))
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"this is not a database\n" * 200)
-    p = run_cli(run_args(sim, inp, tmp_path / "out", bad), env=env())
+    p = run_cli(run_args(sim, inp, tmp_path / "out", bad), env=keyed_env())
     refused(sim, p, tmp_path / "out", "not a tmbatch cache")
     other = tmp_path / "other.sqlite"
     conn = sqlite3.connect(other)
     conn.execute("CREATE TABLE t (x)")
     conn.commit()
     conn.close()
-    p = run_cli(run_args(sim, inp, tmp_path / "out", other), env=env())
+    p = run_cli(run_args(sim, inp, tmp_path / "out", other), env=keyed_env())
     refused(sim, p, tmp_path / "out", "not a tmbatch cache (its tables: t)")
     assert bad.read_bytes().startswith(b"this is not")  # never overwritten
 
@@ -360,17 +357,17 @@ def test_a_locked_cache_is_refused_before_anything_is_sent(sim_factory: Any,
     sim = sim_factory(api_key=API_KEY)
     inp = write_jsonl(tmp_path / "in.jsonl", lines(5))
     cache = tmp_path / "c.sqlite"
-    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=env()).returncode == 0
+    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=keyed_env()).returncode == 0
     sim.reset()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        p = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=env())
+        p = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=keyed_env())
         refused(sim, p, tmp_path / "out", "locked by another process")
     finally:
         holder.communicate(b"", timeout=10)
-    ok = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=env())
+    ok = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=keyed_env())
     assert ok.returncode == 0 and sim.stats()["completion_calls"] == 1  # the truncated one
 
 
@@ -378,13 +375,13 @@ def test_a_read_only_file_needs_read_only_mode(sim_factory: Any, tmp_path: Path)
     sim = sim_factory(api_key=API_KEY)
     inp = write_jsonl(tmp_path / "in.jsonl", lines(5))
     cache = tmp_path / "c.sqlite"
-    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=env()).returncode == 0
+    assert run_cli(run_args(sim, inp, tmp_path / "first", cache), env=keyed_env()).returncode == 0
     sim.reset()
     cache.chmod(0o444)
-    p = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=env(), as_plain_user=True)
+    p = run_cli(run_args(sim, inp, tmp_path / "out", cache), env=keyed_env(), as_plain_user=True)
     refused(sim, p, tmp_path / "out", "--cache-mode read-only")
     ro = run_cli(run_args(sim, inp, tmp_path / "out", cache, "--cache-mode", "read-only"),
-                 env=env(), as_plain_user=True)
+                 env=keyed_env(), as_plain_user=True)
     assert ro.returncode == 0, ro.stderr
     assert sim.stats()["completion_calls"] == 1  # 4 hits, the truncated line sent
     assert summary(tmp_path / "out")["cache"]["hits"] == 4
@@ -397,10 +394,10 @@ def test_cache_stats_and_prune(sim_factory: Any, tmp_path: Path) -> None:
     cache = tmp_path / "c.sqlite"
     for name in ("a", "b"):
         assert run_cli(run_args(sim, inp, tmp_path / name, cache, "--price",
-                                "tm-small=1:2"), env=env()).returncode == 0
-    text = run_cli(["cache", "stats", str(cache)], env=env())
+                                "tm-small=1:2"), env=keyed_env()).returncode == 0
+    text = run_cli(["cache", "stats", str(cache)], env=keyed_env())
     assert text.returncode == 0 and "40 answer(s)" in text.stdout and "tm-small: 40" in text.stdout
-    st = orjson.loads(run_cli(["cache", "stats", str(cache), "--json"], env=env()).stdout)
+    st = orjson.loads(run_cli(["cache", "stats", str(cache), "--json"], env=keyed_env()).stdout)
     assert st["entries"] == 40 and st["bytes"] > 0
     assert [(r["hits"], r["misses"], r["stored"]) for r in st["runs"]] == [(40, 0, 0),
                                                                         (0, 40, 40)]
@@ -410,8 +407,9 @@ def test_cache_stats_and_prune(sim_factory: Any, tmp_path: Path) -> None:
         conn.execute("UPDATE entries SET created = created - 40 * 86400 "
                      "WHERE key IN (SELECT key FROM entries ORDER BY key LIMIT 15)")
     conn.close()
-    pruned = run_cli(["cache", "prune", str(cache), "--older-than", "30d", "--json"], env=env())
+    pruned = run_cli(["cache", "prune", str(cache), "--older-than", "30d", "--json"],
+                     env=keyed_env())
     assert pruned.returncode == 0, pruned.stderr
     assert orjson.loads(pruned.stdout) == {"path": str(cache), "removed": 15, "entries": 25}
-    bad = run_cli(["cache", "prune", str(cache), "--older-than", "soon"], env=env())
+    bad = run_cli(["cache", "prune", str(cache), "--older-than", "soon"], env=keyed_env())
     assert bad.returncode == 2 and "e.g. 30d" in bad.stderr

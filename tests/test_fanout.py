@@ -25,6 +25,7 @@ from tests.conftest import (
     ROOT,
     chat_line,
     clean_env,
+    keyed_env,
     read_jsonl,
     run_cli,
     wait_for_calls,
@@ -38,10 +39,6 @@ JOB = "fanoutjob01"
 MODELS = ("tm-small", "tm-large")
 
 
-def env() -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
-
-
 def cmd(sim: Any, inp: Path, out: Path, *extra: str) -> list[str]:
     return ["run", str(inp), "-o", str(out), "-q", "--base-url", sim.url, "--job-id", JOB,
             *extra]
@@ -49,7 +46,8 @@ def cmd(sim: Any, inp: Path, out: Path, *extra: str) -> list[str]:
 
 def start(sim: Any, inp: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tmbatch", *cmd(sim, inp, out, *extra)],
-                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=keyed_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def kill_after(proc: subprocess.Popen[bytes], sim: Any, calls: int) -> None:
@@ -90,7 +88,7 @@ def test_two_models_three_samples_200_lines_resume_after_kill_9(
              "--samples-via", via)
     kill_after(start(sim, inp, out, *extra), sim, kills[0])  # in tm-small's run
     kill_after(start(sim, inp, out, *extra), sim, kills[1])  # in tm-large's run
-    final = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=180)
+    final = run_cli(cmd(sim, inp, out, *extra), env=keyed_env(), timeout=180)
     assert final.returncode in (0, 1), final.stderr
     stats = sim.stats()
     assert stats["duplicates"] == 0, stats["duplicate_keys"][:5]
@@ -108,7 +106,7 @@ def test_two_models_three_samples_200_lines_resume_after_kill_9(
                 assert stats["processed"][idempotency_key(f"{JOB}-{model}", cid)] == 1
         journal = read_jsonl(out / model / "journal.jsonl")
         assert any(isinstance(r, dict) and r.get("e") == "resume" for r in journal)  # killed
-        st = orjson.loads(run_cli(["status", str(out / model), "--json"], env=env()).stdout)
+        st = orjson.loads(run_cli(["status", str(out / model), "--json"], env=keyed_env()).stdout)
         assert st["finished"] and st["succeeded"] == len(res) and st["not_yet_sent"] == 0
     assert total == 1200
     assert stats["completion_calls"] == sum(stats["processed"].values())
@@ -117,7 +115,7 @@ def test_two_models_three_samples_200_lines_resume_after_kill_9(
     manifest = orjson.loads((out / "models.json").read_bytes())
     assert [m["dir"] for m in manifest["models"]] == list(MODELS)
     assert manifest["samples"] == samples
-    again = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=60)  # all done: sends 0
+    again = run_cli(cmd(sim, inp, out, *extra), env=keyed_env(), timeout=60)  # all done: sends 0
     assert again.returncode == final.returncode, again.stderr
     assert sim.stats()["completion_calls"] == stats["completion_calls"]
 
@@ -126,7 +124,7 @@ def test_a_model_the_server_does_not_serve_fails_alone(sim: Any, tmp_path: Path)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(10)])
     out = tmp_path / "out"
     done = run_cli(cmd(sim, inp, out, "--models", "tm-small,org/nope", "--samples", "2"),
-                   env=env(), timeout=60)
+                   env=keyed_env(), timeout=60)
     assert done.returncode == 1, done.stderr  # the worst: org/nope's units failed
     assert "org/nope" in done.stderr and "not served" in done.stderr
     res, fail = check_directory(out / "tm-small", 10, 2)
@@ -136,10 +134,10 @@ def test_a_model_the_server_does_not_serve_fails_alone(sim: Any, tmp_path: Path)
     assert not res and len(fail) == 20
     assert {(f["error"]["class"], f["error"]["code"]) for f in fail.values()} == \
         {("permanent", "model_not_served")}
-    parent = run_cli(["status", str(out)], env=env())  # -o itself: each model's status
+    parent = run_cli(["status", str(out)], env=keyed_env())  # -o itself: each model's status
     assert parent.returncode == 0, parent.stderr  # both runs finished, one with failed lines
     assert "model:        org/nope" in parent.stdout and str(nope) in parent.stdout
-    both = orjson.loads(run_cli(["status", str(out), "--json"], env=env()).stdout)["models"]
+    both = orjson.loads(run_cli(["status", str(out), "--json"], env=keyed_env()).stdout)["models"]
     assert list(both) == ["tm-small", "org/nope"]
     assert (both["tm-small"]["succeeded"], both["org/nope"]["failed"]) == (20, 20)
     assert both["org/nope"]["failed_by_class"]["permanent"] == 20
@@ -156,7 +154,7 @@ def test_one_budget_covers_every_model(sim: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
     budget = 250  # 20 answers of 8 tokens each for the first model, 90 left for the second
     first = run_cli(cmd(sim, inp, out, "--models", ",".join(MODELS), "--budget-tokens",
-                        str(budget), "--concurrency", "2"), env=env(), timeout=60)
+                        str(budget), "--concurrency", "2"), env=keyed_env(), timeout=60)
     assert first.returncode == 6, first.stderr
     spent = 0
     for model in MODELS:
@@ -169,7 +167,7 @@ def test_one_budget_covers_every_model(sim: Any, tmp_path: Path) -> None:
     calls = sim.stats()["completion_calls"]
     assert calls == len(small) + len(large)
     more = run_cli(cmd(sim, inp, out, "--models", ",".join(MODELS), "--budget-tokens",
-                       "100000"), env=env(), timeout=60)
+                       "100000"), env=keyed_env(), timeout=60)
     assert more.returncode == 0, more.stderr
     assert len(read_jsonl(out / "tm-large" / "results.jsonl")) == 20
     assert sim.stats()["completion_calls"] == calls + 20 - len(large)
@@ -186,12 +184,12 @@ def test_samples_come_back_from_the_cache(sim: Any, tmp_path: Path, first_via: s
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(10)])
     cache = tmp_path / "cache.sqlite"
     first = run_cli(cmd(sim, inp, tmp_path / "a", "--samples", "3", "--cache", str(cache),
-                        "--samples-via", first_via), env=env(), timeout=60)
+                        "--samples-via", first_via), env=keyed_env(), timeout=60)
     assert first.returncode == 0, first.stderr
     calls = sim.stats()["completion_calls"]
     assert calls == requests
     second = run_cli(cmd(sim, inp, tmp_path / "b", "--samples", "3", "--cache", str(cache),
-                         "--samples-via", then_via), env=env(), timeout=60)
+                         "--samples-via", then_via), env=keyed_env(), timeout=60)
     assert second.returncode == 0, second.stderr
     assert sim.stats()["completion_calls"] == calls  # nothing sent
     a, _ = check_directory(tmp_path / "a", 10, 3)
@@ -215,7 +213,7 @@ def test_bad_input_is_refused_before_anything_is_sent(sim: Any, tmp_path: Path) 
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(orjson.dumps(chat_line(0)) + b"\n{not json\n")
     out = tmp_path / "out"
-    done = run_cli(cmd(sim, inp, out, "--models", ",".join(MODELS)), env=env(), timeout=30)
+    done = run_cli(cmd(sim, inp, out, "--models", ",".join(MODELS)), env=keyed_env(), timeout=30)
     assert done.returncode == 2, done.stderr
     assert "line 2" in done.stderr and "fix these lines" in done.stderr
     assert "Traceback" not in done.stderr
@@ -232,7 +230,7 @@ def test_bad_input_is_refused_before_anything_is_sent(sim: Any, tmp_path: Path) 
 def test_bad_flags_are_refused(sim: Any, tmp_path: Path, extra: tuple[str, ...],
                                says: str) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0)])
-    done = run_cli(cmd(sim, inp, tmp_path / "out", *extra), env=env(), timeout=30)
+    done = run_cli(cmd(sim, inp, tmp_path / "out", *extra), env=keyed_env(), timeout=30)
     assert done.returncode == 2 and says in done.stderr, done.stderr
     assert sim.stats()["received"] == 0
 
@@ -243,7 +241,7 @@ def test_an_output_url_takes_one_run_not_a_fan_out(sim: Any, tmp_path: Path) -> 
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(0)])
     url = (tmp_path / "bucket").as_uri() + "/"
     for extra in (("--models", ",".join(MODELS)), ("--samples", "2")):
-        done = run_cli(cmd(sim, inp, url, *extra), env=env(), timeout=30)  # type: ignore[arg-type]
+        done = run_cli(cmd(sim, inp, url, *extra), env=keyed_env(), timeout=30)  # type: ignore[arg-type]
         assert done.returncode == 2, done.stderr
         assert "output URL" in done.stderr and "--model" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
@@ -253,9 +251,9 @@ def test_an_output_url_takes_one_run_not_a_fan_out(sim: Any, tmp_path: Path) -> 
 def test_other_samples_on_a_started_directory_are_refused(sim: Any, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     out = tmp_path / "out"
-    assert run_cli(cmd(sim, inp, out, "--samples", "2"), env=env()).returncode == 0
+    assert run_cli(cmd(sim, inp, out, "--samples", "2"), env=keyed_env()).returncode == 0
     calls = sim.stats()["completion_calls"]
-    again = run_cli(cmd(sim, inp, out, "--samples", "3"), env=env())
+    again = run_cli(cmd(sim, inp, out, "--samples", "3"), env=keyed_env())
     assert again.returncode == 2 and "--restart" in again.stderr, again.stderr
     assert sim.stats()["completion_calls"] == calls
 
@@ -264,7 +262,7 @@ def test_job_file_models_and_samples(tmp_path: Path) -> None:
     job = tmp_path / "eval.toml"
     job.write_text('input = "in.jsonl"\nmodels = ["tm-small", "org/model"]\nsamples = 4\n'
                    'samples_via = "seed"\n')
-    shown = run_cli(["run", str(job), "--print-config", "--log-format", "json"], env=env())
+    shown = run_cli(["run", str(job), "--print-config", "--log-format", "json"], env=keyed_env())
     assert shown.returncode == 0, shown.stderr
     settings = orjson.loads(shown.stdout)["config"]
     assert settings["models"]["value"] == ["tm-small", "org/model"]
@@ -273,7 +271,7 @@ def test_job_file_models_and_samples(tmp_path: Path) -> None:
     assert settings["samples_via"]["value"] == "seed"
     assert settings["samples_via"]["source"].startswith("job file samples_via")
     job.write_text('input = "in.jsonl"\nsamples = 4\nsamples_via = "choices"\n')
-    bad = run_cli(["run", str(job), "--print-config"], env=env())
+    bad = run_cli(["run", str(job), "--print-config"], env=keyed_env())
     assert bad.returncode == 2 and "samples_via" in bad.stderr and '"n"' in bad.stderr, \
         bad.stderr
 
@@ -285,12 +283,12 @@ def test_resend_in_a_model_directory_keeps_its_samples(sim_factory: Any, tmp_pat
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
     out = tmp_path / "out"
     first = run_cli(cmd(only_small, inp, out, "--models", ",".join(MODELS), "--samples", "2"),
-                    env=env(), timeout=60)
+                    env=keyed_env(), timeout=60)
     assert first.returncode == 1, first.stderr
     assert len(read_jsonl(out / "tm-large" / "failures.jsonl")) == 8
     both = sim_factory()
     again = run_cli(["resend", str(out / "tm-large"), "--class", "permanent", "--yes", "-q",
-                     "--base-url", both.url], env=env(), timeout=60)
+                     "--base-url", both.url], env=keyed_env(), timeout=60)
     assert again.returncode == 0, again.stderr
     res, fail = check_directory(out / "tm-large", 4, 2)
     assert len(res) == 8 and not fail
@@ -302,7 +300,7 @@ def test_a_priced_run_estimates_every_model_and_sample(sim: Any, tmp_path: Path)
     prices = ("--price", "tm-small=1:2", "--price", "tm-large=2:4")
     done = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url,
                     "--models", ",".join(MODELS), "--samples", "2", *prices],
-                   env=env(), timeout=60)  # not -q: the estimate and spend lines are said
+                   env=keyed_env(), timeout=60)  # not -q: the estimate and spend lines are said
     assert done.returncode == 0, done.stderr
     assert "estimate: 20 billed line(s)" in done.stderr  # 5 lines x 2 models x 2 samples
     assert "spend across the models: " in done.stderr
@@ -311,7 +309,7 @@ def test_a_priced_run_estimates_every_model_and_sample(sim: Any, tmp_path: Path)
 def test_a_usd_budget_needs_every_models_price(sim: Any, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     done = run_cli(cmd(sim, inp, tmp_path / "out", "--models", ",".join(MODELS),
-                       "--budget-usd", "1", "--price", "tm-small=1:2"), env=env(), timeout=60)
+                       "--budget-usd", "1", "--price", "tm-small=1:2"), env=keyed_env(), timeout=60)
     assert done.returncode == 2 and "tm-large" in done.stderr, done.stderr
     assert sim.stats()["received"] == 0
 
@@ -325,7 +323,7 @@ def test_sigterm_during_preflight_ends_the_fan_out(serve: Any, tmp_path: Path) -
     proc = subprocess.Popen(
         [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(tmp_path / "out"),
          "--base-url", server.url(), "--models", ",".join(MODELS)],
-        env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env=keyed_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while seen["any"] < 1:
         assert time.monotonic() < deadline, "preflight never asked /health"
@@ -358,7 +356,7 @@ def test_sigterm_in_a_models_run_ends_the_fan_out(sim_factory: Any, tmp_path: Pa
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
     assert not (out / "tm-large" / "journal.jsonl").exists()
-    final = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=60)
+    final = run_cli(cmd(sim, inp, out, *extra), env=keyed_env(), timeout=60)
     assert final.returncode == 0, final.stderr
     for model in MODELS:
         res = read_jsonl(out / model / "results.jsonl")
@@ -373,7 +371,7 @@ def test_a_second_fan_out_on_a_live_output_is_refused_before_the_network(
     a unit or sends anything (not after its preflight, at the model the first is on), and
     the first finishes untouched."""
     sim, inp, out, extra, proc = two_models_started(sim_factory, tmp_path, calls=2)
-    second = run_cli(cmd(sim, inp, out, *extra), env=env(), timeout=30)
+    second = run_cli(cmd(sim, inp, out, *extra), env=keyed_env(), timeout=30)
     assert second.returncode == 2, second.stderr
     # -o itself, found locked before staging and preflight; not a model's directory, which a
     # second fan-out would reach only after checking the server
@@ -402,13 +400,14 @@ def test_one_model_runs_and_model_runs_do_not_share_a_directory(sim: Any,
                                                                 tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     fan, single = tmp_path / "fan", tmp_path / "single"
-    assert run_cli(cmd(sim, inp, fan, "--models", ",".join(MODELS)), env=env()).returncode == 0
-    assert run_cli(cmd(sim, inp, single), env=env()).returncode == 0
+    fanned = run_cli(cmd(sim, inp, fan, "--models", ",".join(MODELS)), env=keyed_env())
+    assert fanned.returncode == 0
+    assert run_cli(cmd(sim, inp, single), env=keyed_env()).returncode == 0
     calls = sim.stats()["completion_calls"]
-    plain = run_cli(cmd(sim, inp, fan), env=env())
+    plain = run_cli(cmd(sim, inp, fan), env=keyed_env())
     assert plain.returncode == 2 and "holds a --models run" in plain.stderr, plain.stderr
     assert str(fan / "tm-small") in plain.stderr
-    models = run_cli(cmd(sim, inp, single, "--models", ",".join(MODELS)), env=env())
+    models = run_cli(cmd(sim, inp, single, "--models", ",".join(MODELS)), env=keyed_env())
     assert models.returncode == 2 and "holds a run of one model" in models.stderr
     assert sim.stats()["completion_calls"] == calls and not (fan / "journal.jsonl").exists()
 
@@ -428,7 +427,7 @@ def test_the_resume_hint_is_the_fan_outs_own_command(sim_factory: Any, tmp_path:
     assert refused.returncode == 3, refused.stderr
     hint = f"tmbatch run {inp} -o {out}" + (f" --models {','.join(MODELS)}" if models else "")
     assert f"then resume: {hint} --samples 2" in refused.stderr, refused.stderr
-    done = run_cli([*args, "-q"], env=env())
+    done = run_cli([*args, "-q"], env=keyed_env())
     assert done.returncode == 0, done.stderr
     for d in [out / m for m in MODELS] if models else [out]:
         res, fail = check_directory(d, 4, 2)

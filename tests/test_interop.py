@@ -20,7 +20,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, ROOT, chat_line, clean_env, outcomes, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    chat_line,
+    clean_env,
+    keyed_env,
+    outcomes,
+    run_cli,
+    write_jsonl,
+)
 from tmbatch.base.config import Settings
 from tmbatch.client.http import make_session, send
 from tmbatch.client.preflight import SCAN_LINES
@@ -45,14 +54,10 @@ def aggregate(route: str, raw: bytes) -> dict[str, Any]:
     return agg.finish()
 
 
-def env() -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
-
-
 def run(url: str, rows: list[Any], tmp_path: Path, *args: str, name: str = "out") -> Any:
     inp = write_jsonl(tmp_path / f"{name}.jsonl", rows)
     return run_cli(["run", str(inp), "-o", str(tmp_path / name), "--base-url", url,
-                    "--job-id", "interop", *args], env=env(), timeout=90)
+                    "--job-id", "interop", *args], env=keyed_env(), timeout=90)
 
 
 # -- 1. a Responses stream ends at its terminal event -----------------------------------------
@@ -384,9 +389,9 @@ def test_preflight_doctor_and_models_send_the_key_on_gets(serve: Any, tmp_path: 
     p = run(app.url(), [chat_line(1, model="m")], tmp_path)
     assert p.returncode == 0, p.stderr
     assert "refused the key" not in p.stderr and "1 model(s) checked" in p.stderr
-    doc = run_cli(["doctor", "--base-url", app.url(), "--model", "m"], env=env())
+    doc = run_cli(["doctor", "--base-url", app.url(), "--model", "m"], env=keyed_env())
     assert "ok    models   1 served: m" in doc.stdout, doc.stdout
-    models = run_cli(["models", "--base-url", app.url()], env=env())
+    models = run_cli(["models", "--base-url", app.url()], env=keyed_env())
     assert (models.returncode, models.stdout) == (0, "m\n"), models.stderr
 
 

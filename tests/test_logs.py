@@ -16,12 +16,16 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    chat_line,
+    keyed_env,
+    read_jsonl,
+    run_cli,
+    write_jsonl,
+)
 from tmbatch.base import logs
-
-
-def env_with_key(key: str = API_KEY) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=key)
 
 
 def parse_events(stderr: str) -> list[dict[str, Any]]:
@@ -54,14 +58,14 @@ def test_429_pauses_start_progress_summary_are_json_events(sim_factory: Any,
     out = tmp_path / "out"
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--concurrency", "2",
                  "--log-format", "json", "--progress-interval", "0.01", "-v"],
-                env=env_with_key())
+                env=keyed_env())
     assert p.returncode == 0, p.stderr
     events = parse_events(p.stderr)
     assert API_KEY not in p.stderr and API_KEY not in p.stdout
     # without -v a second pause within 30 s is not logged at all: quiet logs at a limit
     quiet = parse_events(run_cli(["run", str(inp), "-o", str(tmp_path / "quiet"), "--base-url",
                                   sim.url, "--concurrency", "2", "--log-format", "json"],
-                                 env=env_with_key()).stderr)
+                                 env=keyed_env()).stderr)
     assert [e["level"] for e in by_event(quiet, "rate_limit_pause")] == ["info"]
 
     (start,) = by_event(events, "start")
@@ -91,7 +95,7 @@ def test_fatal_401_is_a_json_event_with_the_exit_code_and_no_key(sim_factory: An
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--concurrency", "1",
-                 "--log-format", "json"], env=env_with_key())
+                 "--log-format", "json"], env=keyed_env())
     assert p.returncode == 3, p.stderr
     events = parse_events(p.stderr)
     assert API_KEY not in p.stderr and API_KEY not in p.stdout
@@ -129,7 +133,7 @@ def test_sigterm_drain_and_the_resume_after_it_are_json(sim_factory: Any,
     args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out),
             "--base-url", sim.url, "--concurrency", "3", "--drain-timeout", "0.3",
             "--log-format", "json", "--progress-interval", "0.05"]
-    proc = subprocess.Popen(args, env=env_with_key(), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, env=keyed_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     _wait_for_dispatches(out / "journal.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -148,7 +152,7 @@ def test_sigterm_drain_and_the_resume_after_it_are_json(sim_factory: Any,
     # A kill -9 mid-write leaves a torn journal line; the resume repairs it and says so.
     with open(out / "journal.jsonl", "ab") as f:
         f.write(b'["d",4,1,"req-')
-    p = run_cli(args[3:], env=env_with_key())
+    p = run_cli(args[3:], env=keyed_env())
     assert p.returncode == 1, p.stderr  # three lines are ambiguous: unknown outcome
     events = parse_events(p.stderr)
     (torn,) = by_event(events, "torn_line_repaired")

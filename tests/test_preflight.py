@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, chat_line, clean_env, outcomes, run_cli, write_jsonl
+from tests.conftest import API_KEY, chat_line, clean_env, keyed_env, outcomes, run_cli, write_jsonl
 from tmbatch.client.http import idempotency_key
 from tmbatch.client.preflight import SCAN_LINES, models_in_input, unknown_model_message
 
@@ -19,13 +19,9 @@ USER = "0b7e4c1e-2f6d-4a8e-9a1c-3d5b6e7f8a90"
 WRONG = "tm-wrong-key-0000000000000000000000"
 
 
-def env(key: str = API_KEY, **extra: str) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=key, **extra)
-
-
 def run(sim: Any, inp: Path, out: Path, *args: str, key: str = API_KEY) -> Any:
     return run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", "pf1",
-                    *args], env=env(key))
+                    *args], env=keyed_env(key))
 
 
 def test_wrong_key_stops_before_any_completion(sim_factory: Any, tmp_path: Path) -> None:
@@ -103,7 +99,7 @@ def test_unreachable_host_stops_doctor(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    p = run_cli(["doctor", "--base-url", url, "--model", "m"], env=env())
+    p = run_cli(["doctor", "--base-url", url, "--model", "m"], env=keyed_env())
     assert p.returncode == 3, p.stdout + p.stderr
     assert "cannot connect to" in p.stdout and "FAIL  health" in p.stdout
 
@@ -141,7 +137,7 @@ def test_unknown_model_messages() -> None:
 def test_doctor_shows_sources_and_redacts_the_key(sim_factory: Any, tmp_path: Path) -> None:
     sim = sim_factory(api_key=API_KEY)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(1), chat_line(2, model="tm-large")])
-    p = run_cli(["doctor", str(inp), "--base-url", sim.url], env=env())
+    p = run_cli(["doctor", str(inp), "--base-url", sim.url], env=keyed_env())
     assert p.returncode == 0, p.stdout + p.stderr
     assert API_KEY not in p.stdout + p.stderr
     assert API_KEY[-4:] in p.stdout  # enough to tell keys apart
@@ -155,7 +151,7 @@ def test_doctor_shows_sources_and_redacts_the_key(sim_factory: Any, tmp_path: Pa
 def test_doctor_json_and_exit_code_on_a_wrong_key(sim_factory: Any) -> None:
     sim = sim_factory(api_key=API_KEY)
     p = run_cli(["doctor", "--json", "--model", "tm-small"],
-                env=env(WRONG, TENSORMESH_SERVERLESS_BASE_URL=sim.url))
+                env=keyed_env(WRONG, TENSORMESH_SERVERLESS_BASE_URL=sim.url))
     assert p.returncode == 3
     doc = orjson.loads(p.stdout)
     assert doc["ok"] is False
@@ -169,12 +165,12 @@ def test_doctor_json_and_exit_code_on_a_wrong_key(sim_factory: Any) -> None:
 def test_on_demand_doctor_sends_key_and_user_everywhere(sim_factory: Any) -> None:
     sim = sim_factory(api_key=API_KEY, user_id=USER)
     args = ["doctor", "--surface", "on-demand", "--base-url", sim.url, "--model", "tm-small"]
-    p = run_cli([*args, "--user-id", USER], env=env())
+    p = run_cli([*args, "--user-id", USER], env=keyed_env())
     assert p.returncode == 0, p.stdout + p.stderr
     stats = sim.stats()
     assert stats["auth"]["bearer_ok"] == 4 and stats["auth"]["user_ids"] == [USER]
     other = "11111111-2222-4333-8444-555555555555"
-    p = run_cli([*args, "--user-id", other], env=env())
+    p = run_cli([*args, "--user-id", other], env=keyed_env())
     assert p.returncode == 3 and "X-User-Id" in p.stdout
 
 
@@ -191,7 +187,7 @@ def test_models_lists_served_models(sim_factory: Any) -> None:
 def test_models_on_demand(sim_factory: Any, user: str, code: int) -> None:
     sim = sim_factory(api_key=API_KEY, user_id=USER)
     p = run_cli(["models", "--surface", "on-demand", "--base-url", sim.url, "--user-id", user],
-                env=env())
+                env=keyed_env())
     assert p.returncode == code, p.stderr
     if code:
         assert "X-User-Id" in p.stderr

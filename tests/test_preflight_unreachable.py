@@ -17,14 +17,19 @@ import orjson
 import pytest
 import trustme
 
-from tests.conftest import API_KEY, ROOT, AppThread, chat_line, clean_env, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    ROOT,
+    AppThread,
+    chat_line,
+    clean_env,
+    keyed_env,
+    run_cli,
+    write_jsonl,
+)
 from tests.test_tls import ca, tls_sim  # noqa: F401  (ca: the module's fixture)
 
 WRONG = "tm-wrong-key-0000000000000000000000"
-
-
-def env(key: str = API_KEY) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=key)
 
 
 def free_port() -> int:
@@ -54,7 +59,7 @@ def test_run_stops_with_one_message_before_any_post(dead_host: tuple[str, str, A
     url, named, state = dead_host
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
     out = tmp_path / "out"
-    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", url], env=env())
+    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", url], env=keyed_env())
     assert p.returncode == 3, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr  # one message: no "preflight ok", no progress, no retry
@@ -72,7 +77,7 @@ def test_run_stops_with_one_message_before_any_post(dead_host: tuple[str, str, A
 
 def test_doctor_fails_and_lists_every_check(dead_host: tuple[str, str, Any]) -> None:
     url, named, _ = dead_host
-    p = run_cli(["doctor", "--base-url", url, "--model", "tm-small"], env=env())
+    p = run_cli(["doctor", "--base-url", url, "--model", "tm-small"], env=keyed_env())
     assert p.returncode == 3, p.stdout + p.stderr
     checks = p.stdout[p.stdout.index("checks:"):].splitlines()
     assert checks[1] == "  ok    key      inference API key set (env TENSORMESH_INFERENCE_API_KEY)"
@@ -80,7 +85,7 @@ def test_doctor_fails_and_lists_every_check(dead_host: tuple[str, str, Any]) -> 
     assert checks[3:6] == [f"  skip  {name:<8} not checked: the host could not be reached"
                            for name in ("version", "models", "auth")]
     assert checks[6:] == ["doctor: problems found"]
-    j = run_cli(["doctor", "--json", "--base-url", url, "--model", "tm-small"], env=env())
+    j = run_cli(["doctor", "--json", "--base-url", url, "--model", "tm-small"], env=keyed_env())
     assert j.returncode == 3
     doc = orjson.loads(j.stdout)
     assert doc["ok"] is False
@@ -110,7 +115,7 @@ def test_a_warning_is_not_called_ok(serve: Callable[..., AppThread], sim: Any,
     server = serve(app)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(2)])
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", server.url()],
-                env=env())
+                env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert "preflight ok" not in p.stderr
     assert "WARNING: preflight: health: GET /health answered HTTP 404" in p.stderr
@@ -126,7 +131,7 @@ def test_sim_says_which_credentials_it_needs(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "(no credentials needed)" in p.stderr
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "b"), "--sim", "--sim-api-key", API_KEY],
-                env=env())
+                env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert "no credentials needed" not in p.stderr
     assert "(it requires the key given to --sim-api-key)" in p.stderr
@@ -138,7 +143,7 @@ def test_a_refused_key_is_said_once_without_a_double_period(sim_factory: Any,
     sim = sim_factory(api_key=API_KEY)
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", sim.url,
-                 "--no-preflight", "-c", "1"], env=env(WRONG))
+                 "--no-preflight", "-c", "1"], env=keyed_env(WRONG))
     assert p.returncode == 3, p.stderr
     assert ".." not in p.stderr
     assert p.stderr.count("Incorrect API key provided") == 1, p.stderr  # the fatal text once
@@ -154,7 +159,7 @@ def test_ctrl_c_during_preflight_promises_no_resume(sim_factory: Any, tmp_path: 
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "--base-url",
-         sim.url], env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         sim.url], env=keyed_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while sim.stats()["by_route"].get("/tokenize", {}).get("received", 0) < 1:
         assert time.monotonic() < deadline and proc.poll() is None, "preflight never began"

@@ -18,7 +18,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
+from tests.conftest import (
+    API_KEY,
+    chat_line,
+    clean_env,
+    keyed_env,
+    read_jsonl,
+    run_cli,
+    write_jsonl,
+)
 from tests.test_misbehaving_server import chat_body
 from tmbatch.client.http import idempotency_key
 from tmbatch.policy import FIXES, Cause, Outcome
@@ -72,14 +80,10 @@ def server(serve: Any) -> Server:
     return Server(serve)
 
 
-def env(key: str = API_KEY) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=key)
-
-
 def run(server: Server, inp: Path, out: Path, *extra: str, key: str = API_KEY) -> Any:
     """A run whose end is read as events: the advice is the `next_steps` event."""
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url, "--log-format",
-                 "json", "--max-retries", "0", "--patience", "1", *extra], env=env(key))
+                 "json", "--max-retries", "0", "--patience", "1", *extra], env=keyed_env(key))
     return p, _steps(p.stderr)
 
 
@@ -132,12 +136,12 @@ def test_bad_lines_are_sent_corrected_with_the_fixed_input_and_nothing_twice(
     fixed = [chat_line(i) for i in range(6)]
     fixed[3] = chat_line(3, messages=[{"role": "user", "content": "question 3"}])
     write_jsonl(inp, fixed)
-    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url], env=env())
+    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url], env=keyed_env())
     assert p.returncode == 2 and "belongs to a different input" in p.stderr
     suggested = p.stderr.split("send them: ")[1].split(" (matched")[0]
     assert suggested == f"tmbatch resend {out} --input {inp}"
     before = server.asked.copy()
-    p = run_cli(as_typed(suggested, server, "--yes"), env=env())
+    p = run_cli(as_typed(suggested, server, "--yes"), env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert "resend: 3 of 3 sent line(s) now succeeded" in p.stderr
     sent = server.asked - before
@@ -155,7 +159,7 @@ def test_bad_lines_are_sent_corrected_with_the_fixed_input_and_nothing_twice(
     assert resume[-1]["resend"] == 3 and resume[-1]["input"] == str(inp)
 
     # the same file again: every line has succeeded, so nothing is sent
-    p = run_cli(as_typed(suggested, server, "--yes"), env=env())
+    p = run_cli(as_typed(suggested, server, "--yes"), env=keyed_env())
     assert p.returncode == 0 and "nothing to resend" in p.stderr, p.stderr
     assert server.asked - before == sent
 
@@ -189,7 +193,7 @@ def test_export_as_input_writes_the_failed_requests_and_resend_takes_them_back(
     write_jsonl(retry, [*exported, chat_line(0)])
     before = server.asked.copy()
     p = run_cli(["resend", str(out), "--input", str(retry), "--base-url", server.url,
-                 "--yes"], env=env())
+                 "--yes"], env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert "1 line(s) of" in p.stderr and "never sent again" in p.stderr  # req-0 not sent
     assert server.asked - before == Counter({"question 1": 1, "question 2": 1})
@@ -204,12 +208,12 @@ def test_bare_bodies_without_endpoint_say_pass_endpoint_and_the_command_works(
     p, steps = run(server, inp, out)
     assert p.returncode == 1 and not server.asked
     text = run_cli(["run", str(inp), "-o", str(tmp_path / "plain"), "--base-url",
-                    server.url], env=env()).stderr
+                    server.url], env=keyed_env()).stderr
     assert "--endpoint" in text.split("by code")[1]  # on the terminal, not only in the file
     fix = fixes(steps)["bare_body_without_endpoint"]
     assert "pass --endpoint" in fix
     command = fix.split("start over: ")[1]
-    p = run_cli(as_typed(command, server), env=env())
+    p = run_cli(as_typed(command, server), env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert states(out) == {"succeeded": 5, "failed": 0}
     assert sum(server.asked.values()) == 5
@@ -229,12 +233,12 @@ def test_model_not_served_is_rechecked_by_resend_and_sent_once_served(
     (row,) = steps["classes"]
     assert row["command"] == f"tmbatch resend {out} --class permanent"
     # still not served: resend checks the list, sends nothing billed, says so
-    p = run_cli(as_typed(row["command"], server, "--yes"), env=env())
+    p = run_cli(as_typed(row["command"], server, "--yes"), env=keyed_env())
     assert p.returncode == 1, p.stderr
     assert "input line itself is bad" not in p.stderr
     assert "failed again (permanent 3)" in p.stderr and sum(server.asked.values()) == 3
     server.models.add("tm-large")
-    p = run_cli(as_typed(row["command"], server, "--yes"), env=env())
+    p = run_cli(as_typed(row["command"], server, "--yes"), env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert "the server serves 2 model(s) now" in p.stderr
     assert "resend: 3 of 3 sent line(s) now succeeded" in p.stderr
@@ -251,7 +255,7 @@ def test_a_refused_key_is_fixed_by_the_resume_command_printed(
     (row,) = steps["classes"]
     assert row["class"] == "fatal" and row["command"] == f"tmbatch run {inp} -o {out}"
     assert "TENSORMESH_INFERENCE_API_KEY" in fixes(steps)["unauthorized"]
-    p = run_cli(as_typed(row["command"], server), env=env())
+    p = run_cli(as_typed(row["command"], server), env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert states(out) == {"succeeded": 4, "failed": 0}
 
@@ -265,7 +269,7 @@ def test_rejected_lines_are_sent_by_the_command_printed(server: Server, tmp_path
     (row,) = steps["classes"]
     assert row["command"] == f"tmbatch resend {out} --class rejected"
     server.refusing = False
-    p = run_cli(as_typed(row["command"], server, "--yes"), env=env())
+    p = run_cli(as_typed(row["command"], server, "--yes"), env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert states(out) == {"succeeded": 3, "failed": 0}
 

@@ -10,13 +10,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, chat_line, clean_env, run_cli, write_jsonl
+from tests.conftest import chat_line, keyed_env, run_cli, write_jsonl
 from tests.test_misbehaving_server import chat_body
 from tmbatch.policy import Outcome
-
-
-def env() -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
 
 
 class Server:
@@ -59,7 +55,7 @@ def failed_run(server: Server, tmp_path: Path) -> Path:
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url, "-q",
-                 "--no-preflight", "--max-retries", "0", "--patience", "1"], env=env())
+                 "--no-preflight", "--max-retries", "0", "--patience", "1"], env=keyed_env())
     assert p.returncode == 1, p.stderr
     server.refusing = False
     return out
@@ -70,12 +66,12 @@ def test_dry_run_lists_every_line_says_nothing_was_sent_and_words_each_class(
     out = failed_run(server, tmp_path)
     before = server.processed
     base = ["resend", str(out), "--base-url", server.url, "--dry-run"]
-    p = run_cli([*base, "--class", "ambiguous"], env=env())
+    p = run_cli([*base, "--class", "ambiguous"], env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("  line ") == 25 and "more" not in p.stderr  # all of them
     assert f"25 ambiguous: {Outcome.AMBIGUOUS.policy.meaning}" in p.stderr
     assert p.stderr.rstrip().endswith("dry run: nothing was sent")
-    p = run_cli([*base, "--class", "rejected", "--class", "permanent", "--json"], env=env())
+    p = run_cli([*base, "--class", "rejected", "--class", "permanent", "--json"], env=keyed_env())
     assert p.returncode == 0, p.stderr
     assert f"1 rejected: {Outcome.REJECTED.policy.meaning}" in p.stderr
     assert "billed" not in p.stderr  # neither a refused line nor a never-sent one is billed
@@ -96,11 +92,11 @@ def test_lines_that_were_never_sent_are_not_resent_and_the_exit_code_says_so(
     out = failed_run(server, tmp_path)
     base = ["resend", str(out), "--base-url", server.url, "--yes", "-q"]
     received = server.received
-    p = run_cli([*base, "--class", "permanent"], env=env())
+    p = run_cli([*base, "--class", "permanent"], env=keyed_env())
     assert p.returncode == 2, p.stderr  # not "0 of 2 now succeeded" and exit 0
     assert "cannot be resent" in p.stderr and "nothing was sent" in p.stderr
     assert server.received == received
-    p = run_cli([*base, "--class", "rejected", "--class", "permanent", "--json"], env=env())
+    p = run_cli([*base, "--class", "rejected", "--class", "permanent", "--json"], env=keyed_env())
     assert p.returncode == 1, p.stderr  # the rejected line succeeded, the bad ones cannot
     assert "resend: 1 of 1 sent line(s) now succeeded" in p.stderr
     assert "2 line(s) could not be resent as they are (correct them and send them with " \
@@ -108,5 +104,5 @@ def test_lines_that_were_never_sent_are_not_resent_and_the_exit_code_says_so(
     result = orjson.loads(p.stdout)
     assert result["sent"] is True and result["now_succeeded"] == 1
     assert result["still_failed"] == {}
-    p = run_cli([*base, "--class", "rejected"], env=env())
+    p = run_cli([*base, "--class", "rejected"], env=keyed_env())
     assert p.returncode == 0 and "nothing to resend" in p.stderr

@@ -20,10 +20,10 @@ import orjson
 import pytest
 
 from tests.conftest import (
-    API_KEY,
     ROOT,
     chat_line,
     clean_env,
+    keyed_env,
     kill_at_random,
     read_jsonl,
     read_stderr_until,
@@ -40,17 +40,13 @@ from tmbatch.journal.writer import Writer
 JOB = "resumejob01"
 
 
-def env() -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
-
-
 def cmd(sim: Any, inp: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "-q",
             "--base-url", sim.url, "--job-id", JOB, *extra]
 
 
 def start(sim: Any, inp: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd(sim, inp, out, *extra), env=env(), cwd=ROOT,
+    return subprocess.Popen(cmd(sim, inp, out, *extra), env=keyed_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -87,7 +83,7 @@ def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path,
     kills = kill_at_random(lambda _: start(sim, inp, out, "--concurrency", "8"), planned,
                            20261123, (0.4, 1.4))
     assert kills >= planned - planned // 6
-    final = run_cli(cmd(sim, inp, out, "--concurrency", "32")[3:], env=env(), timeout=120)
+    final = run_cli(cmd(sim, inp, out, "--concurrency", "32")[3:], env=keyed_env(), timeout=120)
     assert final.returncode in (0, 1), final.stderr
     all_lines_parse(out)
     res, fail = one_outcome_each(out, ids)
@@ -101,7 +97,7 @@ def test_torture_kill_9_at_random_moments(sim_factory: Any, tmp_path: Path,
     assert set(fail) <= dispatched  # every unknown outcome was indeed dispatched
     for cid in res:
         assert stats["processed"][idempotency_key(JOB, cid)] == 1
-    status = run_cli(["status", str(out), "--json"], env=env())
+    status = run_cli(["status", str(out), "--json"], env=keyed_env())
     st = orjson.loads(status.stdout)
     assert st["finished"] and st["succeeded"] == len(res) and st["not_yet_sent"] == 0
 
@@ -125,7 +121,7 @@ def test_sigterm_drains_in_flight_and_resume_sends_only_the_rest(
     res = read_jsonl(out / "results.jsonl")
     assert len(res) == 4  # the four in flight finished during the drain
     assert sim.stats()["completion_calls"] == 4
-    again = run_cli(cmd(sim, inp, out, "--concurrency", "8")[3:], env=env(), timeout=60)
+    again = run_cli(cmd(sim, inp, out, "--concurrency", "8")[3:], env=keyed_env(), timeout=60)
     assert again.returncode == 0, again.stderr
     res, fail = one_outcome_each(out, ids)
     assert not fail
@@ -149,7 +145,7 @@ def test_second_signal_stops_at_once_and_leaves_unknown_outcomes(
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=20)
     assert proc.returncode == 130
-    again = run_cli(cmd(sim, inp, out)[3:], env=env(), timeout=60)
+    again = run_cli(cmd(sim, inp, out)[3:], env=keyed_env(), timeout=60)
     assert again.returncode == 1, again.stderr
     res, fail = one_outcome_each(out, [f"req-{i}" for i in range(6)])
     assert len(fail) == 3 and len(res) == 3
@@ -163,12 +159,12 @@ def test_torn_last_lines_are_repaired_on_resume(sim: Any, tmp_path: Path) -> Non
     rows[3]["body"]["sim"] = {"status": 400}
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    first = run_cli(cmd(sim, inp, out)[3:], env=env())
+    first = run_cli(cmd(sim, inp, out)[3:], env=keyed_env())
     assert first.returncode == 1
     for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
         with open(out / name, "ab") as f:
             f.write(b'{"id": "torn-by-a-crash", "cust')
-    again = run_cli([*cmd(sim, inp, out)[3:], "-v"], env=env())
+    again = run_cli([*cmd(sim, inp, out)[3:], "-v"], env=keyed_env())
     assert again.returncode == 1, again.stderr
     assert again.stderr.count("torn last line") == 3
     for name in ("results.jsonl", "failures.jsonl", "journal.jsonl"):
@@ -185,11 +181,11 @@ def test_a_different_input_is_refused_and_restart_keeps_old_files(
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     other = write_jsonl(tmp_path / "other.jsonl", [chat_line(i) for i in range(4)])
     out = tmp_path / "out"
-    assert run_cli(cmd(sim, inp, out)[3:], env=env()).returncode == 0
-    refused = run_cli(cmd(sim, other, out)[3:], env=env())
+    assert run_cli(cmd(sim, inp, out)[3:], env=keyed_env()).returncode == 0
+    refused = run_cli(cmd(sim, other, out)[3:], env=keyed_env())
     assert refused.returncode == 2
     assert "different input" in refused.stderr and "--restart" in refused.stderr
-    restarted = run_cli([*cmd(sim, other, out)[3:], "--restart"], env=env())
+    restarted = run_cli([*cmd(sim, other, out)[3:], "--restart"], env=keyed_env())
     assert restarted.returncode == 0, restarted.stderr
     previous = list(out.glob("previous-*"))
     assert len(previous) == 1 and len(read_jsonl(previous[0] / "results.jsonl")) == 3
@@ -203,16 +199,16 @@ def test_resend_sends_exactly_the_selected_lines_once(sim: Any, tmp_path: Path) 
     rows[7]["body"]["sim"] = {"status": 400}
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    assert run_cli(cmd(sim, inp, out)[3:], env=env()).returncode == 1
+    assert run_cli(cmd(sim, inp, out)[3:], env=keyed_env()).returncode == 1
     before = sim.stats()["processed"]
     base = ["resend", str(out), "--base-url", sim.url, "-q"]
-    refused = run_cli([*base, "--class", "ambiguous"], env=env())
+    refused = run_cli([*base, "--class", "ambiguous"], env=keyed_env())
     assert refused.returncode == 2 and "--yes" in refused.stderr  # no terminal, no --yes
-    dry = run_cli([*base, "--class", "ambiguous", "--dry-run"], env=env())
+    dry = run_cli([*base, "--class", "ambiguous", "--dry-run"], env=keyed_env())
     assert "2 line(s) to send again" in dry.stderr and "nothing was sent" in dry.stderr
     assert "req-2" in dry.stderr and "req-5" in dry.stderr and "req-7" not in dry.stderr
     assert sim.stats()["processed"] == before
-    p = run_cli([*base, "--class", "ambiguous", "--yes"], env=env())
+    p = run_cli([*base, "--class", "ambiguous", "--yes"], env=keyed_env())
     assert p.returncode == 0, p.stderr
     after = sim.stats()["processed"]
     changed = {k for k in after if after[k] != before.get(k)}
@@ -220,11 +216,11 @@ def test_resend_sends_exactly_the_selected_lines_once(sim: Any, tmp_path: Path) 
     assert all(after[k] == 2 for k in changed)
     res, fail = one_outcome_each(out, [f"req-{i}" for i in range(10)])
     assert set(fail) == {"req-7"} and "req-2" in res and "req-5" in res
-    st = orjson.loads(run_cli(["status", str(out), "--json"], env=env()).stdout)
+    st = orjson.loads(run_cli(["status", str(out), "--json"], env=keyed_env()).stdout)
     assert st["succeeded"] == 9 and st["failed"] == 1 and st["finished"]
     ids = tmp_path / "ids.txt"
     ids.write_text("req-7\n")
-    p = run_cli([*base, "--ids", str(ids), "--yes"], env=env())
+    p = run_cli([*base, "--ids", str(ids), "--yes"], env=keyed_env())
     assert p.returncode == 1  # it fails again (400), still one outcome
     one_outcome_each(out, [f"req-{i}" for i in range(10)])
     assert sim.stats()["processed"][idempotency_key(JOB, "req-7")] == 2
@@ -234,7 +230,7 @@ def test_lines_refused_by_401_are_sent_on_resume(sim_factory: Any, tmp_path: Pat
     sim = sim_factory(api_key="tm-the-right-key-0000000000000000")
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
     out = tmp_path / "out"
-    p = run_cli(cmd(sim, inp, out, "--concurrency", "2")[3:], env=env())
+    p = run_cli(cmd(sim, inp, out, "--concurrency", "2")[3:], env=keyed_env())
     assert p.returncode == 3
     fixed = clean_env(TENSORMESH_INFERENCE_API_KEY="tm-the-right-key-0000000000000000")
     p = run_cli(cmd(sim, inp, out)[3:], env=fixed)
@@ -249,17 +245,17 @@ def test_status_and_ordered_export(sim: Any, tmp_path: Path) -> None:
     rows[30]["body"]["sim"] = {"sleep": 0.3}  # finishes last: completion order != input order
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    assert run_cli(cmd(sim, inp, out, "--ordered")[3:], env=env()).returncode == 1
+    assert run_cli(cmd(sim, inp, out, "--ordered")[3:], env=keyed_env()).returncode == 1
     res_lines = [r["line"] for r in read_jsonl(out / "results.jsonl")]
     assert res_lines != sorted(res_lines)
     ordered = [r["line"] for r in read_jsonl(out / "results.ordered.jsonl")]
     assert ordered == sorted(res_lines) and len(ordered) == 39
-    p = run_cli(["export", str(out), "--combined", "--to", str(tmp_path / "exp")], env=env())
+    p = run_cli(["export", str(out), "--combined", "--to", str(tmp_path / "exp")], env=keyed_env())
     assert p.returncode == 0, p.stderr
     combined = read_jsonl(tmp_path / "exp" / "outcomes.ordered.jsonl")
     assert [r["line"] for r in combined] == list(range(1, 41))
     assert combined[10]["error"]["code"] == "http_422"
-    text = run_cli(["status", str(out)], env=env())
+    text = run_cli(["status", str(out)], env=keyed_env())
     assert text.returncode == 0
     assert "succeeded:    39" in text.stdout and "permanent 1" in text.stdout
 
@@ -277,7 +273,6 @@ def test_export_external_sort_with_tiny_chunks(tmp_path: Path) -> None:
     got = [r["line"] for r in read_jsonl(out / "results.ordered.jsonl")]
     assert got == list(range(1, 501))
     assert os.stat(out / "results.ordered.jsonl").st_mode & 0o077 == 0
-
 
 
 @pytest.mark.parametrize("first", ["pending", "spend", "result"])

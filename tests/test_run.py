@@ -20,6 +20,7 @@ from tests.conftest import (
     chat_line,
     clean_env,
     journal_records,
+    keyed_env,
     outcomes,
     read_jsonl,
     run_cli,
@@ -32,17 +33,13 @@ JOB = "testjob0001"
 USER = "0b7e4c1e-2f6d-4a8e-9a1c-3d5b6e7f8a90"
 
 
-def env_with_key(**extra: str) -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY, **extra)
-
-
 def run(sim: Any, inp: Path, out: Path, *args: str, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run_cli(
         # Preflight has its own tests: here the server must see only the batch itself.
         ["run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", JOB, "-q",
          "--no-preflight", *args],
-        env=env or env_with_key(), timeout=timeout,
+        env=env or keyed_env(), timeout=timeout,
     )
 
 
@@ -96,7 +93,7 @@ def test_on_demand_sends_user_id_on_every_request(sim_factory: Any, tmp_path: Pa
     out = tmp_path / "out"
     p = run_cli(
         ["run", str(inp), "-o", str(out), "--surface", "on-demand", "-q", "--no-preflight"],
-        env=env_with_key(TENSORMESH_ON_DEMAND_BASE_URL=sim.url,
+        env=keyed_env(TENSORMESH_ON_DEMAND_BASE_URL=sim.url,
                          TENSORMESH_ON_DEMAND_USER_ID=USER),
     )
     assert p.returncode == 0, p.stderr
@@ -204,7 +201,7 @@ def test_connection_refused_is_retried_until_the_server_comes_up(tmp_path: Path)
         [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "-q",
          "--base-url", f"http://127.0.0.1:{port}", "--max-retries", "10", "--job-id", JOB,
          "--no-preflight"],  # preflight stops at a refused port (test_preflight_unreachable)
-        env=env_with_key(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=keyed_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     # the first attempts find nobody listening: wait until one has been retried
     deadline = time.monotonic() + 30
@@ -380,7 +377,6 @@ def test_event_loop_choice(tmp_path: Path) -> None:
     assert p.returncode == 2 and "TMBATCH_LOOP" in p.stderr
 
 
-
 # Run in the tmbatch process: every write of request bytes to a socket first reads
 # journal.jsonl from disk and counts that line's dispatch records (one per attempt so far).
 WIRE_SPY = """
@@ -421,7 +417,7 @@ def test_every_attempt_is_journaled_before_its_bytes_leave(sim: Any, tmp_path: P
         [sys.executable, "-c", WIRE_SPY, str(out / "journal.jsonl"), str(problems), str(keys),
          "run", str(inp), "-o", str(out), "--base-url", sim.url, "--job-id", JOB, "-q",
          "--no-preflight", "-c", "16"],
-        env=env_with_key(TMBATCH_LOOP="asyncio"), cwd=ROOT, capture_output=True, text=True,
+        env=keyed_env(TMBATCH_LOOP="asyncio"), cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert p.returncode == 0, p.stderr
     assert not problems.exists(), problems.read_text()[:500]

@@ -25,12 +25,11 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import (
-    API_KEY,
     ROOT,
     AppThread,
     chat_line,
-    clean_env,
     journal_records,
+    keyed_env,
     read_jsonl,
     read_jsonl_tolerant,
     read_stderr_until,
@@ -41,12 +40,8 @@ from tests.conftest import write_jsonl as write_lines
 STUCK = 20  # seconds after which a stop that has not ended is a hang
 
 
-def env() -> dict[str, str]:
-    return clean_env(TENSORMESH_INFERENCE_API_KEY=API_KEY)
-
-
 def start(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tmbatch", *args], env=env(), cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "tmbatch", *args], env=keyed_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -183,7 +178,7 @@ def test_a_locked_directory_is_refused_before_anything_changes(
     line repaired, and not one request (not even preflight's GETs) sent."""
     inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])
     out = tmp_path / "out"
-    first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=env())
+    first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=keyed_env())
     assert first.returncode == 0, first.stderr
     with open(out / "results.jsonl", "ab") as f:
         f.write(b'{"torn": ')  # as a live run could leave it mid-write
@@ -193,7 +188,7 @@ def test_a_locked_directory_is_refused_before_anything_changes(
         app, seen = counting_app()
         other = serve(app)
         p = run_cli(["run", str(inp), "-o", str(out), "--base-url", other.url(), *extra],
-                    env=env())
+                    env=keyed_env())
     finally:
         os.close(fd)
     assert p.returncode == 2, p.stderr
@@ -211,7 +206,7 @@ def test_restart_against_a_live_run_moves_nothing(sim: Any, tmp_path: Path) -> N
     wait_for(lambda: (out / "results.jsonl").exists()
              and (out / "results.jsonl").stat().st_size > 0, "the live run wrote nothing")
     p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "--restart"],
-                env=env())
+                env=keyed_env())
     assert p.returncode == 2 and "another tmbatch process" in p.stderr, p.stderr
     _, err = live.communicate(timeout=120)
     assert live.returncode == 0, err
@@ -243,7 +238,7 @@ def test_an_unusable_output_path_is_one_clear_line_before_the_network(
         os.chown(out, 4242, 4242)
         out.chmod(0o755)
         as_plain_user = True
-    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url()], env=env(),
+    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", server.url()], env=keyed_env(),
                 as_plain_user=as_plain_user)
     assert p.returncode == 2, p.stderr
     assert "internal error" not in p.stderr and "Traceback" not in p.stderr
@@ -257,13 +252,13 @@ def test_a_planted_link_is_refused_and_its_target_untouched(sim: Any, tmp_path: 
                                                             name: str) -> None:
     inp = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     out = tmp_path / "out"
-    first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=env())
+    first = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=keyed_env())
     assert first.returncode == 0, first.stderr
     target = tmp_path / "precious.txt"
     target.write_bytes(b"someone else's file, no newline at the end")
     (out / name).unlink()
     (out / name).symlink_to(target)
-    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=env())
+    p = run_cli(["run", str(inp), "-o", str(out), "--base-url", sim.url, "-q"], env=keyed_env())
     assert p.returncode == 2, p.stderr
     assert f"{out / name} is a symbolic link" in p.stderr
     assert target.read_bytes() == b"someone else's file, no newline at the end"
@@ -277,7 +272,7 @@ def test_a_ca_bundle_that_is_not_pem_is_refused_before_the_network(
     bundle.write_text("this is not a certificate\n")
     inp = write_lines(tmp_path / "in.jsonl", [chat_line(1)])
     p = run_cli(["run", str(inp), "-o", str(tmp_path / "out"), "--base-url", server.url(),
-                 "--ca-bundle", str(bundle)], env=env())
+                 "--ca-bundle", str(bundle)], env=keyed_env())
     assert p.returncode == 2 and "not a PEM file" in p.stderr, p.stderr
     assert seen["any"] == 0
 
@@ -297,18 +292,18 @@ def test_a_dead_host_stops_the_run_and_the_same_command_resumes(tmp_path: Path) 
     # --no-preflight: the runner's own breaker (preflight stops first: test_preflight_unreachable)
     args = ["run", str(inp), "-o", str(out), "--base-url", f"http://127.0.0.1:{port}", "-q",
             "--no-preflight"]
-    p = run_cli(args, env=env(), timeout=60)
+    p = run_cli(args, env=keyed_env(), timeout=60)
     assert p.returncode == 3, p.stderr
     assert p.stderr.count(f"cannot reach http://127.0.0.1:{port}") == 1, p.stderr  # said once
     assert read_jsonl(out / "failures.jsonl") == []  # not burnt: every line is pending
-    status = orjson.loads(run_cli(["status", str(out), "--json"], env=env()).stdout)
+    status = orjson.loads(run_cli(["status", str(out), "--json"], env=keyed_env()).stdout)
     assert status["not_yet_sent"] == 300
     sim = subprocess.Popen([sys.executable, "-m", "tmbatch", "sim", "--port", str(port)],
-                           env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           env=keyed_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _listening(port), "the simulator did not start")
-        again = run_cli(args, env=env(), timeout=120)
+        again = run_cli(args, env=keyed_env(), timeout=120)
     finally:
         sim.terminate()
         sim.wait(10)
@@ -336,7 +331,7 @@ def test_kill_9_during_a_retry_after_pause_leaves_the_line_pending(sim: Any,
     wait_for(lambda: journal_records(out, "p") != [], "the pause never journaled")
     proc.kill()
     proc.wait(10)
-    again = run_cli(args, env=env())
+    again = run_cli(args, env=keyed_env())
     assert again.returncode == 0, again.stderr
     assert len(read_jsonl(out / "results.jsonl")) == 3
     assert read_jsonl(out / "failures.jsonl") == []
@@ -355,12 +350,12 @@ def test_resuming_on_a_disk_that_is_still_full_stops_before_the_network(
     out = tmp_path / "out"
     args = [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(out), "--base-url",
             server.url(), "-q"]
-    first = subprocess.run(args, env=env(), cwd=ROOT, capture_output=True, text=True,
+    first = subprocess.run(args, env=keyed_env(), cwd=ROOT, capture_output=True, text=True,
                            timeout=60, preexec_fn=limit_file_size(2000))
     assert first.returncode == 4, first.stderr
     size = (out / "journal.jsonl").stat().st_size
     seen["any"] = 0
-    again = subprocess.run(args, env=env(), cwd=ROOT, capture_output=True, text=True,
+    again = subprocess.run(args, env=keyed_env(), cwd=ROOT, capture_output=True, text=True,
                            timeout=60, preexec_fn=limit_file_size(size))
     assert again.returncode == 4, again.stderr
     assert "File too large" in again.stderr and "Traceback" not in again.stderr
