@@ -21,6 +21,9 @@ only and NOT safe: they take out part of what tmbatch does to see what that part
               pace, slot or tokens, nothing learnt from answers)
   noheaders   no Idempotency-Key header, and an X-Request-Id as short as it gets
   nostats     no latency histogram
+  nothing     LineSender.process cut to the send alone (no record, no admission, no
+              outcome: the lines stay pending): the reader, the workers and aiohttp, which
+              is what the bare loop does, through tmbatch's loop
   lean        LineSender.process cut to what every success needs: the dispatch record, the
               send, the result record (no admission, spend, retry bookkeeping, stats): what
               retry.py, limits/ and budget.py cost together on the common path
@@ -178,7 +181,17 @@ def patch_lean() -> None:
     r.LineSender.process = process  # type: ignore[method-assign]
 
 
-PATCHES = {"nodispatch": patch_nodispatch,
+def patch_nothing() -> None:
+    from tmbatch.run import attempts as r
+
+    async def process(self: Any, req: Any, task: Any = None) -> None:
+        await self.transport(self.session, req.url, req.body, None)
+        self.stats.ok += 1
+
+    r.LineSender.process = process  # type: ignore[method-assign]
+
+
+PATCHES = {"nodispatch": patch_nodispatch, "nothing": patch_nothing,
            "noresult": patch_noresult, "noreader": patch_noreader, "noidset": patch_noidset,
            "nofsync": patch_nofsync,
            "nobudget": patch_nobudget,

@@ -19,12 +19,19 @@ only), joined with "+", plus:
   base     the tree as it is
   nothing  the sender does no more than call the stand-in (the reader's cost is in it)
 The result: a table on stdout (instructions/request, and against base).
+
+`--cpu` measures the same runs in CPU seconds instead (user + sys of each child, no
+callgrind; N and 2N lines, the median of `--repeats` interleaved runs of each): what a part
+costs when it runs on its own, next to `bench/ablate.py`'s figures for the same variants over
+real sockets, where aiohttp runs between its steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +109,36 @@ def count(variant: str, tree: Path, inp: Path, tmp: Path) -> int:
     return instructions(cmd, "uvloop", tmp, {"OWN_COST_TREE": str(tree)})
 
 
+def cpu_seconds(variant: str, tree: Path, inp: Path, tmp: Path) -> float:
+    """User + sys CPU seconds of one `--child` run of `variant` on `inp`, no callgrind."""
+    out = tmp / f"out.{time.monotonic_ns()}"
+    env = {**os.environ, "TMBATCH_LOOP": "uvloop", "OWN_COST_TREE": str(tree)}
+    proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--child", variant, str(inp),
+                             str(out)], cwd=ROOT, env=env)
+    _, status, ru = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{variant}: the child exited with status {status}")
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_rows(runs: list[tuple[str, str]], trees: dict[str, Path], inputs: list[Path],
+             tmp: Path, n: int, repeats: int) -> list[tuple[str, float]]:
+    """µs a request per variant: (median at 2N - median at N) / N, runs interleaved."""
+    took: dict[tuple[str, str, int], list[float]] = {}
+    for _ in range(repeats):
+        for variant, tree in runs:
+            for i, inp in enumerate(inputs):
+                took.setdefault((variant, tree, i), []).append(
+                    cpu_seconds(variant, trees[tree], inp, tmp))
+    rows = []
+    for variant, tree in runs:
+        small, big = (statistics.median(took[(variant, tree, i)]) for i in (0, 1))
+        label = f"{variant} ({tree})" if tree else variant
+        rows.append((label, 1e6 * (big - small) / n))
+        print(f"  {label:<40} {rows[-1][1]:>10,.1f} CPU µs/request", flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="base,nothing,lean,nobudget,noadmission,noreader,"
@@ -109,6 +146,9 @@ def main() -> int:
     p.add_argument("--lines", type=int, default=2000, help="N (the runs use N and 2N)")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                    help="also the base of another checkout (DIR holds its tmbatch/)")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU seconds instead of instructions (use --lines 10000 or more)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each, with --cpu")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -122,16 +162,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tmbatch-own-") as d:
         tmp = Path(d)
         inputs = [write_input(tmp / f"in-{n}.jsonl", n) for n in (a.lines, 2 * a.lines)]
-        for variant, tree in runs:
-            small, big = (count(variant, trees[tree], inp, tmp) for inp in inputs)
-            label = f"{variant} ({tree})" if tree else variant
-            rows.append((label, (big - small) / a.lines))
-            print(f"  {label:<40} {rows[-1][1]:>10,.0f} instructions/request", flush=True)
+        if a.cpu:
+            rows = cpu_rows(runs, trees, inputs, tmp, a.lines, a.repeats)
+        else:
+            for variant, tree in runs:
+                small, big = (count(variant, trees[tree], inp, tmp) for inp in inputs)
+                label = f"{variant} ({tree})" if tree else variant
+                rows.append((label, (big - small) / a.lines))
+                print(f"  {label:<40} {rows[-1][1]:>10,.0f} instructions/request", flush=True)
     base = dict(rows).get("base")
-    print("\n| variant | instructions/request | against base |\n|---|---:|---:|")
+    unit = "CPU µs/request" if a.cpu else "instructions/request"
+    print(f"\n| variant | {unit} | against base |\n|---|---:|---:|")
     for label, n in rows:
-        vs = f"{n - base:+,.0f}" if base is not None else ""
-        print(f"| {label} | {n:,.0f} | {vs} |")
+        vs = f"{n - base:+,.{1 if a.cpu else 0}f}" if base is not None else ""
+        print(f"| {label} | {n:,.{1 if a.cpu else 0}f} | {vs} |")
     return 0
 
 
