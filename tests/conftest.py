@@ -294,6 +294,14 @@ def chat_line(i: int, model: str = "tm-small", **body: Any) -> dict[str, Any]:
     return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
 
 
+def chat_answer(rid: str, content: str = "fine") -> dict[str, Any]:
+    """A whole chat completion as a server of the tests' own answers it (3 + 1 tokens)."""
+    return {"id": rid, "object": "chat.completion", "model": "tm-small",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

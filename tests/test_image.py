@@ -31,7 +31,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import API_KEY, ROOT, AppThread, clean_env, read_jsonl
+from tests.conftest import API_KEY, ROOT, AppThread, chat_answer, clean_env, read_jsonl
 
 pytestmark = [
     pytest.mark.image,
@@ -191,12 +191,7 @@ class HangingHealth:
         await request.read()
         with self.lock:
             self.billable += 1
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "model": "tm-small",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-        })
+        return web.json_response(chat_answer("chatcmpl-1", "ok"))
 
 
 def answer(body: dict[str, object]) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -34,6 +34,7 @@ from aiohttp import web
 from tests.conftest import (
     API_KEY,
     AppThread,
+    chat_answer,
     chat_line,
     clean_env,
     read_jsonl,
@@ -52,13 +53,6 @@ BIG_OK = 3 * 1024 * 1024
 A_YEAR = 365 * 24 * 3600
 
 
-def chat_body(rid: str) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "model": "tm-small",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "fine"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-
-
 def misbehaving_app(seen: dict[str, int]) -> web.Application:
     """One handler, many faults; `seen` counts arrivals per mode (retries show up there)."""
 
@@ -67,7 +61,7 @@ def misbehaving_app(seen: dict[str, int]) -> web.Application:
         mode = body.get("metadata", {}).get("mode", "ok")
         seen[mode] = seen.get(mode, 0) + 1
         if mode == "ok":
-            return web.json_response(chat_body(f"r-{seen[mode]}"))
+            return web.json_response(chat_answer(f"r-{seen[mode]}"))
         if mode == "not_json":
             return web.Response(status=200, text="<html>gateway says hi</html>",
                                 content_type="text/html")
@@ -76,7 +70,7 @@ def misbehaving_app(seen: dict[str, int]) -> web.Application:
         if mode == "no_choices":
             return web.json_response({"id": "x", "object": "chat.completion"})
         if mode == "big_ok":  # legal, but spans many TCP reads
-            big = chat_body("big")
+            big = chat_answer("big")
             big["choices"][0]["message"]["content"] = "y" * BIG_OK
             return web.json_response(big)
         if mode in ("huge_declared", "huge_chunked"):
@@ -97,7 +91,7 @@ def misbehaving_app(seen: dict[str, int]) -> web.Application:
                          "retry_after_year": str(A_YEAR)}[mode]
                 return web.json_response({"error": {"message": "slow down"}}, status=429,
                                          headers={"Retry-After": value})
-            return web.json_response(chat_body("after-429"))
+            return web.json_response(chat_answer("after-429"))
         if mode == "hang":
             await asyncio.sleep(3600)  # accept, read, never answer
         raise AssertionError(mode)
@@ -154,7 +148,7 @@ def test_a_server_whose_clock_is_behind_is_not_sent_to_inside_its_window(
                 {"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                 headers={"Retry-After": formatdate(until, usegmt=True),
                          "Date": formatdate(math.floor(server_now), usegmt=True)})
-        return web.json_response(chat_body("ok-1"))
+        return web.json_response(chat_answer("ok-1"))
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handle)

@@ -20,6 +20,7 @@ from aiohttp import web
 from tests.conftest import (
     API_KEY,
     AppThread,
+    chat_answer,
     chat_line,
     clean_env,
     read_jsonl,
@@ -28,13 +29,6 @@ from tests.conftest import (
 )
 from tmbatch.policy import Outcome
 from tmbatch.run.inflight import InFlight
-
-
-def answer(rid: str) -> dict[str, object]:
-    return {"id": rid, "object": "chat.completion", "model": "tm-small",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "fine"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
 
 
 def stalling_app(arrived: dict[str, list[float]]) -> web.Application:
@@ -48,7 +42,7 @@ def stalling_app(arrived: dict[str, list[float]]) -> web.Application:
         if mode == "slow":
             await asyncio.sleep(0.4)
         if mode in ("ok", "slow"):
-            return web.json_response(answer(mode))
+            return web.json_response(chat_answer(mode))
         if mode == "hang":
             await asyncio.sleep(3600)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
