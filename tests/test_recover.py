@@ -20,6 +20,7 @@ from aiohttp import web
 
 from tests.conftest import (
     API_KEY,
+    chat_answer,
     chat_line,
     clean_env,
     keyed_env,
@@ -27,7 +28,6 @@ from tests.conftest import (
     run_cli,
     write_jsonl,
 )
-from tests.test_misbehaving_server import chat_body
 from tmbatch.client.http import idempotency_key
 from tmbatch.policy import FIXES, Cause, Outcome
 
@@ -72,7 +72,7 @@ class Server:
         if self.refusing:
             return web.json_response({"error": {"message": "slow down"}}, status=429,
                                      headers={"Retry-After": "0"})
-        return web.json_response(chat_body(question))
+        return web.json_response(chat_answer(question))
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import chat_line, keyed_env, run_cli, write_jsonl
-from tests.test_misbehaving_server import chat_body
+from tests.conftest import chat_answer, chat_line, keyed_env, run_cli, write_jsonl
 from tmbatch.policy import Outcome
 
 
@@ -38,7 +37,7 @@ class Server:
             return web.json_response({"error": {"message": "slow down"}}, status=429,
                                      headers={"Retry-After": "0"})
         self.processed += 1
-        return web.json_response(chat_body(question))
+        return web.json_response(chat_answer(question))
 
 
 @pytest.fixture

@@ -17,9 +17,16 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import API_KEY, AppThread, chat_line, clean_env, read_jsonl, run_cli
+from tests.conftest import (
+    API_KEY,
+    AppThread,
+    chat_answer,
+    chat_line,
+    clean_env,
+    read_jsonl,
+    run_cli,
+)
 from tests.conftest import write_jsonl as write_lines
-from tests.test_misbehaving_server import chat_body
 from tmbatch.sim import STATE_KEY, SimConfig, build_app, stats_of
 
 
@@ -148,7 +155,7 @@ def test_redirect_does_not_carry_the_key(serve: Callable[..., AppThread],
 
     async def second(request: web.Request) -> web.Response:
         second_seen.append(dict(request.headers))
-        return web.json_response(chat_body("stolen"))
+        return web.json_response(chat_answer("stolen"))
 
     app2 = web.Application()
     app2.router.add_route("*", "/{tail:.*}", second)
