@@ -169,10 +169,7 @@ class Permit:
             self._adjust(tokens - self.charged)
             self.charged = float(tokens)
             adm.learn_ratio(self.tokens, tokens)
-        if self.flying:  # (`_landed`, inlined: once per answer)
-            self.flying = False
-            self.lane.flight -= 1
-        if self.tokens_flying:
+        if self.flying or self.tokens_flying:
             self._landed()
         self.lane.succeeded(now, self.sent_at, headers, tokens)
         adm.succeeded(now)

@@ -14,7 +14,6 @@ cancellation. A stop that cancels the task as well wins: the cancellation goes o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 from tmbatch.client.classify import classify_exception
 from tmbatch.policy import AttemptFailed
@@ -39,9 +38,6 @@ class InFlight:
 
     def __contains__(self, task: object) -> bool:
         return task in self.due
-
-    def __iter__(self) -> Iterator[asyncio.Task[None]]:
-        return iter(self.due)
 
     def __len__(self) -> int:
         return len(self.due)
