@@ -3,13 +3,13 @@ as a non-root uid on a host-owned volume, and SIGTERM while tmbatch is in prefli
 
     TMBATCH_IMAGE=1 python -m pytest -m image
 
-Skipped, with the reason, unless TMBATCH_IMAGE=1; with it set, a missing tool is a failure,
-not a skip. Needs root, podman and debootstrap (Debian: `apt-get install podman debootstrap`).
-The base is the Debian 12 image `docker/debian-base.sh` makes with debootstrap (no registry
-needed; cached in podman's storage, so only the first run pays for it);
-TMBATCH_IMAGE_BASE=IMAGE builds on another, e.g. the Dockerfile's own python:3.11-slim-bookworm
-where a registry is reachable. TMBATCH_PODMAN overrides the podman command, e.g.
-TMBATCH_PODMAN="podman --runtime runc" where crun refuses the host's cgroups.
+Skipped, with the reason, unless TMBATCH_IMAGE=1 (.ci/run sets it); with it set, a missing
+tool is a failure, not a skip. Needs root, podman and debootstrap (Debian: `apt-get install
+podman debootstrap`). The base is the Debian 12 image `docker/debian-base.sh` makes with
+debootstrap (no registry needed; cached in podman's storage, so only the first run pays for
+it); TMBATCH_IMAGE_BASE=IMAGE builds on another, e.g. the Dockerfile's own
+python:3.11-slim-bookworm where a registry is reachable. TMBATCH_PODMAN overrides the podman
+command, e.g. TMBATCH_PODMAN="podman --runtime runc" where crun refuses the host's cgroups.
 """
 
 from __future__ import annotations
