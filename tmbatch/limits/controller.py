@@ -7,9 +7,10 @@ per W seconds grants alike); refusals at random are told apart from it by experi
 rules, each a named test in tests/test_pacing.py:
 
 1. A lane starts unpaced (concurrency governs). Its first refusal paces it at what got through
-   in the last second (a lower bound); the first volley's successes are the allowance. A bare
-   refusal before anything answered paces it too (rule 2's echo measures it): unpaced, each
-   slot a fast refusal frees would send another line into the same empty allowance.
+   in the last second (a lower bound); the first volley's successes, net of what refilled at
+   the best rate known, are the allowance, and the pace never bursts past it. A bare refusal
+   before anything answered paces it too (rule 2's echo measures it): unpaced, each slot a
+   fast refusal frees would send another line into the same empty allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
@@ -19,8 +20,8 @@ rules, each a named test in tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone; the share over all such trials is the lane's noise floor, under which refusals
-   only pause. Three times the
-   share (a pause's burst refused counts): the limit fell, cut again (same share to beat).
+   only pause. Three times the share (a pause's burst refused counts): the limit fell, cut
+   again (same share to beat).
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
    of the time closed; when it grants again the pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
@@ -202,11 +203,13 @@ class Controller:
     @property
     def allowance(self) -> float | None:
         """The server's burst: the first volley's successes, less what refilled while they
-        were sent (at the first pace, a lower bound of the server's rate)."""
+        were sent (at the best lower bound of the server's rate known now: the first pace,
+        or the rate measured since, which is nearer; an allowance read high makes the burst a
+        pause ends with be refused, and with whole-second Retry-After that costs a second)."""
         seen = self.seen
         if not seen.volley:
             return None
-        return max(1.0, seen.volley - self.first_rate * seen.spread)
+        return max(1.0, seen.volley - max(self.first_rate, self.limit or 0.0) * seen.spread)
 
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:

@@ -194,7 +194,7 @@ class Lane:
                 return  # (the mean moves with every take: a per cent is not worth a reset)
             rate = self.floor
         if rate != self.pacer.rate:
-            self.pacer.set_rate(rate)
+            self.pacer.set_rate(rate, self.controller.allowance)
 
     def _apply(self, answer: Answer, now: float) -> None:
         change = self.controller.on_answer(answer)

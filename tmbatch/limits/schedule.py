@@ -41,12 +41,18 @@ class Pacer:
         self.booked = NONE
         self.set_rate(rate)
 
-    def set_rate(self, rate: float | None) -> None:
+    def set_rate(self, rate: float | None, most: float | None = None) -> None:
+        """`most`: the most the server was seen to grant at once (the controller's
+        allowance). The pace's own burst stays within it: a server with no burst of its own
+        (nginx's limit_req without `burst`, a GCRA with no tolerance) refuses any two requests
+        closer than its interval, however far under its rate the pace is."""
         self.rate = rate
         if rate is None:
             return
         self.interval = 1.0 / rate
         burst = min(MAX_BURST, max(1.0, rate * BURST_SECONDS))
+        if most is not None:
+            burst = max(1.0, min(burst, most))
         self.own = (burst - 1.0) * self.interval
         self.tolerance = max(self.own, (self.allowance - 1.0) * self.interval)
 
