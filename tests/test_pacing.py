@@ -304,6 +304,24 @@ def test_a_share_measured_on_few_answers_before_a_cut_is_weighed_within_its_unce
         assert worst.share >= 0.85, worst.line()
 
 
+def test_a_few_answers_after_a_cut_do_not_undo_it() -> None:
+    """The other side of the same rule: 11 in 20 refused before a cut (a lane sending at three
+    times a small limit), then 2 of the first 10 after it (the cut landed a little above the
+    limit). On ten answers 20 % may be 55 %, but it may as well be nothing: the trial waits
+    until it has heard as many answers as the share before was measured on. Undone on those
+    ten, the lane went back to sending at three times the limit, refused at 55 % again, cut,
+    and undid the cut again: a bucket of 10/s holding 5, a bare 429, 200 lines, had 149
+    refusals; it has the 26 it had before the rule weighed shares within their uncertainty."""
+    p = Probation()
+    p.start(32.0, None, 0.0, 11, 20)
+    p.cut(0.0, 10.5)
+    verdicts = [p.judge(1.0 + i / 10, i in (3, 7)) for i in range(10)]
+    assert verdicts == [None] * 10 and p.trial is not None and p.noise == 0
+    r = run_row(row(BY_NAME["bucket-none"], "bucket-10-5-none", lines=200, rate_limit=10.0,
+                    rate_burst=5.0), 0)
+    assert r.refused <= 40 and r.share >= 0.95 and r.violations == 0, r.line()
+
+
 @pytest.mark.parametrize("share", [0.2, 0.3])
 def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: float) -> None:
     """20 and 30 % refused at random with `Retry-After: 1`, five seeds each (rows the

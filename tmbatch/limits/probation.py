@@ -32,6 +32,7 @@ class Trial:
     share: float  # of refusals, before the cut
     low: float  # the least that share can be, to the evidence (its Wilson lower bound)
     need: int  # answers to confirm it
+    sample: int = 0  # answers that share was measured on
     pace: float = math.inf  # what it cut to
     answers: int = 0
     refused: int = 0
@@ -71,9 +72,10 @@ class Probation:
         chain = self.chain
         if chain is None:
             share, low = refused / answers if answers else 0.0, wilson(refused, answers, -1.64)
-            self.trial = Trial(rate, limit, now, share, low, _need(low))
+            self.trial = Trial(rate, limit, now, share, low, _need(low), answers)
         else:
-            self.trial = Trial(chain.before, chain.limit, now, chain.share, chain.low, chain.need)
+            self.trial = Trial(chain.before, chain.limit, now, chain.share, chain.low,
+                               chain.need, chain.sample)
 
     def cut(self, now: float, pace: float) -> None:
         """The cut made at `now` went to `pace`: the trial started with it records it."""
@@ -115,9 +117,12 @@ class Probation:
         worse = (refusals >= 2 and t.answers >= SAMPLE // 2
                  and refusals > 3.0 * t.share * t.answers)
         lower = t.before is None or t.pace < FELL * t.before  # (else nothing to tell apart)
-        # about the same share: at least half of it, or not below it to the evidence (one
-        # measured on a few answers before the cut may be far off)
-        alike = share >= t.share / 2 or wilson(t.refused, t.answers, 1.64) >= t.low
+        # about the same share: at least half of it, or, once the trial has heard as many
+        # answers as it was measured on, not below it to the evidence (one measured on a few
+        # answers before the cut may be far off; a few answers after it may be far off too,
+        # and a cut of a small limit, undone on them, is refused at the old share again)
+        alike = share >= t.share / 2 or (t.answers >= t.sample
+                                         and wilson(t.refused, t.answers, 1.64) >= t.low)
         same = (lower and t.refused >= 2 and t.answers >= SAMPLE // 2
                 and t.answers > t.refused and not worse and alike)
         if t.answers < t.need and not worse and not same:
