@@ -139,26 +139,6 @@ def test_a_first_volley_is_timed_by_the_nearer_of_its_sends_and_its_answers() ->
     assert c.rate is not None and c.rate <= 50.0, c.rate
 
 
-def test_the_allowance_is_net_of_what_refilled_at_the_best_rate_known() -> None:
-    """A bucket of 100/s holding 20 meets a first volley sent at 600/s: 23 get through, 3
-    of them refilled meanwhile. Net of the refill at the first pace (a lower bound of the
-    rate, 23/s) the allowance reads 22; the burst a pause ends with can then be bigger than
-    the bucket holds, is refused, and with whole-second Retry-After costs a second each
-    time (87.9 % of the limit on 2,000 lines, where 90 % is the band). Net of the rate
-    measured since, it is no more than the bucket's 20."""
-    bucket = RequestBucket(100.0, 20.0, 20.0, 0.0)
-    c = Controller(PaceConfig())
-    volley = [i / 600 for i in range(64)]
-    assert drain(c, bucket, volley, [0.001] * len(volley)) is not None
-    assert c.seen.volley == 23 and c.allowance is not None and c.allowance > 21, c.allowance
-    probe = [1.05 + i / 150 for i in range(300)]  # after the pause, above the limit
-    assert drain(c, bucket, probe, [0.001] * len(probe)) is not None
-    assert c.limit is not None and 95.0 <= c.limit <= 105.0, c.limit
-    assert c.allowance is not None and c.allowance <= 20.0, c.allowance
-    r = run_row(row(BUCKET, "bucket-100-20", lines=2000, rate_limit=100.0, rate_burst=20.0), 0)
-    assert r.share >= 0.9 and r.violations == 0, r.line()
-
-
 def test_a_server_with_no_burst_of_its_own_gets_none_from_the_pace() -> None:
     """A limit of 50/s with no burst (nginx's limit_req without `burst`, a GCRA with no
     tolerance) refuses any two requests closer than 20 ms. The pace's own burst (50 ms'

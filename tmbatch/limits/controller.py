@@ -7,10 +7,10 @@ per W seconds grants alike); refusals at random are told apart from it by experi
 rules, each a named test in tests/test_pacing.py:
 
 1. A lane starts unpaced (concurrency governs). Its first refusal paces it at what got through
-   in the last second (a lower bound); the first volley's successes, net of what refilled at
-   the best rate known, are the allowance, and the pace never bursts past it. A bare refusal
-   before anything answered paces it too (rule 2's echo measures it): unpaced, each slot a
-   fast refusal frees would send another line into the same empty allowance.
+   in the last second (a lower bound); the first volley's successes are the allowance, and
+   the pace never bursts past it. A bare refusal before anything answered paces it too
+   (rule 2's echo measures it): unpaced, each slot a fast refusal frees would send another
+   line into the same empty allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted (got through beyond the allowance per second, over the best span
    since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
@@ -203,13 +203,15 @@ class Controller:
     @property
     def allowance(self) -> float | None:
         """The server's burst: the first volley's successes, less what refilled while they
-        were sent (at the best lower bound of the server's rate known now: the first pace,
-        or the rate measured since, which is nearer; an allowance read high makes the burst a
-        pause ends with be refused, and with whole-second Retry-After that costs a second)."""
+        were sent (at the first pace, a lower bound of the server's rate). Netting the refill
+        at the rate measured since reads it lower, and truer where the volley met the server
+        over a long spread (a bucket of 100/s holding 20 read 23 here, and the burst a pause
+        ended with was refused), but over real sockets the spread is read long, and pauses
+        that end with less than the bucket refilled cost `halved` 4 % (docs/limits.md)."""
         seen = self.seen
         if not seen.volley:
             return None
-        return max(1.0, seen.volley - max(self.first_rate, self.limit or 0.0) * seen.spread)
+        return max(1.0, seen.volley - self.first_rate * seen.spread)
 
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:
