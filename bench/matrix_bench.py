@@ -4,6 +4,7 @@
     python bench/matrix_bench.py                           # every row, 3 repeats (~35-40 min)
     python bench/matrix_bench.py --quick                   # every row, 1 repeat (~12 min)
     python bench/matrix_bench.py --quick --rows random-10-seconds,bucket-ms,capacity
+    python bench/matrix_bench.py --quick --rows bucket-50-1-seconds    # a held-out row
     python bench/matrix_bench.py --list                    # the rows and their length
     python bench/matrix_bench.py --tmbatch-cmd "/other/checkout/.venv/bin/python -m tmbatch"
     # -> bench/results/<--name>.md and .json (default name: matrix), the table also on stdout
@@ -108,6 +109,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from heldout import held_out, sizes  # noqa: E402
 from run_bench import Sim, fmt  # noqa: E402
 
 from tmbatch.sim.bodies import build_answer, prompt_text  # noqa: E402
@@ -545,7 +547,8 @@ def write_results(a: argparse.Namespace, client: Client, rows: list[Scenario],
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=None,
-                   help="comma list of row names (default: every row of SCENARIOS)")
+                   help="comma list of row names (default: every row of SCENARIOS); the "
+                        "held-out rows of bench/heldout.py may be named too")
     p.add_argument("--repeats", type=int, default=None, help="runs per row (default 3)")
     p.add_argument("--quick", action="store_true", help="1 repeat")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
@@ -561,10 +564,11 @@ def main() -> int:
                         "and its client's ROW-rN.stderr")
     a = p.parse_args()
     names = [n.strip() for n in a.rows.split(",")] if a.rows else [s.name for s in SCENARIOS]
-    unknown = [n for n in names if n not in BY_NAME]
+    known = {**BY_NAME, **{sc.name: sc for sc in held_out() + sizes()}}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"unknown rows {', '.join(unknown)}; rows: {', '.join(BY_NAME)}")
-    rows = [BY_NAME[n] for n in names]
+        p.error(f"unknown rows {', '.join(unknown)}; rows: {', '.join(known)}")
+    rows = [known[n] for n in names]
     if a.list:
         for sc in rows:
             print(f"{sc.name:<18} {expected_seconds(sc):6.1f} s  {band_text(sc):<28} "
