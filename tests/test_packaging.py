@@ -29,10 +29,13 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert blocks, "README has no test command"
     command = blocks[0].split("#")[0].strip()
     assert command in ci
-    # CI runs the LiteLLM conformance tests too, opted in before the same command, and the
-    # README says how (next to the command).
-    assert ci.index("export TMBATCH_LITELLM=1\n") < ci.index(command)
-    assert "TMBATCH_LITELLM=1" in readme.split(command, 1)[1].split("\n## ", 1)[0]
+    # CI runs the heavy opt-in tests too (the LiteLLM conformance tests, the container
+    # image), opted in before the same command, and the README says how (next to it).
+    exports = re.search(r"^export (.*)$", ci, re.M)
+    assert exports and exports.start() < ci.index(command)
+    for opt_in in ("TMBATCH_LITELLM=1", "TMBATCH_IMAGE=1"):
+        assert opt_in in exports.group(1).split()
+        assert opt_in in readme.split(command, 1)[1].split("\n## ", 1)[0]
 
 
 def test_dockerfile_is_non_root_with_tmbatch_entrypoint_under_an_init() -> None:
