@@ -17,7 +17,8 @@ what a part costs, and bench/cpu_bench.py says what that is worth in CPU seconds
 Variants are bench/ablate.py's (each takes a part out, which is NOT safe: a cost measurement
 only), joined with "+", plus:
   base     the tree as it is
-  nothing  the sender does no more than call the stand-in (the reader's cost is in it)
+(ablate's `nothing`, the sender doing no more than call the stand-in and count the answer,
+is the reader's cost and the stand-in's).
 The result: a table on stdout (instructions/request, and against base).
 
 `--cpu` measures the same runs in CPU seconds instead (user + sys of each child, no
@@ -84,12 +85,7 @@ def child(variant: str, inp: str, out: str) -> int:
 
     attempts.LineSender.__post_init__ = __post_init__  # type: ignore[method-assign]
     for v in variant.split("+"):
-        if v == "nothing":
-            async def process(self: Any, req: Any, task: Any = None) -> None:
-                await self.transport(self.session, req.url, req.body, None)
-
-            attempts.LineSender.process = process  # type: ignore[method-assign]
-        elif v != "base":
+        if v != "base":
             ablate.PATCHES[v]()
     from tmbatch.cli.main import main as tmbatch_main
 
