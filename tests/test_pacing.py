@@ -126,7 +126,10 @@ def test_a_first_volley_is_timed_by_the_nearer_of_its_sends_and_its_answers() ->
     met when the connections are up at 30 ms). A later drain's rate is read net of what
     refilled during the volley; read over the sends' spread it comes out high (51.4/s for a
     bucket of 50 over real sockets), the pace sits above the limit, and a second is lost
-    when the allowance runs out. The answers' spread is the nearer one."""
+    when the allowance runs out. The answers' spread is the nearer one: what got through
+    beyond the allowance reads the limit, not above it. (The cut takes the middle between
+    that and the refusal's bound, 50.6 here: a pace 0.2 % over, refused once in 111 s and
+    measured again over that span.)"""
     bucket = RequestBucket(50.0, 10.0, 10.0, 0.0)
     c = Controller(PaceConfig())
     volley = [0.003 * i for i in range(16)]
@@ -134,9 +137,30 @@ def test_a_first_volley_is_timed_by_the_nearer_of_its_sends_and_its_answers() ->
     assert c.seen.volley == 10 and c.seen.spread < 0.001, (c.seen.volley, c.seen.spread)
     # the pause; then a probe at 80/s from a full bucket, sends met 1 ms after their stamps
     probe = [1.05 + i / 80 for i in range(200)]
-    assert drain(c, bucket, probe, [0.001] * len(probe)) is not None
+    refused = drain(c, bucket, probe, [0.001] * len(probe))
+    assert refused is not None
+    low = c.seen.granted(refused.sent)
+    assert low is not None and 49.0 <= low <= 50.0 + 1e-9, low  # (the sends' spread: 58.8)
     assert c.limit is not None and 45.0 <= c.limit <= 51.0, c.limit
-    assert c.rate is not None and c.rate <= 50.0, c.rate
+
+
+def test_a_short_drain_is_read_between_what_got_through_and_what_the_refusal_shows() -> None:
+    """A bucket of 10/s holding 5, met by a pause's burst and a pace ramping past it (the
+    sends of a trace of `bucket-10-5-seconds`): 8 got through in 0.34 s and the ninth, 36 ms
+    later, was refused. What got through says the rate is at least 8.8/s; the refusal says
+    it is under 10.6/s (one more would have needed that). The lower bound alone, trusted for
+    a 20 s plateau, left the lane 12 % under the limit; the cut takes the middle."""
+    bucket = RequestBucket(10.0, 5.0, 5.0, 0.0)
+    c = Controller(PaceConfig())
+    assert drain(c, bucket, [0.0001 * i for i in range(16)], [0.001] * 16) is not None
+    ramp = [2.002, 2.002, 2.002, 2.103, 2.204, 2.257, 2.303, 2.343, 2.379, 2.41]
+    refused = drain(c, bucket, ramp, [0.001] * len(ramp))
+    assert refused is not None and refused.sent == 2.379
+    low, high = c.seen.granted(refused.sent), c.seen.granted_at_most(refused.sent)
+    assert low is not None and low < 9.0 and high > 10.0, (low, high)
+    assert c.limit == pytest.approx((low + high) / 2) and 9.5 <= c.limit <= 10.0, c.limit
+    r = run_row(row(BUCKET, "bucket-5-2", 200, rate_limit=5.0, rate_burst=2.0), 0)
+    assert r.share >= 0.9 and r.violations == 0, r.line()  # (the lower bound alone: 82 %)
 
 
 def test_a_server_with_no_burst_of_its_own_gets_none_from_the_pace() -> None:

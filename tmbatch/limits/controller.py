@@ -12,11 +12,11 @@ rules, each a named test in tests/test_pacing.py:
    (rule 2's echo measures it): unpaced, each slot a fast refusal frees would send another
    line into the same empty allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
-   cuts to the rate granted (got through beyond the allowance per second, over the best span
-   since the volley), never below `deepest` x what got through over SAMPLE answers' worth of
-   sending (pauses, and the bursts they saved up, are not sending). With no hint, the round
-   trip after the next decides (the next meets a server still drained): two refused, the
-   pace is what got through.
+   cuts to the rate granted: the middle of what got through beyond the allowance per second
+   and of that with the refused one (each over its best span since the volley), never below
+   `deepest` x what got through over SAMPLE answers' worth of sending (pauses, and the bursts
+   they saved up, are not sending). With no hint, the round trip after the next decides (the
+   next meets a server still drained): two refused, the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone; the share over all such trials is the lane's noise floor, under which refusals
@@ -306,6 +306,7 @@ class Controller:
             self._learn(min(rate, max(seen.window_rate(now), floor)))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
             return 0.0
+        granted = (granted + max(granted, seen.granted_at_most(a.sent))) / 2  # the middle
         self._learn(min(rate, max(granted, floor)))
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
         return 0.0

@@ -166,6 +166,29 @@ class Evidence:
             measure = m if measure is None else max(measure, m)
         return measure
 
+    def granted_at_most(self, refused_sent: float) -> float:
+        """The least rate at which the request sent at `refused_sent` would have got through
+        too: the bucket ran dry over some span from one of the sends before it, so for that
+        span n + 1 > v + rate x t, the rate below (n + 1 - v) / t (less the volley's spread,
+        as in `granted`). `granted` is where the successes put the rate, this is where the
+        refusal does: over few requests the two are a request apart, 10/s reads 8.8 to 10.6
+        over a third of a second, and the lower bound alone, trusted for a plateau, is 12 %
+        short of the limit. 0.0 when no span says anything."""
+        volley = self.volley
+        if not volley:
+            return 0.0
+        spread = self.spread
+        sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
+        most = 0.0
+        for i, t in enumerate(sent):
+            got = len(sent) - i
+            if got + 1 <= volley:
+                break
+            span = refused_sent - t - spread
+            if span >= MIN_SPAN:
+                most = max(most, (got + 1 - volley) / span)
+        return most
+
     def counts(self) -> tuple[int, int]:
         """(refusals, answers) over the history."""
         return len(self.refusals), len(self.ok_at) + len(self.refusals)
