@@ -152,7 +152,7 @@ class Evidence:
         if not volley:
             return None
         spread = self.spread
-        sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
+        sent = self._drained(refused_sent)
         measure = None
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
@@ -166,6 +166,10 @@ class Evidence:
             measure = m if measure is None else max(measure, m)
         return measure
 
+    def _drained(self, refused_sent: float) -> list[float]:
+        """When each success since the volley, up to `refused_sent`, was sent, in order."""
+        return sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
+
     def granted_at_most(self, refused_sent: float) -> float:
         """The least rate at which the request sent at `refused_sent` would have got through
         too: the bucket ran dry over some span from one of the sends before it, so for that
@@ -178,7 +182,7 @@ class Evidence:
         if not volley:
             return 0.0
         spread = self.spread
-        sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
+        sent = self._drained(refused_sent)
         most = 0.0
         for i, t in enumerate(sent):
             got = len(sent) - i
