@@ -243,6 +243,9 @@ class Controller:
         if measured > rate:
             if self.limit is not None:
                 self.limit = measured / cfg.margin
+            # (at DEBUG: a change under LOG_CHANGE has no INFO line, and this one sets the
+            # pace a plateau keeps)
+            log.debug("cut completed by the answers in flight: %.4g -> %.4g", rate, measured)
             self._set(measured, "learnt from refusals")
 
     def _growth(self, now: float) -> float:
