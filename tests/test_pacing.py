@@ -156,7 +156,7 @@ def test_a_short_drain_is_read_between_what_got_through_and_what_the_refusal_sho
     ramp = [2.002, 2.002, 2.002, 2.103, 2.204, 2.257, 2.303, 2.343, 2.379, 2.41]
     refused = drain(c, bucket, ramp, [0.001] * len(ramp))
     assert refused is not None and refused.sent == 2.379
-    low, high = c.seen.granted(refused.sent), c.seen.granted_at_most(refused.sent)
+    low, high = c.seen.granted_between(refused.sent)
     assert low is not None and low < 9.0 and high > 10.0, (low, high)
     assert c.limit == pytest.approx((low + high) / 2) and 9.5 <= c.limit <= 10.0, c.limit
     r = run_row(row(BUCKET, "bucket-5-2", 200, rate_limit=5.0, rate_burst=2.0), 0)

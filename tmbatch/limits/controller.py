@@ -298,7 +298,7 @@ class Controller:
             seen.start_volley(a.sent)
             self._cut(now, self.cfg.margin * seen.got_through(now))
             return 0.0
-        granted = seen.granted(a.sent)
+        granted, most = seen.granted_between(a.sent)
         # (over SAMPLE answers' worth of sending at least: at a low pace a second holds few)
         span = min(self.cfg.window, max(1.0, SAMPLE / rate))
         floor = self.cfg.deepest * seen.through_while_sending(now, span)
@@ -309,7 +309,7 @@ class Controller:
             self._learn(min(rate, max(seen.window_rate(now), floor)))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
             return 0.0
-        granted = (granted + max(granted, seen.granted_at_most(a.sent))) / 2  # the middle
+        granted = (granted + max(granted, most)) / 2  # the middle of the two bounds
         self._learn(min(rate, max(granted, floor)))
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
         return 0.0

@@ -148,50 +148,37 @@ class Evidence:
         is the rate itself, a token or two either way: the largest over every send since the
         volley. None when no span got more than the volley through: refused before that could
         be spent."""
+        return self.granted_between(refused_sent)[0]
+
+    def granted_between(self, refused_sent: float) -> tuple[float | None, float]:
+        """`granted`, and the least rate at which the request sent at `refused_sent` would
+        have got through too: the bucket ran dry over some span from one of the sends before
+        it, so for that span n + 1 > v + rate x t, the rate below (n + 1 - v) / t (less the
+        volley's spread, as the lower bound). The first is where the successes put the rate,
+        the second where the refusal does: over few requests the two are a request apart,
+        10/s reads 8.8 to 10.6 over a third of a second, and the lower bound alone, trusted
+        for a plateau, is 12 % short of the limit. Both in one pass over the sends (the
+        second 0.0 when no span says anything)."""
         volley = self.volley
         if not volley:
-            return None
+            return None, 0.0
         spread = self.spread
-        sent = self._drained(refused_sent)
-        measure = None
+        sent = sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
+        low: float | None = None
+        most = 0.0
         end = sent[-1] if sent else 0.0
         for i, t in enumerate(sent):
             got = len(sent) - i
-            if got <= volley:
+            if got < volley:
                 break
-            span = end - t
-            if span - spread < MIN_SPAN:
+            if refused_sent - t - spread >= MIN_SPAN:
+                most = max(most, (got + 1 - volley) / (refused_sent - t - spread))
+            span = end - t - spread
+            if got == volley or span < MIN_SPAN:
                 continue
-            m = (got - volley) / (span - spread)
-            measure = m if measure is None else max(measure, m)
-        return measure
-
-    def _drained(self, refused_sent: float) -> list[float]:
-        """When each success since the volley, up to `refused_sent`, was sent, in order."""
-        return sorted(t for t in self.ok_sent if self.volley_until < t <= refused_sent)
-
-    def granted_at_most(self, refused_sent: float) -> float:
-        """The least rate at which the request sent at `refused_sent` would have got through
-        too: the bucket ran dry over some span from one of the sends before it, so for that
-        span n + 1 > v + rate x t, the rate below (n + 1 - v) / t (less the volley's spread,
-        as in `granted`). `granted` is where the successes put the rate, this is where the
-        refusal does: over few requests the two are a request apart, 10/s reads 8.8 to 10.6
-        over a third of a second, and the lower bound alone, trusted for a plateau, is 12 %
-        short of the limit. 0.0 when no span says anything."""
-        volley = self.volley
-        if not volley:
-            return 0.0
-        spread = self.spread
-        sent = self._drained(refused_sent)
-        most = 0.0
-        for i, t in enumerate(sent):
-            got = len(sent) - i
-            if got + 1 <= volley:
-                break
-            span = refused_sent - t - spread
-            if span >= MIN_SPAN:
-                most = max(most, (got + 1 - volley) / span)
-        return most
+            m = (got - volley) / span
+            low = m if low is None else max(low, m)
+        return low, most
 
     def counts(self) -> tuple[int, int]:
         """(refusals, answers) over the history."""
