@@ -8,6 +8,7 @@ for each."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 from dataclasses import replace
@@ -502,6 +503,35 @@ def test_a_closed_window_is_probed_not_hammered() -> None:
     grant, 2/s, and no closed window is met twice in a row."""
     r = run_row(BY_NAME["window-30-15"], 0)
     assert r.share >= 0.9 and 1.8 <= r.paces["tm-small"] <= 2.0, r.line()
+
+
+def test_a_closed_window_is_probed_one_request_at_a_time() -> None:
+    """A window of 100 per 10 s with bare 429s, 64 workers, paced near 100/s when it closes:
+    each probe of the closed window is one request, one refusal. The workers that come out
+    of the hold with it wait for its answer (they went at the pace, and four went before the
+    first refusal came back: 68 refused in all, where the bound is 5 %)."""
+    r = run_row(row(BY_NAME["window-40-4"], "window-100-10", 1000, window_limit=100,
+                    window_seconds=10.0), 0)
+    refused = [a.at for a in r.arrivals if a.status != 200]
+    reopened = min(a.at for a in r.arrivals if a.status == 200 and a.at > 0.5)
+    probes = [t for t in refused if 0.5 < t < reopened]  # (the first volley's end at 0.25)
+    assert len(probes) >= 5, refused
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(probes)), probes
+    assert r.refused <= 0.05 * r.accepted and r.share >= 0.9, r.line()
+
+
+def test_an_answer_sent_before_the_window_closed_does_not_reopen_it() -> None:
+    """A window of 40 per 4 s with bare 429s and answers that take half a second: the first
+    volley's refusals close the lane before its 40 successes answer. Those successes were
+    sent before it closed, and say nothing of when it reopens: taken for a reopening, the
+    pace was what got through since the first of them, 1/s, for a window granting 10/s.
+    The probe that finds it open takes half a second to answer, and the rest do not wait
+    for it: a refusal would have come back within its round trip."""
+    r = run_row(row(BY_NAME["window-40-4"], "window-40-4-lat500", latency=0.5), 0)
+    assert lane(r)["pace_lowest"] >= 5.0 and r.share >= 0.8, (r.line(), lane(r))
+    sends = sorted(a.at for a in r.arrivals)
+    probe = min(a.at for a in r.arrivals if a.status == 200 and a.at > 0.5)
+    assert sends[sends.index(probe) + 1] < probe + 0.1, sends
 
 
 def test_stated_limits_govern_and_refusals_only_pause() -> None:

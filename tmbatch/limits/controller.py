@@ -219,8 +219,8 @@ class Controller:
         self.plateau.regained(a.sent, now)
         self.seen.succeeded(a.sent, now)
         self.refused_run = 0
-        if self.closed_since is not None:
-            self._reopened(now)
+        if self.closed_since is not None and a.sent >= self.closed_since:
+            self._reopened(now)  # (a request sent before it was found closed: no news)
         self._judge(a, refused=False)
         self._listen(a, refused=False)
         rate = self.rate

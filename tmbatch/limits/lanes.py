@@ -21,6 +21,7 @@ from tmbatch.limits.schedule import Pacer, TokenBucket
 
 log = logging.getLogger("tmbatch")
 
+PROBE_SLACK = 0.005  # seconds a probe's refusal may come later than the round trips seen
 MAX_HOLD = 60.0  # a hold (a reset header, or no hint at all) further away is capped
 LOG_EVERY = 30.0  # seconds between INFO lines about pauses and holds (DEBUG in between)
 SCOPES = ("model", "account")
@@ -59,6 +60,11 @@ class Lane:
         self.sent = 0
         self.last_progress: float | None = None  # loop time of its last success
         self.turn = asyncio.Lock()  # whose slot in the pace is next (see `paced`)
+        # closed (rule 4): the attempt probing, when it left (inf: not yet), who waits
+        self.probe: object | None = None
+        self.probe_at = math.inf
+        self.landing: list[asyncio.Future[None]] = []
+        self.refusal_rtt = 0.0  # the slowest recent refusal's round trip (decaying)
         self._logged_at = -math.inf
 
     @property
@@ -103,6 +109,45 @@ class Lane:
                 pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
                 await self.wait_pause(loop)
 
+    async def probe_turn(self, loop: asyncio.AbstractEventLoop, who: object) -> bool:
+        """Closed (rule 4), a probe is one request and one refusal (`PaceConfig.hold`): the
+        first attempt past the hold and the pace probes (`who` becomes `probe`), the rest
+        wait for its answer, which a refusal brings within its round trip. A probe out
+        longer than twice the refusals' round trip is being served (the lane reopened): the
+        rest go on then rather than wait out a long generation. True when this waited (the
+        attempt goes through the pause and the pace again)."""
+        if self.probe is None or self.probe is who:
+            self.probe = who
+            return False
+        left = self.probe_at + 2.0 * self.refusal_rtt + PROBE_SLACK - loop.time()
+        if left <= 0:
+            return False
+        fut = loop.create_future()
+        self.landing.append(fut)
+        timer = loop.call_later(left, _settle, fut) if left != math.inf else None
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return True
+
+    def probe_sent(self, now: float) -> None:
+        """The probe left: who waits for it knows now how long a refusal would take."""
+        self.probe_at = now
+        self._wake_landing()
+
+    def probe_landed(self) -> None:
+        """The probe is answered (or never went, or the lane reopened): whoever waits for
+        it checks again."""
+        self.probe, self.probe_at = None, math.inf
+        self._wake_landing()
+
+    def _wake_landing(self) -> None:
+        waiting, self.landing = self.landing, []
+        for fut in waiting:
+            _settle(fut)
+
     # -- what answers say ----------------------------------------------------------------
     def sent_at(self, now: float) -> None:
         self.sent += 1
@@ -121,6 +166,8 @@ class Lane:
         change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
         if change is not None:
             self._change(change, now)
+            if self.probe is not None and self.controller.closed_since is None:
+                self.probe_landed()  # reopened: nobody waits for a probe's answer
         if stated is not None:
             level = self.stated.level("requests")
             if level is not None:  # less what is on its way there, counted by it already
@@ -131,6 +178,7 @@ class Lane:
         """A refusal; the seconds of the Retry-After pause it started, if it started one."""
         self.refusals += 1
         self.refused_run += 1
+        self.refusal_rtt = max(now - sent, 0.8 * self.refusal_rtt)
         if self.pacer.allowance:
             log.debug("refused after a stated burst: the pace%s spends none again", self.label)
             self.pacer.no_stated_burst()
@@ -276,3 +324,8 @@ class Lane:
 def make_lane(key: LaneKey, cfg: PaceConfig, rpm: float | None, learn: bool,
               label: str) -> Lane:
     return Lane(key, Controller(cfg, rate=rpm / 60.0 if rpm else None, learn=learn), label)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

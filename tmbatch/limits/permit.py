@@ -70,6 +70,8 @@ class Permit:
                 paced = lane.pacer.rate is not None
                 if paced:
                     await lane.paced(loop)
+                if lane.controller.closed_since is not None and await lane.probe_turn(loop, self):
+                    continue  # it waited for a probe's answer: the pause and the pace again
                 if adm.shared is not None and not await adm.shared.take(lane):
                     continue  # the fleet paused the lane (--redis)
                 if adm.in_flight < adm.cap and not adm.waiters:
@@ -93,6 +95,8 @@ class Permit:
         if adm.first_sent is None:
             adm.first_sent = now
         lane.sent_at(now)
+        if lane.probe is self:
+            lane.probe_sent(now)
         self.flying = True
         return self
 
@@ -135,6 +139,8 @@ class Permit:
 
     def _landed(self) -> None:
         """It is no longer on its way to the server (`Lane.flight`, `Lane.flight_tokens`)."""
+        if self.lane.probe is self:
+            self.lane.probe_landed()
         if self.flying:
             self.flying = False
             self.lane.flight -= 1
@@ -143,7 +149,7 @@ class Permit:
             self.tokens_flying = 0.0
 
     def _leave(self) -> None:
-        if self.flying or self.tokens_flying:
+        if self.flying or self.tokens_flying or self.lane.probe is self:
             self._landed()
         if self.slot:
             self.slot = False

@@ -177,6 +177,7 @@ class RowResult:
     paces: dict[str, Any] = field(default_factory=dict)  # each lane's pace at the end
     lanes: dict[str, Any] = field(default_factory=dict)  # each lane's report at the end
     failures: list[tuple[float, str]] = field(default_factory=list)  # (when, class) each
+    arrivals: list[Arrival] = field(default_factory=list, repr=False)  # the server's log
     passed: bool = False
     why: str = ""
 
@@ -307,7 +308,7 @@ def _result(sc: Scenario, seed: int, server: VirtualServer, client: _Client, end
         sum(1 for a in log if a.status in (429, 503)), server.violations,
         stats.failed[Outcome.REJECTED], sum(stats.failed.values()), seconds,
         {m: lane["pace_requests_per_second"] for m, lane in lanes.items()}, lanes,
-        client.failures)
+        client.failures, log)
 
 
 def run_matrix(scenarios: tuple[Scenario, ...] | list[Scenario], seeds: int = 3,
