@@ -1,8 +1,9 @@
 """Held-out servers: the scenario matrix's rows varied in ways the pace was never tuned on.
 
-    python bench/heldout.py              # 42 rows x 5 seeds in virtual time, about a minute
+    python bench/heldout.py              # 48 rows x 5 seeds in virtual time, about a minute
     python bench/heldout.py --seeds 3
     python bench/heldout.py --sizes      # only the limits of other sizes (25 rows)
+    python bench/heldout.py --slow       # only the answers of a second (6 rows)
 
 The matrix (tmbatch/sim/scenarios.py) is what pacing changes are checked against, so it is
 also what they were tuned on. These rows are not in it and no test runs them: a share of
@@ -17,7 +18,10 @@ refused with probability p, so the refusals per accepted request are p / (1 - p)
 the client does (1.0 at 50 %), and a random row's refusal bound is 1.5 times that, at least
 the matrix's 100 %; and a lane starts unpaced (rule 1), so its first volley, `concurrency`
 requests at once, is refused but for the limit's burst, and a size row's refusal bound is at
-least that share of its lines. Figures in docs/limits.md ("Servers it was not tuned on").
+least that share of its lines. The last rows give the matrix's limit rows answers of a
+second, as an LLM's short answers take (the matrix's take 20 ms): the concurrency, 64, still
+allows each limit (50/s at most) with a second in flight. Figures in docs/limits.md
+("Servers it was not tuned on").
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ BUCKETS = ((5, 2), (10, 5), (20, 5), (100, 20), (200, 50), (50, 1), (50, 50))
 BUCKET_HINTS = {"seconds": "bucket-seconds", "ms": "bucket-ms", "none": "bucket-none"}
 WINDOWS = ((10, 1.0), (20, 2.0), (100, 10.0), (200, 60.0))  # (N, W s): N per W, a bare 429
 HINTS = {"seconds": "429 + Retry-After: 1", "none": "a bare 429", "ms": "429 + retry-after-ms"}
+SLOW = ("bucket-seconds", "bucket-ms", "bucket-none", "halved", "two-models", "window-40-4")
 VARIED = ("halved", "two-models", "window-40-4", "bucket-none")
 
 
@@ -89,13 +94,22 @@ def sizes() -> list[Scenario]:
     return rows
 
 
+def slow() -> list[Scenario]:
+    """The matrix's limit rows with answers that take a second."""
+    return [replace(BY_NAME[name], name=f"{name}-lat1000",
+                    server={**BY_NAME[name].server, "latency": 1.0},
+                    title=f"{BY_NAME[name].title}; answers of 1 s") for name in SLOW]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     ap.add_argument("--sizes", action="store_true", help="only the limits of other sizes")
+    ap.add_argument("--slow", action="store_true", help="only the answers of a second")
     args = ap.parse_args()
-    rows = sizes() if args.sizes else held_out() + sizes()
+    rows = (sizes() if args.sizes else slow() if args.slow
+            else held_out() + sizes() + slow())
     results = virtual.run_matrix(rows, args.seeds, echo=print, markdown=args.markdown)
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} of {len(results)} held-out rows in band "

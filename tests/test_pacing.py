@@ -534,6 +534,26 @@ def test_an_answer_sent_before_the_window_closed_does_not_reopen_it() -> None:
     assert sends[sends.index(probe) + 1] < probe + 0.1, sends
 
 
+def test_a_paced_lane_is_not_held_under_its_pace_by_the_slow_start() -> None:
+    """A bucket of 50/s holding 10, answers that take a second: 50 must be in flight. The
+    slow start's cap (8, doubled until the first refusal, then one more per four answers)
+    grew by answers a second apart and held the lane to 16-30 in flight for seconds: 58 %
+    of the limit. Once every lane is paced the pace governs, and the cap opens to twice what
+    the paces keep in flight at the latency seen."""
+    r = run_row(row(BUCKET, "bucket-seconds-lat1000", latency=1.0), 0)
+    assert r.share >= 0.85 and r.refused <= 0.05 * r.accepted, r.line()
+
+
+def test_an_echo_waits_for_the_successes_it_sent_before_it_calls_the_server_closed() -> None:
+    """A bucket of 50/s holding 10, bare 429s, answers that take a second. The echo of the
+    first refusal heard twenty refusals (back at once) before the first success (back a
+    second later), took the server for closed and held the lane; then everything waiting
+    went at once, into the empty bucket, again and again: 69 % refused. It waits for what
+    it sent in its span to answer now."""
+    r = run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
+    assert r.refused <= 0.05 * r.accepted and lane(r)["header_holds"] == 0, (r.line(), lane(r))
+
+
 def test_stated_limits_govern_and_refusals_only_pause() -> None:
     """x-ratelimit-* headers state the rate: the pace sits just under it, and nothing the
     refusals would teach moves it."""

@@ -189,12 +189,23 @@ class Admission:
             self.wake()
 
     def _answered(self) -> None:
-        """Slow start: one more in flight for every second answer."""
+        """Slow start: one more in flight for every OPEN_PER answers; and once every lane is
+        paced, the pace governs: the cap is at least what the paces keep in flight at the
+        latency seen, twice over (answers of a second at 50/s need 50 in flight, and the
+        cap, grown by answers a second apart, held them to 16 for seconds)."""
         self._opening_answers += 1
         self._opening += 1
         if self._opening >= OPEN_PER:
             self._opening = 0
             self.cap += 1
+            self.wake()
+        need = 0.0
+        for lane in self.lanes.values():
+            if lane.rate is None:
+                return
+            need += lane.rate * lane.controller.seen.latency
+        if 2.0 * need > self.cap:
+            self.cap = min(self.ceiling, math.ceil(2.0 * need))
             self.wake()
 
     # -- tokens per minute ---------------------------------------------------------------

@@ -20,10 +20,10 @@ rules, each a named test in tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone; the share over all such trials is the lane's noise floor, under which refusals
-   only pause. Three times the share (a pause's burst refused counts): the limit fell, cut
-   again (same share to beat).
+   only pause. Three times the share (a pause's burst refused counts): fell, cut again.
 4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
-   of the time closed; when it grants again the pace is what got through since it opened.
+   of the time closed, and probes with one request; once one sent since gets through, the
+   pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
    up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
    else from the margin's worth a second, doubling each second). The plateau makes a failed
@@ -136,6 +136,9 @@ class Controller:
     # -- the interface -------------------------------------------------------------------
     def on_sent(self, t: float) -> None:
         self.seen.sent(t)
+        e = self.echo
+        if e is not None and e.start < t <= e.until:
+            e.sent += 1
 
     def on_answer(self, a: Answer) -> Change | None:
         """Learn from one answer; what changes, if anything."""
@@ -329,7 +332,7 @@ class Controller:
         """Count an answer into the open echo; once it has its round trip and SAMPLE answers,
         cut to what got through meanwhile (nothing: closed). The hold, if any."""
         e = self.echo
-        if e is None or a.sent <= e.start or e.listening(a.sent, refused):
+        if e is None or a.sent <= e.start or e.listening(a.sent, refused, a.at):
             return 0.0
         self.echo = None
         now, rate = a.at, self.rate

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tmbatch.limits.probation import SAMPLE
 
 CLOSED_RUN = 3  # refusals in a row, none through, that say the server is closed
+WAIT = 60.0  # seconds after its span the echo waits at most for what it sent to answer
 
 
 @dataclass(slots=True)
@@ -30,6 +31,8 @@ class Echo:
     ok: int = 0
     refused: int = 0
     last: float = -math.inf  # the last send counted
+    sent: int = 0  # requests sent from start to until ...
+    heard: int = 0  # ... and answered
 
     @classmethod
     def after(cls, now: float, latency: float, pace: float | None, before: float | None,
@@ -40,16 +43,21 @@ class Echo:
         span = max(0.1, 2.0 * latency, 4.0 / (pace or 1.0))
         return cls(start, start + span, before, limit)
 
-    def listening(self, sent: float, refused: bool) -> bool:
+    def listening(self, sent: float, refused: bool, now: float) -> bool:
         """Count the answer of a request sent at `sent` (after `start`). False, counting
-        nothing, once the echo has its round trip and SAMPLE answers (or a closed run)."""
+        nothing, once the echo has its round trip and SAMPLE answers (or a closed run), and
+        what it sent in its span has answered: a refusal comes back at once, a success
+        after the server's latency (answers of a second: twenty refusals came back before
+        the first success, and the echo took a server granting 50/s for closed). At most
+        WAIT s after the span: an answer lost to a timeout or a 500 never comes."""
         closed = self.ok == 0 and self.refused >= CLOSED_RUN
         if sent <= self.until or (self.ok + self.refused < SAMPLE and not closed):
+            self.heard += sent <= self.until
             self.ok += not refused
             self.refused += refused
             self.last = max(self.last, sent)
             return True
-        return False
+        return self.heard < self.sent and now < self.until + WAIT
 
     @property
     def answers(self) -> int:
