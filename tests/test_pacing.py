@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import Probation, Trial
 from tmbatch.limits.schedule import Pacer
 from tmbatch.sim.limits import RequestBucket
@@ -552,6 +553,30 @@ def test_an_echo_waits_for_the_successes_it_sent_before_it_calls_the_server_clos
     it sent in its span to answer now."""
     r = run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
     assert r.refused <= 0.05 * r.accepted and lane(r)["header_holds"] == 0, (r.line(), lane(r))
+
+
+def test_what_a_refusal_cost_is_counted_to_the_next_success_sent_not_answered() -> None:
+    """The plateau is long enough that a failed probe costs `overhead` of the time: a bare
+    refusal's retry goes at once, so it costs the plateau's least, however long the answer
+    then takes (counted to the answer, answers of a second made every refusal cost a second
+    and the plateau 20 s at a pace 35 % under the limit)."""
+    cfg = PaceConfig()
+    p = Plateau()
+    p.lost(10.0)
+    p.regained(10.01, 11.01)  # sent 10 ms after the refusal, answered a second later
+    assert p.cost == pytest.approx(0.01) and p.length(cfg) == cfg.plateau
+    p.lost(20.0)
+    p.regained(21.0, 21.02)  # a Retry-After of a second: that second is lost
+    assert p.cost == pytest.approx(1.0) and p.length(cfg) == pytest.approx(1.0 / cfg.overhead)
+
+
+def test_an_echo_listens_from_the_refusals_round_trip_not_the_successes_latency() -> None:
+    """A bucket of 50/s holding 10, bare 429s, answers of a second, 5 s plateaus. The echo
+    of a probe's refusal listened from a success's latency on, three seconds in all, while
+    the probe grew from 34 to 465/s: 846 refused for 1000 lines. From the refusal's own
+    round trip (a millisecond) it hears the probe's pace at once."""
+    r = run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
+    assert r.refused <= 0.1 * r.accepted and r.share >= 0.75, r.line()
 
 
 def test_stated_limits_govern_and_refusals_only_pause() -> None:

@@ -27,7 +27,7 @@ rules, each a named test in tests/test_pacing.py:
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
    up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
    else from the margin's worth a second, doubling each second). The plateau makes a failed
-   probe's cost (refusal to next success) `overhead` of the time at most; after a fall it is
+   probe's cost (refusal to next success sent) `overhead` of the time at most; after a fall it is
    `plateau` s, doubled by each probe after the first that finds it still fallen.
 6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
@@ -319,14 +319,16 @@ class Controller:
 
     def _listen_from(self, now: float, refused_sent: float) -> None:
         """Rule 2, no hint: open the echo (the first refusal: at a lower bound of the rate,
-        but one that hears enough answers within a second)."""
+        but one that hears enough answers within a second). It listens from the refusal's
+        round trip on, a success's latency being the server's work, not the way there
+        (answers of a second kept it deaf for three, and a probe meanwhile went to 465/s)."""
         if self.echo is not None:
             return
         rate, limit, seen = self.rate, self.limit, self.seen
         if seen.volley is None or rate is None:
             seen.start_volley(refused_sent)
             self._cut(now, max(self.cfg.margin * seen.got_through(now), float(SAMPLE)))
-        self.echo = Echo.after(now, seen.latency, self.rate, rate, limit)
+        self.echo = Echo.after(now, now - refused_sent, self.rate, rate, limit)
 
     def _listen(self, a: Answer, refused: bool) -> float:
         """Count an answer into the open echo; once it has its round trip and SAMPLE answers,

@@ -35,12 +35,13 @@ class Echo:
     heard: int = 0  # ... and answered
 
     @classmethod
-    def after(cls, now: float, latency: float, pace: float | None, before: float | None,
+    def after(cls, now: float, rtt: float, pace: float | None, before: float | None,
               limit: float | None) -> Echo:
-        """The echo of a refusal answered at `now`, heard at `pace` (None: unpaced); `before`
-        and `limit` are the pace and the server's rate before the refusal."""
-        start = now + latency
-        span = max(0.1, 2.0 * latency, 4.0 / (pace or 1.0))
+        """The echo of a refusal answered at `now` after `rtt` s on the way, heard at `pace`
+        (None: unpaced); `before` and `limit` are the pace and the server's rate before the
+        refusal."""
+        start = now + rtt
+        span = max(0.1, 2.0 * rtt, 4.0 / (pace or 1.0))
         return cls(start, start + span, before, limit)
 
     def listening(self, sent: float, refused: bool, now: float) -> bool:

@@ -63,9 +63,10 @@ class Plateau:
     def regained(self, sent: float, now: float) -> None:
         """A success of a request sent after the loss: the cost is known, halving at most per
         event (a refusal with no hint costs little, but the window it closed may cost seconds
-        next time)."""
+        next time). It is the time to that request's send, not to its answer: the latency is
+        no loss (answers of a second made every refusal cost a second, and the plateau 20 s)."""
         if self.lost_from is not None and sent > self.lost_from:
-            self.cost = max(now - self.lost_from, self.cost / 2)
+            self.cost = max(sent - self.lost_from, self.cost / 2)
             self.lost_from = None
 
     def measured(self, old: float | None, limit: float, near: float) -> None:
