@@ -117,12 +117,15 @@ def patch_noadmission() -> None:
     class SpendOnly:
         """The permit's contract without its gates: the spend is held, settled and ended."""
 
-        __slots__ = ("spend",)
+        __slots__ = ("admission", "sent_at", "spend")
 
         def __init__(self, admission: Any, req: Any) -> None:
+            self.admission = admission
             self.spend = admission.budget.track(req)
+            self.sent_at = 0.0
 
         async def __aenter__(self) -> Any:
+            self.sent_at = self.admission.now()  # (the timeout sweep reads it)
             return self
 
         async def __aexit__(self, *exc: object) -> None:
