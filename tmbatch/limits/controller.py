@@ -26,9 +26,9 @@ rules, each a named test in tests/test_pacing.py:
    pace is what got through since it opened.
 5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
    up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
-   else from twice the margin's worth a second, doubling each second). The plateau makes a failed
-   probe's cost (refusal to next success sent) `overhead` of the time at most; after a fall it is
-   `plateau` s, doubled by each probe after the first that finds it still fallen.
+   else from twice the margin's worth a second, doubling each second). The plateau makes a
+   failed probe's cost (refusal to next success sent) `overhead` of the time at most; after
+   a fall it is `plateau` s, doubled by each probe after the first that finds it fallen.
 6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
