@@ -60,8 +60,7 @@ def held_out() -> list[Scenario]:
         row = BY_NAME[name]
         rows.append(replace(row, name=f"{name}-c16", concurrency=16,
                             title=f"{row.title}; concurrency 16"))
-        rows.append(replace(row, name=f"{name}-lat100", server={**row.server, "latency": 0.1},
-                            title=f"{row.title}; 100 ms latency"))
+        rows.append(_answers_in(row, 0.1, "100 ms latency"))
     return rows
 
 
@@ -96,9 +95,13 @@ def sizes() -> list[Scenario]:
 
 def slow() -> list[Scenario]:
     """The matrix's limit rows with answers that take a second."""
-    return [replace(BY_NAME[name], name=f"{name}-lat1000",
-                    server={**BY_NAME[name].server, "latency": 1.0},
-                    title=f"{BY_NAME[name].title}; answers of 1 s") for name in SLOW]
+    return [_answers_in(BY_NAME[name], 1.0, "answers of 1 s") for name in SLOW]
+
+
+def _answers_in(row: Scenario, seconds: float, said: str) -> Scenario:
+    """`row` with its answers taking `seconds` (named -latMS, `said` in the title)."""
+    return replace(row, name=f"{row.name}-lat{round(seconds * 1000)}",
+                   server={**row.server, "latency": seconds}, title=f"{row.title}; {said}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ for each."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -545,13 +546,19 @@ def test_a_paced_lane_is_not_held_under_its_pace_by_the_slow_start() -> None:
     assert r.share >= 0.85 and r.refused <= 0.05 * r.accepted, r.line()
 
 
+@functools.cache
+def bare_bucket_answering_in_a_second() -> RowResult:
+    """`bucket-none` with answers of a second, seed 0: the run two of the echo's rules read."""
+    return run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
+
+
 def test_an_echo_waits_for_the_successes_it_sent_before_it_calls_the_server_closed() -> None:
     """A bucket of 50/s holding 10, bare 429s, answers that take a second. The echo of the
     first refusal heard twenty refusals (back at once) before the first success (back a
     second later), took the server for closed and held the lane; then everything waiting
     went at once, into the empty bucket, again and again: 69 % refused. It waits for what
     it sent in its span to answer now."""
-    r = run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
+    r = bare_bucket_answering_in_a_second()
     assert r.refused <= 0.1 * r.accepted and lane(r)["header_holds"] == 0, (r.line(), lane(r))
 
 
@@ -575,7 +582,7 @@ def test_an_echo_listens_from_the_refusals_round_trip_not_the_successes_latency(
     of a probe's refusal listened from a success's latency on, three seconds in all, while
     the probe grew from 34 to 465/s: 846 refused for 1000 lines. From the refusal's own
     round trip (a millisecond) it hears the probe's pace at once."""
-    r = run_row(row(BY_NAME["bucket-none"], "bucket-none-lat1000", latency=1.0), 0)
+    r = bare_bucket_answering_in_a_second()
     assert r.refused <= 0.1 * r.accepted and r.share >= 0.75, r.line()
 
 
