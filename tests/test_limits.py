@@ -324,6 +324,26 @@ def test_the_slow_start_opens_by_the_clock_until_the_server_refuses() -> None:
     run_virtual(go)
 
 
+def test_once_every_lane_is_paced_the_cap_is_the_ceiling() -> None:
+    """Paced, the pace governs: a worker that finds the slow start's cap full opens it to the
+    ceiling, before any answer says how long answers take (grown by answers a second apart,
+    the cap held a lane paced near 50/s to 16-30 in flight for seconds)."""
+    async def go() -> None:
+        adm = Admission(concurrency=64, adaptive=True)
+        held = [await enter(adm) for _ in range(START_IN_FLIGHT)]
+        held[0].ok({}, None, 0, None)
+        await leave(held[0])
+        held[1].failed(refusal(RA_1))  # a refusal after a success: the lane is paced
+        await leave(held[1])
+        assert adm.lane("m").rate is not None and adm.cap < adm.ceiling
+        more = [await asyncio.wait_for(enter(adm), timeout=5.0) for _ in range(START_IN_FLIGHT)]
+        assert adm.cap == adm.ceiling and adm.in_flight == 2 * START_IN_FLIGHT - 2
+        for p in [*held[2:], *more]:
+            await leave(p)
+
+    run_virtual(go)
+
+
 # -- lanes ---------------------------------------------------------------------------------
 
 def test_a_refusal_pauses_and_paces_its_own_lane_only() -> None:

@@ -145,6 +145,8 @@ class Admission:
         assert loop is not None
         if self.cap < self.ceiling and self._opener is None and not self.refused:
             self._opener = loop.call_later(OPEN_EVERY, self._open)
+        if self.in_flight >= self.cap and self.cap < self.ceiling and self.refused:
+            self.open_if_paced()
         while self.in_flight >= self.cap or self.waiters:
             fut: asyncio.Future[None] = loop.create_future()
             self.waiters.append(fut)
@@ -189,23 +191,24 @@ class Admission:
             self.wake()
 
     def _answered(self) -> None:
-        """Slow start: one more in flight for every OPEN_PER answers; and once every lane is
-        paced, the pace governs: the cap is at least what the paces keep in flight at the
-        latency seen, twice over (answers of a second at 50/s need 50 in flight, and the
-        cap, grown by answers a second apart, held them to 16 for seconds)."""
+        """Slow start: one more in flight for every OPEN_PER answers, until every lane is
+        paced (`open_if_paced`)."""
         self._opening_answers += 1
         self._opening += 1
         if self._opening >= OPEN_PER:
             self._opening = 0
             self.cap += 1
             self.wake()
-        need = 0.0
-        for lane in self.lanes.values():
-            if lane.rate is None:
-                return
-            need += lane.rate * lane.controller.seen.latency
-        if 2.0 * need > self.cap:
-            self.cap = min(self.ceiling, math.ceil(2.0 * need))
+        self.open_if_paced()
+
+    def open_if_paced(self) -> None:
+        """Once every lane is paced, the paces govern and the cap opens to the ceiling: a
+        cap grown by answers held a lane paced near 50/s, answering in a second, to 16-30 in
+        flight for seconds, and it knows no latency before the first answer (a lane's pace
+        grows by the requests let through, `verdicts`, a latency before it)."""
+        lanes = self.lanes.values()
+        if lanes and all(lane.rate is not None for lane in lanes):
+            self.cap = self.ceiling
             self.wake()
 
     # -- tokens per minute ---------------------------------------------------------------

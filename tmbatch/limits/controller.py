@@ -3,14 +3,16 @@
 AIMD as in TCP and Netflix's concurrency-limits (a cut on a congestion event, growth while
 answers succeed), GCRA for the schedule (`schedule.Pacer`), a stated limit as a hard ceiling.
 The server is modelled as an allowance refilling at a rate up to a burst (a token bucket; N
-per W seconds grants alike); refusals at random are told apart from it by experiment. The
-rules, each a named test in tests/test_pacing.py:
+per W seconds grants alike) that decides at once: a request out longer than a refusal takes
+was let through, a success from then on, whenever its answer comes (`verdicts`). Refusals at
+random are told apart from it by experiment. The rules, each a named test in
+tests/test_pacing.py:
 
-1. A lane starts unpaced (concurrency governs). Its first refusal paces it at what got through
-   in the last second (a lower bound); the first volley's successes are the allowance, and
-   the pace never bursts past it. A bare refusal before anything answered paces it too
-   (rule 2's echo measures it): unpaced, each slot a fast refusal frees would send another
-   line into the same empty allowance.
+1. A lane starts unpaced (concurrency governs). Its first refusal, or the first success after
+   one that came before any, paces it at what got through in the last second (a lower
+   bound); the first volley's successes are the allowance, and the pace never bursts past
+   it. A bare refusal before anything answered paces it too (rule 2's echo measures it):
+   unpaced, each slot a fast refusal frees would send another line into the same allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted: the middle of what got through beyond the allowance per second
    and of that with the refused one (each over its best span since the volley), never below
@@ -35,7 +37,7 @@ rules, each a named test in tests/test_pacing.py:
    What they say the bucket holds goes at once, until a refusal after such a burst (`Pacer`).
    `--rpm` fixes the pace; nothing is learnt.
 8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
-   unpaced process joins a paced fleet at its mean as measured (`shared`'s rules 3 and 4).
+   unpaced process joins a paced fleet at its mean as measured (`fleet`; `shared`'s 3, 4).
 
 The controller decides; rule 2's echo (`echo`), rule 3's probation (`probation`) and rule 5's
 plateau (`plateau`) keep their own state and verdicts, and every rule reads the lane's record
@@ -53,6 +55,7 @@ from tmbatch.limits.evidence import Evidence
 from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import SAMPLE, Probation
 from tmbatch.limits.schedule import MIN_RATE
+from tmbatch.limits.verdicts import Verdicts
 
 log = logging.getLogger("tmbatch")
 
@@ -94,6 +97,7 @@ class Answer:
     wait: float | None = None  # the pause a refusal announced, seconds (None: no hint)
     stated: float | None = None  # requests/s the answer's headers state
     governed: bool = False  # headers state a limit (of requests or tokens) for the lane
+    passed: bool = False  # let through, its answer still to come (`verdicts`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Controller:
         self.rate = rate
         self.source = "fixed (--rpm)" if rate is not None else "unpaced"
         self.seen = Evidence(cfg.window)
+        self.verdicts = Verdicts()  # successes heard of before their answers come
         self.stated: float | None = None
         self.governed = False  # stated limits govern: refusals only pause the lane
         self.limit: float | None = None  # the server's rate, as last measured
@@ -127,6 +132,7 @@ class Controller:
         self.echo: Echo | None = None  # rule 2 with no hint
         self.refused_run = 0  # refusals in a row
         self.closed_since: float | None = None  # everything refused since (rule 4)
+        self.volley_unmeasured = False  # refused with a hint before any success answered
         self.held_until = -math.inf
         self.burst_at = math.inf  # the last pause's burst was sent here
         self.burst_refused = False
@@ -134,11 +140,19 @@ class Controller:
         self._logged = rate
 
     # -- the interface -------------------------------------------------------------------
-    def on_sent(self, t: float) -> None:
+    def on_sent(self, t: float) -> Change | None:
+        """A request left; the requests let through by now, if any, change the pace."""
         self.seen.sent(t)
         e = self.echo
         if e is not None and e.start < t <= e.until:
             e.sent += 1
+        v = self.verdicts
+        if v.rtt is None or not self.learn:
+            return None
+        v.sent(t)
+        before = self.rate
+        self._hear(t)
+        return None if self.rate == before else Change(self.rate)
 
     def on_answer(self, a: Answer) -> Change | None:
         """Learn from one answer; what changes, if anything."""
@@ -147,16 +161,29 @@ class Controller:
         before = self.rate
         if a.stated is not None:
             self.stated = a.stated
-            self._set(max(MIN_RATE, a.stated * self.cfg.margin), "stated by x-ratelimit headers")
+            self.set_pace(max(MIN_RATE, a.stated * self.cfg.margin),
+                          "stated by x-ratelimit headers")
         self.governed = self.governed or a.governed
-        if a.ok:
+        v = self.verdicts
+        if not a.ok:
+            seen = self.seen
+            v.refused_in(a.at - a.sent, seen.sends, seen.ok_sent)
+        self._hear(a.at)
+        hold = burst = 0
+        if v.answered(a.sent) and a.ok:
+            self.seen.answered(a.sent, a.at)  # (its success was heard of already)
+        elif a.ok:
             self._success(a)
-            hold = burst = 0
         else:
             hold, burst = self._refused(a)
         if self.rate == before and not hold and not burst:
             return None
         return Change(self.rate, hold, burst)
+
+    def _hear(self, now: float) -> None:
+        """The requests let through by `now` are successes (`verdicts`)."""
+        for t in self.verdicts.due(now):
+            self._success(Answer(t, now, True, passed=True))
 
     def on_success(self, sent: float, now: float, stated: float | None,
                    governed: bool) -> Change | None:
@@ -168,40 +195,13 @@ class Controller:
             return None
         if (self.rate is None and stated is None and self.probation.trial is None
                 and self.echo is None and self.closed_since is None
-                and self.plateau.lost_from is None):
+                and self.plateau.lost_from is None and not self.volley_unmeasured
+                and self.verdicts.rtt is None):
             self.governed = self.governed or governed
             self.seen.succeeded(sent, now)
             self.refused_run = 0
             return None  # (`_success` adds nothing more here, and the rate stays None)
         return self.on_answer(Answer(sent, now, True, stated=stated, governed=governed))
-
-    def on_pause_elsewhere(self, now: float) -> Change | None:
-        """Another process sharing the lane (--redis) was told to pause: the fleet's sends are
-        one sum, so a refusal anywhere is this pace's too. The plateau restarts (the fleet
-        probes as one, not once per process), a probe above the measured rate ends (the
-        refusal it caused may have landed on another process), and a ramp from a lower bound
-        stops where it is: the fleet was refused at the sum."""
-        rate, limit = self.rate, self.limit
-        if not self.learn or rate is None or self.stated is not None:
-            return None
-        self.plateau.restart_from(now)
-        if limit is None:
-            self.limit = rate / self.cfg.margin  # ramping from a lower bound: it was reached
-            return None
-        if rate <= self.cfg.margin * limit:
-            return None
-        self._set(self.cfg.margin * limit, "a probe ended by another process's refusal")
-        return Change(self.rate)
-
-    def join(self, rate: float) -> Change | None:
-        """Unpaced, in a fleet already paced: start at `rate` (the paced processes' mean),
-        taken as measured (rule 5: a plateau, then probes), not as a lower bound to ramp from:
-        K processes ramping at once would overshoot the fleet's limit K times as fast."""
-        if not self.learn or self.rate is not None or self.stated is not None:
-            return None
-        self._set(max(MIN_RATE, rate), "the mean of the job's other processes")
-        self.limit = self.rate / self.cfg.margin  # a measure (theirs): plateau, then probe
-        return Change(self.rate)
 
     @property
     def allowance(self) -> float | None:
@@ -220,19 +220,21 @@ class Controller:
     def _success(self, a: Answer) -> None:
         now = a.at
         self.plateau.regained(a.sent, now)
-        self.seen.succeeded(a.sent, now)
+        self.seen.succeeded(a.sent, now, answered=not a.passed)
         self.refused_run = 0
         if self.closed_since is not None and a.sent >= self.closed_since:
             self._reopened(now)  # (a request sent before it was found closed: no news)
         self._judge(a, refused=False)
         self._listen(a, refused=False)
+        if self.volley_unmeasured and a.sent <= self.seen.volley_until:
+            self._first_cut(now)  # the volley's first success: it measures at last
         rate = self.rate
         if rate is None or self.stated is not None:
             return
         if a.sent <= self.last_cut:
             self._complete(now, rate)
         elif now - self.last_cut >= self.cfg.calm and rate <= LEAD * self.seen.sending(now):
-            self._set(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
+            self.set_pace(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
 
     def _complete(self, now: float, rate: float) -> None:
         """The last cut's measure, completed by the answers of what was in flight then."""
@@ -249,7 +251,8 @@ class Controller:
             # (at DEBUG: a change under LOG_CHANGE has no INFO line, and this one sets the
             # pace a plateau keeps)
             log.debug("cut completed by the answers in flight: %.4g -> %.4g", rate, measured)
-            self._set(measured, "learnt from refusals")
+            self.set_pace(measured, "learnt from refusals")
+            self.probation.cut(self.last_cut, self.rate or measured)  # (the cut's pace)
 
     def _growth(self, now: float) -> float:
         """Relative growth per second (rule 5)."""
@@ -285,7 +288,8 @@ class Controller:
             return 0.0  # the headers state the limit; or the event was met already
         if rate is None and not seen.ok_at and a.wait is not None:
             seen.start_volley(a.sent)
-            return 0.0  # nothing got through yet: no measure (the pause holds; bare: rule 1)
+            self.volley_unmeasured = True  # the pause holds; the volley's answers measure
+            return 0.0
         if rate is not None and now - self.last_cut < 2.0 / rate:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
@@ -295,12 +299,11 @@ class Controller:
         if a.wait is None:
             self._listen_from(now, a.sent)
             return 0.0
-        first = seen.volley is None or rate is None
-        self.probation.start(rate, self.limit, now, *seen.counts())
-        if first:
+        if seen.volley is None or rate is None:
             seen.start_volley(a.sent)
-            self._cut(now, self.cfg.margin * seen.got_through(now))
+            self._first_cut(now)
             return 0.0
+        self.probation.start(rate, self.limit, now, *seen.counts())
         granted, most = seen.granted_between(a.sent)
         # (over SAMPLE answers' worth of sending at least: at a low pace a second holds few)
         span = min(self.cfg.window, max(1.0, SAMPLE / rate))
@@ -316,6 +319,13 @@ class Controller:
         self._learn(min(rate, max(granted, floor)))
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
         return 0.0
+
+    def _first_cut(self, now: float) -> None:
+        """Rule 1: pace at what got through, on trial (rule 3); the volley's answers still
+        out complete the measure (`_complete`)."""
+        self.volley_unmeasured = False
+        self.probation.start(self.rate, self.limit, now, *self.seen.counts())
+        self._cut(now, self.cfg.margin * self.seen.got_through(now))
 
     def _listen_from(self, now: float, refused_sent: float) -> None:
         """Rule 2, no hint: open the echo (the first refusal: at a lower bound of the rate,
@@ -358,7 +368,7 @@ class Controller:
         if t is None:
             return False
         self.limit = None
-        self._set(t.before, "refusals at random: pace restored")
+        self.set_pace(t.before, "refusals at random: pace restored")
         return True
 
     def _close(self, now: float) -> float:
@@ -408,12 +418,12 @@ class Controller:
         self.plateau.lost(now)
         log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance,
                   extra={"event": "pace_cut", "requests_per_second": round(new, 3)})
-        self._set(max(MIN_RATE, new), "learnt from refusals")
+        self.set_pace(max(MIN_RATE, new), "learnt from refusals")
         self.probation.cut(now, self.rate or math.inf)
         if first:
             self.first_rate = self.rate or 0.0
 
-    def _set(self, rate: float | None, why: str) -> None:
+    def set_pace(self, rate: float | None, why: str) -> None:
         if self.stated is not None and rate is not None:
             rate = min(rate, self.stated * self.cfg.margin)
         self.rate = rate

@@ -50,6 +50,7 @@ class Evidence:
         # the first and last send of its successes, and the first and last answer
         self.volley_first, self.volley_last = math.inf, -math.inf
         self.volley_answered_first, self.volley_answered_last = math.inf, -math.inf
+        self.let_through: set[float] = set()  # before the volley: successes not answered
 
     # -- recording -----------------------------------------------------------------------
     def sent(self, t: float) -> None:
@@ -58,7 +59,9 @@ class Evidence:
         while sends[0] < t - 1.0:
             sends.popleft()
 
-    def succeeded(self, sent: float, now: float) -> None:
+    def succeeded(self, sent: float, now: float, answered: bool = True) -> None:
+        """A success, `answered` or let through (`verdicts`: its answer is still to come,
+        and says the latency)."""
         self.ok_sent.append(sent)
         self.ok_at.append(now)
         recent = self.recent
@@ -66,12 +69,23 @@ class Evidence:
         while recent[0] < now - 1.0:
             recent.popleft()
         self.total_ok += 1
-        self.latency = now - sent
+        if answered:
+            self.latency = now - sent
         if self.first_ok is None:
             self.first_ok = now
         if sent <= self.volley_until:
-            self._in_volley(sent, now)
+            self._in_volley(sent, now if answered else None)
+        elif not answered and self.volley is None:
+            self.let_through.add(sent)
         self._prune(now)
+
+    def answered(self, sent: float, now: float) -> None:
+        """The answer of a success let through before (`verdicts`): its latency, and its
+        answer's time if it was one of the volley's."""
+        self.latency = now - sent
+        if sent <= self.volley_until:
+            self.volley_answered_first = min(self.volley_answered_first, now)
+            self.volley_answered_last = max(self.volley_answered_last, now)
 
     def refused(self, now: float) -> None:
         self.refusals.append(now)
@@ -93,14 +107,18 @@ class Evidence:
         self.volley_until = refused_sent
         for sent, at in zip(self.ok_sent, self.ok_at, strict=True):
             if sent <= refused_sent:
-                self._in_volley(sent, at)
+                self._in_volley(sent, None if sent in self.let_through else at)
+        self.let_through.clear()
 
-    def _in_volley(self, sent: float, at: float) -> None:
+    def _in_volley(self, sent: float, at: float | None) -> None:
+        """One of the volley's successes, answered at `at` (None: let through, its answer
+        to come: the time it was heard of is no answer's)."""
         self.volley = (self.volley or 0) + 1
         self.volley_first = min(self.volley_first, sent)
         self.volley_last = max(self.volley_last, sent)
-        self.volley_answered_first = min(self.volley_answered_first, at)
-        self.volley_answered_last = max(self.volley_answered_last, at)
+        if at is not None:
+            self.volley_answered_first = min(self.volley_answered_first, at)
+            self.volley_answered_last = max(self.volley_answered_last, at)
 
     @property
     def spread(self) -> float:
@@ -115,7 +133,7 @@ class Evidence:
             return 0.0
         sends = self.volley_last - self.volley_first
         answers = self.volley_answered_last - self.volley_answered_first
-        return max(0.0, min(sends, answers))
+        return max(0.0, min(sends, answers) if answers >= 0 else sends)
 
     def _prune(self, now: float) -> None:
         horizon = now - (self.history if self.volley else self.window)  # (no volley: window)

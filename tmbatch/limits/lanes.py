@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tmbatch.limits import fleet
 from tmbatch.limits.controller import Answer, Change, Controller, PaceConfig
 from tmbatch.limits.headers import StatedLimits
 from tmbatch.limits.schedule import Pacer, TokenBucket
 
 log = logging.getLogger("tmbatch")
 
-PROBE_SLACK = 0.005  # seconds a probe's refusal may come later than the round trips seen
 MAX_HOLD = 60.0  # a hold (a reset header, or no hint at all) further away is capped
 LOG_EVERY = 30.0  # seconds between INFO lines about pauses and holds (DEBUG in between)
 SCOPES = ("model", "account")
@@ -64,7 +64,6 @@ class Lane:
         self.probe: object | None = None
         self.probe_at = math.inf
         self.landing: list[asyncio.Future[None]] = []
-        self.refusal_rtt = 0.0  # the slowest recent refusal's round trip (decaying)
         self._logged_at = -math.inf
 
     @property
@@ -119,7 +118,7 @@ class Lane:
         if self.probe is None or self.probe is who:
             self.probe = who
             return False
-        left = self.probe_at + 2.0 * self.refusal_rtt + PROBE_SLACK - loop.time()
+        left = self.probe_at + self.controller.verdicts.verdict_in() - loop.time()
         if left <= 0:
             return False
         fut = loop.create_future()
@@ -154,7 +153,9 @@ class Lane:
         self.flight += 1
         if self.last_progress is None:
             self.last_progress = now  # --patience counts from the lane's first send
-        self.controller.on_sent(now)
+        change = self.controller.on_sent(now)
+        if change is not None:
+            self._changed(change, now)
 
     def succeeded(self, now: float, sent: float, headers: Mapping[str, str] | None,
                   used_tokens: int) -> None:
@@ -165,9 +166,7 @@ class Lane:
         stated = self.read_headers(headers, now) if headers else None
         change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
         if change is not None:
-            self._change(change, now)
-            if self.probe is not None and self.controller.closed_since is None:
-                self.probe_landed()  # reopened: nobody waits for a probe's answer
+            self._changed(change, now)
         if stated is not None:
             level = self.stated.level("requests")
             if level is not None:  # less what is on its way there, counted by it already
@@ -178,7 +177,6 @@ class Lane:
         """A refusal; the seconds of the Retry-After pause it started, if it started one."""
         self.refusals += 1
         self.refused_run += 1
-        self.refusal_rtt = max(now - sent, 0.8 * self.refusal_rtt)
         if self.pacer.allowance:
             log.debug("refused after a stated burst: the pace%s spends none again", self.label)
             self.pacer.no_stated_burst()
@@ -213,10 +211,10 @@ class Lane:
 
     def paused_elsewhere(self, until: float, now: float) -> None:
         """The fleet's pause (--redis): another process was refused; this one holds until
-        `until` too, and its controller hears of it (`Controller.on_pause_elsewhere`)."""
+        `until` too, and its controller hears of it (`fleet.paused_elsewhere`)."""
         if not self._extend(until - now, now):
             return
-        change = self.controller.on_pause_elsewhere(now)
+        change = fleet.paused_elsewhere(self.controller, now)
         if change is not None:
             self._change(change, now)
 
@@ -225,12 +223,12 @@ class Lane:
         take. The fleet's schedule holds their sum; this process paces at no less than the
         mean, or one whose own measure came out low (it started late, its refusals came in
         a bad second) would finish its shard long after the others. Unpaced, it joins at
-        the mean (`Controller.join`): it would add nothing to the sum and learn nothing."""
+        the mean (`fleet.join`): it would add nothing to the sum and learn nothing."""
         c = self.controller
         if c.stated is not None:
             return  # the headers state the limit: nothing learnt or shared goes above it
         if c.rate is None and mean > 0:
-            c.join(mean)
+            fleet.join(c, mean)
         self.floor = mean
         self._pace()
 
@@ -248,6 +246,12 @@ class Lane:
         change = self.controller.on_answer(answer)
         if change is not None:
             self._change(change, now)
+
+    def _changed(self, change: Change, now: float) -> None:
+        """A success's change (answered, or let through): it may have reopened the lane."""
+        self._change(change, now)
+        if self.probe is not None and self.controller.closed_since is None:
+            self.probe_landed()  # reopened: nobody waits for a probe's answer
 
     def _change(self, change: Change, now: float) -> None:
         self._pace()

@@ -20,10 +20,10 @@ The rules that make K controllers, each deciding from its own answers, act as on
    second. Unpaced, K pods would each burst; the first refusal reaches the others a Redis
    round trip later, and what they sent meanwhile lands inside its window.
 3. A pause anywhere is every pod's: each pod's controller hears of it
-   (`Controller.on_pause_elsewhere`: the plateau restarts, a probe or a ramp ends), so the
+   (`fleet.paused_elsewhere`: the plateau restarts, a probe or a ramp ends), so the
    fleet probes as one process would, not K times as often.
 4. The mean: a pod paces at no less than the paced pods' mean (each take returns it), and an
-   unpaced pod joins a paced fleet at it (`Controller.join`). A pod whose own measure came
+   unpaced pod joins a paced fleet at it (`fleet.join`). A pod whose own measure came
    out low (it started late) would otherwise finish its shard long after the others, and
    one that joins unpaced would add nothing to the sum and learn nothing.
 
