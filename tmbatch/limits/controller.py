@@ -150,8 +150,13 @@ class Controller:
         if v.rtt is None or not self.learn:
             return None
         v.sent(t)
+        return self.hear(t)
+
+    def hear(self, now: float) -> Change | None:
+        """The requests let through by `now` (`verdicts`), heard of: what changes, if anything.
+        At every send and answer, and when the next is due (`Lane`)."""
         before = self.rate
-        self._hear(t)
+        self._hear(now)
         return None if self.rate == before else Change(self.rate)
 
     def on_answer(self, a: Answer) -> Change | None:

@@ -64,6 +64,7 @@ class Lane:
         self.probe: object | None = None
         self.probe_at = math.inf
         self.landing: list[asyncio.Future[None]] = []
+        self.hearing: asyncio.TimerHandle | None = None  # the next verdict's (`verdicts`)
         self._logged_at = -math.inf
 
     @property
@@ -156,6 +157,8 @@ class Lane:
         change = self.controller.on_sent(now)
         if change is not None:
             self._changed(change, now)
+        if self.hearing is None and self.controller.verdicts.pending:
+            self._await_verdict(now)
 
     def succeeded(self, now: float, sent: float, headers: Mapping[str, str] | None,
                   used_tokens: int) -> None:
@@ -167,6 +170,8 @@ class Lane:
         change = self.controller.on_success(sent, now, stated, bool(self.stated.rates))
         if change is not None:
             self._changed(change, now)
+        if self.hearing is None and self.controller.verdicts.pending:
+            self._await_verdict(now)
         if stated is not None:
             level = self.stated.level("requests")
             if level is not None:  # less what is on its way there, counted by it already
@@ -183,7 +188,29 @@ class Lane:
         stated = self.read_headers(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
         self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)
+        self._await_verdict(now)
         return paused
+
+    def _await_verdict(self, now: float) -> None:
+        """Hear of the next request let through when it is due, not at the next send or
+        answer: at a low pace those are a second apart, and a cut at one request heard of,
+        paced at 1/s, heard of the rest of its volley only when its answers came a second
+        later (over real sockets a first volley is sent over tens of milliseconds)."""
+        if self.hearing is not None:
+            return
+        due = self.controller.verdicts.next_due()
+        if due is not None:
+            self.hearing = asyncio.get_running_loop().call_later(
+                max(0.0, due - now), self._heard)
+
+    def _heard(self) -> None:
+        self.hearing = None
+        now = asyncio.get_running_loop().time()
+        change = self.controller.hear(now)
+        if change is not None:
+            self._changed(change, now)
+        if self.hearing is None and self.controller.verdicts.pending:
+            self._await_verdict(now)
 
     def read_headers(self, headers: Mapping[str, str], now: float) -> float | None:
         """The rate the headers state (requests/s), and their hold when one is spent (an

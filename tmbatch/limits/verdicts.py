@@ -59,6 +59,10 @@ class Verdicts:
         lane's probe too: `Lane.probe_turn`)."""
         return TRIPS * (self.rtt or 0.0) + SLACK
 
+    def next_due(self) -> float | None:
+        """When the next request out may be heard of as let through (None: none is out)."""
+        return self.pending[0] + self.verdict_in() if self.pending else None
+
     def sent(self, t: float) -> None:
         if self.rtt is not None:
             self.pending.append(t)
@@ -68,10 +72,10 @@ class Verdicts:
         pending, rtt = self.pending, self.rtt
         if not pending or rtt is None:
             return []
-        cutoff = now - self.verdict_in()
+        wait = self.verdict_in()  # (due when t + wait <= now: as `next_due` says it)
         out: list[float] = []
         early, through = self.early, self.through
-        while pending and pending[0] <= cutoff:
+        while pending and pending[0] + wait <= now:
             t = pending.popleft()
             if early[t]:
                 early[t] -= 1
@@ -81,7 +85,7 @@ class Verdicts:
             through[t] += 1
             out.append(t)
         if len(through) > STALE_AT:
-            for t in [t for t in through if t < cutoff - STALE]:
+            for t in [t for t in through if t + wait + STALE < now]:
                 del through[t]
         return out
 
