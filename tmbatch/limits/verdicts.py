@@ -4,7 +4,8 @@ been out longer than a refusal takes.
 A rate limit decides before the model does any work: a refusal comes back in a round trip,
 a success a latency later (a second or more for an LLM's answer). A request out for twice
 the refusals' round trip, and SLACK more, was let through, and the controller hears of it
-then, not when its answer comes. Otherwise every measure taken at a refusal reads the
+then (at a send, an answer, or the lane's timer for the next one due), not when its answer
+comes. Otherwise every measure taken at a refusal reads the
 successes of a latency earlier (sent at a lower pace while it ramped: a limit that halves
 and comes back read 80 % of a client that knew the schedule, answering in a second), and
 every rule that waits for answers waits a latency (a bare bucket's echo: 8 % refused).
