@@ -23,6 +23,7 @@ from tmbatch.limits.schedule import Pacer, TokenBucket
 log = logging.getLogger("tmbatch")
 
 MAX_HOLD = 60.0  # a hold (a reset header, or no hint at all) further away is capped
+CLOCK_STEP = 0.001  # a loop clock's step when the loop does not say (uvloop's: whole ms)
 LOG_EVERY = 30.0  # seconds between INFO lines about pauses and holds (DEBUG in between)
 SCOPES = ("model", "account")
 ACCOUNT = "*"  # the one lane's model when the account is limited as a whole
@@ -65,6 +66,7 @@ class Lane:
         self.probe_at = math.inf
         self.landing: list[asyncio.Future[None]] = []
         self.hearing: asyncio.TimerHandle | None = None  # the next verdict's (`verdicts`)
+        self.clock_step: float | None = None  # the loop clock's step (`_extend`)
         self._logged_at = -math.inf
 
     @property
@@ -291,11 +293,17 @@ class Lane:
     def _extend(self, seconds: float, now: float) -> float:
         """No worker sends for `seconds` from `now` (a Retry-After's are capped where it is
         read, at 600 s: `policy.MAX_RETRY_AFTER`; a hold's at MAX_HOLD, by `hold`); the
-        seconds the pause grew by."""
-        until = now + seconds
+        seconds the pause grew by. The loop's clock reads up to one step behind (uvloop's
+        counts whole milliseconds), so a pause counted on it could end that much before the
+        server's window: one request in about ten runs of `halved` over real sockets arrived
+        inside it, by less than a millisecond. The pause is one step longer."""
+        if self.clock_step is None:
+            loop = asyncio.get_running_loop()
+            self.clock_step = float(getattr(loop, "_clock_resolution", CLOCK_STEP))
+        until = now + seconds + self.clock_step
         if until <= self.pause_until:
             return 0.0
-        grew = until - max(self.pause_until, now)
+        grew = min(seconds, until - max(self.pause_until, now))  # (the step is the clock's)
         self.pause_until = until
         self.pacer.restart_at(until)  # nothing saved up before the pause ends
         return grew
