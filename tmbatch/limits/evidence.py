@@ -84,8 +84,7 @@ class Evidence:
         answer's time if it was one of the volley's."""
         self.latency = now - sent
         if sent <= self.volley_until:
-            self.volley_answered_first = min(self.volley_answered_first, now)
-            self.volley_answered_last = max(self.volley_answered_last, now)
+            self._volley_answered(now)
 
     def refused(self, now: float) -> None:
         self.refusals.append(now)
@@ -117,8 +116,11 @@ class Evidence:
         self.volley_first = min(self.volley_first, sent)
         self.volley_last = max(self.volley_last, sent)
         if at is not None:
-            self.volley_answered_first = min(self.volley_answered_first, at)
-            self.volley_answered_last = max(self.volley_answered_last, at)
+            self._volley_answered(at)
+
+    def _volley_answered(self, at: float) -> None:
+        self.volley_answered_first = min(self.volley_answered_first, at)
+        self.volley_answered_last = max(self.volley_answered_last, at)
 
     @property
     def spread(self) -> float:

@@ -211,8 +211,7 @@ class Lane:
         change = self.controller.hear(now)
         if change is not None:
             self._changed(change, now)
-        if self.hearing is None and self.controller.verdicts.pending:
-            self._await_verdict(now)
+        self._await_verdict(now)
 
     def read_headers(self, headers: Mapping[str, str], now: float) -> float | None:
         """The rate the headers state (requests/s), and their hold when one is spent (an

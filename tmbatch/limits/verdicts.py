@@ -5,10 +5,10 @@ A rate limit decides before the model does any work: a refusal comes back in a r
 a success a latency later (a second or more for an LLM's answer). A request out for twice
 the refusals' round trip, and SLACK more, was let through, and the controller hears of it
 then (at a send, an answer, or the lane's timer for the next one due), not when its answer
-comes. Otherwise every measure taken at a refusal reads the
-successes of a latency earlier (sent at a lower pace while it ramped: a limit that halves
-and comes back read 80 % of a client that knew the schedule, answering in a second), and
-every rule that waits for answers waits a latency (a bare bucket's echo: 8 % refused).
+comes. Otherwise every measure taken at a refusal reads the successes of a latency earlier
+(sent at a lower pace while it ramped: a limit that halves and comes back read 80 % of a
+client that knew the schedule, answering in a second), and every rule that waits for
+answers waits a latency (a bare bucket's echo: 8 % refused).
 Before a lane's first refusal there is no round trip to go by and nothing to decide:
 answers are the verdicts. Where answers come within SLACK (the matrix's 20 ms), they still
 are.
@@ -43,7 +43,8 @@ class Verdicts:
 
     def refused_in(self, rtt: float, sends: Iterable[float], answered: Iterable[float]) -> None:
         """A refusal took `rtt` seconds. The first: from here on sends are followed, and the
-        `sends` out now (those not among the `answered`) are too."""
+        `sends` given (the lane keeps the last second's) that are not among the `answered`
+        are too; one sent longer ago is heard of by its answer."""
         if self.rtt is not None:
             self.rtt = max(rtt, DECAY * self.rtt)
             return
