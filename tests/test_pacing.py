@@ -270,11 +270,16 @@ def test_a_refused_line_backs_off_with_its_lanes_refusals_in_a_row_not_its_own()
     other lines get through is not facing a closed server. Its backoff grows with the lane's
     refusals in a row, so no line is left waiting seconds at the end of the run (a line's
     own streak took two seeds of four to 54 % and 36 % of the time pausing for each refusal
-    would take). A lane refusing everything still backs off: its streak is everyone's."""
+    would take). A lane refusing everything still backs off: its streak is everyone's.
+    Forty seeds, and a quarter may be under 80 %: the first four were all over it, by luck
+    (on 40 seeds 9 runs were under it, as low as 13 %, at 6b31884; 8, as low as 25 %, after
+    a refusal drained the pace's schedule). The tail is rule 3's: 2 of 15 refused after a
+    cut, 45 % before, is the cut working to the evidence, and is what 40 % at random gives
+    once in forty trials (docs/limits.md, "What it does not do yet")."""
     forty = row(BY_NAME["random-10-seconds"], "random-40-none", lines=200,
                 refuse_fraction=0.4, retry_after_format="none")
-    shares = sorted(run_row(forty, seed).share for seed in range(4))
-    assert shares[0] >= 0.8, shares
+    shares = sorted(run_row(forty, seed).share for seed in range(40))
+    assert shares[10] >= 0.8 and shares[20] >= 0.9, shares
     from tmbatch.limits.lanes import LaneKey, make_lane
 
     lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
@@ -351,6 +356,30 @@ def test_refusals_at_random_with_a_hint_do_not_ratchet_the_pace_down(share: floa
     runs = by_share(random, 10)
     assert runs[1].share >= 0.9 and runs[5].share >= 1.0, [r.line() for r in runs]
     assert all(r.violations == 0 for r in runs)
+
+
+def test_a_refusal_drains_the_schedule_of_the_slots_booked_at_the_faster_pace() -> None:
+    """A refusal says the server's allowance is spent: the pace's next slot is one interval
+    after the last request sent, and a slot booked at the faster pace and still waited for
+    is booked again at the pace the refusal left. The cut's slower pace took effect only
+    after those slots, which went into the drained bucket: two refused after every cut of a
+    10/s bucket holding 5 (bare 429s), the trial judging the cut read 2 of its first 10 as
+    the share before, undid the cut, and the noise floor it set let a probe's refusals pass
+    for noise: 197 refused for 1,000 lines at 6b31884, 97 now."""
+    p = Pacer(20.0)
+    assert p.book(0.0) == 0.0
+    p.last_sent = 0.0
+    assert p.book(0.0) == pytest.approx(0.05)  # waited for, at 20/s
+    epoch = p.epoch
+    p.set_rate(10.0)  # cut at a refusal heard at 10 ms
+    p.drained(0.01)
+    assert p.epoch == epoch + 1  # the waiter books again ...
+    assert p.book(0.05) == pytest.approx(0.05)  # ... one interval of 10/s after the last send
+    assert p.book(0.1) == pytest.approx(0.1)
+    sc = row(BY_NAME["bucket-none"], "bucket-10-5-none", lines=1000, rate_limit=10.0,
+             rate_burst=5.0)
+    r = run_row(sc, 0)
+    assert r.refused <= 120 and r.share >= 0.95 and r.violations == 0, r.line()
 
 
 class Paces(logging.Handler):

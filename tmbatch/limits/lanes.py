@@ -101,11 +101,14 @@ class Lane:
             while True:
                 delay = pacer.book(loop.time())
                 if delay > 0:
+                    epoch = pacer.epoch
                     try:
                         await asyncio.sleep(delay)
                     except BaseException:
                         pacer.unbook()
                         raise
+                    if pacer.epoch != epoch:
+                        continue  # a refusal voided the slot: book again (`Pacer.drained`)
                 if self.pause_until <= loop.time():
                     return
                 pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
@@ -153,6 +156,7 @@ class Lane:
     # -- what answers say ----------------------------------------------------------------
     def sent_at(self, now: float) -> None:
         self.sent += 1
+        self.pacer.last_sent = now
         self.flight += 1
         if self.last_progress is None:
             self.last_progress = now  # --patience counts from the lane's first send
@@ -190,6 +194,7 @@ class Lane:
         stated = self.read_headers(headers, now) if headers else None
         paused = self.pause(wait, now) if wait is not None else None
         self._apply(Answer(sent, now, False, wait, stated, bool(self.stated.rates)), now)
+        self.pacer.drained(now)
         self._await_verdict(now)
         return paused
 

@@ -23,8 +23,8 @@ class Pacer:
     bucket refilled during a pause, sent when it ends). A server that states what its bucket
     holds (`at_most`) has that spent at once: `allowance` is the most it said it held."""
 
-    __slots__ = ("allowance", "booked", "credit", "credit_from", "interval", "own", "rate",
-                 "stated_burst", "tat", "tolerance")
+    __slots__ = ("allowance", "booked", "credit", "credit_from", "epoch", "interval",
+                 "last_sent", "own", "rate", "slot", "stated_burst", "tat", "tolerance")
 
     def __init__(self, rate: float | None = None) -> None:
         self.rate: float | None = None
@@ -39,6 +39,9 @@ class Pacer:
         # what the last booking took, for unbook to give back: a slot, a credit, or nothing
         # (a pause since voided it: `restart_at` rebuilt the schedule without it)
         self.booked = NONE
+        self.slot = -math.inf  # the start of the last slot booked
+        self.last_sent = -math.inf  # when the lane last sent (it sets this)
+        self.epoch = 0  # moves on when a slot waited for is void (`drained`)
         self.set_rate(rate)
 
     def set_rate(self, rate: float | None, most: float | None = None) -> None:
@@ -55,6 +58,21 @@ class Pacer:
             burst = max(1.0, min(burst, most))
         self.own = (burst - 1.0) * self.interval
         self.tolerance = max(self.own, (self.allowance - 1.0) * self.interval)
+
+    def drained(self, now: float) -> None:
+        """A refusal: the server's allowance is spent, so the pace's next slot is one
+        interval after the last request sent, with nothing saved up, and a slot booked
+        before it and still waited for is booked again (`epoch`) at the pace the refusal
+        left. A cut's slower pace took effect only after the slots booked at the faster one,
+        which went into a drained bucket: two refused after each cut of a 10/s bucket, and
+        the trial that judged the cut read them as refusals at random and undid it."""
+        if self.rate is None:
+            return
+        if self.booked == SLOT and self.slot > now:
+            self.tat = self.slot  # (given back: a slot still ahead was not pulled forward)
+            self.booked = NONE
+            self.epoch += 1
+        self.tat = max(self.tat, self.last_sent + self.interval)
 
     def at_most(self, level: float, now: float) -> None:
         """The server says its bucket holds `level` requests now (`x-ratelimit-remaining`,
@@ -89,6 +107,7 @@ class Pacer:
             return 0.0
         self.booked = SLOT
         start = max(self.tat, now - self.tolerance)
+        self.slot = start
         self.tat = start + self.interval
         return max(0.0, start - now)
 
