@@ -382,6 +382,112 @@ def test_a_refusal_drains_the_schedule_of_the_slots_booked_at_the_faster_pace() 
     assert r.refused <= 120 and r.share >= 0.95 and r.violations == 0, r.line()
 
 
+def test_a_faster_pace_brings_the_slot_waited_for_forward() -> None:
+    """Each slot is booked at the pace of the moment the one before it went: a lane whose
+    pace rose with every success sent at the pace of a success before, a ramp from 5 to
+    29/s went out at 5/s, and the refusal that ended it measured a bucket of 10/s as 7
+    (`bucket-10-5-ms`, 89 %). A faster pace moves the slot waited for to one new interval
+    after the slot before it, and wakes its waiter; with no slot waited for, the next is one
+    new interval after the last."""
+    p = Pacer(5.0)
+    assert p.book(0.0) == 0.0
+    assert p.book(0.0) == pytest.approx(0.2)  # waited for
+    epoch = p.epoch
+    assert p.repace(10.0, None, 0.05)
+    assert p.epoch == epoch + 1  # its waiter books again: 0.1 s after the slot before
+    assert p.book(0.05) == pytest.approx(0.05)
+    idle = Pacer(5.0)
+    assert idle.book(0.0) == 0.0
+    assert not idle.repace(10.0, None, 0.01)  # nothing waited for: the next slot is sooner
+    assert idle.book(0.01) == pytest.approx(0.09)
+    assert not idle.repace(5.0, None, 0.02)  # slower: the slots booked stand
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
+        lane.controller.set_pace(5.0, "test")
+        lane._pace(loop.time())
+        await lane.paced(loop)
+        waiter = asyncio.ensure_future(lane.paced(loop))
+        await asyncio.sleep(0.05)
+        lane.controller.set_pace(10.0, "test")
+        lane._pace(loop.time())
+        await waiter
+        return loop.time()
+
+    assert run_virtual(go) == pytest.approx(0.1)  # not 0.2: woken at the faster pace's slot
+
+
+def test_a_cut_grows_once_its_own_sends_are_heard_of() -> None:
+    """The pace grows after a cut once the cut's own sends are heard of (twice the
+    refusals' round trip and 50 ms: `verdicts`), not a fixed half second after it: that
+    half second, at every cut of a lane refused at random, took `random-10-none` to 2.5
+    times a careful client's time where it is now 3.3 (higher is faster), and left 7 runs
+    of 84 on the random rows out of band."""
+    c = Controller(PaceConfig())
+    for i in range(8):
+        c.on_sent(i * 0.001)
+    c.on_answer(Answer(0.0, 0.02, True))
+    c.on_answer(Answer(0.001, 0.021, False, wait=0.0))  # refused: the lane is paced
+    due = 0.021 + c.verdicts.verdict_in() + 0.001
+    c.hear(due)  # the rest of the volley, let through: they complete the cut's measure
+    cut = c.rate
+    assert cut is not None
+    c.on_sent(due)
+    c.on_answer(Answer(due, due + 0.02, True))  # the cut's first send, answered
+    assert c.rate is not None and c.rate > cut, (cut, c.rate)
+
+
+def test_a_probe_refusal_is_news_whatever_the_noise_floor() -> None:
+    """The noise floor is the share of refusals that come at random at a pace found safe.
+    A probe above the limit measured is asking whether the limit rose, and its refusal is
+    the answer: taken for noise, a 10/s bucket's probes climbed to 28/s through 13
+    refusals each (197 refused for 1,000 lines, bare 429s; 84 now). A pace that grows past
+    the cut's measure also ends that cut's trial, kept: a probe's refusals, among 85 answers
+    at the cut's pace, made the trial read the share before as the same and undo it."""
+    c = Controller(PaceConfig())
+    c.probation.noise = 0.2  # a lane that found a fifth of its refusals at random
+    c.limit = 10.0
+    c.set_pace(9.9, "test")
+    for i in range(40):
+        c.on_sent(i * 0.1)
+        c.on_answer(Answer(i * 0.1, i * 0.1 + 0.02, True))
+    c.on_sent(4.0)
+    c.on_answer(Answer(4.0, 4.02, False, wait=0.0))  # at the limit: within the noise
+    assert c.rate == pytest.approx(9.9) and c.cuts == 0
+    c.set_pace(12.0, "probing")
+    c.on_sent(4.5)
+    c.on_answer(Answer(4.5, 4.52, False, wait=0.0))  # a probe's: it found the limit
+    assert c.cuts == 1 and c.rate is not None and c.rate < 12.0
+    c.probation.start(12.0, 10.0, 5.0, 1, 20)
+    c.probation.outgrown()
+    assert c.probation.trial is None and not c.probation.overshot
+
+
+def test_a_cut_refused_at_its_own_pace_is_corrected_not_read_as_a_fall() -> None:
+    """A bucket of 5/s holding 2 with whole-second hints: a first measure over a short
+    drain read 5.8, the trial saw a refusal at that pace, and the next measure, 5.0, was
+    read as a limit that fell: from then on the lane sat 5 s at each measure (a fallen
+    limit's plateau) and paused a second at each probe, 84 % of the limit. A cut whose
+    trial kept it with refusals at its own pace was read a little high, and the measure
+    after corrects it: the plateau stays the trusted one. A fall after a cut that held is
+    still a fall."""
+    held, overshot = Plateau(), Plateau()
+    for plateau, was in ((held, False), (overshot, True)):
+        plateau.reached = 1.0  # the lane sat at the old measure
+        plateau.measured(5.8, 5.0, 0.98, was)
+    assert held.trust == 0 and held.peak == 5.8
+    assert overshot.trust is None and overshot.peak is None
+    p = Probation()
+    p.start(14.0, None, 0.0, 7, 13)
+    p.cut(0.0, 5.8)
+    for i in range(13):
+        p.judge(1.0 + i / 5, i == 4)
+    assert p.trial is None and p.overshot  # kept, with a refusal at its pace
+    r = run_row(row(BUCKET, "bucket-5-2-seconds", 200, rate_limit=5.0, rate_burst=2.0), 0)
+    assert r.share >= 0.9 and r.violations == 0, r.line()
+
+
 class Paces(logging.Handler):
     """The pace of each change the controller logs, at the loop's time: the INFO lines (a
     change of 20 % or more) and the DEBUG line of every cut (event `pace_cut`), each with

@@ -22,20 +22,20 @@ tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone; the share over all such trials is the lane's noise floor, under which refusals
-   only pause. Three times the share (a pause's burst refused counts): fell, cut again.
-4. Nothing through at all, no hint (a window closed): the lane holds `hold` s, then a quarter
-   of the time closed, and probes with one request; once one sent since gets through, the
-   pace is what got through since it opened.
-5. `calm` s after a cut, while sends keep up, successes raise the pace: by `ramp` per second
-   up to the rate measured, then a plateau, then a probe (back to a fallen limit at once,
-   else from twice the margin's worth a second, doubling each second). The plateau makes a
-   failed probe's cost (refusal to next success sent) `overhead` of the time at most; after
-   a fall it is `plateau` s, doubled by each probe after the first that finds it fallen.
+   only pause, but not a probe's. Three times the share: fell, cut again. A pace grown past
+   the cut's measure ends its trial, kept.
+4. Nothing through, no hint (a window closed): the lane holds `hold` s, then a quarter of the
+   time closed, probing with one request; once one sent since gets through, it is paced at
+   what got through since it opened.
+5. Once a cut's own sends are heard of, while sends keep up, successes raise the pace: by
+   `ramp` per second up to the rate measured, then a plateau, then a probe (back to a fallen
+   limit at once, else from twice the margin's worth a second, doubling each second). The
+   plateau makes a failed probe's cost `overhead` of the time at most; after a fall (not a
+   cut refused at its own pace: a correction) `plateau` s, doubled by each probe that finds it.
 6. A Retry-After pauses the lane (`lanes`) and ends with what refilled meanwhile, sent at once.
 7. `x-ratelimit-*` headers state the limit: the pace is `margin` under it, nothing learnt goes
    above it, refusals only pause, and a tokens budget in debt holds the lane until repaid.
-   What they say the bucket holds goes at once, until a refusal after such a burst (`Pacer`).
-   `--rpm` fixes the pace; nothing is learnt.
+   What they say the bucket holds goes at once, until a refusal after it. `--rpm` fixes the pace.
 8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
    unpaced process joins a paced fleet at its mean as measured (`fleet`; `shared`'s 3, 4).
 
@@ -74,8 +74,6 @@ class PaceConfig:
     deepest: float = 0.5
     # seconds the measures look back at least: a window of N per W s shows its rate over W
     window: float = 5.0
-    # seconds after a cut before the pace grows: the cut's own volley answers meanwhile
-    calm: float = 0.5
     # relative growth per second below the rate measured: a lower bound grows ×20 a second
     ramp: float = 3.0
     # seconds at a rate measured by one drain, or fallen, before probing above it
@@ -238,8 +236,13 @@ class Controller:
             return
         if a.sent <= self.last_cut:
             self._complete(now, rate)
-        elif now - self.last_cut >= self.cfg.calm and rate <= LEAD * self.seen.sending(now):
+        elif (now - self.last_cut >= self.verdicts.verdict_in()
+              and rate <= LEAD * self.seen.sending(now)):
+            # (once the cut's own sends are heard of: before, their answers are its volley's)
             self.set_pace(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
+            if self.limit is not None and self.rate > self.limit and self.probation.trial:
+                log.debug("probation: the pace outgrew the limit the cut measured; kept")
+                self.probation.outgrown()  # a probe's refusals say nothing of the cut's pace
 
     def _complete(self, now: float, rate: float) -> None:
         """The last cut's measure, completed by the answers of what was in flight then."""
@@ -299,8 +302,9 @@ class Controller:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
             return 0.0  # one hypothesis at a time: this is evidence for its verdict
-        if self.probation.within_noise(*seen.counts()):
-            return 0.0
+        probing = self.limit is not None and rate is not None and rate > self.limit
+        if not probing and self.probation.within_noise(*seen.counts()):
+            return 0.0  # (a probe's refusal is news whatever the noise: it found the limit)
         if a.wait is None:
             self._listen_from(now, a.sent)
             return 0.0
@@ -411,7 +415,7 @@ class Controller:
     def _learn(self, limit: float) -> None:
         """A new measure of the server's rate: the plateau reads a fall, or a confirmation,
         off it (rule 5)."""
-        self.plateau.measured(self.limit, limit, self.cfg.margin ** 2)
+        self.plateau.measured(self.limit, limit, self.cfg.margin ** 2, self.probation.overshot)
         self.limit = limit
 
     def _cut(self, now: float, new: float) -> None:

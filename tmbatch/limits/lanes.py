@@ -61,6 +61,7 @@ class Lane:
         self.sent = 0
         self.last_progress: float | None = None  # loop time of its last success
         self.turn = asyncio.Lock()  # whose slot in the pace is next (see `paced`)
+        self.slot_wait: asyncio.Future[None] | None = None  # its wait for the slot
         # closed (rule 4): the attempt probing, when it left (inf: not yet), who waits
         self.probe: object | None = None
         self.probe_at = math.inf
@@ -102,13 +103,19 @@ class Lane:
                 delay = pacer.book(loop.time())
                 if delay > 0:
                     epoch = pacer.epoch
+                    self.slot_wait = fut = loop.create_future()
+                    timer = loop.call_later(delay, _settle, fut)
                     try:
-                        await asyncio.sleep(delay)
+                        await fut
                     except BaseException:
+                        timer.cancel()
                         pacer.unbook()
                         raise
+                    finally:
+                        self.slot_wait = None
                     if pacer.epoch != epoch:
-                        continue  # a refusal voided the slot: book again (`Pacer.drained`)
+                        timer.cancel()
+                        continue  # the pace moved the slot: book again (`Pacer.repace`)
                 if self.pause_until <= loop.time():
                     return
                 pacer.unbook()  # a Retry-After came meanwhile: its end is the next slot
@@ -263,17 +270,18 @@ class Lane:
         if c.rate is None and mean > 0:
             fleet.join(c, mean)
         self.floor = mean
-        self._pace()
+        self._pace(asyncio.get_running_loop().time())
 
-    def _pace(self) -> None:
+    def _pace(self, now: float) -> None:
         rate = self.controller.rate
         if rate is not None and rate < self.floor:
             now = self.pacer.rate
             if now is not None and abs(self.floor - now) <= 0.01 * self.floor:
                 return  # (the mean moves with every take: a per cent is not worth a reset)
             rate = self.floor
-        if rate != self.pacer.rate:
-            self.pacer.set_rate(rate, self.controller.allowance)
+        if (rate != self.pacer.rate and self.pacer.repace(rate, self.controller.allowance, now)
+                and self.slot_wait):
+            _settle(self.slot_wait)  # (a faster pace: the slot waited for comes sooner)
 
     def _apply(self, answer: Answer, now: float) -> None:
         change = self.controller.on_answer(answer)
@@ -287,7 +295,7 @@ class Lane:
             self.probe_landed()  # reopened: nobody waits for a probe's answer
 
     def _change(self, change: Change, now: float) -> None:
-        self._pace()
+        self._pace(now)
         if change.burst:
             self.pacer.restart_at(self.pause_until, change.burst)
         if change.hold:

@@ -69,10 +69,13 @@ class Plateau:
             self.cost = max(sent - self.lost_from, self.cost / 2)
             self.lost_from = None
 
-    def measured(self, old: float | None, limit: float, near: float) -> None:
+    def measured(self, old: float | None, limit: float, near: float, overshot: bool) -> None:
         """A new measure of the server's rate, `limit`, after `old`. One well under the last,
-        met while the lane sat at it, is a limit that fell; one `near` it confirms it."""
-        if old is not None and self.reached != math.inf and limit < FELL * old:
+        met while the lane sat at it, is a limit that fell, unless the last was refused at
+        its own pace from the start (`overshot`: it was read over the limit, and this
+        corrects it; read as a fall, a bucket of 5/s measured 5.8, then 5.0, sat 5 s at
+        each measure after, 84 % of it); one `near` it confirms it."""
+        if old is not None and self.reached != math.inf and limit < FELL * old and not overshot:
             self.trust = 0
             self.peak = max(self.peak or 0.0, old)
         elif old is not None and near * old <= limit <= old / near and self.trust is not None:

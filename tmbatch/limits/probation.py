@@ -47,13 +47,16 @@ def _need(low: float) -> int:
 class Probation:
     """One lane's cut on trial, if any, the trial it chains from, and its noise floor."""
 
-    __slots__ = ("chain", "noise", "random", "trial")
+    __slots__ = ("chain", "noise", "overshot", "random", "trial")
 
     def __init__(self) -> None:
         self.trial: Trial | None = None
         self.chain: Trial | None = None  # a trial that found the limit fell: its pace before
         self.noise = 0.0  # the share of refusals that come at random (a lower bound) ...
         self.random = [0, 0]  # ... over every trial that found them so: refused, answers
+        # the last verdict kept a cut refused at its own pace (less than a fall): it was
+        # read a little over the limit, so the next measure corrects it (`Plateau.measured`)
+        self.overshot = False
 
     def within_noise(self, refused: int, answers: int) -> bool:
         """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
@@ -103,6 +106,14 @@ class Probation:
     def end(self) -> None:
         self.trial = self.chain = None
 
+    def outgrown(self) -> None:
+        """The pace grew past the limit the cut measured (rule 5's probe) with the trial
+        undecided: the cut held at its own pace, and what a probe above it meets is no
+        evidence about it (a probe's two refusals, among 85 answers at the cut's pace, made
+        a trial read the share before it as the same and undo a cut that held)."""
+        self.trial = self.chain = None
+        self.overshot = False
+
     def judge(self, sent: float, refused: bool) -> Trial | None:
         """Count an answer into the trial; once enough answers came at the lower pace, keep
         the cut or undo it. The trial whose cut this answer undid (refusals at random), or
@@ -130,6 +141,7 @@ class Probation:
         self.trial = None
         log.debug("probation: %d of %d refused after the cut, %.3g before", t.refused,
                   t.answers, t.share)
+        self.overshot = t.refused > 0 and not worse and not same
         if worse:
             self.chain = t  # the next event cuts again, on probation from the same pace
             return None

@@ -74,6 +74,26 @@ class Pacer:
             self.epoch += 1
         self.tat = max(self.tat, self.last_sent + self.interval)
 
+    def repace(self, rate: float | None, most: float | None, now: float) -> bool:
+        """A new pace, from the slot last booked: the next slot is one new interval after
+        it. Faster, a slot still waited for comes sooner too, one new interval after the
+        slot before it (True: its waiter books again, `epoch`): each slot was booked at the
+        pace of the moment the one before it went, so a lane whose pace rose with every
+        success sent at the pace of a success before (a ramp from 5 to 29/s went out at
+        5/s, and the refusal that ended it measured a bucket of 10/s as 7). Slower, the
+        slots booked stand until a refusal says the server is drained (`drained`)."""
+        old = self.interval if self.rate is not None else math.inf
+        self.set_rate(rate, most)
+        if rate is None or self.interval >= old or self.credit:
+            return False
+        if self.booked == SLOT and self.slot > now:
+            self.tat = self.slot - old + self.interval
+            self.booked = NONE
+            self.epoch += 1
+            return True
+        self.tat = min(self.tat, self.slot + self.interval)
+        return False
+
     def at_most(self, level: float, now: float) -> None:
         """The server says its bucket holds `level` requests now (`x-ratelimit-remaining`,
         less what is on its way there): the pace may run ahead of its schedule by that many,
