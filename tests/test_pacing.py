@@ -417,6 +417,20 @@ def test_a_faster_pace_brings_the_slot_waited_for_forward() -> None:
 
     assert run_virtual(go) == pytest.approx(0.1)  # not 0.2: woken at the faster pace's slot
 
+    async def floor() -> float:
+        loop = asyncio.get_running_loop()
+        lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
+        lane.controller.set_pace(5.0, "test")
+        lane._pace(loop.time())
+        await lane.paced(loop)
+        waiter = asyncio.ensure_future(lane.paced(loop))
+        await asyncio.sleep(0.05)
+        lane.share(10.0)  # the fleet's mean (--redis) is the floor: the same, from there
+        await waiter
+        return loop.time()
+
+    assert run_virtual(floor) == pytest.approx(0.1)
+
 
 def test_a_cut_grows_once_its_own_sends_are_heard_of() -> None:
     """The pace grows after a cut once the cut's own sends are heard of (twice the

@@ -275,8 +275,8 @@ class Lane:
     def _pace(self, now: float) -> None:
         rate = self.controller.rate
         if rate is not None and rate < self.floor:
-            now = self.pacer.rate
-            if now is not None and abs(self.floor - now) <= 0.01 * self.floor:
+            pacing = self.pacer.rate
+            if pacing is not None and abs(self.floor - pacing) <= 0.01 * self.floor:
                 return  # (the mean moves with every take: a per cent is not worth a reset)
             rate = self.floor
         if (rate != self.pacer.rate and self.pacer.repace(rate, self.controller.allowance, now)

@@ -69,7 +69,7 @@ class Pacer:
         if self.rate is None:
             return
         if self.booked == SLOT and self.slot > now:
-            self.tat = self.slot  # (given back: a slot still ahead was not pulled forward)
+            self.tat = self.slot  # given back: its waiter books this slot or a later one
             self.booked = NONE
             self.epoch += 1
         self.tat = max(self.tat, self.last_sent + self.interval)
