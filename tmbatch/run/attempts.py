@@ -137,8 +137,8 @@ class LineSender:
         # Most first attempts succeed, and a tenacity loop costs ~30 % of the client's CPU per
         # request (bench/ablate.py): try once bare, and replay a failure into the loop as its
         # attempt 1, so the predicate, stop, attempt numbers and waits are exactly tenacity's.
-        # The first attempt is `_attempt` written out here: a coroutine less per line, and
-        # its `Tries` made only when it fails.
+        # The first attempt is `_attempt`'s frame written out here (a coroutine less per
+        # line, and its `Tries` made only when it fails); the steps are the same methods.
         tries: Tries | None = None
         try:
             async with self.admission.permit(req) as permit:
@@ -150,16 +150,11 @@ class LineSender:
                 try:
                     answer = await self.transport(self.session, req.url, req.body, headers)
                 except (AttemptFailed, asyncio.CancelledError) as caught:
-                    exc = self.in_flight.failure(caught, task)  # type: ignore[arg-type]
                     tries = Tries(before, 1)
-                    self._failed_attempt(req, exc, permit, tries)
-                    raise exc from None
+                    raise self._unanswered(caught, req, permit, tries, task) from None
                 finally:
-                    self.stats.in_flight -= 1
-                    self.in_flight.discard(task)
-                self.answered, self.unreached_streak = True, 0
-                used = usage_tokens(answer.body)
-                permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
+                    self._landed(task)  # type: ignore[arg-type]
+                self._answered(answer, permit)
         except (Stopped, AttemptFailed) as exc:
             await self._retry(req, headers, tries or Tries(before), exc)
         else:
@@ -265,16 +260,31 @@ class LineSender:
             try:
                 answer = await self.transport(self.session, req.url, req.body, headers)
             except (AttemptFailed, asyncio.CancelledError) as caught:
-                exc = self.in_flight.failure(caught, task)
-                self._failed_attempt(req, exc, permit, tries)
-                raise exc from None
+                raise self._unanswered(caught, req, permit, tries, task) from None
             finally:
-                self.stats.in_flight -= 1
-                self.in_flight.discard(task)
-            self.answered, self.unreached_streak = True, 0
-            used = usage_tokens(answer.body)
-            permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
+                self._landed(task)
+            self._answered(answer, permit)
             return answer
+
+    # -- one attempt's steps, for `process`'s first attempt and `_attempt`'s later ones ----
+    def _answered(self, answer: Answer, permit: Permit) -> None:
+        """The server answered: the permit is settled with what the answer used."""
+        self.answered, self.unreached_streak = True, 0
+        used = usage_tokens(answer.body)
+        permit.ok(answer.body, used, self.stats.add_usage(used), answer.headers)
+
+    def _unanswered(self, caught: AttemptFailed | asyncio.CancelledError, req: Request,
+                    permit: Permit, tries: Tries, task: asyncio.Task[None] | None
+                    ) -> AttemptFailed:
+        """The attempt failed or was cancelled in flight: what it was, settled."""
+        exc = self.in_flight.failure(caught, task)  # type: ignore[arg-type]
+        self._failed_attempt(req, exc, permit, tries)
+        return exc
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        """The attempt is no longer in flight, however it ended."""
+        self.stats.in_flight -= 1
+        self.in_flight.discard(task)
 
     def _dispatch(self, req: Request, attempt: int, permit: Permit,
                   task: asyncio.Task[None]) -> None:
