@@ -12,14 +12,16 @@ import functools
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
 
 from tmbatch.limits import fleet
 from tmbatch.limits.controller import Answer, Controller, PaceConfig
-from tmbatch.limits.lanes import LaneKey, make_lane
+from tmbatch.limits.lanes import Lane, LaneKey, make_lane
 from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import Probation, Trial
 from tmbatch.limits.schedule import Pacer
@@ -382,6 +384,21 @@ def test_a_refusal_drains_the_schedule_of_the_slots_booked_at_the_faster_pace() 
     assert r.refused <= 120 and r.share >= 0.95 and r.violations == 0, r.line()
 
 
+async def _slot_after(rise: Callable[[Lane, float], None]) -> float:
+    """A lane paced at 5/s sends at 0; its next slot, waited for, is at 0.2. At 0.05 `rise`
+    raises its pace: when the waiter gets its slot."""
+    loop = asyncio.get_running_loop()
+    lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
+    lane.controller.set_pace(5.0, "test")
+    lane._pace(loop.time())
+    await lane.paced(loop)
+    waiter = asyncio.ensure_future(lane.paced(loop))
+    await asyncio.sleep(0.05)
+    rise(lane, loop.time())
+    await waiter
+    return loop.time()
+
+
 def test_a_faster_pace_brings_the_slot_waited_for_forward() -> None:
     """Each slot is booked at the pace of the moment the one before it went: a lane whose
     pace rose with every success sent at the pace of a success before, a ramp from 5 to
@@ -402,34 +419,15 @@ def test_a_faster_pace_brings_the_slot_waited_for_forward() -> None:
     assert idle.book(0.01) == pytest.approx(0.09)
     assert not idle.repace(5.0, None, 0.02)  # slower: the slots booked stand
 
-    async def go() -> float:
-        loop = asyncio.get_running_loop()
-        lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
-        lane.controller.set_pace(5.0, "test")
-        lane._pace(loop.time())
-        await lane.paced(loop)
-        waiter = asyncio.ensure_future(lane.paced(loop))
-        await asyncio.sleep(0.05)
+    def faster(lane: Lane, now: float) -> None:
         lane.controller.set_pace(10.0, "test")
-        lane._pace(loop.time())
-        await waiter
-        return loop.time()
+        lane._pace(now)
 
-    assert run_virtual(go) == pytest.approx(0.1)  # not 0.2: woken at the faster pace's slot
-
-    async def floor() -> float:
-        loop = asyncio.get_running_loop()
-        lane = make_lane(LaneKey("http://x", "m"), PaceConfig(), None, True, "")
-        lane.controller.set_pace(5.0, "test")
-        lane._pace(loop.time())
-        await lane.paced(loop)
-        waiter = asyncio.ensure_future(lane.paced(loop))
-        await asyncio.sleep(0.05)
+    def floor(lane: Lane, now: float) -> None:
         lane.share(10.0)  # the fleet's mean (--redis) is the floor: the same, from there
-        await waiter
-        return loop.time()
 
-    assert run_virtual(floor) == pytest.approx(0.1)
+    for rise in (faster, floor):
+        assert run_virtual(partial(_slot_after, rise)) == pytest.approx(0.1), rise.__name__
 
 
 def test_a_cut_grows_once_its_own_sends_are_heard_of() -> None:
