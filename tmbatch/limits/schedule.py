@@ -84,8 +84,8 @@ class Pacer:
         slots booked stand until a refusal says the server is drained (`drained`)."""
         old = self.interval if self.rate is not None else math.inf
         self.set_rate(rate, most)
-        if rate is None or self.interval >= old or self.credit:
-            return False
+        if rate is None or old == math.inf or self.interval >= old or self.credit:
+            return False  # (paced at last: the schedule starts at its first booking)
         if self.booked == SLOT and self.slot > now:
             self.tat = self.slot - old + self.interval
             self.booked = NONE
