@@ -374,6 +374,9 @@ def test_a_refusal_drains_the_schedule_of_the_slots_booked_at_the_faster_pace() 
     assert p.book(0.0) == pytest.approx(0.05)  # waited for, at 20/s
     epoch = p.epoch
     p.set_rate(10.0)  # cut at a refusal heard at 10 ms
+    unpaced = Pacer()
+    unpaced.drained(0.01)  # (an unpaced lane has no schedule to drain)
+    assert unpaced.book(0.01) == 0.0
     p.drained(0.01)
     assert p.epoch == epoch + 1  # the waiter books again ...
     assert p.book(0.05) == pytest.approx(0.05)  # ... one interval of 10/s after the last send
@@ -418,6 +421,13 @@ def test_a_faster_pace_brings_the_slot_waited_for_forward() -> None:
     assert not idle.repace(10.0, None, 0.01)  # nothing waited for: the next slot is sooner
     assert idle.book(0.01) == pytest.approx(0.09)
     assert not idle.repace(5.0, None, 0.02)  # slower: the slots booked stand
+    first = Pacer()
+    first.last_sent = 0.0
+    assert not first.repace(5.0, None, 0.0)  # paced at last: no slot before it to move
+    assert first.book(0.0) == 0.0
+    paused = Pacer(5.0)
+    paused.restart_at(1.0, 3)  # a pause's burst of 3 is still to be sent at 1.0
+    assert not paused.repace(10.0, None, 0.5) and paused.credit == 2  # it stands
 
     def faster(lane: Lane, now: float) -> None:
         lane.controller.set_pace(10.0, "test")
