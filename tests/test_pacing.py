@@ -464,7 +464,7 @@ def test_a_probe_refusal_is_news_whatever_the_noise_floor() -> None:
     """The noise floor is the share of refusals that come at random at a pace found safe.
     A probe above the limit measured is asking whether the limit rose, and its refusal is
     the answer: taken for noise, a 10/s bucket's probes climbed to 28/s through 13
-    refusals each (197 refused for 1,000 lines, bare 429s; 84 now). A pace that grows past
+    refusals each (197 refused for 1,000 lines, bare 429s; 90 now). A pace that grows past
     the cut's measure also ends that cut's trial, kept: a probe's refusals, among 85 answers
     at the cut's pace, made the trial read the share before as the same and undo it."""
     c = Controller(PaceConfig())

@@ -207,6 +207,11 @@ class Controller:
         return self.on_answer(Answer(sent, now, True, stated=stated, governed=governed))
 
     @property
+    def probing(self) -> bool:
+        """Above the limit last measured (rule 5's probe): what it meets is news of it."""
+        return self.limit is not None and self.rate is not None and self.rate > self.limit
+
+    @property
     def allowance(self) -> float | None:
         """The server's burst: the first volley's successes, less what refilled while they
         were sent (at the first pace, a lower bound of the server's rate). Netting the refill
@@ -238,10 +243,8 @@ class Controller:
             self._complete(now, rate)
         elif (now - self.last_cut >= self.verdicts.verdict_in()
               and rate <= LEAD * self.seen.sending(now)):
-            # (once the cut's own sends are heard of: before, their answers are its volley's)
             self.set_pace(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
-            if self.limit is not None and self.rate > self.limit and self.probation.trial:
-                log.debug("probation: the pace outgrew the limit the cut measured; kept")
+            if self.probing and self.probation.trial:
                 self.probation.outgrown()  # a probe's refusals say nothing of the cut's pace
 
     def _complete(self, now: float, rate: float) -> None:
@@ -302,8 +305,7 @@ class Controller:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
             return 0.0  # one hypothesis at a time: this is evidence for its verdict
-        probing = self.limit is not None and rate is not None and rate > self.limit
-        if not probing and self.probation.within_noise(*seen.counts()):
+        if not self.probing and self.probation.within_noise(*seen.counts()):
             return 0.0  # (a probe's refusal is news whatever the noise: it found the limit)
         if a.wait is None:
             self._listen_from(now, a.sent)

@@ -111,6 +111,7 @@ class Probation:
         undecided: the cut held at its own pace, and what a probe above it meets is no
         evidence about it (a probe's two refusals, among 85 answers at the cut's pace, made
         a trial read the share before it as the same and undo a cut that held)."""
+        log.debug("probation: the pace outgrew the limit the cut measured; kept")
         self.trial = self.chain = None
         self.overshot = False
 
