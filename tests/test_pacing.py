@@ -183,12 +183,12 @@ def test_a_server_with_no_burst_of_its_own_gets_none_from_the_pace() -> None:
     c = Controller(PaceConfig())
     bucket = RequestBucket(50.0, 1.0, 1.0, 0.0)
     assert drain(c, bucket, [0.0001 * i for i in range(16)], [0.001] * 16) is not None
-    assert c.allowance == 1.0
+    assert c.seen.allowance == 1.0
     pacer = Pacer()
     pacer.set_rate(45.0)
     assert pacer.book(5.0) == 0.0 and pacer.book(5.0) == 0.0  # its own burst: two at once
     pacer = Pacer()
-    pacer.set_rate(45.0, c.allowance)
+    pacer.set_rate(45.0, c.seen.allowance)
     assert pacer.book(5.0) == 0.0 and pacer.book(5.0) == pytest.approx(1 / 45.0)
     r = run_row(row(BUCKET, "bucket-50-1", rate_burst=1.0), 0)
     assert r.share >= 0.6 and r.refused <= 20 and r.violations == 0, r.line()

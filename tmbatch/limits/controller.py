@@ -121,7 +121,6 @@ class Controller:
         self.stated: float | None = None
         self.governed = False  # stated limits govern: refusals only pause the lane
         self.limit: float | None = None  # the server's rate, as last measured
-        self.first_rate = 0.0  # the first cut's pace (what refilled during the volley)
         self.last_cut = -math.inf
         self.cut_from = math.inf  # the pace the last cut was made at
         self.cuts = 0
@@ -210,19 +209,6 @@ class Controller:
     def probing(self) -> bool:
         """Above the limit last measured (rule 5's probe): what it meets is news of it."""
         return self.limit is not None and self.rate is not None and self.rate > self.limit
-
-    @property
-    def allowance(self) -> float | None:
-        """The server's burst: the first volley's successes, less what refilled while they
-        were sent (at the first pace, a lower bound of the server's rate). Netting the refill
-        at the rate measured since reads it lower, and truer where the volley met the server
-        over a long spread (a bucket of 100/s holding 20 read 23 here, and the burst a pause
-        ended with was refused), but over real sockets the spread is read long, and pauses
-        that end with less than the bucket refilled cost `halved` 4 % (docs/limits.md)."""
-        seen = self.seen
-        if not seen.volley:
-            return None
-        return max(1.0, seen.volley - self.first_rate * seen.spread)
 
     # -- successes -----------------------------------------------------------------------
     def _success(self, a: Answer) -> None:
@@ -403,7 +389,7 @@ class Controller:
     def _paused(self, a: Answer) -> int:
         """A Retry-After pause: noted, and what to send at once when it ends (rule 6)."""
         wait = a.wait or 0.0
-        rate, allowance = self.rate, self.allowance
+        rate, allowance = self.rate, self.seen.allowance
         burst = 0
         if rate and allowance and not self.burst_refused and self.stated is None:
             burst = int(min(allowance * self.cfg.margin, rate * wait)) - 1
@@ -427,12 +413,12 @@ class Controller:
         self.plateau.restart()
         self.cuts += 1
         self.plateau.lost(now)
-        log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.allowance,
+        log.debug("cut: %s -> %.3g (allowance %s)", self.rate, new, self.seen.allowance,
                   extra={"event": "pace_cut", "requests_per_second": round(new, 3)})
         self.set_pace(max(MIN_RATE, new), "learnt from refusals")
         self.probation.cut(now, self.rate or math.inf)
         if first:
-            self.first_rate = self.rate or 0.0
+            self.seen.first_rate = self.rate or 0.0
 
     def set_pace(self, rate: float | None, why: str) -> None:
         if self.stated is not None and rate is not None:

@@ -51,6 +51,7 @@ class Evidence:
         self.volley_first, self.volley_last = math.inf, -math.inf
         self.volley_answered_first, self.volley_answered_last = math.inf, -math.inf
         self.let_through: set[float] = set()  # before the volley: successes not answered
+        self.first_rate = 0.0  # the first cut's pace (what refilled during the volley)
 
     # -- recording -----------------------------------------------------------------------
     def sent(self, t: float) -> None:
@@ -121,6 +122,18 @@ class Evidence:
     def _volley_answered(self, at: float) -> None:
         self.volley_answered_first = min(self.volley_answered_first, at)
         self.volley_answered_last = max(self.volley_answered_last, at)
+
+    @property
+    def allowance(self) -> float | None:
+        """The server's burst: the first volley's successes, less what refilled while they
+        were sent (at the first pace, a lower bound of the server's rate). Netting the refill
+        at the rate measured since reads it lower, and truer where the volley met the server
+        over a long spread (a bucket of 100/s holding 20 read 23 here, and the burst a pause
+        ended with was refused), but over real sockets the spread is read long, and pauses
+        that end with less than the bucket refilled cost `halved` 4 % (docs/limits.md)."""
+        if not self.volley:
+            return None
+        return max(1.0, self.volley - self.first_rate * self.spread)
 
     @property
     def spread(self) -> float:

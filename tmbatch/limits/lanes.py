@@ -279,7 +279,7 @@ class Lane:
             if pacing is not None and abs(self.floor - pacing) <= 0.01 * self.floor:
                 return  # (the mean moves with every take: a per cent is not worth a reset)
             rate = self.floor
-        if (rate != self.pacer.rate and self.pacer.repace(rate, self.controller.allowance, now)
+        if (rate != self.pacer.rate and self.pacer.repace(rate, self.controller.seen.allowance, now)
                 and self.slot_wait):
             _settle(self.slot_wait)  # (a faster pace: the slot waited for comes sooner)
 
