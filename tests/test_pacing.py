@@ -155,6 +155,43 @@ def test_a_first_volley_is_timed_by_the_nearer_of_its_sends_and_its_answers() ->
     assert c.limit is not None and 45.0 <= c.limit <= 51.0, c.limit
 
 
+def test_a_volley_is_what_was_sent_before_its_first_refusal_was_heard() -> None:
+    """Over real sockets a first volley's requests are met in another order than they were
+    stamped: here the one stamped at 3.0 ms is met 11th and refused, the one at 4.5 ms
+    10th, and gets through. Counted after the volley (sent after the refused one), that
+    success made every span from it, over the second's pause that followed, read the bucket
+    of 20/s as 11/s at the ramp's refusal; over sockets one of `two-models`' lanes sat at
+    half its limit for 20 s in one run of four. The lane sent unpaced until it heard of the
+    refusal: all of that is the volley, and the ramp reads the limit."""
+    c = Controller(PaceConfig())
+    bucket = RequestBucket(20.0, 10.0, 10.0, 0.0)
+    stamped = [0.0003 * i for i in range(16)]
+    met = [*stamped[:9], stamped[15], stamped[10], stamped[9], *stamped[11:15]]
+    answers = []
+    for k, t in enumerate(met):
+        ok = bucket.wait(0.006 + 0.0001 * k) == 0.0
+        if ok:
+            bucket.take(0.006 + 0.0001 * k)
+        answers.append(Answer(t, (0.027 if ok else 0.008) + 0.0001 * k, ok,
+                              None if ok else 1.0))
+    for t in stamped:
+        c.on_sent(t)
+    for a in sorted(answers, key=lambda a: a.at):
+        c.on_answer(a)
+    assert c.seen.volley == 10, c.seen.volley  # (9 counted by the refused one's stamp)
+    refused = None
+    for t in [1.008] * 7 + [1.08 + 0.02 * i for i in range(14)]:  # the pause's burst, a ramp
+        c.on_sent(t)
+        ok = bucket.wait(t) == 0.0
+        if ok:
+            bucket.take(t)
+        c.on_answer(Answer(t, t + (0.02 if ok else 0.002), ok, None if ok else 1.0))
+        if not ok:
+            refused = t
+            break
+    assert refused is not None and c.rate is not None and c.rate >= 18.0, (refused, c.rate)
+
+
 def test_a_short_drain_is_read_between_what_got_through_and_what_the_refusal_shows() -> None:
     """A bucket of 10/s holding 5, met by a pause's burst and a pace ramping past it (the
     sends of a trace of `bucket-10-5-seconds`): 8 got through in 0.34 s and the ninth, 36 ms

@@ -284,7 +284,7 @@ class Controller:
         if self.governed or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
         if rate is None and not seen.ok_at and a.wait is not None:
-            seen.start_volley(a.sent)
+            seen.start_volley(a.at)
             self.volley_unmeasured = True  # the pause holds; the volley's answers measure
             return 0.0
         if rate is not None and now - self.last_cut < 2.0 / rate:
@@ -297,7 +297,7 @@ class Controller:
             self._listen_from(now, a.sent)
             return 0.0
         if seen.volley is None or rate is None:
-            seen.start_volley(a.sent)
+            seen.start_volley(now)
             self._first_cut(now)
             return 0.0
         self.probation.start(rate, self.limit, now, *seen.counts())
@@ -333,7 +333,7 @@ class Controller:
             return
         rate, limit, seen = self.rate, self.limit, self.seen
         if seen.volley is None or rate is None:
-            seen.start_volley(refused_sent)
+            seen.start_volley(now)
             self._cut(now, max(self.cfg.margin * seen.got_through(now), float(SAMPLE)))
         self.echo = Echo.after(now, now - refused_sent, self.rate, rate, limit)
 

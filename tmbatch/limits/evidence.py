@@ -44,7 +44,7 @@ class Evidence:
         self.first_ok: float | None = None
         self.total_ok = 0
         self.latency = 0.0  # of the last success (a refusal comes back at once)
-        # the first volley: successes of requests sent up to its first refused one
+        # the first volley: successes of requests sent before its first refusal was heard
         self.volley: int | None = None
         self.volley_until = -math.inf
         # the first and last send of its successes, and the first and last answer
@@ -99,14 +99,19 @@ class Evidence:
             self.pauses[-1] = (self.pauses[-1][0], until, saved)
         self.pause_until = max(self.pause_until, until)
 
-    def start_volley(self, refused_sent: float) -> None:
-        """The first refusal: what was sent up to it is the volley (some still answering)."""
+    def start_volley(self, heard: float) -> None:
+        """The first refusal, heard at `heard`: what was sent until then is the volley (some
+        still answering). The lane sent unpaced until it heard of it, all of it one burst,
+        which the server meets in its own order: over real sockets a request stamped after
+        the refused one got through (its connection was up first). Counted after the volley,
+        it made a span over the pause that followed read 4/s for a limit of 20/s, and one of
+        `two-models`' lanes sat 20 s at half its limit in one run of four (58 %)."""
         if self.volley is not None:
             return
         self.volley = 0
-        self.volley_until = refused_sent
+        self.volley_until = heard
         for sent, at in zip(self.ok_sent, self.ok_at, strict=True):
-            if sent <= refused_sent:
+            if sent <= heard:
                 self._in_volley(sent, None if sent in self.let_through else at)
         self.let_through.clear()
 
