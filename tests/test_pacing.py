@@ -21,6 +21,7 @@ import pytest
 
 from tmbatch.limits import fleet
 from tmbatch.limits.controller import Answer, Controller, PaceConfig
+from tmbatch.limits.evidence import Evidence
 from tmbatch.limits.lanes import Lane, LaneKey, make_lane
 from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import Probation, Trial
@@ -229,6 +230,44 @@ def test_a_server_with_no_burst_of_its_own_gets_none_from_the_pace() -> None:
     assert pacer.book(5.0) == 0.0 and pacer.book(5.0) == pytest.approx(1 / 45.0)
     r = run_row(row(BUCKET, "bucket-50-1", rate_burst=1.0), 0)
     assert r.share >= 0.6 and r.refused <= 20 and r.violations == 0, r.line()
+
+
+def _probe_of_a_bucket_holding_one(seen: Evidence) -> list[float]:
+    """A bucket of 50/s holding one request, met by a volley (one got through), then by a
+    probe: 44/s for a second, then 52.6/s. The send times of its refusals."""
+    bucket = RequestBucket(50.0, 1.0, 1.0, 0.0)
+    volley = [0.0001 * i for i in range(16)]
+    probe = [1.0 + i / 44 for i in range(44)] + [2.0 + i / 52.6 for i in range(1, 22)]
+    refused: list[float] = []
+    for t in volley + probe:
+        seen.sent(t)
+        if bucket.wait(t) == 0.0:
+            bucket.take(t)
+            seen.succeeded(t, t + 0.02)
+        else:
+            seen.refused(t + 0.001, t)
+            refused.append(t)
+            if t < 1.0 and seen.volley is None:
+                seen.start_volley(t)
+    return [t for t in refused if t >= 1.0]
+
+
+def test_a_probe_of_a_bucket_holding_one_request_is_read_where_it_ran_dry() -> None:
+    """A limit of 50/s with no burst (nginx's limit_req without `burst`) grants half a pace
+    over it: every other send finds it empty. Over the spans that end at the last success
+    before the refusal, a probe that met it at 44/s for a second and then at 52.6/s reads
+    39/s. A probe began from a pace the server was not seen to refuse, so every span since
+    then bounds the rate too, and the tight ones end where the bucket first ran dry: 43/s.
+    With bare 429s, at a limit of 50/s holding one, the lane sent at 77 % of it; now 89 %."""
+    seen = Evidence(5.0)
+    refused = _probe_of_a_bucket_holding_one(seen)
+    assert len(refused) > 5 and seen.volley == 1, refused
+    low, _ = seen.granted_between(refused[-1])
+    probed, _ = seen.granted_between(refused[-1], 1.0)
+    assert low is not None and low < 40.0, low
+    assert probed is not None and 43.0 <= probed <= 50.0, probed  # a bound: never above it
+    r = run_row(row(BY_NAME["bucket-none"], "bucket-50-1-none", 1000, rate_burst=1.0), 0)
+    assert r.share >= 0.85 and r.violations == 0, r.line()
 
 
 def test_a_refusal_just_after_a_pause_reads_the_sending_before_the_pause() -> None:

@@ -15,7 +15,8 @@ tests/test_pacing.py:
    unpaced, each slot a fast refusal frees would send another line into the same allowance.
 2. A later refusal of a request sent after the last cut is an event. With a Retry-After it
    cuts to the rate granted: the middle of what got through beyond the allowance per second
-   and of that with the refused one (each over its best span since the volley), never below
+   and of that with the refused one (each over its best span since the volley; a probe's
+   also over those since it began that end where the allowance ran dry), never below
    `deepest` x what got through over SAMPLE answers' worth of sending (pauses, and the bursts
    they saved up, are not sending). With no hint, the round trip after the next decides (the
    next meets a server still drained): two refused, the pace is what got through.
@@ -135,6 +136,10 @@ class Controller:
         self.burst_refused = False
         self.lowest = rate
         self._logged = rate
+        # when the pace last rose above every measure (a probe, or the ramp before the first):
+        # the rate was not seen to fall since, so each span from then on measures it (rule 2)
+        self.probe_from: float | None = None
+        self.measure_from: float | None = None  # the last cut's, for its completion
 
     # -- the interface -------------------------------------------------------------------
     def on_sent(self, t: float) -> Change | None:
@@ -230,6 +235,8 @@ class Controller:
         elif (now - self.last_cut >= self.verdicts.verdict_in()
               and rate <= LEAD * self.seen.sending(now)):
             self.set_pace(rate * (1.0 + self._growth(now) / max(rate, 1.0)), "probing")
+            if self.probe_from is None and (self.limit is None or self.probing):
+                self.probe_from = now
             if self.probing and self.probation.trial:
                 self.probation.outgrown()  # a probe's refusals say nothing of the cut's pace
 
@@ -238,7 +245,8 @@ class Controller:
         cfg = self.cfg
         if self.cuts == 1 and self.limit is None:
             measured = cfg.margin * self.seen.got_through(now)
-        elif self.limit is not None and (granted := self.seen.granted(self.last_cut)):
+        elif self.limit is not None and (
+                granted := self.seen.granted(self.last_cut, self.measure_from)):
             measured = cfg.margin * min(granted, self.cut_from)
         else:
             return
@@ -263,7 +271,7 @@ class Controller:
     # -- refusals ------------------------------------------------------------------------
     def _refused(self, a: Answer) -> tuple[float, int]:
         """A refusal: (seconds the lane holds, requests its pause ends with)."""
-        self.seen.refused(a.at)
+        self.seen.refused(a.at, a.sent)
         self.refused_run += 1
         if self.burst_at <= a.sent <= self.burst_at + 0.1:
             log.debug("the burst a pause ended with was refused: no more bursts")
@@ -301,7 +309,7 @@ class Controller:
             self._first_cut(now)
             return 0.0
         self.probation.start(rate, self.limit, now, *seen.counts())
-        granted, most = seen.granted_between(a.sent)
+        granted, most = seen.granted_between(a.sent, self.probe_from)
         # (over SAMPLE answers' worth of sending at least: at a low pace a second holds few)
         span = min(self.cfg.window, max(1.0, SAMPLE / rate))
         floor = self.cfg.deepest * seen.through_while_sending(now, span)
@@ -408,6 +416,7 @@ class Controller:
 
     def _cut(self, now: float, new: float) -> None:
         first = self.cuts == 0
+        self.measure_from, self.probe_from = self.probe_from, None
         self.cut_from = self.rate or math.inf
         self.last_cut = now
         self.plateau.restart()

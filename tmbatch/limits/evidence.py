@@ -10,10 +10,12 @@ record. Everything a success adds costs O(1); the measures that look at the whol
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 
 HISTORY_MAX = 120.0  # seconds the record keeps at most (a slow limit needs long spans)
 MIN_SPAN = 0.25  # seconds: a shorter span says too little about a rate
+DRY_ENDS = 8  # refusals a probe's measure ends its spans at (each costs a pass over the sends)
 
 
 def wilson(k: int, n: int, z: float) -> float:
@@ -37,6 +39,7 @@ class Evidence:
         self.ok_at: deque[float] = deque()
         self.recent: deque[float] = deque()  # answer times of the last second's successes
         self.refusals: deque[float] = deque()  # answer times of refusals
+        self.refused_sent: deque[float] = deque()  # and when each was sent
         self.sends: deque[float] = deque()  # send times of the last second
         # Retry-After pauses: (from, to, requests saved up to send at once when it ends)
         self.pauses: deque[tuple[float, float, int]] = deque()
@@ -87,8 +90,9 @@ class Evidence:
         if sent <= self.volley_until:
             self._volley_answered(now)
 
-    def refused(self, now: float) -> None:
+    def refused(self, now: float, sent: float) -> None:
         self.refusals.append(now)
+        self.refused_sent.append(sent)
         self._prune(now)
 
     def paused(self, now: float, until: float, saved: int = 0) -> None:
@@ -163,6 +167,7 @@ class Evidence:
             self.ok_sent.popleft()
         while refusals and refusals[0] < horizon:
             refusals.popleft()
+            self.refused_sent.popleft()
         while pauses and pauses[0][1] < horizon:
             pauses.popleft()
 
@@ -177,7 +182,7 @@ class Evidence:
         average = self.total_ok / max(1.0, self.ok_at[-1] - self.first_ok)
         return max(self.window, min(4.0 * self.volley / average, HISTORY_MAX))
 
-    def granted(self, refused_sent: float) -> float | None:
+    def granted(self, refused_sent: float, since: float | None = None) -> float | None:
         """The rate the server granted, as a bucket shows it: over any span, what got
         through is at most what it held at the start (at most the volley's v) plus its rate x
         the span, pauses and all; so rate >= (n - v) / t for every span of t seconds in which
@@ -186,9 +191,10 @@ class Evidence:
         is the rate itself, a token or two either way: the largest over every send since the
         volley. None when no span got more than the volley through: refused before that could
         be spent."""
-        return self.granted_between(refused_sent)[0]
+        return self.granted_between(refused_sent, since)[0]
 
-    def granted_between(self, refused_sent: float) -> tuple[float | None, float]:
+    def granted_between(self, refused_sent: float, since: float | None = None
+                        ) -> tuple[float | None, float]:
         """`granted`, and the least rate at which the request sent at `refused_sent` would
         have got through too: the bucket ran dry over some span from one of the sends before
         it, so for that span n + 1 > v + rate x t, the rate below (n + 1 - v) / t (less the
@@ -196,7 +202,15 @@ class Evidence:
         the second where the refusal does: over few requests the two are a request apart,
         10/s reads 8.8 to 10.6 over a third of a second, and the lower bound alone, trusted
         for a plateau, is 12 % short of the limit. Both in one pass over the sends (the
-        second 0.0 when no span says anything)."""
+        second 0.0 when no span says anything).
+
+        `since`: a probe began then (the rate was not seen to fall since), so every span from
+        a send after it is a bound too, and the tight ones end where the allowance ran dry:
+        at the last success before each refused send. A bucket that holds one request grants
+        half a pace over it (every other send finds it empty), so the spans that end at the
+        last success read 39/s for a limit of 50/s that 44/s had met without a refusal.
+        Only where those say something: alone, these would be a weak bound where there was
+        none. And none across a pause, when the bucket refilled: the tight span starts after."""
         volley = self.volley
         if not volley:
             return None, 0.0
@@ -216,7 +230,24 @@ class Evidence:
                 continue
             m = (got - volley) / span
             low = m if low is None else max(low, m)
+        if since is None or low is None:
+            return low, most
+        since = max(since, self.pause_until)
+        for j in self._ran_dry(sent, since, refused_sent):
+            for i in range(bisect_left(sent, since), j + 1 - volley):
+                span = sent[j] - sent[i] - spread
+                if span < MIN_SPAN:
+                    break
+                m = (j + 1 - i - volley) / span
+                low = m if low is None else max(low, m)
         return low, most
+
+    def _ran_dry(self, sent: list[float], since: float, until: float) -> list[int]:
+        """Indices in `sent` of the last success before each refused send from `since` to
+        `until`, the earliest DRY_ENDS (where a probe first found the allowance gone; the
+        last one is `granted_between`'s own end)."""
+        ends = {bisect_left(sent, r) - 1 for r in self.refused_sent if since <= r < until}
+        return sorted(e for e in ends if 0 <= e < len(sent) - 1)[:DRY_ENDS]
 
     def counts(self) -> tuple[int, int]:
         """(refusals, answers) over the history."""
