@@ -162,7 +162,7 @@ def test_a_volley_is_what_was_sent_before_its_first_refusal_was_heard() -> None:
     10th, and gets through. Counted after the volley (sent after the refused one), that
     success made every span from it, over the second's pause that followed, read the bucket
     of 20/s as 11/s at the ramp's refusal; over sockets one of `two-models`' lanes sat at
-    half its limit for 20 s in one run of four. The lane sent unpaced until it heard of the
+    half its limit for 20 s in three runs of eight. The lane sent unpaced until it heard of the
     refusal: all of that is the volley, and the ramp reads the limit."""
     c = Controller(PaceConfig())
     bucket = RequestBucket(20.0, 10.0, 10.0, 0.0)

@@ -109,7 +109,7 @@ class Evidence:
         which the server meets in its own order: over real sockets a request stamped after
         the refused one got through (its connection was up first). Counted after the volley,
         it made a span over the pause that followed read 4/s for a limit of 20/s, and one of
-        `two-models`' lanes sat 20 s at half its limit in one run of four (58 %)."""
+        `two-models`' lanes sat 20 s at half its limit in three runs of eight (57-59 %)."""
         if self.volley is not None:
             return
         self.volley = 0
