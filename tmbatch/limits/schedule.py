@@ -68,10 +68,7 @@ class Pacer:
         the trial that judged the cut read them as refusals at random and undid it."""
         if self.rate is None:
             return
-        if self.booked == SLOT and self.slot > now:
-            self.tat = self.slot  # given back: its waiter books this slot or a later one
-            self.booked = NONE
-            self.epoch += 1
+        self._give_back(self.slot, now)  # (its waiter books this slot or a later one)
         self.tat = max(self.tat, self.last_sent + self.interval)
 
     def repace(self, rate: float | None, most: float | None, now: float) -> bool:
@@ -86,13 +83,20 @@ class Pacer:
         self.set_rate(rate, most)
         if rate is None or old == math.inf or self.interval >= old or self.credit:
             return False  # (paced at last: the schedule starts at its first booking)
-        if self.booked == SLOT and self.slot > now:
-            self.tat = self.slot - old + self.interval
-            self.booked = NONE
-            self.epoch += 1
+        if self._give_back(self.slot - old + self.interval, now):
             return True
         self.tat = min(self.tat, self.slot + self.interval)
         return False
+
+    def _give_back(self, tat: float, now: float) -> bool:
+        """The slot last booked, if still waited for (it starts after `now`), is void: the
+        schedule goes on from `tat`, and its waiter books again (`epoch` moves on)."""
+        if self.booked != SLOT or self.slot <= now:
+            return False
+        self.tat = tat
+        self.booked = NONE
+        self.epoch += 1
+        return True
 
     def at_most(self, level: float, now: float) -> None:
         """The server says its bucket holds `level` requests now (`x-ratelimit-remaining`,
