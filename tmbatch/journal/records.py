@@ -25,6 +25,36 @@ def line_of(raw: bytes) -> int | None:
     return line if isinstance(line, int) and not isinstance(line, bool) else None
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def usage_tokens(body: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) from an answer's `usage`, either naming; None if absent."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    # one lookup per field in the common case: this runs on every answer
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        prompt, completion = _int(prompt), _int(completion)  # the checks, past the common case
+        if prompt is None or completion is None:
+            return None  # absent, a bool, a float, negative: not a count
+    details = usage.get("prompt_tokens_details")
+    if details is None:
+        details = usage.get("input_tokens_details")
+        if details is None:
+            return prompt, completion, 0
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return prompt, completion, min(cached or 0, prompt)
+
+
 def record_id(job_id: str, custom_id: str) -> str:
     """Stable per job and line, like OpenAI's `batch_req_...` ids: blake2b-96 of
     "job_id\0custom_id". One per outcome, so the job's prefix is hashed once and copied."""

@@ -28,7 +28,7 @@ from tmbatch.inputs.reader import BadLine, Request
 from tmbatch.inputs.samples import as_one, split_choices, takes_n
 from tmbatch.journal.cache import Hit
 from tmbatch.journal.compact import OK
-from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id
+from tmbatch.journal.records import FailureRecord, ResultRecord, Timing, record_id, usage_tokens
 from tmbatch.journal.records import Response as RecordedResponse
 from tmbatch.journal.writer import Writer
 from tmbatch.limits import Admission, Lane, Permit
@@ -36,7 +36,6 @@ from tmbatch.policy import AttemptFailed, Outcome, retryable
 from tmbatch.run.cached import RunCache
 from tmbatch.run.inflight import InFlight
 from tmbatch.run.summary import RunStats
-from tmbatch.spend.usage import usage_tokens
 
 if TYPE_CHECKING:  # tenacity is imported at a line's first failure: most runs never need it
     from tenacity import RetryCallState, wait_exponential_jitter

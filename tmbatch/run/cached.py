@@ -28,10 +28,10 @@ from tmbatch.base.logs import public_url
 from tmbatch.client.http import Answer
 from tmbatch.inputs.reader import Request
 from tmbatch.journal.cache import Entry, Hit, ResponseCache, cache_key, storable
+from tmbatch.journal.records import usage_tokens
 from tmbatch.journal.writer import Writer, WriterError
 from tmbatch.run.config import RunConfig
 from tmbatch.spend.prices import Prices
-from tmbatch.spend.usage import usage_tokens
 
 log = logging.getLogger("tmbatch")
 SIM_BASE = "tmbatch-sim"  # --sim's server: its port changes every run, its answers do not

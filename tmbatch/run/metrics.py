@@ -31,8 +31,8 @@ from aiohttp import web
 
 from tmbatch.base.logs import public_url
 from tmbatch.client.http import Answer
+from tmbatch.journal.records import usage_tokens
 from tmbatch.policy import AttemptFailed
-from tmbatch.spend.usage import usage_tokens
 
 log = logging.getLogger("tmbatch")
 

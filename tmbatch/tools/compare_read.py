@@ -24,8 +24,8 @@ import orjson
 
 from tmbatch.base.files import FAILURES, JOURNAL, LABELS, RESULTS
 from tmbatch.inputs.files import InputError, fingerprint
+from tmbatch.journal.records import usage_tokens
 from tmbatch.policy import Outcome
-from tmbatch.spend.usage import usage_tokens
 from tmbatch.tools.compare_stats import answer_key, label_key
 from tmbatch.tools.report_data import RunData, load_run
 from tmbatch.tools.tables import text_of

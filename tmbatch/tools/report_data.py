@@ -27,10 +27,10 @@ from tmbatch.journal.format import (
 )
 from tmbatch.journal.journal import load
 from tmbatch.journal.reading import JournalReader
+from tmbatch.journal.records import usage_tokens
 from tmbatch.policy import Outcome
 from tmbatch.run.summaries import Counts
 from tmbatch.run.summary import RunStats
-from tmbatch.spend.usage import usage_tokens
 from tmbatch.tools.status import is_running, job_counts
 
 
