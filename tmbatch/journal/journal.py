@@ -32,6 +32,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -60,6 +61,7 @@ from tmbatch.journal.format import JournalError as JournalError  # its home for 
 from tmbatch.journal.reading import JournalReader, Position, records
 from tmbatch.journal.reading import nothing_sent as nothing_sent
 from tmbatch.journal.reading import read_header as read_header
+from tmbatch.journal.records import usage_tokens
 from tmbatch.policy import Outcome
 
 log = logging.getLogger("tmbatch")
@@ -70,7 +72,7 @@ class ResumeState:
     header: Header
     states: LineStates = field(default_factory=LineStates)
     seen: IdSet = field(default_factory=IdSet)
-    in_flight: dict[int, tuple[str, int]] = field(default_factory=dict)  # line -> (id, attempts)
+    in_flight: dict[int, DispatchRecord] = field(default_factory=dict)  # line -> last attempt
     attempts_done: int = 0
     cached: int = 0  # lines answered from the response cache, never sent (`--cache`)
     last_mark: tuple[int, int] = (0, 0)
@@ -232,7 +234,7 @@ def _replay_records(reader: JournalReader, state: ResumeState,
                 undone[line] = entry.custom_id
     state.attempts_done += attempts
     state.cached += cached
-    state.in_flight = {line: (d.custom_id, d.attempt) for line, d in in_flight.items()}
+    state.in_flight = in_flight
     return b, hashes, undone
 
 
@@ -301,14 +303,43 @@ def _adopt_tail(out_dir: Path, state: ResumeState) -> None:
                 f.readline()  # the mark points mid-line (file was rewritten): resync
             for raw in f:
                 found = _outcome_in_output(raw)
-                if found is not None and found.line in state.in_flight:
-                    state.states.set(found.line, found.outcome.policy.state)
-                    state.adopted.append(found)
-                    del state.in_flight[found.line]
+                if found is None or found[0].line not in state.in_flight:
+                    continue
+                record, body = found
+                sent = state.in_flight.pop(record.line)
+                state.states.set(record.line, record.outcome.policy.state)
+                state.adopted.append(record)
+                if state.spend is not None:
+                    _settle_found(state.spend, sent.reserved, record.outcome, body)
 
 
-def _outcome_in_output(raw: bytes) -> OutcomeRecord | None:
-    """The outcome a results/failures line records (a record without an error succeeded)."""
+def _settle_found(spent: dict[str, list[int]], reserved: Any, outcome: Outcome,
+                  body: Any) -> None:
+    """An outcome found past the last mark is counted as its run would have counted it: an
+    answer at its usage, a failure that provably did no work (`policy.refund`) at nothing,
+    not at the worst case the books hold for it. They do hold that: the snapshot that would
+    count it settled is made by the flush that writes its outcome, and goes out in that
+    flush's journal write, after the outcome's line (`Writer.flush`); a crash between the two
+    leaves the snapshot before, which counted the attempt in flight, or the tail after it
+    (`spend_after`), which counts its dispatch record. Both count what the dispatch record
+    carries. An answer without usage stays at its worst case: never below what was billed."""
+    if reserved is None or (row := spent.get(reserved[0])) is None:
+        return
+    if outcome.policy.refund:
+        row[0] -= reserved[1]
+        row[1] -= reserved[2]
+        row[3] -= 1
+        return
+    used = usage_tokens(body) if outcome is Outcome.OK and isinstance(body, dict) else None
+    if used is not None:
+        row[0] += used[0] - reserved[1]
+        row[1] += used[1] - reserved[2]
+        row[2] += used[2]
+
+
+def _outcome_in_output(raw: bytes) -> tuple[OutcomeRecord, Any] | None:
+    """The outcome a results/failures line records (a record without an error succeeded),
+    and an answer's body."""
     try:
         rec = orjson.loads(raw)
         line = rec["line"]
@@ -316,9 +347,11 @@ def _outcome_in_output(raw: bytes) -> OutcomeRecord | None:
         return None
     err = rec.get("error")
     if not isinstance(err, dict):
-        return OutcomeRecord(line, Outcome.OK)
+        response = rec.get("response")
+        return OutcomeRecord(line, Outcome.OK), \
+            response.get("body") if isinstance(response, dict) else None
     try:
         outcome = Outcome(err.get("class", Outcome.AMBIGUOUS))
     except ValueError:
         outcome = Outcome.AMBIGUOUS
-    return OutcomeRecord(line, outcome, str(err.get("code", "")))
+    return OutcomeRecord(line, outcome, str(err.get("code", ""))), None

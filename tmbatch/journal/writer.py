@@ -180,9 +180,18 @@ class Writer:
         it (settled, or in flight: the sender counts an attempt in flight as soon as its
         record is written, with no write in between), and an answer's outcome after it adds
         nothing on replay. Flushing before each dispatch made one write per answer instead
-        of one per tick (bench/cpu_bench.py: 1.28x -> 1.55x the bare loop)."""
+        of one per tick (bench/cpu_bench.py: 1.28x -> 1.55x the bare loop).
+
+        Never a flush now, even with --fsync always: the answer whose spend just settled
+        is queued after this, in the same tick, and a snapshot written before its result
+        would count it settled while a crash leaves its outcome unwritten (a resume then
+        counts it once more, at its usage: `journal._count_answer`)."""
         if not self._scheduled:
-            self._schedule()
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_soon)
+            except RuntimeError:
+                self._scheduled = False  # no loop (a tool closing its books): the next write
 
     def pending(self, line: int) -> None:
         """The line's last attempt provably did no work and the run is stopping: the next

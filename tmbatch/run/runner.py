@@ -435,12 +435,12 @@ def _recover(writer: Writer, resume: ResumeState, samples: int) -> None:
     for record in resume.adopted:
         writer.adopt(record)
     job = resume.header.job
-    for line, (cid, attempts) in sorted(resume.in_flight.items()):
+    for line, sent in sorted(resume.in_flight.items()):
         writer.failure(FailureRecord.of(
-            job, line, cid, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",
+            job, line, sent.custom_id, Outcome.AMBIGUOUS, "unknown_outcome_after_crash",
             "dispatched before the previous run stopped, with no outcome recorded: the "
             "server may have processed (and billed) it; not re-sent. `tmbatch resend "
-            "--class ambiguous` sends it again", attempts, sample=sample_of(line, samples),
+            "--class ambiguous` sends it again", sent.attempt, sample=sample_of(line, samples),
         ))
     if resume.in_flight:
         log.warning("%d request(s) had no outcome when the previous run stopped: recorded "
