@@ -17,6 +17,7 @@ only and NOT safe: they take out part of what tmbatch does to see what that part
   noidset     no duplicate-id set (every custom_id taken as new)
   nofsync     no fsync (as --fsync never)
   nobudget    no spend tracking (Budget.track gives the free reservation)
+  nosnapshot  spend tracked, but no spend snapshot in the journal writes after attempts end
   noadmission no admission: a permit that only carries the attempt's spend (no lane, pause,
               pace, slot or tokens, nothing learnt from answers)
   noheaders   no Idempotency-Key header, and an X-Request-Id as short as it gets
@@ -111,6 +112,12 @@ def patch_nobudget() -> None:
     b.Budget.track = lambda self, req: b.FREE  # type: ignore[method-assign]
 
 
+def patch_nosnapshot() -> None:
+    from tmbatch.spend import budget as b
+
+    b.Budget.due = lambda self: None  # type: ignore[method-assign]
+
+
 def patch_noadmission() -> None:
     from tmbatch.limits import admission as adm
 
@@ -197,7 +204,7 @@ def patch_nothing() -> None:
 PATCHES = {"nodispatch": patch_nodispatch, "nothing": patch_nothing,
            "noresult": patch_noresult, "noreader": patch_noreader, "noidset": patch_noidset,
            "nofsync": patch_nofsync,
-           "nobudget": patch_nobudget,
+           "nobudget": patch_nobudget, "nosnapshot": patch_nosnapshot,
            "noadmission": patch_noadmission, "noheaders": patch_noheaders,
            "nostats": patch_nostats, "lean": patch_lean}
 

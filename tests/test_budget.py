@@ -8,7 +8,6 @@ was billed is read back from results.jsonl's `usage` and compared with summary.j
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests import cuts
 from tests.conftest import (
     API_KEY,
     ROOT,
@@ -471,27 +471,6 @@ def test_spend_after_several_kill_9s_is_billed_at_least_and_worst_case_at_most(
     assert sim.stats()["duplicates"] == 0
 
 
-def _write_boundaries(journal: bytes) -> list[tuple[int, int, int]]:
-    """Where a kill -9 can leave the journal after a flush wrote its outputs but not its
-    journal records: (journal offset, results size, failures size) at the start of every
-    journal write that carries an outcome. A dispatch record is a write of its own
-    and a flush's write ends with its mark (or a snapshot), so an outcome record that follows
-    neither another outcome record starts a write; the mark that ends it holds the sizes its
-    results and failures reached."""
-    cuts, offset, start = [], 0, None
-    prev = ""
-    for raw in journal.splitlines(keepends=True):
-        rec = orjson.loads(raw)
-        kind = rec[0] if isinstance(rec, list) else ""
-        if kind == "o" and prev != "o":
-            start = offset
-        if kind == "m" and start is not None:
-            cuts.append((start, rec[1], rec[2]))
-            start = None
-        prev, offset = kind, offset + len(raw)
-    return cuts
-
-
 @pytest.mark.parametrize("fsync", ["interval", "always"])
 @pytest.mark.parametrize("budget", [[], ["--budget-tokens", "10000000"]],
                          ids=["no-budget", "budget"])
@@ -502,8 +481,8 @@ def test_an_outcome_written_before_a_kill_cut_its_journal_records_counts_as_it_e
     an answer at its usage and a 404 at nothing, not at the worst case their dispatch records
     carry (a CI run of the three-kill test above counted answers at their worst case: 5,420
     tokens where usage and the open attempts allow 4,960). Each such state is made exactly: a
-    finished run's journal cut at the start of a write, its outputs cut to the sizes that
-    write's mark held; `status` must count every answer at its usage, every 404 at nothing and
+    finished run's journal cut at the start of a write, its outputs written (tests/cuts.py);
+    `status` must count every answer at its usage, every 404 at nothing and
     every attempt without an outcome at its dispatch record's worst case, to the token."""
     sim = sim_factory(api_key=API_KEY, latency=0.05)
     rows = [chat_line(i, "tm-nope" if i % 5 == 3 else "tm-small", max_tokens=64)
@@ -513,16 +492,11 @@ def test_an_outcome_written_before_a_kill_cut_its_journal_records_counts_as_it_e
     p = run(sim.url, inp, done, "-c", "4", "--fsync", fsync, *budget)
     assert p.returncode == 1, p.stderr  # the 404s
     assert len(outcomes(done)[1]) == 6
-    cuts = _write_boundaries((done / "journal.jsonl").read_bytes())
-    assert len(cuts) >= 4, cuts
-    for n, (at, res_size, fail_size) in enumerate(cuts[1:]):
+    ahead = [c for c in cuts.cuts((done / "journal.jsonl").read_bytes()) if c.outputs_ahead]
+    assert len(ahead) >= 4, ahead
+    for n, cut in enumerate(ahead):
         out = tmp_path / f"cut{n}"
-        shutil.copytree(done, out)
-        for name, size in (("journal.jsonl", at), ("results.jsonl", res_size),
-                           ("failures.jsonl", fail_size)):
-            if (out / name).exists():
-                os.truncate(out / name, size)
-        (out / "summary.json").unlink(missing_ok=True)
+        cuts.make(done, out, cut)
         answered = read_jsonl_tolerant(out / "results.jsonl")
         failed = read_jsonl_tolerant(out / "failures.jsonl") \
             if (out / "failures.jsonl").exists() else []

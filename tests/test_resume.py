@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests import cuts
 from tests.conftest import (
     ROOT,
     chat_line,
@@ -306,3 +307,54 @@ def test_a_dispatch_record_is_on_disk_when_dispatch_returns(tmp_path: Path, firs
         assert on_disk == [["d", 1, 2, "a"]]
         assert [r[0] for r in journal] == ["d", "o", "m"]  # the result, then its mark
         assert read_jsonl(tmp_path / "results.jsonl")[0]["custom_id"] == "b"
+
+
+@pytest.mark.parametrize("fsync", ["interval", "always"])
+def test_every_state_a_kill_can_leave_resumes_to_one_outcome_per_line(
+        sim_factory: Any, tmp_path: Path, fsync: str) -> None:
+    """The torture test above kills at random moments; this one makes every state a kill can
+    leave (tests/cuts.py: the finished run's journal cut at the start of each of its writes,
+    the outputs as that moment leaves them) and resumes each against a fresh server. Every
+    line ends with one outcome; a line the cut journal shows dispatched is never sent again,
+    its outcome the one its output line holds, or `unknown_outcome_after_crash` if the kill
+    left none; a line it does not show dispatched is sent once; and `status` agrees."""
+    rows = [chat_line(i, "tm-nope" if i % 7 == 3 else "tm-small") for i in range(24)]
+    ids = [r["custom_id"] for r in rows]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    done = tmp_path / "done"
+    first = sim_factory(latency=0.03)
+    p = run_cli(cmd(first, inp, done, "-c", "4", "--fsync", fsync, "--no-preflight")[3:],
+                env=keyed_env())
+    assert p.returncode == 1, p.stderr  # the 404s
+    states = cuts.cuts((done / "journal.jsonl").read_bytes())
+    ahead = [c for c in states if c.outputs_ahead]
+    assert len(states) >= 40 and len(ahead) >= 6, states
+    # every outputs-ahead state, and every fourth of the others (the suite's time)
+    chosen = ahead + [c for c in states if not c.outputs_ahead][::4]
+    for n, cut in enumerate(chosen):
+        out = tmp_path / f"cut{n}"
+        cuts.make(done, out, cut)
+        journal = read_jsonl(out / "journal.jsonl")
+        dispatched = {r[3] for r in journal if isinstance(r, list) and r[0] == "d"}
+        written = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")
+                   + read_jsonl(out / "failures.jsonl")}
+        sim = sim_factory(latency=0.0)
+        again = run_cli(cmd(sim, inp, out, "-c", "4", "--no-preflight")[3:], env=keyed_env())
+        assert again.returncode in (0, 1), (n, cut, again.stderr)
+        all_lines_parse(out)
+        res, fail = one_outcome_each(out, ids)
+        stats = sim.stats()  # answers by key; with the 404s, by count
+        processed = stats["processed"]
+        sent = {cid for cid in ids if processed.get(idempotency_key(JOB, cid))}
+        unsent = set(ids) - dispatched
+        assert sent == {cid for cid in unsent if int(cid[4:]) % 7 != 3}, (n, cut)
+        assert all(processed[idempotency_key(JOB, cid)] == 1 for cid in sent)
+        assert stats["by_route"]["/v1/chat/completions"]["received"] == len(unsent), (n, cut)
+        for cid in dispatched:
+            kept = res.get(cid) or fail[cid]
+            if cid in written:
+                assert kept == written[cid], (n, cut, cid)
+            else:
+                assert fail[cid]["error"]["code"] == "unknown_outcome_after_crash", (n, cid)
+        st = orjson.loads(run_cli(["status", str(out), "--json"], env=keyed_env()).stdout)
+        assert st["succeeded"] == len(res) and st["not_yet_sent"] == 0, (n, st)
