@@ -328,7 +328,7 @@ def test_every_state_a_kill_can_leave_resumes_to_one_outcome_per_line(
     assert p.returncode == 1, p.stderr  # the 404s
     states = cuts.cuts((done / "journal.jsonl").read_bytes())
     ahead = [c for c in states if c.outputs_ahead]
-    assert len(states) >= 40 and len(ahead) >= 6, states
+    assert len(states) >= 30 and len(ahead) >= 6, states  # 4 in flight: 6 flushes at least
     # every outputs-ahead state, and every fourth of the others (the suite's time)
     chosen = ahead + [c for c in states if not c.outputs_ahead][::4]
     for n, cut in enumerate(chosen):
