@@ -22,9 +22,10 @@ tests/test_pacing.py:
    next meets a server still drained): two refused, the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
-   undone; the share over all such trials is the lane's noise floor, under which refusals
-   only pause, but not a probe's. Three times the share: fell, cut again. A pace grown past
-   the cut's measure ends its trial, kept.
+   undone (to unpaced, where they announce windows: pauses alone deal with them); the share
+   over all such trials is the lane's noise floor, under which refusals only pause, but not
+   a probe's. Three times the share: fell, cut again. A pace grown past the cut's measure
+   ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds `hold` s, then a quarter of the
    time closed, probing with one request; once one sent since gets through, it is paced at
    what got through since it opened.
@@ -373,7 +374,10 @@ class Controller:
         if t is None:
             return False
         self.limit = None
-        self.set_pace(t.before, "refusals at random: pace restored")
+        # refusals that announce windows are met by pausing for them alone: a pace only
+        # spreads them out, a window each, where unpaced sends share one (bench/pause_only.py)
+        windows = self.seen.pause_until > -math.inf and self.stated is None
+        self.set_pace(None if windows else t.before, "refusals at random: pace restored")
         return True
 
     def _close(self, now: float) -> float:

@@ -58,6 +58,7 @@ class Scenario:
     rpm: float | None = None
     patience: float = 600.0
     limit_scope: str = "model"
+    adaptive: bool = True  # False: --no-adaptive, the pauses alone (bench/pause_only.py)
     refuse_models: tuple[str, ...] = ()  # models the server refuses always (429, no hint)
     note: str = ""
     tags: tuple[str, ...] = field(default=())
@@ -85,6 +86,8 @@ class Scenario:
             out += ["--rpm", f"{self.rpm:g}"]
         if self.limit_scope != "model":
             out += ["--limit-scope", self.limit_scope]
+        if not self.adaptive:
+            out.append("--no-adaptive")
         return out
 
 

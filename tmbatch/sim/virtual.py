@@ -268,7 +268,8 @@ class _Client:
         settings = Settings("serverless", "http://virtual", None, None, 600.0, 5, None)
         self.writer = Writer(out, LineStates(), fsync="never")
         self.admission = Admission(sc.rpm, None, concurrency=sc.concurrency,
-                                   adaptive=sc.rpm is None, scope=sc.limit_scope,
+                                   adaptive=sc.adaptive and sc.rpm is None,
+                                   scope=sc.limit_scope,
                                    base_url=settings.base_url)
         self.stats = RunStats()
         self.sender = sender = LineSender(settings, "virtual", self.admission, self.writer,
