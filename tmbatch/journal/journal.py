@@ -313,8 +313,8 @@ def _adopt_tail(out_dir: Path, state: ResumeState) -> None:
                     _settle_found(state.spend, sent.reserved, record.outcome, body)
 
 
-def _settle_found(spent: dict[str, list[int]], reserved: Any, outcome: Outcome,
-                  body: Any) -> None:
+def _settle_found(spent: dict[str, list[int]], reserved: tuple[str, int, int] | None,
+                  outcome: Outcome, body: Any) -> None:
     """An outcome found past the last mark is counted as its run would have counted it: an
     answer at its usage, a failure that provably did no work (`policy.refund`) at nothing,
     not at the worst case the books hold for it. They do hold that: the snapshot that would

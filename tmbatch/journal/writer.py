@@ -185,13 +185,8 @@ class Writer:
         Never a flush now, even with --fsync always: the answer whose spend just settled
         is queued after this, in the same tick, and a snapshot written before its result
         would count it settled while a crash leaves its outcome unwritten (a resume then
-        counts it once more, at its usage: `journal._count_answer`)."""
-        if not self._scheduled:
-            self._scheduled = True
-            try:
-                asyncio.get_running_loop().call_soon(self._flush_soon)
-            except RuntimeError:
-                self._scheduled = False  # no loop (a tool closing its books): the next write
+        counts it once more, at its usage: `journal._settle_found`)."""
+        self._soon()
 
     def pending(self, line: int) -> None:
         """The line's last attempt provably did no work and the run is stopping: the next
@@ -215,6 +210,10 @@ class Writer:
             self.flush()
             self._fsync_all()
             return
+        self._soon()
+
+    def _soon(self) -> None:
+        """A flush at the end of the loop's tick (at once, without a running loop)."""
         if not self._scheduled:
             self._scheduled = True
             try:
