@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests import cuts
 from tests.conftest import API_KEY, ROOT, chat_line, clean_env, read_jsonl, run_cli, write_jsonl
 
 N_LINES = 61
@@ -262,3 +263,33 @@ def test_merge_adds_up_the_shards_spend_for_status_summary_and_report(tmp_path: 
     assert run_cli(["report", str(merged)]).returncode == 0
     page = (merged / "report" / "index.html").read_text()
     assert 'data-file="cost.png"' in page
+
+
+def test_a_shard_a_kill_cut_off_is_merged_with_the_spend_its_own_status_shows(
+        tmp_path: Path, sim: Any) -> None:
+    """A pod killed between a flush's output writes and its journal write leaves answers
+    past its journal's last mark. Its own `status` counts them at their usage (a resume
+    adopts them); the merged directory's spend, in `status` and in summary.json alike, is
+    the shards' as their own `status` shows it (summary.json had those answers at their
+    worst case: 404 tokens where `status` said 392). tests/cuts.py makes the state."""
+    inp = make_input(tmp_path)
+    outs = [tmp_path / "s1", tmp_path / "s2"]
+    done = run_shards(inp, sim.url, outs, ["0/2", "1/2"])
+    assert [rc for rc, _ in done] == [0, 0], done
+    ahead = [c for c in cuts.cuts((outs[1] / "journal.jsonl").read_bytes()) if c.outputs_ahead]
+    killed = tmp_path / "s2-killed"
+    cuts.make(outs[1], killed, ahead[len(ahead) // 2])
+    shard_spend = [orjson.loads(run_cli(["status", str(o), "--json"]).stdout)["spend"]
+                   for o in (outs[0], killed)]
+    usage = [r["response"]["body"]["usage"] for r in read_jsonl(killed / "results.jsonl")]
+    answered = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage)
+    assert shard_spend[1]["tokens"] >= answered
+    merged = tmp_path / "merged"
+    p = run_cli(["merge", str(outs[0]), str(killed), "-o", str(merged)])
+    assert p.returncode == 5, p.stderr  # the killed shard's lines in flight have no outcome
+    spend = orjson.loads(run_cli(["status", str(merged), "--json"]).stdout)["spend"]
+    assert spend["tokens"] == sum(s["tokens"] for s in shard_spend), (spend, shard_spend)
+    assert spend["by_model"]["tm-small"]["requests"] == sum(
+        s["by_model"]["tm-small"]["requests"] for s in shard_spend)
+    summary = orjson.loads((merged / "summary.json").read_bytes())
+    assert summary["spend"] == spend

@@ -16,10 +16,11 @@ from typing import Any
 
 from tmbatch.base.exitcodes import ExitCode
 from tmbatch.base.files import LABELS, make_dir
+from tmbatch.journal.journal import load
 from tmbatch.run.summaries import Counts, MergedSummary, write_summary
 from tmbatch.spend.usage import spend_status
 from tmbatch.tools.merge_checks import Part, find_input, load_parts, scan_input, shard_problems
-from tmbatch.tools.merge_join import Books, Tally, merge_labels, merge_outputs, write_journal
+from tmbatch.tools.merge_join import Tally, merge_labels, merge_outputs, write_journal
 
 
 def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
@@ -35,13 +36,18 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     if labels is None:
         (out / LABELS).unlink(missing_ok=True)  # left by an earlier merge into `out`
     books = write_journal(parts, tally.owner, out)
-    summary = merged_summary(parts, wanted, blank, tally, labels, books)
+    # the spend as `status` reads the merged journal: answers a killed shard left past its
+    # journal's last mark are in the books at their worst case, and a read adopts them at
+    # their usage (`journal.load`), as a resume of that shard would have
+    spend = None if books.spend is None else spend_status(load(out, repair=False))
+    summary = merged_summary(parts, wanted, blank, tally, labels, spend)
     write_summary(out, summary)
     return announce(parts, source, summary, out)
 
 
 def merged_summary(parts: list[Part], wanted: bytearray, blank: int, tally: Tally,
-                   labels: Counter[str] | None, books: Books) -> MergedSummary:
+                   labels: Counter[str] | None, spend: dict[str, Any] | None
+                   ) -> MergedSummary:
     failed = tally.failed_total
     return MergedSummary(
         input=parts[0].header.input,
@@ -59,7 +65,7 @@ def merged_summary(parts: list[Part], wanted: bytearray, blank: int, tally: Tall
         problems=shard_problems(parts) + tally.problems(),
         shard_runs=_sum_runs(parts),
         labels=None if labels is None else {"file": LABELS, **labels},
-        spend=None if books.spend is None else spend_status(books),
+        spend=spend,
     )
 
 
