@@ -39,7 +39,7 @@ def merge(dirs: list[str], out_dir: str, input_path: str | None = None) -> int:
     # the spend as `status` reads the merged journal: answers a killed shard left past its
     # journal's last mark are in the books at their worst case, and a read adopts them at
     # their usage (`journal.load`), as a resume of that shard would have
-    spend = None if books.spend is None else spend_status(load(out, repair=False))
+    spend = spend_status(load(out, repair=False)) if books.last else None
     summary = merged_summary(parts, wanted, blank, tally, labels, spend)
     write_summary(out, summary)
     return announce(parts, source, summary, out)

@@ -205,10 +205,6 @@ class Books:
     snaps: list[tuple[float, int, SpendRecord]] = field(default_factory=list)
     last: dict[int, tuple[SpendRecord, Position]] = field(default_factory=dict)
     budgets: dict[int, BudgetRecord] = field(default_factory=dict)
-    # the sums, once `close` has run; the names `spend.spend_status` reads
-    spend: dict[str, list[int]] | None = None
-    spend_unknown: int = 0
-    budget: BudgetRecord | None = None
 
     def close(self, parts: list[Part]) -> list[Record]:
         """Sum the shards' books; the merged journal's records that state them: a budget
@@ -218,20 +214,19 @@ class Books:
         if not self.last:
             return []
         spent: dict[str, list[int]] = {}
+        spent_unknown = 0
         for index, (snap, at) in sorted(self.last.items()):
             rows, unknown = spend_after(parts[index].path / JOURNAL, snap, at)
             _add_rows(spent, rows)
-            self.spend_unknown += unknown
-        self.spend = spent
+            spent_unknown += unknown
         out: list[Record] = []
         if self.budgets:
             budgets = self.budgets.values()
-            self.budget = BudgetRecord(
+            out.append(BudgetRecord(
                 t=max(b.t for b in budgets),
                 tokens=_budget_sum([b.tokens for b in budgets], len(parts)),
                 usd=_budget_sum([b.usd for b in budgets], len(parts)),
-                prices={k: v for b in budgets for k, v in b.prices.items()})
-            out.append(self.budget)
+                prices={k: v for b in budgets for k, v in b.prices.items()}))
         latest: dict[int, SpendRecord] = {}
         for t, index, snap in sorted(self.snaps, key=lambda s: s[0]):
             latest[index] = snap
@@ -242,7 +237,7 @@ class Books:
                 _add_rows(in_flight, one.in_flight)
             out.append(SpendRecord(t, total, in_flight, sum(s.unknown for s in latest.values())))
         last_t = max(t for t, _, _ in self.snaps)  # a shard with a `last` has a snapshot
-        out.append(SpendRecord(last_t, spent, {}, self.spend_unknown))
+        out.append(SpendRecord(last_t, spent, {}, spent_unknown))
         return out
 
 
