@@ -323,18 +323,16 @@ def _settle_found(spent: dict[str, list[int]], reserved: tuple[str, int, int] | 
     leaves the snapshot before, which counted the attempt in flight, or the tail after it
     (`spend_after`), which counts its dispatch record. Both count what the dispatch record
     carries. An answer without usage stays at its worst case: never below what was billed."""
-    if reserved is None or (row := spent.get(reserved[0])) is None:
+    if reserved is None or reserved[0] not in spent:
         return
+    model, prompt, output = reserved
     if outcome.policy.refund:
-        row[0] -= reserved[1]
-        row[1] -= reserved[2]
-        row[3] -= 1
+        _add_spend(spent, model, -prompt, -output, -1)
         return
     used = usage_tokens(body) if outcome is Outcome.OK and isinstance(body, dict) else None
     if used is not None:
-        row[0] += used[0] - reserved[1]
-        row[1] += used[1] - reserved[2]
-        row[2] += used[2]
+        _add_spend(spent, model, used[0] - prompt, used[1] - output, 0)
+        spent[model][2] += used[2]
 
 
 def _outcome_in_output(raw: bytes) -> tuple[OutcomeRecord, Any] | None:
