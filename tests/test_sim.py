@@ -821,7 +821,7 @@ def test_model_scope_charges_each_models_tokens_budget() -> None:
 
 
 def test_random_refusals_refuse_about_the_share_and_the_seed_fixes_which() -> None:
-    from tmbatch.sim.limits import RandomRefusal
+    from tmbatch.sim.overload import RandomRefusal
 
     runs: list[dict[str, int]] = []
 
@@ -1232,7 +1232,7 @@ def test_cli_flags_build_the_config() -> None:
 
 def test_the_cli_reports_flags_that_do_not_combine_as_a_usage_error() -> None:
     # a subprocess: main() in-process would set up the tmbatch logger for the whole session
-    done = run_cli(["sim", "--sim-rate-schedule", "1:5", "--sim-window-limit", "5"], timeout=30)
+    done = run_cli(["sim", "--sim-rate-schedule", "1:5", "--sim-tpm-limit", "600"], timeout=30)
     assert done.returncode == 2
     assert "--sim-rate-schedule" in done.stderr and "--sim-rate-limit" in done.stderr
     assert "Traceback" not in done.stderr

@@ -12,14 +12,13 @@ Everything but Capacity is pure arithmetic on the `now` it is given (a monotonic
 seconds): no class here reads a clock, so the same objects can be driven in virtual time,
 without HTTP, by a harness that replays a client's pacing against them. A LimitSet is what one
 scope enforces (the whole account, or one model) with the Retry-After windows its refusals
-announced; build_limit_set makes one from a SimConfig. RandomRefusal refuses arrivals at random
-(overload, a flaky gateway), before any limit is asked.
+announced; build_limit_set makes one from a SimConfig. Refusals at random (overload, a flaky
+gateway), asked before any limit, are overload.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import time
 from collections import deque
@@ -158,9 +157,12 @@ class ScheduledBucket(RequestBucket):
 
 @dataclass
 class FixedWindow:
-    """N requests per window of W seconds, windows counted from the server's start (or reset),
-    the way LiteLLM's proxy counts per-minute keys: a refused request costs nothing, and the
-    count starts again at zero when the next window begins, whatever came before."""
+    """N requests per window of W seconds, windows counted from `epoch` (the server's start or
+    reset, or the clock's minute before it), the way LiteLLM's proxy counts per-minute keys: a
+    refused request costs nothing, and the count starts again at zero when the next window
+    begins, whatever came before. With a `schedule` of (seconds after `start`, requests/s),
+    a window admits the rate in force when it begins times its seconds (another job takes
+    a share of each window for a while)."""
 
     limit: int
     seconds: float
@@ -168,12 +170,27 @@ class FixedWindow:
     index: int = 0
     count: int = 0
     kind: str = "requests"
+    schedule: tuple[tuple[float, float], ...] = ()
+    start: float = 0.0
+    base: int = 0  # the limit before the schedule's first change
+
+    def __post_init__(self) -> None:
+        self.base = self.limit
 
     def _roll(self, now: float) -> None:
         index = math.floor((now - self.epoch) / self.seconds)
         if index != self.index:
             self.index = index
             self.count = 0
+            self.limit = self.limit_of(index)
+
+    def limit_of(self, index: int) -> int:
+        """What the window numbered `index` from `epoch` admits."""
+        begins, limit = self.epoch + index * self.seconds, self.base
+        for offset, rate in self.schedule:
+            if self.start + offset <= begins:
+                limit = max(1, round(rate * self.seconds))
+        return limit
 
     def _window_end(self) -> float:
         return self.epoch + (self.index + 1) * self.seconds
@@ -327,7 +344,9 @@ def build_limit_set(config: SimConfig, now: float) -> LimitSet:
         else:
             requests = RequestBucket(config.rate_limit, burst, burst, now)
     elif config.window_limit is not None:
-        requests = FixedWindow(config.window_limit, config.window_seconds, now)
+        requests = FixedWindow(config.window_limit, config.window_seconds,
+                               now - config.window_start, schedule=config.rate_schedule,
+                               start=now)
     tokens: TokenBudget | None = None
     if config.tpm_limit is not None:
         rate = config.tpm_limit / 60.0
@@ -338,35 +357,6 @@ def build_limit_set(config: SimConfig, now: float) -> LimitSet:
         size = config.ratelimit_stated_burst
         stated = RequestBucket(config.rate_limit, size, size, now)
     return LimitSet(requests, tokens, RetryWindows(config.grace), stated)
-
-
-# ----------------------------------------------------------------------------------------------
-# Refusals at random: overload, a flaky gateway
-
-
-def refusal_draw(seed: int, key: str, arrival: int) -> float:
-    """A uniform in [0, 1) from (seed, key, arrival count of that key), on its own stream: it
-    shares nothing with the draws of the processing faults (state.draws), so a refusal never
-    decides whether the same request is later dropped or answered 500."""
-    digest = hashlib.blake2b(f"refuse\0{seed}\0{key}\0{arrival}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 18446744073709551616.0
-
-
-@dataclass
-class RandomRefusal:
-    """Refuse each arrival with probability `fraction`, independently per arrival, the same
-    for a given seed whatever the order of arrival: the n-th arrival of a key is refused when
-    refusal_draw(seed, key, n) < fraction. Timeless, so it needs no `now`."""
-
-    fraction: float
-    seed: int
-    arrivals: dict[str, int] = field(default_factory=dict)
-
-    def refuses(self, key: str) -> bool:
-        n = self.arrivals.get(key, 0)
-        self.arrivals[key] = n + 1
-        return refusal_draw(self.seed, key, n) < self.fraction
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from tmbatch.sim.limits import (
     Capacity,
     FixedWindow,
     LimitSet,
-    RandomRefusal,
     build_limit_set,
 )
+from tmbatch.sim.overload import RandomRefusal
 
 
 @dataclass

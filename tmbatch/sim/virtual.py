@@ -24,7 +24,8 @@ from multidict import CIMultiDict
 
 from tmbatch.sim.config import SimConfig
 from tmbatch.sim.gate import hint_headers, hint_seconds
-from tmbatch.sim.limits import Capacity, LimitSet, RandomRefusal, build_limit_set
+from tmbatch.sim.limits import Capacity, LimitSet, build_limit_set
+from tmbatch.sim.overload import RandomRefusal
 from tmbatch.sim.scenarios import CHAT, TOKENS_PER_REQUEST, Arrival, Scenario, score
 
 REFUSAL_RTT = 0.001  # seconds a refusal takes to come back (nothing is generated)
