@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from tmbatch.sim import SimConfig
-from tmbatch.sim.limits import RequestBucket, RetryWindows, ScheduledBucket, build_limit_set
+from tmbatch.sim.limits import (
+    FixedWindow,
+    RequestBucket,
+    RetryWindows,
+    ScheduledBucket,
+    build_limit_set,
+)
 
 
 def test_retry_windows_count_arrivals_inside_after_the_grace() -> None:
@@ -87,7 +93,43 @@ def test_a_rate_schedule_needs_a_rate() -> None:
     with pytest.raises(ValueError, match="needs rate_limit"):
         SimConfig(rate_schedule=((1, 5),))
     with pytest.raises(ValueError, match="needs rate_limit"):
-        SimConfig(window_limit=5, rate_schedule=((1, 5),))
+        SimConfig(tpm_limit=600, rate_schedule=((1, 5),))
+
+
+def admitted(window: FixedWindow, at: float) -> int:
+    """How many requests the window admits from `at` on, all sent at `at`."""
+    n = 0
+    while window.wait(at) == 0.0:
+        window.take(at)
+        n += 1
+    return n
+
+
+def test_a_scheduled_fixed_window_admits_the_rate_in_force_when_it_begins() -> None:
+    """40 per 4 s, 5/s (20 a window) from 10 s, 10/s (40) from 25 s: a window takes the
+    rate in force when it begins, whole, whatever changes within it."""
+    config = SimConfig(window_limit=40, window_seconds=4, rate_schedule=((10, 5), (25, 10)))
+    window = build_limit_set(config, now=100.0).requests
+    assert isinstance(window, FixedWindow)
+    got = {start: admitted(window, 100.0 + start) for start in (0, 8, 12, 20, 24, 28)}
+    assert got == {0: 40, 8: 40, 12: 20, 20: 20, 24: 20, 28: 40}
+    assert window.limit_of(3) == 20 and window.limit_of(7) == 40
+
+
+def test_a_fixed_window_counts_from_the_servers_clock_not_its_start() -> None:
+    """window_start: the server starts 3 s into a window of 4 s, so its first window ends a
+    second after the start, with its whole allowance (nobody used it before)."""
+    window = build_limit_set(SimConfig(window_limit=5, window_seconds=4, window_start=3),
+                             now=10.0).requests
+    assert isinstance(window, FixedWindow)
+    assert admitted(window, 10.0) == 5 and window.wait(10.0) == pytest.approx(1.0)
+    assert admitted(window, 11.0) == 5 and window.wait(11.0) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("start", [-1.0, 4.0, 9.0])
+def test_a_window_start_outside_the_window_is_refused(start: float) -> None:
+    with pytest.raises(ValueError, match="window_start"):
+        SimConfig(window_limit=5, window_seconds=4, window_start=start)
 
 
 def test_model_scope_gives_each_model_its_own_limits_and_windows() -> None:

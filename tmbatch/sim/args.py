@@ -110,11 +110,14 @@ _FLAGS: dict[str, tuple[_Flag, str]] = {
                          "second's worth, at least 1)"),
     "--sim-rate-schedule": (SCHEDULE, "the bucket's rate changes over time, its burst stays: "
                             "15:20,30:40 is 20 RPS from 15 s after the start (or a reset), "
-                            "40 from 30 s; needs --sim-rate-limit, the rate until then"),
+                            "40 from 30 s; needs --sim-rate-limit, the rate until then (or "
+                            "--sim-window-limit: each window then admits RPS x its seconds)"),
     "--sim-window-limit": (COUNT, "instead of the bucket: a fixed window admitting N "
                            "requests per --sim-window-seconds, LiteLLM-style (default: none)"),
     "--sim-window-seconds": (DURATION, "length of that window, counted from the start "
                              "(default: 60)"),
+    "--sim-window-start": (SECONDS, "seconds into its first window the server starts, as a "
+                           "per-minute key counts from the clock's minute (default: 0)"),
     "--sim-tpm-limit": (TOKENS, "tokens per minute: admitted while the budget is above zero, "
                         "charged each answer's usage.total_tokens (default: no limit)"),
     "--sim-tpm-burst": (TOKENS, "capacity of the tokens budget (default: one second's worth)"),

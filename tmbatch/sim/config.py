@@ -61,6 +61,9 @@ class SimConfig:
     rate_schedule: tuple[tuple[float, float], ...] = ()
     window_limit: int | None = None
     window_seconds: float = 60.0
+    # seconds into its first window the server starts: windows are the server's clock's (a
+    # per-minute key counts from the minute), not the client's
+    window_start: float = 0.0
     tpm_limit: float | None = None
     tpm_burst: float | None = None
     # "model": each served model has its own requests and tokens limits (and rate schedule),
@@ -138,6 +141,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit)")
         if not self.window_seconds > 0:
             raise ValueError("window_seconds must be positive")
+        if not 0 <= self.window_start < self.window_seconds:
+            raise ValueError("window_start must be at least 0 and less than window_seconds")
 
     def _check_limits(self) -> None:
         """The request limits agree with one another (and the schedule is normalized)."""
@@ -145,9 +150,10 @@ class SimConfig:
             # one requests limit, so x-ratelimit-*-requests has one meaning
             raise ValueError("rate_limit and window_limit are two request limits: choose one")
         self.rate_schedule = _schedule(self.rate_schedule)
-        if self.rate_schedule and self.rate_limit is None:
-            raise ValueError("rate_schedule changes the token bucket's rate: it needs rate_limit "
-                             "(the rate until the first change)")
+        if self.rate_schedule and self.rate_limit is None and self.window_limit is None:
+            raise ValueError("rate_schedule changes the token bucket's rate (or the window's): "
+                             "it needs rate_limit, the rate until the first change (or "
+                             "window_limit)")
 
 def _schedule(raw: Any) -> tuple[tuple[float, float], ...]:
     """(seconds, rate) pairs as floats: times positive and increasing, rates positive."""

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tmbatch.sim.limits import FixedWindow
+
 CHAT = "/v1/chat/completions"
 LATENCY = 0.02  # seconds: the token-bucket rows' answer time (the bench's since issue 13)
 TOKENS_PER_REQUEST = 100  # the virtual server's usage per answer (tokens rows)
@@ -238,12 +240,14 @@ def score(sc: Scenario, log: list[Arrival], wall: float, refusal_wait: float) ->
     groups = ([[a for a in ok if a.model == m] for m in dict.fromkeys(sc.models)]
               if server.get("limit_scope") == "model" else [ok])
     groups = [g for g in groups if g]
-    if sc.score == "window":
-        w, n = server["window_seconds"], server["window_limit"]
+    if sc.score == "window":  # what got through of what the windows it touched admit
+        w, start = server["window_seconds"], server.get("window_start", 0.0)
+        window = FixedWindow(server["window_limit"], w, -start,
+                             schedule=server.get("rate_schedule", ()))
         shares = []
         for g in groups:
-            windows = len({math.floor(a.at / w) for a in g})
-            shares.append(len(g) / (windows * w) / (n / w))
+            touched = {math.floor((a.at + start) / w) for a in g}
+            shares.append(len(g) / sum(window.limit_of(i) for i in touched))
         return sum(shares) / len(shares)
     if sc.score == "tokens":
         times = sorted(a.at for a in ok)
