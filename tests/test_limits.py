@@ -663,7 +663,11 @@ def test_a_learnt_pace_against_each_limit_style(style: str, sim_factory: Any,
     assert stats["rejected_429"] > 0  # the limit was met ...
     adm = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())["this_run"]["admission"]
     assert adm["refusals"] == stats["rejected_429"]
-    assert adm["pace_cuts"] >= 1 and adm["pace_requests_per_second"] is not None  # ... learnt
+    assert adm["pace_cuts"] >= 1  # ... and learnt: a pace, or a window's allowance
+    if "window_limit" in LIMIT_STYLES[style]:  # sent at each opening, unpaced
+        assert adm["window_allowance"] == 8 and adm["pace_requests_per_second"] is None, adm
+    else:
+        assert adm["pace_requests_per_second"] is not None and adm["window_allowance"] is None
     # an unpaced run meets one refusal per request or so; a paced one far fewer
     assert stats["rejected_429"] < 50, (stats["rejected_429"], adm)
 

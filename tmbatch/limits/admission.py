@@ -278,6 +278,7 @@ class Admission:
             "held_seconds": round(sum(x["held_seconds"] for x in lanes.values()), 3),
             "pace_requests_per_second": None if pace is None else round(pace, 3),
             "pace_source": one["pace_source"] if one else "per lane",
+            "window_allowance": one["window_allowance"] if one else None,
             "refusals": sum(x["refusals"] for x in lanes.values()),
         }
         if self.adaptive:

@@ -26,9 +26,9 @@ tests/test_pacing.py:
    over all such trials is the lane's noise floor, under which refusals only pause, but not
    a probe's. Three times the share: fell, cut again. A pace grown past the cut's measure
    ends its trial, kept.
-4. Nothing through, no hint (a window closed): the lane holds `hold` s, then a quarter of the
-   time closed, probing with one request; once one sent since gets through, it is paced at
-   what got through since it opened.
+4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
+   once one gets through it meets the window unpaced: what the last let through at each
+   opening, then a hold to the next (`windows`; with a limit stated, paced as rule 7 says).
 5. Once a cut's own sends are heard of, while sends keep up, successes raise the pace: by
    `ramp` per second up to the rate measured, then a plateau, then a probe (back to a fallen
    limit at once, else from twice the margin's worth a second, doubling each second). The
@@ -41,9 +41,9 @@ tests/test_pacing.py:
 8. `--redis`: another process's pause restarts the plateau and ends a probe or a ramp, and an
    unpaced process joins a paced fleet at its mean as measured (`fleet`; `shared`'s 3, 4).
 
-The controller decides; rule 2's echo (`echo`), rule 3's probation (`probation`) and rule 5's
-plateau (`plateau`) keep their own state and verdicts, and every rule reads the lane's record
-(`evidence`).
+The controller decides; rule 2's echo (`echo`), rule 3's probation (`probation`), rule 4's
+windows (`windows`), rule 5's plateau (`plateau`) and rule 6's bursts (`bursts`) keep their own
+state and verdicts, and every rule reads the lane's record (`evidence`).
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ import logging
 import math
 from dataclasses import dataclass
 
+from tmbatch.limits.bursts import Bursts
 from tmbatch.limits.echo import Echo
 from tmbatch.limits.evidence import Evidence
 from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import SAMPLE, Probation
 from tmbatch.limits.schedule import MIN_RATE
 from tmbatch.limits.verdicts import Verdicts
+from tmbatch.limits.windows import Windows
 
 log = logging.getLogger("tmbatch")
 
@@ -107,6 +109,7 @@ class Change:
     rate: float | None
     hold: float = 0.0
     burst: int = 0
+    why: str = "every request refused, with no Retry-After"  # the hold's
 
 
 class Controller:
@@ -130,11 +133,9 @@ class Controller:
         self.probation = Probation()  # rule 3: a cut on trial, and the noise floor
         self.echo: Echo | None = None  # rule 2 with no hint
         self.refused_run = 0  # refusals in a row
-        self.closed_since: float | None = None  # everything refused since (rule 4)
+        self.windows = Windows()  # rule 4: closed, and the window that closed it
         self.volley_unmeasured = False  # refused with a hint before any success answered
-        self.held_until = -math.inf
-        self.burst_at = math.inf  # the last pause's burst was sent here
-        self.burst_refused = False
+        self.bursts = Bursts()  # rule 6
         self.lowest = rate
         self._logged = rate
         # when the pace last rose above every measure (a probe, or the ramp before the first):
@@ -149,6 +150,11 @@ class Controller:
         e = self.echo
         if e is not None and e.start < t <= e.until:
             e.sent += 1
+        w = self.windows
+        if (w.closed_since is not None or w.allowance is not None) and (
+                hold := w.sent(t)) is not None:
+            self.echo = None  # (what it listens to is the window's end)
+            return Change(self.rate, hold, why="the window's allowance is spent")
         v = self.verdicts
         if v.rtt is None or not self.learn:
             return None
@@ -195,14 +201,13 @@ class Controller:
 
     def on_success(self, sent: float, now: float, stated: float | None,
                    governed: bool) -> Change | None:
-        """`on_answer` of a success. While the lane is unpaced with nothing under way (no
-        cut on trial, no echo, no closure, no cost being counted) and no limit is stated, a
-        success only adds to the record (`Evidence`), so that is all it does here: no Answer
-        is built on the common path. The first refusal finds the same record either way."""
+        """`on_answer` of a success. Unpaced with nothing under way (no trial, echo, closure or
+        cost counted) and no limit stated, a success only adds to the record (`Evidence`):
+        no Answer is built on the common path, and a refusal finds the same record."""
         if not self.learn:
             return None
         if (self.rate is None and stated is None and self.probation.trial is None
-                and self.echo is None and self.closed_since is None
+                and self.echo is None and self.windows.closed_since is None
                 and self.plateau.lost_from is None and not self.volley_unmeasured
                 and self.verdicts.rtt is None):
             self.governed = self.governed or governed
@@ -222,8 +227,8 @@ class Controller:
         self.plateau.regained(a.sent, now)
         self.seen.succeeded(a.sent, now, answered=not a.passed)
         self.refused_run = 0
-        if self.closed_since is not None and a.sent >= self.closed_since:
-            self._reopened(now)  # (a request sent before it was found closed: no news)
+        if (closed := self.windows.closed_since) is not None and a.sent > closed:
+            self._reopened(now, a.sent)  # (a request sent before it was found closed: no news)
         self._judge(a, refused=False)
         self._listen(a, refused=False)
         if self.volley_unmeasured and a.sent <= self.seen.volley_until:
@@ -273,23 +278,27 @@ class Controller:
     def _refused(self, a: Answer) -> tuple[float, int]:
         """A refusal: (seconds the lane holds, requests its pause ends with)."""
         self.seen.refused(a.at, a.sent)
+        self.windows.refusal(a.sent)
         self.refused_run += 1
-        if self.burst_at <= a.sent <= self.burst_at + 0.1:
-            log.debug("the burst a pause ended with was refused: no more bursts")
-            self.burst_refused = True  # the burst emptied the allowance, not the pace
+        if self.bursts.met(a.sent):
             self.probation.burst_refused(a.sent)
             hold = 0.0
         elif self._judge(a, refused=True):
             hold = 0.0  # it made the verdict that refusals come at random: no event
         else:
             hold = self._listen(a, refused=True) or self._event(a)
-        return hold, self._paused(a) if a.wait else 0
+        if not a.wait:
+            return hold, 0
+        burst = 0 if self.stated is not None else self.bursts.size(  # rule 6
+            self.rate, self.seen.allowance, a.at + a.wait, a.wait, self.cfg.margin)
+        self.seen.paused(a.at, a.at + a.wait, burst)
+        return hold, burst
 
     def _event(self, a: Answer) -> float:
         """Rules 1-4 for a refusal: the seconds the lane holds (rule 4), if it does."""
         now, rate, seen = a.at, self.rate, self.seen
-        if self.closed_since is not None:  # a probe of a closed server, refused
-            return self._close(now) if a.sent >= self.held_until else 0.0
+        if self.windows.closed_since is not None:  # a probe of a closed server, refused
+            return self._close(now) if a.sent >= self.windows.held_until else 0.0
         if self.governed or a.sent <= self.last_cut:
             return 0.0  # the headers state the limit; or the event was met already
         if rate is None and not seen.ok_at and a.wait is not None:
@@ -341,7 +350,7 @@ class Controller:
         if self.echo is not None:
             return
         rate, limit, seen = self.rate, self.limit, self.seen
-        if seen.volley is None or rate is None:
+        if (seen.volley is None or rate is None) and self.windows.allowance is None:
             seen.start_volley(now)
             self._cut(now, max(self.cfg.margin * seen.got_through(now), float(SAMPLE)))
         self.echo = Echo.after(now, now - refused_sent, self.rate, rate, limit)
@@ -355,7 +364,6 @@ class Controller:
         self.echo = None
         now, rate = a.at, self.rate
         if e.ok == 0:
-            self.closed_since = now
             return self._close(now)
         if e.refused < 2 or self.probation.within_noise(e.refused, e.answers):
             return 0.0  # the pace it listened at was not refused (beyond the noise): ramp on
@@ -386,30 +394,22 @@ class Controller:
         self.echo = None
         self.last_cut = now
         self.plateau.lost(now)
-        since = self.closed_since if self.closed_since is not None else now
-        hold = max(self.cfg.hold, (now - since) / 4)
-        self.held_until = now + hold
-        return hold
+        return self.windows.close(now, self.cfg.hold)
 
-    def _reopened(self, now: float) -> None:
-        """Rule 4: the first success after a closure."""
-        self.closed_since = None
-        self._learn(max(self.seen.average(now), MIN_RATE))
-        self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
+    def _reopened(self, now: float, sent: float) -> None:
+        """Rule 4: the first success after a closure, sent at `sent`: a window opened."""
+        n = self.windows.reopened(sent, (seen := self.seen).total_ok, seen.first_ok or sent)
+        if self.stated is None:
+            self.probation.end()
+            self.echo = None
+            self.set_pace(None, "unpaced")
+            self.source = "unpaced" if n is None else f"a window of {n}"
+            log.debug("reopened: a window of %s, the next in %.3g s at the earliest (%d more "
+                      "asked)", n, self.windows.period, self.windows.extra)
+        else:
+            self._learn(max(seen.average(now), MIN_RATE))
+            self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
         self.plateau.counted()
-
-    def _paused(self, a: Answer) -> int:
-        """A Retry-After pause: noted, and what to send at once when it ends (rule 6)."""
-        wait = a.wait or 0.0
-        rate, allowance = self.rate, self.seen.allowance
-        burst = 0
-        if rate and allowance and not self.burst_refused and self.stated is None:
-            burst = int(min(allowance * self.cfg.margin, rate * wait)) - 1
-        burst = burst if burst > 1 else 0
-        if burst:
-            self.burst_at = a.at + wait
-        self.seen.paused(a.at, a.at + wait, burst)
-        return burst
 
     # -- the pace ------------------------------------------------------------------------
     def _learn(self, limit: float) -> None:
@@ -420,6 +420,7 @@ class Controller:
 
     def _cut(self, now: float, new: float) -> None:
         first = self.cuts == 0
+        self.windows.forget()
         self.measure_from, self.probe_from = self.probe_from, None
         self.cut_from = self.rate or math.inf
         self.last_cut = now

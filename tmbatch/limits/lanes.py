@@ -291,7 +291,7 @@ class Lane:
     def _changed(self, change: Change, now: float) -> None:
         """A success's change (answered, or let through): it may have reopened the lane."""
         self._change(change, now)
-        if self.probe is not None and self.controller.closed_since is None:
+        if self.probe is not None and self.controller.windows.closed_since is None:
             self.probe_landed()  # reopened: nobody waits for a probe's answer
 
     def _change(self, change: Change, now: float) -> None:
@@ -299,7 +299,7 @@ class Lane:
         if change.burst:
             self.pacer.restart_at(self.pause_until, change.burst)
         if change.hold:
-            self.hold(change.hold, "every request refused, with no Retry-After", now)
+            self.hold(change.hold, change.why, now)
 
     # -- pausing -------------------------------------------------------------------------
     def _extend(self, seconds: float, now: float) -> float:
@@ -361,6 +361,7 @@ class Lane:
         return {
             "pace_requests_per_second": None if self.rate is None else round(self.rate, 3),
             "pace_source": c.source,
+            "window_allowance": c.windows.allowance,  # sent at each opening (rule 4)
             "pace_lowest": None if c.lowest is None else round(c.lowest, 3),
             "pace_cuts": c.cuts,
             "noise_share": round(c.probation.noise, 3),

@@ -70,7 +70,8 @@ class Permit:
                 paced = lane.pacer.rate is not None
                 if paced:
                     await lane.paced(loop)
-                if lane.controller.closed_since is not None and await lane.probe_turn(loop, self):
+                closed = lane.controller.windows.closed_since is not None
+                if closed and await lane.probe_turn(loop, self):
                     continue  # it waited for a probe's answer: the pause and the pace again
                 if adm.shared is not None and not await adm.shared.take(lane):
                     continue  # the fleet paused the lane (--redis)
