@@ -102,7 +102,7 @@ class Run:
 
 
 def run_batch(server: ServerProcess, rows: list[dict[str, Any]], tmp_path: Path,
-              *args: str, preflight: bool = False) -> Run:
+              *args: str, preflight: bool = False, timeout: float = 90) -> Run:
     """Run the CLI on `rows` against `server`, then check what holds for every run: each
     input line has exactly one outcome, and the key is in no output and no log."""
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -110,7 +110,8 @@ def run_batch(server: ServerProcess, rows: list[dict[str, Any]], tmp_path: Path,
     cmd = ["run", str(inp), "-o", str(out), "--base-url", server.url, *args]
     if not preflight:
         cmd.append("--no-preflight")
-    proc = run_cli(cmd, env=clean_env(TENSORMESH_INFERENCE_API_KEY=SERVER_KEY), timeout=90)
+    proc = run_cli(cmd, env=clean_env(TENSORMESH_INFERENCE_API_KEY=SERVER_KEY),
+                   timeout=timeout)
     assert (out / "summary.json").exists(), (
         f"the run did not start (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     run = Run(proc, out)
