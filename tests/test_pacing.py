@@ -835,6 +835,21 @@ def test_a_window_that_shrinks_is_met_with_what_it_lets_through() -> None:
     assert lane(learnt)["pace_source"] == "a window of 40", lane(learnt)
 
 
+def test_the_send_that_spends_a_windows_allowance_is_followed_like_any_other() -> None:
+    """The send that spends the allowance holds the lane to the next opening, and is still
+    a send the verdicts follow: let through, it is a success heard of in time like the rest
+    (it once returned the hold before the verdicts saw it)."""
+    c = Controller()
+    c.verdicts.refused_in(0.01, [], [])
+    c.windows.refusal(0.5)
+    assert c.windows.reopened(4.0, 3, 0.01) == 2  # a window of 2, opened at 4.0 ...
+    assert c.windows.cap == 3  # ... and one more asks whether it grew
+    assert c.on_sent(4.001) is None and c.on_sent(4.002) is None
+    change = c.on_sent(4.003)
+    assert change is not None and change.hold == pytest.approx(4.49 - 4.003)
+    assert list(c.verdicts.pending) == [4.001, 4.002, 4.003]
+
+
 def test_a_window_met_again_after_a_pace_governed_is_measured_afresh() -> None:
     """The window's record goes when refusals with successes among them make a pace govern
     the lane (`Windows.forget`): the next closure's opening is not known, so its reopening

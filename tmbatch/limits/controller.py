@@ -151,15 +151,15 @@ class Controller:
         if e is not None and e.start < t <= e.until:
             e.sent += 1
         w = self.windows
-        if (w.closed_since is not None or w.allowance is not None) and (
-                hold := w.sent(t)) is not None:
-            self.echo = None  # (what it listens to is the window's end)
-            return Change(self.rate, hold, why="the window's allowance is spent")
-        v = self.verdicts
-        if v.rtt is None or not self.learn:
-            return None
-        v.sent(t)
-        return self.hear(t)
+        hold = w.sent(t) if w.closed_since is not None or w.allowance is not None else None
+        v, change = self.verdicts, None
+        if v.rtt is not None and self.learn:
+            v.sent(t)
+            change = self.hear(t)
+        if hold is None:
+            return change
+        self.echo = None  # (what it listens to is the window's end)
+        return Change(self.rate, hold, why="the window's allowance is spent")
 
     def hear(self, now: float) -> Change | None:
         """The requests let through by `now` (`verdicts`), heard of: what changes, if anything.
@@ -404,8 +404,7 @@ class Controller:
             self.echo = None
             self.set_pace(None, "unpaced")
             self.source = "unpaced" if n is None else f"a window of {n}"
-            log.debug("reopened: a window of %s, the next in %.3g s at the earliest (%d more "
-                      "asked)", n, self.windows.period, self.windows.extra)
+            log.debug("reopened: a window of %s, the next in %.3g s", n, self.windows.period)
         else:
             self._learn(max(seen.average(now), MIN_RATE))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))

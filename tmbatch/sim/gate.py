@@ -8,8 +8,9 @@ arrivals inside it can be counted as violations: the measure of whether a client
 Limits and windows belong to a scope (limits_for): the account, or each model on its own.
 
 The decisions themselves are pure and live in limits.py (LimitSet, RetryWindows) and
-overload.py (RandomRefusal); hint_seconds and hint_headers say what a refusal announces without a clock.
-The clock is read by the HTTP side only: here as an answer leaves, and in handlers.
+overload.py (RandomRefusal); hint_seconds and hint_headers say what a refusal announces
+without a clock. The clock is read by the HTTP side only: here as an answer leaves, and in
+handlers.
 """
 
 from __future__ import annotations
