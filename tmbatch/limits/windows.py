@@ -65,17 +65,13 @@ class Windows:
         self.sends += 1
         if self.closed_since is not None or self.sends < self.cap:
             return None
-        assert self.opened is not None
-        self.closed_since, self.sends = t, 0
-        self.expected = self.opened + self.period
-        hold = max(0.0, self.expected - t)
-        self.held_until = t + hold
-        return hold
+        return self.close(t, 0.0)  # (to the next opening; at once, if it may be open now)
 
     def close(self, now: float, least: float) -> float:
-        """Everything refused since `closed_since` (or now), or a probe refused: the seconds
-        to hold before the next probe, `least` at least (from the estimated opening on, if
-        the lane held for one)."""
+        """Everything refused since `closed_since` (or now), a probe refused, or the
+        allowance spent: the seconds to hold before the next probe. A window met holds to its
+        next opening's estimate; past it, or closed with none met, `least` at least, then a
+        quarter of the time closed (from the estimate on)."""
         if self.closed_since is None:
             self.closed_since = now
         if self.allowance is not None and self.opened is not None:  # spent before its end
