@@ -39,6 +39,31 @@ def measure(sc: Scenario, seeds: int) -> tuple[float, float, float]:
             statistics.median(r.refused for r in runs))
 
 
+def compare(rows: list[Scenario], seeds: int, markdown: bool) -> list[str]:
+    """Each row with the learnt pace and with the pauses alone, printed as it is measured
+    (a markdown table's rows, or lines); the names of the rows that were slower."""
+    if markdown:
+        print("| row | share | learnt pace s | refused | pauses alone s | refused | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+    slower = []
+    for sc in rows:
+        learnt = measure(sc, seeds)
+        alone = measure(replace(sc, adaptive=False), seeds)
+        ratio = learnt[0] / alone[0] if alone[0] else 1.0
+        verdict = "SLOWER" if ratio > SLOWER else ""
+        if verdict:
+            slower.append(sc.name)
+        if markdown:
+            mark = f"**{ratio:.2f}**" if verdict else f"{ratio:.2f}"
+            print(f"| {sc.name} | {learnt[1]:.1%} | {learnt[0]:.1f} | {learnt[2]:.0f} | "
+                  f"{alone[0]:.1f} | {alone[2]:.0f} | {mark} |")
+        else:
+            print(f"{sc.name:26s} share {learnt[1]:6.1%}  learnt {learnt[0]:7.1f} s  refused "
+                  f"{learnt[2]:5.0f}  | pauses alone {alone[0]:7.1f} s  refused "
+                  f"{alone[2]:6.0f}  x{ratio:5.2f} {verdict}", flush=True)
+    return slower
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -52,28 +77,9 @@ def main() -> None:
         missing = set(wanted) - {r.name for r in rows}
         if missing:
             sys.exit(f"no such row: {', '.join(sorted(missing))} (see --help)")
-    if args.markdown:
-        print("| row | learnt pace s | refused | pauses alone s | refused | ratio |")
-        print("|---|---:|---:|---:|---:|---:|")
-    slower = []
-    for sc in rows:
-        learnt = measure(sc, args.seeds)
-        alone = measure(replace(sc, adaptive=False), args.seeds)
-        ratio = learnt[0] / alone[0] if alone[0] else 1.0
-        verdict = "SLOWER" if ratio > SLOWER else ""
-        if verdict:
-            slower.append(sc.name)
-        if args.markdown:
-            mark = f"**{ratio:.2f}**" if verdict else f"{ratio:.2f}"
-            print(f"| {sc.name} | {learnt[0]:.1f} | {learnt[2]:.0f} | {alone[0]:.1f} | "
-                  f"{alone[2]:.0f} | {mark} |")
-        else:
-            print(f"{sc.name:26s} learnt {learnt[0]:7.1f} s  refused {learnt[2]:5.0f}  | pauses "
-                  f"alone {alone[0]:7.1f} s  refused {alone[2]:6.0f}  x{ratio:5.2f} {verdict}",
-                  flush=True)
+    slower = compare(rows, args.seeds, args.markdown)
     print(f"\n{len(slower)} of {len(rows)} rows slower than the pauses alone (median of "
           f"{args.seeds} seeds, more than {SLOWER - 1:.0%} longer): {', '.join(slower) or '-'}")
-
 
 if __name__ == "__main__":
     main()

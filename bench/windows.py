@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pause_only import SLOWER, measure
+from pause_only import SLOWER, compare
 
 from tmbatch.sim.scenarios import BY_NAME, Band, Scenario
 
@@ -61,27 +61,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     args = ap.parse_args()
-    if args.markdown:
-        print("| variant | share | refused | learnt s | pauses alone s | refused | ratio |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-    slower = []
-    for sc in variants():
-        seconds, share, refused = measure(sc, args.seeds)
-        alone = measure(replace(sc, adaptive=False), args.seeds)
-        ratio = seconds / alone[0] if alone[0] else 1.0
-        if ratio > SLOWER:
-            slower.append(sc.name)
-        if args.markdown:
-            mark = f"**{ratio:.2f}**" if ratio > SLOWER else f"{ratio:.2f}"
-            print(f"| {sc.name} | {share:.1%} | {refused:.0f} | {seconds:.1f} | "
-                  f"{alone[0]:.1f} | {alone[2]:.0f} | {mark} |")
-        else:
-            print(f"{sc.name:22s} share {share:6.1%}  refused {refused:4.0f}  {seconds:7.1f} s  "
-                  f"| pauses alone {alone[0]:7.1f} s  refused {alone[2]:5.0f}  x{ratio:.2f}",
-                  flush=True)
-    print(f"\n{len(slower)} of {len(variants())} variants slower than the pauses alone "
-          f"(median of {args.seeds} seeds): {', '.join(slower) or '-'}")
-
+    rows = variants()
+    slower = compare(rows, args.seeds, args.markdown)
+    print(f"\n{len(slower)} of {len(rows)} variants slower than the pauses alone (median of "
+          f"{args.seeds} seeds, more than {SLOWER - 1:.0%} longer): {', '.join(slower) or '-'}")
 
 if __name__ == "__main__":
     main()

@@ -296,13 +296,17 @@ def _rate_limited_upstream() -> AppThread:
     return AppThread(app)
 
 
-LITELLM_CONFIG = """\
-model_list:
+# the mock model every LiteLLM config here serves (tests/test_third_party_windows.py limits it)
+LITELLM_MOCK_MODEL = """\
   - model_name: tm-mock
     litellm_params:
       model: openai/tm-mock
       api_key: fake-upstream-key
       mock_response: "Hello from the LiteLLM mock."
+"""
+LITELLM_CONFIG = """\
+model_list:
+""" + LITELLM_MOCK_MODEL + """\
   - model_name: tm-tools
     litellm_params:
       model: openai/tm-tools

@@ -22,18 +22,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import SERVER_KEY, SPECS, ServerProcess, free_port, litellm_venv
+from tests.servers import (
+    LITELLM_MOCK_MODEL,
+    SERVER_KEY,
+    SPECS,
+    ServerProcess,
+    free_port,
+    litellm_venv,
+)
 from tests.test_conformance import row, run_batch
 
 RPM = 2
 LINES = 5  # three windows: 2, 2 and 1
 CONFIG = """\
 model_list:
-  - model_name: tm-mock
-    litellm_params:
-      model: openai/tm-mock
-      api_key: fake-upstream-key
-      mock_response: "Hello from the LiteLLM mock."
+""" + LITELLM_MOCK_MODEL + """\
       rpm: {rpm}
 general_settings:
   master_key: {key}
