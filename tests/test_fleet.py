@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import chat_line, clean_env, read_stderr_until, write_jsonl
 from tests.daemons import Redis, free_port
+from tmbatch.limits.admission import Admission
 from tmbatch.limits.controller import PaceConfig
 from tmbatch.limits.lanes import LaneKey, make_lane
 
@@ -368,3 +369,43 @@ def test_four_shards_on_one_unknown_limit_keep_every_window(tmp_path: Path, sim_
         tmp_path / f"out{i}" / "results.jsonl").read_bytes().split(b"\n") if x)
     assert ids == sorted(f"req-{i}" for i in range(400))
 
+
+
+def test_a_shard_meets_a_window_with_a_pace_not_as_its_own() -> None:
+    """Rule 4 meets a window with what the last one let through, sent at each opening: that
+    assumes the lane sees every request of the window. A shard of K > 1, or a process of a
+    fleet over Redis, does not (the others spend the same windows, and its probes meet
+    windows they spent): its lanes meet windows with a pace, as before. Two shards alone on
+    a window of 40 per 4 s, measured as each (`python bench/fleet_bench.py --window 40/4
+    --shards 2 --lines 400`): 42 % of it together, against 84 % with a pace."""
+    async def shared(adm: Admission) -> bool:
+        return adm.lane("m").controller.windows.shared
+
+    assert not asyncio.run(shared(Admission(adaptive=True)))
+    assert asyncio.run(shared(Admission(adaptive=True, alone=False)))
+    fleet = Admission(adaptive=True)
+    fleet.shared = RedisLanes("redis://127.0.0.1:1/0", "job")  # (never reached: no lane asks)
+    assert asyncio.run(shared(fleet))
+
+
+def test_two_shards_on_one_window_each_pace_it(tmp_path: Path, sim_factory) -> None:  # type: ignore[no-untyped-def]
+    """Two `--shard i/2` processes against one window of 20 a second with a bare 429: every
+    line ends once, nothing inside a window, and each shard's lane is paced, none sending a
+    window's allowance as if it were its own (`window_allowance` stays null)."""
+    sim = sim_factory(window_limit=20, window_seconds=1.0, retry_after_format="none")
+    inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(120)])
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tmbatch", "run", str(inp), "-o", str(tmp_path / f"out{i}"),
+         "--shard", f"{i}/2", "--base-url", sim.url, "--no-preflight", "--quiet"],
+        env=clean_env(TENSORMESH_INFERENCE_API_KEY="tm-test-key-0123456789abcdef-SECRET"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sim.stats()["retry_after_violations"] == 0
+    for i in range(2):
+        adm = orjson.loads((tmp_path / f"out{i}" / "summary.json").read_bytes())[
+            "this_run"]["admission"]
+        assert adm["window_allowance"] is None and adm["pace_cuts"] >= 1, adm
+    ids = sorted(orjson.loads(x)["custom_id"] for i in range(2) for x in (
+        tmp_path / f"out{i}" / "results.jsonl").read_bytes().split(b"\n") if x)
+    assert ids == sorted(f"req-{i}" for i in range(120))

@@ -59,13 +59,14 @@ class Admission:
                  concurrency: int = CONCURRENCY.value, adaptive: bool = False,
                  scope: str = LIMIT_SCOPE.value,
                  base_url: str = "", budget: Budget | None = None,
-                 config: PaceConfig | None = None) -> None:
+                 config: PaceConfig | None = None, alone: bool = True) -> None:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
         self.rpm = rpm
         self.adaptive = adaptive
         self.scope = scope
         self.base_url = base_url
+        self.alone = alone  # no other shard of the job sends to these limits (rule 4's windows)
         self.config = config or PaceConfig()
         self.budget = budget or Budget()
         self.lanes: dict[str | None, Lane] = {}
@@ -102,6 +103,7 @@ class Admission:
         if lane is None:
             key = LaneKey(self.base_url, name if isinstance(name, str) else ACCOUNT)
             lane = self.lanes[name] = make_lane(key, self.config, self.rpm, self.adaptive, "")
+            lane.controller.windows.shared = not self.alone or self.shared is not None
             if self._resumed_until > self.now():  # a window a previous run was told of
                 lane.pause(self._resumed_until - self.now(), self.now())
             if len(self.lanes) > 1:  # from the second lane on, every message names its model

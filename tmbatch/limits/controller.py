@@ -399,7 +399,7 @@ class Controller:
     def _reopened(self, now: float, sent: float) -> None:
         """Rule 4: the first success after a closure, sent at `sent`: a window opened."""
         n = self.windows.reopened(sent, (seen := self.seen).total_ok, seen.first_ok or sent)
-        if self.stated is None:
+        if self.stated is None and not self.windows.shared:
             self.probation.end()
             self.echo = None
             self.set_pace(None, "unpaced")

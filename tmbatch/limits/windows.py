@@ -52,6 +52,9 @@ class Windows:
     expected: float = -math.inf  # where the lane held to at its allowance's end
     extra: int = 0  # requests past the allowance this window (asking whether it grew)
     gap: int = 1  # windows between two asks that found it the same
+    # other processes spend the same windows (a shard of K > 1, a fleet over --redis): what
+    # gets through and when a window opens are not the lane's to see, so a pace meets them
+    shared: bool = False
     wait: int = 0  # windows until the next ask
 
     @property

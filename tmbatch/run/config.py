@@ -112,6 +112,12 @@ class RunConfig:
         --adaptive / --no-adaptive says otherwise."""
         return self.rpm is None if self.adaptive is None else self.adaptive
 
+    @property
+    def alone(self) -> bool:
+        """No other shard of the job sends to the same limits (rule 4 meets a window as its
+        own only then; a fleet over --redis is told by the admission)."""
+        return not self.shard or self.shard[1] == 1
+
     def request_shape(self) -> dict[str, Any]:
         """The options that shape requests: a resume must use the same ones."""
         return {"endpoint": self.endpoint, "model": self.model, "stream": self.stream,

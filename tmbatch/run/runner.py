@@ -70,7 +70,7 @@ class Runner:
         self.stats = RunStats()
         self.admission = Admission(opts.rpm, opts.tpm, concurrency=opts.concurrency,
                                    adaptive=opts.is_adaptive, scope=opts.limit_scope,
-                                   base_url=config.connection.base_url)
+                                   base_url=self.settings.base_url, alone=opts.alone)
         self.stop = Stop()
         self.read_stats = ReadStats()
         self.header: Header | None = None  # prepare() reads or makes it
