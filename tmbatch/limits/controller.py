@@ -28,7 +28,8 @@ tests/test_pacing.py:
    ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
    once one gets through it meets the window unpaced: what the last let through at each
-   opening, then a hold to the next (`windows`; with a limit stated, paced as rule 7 says).
+   opening, then a hold to the next (`windows`; paced if a limit is stated, or if shards or
+   a fleet share it).
 5. Once a cut's own sends are heard of, while sends keep up, successes raise the pace: by
    `ramp` per second up to the rate measured, then a plateau, then a probe (back to a fallen
    limit at once, else from twice the margin's worth a second, doubling each second). The

@@ -21,7 +21,10 @@ allowance asks whether the window grew: at each window while it did (a quarter m
 doubling), else after 1, 2, 4 ... windows, `ASK_EVERY` s at most (a refusal each time it
 did not). A refusal before the allowance is spent is heard out as rule 2 does, with no cut:
 nothing through, the window shrank and closes there (the next opening counts it again);
-refusals with successes among them are no window, and a pace governs the lane again.
+refusals with successes among them are no window, and a pace governs the lane again. A
+lane that knows others spend the same windows (a shard of K > 1, a fleet over Redis:
+`shared`) sees neither all of a window's successes nor its own windows' ends, and meets
+windows with a pace, as before (two shards each meeting it as its own got 42 % of it).
 """
 
 from __future__ import annotations
