@@ -334,18 +334,24 @@ litellm_settings:
 
 
 def start_litellm(log_dir: Path) -> ServerProcess:
-    venv = litellm_venv()
     upstream = _rate_limited_upstream()
     config = log_dir / "litellm-config.yaml"
     config.write_text(LITELLM_CONFIG.format(
         rate_limited=LITELLM_RATE_LIMITED_MODEL, upstream=upstream.url(), key=SERVER_KEY))
+    return litellm_process(config, log_dir, cleanup=upstream.stop)
+
+
+def litellm_process(config: Path, log_dir: Path,
+                    cleanup: Callable[[], None] | None = None) -> ServerProcess:
+    """The LiteLLM proxy of the pinned virtualenv, started on a free port with `config`; the
+    caller waits for it (`wait_ready`). Every LiteLLM here starts this way."""
     port = free_port()
-    cmd = [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [str(litellm_venv() / "bin" / "litellm"), "--config", str(config), "--host",
+           "127.0.0.1", "--port", str(port)]
     env = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
            "LITELLM_TELEMETRY": "False", "NO_COLOR": "1"}
     return ServerProcess(SPECS["litellm"], cmd, port, log_dir, env=env,
-                         ready_path="/health/liveliness", cleanup=upstream.stop)
+                         ready_path="/health/liveliness", cleanup=cleanup)
 
 
 STARTERS: dict[str, Callable[[Path], ServerProcess]] = {

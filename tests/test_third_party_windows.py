@@ -22,14 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import (
-    LITELLM_MOCK_MODEL,
-    SERVER_KEY,
-    SPECS,
-    ServerProcess,
-    free_port,
-    litellm_venv,
-)
+from tests.servers import LITELLM_MOCK_MODEL, SERVER_KEY, ServerProcess, litellm_process
 from tests.test_conformance import row, run_batch
 
 RPM = 2
@@ -55,12 +48,7 @@ def windowed(tmp_path: Path) -> Iterator[ServerProcess]:
     other tests share, with no limit)."""
     config = tmp_path / "litellm-windowed.yaml"
     config.write_text(CONFIG.format(rpm=RPM, key=SERVER_KEY))
-    cmd = [str(litellm_venv() / "bin" / "litellm"), "--config", str(config), "--host",
-           "127.0.0.1", "--port", str(port := free_port())]
-    env = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "LITELLM_TELEMETRY": "False", "NO_COLOR": "1"}
-    server = ServerProcess(SPECS["litellm"], cmd, port, tmp_path, env=env,
-                           ready_path="/health/liveliness")
+    server = litellm_process(config, tmp_path)
     try:
         server.wait_ready()
         yield server

@@ -278,10 +278,11 @@ def spend_after(path: Path, snap: SpendRecord, at: Position) -> tuple[dict[str, 
 
 
 def _add_spend(spent: dict[str, list[int]], model: str, prompt: int, output: int,
-               n: int) -> None:
+               n: int, cached: int = 0) -> None:
     row = spent.setdefault(model, [0, 0, 0, 0])
     row[0] += prompt
     row[1] += output
+    row[2] += cached
     row[3] += n
 
 
@@ -331,8 +332,7 @@ def _settle_found(spent: dict[str, list[int]], reserved: tuple[str, int, int] | 
         return
     used = usage_tokens(body) if outcome is Outcome.OK and isinstance(body, dict) else None
     if used is not None:
-        _add_spend(spent, model, used[0] - prompt, used[1] - output, 0)
-        spent[model][2] += used[2]
+        _add_spend(spent, model, used[0] - prompt, used[1] - output, 0, cached=used[2])
 
 
 def _outcome_in_output(raw: bytes) -> tuple[OutcomeRecord, Any] | None:
