@@ -4,6 +4,7 @@
     python bench/heldout.py --seeds 3
     python bench/heldout.py --sizes      # only the limits of other sizes (25 rows)
     python bench/heldout.py --slow       # only the answers of a second (6 rows)
+    python bench/heldout.py --mixed      # limits behind refusals at random (21 rows)
 
 The matrix (tmbatch/sim/scenarios.py) is what pacing changes are checked against, so it is
 also what they were tuned on. These rows are not in it and no test runs them: a share of
@@ -22,6 +23,13 @@ least that share of its lines. The last rows give the matrix's limit rows answer
 second, as an LLM's short answers take (the matrix's take 20 ms): the concurrency, 64, still
 allows each limit (50/s at most) with a second in flight. Figures in docs/limits.md
 ("Servers it was not tuned on").
+
+`--mixed` puts a limit behind a gateway that also refuses at random: the matrix's limit
+rows with 2, 5 and 10 % of requests refused at random besides (with the row's own hint).
+No client reaches the limit's share there, since every refusal's pause is the contract's:
+at 10 % with whole-second hints a refusal every ten requests costs the lane a second. So
+these rows are judged against the pauses alone (`bench/pause_only.py`, which runs them too),
+not by a band.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ WINDOWS = ((10, 1.0), (20, 2.0), (100, 10.0), (200, 60.0))  # (N, W s): N per W,
 HINTS = {"seconds": "429 + Retry-After: 1", "none": "a bare 429", "ms": "429 + retry-after-ms"}
 SLOW = ("bucket-seconds", "bucket-ms", "bucket-none", "halved", "two-models", "window-40-4")
 VARIED = ("halved", "two-models", "window-40-4", "bucket-none")
+MIXED = ("bucket-seconds", "bucket-ms", "bucket-none", "halved", "two-models", "window-40-4",
+         "tokens")
+NOISE = (0.02, 0.05, 0.10)  # shares refused at random in front of a limit
 
 
 def held_out() -> list[Scenario]:
@@ -98,6 +109,14 @@ def slow() -> list[Scenario]:
     return [_answers_in(BY_NAME[name], 1.0, "answers of 1 s") for name in SLOW]
 
 
+def mixed() -> list[Scenario]:
+    """The matrix's limit rows behind refusals at random (`--mixed`)."""
+    return [replace(row, name=f"{name}+r{round(p * 100)}",
+                    title=f"{row.title}; {p:.0%} more refused at random",
+                    server={**row.server, "refuse_fraction": p})
+            for name in MIXED for row in (BY_NAME[name],) for p in NOISE]
+
+
 def _answers_in(row: Scenario, seconds: float, said: str) -> Scenario:
     """`row` with its answers taking `seconds` (named -latMS, `said` in the title)."""
     return replace(row, name=f"{row.name}-lat{round(seconds * 1000)}",
@@ -110,7 +129,17 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     ap.add_argument("--sizes", action="store_true", help="only the limits of other sizes")
     ap.add_argument("--slow", action="store_true", help="only the answers of a second")
+    ap.add_argument("--mixed", action="store_true",
+                    help="limits behind refusals at random, against the pauses alone")
     args = ap.parse_args()
+    if args.mixed:
+        import pause_only  # (it imports this module)
+
+        rows = mixed()
+        slower = pause_only.compare(rows, args.seeds, args.markdown)
+        print(f"\n{len(slower)} of {len(rows)} rows slower than the pauses alone (median of "
+              f"{args.seeds} seeds): {', '.join(slower) or '-'}")
+        return
     rows = (sizes() if args.sizes else slow() if args.slow
             else held_out() + sizes() + slow())
     results = virtual.run_matrix(rows, args.seeds, echo=print, markdown=args.markdown)
