@@ -23,9 +23,9 @@ tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone (to unpaced, where they announce windows: pauses alone deal with them); the share
-   over all such trials is the lane's noise floor, under which refusals only pause, but not
-   a probe's. Three times the share: fell, cut again. A pace grown past the cut's measure
-   ends its trial, kept.
+   over all such trials is the lane's noise floor, under which refusals only pause (a
+   probe's, over what it sent). Three times the share: fell, cut again. A pace grown past
+   the cut's measure ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
    once one gets through it meets the window unpaced: what the last let through at each
    opening, then a hold to the next (`windows`; paced if a limit is stated, or if shards or
@@ -310,8 +310,8 @@ class Controller:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
             return 0.0  # one hypothesis at a time: this is evidence for its verdict
-        if not self.probing and self.probation.within_noise(*seen.counts()):
-            return 0.0  # (a probe's refusal is news whatever the noise: it found the limit)
+        if self.probation.within_noise(*seen.counts(self.probe_from if self.probing else None)):
+            return 0.0  # (a probe's, over what it sent: more than the noise, it found the limit)
         if a.wait is None:
             self._listen_from(now, a.sent)
             return 0.0

@@ -249,9 +249,12 @@ class Evidence:
         ends = {bisect_left(sent, r) - 1 for r in self.refused_sent if since <= r < until}
         return sorted(e for e in ends if 0 <= e < len(sent) - 1)[:DRY_ENDS]
 
-    def counts(self) -> tuple[int, int]:
-        """(refusals, answers) over the history."""
-        return len(self.refusals), len(self.ok_at) + len(self.refusals)
+    def counts(self, since: float | None = None) -> tuple[int, int]:
+        """(refusals, answers) over the history, or of the requests sent from `since`."""
+        if since is None:
+            return len(self.refusals), len(self.ok_at) + len(self.refusals)
+        refused = sum(1 for t in self.refused_sent if t >= since)  # (answers come in any
+        return refused, refused + sum(1 for t in self.ok_sent if t >= since)  # order)
 
     def got_through(self, now: float) -> float:
         """Successes per second over the last second, or over the history when that says

@@ -19,9 +19,14 @@ by as much, which a fixed window does not charge for (its allowance is whole unt
 ends); one found early costs a refusal a second. Now and then one request past the
 allowance asks whether the window grew: at each window while it did (a quarter more, then
 doubling), else after 1, 2, 4 ... windows, `ASK_EVERY` s at most (a refusal each time it
-did not). A refusal before the allowance is spent is heard out as rule 2 does, with no cut:
-nothing through, the window shrank and closes there (the next opening counts it again);
-refusals with successes among them are no window, and a pace governs the lane again. A
+did not). An opening most of whose allowance is refused was none: the probe met what
+was left of the window before (refusals at random had left it room, a lower bound of the
+period put the probe there), so the lane keeps that window's allowance and its opening,
+whose period the refusals now bound (once in a row: a window that shrank refuses the same
+way, and the next opening measures it). A refusal before the allowance is spent is heard
+out as rule 2 does, with no cut: nothing through, the window shrank and closes there (the
+next opening counts it again); refusals with successes among them are no window, and a
+pace governs the lane again. A
 lane that knows others spend the same windows (a shard of K > 1, a fleet over Redis:
 `shared`) sees neither all of a window's successes nor its own windows' ends, and meets
 windows with a pace, as before (two shards each meeting it as its own got 42 % of it).
@@ -59,6 +64,12 @@ class Windows:
     # gets through and when a window opens are not the lane's to see, so a pace meets them
     shared: bool = False
     wait: int = 0  # windows until the next ask
+    spent: float = math.inf  # when the allowance from the last opening was all sent
+    # what the last reopening changed, while its allowance's refusals may refute it
+    before: tuple[float | None, int, float, bool, int | None, int, int, int] | None = None
+    burst_refused: int = 0  # refusals of the allowance sent from the last opening
+    kept: int | None = None  # a refuted opening's allowance: the next opening's too
+    refuted: bool = False  # the last opening was refuted: the next is not (a window shrank)
 
     @property
     def cap(self) -> float:
@@ -71,6 +82,7 @@ class Windows:
         self.sends += 1
         if self.closed_since is not None or self.sends < self.cap:
             return None
+        self.spent = t
         return self.close(t, 0.0)  # (to the next opening; at once, if it may be open now)
 
     def close(self, now: float, least: float) -> float:
@@ -93,6 +105,16 @@ class Windows:
     def refusal(self, sent: float) -> None:
         """A refusal of a request sent at `sent`: the window it met had not ended by then."""
         self.refused = max(self.refused, sent)
+        before = self.before
+        if before is not None and self.opened is not None and self.opened < sent <= self.spent:
+            self.burst_refused += 1
+            if 2 * self.burst_refused > self.cap:
+                # most of the allowance sent from the opening was refused: the probe met what
+                # was left of the window before (a refusal at random there left it room), so
+                # the opening before is the last one, and this refusal met its window
+                (self.opened, self.count, self.first, self.fresh, self.kept, self.extra,
+                 self.gap, self.wait) = before
+                self.before, self.refuted = None, True
         if self.opened is not None:
             self.period = max(self.period, sent - self.opened)
 
@@ -101,6 +123,10 @@ class Windows:
         What the last let through, its allowance from now on (None: when the last opened is
         not known, after a pace governed; the next closure tells)."""
         self.closed_since = None
+        before = (self.opened, self.count, self.first, self.fresh, self.allowance, self.extra,
+                  self.gap, self.wait)
+        self.before = None if self.refuted or self.allowance is None else before
+        self.burst_refused, self.spent, self.refuted = 0, math.inf, False
         opened, self.opened = self.opened, sent
         ok_before, self.ok_before = self.ok_before, ok - 1
         if opened is not None:
@@ -114,6 +140,8 @@ class Windows:
             return None
         self.period = max(self.period, bound)
         through = ok - 1 - ok_before
+        if self.kept is not None:
+            through, self.kept = self.kept, None
         if self.allowance is not None and self.extra:
             if through >= self.allowance + self.extra:  # it grew: ask again, for more
                 self.extra, self.gap = max(2 * self.extra, through // 4), 1
@@ -133,5 +161,5 @@ class Windows:
         was learnt of windows goes with it."""
         if self.opened is None:
             return  # (none met: the first window still opened before the first success)
-        self.allowance = self.opened = None
+        self.allowance = self.opened = self.before = self.kept = None
         self.expected, self.period, self.fresh = -math.inf, 0.0, False
