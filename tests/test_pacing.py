@@ -21,7 +21,7 @@ import pytest
 
 from tmbatch.limits import fleet
 from tmbatch.limits.controller import Answer, Controller, PaceConfig
-from tmbatch.limits.evidence import Evidence
+from tmbatch.limits.evidence import Evidence, wilson
 from tmbatch.limits.lanes import Lane, LaneKey, make_lane
 from tmbatch.limits.plateau import Plateau
 from tmbatch.limits.probation import Probation, Trial
@@ -110,6 +110,29 @@ def test_refusals_at_random_that_announce_windows_leave_the_lane_unpaced() -> No
     assert sum(unpaced) >= 6 and all(lane(r)["noise_share"] > 0 for r in learnt), unpaced
     assert (ratios[3] + ratios[4]) / 2 <= 1.6, ratios
     assert all(r.violations == 0 and r.accepted == 400 for r in learnt)
+
+
+def test_the_noise_floor_is_as_high_as_the_evidence_allows_where_refusals_pause() -> None:
+    """Trials found 3 refusals of 40 at random. Bare 429s are weighed against the floor's
+    lower bound (a mistake would send at once into a drained limit), refusals that announce
+    pauses against its upper bound (a mistake costs a pause every worker takes anyway)."""
+    p = Probation()
+    p.random = [3, 40]
+    p.noise = wilson(3, 40, -1.64)
+    assert p.noise < 0.04
+    assert not p.within_noise(6, 40) and p.within_noise(6, 40, paused=True)
+    assert not p.within_noise(24, 40, paused=True)  # most refused: more than any noise
+
+
+def test_refusals_at_random_that_announce_pauses_cost_about_what_the_pauses_alone_do() -> None:
+    """30 % refused at random with `Retry-After: 1`, eight seeds, against `--no-adaptive`.
+    With the floor at its lower bound (2 of 41 refused: 2 %) later refusals at random were
+    taken for a limit and cut the pace: a median 2.1 times the pauses alone's time (12
+    seeds: 40.2 s against 19.0). At its upper bound: 1.2 (23.4 s)."""
+    sc = BY_NAME["random-30-seconds"]
+    ratios = sorted(run_row(sc, seed).seconds / run_row(replace(sc, adaptive=False), seed).seconds
+                    for seed in range(8))
+    assert (ratios[3] + ratios[4]) / 2 <= 1.4, ratios
 
 
 def test_the_pace_never_falls_below_half_what_got_through_while_sending() -> None:
@@ -895,9 +918,9 @@ def test_an_opening_whose_allowance_is_refused_was_the_window_before() -> None:
         w.sent(4.0 + i * 1e-4)
     w.refusal(4.001)  # one at random: 39 got through, one place left
     assert w.reopened(7.6, 80, 0.01) == 39  # the probe met that place
-    for i in range(39):
+    for _ in range(39):
         w.sent(7.62)
-    for i in range(38):
+    for _ in range(38):
         w.refusal(7.62)
     assert w.opened == 4.0 and w.period == pytest.approx(3.62)
     assert w.reopened(8.3, 82, 0.01) == 40 and w.cap >= 40

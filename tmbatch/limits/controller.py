@@ -23,9 +23,9 @@ tests/test_pacing.py:
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
    undone (to unpaced, where they announce windows: pauses alone deal with them); the share
-   over all such trials is the lane's noise floor, under which refusals only pause (a
-   probe's, over what it sent). Three times the share: fell, cut again. A pace grown past
-   the cut's measure ends its trial, kept.
+   over all such trials is the noise floor (its lower bound for bare 429s, its upper where
+   they pause), under which refusals only pause (a probe's, over what it sent). Three times
+   the share: fell, cut again. A pace grown past the cut's measure ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
    once one gets through it meets the window unpaced: what the last let through at each
    opening, then a hold to the next (`windows`; paced if a limit is stated, or if shards or
@@ -310,8 +310,9 @@ class Controller:
             return 0.0  # the new pace has not sent enough to be judged yet
         if self.probation.weighs(rate):
             return 0.0  # one hypothesis at a time: this is evidence for its verdict
-        if self.probation.within_noise(*seen.counts(self.probe_from if self.probing else None)):
-            return 0.0  # (a probe's, over what it sent: more than the noise, it found the limit)
+        since = self.probe_from if self.probing else None  # (a probe's: over what it sent)
+        if self.probation.within_noise(*seen.counts(since), paused=a.wait is not None):
+            return 0.0
         if a.wait is None:
             self._listen_from(now, a.sent)
             return 0.0
@@ -379,8 +380,7 @@ class Controller:
     def _judge(self, a: Answer, refused: bool) -> bool:
         """Rule 3: an answer for the cut on trial. True when it undid the cut: the rate did not
         cause the refusals, so the rate they were taken for is forgotten too."""
-        t = self.probation.judge(a.sent, refused)
-        if t is None:
+        if (t := self.probation.judge(a.sent, refused)) is None:
             return False
         self.limit = None
         # refusals that announce windows are met by pausing for them alone: a pace only

@@ -58,11 +58,20 @@ class Probation:
         # read a little over the limit, so the next measure corrects it (`Plateau.measured`)
         self.overshot = False
 
-    def within_noise(self, refused: int, answers: int) -> bool:
-        """Refusals no more frequent than twice the lane's noise floor, to the evidence."""
-        if not self.noise or wilson(refused, answers, -1.64) > 2.0 * self.noise:
+    def within_noise(self, refused: int, answers: int, paused: bool = False) -> bool:
+        """Refusals no more frequent than twice the lane's noise floor, to the evidence. The
+        floor is as low as the verdicts' refusals allow where a refusal taken for noise when
+        the rate caused it would send at once into a drained limit (bare 429s), and as high
+        as they allow where the refusals announce pauses (`paused`): then a mistake costs a
+        pause every worker takes anyway, and the lower bound of a few verdicts' refusals (2
+        of 41: 2 %) took later refusals at random for a limit, and each cut paced the lane
+        under the pauses alone (`random-30-seconds`: 2.1 times their time; 1.2 now)."""
+        floor = self.noise
+        if paused and self.random[1]:
+            floor = max(floor, wilson(*self.random, 1.64))
+        if not floor or wilson(refused, answers, -1.64) > 2.0 * floor:
             return False
-        log.debug("within the noise floor %.3g: %d of %d refused", self.noise, refused, answers)
+        log.debug("within the noise floor %.3g: %d of %d refused", floor, refused, answers)
         return True
 
     def start(self, rate: float | None, limit: float | None, now: float, refused: int,
