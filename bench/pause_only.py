@@ -1,16 +1,16 @@
 """The learnt pace against the pauses alone: is tmbatch ever slower than honouring each window?
 
-    python bench/pause_only.py                 # the matrix and the held-out rows, 3 seeds
+    python bench/pause_only.py                 # the matrix, held-out and mixed rows (91)
     python bench/pause_only.py --rows random-10-seconds,halved --seeds 5
     python bench/pause_only.py --markdown      # the table for docs/limits.md
 
 Issue 22 asks for a pace that is "never slower than pausing for each window would be". The
 client that only pauses is `tmbatch run --no-adaptive`: concurrency and every Retry-After,
-nothing learnt. Each row (`tmbatch.sim.scenarios` and `bench/heldout.py`) runs both ways in
-virtual time over the same seeds; the figure is the median time to the last answer, and a
-row is SLOWER when the learnt pace takes more than 2 % longer than the pauses alone. The
-pauses alone pay in refusals instead (nothing billed, but a server hammered): the table
-shows both.
+nothing learnt. Each row (`tmbatch.sim.scenarios` and `bench/heldout.py`, its `--mixed`
+rows included) runs both ways in virtual time over the same seeds; the figure is the median
+time to the last answer, and a row is SLOWER when the learnt pace takes more than 2 % longer
+than the pauses alone. The pauses alone pay in refusals instead (nothing billed, but a
+server hammered): the table shows both.
 """
 
 from __future__ import annotations
