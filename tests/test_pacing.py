@@ -926,6 +926,36 @@ def test_an_opening_whose_allowance_is_refused_was_the_window_before() -> None:
     assert w.reopened(8.3, 82, 0.01) == 40 and w.cap >= 40
 
 
+def test_an_opening_after_a_window_used_to_the_full_is_measured_not_refuted() -> None:
+    """The probe can only meet what is left of the window before when that window was left
+    room: some of its allowance refused (at random). After a window used to the full, an
+    opening most of whose allowance is refused is a window that shrank, and the next opening
+    counts it. (Refuted too, the lane kept the old opening, and a refused probe a window
+    later bounded the period at two of them: 40 per 4 s down to 10 took 209 s where the
+    pauses alone take 130.)"""
+    w = Windows()
+    w.refusal(0.5)
+    assert w.reopened(4.0, 41, 0.01) == 40
+    for _ in range(40):
+        w.sent(4.0)  # all 40 through: the window used to the full
+    assert w.reopened(8.05, 81, 0.01) == 40
+    for _ in range(40):
+        w.sent(8.06)
+    for _ in range(30):
+        w.refusal(8.06)  # 10 through: the window shrank
+    assert w.opened == 8.05 and w.period < 4.0
+    assert w.reopened(12.1, 91, 0.01) == 10
+
+
+@pytest.mark.parametrize("n", [15, 5])
+def test_a_window_that_shrinks_past_half_is_no_slower_than_the_pauses_alone(n: int) -> None:
+    """40 per 4 s, then `n` from 10 s on (another job takes most of each window)."""
+    sc = window_row(f"window-40-4-to{n}", 400, rate_schedule=((10.0, n / 4),))
+    learnt, alone = against_the_pauses_alone(sc)
+    assert learnt.violations == 0 and learnt.seconds <= alone.seconds, (learnt.line(),
+                                                                         alone.line())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_window_behind_refusals_at_random_is_no_slower_than_the_pauses_alone(
         seed: int) -> None:
