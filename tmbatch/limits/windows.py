@@ -69,8 +69,9 @@ class Windows:
     # what the last reopening changed, while its allowance's refusals may refute it
     before: tuple[float | None, int, float, bool, int | None, int, int, int] | None = None
     burst_refused: int = 0  # refusals of the allowance sent from the last opening
-    kept: int | None = None  # a refuted opening's allowance: the next opening's too
-    refuted: bool = False  # the last opening was refuted: the next is not (a window shrank)
+    # a refuted opening's allowance, the next opening's too (which is then not refutable:
+    # a window that shrank refuses the same way)
+    kept: int | None = None
 
     @property
     def cap(self) -> float:
@@ -115,7 +116,7 @@ class Windows:
                 # the opening before is the last one, and this refusal met its window
                 (self.opened, self.count, self.first, self.fresh, self.kept, self.extra,
                  self.gap, self.wait) = before
-                self.before, self.refuted = None, True
+                self.before = None
         if self.opened is not None:
             self.period = max(self.period, sent - self.opened)
 
@@ -124,12 +125,13 @@ class Windows:
         What the last let through, its allowance from now on (None: when the last opened is
         not known, after a pace governed; the next closure tells)."""
         self.closed_since = None
-        before = (self.opened, self.count, self.first, self.fresh, self.allowance, self.extra,
-                  self.gap, self.wait)
-        # (refutable only if the last window was left room: some of its allowance refused)
-        refutable = self.burst_refused and not self.refuted and self.allowance is not None
-        self.before = before if refutable else None
-        self.burst_refused, self.spent, self.refuted = 0, math.inf, False
+        # refutable only if the last window was left room (some of its allowance refused)
+        # and was not itself a refuted opening's
+        self.before = None
+        if self.burst_refused and self.kept is None and self.allowance is not None:
+            self.before = (self.opened, self.count, self.first, self.fresh, self.allowance,
+                           self.extra, self.gap, self.wait)
+        self.burst_refused, self.spent = 0, math.inf
         opened, self.opened = self.opened, sent
         ok_before, self.ok_before = self.ok_before, ok - 1
         if opened is not None:
