@@ -1,13 +1,15 @@
 """Held-out servers: the scenario matrix's rows varied in ways the pace was never tuned on.
 
-    python bench/heldout.py              # 48 rows x 5 seeds in virtual time, about a minute
+    python bench/heldout.py              # 63 rows x 5 seeds in virtual time, about two minutes
     python bench/heldout.py --seeds 3
     python bench/heldout.py --sizes      # only the limits of other sizes (25 rows)
     python bench/heldout.py --slow       # only the answers of a second (6 rows)
     python bench/heldout.py --mixed      # limits behind refusals at random (21 rows)
+    python bench/heldout.py --deep       # buckets holding seconds of their rate (15 rows)
 
 The matrix (tmbatch/sim/scenarios.py) is what pacing changes are checked against, so it is
-also what they were tuned on. These rows are not in it and no test runs them: a share of
+also what they were tuned on. These rows are not in it and no test runs them (but two deep
+rows, found here and mended, in tests/test_pacing.py): a share of
 refusals the matrix does not have (2 %, 20 %, 50 % at random, each with the three hint
 formats), the matrix's limit rows at a lower concurrency (16) and a longer round trip
 (100 ms), and limits of other sizes than its one bucket (50/s holding 10) and two windows:
@@ -23,6 +25,12 @@ least that share of its lines. The last rows give the matrix's limit rows answer
 second, as an LLM's short answers take (the matrix's take 20 ms): the concurrency, 64, still
 allows each limit (50/s at most) with a second in flight. Figures in docs/limits.md
 ("Servers it was not tuned on").
+
+`--deep` gives buckets the burst per-minute limits have: a bucket that holds 10 s, 20 s or
+a minute of its rate (OpenAI's and most gateways' RPM limits refill continuously up to the
+minute's worth), with each hint. A lane starts unpaced, and a bucket holding more than the
+concurrency runs dry with `concurrency` requests in flight, all refused: a deep row's
+refusal bound is the row's own plus that share of its lines.
 
 `--mixed` puts a limit behind a gateway that also refuses at random: the matrix's limit
 rows with 2, 5 and 10 % of requests refused at random besides (with the row's own hint).
@@ -55,6 +63,8 @@ VARIED = ("halved", "two-models", "window-40-4", "bucket-none")
 MIXED = ("bucket-seconds", "bucket-ms", "bucket-none", "halved", "two-models", "window-40-4",
          "tokens")
 NOISE = (0.02, 0.05, 0.10)  # shares refused at random in front of a limit
+# (rate/s, burst, lines): buckets holding 20 s, 10 s and a minute of their rate
+DEEP = ((5, 100, 300), (20, 200, 1000), (50, 500, 2500), (10, 600, 1200), (50, 3000, 6000))
 
 
 def held_out() -> list[Scenario]:
@@ -109,6 +119,20 @@ def slow() -> list[Scenario]:
     return [_answers_in(BY_NAME[name], 1.0, "answers of 1 s") for name in SLOW]
 
 
+def deep() -> list[Scenario]:
+    """Buckets holding seconds of their rate, each hint (`--deep`)."""
+    rows = []
+    for rate, burst, lines in DEEP:
+        for fmt, name in BUCKET_HINTS.items():
+            base = BY_NAME[name]
+            rows.append(replace(
+                base, name=f"deep-{rate}-{burst}-{fmt}", lines=lines,
+                title=base.title.replace("50/s holding 10", f"{rate}/s holding {burst}"),
+                server={**base.server, "rate_limit": float(rate), "rate_burst": float(burst)},
+                band=Band(base.band.share, base.band.refused + base.concurrency / lines)))
+    return rows
+
+
 def mixed() -> list[Scenario]:
     """The matrix's limit rows behind refusals at random (`--mixed`)."""
     return [replace(row, name=f"{name}+r{round(p * 100)}",
@@ -129,6 +153,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     ap.add_argument("--sizes", action="store_true", help="only the limits of other sizes")
     ap.add_argument("--slow", action="store_true", help="only the answers of a second")
+    ap.add_argument("--deep", action="store_true",
+                    help="only the buckets holding seconds of their rate")
     ap.add_argument("--mixed", action="store_true",
                     help="limits behind refusals at random, against the pauses alone")
     args = ap.parse_args()
@@ -140,8 +166,8 @@ def main() -> None:
         print(f"\n{len(slower)} of {len(rows)} rows slower than the pauses alone (median of "
               f"{args.seeds} seeds): {', '.join(slower) or '-'}")
         return
-    rows = (sizes() if args.sizes else slow() if args.slow
-            else held_out() + sizes() + slow())
+    rows = (sizes() if args.sizes else slow() if args.slow else deep() if args.deep
+            else held_out() + sizes() + slow() + deep())
     results = virtual.run_matrix(rows, args.seeds, echo=print, markdown=args.markdown)
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} of {len(results)} held-out rows in band "

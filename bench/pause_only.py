@@ -1,6 +1,6 @@
 """The learnt pace against the pauses alone: is tmbatch ever slower than honouring each window?
 
-    python bench/pause_only.py                 # the matrix, held-out and mixed rows (91)
+    python bench/pause_only.py                 # the matrix, held-out, deep and mixed rows (106)
     python bench/pause_only.py --rows random-10-seconds,halved --seeds 5
     python bench/pause_only.py --markdown      # the table for docs/limits.md
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     args = ap.parse_args()
     rows = (list(SCENARIOS) + heldout.held_out() + heldout.sizes() + heldout.slow()
-            + heldout.mixed())
+            + heldout.deep() + heldout.mixed())
     if args.rows:
         wanted = args.rows.split(",")
         rows = [r for r in rows if r.name in wanted]

@@ -124,6 +124,42 @@ def test_the_noise_floor_is_as_high_as_the_evidence_allows_where_refusals_pause(
     assert not p.within_noise(24, 40, paused=True)  # most refused: more than any noise
 
 
+def test_a_pause_under_a_second_is_a_buckets_next_request_not_a_window() -> None:
+    """Rule 3: a Retry-After of `hold` s or more announces a window, which pauses alone deal
+    with, so a cut undone for refusals at random leaves the lane unpaced and the noise floor
+    is as high as the evidence allows. A shorter one (`retry-after-ms`) is the time to a
+    bucket's next request, which every worker of an unpaced lane meets at once. A bucket of
+    50/s holding 500 (10 s of its rate; per-minute limits hold a minute's), 2,500 lines: a
+    cut that landed over the limit was taken for refusals at random and undone to unpaced,
+    the floor at its upper bound (3 of 10 refused: 56 %) let every refusal after it pass for
+    noise, and the server refused 9,177 requests, 3.7 for each success (1,248 with this rule
+    alone, 19,057 with rule 3's fall alone; 293 with both, as the first volley's 64 and one
+    more every few seconds)."""
+    seen = Evidence(5.0, hold=1.0)
+    assert seen.windowed(1.0) and not seen.windowed(0.05) and not seen.windowed(None)
+    r = run_row(row(BY_NAME["bucket-ms"], "deep-50-500-ms", lines=2500, rate_burst=500.0), 0)
+    assert r.refused <= 0.15 * r.accepted, r.line()
+    assert r.accepted == 2500 and r.violations == 0 and r.share >= 0.95, r.line()
+
+
+def test_a_limit_found_fallen_is_cut_to_at_most_what_got_through_its_trial() -> None:
+    """Rule 3: refusals three times as frequent after a cut as before it say the limit fell,
+    and the next cut goes no higher than what got through the trial's pace. The measures
+    over spans read far higher where the allowance is seconds of the rate: a bucket of 10/s
+    holding 600 (a minute's worth), 1,200 lines with `retry-after-ms`, took a volley of 600
+    for the rate, and each of the chained cuts after it took 1 % off 600/s, 8 of 10 refused
+    each time: 1,602 refused; 220 now."""
+    p = Probation()
+    assert p.fallen_to() == math.inf
+    p.chain = Trial(200.0, None, 0.0, 0.01, 0.0, 10, answers=10, refused=8, pace=200.0)
+    assert p.fallen_to() == pytest.approx(40.0)
+    sc = row(BY_NAME["bucket-ms"], "deep-10-600-ms", lines=1200, rate_limit=10.0,
+             rate_burst=600.0)
+    r = run_row(sc, 0)
+    assert r.refused <= 0.25 * r.accepted, r.line()
+    assert r.accepted == 1200 and r.violations == 0 and r.share >= 0.95, r.line()
+
+
 def test_refusals_at_random_that_announce_pauses_cost_about_what_the_pauses_alone_do() -> None:
     """30 % refused at random with `Retry-After: 1`, eight seeds, against `--no-adaptive`.
     With the floor at its lower bound (2 of 41 refused: 2 %) later refusals at random were

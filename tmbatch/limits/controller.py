@@ -22,10 +22,11 @@ tests/test_pacing.py:
    next meets a server still drained): two refused, the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
-   undone (to unpaced, where they announce windows: pauses alone deal with them); the share
-   over all such trials is the noise floor (its lower bound for bare 429s, its upper where
-   they pause), under which refusals only pause (a probe's, over what it sent). Three times
-   the share: fell, cut again. A pace grown past the cut's measure ends its trial, kept.
+   undone (unpaced where pauses of `hold` s or more announce windows: pauses alone deal with
+   them); the share over all such trials is the noise floor (its lower bound; its upper for
+   windows), under which refusals only pause (a probe's, over what it sent). Three times the
+   share: fell, cut again, to at most what got through. A pace grown past the cut's measure
+   ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
    once one gets through it meets the window unpaced: what the last let through at each
    opening, then a hold to the next (`windows`; paced if a limit is stated, or if shards or
@@ -85,8 +86,8 @@ class PaceConfig:
     plateau: float = 5.0
     # share of the time probing may cost: a probe refused with a one-second pause waits 20 s
     overhead: float = 0.05
-    # seconds a lane holds at first while everything is refused with no hint: a probe a
-    # second costs one refusal (nothing is billed) and finds a window reopening within it
+    # seconds a lane holds while all is refused with no hint (a probe a second costs one
+    # refusal and finds a window reopening within it); the least pause a window announces
     hold: float = 1.0
 
 
@@ -122,7 +123,7 @@ class Controller:
         self.learn = learn
         self.rate = rate
         self.source = "fixed (--rpm)" if rate is not None else "unpaced"
-        self.seen = Evidence(cfg.window)
+        self.seen = Evidence(cfg.window, cfg.hold)
         self.verdicts = Verdicts()  # successes heard of before their answers come
         self.stated: float | None = None
         self.governed = False  # stated limits govern: refusals only pause the lane
@@ -203,8 +204,8 @@ class Controller:
     def on_success(self, sent: float, now: float, stated: float | None,
                    governed: bool) -> Change | None:
         """`on_answer` of a success. Unpaced with nothing under way (no trial, echo, closure or
-        cost counted) and no limit stated, a success only adds to the record (`Evidence`):
-        no Answer is built on the common path, and a refusal finds the same record."""
+        cost counted) and no limit stated, a success only adds to the record: no Answer is
+        built on the common path."""
         if not self.learn:
             return None
         if (self.rate is None and stated is None and self.probation.trial is None
@@ -260,8 +261,7 @@ class Controller:
         if measured > rate:
             if self.limit is not None:
                 self.limit = measured / cfg.margin
-            # (at DEBUG: a change under LOG_CHANGE has no INFO line, and this one sets the
-            # pace a plateau keeps)
+            # (at DEBUG: under LOG_CHANGE no INFO line; this sets the pace a plateau keeps)
             log.debug("cut completed by the answers in flight: %.4g -> %.4g", rate, measured)
             self.set_pace(measured, "learnt from refusals")
             self.probation.cut(self.last_cut, self.rate or measured)  # (the cut's pace)
@@ -311,7 +311,7 @@ class Controller:
         if self.probation.weighs(rate):
             return 0.0  # one hypothesis at a time: this is evidence for its verdict
         since = self.probe_from if self.probing else None  # (a probe's: over what it sent)
-        if self.probation.within_noise(*seen.counts(since), paused=a.wait is not None):
+        if self.probation.within_noise(*seen.counts(since), paused=seen.windowed(a.wait)):
             return 0.0
         if a.wait is None:
             self._listen_from(now, a.sent)
@@ -320,6 +320,7 @@ class Controller:
             seen.start_volley(now)
             self._first_cut(now)
             return 0.0
+        fell = self.probation.fallen_to()
         self.probation.start(rate, self.limit, now, *seen.counts())
         granted, most = seen.granted_between(a.sent, self.probe_from)
         # (over SAMPLE answers' worth of sending at least: at a low pace a second holds few)
@@ -329,26 +330,25 @@ class Controller:
             # refused before the allowance could be spent: a slow limit whose pauses refill
             # little, or refusals at random; what it granted over the history, pauses and
             # all, tells them apart on probation
-            self._learn(min(rate, max(seen.window_rate(now), floor)))
+            self._learn(min(rate, max(seen.window_rate(now), floor), fell))
             self._cut(now, self.cfg.margin * (self.limit or MIN_RATE))
             return 0.0
         granted = (granted + max(granted, most)) / 2  # the middle of the two bounds
-        self._learn(min(rate, max(granted, floor)))
+        self._learn(min(rate, max(granted, floor), fell))
         self._cut(now, self.cfg.margin * min(self.limit or MIN_RATE, rate))
         return 0.0
 
     def _first_cut(self, now: float) -> None:
-        """Rule 1: pace at what got through, on trial (rule 3); the volley's answers still
-        out complete the measure (`_complete`)."""
+        """Rule 1: pace at what got through, on trial (rule 3), completed by the volley's
+        answers still out (`_complete`)."""
         self.volley_unmeasured = False
         self.probation.start(self.rate, self.limit, now, *self.seen.counts())
         self._cut(now, self.cfg.margin * self.seen.got_through(now))
 
     def _listen_from(self, now: float, refused_sent: float) -> None:
-        """Rule 2, no hint: open the echo (the first refusal: at a lower bound of the rate,
-        but one that hears enough answers within a second). It listens from the refusal's
-        round trip on, a success's latency being the server's work, not the way there
-        (answers of a second kept it deaf for three, and a probe meanwhile went to 465/s)."""
+        """Rule 2, no hint: open the echo (the first refusal: at a lower bound of the rate that
+        hears enough answers within a second), listening from the refusal's round trip on: a
+        success's latency is the server's work (answers of 1 s kept it deaf for 3, to 465/s)."""
         if self.echo is not None:
             return
         rate, limit, seen = self.rate, self.limit, self.seen
@@ -385,7 +385,7 @@ class Controller:
         self.limit = None
         # refusals that announce windows are met by pausing for them alone: a pace only
         # spreads them out, a window each, where unpaced sends share one (bench/pause_only.py)
-        windows = self.seen.pause_until > -math.inf and self.stated is None
+        windows = self.stated is None and self.seen.windowed(self.seen.last_pause)
         self.set_pace(None if windows else t.before, "refusals at random: pace restored")
         return True
 

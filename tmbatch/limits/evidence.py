@@ -31,8 +31,9 @@ def wilson(k: int, n: int, z: float) -> float:
 class Evidence:
     """One lane's record (see the module doc). Times are the loop's clock."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, hold: float = 1.0) -> None:
         self.window = window
+        self.hold = hold  # the least pause that announces a window (`windowed`)
         # successes: when each request left and when it answered (two deques of floats, not
         # one of tuples: no tuple to build, and for the collector to untrack, per success)
         self.ok_sent: deque[float] = deque()
@@ -94,6 +95,18 @@ class Evidence:
         self.refusals.append(now)
         self.refused_sent.append(sent)
         self._prune(now)
+
+    @property
+    def last_pause(self) -> float | None:
+        """Seconds the last Retry-After pause held (None: none yet)."""
+        return self.pause_until - self.pause_from if self.pause_until > -math.inf else None
+
+    def windowed(self, wait: float | None) -> bool:
+        """A pause of `hold` s or more announces a window, which pauses alone deal with (a
+        mistake costs a pause every worker takes anyway); a shorter one is a bucket's next
+        request (`retry-after-ms`), which every worker of an unpaced lane meets at once: a
+        bucket of 20/s holding 200, its cut undone, was sent 1,260 refused requests a second."""
+        return wait is not None and wait >= self.hold
 
     def paused(self, now: float, until: float, saved: int = 0) -> None:
         if now > self.pause_until:

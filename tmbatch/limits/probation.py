@@ -61,9 +61,10 @@ class Probation:
     def within_noise(self, refused: int, answers: int, paused: bool = False) -> bool:
         """Refusals no more frequent than twice the lane's noise floor, to the evidence. The
         floor is as low as the verdicts' refusals allow where a refusal taken for noise when
-        the rate caused it would send at once into a drained limit (bare 429s), and as high
-        as they allow where the refusals announce pauses (`paused`): then a mistake costs a
-        pause every worker takes anyway, and the lower bound of a few verdicts' refusals (2
+        the rate caused it would send at once into a drained limit (bare 429s, and pauses
+        shorter than a window's: `Evidence.windowed`), and as high as they allow where the
+        refusals announce windows (`paused`): then a mistake costs a pause every worker
+        takes anyway, and the lower bound of a few verdicts' refusals (2
         of 41: 2 %) took later refusals at random for a limit, and each cut paced the lane
         under the pauses alone (`random-30-seconds`: 2.7 times their time; 1.25 now)."""
         floor = self.noise
@@ -111,6 +112,17 @@ class Probation:
             return True
         self.trial = self.chain = None
         return False
+
+    def fallen_to(self) -> float:
+        """At most what the server grants when the last trial found the limit fell (inf
+        otherwise): refusals three times as frequent as before the cut are the rate's, so
+        what got through the trial's pace is what it grants. The measures over spans can read
+        far higher where the allowance is seconds' worth of the rate (a bucket of 20/s
+        holding 200: each of 30 chained cuts took 1 % off 200/s, 8 of 10 refused each time)."""
+        c = self.chain
+        if c is None or not c.answers or c.pace == math.inf:
+            return math.inf
+        return c.pace * max(0, c.answers - c.refused) / (c.answers + c.bursts)
 
     def end(self) -> None:
         self.trial = self.chain = None
