@@ -133,8 +133,7 @@ def test_a_pause_under_a_second_is_a_buckets_next_request_not_a_window() -> None
     cut that landed over the limit was taken for refusals at random and undone to unpaced,
     the floor at its upper bound (3 of 10 refused: 56 %) let every refusal after it pass for
     noise, and the server refused 9,177 requests, 3.7 for each success (1,248 with this rule
-    alone, 19,057 with rule 3's fall alone; 293 with both, as the first volley's 64 and one
-    more every few seconds)."""
+    alone, 19,057 with rule 3's fall alone; 293 with both)."""
     seen = Evidence(5.0, hold=1.0)
     assert seen.windowed(1.0) and not seen.windowed(0.05) and not seen.windowed(None)
     r = run_row(row(BY_NAME["bucket-ms"], "deep-50-500-ms", lines=2500, rate_burst=500.0), 0)

@@ -118,7 +118,7 @@ class Probation:
         otherwise): refusals three times as frequent as before the cut are the rate's, so
         what got through the trial's pace is what it grants. The measures over spans can read
         far higher where the allowance is seconds' worth of the rate (a bucket of 20/s
-        holding 200: each of 30 chained cuts took 1 % off 200/s, 8 of 10 refused each time)."""
+        holding 200 was cut from 210/s 1 % at a time, 8 of 10 refused after each cut)."""
         c = self.chain
         if c is None or not c.answers or c.pace == math.inf:
             return math.inf
