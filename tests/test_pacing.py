@@ -159,6 +159,23 @@ def test_a_limit_found_fallen_is_cut_to_at_most_what_got_through_its_trial() -> 
     assert r.accepted == 1200 and r.violations == 0 and r.share >= 0.95, r.line()
 
 
+def test_an_undone_probe_restores_the_measure_before_it_not_the_probes_pace() -> None:
+    """Rule 3: a cut undone for refusals at random restores the pace it was made from,
+    unless that was a probe's (above the limit measured before it): then the measure's, kept
+    as the limit, since the probe's pace never held. A bucket of 20/s holding 200 (10 s of
+    its rate), 1,000 lines with `retry-after-ms`: a probe's cut, undone, restored 53/s, and
+    its refusals, weighed against a share the history diluted, passed for noise for the
+    rest of the run: 1,257 refused; 308 now."""
+    assert Trial(53.7, 20.0, 0.0, 0.2, 0.1, 10).held(0.99) == pytest.approx(19.8)
+    assert Trial(15.0, 20.0, 0.0, 0.2, 0.1, 10).held(0.99) == 15.0
+    assert Trial(53.7, None, 0.0, 0.2, 0.1, 10).held(0.99) == 53.7
+    assert Trial(None, 20.0, 0.0, 0.2, 0.1, 10).held(0.99) is None
+    r = run_row(row(BY_NAME["bucket-ms"], "deep-20-200-ms", lines=1000, rate_limit=20.0,
+                    rate_burst=200.0), 0)
+    assert r.refused <= 0.5 * r.accepted, r.line()
+    assert r.accepted == 1000 and r.violations == 0 and r.share >= 0.95, r.line()
+
+
 def test_refusals_at_random_that_announce_pauses_cost_about_what_the_pauses_alone_do() -> None:
     """30 % refused at random with `Retry-After: 1`, eight seeds, against `--no-adaptive`.
     With the floor at its lower bound (2 of 41 refused: 2 %) later refusals at random were

@@ -22,11 +22,11 @@ tests/test_pacing.py:
    next meets a server still drained): two refused, the pace is what got through.
 3. A cut is on probation. Refusals at about the share before it (as far as both samples
    tell), at a pace lower by FELL, successes between: they come at random, so the cut is
-   undone (unpaced where pauses of `hold` s or more announce windows: pauses alone deal with
-   them); the share over all such trials is the noise floor (its lower bound; its upper for
-   windows), under which refusals only pause (a probe's, over what it sent). Three times the
-   share: fell, cut again, to at most what got through. A pace grown past the cut's measure
-   ends its trial, kept.
+   undone (unpaced where pauses of `hold` s or more announce windows, which pauses alone deal
+   with; a probe's cut to the measure before it); the share over all such trials is the noise
+   floor (its lower bound; its upper for windows), under which refusals only pause (a
+   probe's, over what it sent). Three times the share: fell, cut again, to at most what got
+   through. A pace grown past the cut's measure ends its trial, kept.
 4. Nothing through, no hint (a window closed): the lane holds, probing with one request, and
    once one gets through it meets the window unpaced: what the last let through at each
    opening, then a hold to the next (`windows`; paced if a limit is stated, or if shards or
@@ -339,8 +339,7 @@ class Controller:
         return 0.0
 
     def _first_cut(self, now: float) -> None:
-        """Rule 1: pace at what got through, on trial (rule 3), completed by the volley's
-        answers still out (`_complete`)."""
+        """Rule 1: pace at what got through, on trial (rule 3), completed later (`_complete`)."""
         self.volley_unmeasured = False
         self.probation.start(self.rate, self.limit, now, *self.seen.counts())
         self._cut(now, self.cfg.margin * self.seen.got_through(now))
@@ -379,14 +378,15 @@ class Controller:
 
     def _judge(self, a: Answer, refused: bool) -> bool:
         """Rule 3: an answer for the cut on trial. True when it undid the cut: the rate did not
-        cause the refusals, so the rate they were taken for is forgotten too."""
+        cause the refusals, so the rate they were taken for is forgotten (`Trial.held`)."""
         if (t := self.probation.judge(a.sent, refused)) is None:
             return False
-        self.limit = None
         # refusals that announce windows are met by pausing for them alone: a pace only
         # spreads them out, a window each, where unpaced sends share one (bench/pause_only.py)
         windows = self.stated is None and self.seen.windowed(self.seen.last_pause)
-        self.set_pace(None if windows else t.before, "refusals at random: pace restored")
+        held = None if windows else t.held(self.cfg.margin)
+        self.limit = t.limit if held is not None and held != t.before else None
+        self.set_pace(held, "refusals at random: pace restored")
         return True
 
     def _close(self, now: float) -> float:
