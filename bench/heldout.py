@@ -90,19 +90,21 @@ def _first_volley(row: Scenario, burst: float) -> Band:
     return Band(row.band.share, max(row.band.refused, (row.concurrency - burst) / row.lines))
 
 
+def _bucket(fmt: str, rate: int, burst: int, name: str, lines: int) -> Scenario:
+    """The matrix's bucket row with the hint `fmt`, its limit `rate`/s holding `burst`."""
+    base = BY_NAME[BUCKET_HINTS[fmt]]
+    return replace(base, name=name, lines=lines,
+                   title=base.title.replace("50/s holding 10", f"{rate}/s holding {burst}"),
+                   server={**base.server, "rate_limit": float(rate), "rate_burst": float(burst)})
+
+
 def sizes() -> list[Scenario]:
     """Limits of other sizes: each a matrix row with the limit's numbers changed, and as many
     lines as 20 s at the limit (at least 200), or 5 to 10 windows."""
     rows = []
     for rate, burst in BUCKETS:
-        for fmt, name in BUCKET_HINTS.items():
-            base = BY_NAME[name]
-            row = replace(base, name=f"bucket-{rate}-{burst}-{fmt}",
-                          title=base.title.replace("50/s holding 10",
-                                                   f"{rate}/s holding {burst}"),
-                          server={**base.server, "rate_limit": float(rate),
-                                  "rate_burst": float(burst)},
-                          lines=max(200, 20 * rate))
+        for fmt in BUCKET_HINTS:
+            row = _bucket(fmt, rate, burst, f"bucket-{rate}-{burst}-{fmt}", max(200, 20 * rate))
             rows.append(replace(row, band=_first_volley(row, burst)))
     base = BY_NAME["window-40-4"]
     for n, w in WINDOWS:
@@ -123,14 +125,16 @@ def deep() -> list[Scenario]:
     """Buckets holding seconds of their rate, each hint (`--deep`)."""
     rows = []
     for rate, burst, lines in DEEP:
-        for fmt, name in BUCKET_HINTS.items():
-            base = BY_NAME[name]
-            rows.append(replace(
-                base, name=f"deep-{rate}-{burst}-{fmt}", lines=lines,
-                title=base.title.replace("50/s holding 10", f"{rate}/s holding {burst}"),
-                server={**base.server, "rate_limit": float(rate), "rate_burst": float(burst)},
-                band=Band(base.band.share, base.band.refused + base.concurrency / lines)))
+        for fmt in BUCKET_HINTS:
+            row = _bucket(fmt, rate, burst, f"deep-{rate}-{burst}-{fmt}", lines)
+            rows.append(replace(row, band=Band(row.band.share,
+                                               row.band.refused + row.concurrency / lines)))
     return rows
+
+
+def banded() -> list[Scenario]:
+    """Every held-out row judged by a band: all but `mixed`'s."""
+    return held_out() + sizes() + slow() + deep()
 
 
 def mixed() -> list[Scenario]:
@@ -167,7 +171,7 @@ def main() -> None:
               f"{args.seeds} seeds): {', '.join(slower) or '-'}")
         return
     rows = (sizes() if args.sizes else slow() if args.slow else deep() if args.deep
-            else held_out() + sizes() + slow() + deep())
+            else banded())
     results = virtual.run_matrix(rows, args.seeds, echo=print, markdown=args.markdown)
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} of {len(results)} held-out rows in band "

@@ -109,7 +109,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from heldout import deep, held_out, mixed, sizes, slow  # noqa: E402
+from heldout import banded, mixed  # noqa: E402
 from run_bench import Sim, fmt  # noqa: E402
 
 from tmbatch.sim.bodies import build_answer, prompt_text  # noqa: E402
@@ -564,7 +564,7 @@ def main() -> int:
                         "and its client's ROW-rN.stderr")
     a = p.parse_args()
     names = [n.strip() for n in a.rows.split(",")] if a.rows else [s.name for s in SCENARIOS]
-    known = {**BY_NAME, **{sc.name: sc for sc in held_out() + sizes() + slow() + deep() + mixed()}}
+    known = {**BY_NAME, **{sc.name: sc for sc in banded() + mixed()}}
     unknown = [n for n in names if n not in known]
     if unknown:
         p.error(f"unknown rows {', '.join(unknown)}; rows: {', '.join(known)}")

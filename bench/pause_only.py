@@ -70,8 +70,7 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--markdown", action="store_true", help="a table for the docs")
     args = ap.parse_args()
-    rows = (list(SCENARIOS) + heldout.held_out() + heldout.sizes() + heldout.slow()
-            + heldout.deep() + heldout.mixed())
+    rows = list(SCENARIOS) + heldout.banded() + heldout.mixed()
     if args.rows:
         wanted = args.rows.split(",")
         rows = [r for r in rows if r.name in wanted]

@@ -74,9 +74,9 @@ class Probation:
         the rate caused it would send at once into a drained limit (bare 429s, and pauses
         shorter than a window's: `Evidence.windowed`), and as high as they allow where the
         refusals announce windows (`paused`): then a mistake costs a pause every worker
-        takes anyway, and the lower bound of a few verdicts' refusals (2
-        of 41: 2 %) took later refusals at random for a limit, and each cut paced the lane
-        under the pauses alone (`random-30-seconds`: 2.7 times their time; 1.25 now)."""
+        takes anyway, and the lower bound of a few verdicts' refusals (2 of 41: 2 %) took
+        later refusals at random for a limit, and each cut paced the lane under the pauses
+        alone (`random-30-seconds`: 2.7 times their time; 1.25 now)."""
         floor = self.noise
         if paused and self.random[1]:
             floor = max(floor, wilson(*self.random, 1.64))
